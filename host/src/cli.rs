@@ -1,0 +1,199 @@
+//! The CLI's API client and the small commands (`ls`, `rm`, `logs`).
+
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use futures::StreamExt;
+use reqwest::{Method, RequestBuilder, Response, StatusCode};
+use serde::de::DeserializeOwned;
+
+use crate::client_config::Resolved;
+use crate::logs::{LogLine, Stream};
+
+/// A client for the Lode API.
+pub struct ApiClient {
+    base: String,
+    token: Option<String>,
+    http: reqwest::Client,
+    /// Public HTTP base URL, when known.
+    pub http_url: Option<String>,
+}
+
+impl ApiClient {
+    /// A client for the resolved server.
+    pub fn new(resolved: Resolved) -> Result<Self> {
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(5))
+            .build()?;
+        Ok(Self {
+            base: resolved.api_url,
+            token: resolved.token,
+            http,
+            http_url: resolved.http_url,
+        })
+    }
+
+    /// A request to `path` (starting with `/`), with the token.
+    pub fn request(&self, method: Method, path: &str) -> RequestBuilder {
+        let builder = self.http.request(method, format!("{}{path}", self.base));
+        match &self.token {
+            Some(token) => builder.bearer_auth(token),
+            None => builder,
+        }
+    }
+
+    /// Sends a request, turning connection failures and API errors into messages.
+    pub async fn send(&self, builder: RequestBuilder) -> Result<Response> {
+        let response = builder.send().await.map_err(|e| {
+            if e.is_connect() {
+                anyhow::anyhow!(
+                    "cannot reach the Lode API at {}: is `lode serve` running? ({e})",
+                    self.base
+                )
+            } else {
+                anyhow::anyhow!("request to the Lode API at {} failed: {e}", self.base)
+            }
+        })?;
+        if response.status().is_success() || response.status() == StatusCode::NOT_FOUND {
+            return Ok(response);
+        }
+        Err(api_error(response).await)
+    }
+
+    /// Sends and decodes a JSON answer; a 404 is an error here.
+    pub async fn json<T: DeserializeOwned>(&self, builder: RequestBuilder) -> Result<T> {
+        let response = self.send(builder).await?;
+        if response.status() == StatusCode::NOT_FOUND {
+            return Err(api_error(response).await);
+        }
+        response.json().await.context("decoding the API's answer")
+    }
+}
+
+/// Turns an API error answer into its message.
+pub async fn api_error(response: Response) -> anyhow::Error {
+    let status = response.status();
+    let text = response.text().await.unwrap_or_default();
+    let message = serde_json::from_str::<serde_json::Value>(&text)
+        .ok()
+        .and_then(|v| v["error"]["message"].as_str().map(str::to_string))
+        .unwrap_or(text);
+    if status == StatusCode::UNAUTHORIZED {
+        anyhow::anyhow!("{message}")
+    } else {
+        anyhow::anyhow!("{message} (HTTP {})", status.as_u16())
+    }
+}
+
+/// `lode ls`.
+pub async fn list(client: &ApiClient) -> Result<()> {
+    let answer: serde_json::Value = client.json(client.request(Method::GET, "/v1/apps")).await?;
+    let apps = answer["apps"].as_array().cloned().unwrap_or_default();
+    if apps.is_empty() {
+        println!("no apps deployed; deploy one with `lode deploy PATH`");
+        return Ok(());
+    }
+    println!("{:<24} {:>7}  {:<28} URL", "APP", "VERSION", "FUNCTIONS");
+    for app in apps {
+        let functions: Vec<&str> = app["functions"]
+            .as_array()
+            .map(|fs| fs.iter().filter_map(|f| f["name"].as_str()).collect())
+            .unwrap_or_default();
+        let url = app["urls"][0].as_str().unwrap_or("-");
+        println!(
+            "{:<24} {:>7}  {:<28} {url}",
+            app["app"].as_str().unwrap_or("?"),
+            app["version"].as_u64().unwrap_or(0),
+            functions.join(",")
+        );
+    }
+    Ok(())
+}
+
+/// `lode rm APP`.
+pub async fn remove(client: &ApiClient, app: &str) -> Result<()> {
+    let response = client
+        .send(client.request(Method::DELETE, &format!("/v1/apps/{app}")))
+        .await?;
+    if response.status() == StatusCode::NOT_FOUND {
+        return Err(api_error(response).await);
+    }
+    println!("removed {app}");
+    Ok(())
+}
+
+/// `lode logs APP [--follow] [--tail N]`.
+pub async fn logs(client: &ApiClient, app: &str, follow: bool, tail: usize) -> Result<()> {
+    let path = format!("/v1/apps/{app}/logs?follow={follow}&tail={tail}");
+    let response = client.send(client.request(Method::GET, &path)).await?;
+    if response.status() == StatusCode::NOT_FOUND {
+        return Err(api_error(response).await);
+    }
+    let mut lines = ndjson_lines::<LogLine>(response);
+    while let Some(line) = lines.next().await {
+        println!("{}", format_log_line(&line?));
+    }
+    if follow {
+        bail!("the server closed the log stream (was the app removed or the server stopped?)");
+    }
+    Ok(())
+}
+
+/// One log line as the CLI prints it.
+pub fn format_log_line(line: &LogLine) -> String {
+    let time = humantime::format_rfc3339_millis(
+        std::time::UNIX_EPOCH + Duration::from_millis(line.time_ms),
+    );
+    let stream = match line.stream {
+        Stream::Stdout => "out",
+        Stream::Stderr => "err",
+        Stream::System => "lode",
+    };
+    let request = line.request_id.as_deref().unwrap_or("-");
+    format!("{time} {request} {stream:<4} {}", line.line)
+}
+
+/// Decodes an NDJSON response body line by line as it arrives.
+pub fn ndjson_lines<T: DeserializeOwned + 'static>(
+    response: Response,
+) -> impl futures::Stream<Item = Result<T>> + Unpin {
+    fn parse<T: DeserializeOwned>(line: &[u8]) -> Result<T> {
+        serde_json::from_slice(line).with_context(|| {
+            format!(
+                "unexpected line from the API: {}",
+                String::from_utf8_lossy(line)
+            )
+        })
+    }
+    let state = (response.bytes_stream().boxed(), Vec::<u8>::new(), false);
+    Box::pin(futures::stream::unfold(
+        state,
+        |(mut bytes, mut buffer, mut ended)| async move {
+            loop {
+                if let Some(pos) = buffer.iter().position(|b| *b == b'\n') {
+                    let line: Vec<u8> = buffer.drain(..=pos).collect();
+                    if line.iter().all(u8::is_ascii_whitespace) {
+                        continue;
+                    }
+                    return Some((parse(&line), (bytes, buffer, ended)));
+                }
+                if ended {
+                    if buffer.iter().all(u8::is_ascii_whitespace) {
+                        return None;
+                    }
+                    let line = std::mem::take(&mut buffer);
+                    return Some((parse(&line), (bytes, buffer, ended)));
+                }
+                match bytes.next().await {
+                    Some(Ok(chunk)) => buffer.extend_from_slice(&chunk),
+                    Some(Err(e)) => {
+                        buffer.clear();
+                        let err = anyhow::anyhow!("the API stream broke off: {e}");
+                        return Some((Err(err), (bytes, buffer, true)));
+                    }
+                    None => ended = true,
+                }
+            }
+        },
+    ))
+}

@@ -1,0 +1,364 @@
+//! The Wasm engine: one wasmtime `Engine` with the pooling allocator, a compiled-component
+//! cache on disk, and pre-instantiated `wasi:http/proxy` components.
+//!
+//! Compiling is the slow part (tens of ms to seconds), so it happens once per component digest
+//! and engine build: the `.cwasm` lands in `<cache-dir>/compiled/` and later loads mmap it.
+//! Instantiation is the hot part: every request gets a fresh `Store` and instance from a
+//! `ProxyPre`, with copy-on-write memory images from the pool.
+
+use std::hash::{Hash, Hasher};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow};
+use lode_registry::Digest;
+use wasmtime::component::{Component, Linker, ResourceTable};
+use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store};
+use wasmtime::{StoreLimits, StoreLimitsBuilder, UpdateDeadline};
+use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+use wasmtime_wasi_http::p2::bindings::ProxyPre;
+use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
+
+use crate::outbound::OutboundPolicy;
+
+/// How often the epoch advances; the granularity of request timeouts and of yields that keep
+/// a busy guest from starving others on its thread.
+pub const EPOCH_TICK: Duration = Duration::from_millis(5);
+
+/// Packages whose 0.2 interfaces the linker provides.
+const PROVIDED_PACKAGES: &[&str] = &[
+    "wasi:cli",
+    "wasi:io",
+    "wasi:clocks",
+    "wasi:random",
+    "wasi:filesystem",
+    "wasi:sockets",
+    "wasi:http",
+];
+
+/// Engine settings chosen at `lode serve` start.
+#[derive(Debug, Clone)]
+pub struct EngineSettings {
+    /// `<cache-dir>/compiled`.
+    pub compiled_dir: PathBuf,
+    /// Instances (hence concurrent requests) the pool holds at once.
+    pub max_instances: u32,
+    /// The largest linear memory any instance may have, in bytes.
+    pub max_memory: u64,
+}
+
+/// Per-request store data.
+pub struct GuestState {
+    wasi: WasiCtx,
+    http: WasiHttpCtx,
+    table: ResourceTable,
+    limits: StoreLimits,
+    outbound: OutboundPolicy,
+}
+
+impl GuestState {
+    /// Fresh state for one request.
+    pub fn new(wasi: WasiCtx, memory_limit: u64, outbound: OutboundPolicy) -> Self {
+        Self {
+            wasi,
+            http: WasiHttpCtx::new(),
+            table: ResourceTable::new(),
+            limits: StoreLimitsBuilder::new()
+                .memory_size(usize::try_from(memory_limit).unwrap_or(usize::MAX))
+                .trap_on_grow_failure(true)
+                .build(),
+            outbound,
+        }
+    }
+}
+
+impl WasiView for GuestState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
+}
+
+impl WasiHttpView for GuestState {
+    fn http(&mut self) -> WasiHttpCtxView<'_> {
+        WasiHttpCtxView {
+            ctx: &mut self.http,
+            table: &mut self.table,
+            hooks: &mut self.outbound,
+        }
+    }
+}
+
+/// Whether a component came from the compiler or the cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LoadKind {
+    /// Compiled now.
+    Compiled,
+    /// Deserialized from `<cache-dir>/compiled/`.
+    Cached,
+}
+
+/// Why a deploy's component was refused. The message says what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum ComponentError {
+    /// A core module, not a component.
+    #[error(
+        "this is a core Wasm module, not a component; build a component for wasm32-wasip2 \
+         (`cargo build --target wasm32-wasip2` with the `wasip2` crate)"
+    )]
+    CoreModule,
+    /// Not Wasm at all.
+    #[error("not a WebAssembly component: the file does not start with the Wasm magic bytes")]
+    NotWasm,
+    /// Wasm that wasmtime could not compile.
+    #[error("invalid component: {0:#}")]
+    Invalid(anyhow::Error),
+    /// Imports nothing in Lode provides.
+    #[error(
+        "the component imports {} that Lode does not provide (it provides wasi:cli, wasi:io, \
+         wasi:clocks, wasi:random, wasi:filesystem, wasi:sockets and wasi:http at 0.2.x)",
+        .0.join(", ")
+    )]
+    UnknownImports(Vec<String>),
+    /// Imports that do not link (versions or types differ).
+    #[error("the component's imports do not link: {0:#}")]
+    Link(anyhow::Error),
+    /// Not a `wasi:http/proxy` component.
+    #[error(
+        "the component does not export wasi:http/incoming-handler@0.2.x, so it cannot serve \
+         HTTP; build it with `wasip2::http::proxy::export!` (or any wasi:http/proxy toolchain): \
+         {0:#}"
+    )]
+    NotHttp(anyhow::Error),
+}
+
+/// Checks the header: Wasm magic, then the layer field that tells modules from components.
+pub fn check_component_header(bytes: &[u8]) -> Result<(), ComponentError> {
+    if bytes.len() < 8 || &bytes[..4] != b"\0asm" {
+        return Err(ComponentError::NotWasm);
+    }
+    // Bytes 4..6 are the version, 6..8 the layer: 0 for core modules, 1 for components.
+    match (bytes[6], bytes[7]) {
+        (0, 0) => Err(ComponentError::CoreModule),
+        (1, 0) => Ok(()),
+        _ => Err(ComponentError::NotWasm),
+    }
+}
+
+/// Advances the engine epoch every [`EPOCH_TICK`] until dropped.
+struct EpochTicker {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl EpochTicker {
+    fn start(engine: Engine) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("lode-epoch".into())
+            .spawn(move || {
+                while !flag.load(Ordering::Relaxed) {
+                    std::thread::sleep(EPOCH_TICK);
+                    engine.increment_epoch();
+                }
+            })
+            .expect("spawning the epoch thread");
+        Self {
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for EpochTicker {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// The shared wasmtime engine, linker and compiled cache.
+pub struct WasmEngine {
+    engine: Engine,
+    linker: Linker<GuestState>,
+    compiled_dir: PathBuf,
+    fingerprint: String,
+    _ticker: EpochTicker,
+}
+
+impl WasmEngine {
+    /// Builds the engine and linker.
+    pub fn new(settings: &EngineSettings) -> Result<Self> {
+        let mut pool = PoolingAllocationConfig::default();
+        pool.total_component_instances(settings.max_instances)
+            .total_core_instances(settings.max_instances)
+            .total_memories(settings.max_instances)
+            .total_tables(settings.max_instances)
+            .total_stacks(settings.max_instances)
+            .max_memory_size(usize::try_from(settings.max_memory).unwrap_or(usize::MAX));
+        let mut config = Config::new();
+        config
+            .allocation_strategy(InstanceAllocationStrategy::Pooling(pool))
+            .epoch_interruption(true)
+            .memory_init_cow(true)
+            .wasm_backtrace_max_frames(std::num::NonZeroUsize::new(64));
+        let engine = Engine::new(&config)
+            .map_err(anyhow::Error::from)
+            .context("creating the wasmtime engine")?;
+
+        let mut linker = Linker::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(anyhow::Error::from)?;
+        wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)
+            .map_err(anyhow::Error::from)?;
+
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        engine.precompile_compatibility_hash().hash(&mut hasher);
+        let fingerprint = format!("{:016x}", hasher.finish());
+
+        std::fs::create_dir_all(&settings.compiled_dir).with_context(|| {
+            format!(
+                "creating cache directory {}",
+                settings.compiled_dir.display()
+            )
+        })?;
+        Ok(Self {
+            _ticker: EpochTicker::start(engine.clone()),
+            engine,
+            linker,
+            compiled_dir: settings.compiled_dir.clone(),
+            fingerprint,
+        })
+    }
+
+    /// The underlying engine.
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    /// Identifies the engine build and settings; part of every cache key.
+    pub fn fingerprint(&self) -> &str {
+        &self.fingerprint
+    }
+
+    /// Where the compiled form of `digest` is cached.
+    pub fn cache_path(&self, digest: &Digest) -> PathBuf {
+        self.compiled_dir
+            .join(format!("{}-{}.cwasm", digest.hex(), self.fingerprint))
+    }
+
+    /// Loads a component from the compiled cache if present; otherwise compiles `source()`
+    /// and caches it. Blocking: run it off the async threads.
+    pub fn load(
+        &self,
+        digest: &Digest,
+        source: impl FnOnce() -> Result<Vec<u8>>,
+    ) -> Result<(Component, LoadKind), ComponentError> {
+        let path = self.cache_path(digest);
+        if path.exists() {
+            match self.deserialize(&path) {
+                Ok(component) => return Ok((component, LoadKind::Cached)),
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), error = %e, "compiled cache entry unusable; recompiling");
+                    let _ = std::fs::remove_file(&path);
+                }
+            }
+        }
+        let bytes = source().map_err(ComponentError::Invalid)?;
+        check_component_header(&bytes)?;
+        let compiled = self
+            .engine
+            .precompile_component(&bytes)
+            .map_err(|e| ComponentError::Invalid(anyhow!(e)))?;
+        crate::fsutil::write_atomic(&path, &compiled, 0o644)
+            .with_context(|| format!("writing compiled cache {}", path.display()))
+            .map_err(ComponentError::Invalid)?;
+        let component = self.deserialize(&path).map_err(ComponentError::Invalid)?;
+        Ok((component, LoadKind::Compiled))
+    }
+
+    fn deserialize(&self, path: &Path) -> Result<Component> {
+        // SAFETY: the file is one this engine wrote into Lode's own cache directory (temp file,
+        // fsync, rename), named by the component digest and this engine's fingerprint, and
+        // wasmtime checks its header and compatibility before use. The cache dir must be
+        // writable only by Lode, as documented for `--cache-dir`.
+        unsafe { Component::deserialize_file(&self.engine, path) }
+            .map_err(|e| anyhow!(e))
+            .with_context(|| format!("loading compiled component {}", path.display()))
+    }
+
+    /// Links a component as a `wasi:http/proxy`, naming whatever is missing.
+    pub fn prepare_proxy(
+        &self,
+        component: &Component,
+    ) -> Result<ProxyPre<GuestState>, ComponentError> {
+        let instance_pre = match self.linker.instantiate_pre(component) {
+            Ok(pre) => pre,
+            Err(e) => {
+                let unknown: Vec<String> = component
+                    .component_type()
+                    .imports(&self.engine)
+                    .map(|(name, _)| name.to_string())
+                    .filter(|name| {
+                        let package = name.split('/').next().unwrap_or(name);
+                        !PROVIDED_PACKAGES.contains(&package)
+                    })
+                    .collect();
+                return Err(if unknown.is_empty() {
+                    ComponentError::Link(anyhow!(e))
+                } else {
+                    ComponentError::UnknownImports(unknown)
+                });
+            }
+        };
+        ProxyPre::new(instance_pre).map_err(|e| ComponentError::NotHttp(anyhow!(e)))
+    }
+
+    /// A store for one request, with its memory limit and a wall-clock deadline enforced
+    /// through epoch interruption. Between ticks a running guest yields, so one busy request
+    /// cannot starve the others on its thread.
+    pub fn new_store(&self, state: GuestState, deadline: Instant) -> Store<GuestState> {
+        let mut store = Store::new(&self.engine, state);
+        store.limiter(|state| &mut state.limits);
+        store.set_epoch_deadline(1);
+        store.epoch_deadline_callback(move |_| {
+            if Instant::now() >= deadline {
+                Ok(UpdateDeadline::Interrupt)
+            } else {
+                Ok(UpdateDeadline::Yield(1))
+            }
+        });
+        store
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tells_modules_from_components() {
+        let module = wat::parse_str("(module)").unwrap();
+        assert!(matches!(
+            check_component_header(&module),
+            Err(ComponentError::CoreModule)
+        ));
+        let component = wat::parse_str("(component)").unwrap();
+        assert!(check_component_header(&component).is_ok());
+        assert!(matches!(
+            check_component_header(b"#!/bin/sh\necho hi\n"),
+            Err(ComponentError::NotWasm)
+        ));
+        assert!(matches!(
+            check_component_header(b""),
+            Err(ComponentError::NotWasm)
+        ));
+    }
+}

@@ -1,0 +1,26 @@
+//! The `lode` host: API, router, Wasm engine, public HTTP listener and CLI.
+//!
+//! This crate composes the lower crates and never reimplements them: blobs live in
+//! `lode-registry`, trees and mounts in `lode-fs`, containers in `lode-native-runner`, GPUs in
+//! `lode-wasi-gpu`. What it owns is the request path (route, instantiate, run, answer), the
+//! deploy path (validate, compile once, record, swap atomically), and the `lode` command line.
+//!
+//! `lode serve` wires [`server::Server`] to the [`api`] router and the [`proxy`] listener;
+//! the CLI talks to it through [`cli::ApiClient`].
+#![deny(missing_docs)]
+
+pub mod api;
+pub mod bench;
+pub mod cli;
+pub mod client_config;
+pub mod deploy;
+pub mod engine;
+pub mod fsutil;
+pub mod logs;
+pub mod manifest;
+pub mod metrics;
+pub mod outbound;
+pub mod proxy;
+pub mod serve;
+pub mod server;
+pub mod state;

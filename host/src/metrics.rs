@@ -1,0 +1,123 @@
+//! Prometheus metrics for `/metrics`: per-app requests, errors, latency, instantiate time and
+//! compiles.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+/// Labels for per-app series.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AppLabels {
+    /// App name.
+    pub app: String,
+}
+
+/// Labels for request outcomes.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StatusLabels {
+    /// App name.
+    pub app: String,
+    /// HTTP status code.
+    pub status: u16,
+}
+
+/// Labels for errors.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ErrorLabels {
+    /// App name.
+    pub app: String,
+    /// `trap`, `timeout`, `body_too_large`, `no_response`.
+    pub kind: &'static str,
+}
+
+fn latency_histogram() -> Histogram {
+    // 10 µs .. ~84 s.
+    Histogram::new(exponential_buckets(1e-5, 2.0, 24))
+}
+
+/// All server metrics.
+pub struct Metrics {
+    registry: Registry,
+    /// Requests served, by app and status.
+    pub requests: Family<StatusLabels, Counter>,
+    /// Failed requests, by app and kind.
+    pub errors: Family<ErrorLabels, Counter>,
+    /// Time from request arrival to response headers.
+    pub latency: Family<AppLabels, Histogram, fn() -> Histogram>,
+    /// `Store::new` plus instantiation.
+    pub instantiate: Family<AppLabels, Histogram, fn() -> Histogram>,
+    /// Components compiled from source (not loaded from the compiled cache).
+    pub compiles: Family<AppLabels, Counter>,
+    /// Components loaded from the compiled cache.
+    pub cache_loads: Family<AppLabels, Counter>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("lode");
+        let requests = Family::<StatusLabels, Counter>::default();
+        let errors = Family::<ErrorLabels, Counter>::default();
+        let latency = Family::new_with_constructor(latency_histogram as fn() -> Histogram);
+        let instantiate = Family::new_with_constructor(latency_histogram as fn() -> Histogram);
+        let compiles = Family::<AppLabels, Counter>::default();
+        let cache_loads = Family::<AppLabels, Counter>::default();
+        registry.register(
+            "http_requests",
+            "Public HTTP requests served",
+            requests.clone(),
+        );
+        registry.register(
+            "http_errors",
+            "Public HTTP requests that failed",
+            errors.clone(),
+        );
+        registry.register(
+            "http_request_duration_seconds",
+            "Time from request arrival to response headers",
+            latency.clone(),
+        );
+        registry.register(
+            "instantiate_duration_seconds",
+            "Store creation plus component instantiation",
+            instantiate.clone(),
+        );
+        registry.register(
+            "component_compiles",
+            "Components compiled to native code",
+            compiles.clone(),
+        );
+        registry.register(
+            "component_cache_loads",
+            "Components loaded from the compiled cache without compiling",
+            cache_loads.clone(),
+        );
+        Self {
+            registry,
+            requests,
+            errors,
+            latency,
+            instantiate,
+            compiles,
+            cache_loads,
+        }
+    }
+}
+
+impl Metrics {
+    /// The Prometheus text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String cannot fail");
+        out
+    }
+
+    /// Labels for `app`.
+    pub fn app(app: &str) -> AppLabels {
+        AppLabels {
+            app: app.to_string(),
+        }
+    }
+}

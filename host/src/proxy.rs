@@ -1,0 +1,452 @@
+//! The public HTTP listener: route a request to an app's `wasi:http` component and run it in
+//! a fresh instance.
+//!
+//! Apps are addressed by path (`/<app>/...`, prefix stripped and passed in
+//! `x-forwarded-prefix`) or by host (`<app>.lode.localhost`). Every request gets its own store
+//! and instance; nothing is reused across requests.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::header::{CONTENT_LENGTH, CONTENT_TYPE, HOST};
+use http::{HeaderValue, Request, Response, StatusCode, Uri};
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use wasmtime::Trap;
+use wasmtime_wasi::WasiCtxBuilder;
+use wasmtime_wasi_http::Error as HttpError;
+use wasmtime_wasi_http::WasiHttpView;
+use wasmtime_wasi_http::p2::bindings::http::types::Scheme;
+
+use crate::engine::GuestState;
+use crate::logs::Stream;
+use crate::metrics::{ErrorLabels, Metrics, StatusLabels};
+use crate::server::{HttpFunction, Server};
+
+/// Body of every public response.
+pub type ResponseBody = UnsyncBoxBody<Bytes, HttpError>;
+
+/// Suffix that addresses an app by host name.
+pub const HOST_SUFFIX: &str = ".lode.localhost";
+
+/// Header carrying the request id on every response.
+pub const REQUEST_ID_HEADER: &str = "x-lode-request-id";
+
+/// Where a request goes.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Target<'a> {
+    /// App name.
+    pub app: &'a str,
+    /// Path (with query) the component sees.
+    pub path_and_query: String,
+    /// The stripped prefix, when addressed by path.
+    pub prefix: Option<String>,
+}
+
+/// Picks the app from the `Host` header or the first path segment.
+pub fn target<'a>(host: Option<&'a str>, uri: &'a Uri) -> Option<Target<'a>> {
+    let query = uri.query().map(|q| format!("?{q}")).unwrap_or_default();
+    if let Some(host) = host {
+        let name = host.rsplit_once(':').map_or(host, |(name, port)| {
+            if port.bytes().all(|b| b.is_ascii_digit()) {
+                name
+            } else {
+                host
+            }
+        });
+        if let Some(app) = name.strip_suffix(HOST_SUFFIX)
+            && !app.is_empty()
+            && !app.contains('.')
+        {
+            return Some(Target {
+                app,
+                path_and_query: format!("{}{query}", uri.path()),
+                prefix: None,
+            });
+        }
+    }
+    let path = uri.path().strip_prefix('/')?;
+    let (app, rest) = match path.split_once('/') {
+        Some((app, rest)) => (app, format!("/{rest}")),
+        None => (path, "/".to_string()),
+    };
+    if app.is_empty() {
+        return None;
+    }
+    Some(Target {
+        app,
+        path_and_query: format!("{rest}{query}"),
+        prefix: Some(format!("/{app}")),
+    })
+}
+
+fn request_id() -> String {
+    format!("{:016x}", rand::random::<u64>())
+}
+
+fn full(body: impl Into<Bytes>) -> ResponseBody {
+    Full::new(body.into())
+        .map_err(|never| match never {})
+        .boxed_unsync()
+}
+
+/// A JSON error body: `{"error":{"kind","message","request_id"}}`.
+fn error_response(
+    status: StatusCode,
+    kind: &str,
+    message: &str,
+    id: &str,
+) -> Response<ResponseBody> {
+    let body = serde_json::json!({
+        "error": {"kind": kind, "message": message, "request_id": id}
+    });
+    let mut response = Response::new(full(format!("{body}\n")));
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response
+}
+
+/// How a guest's run ended.
+enum Outcome {
+    Finished,
+    Trapped(String),
+    TimedOut,
+}
+
+/// Serves one public request.
+pub async fn handle(server: Arc<Server>, req: Request<Incoming>) -> Response<ResponseBody> {
+    let started = Instant::now();
+    let id = request_id();
+    let mut response = route_and_run(&server, req, &id, started).await;
+    if let Ok(value) = HeaderValue::from_str(&id) {
+        response.headers_mut().insert(REQUEST_ID_HEADER, value);
+    }
+    response
+}
+
+async fn route_and_run(
+    server: &Arc<Server>,
+    req: Request<Incoming>,
+    id: &str,
+    started: Instant,
+) -> Response<ResponseBody> {
+    let host = req.headers().get(HOST).and_then(|h| h.to_str().ok());
+    let Some(target) = target(host, req.uri()) else {
+        return error_response(
+            StatusCode::NOT_FOUND,
+            "no_app",
+            "address an app as http://HOST/<app>/... or http://<app>.lode.localhost/; \
+             `lode ls` lists the deployed apps",
+            id,
+        );
+    };
+    let Some(app) = server.app(target.app) else {
+        let message = format!(
+            "no app named {:?} is deployed here; `lode ls` lists the deployed apps and \
+             `lode deploy PATH --name {}` deploys one",
+            target.app, target.app
+        );
+        return error_response(StatusCode::NOT_FOUND, "no_app", &message, id);
+    };
+    let path = target.path_and_query.split('?').next().unwrap_or("/");
+    let Some(function) = app.route(path).cloned() else {
+        let message = format!(
+            "app {:?} has no web route for {path:?}; its routes are: {}",
+            target.app,
+            app.routes
+                .iter()
+                .map(|f| f.path.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        return error_response(StatusCode::NOT_FOUND, "no_route", &message, id);
+    };
+    let prefix = target.prefix.clone();
+    let path_and_query = target.path_and_query.clone();
+    drop(app);
+    let response = run(server, function.clone(), req, path_and_query, prefix, id).await;
+    let labels = Metrics::app(&function.app);
+    server
+        .metrics
+        .latency
+        .get_or_create(&labels)
+        .observe(started.elapsed().as_secs_f64());
+    server
+        .metrics
+        .requests
+        .get_or_create(&StatusLabels {
+            app: function.app.to_string(),
+            status: response.status().as_u16(),
+        })
+        .inc();
+    response
+}
+
+fn count_error(server: &Server, app: &str, kind: &'static str) {
+    server
+        .metrics
+        .errors
+        .get_or_create(&ErrorLabels {
+            app: app.to_string(),
+            kind,
+        })
+        .inc();
+}
+
+async fn run(
+    server: &Arc<Server>,
+    function: Arc<HttpFunction>,
+    req: Request<Incoming>,
+    path_and_query: String,
+    prefix: Option<String>,
+    id: &str,
+) -> Response<ResponseBody> {
+    let app = function.app.clone();
+    let max_body = server.limits.max_body;
+    let declared = req
+        .headers()
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|len| len > max_body) {
+        count_error(server, &app, "body_too_large");
+        return error_response(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body_too_large",
+            &format!("request body is larger than this server's limit of {max_body} bytes"),
+            id,
+        );
+    }
+
+    let (mut parts, body) = req.into_parts();
+    parts.uri = match Uri::builder()
+        .path_and_query(path_and_query.as_str())
+        .build()
+    {
+        Ok(uri) => uri,
+        Err(_) => {
+            return error_response(
+                StatusCode::BAD_REQUEST,
+                "bad_path",
+                "the path is not valid",
+                id,
+            );
+        }
+    };
+    if let Some(prefix) = &prefix
+        && let Ok(value) = HeaderValue::from_str(prefix)
+    {
+        parts.headers.insert("x-forwarded-prefix", value);
+    }
+    let over_limit = Arc::new(AtomicBool::new(false));
+    let flag = over_limit.clone();
+    let body = Limited::new(body, max_body as usize).map_err(move |e| {
+        if e.is::<http_body_util::LengthLimitError>() {
+            flag.store(true, Ordering::Relaxed);
+            HttpError::HttpRequestBodySize(Some(max_body))
+        } else {
+            HttpError::ConnectionTerminated
+        }
+    });
+    let req = Request::from_parts(parts, body);
+
+    let deadline = Instant::now() + function.timeout;
+    let request_id: Arc<str> = Arc::from(id);
+    let wasi = WasiCtxBuilder::new()
+        .stdout(
+            server
+                .logs
+                .guest_output(app.clone(), request_id.clone(), Stream::Stdout),
+        )
+        .stderr(
+            server
+                .logs
+                .guest_output(app.clone(), request_id.clone(), Stream::Stderr),
+        )
+        .allow_tcp(false)
+        .allow_udp(false)
+        .allow_ip_name_lookup(false)
+        .build();
+    let instantiate_started = Instant::now();
+    let mut store = server.engine.new_store(
+        GuestState::new(wasi, function.memory, function.outbound.clone()),
+        deadline,
+    );
+    let (sender, receiver) = tokio::sync::oneshot::channel();
+    let prepared = (|| -> wasmtime::Result<_> {
+        let incoming = store
+            .data_mut()
+            .http()
+            .new_incoming_request(Scheme::Http, req)?;
+        let outparam = store.data_mut().http().new_response_outparam(sender)?;
+        Ok((incoming, outparam))
+    })();
+    let (incoming, outparam) = match prepared {
+        Ok(pair) => pair,
+        Err(e) => {
+            return error_response(StatusCode::BAD_REQUEST, "bad_request", &format!("{e}"), id);
+        }
+    };
+
+    let task_server = server.clone();
+    let task_function = function.clone();
+    let task_id = request_id.clone();
+    let task = tokio::spawn(async move {
+        let run = async {
+            let proxy = task_function.pre.instantiate_async(&mut store).await?;
+            task_server
+                .metrics
+                .instantiate
+                .get_or_create(&Metrics::app(&task_function.app))
+                .observe(instantiate_started.elapsed().as_secs_f64());
+            proxy
+                .wasi_http_incoming_handler()
+                .call_handle(&mut store, incoming, outparam)
+                .await
+        };
+        let outcome = match tokio::time::timeout_at(deadline.into(), run).await {
+            Ok(Ok(())) => Outcome::Finished,
+            Ok(Err(e)) if e.downcast_ref::<Trap>() == Some(&Trap::Interrupt) => Outcome::TimedOut,
+            Ok(Err(e)) => Outcome::Trapped(format!("{e:?}")),
+            Err(_) => Outcome::TimedOut,
+        };
+        report(&task_server, &task_function, &task_id, &outcome);
+        outcome
+    });
+
+    match receiver.await {
+        Ok(Ok(response)) => {
+            if over_limit.load(Ordering::Relaxed) {
+                return too_large(server, &app, max_body, id);
+            }
+            response
+        }
+        Ok(Err(code)) => {
+            count_error(server, &app, "guest_error");
+            error_response(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "guest_error",
+                &format!("the component answered with an error: {code:?}"),
+                id,
+            )
+        }
+        Err(_) => {
+            let outcome = task
+                .await
+                .unwrap_or_else(|e| Outcome::Trapped(format!("task failed: {e}")));
+            if over_limit.load(Ordering::Relaxed) {
+                return too_large(server, &app, max_body, id);
+            }
+            match outcome {
+                Outcome::TimedOut => error_response(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "timeout",
+                    &format!(
+                        "the component did not finish within its {:.3} s timeout",
+                        function.timeout.as_secs_f64()
+                    ),
+                    id,
+                ),
+                Outcome::Trapped(_) => error_response(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "trap",
+                    "the component trapped; `lode logs` shows the trap and its backtrace under \
+                     this request id",
+                    id,
+                ),
+                Outcome::Finished => {
+                    count_error(server, &app, "no_response");
+                    error_response(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        "no_response",
+                        "the component returned without setting a response",
+                        id,
+                    )
+                }
+            }
+        }
+    }
+}
+
+fn too_large(server: &Server, app: &str, max_body: u64, id: &str) -> Response<ResponseBody> {
+    count_error(server, app, "body_too_large");
+    error_response(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "body_too_large",
+        &format!("request body is larger than this server's limit of {max_body} bytes"),
+        id,
+    )
+}
+
+/// Logs traps and timeouts where users look: the app's log and the server log.
+fn report(server: &Server, function: &HttpFunction, id: &str, outcome: &Outcome) {
+    match outcome {
+        Outcome::Finished => {}
+        Outcome::TimedOut => {
+            count_error(server, &function.app, "timeout");
+            let line = format!(
+                "request timed out after {:.3} s (function {})",
+                function.timeout.as_secs_f64(),
+                function.name
+            );
+            tracing::warn!(app = %function.app, request_id = id, "{line}");
+            server
+                .logs
+                .push(&function.app, Some(id), Stream::System, line);
+        }
+        Outcome::Trapped(trap) => {
+            count_error(server, &function.app, "trap");
+            tracing::warn!(app = %function.app, request_id = id, function = function.name, "guest trapped: {trap}");
+            for line in format!("trap in function {}: {trap}", function.name).lines() {
+                server
+                    .logs
+                    .push(&function.app, Some(id), Stream::System, line.to_string());
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(host: Option<&str>, uri: &str) -> Option<(String, String, Option<String>)> {
+        let uri: Uri = uri.parse().unwrap();
+        target(host, &uri).map(|t| (t.app.to_string(), t.path_and_query, t.prefix))
+    }
+
+    #[test]
+    fn routes_by_path_prefix() {
+        assert_eq!(
+            t(Some("127.0.0.1:8080"), "/hello/a/b?x=1"),
+            Some(("hello".into(), "/a/b?x=1".into(), Some("/hello".into())))
+        );
+        assert_eq!(
+            t(None, "/hello"),
+            Some(("hello".into(), "/".into(), Some("/hello".into())))
+        );
+        assert_eq!(t(None, "/"), None);
+    }
+
+    #[test]
+    fn routes_by_host() {
+        assert_eq!(
+            t(Some("hello.lode.localhost:8080"), "/x?y"),
+            Some(("hello".into(), "/x?y".into(), None))
+        );
+        assert_eq!(
+            t(Some("hello.lode.localhost"), "/"),
+            Some(("hello".into(), "/".into(), None))
+        );
+        // Nested names are not apps; fall back to the path.
+        assert_eq!(
+            t(Some("a.b.lode.localhost"), "/c/"),
+            Some(("c".into(), "/".into(), Some("/c".into())))
+        );
+    }
+}

@@ -1,0 +1,188 @@
+//! `lode serve`: lock the data and cache dirs, restore deployments, open the API and public
+//! listeners, and write the client file.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use fs2::FileExt;
+use hyper::server::conn::http1;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+
+use crate::client_config::{ClientFile, user_client_file};
+use crate::engine::{EngineSettings, WasmEngine};
+use crate::logs::LogStore;
+use crate::server::{Limits, Server};
+use crate::state::RedbStore;
+
+/// Settings for `lode serve`.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    /// State, blobs and the client file.
+    pub data_dir: PathBuf,
+    /// Compiled components (deletable).
+    pub cache_dir: PathBuf,
+    /// API listen address.
+    pub api: SocketAddr,
+    /// Public HTTP listen address.
+    pub http: SocketAddr,
+    /// Limits.
+    pub limits: Limits,
+    /// Pool size.
+    pub max_instances: u32,
+    /// Lines kept per app.
+    pub log_lines: usize,
+    /// Skip writing `~/.config/lode/client.json`.
+    pub no_client_config: bool,
+}
+
+/// Holds an exclusive lock on a directory for the life of the process.
+pub struct DirLock {
+    _file: std::fs::File,
+}
+
+/// Locks `dir` so that two processes never share it.
+pub fn lock_dir(dir: &Path, what: &str) -> Result<DirLock> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {what} {}", dir.display()))?;
+    let path = dir.join(".lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("opening lock file {}", path.display()))?;
+    if file.try_lock_exclusive().is_err() {
+        bail!(
+            "{what} {} is in use by another lode process; stop it or pass a different directory",
+            dir.display()
+        );
+    }
+    Ok(DirLock { _file: file })
+}
+
+fn load_or_create_token(data_dir: &Path) -> Result<String> {
+    let path = data_dir.join("token");
+    match std::fs::read_to_string(&path) {
+        Ok(token) if !token.trim().is_empty() => Ok(token.trim().to_string()),
+        _ => {
+            let token = format!("lode_{}", hex::encode(rand::random::<[u8; 24]>()));
+            crate::fsutil::write_atomic(&path, token.as_bytes(), 0o600)
+                .with_context(|| format!("writing token file {}", path.display()))?;
+            Ok(token)
+        }
+    }
+}
+
+async fn bind(addr: SocketAddr, what: &str) -> Result<TcpListener> {
+    TcpListener::bind(addr).await.with_context(|| {
+        format!(
+            "binding the {what} listener on {addr} (is the port in use? pass another with --{what})"
+        )
+    })
+}
+
+/// Runs the server until SIGINT or SIGTERM.
+pub async fn serve(options: ServeOptions) -> Result<()> {
+    let _data_lock = lock_dir(&options.data_dir, "data dir")?;
+    let _cache_lock = lock_dir(&options.cache_dir, "cache dir")?;
+    let token = load_or_create_token(&options.data_dir)?;
+
+    let api_listener = bind(options.api, "api").await?;
+    let http_listener = bind(options.http, "http").await?;
+    let api_addr = api_listener.local_addr()?;
+    let http_addr = http_listener.local_addr()?;
+    let api_url = format!("http://{api_addr}");
+    let http_url = format!("http://{http_addr}");
+
+    let engine = WasmEngine::new(&EngineSettings {
+        compiled_dir: options.cache_dir.join("compiled"),
+        max_instances: options.max_instances,
+        max_memory: options.limits.max_memory,
+    })?;
+    let blobs = lode_registry::LocalDirStore::open(options.data_dir.join("blobs"))?;
+    let state = RedbStore::open(&options.data_dir.join("state"))?;
+    let server = Server::new(
+        engine,
+        Arc::new(blobs),
+        Arc::new(state),
+        LogStore::new(options.log_lines),
+        options.limits.clone(),
+        vec![api_addr, http_addr],
+        http_url.clone(),
+    );
+    let restored = server.restore().await?;
+
+    let client = ClientFile {
+        api_url: api_url.clone(),
+        http_url: http_url.clone(),
+        registry_url: api_url.clone(),
+        token: token.clone(),
+    };
+    let client_path = options.data_dir.join("client.json");
+    client.write(&client_path)?;
+    if !options.no_client_config
+        && let Some(user_path) = user_client_file()
+    {
+        client.write(&user_path)?;
+    }
+
+    println!("lode serve: {restored} app(s) restored");
+    println!("  API       {api_url}");
+    println!("  HTTP      {http_url}");
+    println!("  registry  {api_url} (blobs over the API for now)");
+    println!("  client    {}", client_path.display());
+    tracing::info!(%api_addr, %http_addr, restored, "serving");
+
+    let api_router = crate::api::router(server.clone(), Arc::from(token.as_str()));
+    let api_task = tokio::spawn(async move {
+        axum::serve(api_listener, api_router)
+            .with_graceful_shutdown(shutdown_signal())
+            .await
+    });
+    let http_task = tokio::spawn(serve_public(http_listener, server.clone()));
+    shutdown_signal().await;
+    tracing::info!("shutting down");
+    http_task.abort();
+    let _ = tokio::time::timeout(Duration::from_secs(5), api_task).await;
+    Ok(())
+}
+
+async fn serve_public(listener: TcpListener, server: Arc<Server>) {
+    loop {
+        let (stream, _) = match listener.accept().await {
+            Ok(conn) => conn,
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let server = server.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req| {
+                let server = server.clone();
+                async move { Ok::<_, std::convert::Infallible>(crate::proxy::handle(server, req).await) }
+            });
+            if let Err(e) = http1::Builder::new()
+                .keep_alive(true)
+                .serve_connection(TokioIo::new(stream), service)
+                .await
+            {
+                tracing::debug!(error = %e, "connection ended with an error");
+            }
+        });
+    }
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("installing SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

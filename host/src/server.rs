@@ -1,0 +1,503 @@
+//! The server's shared state and the deploy path: validate, compile (or load from cache),
+//! record, then switch the app's live version atomically.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use arc_swap::ArcSwap;
+use lode_registry::{BlobStore, Digest};
+use serde::Serialize;
+use tokio::sync::mpsc;
+use wasmtime_wasi_http::p2::bindings::ProxyPre;
+
+use crate::engine::{ComponentError, GuestState, LoadKind, WasmEngine};
+use crate::logs::{LogStore, Stream};
+use crate::manifest::{FunctionSpec, Manifest, Runtime};
+use crate::metrics::Metrics;
+use crate::outbound::OutboundPolicy;
+use crate::state::{AppRecord, StateStore};
+
+const MIB: u64 = 1024 * 1024;
+
+/// Server-wide limits and defaults, from `lode serve` flags.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Memory per instance when the manifest names none, in bytes.
+    pub default_memory: u64,
+    /// The most memory a manifest may ask for, in bytes.
+    pub max_memory: u64,
+    /// Request timeout when the manifest names none.
+    pub default_timeout: Duration,
+    /// Largest request body the public listener accepts, in bytes.
+    pub max_body: u64,
+    /// Largest blob the API accepts, in bytes.
+    pub max_upload: u64,
+}
+
+/// A Wasm function that serves public HTTP.
+pub struct HttpFunction {
+    /// Owning app.
+    pub app: Arc<str>,
+    /// Function name.
+    pub name: String,
+    /// Path prefix within the app.
+    pub path: String,
+    /// Pre-linked component.
+    pub pre: ProxyPre<GuestState>,
+    /// Wall-clock limit per request.
+    pub timeout: Duration,
+    /// Memory limit per instance, in bytes.
+    pub memory: u64,
+    /// Outbound HTTP rules.
+    pub outbound: OutboundPolicy,
+}
+
+/// One deployed version of an app, ready to serve.
+pub struct LiveApp {
+    /// What was recorded.
+    pub record: AppRecord,
+    /// HTTP functions, longest path first.
+    pub routes: Vec<Arc<HttpFunction>>,
+}
+
+impl LiveApp {
+    /// The function whose web path is the longest prefix of `path` at a segment boundary.
+    pub fn route(&self, path: &str) -> Option<&Arc<HttpFunction>> {
+        self.routes.iter().find(|f| {
+            let prefix = f.path.trim_end_matches('/');
+            prefix.is_empty()
+                || path == prefix
+                || path
+                    .strip_prefix(prefix)
+                    .is_some_and(|rest| rest.starts_with('/'))
+        })
+    }
+}
+
+/// Progress of a deploy, streamed to the CLI as NDJSON.
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum DeployEvent {
+    /// Compilation of a function's component started.
+    Compiling {
+        /// Function name.
+        function: String,
+        /// Component size.
+        bytes: u64,
+    },
+    /// Still compiling.
+    Progress {
+        /// Function name.
+        function: String,
+        /// Time since compilation started.
+        elapsed_ms: u64,
+    },
+    /// A component is ready.
+    Compiled {
+        /// Function name.
+        function: String,
+        /// Whether it came from the compiled cache.
+        cached: bool,
+        /// Time taken.
+        ms: u64,
+    },
+    /// The same manifest is already live; nothing changed.
+    Unchanged {
+        /// App name.
+        app: String,
+        /// Live version.
+        version: u64,
+        /// Public URLs.
+        urls: Vec<String>,
+    },
+    /// The new version is live.
+    Deployed {
+        /// App name.
+        app: String,
+        /// New version.
+        version: u64,
+        /// Public URLs.
+        urls: Vec<String>,
+    },
+    /// The deploy failed; the old version (if any) still serves.
+    Error {
+        /// What went wrong and what to do.
+        message: String,
+    },
+}
+
+/// A deploy refused before anything changed.
+#[derive(Debug, thiserror::Error)]
+pub enum DeployError {
+    /// The manifest is invalid.
+    #[error("invalid manifest:\n  {}", .0.join("\n  "))]
+    Invalid(Vec<String>),
+    /// Blobs the manifest names were not uploaded.
+    #[error("blobs not uploaded: {}; upload them with PUT /v1/blobs/{{digest}} first", .0.join(", "))]
+    MissingBlobs(Vec<String>),
+    /// Something no engine on this host can run.
+    #[error("{0}")]
+    Unsupported(String),
+    /// A component was refused.
+    #[error("function {function:?}: {source}")]
+    Component {
+        /// Function name.
+        function: String,
+        /// Why.
+        source: ComponentError,
+    },
+    /// Storage failed.
+    #[error("{0:#}")]
+    Internal(anyhow::Error),
+}
+
+/// Everything the API and the public listener share.
+pub struct Server {
+    /// Wasm engine.
+    pub engine: WasmEngine,
+    /// Blob store.
+    pub blobs: Arc<dyn BlobStore>,
+    /// Durable state.
+    pub state: Arc<dyn StateStore>,
+    /// Logs.
+    pub logs: Arc<LogStore>,
+    /// Metrics.
+    pub metrics: Metrics,
+    /// Limits.
+    pub limits: Limits,
+    /// Lode's own listeners, unreachable from guests.
+    pub protected: Arc<Vec<SocketAddr>>,
+    /// Public base URL, for the URLs a deploy prints.
+    pub public_url: String,
+    apps: ArcSwap<HashMap<String, Arc<LiveApp>>>,
+    /// Serializes the record-and-swap step of deploys and removals (not compilation).
+    commit_lock: tokio::sync::Mutex<()>,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+impl Server {
+    /// Assembles a server; call [`Server::restore`] before serving.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        engine: WasmEngine,
+        blobs: Arc<dyn BlobStore>,
+        state: Arc<dyn StateStore>,
+        logs: Arc<LogStore>,
+        limits: Limits,
+        protected: Vec<SocketAddr>,
+        public_url: String,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            engine,
+            blobs,
+            state,
+            logs,
+            metrics: Metrics::default(),
+            limits,
+            protected: Arc::new(protected),
+            public_url,
+            apps: ArcSwap::from_pointee(HashMap::new()),
+            commit_lock: tokio::sync::Mutex::new(()),
+        })
+    }
+
+    /// The live version of `app`.
+    pub fn app(&self, app: &str) -> Option<Arc<LiveApp>> {
+        self.apps.load().get(app).cloned()
+    }
+
+    /// Every live app, sorted by name.
+    pub fn apps(&self) -> Vec<Arc<LiveApp>> {
+        let mut apps: Vec<_> = self.apps.load().values().cloned().collect();
+        apps.sort_by(|a, b| a.record.manifest.app.cmp(&b.record.manifest.app));
+        apps
+    }
+
+    /// Public URLs of an app's web functions.
+    pub fn urls(&self, manifest: &Manifest) -> Vec<String> {
+        manifest
+            .functions
+            .iter()
+            .filter_map(|f| f.web.as_ref())
+            .map(|web| format!("{}/{}{}", self.public_url, manifest.app, web.path))
+            .collect()
+    }
+
+    /// Loads every recorded app, from the compiled cache where possible. An app that cannot
+    /// be loaded is logged and skipped; its record stays so a fix (or redeploy) can recover it.
+    pub async fn restore(self: &Arc<Self>) -> anyhow::Result<usize> {
+        let records = self.state.list_apps()?;
+        let mut loaded = 0;
+        for record in records {
+            let app = record.manifest.app.clone();
+            match self.build_live(&record.manifest, None).await {
+                Ok(live) => {
+                    let live = Arc::new(LiveApp {
+                        record,
+                        routes: live,
+                    });
+                    self.apps.rcu(|apps| {
+                        let mut apps = HashMap::clone(apps);
+                        apps.insert(app.clone(), live.clone());
+                        apps
+                    });
+                    loaded += 1;
+                }
+                Err(e) => {
+                    tracing::error!(app, error = %e, "could not restore app; redeploy it");
+                    self.logs
+                        .push(&app, None, Stream::System, format!("restore failed: {e}"));
+                }
+            }
+        }
+        Ok(loaded)
+    }
+
+    /// Checks what can be checked without compiling; on success the deploy may start
+    /// streaming progress.
+    pub fn precheck(&self, manifest: &Manifest) -> Result<(), DeployError> {
+        manifest.validate().map_err(DeployError::Invalid)?;
+        let mut missing = Vec::new();
+        for function in &manifest.functions {
+            self.check_engine_fits(function)?;
+            if let Some(digest) = &function.component {
+                let digest: Digest = digest
+                    .parse()
+                    .map_err(|e: lode_registry::Error| DeployError::Invalid(vec![e.to_string()]))?;
+                if !self
+                    .blobs
+                    .has(&digest)
+                    .map_err(|e| DeployError::Internal(e.into()))?
+                {
+                    missing.push(digest.to_string());
+                }
+            }
+        }
+        if missing.is_empty() {
+            Ok(())
+        } else {
+            Err(DeployError::MissingBlobs(missing))
+        }
+    }
+
+    fn check_engine_fits(&self, function: &FunctionSpec) -> Result<(), DeployError> {
+        let name = &function.name;
+        if function.runtime == Runtime::Python {
+            return Err(DeployError::Unsupported(format!(
+                "function {name:?}: runtime \"python\" needs the native engine, which this \
+                 build of lode serve does not have yet; deploy Wasm components for now"
+            )));
+        }
+        if let Some(gpu) = &function.resources.gpu {
+            return Err(DeployError::Unsupported(format!(
+                "function {name:?}: gpu {gpu:?} was requested, but this host's Wasm engine has \
+                 no lode:gpu binding yet; remove `gpu` to run on the CPU"
+            )));
+        }
+        if function.web.is_none() {
+            return Err(DeployError::Unsupported(format!(
+                "function {name:?}: a Wasm function needs a `web` route for now (calls by name \
+                 come with the lode:function world); add web = {{ path = \"/\" }}"
+            )));
+        }
+        if let Some(mib) = function.resources.memory
+            && mib.saturating_mul(MIB) > self.limits.max_memory
+        {
+            return Err(DeployError::Unsupported(format!(
+                "function {name:?}: memory {mib} MiB is above this server's limit of {} MiB \
+                 (lode serve --max-memory)",
+                self.limits.max_memory / MIB
+            )));
+        }
+        Ok(())
+    }
+
+    /// Compiles or loads each function and links it; sends progress when asked to.
+    async fn build_live(
+        self: &Arc<Self>,
+        manifest: &Manifest,
+        progress: Option<&mpsc::Sender<DeployEvent>>,
+    ) -> Result<Vec<Arc<HttpFunction>>, DeployError> {
+        let app: Arc<str> = Arc::from(manifest.app.as_str());
+        let mut routes = Vec::new();
+        for function in &manifest.functions {
+            let (Some(digest), Some(web)) = (&function.component, &function.web) else {
+                continue;
+            };
+            let digest: Digest = digest
+                .parse()
+                .map_err(|e: lode_registry::Error| DeployError::Invalid(vec![e.to_string()]))?;
+            let component = self
+                .load_component(&app, &function.name, &digest, progress)
+                .await?;
+            let pre =
+                self.engine
+                    .prepare_proxy(&component)
+                    .map_err(|source| DeployError::Component {
+                        function: function.name.clone(),
+                        source,
+                    })?;
+            routes.push(Arc::new(HttpFunction {
+                app: app.clone(),
+                name: function.name.clone(),
+                path: web.path.clone(),
+                pre,
+                timeout: function.timeout_or(self.limits.default_timeout),
+                memory: function
+                    .resources
+                    .memory
+                    .map(|mib| mib * MIB)
+                    .unwrap_or(self.limits.default_memory),
+                outbound: OutboundPolicy::new(&function.network.allow, self.protected.clone()),
+            }));
+        }
+        routes.sort_by_key(|f| std::cmp::Reverse(f.path.trim_end_matches('/').len()));
+        Ok(routes)
+    }
+
+    async fn load_component(
+        self: &Arc<Self>,
+        app: &str,
+        function: &str,
+        digest: &Digest,
+        progress: Option<&mpsc::Sender<DeployEvent>>,
+    ) -> Result<wasmtime::component::Component, DeployError> {
+        let started = Instant::now();
+        let size = self.blobs.size(digest).unwrap_or(0);
+        if let Some(tx) = progress {
+            let _ = tx
+                .send(DeployEvent::Compiling {
+                    function: function.to_string(),
+                    bytes: size,
+                })
+                .await;
+        }
+        let server = self.clone();
+        let blob = digest.clone();
+        let mut job = tokio::task::spawn_blocking(move || {
+            let blobs = server.blobs.clone();
+            server
+                .engine
+                .load(&blob, || blobs.get(&blob).map_err(anyhow::Error::from))
+        });
+        let mut heartbeat = tokio::time::interval(Duration::from_millis(500));
+        heartbeat.tick().await;
+        let result = loop {
+            tokio::select! {
+                result = &mut job => break result,
+                _ = heartbeat.tick() => {
+                    if let Some(tx) = progress {
+                        let _ = tx.send(DeployEvent::Progress {
+                            function: function.to_string(),
+                            elapsed_ms: started.elapsed().as_millis() as u64,
+                        }).await;
+                    }
+                }
+            }
+        };
+        let (component, kind) = result
+            .map_err(|e| DeployError::Internal(anyhow::anyhow!("compile task failed: {e}")))?
+            .map_err(|source| DeployError::Component {
+                function: function.to_string(),
+                source,
+            })?;
+        let labels = Metrics::app(app);
+        match kind {
+            LoadKind::Compiled => self.metrics.compiles.get_or_create(&labels).inc(),
+            LoadKind::Cached => self.metrics.cache_loads.get_or_create(&labels).inc(),
+        };
+        if let Some(tx) = progress {
+            let _ = tx
+                .send(DeployEvent::Compiled {
+                    function: function.to_string(),
+                    cached: kind == LoadKind::Cached,
+                    ms: started.elapsed().as_millis() as u64,
+                })
+                .await;
+        }
+        Ok(component)
+    }
+
+    /// Deploys `manifest` (already prechecked), streaming progress; the final event says
+    /// whether it went live. In-flight requests finish on the version they started with.
+    pub async fn deploy(self: Arc<Self>, manifest: Manifest, progress: mpsc::Sender<DeployEvent>) {
+        let app = manifest.app.clone();
+        let event = match self.deploy_inner(manifest, &progress).await {
+            Ok(event) => event,
+            Err(e) => {
+                tracing::warn!(app, error = %e, "deploy failed");
+                DeployEvent::Error {
+                    message: e.to_string(),
+                }
+            }
+        };
+        let _ = progress.send(event).await;
+    }
+
+    async fn deploy_inner(
+        self: &Arc<Self>,
+        manifest: Manifest,
+        progress: &mpsc::Sender<DeployEvent>,
+    ) -> Result<DeployEvent, DeployError> {
+        if let Some(live) = self.app(&manifest.app)
+            && live.record.manifest == manifest
+        {
+            return Ok(DeployEvent::Unchanged {
+                urls: self.urls(&manifest),
+                app: manifest.app,
+                version: live.record.version,
+            });
+        }
+        let routes = self.build_live(&manifest, Some(progress)).await?;
+
+        let _guard = self.commit_lock.lock().await;
+        let version = self.app(&manifest.app).map_or(1, |a| a.record.version + 1);
+        let record = AppRecord {
+            manifest,
+            version,
+            deployed_at_ms: now_ms(),
+        };
+        self.state.put_app(&record).map_err(DeployError::Internal)?;
+        let app = record.manifest.app.clone();
+        let urls = self.urls(&record.manifest);
+        let live = Arc::new(LiveApp { record, routes });
+        self.apps.rcu(|apps| {
+            let mut apps = HashMap::clone(apps);
+            apps.insert(app.clone(), live.clone());
+            apps
+        });
+        self.logs.push(
+            &app,
+            None,
+            Stream::System,
+            format!("deployed version {version}"),
+        );
+        tracing::info!(app, version, "deployed");
+        Ok(DeployEvent::Deployed { app, version, urls })
+    }
+
+    /// Removes an app; in-flight requests finish. Returns whether it existed.
+    pub async fn remove(&self, app: &str) -> anyhow::Result<bool> {
+        let _guard = self.commit_lock.lock().await;
+        let existed = self.state.delete_app(app)?;
+        let mut was_live = false;
+        self.apps.rcu(|apps| {
+            let mut apps = HashMap::clone(apps);
+            was_live = apps.remove(app).is_some();
+            apps
+        });
+        if existed || was_live {
+            self.logs.remove(app);
+            tracing::info!(app, "removed");
+        }
+        Ok(existed || was_live)
+    }
+}

@@ -1,0 +1,123 @@
+//! The embedded state store: which apps are deployed, at which version.
+//!
+//! [`StateStore`] is the seam for scale-out (PostgreSQL later); [`RedbStore`] is the embedded
+//! default under `<data-dir>/state/`. redb commits are durable (fsync) before they return.
+
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use serde::{Deserialize, Serialize};
+
+use crate::manifest::Manifest;
+
+/// A deployed app as recorded.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct AppRecord {
+    /// The manifest as accepted.
+    pub manifest: Manifest,
+    /// Increases by one with each deploy that changes the app.
+    pub version: u64,
+    /// Milliseconds since the Unix epoch.
+    pub deployed_at_ms: u64,
+}
+
+/// Durable record of deployments.
+pub trait StateStore: Send + Sync + 'static {
+    /// Records `record`, replacing any earlier version of the app.
+    fn put_app(&self, record: &AppRecord) -> Result<()>;
+    /// Every recorded app.
+    fn list_apps(&self) -> Result<Vec<AppRecord>>;
+    /// Forgets an app; returns whether it existed.
+    fn delete_app(&self, app: &str) -> Result<bool>;
+}
+
+const APPS: TableDefinition<&str, &[u8]> = TableDefinition::new("apps");
+
+/// [`StateStore`] in a redb file.
+pub struct RedbStore {
+    db: Database,
+}
+
+impl RedbStore {
+    /// Opens or creates the store in `dir`.
+    pub fn open(dir: &Path) -> Result<Self> {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("creating state directory {}", dir.display()))?;
+        let path = dir.join("lode.redb");
+        let db = Database::create(&path).with_context(|| {
+            format!(
+                "opening state store {} (is another `lode serve` using this data dir?)",
+                path.display()
+            )
+        })?;
+        let txn = db.begin_write()?;
+        txn.open_table(APPS)?;
+        txn.commit()?;
+        Ok(Self { db })
+    }
+}
+
+impl StateStore for RedbStore {
+    fn put_app(&self, record: &AppRecord) -> Result<()> {
+        let bytes = serde_json::to_vec(record)?;
+        let txn = self.db.begin_write()?;
+        txn.open_table(APPS)?
+            .insert(record.manifest.app.as_str(), bytes.as_slice())?;
+        txn.commit()?;
+        Ok(())
+    }
+
+    fn list_apps(&self) -> Result<Vec<AppRecord>> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(APPS)?;
+        let mut apps = Vec::new();
+        for entry in table.iter()? {
+            let (name, bytes) = entry?;
+            let record: AppRecord = serde_json::from_slice(bytes.value())
+                .with_context(|| format!("state record for app {:?} is corrupt", name.value()))?;
+            apps.push(record);
+        }
+        Ok(apps)
+    }
+
+    fn delete_app(&self, app: &str) -> Result<bool> {
+        let txn = self.db.begin_write()?;
+        let existed = txn.open_table(APPS)?.remove(app)?.is_some();
+        txn.commit()?;
+        Ok(existed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::manifest::Manifest;
+
+    fn record(app: &str, version: u64) -> AppRecord {
+        AppRecord {
+            manifest: Manifest {
+                version: 1,
+                app: app.into(),
+                functions: vec![],
+            },
+            version,
+            deployed_at_ms: 1,
+        }
+    }
+
+    #[test]
+    fn records_survive_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = RedbStore::open(dir.path()).unwrap();
+            store.put_app(&record("a", 1)).unwrap();
+            store.put_app(&record("b", 1)).unwrap();
+            store.put_app(&record("a", 2)).unwrap();
+            assert!(store.delete_app("b").unwrap());
+            assert!(!store.delete_app("b").unwrap());
+        }
+        let store = RedbStore::open(dir.path()).unwrap();
+        assert_eq!(store.list_apps().unwrap(), vec![record("a", 2)]);
+    }
+}

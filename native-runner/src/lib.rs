@@ -1,0 +1,11 @@
+//! Lode's native engine: sandboxed Linux containers for Python and GPU workloads.
+//!
+//! This crate will own image builds (a Debian base through debootstrap, then `pip_install`,
+//! `apt_install` and `run_commands` steps, each cached by the hash of its parent and itself),
+//! container start on a lazy root filesystem (overlayfs over the `fs` mount, `pivot_root`,
+//! pid/mount/net/uts/ipc/cgroup namespaces, cgroup limits, seccomp, rlimits, no network unless
+//! asked), and the in-container Python agent that serves calls over a Unix socket.
+//!
+//! It must not route HTTP: the host decides what runs where and hands this crate a spec.
+//! The foundation slice only reserves the crate; the native-runner issue fills it.
+#![deny(missing_docs)]
