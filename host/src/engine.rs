@@ -299,25 +299,22 @@ impl WasmEngine {
         &self,
         component: &Component,
     ) -> Result<ProxyPre<GuestState>, ComponentError> {
-        let instance_pre = match self.linker.instantiate_pre(component) {
-            Ok(pre) => pre,
-            Err(e) => {
-                let unknown: Vec<String> = component
-                    .component_type()
-                    .imports(&self.engine)
-                    .map(|(name, _)| name.to_string())
-                    .filter(|name| {
-                        let package = name.split('/').next().unwrap_or(name);
-                        !PROVIDED_PACKAGES.contains(&package)
-                    })
-                    .collect();
-                return Err(if unknown.is_empty() {
-                    ComponentError::Link(anyhow!(e))
-                } else {
-                    ComponentError::UnknownImports(unknown)
-                });
-            }
-        };
+        let unknown: Vec<String> = component
+            .component_type()
+            .imports(&self.engine)
+            .map(|(name, _)| name.to_string())
+            .filter(|name| {
+                let package = name.split('/').next().unwrap_or(name);
+                !PROVIDED_PACKAGES.contains(&package)
+            })
+            .collect();
+        if !unknown.is_empty() {
+            return Err(ComponentError::UnknownImports(unknown));
+        }
+        let instance_pre = self
+            .linker
+            .instantiate_pre(component)
+            .map_err(|e| ComponentError::Link(anyhow!(e)))?;
         ProxyPre::new(instance_pre).map_err(|e| ComponentError::NotHttp(anyhow!(e)))
     }
 

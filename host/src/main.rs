@@ -20,7 +20,12 @@ const MIB: u64 = 1024 * 1024;
 /// or a lode.toml project. The CLI finds the server through --api-url/--token, then
 /// LODE_API/LODE_TOKEN, then the client.json that `lode serve` writes.
 #[derive(Debug, Parser)]
-#[command(name = "lode", version, max_term_width = 100)]
+#[command(
+    name = "lode",
+    version,
+    max_term_width = 100,
+    args_override_self = true
+)]
 struct Cli {
     #[command(flatten)]
     client: ClientArgs,

@@ -312,7 +312,7 @@ async fn run(
         let outcome = match tokio::time::timeout_at(deadline.into(), run).await {
             Ok(Ok(())) => Outcome::Finished,
             Ok(Err(e)) if e.downcast_ref::<Trap>() == Some(&Trap::Interrupt) => Outcome::TimedOut,
-            Ok(Err(e)) => Outcome::Trapped(format!("{e:?}")),
+            Ok(Err(e)) => Outcome::Trapped(format!("{:#}", anyhow::Error::from(e))),
             Err(_) => Outcome::TimedOut,
         };
         report(&task_server, &task_function, &task_id, &outcome);

@@ -6,6 +6,8 @@
 //!
 //! Each request logs one line to stdout, which `lode logs APP` shows.
 
+use std::io::Write as _;
+
 use wasip2::http::types::{
     Fields, IncomingBody, IncomingRequest, OutgoingBody, OutgoingResponse, ResponseOutparam,
 };
@@ -32,9 +34,11 @@ fn respond(out: ResponseOutparam, status: u16, write: impl FnOnce(&mut dyn std::
     let body = response.body().expect("a new response has a body");
     ResponseOutparam::set(out, Ok(response));
     {
-        let mut stream = body.write().expect("the body stream opens once");
-        write(&mut stream);
-        stream.flush().expect("flushing the body");
+        // Buffer small writes: each flush is a round trip through the host.
+        let stream = body.write().expect("the body stream opens once");
+        let mut buffered = std::io::BufWriter::with_capacity(64 * 1024, stream);
+        write(&mut buffered);
+        buffered.flush().expect("flushing the body");
     }
     OutgoingBody::finish(body, None).expect("finishing the body");
 }

@@ -141,9 +141,9 @@ impl wasip2::exports::http::incoming_handler::Guest for Misbehave {
             }
             "/headers" => {
                 let text = format!(
-                    "path={path_with_query}\nprefix={}\nhost={}\n",
+                    "path={path_with_query}\nprefix={}\nauthority={}\n",
                     header(&request, "x-forwarded-prefix"),
-                    header(&request, "host"),
+                    request.authority().unwrap_or_default(),
                 );
                 respond(out, 200, &text);
             }

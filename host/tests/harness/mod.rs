@@ -1,0 +1,241 @@
+//! Starts real `lode serve` processes on ephemeral ports and builds the guest programs.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+pub const LODE: &str = env!("CARGO_BIN_EXE_lode");
+
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+/// Builds a guest workspace once per test binary and returns its release dir.
+fn build_guests(workspace: &str) -> PathBuf {
+    let dir = repo_root().join(workspace);
+    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .args(["build", "--release", "--target", "wasm32-wasip2", "--quiet"])
+        .current_dir(&dir)
+        .status()
+        .expect("running cargo for the guest programs");
+    assert!(
+        status.success(),
+        "building {workspace} for wasm32-wasip2 failed"
+    );
+    dir.join("target/wasm32-wasip2/release")
+}
+
+/// Path to a built sample component, e.g. `sample("hello_http")`.
+pub fn sample(name: &str) -> PathBuf {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| build_guests("samples"))
+        .join(format!("{name}.wasm"))
+}
+
+/// Path to the misbehaving test component.
+pub fn misbehave() -> PathBuf {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| build_guests("host/test-programs"))
+        .join("misbehave.wasm")
+}
+
+/// Path to a sample crate directory, for `lode deploy DIR`.
+pub fn sample_dir(name: &str) -> PathBuf {
+    repo_root().join("samples").join(name)
+}
+
+/// A running `lode serve` with its own data and cache dirs.
+pub struct Lode {
+    pub dirs: tempfile::TempDir,
+    pub api: String,
+    pub http: String,
+    pub token: String,
+    extra_args: Vec<String>,
+    child: Option<Child>,
+}
+
+impl Lode {
+    /// Starts a server with short limits suited to tests, plus `extra` flags.
+    pub fn start(extra: &[&str]) -> Self {
+        let dirs = tempfile::tempdir().unwrap();
+        let mut lode = Lode {
+            dirs,
+            api: String::new(),
+            http: String::new(),
+            token: String::new(),
+            extra_args: extra.iter().map(|s| s.to_string()).collect(),
+            child: None,
+        };
+        lode.spawn();
+        lode
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.dirs.path().join("data")
+    }
+
+    pub fn client_file(&self) -> PathBuf {
+        self.data_dir().join("client.json")
+    }
+
+    fn spawn(&mut self) {
+        let _ = std::fs::remove_file(self.client_file());
+        let mut command = Command::new(LODE);
+        command
+            .arg("serve")
+            .arg("--data-dir")
+            .arg(self.data_dir())
+            .arg("--cache-dir")
+            .arg(self.dirs.path().join("cache"))
+            .args([
+                "--api",
+                "127.0.0.1:0",
+                "--http",
+                "127.0.0.1:0",
+                "--no-client-config",
+            ])
+            .args(["--timeout", "2s", "--instances", "64"])
+            .args(&self.extra_args)
+            .env("LODE_LOG", "lode=warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit());
+        let mut child = command.spawn().expect("starting lode serve");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let client: Value = loop {
+            if let Ok(bytes) = std::fs::read(self.client_file())
+                && let Ok(value) = serde_json::from_slice(&bytes)
+            {
+                break value;
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!("lode serve exited early: {status}");
+            }
+            assert!(
+                Instant::now() < deadline,
+                "lode serve did not write client.json in 60 s"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        self.api = client["api_url"].as_str().unwrap().to_string();
+        self.http = client["http_url"].as_str().unwrap().to_string();
+        self.token = client["token"].as_str().unwrap().to_string();
+        self.child = Some(child);
+    }
+
+    /// Stops the server with SIGTERM and waits for it.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // SAFETY: kill(2) on a child pid we own; no memory is touched.
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while child.try_wait().unwrap().is_none() {
+                if Instant::now() > deadline {
+                    let _ = child.kill();
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+
+    /// Stops and starts again on the same dirs (new ports).
+    pub fn restart(&mut self) {
+        self.stop();
+        self.spawn();
+    }
+
+    /// Runs the CLI against this server.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(LODE)
+            .args(args)
+            .env("LODE_CONFIG", self.client_file())
+            .env_remove("LODE_API")
+            .env_remove("LODE_TOKEN")
+            .output()
+            .expect("running lode")
+    }
+
+    /// Runs the CLI and expects success; returns stdout.
+    pub fn cli_ok(&self, args: &[&str]) -> String {
+        let out = self.cli(args);
+        assert!(
+            out.status.success(),
+            "lode {args:?} failed:\nstdout: {}\nstderr: {}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// Runs the CLI and expects failure; returns stderr.
+    pub fn cli_err(&self, args: &[&str]) -> String {
+        let out = self.cli(args);
+        assert!(
+            !out.status.success(),
+            "lode {args:?} should have failed; stdout: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        String::from_utf8(out.stderr).unwrap()
+    }
+
+    /// Deploys a file or directory under `name`.
+    pub fn deploy(&self, path: &Path, name: &str) -> String {
+        self.cli_ok(&["deploy", path.to_str().unwrap(), "--name", name])
+    }
+
+    pub fn client(&self) -> reqwest::Client {
+        reqwest::Client::builder()
+            .timeout(Duration::from_secs(30))
+            .build()
+            .unwrap()
+    }
+
+    /// GET on the public listener.
+    pub async fn get(&self, path: &str) -> (u16, String) {
+        let response = self
+            .client()
+            .get(format!("{}{path}", self.http))
+            .send()
+            .await
+            .unwrap();
+        let status = response.status().as_u16();
+        (status, response.text().await.unwrap())
+    }
+
+    /// An authorized API request.
+    pub fn api(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        self.client()
+            .request(method, format!("{}{path}", self.api))
+            .bearer_auth(&self.token)
+    }
+
+    /// The value of a metric series, e.g. `lode_component_compiles_total{app="hello"}`.
+    pub async fn metric(&self, series: &str) -> Option<f64> {
+        let text = self
+            .api(reqwest::Method::GET, "/metrics")
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        text.lines()
+            .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
+    }
+}
+
+impl Drop for Lode {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
