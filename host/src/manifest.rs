@@ -272,14 +272,14 @@ impl FunctionSpec {
             problems.push(format!("function {name:?}: memory must be at least 1 MiB"));
         }
         if let Some(t) = r.timeout
-            && !(t > 0.0 && t <= 86_400.0)
+            && (t.is_nan() || t <= 0.0 || t > 86_400.0)
         {
             problems.push(format!(
                 "function {name:?}: timeout {t} s must be above 0 and at most 86400"
             ));
         }
         if let Some(cpu) = r.cpu
-            && !(cpu > 0.0)
+            && (cpu.is_nan() || cpu <= 0.0)
         {
             problems.push(format!("function {name:?}: cpu must be above 0"));
         }
