@@ -115,27 +115,42 @@ async fn measure_instantiate(component: &Path, iterations: usize) -> Result<(Dur
         .prepare_proxy(&compiled)
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     let policy = OutboundPolicy::new(&[], Arc::new(vec![]));
-    let mut samples = Vec::with_capacity(iterations);
+    let mut phases: [Vec<Duration>; 4] = Default::default();
     let deadline = Instant::now() + Duration::from_secs(3600);
     for i in 0..iterations + iterations / 10 {
         let started = Instant::now();
         let wasi = WasiCtxBuilder::new().build();
+        let built = Instant::now();
         let mut store =
             engine.new_store(GuestState::new(wasi, 128 << 20, policy.clone()), deadline);
+        let stored = Instant::now();
         let proxy = pre
             .instantiate_async(&mut store)
             .await
             .map_err(anyhow::Error::from)?;
-        let elapsed = started.elapsed();
+        let instantiated = Instant::now();
         drop(proxy);
         drop(store);
         // The first tenth warms the pool and caches.
         if i >= iterations / 10 {
-            samples.push(elapsed);
+            phases[0].push(instantiated - started);
+            phases[1].push(built - started);
+            phases[2].push(stored - built);
+            phases[3].push(instantiated - stored);
         }
     }
-    samples.sort();
-    Ok((percentile(&samples, 0.5), percentile(&samples, 0.99)))
+    let [total, wasi, store, instance] = phases.map(|mut samples| {
+        samples.sort();
+        (percentile(&samples, 0.5), percentile(&samples, 0.99))
+    });
+    let us = |d: Duration| d.as_secs_f64() * 1e6;
+    println!(
+        "  p50 by phase: WasiCtx build {:.1} µs, Store::new {:.1} µs, instantiate_async {:.1} µs",
+        us(wasi.0),
+        us(store.0),
+        us(instance.0)
+    );
+    Ok(total)
 }
 
 /// One wrk run's figures.

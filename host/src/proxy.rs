@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use bytes::Bytes;
+use futures::StreamExt;
 use http::header::{CONTENT_LENGTH, CONTENT_TYPE, HOST};
 use http::{HeaderValue, Request, Response, StatusCode, Uri};
 use http_body_util::combinators::UnsyncBoxBody;
@@ -321,6 +322,7 @@ async fn run(
 
     match receiver.await {
         Ok(Ok(response)) => {
+            let response = coalesce(response).await;
             if over_limit.load(Ordering::Relaxed) {
                 return too_large(server, &app, max_body, id);
             }
@@ -371,6 +373,67 @@ async fn run(
             }
         }
     }
+}
+
+/// How long to wait for the first body bytes before sending headers on their own.
+const COALESCE_WAIT: std::time::Duration = std::time::Duration::from_millis(5);
+
+/// Sends headers together with the body bytes the guest has already written, so a short
+/// response leaves in one write (with a `Content-Length` when the body is complete). A body
+/// that is still being written streams on as before.
+async fn coalesce(response: Response<ResponseBody>) -> Response<ResponseBody> {
+    use std::task::Poll;
+    let (mut parts, mut body) = response.into_parts();
+    let first = match tokio::time::timeout(COALESCE_WAIT, body.frame()).await {
+        Err(_) => return Response::from_parts(parts, body),
+        Ok(first) => first,
+    };
+    let mut prefix = Vec::new();
+    let mut next = first;
+    let complete = loop {
+        match next {
+            None => break true,
+            Some(frame) => {
+                let is_data = matches!(&frame, Ok(f) if f.is_data());
+                prefix.push(frame);
+                if !is_data {
+                    break false;
+                }
+            }
+        }
+        // Take what is ready now; stop at the first frame that is not.
+        match std::future::poll_fn(|cx| {
+            match http_body::Body::poll_frame(std::pin::Pin::new(&mut body), cx) {
+                Poll::Pending => Poll::Ready(None),
+                Poll::Ready(frame) => Poll::Ready(Some(frame)),
+            }
+        })
+        .await
+        {
+            Some(frame) => next = frame,
+            None => break false,
+        }
+    };
+    if complete {
+        let mut bytes = bytes::BytesMut::new();
+        for frame in prefix {
+            if let Ok(Some(data)) = frame.map(|f| f.into_data().ok()) {
+                bytes.extend_from_slice(&data);
+            }
+        }
+        if !parts.headers.contains_key(CONTENT_LENGTH) {
+            parts
+                .headers
+                .insert(CONTENT_LENGTH, HeaderValue::from(bytes.len()));
+        }
+        return Response::from_parts(parts, full(bytes.freeze()));
+    }
+    let rest = http_body_util::BodyStream::new(body);
+    let stream = futures::stream::iter(prefix).chain(rest);
+    Response::from_parts(
+        parts,
+        http_body_util::StreamBody::new(stream).boxed_unsync(),
+    )
 }
 
 fn too_large(server: &Server, app: &str, max_body: u64, id: &str) -> Response<ResponseBody> {
