@@ -129,7 +129,6 @@ async fn measure_instantiate(component: &Path, iterations: usize) -> Result<(Dur
             .await
             .map_err(anyhow::Error::from)?;
         let instantiated = Instant::now();
-        drop(proxy);
         drop(store);
         // The first tenth warms the pool and caches.
         if i >= iterations / 10 {
