@@ -124,8 +124,7 @@ async fn measure_instantiate(component: &Path, iterations: usize) -> Result<(Dur
         let mut store =
             engine.new_store(GuestState::new(wasi, 128 << 20, policy.clone()), deadline);
         let stored = Instant::now();
-        let proxy = pre
-            .instantiate_async(&mut store)
+        pre.instantiate_async(&mut store)
             .await
             .map_err(anyhow::Error::from)?;
         let instantiated = Instant::now();
