@@ -88,7 +88,12 @@ run_tests() {
   log "cargo clippy"
   cargo clippy --workspace --all-targets --quiet -- -D warnings
   log "cargo test"
-  cargo test --workspace
+  local out
+  out=$(mktemp)
+  cargo test --workspace 2>&1 | tee "$out"
+  # One closing line for the whole suite, summed over every test binary.
+  awk '/^test result:/ { p += $4; f += $6; s += $8 } END { printf "tests: %d passed, %d failed, %d skipped\n", p, f, s }' "$out"
+  rm -f "$out"
 }
 
 bench() {
