@@ -105,7 +105,34 @@ impl Default for Metrics {
     }
 }
 
+/// One app's hot-path series, looked up once at deploy rather than on every request.
+#[derive(Clone)]
+pub struct AppSeries {
+    /// Time to response headers.
+    pub latency: Histogram,
+    /// Store creation plus instantiation.
+    pub instantiate: Histogram,
+    /// Requests answered 200.
+    pub ok: Counter,
+}
+
 impl Metrics {
+    /// The hot-path series for `app`.
+    pub fn app_series(&self, app: &str) -> AppSeries {
+        let labels = Self::app(app);
+        AppSeries {
+            latency: self.latency.get_or_create(&labels).clone(),
+            instantiate: self.instantiate.get_or_create(&labels).clone(),
+            ok: self
+                .requests
+                .get_or_create(&StatusLabels {
+                    app: app.to_string(),
+                    status: 200,
+                })
+                .clone(),
+        }
+    }
+
     /// The Prometheus text exposition.
     pub fn encode(&self) -> String {
         let mut out = String::new();

@@ -24,7 +24,7 @@ use wasmtime_wasi_http::p2::bindings::http::types::Scheme;
 
 use crate::engine::GuestState;
 use crate::logs::Stream;
-use crate::metrics::{ErrorLabels, Metrics, StatusLabels};
+use crate::metrics::{ErrorLabels, StatusLabels};
 use crate::server::{HttpFunction, Server};
 
 /// Body of every public response.
@@ -171,20 +171,19 @@ async fn route_and_run(
     let path_and_query = target.path_and_query.clone();
     drop(app);
     let response = run(server, function.clone(), req, path_and_query, prefix, id).await;
-    let labels = Metrics::app(&function.app);
-    server
-        .metrics
-        .latency
-        .get_or_create(&labels)
-        .observe(started.elapsed().as_secs_f64());
-    server
-        .metrics
-        .requests
-        .get_or_create(&StatusLabels {
-            app: function.app.to_string(),
-            status: response.status().as_u16(),
-        })
-        .inc();
+    let series = &function.series;
+    series.latency.observe(started.elapsed().as_secs_f64());
+    match response.status().as_u16() {
+        200 => series.ok.inc(),
+        status => server
+            .metrics
+            .requests
+            .get_or_create(&StatusLabels {
+                app: function.app.to_string(),
+                status,
+            })
+            .inc(),
+    };
     response
 }
 
@@ -300,10 +299,9 @@ async fn run(
     let task = tokio::spawn(async move {
         let run = async {
             let proxy = task_function.pre.instantiate_async(&mut store).await?;
-            task_server
-                .metrics
+            task_function
+                .series
                 .instantiate
-                .get_or_create(&Metrics::app(&task_function.app))
                 .observe(instantiate_started.elapsed().as_secs_f64());
             proxy
                 .wasi_http_incoming_handler()

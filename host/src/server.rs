@@ -52,6 +52,8 @@ pub struct HttpFunction {
     pub memory: u64,
     /// Outbound HTTP rules.
     pub outbound: OutboundPolicy,
+    /// Metric series this function's requests update.
+    pub series: crate::metrics::AppSeries,
 }
 
 /// One deployed version of an app, ready to serve.
@@ -357,6 +359,7 @@ impl Server {
                     .map(|mib| mib * MIB)
                     .unwrap_or(self.limits.default_memory),
                 outbound: OutboundPolicy::new(&function.network.allow, self.protected.clone()),
+                series: self.metrics.app_series(&app),
             }));
         }
         routes.sort_by_key(|f| std::cmp::Reverse(f.path.trim_end_matches('/').len()));
