@@ -27,7 +27,6 @@ setup() {
     DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}" >/dev/null \
       || { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}" >/dev/null; }
   fi
-  mkdir -p "$CACHE_DIR"
 }
 
 server_running() {
@@ -39,7 +38,7 @@ demo() {
   log "building lode (release)"
   cargo build --release --quiet --bin lode
   ln -sf "$PWD/target/release/lode" /usr/local/bin/lode
-  mkdir -p "$DATA_DIR"
+  mkdir -p "$DATA_DIR" "$CACHE_DIR"
   if server_running; then
     log "lode serve is already running (pid $(cat "$DATA_DIR/lode.pid"))"
   else
@@ -47,8 +46,8 @@ demo() {
     rm -f "$DATA_DIR/client.json"
     nohup lode serve --data-dir "$DATA_DIR" --cache-dir "$CACHE_DIR" >"$DATA_DIR/serve.log" 2>&1 &
     echo $! >"$DATA_DIR/lode.pid"
-    for _ in $(seq 1 200); do
-      [[ -f $DATA_DIR/client.json ]] && break
+    # Restoring many apps can take a while; wait as long as the server is alive.
+    until [[ -f $DATA_DIR/client.json ]]; do
       server_running || { cat "$DATA_DIR/serve.log" >&2; exit 1; }
       sleep 0.05
     done
@@ -74,7 +73,11 @@ MSG
 
 stop() {
   if server_running; then
-    kill "$(cat "$DATA_DIR/lode.pid")" && rm -f "$DATA_DIR/lode.pid"
+    local pid
+    pid=$(cat "$DATA_DIR/lode.pid")
+    kill "$pid"
+    for _ in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    rm -f "$DATA_DIR/lode.pid"
     log "stopped"
   else
     log "no demo server running"
@@ -88,16 +91,18 @@ run_tests() {
   log "cargo clippy"
   cargo clippy --workspace --all-targets --quiet -- -D warnings
   log "cargo test"
-  local out
+  local out status=0
   out=$(mktemp)
-  cargo test --workspace 2>&1 | tee "$out"
+  cargo test --workspace 2>&1 | tee "$out" || status=$?
   # One closing line for the whole suite, summed over every test binary.
   awk '/^test result:/ { p += $4; f += $6; s += $8 } END { printf "tests: %d passed, %d failed, %d skipped\n", p, f, s }' "$out"
   rm -f "$out"
+  return "$status"
 }
 
 bench() {
   setup wrk
+  mkdir -p "$CACHE_DIR"
   if [[ ! -x $WASMTIME_ROOT/bin/wasmtime ]]; then
     log "wasmtime serve 48.0.8 is not cached; the baseline is skipped. To add it (about 18 min on 2 cores):"
     log "  cargo install wasmtime-cli --version 48.0.8 --locked --root $WASMTIME_ROOT"

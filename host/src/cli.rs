@@ -78,6 +78,15 @@ pub async fn api_error(response: Response) -> anyhow::Error {
         .ok()
         .and_then(|v| v["error"]["message"].as_str().map(str::to_string))
         .unwrap_or(text);
+    let message = match (message.trim().is_empty(), status) {
+        (true, StatusCode::UNAUTHORIZED) => {
+            "the API token is missing or wrong; use the token from the client.json that \
+             `lode serve` wrote (or --token / LODE_TOKEN)"
+                .to_string()
+        }
+        (true, _) => format!("the API answered {status} with no details",),
+        (false, _) => message,
+    };
     if status == StatusCode::UNAUTHORIZED {
         anyhow::anyhow!("{message}")
     } else {
@@ -110,8 +119,17 @@ pub async fn list(client: &ApiClient) -> Result<()> {
     Ok(())
 }
 
+fn check_app(app: &str) -> Result<()> {
+    if crate::manifest::is_dns_label(app) {
+        Ok(())
+    } else {
+        bail!("{}", crate::manifest::dns_label_rule("app", app))
+    }
+}
+
 /// `lode rm APP`.
 pub async fn remove(client: &ApiClient, app: &str) -> Result<()> {
+    check_app(app)?;
     let response = client
         .send(client.request(Method::DELETE, &format!("/v1/apps/{app}")))
         .await?;
@@ -124,6 +142,7 @@ pub async fn remove(client: &ApiClient, app: &str) -> Result<()> {
 
 /// `lode logs APP [--follow] [--tail N]`.
 pub async fn logs(client: &ApiClient, app: &str, follow: bool, tail: usize) -> Result<()> {
+    check_app(app)?;
     let path = format!("/v1/apps/{app}/logs?follow={follow}&tail={tail}");
     let response = client.send(client.request(Method::GET, &path)).await?;
     if response.status() == StatusCode::NOT_FOUND {
@@ -131,7 +150,13 @@ pub async fn logs(client: &ApiClient, app: &str, follow: bool, tail: usize) -> R
     }
     let mut lines = ndjson_lines::<LogLine>(response);
     while let Some(line) = lines.next().await {
-        println!("{}", format_log_line(&line?));
+        use std::io::Write as _;
+        let printed = writeln!(std::io::stdout(), "{}", format_log_line(&line?));
+        match printed {
+            // `lode logs APP | head` closes the pipe early: that is a normal end.
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => return Ok(()),
+            other => other?,
+        }
     }
     if follow {
         bail!("the server closed the log stream (was the app removed or the server stopped?)");

@@ -88,10 +88,12 @@ impl ClientOverrides {
                  (or set LODE_API) and --token (or LODE_TOKEN)"
             ),
         };
-        let token = self
-            .token
-            .clone()
-            .or_else(|| file.as_ref().map(|f| f.token.clone()));
+        // The file's token goes only to the server the file names, never to another URL.
+        let token = self.token.clone().or_else(|| {
+            file.as_ref()
+                .filter(|f| f.api_url.trim_end_matches('/') == api_url.trim_end_matches('/'))
+                .map(|f| f.token.clone())
+        });
         Ok(Resolved {
             api_url: api_url.trim_end_matches('/').to_string(),
             token,
@@ -125,7 +127,10 @@ mod tests {
         };
         let resolved = overrides.resolve().unwrap();
         assert_eq!(resolved.api_url, "http://10.0.0.1:1");
-        assert_eq!(resolved.token.as_deref(), Some("file-token"));
+        assert_eq!(
+            resolved.token, None,
+            "the file's token must not go to another server"
+        );
 
         let from_file = ClientOverrides {
             config: Some(path),

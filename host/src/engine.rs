@@ -39,6 +39,9 @@ const PROVIDED_PACKAGES: &[&str] = &[
     "wasi:http",
 ];
 
+/// Core instances (and tables) one component may hold in the pool.
+const CORE_INSTANCES_PER_COMPONENT: u32 = 16;
+
 /// Engine settings chosen at `lode serve` start.
 #[derive(Debug, Clone)]
 pub struct EngineSettings {
@@ -209,11 +212,18 @@ impl WasmEngine {
     /// Builds the engine and linker.
     pub fn new(settings: &EngineSettings) -> Result<Self> {
         let mut pool = PoolingAllocationConfig::default();
-        pool.total_component_instances(settings.max_instances)
-            .total_core_instances(settings.max_instances)
-            .total_memories(settings.max_instances)
-            .total_tables(settings.max_instances)
-            .total_stacks(settings.max_instances)
+        // One wasip2 component instance holds several core instances (the program plus
+        // adapter shims) and tables, but usually one memory; size the pools so that
+        // `max_instances` requests really can run at once.
+        let n = settings.max_instances;
+        pool.total_component_instances(n)
+            .total_core_instances(n.saturating_mul(CORE_INSTANCES_PER_COMPONENT))
+            .max_core_instances_per_component(CORE_INSTANCES_PER_COMPONENT)
+            .total_memories(n.saturating_mul(2))
+            .max_memories_per_component(2)
+            .total_tables(n.saturating_mul(CORE_INSTANCES_PER_COMPONENT))
+            .max_tables_per_component(CORE_INSTANCES_PER_COMPONENT)
+            .total_stacks(n)
             .max_memory_size(usize::try_from(settings.max_memory).unwrap_or(usize::MAX))
             .table_keep_resident(64 << 10);
         // Resetting a slot with madvise costs a syscall, a TLB flush and page faults on the

@@ -54,6 +54,15 @@ struct AppLog {
     tx: broadcast::Sender<LogLine>,
 }
 
+impl AppLog {
+    fn new() -> Self {
+        Self {
+            lines: VecDeque::new(),
+            tx: broadcast::channel(1024).0,
+        }
+    }
+}
+
 /// Bounded per-app log store.
 pub struct LogStore {
     capacity: usize,
@@ -71,15 +80,28 @@ impl LogStore {
 
     fn with_app<R>(&self, app: &str, f: impl FnOnce(&mut AppLog) -> R) -> R {
         let mut apps = self.apps.lock().unwrap();
-        let log = apps.entry(app.to_string()).or_insert_with(|| AppLog {
-            lines: VecDeque::new(),
-            tx: broadcast::channel(1024).0,
-        });
-        f(log)
+        f(apps.entry(app.to_string()).or_insert_with(AppLog::new))
     }
 
-    /// Appends a line.
+    /// Appends a line, creating the app's log if needed.
     pub fn push(&self, app: &str, request_id: Option<&str>, stream: Stream, line: String) {
+        self.append(app, request_id, stream, line, true);
+    }
+
+    fn append(
+        &self,
+        app: &str,
+        request_id: Option<&str>,
+        stream: Stream,
+        line: String,
+        create: bool,
+    ) {
+        let mut apps = self.apps.lock().unwrap();
+        if !create && !apps.contains_key(app) {
+            // The app was removed while this request ran; its output goes nowhere.
+            return;
+        }
+        let log = apps.entry(app.to_string()).or_insert_with(AppLog::new);
         let entry = LogLine {
             time_ms: now_ms(),
             app: app.to_string(),
@@ -87,14 +109,12 @@ impl LogStore {
             stream,
             line,
         };
-        self.with_app(app, |log| {
-            if log.lines.len() == self.capacity {
-                log.lines.pop_front();
-            }
-            log.lines.push_back(entry.clone());
-            // No followers is fine.
-            let _ = log.tx.send(entry);
-        });
+        if log.lines.len() == self.capacity {
+            log.lines.pop_front();
+        }
+        log.lines.push_back(entry.clone());
+        // No followers is fine.
+        let _ = log.tx.send(entry);
     }
 
     /// The last `tail` lines, and a receiver for lines after them (no gap, no repeat).
@@ -148,33 +168,41 @@ struct LineSplitter {
 }
 
 impl LineSplitter {
-    fn write(&mut self, mut bytes: &[u8]) {
+    fn write(&mut self, bytes: &[u8]) {
         let room = MAX_BYTES_PER_REQUEST.saturating_sub(self.written);
         if room == 0 {
             return;
         }
-        if bytes.len() > room {
-            bytes = &bytes[..room];
-            self.written = MAX_BYTES_PER_REQUEST;
-            self.partial.extend_from_slice(bytes);
-            self.flush_partial();
-            self.emit(format!(
-                "[lode: output of this request passed {MAX_BYTES_PER_REQUEST} bytes; the rest is dropped]"
-            ));
-            return;
-        }
+        let truncated = bytes.len() > room;
+        let bytes = &bytes[..bytes.len().min(room)];
         self.written += bytes.len();
         for piece in bytes.split_inclusive(|b| *b == b'\n') {
-            self.partial.extend_from_slice(piece);
-            if piece.ends_with(b"\n") {
-                self.partial.pop();
+            let (mut rest, ends_line) = match piece.strip_suffix(b"\n") {
+                Some(line) => (line, true),
+                None => (piece, false),
+            };
+            while !rest.is_empty() {
+                let take = (MAX_LINE - self.partial.len()).min(rest.len());
+                self.partial.extend_from_slice(&rest[..take]);
+                rest = &rest[take..];
+                if self.partial.len() >= MAX_LINE {
+                    self.flush_partial();
+                }
+            }
+            if ends_line {
                 if self.partial.last() == Some(&b'\r') {
                     self.partial.pop();
                 }
                 self.flush_partial();
-            } else if self.partial.len() >= MAX_LINE {
+            }
+        }
+        if truncated {
+            if !self.partial.is_empty() {
                 self.flush_partial();
             }
+            self.emit(format!(
+                "[lode: output of this request passed {MAX_BYTES_PER_REQUEST} bytes; the rest is dropped]"
+            ));
         }
     }
 
@@ -186,7 +214,7 @@ impl LineSplitter {
 
     fn emit(&self, line: String) {
         self.store
-            .push(&self.app, Some(&self.request_id), self.stream, line);
+            .append(&self.app, Some(&self.request_id), self.stream, line, false);
     }
 }
 
@@ -266,6 +294,7 @@ mod tests {
     #[test]
     fn splits_lines_and_tags_them() {
         let store = LogStore::new(100);
+        store.push("app", None, Stream::System, "deployed".into());
         let out = store.guest_output("app".into(), "req1".into(), Stream::Stdout);
         {
             let mut splitter = out.inner.lock().unwrap();
@@ -275,9 +304,9 @@ mod tests {
         drop(out);
         let (lines, _) = store.snapshot("app", 10);
         let texts: Vec<_> = lines.iter().map(|l| l.line.as_str()).collect();
-        assert_eq!(texts, ["one", "two", "three"]);
+        assert_eq!(texts, ["deployed", "one", "two", "three"]);
         assert!(
-            lines
+            lines[1..]
                 .iter()
                 .all(|l| l.request_id.as_deref() == Some("req1"))
         );
@@ -307,6 +336,7 @@ mod tests {
     #[test]
     fn caps_output_per_request() {
         let store = LogStore::new(10_000);
+        store.push("a", None, Stream::System, "deployed".into());
         let out = store.guest_output("a".into(), "r".into(), Stream::Stdout);
         let chunk = vec![b'x'; 100_000];
         for _ in 0..20 {
@@ -316,6 +346,21 @@ mod tests {
         let (lines, _) = store.snapshot("a", 10_000);
         let total: usize = lines.iter().map(|l| l.line.len()).sum();
         assert!(total <= MAX_BYTES_PER_REQUEST + 200, "{total}");
+        assert!(
+            lines.iter().all(|l| l.line.len() <= MAX_LINE),
+            "a line passed MAX_LINE"
+        );
         assert!(lines.last().unwrap().line.contains("dropped"));
+    }
+
+    #[test]
+    fn output_of_a_removed_app_is_dropped() {
+        let store = LogStore::new(10);
+        store.push("gone", None, Stream::System, "deployed".into());
+        let out = store.guest_output("gone".into(), "r".into(), Stream::Stdout);
+        store.remove("gone");
+        out.inner.lock().unwrap().write(b"late line\n");
+        let (lines, _) = store.snapshot("gone", 10);
+        assert!(lines.is_empty(), "{lines:?}");
     }
 }

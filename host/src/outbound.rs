@@ -102,7 +102,9 @@ impl OutboundPolicy {
         })
     }
 
-    async fn check(&self, host: &str, port: u16) -> Result<(), HttpError> {
+    /// Checks the host against the allow-list and every address it resolves to against
+    /// Lode's listeners; returns the first vetted address.
+    async fn check(&self, host: &str, port: u16) -> Result<SocketAddr, HttpError> {
         if !self.allows_host(host, port) {
             tracing::debug!(
                 host,
@@ -111,16 +113,17 @@ impl OutboundPolicy {
             );
             return Err(HttpError::HttpRequestDenied);
         }
-        let addrs = tokio::net::lookup_host((host, port))
+        let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host, port))
             .await
-            .map_err(|_| HttpError::DestinationNotFound)?;
-        for addr in addrs {
-            if self.is_protected(addr) {
+            .map_err(|_| HttpError::DestinationNotFound)?
+            .collect();
+        for addr in &addrs {
+            if self.is_protected(*addr) {
                 tracing::warn!(host, %addr, "outbound request denied: target is a Lode listener");
                 return Err(HttpError::DestinationIpProhibited);
             }
         }
-        Ok(())
+        addrs.first().copied().ok_or(HttpError::DestinationNotFound)
     }
 }
 
@@ -159,7 +162,19 @@ impl WasiHttpHooks for OutboundPolicy {
                 } else {
                     80
                 });
-            policy.check(&host, port).await?;
+            let vetted = policy.check(&host, port).await?;
+            // Plain HTTP connects to the address just vetted, so a name cannot resolve to
+            // something else (a Lode port, say) between the check and the connect; the Host
+            // header already carries the name. HTTPS keeps the name for SNI and certificate
+            // checks, and a TLS handshake cannot speak to Lode's plain-HTTP ports.
+            let mut request = request;
+            if request.uri().scheme() != Some(&Scheme::HTTPS) {
+                let mut parts = request.uri().clone().into_parts();
+                parts.authority = http::uri::Authority::try_from(vetted.to_string()).ok();
+                if let Ok(uri) = http::Uri::from_parts(parts) {
+                    *request.uri_mut() = uri;
+                }
+            }
             let (response, io) = wasmtime_wasi_http::default_send_request(request, options).await?;
             use http_body_util::BodyExt;
             Ok((

@@ -38,9 +38,9 @@ pub const REQUEST_ID_HEADER: &str = "x-lode-request-id";
 
 /// Where a request goes.
 #[derive(Debug, PartialEq, Eq)]
-pub struct Target<'a> {
+pub struct Target {
     /// App name.
-    pub app: &'a str,
+    pub app: String,
     /// Path (with query) the component sees.
     pub path_and_query: String,
     /// The stripped prefix, when addressed by path.
@@ -48,7 +48,7 @@ pub struct Target<'a> {
 }
 
 /// Picks the app from the `Host` header or the first path segment.
-pub fn target<'a>(host: Option<&'a str>, uri: &'a Uri) -> Option<Target<'a>> {
+pub fn target(host: Option<&str>, uri: &Uri) -> Option<Target> {
     let query = uri.query().map(|q| format!("?{q}")).unwrap_or_default();
     if let Some(host) = host {
         let name = host.rsplit_once(':').map_or(host, |(name, port)| {
@@ -58,12 +58,13 @@ pub fn target<'a>(host: Option<&'a str>, uri: &'a Uri) -> Option<Target<'a>> {
                 host
             }
         });
+        let name = name.to_ascii_lowercase();
         if let Some(app) = name.strip_suffix(HOST_SUFFIX)
             && !app.is_empty()
             && !app.contains('.')
         {
             return Some(Target {
-                app,
+                app: app.to_string(),
                 path_and_query: format!("{}{query}", uri.path()),
                 prefix: None,
             });
@@ -78,7 +79,7 @@ pub fn target<'a>(host: Option<&'a str>, uri: &'a Uri) -> Option<Target<'a>> {
         return None;
     }
     Some(Target {
-        app,
+        app: app.to_string(),
         path_and_query: format!("{rest}{query}"),
         prefix: Some(format!("/{app}")),
     })
@@ -117,6 +118,8 @@ enum Outcome {
     Finished,
     Trapped(String),
     TimedOut,
+    /// Every pool slot is busy (`lode serve --instances`).
+    Overloaded,
 }
 
 /// Serves one public request.
@@ -146,7 +149,7 @@ async fn route_and_run(
             id,
         );
     };
-    let Some(app) = server.app(target.app) else {
+    let Some(app) = server.app(&target.app) else {
         let message = format!(
             "no app named {:?} is deployed here; `lode ls` lists the deployed apps and \
              `lode deploy PATH --name {}` deploys one",
@@ -238,6 +241,14 @@ async fn run(
             );
         }
     };
+    // Only Lode sets this header; a client's own copy would mislead the component.
+    parts.headers.remove("x-forwarded-prefix");
+    if !parts.headers.contains_key(HOST) {
+        // HTTP/1.0 clients may omit Host; wasi:http needs an authority.
+        parts
+            .headers
+            .insert(HOST, HeaderValue::from_static("localhost"));
+    }
     if let Some(prefix) = &prefix
         && let Ok(value) = HeaderValue::from_str(prefix)
     {
@@ -311,6 +322,7 @@ async fn run(
         let outcome = match tokio::time::timeout_at(deadline.into(), run).await {
             Ok(Ok(())) => Outcome::Finished,
             Ok(Err(e)) if e.downcast_ref::<Trap>() == Some(&Trap::Interrupt) => Outcome::TimedOut,
+            Ok(Err(e)) if e.is::<wasmtime::PoolConcurrencyLimitError>() => Outcome::Overloaded,
             Ok(Err(e)) => Outcome::Trapped(format!("{:#}", anyhow::Error::from(e))),
             Err(_) => Outcome::TimedOut,
         };
@@ -326,6 +338,7 @@ async fn run(
             }
             response
         }
+        Ok(Err(_)) if over_limit.load(Ordering::Relaxed) => too_large(server, &app, max_body, id),
         Ok(Err(code)) => {
             count_error(server, &app, "guest_error");
             error_response(
@@ -359,6 +372,19 @@ async fn run(
                      this request id",
                     id,
                 ),
+                Outcome::Overloaded => {
+                    let mut response = error_response(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "overloaded",
+                        "every instance slot is busy; retry shortly (lode serve --instances \
+                         sets how many requests run at once)",
+                        id,
+                    );
+                    response
+                        .headers_mut()
+                        .insert(http::header::RETRY_AFTER, HeaderValue::from_static("1"));
+                    response
+                }
                 Outcome::Finished => {
                     count_error(server, &app, "no_response");
                     error_response(
@@ -381,7 +407,7 @@ const COALESCE_WAIT: std::time::Duration = std::time::Duration::from_millis(5);
 /// that is still being written streams on as before.
 async fn coalesce(response: Response<ResponseBody>) -> Response<ResponseBody> {
     use std::task::Poll;
-    let (mut parts, mut body) = response.into_parts();
+    let (parts, mut body) = response.into_parts();
     let first = match tokio::time::timeout(COALESCE_WAIT, body.frame()).await {
         Err(_) => return Response::from_parts(parts, body),
         Ok(first) => first,
@@ -419,11 +445,8 @@ async fn coalesce(response: Response<ResponseBody>) -> Response<ResponseBody> {
                 bytes.extend_from_slice(&data);
             }
         }
-        if !parts.headers.contains_key(CONTENT_LENGTH) {
-            parts
-                .headers
-                .insert(CONTENT_LENGTH, HeaderValue::from(bytes.len()));
-        }
+        // A full body has an exact size, from which hyper writes Content-Length (and
+        // knows to leave it off where HEAD, 204 or 304 forbid it).
         return Response::from_parts(parts, full(bytes.freeze()));
     }
     let rest = http_body_util::BodyStream::new(body);
@@ -448,6 +471,10 @@ fn too_large(server: &Server, app: &str, max_body: u64, id: &str) -> Response<Re
 fn report(server: &Server, function: &HttpFunction, id: &str, outcome: &Outcome) {
     match outcome {
         Outcome::Finished => {}
+        Outcome::Overloaded => {
+            count_error(server, &function.app, "overloaded");
+            tracing::warn!(app = %function.app, request_id = id, "instance pool exhausted");
+        }
         Outcome::TimedOut => {
             count_error(server, &function.app, "timeout");
             let line = format!(
@@ -478,7 +505,7 @@ mod tests {
 
     fn t(host: Option<&str>, uri: &str) -> Option<(String, String, Option<String>)> {
         let uri: Uri = uri.parse().unwrap();
-        target(host, &uri).map(|t| (t.app.to_string(), t.path_and_query, t.prefix))
+        target(host, &uri).map(|t| (t.app, t.path_and_query, t.prefix))
     }
 
     #[test]
@@ -501,7 +528,7 @@ mod tests {
             Some(("hello".into(), "/x?y".into(), None))
         );
         assert_eq!(
-            t(Some("hello.lode.localhost"), "/"),
+            t(Some("Hello.LODE.localhost"), "/"),
             Some(("hello".into(), "/".into(), None))
         );
         // Nested names are not apps; fall back to the path.

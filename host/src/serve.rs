@@ -18,6 +18,9 @@ use crate::logs::LogStore;
 use crate::server::{Limits, Server};
 use crate::state::RedbStore;
 
+/// How long a client may take to send request headers (slow clients hold a task each).
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Settings for `lode serve`.
 #[derive(Debug, Clone)]
 pub struct ServeOptions {
@@ -67,6 +70,8 @@ fn load_or_create_token(data_dir: &Path) -> Result<String> {
     let path = data_dir.join("token");
     match std::fs::read_to_string(&path) {
         Ok(token) if !token.trim().is_empty() => Ok(token.trim().to_string()),
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e)
+            .with_context(|| format!("reading token file {} (fix or remove it)", path.display())),
         _ => {
             let token = format!("lode_{}", hex::encode(rand::random::<[u8; 24]>()));
             crate::fsutil::write_atomic(&path, token.as_bytes(), 0o600)
@@ -168,6 +173,8 @@ async fn serve_public(listener: TcpListener, server: Arc<Server>) {
                 async move { Ok::<_, std::convert::Infallible>(crate::proxy::handle(server, req).await) }
             });
             if let Err(e) = http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT)
                 .keep_alive(true)
                 .serve_connection(TokioIo::new(stream), service)
                 .await

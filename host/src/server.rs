@@ -462,7 +462,16 @@ impl Server {
         let routes = self.build_live(&manifest, Some(progress)).await?;
 
         let _guard = self.commit_lock.lock().await;
-        let version = self.app(&manifest.app).map_or(1, |a| a.record.version + 1);
+        // The record outlives a live app that failed to restore; never reuse its numbers.
+        let recorded = self
+            .state
+            .list_apps()
+            .map_err(DeployError::Internal)?
+            .into_iter()
+            .find(|r| r.manifest.app == manifest.app)
+            .map_or(0, |r| r.version);
+        let live = self.app(&manifest.app).map_or(0, |a| a.record.version);
+        let version = recorded.max(live) + 1;
         let record = AppRecord {
             manifest,
             version,

@@ -72,6 +72,20 @@ async fn deploys_a_crate_and_routes_by_path_and_host() {
     assert!(body.contains("path=/headers?a=1\n"), "{body}");
     assert!(body.contains("prefix=/probe\n"), "{body}");
 
+    // A client cannot pass its own prefix off as Lode's.
+    let spoofed = lode
+        .client()
+        .get(format!("{}/headers", lode.http))
+        .header("host", "probe.lode.localhost")
+        .header("x-forwarded-prefix", "/evil")
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(spoofed.contains("prefix=\n"), "{spoofed}");
+
     let (status, body) = lode.get("/nope/").await;
     assert_eq!(status, 404);
     assert!(
@@ -602,4 +616,29 @@ async fn a_long_compile_reports_progress_and_blocks_nothing_else() {
 
 fn harness_lines(response: reqwest::Response) -> impl futures::Stream<Item = Value> + Unpin {
     lode::cli::ndjson_lines::<Value>(response).map(|r| r.unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_instance_pool_answers_503() {
+    let lode = Lode::start(&["--instances", "1", "--timeout", "10s"]);
+    lode.deploy(&misbehave(), "one");
+    let busy = lode
+        .client()
+        .get(format!("{}/one/slow?chunks=4&ms=250", lode.http))
+        .send()
+        .await
+        .unwrap();
+    let mut body = busy.bytes_stream();
+    body.next().await.unwrap().unwrap();
+    let refused = lode
+        .client()
+        .get(format!("{}/one/", lode.http))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 503);
+    assert_eq!(refused.headers()["retry-after"], "1");
+    assert!(refused.text().await.unwrap().contains("--instances"));
+    while body.next().await.is_some() {}
+    assert_eq!(lode.get("/one/").await, (200, "misbehave\n".into()));
 }

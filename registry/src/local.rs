@@ -50,7 +50,14 @@ impl LocalDirStore {
 
     fn write_atomically(&self, dest: &Path, bytes: &[u8]) -> Result<()> {
         let shard = dest.parent().expect("blob paths have a shard directory");
-        fs::create_dir_all(shard).map_err(io_err("create directory", shard))?;
+        if !shard.exists() {
+            fs::create_dir_all(shard).map_err(io_err("create directory", shard))?;
+            // The new shard's entry must be durable before blobs in it are.
+            let top = shard.parent().expect("shards live under blake3/");
+            File::open(top)
+                .and_then(|dir| dir.sync_all())
+                .map_err(io_err("fsync directory", top))?;
+        }
         let tmp = self
             .root
             .join("tmp")
