@@ -217,13 +217,7 @@ async fn run(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|len| len > max_body) {
-        count_error(server, &app, "body_too_large");
-        return error_response(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "body_too_large",
-            &format!("request body is larger than this server's limit of {max_body} bytes"),
-            id,
-        );
+        return too_large(server, &app, max_body, id);
     }
 
     let (mut parts, body) = req.into_parts();
