@@ -301,6 +301,7 @@ async fn run(
     let task_server = server.clone();
     let task_function = function.clone();
     let task_id = request_id.clone();
+    let task_over_limit = over_limit.clone();
     let task = tokio::spawn(async move {
         let run = async {
             let proxy = task_function.pre.instantiate_async(&mut store).await?;
@@ -320,7 +321,18 @@ async fn run(
             Ok(Err(e)) => Outcome::Trapped(format!("{:#}", anyhow::Error::from(e))),
             Err(_) => Outcome::TimedOut,
         };
-        report(&task_server, &task_function, &task_id, &outcome);
+        if task_over_limit.load(Ordering::Relaxed) {
+            // The client gets a 413; whatever the guest did after its body read failed (often
+            // a trap writing to a response nobody reads) is a consequence, not a fault.
+            task_server.logs.push(
+                &task_function.app,
+                Some(&task_id),
+                Stream::System,
+                format!("request body passed the limit of {max_body} bytes; answered 413"),
+            );
+        } else {
+            report(&task_server, &task_function, &task_id, &outcome);
+        }
         outcome
     });
 
