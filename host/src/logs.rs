@@ -18,6 +18,8 @@ use wasmtime_wasi::p2::{OutputStream, Pollable, StreamError, StreamResult};
 
 /// Longest line kept; longer output is split.
 const MAX_LINE: usize = 16 * 1024;
+/// Bytes of log text kept per app, whatever the line count (oldest dropped first).
+const MAX_BYTES_PER_APP: usize = 16 * 1024 * 1024;
 /// Output one request may log before the rest is dropped with a notice.
 const MAX_BYTES_PER_REQUEST: usize = 1024 * 1024;
 
@@ -51,6 +53,8 @@ pub struct LogLine {
 
 struct AppLog {
     lines: VecDeque<LogLine>,
+    /// Total length of the kept lines' text.
+    bytes: usize,
     tx: broadcast::Sender<LogLine>,
 }
 
@@ -58,6 +62,7 @@ impl AppLog {
     fn new() -> Self {
         Self {
             lines: VecDeque::new(),
+            bytes: 0,
             tx: broadcast::channel(1024).0,
         }
     }
@@ -109,10 +114,14 @@ impl LogStore {
             stream,
             line,
         };
-        if log.lines.len() == self.capacity {
-            log.lines.pop_front();
-        }
+        log.bytes += entry.line.len();
         log.lines.push_back(entry.clone());
+        while log.lines.len() > self.capacity || log.bytes > MAX_BYTES_PER_APP {
+            match log.lines.pop_front() {
+                Some(old) => log.bytes -= old.line.len(),
+                None => break,
+            }
+        }
         // No followers is fine.
         let _ = log.tx.send(entry);
     }
@@ -323,6 +332,19 @@ mod tests {
         assert_eq!(texts, ["line 2", "line 3", "line 4"]);
         let (tail, _) = store.snapshot("a", 1);
         assert_eq!(tail[0].line, "line 4");
+    }
+
+    #[test]
+    fn keeps_a_byte_budget_per_app() {
+        let store = LogStore::new(1_000_000);
+        let line = "x".repeat(MAX_LINE);
+        for _ in 0..(MAX_BYTES_PER_APP / MAX_LINE + 10) {
+            store.push("a", None, Stream::Stdout, line.clone());
+        }
+        let (lines, _) = store.snapshot("a", usize::MAX);
+        let kept: usize = lines.iter().map(|l| l.line.len()).sum();
+        assert!(kept <= MAX_BYTES_PER_APP, "{kept}");
+        assert_eq!(lines.len(), MAX_BYTES_PER_APP / MAX_LINE);
     }
 
     #[test]
