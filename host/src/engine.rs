@@ -270,16 +270,6 @@ impl WasmEngine {
         })
     }
 
-    /// The underlying engine.
-    pub fn engine(&self) -> &Engine {
-        &self.engine
-    }
-
-    /// Identifies the engine build and settings; part of every cache key.
-    pub fn fingerprint(&self) -> &str {
-        &self.fingerprint
-    }
-
     /// Where the compiled form of `digest` is cached.
     pub fn cache_path(&self, digest: &Digest) -> PathBuf {
         self.compiled_dir

@@ -17,11 +17,6 @@ impl Digest {
         Self(*blake3::hash(bytes).as_bytes())
     }
 
-    /// Wraps a finished blake3 hash.
-    pub fn from_hash(hash: blake3::Hash) -> Self {
-        Self(*hash.as_bytes())
-    }
-
     /// The 64-character lowercase hex form, without the `blake3:` prefix.
     pub fn hex(&self) -> String {
         hex::encode(self.0)
