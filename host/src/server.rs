@@ -233,6 +233,15 @@ impl Server {
             .collect()
     }
 
+    /// Makes `live` the version new requests see; requests in flight keep theirs.
+    fn publish(&self, app: &str, live: Arc<LiveApp>) {
+        self.apps.rcu(|apps| {
+            let mut apps = HashMap::clone(apps);
+            apps.insert(app.to_string(), live.clone());
+            apps
+        });
+    }
+
     /// Loads every recorded app, from the compiled cache where possible. An app that cannot
     /// be loaded is logged and skipped; its record stays so a fix (or redeploy) can recover it.
     pub async fn restore(self: &Arc<Self>) -> anyhow::Result<usize> {
@@ -246,11 +255,7 @@ impl Server {
                         record,
                         routes: live,
                     });
-                    self.apps.rcu(|apps| {
-                        let mut apps = HashMap::clone(apps);
-                        apps.insert(app.clone(), live.clone());
-                        apps
-                    });
+                    self.publish(&app, live);
                     loaded += 1;
                 }
                 Err(e) => {
@@ -481,11 +486,7 @@ impl Server {
         let app = record.manifest.app.clone();
         let urls = self.urls(&record.manifest);
         let live = Arc::new(LiveApp { record, routes });
-        self.apps.rcu(|apps| {
-            let mut apps = HashMap::clone(apps);
-            apps.insert(app.clone(), live.clone());
-            apps
-        });
+        self.publish(&app, live);
         self.logs.push(
             &app,
             None,

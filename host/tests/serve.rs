@@ -5,7 +5,7 @@ mod harness;
 use std::time::Duration;
 
 use futures::StreamExt;
-use harness::{Lode, misbehave, sample, sample_dir};
+use harness::{Lode, misbehave, misbehave_project, sample, sample_dir};
 use reqwest::Method;
 use serde_json::Value;
 
@@ -56,8 +56,7 @@ async fn deploys_a_crate_and_routes_by_path_and_host() {
     assert_eq!(lode.get("/hello/").await, (200, "hello\n".into()));
     assert_eq!(lode.get("/hello").await, (200, "hello\n".into()));
     let by_host = lode
-        .client()
-        .get(format!("{}/", lode.http))
+        .public(Method::GET, "/")
         .header("host", "hello.lode.localhost")
         .send()
         .await
@@ -74,8 +73,7 @@ async fn deploys_a_crate_and_routes_by_path_and_host() {
 
     // A client cannot pass its own prefix off as Lode's.
     let spoofed = lode
-        .client()
-        .get(format!("{}/headers", lode.http))
+        .public(Method::GET, "/headers")
         .header("host", "probe.lode.localhost")
         .header("x-forwarded-prefix", "/evil")
         .send()
@@ -116,12 +114,7 @@ async fn limits_get_clear_answers() {
     let (status, _) = lode.get("/bad/sleep?ms=10000").await;
     assert_eq!(status, 504);
 
-    let trap = lode
-        .client()
-        .get(format!("{}/bad/trap", lode.http))
-        .send()
-        .await
-        .unwrap();
+    let trap = lode.public(Method::GET, "/bad/trap").send().await.unwrap();
     assert_eq!(trap.status(), 500);
     let request_id = trap.headers()["x-lode-request-id"]
         .to_str()
@@ -155,16 +148,14 @@ async fn limits_get_clear_answers() {
     );
 
     let small = lode
-        .client()
-        .post(format!("{}/bad/body", lode.http))
+        .public(Method::POST, "/bad/body")
         .body(vec![7u8; 1000])
         .send()
         .await
         .unwrap();
     assert_eq!(small.text().await.unwrap(), "1000 bytes\n");
     let big = lode
-        .client()
-        .post(format!("{}/bad/body", lode.http))
+        .public(Method::POST, "/bad/body")
         .body(vec![7u8; 10_000])
         .send()
         .await
@@ -173,8 +164,7 @@ async fn limits_get_clear_answers() {
     // Without Content-Length the limit still holds as the body streams in.
     let chunks = futures::stream::iter((0..10).map(|_| Ok::<_, std::io::Error>(vec![1u8; 1000])));
     let streamed = lode
-        .client()
-        .post(format!("{}/bad/body", lode.http))
+        .public(Method::POST, "/bad/body")
         .body(reqwest::Body::wrap_stream(chunks))
         .send()
         .await
@@ -193,13 +183,9 @@ async fn limits_get_clear_answers() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn manifest_limits_override_server_defaults() {
     let lode = Lode::start(&["--memory", "32", "--timeout", "1s"]);
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::copy(misbehave(), dir.path().join("m.wasm")).unwrap();
-    std::fs::write(
-        dir.path().join("lode.toml"),
+    let dir = misbehave_project(
         "app = \"roomy\"\n[[function]]\nname = \"web\"\npath = \"m.wasm\"\nmemory = 128\ntimeout = \"3s\"\n",
-    )
-    .unwrap();
+    );
     lode.cli_ok(&["deploy", dir.path().to_str().unwrap()]);
     assert_eq!(lode.get("/roomy/alloc?mb=64").await.0, 200);
     assert_eq!(
@@ -403,8 +389,7 @@ async fn new_bytes_switch_atomically_and_in_flight_requests_finish() {
     let lode = Lode::start(&["--timeout", "10s"]);
     lode.deploy(&misbehave(), "swap");
     let response = lode
-        .client()
-        .get(format!("{}/swap/slow?chunks=6&ms=250", lode.http))
+        .public(Method::GET, "/swap/slow?chunks=6&ms=250")
         .send()
         .await
         .unwrap();
@@ -437,8 +422,7 @@ async fn bodies_stream_and_guest_output_reaches_the_logs() {
 
     let payload: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
     let response = lode
-        .client()
-        .post(format!("{}/echo/echo?times=4", lode.http))
+        .public(Method::POST, "/echo/echo?times=4")
         .body(payload.clone())
         .send()
         .await
@@ -517,14 +501,10 @@ async fn guests_reach_only_allow_listed_hosts_and_never_lode() {
 
     let api_port = lode.api.rsplit(':').next().unwrap().to_string();
     let http_port = lode.http.rsplit(':').next().unwrap().to_string();
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::copy(misbehave(), dir.path().join("m.wasm")).unwrap();
-    std::fs::write(
-        dir.path().join("lode.toml"),
+    let dir = misbehave_project(
         "[[function]]\nname = \"web\"\npath = \"m.wasm\"\n\
          network = { allow = [\"127.0.0.1\", \"localhost\"] }\n",
-    )
-    .unwrap();
+    );
     lode.cli_ok(&["deploy", dir.path().to_str().unwrap(), "--name", "open"]);
     let (_, body) = lode
         .get(&format!("/open/fetch?url=http://127.0.0.1:{outside_port}/"))
@@ -623,19 +603,13 @@ async fn a_full_instance_pool_answers_503() {
     let lode = Lode::start(&["--instances", "1", "--timeout", "10s"]);
     lode.deploy(&misbehave(), "one");
     let busy = lode
-        .client()
-        .get(format!("{}/one/slow?chunks=4&ms=250", lode.http))
+        .public(Method::GET, "/one/slow?chunks=4&ms=250")
         .send()
         .await
         .unwrap();
     let mut body = busy.bytes_stream();
     body.next().await.unwrap().unwrap();
-    let refused = lode
-        .client()
-        .get(format!("{}/one/", lode.http))
-        .send()
-        .await
-        .unwrap();
+    let refused = lode.public(Method::GET, "/one/").send().await.unwrap();
     assert_eq!(refused.status(), 503);
     assert_eq!(refused.headers()["retry-after"], "1");
     assert!(refused.text().await.unwrap().contains("--instances"));

@@ -52,6 +52,14 @@ pub fn sample_dir(name: &str) -> PathBuf {
     repo_root().join("samples").join(name)
 }
 
+/// A directory holding the misbehave component as `m.wasm` and a `lode.toml` of `toml`.
+pub fn misbehave_project(toml: &str) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(misbehave(), dir.path().join("m.wasm")).unwrap();
+    std::fs::write(dir.path().join("lode.toml"), toml).unwrap();
+    dir
+}
+
 /// A running `lode serve` with its own data and cache dirs.
 pub struct Lode {
     pub dirs: tempfile::TempDir,
@@ -197,11 +205,16 @@ impl Lode {
             .unwrap()
     }
 
+    /// A request to the public listener.
+    pub fn public(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        self.client()
+            .request(method, format!("{}{path}", self.http))
+    }
+
     /// GET on the public listener.
     pub async fn get(&self, path: &str) -> (u16, String) {
         let response = self
-            .client()
-            .get(format!("{}{path}", self.http))
+            .public(reqwest::Method::GET, path)
             .send()
             .await
             .unwrap();
