@@ -1,11 +1,81 @@
-//! Lode's lazy, content-addressed filesystem.
+//! Lode's content-addressed filesystem.
 //!
-//! This crate will own how file trees become blobs and come back: chunking trees into blake3
-//! blobs held by a `lode_registry::BlobStore`, the versioned binary **index** format
-//! (path → metadata + chunk list), a bounded local chunk cache that verifies every chunk it
-//! keeps, and a read-only FUSE mount that fetches chunks on first read and prefetches from
-//! recorded access profiles.
+//! Trees are cut into blake3-addressed chunks ([`Chunking`]) that live in the registry, and
+//! described by an [`Index`]: a compact, versioned binary map from each path to its metadata
+//! and chunk list (format in `fs/FORMAT.md`). [`ingest`] turns a directory into chunks plus
+//! an index, uploading only what the registry lacks; [`export`] turns an index back into an
+//! identical tree.
 //!
-//! It must not run processes: containers mount what this crate serves, they are not started
-//! here. The foundation slice only reserves the crate; the CAS and FUSE issues fill it.
+//! It must not run processes.
 #![deny(missing_docs)]
+
+mod build;
+mod chunk;
+mod compare;
+mod export;
+pub mod index;
+mod ingest;
+
+pub use build::{Body, FileContent, Meta, Node, encode};
+pub use chunk::Chunking;
+pub use compare::tree_differences;
+pub use export::{ExportReport, export};
+pub use index::{Content, Entry, Index, IndexError, Kind};
+pub use ingest::{DEFAULT_INLINE_MAX, IngestOptions, IngestReport, ingest};
+
+use std::io;
+use std::path::{Path, PathBuf};
+
+/// Errors from ingest, export and index handling; each names the path or blob involved.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A filesystem operation failed.
+    #[error("{op} {path}: {source}")]
+    Io {
+        /// What was being done.
+        op: &'static str,
+        /// The file involved.
+        path: PathBuf,
+        /// The underlying error.
+        source: io::Error,
+    },
+    /// Ingest needs a directory.
+    #[error("{0} is not a directory; ingest takes the root directory of a tree")]
+    NotADirectory(PathBuf),
+    /// A file's size changed while it was read.
+    #[error("{0} changed while it was being ingested; ingest a tree that is not being written")]
+    Changed(PathBuf),
+    /// Export writes only into a new or empty directory.
+    #[error("{0} is not empty; export into a new or empty directory")]
+    TargetNotEmpty(PathBuf),
+    /// The upload side of an ingest stopped; its own error says why.
+    #[error("the upload stopped")]
+    UploadStopped,
+    /// The index is malformed.
+    #[error(transparent)]
+    Index(#[from] IndexError),
+    /// The registry refused or failed a call.
+    #[error(transparent)]
+    Registry(#[from] lode_registry::Error),
+}
+
+impl Error {
+    /// Wraps an I/O error with what was being done and where.
+    pub fn io<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> Self + 'a {
+        move |source| Self::Io {
+            op,
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+}
+
+/// Result alias for this crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Checks index bytes for the registry, which stores indexes without knowing their format.
+pub fn validate_index(bytes: &[u8]) -> Result<(), String> {
+    Index::parse(bytes::Bytes::copy_from_slice(bytes))
+        .map(|_| ())
+        .map_err(|e| e.0)
+}

@@ -26,6 +26,18 @@ impl Digest {
     pub fn as_bytes(&self) -> &[u8; 32] {
         &self.0
     }
+
+    /// Wraps 32 raw bytes, as digests travel in the registry's protocol.
+    pub fn from_slice(bytes: &[u8]) -> Result<Self, Error> {
+        <[u8; 32]>::try_from(bytes)
+            .map(Self)
+            .map_err(|_| Error::InvalidDigest(format!("{} raw bytes", bytes.len())))
+    }
+
+    /// Wraps a digest computed elsewhere (a streaming hasher, an index entry).
+    pub fn from_hash(bytes: [u8; 32]) -> Self {
+        Self(bytes)
+    }
 }
 
 impl fmt::Display for Digest {

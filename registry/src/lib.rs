@@ -1,11 +1,19 @@
-//! Content-addressed blob storage for Lode.
+//! Content-addressed blob storage for Lode, and the gRPC registry that serves it.
 //!
-//! This crate owns where bytes live once they are named by their blake3 digest: the
-//! [`BlobStore`] trait, which every other crate goes through, and its backends. The local
-//! directory backend ([`LocalDirStore`]) is the default; an S3-compatible backend and the
-//! gRPC service that hosts fetch from build on the same trait.
+//! This crate owns where bytes live once they are named by their blake3 digest:
+//! - the [`BlobStore`] trait, which every other crate goes through, and its local directory
+//!   backend ([`LocalDirStore`]), the default;
+//! - [`TagStore`]: names that point at index digests, updated atomically with
+//!   compare-and-swap;
+//! - [`RegistryService`], the tonic service (`registry/proto/`) that hosts fetch from, and
+//!   [`RegistryClient`], which reuses connections, retries transient errors, bounds parallel
+//!   fetches and checks the digest of every blob it receives.
 //!
-//! It must not know about containers or Wasm: a blob is only bytes and a digest.
+//! An S3-compatible backend slots in behind the same two traits (the `object_store` crate's
+//! conditional puts cover tag compare-and-swap); only the local directory exists today.
+//!
+//! It must not know about containers, Wasm or the index format: a blob is only bytes and a
+//! digest. Hosts that know the index format pass a validator to the service.
 //!
 //! ```no_run
 //! use lode_registry::{BlobStore, Digest, LocalDirStore};
@@ -16,16 +24,30 @@
 //! ```
 #![deny(missing_docs)]
 
+mod access;
+mod client;
 mod digest;
 mod local;
+mod server;
+mod tags;
 
+/// Generated protobuf and tonic types for `lode.registry.v1`.
+#[allow(missing_docs, clippy::all)]
+pub mod proto {
+    tonic::include_proto!("lode.registry.v1");
+}
+
+pub use access::{BlobAccess, IndexValidator, RegistryStore};
+pub use client::{ClientOptions, RegistryClient};
 pub use digest::Digest;
 pub use local::LocalDirStore;
+pub use server::{RegistryService, ServiceOptions};
+pub use tags::{LocalTagStore, TagStore, TagUpdate, validate_tag_name};
 
 use std::io;
 use std::path::PathBuf;
 
-/// Errors from blob storage. Each names the blob or path involved.
+/// Errors from blob storage and the registry. Each names the blob, tag or path involved.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// The text is not a blake3 digest in the form `blake3:<64 hex>`.
@@ -42,6 +64,65 @@ pub enum Error {
         /// The digest of the bytes received.
         actual: Digest,
     },
+    /// A stored blob no longer hashes to its name (disk corruption). It was moved aside and
+    /// is reported missing from now on, so uploading it again repairs the store.
+    #[error(
+        "blob {digest} is corrupt on disk (its content hashes to {actual}); it was quarantined \
+         and must be uploaded again"
+    )]
+    Corrupt {
+        /// The blob's name.
+        digest: Digest,
+        /// What its bytes hash to now.
+        actual: Digest,
+    },
+    /// The registry holds no index with this digest.
+    #[error("index {0} not found; ingest or push the image first")]
+    IndexNotFound(Digest),
+    /// Bytes offered as an index are not a well-formed index; nothing was stored.
+    #[error("index {digest} is not a valid Lode index: {reason}")]
+    InvalidIndex {
+        /// The index's digest.
+        digest: Digest,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A tag name that is empty, too long, or not made of `[A-Za-z0-9._:@+-]` segments
+    /// separated by `/`.
+    #[error("invalid tag name {name:?}: {reason}")]
+    InvalidTag {
+        /// The name given.
+        name: String,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+    /// No tag with this name.
+    #[error("tag {0:?} not found")]
+    TagNotFound(String),
+    /// A compare-and-swap tag update lost: the tag moved since the caller read it.
+    #[error(
+        "tag {name:?} was not updated: expected it to point at {}, but it points at {}",
+        expected.as_ref().map_or("nothing".to_string(), Digest::to_string),
+        actual.as_ref().map_or("nothing".to_string(), Digest::to_string)
+    )]
+    TagConflict {
+        /// The tag.
+        name: String,
+        /// Where the caller expected it to point (`None`: absent).
+        expected: Option<Digest>,
+        /// Where it points (`None`: absent).
+        actual: Option<Digest>,
+    },
+    /// A blob or message over a configured limit.
+    #[error("{what} of {size} bytes is over the limit of {limit} bytes")]
+    TooLarge {
+        /// What was too large.
+        what: &'static str,
+        /// Its size.
+        size: u64,
+        /// The limit.
+        limit: u64,
+    },
     /// A filesystem operation failed.
     #[error("{op} {path}: {source}")]
     Io {
@@ -52,6 +133,18 @@ pub enum Error {
         /// The underlying error.
         source: io::Error,
     },
+    /// A call to a remote registry failed.
+    #[error("registry {url}: {op} failed: {message}")]
+    Remote {
+        /// The registry's URL.
+        url: String,
+        /// The call.
+        op: &'static str,
+        /// The gRPC status code.
+        code: tonic::Code,
+        /// The server's message, or the transport error.
+        message: String,
+    },
 }
 
 /// Result alias for this crate.
@@ -60,13 +153,15 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 /// Where blobs live, keyed by the blake3 digest of their content.
 ///
 /// Writes are idempotent (the same bytes always land under the same name) and durable once
-/// they return: a crash never leaves a partial blob under a valid digest.
+/// they return: a crash never leaves a partial blob under a valid digest. Reads verify the
+/// digest, so corruption is reported and never served.
 pub trait BlobStore: Send + Sync + 'static {
     /// Stores `bytes` and returns their digest. Storing bytes already present is a no-op.
     fn put(&self, bytes: &[u8]) -> Result<Digest>;
 
-    /// Stores `bytes` only if they hash to `expected`; otherwise stores nothing.
-    fn put_verified(&self, expected: &Digest, bytes: &[u8]) -> Result<()> {
+    /// Stores `bytes` only if they hash to `expected`; otherwise stores nothing. Returns
+    /// whether the blob was already present.
+    fn put_verified(&self, expected: &Digest, bytes: &[u8]) -> Result<bool> {
         let actual = Digest::of(bytes);
         if &actual != expected {
             return Err(Error::DigestMismatch {
@@ -74,10 +169,14 @@ pub trait BlobStore: Send + Sync + 'static {
                 actual,
             });
         }
-        self.put(bytes).map(|_| ())
+        let existed = self.has(expected)?;
+        if !existed {
+            self.put(bytes)?;
+        }
+        Ok(existed)
     }
 
-    /// Reads a whole blob.
+    /// Reads a whole blob and checks it against its digest.
     fn get(&self, digest: &Digest) -> Result<Vec<u8>>;
 
     /// Whether the blob is present.

@@ -15,7 +15,7 @@ pub struct LocalDirStore {
     root: PathBuf,
 }
 
-fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> Error + 'a {
+pub(crate) fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> Error + 'a {
     move |source| Error::Io {
         op,
         path: path.to_path_buf(),
@@ -46,6 +46,21 @@ impl LocalDirStore {
     pub fn blob_path(&self, digest: &Digest) -> PathBuf {
         let hex = digest.hex();
         self.root.join("blake3").join(&hex[..2]).join(hex)
+    }
+
+    /// Moves a corrupt blob out of the way, so `has` reports it missing and a client's next
+    /// upload replaces it. The bytes are kept under `corrupt/` for inspection.
+    fn quarantine(&self, digest: &Digest, path: &Path) {
+        let dir = self.root.join("corrupt");
+        let dest = dir.join(digest.hex());
+        let moved = fs::create_dir_all(&dir).and_then(|()| fs::rename(path, &dest));
+        match moved {
+            Ok(()) => tracing::error!(%digest, kept = %dest.display(), "corrupt blob quarantined"),
+            Err(error) => {
+                tracing::error!(%digest, %error, "corrupt blob could not be moved; removing it");
+                let _ = fs::remove_file(path);
+            }
+        }
     }
 
     fn write_atomically(&self, dest: &Path, bytes: &[u8]) -> Result<()> {
@@ -91,14 +106,23 @@ impl BlobStore for LocalDirStore {
 
     fn get(&self, digest: &Digest) -> Result<Vec<u8>> {
         let path = self.blob_path(digest);
-        fs::read(&path).map_err(|source| match source.kind() {
+        let bytes = fs::read(&path).map_err(|source| match source.kind() {
             io::ErrorKind::NotFound => Error::NotFound(digest.clone()),
             _ => Error::Io {
                 op: "read",
-                path,
+                path: path.clone(),
                 source,
             },
-        })
+        })?;
+        let actual = Digest::of(&bytes);
+        if &actual != digest {
+            self.quarantine(digest, &path);
+            return Err(Error::Corrupt {
+                digest: digest.clone(),
+                actual,
+            });
+        }
+        Ok(bytes)
     }
 
     fn has(&self, digest: &Digest) -> Result<bool> {
@@ -163,6 +187,25 @@ mod tests {
         let digest = Digest::of(b"absent");
         assert!(matches!(store.get(&digest), Err(Error::NotFound(_))));
         assert!(matches!(store.size(&digest), Err(Error::NotFound(_))));
+    }
+
+    #[test]
+    fn corruption_is_detected_and_quarantined() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalDirStore::open(dir.path()).unwrap();
+        let digest = store.put(b"precious bytes").unwrap();
+        fs::write(store.blob_path(&digest), b"precious bytez").unwrap();
+        let err = store.get(&digest).unwrap_err();
+        assert!(matches!(err, Error::Corrupt { .. }), "{err}");
+        assert!(err.to_string().contains(&digest.to_string()), "{err}");
+        assert!(
+            !store.has(&digest).unwrap(),
+            "a corrupt blob must read as missing"
+        );
+        assert!(dir.path().join("corrupt").join(digest.hex()).exists());
+        // Uploading the blob again repairs the store.
+        assert!(!store.put_verified(&digest, b"precious bytes").unwrap());
+        assert_eq!(store.get(&digest).unwrap(), b"precious bytes");
     }
 
     #[test]
