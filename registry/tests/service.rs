@@ -148,7 +148,10 @@ async fn the_server_checks_digests_and_reports_unknown_ones() {
     assert_eq!(code(&err), Code::InvalidArgument, "{err}");
     assert!(err.to_string().contains("digest mismatch"), "{err}");
     assert_eq!(
-        registry.missing(&[claimed.clone()]).await.unwrap(),
+        registry
+            .missing(std::slice::from_ref(&claimed))
+            .await
+            .unwrap(),
         vec![claimed.clone()]
     );
     assert!(staging_is_empty(dir.path()));
@@ -180,7 +183,10 @@ async fn corrupt_blobs_are_reported_never_served_and_repairable() {
     assert!(err.to_string().contains(&digest.to_string()), "{err}");
     // Reported missing from now on, so the next ingest uploads it again.
     assert_eq!(
-        registry.missing(&[digest.clone()]).await.unwrap(),
+        registry
+            .missing(std::slice::from_ref(&digest))
+            .await
+            .unwrap(),
         vec![digest.clone()]
     );
     registry.put_blob(&digest, blob.clone()).await.unwrap();
@@ -203,7 +209,10 @@ async fn writes_need_the_token_and_reads_too_unless_public() {
             .await
             .unwrap_err();
         assert_eq!(code(&err), Code::Unauthenticated, "{err}");
-        let err = anonymous.missing(&[digest.clone()]).await.unwrap_err();
+        let err = anonymous
+            .missing(std::slice::from_ref(&digest))
+            .await
+            .unwrap_err();
         assert_eq!(code(&err), Code::Unauthenticated, "{err}");
     }
     client(&running.url, Some(TOKEN))
@@ -354,7 +363,10 @@ async fn truncated_and_oversized_uploads_leave_nothing_behind() {
 
     let registry = client(&running.url, Some(TOKEN));
     assert_eq!(
-        registry.missing(&[digest.clone()]).await.unwrap(),
+        registry
+            .missing(std::slice::from_ref(&digest))
+            .await
+            .unwrap(),
         vec![digest]
     );
     assert!(staging_is_empty(dir.path()));
