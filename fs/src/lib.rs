@@ -12,6 +12,7 @@
 mod build;
 mod chunk;
 mod compare;
+mod copy;
 mod export;
 pub mod index;
 mod ingest;
@@ -19,6 +20,7 @@ mod ingest;
 pub use build::{Body, FileContent, Meta, Node, encode};
 pub use chunk::Chunking;
 pub use compare::tree_differences;
+pub use copy::{CopyReport, copy_image};
 pub use export::{ExportReport, export};
 pub use index::{Content, Entry, Index, IndexError, Kind};
 pub use ingest::{DEFAULT_INLINE_MAX, IngestOptions, IngestReport, ingest};

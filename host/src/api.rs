@@ -3,14 +3,13 @@
 use std::sync::Arc;
 
 use axum::body::{Body, Bytes};
-use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
+use axum::extract::{Path, Query, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, put};
 use axum::{Json, Router};
 use futures::StreamExt;
-use lode_registry::Digest;
 use serde::Deserialize;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::{BroadcastStream, ReceiverStream};
@@ -70,14 +69,7 @@ type ApiResult<T> = Result<T, ApiError>;
 
 /// The API router; `token` guards every route but `/healthz`.
 pub fn router(server: Arc<Server>, token: Arc<str>) -> Router {
-    let max_upload = server.limits.max_upload as usize;
     let guarded = Router::new()
-        .route(
-            "/v1/blobs/{digest}",
-            put(put_blob)
-                .head(head_blob)
-                .layer(DefaultBodyLimit::max(max_upload)),
-        )
         .route("/v1/apps", get(list_apps))
         .route(
             "/v1/apps/{app}",
@@ -119,51 +111,6 @@ async fn require_token(State(token): State<Arc<str>>, req: Request, next: Next) 
              client.json, LODE_TOKEN or --token)",
         )
         .into_response(),
-    }
-}
-
-fn parse_digest(text: &str) -> ApiResult<Digest> {
-    text.parse().map_err(|e: lode_registry::Error| {
-        ApiError::new(StatusCode::BAD_REQUEST, "bad_digest", e.to_string())
-    })
-}
-
-async fn put_blob(
-    State(server): State<Arc<Server>>,
-    Path(digest): Path<String>,
-    body: Body,
-) -> ApiResult<StatusCode> {
-    let digest = parse_digest(&digest)?;
-    let limit = server.limits.max_upload;
-    let bytes = axum::body::to_bytes(body, limit as usize).await.map_err(|_| {
-        ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "too_large",
-            format!("upload is larger than this server's limit of {limit} bytes (lode serve --max-upload)"),
-        )
-    })?;
-    let blobs = server.blobs.clone();
-    tokio::task::spawn_blocking(move || blobs.put_verified(&digest, &bytes))
-        .await
-        .map_err(ApiError::internal)?
-        .map_err(|e| match e {
-            lode_registry::Error::DigestMismatch { .. } => {
-                ApiError::new(StatusCode::BAD_REQUEST, "digest_mismatch", e.to_string())
-            }
-            other => ApiError::internal(other),
-        })?;
-    Ok(StatusCode::CREATED)
-}
-
-async fn head_blob(
-    State(server): State<Arc<Server>>,
-    Path(digest): Path<String>,
-) -> ApiResult<StatusCode> {
-    let digest = parse_digest(&digest)?;
-    match server.blobs.has(&digest) {
-        Ok(true) => Ok(StatusCode::OK),
-        Ok(false) => Ok(StatusCode::NOT_FOUND),
-        Err(e) => Err(ApiError::internal(e)),
     }
 }
 

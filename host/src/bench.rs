@@ -287,6 +287,8 @@ async fn lode_serve_url(
             "127.0.0.1:0",
             "--http",
             "127.0.0.1:0",
+            "--registry-listen",
+            "127.0.0.1:0",
             "--no-client-config",
         ],
     )?;
@@ -297,17 +299,18 @@ async fn lode_serve_url(
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let resolved = crate::client_config::ClientOverrides {
+    let overrides = crate::client_config::ClientOverrides {
         config: Some(client_file),
         ..Default::default()
-    }
-    .resolve()?;
+    };
+    let resolved = overrides.resolve()?;
+    let registry = std::sync::Arc::new(crate::image::connect(&overrides.resolve_registry()?)?);
     let http_url = resolved
         .http_url
         .clone()
         .context("client.json has no HTTP URL")?;
     let client = crate::cli::ApiClient::new(resolved)?;
-    crate::deploy::deploy(&client, component, Some("hello")).await?;
+    crate::deploy::deploy(&client, registry, component, Some("hello")).await?;
     Ok((server, format!("{http_url}/hello/")))
 }
 

@@ -16,7 +16,7 @@ pub struct ClientFile {
     pub api_url: String,
     /// Base URL of the public HTTP listener, e.g. `http://127.0.0.1:8080`.
     pub http_url: String,
-    /// URL of the blob registry; the foundation slice serves blobs through the API.
+    /// URL of the gRPC blob registry, e.g. `http://127.0.0.1:7071`.
     pub registry_url: String,
     /// The API token.
     pub token: String,
@@ -56,6 +56,17 @@ pub struct ClientOverrides {
     pub token: Option<String>,
     /// `--config` / `LODE_CONFIG`: an explicit client file.
     pub config: Option<PathBuf>,
+    /// `--registry` / `LODE_REGISTRY`.
+    pub registry: Option<String>,
+}
+
+/// The registry a command will use.
+#[derive(Debug, Clone)]
+pub struct RegistryTarget {
+    /// Its gRPC URL.
+    pub url: String,
+    /// Token, if one was found.
+    pub token: Option<String>,
 }
 
 /// The API endpoint and token a command will use.
@@ -69,33 +80,68 @@ pub struct Resolved {
     pub http_url: Option<String>,
 }
 
+fn same_url(a: &str, b: &str) -> bool {
+    a.trim_end_matches('/') == b.trim_end_matches('/')
+}
+
 impl ClientOverrides {
-    /// Resolves flags, then environment, then `LODE_CONFIG` or the user client file.
-    pub fn resolve(&self) -> Result<Resolved> {
+    fn file(&self) -> Result<Option<ClientFile>> {
         let file_path = self.config.clone().or_else(user_client_file);
-        let file = match &file_path {
+        Ok(match &file_path {
             Some(path) if path.exists() => Some(ClientFile::read(path)?),
             Some(path) if self.config.is_some() => {
                 bail!("client file {} does not exist", path.display())
             }
             _ => None,
-        };
-        let api_url = match (&self.api_url, &file) {
+        })
+    }
+
+    /// The URL from a flag or environment variable (`chosen`), else from the client file, and
+    /// the token to send it: `--token`, or the file's token only when the URL is the file's.
+    fn endpoint(
+        &self,
+        chosen: &Option<String>,
+        file: &Option<ClientFile>,
+        in_file: fn(&ClientFile) -> &str,
+        none_configured: &str,
+    ) -> Result<(String, Option<String>)> {
+        let url = match (chosen, file) {
             (Some(url), _) => url.clone(),
-            (None, Some(file)) => file.api_url.clone(),
-            (None, None) => bail!(
-                "no Lode server configured: start one with `lode serve`, or pass --api-url \
-                 (or set LODE_API) and --token (or LODE_TOKEN)"
-            ),
+            (None, Some(file)) => in_file(file).to_string(),
+            (None, None) => bail!("{none_configured}"),
         };
-        // The file's token goes only to the server the file names, never to another URL.
         let token = self.token.clone().or_else(|| {
             file.as_ref()
-                .filter(|f| f.api_url.trim_end_matches('/') == api_url.trim_end_matches('/'))
+                .filter(|f| same_url(in_file(f), &url))
                 .map(|f| f.token.clone())
         });
+        Ok((url.trim_end_matches('/').to_string(), token))
+    }
+
+    /// Resolves the registry: `--registry`, then `LODE_REGISTRY`, then the client file.
+    pub fn resolve_registry(&self) -> Result<RegistryTarget> {
+        let (url, token) = self.endpoint(
+            &self.registry,
+            &self.file()?,
+            |f| &f.registry_url,
+            "no registry configured: start one with `lode serve` (it embeds one) or `lode \
+             registry serve`, or pass --registry URL (or set LODE_REGISTRY)",
+        )?;
+        Ok(RegistryTarget { url, token })
+    }
+
+    /// Resolves flags, then environment, then `LODE_CONFIG` or the user client file.
+    pub fn resolve(&self) -> Result<Resolved> {
+        let file = self.file()?;
+        let (api_url, token) = self.endpoint(
+            &self.api_url,
+            &file,
+            |f| &f.api_url,
+            "no Lode server configured: start one with `lode serve`, or pass --api-url \
+             (or set LODE_API) and --token (or LODE_TOKEN)",
+        )?;
         Ok(Resolved {
-            api_url: api_url.trim_end_matches('/').to_string(),
+            api_url,
             token,
             http_url: file.map(|f| f.http_url),
         })
@@ -110,7 +156,7 @@ mod tests {
         ClientFile {
             api_url: api.into(),
             http_url: "http://127.0.0.1:8080".into(),
-            registry_url: api.into(),
+            registry_url: "http://127.0.0.1:7071".into(),
             token: "file-token".into(),
         }
     }
@@ -122,8 +168,8 @@ mod tests {
         sample("http://127.0.0.1:7070").write(&path).unwrap();
         let overrides = ClientOverrides {
             api_url: Some("http://10.0.0.1:1/".into()),
-            token: None,
             config: Some(path.clone()),
+            ..Default::default()
         };
         let resolved = overrides.resolve().unwrap();
         assert_eq!(resolved.api_url, "http://10.0.0.1:1");
@@ -140,6 +186,34 @@ mod tests {
         .unwrap();
         assert_eq!(from_file.api_url, "http://127.0.0.1:7070");
         assert_eq!(from_file.http_url.as_deref(), Some("http://127.0.0.1:8080"));
+    }
+
+    #[test]
+    fn the_registry_comes_from_flags_or_the_file_and_gets_the_token_only_if_it_matches() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("client.json");
+        sample("http://127.0.0.1:7070").write(&path).unwrap();
+        let from_file = ClientOverrides {
+            config: Some(path.clone()),
+            ..Default::default()
+        }
+        .resolve_registry()
+        .unwrap();
+        assert_eq!(from_file.url, "http://127.0.0.1:7071");
+        assert_eq!(from_file.token.as_deref(), Some("file-token"));
+        let elsewhere = ClientOverrides {
+            config: Some(path),
+            registry: Some("http://registry.example:7071".into()),
+            ..Default::default()
+        }
+        .resolve_registry()
+        .unwrap();
+        assert_eq!(elsewhere.token, None);
+        let none = ClientOverrides {
+            config: Some(dir.path().join("absent.json")),
+            ..Default::default()
+        };
+        assert!(none.resolve_registry().is_err());
     }
 
     #[test]

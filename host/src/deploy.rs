@@ -9,9 +9,10 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use futures::StreamExt;
 use indicatif::{ProgressBar, ProgressStyle};
-use lode_registry::Digest;
-use reqwest::{Method, StatusCode};
+use lode_registry::{BlobAccess, Digest, RegistryClient};
+use reqwest::Method;
 use serde::Deserialize;
+use std::sync::Arc;
 
 use crate::cli::{ApiClient, api_error, ndjson_lines};
 use crate::manifest::{
@@ -260,7 +261,12 @@ fn plan(path: &Path, name: Option<&str>) -> Result<(String, Vec<Planned>)> {
 }
 
 /// `lode deploy PATH [--name APP]`.
-pub async fn deploy(client: &ApiClient, path: &Path, name: Option<&str>) -> Result<()> {
+pub async fn deploy(
+    client: &ApiClient,
+    registry: Arc<RegistryClient>,
+    path: &Path,
+    name: Option<&str>,
+) -> Result<()> {
     let (app, planned) = plan(path, name)?;
     if !is_dns_label(&app) {
         bail!("{}; pass --name", dns_label_rule("app", &app));
@@ -278,26 +284,28 @@ pub async fn deploy(client: &ApiClient, path: &Path, name: Option<&str>) -> Resu
     if let Err(problems) = manifest.validate() {
         bail!("invalid app:\n  {}", problems.join("\n  "));
     }
-    for (digest, bytes) in uploads {
-        upload_blob(client, &digest, bytes).await?;
-    }
+    upload_blobs(registry.as_ref(), uploads).await?;
     follow_deploy(client, &manifest).await
 }
 
-async fn upload_blob(client: &ApiClient, digest: &str, bytes: Vec<u8>) -> Result<()> {
-    let path = format!("/v1/blobs/{digest}");
-    let head = client.send(client.request(Method::HEAD, &path)).await?;
-    if head.status() == StatusCode::OK {
-        return Ok(());
+/// Blobs go to the registry before the manifest that names them; only missing ones are sent.
+async fn upload_blobs(registry: &RegistryClient, blobs: BTreeMap<String, Vec<u8>>) -> Result<()> {
+    let blobs: Vec<(Digest, Vec<u8>)> = blobs
+        .into_iter()
+        .map(|(digest, bytes)| Ok((digest.parse::<Digest>()?, bytes)))
+        .collect::<Result<_>>()?;
+    let digests: Vec<Digest> = blobs.iter().map(|(d, _)| d.clone()).collect();
+    let missing = registry.missing(&digests).await?;
+    for (digest, bytes) in blobs {
+        if missing.contains(&digest) {
+            let size = bytes.len();
+            registry
+                .put_blob(&digest, bytes.into())
+                .await
+                .with_context(|| format!("uploading {digest}"))?;
+            eprintln!("uploaded {digest} ({size} bytes)");
+        }
     }
-    let size = bytes.len();
-    let response = client
-        .send(client.request(Method::PUT, &path).body(bytes))
-        .await?;
-    if !response.status().is_success() {
-        return Err(api_error(response).await);
-    }
-    eprintln!("uploaded {digest} ({size} bytes)");
     Ok(())
 }
 

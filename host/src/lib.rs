@@ -16,6 +16,7 @@ pub mod client_config;
 pub mod deploy;
 pub mod engine;
 pub mod fsutil;
+pub mod image;
 pub mod logs;
 pub mod manifest;
 pub mod metrics;

@@ -8,9 +8,12 @@ use std::time::Duration;
 use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
 use lode::cli::{self, ApiClient};
-use lode::client_config::ClientOverrides;
-use lode::serve::{ServeOptions, serve};
+use lode::client_config::{ClientOverrides, RegistryTarget};
+use lode::image;
+use lode::serve::{RegistryOptions, RegistryServeOptions, ServeOptions, serve, serve_registry};
 use lode::server::Limits;
+use lode_registry::RegistryClient;
+use std::sync::Arc;
 
 const MIB: u64 = 1024 * 1024;
 
@@ -18,7 +21,8 @@ const MIB: u64 = 1024 * 1024;
 ///
 /// Start a server with `lode serve`, then `lode deploy PATH` a Wasm component, a Cargo crate
 /// or a lode.toml project. The CLI finds the server through --api-url/--token, then
-/// LODE_API/LODE_TOKEN, then the client.json that `lode serve` writes.
+/// LODE_API/LODE_TOKEN, then the client.json that `lode serve` writes. Image commands find
+/// the registry through --registry, then LODE_REGISTRY, then client.json.
 #[derive(Debug, Parser)]
 #[command(
     name = "lode",
@@ -38,7 +42,7 @@ struct ClientArgs {
     /// API base URL of the server to talk to.
     #[arg(long, global = true, env = "LODE_API")]
     api_url: Option<String>,
-    /// API token.
+    /// Token for the API and the registry (both use the one `lode serve` created).
     #[arg(long, global = true, env = "LODE_TOKEN", hide_env_values = true)]
     token: Option<String>,
     /// Client file to read instead of ~/.config/lode/client.json.
@@ -57,6 +61,8 @@ enum Command {
         /// App name (a DNS label); defaults to the file, crate or lode.toml name.
         #[arg(long)]
         name: Option<String>,
+        #[command(flatten)]
+        registry: RegistryArg,
     },
     /// List deployed apps.
     Ls,
@@ -76,9 +82,135 @@ enum Command {
         #[arg(long, default_value_t = 200)]
         tail: usize,
     },
+    /// Images in the registry: ingest a tree, export it, tag, list, push and pull.
+    #[command(subcommand)]
+    Image(ImageCommand),
+    /// Run a standalone registry (`lode serve` embeds one).
+    #[command(subcommand)]
+    Registry(RegistryCommand),
     /// Benchmarks that print figures and ratios against baselines measured in the same run.
     #[command(subcommand)]
     Bench(lode::bench::BenchCommand),
+}
+
+#[derive(Debug, Args)]
+struct RegistryArg {
+    /// Registry URL; defaults to LODE_REGISTRY, then the registry in client.json.
+    #[arg(long, env = "LODE_REGISTRY")]
+    registry: Option<String>,
+}
+
+#[derive(Debug, Args)]
+struct CopyArgs {
+    /// Image digest (blake3:...) or tag; a tag is set on the other side too.
+    reference: String,
+    /// The other registry.
+    #[arg(long)]
+    registry: String,
+    /// Token for the other registry (the local token is never sent to it).
+    #[arg(long, env = "LODE_REMOTE_TOKEN", hide_env_values = true)]
+    remote_token: Option<String>,
+    /// The local registry; defaults to LODE_REGISTRY, then the registry in client.json.
+    #[arg(long, env = "LODE_REGISTRY")]
+    local: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+enum ImageCommand {
+    /// Chunk a directory tree into the registry and print its index digest. Only chunks the
+    /// registry lacks are uploaded.
+    Ingest {
+        /// Root of the tree.
+        path: PathBuf,
+        /// Also point this tag at the new index.
+        #[arg(long)]
+        tag: Option<String>,
+        /// fixed:SIZE or cdc:MIN/AVG/MAX.
+        #[arg(long, default_value_t = lode_fs::Chunking::default(), value_parser = |s: &str| s.parse::<lode_fs::Chunking>())]
+        chunking: lode_fs::Chunking,
+        /// Files up to this many bytes are stored inside the index.
+        #[arg(long, default_value_t = lode_fs::DEFAULT_INLINE_MAX)]
+        inline_max: u32,
+        /// Print the report as one JSON object on stdout.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        registry: RegistryArg,
+    },
+    /// Write an image's tree into a new or empty directory, byte- and metadata-identical.
+    Export {
+        /// Image digest or tag.
+        reference: String,
+        /// Directory to create.
+        out: PathBuf,
+        #[command(flatten)]
+        registry: RegistryArg,
+    },
+    /// Point a tag at an image.
+    Tag {
+        /// Image digest or existing tag.
+        reference: String,
+        /// Tag name: segments of [A-Za-z0-9._:@+-] separated by '/'.
+        name: String,
+        /// Update only if the tag points at this digest now ("none": only if it is new).
+        #[arg(long)]
+        expect: Option<String>,
+        #[command(flatten)]
+        registry: RegistryArg,
+    },
+    /// Remove a tag (the image stays).
+    Untag {
+        /// Tag name.
+        name: String,
+        #[command(flatten)]
+        registry: RegistryArg,
+    },
+    /// List tags and the images they name.
+    Ls {
+        /// Only tags starting with this.
+        #[arg(default_value = "")]
+        prefix: String,
+        #[command(flatten)]
+        registry: RegistryArg,
+    },
+    /// Copy an image from the local registry to another (--registry).
+    Push(CopyArgs),
+    /// Copy an image from another registry (--registry) into the local one.
+    Pull(CopyArgs),
+}
+
+#[derive(Debug, Subcommand)]
+enum RegistryCommand {
+    /// Serve blobs, indexes and tags over gRPC. The token is created in DATA_DIR/token.
+    Serve {
+        /// Blobs, indexes, tags and the token.
+        #[arg(long, default_value = "/var/lib/lode-registry")]
+        data_dir: PathBuf,
+        /// Listen address (port 0 picks a free port).
+        #[arg(long, default_value = "127.0.0.1:7071")]
+        listen: SocketAddr,
+        #[command(flatten)]
+        registry: RegistryFlags,
+    },
+}
+
+#[derive(Debug, Args)]
+struct RegistryFlags {
+    /// Let anyone read blobs, indexes and tags; writes still need the token.
+    #[arg(long)]
+    public_read: bool,
+    /// Largest blob the registry accepts, in bytes.
+    #[arg(long, default_value_t = 256 * MIB)]
+    max_blob: u64,
+}
+
+impl RegistryFlags {
+    fn options(&self) -> RegistryOptions {
+        RegistryOptions {
+            public_read: self.public_read,
+            max_blob: self.max_blob,
+        }
+    }
 }
 
 #[derive(Debug, Args)]
@@ -107,9 +239,11 @@ struct ServeArgs {
     /// Largest public request body, in bytes.
     #[arg(long, default_value_t = 16 * MIB)]
     max_body: u64,
-    /// Largest component upload, in bytes.
-    #[arg(long, default_value_t = 256 * MIB)]
-    max_upload: u64,
+    /// Registry (gRPC) listen address (port 0 picks a free port).
+    #[arg(long, default_value = "127.0.0.1:7071")]
+    registry_listen: SocketAddr,
+    #[command(flatten)]
+    registry: RegistryFlags,
     /// Wasm instances that can run at once (pooling allocator slots).
     #[arg(long, default_value_t = 1000)]
     instances: u32,
@@ -121,14 +255,82 @@ struct ServeArgs {
     no_client_config: bool,
 }
 
-fn client(args: &ClientArgs) -> Result<ApiClient> {
-    let resolved = ClientOverrides {
+fn overrides(args: &ClientArgs, registry: Option<&str>) -> ClientOverrides {
+    ClientOverrides {
         api_url: args.api_url.clone(),
         token: args.token.clone(),
         config: args.config.clone(),
+        registry: registry.map(str::to_string),
     }
-    .resolve()?;
-    ApiClient::new(resolved)
+}
+
+fn client(args: &ClientArgs) -> Result<ApiClient> {
+    ApiClient::new(overrides(args, None).resolve()?)
+}
+
+fn registry(args: &ClientArgs, flag: &Option<String>) -> Result<Arc<RegistryClient>> {
+    let target = overrides(args, flag.as_deref()).resolve_registry()?;
+    Ok(Arc::new(image::connect(&target)?))
+}
+
+/// The local and the other registry of a push or pull.
+fn registry_pair(args: &ClientArgs, copy: &CopyArgs) -> Result<(RegistryClient, RegistryClient)> {
+    let local = registry(args, &copy.local)?;
+    let other = image::connect(&RegistryTarget {
+        url: copy.registry.clone(),
+        token: copy.remote_token.clone(),
+    })?;
+    Ok((Arc::unwrap_or_clone(local), other))
+}
+
+async fn run_image(client: &ClientArgs, command: ImageCommand) -> Result<()> {
+    match command {
+        ImageCommand::Ingest {
+            path,
+            tag,
+            chunking,
+            inline_max,
+            json,
+            registry: flag,
+        } => {
+            let options = lode_fs::IngestOptions {
+                chunking,
+                inline_max,
+            };
+            let target = registry(client, &flag.registry)?;
+            image::ingest(target, &path, tag.as_deref(), options, json).await
+        }
+        ImageCommand::Export {
+            reference,
+            out,
+            registry: flag,
+        } => image::export(registry(client, &flag.registry)?, &reference, &out).await,
+        ImageCommand::Tag {
+            reference,
+            name,
+            expect,
+            registry: flag,
+        } => {
+            let target = registry(client, &flag.registry)?;
+            image::tag(target.as_ref(), &reference, &name, expect.as_deref()).await
+        }
+        ImageCommand::Untag {
+            name,
+            registry: flag,
+        } => image::untag(&*registry(client, &flag.registry)?, &name).await,
+        ImageCommand::Ls {
+            prefix,
+            registry: flag,
+        } => image::list(registry(client, &flag.registry)?.as_ref(), &prefix).await,
+        ImageCommand::Push(copy) => {
+            let (local, other) = registry_pair(client, &copy)?;
+            image::copy(&local, &other, &copy.reference).await
+        }
+        ImageCommand::Pull(copy) => {
+            let (local, other) = registry_pair(client, &copy)?;
+            image::copy(&other, &local, &copy.reference).await
+        }
+    }
 }
 
 async fn run(cli: Cli) -> Result<()> {
@@ -146,12 +348,13 @@ async fn run(cli: Cli) -> Result<()> {
                 cache_dir: args.cache_dir,
                 api: args.api,
                 http: args.http,
+                registry: args.registry_listen,
+                registry_options: args.registry.options(),
                 limits: Limits {
                     default_memory: args.memory * MIB,
                     max_memory: args.max_memory * MIB,
                     default_timeout: args.timeout,
                     max_body: args.max_body,
-                    max_upload: args.max_upload,
                 },
                 max_instances: args.instances,
                 log_lines: args.log_lines,
@@ -159,13 +362,31 @@ async fn run(cli: Cli) -> Result<()> {
             })
             .await
         }
-        Command::Deploy { path, name } => {
-            lode::deploy::deploy(&client(&cli.client)?, &path, name.as_deref()).await
+        Command::Deploy {
+            path,
+            name,
+            registry: flag,
+        } => {
+            let registry = registry(&cli.client, &flag.registry)?;
+            lode::deploy::deploy(&client(&cli.client)?, registry, &path, name.as_deref()).await
         }
         Command::Ls => cli::list(&client(&cli.client)?).await,
         Command::Rm { app } => cli::remove(&client(&cli.client)?, &app).await,
         Command::Logs { app, follow, tail } => {
             cli::logs(&client(&cli.client)?, &app, follow, tail).await
+        }
+        Command::Image(command) => run_image(&cli.client, command).await,
+        Command::Registry(RegistryCommand::Serve {
+            data_dir,
+            listen,
+            registry,
+        }) => {
+            serve_registry(RegistryServeOptions {
+                data_dir,
+                listen,
+                registry: registry.options(),
+            })
+            .await
         }
         Command::Bench(command) => lode::bench::run(command).await,
     }

@@ -17,6 +17,7 @@ use crate::engine::{EngineSettings, WasmEngine};
 use crate::logs::LogStore;
 use crate::server::{Limits, Server};
 use crate::state::RedbStore;
+use lode_registry::{RegistryService, RegistryStore, ServiceOptions};
 
 /// How long a client may take to send request headers (slow clients hold a task each).
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
@@ -32,6 +33,10 @@ pub struct ServeOptions {
     pub api: SocketAddr,
     /// Public HTTP listen address.
     pub http: SocketAddr,
+    /// Registry (gRPC) listen address.
+    pub registry: SocketAddr,
+    /// Registry limits and read access.
+    pub registry_options: RegistryOptions,
     /// Limits.
     pub limits: Limits,
     /// Pool size.
@@ -40,6 +45,69 @@ pub struct ServeOptions {
     pub log_lines: usize,
     /// Skip writing `~/.config/lode/client.json`.
     pub no_client_config: bool,
+}
+
+/// Settings the embedded and the standalone registry share.
+#[derive(Debug, Clone)]
+pub struct RegistryOptions {
+    /// Let anyone read blobs, indexes and tags.
+    pub public_read: bool,
+    /// Largest blob accepted, in bytes.
+    pub max_blob: u64,
+}
+
+impl RegistryOptions {
+    fn service(&self, token: &str) -> ServiceOptions {
+        ServiceOptions {
+            token: Some(Arc::from(token)),
+            public_read: self.public_read,
+            max_blob: self.max_blob,
+            ..ServiceOptions::default()
+        }
+    }
+}
+
+/// The registry's stores under `data_dir`, with the index format check wired in.
+fn open_registry(data_dir: &Path) -> Result<RegistryStore> {
+    let validator: lode_registry::IndexValidator = Arc::new(lode_fs::validate_index);
+    RegistryStore::open_dir(data_dir, Some(validator))
+        .with_context(|| format!("opening the registry in {}", data_dir.display()))
+}
+
+/// Settings for `lode registry serve`.
+#[derive(Debug, Clone)]
+pub struct RegistryServeOptions {
+    /// Blobs, indexes, tags and the token.
+    pub data_dir: PathBuf,
+    /// Listen address.
+    pub listen: SocketAddr,
+    /// Limits and read access.
+    pub registry: RegistryOptions,
+}
+
+/// Runs a standalone registry until SIGINT or SIGTERM.
+pub async fn serve_registry(options: RegistryServeOptions) -> Result<()> {
+    let _lock = lock_dir(&options.data_dir, "registry data dir")?;
+    let token = load_or_create_token(&options.data_dir)?;
+    let store = open_registry(&options.data_dir)?;
+    let listener = bind(options.listen, "listen").await?;
+    let url = format!("http://{}", listener.local_addr()?);
+    println!("lode registry serve");
+    println!("  registry  {url}");
+    println!(
+        "  token     {} (reads {})",
+        options.data_dir.join("token").display(),
+        if options.registry.public_read {
+            "are public"
+        } else {
+            "need it too"
+        }
+    );
+    tracing::info!(%url, "registry serving");
+    RegistryService::new(store, options.registry.service(&token))
+        .serve(listener, shutdown_signal())
+        .await
+        .context("serving the registry")
 }
 
 /// Holds an exclusive lock on a directory for the life of the process.
@@ -97,25 +165,28 @@ pub async fn serve(options: ServeOptions) -> Result<()> {
 
     let api_listener = bind(options.api, "api").await?;
     let http_listener = bind(options.http, "http").await?;
+    let registry_listener = bind(options.registry, "registry-listen").await?;
     let api_addr = api_listener.local_addr()?;
     let http_addr = http_listener.local_addr()?;
+    let registry_addr = registry_listener.local_addr()?;
     let api_url = format!("http://{api_addr}");
     let http_url = format!("http://{http_addr}");
+    let registry_url = format!("http://{registry_addr}");
 
     let engine = WasmEngine::new(&EngineSettings {
         compiled_dir: options.cache_dir.join("compiled"),
         max_instances: options.max_instances,
         max_memory: options.limits.max_memory,
     })?;
-    let blobs = lode_registry::LocalDirStore::open(options.data_dir.join("blobs"))?;
+    let registry = open_registry(&options.data_dir)?;
     let state = RedbStore::open(&options.data_dir.join("state"))?;
     let server = Server::new(
         engine,
-        Arc::new(blobs),
+        registry.blobs.clone(),
         Arc::new(state),
         LogStore::new(options.log_lines),
         options.limits.clone(),
-        vec![api_addr, http_addr],
+        vec![api_addr, http_addr, registry_addr],
         http_url.clone(),
     );
     let restored = server.restore().await?;
@@ -123,7 +194,7 @@ pub async fn serve(options: ServeOptions) -> Result<()> {
     let client = ClientFile {
         api_url: api_url.clone(),
         http_url: http_url.clone(),
-        registry_url: api_url.clone(),
+        registry_url: registry_url.clone(),
         token: token.clone(),
     };
     let client_path = options.data_dir.join("client.json");
@@ -137,7 +208,7 @@ pub async fn serve(options: ServeOptions) -> Result<()> {
     println!("lode serve: {restored} app(s) restored");
     println!("  API       {api_url}");
     println!("  HTTP      {http_url}");
-    println!("  registry  {api_url} (blobs over the API for now)");
+    println!("  registry  {registry_url}");
     println!("  client    {}", client_path.display());
     tracing::info!(%api_addr, %http_addr, restored, "serving");
 
@@ -148,10 +219,13 @@ pub async fn serve(options: ServeOptions) -> Result<()> {
             .await
     });
     let http_task = tokio::spawn(serve_public(http_listener, server.clone()));
+    let registry_service = RegistryService::new(registry, options.registry_options.service(&token));
+    let registry_task = tokio::spawn(registry_service.serve(registry_listener, shutdown_signal()));
     shutdown_signal().await;
     tracing::info!("shutting down");
     http_task.abort();
     let _ = tokio::time::timeout(Duration::from_secs(5), api_task).await;
+    let _ = tokio::time::timeout(Duration::from_secs(5), registry_task).await;
     Ok(())
 }
 

@@ -32,8 +32,6 @@ pub struct Limits {
     pub default_timeout: Duration,
     /// Largest request body the public listener accepts, in bytes.
     pub max_body: u64,
-    /// Largest blob the API accepts, in bytes.
-    pub max_upload: u64,
 }
 
 /// A Wasm function that serves public HTTP.
@@ -137,7 +135,7 @@ pub enum DeployError {
     #[error("invalid manifest:\n  {}", .0.join("\n  "))]
     Invalid(Vec<String>),
     /// Blobs the manifest names were not uploaded.
-    #[error("blobs not uploaded: {}; upload them with PUT /v1/blobs/{{digest}} first", .0.join(", "))]
+    #[error("blobs not uploaded: {}; push them to the registry first (`lode deploy` does)", .0.join(", "))]
     MissingBlobs(Vec<String>),
     /// Something no engine on this host can run.
     #[error("{0}")]

@@ -11,14 +11,7 @@ use serde_json::Value;
 
 /// Sends blob + manifest straight to the API and returns the deploy's NDJSON events.
 async fn deploy_raw(lode: &Lode, app: &str, bytes: Vec<u8>) -> (u16, Vec<Value>) {
-    let digest = format!("blake3:{}", blake3::hash(&bytes).to_hex());
-    let put = lode
-        .api(Method::PUT, &format!("/v1/blobs/{digest}"))
-        .body(bytes)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(put.status(), 201, "{}", put.text().await.unwrap());
+    let digest = lode.upload(bytes).await;
     let manifest = serde_json::json!({
         "app": app,
         "functions": [{"name": app, "runtime": "wasm", "component": digest, "web": {"path": "/"}}]
@@ -196,7 +189,7 @@ async fn manifest_limits_override_server_defaults() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_deploys_get_clear_errors_and_leave_nothing() {
-    let lode = Lode::start(&["--max-upload", "1000000"]);
+    let lode = Lode::start(&["--max-blob", "1000000"]);
 
     let (status, events) = deploy_raw(&lode, "core", wat::parse_str("(module)").unwrap()).await;
     assert_eq!(status, 200);
@@ -251,25 +244,19 @@ async fn bad_deploys_get_clear_errors_and_leave_nothing() {
     ]);
     assert!(err.contains("invalid app name \"Bad_Name\""), "{err}");
 
+    use lode_registry::{BlobAccess, Digest};
+    let registry = lode.registry_client();
     let big = vec![0u8; 2_000_000];
-    let digest = format!("blake3:{}", blake3::hash(&big).to_hex());
-    let response = lode
-        .api(Method::PUT, &format!("/v1/blobs/{digest}"))
-        .body(big)
-        .send()
+    let err = registry
+        .put_blob(&Digest::of(&big), big.into())
         .await
-        .unwrap();
-    assert_eq!(response.status(), 413);
-    assert!(response.text().await.unwrap().contains("--max-upload"));
-
-    let wrong = lode
-        .api(Method::PUT, &format!("/v1/blobs/blake3:{}", "0".repeat(64)))
-        .body("abc")
-        .send()
+        .unwrap_err();
+    assert!(err.to_string().contains("--max-blob"), "{err}");
+    let err = registry
+        .put_blob(&Digest::of(b"claimed"), b"abc".to_vec().into())
         .await
-        .unwrap();
-    assert_eq!(wrong.status(), 400);
-    assert!(wrong.text().await.unwrap().contains("digest mismatch"));
+        .unwrap_err();
+    assert!(err.to_string().contains("digest mismatch"), "{err}");
 
     let response = lode
         .api(Method::PUT, "/v1/apps/x")
@@ -541,15 +528,7 @@ fn large_component(functions: usize) -> Vec<u8> {
 async fn a_long_compile_reports_progress_and_blocks_nothing_else() {
     let lode = Lode::start(&[]);
     lode.deploy(&sample("hello_http"), "hello");
-    let bytes = large_component(30_000);
-    let digest = format!("blake3:{}", blake3::hash(&bytes).to_hex());
-    let put = lode
-        .api(Method::PUT, &format!("/v1/blobs/{digest}"))
-        .body(bytes)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(put.status(), 201);
+    let digest = lode.upload(large_component(30_000)).await;
     let manifest = serde_json::json!({"app": "big", "functions": [{"name": "big", "runtime": "wasm",
         "component": digest, "web": {"path": "/"}}]});
     let response = lode

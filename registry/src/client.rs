@@ -134,10 +134,18 @@ impl RegistryClient {
 
     fn error(&self, op: &'static str, status: Status) -> Error {
         let mut message = status.message().to_string();
+        let mut cause = std::error::Error::source(&status);
+        while let Some(error) = cause {
+            let text = error.to_string();
+            if !message.contains(&text) {
+                message = format!("{message}: {text}");
+            }
+            cause = error.source();
+        }
         if status.code() == Code::Unavailable {
             message = format!(
-                "{message}: is the registry running? Start one with `lode serve` or `lode \
-                 registry serve`, or point --registry / LODE_REGISTRY at it"
+                "{message} (is the registry running? Start one with `lode serve` or `lode \
+                 registry serve`, or point --registry / LODE_REGISTRY at it)"
             );
         }
         Error::Remote {

@@ -200,11 +200,14 @@ impl Registry for RegistryService {
         };
         let digest = digest_arg(&header.digest, "header.digest")?;
         if header.size > self.options.max_blob {
-            return Err(status_of(Error::TooLarge {
+            let too_large = Error::TooLarge {
                 what: "blob",
                 size: header.size,
                 limit: self.options.max_blob,
-            }));
+            };
+            return Err(Status::out_of_range(format!(
+                "{too_large} (the registry's --max-blob)"
+            )));
         }
         // Buffered in memory and stored only once complete and verified, so an upload that
         // ends early or lies about its digest leaves nothing behind.

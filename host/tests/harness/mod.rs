@@ -65,6 +65,7 @@ pub struct Lode {
     pub dirs: tempfile::TempDir,
     pub api: String,
     pub http: String,
+    pub registry: String,
     pub token: String,
     extra_args: Vec<String>,
     child: Option<Child>,
@@ -78,6 +79,7 @@ impl Lode {
             dirs,
             api: String::new(),
             http: String::new(),
+            registry: String::new(),
             token: String::new(),
             extra_args: extra.iter().map(|s| s.to_string()).collect(),
             child: None,
@@ -108,6 +110,8 @@ impl Lode {
                 "127.0.0.1:0",
                 "--http",
                 "127.0.0.1:0",
+                "--registry-listen",
+                "127.0.0.1:0",
                 "--no-client-config",
             ])
             .args(["--timeout", "2s", "--instances", "64"])
@@ -134,6 +138,7 @@ impl Lode {
         };
         self.api = client["api_url"].as_str().unwrap().to_string();
         self.http = client["http_url"].as_str().unwrap().to_string();
+        self.registry = client["registry_url"].as_str().unwrap().to_string();
         self.token = client["token"].as_str().unwrap().to_string();
         self.child = Some(child);
     }
@@ -166,6 +171,8 @@ impl Lode {
             .env("LODE_CONFIG", self.client_file())
             .env_remove("LODE_API")
             .env_remove("LODE_TOKEN")
+            .env_remove("LODE_REGISTRY")
+            .env_remove("LODE_REMOTE_TOKEN")
             .output()
             .expect("running lode")
     }
@@ -191,6 +198,23 @@ impl Lode {
             String::from_utf8_lossy(&out.stdout)
         );
         String::from_utf8(out.stderr).unwrap()
+    }
+
+    /// A gRPC client for this server's embedded registry.
+    pub fn registry_client(&self) -> lode_registry::RegistryClient {
+        lode_registry::RegistryClient::new(&self.registry, Some(&self.token), Default::default())
+            .unwrap()
+    }
+
+    /// Uploads a blob to the embedded registry and returns its digest text.
+    pub async fn upload(&self, bytes: Vec<u8>) -> String {
+        use lode_registry::BlobAccess;
+        let digest = lode_registry::Digest::of(&bytes);
+        self.registry_client()
+            .put_blob(&digest, bytes.into())
+            .await
+            .unwrap();
+        digest.to_string()
     }
 
     /// Deploys a file or directory under `name`.
@@ -245,6 +269,70 @@ impl Lode {
 }
 
 impl Drop for Lode {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// A standalone `lode registry serve` on an ephemeral port.
+pub struct StandaloneRegistry {
+    pub data: PathBuf,
+    pub url: String,
+    pub token: String,
+    child: Option<Child>,
+}
+
+impl StandaloneRegistry {
+    /// Starts a registry on `data` (created if needed).
+    pub fn start(data: &Path) -> Self {
+        use std::io::BufRead;
+        let mut child = Command::new(LODE)
+            .args(["registry", "serve", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(data)
+            .env("LODE_LOG", "lode=warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("starting lode registry serve");
+        let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+        let url = lines
+            .by_ref()
+            .find_map(|line| {
+                Some(
+                    line.ok()?
+                        .trim()
+                        .strip_prefix("registry")?
+                        .trim()
+                        .to_string(),
+                )
+            })
+            .expect("lode registry serve printed its URL");
+        // Keep draining stdout so the registry never writes into a closed pipe.
+        std::thread::spawn(move || lines.for_each(drop));
+        let token = std::fs::read_to_string(data.join("token")).unwrap();
+        StandaloneRegistry {
+            data: data.to_path_buf(),
+            url,
+            token: token.trim().to_string(),
+            child: Some(child),
+        }
+    }
+
+    /// Stops it with SIGTERM and waits.
+    pub fn stop(mut self) {
+        if let Some(mut child) = self.child.take() {
+            // SAFETY: kill(2) on a child pid we own; no memory is touched.
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            let status = child.wait().unwrap();
+            assert!(status.success(), "lode registry serve exited with {status}");
+        }
+    }
+}
+
+impl Drop for StandaloneRegistry {
     fn drop(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
