@@ -2,7 +2,7 @@
 # Lode's entry point on a fresh Debian machine (root, Rust installed).
 #   ./lode.sh demo    install what is needed, start `lode serve`, deploy samples/hello-http
 #   ./lode.sh test    fmt, clippy and the whole test suite (what CI runs)
-#   ./lode.sh bench   `lode bench http` (needs wrk; wasmtime serve is the baseline if cached)
+#   ./lode.sh bench [http|cas]   both benchmarks, or one (installs wrk and b3sum as needed)
 #   ./lode.sh stop    stop the demo server
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -55,6 +55,8 @@ demo() {
   export LODE_CONFIG=$DATA_DIR/client.json
   log "deploying samples/hello-http as 'hello'"
   lode deploy samples/hello-http --name hello
+  log "ingesting samples/hello-http into the registry as the image 'demo/hello-src'"
+  lode image ingest samples/hello-http --tag demo/hello-src >/dev/null
   local http_url
   http_url=$(sed -n 's/.*"http_url": *"\([^"]*\)".*/\1/p' "$DATA_DIR/client.json")
   log "curl $http_url/hello/"
@@ -67,6 +69,7 @@ Lode is running. Try:
   lode ls
   lode logs hello --follow
   lode deploy samples/stream-echo --name echo && curl -d 'hi ' '$http_url/echo/echo?times=3'
+  lode image ls ; lode image export demo/hello-src /tmp/hello-src-copy
 Stop it with: ./lode.sh stop
 MSG
 }
@@ -101,14 +104,21 @@ run_tests() {
 }
 
 bench() {
-  setup wrk
+  local which=${1:-all}
+  [[ $# -gt 0 ]] && shift
+  setup wrk b3sum
   mkdir -p "$CACHE_DIR"
-  if [[ ! -x $WASMTIME_ROOT/bin/wasmtime ]]; then
-    log "wasmtime serve 48.0.8 is not cached; the baseline is skipped. To add it (about 18 min on 2 cores):"
-    log "  cargo install wasmtime-cli --version 48.0.8 --locked --root $WASMTIME_ROOT"
-  fi
   cargo build --release --quiet --bin lode
-  ./target/release/lode bench http "$@"
+  if [[ $which == all || $which == http ]]; then
+    if [[ ! -x $WASMTIME_ROOT/bin/wasmtime ]]; then
+      log "wasmtime serve 48.0.8 is not cached; the baseline is skipped. To add it (about 18 min on 2 cores):"
+      log "  cargo install wasmtime-cli --version 48.0.8 --locked --root $WASMTIME_ROOT"
+    fi
+    ./target/release/lode bench http "$@"
+  fi
+  if [[ $which == all || $which == cas ]]; then
+    ./target/release/lode bench cas "$@"
+  fi
 }
 
 case "${1:-}" in

@@ -27,6 +27,8 @@ use crate::outbound::OutboundPolicy;
 pub enum BenchCommand {
     /// Instantiate latency and HTTP throughput against plain hyper and `wasmtime serve`.
     Http(HttpBench),
+    /// Ingest, GetBlob and index load throughput, and dedup ratios, against baselines.
+    Cas(crate::bench_cas::CasBench),
     /// A plain hyper server answering `hello`: the ceiling `lode bench http` compares to.
     #[command(hide = true)]
     HyperHello {
@@ -69,6 +71,7 @@ pub struct HttpBench {
 pub async fn run(command: BenchCommand) -> Result<()> {
     match command {
         BenchCommand::Http(args) => http(args).await,
+        BenchCommand::Cas(args) => crate::bench_cas::cas(args).await,
         BenchCommand::HyperHello { listen } => hyper_hello(listen).await,
     }
 }

@@ -11,6 +11,7 @@
 
 pub mod api;
 pub mod bench;
+pub mod bench_cas;
 pub mod cli;
 pub mod client_config;
 pub mod deploy;

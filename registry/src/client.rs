@@ -98,7 +98,8 @@ impl RegistryClient {
             .map_err(|e| invalid(format!("not a valid URL: {e}")))?
             .connect_timeout(options.connect_timeout)
             .tcp_nodelay(true)
-            .http2_adaptive_window(true);
+            .initial_stream_window_size(crate::STREAM_WINDOW)
+            .initial_connection_window_size(crate::CONNECTION_WINDOW);
         let grpc = Grpc::new(endpoint.connect_lazy())
             .max_decoding_message_size(options.max_message)
             .max_encoding_message_size(options.max_message);
@@ -203,6 +204,9 @@ impl RegistryClient {
             .await?
             .into_inner();
         while let Some(message) = stream.message().await? {
+            // Sized once from the first message, so frames are copied in without regrowing.
+            let remaining = message.total_size.saturating_sub(buffer.len() as u64);
+            buffer.reserve(usize::try_from(remaining).unwrap_or(0).min(64 << 20));
             buffer.extend_from_slice(&message.data);
             if buffer.len() as u64 > message.total_size {
                 return Err(Status::data_loss(format!(

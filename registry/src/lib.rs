@@ -147,6 +147,11 @@ pub enum Error {
     },
 }
 
+/// HTTP/2 flow-control windows. The 64 KiB default stalls a 1 MiB chunk on round trips
+/// for window updates; these let several chunks stream at once.
+const STREAM_WINDOW: u32 = 4 << 20;
+const CONNECTION_WINDOW: u32 = 16 << 20;
+
 /// Result alias for this crate.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 

@@ -104,6 +104,23 @@ impl BlobStore for LocalDirStore {
         Ok(digest)
     }
 
+    /// Hashes once (the default would hash again in `put`).
+    fn put_verified(&self, expected: &Digest, bytes: &[u8]) -> Result<bool> {
+        let actual = Digest::of(bytes);
+        if &actual != expected {
+            return Err(Error::DigestMismatch {
+                expected: expected.clone(),
+                actual,
+            });
+        }
+        let dest = self.blob_path(expected);
+        if dest.exists() {
+            return Ok(true);
+        }
+        self.write_atomically(&dest, bytes)?;
+        Ok(false)
+    }
+
     fn get(&self, digest: &Digest) -> Result<Vec<u8>> {
         let path = self.blob_path(digest);
         let bytes = fs::read(&path).map_err(|source| match source.kind() {
