@@ -60,15 +60,12 @@ impl Drop for Registry {
     }
 }
 
-/// Starts `lode registry serve` on a fresh data dir.
-fn start_registry() -> Result<Registry> {
-    let dir = tempfile::Builder::new()
-        .prefix("lode-bench-cas")
-        .tempdir()?;
-    let data = dir.path().join("registry");
-    let mut child = Command::new(std::env::current_exe()?)
+/// Spawns `exe registry serve` on `data` and an ephemeral port; returns it and its URL.
+/// Its stdout keeps being drained, so it never writes into a closed pipe.
+pub fn spawn_registry(exe: &Path, data: &Path) -> Result<(Child, String)> {
+    let mut child = Command::new(exe)
         .args(["registry", "serve", "--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(&data)
+        .arg(data)
         .env("LODE_LOG", "warn")
         .stdout(Stdio::piped())
         .spawn()
@@ -87,6 +84,16 @@ fn start_registry() -> Result<Registry> {
         })
         .context("lode registry serve did not print its URL")?;
     std::thread::spawn(move || lines.for_each(drop));
+    Ok((child, url))
+}
+
+/// Starts `lode registry serve` on a fresh data dir.
+fn start_registry() -> Result<Registry> {
+    let dir = tempfile::Builder::new()
+        .prefix("lode-bench-cas")
+        .tempdir()?;
+    let data = dir.path().join("registry");
+    let (child, url) = spawn_registry(&std::env::current_exe()?, &data)?;
     let token = std::fs::read_to_string(data.join("token"))?;
     let client = RegistryClient::new(&url, Some(token.trim()), ClientOptions::default())?;
     Ok(Registry {

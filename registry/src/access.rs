@@ -81,13 +81,7 @@ impl RegistryStore {
 
     /// Verifies and stores an index (blocking).
     pub fn store_index(&self, digest: &Digest, bytes: &[u8]) -> Result<bool> {
-        let actual = Digest::of(bytes);
-        if &actual != digest {
-            return Err(Error::DigestMismatch {
-                expected: digest.clone(),
-                actual,
-            });
-        }
+        digest.verify(bytes)?;
         if let Some(validate) = &self.validator {
             validate(bytes).map_err(|reason| Error::InvalidIndex {
                 digest: digest.clone(),

@@ -263,18 +263,6 @@ fn expected_of(condition: &TagUpdate) -> Option<Expected> {
     }
 }
 
-fn verify(digest: &Digest, bytes: &[u8]) -> Result<()> {
-    let actual = Digest::of(bytes);
-    if &actual == digest {
-        Ok(())
-    } else {
-        Err(Error::DigestMismatch {
-            expected: digest.clone(),
-            actual,
-        })
-    }
-}
-
 fn digest_from(url: &str, op: &'static str, bytes: &[u8]) -> Result<Digest> {
     Digest::from_slice(bytes).map_err(|_| Error::Remote {
         url: url.to_string(),
@@ -353,7 +341,7 @@ impl BlobAccess for RegistryClient {
         })
         .await?;
         let buffer = buffer.into_inner();
-        verify(digest, &buffer)?;
+        digest.verify(&buffer)?;
         Ok(buffer.freeze())
     }
 
@@ -380,7 +368,7 @@ impl BlobAccess for RegistryClient {
             })
             .await?;
         let data = response.into_inner().data;
-        verify(digest, &data)?;
+        digest.verify(&data)?;
         Ok(data)
     }
 

@@ -27,6 +27,19 @@ impl Digest {
         &self.0
     }
 
+    /// Checks that `bytes` hash to this digest.
+    pub fn verify(&self, bytes: &[u8]) -> Result<(), Error> {
+        let actual = Self::of(bytes);
+        if &actual == self {
+            Ok(())
+        } else {
+            Err(Error::DigestMismatch {
+                expected: self.clone(),
+                actual,
+            })
+        }
+    }
+
     /// Wraps 32 raw bytes, as digests travel in the registry's protocol.
     pub fn from_slice(bytes: &[u8]) -> Result<Self, Error> {
         <[u8; 32]>::try_from(bytes)

@@ -167,13 +167,7 @@ pub trait BlobStore: Send + Sync + 'static {
     /// Stores `bytes` only if they hash to `expected`; otherwise stores nothing. Returns
     /// whether the blob was already present.
     fn put_verified(&self, expected: &Digest, bytes: &[u8]) -> Result<bool> {
-        let actual = Digest::of(bytes);
-        if &actual != expected {
-            return Err(Error::DigestMismatch {
-                expected: expected.clone(),
-                actual,
-            });
-        }
+        expected.verify(bytes)?;
         let existed = self.has(expected)?;
         if !existed {
             self.put(bytes)?;

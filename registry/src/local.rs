@@ -106,13 +106,7 @@ impl BlobStore for LocalDirStore {
 
     /// Hashes once (the default would hash again in `put`).
     fn put_verified(&self, expected: &Digest, bytes: &[u8]) -> Result<bool> {
-        let actual = Digest::of(bytes);
-        if &actual != expected {
-            return Err(Error::DigestMismatch {
-                expected: expected.clone(),
-                actual,
-            });
-        }
+        expected.verify(bytes)?;
         let dest = self.blob_path(expected);
         if dest.exists() {
             return Ok(true);

@@ -288,30 +288,7 @@ pub struct StandaloneRegistry {
 impl StandaloneRegistry {
     /// Starts a registry on `data` (created if needed).
     pub fn start(data: &Path) -> Self {
-        use std::io::BufRead;
-        let mut child = Command::new(LODE)
-            .args(["registry", "serve", "--listen", "127.0.0.1:0", "--data-dir"])
-            .arg(data)
-            .env("LODE_LOG", "lode=warn")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("starting lode registry serve");
-        let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
-        let url = lines
-            .by_ref()
-            .find_map(|line| {
-                Some(
-                    line.ok()?
-                        .trim()
-                        .strip_prefix("registry")?
-                        .trim()
-                        .to_string(),
-                )
-            })
-            .expect("lode registry serve printed its URL");
-        // Keep draining stdout so the registry never writes into a closed pipe.
-        std::thread::spawn(move || lines.for_each(drop));
+        let (child, url) = lode::bench_cas::spawn_registry(Path::new(LODE), data).unwrap();
         let token = std::fs::read_to_string(data.join("token")).unwrap();
         StandaloneRegistry {
             data: data.to_path_buf(),
