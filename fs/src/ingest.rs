@@ -5,8 +5,9 @@ use std::collections::{HashMap, HashSet};
 use std::fs::{self, File};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
-use std::path::Path;
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use futures::StreamExt;
@@ -98,12 +99,15 @@ pub async fn ingest(
     let walk = tokio::task::spawn_blocking(move || {
         let mut walker = Walker {
             options,
-            tx,
             report: IngestReport::default(),
             links: HashMap::new(),
-            seen: HashSet::new(),
+            jobs: Vec::new(),
         };
-        let tree = walker.node(&root_path, Vec::new())?;
+        let mut tree = walker.node(&root_path, Vec::new())?;
+        let (contents, distinct) = hash_files(&walker.jobs, options.chunking, &tx)?;
+        drop(tx);
+        walker.report.chunks = distinct;
+        fill(&mut tree, &mut contents.into_iter(), &mut HashMap::new());
         Ok::<_, Error>((tree, walker.report))
     });
     let walked = walk.await.expect("the walk does not panic");
@@ -157,15 +161,24 @@ async fn upload(
     }
 }
 
+/// A file whose bytes go into chunks, found by the walk and hashed afterwards in parallel.
+struct Job {
+    path: PathBuf,
+    size: u64,
+}
+
+/// The first pass: metadata, symlinks and inline files, in sorted order. Chunked files become
+/// jobs, filled in after [`hash_files`] in the same order.
 struct Walker {
     options: IngestOptions,
-    tx: mpsc::Sender<ChunkOut>,
     report: IngestReport,
-    /// (device, inode) of multiply-linked files → (group, content).
-    links: HashMap<(u64, u64), (u64, FileContent)>,
-    /// Chunks already sent this run.
-    seen: HashSet<Digest>,
+    /// (device, inode) of multiply-linked files → their group.
+    links: HashMap<(u64, u64), u64>,
+    jobs: Vec<Job>,
 }
+
+/// Stands in for a chunked file's content until its job is done.
+const PENDING: FileContent = FileContent::Chunks(Vec::new());
 
 impl Walker {
     fn node(&mut self, path: &Path, name: Vec<u8>) -> Result<Node> {
@@ -220,19 +233,30 @@ impl Walker {
     fn file(&mut self, path: &Path, meta: &fs::Metadata) -> Result<Body> {
         let key = (meta.dev(), meta.ino());
         if meta.nlink() > 1
-            && let Some((group, content)) = self.links.get(&key)
+            && let Some(&group) = self.links.get(&key)
         {
             self.report.hardlinks += 1;
             return Ok(Body::File {
-                content: content.clone(),
-                link_group: Some(*group),
+                content: PENDING,
+                link_group: Some(group),
             });
         }
         self.report.files += 1;
-        let content = self.content(path, meta.len())?;
+        let size = meta.len();
+        let content = if size <= u64::from(self.options.inline_max) {
+            self.report.inline_bytes += size;
+            FileContent::Inline(read_small(path, size)?)
+        } else {
+            self.jobs.push(Job {
+                path: path.to_path_buf(),
+                size,
+            });
+            PENDING
+        };
+        self.report.file_bytes += size;
         let link_group = (meta.nlink() > 1).then(|| {
             let group = self.links.len() as u64;
-            self.links.insert(key, (group, content.clone()));
+            self.links.insert(key, group);
             group
         });
         Ok(Body::File {
@@ -240,57 +264,136 @@ impl Walker {
             link_group,
         })
     }
+}
 
-    fn content(&mut self, path: &Path, expected: u64) -> Result<FileContent> {
-        let file = File::open(path).map_err(Error::io("open", path))?;
-        let changed = || Error::Changed(path.to_path_buf());
-        if expected <= u64::from(self.options.inline_max) {
-            let mut data = Vec::with_capacity(expected as usize);
-            use std::io::Read;
-            file.take(expected + 1)
-                .read_to_end(&mut data)
-                .map_err(Error::io("read", path))?;
-            if data.len() as u64 != expected {
-                return Err(changed());
-            }
-            self.report.file_bytes += expected;
-            self.report.inline_bytes += expected;
-            return Ok(FileContent::Inline(data));
-        }
-        let mut chunks = Vec::new();
-        let mut total = 0u64;
-        let mut closed = false;
-        self.options
-            .chunking
-            .split(file, |data| {
-                let digest = Digest::of(&data);
-                total += data.len() as u64;
-                chunks.push((digest.clone(), data.len() as u32));
-                if self.seen.insert(digest.clone()) {
-                    self.report.chunks += 1;
-                    let out = ChunkOut {
-                        digest,
-                        data: Bytes::from(data),
-                    };
-                    if self.tx.blocking_send(out).is_err() {
-                        closed = true;
-                        return Err(std::io::Error::other("upload stopped"));
+fn read_small(path: &Path, expected: u64) -> Result<Vec<u8>> {
+    use std::io::Read;
+    let file = File::open(path).map_err(Error::io("open", path))?;
+    let mut data = Vec::with_capacity(expected as usize);
+    file.take(expected + 1)
+        .read_to_end(&mut data)
+        .map_err(Error::io("read", path))?;
+    if data.len() as u64 != expected {
+        return Err(Error::Changed(path.to_path_buf()));
+    }
+    Ok(data)
+}
+
+/// Chunks and hashes every job on all cores, sending chunks not seen before in this run to
+/// the uploader. Returns the contents in job order and the number of distinct chunks.
+fn hash_files(
+    jobs: &[Job],
+    chunking: Chunking,
+    tx: &mpsc::Sender<ChunkOut>,
+) -> Result<(Vec<FileContent>, u64)> {
+    let next = AtomicUsize::new(0);
+    let seen = Mutex::new(HashSet::new());
+    let results: Vec<Mutex<Option<FileContent>>> = jobs.iter().map(|_| Mutex::new(None)).collect();
+    let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..workers.min(jobs.len().max(1)))
+            .map(|_| {
+                scope.spawn(|| -> Result<()> {
+                    loop {
+                        let at = next.fetch_add(1, Ordering::Relaxed);
+                        let Some(job) = jobs.get(at) else {
+                            return Ok(());
+                        };
+                        let content = chunk_file(job, chunking, tx, &seen);
+                        if content.is_err() {
+                            // Stop the other workers early.
+                            next.store(jobs.len(), Ordering::Relaxed);
+                        }
+                        *results[at].lock().expect("not poisoned") = Some(content?);
                     }
-                }
-                Ok(())
+                })
             })
-            .map_err(|e| {
-                if closed {
-                    Error::UploadStopped
-                } else {
-                    Error::io("read", path)(e)
+            .collect();
+        handles
+            .into_iter()
+            .try_for_each(|h| h.join().expect("hashing does not panic"))
+    })?;
+    let distinct = seen.lock().expect("not poisoned").len() as u64;
+    let contents = results
+        .into_iter()
+        .map(|r| {
+            r.into_inner()
+                .expect("not poisoned")
+                .expect("every job ran")
+        })
+        .collect();
+    Ok((contents, distinct))
+}
+
+fn chunk_file(
+    job: &Job,
+    chunking: Chunking,
+    tx: &mpsc::Sender<ChunkOut>,
+    seen: &Mutex<HashSet<Digest>>,
+) -> Result<FileContent> {
+    let file = File::open(&job.path).map_err(Error::io("open", &job.path))?;
+    let mut chunks = Vec::new();
+    let mut total = 0u64;
+    let mut closed = false;
+    chunking
+        .split(file, |data| {
+            let digest = Digest::of(&data);
+            total += data.len() as u64;
+            chunks.push((digest.clone(), data.len() as u32));
+            if seen.lock().expect("not poisoned").insert(digest.clone()) {
+                let out = ChunkOut {
+                    digest,
+                    data: Bytes::from(data),
+                };
+                if tx.blocking_send(out).is_err() {
+                    closed = true;
+                    return Err(std::io::Error::other("upload stopped"));
                 }
-            })?;
-        if total != expected {
-            return Err(changed());
+            }
+            Ok(())
+        })
+        .map_err(|e| {
+            if closed {
+                Error::UploadStopped
+            } else {
+                Error::io("read", &job.path)(e)
+            }
+        })?;
+    if total != job.size {
+        return Err(Error::Changed(job.path.clone()));
+    }
+    Ok(FileContent::Chunks(chunks))
+}
+
+/// Puts the hashed contents back into the tree, in the walk's order, and gives every hard
+/// link its group's content.
+fn fill(
+    node: &mut Node,
+    contents: &mut impl Iterator<Item = FileContent>,
+    groups: &mut HashMap<u64, FileContent>,
+) {
+    match &mut node.body {
+        Body::Dir(children) => {
+            for child in children {
+                fill(child, contents, groups);
+            }
         }
-        self.report.file_bytes += total;
-        Ok(FileContent::Chunks(chunks))
+        Body::File {
+            content,
+            link_group,
+        } => {
+            if let Some(shared) = link_group.and_then(|g| groups.get(&g)) {
+                *content = shared.clone();
+                return;
+            }
+            if *content == PENDING {
+                *content = contents.next().expect("one content per job");
+            }
+            if let Some(group) = link_group {
+                groups.insert(*group, content.clone());
+            }
+        }
+        _ => {}
     }
 }
 

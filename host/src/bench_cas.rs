@@ -28,9 +28,9 @@ pub struct CasBench {
     /// A real tree to ingest and fetch back.
     #[arg(long, default_value = "/usr/lib/python3.11")]
     tree: PathBuf,
-    /// A tree of 50k+ entries whose index load time is measured.
-    #[arg(long, default_value = "/usr")]
-    index_tree: PathBuf,
+    /// Trees of 50k+ entries whose index load time is measured (comma separated).
+    #[arg(long, value_delimiter = ',', default_value = "/usr/share,/usr")]
+    index_trees: Vec<PathBuf>,
     /// Index loads to time.
     #[arg(long, default_value_t = 30)]
     loads: usize,
@@ -117,7 +117,9 @@ fn median(mut values: Vec<Duration>) -> Duration {
 pub async fn cas(args: CasBench) -> Result<()> {
     println!("lode bench cas ({} CPUs)", num_cpus());
     ingest_and_fetch(&args.tree).await?;
-    index_load(&args.index_tree, args.loads).await?;
+    for tree in &args.index_trees {
+        index_load(tree, args.loads).await?;
+    }
     match python_trees(&args.pytrees) {
         Ok(trees) => dedup(&trees, &args.schemes).await?,
         Err(e) => println!("\ndedup: skipped, the pip trees could not be built: {e:#}"),
