@@ -3,11 +3,12 @@
 
 use std::collections::{HashMap, VecDeque};
 
+use bytes::Bytes;
 use lode_registry::Digest;
 use zerocopy::IntoBytes;
 
 use crate::index::{
-    FLAG_INLINE, IndexError, Kind, MAGIC, RawChunk, RawEntry, RawHeader, RawXattr, VERSION,
+    FLAG_INLINE, Index, IndexError, Kind, MAGIC, RawChunk, RawEntry, RawHeader, RawXattr, VERSION,
     check_name,
 };
 
@@ -194,9 +195,10 @@ impl Encoder {
     }
 }
 
-/// Encodes the tree under `root` (a directory). Refuses names that are empty, `.`, `..`, or
-/// hold `/` or NUL, and two children with one name.
-pub fn encode(root: &Node) -> Result<Vec<u8>, IndexError> {
+/// Encodes the tree under `root` (a directory) and loads the result, so ingest refuses
+/// exactly what a reader would: names that are empty, `.`, `..`, or hold `/` or NUL, two
+/// children with one name, bad symlink targets or xattr names, and so on.
+pub fn encode(root: &Node) -> Result<Index, IndexError> {
     if !matches!(root.body, Body::Dir(_)) {
         return Err(IndexError(
             "the root of an index must be a directory".into(),
@@ -262,5 +264,5 @@ pub fn encode(root: &Node) -> Result<Vec<u8>, IndexError> {
     out.extend_from_slice(encoder.chunks.as_bytes());
     out.extend_from_slice(encoder.xattrs.as_bytes());
     out.extend_from_slice(&encoder.heap);
-    Ok(out)
+    Index::parse(Bytes::from(out))
 }

@@ -42,8 +42,8 @@ pub async fn export(
     prepare_target(target)?;
     let walk = index.walk();
     let mut report = ExportReport::default();
-    // Where each chunk must be written: digest → [(file, offset)].
-    let mut wanted: HashMap<Digest, Vec<(usize, u64)>> = HashMap::new();
+    // Where each chunk must be written: digest → [(file, offset, length)].
+    let mut wanted: HashMap<Digest, Vec<(usize, u64, u32)>> = HashMap::new();
     let mut files: Vec<PathBuf> = Vec::new();
     let mut first_link: HashMap<u32, PathBuf> = HashMap::new();
     for (relative, entry) in &walk {
@@ -80,10 +80,11 @@ pub async fn export(
                             .map_err(Error::io("size", &path))?;
                         files.push(path.clone());
                         for chunk in chunks {
-                            wanted
-                                .entry(chunk.digest())
-                                .or_default()
-                                .push((files.len() - 1, chunk.offset()));
+                            wanted.entry(chunk.digest()).or_default().push((
+                                files.len() - 1,
+                                chunk.offset(),
+                                chunk.length(),
+                            ));
                         }
                     }
                 }
@@ -139,7 +140,7 @@ fn prepare_target(target: &Path) -> Result<()> {
 
 async fn fetch_chunks(
     registry: Arc<dyn BlobAccess>,
-    wanted: HashMap<Digest, Vec<(usize, u64)>>,
+    wanted: HashMap<Digest, Vec<(usize, u64, u32)>>,
     files: Arc<Vec<PathBuf>>,
 ) -> Result<u64> {
     let fetched = wanted.len() as u64;
@@ -148,8 +149,17 @@ async fn fetch_chunks(
         async move {
             let data = registry.get_blob(&digest).await?;
             tokio::task::spawn_blocking(move || {
-                for (file, offset) in places {
+                for (file, offset, length) in places {
                     let path = &files[file];
+                    // The digest vouches for the bytes, not for the length the index gives.
+                    if data.len() != length as usize {
+                        return Err(Error::ChunkLength {
+                            path: path.clone(),
+                            digest: digest.clone(),
+                            expected: length,
+                            actual: data.len(),
+                        });
+                    }
                     OpenOptions::new()
                         .write(true)
                         .custom_flags(libc::O_NOFOLLOW)

@@ -218,6 +218,11 @@ impl Index {
                 header.version.get()
             ));
         }
+        if header.flags.get() != 0 || header.reserved.get() != 0 {
+            return invalid(
+                "header flags are set that this lode does not know; it needs a newer lode",
+            );
+        }
         let total = bytes.len();
         let entries = section(
             HEADER_LEN,
@@ -280,17 +285,31 @@ impl Index {
 
     fn validate(&self) -> Result<(), IndexError> {
         let entries = self.raw_entries();
-        let chunk_count = self.raw_chunks().len() as u64;
-        let xattr_count = self.raw_xattrs().len() as u64;
+        let chunks = self.raw_chunks();
+        let xattrs = self.raw_xattrs();
         let Some(root) = entries.first() else {
             return invalid("it has no root directory");
         };
-        if Kind::from_u8(root.kind) != Some(Kind::Dir) || root.name_len.get() != 0 {
+        if Kind::from_u8(root.kind) != Some(Kind::Dir)
+            || root.name_len.get() != 0
+            || root.parent.get() != 0
+        {
             return invalid("entry 0 must be the root directory, with an empty name");
         }
+        for (i, xattr) in xattrs.iter().enumerate() {
+            let name = self.heap_slice(xattr.name_off.get(), xattr.name_len.get().into());
+            let value = self.heap_slice(xattr.value_off.get(), xattr.value_len.get().into());
+            if name.is_none_or(|n| n.is_empty() || n.contains(&0)) || value.is_none() {
+                return invalid(format!("xattr {i} has a bad name or value range"));
+            }
+        }
         // Each directory claims the next run of entries as its children, in entry order, so
-        // every entry but the root has exactly one parent, which comes before it.
+        // every entry but the root has exactly one parent, which comes before it. Chunk and
+        // xattr records are owned the same way, in entry order, so none is shared by accident
+        // or left over.
         let mut next_unclaimed: u64 = 1;
+        let mut next_chunk: u64 = 0;
+        let mut next_xattr: u64 = 0;
         for (id, entry) in entries.iter().enumerate() {
             let at = |what: &str| IndexError(format!("entry {id}: {what}"));
             if id > 0 && id as u64 >= next_unclaimed {
@@ -306,7 +325,30 @@ impl Index {
             if entry.mode.get() & !0o7777 != 0 {
                 return Err(at("mode has bits beyond 0o7777"));
             }
-            let (a, b) = (u64::from(entry.a.get()), u64::from(entry.b.get()));
+            if entry.mtime_nsec.get() >= 1_000_000_000 {
+                return Err(at("mtime nanoseconds are not below one second"));
+            }
+            let inline = entry.flags & FLAG_INLINE != 0;
+            if entry.flags & !FLAG_INLINE != 0 || (inline && kind != Kind::File) {
+                return Err(at("unknown flags are set"));
+            }
+            let (a, b, size) = (
+                u64::from(entry.a.get()),
+                u64::from(entry.b.get()),
+                entry.size.get(),
+            );
+            let link = entry.link.get();
+            // A hard link other than its group's first shares the first one's content.
+            let shares_content = link != 0 && link as usize - 1 != id;
+            let unused_zero = match kind {
+                Kind::Dir => size == 0,
+                Kind::File | Kind::Symlink => b == 0 || (kind == Kind::File && !inline),
+                Kind::CharDevice | Kind::BlockDevice => a == 0 && b == 0,
+                Kind::Fifo | Kind::Socket => a == 0 && b == 0 && size == 0,
+            };
+            if !unused_zero {
+                return Err(at("a field this kind of entry does not use is set"));
+            }
             match kind {
                 Kind::Dir => {
                     if a != next_unclaimed {
@@ -316,9 +358,8 @@ impl Index {
                     if next_unclaimed > entries.len() as u64 {
                         return Err(at("children run past the last entry"));
                     }
-                    let children = &entries[a as usize..(a + b) as usize];
                     let mut previous: Option<&[u8]> = None;
-                    for child in children {
+                    for child in &entries[a as usize..(a + b) as usize] {
                         if child.parent.get() as usize != id {
                             return Err(at("a child names another parent"));
                         }
@@ -334,32 +375,33 @@ impl Index {
                         previous = Some(child_name);
                     }
                 }
-                Kind::File
-                    if entry.flags & FLAG_INLINE != 0
-                        && (b != 0
-                            || self.heap_slice(entry.a.get(), entry.size.get()).is_none()) =>
-                {
+                Kind::File if inline && self.heap_slice(entry.a.get(), size).is_none() => {
                     return Err(at("inline data runs past the heap"));
                 }
-                Kind::File if entry.flags & FLAG_INLINE != 0 => {}
+                Kind::File if inline => {}
+                Kind::File if shares_content => {}
                 Kind::File => {
-                    if a + b > chunk_count {
-                        return Err(at("chunk list runs past the chunk table"));
+                    if a != next_chunk || a + b > chunks.len() as u64 {
+                        return Err(at("chunk list is not the next run of the chunk table"));
                     }
+                    next_chunk += b;
                     let mut offset = 0u64;
-                    for chunk in &self.raw_chunks()[a as usize..(a + b) as usize] {
-                        if chunk.offset() != offset || chunk.length() == 0 {
+                    for chunk in &chunks[a as usize..(a + b) as usize] {
+                        if chunk.offset() != offset
+                            || chunk.length() == 0
+                            || chunk.reserved.get() != 0
+                        {
                             return Err(at("chunks do not tile the file"));
                         }
                         offset += u64::from(chunk.length());
                     }
-                    if offset != entry.size.get() {
+                    if offset != size {
                         return Err(at("chunks do not add up to the file size"));
                     }
                 }
                 Kind::Symlink => {
                     let target = self
-                        .heap_slice(entry.a.get(), entry.size.get())
+                        .heap_slice(entry.a.get(), size)
                         .ok_or_else(|| at("symlink target runs past the heap"))?;
                     if target.is_empty() || target.contains(&0) {
                         return Err(at("symlink target is empty or holds a NUL byte"));
@@ -367,33 +409,41 @@ impl Index {
                 }
                 _ => {}
             }
-            let link = entry.link.get();
             if link != 0 {
-                let primary = entries
-                    .get(link as usize - 1)
-                    .ok_or_else(|| at("hard-link group names no entry"))?;
-                if kind != Kind::File
-                    || primary.link.get() != link
-                    || (primary.a, primary.b, primary.size, primary.flags)
-                        != (entry.a, entry.b, entry.size, entry.flags)
-                {
+                // The group's first file has the lowest id and names itself.
+                let first = link as usize - 1;
+                let matches = first <= id
+                    && kind == Kind::File
+                    && entries[first].link.get() == link
+                    && (entries[first].a, entries[first].b, entries[first].size)
+                        == (entry.a, entry.b, entry.size)
+                    && entries[first].flags == entry.flags;
+                if !matches {
                     return Err(at("hard link does not match its group's first file"));
                 }
             }
-            let xattr_end = u64::from(entry.xattr_first.get()) + u64::from(entry.xattr_count.get());
-            if xattr_end > xattr_count {
-                return Err(at("xattr list runs past the xattr table"));
+            let (first_xattr, count) = (
+                u64::from(entry.xattr_first.get()),
+                u64::from(entry.xattr_count.get()),
+            );
+            if first_xattr != next_xattr || first_xattr + count > xattrs.len() as u64 {
+                return Err(at("xattr list is not the next run of the xattr table"));
+            }
+            next_xattr += count;
+            let own = &xattrs[first_xattr as usize..(first_xattr + count) as usize];
+            let names = own.iter().map(|x| {
+                self.heap_slice(x.name_off.get(), x.name_len.get().into())
+                    .unwrap_or_default()
+            });
+            if names.clone().zip(names.skip(1)).any(|(x, y)| x >= y) {
+                return Err(at("xattrs are not sorted or repeat a name"));
             }
         }
         if next_unclaimed != entries.len() as u64 {
             return invalid("some entries are in no directory");
         }
-        for (i, xattr) in self.raw_xattrs().iter().enumerate() {
-            let name = self.heap_slice(xattr.name_off.get(), xattr.name_len.get().into());
-            let value = self.heap_slice(xattr.value_off.get(), xattr.value_len.get().into());
-            if name.is_none_or(|n| n.is_empty() || n.contains(&0)) || value.is_none() {
-                return invalid(format!("xattr {i} has a bad name or value range"));
-            }
+        if next_chunk != chunks.len() as u64 || next_xattr != xattrs.len() as u64 {
+            return invalid("the chunk or xattr table has records no entry owns");
         }
         Ok(())
     }

@@ -79,8 +79,9 @@ struct ChunkOut {
 
 /// Where chunks go while the walk goes on; bounded so a fast disk cannot outrun the upload.
 const PIPELINE_DEPTH: usize = 64;
-/// Chunks per `HasBlobs` question.
-const BATCH: usize = 256;
+/// Chunks per `HasBlobs` question. With the pipeline, at most about 128 chunks (32 MiB at
+/// the default average size) are held in memory at once.
+const BATCH: usize = 64;
 
 /// Ingests the tree at `root` into `registry` and returns the report, whose `digest` names
 /// the new index.
@@ -122,10 +123,10 @@ pub async fn ingest(
     report.new_bytes = new_bytes;
     report.deduped_bytes = report.file_bytes - report.inline_bytes - new_bytes;
     let index = encode(&tree)?;
-    let digest = Digest::of(&index);
-    report.index_bytes = index.len() as u64;
+    let digest = index.digest().clone();
+    report.index_bytes = index.bytes().len() as u64;
     // Chunks first, index last: an index in the registry always has all its chunks.
-    registry.put_index(&digest, Bytes::from(index)).await?;
+    registry.put_index(&digest, index.bytes().clone()).await?;
     report.digest = Some(digest);
     Ok(report)
 }
@@ -266,9 +267,23 @@ impl Walker {
     }
 }
 
+/// Opens a file the walk saw as a regular file, refusing it if it was swapped for a symlink
+/// since, so ingest never reads outside the tree.
+fn open_nofollow(path: &Path) -> Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+        .map_err(|e| match e.raw_os_error() {
+            Some(libc::ELOOP) => Error::Changed(path.to_path_buf()),
+            _ => Error::io("open", path)(e),
+        })
+}
+
 fn read_small(path: &Path, expected: u64) -> Result<Vec<u8>> {
     use std::io::Read;
-    let file = File::open(path).map_err(Error::io("open", path))?;
+    let file = open_nofollow(path)?;
     let mut data = Vec::with_capacity(expected as usize);
     file.take(expected + 1)
         .read_to_end(&mut data)
@@ -331,7 +346,7 @@ fn chunk_file(
     tx: &mpsc::Sender<ChunkOut>,
     seen: &Mutex<HashSet<Digest>>,
 ) -> Result<FileContent> {
-    let file = File::open(&job.path).map_err(Error::io("open", &job.path))?;
+    let file = open_nofollow(&job.path)?;
     let mut chunks = Vec::new();
     let mut total = 0u64;
     let mut closed = false;

@@ -50,6 +50,20 @@ pub enum Error {
     /// Export writes only into a new or empty directory.
     #[error("{0} is not empty; export into a new or empty directory")]
     TargetNotEmpty(PathBuf),
+    /// A chunk is not as long as the index says, so the index does not describe it.
+    #[error(
+        "{path}: chunk {digest} is {actual} bytes but the index says {expected}; the index is wrong"
+    )]
+    ChunkLength {
+        /// The file being written.
+        path: PathBuf,
+        /// The chunk.
+        digest: lode_registry::Digest,
+        /// The length the index gives.
+        expected: u32,
+        /// The chunk's real length.
+        actual: usize,
+    },
     /// The upload side of an ingest stopped; its own error says why.
     #[error("the upload stopped")]
     UploadStopped,

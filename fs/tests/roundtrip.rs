@@ -260,14 +260,20 @@ async fn traversal_and_duplicates_are_refused_at_ingest_load_and_upload() {
     assert!(err.to_string().contains("twice"), "{err}");
 
     // Patch a valid index so a name reads "..": the loader refuses it.
-    let good = encode(&dir(b"", vec![dir(b"sub", vec![leaf(b"zz")])])).unwrap();
+    let good = encode(&dir(b"", vec![dir(b"sub", vec![leaf(b"zz")])]))
+        .unwrap()
+        .bytes()
+        .to_vec();
     let at = good.windows(2).rposition(|w| w == b"zz").unwrap();
     let mut evil = good.clone();
     evil[at..at + 2].copy_from_slice(b"..");
     let err = lode_fs::Index::parse(Bytes::from(evil.clone())).unwrap_err();
     assert!(err.to_string().contains("leave its directory"), "{err}");
     // Two children with one name: rename "zz" under a parent with a sibling "zy".
-    let good2 = encode(&dir(b"", vec![leaf(b"zy"), leaf(b"zz")])).unwrap();
+    let good2 = encode(&dir(b"", vec![leaf(b"zy"), leaf(b"zz")]))
+        .unwrap()
+        .bytes()
+        .to_vec();
     let at = good2.windows(2).rposition(|w| w == b"zz").unwrap();
     let mut dup = good2.clone();
     dup[at..at + 2].copy_from_slice(b"zy");
@@ -287,7 +293,7 @@ async fn traversal_and_duplicates_are_refused_at_ingest_load_and_upload() {
 
 #[test]
 fn lookups_find_paths_without_decoding_the_tree() {
-    let bytes = encode(&dir(
+    let index = encode(&dir(
         b"",
         vec![
             dir(
@@ -302,7 +308,6 @@ fn lookups_find_paths_without_decoding_the_tree() {
         ],
     ))
     .unwrap();
-    let index = lode_fs::Index::parse(Bytes::from(bytes)).unwrap();
     assert_eq!(index.len(), 7);
     let init = index.resolve("lib/pkg/__init__.py").unwrap();
     assert_eq!(init.name(), b"__init__.py");
@@ -368,6 +373,73 @@ fn the_comparison_notices_each_kind_of_difference() {
         assert!(
             differences.iter().any(|d| d.contains(name)),
             "{name}: {differences:?}"
+        );
+    }
+}
+
+fn patch_u32(bytes: &mut [u8], at: usize, value: u32) {
+    bytes[at..at + 4].copy_from_slice(&value.to_le_bytes());
+}
+
+fn patch_u64(bytes: &mut [u8], at: usize, value: u64) {
+    bytes[at..at + 8].copy_from_slice(&value.to_le_bytes());
+}
+
+const HEADER: usize = 40;
+const ENTRY: usize = 64;
+
+#[tokio::test]
+async fn an_index_that_misstates_a_chunk_length_is_caught_at_export() {
+    let registry = registry().await;
+    let data = vec![3u8; 5000];
+    let digest = lode_registry::Digest::of(&data);
+    registry
+        .client
+        .put_blob(&digest, Bytes::from(data))
+        .await
+        .unwrap();
+    let file = Node {
+        body: Body::File {
+            content: FileContent::Chunks(vec![(digest, 5000)]),
+            link_group: None,
+        },
+        ..leaf(b"data.bin")
+    };
+    let mut bytes = encode(&dir(b"", vec![file])).unwrap().bytes().to_vec();
+    // Entry 1 is the file; the chunk table follows the two entries.
+    patch_u64(&mut bytes, HEADER + ENTRY + 40, 5001);
+    patch_u32(&mut bytes, HEADER + 2 * ENTRY + 40, 5001);
+    let index = lode_fs::Index::parse(Bytes::from(bytes)).unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let err = export(&index, registry.client.clone(), &out.path().join("x"))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("the index says 5001"), "{err}");
+}
+
+#[test]
+fn values_the_format_leaves_unused_or_bounded_are_refused() {
+    let good = encode(&dir(b"", vec![leaf(b"a")]))
+        .unwrap()
+        .bytes()
+        .to_vec();
+    let cases: [(&str, usize, &[u8]); 5] = [
+        (
+            "mtime nanoseconds of a second or more",
+            HEADER + 32,
+            &0x3fff_ffffu32.to_le_bytes(),
+        ),
+        ("header flags", 12, &[1]),
+        ("entry flags", HEADER + ENTRY + 7, &[2]),
+        ("a root that names a parent", HEADER + 20, &[5]),
+        ("a file's unused field", HEADER + ENTRY + 52, &[1]),
+    ];
+    for (what, at, value) in cases {
+        let mut bad = good.clone();
+        bad[at..at + value.len()].copy_from_slice(value);
+        assert!(
+            lode_fs::Index::parse(Bytes::from(bad)).is_err(),
+            "{what}: accepted"
         );
     }
 }

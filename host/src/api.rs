@@ -70,6 +70,7 @@ type ApiResult<T> = Result<T, ApiError>;
 /// The API router; `token` guards every route but `/healthz`.
 pub fn router(server: Arc<Server>, token: Arc<str>) -> Router {
     let guarded = Router::new()
+        .route("/v1/info", get(info))
         .route("/v1/apps", get(list_apps))
         .route(
             "/v1/apps/{app}",
@@ -112,6 +113,12 @@ async fn require_token(State(token): State<Arc<str>>, req: Request, next: Next) 
         )
         .into_response(),
     }
+}
+
+/// Where this server's other listeners are, so a client that knows only the API (flags or
+/// environment, no client file) finds the registry to upload to.
+async fn info(State(server): State<Arc<Server>>) -> Json<crate::server::Urls> {
+    Json(server.urls.clone())
 }
 
 fn app_summary(server: &Server, app: &crate::server::LiveApp) -> serde_json::Value {

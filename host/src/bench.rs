@@ -307,12 +307,12 @@ async fn lode_serve_url(
         ..Default::default()
     };
     let resolved = overrides.resolve()?;
-    let registry = std::sync::Arc::new(crate::image::connect(&overrides.resolve_registry()?)?);
     let http_url = resolved
         .http_url
         .clone()
         .context("client.json has no HTTP URL")?;
     let client = crate::cli::ApiClient::new(resolved)?;
+    let registry = std::sync::Arc::new(crate::image::connect(&client.registry().await?)?);
     crate::deploy::deploy(&client, registry, component, Some("hello")).await?;
     Ok((server, format!("{http_url}/hello/")))
 }

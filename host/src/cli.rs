@@ -70,6 +70,25 @@ impl ApiClient {
     }
 }
 
+impl ApiClient {
+    /// The registry of the server this client talks to (`GET /v1/info`), with the API's
+    /// token: one `lode serve` uses one token for both.
+    pub async fn registry(&self) -> Result<crate::client_config::RegistryTarget> {
+        #[derive(serde::Deserialize)]
+        struct Info {
+            registry: String,
+        }
+        let info: Info = self
+            .json(self.request(Method::GET, "/v1/info"))
+            .await
+            .context("asking the server where its registry is")?;
+        Ok(crate::client_config::RegistryTarget {
+            url: info.registry,
+            token: self.token.clone(),
+        })
+    }
+}
+
 /// Turns an API error answer into its message.
 pub async fn api_error(response: Response) -> anyhow::Error {
     let status = response.status();

@@ -95,7 +95,8 @@ enum Command {
 
 #[derive(Debug, Args)]
 struct RegistryArg {
-    /// Registry URL; defaults to LODE_REGISTRY, then the registry in client.json.
+    /// Registry URL; defaults to LODE_REGISTRY, then the registry in client.json (for
+    /// deploy: the server's own registry).
     #[arg(long, env = "LODE_REGISTRY")]
     registry: Option<String>,
 }
@@ -367,8 +368,13 @@ async fn run(cli: Cli) -> Result<()> {
             name,
             registry: flag,
         } => {
-            let registry = registry(&cli.client, &flag.registry)?;
-            lode::deploy::deploy(&client(&cli.client)?, registry, &path, name.as_deref()).await
+            let api = client(&cli.client)?;
+            // The server's own registry, unless one is named.
+            let registry = match &flag.registry {
+                Some(_) => registry(&cli.client, &flag.registry)?,
+                None => Arc::new(image::connect(&api.registry().await?)?),
+            };
+            lode::deploy::deploy(&api, registry, &path, name.as_deref()).await
         }
         Command::Ls => cli::list(&client(&cli.client)?).await,
         Command::Rm { app } => cli::remove(&client(&cli.client)?, &app).await,

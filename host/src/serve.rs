@@ -15,7 +15,7 @@ use tokio::net::TcpListener;
 use crate::client_config::{ClientFile, user_client_file};
 use crate::engine::{EngineSettings, WasmEngine};
 use crate::logs::LogStore;
-use crate::server::{Limits, Server};
+use crate::server::{Limits, Server, Urls};
 use crate::state::RedbStore;
 use lode_registry::{RegistryService, RegistryStore, ServiceOptions};
 
@@ -187,7 +187,10 @@ pub async fn serve(options: ServeOptions) -> Result<()> {
         LogStore::new(options.log_lines),
         options.limits.clone(),
         vec![api_addr, http_addr, registry_addr],
-        http_url.clone(),
+        Urls {
+            http: http_url.clone(),
+            registry: registry_url.clone(),
+        },
     );
     let restored = server.restore().await?;
 

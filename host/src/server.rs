@@ -21,6 +21,15 @@ use crate::state::{AppRecord, StateStore};
 
 const MIB: u64 = 1024 * 1024;
 
+/// The base URLs of a server's public listeners, for what it prints and tells clients.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Urls {
+    /// Public HTTP, e.g. `http://127.0.0.1:8080`.
+    pub http: String,
+    /// The embedded registry, e.g. `http://127.0.0.1:7071`.
+    pub registry: String,
+}
+
 /// Server-wide limits and defaults, from `lode serve` flags.
 #[derive(Debug, Clone)]
 pub struct Limits {
@@ -169,8 +178,8 @@ pub struct Server {
     pub limits: Limits,
     /// Lode's own listeners, unreachable from guests.
     pub protected: Arc<Vec<SocketAddr>>,
-    /// Public base URL, for the URLs a deploy prints.
-    pub public_url: String,
+    /// Where clients reach this server's listeners.
+    pub urls: Urls,
     apps: ArcSwap<HashMap<String, Arc<LiveApp>>>,
     /// Serializes the record-and-swap step of deploys and removals (not compilation).
     commit_lock: tokio::sync::Mutex<()>,
@@ -193,7 +202,7 @@ impl Server {
         logs: Arc<LogStore>,
         limits: Limits,
         protected: Vec<SocketAddr>,
-        public_url: String,
+        urls: Urls,
     ) -> Arc<Self> {
         Arc::new(Self {
             engine,
@@ -203,7 +212,7 @@ impl Server {
             metrics: Metrics::default(),
             limits,
             protected: Arc::new(protected),
-            public_url,
+            urls,
             apps: ArcSwap::from_pointee(HashMap::new()),
             commit_lock: tokio::sync::Mutex::new(()),
         })
@@ -227,7 +236,7 @@ impl Server {
             .functions
             .iter()
             .filter_map(|f| f.web.as_ref())
-            .map(|web| format!("{}/{}{}", self.public_url, manifest.app, web.path))
+            .map(|web| format!("{}/{}{}", self.urls.http, manifest.app, web.path))
             .collect()
     }
 

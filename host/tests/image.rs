@@ -199,3 +199,30 @@ fn bad_input_gets_clear_errors() {
         "{err}"
     );
 }
+
+#[test]
+fn deploy_finds_the_registry_through_the_api_alone() {
+    let lode = Lode::start(&[]);
+    let home = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(harness::LODE)
+        .args([
+            "deploy",
+            harness::sample("hello_http").to_str().unwrap(),
+            "--name",
+            "hello",
+        ])
+        .env("HOME", home.path())
+        .env_remove("XDG_CONFIG_HOME")
+        .env_remove("LODE_CONFIG")
+        .env_remove("LODE_REGISTRY")
+        .env("LODE_API", &lode.api)
+        .env("LODE_TOKEN", &lode.token)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("/hello/"));
+}

@@ -79,6 +79,12 @@ impl RegistryStore {
         })
     }
 
+    /// A blob's size, without reading it.
+    pub async fn blob_size(&self, digest: &Digest) -> Result<u64> {
+        let (blobs, digest) = (self.blobs.clone(), digest.clone());
+        blocking(move || blobs.size(&digest)).await
+    }
+
     /// Verifies and stores an index (blocking).
     pub fn store_index(&self, digest: &Digest, bytes: &[u8]) -> Result<bool> {
         digest.verify(bytes)?;

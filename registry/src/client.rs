@@ -41,6 +41,8 @@ pub struct ClientOptions {
     pub parallelism: usize,
     /// Largest message accepted, which bounds indexes.
     pub max_message: usize,
+    /// Largest blob accepted from a registry, so a hostile one cannot exhaust memory.
+    pub max_blob: u64,
 }
 
 impl Default for ClientOptions {
@@ -52,6 +54,7 @@ impl Default for ClientOptions {
             backoff: Duration::from_millis(100),
             parallelism: 16,
             max_message: 64 << 20,
+            max_blob: 256 << 20,
         }
     }
 }
@@ -158,7 +161,23 @@ impl RegistryClient {
     }
 
     /// Runs one call with a timeout, retrying transient failures with backoff.
-    async fn call<T, F, Fut>(&self, op: &'static str, mut attempt: F) -> Result<T>
+    async fn call<T, F, Fut>(&self, op: &'static str, attempt: F) -> Result<T>
+    where
+        F: FnMut(Grpc<Channel>) -> Fut,
+        Fut: Future<Output = Result<T, Status>>,
+    {
+        self.call_with_retries(op, self.options.retries, attempt)
+            .await
+    }
+
+    /// Like `call`, with its own retry count: conditional tag updates are not idempotent
+    /// (a retry after a lost reply would report a conflict with itself), so they get none.
+    async fn call_with_retries<T, F, Fut>(
+        &self,
+        op: &'static str,
+        retries: u32,
+        mut attempt: F,
+    ) -> Result<T>
     where
         F: FnMut(Grpc<Channel>) -> Fut,
         Fut: Future<Output = Result<T, Status>>,
@@ -176,7 +195,7 @@ impl RegistryClient {
                     });
             match outcome {
                 Ok(value) => return Ok(value),
-                Err(status) if tries < self.options.retries && retryable(status.code()) => {
+                Err(status) if tries < retries && retryable(status.code()) => {
                     let delay = self.options.backoff * 2u32.pow(tries);
                     tracing::debug!(op, %status, ?delay, "retrying registry call");
                     tokio::time::sleep(delay).await;
@@ -203,7 +222,19 @@ impl RegistryClient {
             }))
             .await?
             .into_inner();
+        let mut total = None;
         while let Some(message) = stream.message().await? {
+            if message.total_size > self.options.max_blob {
+                return Err(Status::out_of_range(format!(
+                    "blob {digest} is {} bytes, over this client's limit of {} bytes",
+                    message.total_size, self.options.max_blob
+                )));
+            }
+            if *total.get_or_insert(message.total_size) != message.total_size {
+                return Err(Status::data_loss(format!(
+                    "the registry changed the size of {digest} mid-stream"
+                )));
+            }
             // Sized once from the first message, so frames are copied in without regrowing.
             let remaining = message.total_size.saturating_sub(buffer.len() as u64);
             buffer.reserve(usize::try_from(remaining).unwrap_or(0).min(64 << 20));
@@ -238,9 +269,17 @@ impl RegistryClient {
         .await
     }
 
+    fn tag_retries(&self, condition: &TagUpdate) -> u32 {
+        match condition {
+            TagUpdate::Always => self.options.retries,
+            TagUpdate::IfAbsent | TagUpdate::IfEquals(_) => 0,
+        }
+    }
+
     /// Removes a tag, optionally only if it points where the caller expects.
     pub async fn delete_tag(&self, name: &str, condition: TagUpdate) -> Result<()> {
-        self.call("DeleteTag", |mut grpc| {
+        // Never retried: a retry after a lost reply would find the tag gone.
+        self.call_with_retries("DeleteTag", 0, |mut grpc| {
             let request = self.request(DeleteTagRequest {
                 name: name.to_string(),
                 expected: expected_of(&condition),
@@ -390,8 +429,9 @@ impl BlobAccess for RegistryClient {
         digest: &Digest,
         condition: TagUpdate,
     ) -> Result<Option<Digest>> {
+        let retries = self.tag_retries(&condition);
         let response = self
-            .call("SetTag", |mut grpc| {
+            .call_with_retries("SetTag", retries, |mut grpc| {
                 let request = self.request(SetTagRequest {
                     name: name.to_string(),
                     digest: Bytes::copy_from_slice(digest.as_bytes()),

@@ -4,7 +4,8 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
-use futures::Stream;
+use futures::{Stream, StreamExt};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::access::{BlobAccess, RegistryStore};
@@ -34,6 +35,9 @@ pub struct ServiceOptions {
     pub max_blob: u64,
     /// Largest gRPC message, which bounds indexes and digest batches.
     pub max_message: usize,
+    /// Blob bytes held in memory at once across all uploads and downloads; calls wait for
+    /// room, so many large transfers at once cannot exhaust memory.
+    pub max_in_flight: u64,
 }
 
 impl Default for ServiceOptions {
@@ -43,6 +47,7 @@ impl Default for ServiceOptions {
             public_read: false,
             max_blob: 256 << 20,
             max_message: 64 << 20,
+            max_in_flight: 1 << 30,
         }
     }
 }
@@ -52,6 +57,8 @@ impl Default for ServiceOptions {
 pub struct RegistryService {
     store: RegistryStore,
     options: ServiceOptions,
+    /// One permit per MiB of `max_in_flight`.
+    memory: Arc<Semaphore>,
 }
 
 #[derive(Clone, Copy, PartialEq)]
@@ -63,7 +70,23 @@ enum Access {
 impl RegistryService {
     /// Serves `store` under `options`.
     pub fn new(store: RegistryStore, options: ServiceOptions) -> Self {
-        Self { store, options }
+        Self {
+            memory: Arc::new(Semaphore::new(budget_permits(&options) as usize)),
+            store,
+            options,
+        }
+    }
+
+    /// Waits until `bytes` more fit in the in-flight budget. A blob larger than the whole
+    /// budget waits for all of it.
+    async fn reserve(&self, bytes: u64) -> Result<OwnedSemaphorePermit, Status> {
+        let total = budget_permits(&self.options);
+        let wanted = bytes.div_ceil(1 << 20).clamp(1, total.into());
+        self.memory
+            .clone()
+            .acquire_many_owned(wanted as u32)
+            .await
+            .map_err(|_| Status::unavailable("the registry is shutting down"))
     }
 
     /// The tonic server for this service, with message limits applied.
@@ -80,7 +103,6 @@ impl RegistryService {
         listener: tokio::net::TcpListener,
         shutdown: impl std::future::Future<Output = ()> + Send,
     ) -> Result<(), tonic::transport::Error> {
-        use tokio_stream::StreamExt;
         // The builder's tcp_nodelay applies only to listeners tonic binds itself; without it,
         // small responses wait out delayed ACKs (about 40 ms each).
         let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener).map(|stream| {
@@ -119,6 +141,11 @@ impl RegistryService {
             )),
         }
     }
+}
+
+/// The in-flight budget in MiB permits.
+fn budget_permits(options: &ServiceOptions) -> u32 {
+    (options.max_in_flight >> 20).clamp(1, u64::from(u32::MAX)) as u32
 }
 
 /// Compares secrets in time independent of where they differ.
@@ -217,6 +244,7 @@ impl Registry for RegistryService {
         }
         // Buffered in memory and stored only once complete and verified, so an upload that
         // ends early or lies about its digest leaves nothing behind.
+        let _room = self.reserve(header.size).await?;
         let mut buffer = BytesMut::with_capacity(header.size.min(8 << 20) as usize);
         while let Some(message) = stream.message().await? {
             let Some(Part::Data(data)) = message.part else {
@@ -257,6 +285,9 @@ impl Registry for RegistryService {
         self.authorize(&request, Access::Read)?;
         let request = request.into_inner();
         let digest = digest_arg(&request.digest, "digest")?;
+        // The whole blob is read and verified even for a range, so it counts in full.
+        let size = self.store.blob_size(&digest).await.map_err(status_of)?;
+        let room = self.reserve(size).await?;
         let blob = self.store.get_blob(&digest).await.map_err(status_of)?;
         let total = blob.len() as u64;
         if request.offset > total {
@@ -286,7 +317,12 @@ impl Registry for RegistryService {
                 })
                 .collect()
         };
-        Ok(Response::new(Box::pin(futures::stream::iter(frames))))
+        // The permit lives as long as the stream that holds the blob's bytes.
+        let frames = futures::stream::iter(frames).map(move |frame| {
+            let _held = &room;
+            frame
+        });
+        Ok(Response::new(Box::pin(frames)))
     }
 
     async fn put_index(

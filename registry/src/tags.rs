@@ -112,6 +112,27 @@ impl LocalTagStore {
         }
     }
 
+    /// Creates the directories a nested tag (`profile/x`) needs, fsyncing each new one's
+    /// parent so the tag cannot vanish in a crash after `set` returns.
+    fn create_dirs_durably(&self, dir: &Path) -> Result<()> {
+        let relative = dir
+            .strip_prefix(&self.root)
+            .expect("tag paths live under the root");
+        let mut at = self.root.clone();
+        for component in relative.components() {
+            let parent = at.clone();
+            at.push(component);
+            match fs::create_dir(&at) {
+                Ok(()) => fs::File::open(&parent)
+                    .and_then(|d| d.sync_all())
+                    .map_err(io_err("fsync directory", &parent))?,
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists && at.is_dir() => {}
+                Err(e) => return Err(io_err("create directory", &at)(e)),
+            }
+        }
+        Ok(())
+    }
+
     fn check(
         name: &str,
         current: &Option<Digest>,
@@ -146,7 +167,7 @@ impl TagStore for LocalTagStore {
         let current = Self::read(&path)?;
         Self::check(name, &current, condition).map_err(|e| *e)?;
         let dir = path.parent().expect("tag paths live under the root");
-        fs::create_dir_all(dir).map_err(io_err("create directory", dir))?;
+        self.create_dirs_durably(dir)?;
         let tmp = dir.join(format!(".tmp-{:016x}", rand::random::<u64>()));
         let result = (|| {
             fs::write(&tmp, format!("{digest}\n")).map_err(io_err("write", &tmp))?;
