@@ -313,8 +313,12 @@ async fn index_load(tree: &Path, loads: usize) -> Result<()> {
     std::fs::write(file.path(), &bytes)?;
     let mut from_memory = Vec::with_capacity(loads);
     let mut from_file = Vec::with_capacity(loads);
+    let mut hashing = Vec::with_capacity(loads);
     let mut entries = 0;
     for _ in 0..loads {
+        let started = Instant::now();
+        std::hint::black_box(Digest::of(&bytes));
+        hashing.push(started.elapsed());
         let started = Instant::now();
         let index = Index::parse(bytes.clone())?;
         from_memory.push(started.elapsed());
@@ -333,9 +337,10 @@ async fn index_load(tree: &Path, loads: usize) -> Result<()> {
     );
     println!(
         "  Index::parse p50 over {loads} loads: {:.2?} from memory, {:.2?} reading the file \
-         first (target <= 10 ms; parse checks the digest and every entry)",
+         first (target <= 10 ms); of which hashing the index: {:.2?}",
         median(from_memory),
-        median(from_file)
+        median(from_file),
+        median(hashing)
     );
     Ok(())
 }
