@@ -4,26 +4,31 @@
 //! described by an [`Index`]: a compact, versioned binary map from each path to its metadata
 //! and chunk list (format in `fs/FORMAT.md`). [`ingest`] turns a directory into chunks plus
 //! an index, uploading only what the registry lacks; [`export`] turns an index back into an
-//! identical tree.
+//! identical tree. [`Mount`] serves an index read-only through FUSE, fetching chunks into a
+//! bounded, verified [`ChunkCache`] on first read.
 //!
 //! It must not run processes.
 #![deny(missing_docs)]
 
 mod build;
+mod cache;
 mod chunk;
 mod compare;
 mod copy;
 mod export;
 pub mod index;
 mod ingest;
+mod mount;
 
 pub use build::{Body, FileContent, Meta, Node, encode};
+pub use cache::{CacheStats, ChunkCache, FetchError, Pinned, Priority};
 pub use chunk::Chunking;
 pub use compare::tree_differences;
 pub use copy::{CopyReport, copy_image};
 pub use export::{ExportReport, export};
 pub use index::{Content, Entry, Index, IndexError, Kind};
 pub use ingest::{DEFAULT_INLINE_MAX, IngestOptions, IngestReport, ingest};
+pub use mount::{Mount, MountOptions, is_stale_mount, profile_tag, unmount};
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -64,6 +69,12 @@ pub enum Error {
         /// The chunk's real length.
         actual: usize,
     },
+    /// Another process holds the chunk cache.
+    #[error(
+        "chunk cache {0} is in use by another lode process (lode serve or lode fs mount); stop \
+         it or pass a different --cache-dir"
+    )]
+    CacheBusy(PathBuf),
     /// The upload side of an ingest stopped; its own error says why.
     #[error("the upload stopped")]
     UploadStopped,

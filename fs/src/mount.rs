@@ -1,0 +1,650 @@
+//! The lazy mount: an index served read-only through FUSE. Metadata comes from the index;
+//! file bytes come from the chunk cache, fetched from the registry on first read.
+
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, UNIX_EPOCH};
+
+use bytes::Bytes;
+use fuser::{
+    BackgroundSession, Config, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags,
+    Generation, INodeNo, KernelConfig, LockOwner, MountOption, OpenFlags, ReplyAttr, ReplyData,
+    ReplyDirectory, ReplyDirectoryPlus, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyXattr, Request,
+    SessionACL,
+};
+use lode_registry::{BlobAccess, Digest, TagUpdate};
+
+use crate::cache::{ChunkCache, FetchError, Priority};
+use crate::index::{Content, Entry, Index, Kind, RawChunk};
+
+/// The content never changes, so the kernel may keep names and attributes for a long time.
+const TTL: Duration = Duration::from_secs(24 * 3600);
+/// Chunks fetched ahead of a sequential reader.
+const READ_AHEAD_CHUNKS: usize = 2;
+/// Concurrent prefetch fetches: few, so prefetch never starves the foreground.
+const PREFETCH_PARALLELISM: usize = 4;
+/// Blocks reported by `stat`; the unit of `st_blocks` is 512 bytes.
+const BLOCK: u64 = 512;
+
+/// How a mount behaves.
+#[derive(Debug, Clone)]
+pub struct MountOptions {
+    /// Longest a read waits for the registry before it fails with EIO.
+    pub fetch_timeout: Duration,
+    /// Threads serving FUSE requests.
+    pub threads: usize,
+    /// Prefetch the image's recorded access profile, when there is one.
+    pub prefetch: bool,
+}
+
+impl Default for MountOptions {
+    fn default() -> Self {
+        Self {
+            fetch_timeout: Duration::from_secs(10),
+            threads: 4,
+            prefetch: true,
+        }
+    }
+}
+
+/// The tag under which an image's access profile is stored.
+pub fn profile_tag(index: &Digest) -> String {
+    format!("profile/{}", index.hex())
+}
+
+const PROFILE_MAGIC: &[u8; 8] = b"LODEPRF1";
+
+/// The order in which files were first read during a mount.
+#[derive(Debug, Default)]
+struct Profile {
+    seen: Vec<bool>,
+    order: Vec<u32>,
+}
+
+/// Shared by the FUSE threads and the mount's owner.
+struct Image {
+    index: Index,
+    cache: Arc<ChunkCache>,
+    registry: Arc<dyn BlobAccess>,
+    runtime: tokio::runtime::Handle,
+    options: MountOptions,
+    /// Names per hard-link group (the group's first id → count).
+    links: HashMap<u32, u32>,
+    profile: Mutex<Profile>,
+    /// Per file: where the last read ended, to spot sequential readers.
+    last_end: Mutex<HashMap<u32, u64>>,
+    reads: AtomicU64,
+}
+
+/// A mounted image. Dropping it unmounts.
+pub struct Mount {
+    image: Arc<Image>,
+    session: Option<BackgroundSession>,
+    mountpoint: PathBuf,
+}
+
+impl std::fmt::Debug for Mount {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Mount")
+            .field("mountpoint", &self.mountpoint)
+            .field("index", self.image.index.digest())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Unmounts `path` if it is a mount, lazily when it is busy, and reports whether there was
+/// one. A FUSE mount whose process died answers ENOTCONN; this is how it is cleared.
+pub fn unmount(path: &Path) -> std::io::Result<bool> {
+    use rustix::mount::{UnmountFlags, unmount as umount2};
+    match umount2(path, UnmountFlags::empty()) {
+        Ok(()) => Ok(true),
+        Err(rustix::io::Errno::INVAL) => Ok(false),
+        Err(rustix::io::Errno::BUSY) => umount2(path, UnmountFlags::DETACH)
+            .map(|()| true)
+            .map_err(Into::into),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Whether `path` is a FUSE mount whose server is gone.
+pub fn is_stale_mount(path: &Path) -> bool {
+    matches!(
+        std::fs::metadata(path).map_err(|e| e.raw_os_error()),
+        Err(Some(libc::ENOTCONN))
+    )
+}
+
+impl Mount {
+    /// Mounts `index` read-only at `mountpoint` (an existing directory; a stale mount left
+    /// there by a killed process is cleared first). Must be called inside a tokio runtime:
+    /// fetches run on it.
+    pub fn new(
+        index: Index,
+        cache: Arc<ChunkCache>,
+        registry: Arc<dyn BlobAccess>,
+        mountpoint: &Path,
+        options: MountOptions,
+    ) -> std::io::Result<Self> {
+        if is_stale_mount(mountpoint) {
+            tracing::warn!(mountpoint = %mountpoint.display(), "clearing a stale mount");
+            unmount(mountpoint)?;
+        }
+        let mut links = HashMap::new();
+        for entry in index.entries() {
+            if let Some(first) = entry.link_primary() {
+                *links.entry(first).or_insert(0) += 1;
+            }
+        }
+        let entries = index.len();
+        let image = Arc::new(Image {
+            cache,
+            registry,
+            runtime: tokio::runtime::Handle::current(),
+            links,
+            profile: Mutex::new(Profile {
+                seen: vec![false; entries],
+                order: Vec::new(),
+            }),
+            last_end: Mutex::new(HashMap::new()),
+            reads: AtomicU64::new(0),
+            options: options.clone(),
+            index,
+        });
+        let mut config = Config::default();
+        config.mount_options = vec![
+            MountOption::RO,
+            MountOption::FSName(format!("lode:{}", &image.index.digest().hex()[..16])),
+            MountOption::Subtype("lode".into()),
+            MountOption::DefaultPermissions,
+            MountOption::NoAtime,
+            MountOption::Dev,
+            MountOption::Suid,
+        ];
+        config.acl = SessionACL::All;
+        config.n_threads = Some(options.threads.max(1));
+        config.clone_fd = true;
+        let session = fuser::spawn_mount(Fs(image.clone()), mountpoint, &config)?;
+        if options.prefetch {
+            image.clone().start_prefetch();
+        }
+        Ok(Self {
+            image,
+            session: Some(session),
+            mountpoint: mountpoint.to_path_buf(),
+        })
+    }
+
+    /// Where it is mounted.
+    pub fn mountpoint(&self) -> &Path {
+        &self.mountpoint
+    }
+
+    /// The chunk cache behind it.
+    pub fn cache(&self) -> &Arc<ChunkCache> {
+        &self.image.cache
+    }
+
+    /// File reads served so far.
+    pub fn reads(&self) -> u64 {
+        self.image.reads.load(Ordering::Relaxed)
+    }
+
+    /// The entry ids in the order files were first read.
+    pub fn profile(&self) -> Vec<u32> {
+        self.image
+            .profile
+            .lock()
+            .expect("not poisoned")
+            .order
+            .clone()
+    }
+
+    /// Stores the access profile as a blob tagged `profile/<index digest>`, so the next
+    /// mount on an empty cache can prefetch in that order. Returns how many files it holds.
+    pub async fn save_profile(&self) -> lode_registry::Result<usize> {
+        let order = self.profile();
+        let mut bytes = PROFILE_MAGIC.to_vec();
+        for id in &order {
+            bytes.extend_from_slice(&id.to_le_bytes());
+        }
+        let digest = Digest::of(&bytes);
+        let registry = &self.image.registry;
+        registry.put_blob(&digest, Bytes::from(bytes)).await?;
+        registry
+            .set_tag(
+                &profile_tag(self.image.index.digest()),
+                &digest,
+                TagUpdate::Always,
+            )
+            .await?;
+        Ok(order.len())
+    }
+
+    /// Unmounts and waits for the FUSE threads to finish.
+    pub fn unmount(mut self) -> std::io::Result<()> {
+        match self.session.take() {
+            Some(session) => session.umount_and_join(),
+            None => Ok(()),
+        }
+    }
+
+    /// Waits until the mount goes away (an external `umount`).
+    pub fn join(mut self) -> std::io::Result<()> {
+        match self.session.take() {
+            Some(session) => session.join(),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Image {
+    fn entry(&self, ino: INodeNo) -> Option<Entry<'_>> {
+        let id = u32::try_from(ino.0.checked_sub(1)?).ok()?;
+        ((id as usize) < self.index.len()).then(|| self.index.entry(id))
+    }
+
+    /// Hard links share the inode number of their group's first entry.
+    fn ino(entry: &Entry<'_>) -> INodeNo {
+        INodeNo(u64::from(entry.link_primary().unwrap_or(entry.id())) + 1)
+    }
+
+    fn attr(&self, entry: &Entry<'_>) -> FileAttr {
+        let (sec, nsec) = entry.mtime();
+        let time = if sec >= 0 {
+            UNIX_EPOCH + Duration::new(sec as u64, nsec)
+        } else {
+            UNIX_EPOCH - Duration::from_secs(sec.unsigned_abs()) + Duration::from_nanos(nsec.into())
+        };
+        let kind = match entry.kind() {
+            Kind::Dir => FileType::Directory,
+            Kind::File => FileType::RegularFile,
+            Kind::Symlink => FileType::Symlink,
+            Kind::CharDevice => FileType::CharDevice,
+            Kind::BlockDevice => FileType::BlockDevice,
+            Kind::Fifo => FileType::NamedPipe,
+            Kind::Socket => FileType::Socket,
+        };
+        let nlink = match entry.kind() {
+            Kind::Dir => 2,
+            _ => entry
+                .link_primary()
+                .and_then(|first| self.links.get(&first).copied())
+                .unwrap_or(1),
+        };
+        let size = entry.size();
+        FileAttr {
+            ino: Self::ino(entry),
+            size,
+            blocks: size.div_ceil(BLOCK),
+            atime: time,
+            mtime: time,
+            ctime: time,
+            crtime: time,
+            kind,
+            perm: entry.mode() as u16,
+            nlink,
+            uid: entry.uid(),
+            gid: entry.gid(),
+            rdev: entry.rdev() as u32,
+            blksize: 4096,
+            flags: 0,
+        }
+    }
+
+    fn record_first_read(&self, id: u32) {
+        let mut profile = self.profile.lock().expect("not poisoned");
+        if let Some(seen) = profile.seen.get_mut(id as usize)
+            && !*seen
+        {
+            *seen = true;
+            profile.order.push(id);
+        }
+    }
+
+    /// Reads `size` bytes at `offset` of a chunked file, fetching missing chunks.
+    fn read_chunks(
+        &self,
+        path: &dyn Fn() -> PathBuf,
+        chunks: &[RawChunk],
+        offset: u64,
+        size: u64,
+    ) -> Result<Vec<u8>, Errno> {
+        let first = chunks.partition_point(|c| c.offset() + u64::from(c.length()) <= offset);
+        let end = offset + size;
+        let mut out = Vec::with_capacity(size as usize);
+        for chunk in &chunks[first..] {
+            if chunk.offset() >= end {
+                break;
+            }
+            let digest = chunk.digest();
+            let pinned = self
+                .runtime
+                .block_on(self.cache.get(
+                    self.registry.as_ref(),
+                    &digest,
+                    self.options.fetch_timeout,
+                    Priority::Foreground,
+                ))
+                .map_err(|e| {
+                    let kind = match &e {
+                        FetchError::TimedOut { .. } => "timed out",
+                        _ => "failed",
+                    };
+                    tracing::error!(path = %path().display(), %digest, error = %e, "read {kind}: EIO");
+                    Errno::EIO
+                })?;
+            let from = offset.max(chunk.offset());
+            let to = end.min(chunk.offset() + u64::from(chunk.length()));
+            let start = out.len();
+            out.resize(start + (to - from) as usize, 0);
+            let n = pinned
+                .read_at(from - chunk.offset(), &mut out[start..])
+                .map_err(|e| {
+                    tracing::error!(path = %path().display(), %digest, error = %e, "cached chunk unreadable: EIO");
+                    Errno::EIO
+                })?;
+            if n != (to - from) as usize {
+                tracing::error!(path = %path().display(), %digest, "cached chunk is short: EIO");
+                return Err(Errno::EIO);
+            }
+        }
+        Ok(out)
+    }
+
+    /// After a sequential read, fetches the next chunks in the background.
+    fn read_ahead(self: &Arc<Self>, id: u32, chunks: &[RawChunk], end: u64) {
+        let sequential = {
+            let mut last = self.last_end.lock().expect("not poisoned");
+            let previous = last.insert(id, end);
+            previous.is_some()
+        };
+        if !sequential {
+            return;
+        }
+        let next = chunks.partition_point(|c| c.offset() < end);
+        let ahead: Vec<Digest> = chunks[next..]
+            .iter()
+            .take(READ_AHEAD_CHUNKS)
+            .map(RawChunk::digest)
+            .filter(|d| !self.cache.contains(d))
+            .collect();
+        for digest in ahead {
+            let image = self.clone();
+            self.runtime.spawn(async move {
+                let _ = image
+                    .cache
+                    .get(
+                        image.registry.as_ref(),
+                        &digest,
+                        image.options.fetch_timeout,
+                        Priority::Background,
+                    )
+                    .await;
+            });
+        }
+    }
+
+    /// Fetches, in the background, the chunks of the files a recorded profile lists, in
+    /// order and a few at a time. Foreground reads do not wait behind it.
+    fn start_prefetch(self: Arc<Self>) {
+        let runtime = self.runtime.clone();
+        runtime.spawn(async move {
+            let tag = profile_tag(self.index.digest());
+            let Ok(digest) = self.registry.get_tag(&tag).await else {
+                return;
+            };
+            let Ok(bytes) = self.registry.get_blob(&digest).await else {
+                tracing::warn!(%tag, "access profile unreadable; no prefetch");
+                return;
+            };
+            let Some(ids) = bytes.strip_prefix(PROFILE_MAGIC) else {
+                tracing::warn!(%tag, "access profile has an unknown format; no prefetch");
+                return;
+            };
+            let mut chunks = Vec::new();
+            for id in ids.chunks_exact(4) {
+                let id = u32::from_le_bytes(id.try_into().expect("4 bytes"));
+                if (id as usize) >= self.index.len() {
+                    continue;
+                }
+                if let Some(Content::Chunks(list)) = self.index.entry(id).content() {
+                    chunks.extend(list.iter().map(RawChunk::digest));
+                }
+            }
+            let count = chunks.len();
+            use futures::StreamExt;
+            futures::stream::iter(chunks)
+                .for_each_concurrent(PREFETCH_PARALLELISM, |digest| {
+                    let image = self.clone();
+                    async move {
+                        if !image.cache.contains(&digest) {
+                            let _ = image
+                                .cache
+                                .get(
+                                    image.registry.as_ref(),
+                                    &digest,
+                                    image.options.fetch_timeout,
+                                    Priority::Background,
+                                )
+                                .await;
+                        }
+                    }
+                })
+                .await;
+            tracing::debug!(%tag, count, "prefetch done");
+        });
+    }
+
+    fn path_of(&self, id: u32) -> PathBuf {
+        let mut parts = Vec::new();
+        let mut at = id;
+        while at != crate::index::ROOT {
+            let entry = self.index.entry(at);
+            parts.push(entry.name().to_vec());
+            at = entry.parent();
+        }
+        parts.iter().rev().map(|p| OsStr::from_bytes(p)).collect()
+    }
+}
+
+struct Fs(Arc<Image>);
+
+impl Filesystem for Fs {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        // 1 MiB requests: max_pages follows the larger of max_write and max_readahead.
+        let _ = config.set_max_readahead(1 << 20);
+        let _ = config.set_max_background(64);
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let image = &self.0;
+        let Some(dir) = image.entry(parent) else {
+            return reply.error(Errno::ENOENT);
+        };
+        match image.index.lookup(dir.id(), name.as_bytes()) {
+            Some(entry) => reply.entry(&TTL, &image.attr(&entry), Generation(0)),
+            None => reply.error(Errno::ENOENT),
+        }
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        match self.0.entry(ino) {
+            Some(entry) => reply.attr(&TTL, &self.0.attr(&entry)),
+            None => reply.error(Errno::ENOENT),
+        }
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        match self.0.entry(ino).and_then(|e| e.symlink_target()) {
+            Some(target) => reply.data(target),
+            None => reply.error(Errno::EINVAL),
+        }
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let Some(entry) = self.0.entry(ino) else {
+            return reply.error(Errno::ENOENT);
+        };
+        if flags.0 & libc::O_ACCMODE != libc::O_RDONLY {
+            return reply.error(Errno::EROFS);
+        }
+        if entry.kind() != Kind::File {
+            return reply.error(Errno::EINVAL);
+        }
+        reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE);
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        let image = &self.0;
+        let Some(entry) = image.entry(ino) else {
+            return reply.error(Errno::ENOENT);
+        };
+        image.reads.fetch_add(1, Ordering::Relaxed);
+        image.record_first_read(entry.id());
+        let file_size = entry.size();
+        if offset >= file_size {
+            return reply.data(&[]);
+        }
+        let len = u64::from(size).min(file_size - offset);
+        match entry.content() {
+            Some(Content::Inline(data)) => {
+                reply.data(&data[offset as usize..(offset + len) as usize])
+            }
+            Some(Content::Chunks(chunks)) => {
+                let id = entry.id();
+                let path = || image.path_of(id);
+                match image.read_chunks(&path, chunks, offset, len) {
+                    Ok(data) => {
+                        reply.data(&data);
+                        image.read_ahead(id, chunks, offset + len);
+                    }
+                    Err(errno) => reply.error(errno),
+                }
+            }
+            None => reply.error(Errno::EINVAL),
+        }
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        let image = &self.0;
+        let Some(dir) = image.entry(ino) else {
+            return reply.error(Errno::ENOENT);
+        };
+        let Some(children) = dir.children() else {
+            return reply.error(Errno::ENOTDIR);
+        };
+        let parent = image.index.entry(dir.parent());
+        let mut listing: Vec<(INodeNo, FileType, &[u8])> = vec![
+            (Image::ino(&dir), FileType::Directory, b"."),
+            (Image::ino(&parent), FileType::Directory, b".."),
+        ];
+        for id in children {
+            let child = image.index.entry(id);
+            listing.push((Image::ino(&child), image.attr(&child).kind, child.name()));
+        }
+        for (i, (ino, kind, name)) in listing.into_iter().enumerate().skip(offset as usize) {
+            if reply.add(ino, (i + 1) as u64, kind, OsStr::from_bytes(name)) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn readdirplus(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectoryPlus,
+    ) {
+        let image = &self.0;
+        let Some(dir) = image.entry(ino) else {
+            return reply.error(Errno::ENOENT);
+        };
+        let Some(children) = dir.children() else {
+            return reply.error(Errno::ENOTDIR);
+        };
+        let parent = image.index.entry(dir.parent());
+        let mut listing: Vec<(&[u8], Entry<'_>)> = vec![(b".", dir), (b"..", parent)];
+        listing.extend(children.map(|id| {
+            let child = image.index.entry(id);
+            (child.name(), child)
+        }));
+        for (i, (name, entry)) in listing.into_iter().enumerate().skip(offset as usize) {
+            let attr = image.attr(&entry);
+            if reply.add(
+                attr.ino,
+                (i + 1) as u64,
+                OsStr::from_bytes(name),
+                &TTL,
+                &attr,
+                Generation(0),
+            ) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        let index = &self.0.index;
+        let blocks = index.file_bytes().div_ceil(4096);
+        reply.statfs(blocks, 0, 0, index.len() as u64, 0, 4096, 255, 4096);
+    }
+
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        let Some(entry) = self.0.entry(ino) else {
+            return reply.error(Errno::ENOENT);
+        };
+        let Some((_, value)) = entry.xattrs().find(|(n, _)| *n == name.as_bytes()) else {
+            return reply.error(Errno::NO_XATTR);
+        };
+        reply_sized(reply, size, value);
+    }
+
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        let Some(entry) = self.0.entry(ino) else {
+            return reply.error(Errno::ENOENT);
+        };
+        let mut names = Vec::new();
+        for (name, _) in entry.xattrs() {
+            names.extend_from_slice(name);
+            names.push(0);
+        }
+        reply_sized(reply, size, &names);
+    }
+}
+
+/// Answers an xattr query: the size when asked for 0 bytes, else the data if it fits.
+fn reply_sized(reply: ReplyXattr, size: u32, data: &[u8]) {
+    if size == 0 {
+        reply.size(data.len() as u32);
+    } else if data.len() <= size as usize {
+        reply.data(data);
+    } else {
+        reply.error(Errno::ERANGE);
+    }
+}
