@@ -110,12 +110,10 @@ pub fn unmount(path: &Path) -> std::io::Result<bool> {
     }
 }
 
-/// Whether `path` is a FUSE mount whose server is gone.
+/// Whether `path` is a FUSE mount whose server is gone. `statfs` always reaches the server
+/// (attributes may be answered from the kernel's cache), so it is what notices.
 pub fn is_stale_mount(path: &Path) -> bool {
-    matches!(
-        std::fs::metadata(path).map_err(|e| e.raw_os_error()),
-        Err(Some(libc::ENOTCONN))
-    )
+    matches!(rustix::fs::statfs(path), Err(rustix::io::Errno::NOTCONN))
 }
 
 impl Mount {
@@ -222,6 +220,13 @@ impl Mount {
             )
             .await?;
         Ok(order.len())
+    }
+
+    /// Whether the mount has gone away (unmounted from outside, or its session ended).
+    pub fn is_finished(&self) -> bool {
+        self.session
+            .as_ref()
+            .is_none_or(|session| session.guard.is_finished())
     }
 
     /// Unmounts and waits for the FUSE threads to finish.

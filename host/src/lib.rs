@@ -16,6 +16,7 @@ pub mod cli;
 pub mod client_config;
 pub mod deploy;
 pub mod engine;
+pub mod fs_cmd;
 pub mod fsutil;
 pub mod image;
 pub mod logs;

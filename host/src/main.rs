@@ -85,6 +85,9 @@ enum Command {
     /// Images in the registry: ingest a tree, export it, tag, list, push and pull.
     #[command(subcommand)]
     Image(ImageCommand),
+    /// Mount an image read-only through FUSE, fetching files lazily on first read.
+    #[command(subcommand)]
+    Fs(FsCommand),
     /// Run a standalone registry (`lode serve` embeds one).
     #[command(subcommand)]
     Registry(RegistryCommand),
@@ -181,6 +184,40 @@ enum ImageCommand {
 }
 
 #[derive(Debug, Subcommand)]
+enum FsCommand {
+    /// Mount an image in the foreground until Ctrl-C or `lode fs umount`. Nothing is
+    /// downloaded up front: each chunk is fetched on first read, verified and cached.
+    Mount {
+        /// Image digest or tag.
+        reference: String,
+        /// An existing directory.
+        mountpoint: PathBuf,
+        /// Cache dir (locked while mounted); chunks go to its chunks/ directory.
+        #[arg(long, default_value = "/var/cache/lode")]
+        cache_dir: PathBuf,
+        /// Most bytes the chunk cache holds; least recently used chunks go first.
+        #[arg(long, default_value = "20G", value_parser = lode::fs_cmd::parse_size)]
+        cache_size: u64,
+        /// How long a read waits for the registry before it fails with EIO.
+        #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+        fetch_timeout: Duration,
+        /// Do not prefetch the image's recorded access profile.
+        #[arg(long)]
+        no_prefetch: bool,
+        /// Threads serving FUSE requests.
+        #[arg(long, default_value_t = 4)]
+        threads: usize,
+        #[command(flatten)]
+        registry: RegistryArg,
+    },
+    /// Unmount, or clear a mount whose process was killed.
+    Umount {
+        /// The mount point.
+        mountpoint: PathBuf,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 enum RegistryCommand {
     /// Serve blobs, indexes and tags over gRPC. The token is created in DATA_DIR/token.
     Serve {
@@ -243,6 +280,9 @@ struct ServeArgs {
     /// Registry (gRPC) listen address (port 0 picks a free port).
     #[arg(long, default_value = "127.0.0.1:7071")]
     registry_listen: SocketAddr,
+    /// Most bytes the chunk cache (<cache-dir>/chunks) holds.
+    #[arg(long, default_value = "20G", value_parser = lode::fs_cmd::parse_size)]
+    cache_size: u64,
     #[command(flatten)]
     registry: RegistryFlags,
     /// Wasm instances that can run at once (pooling allocator slots).
@@ -351,6 +391,7 @@ async fn run(cli: Cli) -> Result<()> {
                 http: args.http,
                 registry: args.registry_listen,
                 registry_options: args.registry.options(),
+                cache_size: args.cache_size,
                 limits: Limits {
                     default_memory: args.memory * MIB,
                     max_memory: args.max_memory * MIB,
@@ -382,6 +423,30 @@ async fn run(cli: Cli) -> Result<()> {
             cli::logs(&client(&cli.client)?, &app, follow, tail).await
         }
         Command::Image(command) => run_image(&cli.client, command).await,
+        Command::Fs(FsCommand::Mount {
+            reference,
+            mountpoint,
+            cache_dir,
+            cache_size,
+            fetch_timeout,
+            no_prefetch,
+            threads,
+            registry: flag,
+        }) => {
+            let args = lode::fs_cmd::MountArgs {
+                reference,
+                mountpoint,
+                cache_dir,
+                cache_size,
+                options: lode_fs::MountOptions {
+                    fetch_timeout,
+                    threads,
+                    prefetch: !no_prefetch,
+                },
+            };
+            lode::fs_cmd::mount(registry(&cli.client, &flag.registry)?, args).await
+        }
+        Command::Fs(FsCommand::Umount { mountpoint }) => lode::fs_cmd::umount(&mountpoint),
         Command::Registry(RegistryCommand::Serve {
             data_dir,
             listen,

@@ -37,6 +37,8 @@ pub struct ServeOptions {
     pub registry: SocketAddr,
     /// Registry limits and read access.
     pub registry_options: RegistryOptions,
+    /// Chunk cache bound, in bytes.
+    pub cache_size: u64,
     /// Limits.
     pub limits: Limits,
     /// Pool size.
@@ -162,6 +164,10 @@ pub async fn serve(options: ServeOptions) -> Result<()> {
     let _data_lock = lock_dir(&options.data_dir, "data dir")?;
     let _cache_lock = lock_dir(&options.cache_dir, "cache dir")?;
     let token = load_or_create_token(&options.data_dir)?;
+    // The chunk cache and the image mounts belong to this process; mounts a killed
+    // predecessor left behind are cleared first.
+    crate::fs_cmd::clear_stale_mounts(&options.cache_dir.join("mounts"));
+    let _chunks = lode_fs::ChunkCache::open(&options.cache_dir.join("chunks"), options.cache_size)?;
 
     let api_listener = bind(options.api, "api").await?;
     let http_listener = bind(options.http, "http").await?;
