@@ -88,6 +88,24 @@ impl Pinned {
     pub fn size(&self) -> u64 {
         self.size
     }
+
+    /// Tells the kernel this chunk will be read soon, so the disk reads it ahead while
+    /// earlier chunks are being served.
+    pub fn will_need(&self) {
+        self.advise(rustix::fs::Advice::WillNeed);
+    }
+
+    /// Drops the chunk file's pages once a read has consumed them: the mount keeps its own
+    /// page cache (KEEP_CACHE), and holding both doubles the memory a file costs.
+    pub fn done_with(&self) {
+        self.advise(rustix::fs::Advice::DontNeed);
+    }
+
+    fn advise(&self, advice: rustix::fs::Advice) {
+        if let Ok(file) = File::open(&self.path) {
+            let _ = rustix::fs::fadvise(&file, 0, None, advice);
+        }
+    }
 }
 
 impl Drop for Pinned {

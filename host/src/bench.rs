@@ -29,6 +29,8 @@ pub enum BenchCommand {
     Http(HttpBench),
     /// Ingest, GetBlob and index load throughput, and dedup ratios, against baselines.
     Cas(crate::bench_cas::CasBench),
+    /// The lazy mount against native reads and a full pull (needs root).
+    Fs(crate::bench_fs::FsBench),
     /// A plain hyper server answering `hello`: the ceiling `lode bench http` compares to.
     #[command(hide = true)]
     HyperHello {
@@ -72,6 +74,7 @@ pub async fn run(command: BenchCommand) -> Result<()> {
     match command {
         BenchCommand::Http(args) => http(args).await,
         BenchCommand::Cas(args) => crate::bench_cas::cas(args).await,
+        BenchCommand::Fs(args) => crate::bench_fs::fs(args).await,
         BenchCommand::HyperHello { listen } => hyper_hello(listen).await,
     }
 }

@@ -46,9 +46,10 @@ pub struct CasBench {
     schemes: Vec<Chunking>,
 }
 
-struct Registry {
+/// A `lode registry serve` child on a fresh data dir, killed on drop.
+pub(crate) struct Registry {
     child: Child,
-    client: Arc<RegistryClient>,
+    pub(crate) client: Arc<RegistryClient>,
     _dir: tempfile::TempDir,
     data: PathBuf,
 }
@@ -88,7 +89,7 @@ pub fn spawn_registry(exe: &Path, data: &Path) -> Result<(Child, String)> {
 }
 
 /// Starts `lode registry serve` on a fresh data dir.
-fn start_registry() -> Result<Registry> {
+pub(crate) fn start_registry() -> Result<Registry> {
     let dir = tempfile::Builder::new()
         .prefix("lode-bench-cas")
         .tempdir()?;
@@ -104,11 +105,11 @@ fn start_registry() -> Result<Registry> {
     })
 }
 
-fn mb_per_s(bytes: u64, elapsed: Duration) -> f64 {
+pub(crate) fn mb_per_s(bytes: u64, elapsed: Duration) -> f64 {
     bytes as f64 / elapsed.as_secs_f64() / 1e6
 }
 
-fn median(mut values: Vec<Duration>) -> Duration {
+pub(crate) fn median(mut values: Vec<Duration>) -> Duration {
     values.sort();
     values[values.len() / 2]
 }

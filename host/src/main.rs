@@ -205,7 +205,7 @@ enum FsCommand {
         #[arg(long)]
         no_prefetch: bool,
         /// Threads serving FUSE requests.
-        #[arg(long, default_value_t = 4)]
+        #[arg(long, default_value_t = 8)]
         threads: usize,
         #[command(flatten)]
         registry: RegistryArg,
