@@ -2,7 +2,7 @@
 # Lode's entry point on a fresh Debian machine (root, Rust installed).
 #   ./lode.sh demo    install what is needed, start `lode serve`, deploy samples/hello-http
 #   ./lode.sh test    fmt, clippy and the whole test suite (what CI runs)
-#   ./lode.sh bench [http|cas]   both benchmarks, or one (installs wrk and b3sum as needed)
+#   ./lode.sh bench [http|cas|fs]   all benchmarks, or one (installs wrk, b3sum and debootstrap)
 #   ./lode.sh stop    stop the demo server
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -106,7 +106,7 @@ run_tests() {
 bench() {
   local which=${1:-all}
   [[ $# -gt 0 ]] && shift
-  setup wrk b3sum
+  setup wrk b3sum debootstrap
   mkdir -p "$CACHE_DIR"
   cargo build --release --quiet --bin lode
   if [[ $which == all || $which == http ]]; then
@@ -118,6 +118,9 @@ bench() {
   fi
   if [[ $which == all || $which == cas ]]; then
     ./target/release/lode bench cas "$@"
+  fi
+  if [[ $which == all || $which == fs ]]; then
+    ./target/release/lode bench fs "$@"
   fi
 }
 
