@@ -28,7 +28,7 @@ pub use copy::{CopyReport, copy_image};
 pub use export::{ExportReport, export};
 pub use index::{Content, Entry, Index, IndexError, Kind};
 pub use ingest::{DEFAULT_INLINE_MAX, IngestOptions, IngestReport, ingest};
-pub use mount::{Mount, MountOptions, is_stale_mount, profile_tag, unmount};
+pub use mount::{Mount, MountOptions, MountTable, is_stale_mount, profile_tag, unmount};
 
 use std::io;
 use std::path::{Path, PathBuf};

@@ -76,11 +76,12 @@ async fn read_in_thread(path: PathBuf, limit: Duration) -> std::io::Result<Vec<u
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_real_tree_reads_back_identical_through_the_mount() {
     let registry = registry().await;
-    for tree in [Path::new("/usr/lib/python3.11").to_path_buf(), {
-        let dir = tempfile::tempdir().unwrap().keep();
-        special_tree(&dir);
-        dir
-    }] {
+    let special = tempfile::tempdir().unwrap();
+    special_tree(special.path());
+    for tree in [
+        Path::new("/usr/lib/python3.11").to_path_buf(),
+        special.path().to_path_buf(),
+    ] {
         let index = ingest(&registry, &tree).await;
         let mounted = mount(&registry, &index, 1 << 30, MountOptions::default());
         let (source, point) = (tree.clone(), mounted.path());
@@ -236,4 +237,147 @@ async fn a_recorded_profile_is_prefetched_by_the_next_cold_mount() {
         "foreground fetches: {warm} with the profile, {cold} without"
     );
     assert_eq!(warm, 0);
+}
+
+/// Hands out wrong bytes for the first fetch of each blob, as a faulty network or registry
+/// would, and the real ones after.
+struct CorruptOnce {
+    inner: Arc<lode_registry::RegistryClient>,
+    served: std::sync::Mutex<std::collections::HashSet<lode_registry::Digest>>,
+}
+
+#[async_trait::async_trait]
+impl BlobAccess for CorruptOnce {
+    fn location(&self) -> String {
+        self.inner.location()
+    }
+    fn parallelism(&self) -> usize {
+        self.inner.parallelism()
+    }
+    async fn missing(
+        &self,
+        digests: &[lode_registry::Digest],
+    ) -> lode_registry::Result<Vec<lode_registry::Digest>> {
+        self.inner.missing(digests).await
+    }
+    async fn put_blob(
+        &self,
+        digest: &lode_registry::Digest,
+        bytes: bytes::Bytes,
+    ) -> lode_registry::Result<bool> {
+        self.inner.put_blob(digest, bytes).await
+    }
+    async fn get_blob(
+        &self,
+        digest: &lode_registry::Digest,
+    ) -> lode_registry::Result<bytes::Bytes> {
+        let bytes = self.inner.get_blob(digest).await?;
+        if self.served.lock().unwrap().insert(digest.clone()) {
+            let mut bad = bytes.to_vec();
+            bad[0] ^= 0xff;
+            return Ok(bad.into());
+        }
+        Ok(bytes)
+    }
+    async fn put_index(
+        &self,
+        digest: &lode_registry::Digest,
+        bytes: bytes::Bytes,
+    ) -> lode_registry::Result<bool> {
+        self.inner.put_index(digest, bytes).await
+    }
+    async fn get_index(
+        &self,
+        digest: &lode_registry::Digest,
+    ) -> lode_registry::Result<bytes::Bytes> {
+        self.inner.get_index(digest).await
+    }
+    async fn get_tag(&self, name: &str) -> lode_registry::Result<lode_registry::Digest> {
+        self.inner.get_tag(name).await
+    }
+    async fn set_tag(
+        &self,
+        name: &str,
+        digest: &lode_registry::Digest,
+        condition: lode_registry::TagUpdate,
+    ) -> lode_registry::Result<Option<lode_registry::Digest>> {
+        self.inner.set_tag(name, digest, condition).await
+    }
+    async fn list_tags(
+        &self,
+        prefix: &str,
+    ) -> lode_registry::Result<Vec<(String, lode_registry::Digest)>> {
+        self.inner.list_tags(prefix).await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupt_chunk_from_the_network_is_refused_and_fetched_again() {
+    let registry = registry().await;
+    let tree = tempfile::tempdir().unwrap();
+    let data: Vec<u8> = (0..600_000u32)
+        .map(|j| (j.wrapping_mul(97) >> 3) as u8)
+        .collect();
+    std::fs::write(tree.path().join("lib.so"), &data).unwrap();
+    let index = ingest(&registry, tree.path()).await;
+    let faulty = Arc::new(CorruptOnce {
+        inner: registry.client.clone(),
+        served: Default::default(),
+    });
+    let dirs = tempfile::tempdir().unwrap();
+    let cache = ChunkCache::open(&dirs.path().join("chunks"), 1 << 30).unwrap();
+    let point = dirs.path().join("mnt");
+    std::fs::create_dir(&point).unwrap();
+    let options = MountOptions {
+        prefetch: false,
+        ..Default::default()
+    };
+    let mount = Mount::new(index.clone(), cache.clone(), faulty, &point, options).unwrap();
+    let read = read_in_thread(point.join("lib.so"), Duration::from_secs(30)).await;
+    let chunks = index.chunk_digests();
+    assert!(read.unwrap() == data);
+    assert_eq!(
+        cache.stats.refused.load(Ordering::Relaxed),
+        chunks.len() as u64
+    );
+    // Only verified bytes were kept.
+    for digest in &chunks {
+        let hex = digest.hex();
+        let kept =
+            std::fs::read(dirs.path().join("chunks/blake3").join(&hex[..2]).join(&hex)).unwrap();
+        assert_eq!(&lode_registry::Digest::of(&kept), digest);
+    }
+    mount.unmount().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_mount_table_mounts_each_image_once() {
+    let registry = registry().await;
+    let tree = tempfile::tempdir().unwrap();
+    std::fs::write(tree.path().join("app.py"), b"print('hi')\n").unwrap();
+    let index = ingest(&registry, tree.path()).await;
+    let dirs = tempfile::tempdir().unwrap();
+    let cache = ChunkCache::open(&dirs.path().join("chunks"), 1 << 30).unwrap();
+    let table = lode_fs::MountTable::new(
+        &dirs.path().join("mounts"),
+        cache,
+        registry.client.clone(),
+        MountOptions::default(),
+    )
+    .unwrap();
+    let first = table.mount(index.digest()).await.unwrap();
+    let second = table.mount(index.digest()).await.unwrap();
+    assert!(Arc::ptr_eq(&first, &second));
+    assert_eq!(
+        first.mountpoint(),
+        dirs.path().join("mounts").join(index.digest().hex())
+    );
+    let read = read_in_thread(first.mountpoint().join("app.py"), Duration::from_secs(10)).await;
+    assert_eq!(read.unwrap(), b"print('hi')\n");
+    assert_eq!(table.mounted().await, vec![index.digest().clone()]);
+    let point = first.mountpoint().to_path_buf();
+    drop((first, second));
+    table.close().await;
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(!mounts.contains(point.to_str().unwrap()), "still mounted");
 }

@@ -125,22 +125,6 @@ pub fn umount(mountpoint: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Clears mounts a killed `lode serve` left under `dir` (one directory per image).
-pub fn clear_stale_mounts(dir: &Path) {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return;
-    };
-    for entry in entries.flatten() {
-        let path = entry.path();
-        if lode_fs::is_stale_mount(&path) {
-            match lode_fs::unmount(&path) {
-                Ok(_) => tracing::warn!(mount = %path.display(), "cleared a stale mount"),
-                Err(error) => tracing::error!(mount = %path.display(), %error, "stale mount"),
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::parse_size;

@@ -164,10 +164,6 @@ pub async fn serve(options: ServeOptions) -> Result<()> {
     let _data_lock = lock_dir(&options.data_dir, "data dir")?;
     let _cache_lock = lock_dir(&options.cache_dir, "cache dir")?;
     let token = load_or_create_token(&options.data_dir)?;
-    // The chunk cache and the image mounts belong to this process; mounts a killed
-    // predecessor left behind are cleared first.
-    crate::fs_cmd::clear_stale_mounts(&options.cache_dir.join("mounts"));
-    let _chunks = lode_fs::ChunkCache::open(&options.cache_dir.join("chunks"), options.cache_size)?;
 
     let api_listener = bind(options.api, "api").await?;
     let http_listener = bind(options.http, "http").await?;
@@ -185,6 +181,16 @@ pub async fn serve(options: ServeOptions) -> Result<()> {
         max_memory: options.limits.max_memory,
     })?;
     let registry = open_registry(&options.data_dir)?;
+    // The chunk cache and the image mounts belong to this process (the native runner mounts
+    // images through this table); mounts a killed predecessor left behind are cleared.
+    let chunks = lode_fs::ChunkCache::open(&options.cache_dir.join("chunks"), options.cache_size)?;
+    let image_mounts = lode_fs::MountTable::new(
+        &options.cache_dir.join("mounts"),
+        chunks,
+        Arc::new(registry.clone()),
+        lode_fs::MountOptions::default(),
+    )
+    .context("preparing the image mounts")?;
     let state = RedbStore::open(&options.data_dir.join("state"))?;
     let server = Server::new(
         engine,
@@ -235,6 +241,7 @@ pub async fn serve(options: ServeOptions) -> Result<()> {
     http_task.abort();
     let _ = tokio::time::timeout(Duration::from_secs(5), api_task).await;
     let _ = tokio::time::timeout(Duration::from_secs(5), registry_task).await;
+    image_mounts.close().await;
     Ok(())
 }
 
