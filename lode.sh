@@ -20,8 +20,9 @@ setup() {
     log "adding the wasm32-wasip2 target"
     rustup target add wasm32-wasip2
   fi
+  # Each argument is a command, or COMMAND=PACKAGE when the package is named differently.
   local missing=()
-  for tool in "$@"; do command -v "$tool" >/dev/null || missing+=("$tool"); done
+  for tool in "$@"; do command -v "${tool%%=*}" >/dev/null || missing+=("${tool#*=}"); done
   if ((${#missing[@]})); then
     log "installing Debian packages: ${missing[*]}"
     DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}" >/dev/null \
@@ -88,7 +89,8 @@ stop() {
 }
 
 run_tests() {
-  setup
+  # The sandbox tests build a root filesystem from a static busybox.
+  setup busybox=busybox-static
   log "cargo fmt --check"
   cargo fmt --all -- --check
   log "cargo clippy"

@@ -7,5 +7,8 @@
 //! asked), and the in-container Python agent that serves calls over a Unix socket.
 //!
 //! It must not route HTTP: the host decides what runs where and hands this crate a spec.
-//! The foundation slice only reserves the crate; the native-runner issue fills it.
+//! So far it has the [`sandbox`]: namespaces, an overlay root, a minimal `/dev`, dropped
+//! capabilities and `no_new_privs`. Cgroups, seccomp, builds and the agent follow.
 #![deny(missing_docs)]
+
+pub mod sandbox;
