@@ -8,7 +8,8 @@
 //!
 //! It must not route HTTP: the host decides what runs where and hands this crate a spec.
 //! So far it has the [`sandbox`]: namespaces, an overlay root, a minimal `/dev`, dropped
-//! capabilities and `no_new_privs`. Cgroups, seccomp, builds and the agent follow.
+//! capabilities and `no_new_privs`, with [`cgroup`] limits. Seccomp, builds and the agent follow.
 #![deny(missing_docs)]
 
+pub mod cgroup;
 pub mod sandbox;

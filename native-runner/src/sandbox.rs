@@ -9,8 +9,10 @@
 //! `no_new_privs`, and returns to `std`, which execs the command. Everything in `pre_exec`
 //! is a plain syscall on memory prepared before the fork: no allocation happens after it.
 //!
-//! Not yet here (issue 5 continues): cgroups, seccomp, user namespaces, volumes, outbound
-//! network, and cleanup of leftovers at start.
+//! Before anything else the child joins the container's cgroups (memory, CPU, pids), so the
+//! whole tree is limited and can be killed at once.
+//!
+//! Not yet here (issue 5 continues): seccomp, user namespaces, volumes and outbound network.
 
 use std::ffi::CString;
 use std::io;
@@ -18,6 +20,9 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::cgroup::{Group, LimitHit, Limits, V1};
 
 /// What to run, and on what.
 #[derive(Debug, Clone)]
@@ -38,6 +43,10 @@ pub struct SandboxSpec {
     pub writable_bytes: u64,
     /// Most open files.
     pub max_open_files: u64,
+    /// Memory, CPU and pids limits (cgroups).
+    pub limits: Limits,
+    /// Wall-clock limit; the whole container is killed when it passes.
+    pub timeout: Option<Duration>,
 }
 
 impl Default for SandboxSpec {
@@ -54,6 +63,8 @@ impl Default for SandboxSpec {
             hostname: "lode".into(),
             writable_bytes: 256 << 20,
             max_open_files: 1024,
+            limits: Limits::default(),
+            timeout: None,
         }
     }
 }
@@ -63,6 +74,39 @@ impl Default for SandboxSpec {
 pub struct Sandbox {
     child: Child,
     scratch: PathBuf,
+    group: Group,
+    timeout: Option<Duration>,
+}
+
+/// How a container ended.
+#[derive(Debug)]
+pub struct Finished {
+    /// The command's exit status (see [`Finished::code`]).
+    pub status: ExitStatus,
+    /// Its stdout, when piped.
+    pub stdout: Vec<u8>,
+    /// Its stderr, when piped.
+    pub stderr: Vec<u8>,
+    /// The limit it ran into, if any.
+    pub limit_hit: Option<LimitHit>,
+    /// The timeout, when it killed the container.
+    pub timed_out: Option<Duration>,
+}
+
+impl Finished {
+    /// The exit code the status stands for (128 + signal when killed).
+    pub fn code(&self) -> i32 {
+        exit_code(self.status)
+    }
+
+    /// Why the container was stopped, named: a limit or the timeout; `None` if it exited.
+    pub fn killed_by(&self) -> Option<String> {
+        match (&self.timed_out, &self.limit_hit) {
+            (Some(after), _) => Some(format!("killed: timed out after {after:?}")),
+            (None, Some(limit)) => Some(limit.to_string()),
+            (None, None) => None,
+        }
+    }
 }
 
 impl Sandbox {
@@ -71,19 +115,45 @@ impl Sandbox {
         self.child.id()
     }
 
-    /// Waits for the container's command and removes its scratch directory. The mounts
-    /// were private to its mount namespace, so they went with its last process.
-    pub fn wait(mut self) -> io::Result<ExitStatus> {
-        let status = self.child.wait()?;
+    /// Waits for the command (killing the whole container at the timeout), collects piped
+    /// output, and removes the container's cgroups and scratch directory. The mounts were
+    /// private to its mount namespace, so they went with its last process.
+    pub fn finish(mut self) -> io::Result<Finished> {
+        fn drain(pipe: Option<impl io::Read + Send + 'static>) -> std::thread::JoinHandle<Vec<u8>> {
+            std::thread::spawn(move || {
+                let mut bytes = Vec::new();
+                if let Some(mut pipe) = pipe {
+                    let _ = pipe.read_to_end(&mut bytes);
+                }
+                bytes
+            })
+        }
+        let stdout = drain(self.child.stdout.take());
+        let stderr = drain(self.child.stderr.take());
+        let deadline = self.timeout.map(|t| Instant::now() + t);
+        let mut timed_out = None;
+        let status = loop {
+            if let Some(status) = self.child.try_wait()? {
+                break status;
+            }
+            if timed_out.is_none() && deadline.is_some_and(|d| Instant::now() >= d) {
+                timed_out = self.timeout;
+                self.group.kill_all();
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        };
+        // Whatever the command left running in the background goes with it.
+        self.group.kill_all();
+        let limit_hit = self.group.limit_hit();
+        self.group.remove();
         let _ = std::fs::remove_dir_all(&self.scratch);
-        Ok(status)
-    }
-
-    /// Like [`Sandbox::wait`], collecting piped stdout and stderr.
-    pub fn output(self) -> io::Result<std::process::Output> {
-        let output = self.child.wait_with_output()?;
-        let _ = std::fs::remove_dir_all(&self.scratch);
-        Ok(output)
+        Ok(Finished {
+            status,
+            stdout: stdout.join().unwrap_or_default(),
+            stderr: stderr.join().unwrap_or_default(),
+            limit_hit,
+            timed_out,
+        })
     }
 }
 
@@ -121,10 +191,11 @@ struct Prepared {
     hostname: CString,
     max_open_files: u64,
     names: [CString; 6],
+    cgroup_procs: Vec<CString>,
 }
 
 impl Prepared {
-    fn new(spec: &SandboxSpec) -> io::Result<Self> {
+    fn new(spec: &SandboxSpec, group: &Group) -> io::Result<Self> {
         let join = |rel: &str| path_cstring(&spec.scratch.join(rel));
         let lower = spec.lower.as_os_str().as_bytes();
         if lower.contains(&b',') || lower.contains(&b':') {
@@ -183,6 +254,11 @@ impl Prepared {
                 cstring("newinstance,ptmxmode=0666,mode=0620")?,
                 cstring("lo")?,
             ],
+            cgroup_procs: group
+                .procs_files()
+                .iter()
+                .map(|p| path_cstring(p))
+                .collect::<io::Result<_>>()?,
         })
     }
 }
@@ -224,8 +300,29 @@ fn mkdir(path: &CString, mode: libc::mode_t) -> io::Result<()> {
     }
 }
 
+/// Moves this process into the container's cgroups, before it forks anything.
+fn join_cgroups(prepared: &Prepared) -> io::Result<()> {
+    for procs in &prepared.cgroup_procs {
+        // SAFETY: open/write/close on a NUL-terminated path and a static buffer.
+        unsafe {
+            let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+            if fd == -1 {
+                return Err(io::Error::last_os_error());
+            }
+            let written = libc::write(fd, b"0".as_ptr().cast(), 1);
+            let error = io::Error::last_os_error();
+            libc::close(fd);
+            if written != 1 {
+                return Err(error);
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Runs in the forked child, before exec: no allocation from here on.
 fn enter(prepared: &Prepared) -> io::Result<()> {
+    join_cgroups(prepared)?;
     let flags = libc::CLONE_NEWNS
         | libc::CLONE_NEWUTS
         | libc::CLONE_NEWIPC
@@ -436,15 +533,33 @@ fn lock_down(p: &Prepared) -> io::Result<()> {
 }
 
 /// Starts `spec.argv` in a new sandbox with the given stdout and stderr (stdin is empty).
-pub fn spawn(spec: &SandboxSpec, stdout: Stdio, stderr: Stdio) -> io::Result<Sandbox> {
+/// Its cgroups go under `cgroups`, named after the scratch directory.
+pub fn spawn(
+    spec: &SandboxSpec,
+    cgroups: &V1,
+    stdout: Stdio,
+    stderr: Stdio,
+) -> io::Result<Sandbox> {
     let Some((program, args)) = spec.argv.split_first() else {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
             "no command to run",
         ));
     };
+    let name = spec
+        .scratch
+        .file_name()
+        .and_then(|n| n.to_str())
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "scratch needs a UTF-8 name"))?;
     std::fs::create_dir_all(&spec.scratch)?;
-    let prepared = Prepared::new(spec)?;
+    let group = cgroups.create(name, &spec.limits)?;
+    let prepared = match Prepared::new(spec, &group) {
+        Ok(prepared) => prepared,
+        Err(e) => {
+            group.remove();
+            return Err(e);
+        }
+    };
     let mut command = Command::new(program);
     command
         .args(args)
@@ -458,16 +573,20 @@ pub fn spawn(spec: &SandboxSpec, stdout: Stdio, stderr: Stdio) -> io::Result<San
     unsafe {
         command.pre_exec(move || enter(&prepared));
     }
-    let child = command.spawn()?;
+    let child = match command.spawn() {
+        Ok(child) => child,
+        Err(e) => {
+            group.remove();
+            let _ = std::fs::remove_dir_all(&spec.scratch);
+            return Err(e);
+        }
+    };
     Ok(Sandbox {
         child,
         scratch: spec.scratch.clone(),
+        group,
+        timeout: spec.timeout,
     })
-}
-
-/// Runs `spec` to completion with the caller's stdout and stderr; returns its exit status.
-pub fn run(spec: &SandboxSpec) -> io::Result<ExitStatus> {
-    spawn(spec, Stdio::inherit(), Stdio::inherit())?.wait()
 }
 
 /// The exit code a container's status stands for (128 + signal when it was killed).

@@ -3,7 +3,10 @@
 use std::path::Path;
 use std::process::Stdio;
 
-use lode_native_runner::sandbox::{SandboxSpec, exit_code, spawn};
+use std::time::{Duration, Instant};
+
+use lode_native_runner::cgroup::{LimitHit, Limits, V1};
+use lode_native_runner::sandbox::{Finished, SandboxSpec, spawn};
 
 /// A root filesystem holding only a static busybox and its applet links.
 fn busybox_root(root: &Path) {
@@ -27,22 +30,30 @@ fn busybox_root(root: &Path) {
     std::fs::write(root.join("etc/marker"), b"from the image\n").unwrap();
 }
 
-fn sh(root: &Path, scratch: &Path, script: &str) -> (i32, String, String) {
-    let spec = SandboxSpec {
+fn container(root: &Path, scratch: &Path, script: &str) -> SandboxSpec {
+    SandboxSpec {
         lower: root.to_path_buf(),
         scratch: scratch.to_path_buf(),
         argv: vec!["/bin/sh".into(), "-c".into(), script.into()],
         env: vec![("PATH".into(), "/bin".into())],
         ..Default::default()
-    };
-    let output = spawn(&spec, Stdio::piped(), Stdio::piped())
+    }
+}
+
+fn finish(spec: &SandboxSpec) -> Finished {
+    let cgroups = V1::detect().unwrap();
+    spawn(spec, &cgroups, Stdio::piped(), Stdio::piped())
         .unwrap()
-        .output()
-        .unwrap();
+        .finish()
+        .unwrap()
+}
+
+fn sh(root: &Path, scratch: &Path, script: &str) -> (i32, String, String) {
+    let finished = finish(&container(root, scratch, script));
     (
-        exit_code(output.status),
-        String::from_utf8_lossy(&output.stdout).into_owned(),
-        String::from_utf8_lossy(&output.stderr).into_owned(),
+        finished.code(),
+        String::from_utf8_lossy(&finished.stdout).into_owned(),
+        String::from_utf8_lossy(&finished.stderr).into_owned(),
     )
 }
 
@@ -111,6 +122,72 @@ fn a_missing_command_is_an_error_with_its_name() {
         argv: vec!["/no/such/program".into()],
         ..Default::default()
     };
-    let err = spawn(&spec, Stdio::null(), Stdio::null()).unwrap_err();
+    let err = spawn(&spec, &V1::detect().unwrap(), Stdio::null(), Stdio::null()).unwrap_err();
     assert_eq!(err.kind(), std::io::ErrorKind::NotFound, "{err}");
+}
+
+#[test]
+fn a_memory_bomb_is_killed_and_named() {
+    let dirs = tempfile::tempdir().unwrap();
+    let root = dirs.path().join("image");
+    busybox_root(&root);
+    // tmpfs pages count against the container's memory group.
+    let mut spec = container(
+        &root,
+        &dirs.path().join("bomb"),
+        "head -c 200000000 /dev/zero > /dev/shm/fill; echo survived",
+    );
+    spec.limits = Limits {
+        memory: Some(32 << 20),
+        ..Default::default()
+    };
+    let finished = finish(&spec);
+    assert_eq!(
+        finished.limit_hit,
+        Some(LimitHit::OutOfMemory { limit: 32 << 20 })
+    );
+    assert_eq!(
+        finished.killed_by().unwrap(),
+        "killed: out of memory (limit 32 MiB)"
+    );
+}
+
+#[test]
+fn a_fork_bomb_stops_at_the_pids_limit() {
+    let dirs = tempfile::tempdir().unwrap();
+    let root = dirs.path().join("image");
+    busybox_root(&root);
+    let mut spec = container(
+        &root,
+        &dirs.path().join("forks"),
+        "i=0; while [ $i -lt 100 ]; do sleep 30 & i=$((i+1)); done; wait",
+    );
+    spec.limits = Limits {
+        pids: Some(16),
+        ..Default::default()
+    };
+    spec.timeout = Some(Duration::from_secs(3));
+    let finished = finish(&spec);
+    assert_eq!(finished.limit_hit, Some(LimitHit::Pids { limit: 16 }));
+}
+
+#[test]
+fn a_cpu_spin_is_throttled_and_killed_at_the_timeout() {
+    let dirs = tempfile::tempdir().unwrap();
+    let root = dirs.path().join("image");
+    busybox_root(&root);
+    let mut spec = container(&root, &dirs.path().join("spin"), "while :; do :; done");
+    spec.limits = Limits {
+        cpu: Some(0.2),
+        ..Default::default()
+    };
+    spec.timeout = Some(Duration::from_millis(800));
+    let started = Instant::now();
+    let finished = finish(&spec);
+    assert!(started.elapsed() < Duration::from_secs(10));
+    assert_eq!(finished.code(), 128 + 9);
+    assert_eq!(
+        finished.killed_by().unwrap(),
+        "killed: timed out after 800ms"
+    );
 }
