@@ -175,6 +175,16 @@ impl V1 {
     }
 }
 
+/// Reads `key N` from a cgroup file of such lines; 0 when absent.
+fn counter(path: &Path, key: &str) -> u64 {
+    fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .find_map(|line| line.strip_prefix(key)?.strip_prefix(' '))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(0)
+}
+
 impl Group {
     /// The `cgroup.procs` files a process writes `0` to in order to join every group.
     pub fn procs_files(&self) -> Vec<PathBuf> {
@@ -215,32 +225,15 @@ impl Group {
     pub fn limit_hit(&self) -> Option<LimitHit> {
         for (controller, dir) in &self.dirs {
             match *controller {
-                "memory" => {
-                    let control =
-                        fs::read_to_string(dir.join("memory.oom_control")).unwrap_or_default();
-                    let kills = control
-                        .lines()
-                        .find_map(|l| l.strip_prefix("oom_kill "))
-                        .and_then(|n| n.trim().parse::<u64>().ok())
-                        .unwrap_or(0);
-                    if kills > 0 {
-                        return Some(LimitHit::OutOfMemory {
-                            limit: self.limits.memory.unwrap_or(0),
-                        });
-                    }
+                "memory" if counter(&dir.join("memory.oom_control"), "oom_kill") > 0 => {
+                    return Some(LimitHit::OutOfMemory {
+                        limit: self.limits.memory.unwrap_or(0),
+                    });
                 }
-                "pids" => {
-                    let events = fs::read_to_string(dir.join("pids.events")).unwrap_or_default();
-                    let refused = events
-                        .lines()
-                        .find_map(|l| l.strip_prefix("max "))
-                        .and_then(|n| n.trim().parse::<u64>().ok())
-                        .unwrap_or(0);
-                    if refused > 0 {
-                        return Some(LimitHit::Pids {
-                            limit: self.limits.pids.unwrap_or(0),
-                        });
-                    }
+                "pids" if counter(&dir.join("pids.events"), "max") > 0 => {
+                    return Some(LimitHit::Pids {
+                        limit: self.limits.pids.unwrap_or(0),
+                    });
                 }
                 _ => {}
             }
