@@ -13,3 +13,4 @@
 
 pub mod cgroup;
 pub mod sandbox;
+pub mod seccomp;

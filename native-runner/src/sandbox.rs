@@ -12,7 +12,9 @@
 //! Before anything else the child joins the container's cgroups (memory, CPU, pids), so the
 //! whole tree is limited and can be killed at once.
 //!
-//! Not yet here (issue 5 continues): seccomp, user namespaces, volumes and outbound network.
+//! The last step before exec installs the seccomp profile ([`crate::seccomp`]).
+//!
+//! Not yet here (issue 5 continues): user namespaces, volumes and outbound network.
 
 use std::ffi::CString;
 use std::io;
@@ -192,6 +194,7 @@ struct Prepared {
     max_open_files: u64,
     names: [CString; 6],
     cgroup_procs: Vec<CString>,
+    seccomp: Vec<seccompiler::BpfProgram>,
 }
 
 impl Prepared {
@@ -259,6 +262,7 @@ impl Prepared {
                 .iter()
                 .map(|p| path_cstring(p))
                 .collect::<io::Result<_>>()?,
+            seccomp: crate::seccomp::compile()?,
         })
     }
 }
@@ -529,7 +533,9 @@ fn lock_down(p: &Prepared) -> io::Result<()> {
     // SAFETY: capset(2) with a v3 header and two data words, all ours.
     check(unsafe { libc::syscall(libc::SYS_capset, &header, empty.as_ptr()) as libc::c_int })?;
     // SAFETY: prctl(2) with integer arguments.
-    check(unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) })
+    check(unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) })?;
+    // Last, so nothing above is filtered: from here on the profile applies.
+    crate::seccomp::install(&p.seccomp)
 }
 
 /// Starts `spec.argv` in a new sandbox with the given stdout and stderr (stdin is empty).

@@ -191,3 +191,71 @@ fn a_cpu_spin_is_throttled_and_killed_at_the_timeout() {
         "killed: timed out after 800ms"
     );
 }
+
+/// Copies the syscall probe (an example of this crate) and the shared libraries it needs into
+/// the root, so it runs inside the container.
+fn install_probe(root: &Path) {
+    let deps = std::env::current_exe().unwrap();
+    let probe = deps
+        .parent()
+        .and_then(Path::parent)
+        .unwrap()
+        .join("examples/syscall_probe");
+    assert!(probe.exists(), "{} is built by cargo test", probe.display());
+    std::fs::copy(&probe, root.join("bin/syscall_probe")).unwrap();
+    let ldd = std::process::Command::new("ldd")
+        .arg(&probe)
+        .output()
+        .unwrap();
+    for line in String::from_utf8_lossy(&ldd.stdout).lines() {
+        let path = line
+            .split_whitespace()
+            .find(|word| word.starts_with('/'))
+            .map(Path::new);
+        if let Some(path) = path {
+            let dest = root.join(path.strip_prefix("/").unwrap());
+            std::fs::create_dir_all(dest.parent().unwrap()).unwrap();
+            std::fs::copy(path, &dest).unwrap();
+        }
+    }
+}
+
+#[test]
+fn every_syscall_the_profile_denies_fails_inside_a_container() {
+    let dirs = tempfile::tempdir().unwrap();
+    let root = dirs.path().join("image");
+    busybox_root(&root);
+    install_probe(&root);
+    let refused = lode_native_runner::seccomp::refused();
+    assert!(refused.len() > 50, "{refused:?}");
+    let names: Vec<&str> = refused.iter().map(|(name, _)| name.as_str()).collect();
+    let script = format!(
+        "grep -E '^Seccomp' /proc/self/status; /bin/syscall_probe {}",
+        names.join(" ")
+    );
+    let (code, out, err) = sh(&root, &dirs.path().join("probe"), &script);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(out.contains("Seccomp:\t2"), "{out}");
+    for (name, errno) in &refused {
+        let line = out
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some(name))
+            .unwrap_or_else(|| panic!("no result for {name}:\n{out}"));
+        assert_eq!(
+            line,
+            format!("{name} {errno}"),
+            "{name} was not refused by the filter"
+        );
+    }
+    // Namespace flags on clone are refused too, while a plain fork works.
+    let (code, out, err) = sh(
+        &root,
+        &dirs.path().join("clone"),
+        "unshare -n true && echo escaped; (true) && echo forked",
+    );
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(
+        out.contains("forked") && !out.contains("escaped"),
+        "{out}\n{err}"
+    );
+}
