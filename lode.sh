@@ -2,7 +2,7 @@
 # Lode's entry point on a fresh Debian machine (root, Rust installed).
 #   ./lode.sh demo    install what is needed, start `lode serve`, deploy samples/hello-http
 #   ./lode.sh test    fmt, clippy and the whole test suite (what CI runs)
-#   ./lode.sh bench [http|cas|fs]   all benchmarks, or one (installs wrk, b3sum and debootstrap)
+#   ./lode.sh bench [http|cas|fs|container]   all benchmarks, or one (installs wrk, b3sum, debootstrap)
 #   ./lode.sh stop    stop the demo server
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -123,6 +123,9 @@ bench() {
   fi
   if [[ $which == all || $which == fs ]]; then
     ./target/release/lode bench fs "$@"
+  fi
+  if [[ $which == all || $which == container ]]; then
+    ./target/release/lode bench container "$@"
   fi
 }
 

@@ -31,6 +31,8 @@ pub enum BenchCommand {
     Cas(crate::bench_cas::CasBench),
     /// The lazy mount against native reads and a full pull (needs root).
     Fs(crate::bench_fs::FsBench),
+    /// Container start to the exit of `python3 -c pass` (needs root).
+    Container(crate::bench_container::ContainerBench),
     /// A plain hyper server answering `hello`: the ceiling `lode bench http` compares to.
     #[command(hide = true)]
     HyperHello {
@@ -75,6 +77,7 @@ pub async fn run(command: BenchCommand) -> Result<()> {
         BenchCommand::Http(args) => http(args).await,
         BenchCommand::Cas(args) => crate::bench_cas::cas(args).await,
         BenchCommand::Fs(args) => crate::bench_fs::fs(args).await,
+        BenchCommand::Container(args) => crate::bench_container::container(args).await,
         BenchCommand::HyperHello { listen } => hyper_hello(listen).await,
     }
 }

@@ -12,6 +12,7 @@
 pub mod api;
 pub mod bench;
 pub mod bench_cas;
+pub mod bench_container;
 pub mod bench_fs;
 pub mod cli;
 pub mod client_config;
