@@ -1,18 +1,19 @@
 //! The container sandbox: a process tree in fresh namespaces whose root is an overlay of an
 //! image (the read-only lower layer, usually a lazy FUSE mount) and a size-limited tmpfs.
 //!
-//! The spawn is `std::process::Command` with a `pre_exec` step. After the fork, the child
-//! unshares the mount, pid, uts, ipc, net and cgroup namespaces, then forks once more so the
-//! command runs as pid 1 of the new pid namespace; the middle process only waits and passes
-//! the exit status up. The grandchild builds the root (tmpfs, overlay, `/proc`, a minimal
-//! `/dev`), pivots into it, brings up loopback, sets limits, drops every capability, sets
-//! `no_new_privs`, and returns to `std`, which execs the command. Everything in `pre_exec`
-//! is a plain syscall on memory prepared before the fork: no allocation happens after it.
+//! The spawn is `std::process::Command` with a `pre_exec` step. In order, the child:
+//! 1. joins the container's cgroups (memory, CPU, pids), so the whole tree is limited and can
+//!    be killed at once;
+//! 2. unshares the mount, pid, uts, ipc, net and cgroup namespaces, and forks once more so the
+//!    command runs as pid 1 of the new pid namespace (the middle process only waits and passes
+//!    the exit status up);
+//! 3. builds the root (tmpfs, overlay, `/proc`, a minimal `/dev`) and pivots into it;
+//! 4. brings up loopback, sets rlimits, drops every capability, sets `no_new_privs`, and
+//!    installs the seccomp profile ([`crate::seccomp`]);
+//! 5. returns to `std`, which execs the command.
 //!
-//! Before anything else the child joins the container's cgroups (memory, CPU, pids), so the
-//! whole tree is limited and can be killed at once.
-//!
-//! The last step before exec installs the seccomp profile ([`crate::seccomp`]).
+//! Everything in `pre_exec` is a plain syscall on memory prepared before the fork: nothing is
+//! allocated after it.
 //!
 //! Not yet here (issue 5 continues): user namespaces, volumes and outbound network.
 
