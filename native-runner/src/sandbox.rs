@@ -32,7 +32,7 @@ use crate::cgroup::{Group, LimitHit, Limits, V1};
 pub struct SandboxSpec {
     /// The image's root: the overlay's read-only lower layer.
     pub lower: PathBuf,
-    /// An empty host directory for this container's mounts; removed by [`Sandbox::wait`].
+    /// An empty host directory for this container's mounts; removed by [`Sandbox::finish`].
     pub scratch: PathBuf,
     /// The command; a bare name is looked up in the container's `PATH`.
     pub argv: Vec<String>,
