@@ -68,7 +68,9 @@ pub struct Pinned {
 }
 
 impl Pinned {
-    /// Reads from the chunk at `offset` into `buf`; returns the bytes read.
+    /// Reads from the chunk at `offset` into `buf`; returns the bytes read. A read that
+    /// reaches the chunk's end drops the chunk file's pages: the mount keeps its own page cache
+    /// (KEEP_CACHE), and holding both would double the memory a file costs.
     pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<usize> {
         let file = File::open(&self.path).map_err(Error::io("open cached chunk", &self.path))?;
         let mut done = 0;
@@ -81,6 +83,9 @@ impl Pinned {
             }
             done += n;
         }
+        if offset + done as u64 >= self.size {
+            let _ = rustix::fs::fadvise(&file, 0, None, rustix::fs::Advice::DontNeed);
+        }
         Ok(done)
     }
 
@@ -92,18 +97,8 @@ impl Pinned {
     /// Tells the kernel this chunk will be read soon, so the disk reads it ahead while
     /// earlier chunks are being served.
     pub fn will_need(&self) {
-        self.advise(rustix::fs::Advice::WillNeed);
-    }
-
-    /// Drops the chunk file's pages once a read has consumed them: the mount keeps its own
-    /// page cache (KEEP_CACHE), and holding both doubles the memory a file costs.
-    pub fn done_with(&self) {
-        self.advise(rustix::fs::Advice::DontNeed);
-    }
-
-    fn advise(&self, advice: rustix::fs::Advice) {
         if let Ok(file) = File::open(&self.path) {
-            let _ = rustix::fs::fadvise(&file, 0, None, advice);
+            let _ = rustix::fs::fadvise(&file, 0, None, rustix::fs::Advice::WillNeed);
         }
     }
 }

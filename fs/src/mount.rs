@@ -293,15 +293,7 @@ impl Image {
         } else {
             UNIX_EPOCH - Duration::from_secs(sec.unsigned_abs()) + Duration::from_nanos(nsec.into())
         };
-        let kind = match entry.kind() {
-            Kind::Dir => FileType::Directory,
-            Kind::File => FileType::RegularFile,
-            Kind::Symlink => FileType::Symlink,
-            Kind::CharDevice => FileType::CharDevice,
-            Kind::BlockDevice => FileType::BlockDevice,
-            Kind::Fifo => FileType::NamedPipe,
-            Kind::Socket => FileType::Socket,
-        };
+        let kind = file_type(entry.kind());
         let nlink = match entry.kind() {
             Kind::Dir => 2,
             _ => entry
@@ -327,6 +319,19 @@ impl Image {
             blksize: 4096,
             flags: 0,
         }
+    }
+
+    /// A directory's entries for readdir: `.`, `..`, then its children in name order.
+    fn listing(&self, ino: INodeNo) -> Result<Vec<(&[u8], Entry<'_>)>, Errno> {
+        let dir = self.entry(ino).ok_or(Errno::ENOENT)?;
+        let children = dir.children().ok_or(Errno::ENOTDIR)?;
+        let parent = self.index.entry(dir.parent());
+        let mut listing: Vec<(&[u8], Entry<'_>)> = vec![(b".", dir), (b"..", parent)];
+        listing.extend(children.map(|id| {
+            let child = self.index.entry(id);
+            (child.name(), child)
+        }));
+        Ok(listing)
     }
 
     fn record_first_read(&self, id: u32) {
@@ -356,22 +361,26 @@ impl Image {
                 break;
             }
             let digest = chunk.digest();
-            let pinned = self
-                .runtime
-                .block_on(self.cache.get(
-                    self.registry.as_ref(),
-                    &digest,
-                    self.options.fetch_timeout,
-                    Priority::Foreground,
-                ))
-                .map_err(|e| {
-                    let kind = match &e {
-                        FetchError::TimedOut { .. } => "timed out",
-                        _ => "failed",
-                    };
-                    tracing::error!(path = %path().display(), %digest, error = %e, "read {kind}: EIO");
-                    Errno::EIO
-                })?;
+            // A cached chunk is pinned right here; only a miss goes through the runtime.
+            let pinned = match self.cache.pin(&digest) {
+                Some(pinned) => pinned,
+                None => self
+                    .runtime
+                    .block_on(self.cache.get(
+                        self.registry.as_ref(),
+                        &digest,
+                        self.options.fetch_timeout,
+                        Priority::Foreground,
+                    ))
+                    .map_err(|e| {
+                        let kind = match &e {
+                            FetchError::TimedOut { .. } => "timed out",
+                            _ => "failed",
+                        };
+                        tracing::error!(path = %path().display(), %digest, error = %e, "read {kind}: EIO");
+                        Errno::EIO
+                    })?,
+            };
             let from = offset.max(chunk.offset());
             let to = end.min(chunk.offset() + u64::from(chunk.length()));
             let start = out.len();
@@ -385,9 +394,6 @@ impl Image {
             if n != (to - from) as usize {
                 tracing::error!(path = %path().display(), %digest, "cached chunk is short: EIO");
                 return Err(Errno::EIO);
-            }
-            if to == chunk.offset() + u64::from(chunk.length()) {
-                pinned.done_with();
             }
         }
         Ok(())
@@ -619,24 +625,18 @@ impl Filesystem for Fs {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        let image = &self.0;
-        let Some(dir) = image.entry(ino) else {
-            return reply.error(Errno::ENOENT);
+        let listing = match self.0.listing(ino) {
+            Ok(listing) => listing,
+            Err(errno) => return reply.error(errno),
         };
-        let Some(children) = dir.children() else {
-            return reply.error(Errno::ENOTDIR);
-        };
-        let parent = image.index.entry(dir.parent());
-        let mut listing: Vec<(INodeNo, FileType, &[u8])> = vec![
-            (Image::ino(&dir), FileType::Directory, b"."),
-            (Image::ino(&parent), FileType::Directory, b".."),
-        ];
-        for id in children {
-            let child = image.index.entry(id);
-            listing.push((Image::ino(&child), image.attr(&child).kind, child.name()));
-        }
-        for (i, (ino, kind, name)) in listing.into_iter().enumerate().skip(offset as usize) {
-            if reply.add(ino, (i + 1) as u64, kind, OsStr::from_bytes(name)) {
+        for (i, (name, entry)) in listing.into_iter().enumerate().skip(offset as usize) {
+            let kind = file_type(entry.kind());
+            if reply.add(
+                Image::ino(&entry),
+                (i + 1) as u64,
+                kind,
+                OsStr::from_bytes(name),
+            ) {
                 break;
             }
         }
@@ -652,18 +652,10 @@ impl Filesystem for Fs {
         mut reply: ReplyDirectoryPlus,
     ) {
         let image = &self.0;
-        let Some(dir) = image.entry(ino) else {
-            return reply.error(Errno::ENOENT);
+        let listing = match image.listing(ino) {
+            Ok(listing) => listing,
+            Err(errno) => return reply.error(errno),
         };
-        let Some(children) = dir.children() else {
-            return reply.error(Errno::ENOTDIR);
-        };
-        let parent = image.index.entry(dir.parent());
-        let mut listing: Vec<(&[u8], Entry<'_>)> = vec![(b".", dir), (b"..", parent)];
-        listing.extend(children.map(|id| {
-            let child = image.index.entry(id);
-            (child.name(), child)
-        }));
         for (i, (name, entry)) in listing.into_iter().enumerate().skip(offset as usize) {
             let attr = image.attr(&entry);
             if reply.add(
@@ -706,6 +698,18 @@ impl Filesystem for Fs {
             names.push(0);
         }
         reply_sized(reply, size, &names);
+    }
+}
+
+fn file_type(kind: Kind) -> FileType {
+    match kind {
+        Kind::Dir => FileType::Directory,
+        Kind::File => FileType::RegularFile,
+        Kind::Symlink => FileType::Symlink,
+        Kind::CharDevice => FileType::CharDevice,
+        Kind::BlockDevice => FileType::BlockDevice,
+        Kind::Fifo => FileType::NamedPipe,
+        Kind::Socket => FileType::Socket,
     }
 }
 
