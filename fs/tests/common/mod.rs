@@ -14,17 +14,26 @@ use lode_registry::{
 };
 use tokio::net::TcpListener;
 
+/// A registry serving on its own runtime and thread, so killing it drops the listener and
+/// every open connection at once (aborting only the accept loop would leave connections up).
 pub struct Registry {
     pub client: Arc<RegistryClient>,
     _dir: tempfile::TempDir,
-    _stop: tokio::sync::oneshot::Sender<()>,
-    task: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
+    stop: std::sync::Mutex<Option<tokio::sync::oneshot::Sender<()>>>,
 }
 
 impl Registry {
-    /// Kills the server: the listener and every open connection go at once.
+    /// Kills the server: its runtime goes, with the listener and every connection.
     pub fn kill(&self) {
-        self.task.abort();
+        if let Some(stop) = self.stop.lock().unwrap().take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        self.kill();
     }
 }
 
@@ -42,18 +51,28 @@ pub async fn registry() -> Registry {
             ..Default::default()
         },
     );
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(service.serve(listener, async {
-        let _ = stopped.await;
-    }));
+    let (bound, address) = tokio::sync::oneshot::channel();
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async move {
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            bound.send(listener.local_addr().unwrap()).unwrap();
+            tokio::spawn(service.serve(listener, std::future::pending()));
+            let _ = stopped.await;
+        });
+        runtime.shutdown_background();
+    });
+    let url = format!("http://{}", address.await.unwrap());
     let client = RegistryClient::new(&url, Some("t0ken"), ClientOptions::default()).unwrap();
     Registry {
         client: Arc::new(client),
         _dir: dir,
-        _stop: stop,
-        task,
+        stop: std::sync::Mutex::new(Some(stop)),
     }
 }
 
