@@ -47,6 +47,15 @@ impl std::fmt::Display for LimitHit {
     }
 }
 
+/// A cgroup hierarchy that containers' groups are made in: v1 ([`V1`], what runs on this
+/// machine) or v2.
+pub trait Hierarchy: Send + Sync + std::fmt::Debug {
+    /// Creates `name`'s groups and sets `limits`.
+    fn create(&self, name: &str, limits: &Limits) -> io::Result<Group>;
+    /// Removes groups a crashed run left behind, killing what is still in them.
+    fn clean_leftovers(&self);
+}
+
 /// The CFS period the CPU quota is expressed in.
 const CPU_PERIOD: Duration = Duration::from_millis(100);
 
@@ -116,8 +125,10 @@ impl V1 {
         Ok(Self { parents })
     }
 
-    /// Creates `name`'s groups and sets `limits`.
-    pub fn create(&self, name: &str, limits: &Limits) -> io::Result<Group> {
+}
+
+impl Hierarchy for V1 {
+    fn create(&self, name: &str, limits: &Limits) -> io::Result<Group> {
         let mut group = Group {
             dirs: Vec::new(),
             limits: limits.clone(),
@@ -157,8 +168,7 @@ impl V1 {
         Ok(group)
     }
 
-    /// Removes `lode` groups a crashed run left behind, killing what is still in them.
-    pub fn clean_leftovers(&self) {
+    fn clean_leftovers(&self) {
         for (_, parent) in &self.parents {
             let Ok(entries) = fs::read_dir(parent) else {
                 continue;

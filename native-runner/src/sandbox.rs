@@ -25,7 +25,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::cgroup::{Group, LimitHit, Limits, V1};
+use crate::cgroup::{Group, Hierarchy, LimitHit, Limits};
 
 /// What to run, and on what.
 #[derive(Debug, Clone)]
@@ -543,7 +543,7 @@ fn lock_down(p: &Prepared) -> io::Result<()> {
 /// Its cgroups go under `cgroups`, named after the scratch directory.
 pub fn spawn(
     spec: &SandboxSpec,
-    cgroups: &V1,
+    cgroups: &dyn Hierarchy,
     stdout: Stdio,
     stderr: Stdio,
 ) -> io::Result<Sandbox> {
