@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use lode_fs::{ChunkCache, Index, IngestOptions, Mount, MountOptions};
-use lode_native_runner::cgroup::{Hierarchy, V1};
+use lode_native_runner::cgroup::V1;
 use lode_native_runner::sandbox::{SandboxSpec, spawn};
 use lode_registry::BlobAccess;
 
