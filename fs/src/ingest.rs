@@ -90,6 +90,32 @@ pub async fn ingest(
     registry: Arc<dyn BlobAccess>,
     options: IngestOptions,
 ) -> Result<IngestReport> {
+    let (tree, report) = upload_tree(root, registry.clone(), options).await?;
+    store_index(&tree, report, registry.as_ref()).await
+}
+
+/// Encodes `tree`, stores its index (after every chunk it names, which the caller uploaded)
+/// and completes `report` with it.
+pub(crate) async fn store_index(
+    tree: &Node,
+    mut report: IngestReport,
+    registry: &dyn BlobAccess,
+) -> Result<IngestReport> {
+    let index = encode(tree)?;
+    let digest = index.digest().clone();
+    report.index_bytes = index.bytes().len() as u64;
+    // Chunks first, index last: an index in the registry always has all its chunks.
+    registry.put_index(&digest, index.bytes().clone()).await?;
+    report.digest = Some(digest);
+    Ok(report)
+}
+
+/// Walks the tree at `root` into a [`Node`] tree, uploading the chunks the registry lacks.
+pub(crate) async fn upload_tree(
+    root: &Path,
+    registry: Arc<dyn BlobAccess>,
+    options: IngestOptions,
+) -> Result<(Node, IngestReport)> {
     let meta = fs::symlink_metadata(root).map_err(Error::io("inspect", root))?;
     if !meta.is_dir() {
         return Err(Error::NotADirectory(root.to_path_buf()));
@@ -122,13 +148,7 @@ pub async fn ingest(
     report.new_chunks = new_chunks;
     report.new_bytes = new_bytes;
     report.deduped_bytes = report.file_bytes - report.inline_bytes - new_bytes;
-    let index = encode(&tree)?;
-    let digest = index.digest().clone();
-    report.index_bytes = index.bytes().len() as u64;
-    // Chunks first, index last: an index in the registry always has all its chunks.
-    registry.put_index(&digest, index.bytes().clone()).await?;
-    report.digest = Some(digest);
-    Ok(report)
+    Ok((tree, report))
 }
 
 async fn upload(

@@ -18,6 +18,7 @@ mod copy;
 mod export;
 pub mod index;
 mod ingest;
+mod layer;
 mod mount;
 
 pub use build::{Body, FileContent, Meta, Node, encode};
@@ -28,6 +29,7 @@ pub use copy::{CopyReport, copy_image};
 pub use export::{ExportReport, export};
 pub use index::{Content, Entry, Index, IndexError, Kind};
 pub use ingest::{DEFAULT_INLINE_MAX, IngestOptions, IngestReport, ingest};
+pub use layer::ingest_layer;
 pub use mount::{Mount, MountOptions, MountTable, is_stale_mount, profile_tag, unmount};
 
 use std::io;
