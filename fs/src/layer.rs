@@ -204,10 +204,10 @@ fn drop_lonely_link_groups(tree: &mut Node) {
     fn clear(node: &mut Node, counts: &HashMap<u64, usize>) {
         match &mut node.body {
             Body::Dir(children) => children.iter_mut().for_each(|c| clear(c, counts)),
-            Body::File { link_group, .. } => {
-                if link_group.is_some_and(|g| counts.get(&g) == Some(&1)) {
-                    *link_group = None;
-                }
+            Body::File { link_group, .. }
+                if link_group.is_some_and(|g| counts.get(&g) == Some(&1)) =>
+            {
+                *link_group = None;
             }
             _ => {}
         }
