@@ -7,7 +7,10 @@
 //! 2. unshares the mount, pid, uts, ipc, net and cgroup namespaces, and forks once more so the
 //!    command runs as pid 1 of the new pid namespace (the middle process only waits and passes
 //!    the exit status up);
-//! 3. builds the root (tmpfs, overlay, `/proc`, a minimal `/dev`) and pivots into it;
+//! 3. builds the root (tmpfs, overlay, `/proc`, a minimal `/dev`), clones each volume's
+//!    host directory as a detached mount, pivots into the root, and only then attaches the
+//!    volumes, so their targets resolve inside the container (an image symlink cannot aim a
+//!    volume at a host path);
 //! 4. brings up loopback, sets rlimits, drops every capability, sets `no_new_privs`, and
 //!    installs the seccomp profile ([`crate::seccomp`]);
 //! 5. returns to `std`, which execs the command.
@@ -15,14 +18,24 @@
 //! Everything in `pre_exec` is a plain syscall on memory prepared before the fork: nothing is
 //! allocated after it.
 //!
-//! Not yet here (issue 5 continues): user namespaces, volumes and outbound network.
+//! With [`Network::Outbound`] the net namespace is made first, on a thread of the host, and
+//! `slirp4netns` gives it a user-mode TCP/IP stack with the host's loopback cut off; the child
+//! joins it instead of making its own.
+//!
+//! User namespaces are not used: the lower layer is a FUSE mount owned by the host's root,
+//! which a container root mapped to another uid could not read through overlayfs without
+//! `allow_other` and idmapped-mount support for FUSE (added in Linux 6.12, and not in
+//! fuser 0.18). The container's root is contained by the other namespaces, dropped
+//! capabilities, `no_new_privs` and seccomp instead.
 
 use std::ffi::CString;
-use std::io;
+use std::io::{self, Read};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, ChildStderr, ChildStdout, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::cgroup::{Group, Hierarchy, LimitHit, Limits};
@@ -50,7 +63,39 @@ pub struct SandboxSpec {
     pub limits: Limits,
     /// Wall-clock limit; the whole container is killed when it passes.
     pub timeout: Option<Duration>,
+    /// Host directories or files bind-mounted into the container.
+    pub volumes: Vec<Volume>,
+    /// The network the container gets.
+    pub network: Network,
+    /// A host directory for the writable layer (`upper/` and `work/` inside it) instead of a
+    /// tmpfs, so what the command wrote outlives it: image builds diff it into a new layer.
+    pub keep_upper: Option<PathBuf>,
 }
+
+/// A bind mount from the host into the container.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Volume {
+    /// The host directory or file.
+    pub source: PathBuf,
+    /// Where it appears in the container (absolute); made if missing.
+    pub target: String,
+    /// Whether the container may only read it.
+    pub read_only: bool,
+}
+
+/// A container's network.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Network {
+    /// Loopback only: nothing outside the container can be reached, the host's ports
+    /// included.
+    #[default]
+    None,
+    /// Egress through `slirp4netns`, a user-mode stack; the host's loopback is unreachable.
+    Outbound,
+}
+
+/// The DNS forwarder `slirp4netns` answers on inside the container.
+const SLIRP_DNS: &str = "10.0.2.3";
 
 impl Default for SandboxSpec {
     fn default() -> Self {
@@ -68,6 +113,9 @@ impl Default for SandboxSpec {
             max_open_files: 1024,
             limits: Limits::default(),
             timeout: None,
+            volumes: Vec::new(),
+            network: Network::None,
+            keep_upper: None,
         }
     }
 }
@@ -79,6 +127,8 @@ pub struct Sandbox {
     scratch: PathBuf,
     group: Group,
     timeout: Option<Duration>,
+    /// The user-mode network stack, when the container has one.
+    slirp: Option<Slirp>,
 }
 
 /// How a container ended.
@@ -118,10 +168,22 @@ impl Sandbox {
         self.child.id()
     }
 
+    /// Takes the piped stdout and stderr, to stream them; [`Sandbox::finish`] then returns
+    /// them empty.
+    pub fn take_output(&mut self) -> (Option<ChildStdout>, Option<ChildStderr>) {
+        (self.child.stdout.take(), self.child.stderr.take())
+    }
+
     /// Waits for the command (killing the whole container at the timeout), collects piped
     /// output, and removes the container's cgroups and scratch directory. The mounts were
     /// private to its mount namespace, so they went with its last process.
-    pub fn finish(mut self) -> io::Result<Finished> {
+    pub fn finish(self) -> io::Result<Finished> {
+        self.finish_unless(&AtomicBool::new(false))
+    }
+
+    /// [`Sandbox::finish`], but the whole container is killed as soon as `stop` is set (the
+    /// caller went away); it is then reported as killed by SIGKILL.
+    pub fn finish_unless(mut self, stop: &AtomicBool) -> io::Result<Finished> {
         fn drain(pipe: Option<impl io::Read + Send + 'static>) -> std::thread::JoinHandle<Vec<u8>> {
             std::thread::spawn(move || {
                 let mut bytes = Vec::new();
@@ -143,12 +205,18 @@ impl Sandbox {
                 timed_out = self.timeout;
                 self.group.kill_all();
             }
+            if stop.load(Ordering::Relaxed) {
+                self.group.kill_all();
+            }
             std::thread::sleep(Duration::from_millis(2));
         };
         // Whatever the command left running in the background goes with it.
         self.group.kill_all();
         let limit_hit = self.group.limit_hit();
         self.group.remove();
+        if let Some(slirp) = self.slirp.take() {
+            slirp.stop();
+        }
         let _ = std::fs::remove_dir_all(&self.scratch);
         Ok(Finished {
             status,
@@ -196,11 +264,77 @@ struct Prepared {
     names: [CString; 6],
     cgroup_procs: Vec<CString>,
     seccomp: Vec<seccompiler::BpfProgram>,
+    volumes: Vec<PreparedVolume>,
+    /// The namespace to join, for [`Network::Outbound`]; `None` makes a fresh one.
+    netns: Option<OwnedFd>,
+    /// Where the child says which step failed, since `pre_exec` passes only an errno back.
+    stage_report: OwnedFd,
+    etc: CString,
+    resolv_conf: CString,
+    resolv_conf_text: Option<CString>,
+}
+
+/// A volume, ready for the child: the host path, and the target with each of its parent
+/// directories so they can be made one by one.
+struct PreparedVolume {
+    index: u8,
+    source: CString,
+    target_dirs: Vec<CString>,
+    target: CString,
+    is_dir: bool,
+    read_only: bool,
+}
+
+impl PreparedVolume {
+    fn new(index: u8, volume: &Volume) -> io::Result<Self> {
+        let invalid = |why: String| io::Error::new(io::ErrorKind::InvalidInput, why);
+        let target = Path::new(&volume.target);
+        if !target.is_absolute()
+            || target
+                .components()
+                .any(|c| matches!(c, std::path::Component::ParentDir))
+        {
+            return Err(invalid(format!(
+                "volume target {:?} must be an absolute path without `..`",
+                volume.target
+            )));
+        }
+        if target == Path::new("/") {
+            return Err(invalid("a volume cannot be mounted over /".into()));
+        }
+        let meta = std::fs::metadata(&volume.source).map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("volume source {}: {e}", volume.source.display()),
+            )
+        })?;
+        let mut target_dirs = Vec::new();
+        let mut prefix = PathBuf::from("/");
+        let parts: Vec<_> = target.components().skip(1).collect();
+        for part in &parts[..parts.len() - 1] {
+            prefix.push(part);
+            target_dirs.push(path_cstring(&prefix)?);
+        }
+        Ok(Self {
+            index,
+            source: path_cstring(&volume.source)?,
+            target_dirs,
+            target: path_cstring(target)?,
+            is_dir: meta.is_dir(),
+            read_only: volume.read_only,
+        })
+    }
 }
 
 impl Prepared {
-    fn new(spec: &SandboxSpec, group: &Group) -> io::Result<Self> {
+    fn new(
+        spec: &SandboxSpec,
+        group: &Group,
+        netns: Option<OwnedFd>,
+        stage_report: OwnedFd,
+    ) -> io::Result<Self> {
         let join = |rel: &str| path_cstring(&spec.scratch.join(rel));
+        let layer = spec.keep_upper.as_deref().unwrap_or(&spec.scratch);
         let lower = spec.lower.as_os_str().as_bytes();
         if lower.contains(&b',') || lower.contains(&b':') {
             return Err(io::Error::new(
@@ -222,14 +356,14 @@ impl Prepared {
                 "size={},mode=0755",
                 spec.writable_bytes.max(1 << 20)
             ))?,
-            upper: join("upper")?,
-            work: join("work")?,
+            upper: path_cstring(&layer.join("upper"))?,
+            work: path_cstring(&layer.join("work"))?,
             merged: join("merged")?,
             overlay_options: cstring(format!(
                 "lowerdir={},upperdir={},workdir={}",
                 spec.lower.display(),
-                spec.scratch.join("upper").display(),
-                spec.scratch.join("work").display()
+                layer.join("upper").display(),
+                layer.join("work").display()
             ))?,
             proc_dir: path_cstring(&merged.join("proc"))?,
             dev_dir: path_cstring(&merged.join("dev"))?,
@@ -264,8 +398,77 @@ impl Prepared {
                 .map(|p| path_cstring(p))
                 .collect::<io::Result<_>>()?,
             seccomp: crate::seccomp::compile()?,
+            volumes: spec
+                .volumes
+                .iter()
+                .enumerate()
+                .map(|(i, volume)| PreparedVolume::new(i as u8, volume))
+                .collect::<io::Result<_>>()?,
+            netns,
+            stage_report,
+            etc: cstring("/etc")?,
+            resolv_conf: cstring("/etc/resolv.conf")?,
+            resolv_conf_text: match spec.network {
+                Network::None => None,
+                Network::Outbound => Some(cstring(format!("nameserver {SLIRP_DNS}\n"))?),
+            },
         })
     }
+}
+
+/// The step of the child's set-up that failed, sent to the parent as one byte.
+#[derive(Debug, Clone, Copy)]
+enum Stage {
+    Cgroups,
+    Namespaces,
+    Network,
+    Root,
+    Volume(u8),
+    LockDown,
+}
+
+impl Stage {
+    fn code(self) -> u8 {
+        match self {
+            Self::Cgroups => 1,
+            Self::Namespaces => 2,
+            Self::Network => 3,
+            Self::Root => 4,
+            Self::LockDown => 5,
+            Self::Volume(i) => 64 + i,
+        }
+    }
+
+    /// What failed, in words, for the byte the child sent.
+    fn describe(code: u8, spec: &SandboxSpec) -> String {
+        match code {
+            1 => "joining the container's cgroups".into(),
+            2 => "creating the container's namespaces".into(),
+            3 => "setting up the container's network".into(),
+            4 => "building the container's root filesystem".into(),
+            5 => "dropping privileges".into(),
+            64.. => match spec.volumes.get(usize::from(code - 64)) {
+                Some(v) => format!(
+                    "mounting volume {} at {} (a missing parent, or an image symlink that leads \
+                     nowhere inside the container?)",
+                    v.source.display(),
+                    v.target
+                ),
+                None => "mounting a volume".into(),
+            },
+            _ => "starting the container".into(),
+        }
+    }
+}
+
+/// Passes `result` through, telling the parent which step it was when it failed.
+fn stage<T>(p: &Prepared, step: Stage, result: io::Result<T>) -> io::Result<T> {
+    if result.is_err() {
+        let code = [step.code()];
+        // SAFETY: writing one byte from our buffer to the pipe we hold.
+        unsafe { libc::write(p.stage_report.as_raw_fd(), code.as_ptr().cast(), 1) };
+    }
+    result
 }
 
 /// Turns a -1 return into the errno, as `io::Error`.
@@ -327,15 +530,23 @@ fn join_cgroups(prepared: &Prepared) -> io::Result<()> {
 
 /// Runs in the forked child, before exec: no allocation from here on.
 fn enter(prepared: &Prepared) -> io::Result<()> {
-    join_cgroups(prepared)?;
-    let flags = libc::CLONE_NEWNS
+    stage(prepared, Stage::Cgroups, join_cgroups(prepared))?;
+    let mut flags = libc::CLONE_NEWNS
         | libc::CLONE_NEWUTS
         | libc::CLONE_NEWIPC
-        | libc::CLONE_NEWNET
         | libc::CLONE_NEWCGROUP
         | libc::CLONE_NEWPID;
+    match &prepared.netns {
+        Some(netns) => {
+            // SAFETY: setns(2) on a namespace descriptor we hold.
+            let joined = check(unsafe { libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) });
+            stage(prepared, Stage::Network, joined)?;
+        }
+        None => flags |= libc::CLONE_NEWNET,
+    }
     // SAFETY: unshare(2) takes flags only.
-    check(unsafe { libc::unshare(flags) })?;
+    let unshared = check(unsafe { libc::unshare(flags) });
+    stage(prepared, Stage::Namespaces, unshared)?;
     // SAFETY: fork(2) in a single-threaded child (the one std forked); both sides only make
     // async-signal-safe calls until exec or _exit.
     let pid = unsafe { libc::fork() };
@@ -346,7 +557,7 @@ fn enter(prepared: &Prepared) -> io::Result<()> {
         wait_and_exit(pid);
     }
     build_root(prepared)?;
-    lock_down(prepared)
+    stage(prepared, Stage::LockDown, lock_down(prepared))
 }
 
 /// The middle process: closes what std left open (its error pipe must reach EOF once the
@@ -373,7 +584,8 @@ fn wait_and_exit(pid: libc::pid_t) -> ! {
     unsafe { libc::_exit(code) }
 }
 
-fn build_root(p: &Prepared) -> io::Result<()> {
+/// The root, `/proc` and `/dev`, before the pivot.
+fn build_overlay(p: &Prepared) -> io::Result<()> {
     let root = c"/";
     let none = c"none";
     // Nothing mounted from here on propagates back to the host.
@@ -443,6 +655,30 @@ fn build_root(p: &Prepared) -> io::Result<()> {
     )?;
     // SAFETY: NUL-terminated strings that outlive the call.
     check(unsafe { libc::symlink(p.ptmx_target.as_ptr(), p.ptmx.as_ptr()) })?;
+    Ok(())
+}
+
+fn build_root(p: &Prepared) -> io::Result<()> {
+    stage(p, Stage::Root, build_overlay(p))?;
+    // Volumes are cloned now, while the host's paths are visible, and attached after the
+    // pivot. The descriptors stay in this process and close at exec.
+    let mut volume_fds = [-1; MAX_VOLUMES];
+    for (fd, volume) in volume_fds.iter_mut().zip(&p.volumes) {
+        *fd = stage(p, Stage::Volume(volume.index), clone_tree(volume))?;
+    }
+    stage(p, Stage::Root, pivot(p))?;
+    for (fd, volume) in volume_fds.iter().zip(&p.volumes) {
+        stage(p, Stage::Volume(volume.index), attach_volume(*fd, volume))?;
+    }
+    if let Some(text) = &p.resolv_conf_text {
+        stage(p, Stage::Network, write_resolv_conf(p, text))?;
+    }
+    stage(p, Stage::Root, finish_root(p))
+}
+
+/// Swaps the new root in and detaches the host's.
+fn pivot(p: &Prepared) -> io::Result<()> {
+    let root = c"/";
     mkdir(&p.old_root, 0o700)?;
     // SAFETY: pivot_root(2) with NUL-terminated paths; the new root is a mount point.
     check(unsafe {
@@ -453,12 +689,123 @@ fn build_root(p: &Prepared) -> io::Result<()> {
     // SAFETY: a NUL-terminated path; the old root is detached with everything under it.
     check(unsafe { libc::umount2(p.old_root_in_new.as_ptr(), libc::MNT_DETACH) })?;
     // SAFETY: a NUL-terminated path.
-    check(unsafe { libc::rmdir(p.old_root_in_new.as_ptr()) })?;
+    check(unsafe { libc::rmdir(p.old_root_in_new.as_ptr()) })
+}
+
+/// Working directory, hostname and loopback, inside the new root.
+fn finish_root(p: &Prepared) -> io::Result<()> {
     // SAFETY: a NUL-terminated path.
     check(unsafe { libc::chdir(p.cwd.as_ptr()) })?;
     // SAFETY: a buffer and its length.
     check(unsafe { libc::sethostname(p.hostname.as_ptr(), p.hostname.as_bytes().len()) })?;
     loopback_up(&p.names[5])
+}
+
+/// Volumes per container; the child keeps their descriptors in a fixed array.
+pub const MAX_VOLUMES: usize = 32;
+
+/// A detached, recursive copy of a volume's host mount, with its flags set.
+fn clone_tree(volume: &PreparedVolume) -> io::Result<libc::c_int> {
+    // SAFETY: open_tree(2) with a NUL-terminated path and flags.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_open_tree,
+            libc::AT_FDCWD,
+            volume.source.as_ptr(),
+            libc::OPEN_TREE_CLONE | libc::OPEN_TREE_CLOEXEC | libc::AT_RECURSIVE as libc::c_uint,
+        )
+    } as libc::c_int;
+    if fd == -1 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut attr_set = libc::MOUNT_ATTR_NOSUID | libc::MOUNT_ATTR_NODEV;
+    if volume.read_only {
+        attr_set |= libc::MOUNT_ATTR_RDONLY;
+    }
+    // SAFETY: mount_attr is plain data; all zeros is a valid value.
+    let mut attr: libc::mount_attr = unsafe { std::mem::zeroed() };
+    attr.attr_set = attr_set;
+    // SAFETY: mount_setattr(2) on the descriptor just made, with an empty path, a valid
+    // mount_attr and its size.
+    check(unsafe {
+        libc::syscall(
+            libc::SYS_mount_setattr,
+            fd,
+            c"".as_ptr(),
+            libc::AT_EMPTY_PATH | libc::AT_RECURSIVE,
+            &attr,
+            std::mem::size_of::<libc::mount_attr>(),
+        )
+    } as libc::c_int)?;
+    Ok(fd)
+}
+
+/// Makes the volume's target inside the new root and attaches the cloned tree there.
+fn attach_volume(fd: libc::c_int, volume: &PreparedVolume) -> io::Result<()> {
+    for dir in &volume.target_dirs {
+        mkdir(dir, 0o755)?;
+    }
+    if volume.is_dir {
+        mkdir(&volume.target, 0o755)?;
+    } else {
+        // SAFETY: open(2) on a NUL-terminated path; the descriptor is closed at once.
+        let file = unsafe {
+            libc::open(
+                volume.target.as_ptr(),
+                libc::O_WRONLY | libc::O_CREAT | libc::O_CLOEXEC,
+                0o644,
+            )
+        };
+        if file == -1 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: closing the descriptor just opened.
+        unsafe { libc::close(file) };
+    }
+    // SAFETY: move_mount(2) from the detached tree's descriptor to a NUL-terminated path.
+    check(unsafe {
+        libc::syscall(
+            libc::SYS_move_mount,
+            fd,
+            c"".as_ptr(),
+            libc::AT_FDCWD,
+            volume.target.as_ptr(),
+            libc::MOVE_MOUNT_F_EMPTY_PATH,
+        )
+    } as libc::c_int)?;
+    // SAFETY: closing our descriptor for the now attached tree.
+    unsafe { libc::close(fd) };
+    Ok(())
+}
+
+/// Points the container's resolver at the user-mode stack's DNS forwarder. It runs after the
+/// pivot, so whatever `/etc/resolv.conf` is in the image resolves inside the container.
+fn write_resolv_conf(p: &Prepared, text: &CString) -> io::Result<()> {
+    mkdir(&p.etc, 0o755)?;
+    // SAFETY: unlink(2) on a NUL-terminated path; a missing file is fine.
+    unsafe { libc::unlink(p.resolv_conf.as_ptr()) };
+    // SAFETY: open(2) on a NUL-terminated path.
+    let fd = unsafe {
+        libc::open(
+            p.resolv_conf.as_ptr(),
+            libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+            0o644,
+        )
+    };
+    if fd == -1 {
+        return Err(io::Error::last_os_error());
+    }
+    let bytes = text.as_bytes();
+    // SAFETY: writing our own buffer to the descriptor just opened, then closing it.
+    let written = unsafe {
+        let n = libc::write(fd, bytes.as_ptr().cast(), bytes.len());
+        libc::close(fd);
+        n
+    };
+    if written != bytes.len() as isize {
+        return Err(io::Error::other("short write to /etc/resolv.conf"));
+    }
+    Ok(())
 }
 
 /// The new network namespace starts with loopback down.
@@ -553,14 +900,29 @@ pub fn spawn(
             "no command to run",
         ));
     };
+    if spec.volumes.len() > MAX_VOLUMES {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("at most {MAX_VOLUMES} volumes per container"),
+        ));
+    }
     let name = spec
         .scratch
         .file_name()
         .and_then(|n| n.to_str())
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "scratch needs a UTF-8 name"))?;
+    let (netns, slirp) = match spec.network {
+        Network::None => (None, None),
+        Network::Outbound => {
+            let netns = new_net_namespace()?;
+            let slirp = Slirp::start(&netns)?;
+            (Some(netns), Some(slirp))
+        }
+    };
     std::fs::create_dir_all(&spec.scratch)?;
     let group = cgroups.create(name, &spec.limits)?;
-    let prepared = match Prepared::new(spec, &group) {
+    let (mut stage_read, stage_write) = io::pipe()?;
+    let prepared = match Prepared::new(spec, &group, netns, stage_write.into()) {
         Ok(prepared) => prepared,
         Err(e) => {
             group.remove();
@@ -580,12 +942,24 @@ pub fn spawn(
     unsafe {
         command.pre_exec(move || enter(&prepared));
     }
-    let child = match command.spawn() {
+    let spawned = command.spawn();
+    // The parent's copy of the write end goes with the command, so this read ends.
+    drop(command);
+    let child = match spawned {
         Ok(child) => child,
         Err(e) => {
             group.remove();
+            if let Some(slirp) = slirp {
+                slirp.stop();
+            }
             let _ = std::fs::remove_dir_all(&spec.scratch);
-            return Err(e);
+            let mut code = [0u8; 1];
+            return Err(match stage_read.read(&mut code) {
+                Ok(1) => {
+                    io::Error::new(e.kind(), format!("{}: {e}", Stage::describe(code[0], spec)))
+                }
+                _ => e,
+            });
         }
     };
     Ok(Sandbox {
@@ -593,7 +967,110 @@ pub fn spawn(
         scratch: spec.scratch.clone(),
         group,
         timeout: spec.timeout,
+        slirp,
     })
+}
+
+/// A fresh network namespace, made on a short-lived thread so this process keeps its own.
+fn new_net_namespace() -> io::Result<OwnedFd> {
+    std::thread::spawn(|| {
+        // SAFETY: unshare(2) with a flag; it changes only this thread's namespace.
+        check(unsafe { libc::unshare(libc::CLONE_NEWNET) })?;
+        Ok(OwnedFd::from(std::fs::File::open(
+            "/proc/thread-self/ns/net",
+        )?))
+    })
+    .join()
+    .map_err(|_| io::Error::other("the namespace thread panicked"))?
+}
+
+/// A `slirp4netns` process serving one container's network namespace. It exits when the
+/// write end of its exit pipe closes, so it never outlives this process.
+#[derive(Debug)]
+struct Slirp {
+    process: Child,
+    exit: Option<io::PipeWriter>,
+}
+
+/// How long `slirp4netns` may take to configure the namespace.
+const SLIRP_READY: Duration = Duration::from_secs(5);
+
+impl Slirp {
+    fn start(netns: &OwnedFd) -> io::Result<Self> {
+        let (mut ready_read, ready_write) = io::pipe()?;
+        let (exit_read, exit_write) = io::pipe()?;
+        let netns_path = format!("/proc/{}/fd/{}", std::process::id(), netns.as_raw_fd());
+        let (ready_fd, exit_fd) = (ready_write.as_raw_fd(), exit_read.as_raw_fd());
+        let mut command = Command::new("slirp4netns");
+        command
+            .args([
+                "--configure",
+                "--mtu=65520",
+                "--disable-host-loopback",
+                "--enable-sandbox",
+                "--enable-seccomp",
+                "--netns-type=path",
+                "--ready-fd=3",
+                "--exit-fd=4",
+                &netns_path,
+                "tap0",
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        // SAFETY: dup2(2) only, on descriptors this process holds, between fork and exec.
+        unsafe {
+            command.pre_exec(move || {
+                check(libc::dup2(ready_fd, 3))?;
+                check(libc::dup2(exit_fd, 4))
+            });
+        }
+        let mut process = command.spawn().map_err(|e| {
+            if e.kind() == io::ErrorKind::NotFound {
+                io::Error::new(
+                    e.kind(),
+                    "--net outbound needs slirp4netns on the host: apt-get install slirp4netns",
+                )
+            } else {
+                e
+            }
+        })?;
+        drop((ready_write, exit_read));
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut byte = [0u8; 1];
+            let _ = tx.send(ready_read.read(&mut byte).map(|n| n == 1));
+        });
+        let ready = rx.recv_timeout(SLIRP_READY);
+        if !matches!(ready, Ok(Ok(true))) {
+            let _ = process.kill();
+            let _ = process.wait();
+            let mut stderr = String::new();
+            if let Some(mut pipe) = process.stderr.take() {
+                let _ = pipe.read_to_string(&mut stderr);
+            }
+            return Err(io::Error::other(format!(
+                "slirp4netns did not set up the container's network within {SLIRP_READY:?}: {}",
+                stderr.trim()
+            )));
+        }
+        // It logs little after start-up, but a full pipe would stall it.
+        if let Some(mut pipe) = process.stderr.take() {
+            std::thread::spawn(move || io::copy(&mut pipe, &mut io::sink()));
+        }
+        Ok(Self {
+            process,
+            exit: Some(exit_write),
+        })
+    }
+
+    fn stop(mut self) {
+        drop(self.exit.take());
+        if !matches!(self.process.try_wait(), Ok(Some(_))) {
+            let _ = self.process.kill();
+        }
+        let _ = self.process.wait();
+    }
 }
 
 /// The exit code a container's status stands for (128 + signal when it was killed).

@@ -6,7 +6,7 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use lode_native_runner::cgroup::{LimitHit, Limits, V1};
-use lode_native_runner::sandbox::{Finished, SandboxSpec, spawn};
+use lode_native_runner::sandbox::{Finished, Network, SandboxSpec, Volume, spawn};
 
 /// A root filesystem holding only a static busybox and its applet links.
 fn busybox_root(root: &Path) {
@@ -257,5 +257,183 @@ fn every_syscall_the_profile_denies_fails_inside_a_container() {
     assert!(
         out.contains("forked") && !out.contains("escaped"),
         "{out}\n{err}"
+    );
+}
+
+#[test]
+fn volumes_mount_read_write_or_read_only_and_stay_inside_the_container() {
+    let dirs = tempfile::tempdir().unwrap();
+    let root = dirs.path().join("image");
+    busybox_root(&root);
+    // An image symlink to an absolute path: the volume must land in the container's /tmp,
+    // never the host's.
+    std::os::unix::fs::symlink("/tmp", root.join("sneaky")).unwrap();
+    let host_side = Path::new("/tmp").join(format!("lode-vol-{}", std::process::id()));
+    let (data, config, secret) = (
+        dirs.path().join("data"),
+        dirs.path().join("config"),
+        dirs.path().join("secret.txt"),
+    );
+    std::fs::create_dir(&data).unwrap();
+    std::fs::create_dir(&config).unwrap();
+    std::fs::write(config.join("settings"), b"read me\n").unwrap();
+    std::fs::write(&secret, b"one file\n").unwrap();
+    let mut spec = container(
+        &root,
+        &dirs.path().join("scratch"),
+        r#"
+        echo kept > /data/out.txt && echo "rw=ok"
+        cat /config/settings
+        echo nope > /config/settings 2>/dev/null || echo "ro=refused"
+        cat /run/secret.txt
+        for dir in /tmp/lode-vol-*; do echo inside > $dir/file && echo "sneaky=ok"; done
+        "#,
+    );
+    spec.volumes = vec![
+        Volume {
+            source: data.clone(),
+            target: "/data".into(),
+            read_only: false,
+        },
+        Volume {
+            source: config.clone(),
+            target: "/config".into(),
+            read_only: true,
+        },
+        Volume {
+            source: secret,
+            target: "/run/secret.txt".into(),
+            read_only: true,
+        },
+        Volume {
+            source: data.clone(),
+            target: format!(
+                "/sneaky/{}",
+                host_side.file_name().unwrap().to_str().unwrap()
+            ),
+            read_only: false,
+        },
+    ];
+    let finished = finish(&spec);
+    let out = String::from_utf8_lossy(&finished.stdout);
+    let err = String::from_utf8_lossy(&finished.stderr);
+    assert_eq!(finished.code(), 0, "{out}\n{err}");
+    for expected in ["rw=ok", "read me", "ro=refused", "one file", "sneaky=ok"] {
+        assert!(
+            out.contains(expected),
+            "missing {expected:?} in:\n{out}\n{err}"
+        );
+    }
+    assert_eq!(std::fs::read(data.join("out.txt")).unwrap(), b"kept\n");
+    assert_eq!(
+        std::fs::read(config.join("settings")).unwrap(),
+        b"read me\n"
+    );
+    // The symlinked target resolved inside the container's root, not on the host.
+    assert_eq!(std::fs::read(data.join("file")).unwrap(), b"inside\n");
+    assert!(!host_side.exists());
+
+    // A target under an image symlink that leads nowhere inside the container fails, named.
+    std::os::unix::fs::symlink("/no/such/dir", root.join("dangling")).unwrap();
+    spec.volumes = vec![Volume {
+        source: data.clone(),
+        target: "/dangling/vol".into(),
+        read_only: false,
+    }];
+    let cgroups = V1::detect().unwrap();
+    let err = spawn(&spec, &cgroups, Stdio::null(), Stdio::null()).unwrap_err();
+    assert!(
+        err.to_string().contains("mounting volume") && err.to_string().contains("/dangling/vol"),
+        "{err}"
+    );
+
+    spec.volumes = vec![Volume {
+        source: data.clone(),
+        target: "../escape".into(),
+        read_only: false,
+    }];
+    let err = spawn(&spec, &cgroups, Stdio::null(), Stdio::null()).unwrap_err();
+    assert!(err.to_string().contains("absolute path"), "{err}");
+}
+
+/// A host service on loopback that the container must not reach.
+fn host_listener() -> (std::net::TcpListener, u16) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    (listener, port)
+}
+
+#[test]
+fn the_default_network_is_loopback_only() {
+    let dirs = tempfile::tempdir().unwrap();
+    let root = dirs.path().join("image");
+    busybox_root(&root);
+    let (_listener, port) = host_listener();
+    let script = format!(
+        r#"
+        ip -o link | cut -d: -f2 | tr -d ' ' | tr '\n' ' '; echo
+        nc -w 1 127.0.0.1 {port} </dev/null && echo "host-port=reached"
+        nc -w 1 10.0.2.2 {port} </dev/null && echo "gateway=reached"
+        true
+        "#
+    );
+    let (code, out, err) = sh(&root, &dirs.path().join("scratch"), &script);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert_eq!(out.lines().next().unwrap().trim(), "lo", "{out}");
+    assert!(!out.contains("reached"), "{out}\n{err}");
+}
+
+#[test]
+fn outbound_network_has_a_route_out_but_not_to_the_host_loopback() {
+    if std::process::Command::new("slirp4netns")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        panic!("this test needs slirp4netns: apt-get install slirp4netns (./lode.sh test does)");
+    }
+    let dirs = tempfile::tempdir().unwrap();
+    let root = dirs.path().join("image");
+    busybox_root(&root);
+    let (listener, port) = host_listener();
+    listener.set_nonblocking(true).unwrap();
+    let mut spec = container(
+        &root,
+        &dirs.path().join("scratch"),
+        &format!(
+            r#"
+            ip -o -4 addr show tap0 | grep -o 'inet [0-9./]*'
+            ip route | grep -q '^default via 10.0.2.2' && echo "route=default"
+            cat /etc/resolv.conf
+            nc -w 1 10.0.2.2 {port} </dev/null && echo "host-loopback=reached"
+            nc -w 1 127.0.0.1 {port} </dev/null && echo "host-port=reached"
+            true
+            "#
+        ),
+    );
+    spec.network = Network::Outbound;
+    let finished = finish(&spec);
+    let out = String::from_utf8_lossy(&finished.stdout);
+    let err = String::from_utf8_lossy(&finished.stderr);
+    assert_eq!(finished.code(), 0, "{out}\n{err}");
+    for expected in ["inet 10.0.2.100/24", "route=default", "nameserver 10.0.2.3"] {
+        assert!(
+            out.contains(expected),
+            "missing {expected:?} in:\n{out}\n{err}"
+        );
+    }
+    assert!(!out.contains("reached"), "{out}\n{err}");
+    assert!(
+        listener.accept().is_err(),
+        "the host's loopback listener saw a connection"
+    );
+    // The user-mode stack went with the container.
+    let slirps = std::process::Command::new("pgrep")
+        .args(["-f", &format!("slirp4netns.*{}", std::process::id())])
+        .output()
+        .unwrap();
+    assert!(
+        slirps.stdout.is_empty(),
+        "slirp4netns outlived the container"
     );
 }
