@@ -4,10 +4,15 @@
 //! controllers), so [`V1`] is the implementation that runs. The current process may already
 //! sit in a memory group: each controller's container groups are created beneath the path
 //! `/proc/self/cgroup` names for it, under a `lode` group.
+//!
+//! [`V2`] is the unified-hierarchy implementation that [`detect`] picks on a pure v2 mount.
+//! It cannot run for real on this machine, so it is unit-tested through a recording double of
+//! [`CgroupFs`], the file and signal operations all cgroup code goes through.
 
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 /// Limits for one container. `None` leaves a resource unlimited.
@@ -48,7 +53,7 @@ impl std::fmt::Display for LimitHit {
 }
 
 /// A cgroup hierarchy that containers' groups are made in: v1 ([`V1`], what runs on this
-/// machine) or v2.
+/// machine) or v2 ([`V2`]).
 pub trait Hierarchy: Send + Sync + std::fmt::Debug {
     /// Creates `name`'s groups and sets `limits`.
     fn create(&self, name: &str, limits: &Limits) -> io::Result<Group>;
@@ -56,32 +61,173 @@ pub trait Hierarchy: Send + Sync + std::fmt::Debug {
     fn clean_leftovers(&self);
 }
 
+/// The file and signal operations the cgroup code performs, so that the hierarchies can be
+/// tested without real cgroups ([`V2`] cannot run on this v1 machine at all).
+pub trait CgroupFs: Send + Sync + std::fmt::Debug {
+    /// Creates a directory and its missing parents (a cgroup is made by `mkdir`).
+    fn create_dir_all(&self, path: &Path) -> io::Result<()>;
+    /// Writes `value` to an existing control file.
+    fn write(&self, path: &Path, value: &str) -> io::Result<()>;
+    /// Reads a control file.
+    fn read_to_string(&self, path: &Path) -> io::Result<String>;
+    /// Whether a file or directory exists (optional control files vary by kernel).
+    fn exists(&self, path: &Path) -> bool;
+    /// Removes an empty directory (a cgroup is removed by `rmdir`).
+    fn remove_dir(&self, path: &Path) -> io::Result<()>;
+    /// Names of the subdirectories of `path`: the child groups.
+    fn read_dir_names(&self, path: &Path) -> io::Result<Vec<String>>;
+    /// Sends `signal` to `pid`.
+    fn kill(&self, pid: i32, signal: i32) -> io::Result<()>;
+}
+
+/// The real [`CgroupFs`]: `std::fs` and kill(2), what production uses for both hierarchies.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RealFs;
+
+impl CgroupFs for RealFs {
+    fn create_dir_all(&self, path: &Path) -> io::Result<()> {
+        fs::create_dir_all(path)
+    }
+
+    fn write(&self, path: &Path, value: &str) -> io::Result<()> {
+        fs::write(path, value)
+    }
+
+    fn read_to_string(&self, path: &Path) -> io::Result<String> {
+        fs::read_to_string(path)
+    }
+
+    fn exists(&self, path: &Path) -> bool {
+        path.exists()
+    }
+
+    fn remove_dir(&self, path: &Path) -> io::Result<()> {
+        fs::remove_dir(path)
+    }
+
+    fn read_dir_names(&self, path: &Path) -> io::Result<Vec<String>> {
+        Ok(fs::read_dir(path)?
+            .flatten()
+            .filter(|e| e.path().is_dir())
+            .filter_map(|e| e.file_name().into_string().ok())
+            .collect())
+    }
+
+    fn kill(&self, pid: i32, signal: i32) -> io::Result<()> {
+        // SAFETY: kill(2) with an integer pid and signal.
+        if unsafe { libc::kill(pid, signal) } == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        }
+    }
+}
+
 /// The CFS period the CPU quota is expressed in.
 const CPU_PERIOD: Duration = Duration::from_millis(100);
+
+/// The CPU quota, in µs per [`CPU_PERIOD`], for `cores`; the kernel refuses less than 1 ms.
+fn cpu_quota(cores: f64) -> (u64, u64) {
+    let period = CPU_PERIOD.as_micros() as u64;
+    (((cores * period as f64) as u64).max(1000), period)
+}
 
 /// A cgroup v1 hierarchy: one directory per controller.
 #[derive(Debug, Clone)]
 pub struct V1 {
     /// Controller name → the directory container groups go under.
     parents: Vec<(&'static str, PathBuf)>,
+    fs: Arc<dyn CgroupFs>,
+}
+
+/// A cgroup v2 (unified) hierarchy: one directory per container with every controller.
+///
+/// Not exercised on this machine (its v2 mount has no free controllers); the unit tests drive
+/// it through a recording [`CgroupFs`] double instead.
+#[derive(Debug, Clone)]
+pub struct V2 {
+    /// `<mount>/<own group>/lode`, the directory container groups go under.
+    parent: PathBuf,
+    fs: Arc<dyn CgroupFs>,
+}
+
+/// Which hierarchy a [`Group`] lives in: the control files differ.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Version {
+    V1,
+    V2,
 }
 
 /// One container's groups.
 #[derive(Debug)]
 pub struct Group {
+    /// One directory per controller (v1), or the single unified directory (v2).
     dirs: Vec<(&'static str, PathBuf)>,
     limits: Limits,
+    version: Version,
+    fs: Arc<dyn CgroupFs>,
 }
 
 const CONTROLLERS: [&str; 3] = ["memory", "cpu", "pids"];
 
-fn write(path: &Path, value: &str) -> io::Result<()> {
-    fs::write(path, value).map_err(|e| {
+/// Where a pure v2 mount lists the controllers it has.
+const V2_CONTROLLERS_FILE: &str = "cgroup.controllers";
+
+fn write(fs: &dyn CgroupFs, path: &Path, value: &str) -> io::Result<()> {
+    fs.write(path, value).map_err(|e| {
         io::Error::new(
             e.kind(),
             format!("writing {value:?} to {}: {e}", path.display()),
         )
     })
+}
+
+fn create_dir(fs: &dyn CgroupFs, dir: &Path) -> io::Result<()> {
+    fs.create_dir_all(dir)
+        .map_err(|e| io::Error::new(e.kind(), format!("creating cgroup {}: {e}", dir.display())))
+}
+
+/// Picks the hierarchy this machine has: [`V2`] on a pure v2 mount whose
+/// `/sys/fs/cgroup/cgroup.controllers` lists memory, cpu and pids, [`V1`] otherwise.
+pub fn detect() -> io::Result<Box<dyn Hierarchy>> {
+    detect_in(
+        Path::new("/sys/fs/cgroup"),
+        &fs::read_to_string("/proc/self/cgroup")?,
+        Arc::new(RealFs),
+    )
+}
+
+/// [`detect`] against another root, membership text (`/proc/self/cgroup`) and filesystem,
+/// for tests.
+pub fn detect_in(
+    root: &Path,
+    self_cgroup: &str,
+    fs: Arc<dyn CgroupFs>,
+) -> io::Result<Box<dyn Hierarchy>> {
+    let listing = root.join(V2_CONTROLLERS_FILE);
+    let mut v2_missing = None;
+    if fs.exists(&listing) {
+        let listed = fs
+            .read_to_string(&listing)
+            .map_err(|e| io::Error::new(e.kind(), format!("reading {}: {e}", listing.display())))?;
+        let listed: Vec<&str> = listed.split_whitespace().collect();
+        match CONTROLLERS.iter().find(|c| !listed.contains(c)) {
+            None => return Ok(Box::new(V2::detect_in(root, self_cgroup, fs)?)),
+            Some(missing) => v2_missing = Some(*missing),
+        }
+    }
+    V1::detect_with(root, self_cgroup, fs)
+        .map(|v1| Box::new(v1) as Box<dyn Hierarchy>)
+        .map_err(|e| match v2_missing {
+            Some(missing) => io::Error::new(
+                e.kind(),
+                format!(
+                    "the cgroup v2 {missing} controller is not listed in {}, and {e}",
+                    listing.display()
+                ),
+            ),
+            None => e,
+        })
 }
 
 impl V1 {
@@ -95,6 +241,11 @@ impl V1 {
 
     /// [`V1::detect`] against another root and membership text, for tests.
     pub fn detect_in(root: &Path, self_cgroup: &str) -> io::Result<Self> {
+        Self::detect_with(root, self_cgroup, Arc::new(RealFs))
+    }
+
+    /// [`V1::detect_in`] through another [`CgroupFs`], so tests can record what it does.
+    pub fn detect_with(root: &Path, self_cgroup: &str, fs: Arc<dyn CgroupFs>) -> io::Result<Self> {
         let mut parents = Vec::new();
         for controller in CONTROLLERS {
             // Lines read `ID:controller[,controller...]:/path`.
@@ -108,7 +259,7 @@ impl V1 {
                 .next()
                 .unwrap_or("/");
             let mount = root.join(controller);
-            if !mount.join("cgroup.procs").exists() {
+            if !fs.exists(&mount.join("cgroup.procs")) {
                 return Err(io::Error::new(
                     io::ErrorKind::NotFound,
                     format!(
@@ -122,45 +273,44 @@ impl V1 {
                 mount.join(own.trim_start_matches('/')).join("lode"),
             ));
         }
-        Ok(Self { parents })
+        Ok(Self { parents, fs })
     }
-
 }
 
 impl Hierarchy for V1 {
     fn create(&self, name: &str, limits: &Limits) -> io::Result<Group> {
+        let fs = &*self.fs;
         let mut group = Group {
             dirs: Vec::new(),
             limits: limits.clone(),
+            version: Version::V1,
+            fs: self.fs.clone(),
         };
         for (controller, parent) in &self.parents {
             let dir = parent.join(name);
-            fs::create_dir_all(&dir).map_err(|e| {
-                io::Error::new(e.kind(), format!("creating cgroup {}: {e}", dir.display()))
-            })?;
+            create_dir(fs, &dir)?;
             group.dirs.push((controller, dir.clone()));
             match *controller {
                 "memory" => {
                     if let Some(bytes) = limits.memory {
-                        write(&dir.join("memory.limit_in_bytes"), &bytes.to_string())?;
+                        write(fs, &dir.join("memory.limit_in_bytes"), &bytes.to_string())?;
                         // No swap beyond the memory limit, where swap accounting exists.
                         let memsw = dir.join("memory.memsw.limit_in_bytes");
-                        if memsw.exists() {
-                            write(&memsw, &bytes.to_string())?;
+                        if fs.exists(&memsw) {
+                            write(fs, &memsw, &bytes.to_string())?;
                         }
                     }
                 }
                 "cpu" => {
                     if let Some(cores) = limits.cpu {
-                        let period = CPU_PERIOD.as_micros() as u64;
-                        let quota = ((cores * period as f64) as u64).max(1000);
-                        write(&dir.join("cpu.cfs_period_us"), &period.to_string())?;
-                        write(&dir.join("cpu.cfs_quota_us"), &quota.to_string())?;
+                        let (quota, period) = cpu_quota(cores);
+                        write(fs, &dir.join("cpu.cfs_period_us"), &period.to_string())?;
+                        write(fs, &dir.join("cpu.cfs_quota_us"), &quota.to_string())?;
                     }
                 }
                 _ => {
                     if let Some(pids) = limits.pids {
-                        write(&dir.join("pids.max"), &pids.to_string())?;
+                        write(fs, &dir.join("pids.max"), &pids.to_string())?;
                     }
                 }
             }
@@ -170,32 +320,112 @@ impl Hierarchy for V1 {
 
     fn clean_leftovers(&self) {
         for (_, parent) in &self.parents {
-            let Ok(entries) = fs::read_dir(parent) else {
-                continue;
-            };
-            for entry in entries.flatten().filter(|e| e.path().is_dir()) {
-                let group = Group {
-                    dirs: vec![("leftover", entry.path())],
-                    limits: Limits::default(),
-                };
-                group.kill_all();
-                group.remove();
-            }
+            clean_under(&self.fs, parent, Version::V1);
         }
     }
 }
 
-/// Reads `key N` from a cgroup file of such lines; 0 when absent.
-fn counter(path: &Path, key: &str) -> u64 {
-    fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .find_map(|line| line.strip_prefix(key)?.strip_prefix(' '))
-        .and_then(|n| n.trim().parse().ok())
-        .unwrap_or(0)
+impl V2 {
+    /// Finds this process's group on the v2 `mount` from its membership text, whose v2 line
+    /// reads `0::/path`; container groups go under `<mount>/<path>/lode/<name>`.
+    pub fn detect_in(mount: &Path, self_cgroup: &str, fs: Arc<dyn CgroupFs>) -> io::Result<Self> {
+        let own = self_cgroup
+            .lines()
+            .find_map(|line| line.strip_prefix("0::"))
+            .ok_or_else(|| {
+                io::Error::new(
+                    io::ErrorKind::NotFound,
+                    format!(
+                        "no cgroup v2 line (0::/path) in the process's cgroup membership \
+                         (/proc/self/cgroup), for the v2 mount at {}",
+                        mount.display()
+                    ),
+                )
+            })?;
+        let parent = mount.join(own.trim().trim_start_matches('/')).join("lode");
+        Ok(Self { parent, fs })
+    }
+}
+
+impl Hierarchy for V2 {
+    fn create(&self, name: &str, limits: &Limits) -> io::Result<Group> {
+        let fs = &*self.fs;
+        create_dir(fs, &self.parent)?;
+        // Children only get the controllers their parent enables in `cgroup.subtree_control`.
+        // This works only if the parent's parent (the process's own group) delegates them in
+        // its own `cgroup.subtree_control`, e.g. systemd's `Delegate=yes`, and, by v2's
+        // no-internal-processes rule, the process then sits in a leaf below it.
+        let subtree = self.parent.join("cgroup.subtree_control");
+        fs.write(&subtree, "+memory +cpu +pids").map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!(
+                    "enabling memory, cpu and pids in {} (the group above must list them in \
+                     its cgroup.subtree_control): {e}",
+                    subtree.display()
+                ),
+            )
+        })?;
+        let dir = self.parent.join(name);
+        create_dir(fs, &dir)?;
+        let group = Group {
+            dirs: vec![("unified", dir.clone())],
+            limits: limits.clone(),
+            version: Version::V2,
+            fs: self.fs.clone(),
+        };
+        if let Some(bytes) = limits.memory {
+            write(fs, &dir.join("memory.max"), &bytes.to_string())?;
+            // No swap beyond the memory limit, where swap accounting exists.
+            let swap = dir.join("memory.swap.max");
+            if fs.exists(&swap) {
+                write(fs, &swap, "0")?;
+            }
+        }
+        if let Some(cores) = limits.cpu {
+            let (quota, period) = cpu_quota(cores);
+            write(fs, &dir.join("cpu.max"), &format!("{quota} {period}"))?;
+        }
+        if let Some(pids) = limits.pids {
+            write(fs, &dir.join("pids.max"), &pids.to_string())?;
+        }
+        Ok(group)
+    }
+
+    fn clean_leftovers(&self) {
+        clean_under(&self.fs, &self.parent, Version::V2);
+    }
+}
+
+/// Kills and removes every group under `parent`.
+fn clean_under(fs: &Arc<dyn CgroupFs>, parent: &Path, version: Version) {
+    let Ok(names) = fs.read_dir_names(parent) else {
+        return;
+    };
+    for name in names {
+        let group = Group {
+            dirs: vec![("leftover", parent.join(name))],
+            limits: Limits::default(),
+            version,
+            fs: fs.clone(),
+        };
+        group.kill_all();
+        group.remove();
+    }
 }
 
 impl Group {
+    /// Reads `key N` from a cgroup file of such lines; 0 when absent.
+    fn counter(&self, path: &Path, key: &str) -> u64 {
+        self.fs
+            .read_to_string(path)
+            .unwrap_or_default()
+            .lines()
+            .find_map(|line| line.strip_prefix(key)?.strip_prefix(' '))
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap_or(0)
+    }
+
     /// The `cgroup.procs` files a process writes `0` to in order to join every group.
     pub fn procs_files(&self) -> Vec<PathBuf> {
         self.dirs
@@ -209,7 +439,8 @@ impl Group {
         let Some((_, dir)) = self.dirs.first() else {
             return Vec::new();
         };
-        fs::read_to_string(dir.join("cgroup.procs"))
+        self.fs
+            .read_to_string(&dir.join("cgroup.procs"))
             .unwrap_or_default()
             .lines()
             .filter_map(|l| l.trim().parse().ok())
@@ -217,35 +448,66 @@ impl Group {
     }
 
     /// SIGKILLs every process in the group until it is empty (new forks included).
+    ///
+    /// On v2 with `cgroup.kill` (Linux 5.14+) the kernel kills the whole group, forks racing
+    /// it included; older kernels fall back to signalling pid by pid.
     pub fn kill_all(&self) {
+        if self.version == Version::V2 && self.cgroup_kill() {
+            return;
+        }
         for _ in 0..100 {
             let pids = self.pids();
             if pids.is_empty() {
                 return;
             }
             for pid in pids {
-                // SAFETY: kill(2) with an integer pid and signal.
-                unsafe { libc::kill(pid, libc::SIGKILL) };
+                let _ = self.fs.kill(pid, libc::SIGKILL);
             }
             std::thread::sleep(Duration::from_millis(5));
         }
     }
 
+    /// Writes `1` to v2's `cgroup.kill` and waits for the group to empty; false when the
+    /// file is absent or the group does not empty, so the caller signals pid by pid.
+    fn cgroup_kill(&self) -> bool {
+        let Some((_, dir)) = self.dirs.first() else {
+            return true;
+        };
+        let kill = dir.join("cgroup.kill");
+        if !self.fs.exists(&kill) || self.fs.write(&kill, "1").is_err() {
+            return false;
+        }
+        for _ in 0..100 {
+            if self.pids().is_empty() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        false
+    }
+
     /// Which limit, if any, was hit.
     pub fn limit_hit(&self) -> Option<LimitHit> {
+        let oom_file = match self.version {
+            Version::V1 => "memory.oom_control",
+            Version::V2 => "memory.events",
+        };
         for (controller, dir) in &self.dirs {
-            match *controller {
-                "memory" if counter(&dir.join("memory.oom_control"), "oom_kill") > 0 => {
-                    return Some(LimitHit::OutOfMemory {
-                        limit: self.limits.memory.unwrap_or(0),
-                    });
-                }
-                "pids" if counter(&dir.join("pids.events"), "max") > 0 => {
-                    return Some(LimitHit::Pids {
-                        limit: self.limits.pids.unwrap_or(0),
-                    });
-                }
-                _ => {}
+            let (memory, pids) = match (*controller, self.version) {
+                (_, Version::V2) => (true, true),
+                ("memory", _) => (true, false),
+                ("pids", _) => (false, true),
+                _ => (false, false),
+            };
+            if memory && self.counter(&dir.join(oom_file), "oom_kill") > 0 {
+                return Some(LimitHit::OutOfMemory {
+                    limit: self.limits.memory.unwrap_or(0),
+                });
+            }
+            if pids && self.counter(&dir.join("pids.events"), "max") > 0 {
+                return Some(LimitHit::Pids {
+                    limit: self.limits.pids.unwrap_or(0),
+                });
             }
         }
         None
@@ -257,7 +519,7 @@ impl Group {
         for (_, dir) in &self.dirs {
             // A group empties a moment after its last process is reaped.
             for _ in 0..100 {
-                if fs::remove_dir(dir).is_ok() || !dir.exists() {
+                if self.fs.remove_dir(dir).is_ok() || !self.fs.exists(dir) {
                     break;
                 }
                 std::thread::sleep(Duration::from_millis(5));
@@ -269,6 +531,210 @@ impl Group {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::{BTreeMap, BTreeSet};
+    use std::sync::Mutex;
+
+    /// One call a [`Recorder`] saw.
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    enum Op {
+        CreateDirAll(PathBuf),
+        Write(PathBuf, String),
+        Read(PathBuf),
+        Exists(PathBuf),
+        RemoveDir(PathBuf),
+        ReadDir(PathBuf),
+        Kill(i32, i32),
+    }
+
+    #[derive(Debug, Default)]
+    struct State {
+        ops: Vec<Op>,
+        files: BTreeMap<PathBuf, String>,
+        dirs: BTreeSet<PathBuf>,
+    }
+
+    /// A [`CgroupFs`] double: records every call in order, serves reads from canned file
+    /// contents, and mimics the kernel where the code under test depends on it: a new group
+    /// gets the `interface` files, writing `1` to `cgroup.kill` empties that group's
+    /// `cgroup.procs`, SIGKILL takes a pid out of every `cgroup.procs`, and a group with
+    /// processes cannot be removed.
+    #[derive(Debug, Default)]
+    struct Recorder {
+        state: Mutex<State>,
+        interface: Vec<&'static str>,
+    }
+
+    impl Recorder {
+        fn new(interface: &[&'static str]) -> Arc<Self> {
+            Arc::new(Self {
+                state: Mutex::default(),
+                interface: interface.to_vec(),
+            })
+        }
+
+        fn set(&self, path: impl Into<PathBuf>, contents: &str) {
+            let path = path.into();
+            let mut state = self.state.lock().unwrap();
+            for dir in path.ancestors().skip(1) {
+                state.dirs.insert(dir.to_path_buf());
+            }
+            state.files.insert(path, contents.to_string());
+        }
+
+        fn ops(&self) -> Vec<Op> {
+            self.state.lock().unwrap().ops.clone()
+        }
+
+        fn clear_ops(&self) {
+            self.state.lock().unwrap().ops.clear();
+        }
+
+        fn writes(&self) -> Vec<(PathBuf, String)> {
+            self.ops()
+                .into_iter()
+                .filter_map(|op| match op {
+                    Op::Write(path, value) => Some((path, value)),
+                    _ => None,
+                })
+                .collect()
+        }
+
+        fn kills(&self) -> Vec<(i32, i32)> {
+            self.ops()
+                .into_iter()
+                .filter_map(|op| match op {
+                    Op::Kill(pid, signal) => Some((pid, signal)),
+                    _ => None,
+                })
+                .collect()
+        }
+
+        fn file(&self, path: impl AsRef<Path>) -> Option<String> {
+            self.state.lock().unwrap().files.get(path.as_ref()).cloned()
+        }
+
+        fn has_dir(&self, path: impl AsRef<Path>) -> bool {
+            self.state.lock().unwrap().dirs.contains(path.as_ref())
+        }
+    }
+
+    fn not_found(path: &Path) -> io::Error {
+        io::Error::new(io::ErrorKind::NotFound, path.display().to_string())
+    }
+
+    impl CgroupFs for Recorder {
+        fn create_dir_all(&self, path: &Path) -> io::Result<()> {
+            let mut state = self.state.lock().unwrap();
+            state.ops.push(Op::CreateDirAll(path.to_path_buf()));
+            for dir in path.ancestors() {
+                if state.dirs.insert(dir.to_path_buf()) {
+                    for file in &self.interface {
+                        state.files.insert(dir.join(file), String::new());
+                    }
+                }
+            }
+            Ok(())
+        }
+
+        fn write(&self, path: &Path, value: &str) -> io::Result<()> {
+            let mut state = self.state.lock().unwrap();
+            state
+                .ops
+                .push(Op::Write(path.to_path_buf(), value.to_string()));
+            if path.file_name() == Some("cgroup.kill".as_ref()) && value == "1" {
+                let procs = path.with_file_name("cgroup.procs");
+                state.files.insert(procs, String::new());
+            }
+            state.files.insert(path.to_path_buf(), value.to_string());
+            Ok(())
+        }
+
+        fn read_to_string(&self, path: &Path) -> io::Result<String> {
+            let mut state = self.state.lock().unwrap();
+            state.ops.push(Op::Read(path.to_path_buf()));
+            state
+                .files
+                .get(path)
+                .cloned()
+                .ok_or_else(|| not_found(path))
+        }
+
+        fn exists(&self, path: &Path) -> bool {
+            let mut state = self.state.lock().unwrap();
+            state.ops.push(Op::Exists(path.to_path_buf()));
+            state.files.contains_key(path) || state.dirs.contains(path)
+        }
+
+        fn remove_dir(&self, path: &Path) -> io::Result<()> {
+            let mut state = self.state.lock().unwrap();
+            state.ops.push(Op::RemoveDir(path.to_path_buf()));
+            let procs = state.files.get(&path.join("cgroup.procs"));
+            if procs.is_some_and(|p| !p.trim().is_empty()) {
+                return Err(io::Error::new(io::ErrorKind::ResourceBusy, "busy"));
+            }
+            if !state.dirs.remove(path) {
+                return Err(not_found(path));
+            }
+            state.files.retain(|file, _| file.parent() != Some(path));
+            Ok(())
+        }
+
+        fn read_dir_names(&self, path: &Path) -> io::Result<Vec<String>> {
+            let mut state = self.state.lock().unwrap();
+            state.ops.push(Op::ReadDir(path.to_path_buf()));
+            if !state.dirs.contains(path) {
+                return Err(not_found(path));
+            }
+            Ok(state
+                .dirs
+                .iter()
+                .filter(|dir| dir.parent() == Some(path))
+                .filter_map(|dir| Some(dir.file_name()?.to_str()?.to_string()))
+                .collect())
+        }
+
+        fn kill(&self, pid: i32, signal: i32) -> io::Result<()> {
+            let mut state = self.state.lock().unwrap();
+            state.ops.push(Op::Kill(pid, signal));
+            if signal == libc::SIGKILL {
+                for (path, contents) in state.files.iter_mut() {
+                    if path.file_name() == Some("cgroup.procs".as_ref()) {
+                        *contents = contents
+                            .lines()
+                            .filter(|line| line.trim() != pid.to_string())
+                            .map(|line| format!("{line}\n"))
+                            .collect();
+                    }
+                }
+            }
+            Ok(())
+        }
+    }
+
+    /// The files a v2 kernel makes in every new group, as far as these tests need.
+    const V2_FILES: [&str; 4] = [
+        "cgroup.procs",
+        "cgroup.kill",
+        "memory.swap.max",
+        "cgroup.subtree_control",
+    ];
+
+    const MEMBERSHIP_V2: &str = "0::/process_api/abc\n";
+
+    fn limits() -> Limits {
+        Limits {
+            memory: Some(256 << 20),
+            cpu: Some(0.5),
+            pids: Some(64),
+        }
+    }
+
+    fn v2_group(fs: &Arc<Recorder>) -> Group {
+        let v2 = V2::detect_in(Path::new("/cg"), MEMBERSHIP_V2, fs.clone()).unwrap();
+        let group = v2.create("c1", &limits()).unwrap();
+        fs.clear_ops();
+        group
+    }
 
     #[test]
     fn groups_go_beneath_the_process_own_memory_group() {
@@ -308,5 +774,225 @@ mod tests {
             LimitHit::OutOfMemory { limit: 256 << 20 }.to_string(),
             "killed: out of memory (limit 256 MiB)"
         );
+    }
+
+    #[test]
+    fn v2_create_enables_controllers_then_writes_limits_beneath_own_group() {
+        let fs = Recorder::new(&V2_FILES);
+        let v2 = V2::detect_in(Path::new("/cg"), MEMBERSHIP_V2, fs.clone()).unwrap();
+        let group = v2.create("c1", &limits()).unwrap();
+        let lode = PathBuf::from("/cg/process_api/abc/lode");
+        let dir = lode.join("c1");
+        let w = |file: &str, value: &str| (dir.join(file), value.to_string());
+        assert_eq!(
+            fs.writes(),
+            [
+                (
+                    lode.join("cgroup.subtree_control"),
+                    "+memory +cpu +pids".to_string()
+                ),
+                w("memory.max", "268435456"),
+                w("memory.swap.max", "0"),
+                w("cpu.max", "50000 100000"),
+                w("pids.max", "64"),
+            ]
+        );
+        // The parent exists and has its controllers enabled before the child is made.
+        let ops = fs.ops();
+        let position = |op: &Op| ops.iter().position(|o| o == op).unwrap();
+        assert!(
+            position(&Op::CreateDirAll(lode.clone()))
+                < position(&Op::Write(
+                    lode.join("cgroup.subtree_control"),
+                    "+memory +cpu +pids".into()
+                ))
+        );
+        assert!(
+            position(&Op::Write(
+                lode.join("cgroup.subtree_control"),
+                "+memory +cpu +pids".into()
+            )) < position(&Op::CreateDirAll(dir.clone()))
+        );
+        assert_eq!(group.procs_files(), [dir.join("cgroup.procs")]);
+    }
+
+    #[test]
+    fn v2_create_skips_swap_without_swap_accounting_and_unset_limits() {
+        let fs = Recorder::new(&["cgroup.procs"]);
+        let v2 = V2::detect_in(Path::new("/cg"), "0::/\n", fs.clone()).unwrap();
+        let limits = Limits {
+            memory: Some(1 << 20),
+            cpu: Some(0.001),
+            pids: None,
+        };
+        v2.create("c2", &limits).unwrap();
+        let dir = PathBuf::from("/cg/lode/c2");
+        assert_eq!(
+            fs.writes()[1..],
+            [
+                (dir.join("memory.max"), "1048576".to_string()),
+                // The kernel's minimum quota, not the 100 µs 0.001 cores would give.
+                (dir.join("cpu.max"), "1000 100000".to_string()),
+            ]
+        );
+    }
+
+    #[test]
+    fn v2_detect_needs_the_unified_membership_line() {
+        let fs = Recorder::new(&[]);
+        let err = V2::detect_in(Path::new("/cg"), "4:memory:/x\n", fs).unwrap_err();
+        assert!(err.to_string().contains("0::/path"), "{err}");
+    }
+
+    #[test]
+    fn v2_limit_hit_reads_memory_and_pids_events() {
+        let fs = Recorder::new(&V2_FILES);
+        let group = v2_group(&fs);
+        let dir = PathBuf::from("/cg/process_api/abc/lode/c1");
+        fs.set(dir.join("memory.events"), "low 0\nhigh 0\nmax 4\noom 0\n");
+        fs.set(dir.join("pids.events"), "max 0\n");
+        assert_eq!(group.limit_hit(), None);
+
+        fs.set(
+            dir.join("memory.events"),
+            "low 0\nhigh 0\nmax 4\noom 1\noom_kill 1\n",
+        );
+        let hit = group.limit_hit().unwrap();
+        assert_eq!(hit, LimitHit::OutOfMemory { limit: 256 << 20 });
+        assert_eq!(hit.to_string(), "killed: out of memory (limit 256 MiB)");
+        assert!(fs.ops().contains(&Op::Read(dir.join("memory.events"))));
+
+        fs.set(dir.join("memory.events"), "oom_kill 0\n");
+        fs.set(dir.join("pids.events"), "max 3\n");
+        assert_eq!(group.limit_hit(), Some(LimitHit::Pids { limit: 64 }));
+    }
+
+    #[test]
+    fn v2_kill_all_writes_cgroup_kill_when_present() {
+        let fs = Recorder::new(&V2_FILES);
+        let group = v2_group(&fs);
+        let dir = PathBuf::from("/cg/process_api/abc/lode/c1");
+        fs.set(dir.join("cgroup.procs"), "10\n11\n");
+        group.kill_all();
+        assert_eq!(fs.writes(), [(dir.join("cgroup.kill"), "1".to_string())]);
+        assert_eq!(fs.kills(), []);
+        assert!(group.pids().is_empty());
+    }
+
+    #[test]
+    fn v2_kill_all_signals_each_pid_without_cgroup_kill() {
+        // A kernel before 5.14: no cgroup.kill.
+        let fs = Recorder::new(&["cgroup.procs"]);
+        let group = v2_group(&fs);
+        let dir = PathBuf::from("/cg/process_api/abc/lode/c1");
+        fs.set(dir.join("cgroup.procs"), "10\n11\n");
+        group.kill_all();
+        assert_eq!(fs.writes(), []);
+        assert_eq!(fs.kills(), [(10, libc::SIGKILL), (11, libc::SIGKILL)]);
+        assert!(fs.ops().contains(&Op::Exists(dir.join("cgroup.kill"))));
+        assert_eq!(fs.file(dir.join("cgroup.procs")).unwrap(), "");
+    }
+
+    #[test]
+    fn v2_remove_kills_then_removes_the_group() {
+        let fs = Recorder::new(&V2_FILES);
+        let group = v2_group(&fs);
+        let dir = PathBuf::from("/cg/process_api/abc/lode/c1");
+        fs.set(dir.join("cgroup.procs"), "10\n");
+        group.remove();
+        let ops = fs.ops();
+        let kill = Op::Write(dir.join("cgroup.kill"), "1".into());
+        let rmdir = Op::RemoveDir(dir.clone());
+        let kill_at = ops.iter().position(|o| *o == kill).unwrap();
+        let rmdir_at = ops.iter().position(|o| *o == rmdir).unwrap();
+        assert!(kill_at < rmdir_at);
+        assert!(!fs.has_dir(&dir));
+    }
+
+    #[test]
+    fn v2_clean_leftovers_kills_and_removes_every_group() {
+        let fs = Recorder::new(&V2_FILES);
+        let lode = PathBuf::from("/cg/process_api/abc/lode");
+        fs.set(lode.join("a/cgroup.procs"), "10\n");
+        fs.set(lode.join("a/cgroup.kill"), "");
+        fs.set(lode.join("b/cgroup.procs"), "");
+        fs.set(lode.join("b/cgroup.kill"), "");
+        let v2 = V2::detect_in(Path::new("/cg"), MEMBERSHIP_V2, fs.clone()).unwrap();
+        v2.clean_leftovers();
+        let removed: Vec<_> = fs
+            .ops()
+            .into_iter()
+            .filter(|op| matches!(op, Op::RemoveDir(_)))
+            .collect();
+        assert_eq!(
+            removed,
+            [Op::RemoveDir(lode.join("a")), Op::RemoveDir(lode.join("b"))]
+        );
+        assert!(
+            fs.writes()
+                .contains(&(lode.join("a/cgroup.kill"), "1".to_string()))
+        );
+        assert!(!fs.has_dir(lode.join("a")));
+        assert!(!fs.has_dir(lode.join("b")));
+        assert!(fs.has_dir(&lode));
+    }
+
+    #[test]
+    fn detect_picks_v1_without_cgroup_controllers() {
+        let fs = Recorder::new(&[]);
+        for controller in CONTROLLERS {
+            fs.set(format!("/cg/{controller}/cgroup.procs"), "");
+        }
+        let membership = "4:memory:/process_api/abc\n1:cpu,cpuacct:/\n8:pids:/\n0::/\n";
+        let hierarchy = detect_in(Path::new("/cg"), membership, fs.clone()).unwrap();
+        assert!(
+            fs.ops()
+                .contains(&Op::Exists("/cg/cgroup.controllers".into()))
+        );
+        let group = hierarchy.create("c1", &limits()).unwrap();
+        assert_eq!(
+            group.procs_files(),
+            [
+                PathBuf::from("/cg/memory/process_api/abc/lode/c1/cgroup.procs"),
+                PathBuf::from("/cg/cpu/lode/c1/cgroup.procs"),
+                PathBuf::from("/cg/pids/lode/c1/cgroup.procs"),
+            ]
+        );
+        assert!(fs.writes().contains(&(
+            "/cg/memory/process_api/abc/lode/c1/memory.limit_in_bytes".into(),
+            "268435456".to_string()
+        )));
+    }
+
+    #[test]
+    fn detect_picks_v2_when_cgroup_controllers_lists_all_three() {
+        let fs = Recorder::new(&V2_FILES);
+        fs.set(
+            "/cg/cgroup.controllers",
+            "cpuset cpu io memory hugetlb pids rdma\n",
+        );
+        let hierarchy = detect_in(Path::new("/cg"), MEMBERSHIP_V2, fs.clone()).unwrap();
+        let group = hierarchy.create("c1", &limits()).unwrap();
+        assert_eq!(
+            group.procs_files(),
+            [PathBuf::from("/cg/process_api/abc/lode/c1/cgroup.procs")]
+        );
+        assert!(fs.writes().contains(&(
+            "/cg/process_api/abc/lode/c1/cpu.max".into(),
+            "50000 100000".to_string()
+        )));
+    }
+
+    #[test]
+    fn detect_names_the_missing_v2_controller_and_where_it_looked() {
+        let fs = Recorder::new(&[]);
+        fs.set("/cg/cgroup.controllers", "cpuset cpu io memory\n");
+        let err = detect_in(Path::new("/cg"), MEMBERSHIP_V2, fs).unwrap_err();
+        let message = err.to_string();
+        assert!(message.contains("v2 pids controller"), "{message}");
+        assert!(message.contains("/cg/cgroup.controllers"), "{message}");
+        // And why v1 did not do either.
+        assert!(message.contains("v1 memory controller"), "{message}");
+        assert!(message.contains("/cg/memory"), "{message}");
     }
 }

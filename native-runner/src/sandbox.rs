@@ -70,7 +70,26 @@ pub struct SandboxSpec {
     /// A host directory for the writable layer (`upper/` and `work/` inside it) instead of a
     /// tmpfs, so what the command wrote outlives it: image builds diff it into a new layer.
     pub keep_upper: Option<PathBuf>,
+    /// Capabilities the command keeps, as a bit mask (bit N is capability N). Function
+    /// containers keep none; build steps keep [`BUILD_CAPABILITIES`] so `apt-get` and `dpkg`
+    /// can change owners and drop to their own users.
+    pub capabilities: u64,
 }
+
+/// What a build step keeps: Docker's default set, less `NET_RAW` and `MKNOD`. It holds only
+/// inside the container's namespaces, under `no_new_privs` and the seccomp profile.
+pub const BUILD_CAPABILITIES: u64 = 1 << 0 // CHOWN
+    | 1 << 1 // DAC_OVERRIDE
+    | 1 << 3 // FOWNER
+    | 1 << 4 // FSETID
+    | 1 << 5 // KILL
+    | 1 << 6 // SETGID
+    | 1 << 7 // SETUID
+    | 1 << 8 // SETPCAP
+    | 1 << 10 // NET_BIND_SERVICE
+    | 1 << 18 // SYS_CHROOT
+    | 1 << 29 // AUDIT_WRITE
+    | 1 << 31; // SETFCAP
 
 /// A bind mount from the host into the container.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -116,6 +135,7 @@ impl Default for SandboxSpec {
             volumes: Vec::new(),
             network: Network::None,
             keep_upper: None,
+            capabilities: 0,
         }
     }
 }
@@ -263,6 +283,7 @@ struct Prepared {
     max_open_files: u64,
     names: [CString; 6],
     cgroup_procs: Vec<CString>,
+    capabilities: u64,
     seccomp: Vec<seccompiler::BpfProgram>,
     volumes: Vec<PreparedVolume>,
     /// The namespace to join, for [`Network::Outbound`]; `None` makes a fresh one.
@@ -397,6 +418,7 @@ impl Prepared {
                 .iter()
                 .map(|p| path_cstring(p))
                 .collect::<io::Result<_>>()?,
+            capabilities: spec.capabilities,
             seccomp: crate::seccomp::compile()?,
             volumes: spec
                 .volumes
@@ -835,7 +857,8 @@ fn loopback_up(name: &CString) -> io::Result<()> {
     if result == -1 { Err(error) } else { Ok(()) }
 }
 
-/// Limits, then no way back to privilege: every capability dropped and `no_new_privs`.
+/// Limits, then no way back to privilege: every capability not asked for dropped (from the
+/// bounding set too, so exec cannot give them back) and `no_new_privs`.
 fn lock_down(p: &Prepared) -> io::Result<()> {
     let files = libc::rlimit {
         rlim_cur: p.max_open_files,
@@ -843,7 +866,7 @@ fn lock_down(p: &Prepared) -> io::Result<()> {
     };
     // SAFETY: a valid rlimit pointer.
     check(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &files) })?;
-    for capability in 0..=63 {
+    for capability in (0..=63).filter(|bit| p.capabilities & (1 << bit) == 0) {
         // SAFETY: prctl(2) with integer arguments; EINVAL past the last capability is fine.
         unsafe { libc::prctl(libc::PR_CAPBSET_DROP, capability, 0, 0, 0) };
     }
@@ -873,13 +896,17 @@ fn lock_down(p: &Prepared) -> io::Result<()> {
         version: 0x2008_0522, // _LINUX_CAPABILITY_VERSION_3
         pid: 0,
     };
-    let empty = [Data {
-        effective: 0,
-        permitted: 0,
-        inheritable: 0,
-    }; 2];
+    let word = |shift: u32| {
+        let bits = (p.capabilities >> shift) as u32;
+        Data {
+            effective: bits,
+            permitted: bits,
+            inheritable: bits,
+        }
+    };
+    let kept = [word(0), word(32)];
     // SAFETY: capset(2) with a v3 header and two data words, all ours.
-    check(unsafe { libc::syscall(libc::SYS_capset, &header, empty.as_ptr()) as libc::c_int })?;
+    check(unsafe { libc::syscall(libc::SYS_capset, &header, kept.as_ptr()) as libc::c_int })?;
     // SAFETY: prctl(2) with integer arguments.
     check(unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) })?;
     // Last, so nothing above is filtered: from here on the profile applies.
