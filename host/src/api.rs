@@ -68,7 +68,7 @@ impl From<DeployError> for ApiError {
 type ApiResult<T> = Result<T, ApiError>;
 
 /// The API router; `token` guards every route but `/healthz`.
-pub fn router(server: Arc<Server>, token: Arc<str>) -> Router {
+pub fn router(server: Arc<Server>, native: Arc<crate::native::Native>, token: Arc<str>) -> Router {
     let guarded = Router::new()
         .route("/v1/info", get(info))
         .route("/v1/apps", get(list_apps))
@@ -78,11 +78,12 @@ pub fn router(server: Arc<Server>, token: Arc<str>) -> Router {
         )
         .route("/v1/apps/{app}/logs", get(logs))
         .route("/metrics", get(metrics))
+        .with_state(server)
+        .merge(crate::native::router(native))
         .layer(middleware::from_fn_with_state(token, require_token));
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .merge(guarded)
-        .with_state(server)
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {

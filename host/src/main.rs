@@ -85,6 +85,9 @@ enum Command {
     /// Images in the registry: ingest a tree, export it, tag, list, push and pull.
     #[command(subcommand)]
     Image(ImageCommand),
+    /// Run a command in a sandboxed container of an image (on `lode serve`).
+    #[command(subcommand)]
+    Container(ContainerCommand),
     /// Mount an image read-only through FUSE, fetching files lazily on first read.
     #[command(subcommand)]
     Fs(FsCommand),
@@ -120,7 +123,69 @@ struct CopyArgs {
 }
 
 #[derive(Debug, Subcommand)]
+enum ContainerCommand {
+    /// Start a container of IMAGE, stream its output, and exit with its exit code.
+    ///
+    /// The container gets new namespaces, a private root (the image, lazily mounted, under a
+    /// size-limited writable layer), no capabilities, a seccomp filter and no network unless
+    /// --net outbound. A container stopped by a limit says which; one that could not start
+    /// exits 125.
+    #[command(
+        after_help = "Example:\n  lode container run --memory 256 --timeout 10 py -- python3 -c 'print(1)'"
+    )]
+    Run {
+        /// Memory limit in MiB.
+        #[arg(long)]
+        memory: Option<u64>,
+        /// CPU limit in cores (0.5 is half a core).
+        #[arg(long)]
+        cpu: Option<f64>,
+        /// Most processes and threads [default: 4096].
+        #[arg(long)]
+        pids: Option<u64>,
+        /// Kill the container after this many seconds.
+        #[arg(long)]
+        timeout: Option<f64>,
+        /// none (loopback only) or outbound (egress through slirp4netns; the host's
+        /// loopback stays unreachable).
+        #[arg(long, default_value = "none", value_parser = ["none", "outbound"])]
+        net: String,
+        /// NAME=VALUE, added to the image's environment (repeatable).
+        #[arg(short, long = "env", value_parser = lode::container_cmd::parse_env)]
+        env: Vec<(String, String)>,
+        /// HOSTDIR:/path[:ro], a bind mount (repeatable).
+        #[arg(short, long = "volume", value_parser = lode::container_cmd::parse_volume)]
+        volume: Vec<lode::native::VolumeRequest>,
+        /// Working directory [default: the image's, else /].
+        #[arg(short, long)]
+        workdir: Option<String>,
+        /// Image digest or tag.
+        image: String,
+        /// The command and its arguments, after `--` [default: the image's command].
+        #[arg(last = true)]
+        command: Vec<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 enum ImageCommand {
+    /// Build an image from an image.json spec on `lode serve`; print its index digest.
+    ///
+    /// Each step is cached by the hash of its parent and itself, so a rebuild runs only
+    /// what changed. Local files (add_local_dir/add_local_file) and OCI layouts (from_oci)
+    /// are uploaded from here first. The schema is in docs/manifest.md.
+    Build {
+        /// The image.json spec.
+        file: PathBuf,
+        /// Also point this tag at the image.
+        #[arg(long)]
+        tag: Option<String>,
+        /// Show step headers only, not each step's output.
+        #[arg(short, long)]
+        quiet: bool,
+        #[command(flatten)]
+        registry: RegistryArg,
+    },
     /// Chunk a directory tree into the registry and print its index digest. Only chunks the
     /// registry lacks are uploaded.
     Ingest {
@@ -283,6 +348,10 @@ struct ServeArgs {
     /// Most bytes the chunk cache (<cache-dir>/chunks) holds.
     #[arg(long, default_value = "20G", value_parser = lode::fs_cmd::parse_size)]
     cache_size: u64,
+    /// Where debootstrap bases for `debian_slim` images are kept [default:
+    /// <cache-dir>/images/base].
+    #[arg(long)]
+    image_base_dir: Option<PathBuf>,
     #[command(flatten)]
     registry: RegistryFlags,
     /// Wasm instances that can run at once (pooling allocator slots).
@@ -326,6 +395,19 @@ fn registry_pair(args: &ClientArgs, copy: &CopyArgs) -> Result<(RegistryClient, 
 
 async fn run_image(client: &ClientArgs, command: ImageCommand) -> Result<()> {
     match command {
+        ImageCommand::Build {
+            file,
+            tag,
+            quiet,
+            registry: flag,
+        } => {
+            let api = self::client(client)?;
+            let registry: Arc<dyn lode_registry::BlobAccess> = match &flag.registry {
+                Some(_) => registry(client, &flag.registry)?,
+                None => Arc::new(image::connect(&api.registry().await?)?),
+            };
+            lode::container_cmd::build(&api, registry, &file, tag, quiet).await
+        }
         ImageCommand::Ingest {
             path,
             tag,
@@ -392,6 +474,8 @@ async fn run(cli: Cli) -> Result<()> {
                 registry: args.registry_listen,
                 registry_options: args.registry.options(),
                 cache_size: args.cache_size,
+                image_base_dir: args.image_base_dir,
+                container_bounds: Default::default(),
                 limits: Limits {
                     default_memory: args.memory * MIB,
                     max_memory: args.max_memory * MIB,
@@ -423,6 +507,39 @@ async fn run(cli: Cli) -> Result<()> {
             cli::logs(&client(&cli.client)?, &app, follow, tail).await
         }
         Command::Image(command) => run_image(&cli.client, command).await,
+        Command::Container(ContainerCommand::Run {
+            memory,
+            cpu,
+            pids,
+            timeout,
+            net,
+            env,
+            volume,
+            workdir,
+            image,
+            command,
+        }) => {
+            let request = lode::native::ContainerRequest {
+                image,
+                argv: command,
+                env,
+                memory,
+                cpu,
+                pids,
+                timeout,
+                network: Some(net),
+                volumes: volume,
+                workdir,
+            };
+            let code = match lode::container_cmd::run(&client(&cli.client)?, request).await {
+                Ok(code) => code,
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    i32::from(lode::container_cmd::COULD_NOT_RUN)
+                }
+            };
+            std::process::exit(code)
+        }
         Command::Fs(FsCommand::Mount {
             reference,
             mountpoint,

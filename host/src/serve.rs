@@ -39,6 +39,10 @@ pub struct ServeOptions {
     pub registry_options: RegistryOptions,
     /// Chunk cache bound, in bytes.
     pub cache_size: u64,
+    /// Where debootstrap bases are kept between builds (default `<cache-dir>/images/base`).
+    pub image_base_dir: Option<PathBuf>,
+    /// Bounds on what one container may ask for.
+    pub container_bounds: crate::native::ContainerBounds,
     /// Limits.
     pub limits: Limits,
     /// Pool size.
@@ -184,13 +188,25 @@ pub async fn serve(options: ServeOptions) -> Result<()> {
     // The chunk cache and the image mounts belong to this process (the native runner mounts
     // images through this table); mounts a killed predecessor left behind are cleared.
     let chunks = lode_fs::ChunkCache::open(&options.cache_dir.join("chunks"), options.cache_size)?;
-    let image_mounts = lode_fs::MountTable::new(
-        &options.cache_dir.join("mounts"),
-        chunks,
+    let image_mounts = Arc::new(
+        lode_fs::MountTable::new(
+            &options.cache_dir.join("mounts"),
+            chunks,
+            Arc::new(registry.clone()),
+            lode_fs::MountOptions::default(),
+        )
+        .context("preparing the image mounts")?,
+    );
+    let native = crate::native::Native::new(
         Arc::new(registry.clone()),
-        lode_fs::MountOptions::default(),
-    )
-    .context("preparing the image mounts")?;
+        image_mounts.clone(),
+        &options.cache_dir,
+        options
+            .image_base_dir
+            .clone()
+            .unwrap_or_else(|| options.cache_dir.join("images/base")),
+        options.container_bounds.clone(),
+    );
     let state = RedbStore::open(&options.data_dir.join("state"))?;
     let server = Server::new(
         engine,
@@ -227,7 +243,7 @@ pub async fn serve(options: ServeOptions) -> Result<()> {
     println!("  client    {}", client_path.display());
     tracing::info!(%api_addr, %http_addr, restored, "serving");
 
-    let api_router = crate::api::router(server.clone(), Arc::from(token.as_str()));
+    let api_router = crate::api::router(server.clone(), native, Arc::from(token.as_str()));
     let api_task = tokio::spawn(async move {
         axum::serve(api_listener, api_router)
             .with_graceful_shutdown(shutdown_signal())

@@ -11,6 +11,9 @@
 //! capabilities and `no_new_privs`, with [`cgroup`] limits. Seccomp, builds and the agent follow.
 #![deny(missing_docs)]
 
+pub mod builder;
 pub mod cgroup;
+pub mod image_spec;
+pub mod oci;
 pub mod sandbox;
 pub mod seccomp;

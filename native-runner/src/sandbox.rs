@@ -404,7 +404,7 @@ impl Prepared {
             old_root_in_new: cstring("/.lode-old-root")?,
             cwd: cstring(&spec.cwd)?,
             hostname: cstring(&spec.hostname)?,
-            max_open_files: spec.max_open_files,
+            max_open_files: spec.max_open_files.min(open_files_hard_limit()),
             names: [
                 cstring("tmpfs")?,
                 cstring("overlay")?,
@@ -491,6 +491,20 @@ fn stage<T>(p: &Prepared, step: Stage, result: io::Result<T>) -> io::Result<T> {
         unsafe { libc::write(p.stage_report.as_raw_fd(), code.as_ptr().cast(), 1) };
     }
     result
+}
+
+/// This process's hard limit on open files: a container cannot be given more, since raising
+/// it takes `CAP_SYS_RESOURCE`, which the host may not have.
+fn open_files_hard_limit() -> u64 {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit(2) writes into the struct we own.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } == -1 {
+        return u64::MAX;
+    }
+    limit.rlim_max
 }
 
 /// Turns a -1 return into the errno, as `io::Error`.

@@ -1,0 +1,639 @@
+//! The native engine's API: image builds (`POST /v1/images/build`) and one-off containers
+//! (`POST /v1/containers`), both streamed back as NDJSON. `lode serve` owns the image mounts,
+//! the chunk cache and the containers; the CLI is only a client.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use base64::Engine as _;
+use bytes::Bytes;
+use futures::StreamExt;
+use lode_fs::MountTable;
+use lode_native_runner::builder::{BuildEvent, Builder, DEFAULT_PATH, read_config};
+use lode_native_runner::cgroup::{Hierarchy, Limits};
+use lode_native_runner::image_spec::ImageSpec;
+use lode_native_runner::sandbox::{Network, SandboxSpec, Volume, spawn};
+use lode_registry::{BlobAccess, Digest, TagUpdate};
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+
+/// Bounds on what one container may ask for.
+#[derive(Debug, Clone)]
+pub struct ContainerBounds {
+    /// Most memory, in MiB.
+    pub max_memory_mib: u64,
+    /// Most CPU, in cores.
+    pub max_cpu: f64,
+    /// Most processes.
+    pub max_pids: u64,
+    /// Longest timeout.
+    pub max_timeout: Duration,
+    /// Processes a container gets when it names no limit (a fork bomb stops here).
+    pub default_pids: u64,
+}
+
+impl Default for ContainerBounds {
+    fn default() -> Self {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        Self {
+            max_memory_mib: 64 * 1024,
+            max_cpu: cores as f64,
+            max_pids: 32_768,
+            max_timeout: Duration::from_secs(24 * 3600),
+            default_pids: 4096,
+        }
+    }
+}
+
+/// The native engine as the server holds it.
+pub struct Native {
+    registry: Arc<dyn BlobAccess>,
+    mounts: Arc<MountTable>,
+    /// `None` where cgroups cannot be used (not root); containers then get a named error.
+    cgroups: Result<Arc<dyn Hierarchy>, String>,
+    builder: Option<Builder>,
+    run_dir: PathBuf,
+    bounds: ContainerBounds,
+}
+
+impl Native {
+    /// Sets up the engine: finds the cgroup hierarchy, clears what a killed predecessor left
+    /// (cgroups, container scratch and build layers), and prepares the builder.
+    pub fn new(
+        registry: Arc<dyn BlobAccess>,
+        mounts: Arc<MountTable>,
+        cache_dir: &Path,
+        base_dir: PathBuf,
+        bounds: ContainerBounds,
+    ) -> Arc<Self> {
+        let cgroups: Result<Arc<dyn Hierarchy>, String> = lode_native_runner::cgroup::detect()
+            .map(Arc::from)
+            .map_err(|e| format!("containers need cgroups (run `lode serve` as root): {e}"));
+        if let Ok(cgroups) = &cgroups {
+            cgroups.clean_leftovers();
+        }
+        let images = cache_dir.join("images");
+        let run_dir = cache_dir.join("containers");
+        for leftover in [run_dir.clone(), images.join("layers"), images.join("run")] {
+            let _ = std::fs::remove_dir_all(&leftover);
+        }
+        let builder = cgroups.as_ref().ok().map(|cgroups| {
+            Builder::new(
+                registry.clone(),
+                mounts.clone(),
+                cgroups.clone(),
+                images,
+                base_dir,
+            )
+        });
+        Arc::new(Self {
+            registry,
+            mounts,
+            cgroups,
+            builder,
+            run_dir,
+            bounds,
+        })
+    }
+
+    fn cgroups(&self) -> Result<&Arc<dyn Hierarchy>, ApiError> {
+        self.cgroups
+            .as_ref()
+            .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "no_containers", e))
+    }
+
+    async fn resolve(&self, reference: &str) -> Result<Digest, ApiError> {
+        let unknown = || {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                "unknown_image",
+                format!(
+                    "no image {reference:?} in the registry: build one with `lode image build`, \
+                     or list tags with `lode image ls`"
+                ),
+            )
+        };
+        let digest = match reference.parse::<Digest>() {
+            Ok(digest) => digest,
+            Err(_) => match self.registry.get_tag(reference).await {
+                Ok(digest) => digest,
+                Err(lode_registry::Error::TagNotFound(_)) => return Err(unknown()),
+                Err(e) => return Err(ApiError::internal(e)),
+            },
+        };
+        match self.registry.get_index(&digest).await {
+            Ok(_) => Ok(digest),
+            Err(lode_registry::Error::IndexNotFound(_)) => Err(unknown()),
+            Err(e) => Err(ApiError::internal(e)),
+        }
+    }
+}
+
+/// An API error, shaped like the rest of the API's.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    kind: &'static str,
+    message: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, kind: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            kind,
+            message: message.into(),
+        }
+    }
+
+    fn bad(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "invalid_request", message)
+    }
+
+    fn internal(e: impl std::fmt::Display) -> Self {
+        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = serde_json::json!({"error": {"kind": self.kind, "message": self.message}});
+        (self.status, axum::Json(body)).into_response()
+    }
+}
+
+/// The routes, for the token-guarded part of the API.
+pub fn router(native: Arc<Native>) -> Router {
+    Router::new()
+        .route("/v1/images/build", post(build))
+        .route("/v1/containers", post(run_container))
+        .with_state(native)
+}
+
+fn ndjson(lines: impl futures::Stream<Item = String> + Send + 'static) -> Response {
+    let body = axum::body::Body::from_stream(lines.map(|mut line| {
+        line.push('\n');
+        Ok::<_, std::convert::Infallible>(Bytes::from(line))
+    }));
+    (
+        [(axum::http::header::CONTENT_TYPE, "application/x-ndjson")],
+        body,
+    )
+        .into_response()
+}
+
+fn json_body<T: for<'de> Deserialize<'de>>(body: &[u8], what: &str) -> Result<T, ApiError> {
+    serde_json::from_slice(body).map_err(|e| ApiError::bad(format!("the {what} is not valid: {e}")))
+}
+
+/// `POST /v1/images/build`: `{"spec": <image.json>, "tag": "name"?}`.
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct BuildRequest {
+    /// The image, with local parts already uploaded by the client.
+    pub spec: ImageSpec,
+    /// A tag to point at the result.
+    #[serde(default)]
+    pub tag: Option<String>,
+}
+
+/// What a build streams: the builder's events, then `done` or `error`.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum BuildLine {
+    /// A step starts or was cached.
+    Step {
+        /// 0 is the base.
+        number: usize,
+        /// Steps after the base.
+        of: usize,
+        /// What it does.
+        description: String,
+        /// Whether it came from the cache.
+        cached: bool,
+    },
+    /// A line of output.
+    Log {
+        /// The line.
+        line: String,
+    },
+    /// A step's result.
+    Layer {
+        /// Step number.
+        number: usize,
+        /// Index digest after it.
+        digest: String,
+    },
+    /// The image.
+    Done {
+        /// Its index digest.
+        digest: String,
+        /// Seconds the build took.
+        seconds: f64,
+    },
+    /// The build failed.
+    Error {
+        /// What failed and what to do.
+        message: String,
+    },
+}
+
+impl From<BuildEvent> for BuildLine {
+    fn from(event: BuildEvent) -> Self {
+        match event {
+            BuildEvent::Step {
+                number,
+                of,
+                description,
+                cached,
+            } => Self::Step {
+                number,
+                of,
+                description,
+                cached,
+            },
+            BuildEvent::Log { line } => Self::Log { line },
+            BuildEvent::Layer { number, digest } => Self::Layer { number, digest },
+        }
+    }
+}
+
+async fn build(State(native): State<Arc<Native>>, body: Bytes) -> Result<Response, ApiError> {
+    let request: BuildRequest = json_body(&body, "build request")?;
+    request.spec.validate().map_err(ApiError::bad)?;
+    if let Some(tag) = &request.tag {
+        lode_registry::validate_tag_name(tag).map_err(|e| ApiError::bad(e.to_string()))?;
+    }
+    native.cgroups()?;
+    let (tx, rx) = mpsc::channel::<BuildLine>(256);
+    tokio::spawn(async move {
+        let started = Instant::now();
+        let events_tx = tx.clone();
+        let events: lode_native_runner::builder::Events = Arc::new(move |event: BuildEvent| {
+            // A client that went away stops seeing lines; the build still completes and is
+            // cached, so a retry is quick.
+            let _ = events_tx.try_send(event.into());
+        });
+        let builder = native.builder.as_ref().expect("cgroups were checked");
+        let line = match builder.build(&request.spec, events).await {
+            Ok(digest) => match &request.tag {
+                Some(tag) => match native
+                    .registry
+                    .set_tag(tag, &digest, TagUpdate::Always)
+                    .await
+                {
+                    Ok(_) => BuildLine::Done {
+                        digest: digest.to_string(),
+                        seconds: started.elapsed().as_secs_f64(),
+                    },
+                    Err(e) => BuildLine::Error {
+                        message: format!("built {digest} but could not tag it {tag}: {e}"),
+                    },
+                },
+                None => BuildLine::Done {
+                    digest: digest.to_string(),
+                    seconds: started.elapsed().as_secs_f64(),
+                },
+            },
+            Err(e) => BuildLine::Error {
+                message: e.to_string(),
+            },
+        };
+        let _ = tx.send(line).await;
+    });
+    Ok(ndjson(ReceiverStream::new(rx).map(|line| {
+        serde_json::to_string(&line).expect("serializes")
+    })))
+}
+
+/// `POST /v1/containers`: run a command in a new container of an image.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ContainerRequest {
+    /// Image digest or tag.
+    pub image: String,
+    /// The command; empty runs the image's own.
+    #[serde(default)]
+    pub argv: Vec<String>,
+    /// Extra environment, on top of the image's.
+    #[serde(default)]
+    pub env: Vec<(String, String)>,
+    /// Memory limit, MiB.
+    #[serde(default)]
+    pub memory: Option<u64>,
+    /// CPU limit, cores.
+    #[serde(default)]
+    pub cpu: Option<f64>,
+    /// Process limit.
+    #[serde(default)]
+    pub pids: Option<u64>,
+    /// Wall-clock limit, seconds.
+    #[serde(default)]
+    pub timeout: Option<f64>,
+    /// `none` (default) or `outbound`.
+    #[serde(default)]
+    pub network: Option<String>,
+    /// Host paths to bind.
+    #[serde(default)]
+    pub volumes: Vec<VolumeRequest>,
+    /// Working directory; defaults to the image's.
+    #[serde(default)]
+    pub workdir: Option<String>,
+}
+
+/// One bind mount of a container request.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct VolumeRequest {
+    /// Absolute host path.
+    pub source: String,
+    /// Absolute path in the container.
+    pub target: String,
+    /// Mount read-only.
+    #[serde(default)]
+    pub read_only: bool,
+}
+
+/// What a container streams back.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum ContainerLine {
+    /// The container is running.
+    Started {
+        /// Its id.
+        id: String,
+        /// The image digest.
+        image: String,
+    },
+    /// Bytes the command wrote to stdout (base64).
+    Stdout {
+        /// Base64 of the bytes.
+        data: String,
+    },
+    /// Bytes the command wrote to stderr (base64).
+    Stderr {
+        /// Base64 of the bytes.
+        data: String,
+    },
+    /// How it ended.
+    Exit {
+        /// The exit code (128 + signal when killed).
+        code: i32,
+        /// The limit or timeout that stopped it, named.
+        killed_by: Option<String>,
+        /// Milliseconds from start to exit.
+        duration_ms: u64,
+    },
+    /// It could not run.
+    Error {
+        /// What went wrong and what to do.
+        message: String,
+    },
+}
+
+impl Native {
+    fn check(&self, request: &ContainerRequest) -> Result<(Limits, Option<Duration>), ApiError> {
+        let b = &self.bounds;
+        let range = |what: &str, flag: &str, low: String, high: String| {
+            ApiError::bad(format!(
+                "{what} must be between {low} and {high} (--{flag})"
+            ))
+        };
+        if let Some(m) = request.memory
+            && !(4..=b.max_memory_mib).contains(&m)
+        {
+            return Err(range(
+                "memory",
+                "memory",
+                "4 MiB".into(),
+                format!("{} MiB", b.max_memory_mib),
+            ));
+        }
+        if let Some(c) = request.cpu
+            && !(c >= 0.01 && c <= b.max_cpu)
+        {
+            return Err(range(
+                "cpu",
+                "cpu",
+                "0.01".into(),
+                format!("{} cores", b.max_cpu),
+            ));
+        }
+        if let Some(p) = request.pids
+            && !(1..=b.max_pids).contains(&p)
+        {
+            return Err(range("pids", "pids", "1".into(), b.max_pids.to_string()));
+        }
+        let timeout = match request.timeout {
+            Some(t) if !(t > 0.0 && t <= b.max_timeout.as_secs_f64()) => {
+                return Err(range(
+                    "timeout",
+                    "timeout",
+                    "0".into(),
+                    format!("{} s", b.max_timeout.as_secs()),
+                ));
+            }
+            Some(t) => Some(Duration::from_secs_f64(t)),
+            None => None,
+        };
+        for (name, _) in &request.env {
+            if name.is_empty() || name.contains('=') || name.contains('\0') {
+                return Err(ApiError::bad(format!(
+                    "{name:?} is not a variable name (--env NAME=VALUE)"
+                )));
+            }
+        }
+        for volume in &request.volumes {
+            if !Path::new(&volume.source).is_absolute() {
+                return Err(ApiError::bad(format!(
+                    "volume source {:?} must be an absolute host path",
+                    volume.source
+                )));
+            }
+        }
+        Ok((
+            Limits {
+                memory: request.memory.map(|m| m << 20),
+                cpu: request.cpu,
+                pids: Some(request.pids.unwrap_or(b.default_pids)),
+            },
+            timeout,
+        ))
+    }
+}
+
+/// Sets the flag when the response stream is dropped: the client went away.
+struct StopOnDrop(Arc<AtomicBool>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
+async fn run_container(
+    State(native): State<Arc<Native>>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let request: ContainerRequest = json_body(&body, "container request")?;
+    let (limits, timeout) = native.check(&request)?;
+    let network = match request.network.as_deref() {
+        None | Some("none") => Network::None,
+        Some("outbound") => Network::Outbound,
+        Some(other) => {
+            return Err(ApiError::bad(format!(
+                "network {other:?} is not one of: none, outbound"
+            )));
+        }
+    };
+    let cgroups = native.cgroups()?.clone();
+    let digest = native.resolve(&request.image).await?;
+    let index_bytes = native
+        .registry
+        .get_index(&digest)
+        .await
+        .map_err(ApiError::internal)?;
+    let index = lode_fs::Index::parse(index_bytes).map_err(ApiError::internal)?;
+    let config = read_config(&index, native.registry.as_ref())
+        .await
+        .map_err(ApiError::internal)?;
+    let argv = if request.argv.is_empty() {
+        config.cmd.clone()
+    } else {
+        request.argv.clone()
+    };
+    if argv.is_empty() {
+        return Err(ApiError::bad(
+            "no command given and the image names none: lode container run IMAGE -- CMD...",
+        ));
+    }
+    let mount = native
+        .mounts
+        .mount(&digest)
+        .await
+        .map_err(ApiError::internal)?;
+    let mut env = vec![("PATH".to_string(), DEFAULT_PATH.to_string())];
+    for (name, value) in config.env.iter().chain(&request.env) {
+        match env.iter_mut().find(|(n, _)| n == name) {
+            Some(slot) => slot.1 = value.clone(),
+            None => env.push((name.clone(), value.clone())),
+        }
+    }
+    let id = format!("c-{:016x}", rand::random::<u64>());
+    let spec = SandboxSpec {
+        lower: mount.mountpoint().to_path_buf(),
+        scratch: native.run_dir.join(&id),
+        argv,
+        env,
+        cwd: request
+            .workdir
+            .clone()
+            .or(config.workdir.clone())
+            .unwrap_or_else(|| "/".into()),
+        limits,
+        timeout,
+        volumes: request
+            .volumes
+            .iter()
+            .map(|v| Volume {
+                source: PathBuf::from(&v.source),
+                target: v.target.clone(),
+                read_only: v.read_only,
+            })
+            .collect(),
+        network,
+        ..SandboxSpec::default()
+    };
+    let started = Instant::now();
+    let spawned = tokio::task::spawn_blocking(move || {
+        spawn(
+            &spec,
+            cgroups.as_ref(),
+            std::process::Stdio::piped(),
+            std::process::Stdio::piped(),
+        )
+    })
+    .await
+    .map_err(ApiError::internal)?;
+    let mut sandbox = spawned.map_err(|e| {
+        let status = match e.kind() {
+            std::io::ErrorKind::NotFound | std::io::ErrorKind::InvalidInput => {
+                StatusCode::BAD_REQUEST
+            }
+            _ => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        ApiError::new(
+            status,
+            "container_failed",
+            format!("the container did not start: {e}"),
+        )
+    })?;
+    tracing::info!(%id, image = %digest, "container started");
+    let (tx, rx) = mpsc::channel::<ContainerLine>(64);
+    let stop = Arc::new(AtomicBool::new(false));
+    let _ = tx
+        .send(ContainerLine::Started {
+            id: id.clone(),
+            image: digest.to_string(),
+        })
+        .await;
+    let (stdout, stderr) = sandbox.take_output();
+    let pump = |pipe: Option<Box<dyn Read + Send>>, is_stdout: bool| {
+        let tx = tx.clone();
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let Some(mut pipe) = pipe else { return };
+            let mut buffer = vec![0u8; 64 * 1024];
+            loop {
+                let n = match pipe.read(&mut buffer) {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => n,
+                };
+                let data = base64::engine::general_purpose::STANDARD.encode(&buffer[..n]);
+                let line = if is_stdout {
+                    ContainerLine::Stdout { data }
+                } else {
+                    ContainerLine::Stderr { data }
+                };
+                if tx.blocking_send(line).is_err() {
+                    stop.store(true, Ordering::Relaxed);
+                }
+            }
+        })
+    };
+    let out = pump(stdout.map(|p| Box::new(p) as Box<dyn Read + Send>), true);
+    let err = pump(stderr.map(|p| Box::new(p) as Box<dyn Read + Send>), false);
+    let waiter_stop = stop.clone();
+    std::thread::spawn(move || {
+        let finished = sandbox.finish_unless(&waiter_stop);
+        let _ = (out.join(), err.join());
+        let line = match finished {
+            Ok(finished) => ContainerLine::Exit {
+                code: finished.code(),
+                killed_by: finished.killed_by(),
+                duration_ms: started.elapsed().as_millis() as u64,
+            },
+            Err(e) => ContainerLine::Error {
+                message: format!("waiting for the container: {e}"),
+            },
+        };
+        tracing::info!(%id, ?line, "container ended");
+        let _ = tx.blocking_send(line);
+        // The image stays mounted for the next container; the table owns it.
+        drop(mount);
+    });
+    let guard = StopOnDrop(stop);
+    Ok(ndjson(ReceiverStream::new(rx).map(move |line| {
+        let _ = &guard;
+        serde_json::to_string(&line).expect("serializes")
+    })))
+}

@@ -1,0 +1,1292 @@
+//! Import an OCI image (a layout directory, or a tar of one) into a plain directory tree.
+//!
+//! Lode's image builder can start from an image exported by `skopeo copy ... oci:DIR` or
+//! `docker save` instead of debootstrap. The layers are untrusted tar streams, so this module
+//! flattens them itself rather than trusting a tar library's `unpack`:
+//!
+//! - every blob is checked against its descriptor's sha256 digest and size before it is used
+//!   (all layers are verified before anything is written);
+//! - entries that are absolute or have a `..` component are refused, naming entry and layer;
+//! - files are created relative to directory descriptors opened with `O_NOFOLLOW`, one path
+//!   component at a time, so a symlink planted by a layer (`a -> /etc`) is never followed on the
+//!   host: an entry that would be written through one (`a/x`) is refused. Symlinks themselves are
+//!   stored as-is, whatever they point at: they resolve inside the container later;
+//! - hard links must name an existing non-directory inside the tree, reached without symlinks;
+//! - whiteouts (`.wh.NAME`, `.wh..wh..opq`) remove what earlier layers put there, as the OCI
+//!   image spec says, and are never written themselves.
+//!
+//! Modes (setuid bits included), owners and modification times are kept; xattrs are not. FIFOs
+//! are created; character and block devices are not (the container gets its own minimal `/dev`)
+//! and are listed in [`OciConfig::skipped`]. Ownership needs root (or `CAP_CHOWN`).
+
+use std::collections::{HashMap, HashSet};
+use std::ffi::{OsStr, OsString};
+use std::fs::File;
+use std::io::{self, BufReader, Read, Seek, SeekFrom};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use rustix::fs::{AtFlags, Dir, FileType, Gid, Mode, OFlags, Timespec, Timestamps, Uid};
+use rustix::io::Errno;
+use serde::Deserialize;
+use sha2::{Digest as _, Sha256};
+
+/// The OCI architecture name of this machine: the platform picked from a multi-platform image.
+#[cfg(target_arch = "x86_64")]
+pub const PLATFORM_ARCH: &str = "amd64";
+/// The OCI architecture name of this machine: the platform picked from a multi-platform image.
+#[cfg(target_arch = "aarch64")]
+pub const PLATFORM_ARCH: &str = "arm64";
+/// The OCI architecture name of this machine: the platform picked from a multi-platform image.
+#[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+pub const PLATFORM_ARCH: &str = std::env::consts::ARCH;
+
+/// What the image's config says, for the container's defaults.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct OciConfig {
+    /// `Env`, each split at its first `=` (an entry without one gets an empty value).
+    pub env: Vec<(String, String)>,
+    /// `WorkingDir`, if set and not empty.
+    pub workdir: Option<String>,
+    /// `Entrypoint` followed by `Cmd`.
+    pub cmd: Vec<String>,
+    /// `User` (`name`, `uid` or `uid:gid`), if set and not empty.
+    pub user: Option<String>,
+    /// Entries that were not created, as `path (why)`: device nodes and unknown tar entry types.
+    pub skipped: Vec<String>,
+}
+
+/// Why an image could not be imported.
+#[derive(Debug, thiserror::Error)]
+pub enum OciError {
+    /// The source is neither a layout directory nor a tar of one.
+    #[error(
+        "not an OCI image layout: {path} {problem} (expected a directory or tar made by \
+         `skopeo copy ... oci:DIR` or `docker save`)"
+    )]
+    NotLayout {
+        /// The source given.
+        path: PathBuf,
+        /// What is wrong with it.
+        problem: String,
+    },
+    /// The destination exists and is not an empty directory.
+    #[error("cannot unpack into {path}: {problem}; give an empty or missing directory")]
+    BadDest {
+        /// The destination given.
+        path: PathBuf,
+        /// What is wrong with it.
+        problem: String,
+    },
+    /// Reading the source or writing the destination failed.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// The underlying error.
+        #[source]
+        source: io::Error,
+    },
+    /// A JSON document (index, manifest, config) does not parse.
+    #[error("{what} is not valid: {source}")]
+    Json {
+        /// Which document.
+        what: String,
+        /// The parse error.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// The layout or its documents are inconsistent.
+    #[error("{what}: {problem}")]
+    Malformed {
+        /// Which document.
+        what: String,
+        /// What is wrong with it.
+        problem: String,
+    },
+    /// A descriptor names a blob the layout does not have.
+    #[error("blob {digest} is missing from the layout ({path}): export the image again")]
+    MissingBlob {
+        /// The digest named.
+        digest: String,
+        /// Where it was looked for.
+        path: String,
+    },
+    /// A blob's content does not hash to its digest.
+    #[error(
+        "blob {digest} is corrupt: its content hashes to sha256:{actual}; refusing the image \
+         (export it again)"
+    )]
+    DigestMismatch {
+        /// The digest its descriptor names.
+        digest: String,
+        /// The hex sha256 of what is there.
+        actual: String,
+    },
+    /// A blob's length differs from its descriptor's size.
+    #[error(
+        "blob {digest} has {actual} bytes but its descriptor says {expected}; refusing the image \
+         (export it again)"
+    )]
+    SizeMismatch {
+        /// The digest its descriptor names.
+        digest: String,
+        /// The descriptor's size.
+        expected: u64,
+        /// The blob's length.
+        actual: u64,
+    },
+    /// A digest that is not `sha256:` and 64 lowercase hex digits.
+    #[error("unsupported digest {digest:?}: Lode reads only sha256:<64 lowercase hex digits>")]
+    BadDigest {
+        /// The digest as written.
+        digest: String,
+    },
+    /// A manifest, config or layer of a kind Lode does not import.
+    #[error(
+        "unsupported {what} media type {media_type} (blob {digest}); Lode imports OCI or Docker \
+         v2 images with tar or tar+gzip layers"
+    )]
+    UnsupportedMediaType {
+        /// `manifest`, `config` or `layer`.
+        what: &'static str,
+        /// The media type.
+        media_type: String,
+        /// The blob it describes.
+        digest: String,
+    },
+    /// A zstd-compressed layer.
+    #[error(
+        "layer {digest} is zstd-compressed ({media_type}); Lode imports only tar and tar+gzip \
+         layers: export the image with gzip layers (e.g. `skopeo copy --dest-compress-format \
+         gzip ...`)"
+    )]
+    ZstdLayer {
+        /// The layer's media type.
+        media_type: String,
+        /// The layer's digest.
+        digest: String,
+    },
+    /// A multi-platform image without this machine's platform.
+    #[error(
+        "{path} has no linux/{arch} image (it has: {available}); export the linux/{arch} one \
+         (e.g. `skopeo copy --override-arch {arch} ...`)"
+    )]
+    NoPlatform {
+        /// The source.
+        path: PathBuf,
+        /// The architecture wanted ([`PLATFORM_ARCH`]).
+        arch: &'static str,
+        /// The platforms it has.
+        available: String,
+    },
+    /// A layout holding several images without platforms to tell them apart.
+    #[error("{path} holds {count} images ({names}); export just the one to import")]
+    Ambiguous {
+        /// The source.
+        path: PathBuf,
+        /// How many manifests.
+        count: usize,
+        /// Their `org.opencontainers.image.ref.name` annotations or digests.
+        names: String,
+    },
+    /// A layer entry that is absolute or has a `..` component.
+    #[error(
+        "layer {layer}: entry {entry:?} is absolute or has a `..` component, so it would land \
+         outside the image root; refusing the image"
+    )]
+    PathEscape {
+        /// Which layer (position and digest).
+        layer: String,
+        /// The entry's path (and link target, for hard links).
+        entry: String,
+    },
+    /// A layer entry that would be written (or hard-linked) through a symlink.
+    #[error(
+        "layer {layer}: entry {entry:?} goes through {symlink:?}, which an earlier entry made a \
+         symlink; Lode never follows symlinks while unpacking, so it refuses the image"
+    )]
+    SymlinkInPath {
+        /// Which layer (position and digest).
+        layer: String,
+        /// The entry's path.
+        entry: String,
+        /// The symlink in its way.
+        symlink: String,
+    },
+    /// A layer entry that cannot be applied for another reason.
+    #[error("layer {layer}: entry {entry:?} {problem}; refusing the image")]
+    BadEntry {
+        /// Which layer (position and digest).
+        layer: String,
+        /// The entry's path.
+        entry: String,
+        /// What is wrong with it.
+        problem: String,
+    },
+    /// Writing a layer entry failed.
+    #[error("layer {layer}: writing entry {entry:?}: {source}")]
+    Entry {
+        /// Which layer (position and digest).
+        layer: String,
+        /// The entry's path.
+        entry: String,
+        /// The underlying error.
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// Unpack the OCI image at `source` (a layout directory, or a tar or gzip-compressed tar of one)
+/// into `dest` (an empty or missing directory), and return its config.
+///
+/// Every blob is verified before anything is written. On an error after that, `dest` may hold a
+/// partial tree: remove it.
+pub fn unpack(source: &Path, dest: &Path) -> Result<OciConfig, OciError> {
+    check_dest(dest)?;
+    std::fs::create_dir_all(dest).map_err(io_err(format!("creating {}", dest.display())))?;
+    let scratch = match dest.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let layout = Layout::open(source, scratch)?;
+
+    let manifest_desc = choose_manifest(&layout, source)?;
+    let manifest: Manifest = parse_json(
+        &layout.json_blob(&manifest_desc)?,
+        format!("manifest {}", manifest_desc.digest),
+    )?;
+    let config_type = manifest.config.media_type.as_deref().unwrap_or(OCI_CONFIG);
+    if config_type != OCI_CONFIG && config_type != DOCKER_CONFIG {
+        return Err(OciError::UnsupportedMediaType {
+            what: "config",
+            media_type: config_type.to_owned(),
+            digest: manifest.config.digest.clone(),
+        });
+    }
+    let image: ImageConfig = parse_json(
+        &layout.json_blob(&manifest.config)?,
+        format!("config {}", manifest.config.digest),
+    )?;
+
+    let mut layers = Vec::with_capacity(manifest.layers.len());
+    for layer in &manifest.layers {
+        layers.push((layer, compression(layer)?));
+    }
+    for (layer, _) in &layers {
+        layout.verify(layer)?;
+    }
+
+    let root = open_dir(rustix::fs::CWD, dest)
+        .map_err(|e| io_err(format!("opening {}", dest.display()))(e.into()))?;
+    let mut unpacker = Unpacker {
+        root,
+        skipped: Vec::new(),
+    };
+    for (i, (layer, gzip)) in layers.iter().enumerate() {
+        let label = format!("{} ({})", i + 1, layer.digest);
+        let (blob, _) = layout.blob(&layer.digest)?;
+        let blob = BufReader::with_capacity(BUF, blob);
+        if *gzip {
+            unpacker.apply(flate2::bufread::MultiGzDecoder::new(blob), &label)?;
+        } else {
+            unpacker.apply(blob, &label)?;
+        }
+    }
+
+    let c = image.config.unwrap_or_default();
+    let env = c
+        .env
+        .unwrap_or_default()
+        .into_iter()
+        .map(|kv| match kv.split_once('=') {
+            Some((k, v)) => (k.to_owned(), v.to_owned()),
+            None => (kv, String::new()),
+        })
+        .collect();
+    let mut cmd = c.entrypoint.unwrap_or_default();
+    cmd.extend(c.cmd.unwrap_or_default());
+    Ok(OciConfig {
+        env,
+        workdir: c.working_dir.filter(|w| !w.is_empty()),
+        cmd,
+        user: c.user.filter(|u| !u.is_empty()),
+        skipped: unpacker.skipped,
+    })
+}
+
+const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+const DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
+const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
+const OCI_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
+const DOCKER_CONFIG: &str = "application/vnd.docker.container.image.v1+json";
+
+/// JSON documents (index, manifests, config) larger than this are refused.
+const MAX_JSON: u64 = 64 << 20;
+/// Nested image indexes deeper than this are refused.
+const MAX_INDEX_DEPTH: usize = 4;
+/// Entry paths longer than this (Linux's `PATH_MAX`) are refused.
+const MAX_PATH: usize = 4096;
+/// Read buffer for blobs.
+const BUF: usize = 256 << 10;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Descriptor {
+    media_type: Option<String>,
+    digest: String,
+    size: u64,
+    platform: Option<Platform>,
+    #[serde(default)]
+    annotations: HashMap<String, String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+struct Platform {
+    architecture: String,
+    os: String,
+    variant: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct Index {
+    manifests: Vec<Descriptor>,
+}
+
+#[derive(Deserialize)]
+struct Manifest {
+    config: Descriptor,
+    #[serde(default)]
+    layers: Vec<Descriptor>,
+}
+
+#[derive(Deserialize)]
+struct ImageConfig {
+    config: Option<ContainerConfig>,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct ContainerConfig {
+    env: Option<Vec<String>>,
+    working_dir: Option<String>,
+    entrypoint: Option<Vec<String>>,
+    cmd: Option<Vec<String>>,
+    user: Option<String>,
+}
+
+fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> OciError {
+    let what = what.into();
+    move |source| OciError::Io { what, source }
+}
+
+fn parse_json<T: serde::de::DeserializeOwned>(bytes: &[u8], what: String) -> Result<T, OciError> {
+    serde_json::from_slice(bytes).map_err(|source| OciError::Json { what, source })
+}
+
+/// `dest` must be missing or an empty directory (not a symlink to one).
+fn check_dest(dest: &Path) -> Result<(), OciError> {
+    let bad = |problem: &str| OciError::BadDest {
+        path: dest.to_owned(),
+        problem: problem.to_owned(),
+    };
+    match std::fs::symlink_metadata(dest) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(io_err(format!("inspecting {}", dest.display()))(e)),
+        Ok(m) if m.file_type().is_symlink() => Err(bad("it is a symlink")),
+        Ok(m) if !m.is_dir() => Err(bad("it is not a directory")),
+        Ok(_) => {
+            let mut entries =
+                std::fs::read_dir(dest).map_err(io_err(format!("listing {}", dest.display())))?;
+            match entries.next() {
+                None => Ok(()),
+                Some(_) => Err(bad("it is not empty")),
+            }
+        }
+    }
+}
+
+/// The hex of a `sha256:` digest, which also names its file under `blobs/sha256/`.
+fn digest_hex(digest: &str) -> Result<&str, OciError> {
+    digest
+        .strip_prefix("sha256:")
+        .filter(|h| h.len() == 64 && h.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')))
+        .ok_or_else(|| OciError::BadDigest {
+            digest: digest.to_owned(),
+        })
+}
+
+/// Whether a layer is gzip-compressed (else plain tar), from its media type.
+fn compression(layer: &Descriptor) -> Result<bool, OciError> {
+    let mt = layer.media_type.as_deref().unwrap_or("");
+    let known = mt.starts_with("application/vnd.oci.image.layer.")
+        || mt.starts_with("application/vnd.docker.image.rootfs.");
+    if known && (mt.ends_with("+zstd") || mt.ends_with(".tar.zstd")) {
+        return Err(OciError::ZstdLayer {
+            media_type: mt.to_owned(),
+            digest: layer.digest.clone(),
+        });
+    }
+    if known && (mt.ends_with("+gzip") || mt.ends_with(".tar.gzip")) {
+        Ok(true)
+    } else if known && mt.ends_with(".tar") {
+        Ok(false)
+    } else {
+        Err(OciError::UnsupportedMediaType {
+            what: "layer",
+            media_type: mt.to_owned(),
+            digest: layer.digest.clone(),
+        })
+    }
+}
+
+/// Where the layout's files are: a directory, or members of a tar read in place.
+enum Layout {
+    Dir(PathBuf),
+    Tar {
+        file: File,
+        /// Member name (relative to the layout) → (offset of its data, length).
+        members: HashMap<String, (u64, u64)>,
+    },
+}
+
+/// A byte range of a file, read with `pread`.
+struct Slice<'a> {
+    file: &'a File,
+    pos: u64,
+    end: u64,
+}
+
+impl Read for Slice<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let left = self.end - self.pos;
+        if left == 0 || buf.is_empty() {
+            return Ok(0);
+        }
+        let n = buf.len().min(usize::try_from(left).unwrap_or(usize::MAX));
+        let got = self.file.read_at(&mut buf[..n], self.pos)?;
+        if got == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        self.pos += got as u64;
+        Ok(got)
+    }
+}
+
+/// A member name with `.` and empty components dropped; `None` if it has `..`.
+fn member_name(raw: &[u8]) -> Option<String> {
+    let mut parts = Vec::new();
+    for c in raw.split(|&b| b == b'/') {
+        match c {
+            b"" | b"." => {}
+            b".." => return None,
+            c => parts.push(std::str::from_utf8(c).ok()?),
+        }
+    }
+    Some(parts.join("/"))
+}
+
+impl Layout {
+    fn open(source: &Path, scratch: &Path) -> Result<Layout, OciError> {
+        let not_layout = |problem: String| OciError::NotLayout {
+            path: source.to_owned(),
+            problem,
+        };
+        let meta = match std::fs::metadata(source) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return Err(not_layout("does not exist".into()));
+            }
+            Err(e) => return Err(io_err(format!("inspecting {}", source.display()))(e)),
+            Ok(m) => m,
+        };
+        if meta.is_dir() {
+            if !source.join("index.json").is_file() {
+                return Err(not_layout("has no index.json".into()));
+            }
+            return Ok(Layout::Dir(source.to_owned()));
+        }
+
+        let reading = || io_err(format!("reading {}", source.display()));
+        let mut file = File::open(source).map_err(reading())?;
+        let mut magic = [0u8; 4];
+        let n = file.read_at(&mut magic, 0).map_err(reading())?;
+        if magic[..n].starts_with(&[0x1f, 0x8b]) {
+            // Gzip can't be read in place: decompress to an unnamed temporary file.
+            let mut tmp = tempfile::tempfile_in(scratch).map_err(io_err(format!(
+                "creating a temporary file in {}",
+                scratch.display()
+            )))?;
+            let mut gz = flate2::bufread::MultiGzDecoder::new(BufReader::with_capacity(BUF, file));
+            io::copy(&mut gz, &mut tmp).map_err(|e| {
+                not_layout(format!("is a gzip file that does not decompress ({e})"))
+            })?;
+            file = tmp;
+        } else if magic == [0x28, 0xb5, 0x2f, 0xfd] {
+            return Err(not_layout(
+                "is zstd-compressed: decompress it first (`zstd -d`)".into(),
+            ));
+        }
+        file.seek(SeekFrom::Start(0)).map_err(reading())?;
+
+        let not_tar = |e: io::Error| {
+            // The tar error may quote the file's bytes: keep it short and on one line.
+            let e: String = e.to_string().chars().take(80).collect();
+            not_layout(format!(
+                "is neither a directory nor a tar ({})",
+                e.escape_debug()
+            ))
+        };
+        let mut members = HashMap::new();
+        {
+            let mut archive = tar::Archive::new(&file);
+            for entry in archive.entries_with_seek().map_err(not_tar)? {
+                let entry = entry.map_err(not_tar)?;
+                let Some(name) = member_name(&entry.path_bytes()) else {
+                    continue;
+                };
+                let kind = entry.header().entry_type();
+                if kind.is_file() || kind.is_contiguous() {
+                    members.insert(name, (entry.raw_file_position(), entry.size()));
+                } else if kind.is_hard_link() {
+                    let target = entry.link_name_bytes().and_then(|t| member_name(&t));
+                    if let Some(&at) = target.and_then(|t| members.get(&t)) {
+                        members.insert(name, at);
+                    }
+                }
+            }
+        }
+        // A tar of the layout's directory itself (`tar cf x.tar layout/`) is fine too.
+        if !members.contains_key("index.json") {
+            let tops: Vec<String> = members
+                .keys()
+                .filter_map(|k| k.strip_suffix("/index.json"))
+                .filter(|dir| !dir.contains('/'))
+                .map(|dir| format!("{dir}/"))
+                .collect();
+            let [prefix] = &tops[..] else {
+                return Err(not_layout("has no index.json".into()));
+            };
+            members = members
+                .into_iter()
+                .filter_map(|(k, v)| Some((k.strip_prefix(prefix.as_str())?.to_owned(), v)))
+                .collect();
+        }
+        Ok(Layout::Tar { file, members })
+    }
+
+    /// A reader of the blob with this digest, and its length.
+    fn blob(&self, digest: &str) -> Result<(Box<dyn Read + '_>, u64), OciError> {
+        let hex = digest_hex(digest)?;
+        let missing = |path: String| OciError::MissingBlob {
+            digest: digest.to_owned(),
+            path,
+        };
+        match self {
+            Layout::Dir(dir) => {
+                let path = dir.join("blobs/sha256").join(hex);
+                let file = match File::open(&path) {
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                        return Err(missing(path.display().to_string()));
+                    }
+                    other => other.map_err(io_err(format!("opening {}", path.display())))?,
+                };
+                let len = file
+                    .metadata()
+                    .map_err(io_err(format!("inspecting {}", path.display())))?
+                    .len();
+                Ok((Box::new(file), len))
+            }
+            Layout::Tar { file, members } => {
+                let name = format!("blobs/sha256/{hex}");
+                let &(pos, len) = members.get(&name).ok_or_else(|| missing(name))?;
+                let slice = Slice {
+                    file,
+                    pos,
+                    end: pos + len,
+                };
+                Ok((Box::new(slice), len))
+            }
+        }
+    }
+
+    fn index_json(&self, source: &Path) -> Result<Vec<u8>, OciError> {
+        let what = || format!("reading {}/index.json", source.display());
+        let mut out = Vec::new();
+        match self {
+            Layout::Dir(dir) => File::open(dir.join("index.json"))
+                .and_then(|f| f.take(MAX_JSON).read_to_end(&mut out))
+                .map_err(io_err(what()))?,
+            Layout::Tar { file, members } => {
+                let &(pos, len) = members.get("index.json").expect("checked in open");
+                let slice = Slice {
+                    file,
+                    pos,
+                    end: pos + len.min(MAX_JSON),
+                };
+                slice
+                    .take(MAX_JSON)
+                    .read_to_end(&mut out)
+                    .map_err(io_err(what()))?
+            }
+        };
+        Ok(out)
+    }
+
+    fn check_size(desc: &Descriptor, len: u64) -> Result<(), OciError> {
+        if len == desc.size {
+            Ok(())
+        } else {
+            Err(OciError::SizeMismatch {
+                digest: desc.digest.clone(),
+                expected: desc.size,
+                actual: len,
+            })
+        }
+    }
+
+    fn check_hash(desc: &Descriptor, hasher: Sha256) -> Result<(), OciError> {
+        let actual = hex::encode(hasher.finalize());
+        if desc.digest.strip_prefix("sha256:") == Some(actual.as_str()) {
+            Ok(())
+        } else {
+            Err(OciError::DigestMismatch {
+                digest: desc.digest.clone(),
+                actual,
+            })
+        }
+    }
+
+    /// A small verified blob (index, manifest, config), read whole.
+    fn json_blob(&self, desc: &Descriptor) -> Result<Vec<u8>, OciError> {
+        let (blob, len) = self.blob(&desc.digest)?;
+        Self::check_size(desc, len)?;
+        if len > MAX_JSON {
+            return Err(OciError::Malformed {
+                what: format!("blob {}", desc.digest),
+                problem: format!("{len} bytes is too large for a manifest or config"),
+            });
+        }
+        let mut out = Vec::with_capacity(len as usize);
+        blob.take(len)
+            .read_to_end(&mut out)
+            .map_err(io_err(format!("reading blob {}", desc.digest)))?;
+        Self::check_size(desc, out.len() as u64)?;
+        Self::check_hash(desc, Sha256::new_with_prefix(&out))?;
+        Ok(out)
+    }
+
+    /// Check a (large) blob's size and digest, streaming.
+    fn verify(&self, desc: &Descriptor) -> Result<(), OciError> {
+        let (mut blob, len) = self.blob(&desc.digest)?;
+        Self::check_size(desc, len)?;
+        let mut hasher = Sha256::new();
+        let mut buf = vec![0u8; BUF];
+        let mut total = 0u64;
+        loop {
+            let n = match blob.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(io_err(format!("reading blob {}", desc.digest))(e)),
+            };
+            hasher.update(&buf[..n]);
+            total += n as u64;
+        }
+        Self::check_size(desc, total)?;
+        Self::check_hash(desc, hasher)
+    }
+}
+
+/// What a descriptor points at.
+enum Kind {
+    Manifest,
+    Index,
+    Other,
+}
+
+fn kind_of(layout: &Layout, desc: &Descriptor) -> Result<Kind, OciError> {
+    Ok(match desc.media_type.as_deref() {
+        Some(OCI_MANIFEST | DOCKER_MANIFEST) => Kind::Manifest,
+        Some(OCI_INDEX | DOCKER_LIST) => Kind::Index,
+        Some(_) => Kind::Other,
+        None => {
+            // Media types are optional in old layouts: look at the document itself.
+            let doc: serde_json::Value = parse_json(
+                &layout.json_blob(desc)?,
+                format!("document {}", desc.digest),
+            )?;
+            if doc.get("manifests").is_some() {
+                Kind::Index
+            } else if doc.get("layers").is_some() {
+                Kind::Manifest
+            } else {
+                Kind::Other
+            }
+        }
+    })
+}
+
+fn collect_manifests(
+    layout: &Layout,
+    descs: Vec<Descriptor>,
+    depth: usize,
+    out: &mut Vec<Descriptor>,
+) -> Result<(), OciError> {
+    for desc in descs {
+        match kind_of(layout, &desc)? {
+            Kind::Manifest => out.push(desc),
+            Kind::Index if depth >= MAX_INDEX_DEPTH => {
+                return Err(OciError::Malformed {
+                    what: format!("image index {}", desc.digest),
+                    problem: format!("image indexes nest deeper than {MAX_INDEX_DEPTH}"),
+                });
+            }
+            Kind::Index => {
+                let index: Index = parse_json(
+                    &layout.json_blob(&desc)?,
+                    format!("image index {}", desc.digest),
+                )?;
+                collect_manifests(layout, index.manifests, depth + 1, out)?;
+            }
+            Kind::Other => {}
+        }
+    }
+    Ok(())
+}
+
+fn choose_manifest(layout: &Layout, source: &Path) -> Result<Descriptor, OciError> {
+    let index: Index = parse_json(
+        &layout.index_json(source)?,
+        format!("{}/index.json", source.display()),
+    )?;
+    let mut all = Vec::new();
+    collect_manifests(layout, index.manifests, 0, &mut all)?;
+    // Build attestations (buildx) are manifests for platform unknown/unknown.
+    let images: Vec<Descriptor> = all
+        .iter()
+        .filter(|d| d.platform.as_ref().is_none_or(|p| p.os != "unknown"))
+        .cloned()
+        .collect();
+    let candidates = if images.is_empty() { all } else { images };
+    match &candidates[..] {
+        [] => Err(OciError::NotLayout {
+            path: source.to_owned(),
+            problem: "lists no image manifest in index.json".into(),
+        }),
+        [one] => Ok(one.clone()),
+        several => {
+            let ours = several.iter().find(|d| {
+                d.platform
+                    .as_ref()
+                    .is_some_and(|p| p.os == "linux" && p.architecture == PLATFORM_ARCH)
+            });
+            if let Some(ours) = ours {
+                return Ok(ours.clone());
+            }
+            if several.iter().all(|d| d.platform.is_none()) {
+                let names: Vec<&str> = several
+                    .iter()
+                    .map(|d| {
+                        d.annotations
+                            .get("org.opencontainers.image.ref.name")
+                            .unwrap_or(&d.digest)
+                            .as_str()
+                    })
+                    .collect();
+                return Err(OciError::Ambiguous {
+                    path: source.to_owned(),
+                    count: several.len(),
+                    names: names.join(", "),
+                });
+            }
+            let available: Vec<String> = several
+                .iter()
+                .filter_map(|d| d.platform.as_ref())
+                .map(|p| match &p.variant {
+                    Some(v) => format!("{}/{}/{v}", p.os, p.architecture),
+                    None => format!("{}/{}", p.os, p.architecture),
+                })
+                .collect();
+            Err(OciError::NoPlatform {
+                path: source.to_owned(),
+                arch: PLATFORM_ARCH,
+                available: available.join(", "),
+            })
+        }
+    }
+}
+
+/// Open a directory below `parent` without following a symlink at `name`.
+fn open_dir<P: rustix::path::Arg>(parent: impl AsFd, name: P) -> Result<OwnedFd, Errno> {
+    rustix::fs::openat(
+        parent,
+        name,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+}
+
+fn lstat_type(parent: impl AsFd, name: &OsStr) -> Result<Option<FileType>, Errno> {
+    match rustix::fs::statat(parent, name, AtFlags::SYMLINK_NOFOLLOW) {
+        Ok(st) => Ok(Some(FileType::from_raw_mode(st.st_mode))),
+        Err(Errno::NOENT) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// The names in a directory, without `.` and `..`.
+fn list(dir: impl AsFd) -> Result<Vec<OsString>, Errno> {
+    let mut names = Vec::new();
+    for entry in Dir::read_from(dir)? {
+        let name = entry?.file_name().to_bytes().to_vec();
+        if name != b"." && name != b".." {
+            names.push(OsString::from_vec(name));
+        }
+    }
+    Ok(names)
+}
+
+/// Remove `name` below `parent`, recursively, never following a symlink.
+fn remove_all(parent: BorrowedFd<'_>, name: &OsStr) -> Result<(), Errno> {
+    match lstat_type(parent, name)? {
+        None => Ok(()),
+        Some(FileType::Directory) => {
+            let dir = open_dir(parent, name)?;
+            for child in list(&dir)? {
+                remove_all(dir.as_fd(), &child)?;
+            }
+            rustix::fs::unlinkat(parent, name, AtFlags::REMOVEDIR)
+        }
+        Some(_) => rustix::fs::unlinkat(parent, name, AtFlags::empty()),
+    }
+}
+
+fn join(path: &[u8], name: &[u8]) -> Vec<u8> {
+    if path.is_empty() {
+        name.to_vec()
+    } else {
+        [path, b"/", name].concat()
+    }
+}
+
+/// Remove what earlier layers left at `parent/name` (whose tree path is `path`), keeping what
+/// the current layer wrote (`touched`: its entries and their parents).
+fn prune(
+    parent: BorrowedFd<'_>,
+    name: &OsStr,
+    path: &[u8],
+    touched: &HashSet<Vec<u8>>,
+) -> Result<(), Errno> {
+    if !touched.contains(path) {
+        return remove_all(parent, name);
+    }
+    if lstat_type(parent, name)? == Some(FileType::Directory) {
+        let dir = open_dir(parent, name)?;
+        prune_children(dir.as_fd(), path, touched)?;
+    }
+    Ok(())
+}
+
+fn prune_children(
+    dir: BorrowedFd<'_>,
+    path: &[u8],
+    touched: &HashSet<Vec<u8>>,
+) -> Result<(), Errno> {
+    for child in list(dir)? {
+        prune(dir, &child, &join(path, child.as_bytes()), touched)?;
+    }
+    Ok(())
+}
+
+/// Why walking down to a directory stopped (at how many components in).
+enum WalkErr {
+    Missing,
+    Symlink(usize),
+    NotDir(usize),
+    Io(io::Error),
+}
+
+/// An entry's path, split into components, with `.` and empty components dropped.
+/// `None` if it is absolute or has `..`.
+fn components(raw: &[u8]) -> Option<Vec<&[u8]>> {
+    if raw.first() == Some(&b'/') {
+        return None;
+    }
+    let mut out = Vec::new();
+    for c in raw.split(|&b| b == b'/') {
+        match c {
+            b"" | b"." => {}
+            b".." => return None,
+            c => out.push(c),
+        }
+    }
+    Some(out)
+}
+
+/// Owner, mode and time of an entry.
+struct Meta {
+    mode: u32,
+    uid: u32,
+    gid: u32,
+    mtime: Timespec,
+}
+
+impl Meta {
+    fn of<R: Read>(entry: &mut tar::Entry<'_, R>) -> io::Result<Meta> {
+        let h = entry.header();
+        let mode = h.mode()? & 0o7777;
+        let (mut uid, mut gid) = (h.uid()?, h.gid()?);
+        let mut mtime = Timespec {
+            tv_sec: i64::try_from(h.mtime()?).unwrap_or(0),
+            tv_nsec: 0,
+        };
+        if let Some(exts) = entry.pax_extensions()? {
+            for ext in exts {
+                let ext = ext?;
+                let (Ok(key), Ok(value)) = (ext.key(), ext.value()) else {
+                    continue;
+                };
+                match key {
+                    "uid" => uid = value.parse().unwrap_or(uid),
+                    "gid" => gid = value.parse().unwrap_or(gid),
+                    "mtime" => mtime = pax_time(value).unwrap_or(mtime),
+                    _ => {}
+                }
+            }
+        }
+        let id = |v: u64| {
+            u32::try_from(v)
+                .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "uid or gid out of range"))
+        };
+        Ok(Meta {
+            mode,
+            uid: id(uid)?,
+            gid: id(gid)?,
+            mtime,
+        })
+    }
+
+    fn times(&self) -> Timestamps {
+        Timestamps {
+            last_access: self.mtime,
+            last_modification: self.mtime,
+        }
+    }
+
+    fn owner(&self) -> (Option<Uid>, Option<Gid>) {
+        (Some(Uid::from_raw(self.uid)), Some(Gid::from_raw(self.gid)))
+    }
+}
+
+/// A PAX time, `SECONDS[.FRACTION]`.
+fn pax_time(value: &str) -> Option<Timespec> {
+    let (secs, frac) = value.split_once('.').unwrap_or((value, ""));
+    let tv_sec: i64 = secs.parse().ok()?;
+    let digits: String = frac.chars().take(9).collect();
+    let mut tv_nsec: i64 = if digits.is_empty() {
+        0
+    } else {
+        digits.parse().ok()?
+    };
+    for _ in digits.len()..9 {
+        tv_nsec *= 10;
+    }
+    if tv_sec < 0 && tv_nsec != 0 {
+        return Some(Timespec {
+            tv_sec: tv_sec - 1,
+            tv_nsec: 1_000_000_000 - tv_nsec,
+        });
+    }
+    Some(Timespec { tv_sec, tv_nsec })
+}
+
+/// Applies layers onto the tree below `root`.
+struct Unpacker {
+    root: OwnedFd,
+    skipped: Vec<String>,
+}
+
+impl Unpacker {
+    /// Walk down `comps` from the root, one `O_NOFOLLOW` open at a time; with `create`, make
+    /// missing directories (0755, owned by us).
+    fn walk(&self, comps: &[&[u8]], create: bool) -> Result<OwnedFd, WalkErr> {
+        let mut cur = self.root.try_clone().map_err(WalkErr::Io)?;
+        for (i, c) in comps.iter().enumerate() {
+            let name = OsStr::from_bytes(c);
+            cur = match open_dir(&cur, name) {
+                Ok(fd) => fd,
+                Err(Errno::NOENT) if create => {
+                    match rustix::fs::mkdirat(&cur, name, Mode::from_raw_mode(0o755)) {
+                        Ok(()) | Err(Errno::EXIST) => {}
+                        Err(e) => return Err(WalkErr::Io(e.into())),
+                    }
+                    let fd = open_dir(&cur, name).map_err(|e| WalkErr::Io(e.into()))?;
+                    rustix::fs::fchmod(&fd, Mode::from_raw_mode(0o755))
+                        .map_err(|e| WalkErr::Io(e.into()))?;
+                    fd
+                }
+                Err(Errno::NOENT) => return Err(WalkErr::Missing),
+                Err(Errno::LOOP | Errno::NOTDIR) => {
+                    return Err(match lstat_type(&cur, name) {
+                        Ok(Some(FileType::Symlink)) => WalkErr::Symlink(i + 1),
+                        _ => WalkErr::NotDir(i + 1),
+                    });
+                }
+                Err(e) => return Err(WalkErr::Io(e.into())),
+            };
+        }
+        Ok(cur)
+    }
+
+    /// Apply one layer (an uncompressed tar stream).
+    fn apply(&mut self, layer: impl Read, label: &str) -> Result<(), OciError> {
+        let mut archive = tar::Archive::new(layer);
+        let read_err = |e: io::Error| OciError::Io {
+            what: format!("reading layer {label}"),
+            source: e,
+        };
+        // Paths this layer wrote, and their parents: whiteouts only hide earlier layers.
+        let mut touched: HashSet<Vec<u8>> = HashSet::new();
+        // Directory times are set once the layer is done, as adding entries changes them.
+        let mut dir_times: Vec<(Vec<u8>, Timestamps)> = Vec::new();
+
+        for entry in archive.entries().map_err(read_err)? {
+            let mut entry = entry.map_err(read_err)?;
+            let kind = entry.header().entry_type();
+            if kind.is_pax_global_extensions()
+                || kind.is_pax_local_extensions()
+                || kind.is_gnu_longname()
+                || kind.is_gnu_longlink()
+            {
+                continue;
+            }
+            let raw = entry.path_bytes().into_owned();
+            let shown = String::from_utf8_lossy(&raw).into_owned();
+            let bad = |problem: String| OciError::BadEntry {
+                layer: label.to_owned(),
+                entry: shown.clone(),
+                problem,
+            };
+            let Some(comps) = components(&raw) else {
+                return Err(OciError::PathEscape {
+                    layer: label.to_owned(),
+                    entry: shown.clone(),
+                });
+            };
+            if raw.len() > MAX_PATH {
+                return Err(bad(format!("is longer than {MAX_PATH} bytes")));
+            }
+            let entry_err = |e: io::Error| OciError::Entry {
+                layer: label.to_owned(),
+                entry: shown.clone(),
+                source: e,
+            };
+            let walk_err = |e: WalkErr, comps: &[&[u8]], entry: &str, what: &str| match e {
+                WalkErr::Symlink(n) => OciError::SymlinkInPath {
+                    layer: label.to_owned(),
+                    entry: entry.to_owned(),
+                    symlink: String::from_utf8_lossy(&comps[..n].join(&b'/')).into_owned(),
+                },
+                WalkErr::NotDir(n) => bad(format!(
+                    "needs {} to be a directory, but an earlier entry made it something else",
+                    String::from_utf8_lossy(&comps[..n].join(&b'/'))
+                )),
+                WalkErr::Missing => bad(format!("{what} does not exist")),
+                WalkErr::Io(e) => entry_err(e),
+            };
+            let meta = Meta::of(&mut entry).map_err(entry_err)?;
+
+            let Some((&last, parents)) = comps.split_last() else {
+                // The root itself (`./`).
+                if kind.is_dir() {
+                    self.set_owner_mode(self.root.as_fd(), &meta)
+                        .map_err(|e| entry_err(e.into()))?;
+                    dir_times.push((Vec::new(), meta.times()));
+                }
+                continue;
+            };
+            let parent_path = parents.join(&b'/');
+
+            if let Some(hidden) = last.strip_prefix(b".wh.") {
+                let parent = match self.walk(parents, false) {
+                    Ok(fd) => fd,
+                    // Nothing of earlier layers can be there.
+                    Err(WalkErr::Missing | WalkErr::Symlink(_) | WalkErr::NotDir(_)) => continue,
+                    Err(WalkErr::Io(e)) => return Err(entry_err(e)),
+                };
+                if hidden == b".wh..opq" {
+                    prune_children(parent.as_fd(), &parent_path, &touched)
+                        .map_err(|e| entry_err(e.into()))?;
+                } else if hidden.starts_with(b".wh.") || hidden.is_empty() || hidden == b"." {
+                    // Other AUFS metadata (`.wh..wh.plnk`, ...): not part of the image.
+                } else if hidden == b".." {
+                    return Err(OciError::PathEscape {
+                        layer: label.to_owned(),
+                        entry: shown.clone(),
+                    });
+                } else {
+                    let path = join(&parent_path, hidden);
+                    prune(parent.as_fd(), OsStr::from_bytes(hidden), &path, &touched)
+                        .map_err(|e| entry_err(e.into()))?;
+                }
+                continue;
+            }
+
+            let parent = self
+                .walk(parents, true)
+                .map_err(|e| walk_err(e, &comps, &shown, "its parent"))?;
+            for n in 1..=comps.len() {
+                touched.insert(comps[..n].join(&b'/'));
+            }
+            let name = OsStr::from_bytes(last);
+            let parent = parent.as_fd();
+
+            if kind.is_dir() {
+                match lstat_type(parent, name).map_err(|e| entry_err(e.into()))? {
+                    Some(FileType::Directory) => {}
+                    existing => {
+                        if existing.is_some() {
+                            remove_all(parent, name).map_err(|e| entry_err(e.into()))?;
+                        }
+                        rustix::fs::mkdirat(parent, name, Mode::from_raw_mode(0o700))
+                            .map_err(|e| entry_err(e.into()))?;
+                    }
+                }
+                let dir = open_dir(parent, name).map_err(|e| entry_err(e.into()))?;
+                self.set_owner_mode(dir.as_fd(), &meta)
+                    .map_err(|e| entry_err(e.into()))?;
+                dir_times.push((comps.join(&b'/'), meta.times()));
+            } else if kind.is_file() || kind.is_contiguous() || kind.is_gnu_sparse() {
+                remove_all(parent, name).map_err(|e| entry_err(e.into()))?;
+                let fd = rustix::fs::openat(
+                    parent,
+                    name,
+                    OFlags::WRONLY
+                        | OFlags::CREATE
+                        | OFlags::EXCL
+                        | OFlags::NOFOLLOW
+                        | OFlags::CLOEXEC,
+                    Mode::from_raw_mode(0o600),
+                )
+                .map_err(|e| entry_err(e.into()))?;
+                let mut file = File::from(fd);
+                io::copy(&mut entry, &mut file).map_err(entry_err)?;
+                self.set_owner_mode(file.as_fd(), &meta)
+                    .and_then(|()| rustix::fs::futimens(&file, &meta.times()))
+                    .map_err(|e| entry_err(e.into()))?;
+            } else if kind.is_symlink() {
+                let Some(target) = entry.link_name_bytes() else {
+                    return Err(bad("is a symlink without a target".into()));
+                };
+                remove_all(parent, name).map_err(|e| entry_err(e.into()))?;
+                // Stored as written: it resolves inside the container, never here.
+                rustix::fs::symlinkat(OsStr::from_bytes(&target), parent, name)
+                    .map_err(|e| entry_err(e.into()))?;
+                let (uid, gid) = meta.owner();
+                rustix::fs::chownat(parent, name, uid, gid, AtFlags::SYMLINK_NOFOLLOW)
+                    .and_then(|()| {
+                        rustix::fs::utimensat(
+                            parent,
+                            name,
+                            &meta.times(),
+                            AtFlags::SYMLINK_NOFOLLOW,
+                        )
+                    })
+                    .map_err(|e| entry_err(e.into()))?;
+            } else if kind.is_hard_link() {
+                let Some(target_raw) = entry.link_name_bytes() else {
+                    return Err(bad("is a hard link without a target".into()));
+                };
+                let target_shown = String::from_utf8_lossy(&target_raw).into_owned();
+                let Some(target) = components(&target_raw).filter(|t| !t.is_empty()) else {
+                    return Err(OciError::PathEscape {
+                        layer: label.to_owned(),
+                        entry: format!("{shown} (hard link to {target_shown})"),
+                    });
+                };
+                if target == comps {
+                    continue;
+                }
+                let (&tname, tparents) = target.split_last().expect("not empty");
+                let what = format!("its hard link target {target_shown:?}");
+                let tdir = self.walk(tparents, false).map_err(|e| {
+                    let entry = format!("{shown} (hard link to {target_shown})");
+                    walk_err(e, &target, &entry, &what)
+                })?;
+                let tname = OsStr::from_bytes(tname);
+                match lstat_type(&tdir, tname).map_err(|e| entry_err(e.into()))? {
+                    None => return Err(bad(format!("{what} does not exist"))),
+                    Some(FileType::Directory) => {
+                        return Err(bad(format!("{what} is a directory")));
+                    }
+                    Some(_) => {}
+                }
+                remove_all(parent, name).map_err(|e| entry_err(e.into()))?;
+                // No AT_SYMLINK_FOLLOW: a symlink target is linked itself, not followed.
+                rustix::fs::linkat(&tdir, tname, parent, name, AtFlags::empty())
+                    .map_err(|e| entry_err(e.into()))?;
+            } else if kind.is_fifo() {
+                remove_all(parent, name).map_err(|e| entry_err(e.into()))?;
+                rustix::fs::mknodat(parent, name, FileType::Fifo, Mode::empty(), 0)
+                    .map_err(|e| entry_err(e.into()))?;
+                let (uid, gid) = meta.owner();
+                rustix::fs::chownat(parent, name, uid, gid, AtFlags::SYMLINK_NOFOLLOW)
+                    .and_then(|()| {
+                        rustix::fs::chmodat(
+                            parent,
+                            name,
+                            Mode::from_raw_mode(meta.mode),
+                            AtFlags::empty(),
+                        )
+                    })
+                    .and_then(|()| {
+                        rustix::fs::utimensat(
+                            parent,
+                            name,
+                            &meta.times(),
+                            AtFlags::SYMLINK_NOFOLLOW,
+                        )
+                    })
+                    .map_err(|e| entry_err(e.into()))?;
+            } else if kind.is_character_special() || kind.is_block_special() {
+                // Not created: the container gets its own /dev, and device nodes in an
+                // unpacked tree would be reachable from the host.
+                self.skipped.push(format!("{shown} (device node)"));
+            } else {
+                self.skipped
+                    .push(format!("{shown} (unsupported tar entry type {kind:?})"));
+            }
+        }
+
+        for (path, times) in dir_times {
+            let comps: Vec<&[u8]> = components(&path).unwrap_or_default();
+            // Best effort: a later entry of the layer may have replaced the directory.
+            match comps.split_last() {
+                None => {
+                    let _ = rustix::fs::futimens(&self.root, &times);
+                }
+                Some((last, parents)) => {
+                    if let Ok(parent) = self.walk(parents, false) {
+                        let _ = rustix::fs::utimensat(
+                            &parent,
+                            OsStr::from_bytes(last),
+                            &times,
+                            AtFlags::SYMLINK_NOFOLLOW,
+                        );
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Owner then mode (chown clears setuid bits, so it comes first).
+    fn set_owner_mode(&self, fd: BorrowedFd<'_>, meta: &Meta) -> Result<(), Errno> {
+        let (uid, gid) = meta.owner();
+        rustix::fs::fchown(fd, uid, gid)?;
+        rustix::fs::fchmod(fd, Mode::from_raw_mode(meta.mode))
+    }
+}
