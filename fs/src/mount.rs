@@ -138,6 +138,43 @@ fn widen_read_ahead(mountpoint: &Path) {
     }
 }
 
+/// Aborts the FUSE connection of every mount under `root`, through the kernel's fusectl
+/// files. A killed server's mounts can stay connected: a process it forked (a container
+/// still setting up) holds a copy of the device descriptor, and requests then wait forever,
+/// `statfs` included. The caller holds the cache dir's lock, so every mount there is a
+/// leftover. Best effort: without fusectl the stale check below still clears most cases.
+fn abort_leftover_connections(root: &Path) {
+    let Ok(root) = std::fs::canonicalize(root) else {
+        return;
+    };
+    let Ok(mountinfo) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return;
+    };
+    for line in mountinfo.lines() {
+        // id parent major:minor root mountpoint options [optional...] - fstype source ...
+        let fields: Vec<&str> = line.split(' ').collect();
+        let Some(separator) = fields.iter().position(|f| *f == "-") else {
+            continue;
+        };
+        let fstype = fields.get(separator + 1).copied().unwrap_or_default();
+        let (Some(device), Some(mountpoint)) = (fields.get(2), fields.get(4)) else {
+            continue;
+        };
+        if !(fstype == "fuse" || fstype.starts_with("fuse."))
+            || !Path::new(mountpoint).starts_with(&root)
+        {
+            continue;
+        }
+        if let Some(minor) = device.split(':').nth(1) {
+            let abort = format!("/sys/fs/fuse/connections/{minor}/abort");
+            match std::fs::write(&abort, b"1") {
+                Ok(()) => tracing::warn!(mount = %mountpoint, "aborted a leftover FUSE connection"),
+                Err(error) => tracing::debug!(%abort, %error, "could not abort a FUSE connection"),
+            }
+        }
+    }
+}
+
 /// Whether `path` is a FUSE mount whose server is gone. `statfs` always reaches the server
 /// (attributes may be answered from the kernel's cache), so it is what notices.
 pub fn is_stale_mount(path: &Path) -> bool {
@@ -752,6 +789,7 @@ impl MountTable {
         options: MountOptions,
     ) -> std::io::Result<Self> {
         std::fs::create_dir_all(root)?;
+        abort_leftover_connections(root);
         for entry in std::fs::read_dir(root)?.flatten() {
             let path = entry.path();
             if is_stale_mount(&path) {

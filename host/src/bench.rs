@@ -33,6 +33,8 @@ pub enum BenchCommand {
     Fs(crate::bench_fs::FsBench),
     /// Container start to the exit of `python3 -c pass` (needs root).
     Container(crate::bench_container::ContainerBench),
+    /// Image build of debian_slim + pip_install(numpy), cold and warm (needs root).
+    Build(crate::bench_build::BuildBench),
     /// A plain hyper server answering `hello`: the ceiling `lode bench http` compares to.
     #[command(hide = true)]
     HyperHello {
@@ -78,6 +80,7 @@ pub async fn run(command: BenchCommand) -> Result<()> {
         BenchCommand::Cas(args) => crate::bench_cas::cas(args).await,
         BenchCommand::Fs(args) => crate::bench_fs::fs(args).await,
         BenchCommand::Container(args) => crate::bench_container::container(args).await,
+        BenchCommand::Build(args) => crate::bench_build::build(args).await,
         BenchCommand::HyperHello { listen } => hyper_hello(listen).await,
     }
 }

@@ -78,7 +78,9 @@ pub async fn resolve_local(
                 if !file.is_file() {
                     bail!("add_local_file: {} is not a file", file.display());
                 }
-                // A tree holding the file alone, so it travels like a directory would.
+                // A tree holding the file alone, so it travels like a directory would. The
+                // copy keeps the file's mode and mtime, and the holder is pinned to the
+                // epoch, so the same file always uploads as the same digest (the cache key).
                 let holder = tempfile::tempdir()?;
                 let name = file.file_name().context("the file has no name")?;
                 let copy = holder.path().join(name);
@@ -86,6 +88,15 @@ pub async fn resolve_local(
                     .with_context(|| format!("reading {}", file.display()))?;
                 let meta = std::fs::metadata(&file)?;
                 std::fs::set_permissions(&copy, meta.permissions())?;
+                std::fs::File::options()
+                    .write(true)
+                    .open(&copy)?
+                    .set_modified(meta.modified()?)?;
+                std::fs::set_permissions(
+                    holder.path(),
+                    std::os::unix::fs::PermissionsExt::from_mode(0o755),
+                )?;
+                std::fs::File::open(holder.path())?.set_modified(std::time::UNIX_EPOCH)?;
                 *digest = Some(ingest_dir(registry, holder.path()).await?);
             }
             _ => {}

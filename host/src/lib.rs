@@ -11,6 +11,7 @@
 
 pub mod api;
 pub mod bench;
+pub mod bench_build;
 pub mod bench_cas;
 pub mod bench_container;
 pub mod bench_fs;

@@ -56,6 +56,9 @@ impl Default for ContainerBounds {
 
 /// The native engine as the server holds it.
 pub struct Native {
+    /// Starts every container and build group name of this server (a hash of its cache
+    /// dir), so clearing leftovers never touches another server's containers.
+    scope: String,
     registry: Arc<dyn BlobAccess>,
     mounts: Arc<MountTable>,
     /// `None` where cgroups cannot be used (not root); containers then get a named error.
@@ -78,8 +81,11 @@ impl Native {
         let cgroups: Result<Arc<dyn Hierarchy>, String> = lode_native_runner::cgroup::detect()
             .map(Arc::from)
             .map_err(|e| format!("containers need cgroups (run `lode serve` as root): {e}"));
+        let canonical = std::fs::canonicalize(cache_dir).unwrap_or_else(|_| cache_dir.into());
+        let scope =
+            blake3::hash(canonical.as_os_str().as_encoded_bytes()).to_hex()[..8].to_string();
         if let Ok(cgroups) = &cgroups {
-            cgroups.clean_leftovers();
+            cgroups.clean_leftovers(&format!("{scope}-"));
         }
         let images = cache_dir.join("images");
         let run_dir = cache_dir.join("containers");
@@ -93,9 +99,11 @@ impl Native {
                 cgroups.clone(),
                 images,
                 base_dir,
+                format!("{scope}-build"),
             )
         });
         Arc::new(Self {
+            scope,
             registry,
             mounts,
             cgroups,
@@ -528,7 +536,7 @@ async fn run_container(
             None => env.push((name.clone(), value.clone())),
         }
     }
-    let id = format!("c-{:016x}", rand::random::<u64>());
+    let id = format!("{}-c-{:016x}", native.scope, rand::random::<u64>());
     let spec = SandboxSpec {
         lower: mount.mountpoint().to_path_buf(),
         scratch: native.run_dir.join(&id),

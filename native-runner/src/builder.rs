@@ -112,19 +112,23 @@ pub struct Builder {
     work_dir: PathBuf,
     /// Base root filesystems made by debootstrap, kept so a rebuild skips it.
     base_dir: PathBuf,
+    /// Starts the names of build containers (and so of their cgroups).
+    name_prefix: String,
     /// Wall-clock limit for one step.
     pub step_timeout: Duration,
 }
 
 impl Builder {
     /// A builder that writes into `registry`, mounts parents through `mounts`, and keeps its
-    /// scratch space under `work_dir` and debootstrap bases under `base_dir`.
+    /// scratch space under `work_dir` and debootstrap bases under `base_dir`. Build
+    /// containers are named `<name_prefix>-<random>`.
     pub fn new(
         registry: Arc<dyn BlobAccess>,
         mounts: Arc<MountTable>,
         cgroups: Arc<dyn Hierarchy>,
         work_dir: PathBuf,
         base_dir: PathBuf,
+        name_prefix: String,
     ) -> Self {
         Self {
             registry,
@@ -132,6 +136,7 @@ impl Builder {
             cgroups,
             work_dir,
             base_dir,
+            name_prefix,
             step_timeout: Duration::from_secs(30 * 60),
         }
     }
@@ -346,7 +351,7 @@ impl Builder {
         events: &Events,
     ) -> Result<Digest, BuildError> {
         let mount = self.mounts.mount(parent).await?;
-        let name = format!("build-{}", random_hex());
+        let name = format!("{}-{}", self.name_prefix, random_hex());
         let layer = self.work_dir.join("layers").join(&name);
         let inherit = self.work_dir.join("build-env");
         let other = |what: &str, path: &Path| {
@@ -447,15 +452,19 @@ impl Builder {
             return Ok(digest);
         }
         let rootfs = self.base_dir.join(release);
-        let done = self.base_dir.join(format!("{release}.done"));
-        if !done.exists() {
-            let base_dir = self.base_dir.clone();
-            let release = release.to_string();
-            let log_events = events.clone();
-            tokio::task::spawn_blocking(move || debootstrap(&base_dir, &release, log_events))
-                .await
-                .map_err(|e| BuildError::Other(format!("debootstrap task failed: {e}")))??;
-        }
+        let base_dir = self.base_dir.clone();
+        let release_name = release.to_string();
+        let log_events = events.clone();
+        // Held until the base is ingested, so no other build rewrites it meanwhile.
+        let _lock = tokio::task::spawn_blocking(move || {
+            let lock = lock_base(&base_dir, &release_name)?;
+            if !base_dir.join(format!("{release_name}.done")).exists() {
+                debootstrap(&base_dir, &release_name, log_events)?;
+            }
+            Ok::<_, BuildError>(lock)
+        })
+        .await
+        .map_err(|e| BuildError::Other(format!("debootstrap task failed: {e}")))??;
         let report =
             lode_fs::ingest(&rootfs, self.registry.clone(), IngestOptions::default()).await?;
         let digest = report
@@ -637,6 +646,22 @@ fn debian_mirror() -> String {
         .or(from_legacy)
         .unwrap_or("http://deb.debian.org/debian")
         .to_string()
+}
+
+/// Takes `<base_dir>/<release>.lock`, waiting for another build (or server) making the same
+/// base.
+fn lock_base(base_dir: &Path, release: &str) -> Result<std::fs::File, BuildError> {
+    let fail = |e: std::io::Error| {
+        BuildError::Other(format!(
+            "locking the {release} base in {}: {e}",
+            base_dir.display()
+        ))
+    };
+    std::fs::create_dir_all(base_dir).map_err(fail)?;
+    let file = std::fs::File::create(base_dir.join(format!("{release}.lock"))).map_err(fail)?;
+    rustix::fs::flock(&file, rustix::fs::FlockOperation::LockExclusive)
+        .map_err(|e| fail(e.into()))?;
+    Ok(file)
 }
 
 /// Runs debootstrap into `<base_dir>/<release>`, prunes what images do not need, and marks

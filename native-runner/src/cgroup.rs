@@ -58,7 +58,10 @@ pub trait Hierarchy: Send + Sync + std::fmt::Debug {
     /// Creates `name`'s groups and sets `limits`.
     fn create(&self, name: &str, limits: &Limits) -> io::Result<Group>;
     /// Removes groups a crashed run left behind, killing what is still in them.
-    fn clean_leftovers(&self);
+    /// Removes groups whose names start with `prefix` that a crashed run left behind,
+    /// killing what is still in them. Each server names its groups with its own prefix, so
+    /// one never clears another's.
+    fn clean_leftovers(&self, prefix: &str);
 }
 
 /// The file and signal operations the cgroup code performs, so that the hierarchies can be
@@ -318,9 +321,9 @@ impl Hierarchy for V1 {
         Ok(group)
     }
 
-    fn clean_leftovers(&self) {
+    fn clean_leftovers(&self, prefix: &str) {
         for (_, parent) in &self.parents {
-            clean_under(&self.fs, parent, Version::V1);
+            clean_under(&self.fs, parent, prefix, Version::V1);
         }
     }
 }
@@ -392,17 +395,17 @@ impl Hierarchy for V2 {
         Ok(group)
     }
 
-    fn clean_leftovers(&self) {
-        clean_under(&self.fs, &self.parent, Version::V2);
+    fn clean_leftovers(&self, prefix: &str) {
+        clean_under(&self.fs, &self.parent, prefix, Version::V2);
     }
 }
 
-/// Kills and removes every group under `parent`.
-fn clean_under(fs: &Arc<dyn CgroupFs>, parent: &Path, version: Version) {
+/// Kills and removes every group under `parent` whose name starts with `prefix`.
+fn clean_under(fs: &Arc<dyn CgroupFs>, parent: &Path, prefix: &str, version: Version) {
     let Ok(names) = fs.read_dir_names(parent) else {
         return;
     };
-    for name in names {
+    for name in names.into_iter().filter(|n| n.starts_with(prefix)) {
         let group = Group {
             dirs: vec![("leftover", parent.join(name))],
             limits: Limits::default(),
@@ -910,15 +913,17 @@ mod tests {
     }
 
     #[test]
-    fn v2_clean_leftovers_kills_and_removes_every_group() {
+    fn v2_clean_leftovers_kills_and_removes_the_groups_with_its_prefix() {
         let fs = Recorder::new(&V2_FILES);
         let lode = PathBuf::from("/cg/process_api/abc/lode");
-        fs.set(lode.join("a/cgroup.procs"), "10\n");
-        fs.set(lode.join("a/cgroup.kill"), "");
-        fs.set(lode.join("b/cgroup.procs"), "");
-        fs.set(lode.join("b/cgroup.kill"), "");
+        fs.set(lode.join("s1-a/cgroup.procs"), "10\n");
+        fs.set(lode.join("s1-a/cgroup.kill"), "");
+        fs.set(lode.join("s1-b/cgroup.procs"), "");
+        fs.set(lode.join("s1-b/cgroup.kill"), "");
+        fs.set(lode.join("s2-c/cgroup.procs"), "11\n");
+        fs.set(lode.join("s2-c/cgroup.kill"), "");
         let v2 = V2::detect_in(Path::new("/cg"), MEMBERSHIP_V2, fs.clone()).unwrap();
-        v2.clean_leftovers();
+        v2.clean_leftovers("s1-");
         let removed: Vec<_> = fs
             .ops()
             .into_iter()
@@ -926,14 +931,19 @@ mod tests {
             .collect();
         assert_eq!(
             removed,
-            [Op::RemoveDir(lode.join("a")), Op::RemoveDir(lode.join("b"))]
+            [
+                Op::RemoveDir(lode.join("s1-a")),
+                Op::RemoveDir(lode.join("s1-b"))
+            ]
         );
         assert!(
             fs.writes()
-                .contains(&(lode.join("a/cgroup.kill"), "1".to_string()))
+                .contains(&(lode.join("s1-a/cgroup.kill"), "1".to_string()))
         );
-        assert!(!fs.has_dir(lode.join("a")));
-        assert!(!fs.has_dir(lode.join("b")));
+        assert!(!fs.has_dir(lode.join("s1-a")));
+        assert!(!fs.has_dir(lode.join("s1-b")));
+        // Another server's group is not touched.
+        assert!(fs.has_dir(lode.join("s2-c")));
         assert!(fs.has_dir(&lode));
     }
 

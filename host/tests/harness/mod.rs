@@ -158,6 +158,14 @@ impl Lode {
         }
     }
 
+    /// Kills the server with SIGKILL, as a crash would, and reaps it.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
     /// Stops and starts again on the same dirs (new ports).
     pub fn restart(&mut self) {
         self.stop();

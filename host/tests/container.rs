@@ -1,0 +1,538 @@
+//! `lode image build` and `lode container run` against a real `lode serve`, as root: real
+//! debootstrap bases, build containers with network, lazy mounts, namespaces and cgroups.
+
+mod harness;
+
+use std::io::Write;
+use std::path::Path;
+use std::process::Output;
+
+use harness::Lode;
+
+/// Debootstrap bases are kept here across runs (CI caches it), so only the first run on a
+/// machine pays for debootstrap.
+const BASE_DIR: &str = "/var/cache/lode/images/base";
+
+fn start() -> Lode {
+    Lode::start(&["--image-base-dir", BASE_DIR])
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+fn write_spec(dir: &Path, name: &str, json: &str) -> String {
+    let path = dir.join(name);
+    std::fs::write(&path, json).unwrap();
+    path.display().to_string()
+}
+
+/// The digest a build printed, and its progress output.
+fn build(lode: &Lode, spec: &str, extra: &[&str]) -> (String, String) {
+    let mut args = vec!["image", "build", spec];
+    args.extend_from_slice(extra);
+    let out = lode.cli(&args);
+    assert!(
+        out.status.success(),
+        "build failed:\n{}\n{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    (text(&out.stdout).trim().to_string(), text(&out.stderr))
+}
+
+fn run(lode: &Lode, args: &[&str]) -> Output {
+    let mut all = vec!["container", "run"];
+    all.extend_from_slice(args);
+    lode.cli(&all)
+}
+
+fn python_image(lode: &Lode, dir: &Path) -> String {
+    let spec = write_spec(
+        dir,
+        "py.json",
+        r#"{"base": {"debian_slim": {"python_version": "3.11"}}}"#,
+    );
+    build(lode, &spec, &["--tag", "test/py"]).0
+}
+
+#[test]
+fn builds_are_cached_by_step_and_containers_run_on_the_result() {
+    let lode = start();
+    let work = tempfile::tempdir().unwrap();
+    std::fs::create_dir(work.path().join("app")).unwrap();
+    std::fs::write(work.path().join("app/main.py"), "print('from app')\n").unwrap();
+    std::fs::write(work.path().join("settings.toml"), "mode = 'test'\n").unwrap();
+    let steps = r#"
+        {"run_commands": {"commands": ["echo built > /built.txt", "rm -rf /usr/share/common-licenses"]}},
+        {"env": {"vars": {"GREETING": "hello"}}},
+        {"add_local_dir": {"local": "app", "remote": "/srv/app"}},
+        {"add_local_file": {"local": "settings.toml", "remote": "/etc/app/settings.toml"}},
+        {"workdir": {"path": "/srv/app"}},
+        {"pip_install": {"packages": ["six"]}}"#;
+    let spec = write_spec(
+        work.path(),
+        "image.json",
+        &format!(
+            r#"{{"base": {{"debian_slim": {{"python_version": "3.11"}}}}, "steps": [{steps}]}}"#
+        ),
+    );
+    let (digest, progress) = build(&lode, &spec, &["--tag", "test/app"]);
+    assert!(digest.starts_with("blake3:"), "{digest}");
+    assert!(
+        progress.contains("Successfully installed six"),
+        "{progress}"
+    );
+
+    // The same spec again: every step comes from the cache, nothing runs.
+    let (again, progress) = build(&lode, &spec, &[]);
+    assert_eq!(again, digest);
+    assert_eq!(progress.matches("(cached)").count(), 7, "{progress}");
+    assert!(!progress.contains("Successfully installed"), "{progress}");
+
+    // One more package: everything before it is reused.
+    let spec_more = write_spec(
+        work.path(),
+        "image-more.json",
+        &format!(
+            r#"{{"base": {{"debian_slim": {{}}}}, "steps": [{steps}, {{"pip_install": {{"packages": ["idna"]}}}}]}}"#
+        ),
+    );
+    let (more, progress) = build(&lode, &spec_more, &[]);
+    assert_ne!(more, digest);
+    assert_eq!(progress.matches("(cached)").count(), 7, "{progress}");
+    assert!(
+        progress.contains("Successfully installed idna"),
+        "{progress}"
+    );
+
+    let out = run(
+        &lode,
+        &[
+            "--env",
+            "EXTRA=1",
+            "test/app",
+            "--",
+            "sh",
+            "-c",
+            "pwd; echo $GREETING $EXTRA; cat /built.txt /etc/app/settings.toml; \
+             python3 main.py; python3 -c 'import six; print(six.__version__)'; \
+             test -e /usr/share/common-licenses || echo deleted; exit 7",
+        ],
+    );
+    let stdout = text(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(7),
+        "{stdout}\n{}",
+        text(&out.stderr)
+    );
+    for expected in [
+        "/srv/app",
+        "hello 1",
+        "built",
+        "mode = 'test'",
+        "from app",
+        "1.17",
+        "deleted",
+    ] {
+        assert!(stdout.contains(expected), "missing {expected:?}:\n{stdout}");
+    }
+    // Build containers lend the host's CA bundle and pip settings; function containers do
+    // not get them.
+    let out = run(&lode, &["test/app", "--", "sh", "-c", "env; ls /dev"]);
+    let stdout = text(&out.stdout);
+    assert!(!stdout.contains("PIP_CERT"), "{stdout}");
+    assert!(!stdout.contains("lode-build"), "{stdout}");
+}
+
+#[test]
+fn a_failing_step_shows_its_command_and_output_and_caches_nothing() {
+    let lode = start();
+    let work = tempfile::tempdir().unwrap();
+    let spec = write_spec(
+        work.path(),
+        "fail.json",
+        r#"{"base": {"debian_slim": {}},
+            "steps": [{"run_commands": {"commands": ["echo about to fail", "exit 3"]}}]}"#,
+    );
+    for _ in 0..2 {
+        let err = lode.cli_err(&["image", "build", &spec]);
+        assert!(err.contains("step 1 (run_commands"), "{err}");
+        assert!(err.contains("exit code 3"), "{err}");
+        assert!(err.contains("about to fail"), "{err}");
+        assert!(err.contains("command: /bin/sh -exc"), "{err}");
+        // Nothing was cached: the second attempt runs the step again.
+        assert!(!err.contains("exit 3  (cached)"), "{err}");
+    }
+    let err = lode.cli_err(&[
+        "image",
+        "build",
+        &write_spec(
+            work.path(),
+            "bad.json",
+            r#"{"base": {"debian_slim": {"python_version": "2.7"}}}"#,
+        ),
+    ]);
+    assert!(
+        err.contains("supported versions: 3.11 (bookworm), 3.13 (trixie)"),
+        "{err}"
+    );
+    let err = lode.cli_err(&[
+        "image",
+        "build",
+        &write_spec(
+            work.path(),
+            "unknown.json",
+            r#"{"base": {"image": {"reference": "no/such/image"}}}"#,
+        ),
+    ]);
+    assert!(err.contains("no image \"no/such/image\""), "{err}");
+}
+
+/// The cgroup directories and scratch dirs this server's containers would leave.
+fn leftovers(lode: &Lode) -> Vec<String> {
+    let cache = std::fs::canonicalize(lode.dirs.path().join("cache")).unwrap();
+    let scope = &blake3::hash(cache.as_os_str().as_encoded_bytes()).to_hex()[..8];
+    let mut found = Vec::new();
+    for controller in ["memory", "cpu", "pids"] {
+        let own = std::fs::read_to_string("/proc/self/cgroup")
+            .unwrap()
+            .lines()
+            .find_map(|line| {
+                let mut parts = line.splitn(3, ':');
+                let (_, names, path) = (parts.next()?, parts.next()?, parts.next()?);
+                names
+                    .split(',')
+                    .any(|n| n == controller)
+                    .then(|| path.to_string())
+            })
+            .unwrap_or_default();
+        let parent = Path::new("/sys/fs/cgroup")
+            .join(controller)
+            .join(own.trim_start_matches('/'))
+            .join("lode");
+        for entry in std::fs::read_dir(&parent).into_iter().flatten().flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with(scope) {
+                found.push(entry.path().display().to_string());
+            }
+        }
+    }
+    let containers = lode.dirs.path().join("cache/containers");
+    for entry in std::fs::read_dir(containers)
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        found.push(entry.path().display().to_string());
+    }
+    found
+}
+
+#[test]
+fn containers_are_isolated_and_each_limit_is_named() {
+    let lode = start();
+    let work = tempfile::tempdir().unwrap();
+    python_image(&lode, work.path());
+    let marker = work.path().join("host-only-marker");
+    std::fs::write(&marker, b"host").unwrap();
+    let api_port = lode.api.rsplit(':').next().unwrap().to_string();
+    let probe = format!(
+        r#"
+import ctypes, os, resource, socket
+libc = ctypes.CDLL(None, use_errno=True)
+print("mount", libc.mount(b"none", b"/mnt", b"tmpfs", 0, None))
+print("ptrace", libc.ptrace(0, 0, None, None))
+print("unshare", libc.unshare(0x20000000))
+try:
+    resource.setrlimit(resource.RLIMIT_NOFILE, (1 << 20, 1 << 20)); print("rlimit raised")
+except (ValueError, OSError):
+    print("rlimit refused")
+print("pids", sorted(int(p) for p in os.listdir("/proc") if p.isdigit()))
+try:
+    socket.create_connection(("127.0.0.1", {api_port}), timeout=1); print("api reached")
+except OSError:
+    print("api unreachable")
+print("host file", os.path.exists({marker:?}))
+print("uid", os.getuid(), "host", socket.gethostname())
+"#,
+        marker = marker.display().to_string()
+    );
+    let out = run(&lode, &["test/py", "--", "python3", "-c", &probe]);
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", text(&out.stderr));
+    for expected in [
+        "mount -1",
+        "ptrace -1",
+        "unshare -1",
+        "rlimit refused",
+        "pids [1]",
+        "api unreachable",
+        "host file False",
+        "host lode",
+    ] {
+        assert!(stdout.contains(expected), "missing {expected:?}:\n{stdout}");
+    }
+
+    let memory = run(
+        &lode,
+        &[
+            "--memory",
+            "64",
+            "test/py",
+            "--",
+            "python3",
+            "-c",
+            "b = bytearray(512 << 20)",
+        ],
+    );
+    assert_eq!(memory.status.code(), Some(137));
+    assert!(
+        text(&memory.stderr).contains("killed: out of memory (limit 64 MiB)"),
+        "{}",
+        text(&memory.stderr)
+    );
+    let forks = run(
+        &lode,
+        &[
+            "--pids",
+            "16",
+            "test/py",
+            "--",
+            "python3",
+            "-c",
+            "import os, time\nfor _ in range(100):\n    if os.fork() == 0:\n        time.sleep(60); os._exit(0)",
+        ],
+    );
+    assert!(
+        text(&forks.stderr).contains("process limit reached (limit 16 pids)"),
+        "{}",
+        text(&forks.stderr)
+    );
+    let spin = run(
+        &lode,
+        &[
+            "--cpu",
+            "0.2",
+            "--timeout",
+            "1.5",
+            "test/py",
+            "--",
+            "python3",
+            "-c",
+            "while True: pass",
+        ],
+    );
+    assert_eq!(spin.status.code(), Some(137));
+    assert!(
+        text(&spin.stderr).contains("killed: timed out after 1.5s"),
+        "{}",
+        text(&spin.stderr)
+    );
+    // The host kept serving throughout, and nothing is left behind.
+    lode.cli_ok(&["ls"]);
+    assert_eq!(leftovers(&lode), Vec::<String>::new());
+
+    // Limits out of range and bad volumes are refused before anything starts.
+    let err = text(&run(&lode, &["--cpu", "0", "test/py", "--", "true"]).stderr);
+    assert!(err.contains("cpu must be between"), "{err}");
+    let bad = run(&lode, &["--volume", "relative:/x", "test/py", "--", "true"]);
+    assert_eq!(bad.status.code(), Some(2));
+    let err = text(&run(&lode, &["no-such-image", "--", "true"]).stderr);
+    assert!(err.contains("no image \"no-such-image\""), "{err}");
+
+    // A volume, read-only where asked; writes to the rest land on the host.
+    let shared = work.path().join("shared");
+    std::fs::create_dir(&shared).unwrap();
+    let ro = format!("{}:/ro:ro", marker.parent().unwrap().display());
+    let rw = format!("{}:/data", shared.display());
+    let out = run(
+        &lode,
+        &[
+            "-v",
+            &ro,
+            "-v",
+            &rw,
+            "test/py",
+            "--",
+            "sh",
+            "-c",
+            "cat /ro/host-only-marker; echo saved > /data/out; touch /ro/x 2>/dev/null || echo ro",
+        ],
+    );
+    assert_eq!(text(&out.stdout), "hostro\n", "{}", text(&out.stderr));
+    assert_eq!(std::fs::read(shared.join("out")).unwrap(), b"saved\n");
+}
+
+#[test]
+fn a_killed_server_leaves_nothing_after_it_restarts() {
+    let mut lode = start();
+    let work = tempfile::tempdir().unwrap();
+    python_image(&lode, work.path());
+    let mut running = std::process::Command::new(harness::LODE)
+        .args(["container", "run", "test/py", "--", "sleep", "300"])
+        .env("LODE_CONFIG", lode.client_file())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let sleeping = || {
+        let out = std::process::Command::new("pgrep")
+            .args(["-x", "-f", "sleep 300"])
+            .output()
+            .unwrap();
+        !out.stdout.is_empty()
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !sleeping() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the container never started"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    lode.kill();
+    // The client sees its stream end and says so.
+    assert_eq!(running.wait().unwrap().code(), Some(125));
+    assert!(
+        sleeping(),
+        "the container should outlive a SIGKILLed server"
+    );
+    assert!(!leftovers(&lode).is_empty());
+    lode.restart();
+    assert_eq!(leftovers(&lode), Vec::<String>::new());
+    assert!(!sleeping());
+}
+
+/// A one-layer OCI image layout holding a static busybox, written by hand.
+fn oci_layout(dir: &Path, extra: &[(&str, &[u8])]) {
+    use sha2::Digest as _;
+    let blobs = dir.join("blobs/sha256");
+    std::fs::create_dir_all(&blobs).unwrap();
+    let put = |bytes: &[u8]| -> (String, usize) {
+        let hex = hex::encode(sha2::Sha256::digest(bytes));
+        std::fs::write(blobs.join(&hex), bytes).unwrap();
+        (format!("sha256:{hex}"), bytes.len())
+    };
+    let mut layer = tar::Builder::new(flate2::write::GzEncoder::new(
+        Vec::new(),
+        flate2::Compression::fast(),
+    ));
+    let new_header = || {
+        let mut header = tar::Header::new_gnu();
+        header.set_uid(0);
+        header.set_gid(0);
+        header.set_mtime(1_700_000_000);
+        header
+    };
+    let mut header = new_header();
+    header.set_entry_type(tar::EntryType::Directory);
+    header.set_mode(0o755);
+    header.set_size(0);
+    layer.append_data(&mut header, "bin/", &[][..]).unwrap();
+    let busybox = std::fs::read("/bin/busybox").expect("apt-get install busybox-static");
+    let mut header = new_header();
+    header.set_mode(0o755);
+    header.set_size(busybox.len() as u64);
+    layer
+        .append_data(&mut header, "bin/busybox", &busybox[..])
+        .unwrap();
+    for applet in ["sh", "cat", "echo"] {
+        let mut header = new_header();
+        header.set_mode(0o777);
+        header.set_entry_type(tar::EntryType::Symlink);
+        header.set_size(0);
+        layer
+            .append_link(&mut header, format!("bin/{applet}"), "busybox")
+            .unwrap();
+    }
+    for (path, bytes) in extra {
+        let mut header = new_header();
+        header.set_mode(0o644);
+        header.set_size(bytes.len() as u64);
+        // Written raw, so a test can put `..` in a name the tar crate would refuse.
+        let name = header.as_gnu_mut().unwrap();
+        name.name[..path.len()].copy_from_slice(path.as_bytes());
+        header.set_cksum();
+        layer.append(&header, *bytes).unwrap();
+    }
+    let layer = layer.into_inner().unwrap().finish().unwrap();
+    let (layer_digest, layer_size) = put(&layer);
+    let config = serde_json::json!({
+        "architecture": "amd64", "os": "linux",
+        "config": {"Env": ["PATH=/bin", "FROM_OCI=yes"], "Cmd": ["/bin/sh", "-c", "echo from the image cmd $FROM_OCI"]},
+        "rootfs": {"type": "layers", "diff_ids": []}
+    });
+    let (config_digest, config_size) = put(&serde_json::to_vec(&config).unwrap());
+    let manifest = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config_digest, "size": config_size},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": layer_digest, "size": layer_size}]
+    });
+    let (manifest_digest, manifest_size) = put(&serde_json::to_vec(&manifest).unwrap());
+    let index = serde_json::json!({
+        "schemaVersion": 2,
+        "manifests": [{"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": manifest_digest, "size": manifest_size}]
+    });
+    std::fs::write(dir.join("index.json"), serde_json::to_vec(&index).unwrap()).unwrap();
+    std::fs::write(
+        dir.join("oci-layout"),
+        br#"{"imageLayoutVersion": "1.0.0"}"#,
+    )
+    .unwrap();
+}
+
+#[test]
+fn an_oci_layout_is_imported_built_on_and_run() {
+    let lode = start();
+    let work = tempfile::tempdir().unwrap();
+    oci_layout(&work.path().join("layout"), &[]);
+    let spec = write_spec(
+        work.path(),
+        "oci.json",
+        r#"{"base": {"from_oci": {"path": "layout"}},
+            "steps": [{"run_commands": {"commands": ["echo step > /step.txt"]}}]}"#,
+    );
+    let (digest, _) = build(&lode, &spec, &["--tag", "test/oci"]);
+    // No command: the image's own, with the image's environment.
+    let out = run(&lode, &["test/oci"]);
+    assert_eq!(
+        text(&out.stdout),
+        "from the image cmd yes\n",
+        "{}",
+        text(&out.stderr)
+    );
+    let out = run(&lode, &[&digest, "--", "cat", "/step.txt"]);
+    assert_eq!(text(&out.stdout), "step\n", "{}", text(&out.stderr));
+
+    // A layer that reaches out of the tree is refused, naming the entry; nothing escapes.
+    let evil = work.path().join("evil");
+    oci_layout(&evil, &[("../../escaped.txt", b"out")]);
+    let tarball = work.path().join("evil.tar");
+    let status = std::process::Command::new("tar")
+        .args([
+            "-C",
+            evil.to_str().unwrap(),
+            "-cf",
+            tarball.to_str().unwrap(),
+            ".",
+        ])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let spec = write_spec(
+        work.path(),
+        "evil.json",
+        &format!(
+            r#"{{"base": {{"from_oci": {{"path": {:?}}}}}}}"#,
+            tarball.display().to_string()
+        ),
+    );
+    let err = lode.cli_err(&["image", "build", &spec]);
+    assert!(err.contains("../../escaped.txt"), "{err}");
+    assert!(!work.path().join("escaped.txt").exists());
+    assert!(!Path::new("/tmp/escaped.txt").exists());
+    let _ = std::io::stderr().flush();
+}
