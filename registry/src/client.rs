@@ -405,7 +405,14 @@ impl BlobAccess for RegistryClient {
                 });
                 async move { grpc.get_index(request).await }
             })
-            .await?;
+            .await
+            .map_err(|e| match e {
+                Error::Remote {
+                    code: Code::NotFound,
+                    ..
+                } => Error::IndexNotFound(digest.clone()),
+                other => other,
+            })?;
         let data = response.into_inner().data;
         digest.verify(&data)?;
         Ok(data)
@@ -419,7 +426,15 @@ impl BlobAccess for RegistryClient {
                 });
                 async move { grpc.get_tag(request).await }
             })
-            .await?;
+            .await
+            .map_err(|e| match e {
+                // The same error a local store gives, so callers can tell "absent" apart.
+                Error::Remote {
+                    code: Code::NotFound,
+                    ..
+                } => Error::TagNotFound(name.to_string()),
+                other => other,
+            })?;
         digest_from(&self.url, "GetTag", &response.into_inner().digest)
     }
 
