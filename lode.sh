@@ -2,7 +2,7 @@
 # Lode's entry point on a fresh Debian machine (root, Rust installed).
 #   ./lode.sh demo    install what is needed, start `lode serve`, deploy samples/hello-http
 #   ./lode.sh test    fmt, clippy and the whole test suite (what CI runs)
-#   ./lode.sh bench [http|cas|fs|container]   all benchmarks, or one (installs wrk, b3sum, debootstrap)
+#   ./lode.sh bench [http|cas|fs|container|build]   all benchmarks, or one (installs wrk, b3sum, debootstrap, slirp4netns)
 #   ./lode.sh stop    stop the demo server
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -71,6 +71,8 @@ Lode is running. Try:
   lode logs hello --follow
   lode deploy samples/stream-echo --name echo && curl -d 'hi ' '$http_url/echo/echo?times=3'
   lode image ls ; lode image export demo/hello-src /tmp/hello-src-copy
+  lode image build samples/python-image/image.json --tag demo/py   # debootstrap once, then cached
+  lode container run --memory 256 demo/py -- python3 -c 'import six; print(six.__version__)'
 Stop it with: ./lode.sh stop
 MSG
 }
@@ -89,8 +91,10 @@ stop() {
 }
 
 run_tests() {
-  # The sandbox tests build a root filesystem from a static busybox.
-  setup busybox=busybox-static
+  # The sandbox tests build a root filesystem from a static busybox; image builds need
+  # debootstrap (the base is kept in $CACHE_DIR/images/base, so reruns skip it) and
+  # slirp4netns (build steps and --net outbound).
+  setup busybox=busybox-static debootstrap slirp4netns
   log "cargo fmt --check"
   cargo fmt --all -- --check
   log "cargo clippy"
@@ -108,7 +112,7 @@ run_tests() {
 bench() {
   local which=${1:-all}
   [[ $# -gt 0 ]] && shift
-  setup wrk b3sum debootstrap
+  setup wrk b3sum debootstrap slirp4netns
   mkdir -p "$CACHE_DIR"
   cargo build --release --quiet --bin lode
   if [[ $which == all || $which == http ]]; then
@@ -126,6 +130,9 @@ bench() {
   fi
   if [[ $which == all || $which == container ]]; then
     ./target/release/lode bench container "$@"
+  fi
+  if [[ $which == all || $which == build ]]; then
+    ./target/release/lode bench build "$@"
   fi
 }
 

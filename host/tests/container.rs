@@ -69,7 +69,8 @@ fn builds_are_cached_by_step_and_containers_run_on_the_result() {
         {"add_local_dir": {"local": "app", "remote": "/srv/app"}},
         {"add_local_file": {"local": "settings.toml", "remote": "/etc/app/settings.toml"}},
         {"workdir": {"path": "/srv/app"}},
-        {"pip_install": {"packages": ["six"]}}"#;
+        {"pip_install": {"packages": ["six"]}},
+        {"apt_install": {"packages": ["jq"]}}"#;
     let spec = write_spec(
         work.path(),
         "image.json",
@@ -87,7 +88,7 @@ fn builds_are_cached_by_step_and_containers_run_on_the_result() {
     // The same spec again: every step comes from the cache, nothing runs.
     let (again, progress) = build(&lode, &spec, &[]);
     assert_eq!(again, digest);
-    assert_eq!(progress.matches("(cached)").count(), 7, "{progress}");
+    assert_eq!(progress.matches("(cached)").count(), 8, "{progress}");
     assert!(!progress.contains("Successfully installed"), "{progress}");
 
     // One more package: everything before it is reused.
@@ -100,7 +101,7 @@ fn builds_are_cached_by_step_and_containers_run_on_the_result() {
     );
     let (more, progress) = build(&lode, &spec_more, &[]);
     assert_ne!(more, digest);
-    assert_eq!(progress.matches("(cached)").count(), 7, "{progress}");
+    assert_eq!(progress.matches("(cached)").count(), 8, "{progress}");
     assert!(
         progress.contains("Successfully installed idna"),
         "{progress}"
@@ -117,7 +118,8 @@ fn builds_are_cached_by_step_and_containers_run_on_the_result() {
             "-c",
             "pwd; echo $GREETING $EXTRA; cat /built.txt /etc/app/settings.toml; \
              python3 main.py; python3 -c 'import six; print(six.__version__)'; \
-             test -e /usr/share/common-licenses || echo deleted; exit 7",
+             test -e /usr/share/common-licenses || echo deleted; \
+             echo '{\"n\": 41}' | jq '.n + 1'; exit 7",
         ],
     );
     let stdout = text(&out.stdout);
@@ -135,6 +137,7 @@ fn builds_are_cached_by_step_and_containers_run_on_the_result() {
         "from app",
         "1.17",
         "deleted",
+        "42",
     ] {
         assert!(stdout.contains(expected), "missing {expected:?}:\n{stdout}");
     }

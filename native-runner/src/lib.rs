@@ -1,14 +1,16 @@
 //! Lode's native engine: sandboxed Linux containers for Python and GPU workloads.
 //!
-//! This crate will own image builds (a Debian base through debootstrap, then `pip_install`,
+//! This crate owns image builds (a Debian base through debootstrap, then `pip_install`,
 //! `apt_install` and `run_commands` steps, each cached by the hash of its parent and itself),
 //! container start on a lazy root filesystem (overlayfs over the `fs` mount, `pivot_root`,
 //! pid/mount/net/uts/ipc/cgroup namespaces, cgroup limits, seccomp, rlimits, no network unless
-//! asked), and the in-container Python agent that serves calls over a Unix socket.
+//! asked), and (with issue 6) the in-container Python agent that serves calls over a Unix socket.
 //!
 //! It must not route HTTP: the host decides what runs where and hands this crate a spec.
-//! So far it has the [`sandbox`]: namespaces, an overlay root, a minimal `/dev`, dropped
-//! capabilities and `no_new_privs`, with [`cgroup`] limits. Seccomp, builds and the agent follow.
+//! Here now: the [`sandbox`] (namespaces, an overlay root, a minimal `/dev`, dropped
+//! capabilities, `no_new_privs`, [`seccomp`], volumes and outbound network), [`cgroup`]
+//! limits, the [`image_spec`] and its [`builder`], and [`oci`] import. The Python agent
+//! follows with issue 6.
 #![deny(missing_docs)]
 
 pub mod builder;

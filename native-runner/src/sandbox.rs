@@ -624,6 +624,21 @@ fn wait_and_exit(pid: libc::pid_t) -> ! {
 fn build_overlay(p: &Prepared) -> io::Result<()> {
     let root = c"/";
     let none = c"none";
+    // Device nodes and /dev/shm get exactly the modes asked for (0666, 1777); the command
+    // starts with the usual 022.
+    // SAFETY: umask(2) takes and returns plain integers.
+    unsafe { libc::umask(0) };
+    let built = build_overlay_mounts(p, root, none);
+    // SAFETY: as above.
+    unsafe { libc::umask(0o022) };
+    built
+}
+
+fn build_overlay_mounts(
+    p: &Prepared,
+    root: &std::ffi::CStr,
+    none: &std::ffi::CStr,
+) -> io::Result<()> {
     // Nothing mounted from here on propagates back to the host.
     // SAFETY: static NUL-terminated strings; null fstype and data are allowed here.
     check(unsafe {

@@ -74,6 +74,7 @@ fn a_command_runs_isolated_on_an_overlay_of_the_image() {
         echo written > /etc/marker && echo "write=$(cat /etc/marker)"
         mount -t tmpfs none /tmp 2>/dev/null && echo "mount=allowed"
         ls /dev | tr '\n' ' '; echo
+        stat -c 'null=%a shm=%a' /dev/null /dev/shm | tr '\n' ' '; echo
         ip link show lo | grep -q UP && echo "lo=up"
         exit 3
     "#;
@@ -92,6 +93,9 @@ fn a_command_runs_isolated_on_an_overlay_of_the_image() {
         "null",
         "urandom",
         "lo=up",
+        // Other users (apt's _apt, say) can write /dev/null and use /dev/shm.
+        "null=666",
+        "shm=1777",
     ] {
         assert!(
             out.contains(expected),
