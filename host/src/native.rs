@@ -282,14 +282,16 @@ async fn build(State(native): State<Arc<Native>>, body: Bytes) -> Result<Respons
         lode_registry::validate_tag_name(tag).map_err(|e| ApiError::bad(e.to_string()))?;
     }
     native.cgroups()?;
-    let (tx, rx) = mpsc::channel::<BuildLine>(256);
+    // Unbounded, so a slow client never costs a line of build output; a build's output is
+    // bounded by what its steps print.
+    let (tx, rx) = mpsc::unbounded_channel::<BuildLine>();
     tokio::spawn(async move {
         let started = Instant::now();
         let events_tx = tx.clone();
         let events: lode_native_runner::builder::Events = Arc::new(move |event: BuildEvent| {
             // A client that went away stops seeing lines; the build still completes and is
             // cached, so a retry is quick.
-            let _ = events_tx.try_send(event.into());
+            let _ = events_tx.send(event.into());
         });
         let builder = native.builder.as_ref().expect("cgroups were checked");
         let line = match builder.build(&request.spec, events).await {
@@ -316,11 +318,12 @@ async fn build(State(native): State<Arc<Native>>, body: Bytes) -> Result<Respons
                 message: e.to_string(),
             },
         };
-        let _ = tx.send(line).await;
+        let _ = tx.send(line);
     });
-    Ok(ndjson(ReceiverStream::new(rx).map(|line| {
-        serde_json::to_string(&line).expect("serializes")
-    })))
+    Ok(ndjson(
+        tokio_stream::wrappers::UnboundedReceiverStream::new(rx)
+            .map(|line| serde_json::to_string(&line).expect("serializes")),
+    ))
 }
 
 /// `POST /v1/containers`: run a command in a new container of an image.

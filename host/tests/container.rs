@@ -398,10 +398,8 @@ fn a_killed_server_leaves_nothing_after_it_restarts() {
     lode.kill();
     // The client sees its stream end and says so.
     assert_eq!(running.wait().unwrap().code(), Some(125));
-    assert!(
-        sleeping(),
-        "the container should outlive a SIGKILLed server"
-    );
+    // Its cgroups stay until a server clears them. (Its processes may die on their own: a
+    // page fault on the dead server's FUSE mount is SIGBUS.)
     assert!(!leftovers(&lode).is_empty());
     lode.restart();
     assert_eq!(leftovers(&lode), Vec::<String>::new());
