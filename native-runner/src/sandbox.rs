@@ -270,6 +270,10 @@ struct Prepared {
     merged: CString,
     overlay_options: CString,
     proc_dir: CString,
+    /// `/proc` entries remounted read-only, and files hidden behind `/dev/null`.
+    proc_read_only: Vec<CString>,
+    proc_masked: Vec<CString>,
+    dev_null: CString,
     dev_dir: CString,
     dev_nodes: Vec<(CString, libc::mode_t, libc::dev_t)>,
     dev_shm: CString,
@@ -381,12 +385,23 @@ impl Prepared {
             work: path_cstring(&layer.join("work"))?,
             merged: join("merged")?,
             overlay_options: cstring(format!(
-                "lowerdir={},upperdir={},workdir={}",
+                // No redirects, metacopy or index: a build's upper dir must hold whole files
+                // and plain directories for the layer merge to read.
+                "lowerdir={},upperdir={},workdir={},redirect_dir=off,metacopy=off,index=off",
                 spec.lower.display(),
                 layer.join("upper").display(),
                 layer.join("work").display()
             ))?,
             proc_dir: path_cstring(&merged.join("proc"))?,
+            proc_read_only: PROC_READ_ONLY
+                .iter()
+                .map(|rel| path_cstring(&merged.join("proc").join(rel)))
+                .collect::<io::Result<_>>()?,
+            proc_masked: PROC_MASKED
+                .iter()
+                .map(|rel| path_cstring(&merged.join("proc").join(rel)))
+                .collect::<io::Result<_>>()?,
+            dev_null: path_cstring(&merged.join("dev/null"))?,
             dev_dir: path_cstring(&merged.join("dev"))?,
             dev_nodes: vec![
                 dev("null", 1, 3)?,
@@ -706,6 +721,45 @@ fn build_overlay_mounts(
     )?;
     // SAFETY: NUL-terminated strings that outlive the call.
     check(unsafe { libc::symlink(p.ptmx_target.as_ptr(), p.ptmx.as_ptr()) })?;
+    harden_proc(p)
+}
+
+/// `/proc` entries a container's uid 0 could write to reach the host: sysctls (a
+/// `core_pattern` pipe runs as root on the host), SysRq, IRQ affinity and the like. Writing
+/// them checks the uid, not a capability, so they are remounted read-only.
+const PROC_READ_ONLY: [&str; 6] = ["sys", "sysrq-trigger", "irq", "bus", "fs", "acpi"];
+
+/// `/proc` files that leak host memory or kernel state; `/dev/null` is mounted over them.
+const PROC_MASKED: [&str; 5] = ["kcore", "keys", "timer_list", "sched_debug", "kallsyms"];
+
+/// Applies [`PROC_READ_ONLY`] and [`PROC_MASKED`], as runc does. Entries this kernel lacks
+/// are skipped.
+fn harden_proc(p: &Prepared) -> io::Result<()> {
+    let missing = |e: &io::Error| e.raw_os_error() == Some(libc::ENOENT);
+    for path in &p.proc_read_only {
+        match mount(path, path, None, libc::MS_BIND | libc::MS_REC, None) {
+            Err(e) if missing(&e) => continue,
+            other => other?,
+        }
+        mount(
+            path,
+            path,
+            None,
+            libc::MS_BIND
+                | libc::MS_REMOUNT
+                | libc::MS_RDONLY
+                | libc::MS_NOSUID
+                | libc::MS_NODEV
+                | libc::MS_NOEXEC,
+            None,
+        )?;
+    }
+    for path in &p.proc_masked {
+        match mount(&p.dev_null, path, None, libc::MS_BIND, None) {
+            Err(e) if missing(&e) => {}
+            other => other?,
+        }
+    }
     Ok(())
 }
 
@@ -801,9 +855,15 @@ fn attach_volume(fd: libc::c_int, volume: &PreparedVolume) -> io::Result<()> {
     } else {
         // SAFETY: open(2) on a NUL-terminated path; the descriptor is closed at once.
         let file = unsafe {
+            // Read-only and non-blocking: a FIFO in the image at the target must not hang the
+            // start, and an existing file must not be copied up for a write.
             libc::open(
                 volume.target.as_ptr(),
-                libc::O_WRONLY | libc::O_CREAT | libc::O_CLOEXEC,
+                libc::O_RDONLY
+                    | libc::O_CREAT
+                    | libc::O_NONBLOCK
+                    | libc::O_NOCTTY
+                    | libc::O_CLOEXEC,
                 0o644,
             )
         };
@@ -854,7 +914,8 @@ fn write_resolv_conf(p: &Prepared, text: &CString) -> io::Result<()> {
         n
     };
     if written != bytes.len() as isize {
-        return Err(io::Error::other("short write to /etc/resolv.conf"));
+        // No allocation after the fork: an errno, not a message.
+        return Err(io::Error::from_raw_os_error(libc::EIO));
     }
     Ok(())
 }
@@ -1074,11 +1135,17 @@ impl Slirp {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
-        // SAFETY: dup2(2) only, on descriptors this process holds, between fork and exec.
+        // SAFETY: fcntl(2) and dup2(2) only, on descriptors this process holds, between fork
+        // and exec. Both are first copied above 10, so neither can be overwritten by the other
+        // on its way to 3 or 4, and dup2 then always clears close-on-exec.
         unsafe {
             command.pre_exec(move || {
-                check(libc::dup2(ready_fd, 3))?;
-                check(libc::dup2(exit_fd, 4))
+                let ready = libc::fcntl(ready_fd, libc::F_DUPFD_CLOEXEC, 10);
+                let exit = libc::fcntl(exit_fd, libc::F_DUPFD_CLOEXEC, 10);
+                check(ready)?;
+                check(exit)?;
+                check(libc::dup2(ready, 3))?;
+                check(libc::dup2(exit, 4))
             });
         }
         let mut process = command.spawn().map_err(|e| {

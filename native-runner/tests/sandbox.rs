@@ -75,6 +75,9 @@ fn a_command_runs_isolated_on_an_overlay_of_the_image() {
         mount -t tmpfs none /tmp 2>/dev/null && echo "mount=allowed"
         ls /dev | tr '\n' ' '; echo
         stat -c 'null=%a shm=%a' /dev/null /dev/shm | tr '\n' ' '; echo
+        echo probe > /proc/sys/kernel/hostname 2>/dev/null && echo "sysctl=written"
+        awk '$5 == "/proc/sys" { print $5 "=" $6 }' /proc/self/mountinfo
+        echo "timer_list=$(head -c 16 /proc/timer_list 2>/dev/null | wc -c)"
         ip link show lo | grep -q UP && echo "lo=up"
         exit 3
     "#;
@@ -103,6 +106,11 @@ fn a_command_runs_isolated_on_an_overlay_of_the_image() {
         );
     }
     assert!(!out.contains("leak="), "{out}");
+    // /proc's host-reaching files are read-only or masked.
+    assert!(!out.contains("sysctl=written"), "{out}");
+    // (This kernel has no sysrq-trigger or kcore; where they exist they are covered too.)
+    assert!(out.contains("/proc/sys=ro,"), "{out}");
+    assert!(out.contains("timer_list=0"), "{out}");
     assert!(!out.contains("mount=allowed"), "{out}");
     // The image is untouched; the write went to the container's own layer.
     assert_eq!(
