@@ -70,6 +70,17 @@ async fn an_upper_dir_with_changes_and_deletions_merges_into_a_new_index() {
             merged.to_str().unwrap(),
         ],
     );
+    // Unmounted even if an assertion below fails.
+    struct Unmount<'a>(&'a Path);
+    impl Drop for Unmount<'_> {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(self.0)
+                .status();
+        }
+    }
+    let mounted = Unmount(&merged);
     write(&merged, "edit.txt", b"after the step");
     std::fs::remove_file(merged.join("gone.txt")).unwrap();
     std::fs::remove_file(merged.join("tree/b")).unwrap();
@@ -85,7 +96,7 @@ async fn an_upper_dir_with_changes_and_deletions_merges_into_a_new_index() {
         "cp",
         &["-a", merged.to_str().unwrap(), expected.to_str().unwrap()],
     );
-    run("umount", &[merged.to_str().unwrap()]);
+    drop(mounted);
     write(&expected, "etc/resolv.conf", b"nameserver base\n");
     let resolv = std::fs::symlink_metadata(base.join("etc/resolv.conf")).unwrap();
     std::fs::File::options()

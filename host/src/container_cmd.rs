@@ -137,6 +137,9 @@ pub async fn build_spec(
         .request(Method::POST, "/v1/images/build")
         .json(&BuildRequest { spec, tag });
     let response = api.send(request).await?;
+    if response.status() == reqwest::StatusCode::NOT_FOUND {
+        return Err(crate::cli::api_error(response).await);
+    }
     let mut lines = ndjson_lines::<BuildLine>(response);
     let mut stderr = std::io::stderr();
     while let Some(line) = lines.next().await {

@@ -352,6 +352,10 @@ struct ServeArgs {
     /// <cache-dir>/images/base].
     #[arg(long)]
     image_base_dir: Option<PathBuf>,
+    /// A host directory whose contents `lode container run -v` may mount (repeatable).
+    /// None by default: a host volume can reach anything the server can.
+    #[arg(long = "allow-volume", value_name = "DIR")]
+    allow_volume: Vec<PathBuf>,
     #[command(flatten)]
     registry: RegistryFlags,
     /// Wasm instances that can run at once (pooling allocator slots).
@@ -475,7 +479,10 @@ async fn run(cli: Cli) -> Result<()> {
                 registry_options: args.registry.options(),
                 cache_size: args.cache_size,
                 image_base_dir: args.image_base_dir,
-                container_bounds: Default::default(),
+                container_bounds: lode::native::ContainerBounds {
+                    volume_roots: args.allow_volume,
+                    ..Default::default()
+                },
                 limits: Limits {
                     default_memory: args.memory * MIB,
                     max_memory: args.max_memory * MIB,

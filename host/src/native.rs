@@ -39,6 +39,9 @@ pub struct ContainerBounds {
     pub max_timeout: Duration,
     /// Processes a container gets when it names no limit (a fork bomb stops here).
     pub default_pids: u64,
+    /// Host directories whose contents may be bind-mounted into containers. Empty: none.
+    /// A token holder could otherwise mount `/` and own the host.
+    pub volume_roots: Vec<PathBuf>,
 }
 
 impl Default for ContainerBounds {
@@ -50,6 +53,7 @@ impl Default for ContainerBounds {
             max_pids: 32_768,
             max_timeout: Duration::from_secs(24 * 3600),
             default_pids: 4096,
+            volume_roots: Vec::new(),
         }
     }
 }
@@ -119,7 +123,8 @@ impl Native {
             .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "no_containers", e))
     }
 
-    async fn resolve(&self, reference: &str) -> Result<Digest, ApiError> {
+    /// The image `reference` names, with its index.
+    async fn resolve(&self, reference: &str) -> Result<(Digest, lode_fs::Index), ApiError> {
         let unknown = || {
             ApiError::new(
                 StatusCode::NOT_FOUND,
@@ -138,11 +143,13 @@ impl Native {
                 Err(e) => return Err(ApiError::internal(e)),
             },
         };
-        match self.registry.get_index(&digest).await {
-            Ok(_) => Ok(digest),
-            Err(lode_registry::Error::IndexNotFound(_)) => Err(unknown()),
-            Err(e) => Err(ApiError::internal(e)),
-        }
+        let bytes = match self.registry.get_index(&digest).await {
+            Ok(bytes) => bytes,
+            Err(lode_registry::Error::IndexNotFound(_)) => return Err(unknown()),
+            Err(e) => return Err(ApiError::internal(e)),
+        };
+        let index = lode_fs::Index::parse(bytes).map_err(ApiError::internal)?;
+        Ok((digest, index))
     }
 }
 
@@ -282,16 +289,22 @@ async fn build(State(native): State<Arc<Native>>, body: Bytes) -> Result<Respons
         lode_registry::validate_tag_name(tag).map_err(|e| ApiError::bad(e.to_string()))?;
     }
     native.cgroups()?;
-    // Unbounded, so a slow client never costs a line of build output; a build's output is
-    // bounded by what its steps print.
-    let (tx, rx) = mpsc::unbounded_channel::<BuildLine>();
+    let (tx, rx) = mpsc::channel::<BuildLine>(1024);
     tokio::spawn(async move {
         let started = Instant::now();
         let events_tx = tx.clone();
         let events: lode_native_runner::builder::Events = Arc::new(move |event: BuildEvent| {
-            // A client that went away stops seeing lines; the build still completes and is
-            // cached, so a retry is quick.
-            let _ = events_tx.send(event.into());
+            // Output lines come from the threads reading a step's pipes: they wait for a slow
+            // client (which holds the step back) rather than drop lines or buffer without
+            // bound. Step headers come from the build task, where waiting is not allowed; the
+            // channel has room for them. A client that went away stops seeing lines; the
+            // build still completes and is cached, so a retry is quick.
+            let line = BuildLine::from(event);
+            if tokio::runtime::Handle::try_current().is_ok() {
+                let _ = events_tx.try_send(line);
+            } else {
+                let _ = events_tx.blocking_send(line);
+            }
         });
         let builder = native.builder.as_ref().expect("cgroups were checked");
         let line = match builder.build(&request.spec, events).await {
@@ -318,12 +331,11 @@ async fn build(State(native): State<Arc<Native>>, body: Bytes) -> Result<Respons
                 message: e.to_string(),
             },
         };
-        let _ = tx.send(line);
+        let _ = tx.send(line).await;
     });
-    Ok(ndjson(
-        tokio_stream::wrappers::UnboundedReceiverStream::new(rx)
-            .map(|line| serde_json::to_string(&line).expect("serializes")),
-    ))
+    Ok(ndjson(ReceiverStream::new(rx).map(|line| {
+        serde_json::to_string(&line).expect("serializes")
+    })))
 }
 
 /// `POST /v1/containers`: run a command in a new container of an image.
@@ -412,7 +424,12 @@ pub enum ContainerLine {
 }
 
 impl Native {
-    fn check(&self, request: &ContainerRequest) -> Result<(Limits, Option<Duration>), ApiError> {
+    /// Checks a request's limits, env and volumes; returns the limits, the timeout and the
+    /// volumes with their host paths resolved.
+    fn check(
+        &self,
+        request: &ContainerRequest,
+    ) -> Result<(Limits, Option<Duration>, Vec<Volume>), ApiError> {
         let b = &self.bounds;
         let range = |what: &str, flag: &str, low: String, high: String| {
             ApiError::bad(format!(
@@ -463,14 +480,17 @@ impl Native {
                 )));
             }
         }
-        for volume in &request.volumes {
-            if !Path::new(&volume.source).is_absolute() {
-                return Err(ApiError::bad(format!(
-                    "volume source {:?} must be an absolute host path",
-                    volume.source
-                )));
-            }
-        }
+        let volumes = request
+            .volumes
+            .iter()
+            .map(|v| {
+                Ok(Volume {
+                    source: self.allowed_volume(&v.source)?,
+                    target: v.target.clone(),
+                    read_only: v.read_only,
+                })
+            })
+            .collect::<Result<_, ApiError>>()?;
         Ok((
             Limits {
                 memory: request.memory.map(|m| m << 20),
@@ -478,6 +498,39 @@ impl Native {
                 pids: Some(request.pids.unwrap_or(b.default_pids)),
             },
             timeout,
+            volumes,
+        ))
+    }
+}
+
+impl Native {
+    /// Checks that a volume's host side lies under one of the `--allow-volume` roots, after
+    /// resolving symlinks and `..`.
+    fn allowed_volume(&self, source: &str) -> Result<PathBuf, ApiError> {
+        if !Path::new(source).is_absolute() {
+            return Err(ApiError::bad(format!(
+                "volume source {source:?} must be an absolute host path"
+            )));
+        }
+        let real = std::fs::canonicalize(source)
+            .map_err(|e| ApiError::bad(format!("volume source {source:?}: {e}")))?;
+        let allowed = self
+            .bounds
+            .volume_roots
+            .iter()
+            .filter_map(|root| std::fs::canonicalize(root).ok())
+            .any(|root| real.starts_with(root));
+        if allowed {
+            return Ok(real);
+        }
+        Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "volume_not_allowed",
+            format!(
+                "host path {} may not be mounted into containers: start `lode serve` with \
+                 --allow-volume DIR for a directory that holds it",
+                real.display()
+            ),
         ))
     }
 }
@@ -496,7 +549,7 @@ async fn run_container(
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let request: ContainerRequest = json_body(&body, "container request")?;
-    let (limits, timeout) = native.check(&request)?;
+    let (limits, timeout, volumes) = native.check(&request)?;
     let network = match request.network.as_deref() {
         None | Some("none") => Network::None,
         Some("outbound") => Network::Outbound,
@@ -507,13 +560,7 @@ async fn run_container(
         }
     };
     let cgroups = native.cgroups()?.clone();
-    let digest = native.resolve(&request.image).await?;
-    let index_bytes = native
-        .registry
-        .get_index(&digest)
-        .await
-        .map_err(ApiError::internal)?;
-    let index = lode_fs::Index::parse(index_bytes).map_err(ApiError::internal)?;
+    let (digest, index) = native.resolve(&request.image).await?;
     let config = read_config(&index, native.registry.as_ref())
         .await
         .map_err(ApiError::internal)?;
@@ -552,15 +599,7 @@ async fn run_container(
             .unwrap_or_else(|| "/".into()),
         limits,
         timeout,
-        volumes: request
-            .volumes
-            .iter()
-            .map(|v| Volume {
-                source: PathBuf::from(&v.source),
-                target: v.target.clone(),
-                read_only: v.read_only,
-            })
-            .collect(),
+        volumes,
         network,
         ..SandboxSpec::default()
     };

@@ -14,7 +14,7 @@ use harness::Lode;
 const BASE_DIR: &str = "/var/cache/lode/images/base";
 
 fn start() -> Lode {
-    Lode::start(&["--image-base-dir", BASE_DIR])
+    Lode::start(&["--image-base-dir", BASE_DIR, "--allow-volume", "/tmp"])
 }
 
 fn text(bytes: &[u8]) -> String {
@@ -342,6 +342,9 @@ print("uid", os.getuid(), "host", socket.gethostname())
     assert!(err.contains("cpu must be between"), "{err}");
     let bad = run(&lode, &["--volume", "relative:/x", "test/py", "--", "true"]);
     assert_eq!(bad.status.code(), Some(2));
+    // Host paths outside --allow-volume are refused: a volume reaches what the server can.
+    let err = text(&run(&lode, &["-v", "/etc:/host-etc:ro", "test/py", "--", "true"]).stderr);
+    assert!(err.contains("--allow-volume"), "{err}");
     let err = text(&run(&lode, &["no-such-image", "--", "true"]).stderr);
     assert!(err.contains("no image \"no-such-image\""), "{err}");
 

@@ -560,7 +560,9 @@ fn prepare_build_env(dir: &Path) -> std::io::Result<Inherited> {
     let copy = |from: &str, name: &str| -> std::io::Result<bool> {
         match std::fs::read(from) {
             Ok(bytes) => {
-                let tmp = dir.join(format!(".{name}.tmp"));
+                // Builds run at once: each writes its own temporary file, and the rename swaps
+                // the new copy in atomically.
+                let tmp = dir.join(format!(".{name}.{}.tmp", random_hex()));
                 std::fs::write(&tmp, bytes)?;
                 std::fs::rename(&tmp, dir.join(name))?;
                 Ok(true)
@@ -668,6 +670,9 @@ fn lock_base(base_dir: &Path, release: &str) -> Result<std::fs::File, BuildError
 /// it done.
 fn debootstrap(base_dir: &Path, release: &str, events: Events) -> Result<(), BuildError> {
     let target = base_dir.join(format!("{release}.partial"));
+    // A debootstrap that was killed can leave /proc or /sys mounted inside its target;
+    // deleting through those would reach the host's.
+    unmount_under(&target);
     let _ = std::fs::remove_dir_all(&target);
     std::fs::create_dir_all(base_dir)
         .map_err(|e| BuildError::Other(format!("creating {}: {e}", base_dir.display())))?;
@@ -749,6 +754,24 @@ fn debootstrap(base_dir: &Path, release: &str, events: Events) -> Result<(), Bui
     std::fs::rename(&target, &rootfs)
         .and_then(|()| std::fs::write(base_dir.join(format!("{release}.done")), b""))
         .map_err(|e| BuildError::Other(format!("keeping the base: {e}")))
+}
+
+/// Detaches every mount at or below `dir`, deepest first.
+fn unmount_under(dir: &Path) {
+    let Ok(dir) = std::fs::canonicalize(dir) else {
+        return;
+    };
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let mut points: Vec<PathBuf> = mountinfo
+        .lines()
+        .filter_map(|line| line.split(' ').nth(4))
+        .map(PathBuf::from)
+        .filter(|point| point.starts_with(&dir))
+        .collect();
+    points.sort_by_key(|point| std::cmp::Reverse(point.components().count()));
+    for point in points {
+        let _ = rustix::mount::unmount(&point, rustix::mount::UnmountFlags::DETACH);
+    }
 }
 
 /// Removes package lists and caches, docs and locales, and the host's resolver and name.

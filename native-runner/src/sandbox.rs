@@ -149,6 +149,25 @@ pub struct Sandbox {
     timeout: Option<Duration>,
     /// The user-mode network stack, when the container has one.
     slirp: Option<Slirp>,
+    /// Set once [`Sandbox::finish`] has cleaned up; until then, dropping kills and cleans.
+    finished: bool,
+}
+
+impl Drop for Sandbox {
+    /// A sandbox dropped without [`Sandbox::finish`] (its caller went away or failed) still
+    /// leaves nothing: the whole container is killed and its cgroups, network and scratch go.
+    fn drop(&mut self) {
+        if self.finished {
+            return;
+        }
+        self.group.kill_all();
+        let _ = self.child.wait();
+        self.group.remove();
+        if let Some(slirp) = self.slirp.take() {
+            slirp.stop();
+        }
+        let _ = std::fs::remove_dir_all(&self.scratch);
+    }
 }
 
 /// How a container ended.
@@ -238,6 +257,7 @@ impl Sandbox {
             slirp.stop();
         }
         let _ = std::fs::remove_dir_all(&self.scratch);
+        self.finished = true;
         Ok(Finished {
             status,
             stdout: stdout.join().unwrap_or_default(),
@@ -1028,24 +1048,24 @@ pub fn spawn(
         .file_name()
         .and_then(|n| n.to_str())
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "scratch needs a UTF-8 name"))?;
-    let (netns, slirp) = match spec.network {
-        Network::None => (None, None),
+    // Whatever is made from here on is undone if the start fails.
+    let mut partial = Partial {
+        scratch: spec.scratch.clone(),
+        group: None,
+        slirp: None,
+    };
+    let netns = match spec.network {
+        Network::None => None,
         Network::Outbound => {
             let netns = new_net_namespace()?;
-            let slirp = Slirp::start(&netns)?;
-            (Some(netns), Some(slirp))
+            partial.slirp = Some(Slirp::start(&netns)?);
+            Some(netns)
         }
     };
     std::fs::create_dir_all(&spec.scratch)?;
-    let group = cgroups.create(name, &spec.limits)?;
+    let group = partial.group.insert(cgroups.create(name, &spec.limits)?);
     let (mut stage_read, stage_write) = io::pipe()?;
-    let prepared = match Prepared::new(spec, &group, netns, stage_write.into()) {
-        Ok(prepared) => prepared,
-        Err(e) => {
-            group.remove();
-            return Err(e);
-        }
-    };
+    let prepared = Prepared::new(spec, group, netns, stage_write.into())?;
     let mut command = Command::new(program);
     command
         .args(args)
@@ -1062,30 +1082,53 @@ pub fn spawn(
     let spawned = command.spawn();
     // The parent's copy of the write end goes with the command, so this read ends.
     drop(command);
-    let child = match spawned {
-        Ok(child) => child,
-        Err(e) => {
-            group.remove();
-            if let Some(slirp) = slirp {
-                slirp.stop();
-            }
-            let _ = std::fs::remove_dir_all(&spec.scratch);
-            let mut code = [0u8; 1];
-            return Err(match stage_read.read(&mut code) {
-                Ok(1) => {
-                    io::Error::new(e.kind(), format!("{}: {e}", Stage::describe(code[0], spec)))
-                }
-                _ => e,
-            });
+    let child = spawned.map_err(|e| {
+        let mut code = [0u8; 1];
+        match stage_read.read(&mut code) {
+            Ok(1) => io::Error::new(e.kind(), format!("{}: {e}", Stage::describe(code[0], spec))),
+            _ => e,
         }
-    };
+    })?;
+    let (group, slirp) = partial.disarm();
     Ok(Sandbox {
         child,
         scratch: spec.scratch.clone(),
         group,
         timeout: spec.timeout,
         slirp,
+        finished: false,
     })
+}
+
+/// What a start has made so far; dropped before [`Partial::disarm`], it removes it all.
+struct Partial {
+    scratch: PathBuf,
+    group: Option<Group>,
+    slirp: Option<Slirp>,
+}
+
+impl Partial {
+    /// The start succeeded: the sandbox owns the group and the network from here.
+    fn disarm(mut self) -> (Group, Option<Slirp>) {
+        let group = self.group.take().expect("made before the spawn");
+        let slirp = self.slirp.take();
+        self.scratch = PathBuf::new();
+        (group, slirp)
+    }
+}
+
+impl Drop for Partial {
+    fn drop(&mut self) {
+        if let Some(group) = self.group.take() {
+            group.remove();
+        }
+        if let Some(slirp) = self.slirp.take() {
+            slirp.stop();
+        }
+        if !self.scratch.as_os_str().is_empty() {
+            let _ = std::fs::remove_dir_all(&self.scratch);
+        }
+    }
 }
 
 /// A fresh network namespace, made on a short-lived thread so this process keeps its own.

@@ -441,7 +441,10 @@ fn outbound_network_has_a_route_out_but_not_to_the_host_loopback() {
     );
     // The user-mode stack went with the container.
     let slirps = std::process::Command::new("pgrep")
-        .args(["-f", &format!("slirp4netns.*{}", std::process::id())])
+        .args([
+            "-f",
+            &format!("slirp4netns.*/proc/{}/fd/", std::process::id()),
+        ])
         .output()
         .unwrap();
     assert!(
