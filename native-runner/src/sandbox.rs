@@ -405,12 +405,19 @@ impl Prepared {
             work: path_cstring(&layer.join("work"))?,
             merged: join("merged")?,
             overlay_options: cstring(format!(
-                // No redirects, metacopy or index: a build's upper dir must hold whole files
-                // and plain directories for the layer merge to read.
-                "lowerdir={},upperdir={},workdir={},redirect_dir=off,metacopy=off,index=off",
+                "lowerdir={},upperdir={},workdir={}{}",
                 spec.lower.display(),
                 layer.join("upper").display(),
-                layer.join("work").display()
+                layer.join("work").display(),
+                // A kept upper dir (a build step's) must hold whole files and plain
+                // directories for the layer merge to read: no redirects, metacopy or index,
+                // whatever the kernel's defaults. Function containers keep the defaults,
+                // which mount measurably faster.
+                if spec.keep_upper.is_some() {
+                    ",redirect_dir=off,metacopy=off,index=off"
+                } else {
+                    ""
+                }
             ))?,
             proc_dir: path_cstring(&merged.join("proc"))?,
             proc_read_only: PROC_READ_ONLY

@@ -277,10 +277,17 @@ impl Lode {
 }
 
 impl Drop for Lode {
+    /// Stops the server as an operator would (SIGTERM), so it unmounts its images: a SIGKILL
+    /// would leave its FUSE mounts in the host's mount table, and every later container start
+    /// copies that table.
     fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
+        self.stop();
+        let cache = self.dirs.path().join("cache");
+        let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        for point in mountinfo.lines().filter_map(|line| line.split(' ').nth(4)) {
+            if Path::new(point).starts_with(&cache) {
+                let _ = Command::new("umount").arg("-l").arg(point).status();
+            }
         }
     }
 }
