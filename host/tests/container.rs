@@ -376,8 +376,10 @@ fn a_killed_server_leaves_nothing_after_it_restarts() {
     let mut lode = start();
     let work = tempfile::tempdir().unwrap();
     python_image(&lode, work.path());
+    // A duration no other run uses, so an earlier run's container cannot be mistaken for it.
+    let duration = (1000 + std::process::id() % 100_000).to_string();
     let mut running = std::process::Command::new(harness::LODE)
-        .args(["container", "run", "test/py", "--", "sleep", "300"])
+        .args(["container", "run", "test/py", "--", "sleep", &duration])
         .env("LODE_CONFIG", lode.client_file())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
@@ -385,7 +387,7 @@ fn a_killed_server_leaves_nothing_after_it_restarts() {
         .unwrap();
     let sleeping = || {
         let out = std::process::Command::new("pgrep")
-            .args(["-x", "-f", "sleep 300"])
+            .args(["-x", "-f", &format!("sleep {duration}")])
             .output()
             .unwrap();
         !out.stdout.is_empty()
