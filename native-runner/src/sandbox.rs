@@ -487,6 +487,9 @@ enum Stage {
     Namespaces,
     Network,
     Root,
+    /// Cloning a volume's host side, before the pivot.
+    VolumeSource(u8),
+    /// Attaching it inside the container, after the pivot.
     Volume(u8),
     LockDown,
 }
@@ -500,6 +503,7 @@ impl Stage {
             Self::Root => 4,
             Self::LockDown => 5,
             Self::Volume(i) => 64 + i,
+            Self::VolumeSource(i) => 128 + i,
         }
     }
 
@@ -511,6 +515,10 @@ impl Stage {
             3 => "setting up the container's network".into(),
             4 => "building the container's root filesystem".into(),
             5 => "dropping privileges".into(),
+            128.. => match spec.volumes.get(usize::from(code - 128)) {
+                Some(v) => format!("opening volume source {} on the host", v.source.display()),
+                None => "opening a volume source".into(),
+            },
             64.. => match spec.volumes.get(usize::from(code - 64)) {
                 Some(v) => format!(
                     "mounting volume {} at {} (a missing parent, or an image symlink that leads \
@@ -796,7 +804,7 @@ fn build_root(p: &Prepared) -> io::Result<()> {
     // pivot. The descriptors stay in this process and close at exec.
     let mut volume_fds = [-1; MAX_VOLUMES];
     for (fd, volume) in volume_fds.iter_mut().zip(&p.volumes) {
-        *fd = stage(p, Stage::Volume(volume.index), clone_tree(volume))?;
+        *fd = stage(p, Stage::VolumeSource(volume.index), clone_tree(volume))?;
     }
     stage(p, Stage::Root, pivot(p))?;
     for (fd, volume) in volume_fds.iter().zip(&p.volumes) {
