@@ -22,11 +22,12 @@
 //! `slirp4netns` gives it a user-mode TCP/IP stack with the host's loopback cut off; the child
 //! joins it instead of making its own.
 //!
-//! User namespaces are not used: the lower layer is a FUSE mount owned by the host's root,
-//! which a container root mapped to another uid could not read through overlayfs without
-//! `allow_other` and idmapped-mount support for FUSE (added in Linux 6.12, and not in
-//! fuser 0.18). The container's root is contained by the other namespaces, dropped
-//! capabilities, `no_new_privs` and seccomp instead.
+//! User namespaces are not used yet. Under a remapped root, the image's files (owned by
+//! uid 0 on the shared FUSE mount) would show as unmapped unless the lower layer were an
+//! idmapped mount, which FUSE allows from Linux 6.12 when the server sets
+//! `FUSE_ALLOW_IDMAP`; that has not been tried here. Until then the container's uid 0 is the
+//! host's, held in by the other namespaces, empty capability sets, `no_new_privs`, seccomp
+//! and a read-only `/proc/sys`.
 
 use std::ffi::CString;
 use std::io::{self, Read};
