@@ -581,10 +581,7 @@ async fn run_container(
         .map_err(ApiError::internal)?;
     let mut env = vec![("PATH".to_string(), DEFAULT_PATH.to_string())];
     for (name, value) in config.env.iter().chain(&request.env) {
-        match env.iter_mut().find(|(n, _)| n == name) {
-            Some(slot) => slot.1 = value.clone(),
-            None => env.push((name.clone(), value.clone())),
-        }
+        lode_native_runner::image_spec::set_env(&mut env, name, value);
     }
     let id = format!("{}-c-{:016x}", native.scope, rand::random::<u64>());
     let spec = SandboxSpec {

@@ -22,7 +22,7 @@ use lode_registry::{BlobAccess, Digest, TagUpdate};
 
 use crate::cgroup::{Hierarchy, Limits};
 use crate::image_spec::{
-    Base, CONFIG_PATH, ImageConfig, ImageSpec, Step, debian_release, step_key,
+    Base, CONFIG_PATH, ImageConfig, ImageSpec, Step, debian_release, set_env, step_key,
 };
 use crate::sandbox::{BUILD_CAPABILITIES, Network, SandboxSpec, Volume, spawn};
 
@@ -363,10 +363,10 @@ impl Builder {
         let inherited = prepare_build_env(&inherit).map_err(other("preparing", &inherit))?;
         let mut env = vec![("PATH".to_string(), DEFAULT_PATH.to_string())];
         for (name, value) in &config.env {
-            set(&mut env, name, value);
+            set_env(&mut env, name, value);
         }
         for (name, value) in build_env(&inherited) {
-            set(&mut env, &name, &value);
+            set_env(&mut env, &name, &value);
         }
         let spec = SandboxSpec {
             lower: mount.mountpoint().to_path_buf(),
@@ -474,13 +474,6 @@ impl Builder {
             .set_tag(&tag, &digest, TagUpdate::Always)
             .await?;
         Ok(digest)
-    }
-}
-
-fn set(env: &mut Vec<(String, String)>, name: &str, value: &str) {
-    match env.iter_mut().find(|(n, _)| n == name) {
-        Some(slot) => slot.1 = value.to_string(),
-        None => env.push((name.to_string(), value.to_string())),
     }
 }
 

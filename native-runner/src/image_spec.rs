@@ -124,10 +124,15 @@ pub struct ImageConfig {
 impl ImageConfig {
     /// Sets `name`, replacing an earlier value in place.
     pub fn set_env(&mut self, name: &str, value: &str) {
-        match self.env.iter_mut().find(|(n, _)| n == name) {
-            Some(slot) => slot.1 = value.to_string(),
-            None => self.env.push((name.to_string(), value.to_string())),
-        }
+        set_env(&mut self.env, name, value);
+    }
+}
+
+/// Sets `name` in an ordered environment, replacing an earlier value in place.
+pub fn set_env(env: &mut Vec<(String, String)>, name: &str, value: &str) {
+    match env.iter_mut().find(|(n, _)| n == name) {
+        Some(slot) => slot.1 = value.to_string(),
+        None => env.push((name.to_string(), value.to_string())),
     }
 }
 
