@@ -30,7 +30,9 @@ pub use export::{ExportReport, export};
 pub use index::{Content, Entry, Index, IndexError, Kind};
 pub use ingest::{DEFAULT_INLINE_MAX, IngestOptions, IngestReport, ingest};
 pub use layer::ingest_layer;
-pub use mount::{Mount, MountOptions, MountTable, is_stale_mount, profile_tag, unmount};
+pub use mount::{
+    Mount, MountEntry, MountOptions, MountTable, is_stale_mount, mounts_under, profile_tag, unmount,
+};
 
 use std::io;
 use std::path::{Path, PathBuf};

@@ -144,35 +144,56 @@ fn widen_read_ahead(mountpoint: &Path) {
 /// `statfs` included. The caller holds the cache dir's lock, so every mount there is a
 /// leftover. Best effort: without fusectl the stale check below still clears most cases.
 fn abort_leftover_connections(root: &Path) {
-    let Ok(root) = std::fs::canonicalize(root) else {
-        return;
-    };
-    let Ok(mountinfo) = std::fs::read_to_string("/proc/self/mountinfo") else {
-        return;
-    };
-    for line in mountinfo.lines() {
-        // id parent major:minor root mountpoint options [optional...] - fstype source ...
-        let fields: Vec<&str> = line.split(' ').collect();
-        let Some(separator) = fields.iter().position(|f| *f == "-") else {
-            continue;
-        };
-        let fstype = fields.get(separator + 1).copied().unwrap_or_default();
-        let (Some(device), Some(mountpoint)) = (fields.get(2), fields.get(4)) else {
-            continue;
-        };
-        if !(fstype == "fuse" || fstype.starts_with("fuse."))
-            || !Path::new(mountpoint).starts_with(&root)
-        {
+    for mount in mounts_under(root) {
+        if !(mount.fstype == "fuse" || mount.fstype.starts_with("fuse.")) {
             continue;
         }
-        if let Some(minor) = device.split(':').nth(1) {
+        if let Some(minor) = mount.device.split(':').nth(1) {
             let abort = format!("/sys/fs/fuse/connections/{minor}/abort");
             match std::fs::write(&abort, b"1") {
-                Ok(()) => tracing::warn!(mount = %mountpoint, "aborted a leftover FUSE connection"),
+                Ok(()) => {
+                    tracing::warn!(mount = %mount.point.display(), "aborted a leftover FUSE connection")
+                }
                 Err(error) => tracing::debug!(%abort, %error, "could not abort a FUSE connection"),
             }
         }
     }
+}
+
+/// A mount in this process's mount table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MountEntry {
+    /// Where it is mounted.
+    pub point: PathBuf,
+    /// `major:minor` of its device.
+    pub device: String,
+    /// Its filesystem type, e.g. `fuse` or `proc`.
+    pub fstype: String,
+}
+
+/// The mounts at or below `dir` (resolved first), from `/proc/self/mountinfo`, deepest first
+/// so they can be unmounted in order. Empty when `dir` does not exist.
+pub fn mounts_under(dir: &Path) -> Vec<MountEntry> {
+    let Ok(dir) = std::fs::canonicalize(dir) else {
+        return Vec::new();
+    };
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let mut mounts: Vec<MountEntry> = mountinfo
+        .lines()
+        .filter_map(|line| {
+            // id parent major:minor root mountpoint options [optional...] - fstype source ...
+            let fields: Vec<&str> = line.split(' ').collect();
+            let separator = fields.iter().position(|f| *f == "-")?;
+            Some(MountEntry {
+                point: PathBuf::from(fields.get(4)?),
+                device: fields.get(2)?.to_string(),
+                fstype: fields.get(separator + 1)?.to_string(),
+            })
+        })
+        .filter(|mount| mount.point.starts_with(&dir))
+        .collect();
+    mounts.sort_by_key(|mount| std::cmp::Reverse(mount.point.components().count()));
+    mounts
 }
 
 /// Whether `path` is a FUSE mount whose server is gone. `statfs` always reaches the server

@@ -26,7 +26,7 @@ pub struct ApiError {
 }
 
 impl ApiError {
-    fn new(status: StatusCode, kind: &'static str, message: impl Into<String>) -> Self {
+    pub(crate) fn new(status: StatusCode, kind: &'static str, message: impl Into<String>) -> Self {
         Self {
             status,
             kind,
@@ -34,7 +34,12 @@ impl ApiError {
         }
     }
 
-    fn internal(error: impl std::fmt::Display) -> Self {
+    /// A 400 for a request that is not valid.
+    pub(crate) fn bad(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "invalid_request", message)
+    }
+
+    pub(crate) fn internal(error: impl std::fmt::Display) -> Self {
         let id = format!("{:016x}", rand::random::<u64>());
         tracing::error!(error_id = id, "internal error: {error}");
         Self::new(
@@ -188,7 +193,7 @@ async fn remove_app(
     }
 }
 
-fn ndjson(lines: impl futures::Stream<Item = String> + Send + 'static) -> Response {
+pub(crate) fn ndjson(lines: impl futures::Stream<Item = String> + Send + 'static) -> Response {
     let body = Body::from_stream(lines.map(|mut line| {
         line.push('\n');
         Ok::<_, std::convert::Infallible>(Bytes::from(line))

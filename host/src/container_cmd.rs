@@ -15,7 +15,8 @@ use lode_registry::BlobAccess;
 use reqwest::Method;
 
 use crate::cli::{ApiClient, ndjson_lines};
-use crate::native::{BuildLine, BuildRequest, ContainerLine, ContainerRequest};
+use crate::native::{BuildEnd, BuildLine, BuildRequest, ContainerLine, ContainerRequest};
+use lode_native_runner::builder::BuildEvent;
 
 /// Ingests a directory, returning its digest.
 async fn ingest_dir(registry: &Arc<dyn BlobAccess>, dir: &Path) -> Result<String> {
@@ -144,26 +145,26 @@ pub async fn build_spec(
     let mut stderr = std::io::stderr();
     while let Some(line) = lines.next().await {
         match line? {
-            BuildLine::Step {
+            BuildLine::Event(BuildEvent::Step {
                 number,
                 of,
                 description,
                 cached,
-            } => {
+            }) => {
                 let note = if cached { "  (cached)" } else { "" };
                 let _ = writeln!(stderr, "[{number}/{of}] {description}{note}");
             }
-            BuildLine::Log { line } => {
+            BuildLine::Event(BuildEvent::Log { line }) => {
                 if !quiet {
                     let _ = writeln!(stderr, "    {line}");
                 }
             }
-            BuildLine::Layer { .. } => {}
-            BuildLine::Done { digest, seconds } => {
+            BuildLine::Event(BuildEvent::Layer { .. }) => {}
+            BuildLine::End(BuildEnd::Done { digest, seconds }) => {
                 let _ = writeln!(stderr, "built {digest} in {seconds:.1} s");
                 return Ok(digest);
             }
-            BuildLine::Error { message } => bail!("{message}"),
+            BuildLine::End(BuildEnd::Error { message }) => bail!("{message}"),
         }
     }
     bail!("the server ended the build without a result (did `lode serve` stop?)")

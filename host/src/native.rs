@@ -11,8 +11,10 @@ use std::time::{Duration, Instant};
 use axum::Router;
 use axum::extract::State;
 use axum::http::StatusCode;
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use axum::routing::post;
+
+use crate::api::{ApiError, ndjson};
 use base64::Engine as _;
 use bytes::Bytes;
 use futures::StreamExt;
@@ -153,57 +155,12 @@ impl Native {
     }
 }
 
-/// An API error, shaped like the rest of the API's.
-#[derive(Debug)]
-pub struct ApiError {
-    status: StatusCode,
-    kind: &'static str,
-    message: String,
-}
-
-impl ApiError {
-    fn new(status: StatusCode, kind: &'static str, message: impl Into<String>) -> Self {
-        Self {
-            status,
-            kind,
-            message: message.into(),
-        }
-    }
-
-    fn bad(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::BAD_REQUEST, "invalid_request", message)
-    }
-
-    fn internal(e: impl std::fmt::Display) -> Self {
-        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
-    }
-}
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let body = serde_json::json!({"error": {"kind": self.kind, "message": self.message}});
-        (self.status, axum::Json(body)).into_response()
-    }
-}
-
 /// The routes, for the token-guarded part of the API.
 pub fn router(native: Arc<Native>) -> Router {
     Router::new()
         .route("/v1/images/build", post(build))
         .route("/v1/containers", post(run_container))
         .with_state(native)
-}
-
-fn ndjson(lines: impl futures::Stream<Item = String> + Send + 'static) -> Response {
-    let body = axum::body::Body::from_stream(lines.map(|mut line| {
-        line.push('\n');
-        Ok::<_, std::convert::Infallible>(Bytes::from(line))
-    }));
-    (
-        [(axum::http::header::CONTENT_TYPE, "application/x-ndjson")],
-        body,
-    )
-        .into_response()
 }
 
 fn json_body<T: for<'de> Deserialize<'de>>(body: &[u8], what: &str) -> Result<T, ApiError> {
@@ -221,33 +178,20 @@ pub struct BuildRequest {
     pub tag: Option<String>,
 }
 
-/// What a build streams: the builder's events, then `done` or `error`.
+/// What a build streams: the builder's events, then how it ended.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum BuildLine {
+    /// A step started or was cached, a line of output, or a step's result.
+    Event(BuildEvent),
+    /// The last line.
+    End(BuildEnd),
+}
+
+/// How a build ended.
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "event", rename_all = "snake_case")]
-pub enum BuildLine {
-    /// A step starts or was cached.
-    Step {
-        /// 0 is the base.
-        number: usize,
-        /// Steps after the base.
-        of: usize,
-        /// What it does.
-        description: String,
-        /// Whether it came from the cache.
-        cached: bool,
-    },
-    /// A line of output.
-    Log {
-        /// The line.
-        line: String,
-    },
-    /// A step's result.
-    Layer {
-        /// Step number.
-        number: usize,
-        /// Index digest after it.
-        digest: String,
-    },
+pub enum BuildEnd {
     /// The image.
     Done {
         /// Its index digest.
@@ -260,26 +204,6 @@ pub enum BuildLine {
         /// What failed and what to do.
         message: String,
     },
-}
-
-impl From<BuildEvent> for BuildLine {
-    fn from(event: BuildEvent) -> Self {
-        match event {
-            BuildEvent::Step {
-                number,
-                of,
-                description,
-                cached,
-            } => Self::Step {
-                number,
-                of,
-                description,
-                cached,
-            },
-            BuildEvent::Log { line } => Self::Log { line },
-            BuildEvent::Layer { number, digest } => Self::Layer { number, digest },
-        }
-    }
 }
 
 async fn build(State(native): State<Arc<Native>>, body: Bytes) -> Result<Response, ApiError> {
@@ -299,7 +223,7 @@ async fn build(State(native): State<Arc<Native>>, body: Bytes) -> Result<Respons
             // bound. Step headers come from the build task, where waiting is not allowed; the
             // channel has room for them. A client that went away stops seeing lines; the
             // build still completes and is cached, so a retry is quick.
-            let line = BuildLine::from(event);
+            let line = BuildLine::Event(event);
             if tokio::runtime::Handle::try_current().is_ok() {
                 let _ = events_tx.try_send(line);
             } else {
@@ -314,24 +238,24 @@ async fn build(State(native): State<Arc<Native>>, body: Bytes) -> Result<Respons
                     .set_tag(tag, &digest, TagUpdate::Always)
                     .await
                 {
-                    Ok(_) => BuildLine::Done {
+                    Ok(_) => BuildEnd::Done {
                         digest: digest.to_string(),
                         seconds: started.elapsed().as_secs_f64(),
                     },
-                    Err(e) => BuildLine::Error {
+                    Err(e) => BuildEnd::Error {
                         message: format!("built {digest} but could not tag it {tag}: {e}"),
                     },
                 },
-                None => BuildLine::Done {
+                None => BuildEnd::Done {
                     digest: digest.to_string(),
                     seconds: started.elapsed().as_secs_f64(),
                 },
             },
-            Err(e) => BuildLine::Error {
+            Err(e) => BuildEnd::Error {
                 message: e.to_string(),
             },
         };
-        let _ = tx.send(line).await;
+        let _ = tx.send(BuildLine::End(line)).await;
     });
     Ok(ndjson(ReceiverStream::new(rx).map(|line| {
         serde_json::to_string(&line).expect("serializes")

@@ -39,7 +39,7 @@ pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bi
 const TAIL_LINES: usize = 40;
 
 /// What a build reports as it goes.
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 #[serde(tag = "event", rename_all = "snake_case")]
 pub enum BuildEvent {
     /// A step starts (0 is the base), or was found in the cache.
@@ -751,19 +751,8 @@ fn debootstrap(base_dir: &Path, release: &str, events: Events) -> Result<(), Bui
 
 /// Detaches every mount at or below `dir`, deepest first.
 fn unmount_under(dir: &Path) {
-    let Ok(dir) = std::fs::canonicalize(dir) else {
-        return;
-    };
-    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    let mut points: Vec<PathBuf> = mountinfo
-        .lines()
-        .filter_map(|line| line.split(' ').nth(4))
-        .map(PathBuf::from)
-        .filter(|point| point.starts_with(&dir))
-        .collect();
-    points.sort_by_key(|point| std::cmp::Reverse(point.components().count()));
-    for point in points {
-        let _ = rustix::mount::unmount(&point, rustix::mount::UnmountFlags::DETACH);
+    for mount in lode_fs::mounts_under(dir) {
+        let _ = rustix::mount::unmount(&mount.point, rustix::mount::UnmountFlags::DETACH);
     }
 }
 

@@ -282,12 +282,8 @@ impl Drop for Lode {
     /// copies that table.
     fn drop(&mut self) {
         self.stop();
-        let cache = self.dirs.path().join("cache");
-        let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-        for point in mountinfo.lines().filter_map(|line| line.split(' ').nth(4)) {
-            if Path::new(point).starts_with(&cache) {
-                let _ = Command::new("umount").arg("-l").arg(point).status();
-            }
+        for mount in lode_fs::mounts_under(&self.dirs.path().join("cache")) {
+            let _ = lode_fs::unmount(&mount.point);
         }
     }
 }
