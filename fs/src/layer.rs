@@ -75,18 +75,52 @@ fn node_of(index: &Index, entry: Entry<'_>) -> Node {
     }
 }
 
+/// Where a user namespace put its ids on the host: an upper directory written from inside
+/// it holds host ids `base..base + count`, and the index stores the namespace's own
+/// `0..count`, so the image reads the same in any namespace.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HostIds {
+    /// The host id of the namespace's 0.
+    pub base: u32,
+    /// How many ids it maps.
+    pub count: u32,
+}
+
+impl HostIds {
+    fn shift(self, id: u32) -> u32 {
+        id.checked_sub(self.base)
+            .filter(|&inner| inner < self.count)
+            .unwrap_or(id)
+    }
+
+    /// Rewrites the owners of `node` and everything under it. Ids outside the range (the
+    /// whiteouts overlay makes as the host's root) stay as they are.
+    fn unshift(self, node: &mut Node) {
+        node.meta.uid = self.shift(node.meta.uid);
+        node.meta.gid = self.shift(node.meta.gid);
+        if let Body::Dir(children) = &mut node.body {
+            children.iter_mut().for_each(|child| self.unshift(child));
+        }
+    }
+}
+
 /// Merges the overlayfs upper directory `upper` onto `base`, uploads the chunks of what
 /// changed, and stores the flattened result as a new index (its digest is in the report).
 /// Paths in `ignore` (relative, like `etc/resolv.conf`) are left as the base has them: they
-/// are the mount points a build container was given, not what the step made.
+/// are the mount points a build container was given, not what the step made. With
+/// `host_ids`, the upper's owners are mapped back to the namespace's.
 pub async fn ingest_layer(
     base: &Index,
     upper: &Path,
     ignore: &[&str],
+    host_ids: Option<HostIds>,
     registry: Arc<dyn BlobAccess>,
     options: IngestOptions,
 ) -> Result<IngestReport> {
-    let (layer, report) = upload_tree(upper, registry.clone(), options).await?;
+    let (mut layer, report) = upload_tree(upper, registry.clone(), options).await?;
+    if let Some(ids) = host_ids {
+        ids.unshift(&mut layer);
+    }
     let mut tree = base.to_tree();
     let ignore: Vec<Vec<&[u8]>> = ignore
         .iter()

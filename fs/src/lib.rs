@@ -29,7 +29,7 @@ pub use copy::{CopyReport, copy_image};
 pub use export::{ExportReport, export};
 pub use index::{Content, Entry, Index, IndexError, Kind};
 pub use ingest::{DEFAULT_INLINE_MAX, IngestOptions, IngestReport, ingest};
-pub use layer::ingest_layer;
+pub use layer::{HostIds, ingest_layer};
 pub use mount::{
     Mount, MountEntry, MountOptions, MountTable, is_stale_mount, mounts_under, profile_tag, unmount,
 };

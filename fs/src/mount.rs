@@ -5,16 +5,16 @@ use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, UNIX_EPOCH};
 
 use bytes::Bytes;
 use fuser::{
     BackgroundSession, Config, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags,
-    Generation, INodeNo, KernelConfig, LockOwner, MountOption, OpenFlags, ReplyAttr, ReplyData,
-    ReplyDirectory, ReplyDirectoryPlus, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyXattr, Request,
-    SessionACL,
+    Generation, INodeNo, InitFlags, KernelConfig, LockOwner, MountOption, OpenFlags, ReplyAttr,
+    ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyXattr,
+    Request, SessionACL,
 };
 use lode_registry::{BlobAccess, Digest, TagUpdate};
 
@@ -83,6 +83,8 @@ struct Image {
     /// Per file: where the last read ended, to spot sequential readers.
     last_end: Mutex<HashMap<u32, u64>>,
     reads: AtomicU64,
+    /// Whether the kernel lets this mount be cloned idmapped (`FUSE_ALLOW_IDMAP`, Linux 6.12+).
+    idmappable: AtomicBool,
 }
 
 /// A mounted image. Dropping it unmounts.
@@ -235,6 +237,7 @@ impl Mount {
             }),
             last_end: Mutex::new(HashMap::new()),
             reads: AtomicU64::new(0),
+            idmappable: AtomicBool::new(false),
             options: options.clone(),
             index,
         });
@@ -252,6 +255,8 @@ impl Mount {
         config.n_threads = Some(options.threads.max(1));
         config.clone_fd = true;
         let session = fuser::spawn_mount(Fs(image.clone()), mountpoint, &config)?;
+        // The first request waits for FUSE_INIT, so what it agreed is known after this.
+        std::fs::metadata(mountpoint)?;
         widen_read_ahead(mountpoint);
         if options.prefetch {
             image.clone().start_prefetch();
@@ -266,6 +271,11 @@ impl Mount {
     /// Where it is mounted.
     pub fn mountpoint(&self) -> &Path {
         &self.mountpoint
+    }
+
+    /// Whether a container may see it through an idmapped clone (a user namespace's view).
+    pub fn idmappable(&self) -> bool {
+        self.image.idmappable.load(Ordering::Relaxed)
     }
 
     /// The chunk cache behind it.
@@ -562,6 +572,10 @@ impl Filesystem for Fs {
         // 1 MiB requests: max_pages follows the larger of max_write and max_readahead.
         let _ = config.set_max_readahead(1 << 20);
         let _ = config.set_max_background(64);
+        // Containers in a user namespace see the image through an idmapped clone of this
+        // mount; the kernel needs the server's consent (and default_permissions).
+        let idmap = config.add_capabilities(InitFlags::FUSE_ALLOW_IDMAP).is_ok();
+        self.0.idmappable.store(idmap, Ordering::Relaxed);
         Ok(())
     }
 

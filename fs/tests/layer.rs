@@ -4,11 +4,14 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use lode_fs::{IngestOptions, export, ingest, ingest_layer, tree_differences};
+use lode_fs::{HostIds, IngestOptions, export, ingest, ingest_layer, tree_differences};
 use lode_registry::BlobAccess;
 
 mod common;
 use common::{registry, run};
+
+/// Where a user namespace's ids start on the host, as Lode maps them.
+const HOST_BASE: u32 = 524_288;
 
 fn write(root: &Path, rel: &str, bytes: &[u8]) {
     let path = root.join(rel);
@@ -89,6 +92,16 @@ async fn an_upper_dir_with_changes_and_deletions_merges_into_a_new_index() {
     write(&merged, "replaced/new", b"new");
     write(&merged, "added/deep/file", b"added");
     std::os::unix::fs::symlink("/abs/target", merged.join("added/abs")).unwrap();
+    // Written by a user namespace's uid 5 and gid 6: host ids past the namespace's base.
+    write(&merged, "added/by-container", b"mapped");
+    let chown = |path: &Path, uid: u32, gid: u32| {
+        std::os::unix::fs::chown(path, Some(uid), Some(gid)).unwrap();
+    };
+    chown(
+        &merged.join("added/by-container"),
+        HOST_BASE + 5,
+        HOST_BASE + 6,
+    );
     // The mount point a build container gets for DNS: not part of the step's result.
     write(&merged, "etc/resolv.conf", b"nameserver 10.0.2.3\n");
     let expected = work.path().join("expected");
@@ -97,6 +110,7 @@ async fn an_upper_dir_with_changes_and_deletions_merges_into_a_new_index() {
         &["-a", merged.to_str().unwrap(), expected.to_str().unwrap()],
     );
     drop(mounted);
+    chown(&expected.join("added/by-container"), 5, 6);
     write(&expected, "etc/resolv.conf", b"nameserver base\n");
     let resolv = std::fs::symlink_metadata(base.join("etc/resolv.conf")).unwrap();
     std::fs::File::options()
@@ -119,6 +133,10 @@ async fn an_upper_dir_with_changes_and_deletions_merges_into_a_new_index() {
         &base_index,
         &upper,
         &["etc/resolv.conf"],
+        Some(HostIds {
+            base: HOST_BASE,
+            count: 65536,
+        }),
         access.clone(),
         IngestOptions::default(),
     )

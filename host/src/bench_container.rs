@@ -5,6 +5,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -12,6 +13,7 @@ use clap::Args;
 use lode_fs::{ChunkCache, Index, IngestOptions, Mount, MountOptions};
 use lode_native_runner::cgroup::V1;
 use lode_native_runner::sandbox::{SandboxSpec, spawn};
+use lode_native_runner::userns::{CONTAINER_IDS, UserNamespace};
 use lode_registry::BlobAccess;
 
 use crate::bench_cas::start_registry;
@@ -48,13 +50,20 @@ fn report(name: &str, mut times: Vec<Duration>, baseline: Option<Duration>) -> D
     p50
 }
 
-fn time_containers(lower: &Path, work: &Path, runs: usize, cgroups: &V1) -> Result<Vec<Duration>> {
+fn time_containers(
+    lower: &Path,
+    work: &Path,
+    runs: usize,
+    cgroups: &V1,
+    user_namespace: Option<&Arc<UserNamespace>>,
+) -> Result<Vec<Duration>> {
     let mut times = Vec::with_capacity(runs);
     for i in 0..runs + 1 {
         let spec = SandboxSpec {
             lower: lower.to_path_buf(),
             scratch: work.join(format!("c{i}")),
             argv: vec!["/usr/bin/python3".into(), "-c".into(), "pass".into()],
+            user_namespace: user_namespace.cloned(),
             ..SandboxSpec::default()
         };
         let started = Instant::now();
@@ -107,8 +116,10 @@ pub async fn container(args: ContainerBench) -> Result<()> {
     }
     let baseline = report("bare python3 -c pass on the host (baseline)", bare, None);
 
+    // As `lode serve` runs them: the container's root is an unprivileged host uid.
+    let userns = Arc::new(UserNamespace::create(CONTAINER_IDS).context("a user namespace")?);
     let dir = args.work.join("dir");
-    let times = time_containers(&args.rootfs, &dir, args.runs, &cgroups)?;
+    let times = time_containers(&args.rootfs, &dir, args.runs, &cgroups, Some(&userns))?;
     report(
         "container, image as a plain directory",
         times,
@@ -138,16 +149,26 @@ pub async fn container(args: ContainerBench) -> Result<()> {
         MountOptions::default(),
     )?;
     let lazy = args.work.join("lazy");
+    if !mount.idmappable() {
+        bail!("this kernel cannot idmap the FUSE mount (Linux 6.12+ is needed)");
+    }
     let (point_for_runs, runs) = (point.clone(), args.runs);
-    let times = tokio::task::spawn_blocking(move || {
+    let (times, without_userns) = tokio::task::spawn_blocking(move || {
         let cgroups = V1::detect()?;
-        time_containers(&point_for_runs, &lazy, runs, &cgroups)
+        let with = time_containers(&point_for_runs, &lazy, runs, &cgroups, Some(&userns))?;
+        let without = time_containers(&point_for_runs, &lazy, runs, &cgroups, None)?;
+        anyhow::Ok((with, without))
     })
     .await
     .expect("timing does not panic")?;
     let p50 = report(
         "container, image as a lazy mount (cached)",
         times,
+        Some(baseline),
+    );
+    report(
+        "  the same without a user namespace",
+        without_userns,
         Some(baseline),
     );
     tokio::task::spawn_blocking(move || mount.unmount())

@@ -153,7 +153,8 @@ enum ContainerCommand {
         /// NAME=VALUE, added to the image's environment (repeatable).
         #[arg(short, long = "env", value_parser = lode::container_cmd::parse_env)]
         env: Vec<(String, String)>,
-        /// HOSTDIR:/path[:ro], a bind mount (repeatable).
+        /// HOSTDIR:/path[:ro], a bind mount (repeatable). The container's root is host uid
+        /// 524288, so a writable HOSTDIR must be writable by it.
         #[arg(short, long = "volume", value_parser = lode::container_cmd::parse_volume)]
         volume: Vec<lode::native::VolumeRequest>,
         /// Working directory [default: the image's, else /].

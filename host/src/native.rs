@@ -23,6 +23,7 @@ use lode_native_runner::builder::{BuildEvent, Builder, DEFAULT_PATH, read_config
 use lode_native_runner::cgroup::{Hierarchy, Limits};
 use lode_native_runner::image_spec::ImageSpec;
 use lode_native_runner::sandbox::{Network, SandboxSpec, Volume, spawn};
+use lode_native_runner::userns::{CONTAINER_IDS, UserNamespace};
 use lode_registry::{BlobAccess, Digest, TagUpdate};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
@@ -72,6 +73,9 @@ pub struct Native {
     builder: Option<Builder>,
     run_dir: PathBuf,
     bounds: ContainerBounds,
+    /// Where containers' uid 0 is an unprivileged host uid; `None` where the kernel has no
+    /// user namespaces for us.
+    user_namespace: Option<Arc<UserNamespace>>,
 }
 
 impl Native {
@@ -98,15 +102,27 @@ impl Native {
         for leftover in [run_dir.clone(), images.join("layers"), images.join("run")] {
             let _ = std::fs::remove_dir_all(&leftover);
         }
+        let user_namespace = match UserNamespace::create(CONTAINER_IDS) {
+            Ok(userns) => Some(Arc::new(userns)),
+            Err(e) => {
+                tracing::warn!(
+                    "no user namespace ({e}): containers run as the host's uid 0, held in by \
+                     their other namespaces, dropped capabilities and seccomp"
+                );
+                None
+            }
+        };
         let builder = cgroups.as_ref().ok().map(|cgroups| {
-            Builder::new(
+            let mut builder = Builder::new(
                 registry.clone(),
                 mounts.clone(),
                 cgroups.clone(),
                 images,
                 base_dir,
                 format!("{scope}-build"),
-            )
+            );
+            builder.user_namespace = user_namespace.clone();
+            builder
         });
         Arc::new(Self {
             scope,
@@ -116,6 +132,7 @@ impl Native {
             builder,
             run_dir,
             bounds,
+            user_namespace,
         })
     }
 
@@ -408,8 +425,12 @@ impl Native {
             .volumes
             .iter()
             .map(|v| {
+                let source = self.allowed_volume(&v.source)?;
+                if !v.read_only {
+                    self.check_writable(&source)?;
+                }
                 Ok(Volume {
-                    source: self.allowed_volume(&v.source)?,
+                    source,
                     target: v.target.clone(),
                     read_only: v.read_only,
                 })
@@ -430,6 +451,31 @@ impl Native {
 impl Native {
     /// Checks that a volume's host side lies under one of the `--allow-volume` roots, after
     /// resolving symlinks and `..`.
+    /// A read-write volume the container's root could not write would fail deep inside the
+    /// command with a bare EACCES; this says why before anything starts.
+    fn check_writable(&self, source: &Path) -> Result<(), ApiError> {
+        use std::os::unix::fs::MetadataExt;
+        let Some(userns) = &self.user_namespace else {
+            return Ok(());
+        };
+        let root = userns.ids().host_base;
+        let meta = std::fs::metadata(source)
+            .map_err(|e| ApiError::bad(format!("volume source {}: {e}", source.display())))?;
+        let mode = meta.mode();
+        let writable = (meta.uid() == root && mode & 0o200 != 0)
+            || (meta.gid() == root && mode & 0o020 != 0)
+            || mode & 0o002 != 0;
+        if writable {
+            return Ok(());
+        }
+        Err(ApiError::bad(format!(
+            "volume {} is not writable by the container's root, which is host uid {root}: \
+             run `chown {root}:{root} {}` on the host, or mount it read-only with :ro",
+            source.display(),
+            source.display()
+        )))
+    }
+
     fn allowed_volume(&self, source: &str) -> Result<PathBuf, ApiError> {
         if !Path::new(source).is_absolute() {
             return Err(ApiError::bad(format!(
@@ -522,6 +568,9 @@ async fn run_container(
         timeout,
         volumes,
         network,
+        // Where the kernel cannot idmap the image's FUSE mount, the container runs as the
+        // host's root (Linux before 6.12).
+        user_namespace: native.user_namespace.clone().filter(|_| mount.idmappable()),
         ..SandboxSpec::default()
     };
     let started = Instant::now();

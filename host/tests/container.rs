@@ -119,7 +119,8 @@ fn builds_are_cached_by_step_and_containers_run_on_the_result() {
             "pwd; echo $GREETING $EXTRA; cat /built.txt /etc/app/settings.toml; \
              python3 main.py; python3 -c 'import six; print(six.__version__)'; \
              test -e /usr/share/common-licenses || echo deleted; \
-             echo '{\"n\": 41}' | jq '.n + 1'; exit 7",
+             echo '{\"n\": 41}' | jq '.n + 1'; \
+             stat -c '%n=%U:%G' /built.txt /usr/bin/jq /var/cache/apt/archives/partial; exit 7",
         ],
     );
     let stdout = text(&out.stdout);
@@ -138,6 +139,11 @@ fn builds_are_cached_by_step_and_containers_run_on_the_result() {
         "1.17",
         "deleted",
         "42",
+        // Steps ran as a user namespace's ids; the image stores the namespace's own, so
+        // root's files and apt's are theirs again when the image runs.
+        "/built.txt=root:root",
+        "/usr/bin/jq=root:root",
+        "/var/cache/apt/archives/partial=_apt:",
     ] {
         assert!(stdout.contains(expected), "missing {expected:?}:\n{stdout}");
     }
@@ -353,6 +359,13 @@ print("uid", os.getuid(), "host", socket.gethostname())
     std::fs::create_dir(&shared).unwrap();
     let ro = format!("{}:/ro:ro", marker.parent().unwrap().display());
     let rw = format!("{}:/data", shared.display());
+    // The container's root is an unprivileged host uid, so a volume it may write must be
+    // that uid's; the refusal says so before anything starts.
+    let refused = run(&lode, &["-v", &rw, "test/py", "--", "true"]);
+    assert_eq!(refused.status.code(), Some(125));
+    let err = text(&refused.stderr);
+    assert!(err.contains("chown 524288:524288"), "{err}");
+    std::os::unix::fs::chown(&shared, Some(524_288), Some(524_288)).unwrap();
     let out = run(
         &lode,
         &[
@@ -369,6 +382,25 @@ print("uid", os.getuid(), "host", socket.gethostname())
     );
     assert_eq!(text(&out.stdout), "hostro\n", "{}", text(&out.stderr));
     assert_eq!(std::fs::read(shared.join("out")).unwrap(), b"saved\n");
+    let owner = std::fs::metadata(shared.join("out")).unwrap();
+    assert_eq!(std::os::unix::fs::MetadataExt::uid(&owner), 524_288);
+    // Inside, it is uid 0 of a user namespace, and the image's files are its own.
+    let out = run(
+        &lode,
+        &[
+            "test/py",
+            "--",
+            "sh",
+            "-c",
+            "id -u; stat -c %u /usr/bin; tr -s ' ' < /proc/self/uid_map",
+        ],
+    );
+    assert_eq!(
+        text(&out.stdout),
+        "0\n0\n 0 524288 65536\n",
+        "{}",
+        text(&out.stderr)
+    );
 }
 
 #[test]

@@ -17,7 +17,7 @@ use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use lode_fs::{Body, FileContent, IngestOptions, Meta, MountTable, Node};
+use lode_fs::{Body, FileContent, HostIds, IngestOptions, Meta, MountTable, Node};
 use lode_registry::{BlobAccess, Digest, TagUpdate};
 
 use crate::cgroup::{Hierarchy, Limits};
@@ -25,6 +25,7 @@ use crate::image_spec::{
     Base, CONFIG_PATH, ImageConfig, ImageSpec, Step, debian_release, set_env, step_key,
 };
 use crate::sandbox::{BUILD_CAPABILITIES, Network, SandboxSpec, Volume, spawn};
+use crate::userns::UserNamespace;
 
 /// Where build containers find what they inherit from the host.
 const BUILD_ENV_MOUNT: &str = "/dev/lode-build";
@@ -116,6 +117,9 @@ pub struct Builder {
     name_prefix: String,
     /// Wall-clock limit for one step.
     pub step_timeout: Duration,
+    /// The user namespace build steps run in (see [`crate::userns`]); `None` runs them as
+    /// the host's root.
+    pub user_namespace: Option<Arc<UserNamespace>>,
 }
 
 impl Builder {
@@ -138,6 +142,7 @@ impl Builder {
             base_dir,
             name_prefix,
             step_timeout: Duration::from_secs(30 * 60),
+            user_namespace: None,
         }
     }
 
@@ -368,6 +373,12 @@ impl Builder {
         for (name, value) in build_env(&inherited) {
             set_env(&mut env, &name, &value);
         }
+        // Where the kernel cannot idmap the FUSE mount, the step runs as the host's root.
+        let user_namespace = self.user_namespace.clone().filter(|_| mount.idmappable());
+        let host_ids = user_namespace.as_ref().map(|userns| HostIds {
+            base: userns.ids().host_base,
+            count: userns.ids().count,
+        });
         let spec = SandboxSpec {
             lower: mount.mountpoint().to_path_buf(),
             scratch: self.work_dir.join("run").join(&name),
@@ -389,6 +400,7 @@ impl Builder {
             network: Network::Outbound,
             keep_upper: Some(layer.clone()),
             capabilities: BUILD_CAPABILITIES,
+            user_namespace,
             ..SandboxSpec::default()
         };
         let cgroups = self.cgroups.clone();
@@ -404,6 +416,7 @@ impl Builder {
                     index,
                     &upper,
                     &MOUNT_POINTS,
+                    host_ids,
                     self.registry.clone(),
                     IngestOptions::default(),
                 )

@@ -8,7 +8,8 @@
 //!
 //! It must not route HTTP: the host decides what runs where and hands this crate a spec.
 //! Here now: the [`sandbox`] (namespaces, an overlay root, a minimal `/dev`, dropped
-//! capabilities, `no_new_privs`, [`seccomp`], volumes and outbound network), [`cgroup`]
+//! capabilities, `no_new_privs`, [`seccomp`], volumes, outbound network and a [`userns`]
+//! whose root is an unprivileged host uid), [`cgroup`]
 //! limits, the [`image_spec`] and its [`builder`], and [`oci`] import. The Python agent
 //! follows with issue 6.
 #![deny(missing_docs)]
@@ -19,3 +20,4 @@ pub mod image_spec;
 pub mod oci;
 pub mod sandbox;
 pub mod seccomp;
+pub mod userns;

@@ -11,9 +11,10 @@
 //!    host directory as a detached mount, pivots into the root, and only then attaches the
 //!    volumes, so their targets resolve inside the container (an image symlink cannot aim a
 //!    volume at a host path);
-//! 4. brings up loopback, sets rlimits, drops every capability, sets `no_new_privs`, and
-//!    installs the seccomp profile ([`crate::seccomp`]);
-//! 5. returns to `std`, which execs the command.
+//! 4. brings up loopback and, given a user namespace, joins it as its root;
+//! 5. sets rlimits, drops every capability, sets `no_new_privs`, and installs the seccomp
+//!    profile ([`crate::seccomp`]);
+//! 6. returns to `std`, which execs the command.
 //!
 //! Everything in `pre_exec` is a plain syscall on memory prepared before the fork: nothing is
 //! allocated after it.
@@ -22,12 +23,13 @@
 //! `slirp4netns` gives it a user-mode TCP/IP stack with the host's loopback cut off; the child
 //! joins it instead of making its own.
 //!
-//! User namespaces are not used yet. Under a remapped root, the image's files (owned by
-//! uid 0 on the shared FUSE mount) would show as unmapped unless the lower layer were an
-//! idmapped mount, which FUSE allows from Linux 6.12 when the server sets
-//! `FUSE_ALLOW_IDMAP`; that has not been tried here. Until then the container's uid 0 is the
-//! host's, held in by the other namespaces, empty capability sets, `no_new_privs`, seccomp
-//! and a read-only `/proc/sys`.
+//! With a [`UserNamespace`] (what `lode serve` uses wherever the kernel allows), the child
+//! does all of the above as the host's root, with the image's root attached as an idmapped
+//! clone, and only then joins the namespace as its uid 0 ([`crate::userns`]). The
+//! container's root is then host uid 524288: its namespaces stay owned by the host's, so it
+//! holds no capability over its mounts, hostname or network even before they are dropped.
+//! Without one, the container's uid 0 is the host's, held in by the other namespaces, empty
+//! capability sets, `no_new_privs`, seccomp and a read-only `/proc/sys`.
 
 use std::ffi::CString;
 use std::io::{self, Read};
@@ -36,10 +38,12 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStderr, ChildStdout, Command, ExitStatus, Stdio};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::cgroup::{Group, Hierarchy, LimitHit, Limits};
+use crate::userns::UserNamespace;
 
 /// What to run, and on what.
 #[derive(Debug, Clone)]
@@ -75,6 +79,11 @@ pub struct SandboxSpec {
     /// containers keep none; build steps keep [`BUILD_CAPABILITIES`] so `apt-get` and `dpkg`
     /// can change owners and drop to their own users.
     pub capabilities: u64,
+    /// The user namespace to run in, its uid 0 being an unprivileged host uid; `None` runs
+    /// as the host's uid 0, held in by the other namespaces alone. The lower layer is then
+    /// mounted idmapped, so its filesystem must allow that (FUSE with `FUSE_ALLOW_IDMAP`,
+    /// ext4, xfs, btrfs, tmpfs).
+    pub user_namespace: Option<Arc<UserNamespace>>,
 }
 
 /// What a build step keeps: Docker's default set, less `NET_RAW` and `MKNOD`. It holds only
@@ -137,6 +146,7 @@ impl Default for SandboxSpec {
             network: Network::None,
             keep_upper: None,
             capabilities: 0,
+            user_namespace: None,
         }
     }
 }
@@ -318,6 +328,11 @@ struct Prepared {
     etc: CString,
     resolv_conf: CString,
     resolv_conf_text: Option<CString>,
+    /// With a user namespace: the image's root, and where its idmapped clone is attached
+    /// inside the scratch tmpfs to serve as the overlay's lower layer.
+    user_namespace: Option<Arc<UserNamespace>>,
+    lower_source: CString,
+    idmapped_lower: CString,
 }
 
 /// A volume, ready for the child: the host path, and the target with each of its parent
@@ -389,6 +404,11 @@ impl Prepared {
             ));
         }
         let merged = spec.scratch.join("merged");
+        let idmapped_lower = spec.scratch.join("lower");
+        let lowerdir = match spec.user_namespace {
+            Some(_) => &idmapped_lower,
+            None => &spec.lower,
+        };
         let dev = |name: &str, major: u32, minor: u32| -> io::Result<_> {
             Ok((
                 path_cstring(&merged.join("dev").join(name))?,
@@ -407,7 +427,7 @@ impl Prepared {
             merged: join("merged")?,
             overlay_options: cstring(format!(
                 "lowerdir={},upperdir={},workdir={}{}",
-                spec.lower.display(),
+                lowerdir.display(),
                 layer.join("upper").display(),
                 layer.join("work").display(),
                 // A kept upper dir (a build step's) must hold whole files and plain
@@ -477,6 +497,9 @@ impl Prepared {
                 Network::None => None,
                 Network::Outbound => Some(cstring(format!("nameserver {SLIRP_DNS}\n"))?),
             },
+            user_namespace: spec.user_namespace.clone(),
+            lower_source: path_cstring(&spec.lower)?,
+            idmapped_lower: path_cstring(&idmapped_lower)?,
         })
     }
 }
@@ -488,6 +511,8 @@ enum Stage {
     Namespaces,
     Network,
     Root,
+    /// Joining the user namespace and becoming its root.
+    User,
     /// Cloning a volume's host side, before the pivot.
     VolumeSource(u8),
     /// Attaching it inside the container, after the pivot.
@@ -503,6 +528,7 @@ impl Stage {
             Self::Network => 3,
             Self::Root => 4,
             Self::LockDown => 5,
+            Self::User => 6,
             Self::Volume(i) => 64 + i,
             Self::VolumeSource(i) => 128 + i,
         }
@@ -516,6 +542,7 @@ impl Stage {
             3 => "setting up the container's network".into(),
             4 => "building the container's root filesystem".into(),
             5 => "dropping privileges".into(),
+            6 => "entering the container's user namespace".into(),
             128.. => match spec.volumes.get(usize::from(code - 128)) {
                 Some(v) => format!("opening volume source {} on the host", v.source.display()),
                 None => "opening a volume source".into(),
@@ -712,6 +739,13 @@ fn build_overlay_mounts(
     mkdir(&p.upper, 0o755)?;
     mkdir(&p.work, 0o755)?;
     mkdir(&p.merged, 0o755)?;
+    if let Some(userns) = &p.user_namespace {
+        // The upper directory is the root the container sees: its root's, not the host's.
+        let root = userns.ids().host_base;
+        // SAFETY: a NUL-terminated path and plain integers.
+        check(unsafe { libc::chown(p.upper.as_ptr(), root, root) })?;
+        attach_idmapped_lower(p, userns)?;
+    }
     mount(
         overlay,
         &p.merged,
@@ -814,7 +848,73 @@ fn build_root(p: &Prepared) -> io::Result<()> {
     if let Some(text) = &p.resolv_conf_text {
         stage(p, Stage::Network, write_resolv_conf(p, text))?;
     }
-    stage(p, Stage::Root, finish_root(p))
+    stage(p, Stage::Root, finish_root(p))?;
+    if let Some(userns) = &p.user_namespace {
+        stage(p, Stage::User, become_container_root(userns))?;
+    }
+    Ok(())
+}
+
+/// Clones the image's root as a detached mount whose owners are seen through the user
+/// namespace (host uid 0 shows as the namespace's 0, which is `host_base` on the host), and
+/// attaches it read-only as the overlay's lower layer.
+fn attach_idmapped_lower(p: &Prepared, userns: &UserNamespace) -> io::Result<()> {
+    // SAFETY: open_tree(2) with a NUL-terminated path and flags.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_open_tree,
+            libc::AT_FDCWD,
+            p.lower_source.as_ptr(),
+            libc::OPEN_TREE_CLONE | libc::OPEN_TREE_CLOEXEC,
+        )
+    } as libc::c_int;
+    if fd == -1 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: mount_attr is plain data; all zeros is a valid value.
+    let mut attr: libc::mount_attr = unsafe { std::mem::zeroed() };
+    attr.attr_set = libc::MOUNT_ATTR_IDMAP | libc::MOUNT_ATTR_RDONLY;
+    attr.userns_fd = userns.fd().as_raw_fd() as u64;
+    // SAFETY: mount_setattr(2) on the descriptor just made, with an empty path, a valid
+    // mount_attr and its size; then move_mount(2) from it to a NUL-terminated path.
+    let attached = unsafe {
+        check(libc::syscall(
+            libc::SYS_mount_setattr,
+            fd,
+            c"".as_ptr(),
+            libc::AT_EMPTY_PATH,
+            &attr,
+            std::mem::size_of::<libc::mount_attr>(),
+        ) as libc::c_int)
+        .and_then(|()| mkdir(&p.idmapped_lower, 0o755))
+        .and_then(|()| {
+            check(libc::syscall(
+                libc::SYS_move_mount,
+                fd,
+                c"".as_ptr(),
+                libc::AT_FDCWD,
+                p.idmapped_lower.as_ptr(),
+                libc::MOVE_MOUNT_F_EMPTY_PATH,
+            ) as libc::c_int)
+        })
+    };
+    // SAFETY: closing the descriptor opened above.
+    unsafe { libc::close(fd) };
+    attached
+}
+
+/// Joins the user namespace and takes its uid and gid 0. Everything the container needed
+/// the host's root for is done by now, and its namespaces stay owned by the host's: from
+/// here the process holds capabilities only over what the namespace maps.
+fn become_container_root(userns: &UserNamespace) -> io::Result<()> {
+    // SAFETY: setns(2) on a namespace descriptor we hold, from this single-threaded child;
+    // then setgroups/setresgid/setresuid with plain integers and a null list.
+    unsafe {
+        check(libc::setns(userns.fd().as_raw_fd(), libc::CLONE_NEWUSER))?;
+        check(libc::setgroups(0, std::ptr::null()))?;
+        check(libc::setresgid(0, 0, 0))?;
+        check(libc::setresuid(0, 0, 0))
+    }
 }
 
 /// Swaps the new root in and detaches the host's.

@@ -2,11 +2,21 @@
 
 use std::path::Path;
 use std::process::Stdio;
+use std::sync::{Arc, OnceLock};
 
 use std::time::{Duration, Instant};
 
 use lode_native_runner::cgroup::{LimitHit, Limits, V1};
 use lode_native_runner::sandbox::{Finished, Network, SandboxSpec, Volume, spawn};
+use lode_native_runner::userns::{CONTAINER_IDS, UserNamespace};
+
+/// The user namespace every container here runs in, as under `lode serve`.
+fn user_namespace() -> Arc<UserNamespace> {
+    static SHARED: OnceLock<Arc<UserNamespace>> = OnceLock::new();
+    SHARED
+        .get_or_init(|| Arc::new(UserNamespace::create(CONTAINER_IDS).unwrap()))
+        .clone()
+}
 
 /// A root filesystem holding only a static busybox and its applet links.
 fn busybox_root(root: &Path) {
@@ -36,6 +46,7 @@ fn container(root: &Path, scratch: &Path, script: &str) -> SandboxSpec {
         scratch: scratch.to_path_buf(),
         argv: vec!["/bin/sh".into(), "-c".into(), script.into()],
         env: vec![("PATH".into(), "/bin".into())],
+        user_namespace: Some(user_namespace()),
         ..Default::default()
     }
 }
@@ -121,6 +132,71 @@ fn a_command_runs_isolated_on_an_overlay_of_the_image() {
     assert!(!scratch.exists());
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
     assert!(!mounts.contains(scratch.to_str().unwrap()), "{mounts}");
+}
+
+#[test]
+fn the_container_root_is_an_unprivileged_host_uid() {
+    use std::os::unix::fs::MetadataExt;
+    let dirs = tempfile::tempdir().unwrap();
+    let root = dirs.path().join("image");
+    busybox_root(&root);
+    // A volume the container's root owns on the host, and one the host's root owns.
+    let (owned, hosts) = (dirs.path().join("owned"), dirs.path().join("hosts"));
+    std::fs::create_dir(&owned).unwrap();
+    std::fs::create_dir(&hosts).unwrap();
+    let base = CONTAINER_IDS.host_base;
+    std::os::unix::fs::chown(&owned, Some(base), Some(base)).unwrap();
+    let mut spec = container(
+        &root,
+        &dirs.path().join("scratch"),
+        r#"
+        echo "map=$(cat /proc/self/uid_map | tr -s ' ')"
+        echo "id=$(id -u):$(id -g)"
+        echo "image=$(stat -c %u:%g /bin/busybox)"
+        echo new > /etc/new && echo "new=$(stat -c %u /etc/new)"
+        echo top > /top && echo "root=$(stat -c %u:%g /)"
+        chown 7:7 /etc/new && echo "chown=$(stat -c %u:%g /etc/new)"
+        echo mine > /owned/file && echo "owned=ok"
+        echo host > /hosts/file 2>/dev/null || echo "hosts=refused"
+        "#,
+    );
+    spec.capabilities = lode_native_runner::sandbox::BUILD_CAPABILITIES;
+    spec.volumes = vec![
+        Volume {
+            source: owned.clone(),
+            target: "/owned".into(),
+            read_only: false,
+        },
+        Volume {
+            source: hosts.clone(),
+            target: "/hosts".into(),
+            read_only: false,
+        },
+    ];
+    let finished = finish(&spec);
+    let out = String::from_utf8_lossy(&finished.stdout);
+    let err = String::from_utf8_lossy(&finished.stderr);
+    assert_eq!(finished.code(), 0, "{out}\n{err}");
+    for expected in [
+        format!("map= 0 {base} {}", CONTAINER_IDS.count),
+        "id=0:0".into(),
+        // The image's root-owned files are the container root's own, through the idmap.
+        "image=0:0".into(),
+        "new=0".into(),
+        "root=0:0".into(),
+        "chown=7:7".into(),
+        "owned=ok".into(),
+        "hosts=refused".into(),
+    ] {
+        assert!(
+            out.contains(&expected),
+            "missing {expected:?} in:\n{out}\n{err}"
+        );
+    }
+    // On the host, what the container's root wrote belongs to an unprivileged uid.
+    let file = std::fs::metadata(owned.join("file")).unwrap();
+    assert_eq!((file.uid(), file.gid()), (base, base));
+    assert!(!hosts.join("file").exists());
 }
 
 #[test]
@@ -287,6 +363,9 @@ fn volumes_mount_read_write_or_read_only_and_stay_inside_the_container() {
         dirs.path().join("secret.txt"),
     );
     std::fs::create_dir(&data).unwrap();
+    // The container's root may write where its host uid may.
+    let base = CONTAINER_IDS.host_base;
+    std::os::unix::fs::chown(&data, Some(base), Some(base)).unwrap();
     std::fs::create_dir(&config).unwrap();
     std::fs::write(config.join("settings"), b"read me\n").unwrap();
     std::fs::write(&secret, b"one file\n").unwrap();
