@@ -39,6 +39,11 @@ impl ApiError {
         Self::new(StatusCode::BAD_REQUEST, "invalid_request", message)
     }
 
+    /// What went wrong, in words.
+    pub(crate) fn message(&self) -> &str {
+        &self.message
+    }
+
     pub(crate) fn internal(error: impl std::fmt::Display) -> Self {
         let id = format!("{:016x}", rand::random::<u64>());
         tracing::error!(error_id = id, "internal error: {error}");
@@ -83,7 +88,8 @@ pub fn router(server: Arc<Server>, native: Arc<crate::native::Native>, token: Ar
         )
         .route("/v1/apps/{app}/logs", get(logs))
         .route("/metrics", get(metrics))
-        .with_state(server)
+        .with_state(server.clone())
+        .merge(crate::functions_api::router(server))
         .merge(crate::native::router(native))
         .layer(middleware::from_fn_with_state(token, require_token));
     Router::new()
@@ -161,7 +167,7 @@ fn check_app_name(app: &str) -> ApiResult<()> {
     }
 }
 
-fn not_deployed(app: &str) -> ApiError {
+pub(crate) fn not_deployed(app: &str) -> ApiError {
     ApiError::new(
         StatusCode::NOT_FOUND,
         "not_found",

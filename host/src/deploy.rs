@@ -100,6 +100,7 @@ fn wasm_function(name: String, bytes: Vec<u8>) -> Planned {
         secrets: vec![],
         volumes: vec![],
         network: Network::default(),
+        retries: None,
     };
     Planned { spec, bytes }
 }
@@ -309,7 +310,8 @@ async fn upload_blobs(registry: &RegistryClient, blobs: BTreeMap<String, Vec<u8>
     Ok(())
 }
 
-async fn follow_deploy(client: &ApiClient, manifest: &Manifest) -> Result<()> {
+/// Sends the manifest and prints the server's progress until the deploy ends.
+pub async fn follow_deploy(client: &ApiClient, manifest: &Manifest) -> Result<()> {
     let response = client
         .send(
             client
@@ -336,6 +338,11 @@ async fn follow_deploy(client: &ApiClient, manifest: &Manifest) -> Result<()> {
                 event["bytes"].as_u64().unwrap_or(0) / 1024
             )),
             "progress" => {}
+            "image" => spinner.println(format!(
+                "{}: {}",
+                event["function"].as_str().unwrap_or("?"),
+                event["line"].as_str().unwrap_or_default()
+            )),
             "compiled" => spinner.println(format!(
                 "{} {} in {} ms",
                 if event["cached"] == true {

@@ -54,7 +54,8 @@ struct ClientArgs {
 enum Command {
     /// Run the server: API, public HTTP and the Wasm engine.
     Serve(ServeArgs),
-    /// Deploy a .wasm component, a Cargo crate directory or a directory with lode.toml.
+    /// Deploy a .wasm component, a Cargo crate directory, a directory with lode.toml, or a
+    /// Python file (its lode.App: images are built, functions get container pools).
     Deploy {
         /// What to deploy.
         path: PathBuf,
@@ -64,6 +65,38 @@ enum Command {
         #[command(flatten)]
         registry: RegistryArg,
     },
+    /// Deploy a Python app, then run its local entrypoint here; function logs stream into
+    /// this terminal.
+    Run {
+        /// The Python file.
+        file: PathBuf,
+        /// Which @app.local_entrypoint() to run, when there are several.
+        #[arg(long)]
+        entrypoint: Option<String>,
+        /// Arguments for the entrypoint.
+        #[arg(last = true)]
+        args: Vec<String>,
+        #[command(flatten)]
+        registry: RegistryArg,
+    },
+    /// Call a function: each ARG is JSON, or else a string (`lode call demo/square 4`).
+    Call {
+        /// APP/FUNCTION.
+        target: String,
+        /// Positional arguments.
+        args: Vec<String>,
+    },
+    /// A deployed app's functions: containers, queue depth, cold starts.
+    Stats {
+        /// App name.
+        app: String,
+    },
+    /// Secrets: named sets of environment variables, encrypted at rest.
+    #[command(subcommand)]
+    Secret(SecretCommand),
+    /// Volumes: persistent directories mounted into functions.
+    #[command(subcommand)]
+    Volume(VolumeCommand),
     /// List deployed apps.
     Ls,
     /// Remove an app.
@@ -284,6 +317,36 @@ enum FsCommand {
 }
 
 #[derive(Debug, Subcommand)]
+enum SecretCommand {
+    /// Store a secret (replacing one of the same name): lode secret create api TOKEN=abc.
+    Create {
+        /// Secret name.
+        name: String,
+        /// KEY=VALUE pairs, injected as environment variables.
+        #[arg(required = true)]
+        pairs: Vec<String>,
+    },
+    /// List secrets and their variable names (never the values).
+    Ls,
+    /// Remove a secret.
+    Rm {
+        /// Secret name.
+        name: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum VolumeCommand {
+    /// Create a volume (functions may also declare create_if_missing=True).
+    Create {
+        /// Volume name (a DNS label).
+        name: String,
+    },
+    /// List volumes.
+    Ls,
+}
+
+#[derive(Debug, Subcommand)]
 enum RegistryCommand {
     /// Serve blobs, indexes and tags over gRPC. The token is created in DATA_DIR/token.
     Serve {
@@ -368,6 +431,24 @@ struct ServeArgs {
     /// Do not write ~/.config/lode/client.json (the data dir copy is always written).
     #[arg(long)]
     no_client_config: bool,
+    /// Inputs a Python function may hold queued before calls are answered 429.
+    #[arg(long, default_value_t = 1000)]
+    max_queue: usize,
+    /// How long a function container may take to import its module, e.g. 60s.
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    container_start_timeout: Duration,
+}
+
+/// Where deploys upload: the server's own registry, unless one is named.
+async fn deploy_registry(
+    args: &ClientArgs,
+    api: &cli::ApiClient,
+    flag: &RegistryArg,
+) -> Result<Arc<lode_registry::RegistryClient>> {
+    match &flag.registry {
+        Some(_) => registry(args, &flag.registry),
+        None => Ok(Arc::new(image::connect(&api.registry().await?)?)),
+    }
 }
 
 fn overrides(args: &ClientArgs, registry: Option<&str>) -> ClientOverrides {
@@ -493,6 +574,8 @@ async fn run(cli: Cli) -> Result<()> {
                 max_instances: args.instances,
                 log_lines: args.log_lines,
                 no_client_config: args.no_client_config,
+                max_queue: args.max_queue.max(1),
+                container_start_timeout: args.container_start_timeout,
             })
             .await
         }
@@ -502,12 +585,50 @@ async fn run(cli: Cli) -> Result<()> {
             registry: flag,
         } => {
             let api = client(&cli.client)?;
-            // The server's own registry, unless one is named.
-            let registry = match &flag.registry {
-                Some(_) => registry(&cli.client, &flag.registry)?,
-                None => Arc::new(image::connect(&api.registry().await?)?),
-            };
-            lode::deploy::deploy(&api, registry, &path, name.as_deref()).await
+            let registry = deploy_registry(&cli.client, &api, &flag).await?;
+            if lode::python_cli::is_python_app(&path) {
+                lode::python_cli::deploy(&api, registry, &path, name.as_deref())
+                    .await
+                    .map(|_| ())
+            } else {
+                lode::deploy::deploy(&api, registry, &path, name.as_deref()).await
+            }
+        }
+        Command::Run {
+            file,
+            entrypoint,
+            args,
+            registry: flag,
+        } => {
+            let api = client(&cli.client)?;
+            let registry = deploy_registry(&cli.client, &api, &flag).await?;
+            let code =
+                lode::python_cli::run(&api, registry, &file, entrypoint.as_deref(), &args).await?;
+            std::process::exit(code);
+        }
+        Command::Call { target, args } => {
+            let code = lode::python_cli::call(&client(&cli.client)?, &target, &args).await?;
+            std::process::exit(code);
+        }
+        Command::Stats { app } => lode::python_cli::stats(&client(&cli.client)?, &app).await,
+        Command::Secret(command) => {
+            let api = client(&cli.client)?;
+            match command {
+                SecretCommand::Create { name, pairs } => {
+                    lode::python_cli::secret_create(&api, &name, &pairs).await
+                }
+                SecretCommand::Ls => lode::python_cli::secret_list(&api).await,
+                SecretCommand::Rm { name } => lode::python_cli::secret_remove(&api, &name).await,
+            }
+        }
+        Command::Volume(command) => {
+            let api = client(&cli.client)?;
+            match command {
+                VolumeCommand::Create { name } => {
+                    lode::python_cli::volume_create(&api, &name).await
+                }
+                VolumeCommand::Ls => lode::python_cli::volume_list(&api).await,
+            }
         }
         Command::Ls => cli::list(&client(&cli.client)?).await,
         Command::Rm { app } => cli::remove(&client(&cli.client)?, &app).await,

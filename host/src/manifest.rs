@@ -71,6 +71,41 @@ pub struct FunctionSpec {
     /// Outbound network policy.
     #[serde(default)]
     pub network: Network,
+    /// Python: how often an input is retried after its container died under it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retries: Option<Retries>,
+}
+
+/// Retries of inputs whose container died, with exponential back-off.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Retries {
+    /// Retries after the first attempt (0-10).
+    pub max_retries: u32,
+    /// Seconds before the first retry.
+    #[serde(default = "default_initial_delay")]
+    pub initial_delay: f64,
+    /// Each further delay is the last one times this.
+    #[serde(default = "default_backoff")]
+    pub backoff_coefficient: f64,
+}
+
+fn default_initial_delay() -> f64 {
+    1.0
+}
+
+fn default_backoff() -> f64 {
+    2.0
+}
+
+impl Retries {
+    /// The delay before retry number `attempt` (1 for the first retry).
+    pub fn delay(&self, attempt: u32) -> Duration {
+        let factor = self
+            .backoff_coefficient
+            .powi(attempt.saturating_sub(1) as i32);
+        Duration::from_secs_f64((self.initial_delay * factor).clamp(0.0, 600.0))
+    }
 }
 
 /// Python code and image.
@@ -86,6 +121,9 @@ pub struct PythonSource {
     /// Image spec as the SDK builds it (base plus steps); opaque to the Wasm engine.
     #[serde(default)]
     pub image: serde_json::Value,
+    /// `json` (the default) or `pickle`, for functions that take and return Python objects.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serialization: Option<String>,
 }
 
 /// Resources and limits. Absent fields take the server's defaults.
@@ -151,6 +189,12 @@ pub struct VolumeMount {
     pub name: String,
     /// Absolute mount path inside the function.
     pub path: String,
+    /// Mounted read-only.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub read_only: bool,
+    /// Created at deploy when missing (otherwise a missing volume fails the deploy).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub create_if_missing: bool,
 }
 
 /// Outbound network policy.
@@ -189,6 +233,26 @@ pub fn is_dns_label(name: &str) -> bool {
         && ok_edge(&bytes[bytes.len() - 1])
 }
 
+/// Whether `name` suits a secret: `[A-Za-z0-9_-]{1,63}`.
+pub fn is_secret_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 63
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+/// Whether `name` suits a Python function: `[A-Za-z_][A-Za-z0-9_-]{0,62}`.
+pub fn is_python_function_name(name: &str) -> bool {
+    let bytes = name.as_bytes();
+    !bytes.is_empty()
+        && bytes.len() <= 63
+        && (bytes[0].is_ascii_alphabetic() || bytes[0] == b'_')
+        && bytes
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || *b == b'_' || *b == b'-')
+}
+
 /// Explains the app-name rule, for error messages.
 pub fn dns_label_rule(kind: &str, name: &str) -> String {
     format!(
@@ -217,8 +281,15 @@ impl Manifest {
         let mut web_paths = BTreeSet::new();
         for function in &self.functions {
             let name = &function.name;
-            if !is_dns_label(name) {
-                problems.push(dns_label_rule("function", name));
+            match function.runtime {
+                Runtime::Wasm if !is_dns_label(name) => {
+                    problems.push(dns_label_rule("function", name));
+                }
+                Runtime::Python if !is_python_function_name(name) => problems.push(format!(
+                    "invalid function name {name:?}: a Python function's name is 1-63 letters, \
+                     digits, '_' and '-', starting with a letter or '_'"
+                )),
+                _ => {}
             }
             if !names.insert(name.as_str()) {
                 problems.push(format!("function {name:?} is listed twice"));
@@ -258,14 +329,40 @@ impl FunctionSpec {
                     }
                 }
             },
-            Runtime::Python => {
-                if self.python.is_none() {
-                    problems.push(format!(
-                        "function {name:?}: a python function needs \"python\" \
-                         (source, module, qualname)"
-                    ));
+            Runtime::Python => match &self.python {
+                None => problems.push(format!(
+                    "function {name:?}: a python function needs \"python\" \
+                     (source, module, qualname)"
+                )),
+                Some(python) => {
+                    if python.source.parse::<lode_registry::Digest>().is_err() {
+                        problems.push(format!(
+                            "function {name:?}: source {:?} is not a digest",
+                            python.source
+                        ));
+                    }
+                    if !python
+                        .module
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || c == '_')
+                        || python.module.is_empty()
+                    {
+                        problems.push(format!(
+                            "function {name:?}: module {:?} is not a Python module name",
+                            python.module
+                        ));
+                    }
+                    if let Some(other) = python
+                        .serialization
+                        .as_deref()
+                        .filter(|s| !matches!(*s, "json" | "pickle"))
+                    {
+                        problems.push(format!(
+                            "function {name:?}: serialization {other:?} is not json or pickle"
+                        ));
+                    }
                 }
-            }
+            },
         }
         let r = &self.resources;
         if r.memory == Some(0) {
@@ -290,6 +387,65 @@ impl FunctionSpec {
                 "function {name:?}: web path {:?} must start with '/'",
                 web.path
             ));
+        }
+        if let Some(retries) = &self.retries
+            && (retries.max_retries > 10
+                || !(0.0..=60.0).contains(&retries.initial_delay)
+                || !(1.0..=10.0).contains(&retries.backoff_coefficient))
+        {
+            problems.push(format!(
+                "function {name:?}: retries need max_retries 0-10, initial_delay 0-60 s and \
+                 backoff_coefficient 1-10"
+            ));
+        }
+        if r.max_containers == Some(0) {
+            problems.push(format!(
+                "function {name:?}: max_containers must be at least 1"
+            ));
+        }
+        if let (Some(min), Some(max)) = (r.min_containers, r.max_containers)
+            && min > max
+        {
+            problems.push(format!(
+                "function {name:?}: min_containers {min} is above max_containers {max}"
+            ));
+        }
+        if r.concurrency == Some(0) || r.concurrency.is_some_and(|c| c > 1000) {
+            problems.push(format!("function {name:?}: concurrency must be 1-1000"));
+        }
+        if let Some(window) = r.scaledown_window
+            && (window.is_nan() || window < 0.0)
+        {
+            problems.push(format!(
+                "function {name:?}: scaledown_window must be 0 or more seconds"
+            ));
+        }
+        for volume in &self.volumes {
+            if !is_dns_label(&volume.name) {
+                problems.push(format!(
+                    "function {name:?}: {}",
+                    dns_label_rule("volume", &volume.name)
+                ));
+            }
+            if !volume.path.starts_with('/') || volume.path.split('/').any(|p| p == "..") {
+                problems.push(format!(
+                    "function {name:?}: volume path {:?} must be absolute, without `..`",
+                    volume.path
+                ));
+            }
+        }
+        for secret in &self.secrets {
+            if !is_secret_name(secret) {
+                problems.push(format!(
+                    "function {name:?}: secret name {secret:?} must be 1-63 letters, digits, \
+                     '-' and '_'"
+                ));
+            }
+        }
+        if let Some(schedule) = &self.schedule
+            && let Err(why) = crate::schedule::Schedule::parse(schedule)
+        {
+            problems.push(format!("function {name:?}: schedule {schedule:?}: {why}"));
         }
         for pattern in &self.network.allow {
             if let Err(why) = crate::outbound::HostPattern::parse(pattern) {
@@ -325,6 +481,7 @@ mod tests {
             secrets: vec![],
             volumes: vec![],
             network: Network::default(),
+            retries: None,
         }
     }
 

@@ -172,6 +172,69 @@ impl Native {
     }
 }
 
+/// What function pools need from the native engine.
+impl Native {
+    /// The cgroup hierarchy, or why containers cannot run here.
+    pub(crate) fn hierarchy(&self) -> Result<Arc<dyn Hierarchy>, String> {
+        self.cgroups.clone()
+    }
+
+    /// The host uid of a container's root, when containers run in a user namespace.
+    pub(crate) fn container_root(&self) -> Option<u32> {
+        self.user_namespace.as_ref().map(|ns| ns.ids().host_base)
+    }
+
+    /// Builds an image (every step cached), sending progress to `events`.
+    pub(crate) async fn build_image(
+        &self,
+        spec: &ImageSpec,
+        events: lode_native_runner::builder::Events,
+    ) -> Result<Digest, String> {
+        let builder = self
+            .builder
+            .as_ref()
+            .ok_or_else(|| self.cgroups.clone().err().unwrap_or_default())?;
+        builder.build(spec, events).await.map_err(|e| e.to_string())
+    }
+
+    /// The image's mount and its own settings (env, workdir).
+    pub(crate) async fn open_image(
+        &self,
+        digest: &Digest,
+    ) -> Result<
+        (
+            Arc<lode_fs::Mount>,
+            lode_native_runner::image_spec::ImageConfig,
+        ),
+        String,
+    > {
+        let (digest, index) = self
+            .resolve(&digest.to_string())
+            .await
+            .map_err(|e| e.message().to_string())?;
+        let config = read_config(&index, self.registry.as_ref())
+            .await
+            .map_err(|e| e.to_string())?;
+        let mount = self
+            .mounts
+            .mount(&digest)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok((mount, config))
+    }
+
+    /// A sandbox on `mount` with a fresh scratch directory under this server's scope.
+    pub(crate) fn function_sandbox(&self, mount: &lode_fs::Mount) -> SandboxSpec {
+        let id = format!("{}-f-{:016x}", self.scope, rand::random::<u64>());
+        SandboxSpec {
+            lower: mount.mountpoint().to_path_buf(),
+            scratch: self.run_dir.join(id),
+            user_namespace: self.user_namespace.clone().filter(|_| mount.idmappable()),
+            ..SandboxSpec::default()
+        }
+    }
+}
+
 /// The routes, for the token-guarded part of the API.
 pub fn router(native: Arc<Native>) -> Router {
     Router::new()

@@ -158,6 +158,10 @@ async fn route_and_run(
         return error_response(StatusCode::NOT_FOUND, "no_app", &message, id);
     };
     let path = target.path_and_query.split('?').next().unwrap_or("/");
+    if let Some(route) = app.python_route(path).cloned() {
+        drop(app);
+        return python_endpoint(server, &target.app, route, req, id).await;
+    }
     let Some(function) = app.route(path).cloned() else {
         let message = format!(
             "app {:?} has no web route for {path:?}; its routes are: {}",
@@ -187,6 +191,111 @@ async fn route_and_run(
             })
             .inc(),
     };
+    response
+}
+
+/// A Python web endpoint: the JSON body (or the text, or nothing) is the function's one
+/// argument, query parameters are its keyword arguments, and its result is the JSON answer.
+async fn python_endpoint(
+    server: &Arc<Server>,
+    app: &str,
+    route: crate::server::PythonRoute,
+    req: Request<Incoming>,
+    id: &str,
+) -> Response<ResponseBody> {
+    if let Some(method) = &route.method
+        && !req.method().as_str().eq_ignore_ascii_case(method)
+    {
+        let mut response = error_response(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            &format!("{} takes {method} requests", route.path),
+            id,
+        );
+        if let Ok(allow) = HeaderValue::from_str(&method.to_uppercase()) {
+            response.headers_mut().insert(http::header::ALLOW, allow);
+        }
+        return response;
+    }
+    let max_body = server.limits.max_body;
+    let kwargs: serde_json::Map<String, serde_json::Value> = req
+        .uri()
+        .query()
+        .map(|q| {
+            form_urlencoded::parse(q.as_bytes())
+                .map(|(k, v)| (k.into_owned(), serde_json::Value::String(v.into_owned())))
+                .collect()
+        })
+        .unwrap_or_default();
+    let body = match Limited::new(req.into_body(), max_body as usize)
+        .collect()
+        .await
+    {
+        Ok(body) => body.to_bytes(),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+            return too_large(server, app, max_body, id);
+        }
+        Err(_) => {
+            return error_response(
+                StatusCode::BAD_REQUEST,
+                "bad_body",
+                "reading the body failed",
+                id,
+            );
+        }
+    };
+    let args = if body.is_empty() {
+        vec![]
+    } else {
+        vec![serde_json::from_slice(&body).unwrap_or_else(|_| {
+            serde_json::Value::String(String::from_utf8_lossy(&body).into_owned())
+        })]
+    };
+    let call = serde_json::json!({"args": args, "kwargs": kwargs});
+    match server.call(app, &route.function, &call).await {
+        Ok(outcome) => match outcome.error {
+            None => {
+                let value = outcome.result.unwrap_or(serde_json::Value::Null);
+                json_response(StatusCode::OK, &value)
+            }
+            Some(error) => {
+                let status = if error.kind == "TimeoutError" {
+                    StatusCode::GATEWAY_TIMEOUT
+                } else {
+                    StatusCode::INTERNAL_SERVER_ERROR
+                };
+                json_response(
+                    status,
+                    &serde_json::json!({"error": error, "request_id": id}),
+                )
+            }
+        },
+        Err(e) => {
+            let status =
+                StatusCode::from_u16(e.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+            let mut response = json_response(
+                status,
+                &serde_json::json!({"error": e.error, "request_id": id}),
+            );
+            if let Some(after) = e.retry_after
+                && let Ok(value) = HeaderValue::from_str(&after.as_secs().max(1).to_string())
+            {
+                response
+                    .headers_mut()
+                    .insert(http::header::RETRY_AFTER, value);
+            }
+            response
+        }
+    }
+}
+
+fn json_response(status: StatusCode, body: &serde_json::Value) -> Response<ResponseBody> {
+    let mut response = Response::new(full(serde_json::to_vec(body).expect("JSON serializes")));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
     response
 }
 

@@ -51,6 +51,10 @@ pub struct ServeOptions {
     pub log_lines: usize,
     /// Skip writing `~/.config/lode/client.json`.
     pub no_client_config: bool,
+    /// Inputs one Python function may hold queued before calls get 429.
+    pub max_queue: usize,
+    /// How long a function container may take to load its module.
+    pub container_start_timeout: Duration,
 }
 
 /// Settings the embedded and the standalone registry share.
@@ -207,20 +211,42 @@ pub async fn serve(options: ServeOptions) -> Result<()> {
             .unwrap_or_else(|| options.cache_dir.join("images/base")),
         options.container_bounds.clone(),
     );
-    let state = RedbStore::open(&options.data_dir.join("state"))?;
+    let state: Arc<dyn crate::state::StateStore> =
+        Arc::new(RedbStore::open(&options.data_dir.join("state"))?);
+    let logs = LogStore::new(options.log_lines);
+    let sdk_dir = crate::sdk::extract(&options.cache_dir.join("sdk"))
+        .context("writing the Python SDK into the cache dir")?;
+    let functions = crate::server::Functions {
+        pools: Arc::new(crate::pool::PoolContext {
+            native: native.clone(),
+            sdk_dir,
+            logs: logs.clone(),
+            max_queue: options.max_queue,
+            start_timeout: options.container_start_timeout,
+            server: std::sync::OnceLock::new(),
+        }),
+        secrets: Arc::new(crate::secrets::Secrets::open(
+            &options.data_dir,
+            state.clone(),
+        )?),
+        volumes_dir: options.data_dir.join("volumes"),
+        apps_dir: options.cache_dir.join("apps"),
+    };
     let server = Server::new(
         engine,
         registry.blobs.clone(),
-        Arc::new(state),
-        LogStore::new(options.log_lines),
+        state,
+        logs,
         options.limits.clone(),
         vec![api_addr, http_addr, registry_addr],
         Urls {
             http: http_url.clone(),
             registry: registry_url.clone(),
         },
+        functions,
     );
     let restored = server.restore().await?;
+    tokio::spawn(crate::schedule::run(Arc::downgrade(&server)));
 
     let client = ClientFile {
         api_url: api_url.clone(),

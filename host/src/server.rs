@@ -12,12 +12,18 @@ use serde::Serialize;
 use tokio::sync::mpsc;
 use wasmtime_wasi_http::p2::bindings::ProxyPre;
 
+use crate::calls::Calls;
 use crate::engine::{ComponentError, GuestState, LoadKind, WasmEngine};
 use crate::logs::{LogStore, Stream};
 use crate::manifest::{FunctionSpec, Manifest, Runtime};
 use crate::metrics::Metrics;
 use crate::outbound::OutboundPolicy;
+use crate::pool::{Pool, PoolContext, PoolSpec};
+use crate::secrets::Secrets;
 use crate::state::{AppRecord, StateStore};
+use lode_native_runner::builder::BuildEvent;
+use lode_native_runner::image_spec::ImageSpec;
+use std::path::PathBuf;
 
 const MIB: u64 = 1024 * 1024;
 
@@ -69,20 +75,92 @@ pub struct LiveApp {
     pub record: AppRecord,
     /// HTTP functions, longest path first.
     pub routes: Vec<Arc<HttpFunction>>,
+    /// Python functions' container pools, by function name.
+    pub pools: HashMap<String, Arc<Pool>>,
+    /// Python web endpoints, longest path first.
+    pub python_routes: Vec<PythonRoute>,
 }
 
+/// A Python function that answers public HTTP: the JSON body is its one argument.
+#[derive(Debug, Clone)]
+pub struct PythonRoute {
+    /// Path within the app.
+    pub path: String,
+    /// Allowed method; `None` allows any.
+    pub method: Option<String>,
+    /// The function.
+    pub function: String,
+}
+
+/// What a deploy made ready: Wasm routes and Python pools.
+#[derive(Default)]
+struct Built {
+    routes: Vec<Arc<HttpFunction>>,
+    pools: HashMap<String, Arc<Pool>>,
+    python_routes: Vec<PythonRoute>,
+}
+
+impl Built {
+    fn into_live(self, record: AppRecord) -> LiveApp {
+        LiveApp {
+            record,
+            routes: self.routes,
+            pools: self.pools,
+            python_routes: self.python_routes,
+        }
+    }
+}
+
+impl Drop for LiveApp {
+    /// A version that is replaced or removed takes no more inputs; its containers stop
+    /// once they finish what they hold.
+    fn drop(&mut self) {
+        for pool in self.pools.values() {
+            pool.close();
+        }
+    }
+}
+
+/// What Python functions need beside the Wasm engine.
+pub struct Functions {
+    /// Shared by every pool.
+    pub pools: Arc<PoolContext>,
+    /// Secrets, for their environments.
+    pub secrets: Arc<Secrets>,
+    /// Named volumes, one directory each.
+    pub volumes_dir: PathBuf,
+    /// Users' module files, by source digest.
+    pub apps_dir: PathBuf,
+}
+
+/// A Python function's timeout when it names none.
+pub const PYTHON_DEFAULT_TIMEOUT: Duration = Duration::from_secs(300);
+/// A Python function's `max_containers` when it names none.
+pub const PYTHON_DEFAULT_MAX_CONTAINERS: u32 = 10;
+/// A Python function's `scaledown_window` when it names none.
+pub const PYTHON_DEFAULT_SCALEDOWN: Duration = Duration::from_secs(60);
+
 impl LiveApp {
+    /// The Python web endpoint for `path`: the longest path prefix at a segment boundary.
+    pub fn python_route(&self, path: &str) -> Option<&PythonRoute> {
+        self.python_routes
+            .iter()
+            .find(|r| prefix_matches(&r.path, path))
+    }
+
     /// The function whose web path is the longest prefix of `path` at a segment boundary.
     pub fn route(&self, path: &str) -> Option<&Arc<HttpFunction>> {
-        self.routes.iter().find(|f| {
-            let prefix = f.path.trim_end_matches('/');
-            prefix.is_empty()
-                || path == prefix
-                || path
-                    .strip_prefix(prefix)
-                    .is_some_and(|rest| rest.starts_with('/'))
-        })
+        self.routes.iter().find(|f| prefix_matches(&f.path, path))
     }
+}
+
+fn prefix_matches(route: &str, path: &str) -> bool {
+    let prefix = route.trim_end_matches('/');
+    prefix.is_empty()
+        || path == prefix
+        || path
+            .strip_prefix(prefix)
+            .is_some_and(|rest| rest.starts_with('/'))
 }
 
 /// Progress of a deploy, streamed to the CLI as NDJSON.
@@ -129,6 +207,13 @@ pub enum DeployEvent {
         version: u64,
         /// Public URLs.
         urls: Vec<String>,
+    },
+    /// A line of a Python function's image build.
+    Image {
+        /// Function name.
+        function: String,
+        /// What the builder said.
+        line: String,
     },
     /// The deploy failed; the old version (if any) still serves.
     Error {
@@ -180,6 +265,10 @@ pub struct Server {
     pub protected: Arc<Vec<SocketAddr>>,
     /// Where clients reach this server's listeners.
     pub urls: Urls,
+    /// Python functions' side.
+    pub functions: Functions,
+    /// Spawned calls.
+    pub calls: Calls,
     apps: ArcSwap<HashMap<String, Arc<LiveApp>>>,
     /// Serializes the record-and-swap step of deploys and removals (not compilation).
     commit_lock: tokio::sync::Mutex<()>,
@@ -203,8 +292,9 @@ impl Server {
         limits: Limits,
         protected: Vec<SocketAddr>,
         urls: Urls,
+        functions: Functions,
     ) -> Arc<Self> {
-        Arc::new(Self {
+        let server = Arc::new(Self {
             engine,
             blobs,
             state,
@@ -213,9 +303,13 @@ impl Server {
             limits,
             protected: Arc::new(protected),
             urls,
+            functions,
+            calls: Calls::default(),
             apps: ArcSwap::from_pointee(HashMap::new()),
             commit_lock: tokio::sync::Mutex::new(()),
-        })
+        });
+        let _ = server.functions.pools.server.set(Arc::downgrade(&server));
+        server
     }
 
     /// The live version of `app`.
@@ -257,11 +351,8 @@ impl Server {
         for record in records {
             let app = record.manifest.app.clone();
             match self.build_live(&record.manifest, None).await {
-                Ok(live) => {
-                    let live = Arc::new(LiveApp {
-                        record,
-                        routes: live,
-                    });
+                Ok(built) => {
+                    let live = Arc::new(built.into_live(record));
                     self.publish(&app, live);
                     loaded += 1;
                 }
@@ -282,7 +373,8 @@ impl Server {
         let mut missing = Vec::new();
         for function in &manifest.functions {
             self.check_engine_fits(function)?;
-            if let Some(digest) = &function.component {
+            let source = function.python.as_ref().map(|p| &p.source);
+            for digest in function.component.iter().chain(source) {
                 let digest: Digest = digest
                     .parse()
                     .map_err(|e: lode_registry::Error| DeployError::Invalid(vec![e.to_string()]))?;
@@ -304,17 +396,30 @@ impl Server {
 
     fn check_engine_fits(&self, function: &FunctionSpec) -> Result<(), DeployError> {
         let name = &function.name;
-        if function.runtime == Runtime::Python {
+        if let Some(gpu) = &function.resources.gpu {
+            let inventory = lode_wasi_gpu::inventory::inventory();
+            let fits = lode_wasi_gpu::inventory::satisfies(&inventory, gpu)
+                .map_err(|why| DeployError::Invalid(vec![format!("function {name:?}: {why}")]))?;
+            if !fits {
+                return Err(DeployError::Unsupported(format!(
+                    "function {name:?}: gpu {gpu:?} was requested, but this host has {}; \
+                     remove `gpu` to run on the CPU, or deploy to a host with that GPU",
+                    lode_wasi_gpu::inventory::describe(&inventory)
+                )));
+            }
             return Err(DeployError::Unsupported(format!(
-                "function {name:?}: runtime \"python\" needs the native engine, which this \
-                 build of lode serve does not have yet; deploy Wasm components for now"
+                "function {name:?}: this host has the gpu {gpu:?} asks for, but attaching GPUs \
+                 to functions (lode:gpu for Wasm, device nodes for containers) is not built \
+                 yet; remove `gpu`"
             )));
         }
-        if let Some(gpu) = &function.resources.gpu {
-            return Err(DeployError::Unsupported(format!(
-                "function {name:?}: gpu {gpu:?} was requested, but this host's Wasm engine has \
-                 no lode:gpu binding yet; remove `gpu` to run on the CPU"
-            )));
+        if function.runtime == Runtime::Python {
+            if let Err(why) = self.functions.pools.native.hierarchy() {
+                return Err(DeployError::Unsupported(format!(
+                    "function {name:?}: Python functions run in containers, and {why}"
+                )));
+            }
+            return Ok(());
         }
         if function.web.is_none() {
             return Err(DeployError::Unsupported(format!(
@@ -339,9 +444,31 @@ impl Server {
         self: &Arc<Self>,
         manifest: &Manifest,
         progress: Option<&mpsc::Sender<DeployEvent>>,
-    ) -> Result<Vec<Arc<HttpFunction>>, DeployError> {
+    ) -> Result<Built, DeployError> {
         let app: Arc<str> = Arc::from(manifest.app.as_str());
-        let mut routes = Vec::new();
+        let mut built = Built::default();
+        let mut images = HashMap::new();
+        for function in manifest
+            .functions
+            .iter()
+            .filter(|f| f.runtime == Runtime::Python)
+        {
+            let pool = self
+                .build_python(&app, function, progress, &mut images)
+                .await?;
+            if let Some(web) = &function.web {
+                built.python_routes.push(PythonRoute {
+                    path: web.path.clone(),
+                    method: web.method.clone(),
+                    function: function.name.clone(),
+                });
+            }
+            built.pools.insert(function.name.clone(), pool);
+        }
+        built
+            .python_routes
+            .sort_by_key(|r| std::cmp::Reverse(r.path.trim_end_matches('/').len()));
+        let routes = &mut built.routes;
         for function in &manifest.functions {
             let (Some(digest), Some(web)) = (&function.component, &function.web) else {
                 continue;
@@ -375,7 +502,179 @@ impl Server {
             }));
         }
         routes.sort_by_key(|f| std::cmp::Reverse(f.path.trim_end_matches('/').len()));
-        Ok(routes)
+        Ok(built)
+    }
+
+    /// Builds (or finds in the step cache) a Python function's image, writes its module,
+    /// gathers its secrets and volumes, and starts its pool.
+    async fn build_python(
+        &self,
+        app: &Arc<str>,
+        function: &FunctionSpec,
+        progress: Option<&mpsc::Sender<DeployEvent>>,
+        images: &mut HashMap<String, Digest>,
+    ) -> Result<Arc<Pool>, DeployError> {
+        let name = &function.name;
+        let python = function
+            .python
+            .as_ref()
+            .ok_or_else(|| DeployError::Invalid(vec![format!("function {name:?}: no python")]))?;
+        let invalid = |why: String| DeployError::Invalid(vec![format!("function {name:?}: {why}")]);
+        let spec: ImageSpec = if python.image.is_null() {
+            ImageSpec {
+                base: lode_native_runner::image_spec::Base::DebianSlim {
+                    python_version: None,
+                },
+                steps: Vec::new(),
+            }
+        } else {
+            serde_json::from_value(python.image.clone())
+                .map_err(|e| invalid(format!("image spec: {e}")))?
+        };
+        spec.validate()
+            .map_err(|e| invalid(format!("image: {e}")))?;
+        let key = serde_json::to_string(&spec).expect("serializes");
+        let image = match images.get(&key) {
+            Some(digest) => digest.clone(),
+            None => {
+                let events: lode_native_runner::builder::Events = match progress {
+                    Some(tx) => {
+                        let tx = tx.clone();
+                        let function = name.clone();
+                        Arc::new(move |event: BuildEvent| {
+                            let line = match event {
+                                BuildEvent::Step {
+                                    number,
+                                    of,
+                                    description,
+                                    cached,
+                                } => format!(
+                                    "[{number}/{of}] {description}{}",
+                                    if cached { " (cached)" } else { "" }
+                                ),
+                                BuildEvent::Log { line } => format!("  {line}"),
+                                BuildEvent::Layer { number, digest } => {
+                                    format!("  step {number} -> {digest}")
+                                }
+                            };
+                            let _ = tx.try_send(DeployEvent::Image {
+                                function: function.clone(),
+                                line,
+                            });
+                        })
+                    }
+                    None => Arc::new(|_| {}),
+                };
+                let digest = self
+                    .functions
+                    .pools
+                    .native
+                    .build_image(&spec, events)
+                    .await
+                    .map_err(|e| invalid(format!("building its image: {e}")))?;
+                images.insert(key, digest.clone());
+                digest
+            }
+        };
+        let (mount, config) = self
+            .functions
+            .pools
+            .native
+            .open_image(&image)
+            .await
+            .map_err(|e| DeployError::Internal(anyhow::anyhow!("opening image {image}: {e}")))?;
+        let source: Digest = python
+            .source
+            .parse()
+            .map_err(|e: lode_registry::Error| invalid(e.to_string()))?;
+        let bytes = self
+            .blobs
+            .get(&source)
+            .map_err(|e| DeployError::Internal(e.into()))?;
+        let app_dir = lode_native_runner::agent::app_dir(
+            &self.functions.apps_dir,
+            &source.hex(),
+            &python.module,
+            &bytes,
+        )
+        .map_err(|e| DeployError::Internal(anyhow::anyhow!("writing the module: {e}")))?;
+
+        let mut env = vec![(
+            "PATH".to_string(),
+            lode_native_runner::builder::DEFAULT_PATH.to_string(),
+        )];
+        for (key, value) in &config.env {
+            lode_native_runner::image_spec::set_env(&mut env, key, value);
+        }
+        let mut secret_values = Vec::new();
+        for secret in &function.secrets {
+            let values = self
+                .functions
+                .secrets
+                .get(secret)
+                .map_err(DeployError::Internal)?
+                .ok_or_else(|| {
+                    invalid(format!(
+                        "secret {secret:?} does not exist; create it with \
+                         `lode secret create {secret} NAME=VALUE`"
+                    ))
+                })?;
+            for (key, value) in values {
+                secret_values.push(value.clone());
+                lode_native_runner::image_spec::set_env(&mut env, &key, &value);
+            }
+        }
+        let mut volumes = Vec::new();
+        for volume in &function.volumes {
+            let dir = crate::volumes::open(
+                &self.functions.volumes_dir,
+                &volume.name,
+                volume.create_if_missing,
+                self.functions.pools.native.container_root(),
+            )
+            .map_err(|e| invalid(e.to_string()))?;
+            volumes.push(lode_native_runner::sandbox::Volume {
+                source: dir,
+                target: volume.path.clone(),
+                read_only: volume.read_only,
+            });
+        }
+        let r = &function.resources;
+        let spec = PoolSpec {
+            app: app.clone(),
+            function: name.clone(),
+            mount,
+            module: python.module.clone(),
+            app_dir,
+            concurrency: r.concurrency.unwrap_or(1),
+            min_containers: r.min_containers.unwrap_or(0),
+            max_containers: r
+                .max_containers
+                .unwrap_or(PYTHON_DEFAULT_MAX_CONTAINERS)
+                .max(1),
+            scaledown_window: r
+                .scaledown_window
+                .map(Duration::from_secs_f64)
+                .unwrap_or(PYTHON_DEFAULT_SCALEDOWN),
+            timeout: function.timeout_or(PYTHON_DEFAULT_TIMEOUT),
+            limits: lode_native_runner::cgroup::Limits {
+                memory: r.memory.map(|mib| mib * MIB),
+                cpu: r.cpu,
+                pids: Some(4096),
+            },
+            retries: function.retries,
+            env,
+            secret_values,
+            volumes,
+            network: match function.network.mode {
+                crate::manifest::NetworkMode::None => lode_native_runner::sandbox::Network::None,
+                crate::manifest::NetworkMode::Outbound => {
+                    lode_native_runner::sandbox::Network::Outbound
+                }
+            },
+            workdir: config.workdir.clone().unwrap_or_else(|| "/".into()),
+        };
+        Ok(Pool::start(spec, self.functions.pools.clone()))
     }
 
     async fn load_component(
@@ -471,7 +770,7 @@ impl Server {
                 version: live.record.version,
             });
         }
-        let routes = self.build_live(&manifest, Some(progress)).await?;
+        let built = self.build_live(&manifest, Some(progress)).await?;
 
         let _guard = self.commit_lock.lock().await;
         // The record outlives a live app that failed to restore; never reuse its numbers.
@@ -492,7 +791,7 @@ impl Server {
         self.state.put_app(&record).map_err(DeployError::Internal)?;
         let app = record.manifest.app.clone();
         let urls = self.urls(&record.manifest);
-        let live = Arc::new(LiveApp { record, routes });
+        let live = Arc::new(built.into_live(record));
         self.publish(&app, live);
         self.logs.push(
             &app,

@@ -1,4 +1,5 @@
-//! The embedded state store: which apps are deployed, at which version.
+//! The embedded state store: which apps are deployed, at which version, plus secrets and
+//! schedule marks.
 //!
 //! [`StateStore`] is the seam for scale-out (PostgreSQL later); [`RedbStore`] is the embedded
 //! default under `<data-dir>/state/`. redb commits are durable (fsync) before they return.
@@ -30,9 +31,35 @@ pub trait StateStore: Send + Sync + 'static {
     fn list_apps(&self) -> Result<Vec<AppRecord>>;
     /// Forgets an app; returns whether it existed.
     fn delete_app(&self, app: &str) -> Result<bool>;
+    /// Stores `value` under `key` in `table`, durably.
+    fn put_entry(&self, table: Table, key: &str, value: &[u8]) -> Result<()>;
+    /// The value under `key` in `table`.
+    fn get_entry(&self, table: Table, key: &str) -> Result<Option<Vec<u8>>>;
+    /// Every key and value in `table`, by key.
+    fn list_entries(&self, table: Table) -> Result<Vec<(String, Vec<u8>)>>;
+    /// Removes `key` from `table`; returns whether it was there.
+    fn delete_entry(&self, table: Table, key: &str) -> Result<bool>;
+}
+
+/// The keyed tables beside the apps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Table {
+    /// Secrets, encrypted (see [`crate::secrets`]).
+    Secrets,
+    /// When each scheduled function last fired.
+    Schedules,
 }
 
 const APPS: TableDefinition<&str, &[u8]> = TableDefinition::new("apps");
+const SECRETS: TableDefinition<&str, &[u8]> = TableDefinition::new("secrets");
+const SCHEDULES: TableDefinition<&str, &[u8]> = TableDefinition::new("schedules");
+
+fn definition(table: Table) -> TableDefinition<'static, &'static str, &'static [u8]> {
+    match table {
+        Table::Secrets => SECRETS,
+        Table::Schedules => SCHEDULES,
+    }
+}
 
 /// [`StateStore`] in a redb file.
 pub struct RedbStore {
@@ -52,7 +79,9 @@ impl RedbStore {
             )
         })?;
         let txn = db.begin_write()?;
-        txn.open_table(APPS)?;
+        for table in [APPS, SECRETS, SCHEDULES] {
+            txn.open_table(table)?;
+        }
         txn.commit()?;
         Ok(Self { db })
     }
@@ -84,6 +113,37 @@ impl StateStore for RedbStore {
     fn delete_app(&self, app: &str) -> Result<bool> {
         let txn = self.db.begin_write()?;
         let existed = txn.open_table(APPS)?.remove(app)?.is_some();
+        txn.commit()?;
+        Ok(existed)
+    }
+
+    fn put_entry(&self, table: Table, key: &str, value: &[u8]) -> Result<()> {
+        let txn = self.db.begin_write()?;
+        txn.open_table(definition(table))?.insert(key, value)?;
+        txn.commit()?;
+        Ok(())
+    }
+
+    fn get_entry(&self, table: Table, key: &str) -> Result<Option<Vec<u8>>> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(definition(table))?;
+        Ok(table.get(key)?.map(|v| v.value().to_vec()))
+    }
+
+    fn list_entries(&self, table: Table) -> Result<Vec<(String, Vec<u8>)>> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(definition(table))?;
+        let mut entries = Vec::new();
+        for entry in table.iter()? {
+            let (key, value) = entry?;
+            entries.push((key.value().to_string(), value.value().to_vec()));
+        }
+        Ok(entries)
+    }
+
+    fn delete_entry(&self, table: Table, key: &str) -> Result<bool> {
+        let txn = self.db.begin_write()?;
+        let existed = txn.open_table(definition(table))?.remove(key)?.is_some();
         txn.commit()?;
         Ok(existed)
     }
@@ -119,5 +179,26 @@ mod tests {
         }
         let store = RedbStore::open(dir.path()).unwrap();
         assert_eq!(store.list_apps().unwrap(), vec![record("a", 2)]);
+    }
+
+    #[test]
+    fn entries_survive_reopening_per_table() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = RedbStore::open(dir.path()).unwrap();
+            store.put_entry(Table::Secrets, "api", b"sealed").unwrap();
+            store.put_entry(Table::Schedules, "api", b"123").unwrap();
+            store.put_entry(Table::Schedules, "gone", b"1").unwrap();
+            assert!(store.delete_entry(Table::Schedules, "gone").unwrap());
+        }
+        let store = RedbStore::open(dir.path()).unwrap();
+        assert_eq!(
+            store.get_entry(Table::Secrets, "api").unwrap(),
+            Some(b"sealed".to_vec())
+        );
+        assert_eq!(
+            store.list_entries(Table::Schedules).unwrap(),
+            vec![("api".to_string(), b"123".to_vec())]
+        );
     }
 }

@@ -10,10 +10,11 @@
 //! Here now: the [`sandbox`] (namespaces, an overlay root, a minimal `/dev`, dropped
 //! capabilities, `no_new_privs`, [`seccomp`], volumes, outbound network and a [`userns`]
 //! whose root is an unprivileged host uid), [`cgroup`]
-//! limits, the [`image_spec`] and its [`builder`], and [`oci`] import. The Python agent
-//! follows with issue 6.
+//! limits, the [`image_spec`] and its [`builder`], [`oci`] import, and function
+//! containers whose Python [`agent`] serves calls over a Unix socket.
 #![deny(missing_docs)]
 
+pub mod agent;
 pub mod builder;
 pub mod cgroup;
 pub mod image_spec;

@@ -5,5 +5,8 @@
 //! backend that gives the same results. It also reports the GPUs a host has, for the native
 //! pool (device nodes, driver libraries, `CUDA_VISIBLE_DEVICES`).
 //!
-//! It must build and test without a GPU present. The foundation slice only reserves the crate.
+//! It must build and test without a GPU present. Here now: the host's GPU [`inventory`], which
+//! the router checks a function's `gpu` request against.
 #![deny(missing_docs)]
+
+pub mod inventory;

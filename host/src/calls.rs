@@ -1,0 +1,437 @@
+//! Function calls by name: the one dispatch path for the API, web endpoints, schedules and
+//! calls made from inside containers, plus the records of spawned calls.
+//!
+//! Spawned calls are kept in memory, the newest [`MAX_RECORDS`], so `call.get()` works while
+//! the server runs; persisting them (and sync calls) comes with issue 7.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use lode_native_runner::agent::{CallRequest, ErrorInfo, Outcome};
+use serde::Serialize;
+use serde_json::{Map, Value};
+use tokio::sync::watch;
+
+use crate::manifest::Runtime;
+use crate::pool::Rejected;
+use crate::server::Server;
+
+/// Spawned calls remembered at once; the oldest finished ones go first.
+pub const MAX_RECORDS: usize = 10_000;
+
+/// The longest `GET /v1/calls/{id}?wait=` may hold a request.
+pub const MAX_WAIT: Duration = Duration::from_secs(60);
+
+/// Where a spawned call is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CallStatus {
+    /// Queued or running.
+    Running,
+    /// Returned a value.
+    Succeeded,
+    /// Raised, or could not run.
+    Failed,
+}
+
+/// A spawned call as `GET /v1/calls/{id}` shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct CallRecord {
+    /// The call's id.
+    pub call_id: String,
+    /// The app.
+    pub app: String,
+    /// The function.
+    pub function: String,
+    /// Where it is.
+    pub status: CallStatus,
+    /// The result, once it succeeded.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub result: Option<Value>,
+    /// The pickled result, for pickle functions.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub result_pickled: Option<String>,
+    /// The error, once it failed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<ErrorInfo>,
+    /// Milliseconds since the epoch.
+    pub created_ms: u64,
+    /// How long it ran, once finished.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub duration_ms: Option<u64>,
+}
+
+struct Entry {
+    record: CallRecord,
+    done: watch::Sender<bool>,
+}
+
+/// Records of spawned calls.
+#[derive(Default)]
+pub struct Calls {
+    inner: Mutex<(HashMap<String, Entry>, VecDeque<String>)>,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+impl Calls {
+    /// Records a new running call and returns its id.
+    pub fn create(&self, app: &str, function: &str) -> String {
+        let id = format!("ca-{:024x}", rand::random::<u128>() >> 32);
+        let record = CallRecord {
+            call_id: id.clone(),
+            app: app.into(),
+            function: function.into(),
+            status: CallStatus::Running,
+            result: None,
+            result_pickled: None,
+            error: None,
+            created_ms: now_ms(),
+            duration_ms: None,
+        };
+        let mut inner = self.inner.lock().unwrap();
+        let (map, order) = &mut *inner;
+        map.insert(
+            id.clone(),
+            Entry {
+                record,
+                done: watch::channel(false).0,
+            },
+        );
+        order.push_back(id.clone());
+        while order.len() > MAX_RECORDS {
+            let Some(oldest) = order.pop_front() else {
+                break;
+            };
+            map.remove(&oldest);
+        }
+        id
+    }
+
+    /// Stores how the call ended and wakes its waiters.
+    pub fn finish(&self, id: &str, outcome: Outcome) {
+        let mut inner = self.inner.lock().unwrap();
+        if let Some(entry) = inner.0.get_mut(id) {
+            let record = &mut entry.record;
+            record.duration_ms = Some(now_ms().saturating_sub(record.created_ms));
+            if let Some(error) = outcome.error {
+                record.status = CallStatus::Failed;
+                record.error = Some(error);
+            } else {
+                record.status = CallStatus::Succeeded;
+                record.result_pickled = outcome.result_pickled;
+                if record.result_pickled.is_none() {
+                    record.result = Some(outcome.result.unwrap_or(Value::Null));
+                }
+            }
+            let _ = entry.done.send(true);
+        }
+    }
+
+    /// The call's record, after waiting up to `wait` for it to finish; `None` if unknown.
+    pub async fn wait(&self, id: &str, wait: Duration) -> Option<CallRecord> {
+        let mut done = {
+            let inner = self.inner.lock().unwrap();
+            inner.0.get(id)?.done.subscribe()
+        };
+        let _ = tokio::time::timeout(wait.min(MAX_WAIT), done.wait_for(|d| *d)).await;
+        let inner = self.inner.lock().unwrap();
+        inner.0.get(id).map(|e| e.record.clone())
+    }
+}
+
+/// A call the API could not make, with the status it answers.
+#[derive(Debug)]
+pub struct CallError {
+    /// HTTP status.
+    pub status: u16,
+    /// What went wrong.
+    pub error: ErrorInfo,
+    /// For 429: when to try again.
+    pub retry_after: Option<Duration>,
+}
+
+impl CallError {
+    fn new(status: u16, kind: &str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            error: ErrorInfo::lode(kind, message),
+            retry_after: None,
+        }
+    }
+}
+
+/// Checks a call body: `{"args": [...], "kwargs": {...}}`, or `{"pickled": "..."}` for a
+/// function that takes pickle. Returns what the agent gets.
+pub fn check_payload(body: &Value, pickle: bool) -> Result<Map<String, Value>, String> {
+    let Some(object) = body.as_object() else {
+        return Err(
+            "the call body must be a JSON object: {\"args\": [...], \"kwargs\": {...}}".into(),
+        );
+    };
+    if let Some(unknown) = object
+        .keys()
+        .find(|k| !matches!(k.as_str(), "args" | "kwargs" | "pickled"))
+    {
+        return Err(format!(
+            "unknown field {unknown:?} in the call body (expected args and kwargs)"
+        ));
+    }
+    let mut payload = Map::new();
+    if let Some(pickled) = object.get("pickled") {
+        if !pickle {
+            return Err(
+                "this function takes JSON arguments; pickle is only for functions deployed \
+                 with serialization=\"pickle\""
+                    .into(),
+            );
+        }
+        let Some(text) = pickled.as_str() else {
+            return Err("\"pickled\" must be a base64 string".into());
+        };
+        payload.insert("pickled".into(), Value::String(text.into()));
+        return Ok(payload);
+    }
+    let args = object.get("args").cloned().unwrap_or(Value::Array(vec![]));
+    let kwargs = object
+        .get("kwargs")
+        .cloned()
+        .unwrap_or(Value::Object(Map::new()));
+    if !args.is_array() {
+        return Err("\"args\" must be a JSON array".into());
+    }
+    if !kwargs.is_object() {
+        return Err("\"kwargs\" must be a JSON object".into());
+    }
+    payload.insert("args".into(), args);
+    payload.insert("kwargs".into(), kwargs);
+    Ok(payload)
+}
+
+impl Server {
+    /// Runs `app/function` on `body` and waits for the outcome.
+    pub async fn call(
+        &self,
+        app: &str,
+        function: &str,
+        body: &Value,
+    ) -> Result<Outcome, CallError> {
+        // A deploy may replace the pool between lookup and submit; the new one takes it.
+        for _ in 0..3 {
+            let Some(live) = self.app(app) else {
+                return Err(CallError::new(
+                    404,
+                    "not_found",
+                    format!("no app {app:?} is deployed (`lode ls` lists them)"),
+                ));
+            };
+            let Some(spec) = live
+                .record
+                .manifest
+                .functions
+                .iter()
+                .find(|f| f.name == function)
+            else {
+                let names: Vec<_> = live
+                    .record
+                    .manifest
+                    .functions
+                    .iter()
+                    .map(|f| f.name.as_str())
+                    .collect();
+                return Err(CallError::new(
+                    404,
+                    "not_found",
+                    format!(
+                        "app {app:?} has no function {function:?} (it has: {})",
+                        names.join(", ")
+                    ),
+                ));
+            };
+            if spec.runtime == Runtime::Wasm {
+                return Err(CallError::new(
+                    422,
+                    "unsupported",
+                    format!(
+                        "{app}/{function} is a Wasm function: it takes HTTP requests at its web \
+                         route; calls by name come with the lode:function world"
+                    ),
+                ));
+            }
+            let pickle = spec
+                .python
+                .as_ref()
+                .and_then(|p| p.serialization.as_deref())
+                == Some("pickle");
+            let payload = check_payload(body, pickle)
+                .map_err(|m| CallError::new(400, "invalid_request", m))?;
+            let Some(pool) = live.pools.get(function).cloned() else {
+                return Err(CallError::new(
+                    503,
+                    "unavailable",
+                    format!("{app}/{function} has no container pool; redeploy the app"),
+                ));
+            };
+            drop(live);
+            match pool.submit(payload).await {
+                Ok(outcome) => return Ok(outcome),
+                Err(Rejected::QueueFull(after)) => {
+                    return Err(CallError {
+                        retry_after: Some(after),
+                        ..CallError::new(
+                            429,
+                            "queue_full",
+                            format!(
+                                "{app}/{function} has a full queue; retry after {}s",
+                                after.as_secs().max(1)
+                            ),
+                        )
+                    });
+                }
+                Err(Rejected::Closed) => continue,
+            }
+        }
+        Err(CallError::new(
+            503,
+            "unavailable",
+            format!("{app}/{function} is being redeployed; retry"),
+        ))
+    }
+
+    /// Starts `app/function` on `body` in the background; returns the call's id.
+    pub fn spawn_call(
+        self: &Arc<Self>,
+        app: &str,
+        function: &str,
+        body: Value,
+    ) -> Result<String, CallError> {
+        let Some(live) = self.app(app) else {
+            return Err(CallError::new(
+                404,
+                "not_found",
+                format!("no app {app:?} is deployed (`lode ls` lists them)"),
+            ));
+        };
+        if !live
+            .record
+            .manifest
+            .functions
+            .iter()
+            .any(|f| f.name == function)
+        {
+            return Err(CallError::new(
+                404,
+                "not_found",
+                format!("app {app:?} has no function {function:?}"),
+            ));
+        }
+        let id = self.calls.create(app, function);
+        let server = self.clone();
+        let (app, function, call_id) = (app.to_string(), function.to_string(), id.clone());
+        tokio::spawn(async move {
+            let outcome = match server.call(&app, &function, &body).await {
+                Ok(outcome) => outcome,
+                Err(e) => Outcome::failed(e.error),
+            };
+            server.calls.finish(&call_id, outcome);
+        });
+        Ok(id)
+    }
+
+    /// A call from inside a container of `caller_app`: the same dispatch, answered as an
+    /// outcome.
+    pub async fn inner_call(self: &Arc<Self>, caller_app: &str, call: CallRequest) -> Outcome {
+        let app = call.app.unwrap_or_else(|| caller_app.to_string());
+        let mut body = Map::new();
+        for (key, value) in [("args", call.args), ("kwargs", call.kwargs)] {
+            if let Some(value) = value {
+                body.insert(key.into(), value);
+            }
+        }
+        if let Some(pickled) = call.pickled {
+            body.insert("pickled".into(), Value::String(pickled));
+        }
+        let body = Value::Object(body);
+        match call.op.as_str() {
+            "call" | "spawn" => {
+                let Some(function) = call.function else {
+                    return Outcome::failed(ErrorInfo::lode(
+                        "invalid_request",
+                        "no function named",
+                    ));
+                };
+                if call.op == "call" {
+                    match self.call(&app, &function, &body).await {
+                        Ok(outcome) => outcome,
+                        Err(e) => Outcome::failed(e.error),
+                    }
+                } else {
+                    match self.spawn_call(&app, &function, body) {
+                        Ok(id) => Outcome::value(serde_json::json!({"call_id": id})),
+                        Err(e) => Outcome::failed(e.error),
+                    }
+                }
+            }
+            "get" => {
+                let Some(id) = call.id else {
+                    return Outcome::failed(ErrorInfo::lode("invalid_request", "no call id"));
+                };
+                let wait = Duration::from_secs_f64(call.wait.unwrap_or(0.0).clamp(0.0, 60.0));
+                match self.calls.wait(&id, wait).await {
+                    Some(record) => {
+                        Outcome::value(serde_json::to_value(record).unwrap_or_default())
+                    }
+                    None => Outcome::failed(ErrorInfo::lode(
+                        "not_found",
+                        format!("no call {id:?} (records are kept while the server runs)"),
+                    )),
+                }
+            }
+            other => Outcome::failed(ErrorInfo::lode(
+                "invalid_request",
+                format!("unknown op {other:?}"),
+            )),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn payloads_are_args_and_kwargs_or_pickle_where_allowed() {
+        let payload = check_payload(&serde_json::json!({"args": [4]}), false).unwrap();
+        assert_eq!(
+            Value::Object(payload),
+            serde_json::json!({"args": [4], "kwargs": {}})
+        );
+        assert!(check_payload(&serde_json::json!([4]), false).is_err());
+        assert!(check_payload(&serde_json::json!({"args": 4}), false).is_err());
+        assert!(
+            check_payload(&serde_json::json!({"arsg": []}), false)
+                .unwrap_err()
+                .contains("arsg")
+        );
+        assert!(check_payload(&serde_json::json!({"pickled": "eA=="}), false).is_err());
+        assert!(check_payload(&serde_json::json!({"pickled": "eA=="}), true).is_ok());
+    }
+
+    #[tokio::test]
+    async fn spawned_calls_are_waited_for_and_finish_once() {
+        let calls = Calls::default();
+        let id = calls.create("demo", "square");
+        let pending = calls.wait(&id, Duration::from_millis(10)).await.unwrap();
+        assert_eq!(pending.status, CallStatus::Running);
+        calls.finish(&id, Outcome::value(serde_json::json!(49)));
+        let done = calls.wait(&id, Duration::from_secs(5)).await.unwrap();
+        assert_eq!(done.status, CallStatus::Succeeded);
+        assert_eq!(done.result, Some(serde_json::json!(49)));
+        assert!(calls.wait("ca-unknown", Duration::ZERO).await.is_none());
+    }
+}

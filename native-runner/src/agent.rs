@@ -1,0 +1,580 @@
+//! Function containers: a sandbox whose command is the Python agent (`python3 -m
+//! lode._agent`, from the SDK), which loads the user's module once and serves inputs over a
+//! Unix socket.
+//!
+//! The host listens on `host.sock` in a per-container directory, mounted read-only at
+//! [`RUN_MOUNT`]; the agent connects to it. The socket is the container's only way out: it
+//! carries inputs in, outputs and per-input logs back, and calls the code makes to other
+//! functions (each with the container's own token, which can call functions and nothing
+//! else). Messages are JSON, one per line; their shapes are [`ToAgent`] and [`FromAgent`].
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::UnixListener;
+use tokio::sync::{mpsc, watch};
+
+use crate::cgroup::Hierarchy;
+use crate::sandbox::{SandboxSpec, Volume, spawn};
+
+/// Where the SDK (and the agent in it) appears in a function container.
+pub const SDK_MOUNT: &str = "/lode/sdk";
+/// Where the user's code appears.
+pub const APP_MOUNT: &str = "/lode/app";
+/// Where the host's socket appears.
+pub const RUN_MOUNT: &str = "/lode/run";
+/// The longest message either side may send: a result or an input of this size is refused
+/// rather than let a container grow the host's memory without bound.
+pub const MAX_MESSAGE: usize = 64 << 20;
+
+/// A remote exception, as the agent reports it and the API returns it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ErrorInfo {
+    /// The exception's class name, or an API error kind.
+    pub kind: String,
+    /// The class's module, so a client can raise the same type.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub module: Option<String>,
+    /// `str(exception)`, or what went wrong.
+    pub message: String,
+    /// The formatted remote traceback.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traceback: Option<String>,
+}
+
+impl ErrorInfo {
+    /// An error Lode itself raises (not the user's code), named by `kind`.
+    pub fn lode(kind: &str, message: impl Into<String>) -> Self {
+        Self {
+            kind: kind.into(),
+            module: None,
+            message: message.into(),
+            traceback: None,
+        }
+    }
+}
+
+/// What a call produced: a JSON value, a pickled value (base64), or an error.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct Outcome {
+    /// The JSON result.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<Value>,
+    /// The pickled result, base64, for functions that ask for pickle.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result_pickled: Option<String>,
+    /// The error, when it failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<ErrorInfo>,
+}
+
+impl Outcome {
+    /// A failed outcome.
+    pub fn failed(error: ErrorInfo) -> Self {
+        Self {
+            error: Some(error),
+            ..Self::default()
+        }
+    }
+
+    /// A JSON result. (`null` stays a result: a function that returns None.)
+    pub fn value(result: Value) -> Self {
+        Self {
+            result: Some(result),
+            ..Self::default()
+        }
+    }
+
+    /// Whether it failed.
+    pub fn is_error(&self) -> bool {
+        self.error.is_some()
+    }
+}
+
+/// Host to agent.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ToAgent {
+    /// Run `function` on the payload (`args`/`kwargs`, or `pickled`).
+    Input {
+        /// The input's id, echoed in its output and logs.
+        id: String,
+        /// The function's name in the module's app.
+        function: String,
+        /// `{"args": [...], "kwargs": {...}}` or `{"pickled": "..."}`.
+        #[serde(flatten)]
+        payload: serde_json::Map<String, Value>,
+    },
+    /// The answer to a [`FromAgent::Call`].
+    CallResult {
+        /// The agent's id for the call.
+        call_id: String,
+        /// What the call produced.
+        #[serde(flatten)]
+        outcome: Outcome,
+    },
+}
+
+/// Agent to host.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum FromAgent {
+    /// The module loaded; these are its functions.
+    Ready {
+        /// Function names.
+        functions: Vec<String>,
+    },
+    /// The module could not be loaded; the agent exits.
+    Fatal {
+        /// Why.
+        error: ErrorInfo,
+    },
+    /// An input finished.
+    Output {
+        /// The input's id.
+        id: String,
+        /// Its result or error.
+        #[serde(flatten)]
+        outcome: Outcome,
+    },
+    /// Output the code printed, tagged with the input it printed during (`None`: outside).
+    Log {
+        /// The input's id.
+        id: Option<String>,
+        /// `stdout` or `stderr`.
+        stream: String,
+        /// The text.
+        data: String,
+    },
+    /// The code calls a function (`op` `call` or `spawn`) or waits for a spawned call
+    /// (`get`).
+    Call {
+        /// The agent's id for this call.
+        call_id: String,
+        /// The container's token.
+        token: String,
+        /// What is asked.
+        #[serde(flatten)]
+        request: CallRequest,
+    },
+}
+
+/// A call the code in a container makes, through its agent.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CallRequest {
+    /// `call`, `spawn` or `get`.
+    pub op: String,
+    /// The callee's app; absent means the caller's own.
+    #[serde(default)]
+    pub app: Option<String>,
+    /// The callee.
+    #[serde(default)]
+    pub function: Option<String>,
+    /// The spawned call to wait for (`get`).
+    #[serde(default)]
+    pub id: Option<String>,
+    /// How long `get` may wait, in seconds.
+    #[serde(default)]
+    pub wait: Option<f64>,
+    /// Arguments.
+    #[serde(default)]
+    pub args: Option<Value>,
+    /// Keyword arguments.
+    #[serde(default)]
+    pub kwargs: Option<Value>,
+    /// Pickled arguments instead.
+    #[serde(default)]
+    pub pickled: Option<String>,
+}
+
+/// How to start a function container.
+#[derive(Debug, Clone)]
+pub struct AgentSpec {
+    /// The sandbox: image, limits, env, the user's volumes. Its `argv` is replaced, and the
+    /// SDK, app and socket mounts are added.
+    pub sandbox: SandboxSpec,
+    /// The host directory holding the `lode` package.
+    pub sdk_dir: PathBuf,
+    /// The host directory holding the user's module file.
+    pub app_dir: PathBuf,
+    /// The module to import.
+    pub module: String,
+    /// The app's name (calls without an app name stay in it).
+    pub app: String,
+    /// Inputs served at once.
+    pub concurrency: u32,
+    /// The container's token for calls it makes.
+    pub token: String,
+    /// How long the container may take to load the module and say it is ready.
+    pub start_timeout: Duration,
+}
+
+/// How a function container ended.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Exit {
+    /// The exit code (128 + signal when killed).
+    pub code: i32,
+    /// The limit or timeout that killed it, named.
+    pub killed_by: Option<String>,
+}
+
+impl std::fmt::Display for Exit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.killed_by {
+            Some(reason) => write!(f, "the container was {reason}"),
+            None => write!(f, "the container exited with code {}", self.code),
+        }
+    }
+}
+
+/// Why a function container did not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The user's module raised while loading.
+    #[error("loading the module failed: {}: {}", .0.kind, .0.message)]
+    Fatal(ErrorInfo),
+    /// The sandbox could not be started.
+    #[error("starting the container: {0}")]
+    Spawn(std::io::Error),
+    /// The agent never connected or said nothing sensible.
+    #[error("{0}")]
+    Agent(String),
+}
+
+/// A running function container with its agent connected.
+pub struct AgentContainer {
+    /// The module's functions.
+    pub functions: Vec<String>,
+    /// Messages to the agent.
+    pub to_agent: mpsc::UnboundedSender<ToAgent>,
+    /// Messages from the agent; closes when the connection does.
+    pub from_agent: mpsc::UnboundedReceiver<FromAgent>,
+    stop: Arc<AtomicBool>,
+    exit: watch::Receiver<Option<Exit>>,
+}
+
+impl AgentContainer {
+    /// Kills the whole container (it is cleaned up in the background).
+    pub fn stop(&self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+
+    /// A handle that stops the container when set.
+    pub fn stopper(&self) -> Arc<AtomicBool> {
+        self.stop.clone()
+    }
+
+    /// Waits until the container has ended and been cleaned up.
+    pub async fn exited(&self) -> Exit {
+        wait_exit(self.exit.clone()).await
+    }
+
+    /// A receiver for the exit, to wait on elsewhere.
+    pub fn exit_watch(&self) -> watch::Receiver<Option<Exit>> {
+        self.exit.clone()
+    }
+}
+
+/// Waits for a container's exit, as [`AgentContainer::exit_watch`] reports it.
+pub async fn wait_exit(mut exit: watch::Receiver<Option<Exit>>) -> Exit {
+    loop {
+        if let Some(exit) = exit.borrow_and_update().clone() {
+            return exit;
+        }
+        if exit.changed().await.is_err() {
+            return Exit {
+                code: -1,
+                killed_by: Some("lost".into()),
+            };
+        }
+    }
+}
+
+/// Receives lines a container printed outside the agent: `("stdout"|"stderr", line)`.
+pub type OutputSink = Arc<dyn Fn(&str, String) + Send + Sync>;
+
+/// Starts a function container and waits for its agent to load the module. Lines the
+/// container prints outside the agent's capture (the interpreter's own errors, say) go to
+/// `output` as `("stdout"|"stderr", line)`.
+pub async fn start(
+    spec: AgentSpec,
+    cgroups: Arc<dyn Hierarchy>,
+    output: OutputSink,
+) -> Result<AgentContainer, StartError> {
+    let run_dir = spec.sandbox.scratch.with_extension("agent");
+    let _ = std::fs::remove_dir_all(&run_dir);
+    std::fs::create_dir_all(&run_dir).map_err(StartError::Spawn)?;
+    let socket_path = run_dir.join("host.sock");
+    let listener = UnixListener::bind(&socket_path).map_err(StartError::Spawn)?;
+    // The container's root is an unprivileged uid: it needs write permission to connect.
+    std::fs::set_permissions(&socket_path, std::fs::Permissions::from_mode(0o666))
+        .map_err(StartError::Spawn)?;
+
+    let mut sandbox = spec.sandbox.clone();
+    sandbox.argv = vec!["python3".into(), "-m".into(), "lode._agent".into()];
+    let env = [
+        ("LODE_SOCKET", format!("{RUN_MOUNT}/host.sock")),
+        ("LODE_APP_DIR", APP_MOUNT.into()),
+        ("LODE_MODULE", spec.module.clone()),
+        ("LODE_APP", spec.app.clone()),
+        ("LODE_CONCURRENCY", spec.concurrency.max(1).to_string()),
+        ("LODE_CONTAINER_TOKEN", spec.token.clone()),
+        ("PYTHONPATH", format!("{SDK_MOUNT}:{APP_MOUNT}")),
+        ("PYTHONUNBUFFERED", "1".into()),
+        ("PYTHONDONTWRITEBYTECODE", "1".into()),
+    ];
+    for (name, value) in env {
+        crate::image_spec::set_env(&mut sandbox.env, name, &value);
+    }
+    for (source, target) in [
+        (&spec.sdk_dir, SDK_MOUNT),
+        (&spec.app_dir, APP_MOUNT),
+        (&run_dir, RUN_MOUNT),
+    ] {
+        sandbox.volumes.push(Volume {
+            source: source.clone(),
+            target: target.into(),
+            read_only: true,
+        });
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let (exit_tx, exit_rx) = watch::channel(None);
+    let spawned = {
+        let cgroups = cgroups.clone();
+        let sandbox = sandbox.clone();
+        tokio::task::spawn_blocking(move || {
+            spawn(&sandbox, cgroups.as_ref(), Stdio::null(), Stdio::piped()).map(|mut s| {
+                let streams = s.take_output();
+                (s, streams)
+            })
+        })
+        .await
+        .map_err(|e| StartError::Agent(format!("the start task failed: {e}")))?
+    };
+    let (sandbox_handle, (stdout, stderr)) = match spawned {
+        Ok(started) => started,
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&run_dir);
+            return Err(StartError::Spawn(e));
+        }
+    };
+    for (name, pipe) in [
+        (
+            "stdout",
+            stdout.map(|p| Box::new(p) as Box<dyn std::io::Read + Send>),
+        ),
+        (
+            "stderr",
+            stderr.map(|p| Box::new(p) as Box<dyn std::io::Read + Send>),
+        ),
+    ] {
+        if let Some(pipe) = pipe {
+            let output = output.clone();
+            std::thread::spawn(move || {
+                use std::io::BufRead;
+                for line in std::io::BufReader::new(pipe).lines() {
+                    match line {
+                        Ok(line) => output(name, line),
+                        Err(_) => break,
+                    }
+                }
+            });
+        }
+    }
+    {
+        let stop = stop.clone();
+        let run_dir = run_dir.clone();
+        std::thread::spawn(move || {
+            let exit = match sandbox_handle.finish_unless(&stop) {
+                Ok(finished) => Exit {
+                    code: finished.code(),
+                    killed_by: finished.killed_by(),
+                },
+                Err(e) => Exit {
+                    code: -1,
+                    killed_by: Some(format!("lost: {e}")),
+                },
+            };
+            let _ = std::fs::remove_dir_all(&run_dir);
+            let _ = exit_tx.send(Some(exit));
+        });
+    }
+    let fail = |message: String| {
+        stop.store(true, Ordering::Relaxed);
+        StartError::Agent(message)
+    };
+    let exit_early = wait_exit(exit_rx.clone());
+    let stream = tokio::select! {
+        accepted = tokio::time::timeout(spec.start_timeout, listener.accept()) => match accepted {
+            Ok(Ok((stream, _))) => stream,
+            Ok(Err(e)) => return Err(fail(format!("accepting the agent's connection: {e}"))),
+            Err(_) => return Err(fail(format!(
+                "the container's agent did not connect within {:?}", spec.start_timeout
+            ))),
+        },
+        exit = exit_early => {
+            return Err(StartError::Agent(format!(
+                "{exit} before its agent connected (does the image have python3? see `lode logs`)"
+            )));
+        }
+    };
+    drop(listener);
+    let (read_half, mut write_half) = stream.into_split();
+    let mut reader = BufReader::new(read_half);
+    let first = tokio::time::timeout(spec.start_timeout, read_message(&mut reader))
+        .await
+        .map_err(|_| {
+            fail(format!(
+                "the agent did not load the module within {:?}",
+                spec.start_timeout
+            ))
+        })?;
+    let functions = match first {
+        Ok(Some(FromAgent::Ready { functions })) => functions,
+        Ok(Some(FromAgent::Fatal { error })) => {
+            stop.store(true, Ordering::Relaxed);
+            return Err(StartError::Fatal(error));
+        }
+        Ok(Some(other)) => return Err(fail(format!("the agent began with {other:?}"))),
+        Ok(None) => {
+            let exit = wait_exit(exit_rx.clone()).await;
+            return Err(StartError::Agent(format!(
+                "{exit} while loading the module (see `lode logs`)"
+            )));
+        }
+        Err(e) => return Err(fail(format!("reading the agent's first message: {e}"))),
+    };
+
+    let (to_agent, mut outgoing) = mpsc::unbounded_channel::<ToAgent>();
+    let (incoming, from_agent) = mpsc::unbounded_channel();
+    let stop_on_close = stop.clone();
+    tokio::spawn(async move {
+        loop {
+            match read_message(&mut reader).await {
+                Ok(Some(message)) => {
+                    if incoming.send(message).is_err() {
+                        break;
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    tracing::warn!("function container sent a bad message ({e}); stopping it");
+                    break;
+                }
+            }
+        }
+        // The agent is gone or misbehaved: the container goes with it.
+        stop_on_close.store(true, Ordering::Relaxed);
+    });
+    tokio::spawn(async move {
+        while let Some(message) = outgoing.recv().await {
+            let mut line = match serde_json::to_vec(&message) {
+                Ok(line) => line,
+                Err(_) => continue,
+            };
+            line.push(b'\n');
+            if write_half.write_all(&line).await.is_err() {
+                break;
+            }
+        }
+    });
+    Ok(AgentContainer {
+        functions,
+        to_agent,
+        from_agent,
+        stop,
+        exit: exit_rx,
+    })
+}
+
+/// One JSON line, at most [`MAX_MESSAGE`] bytes; `None` at the end of the stream.
+async fn read_message<R: tokio::io::AsyncBufRead + Unpin>(
+    reader: &mut R,
+) -> std::io::Result<Option<FromAgent>> {
+    let mut line = Vec::new();
+    let read = reader
+        .take(MAX_MESSAGE as u64 + 1)
+        .read_until(b'\n', &mut line)
+        .await?;
+    if read == 0 {
+        return Ok(None);
+    }
+    if line.len() > MAX_MESSAGE {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("a message over {} MiB", MAX_MESSAGE >> 20),
+        ));
+    }
+    serde_json::from_slice(&line)
+        .map(Some)
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+}
+
+/// A directory holding `module.py` with `source`, written once per content (by digest).
+pub fn app_dir(
+    root: &Path,
+    digest_hex: &str,
+    module: &str,
+    source: &[u8],
+) -> std::io::Result<PathBuf> {
+    let dir = root.join(digest_hex);
+    let file = dir.join(format!("{module}.py"));
+    if file.exists() {
+        return Ok(dir);
+    }
+    std::fs::create_dir_all(&dir)?;
+    let temp = dir.join(format!(".{module}.py.{}", std::process::id()));
+    std::fs::write(&temp, source)?;
+    std::fs::set_permissions(&temp, std::fs::Permissions::from_mode(0o644))?;
+    std::fs::rename(&temp, &file)?;
+    Ok(dir)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_keep_the_agents_wire_shape() {
+        let input = ToAgent::Input {
+            id: "in-1".into(),
+            function: "square".into(),
+            payload: serde_json::from_str(r#"{"args": [4], "kwargs": {}}"#).unwrap(),
+        };
+        assert_eq!(
+            serde_json::to_value(&input).unwrap(),
+            serde_json::json!({"type": "input", "id": "in-1", "function": "square", "args": [4], "kwargs": {}})
+        );
+        let output: FromAgent =
+            serde_json::from_str(r#"{"type": "output", "id": "in-1", "result": null}"#).unwrap();
+        // serde reads `null` as no result: callers treat an outcome with neither a result
+        // nor an error as `None` returned.
+        assert_eq!(
+            output,
+            FromAgent::Output {
+                id: "in-1".into(),
+                outcome: Outcome::default(),
+            }
+        );
+        let failed: FromAgent = serde_json::from_str(
+            r#"{"type": "output", "id": "in-2", "error": {"kind": "ValueError", "module": "builtins", "message": "no"}}"#,
+        )
+        .unwrap();
+        let FromAgent::Output { outcome, .. } = failed else {
+            panic!("{failed:?}")
+        };
+        assert_eq!(outcome.error.unwrap().kind, "ValueError");
+        let call: FromAgent = serde_json::from_str(
+            r#"{"type": "call", "call_id": "c-1", "token": "t", "op": "call", "app": "a", "function": "f", "args": [1], "kwargs": {}}"#,
+        )
+        .unwrap();
+        assert!(matches!(call, FromAgent::Call { ref request, .. } if request.op == "call"));
+    }
+}

@@ -1,0 +1,356 @@
+"""The in-container agent, run as `python3 -m lode._agent`.
+
+It connects to the host's Unix socket (LODE_SOCKET), imports the user's module, and then
+serves inputs on a thread pool, speaking newline-delimited JSON:
+
+    agent -> host   ready, fatal, output, log, call
+    host -> agent   input, call_result
+
+Output printed while serving an input is sent as log messages tagged with that input's id.
+"""
+
+from __future__ import annotations
+
+import base64
+import concurrent.futures
+import importlib
+import io
+import json
+import os
+import pickle
+import signal
+import socket
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+from lode import _client
+from lode._app import App, Function
+
+# Partial lines longer than this are sent without waiting for the newline.
+LOG_CHUNK = 8192
+CONNECT_ATTEMPTS = 50
+
+_REAL_STDERR = sys.__stderr__
+
+
+def _diag(message: str) -> None:
+    """Agent trouble goes to the container's own stderr, never into an input's logs."""
+    try:
+        _REAL_STDERR.write(f"lode agent: {message}\n")
+        _REAL_STDERR.flush()
+    except (OSError, ValueError, AttributeError):
+        pass
+
+
+class Connection:
+    """One socket to the host; sends whole lines under a lock so threads never interleave."""
+
+    def __init__(self, sock: socket.socket):
+        self.sock = sock
+        self._lock = threading.Lock()
+
+    def send(self, msg: dict[str, Any]) -> None:
+        self.send_line(encode(msg))
+
+    def send_line(self, line: bytes) -> None:
+        with self._lock:
+            self.sock.sendall(line)
+
+
+def encode(msg: dict[str, Any]) -> bytes:
+    return json.dumps(msg, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode("utf-8") + b"\n"
+
+
+_state = threading.local()
+
+
+def current_input() -> str | None:
+    return getattr(_state, "input_id", None)
+
+
+class CapturedStream(io.TextIOBase):
+    """Replaces sys.stdout/sys.stderr: text is sent as log messages, tagged with the input the
+    writing thread serves. Line-buffered per thread, so concurrent inputs never mix lines."""
+
+    def __init__(self, stream: str, emit: Callable[[str | None, str, str], None]):
+        super().__init__()
+        self._stream = stream
+        self._emit = emit
+        self._lock = threading.Lock()
+        self._buffers: dict[int, tuple[str | None, str]] = {}
+
+    @property
+    def encoding(self) -> str:  # type: ignore[override]
+        return "utf-8"
+
+    @property
+    def errors(self) -> str:  # type: ignore[override]
+        return "replace"
+
+    def writable(self) -> bool:
+        return True
+
+    def isatty(self) -> bool:
+        return False
+
+    def write(self, s: str) -> int:
+        if not isinstance(s, str):
+            raise TypeError(f"write() argument must be str, not {type(s).__name__}")
+        key = threading.get_ident()
+        input_id = current_input()
+        out: list[tuple[str | None, str]] = []
+        with self._lock:
+            owner, text = self._buffers.pop(key, (input_id, ""))
+            if owner != input_id:
+                out.append((owner, text))
+                text = ""
+            text += s
+            cut = text.rfind("\n") + 1
+            if cut == 0 and len(text) >= LOG_CHUNK:
+                cut = len(text)
+            if cut:
+                out.append((input_id, text[:cut]))
+                text = text[cut:]
+            if text:
+                self._buffers[key] = (input_id, text)
+        for owner, data in out:
+            if data:
+                self._emit(owner, self._stream, data)
+        return len(s)
+
+    def flush(self) -> None:
+        self._flush([threading.get_ident()])
+
+    def flush_all(self) -> None:
+        with self._lock:
+            keys = list(self._buffers)
+        self._flush(keys)
+
+    def _flush(self, keys: list[int]) -> None:
+        with self._lock:
+            out = [self._buffers.pop(k) for k in keys if k in self._buffers]
+        for owner, data in out:
+            if data:
+                self._emit(owner, self._stream, data)
+
+
+def error_object(exc: BaseException, skip_frames: int = 0) -> dict[str, Any]:
+    """The wire form of an exception; skip_frames drops the agent's own frames."""
+    tb = exc.__traceback__
+    for _ in range(skip_frames):
+        if tb is not None and tb.tb_next is not None:
+            tb = tb.tb_next
+    try:
+        message = str(exc)
+    except Exception:
+        message = f"<{type(exc).__name__} whose str() failed>"
+    try:
+        formatted = "".join(traceback.format_exception(type(exc), exc, tb))
+    except Exception:
+        formatted = ""
+    return {"kind": type(exc).__name__, "module": type(exc).__module__, "message": message, "traceback": formatted}
+
+
+class Agent:
+    def __init__(self, conn: Connection, concurrency: int):
+        self.conn = conn
+        self.functions: dict[str, Function] = {}
+        self.pool = concurrent.futures.ThreadPoolExecutor(concurrency, thread_name_prefix="lode-input")
+        self.stdout = CapturedStream("stdout", self._log)
+        self.stderr = CapturedStream("stderr", self._log)
+        self.transport: _client.AgentTransport | None = None
+
+    def _log(self, input_id: str | None, stream: str, data: str) -> None:
+        # Lone surrogates cannot be sent as UTF-8; replace them rather than lose the line.
+        data = data.encode("utf-8", "replace").decode("utf-8")
+        try:
+            self.conn.send({"type": "log", "id": input_id, "stream": stream, "data": data})
+        except OSError:
+            pass  # the host is gone; the reader will notice and exit
+
+    def flush_logs(self) -> None:
+        self.stdout.flush_all()
+        self.stderr.flush_all()
+
+    def load(self, module_name: str) -> None:
+        module = importlib.import_module(module_name)
+        apps = [v for v in vars(module).values() if isinstance(v, App)]
+        if not apps:
+            raise LookupError(f'module {module_name!r} defines no lode.App; add `app = lode.App("...")` to it')
+        for app in apps:
+            self.functions.update(app.registered_functions)
+
+    def serve(self, msg: dict[str, Any]) -> None:
+        input_id = msg["id"]
+        _state.input_id = input_id
+        try:
+            line = self._run(msg)
+        except Exception as e:  # a bug here must still answer the input, or its caller waits forever
+            error = {
+                "kind": "RuntimeError",
+                "module": "builtins",
+                "traceback": "",
+                "message": f"the Lode agent failed to serve this input: {type(e).__name__}: {e}",
+            }
+            line = encode({"type": "output", "id": input_id, "error": error})
+        finally:
+            self.stdout.flush()
+            self.stderr.flush()
+            _state.input_id = None
+        try:
+            self.conn.send_line(line)
+        except OSError:
+            pass
+
+    def _run(self, msg: dict[str, Any]) -> bytes:
+        input_id = msg["id"]
+        name = msg.get("function")
+        function = self.functions.get(name) if isinstance(name, str) else None
+        if function is None:
+            known = ", ".join(sorted(self.functions)) or "none"
+            error = {
+                "kind": "LookupError",
+                "module": "builtins",
+                "traceback": "",
+                "message": f"this container has no function {name!r} (it has: {known}); redeploy the app",
+            }
+            return encode({"type": "output", "id": input_id, "error": error})
+        pickled = "pickled" in msg
+        try:
+            if pickled:
+                args, kwargs = pickle.loads(base64.b64decode(msg["pickled"]))
+            else:
+                args, kwargs = msg.get("args") or [], msg.get("kwargs") or {}
+            result = function._fn(*args, **kwargs)
+        except BaseException as e:  # SystemExit and KeyboardInterrupt are results too
+            return encode({"type": "output", "id": input_id, "error": error_object(e, skip_frames=1)})
+
+        if pickled or function.serialization == "pickle":
+            try:
+                data = base64.b64encode(pickle.dumps(result)).decode("ascii")
+                return encode({"type": "output", "id": input_id, "result_pickled": data})
+            except Exception as e:
+                message = f"the result of {function.name}() cannot be pickled ({e}); return a picklable value"
+        else:
+            try:
+                return encode({"type": "output", "id": input_id, "result": result})
+            except (TypeError, ValueError) as e:
+                message = (
+                    f"the result of {function.name}() is not JSON-serializable ({e}); return JSON values "
+                    'or declare the function with serialization="pickle"'
+                )
+        error = {"kind": "TypeError", "module": "builtins", "message": message, "traceback": ""}
+        return encode({"type": "output", "id": input_id, "error": error})
+
+    def dispatch(self, msg: dict[str, Any]) -> None:
+        kind = msg.get("type")
+        if kind == "input":
+            if not isinstance(msg.get("id"), str):
+                _diag(f"ignoring an input without a string id: {str(msg)[:200]}")
+                return
+            self.pool.submit(self.serve, msg)
+        elif kind == "call_result":
+            if self.transport is None or not self.transport.resolve(msg):
+                _diag(f"ignoring a call_result nobody waits for: {msg.get('call_id')!r}")
+        else:
+            _diag(f"ignoring a message of unknown type {kind!r}")
+
+    def read_forever(self) -> None:
+        reader = self.conn.sock.makefile("rb")
+        try:
+            for raw in reader:
+                try:
+                    msg = json.loads(raw)
+                except ValueError:
+                    _diag(f"ignoring a line that is not JSON: {raw[:200]!r}")
+                    continue
+                if isinstance(msg, dict):
+                    self.dispatch(msg)
+                else:
+                    _diag(f"ignoring a message that is not an object: {raw[:200]!r}")
+        except OSError as e:
+            _diag(f"reading from the host failed: {e}")
+
+
+def connect(path: str) -> socket.socket:
+    for attempt in range(CONNECT_ATTEMPTS):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.connect(path)
+            return sock
+        except (FileNotFoundError, ConnectionRefusedError):
+            sock.close()
+            if attempt == CONNECT_ATTEMPTS - 1:
+                raise
+            time.sleep(0.1)
+    raise AssertionError("unreachable")
+
+
+def _exit(agent: Agent | None, code: int) -> None:
+    if agent is not None:
+        try:
+            agent.flush_logs()
+        except Exception:
+            pass
+    os._exit(code)
+
+
+def main() -> None:
+    # The user's module must run normally here, imports() blocks included.
+    os.environ.pop("LODE_COLLECT", None)
+    path = os.environ.get("LODE_SOCKET")
+    module = os.environ.get("LODE_MODULE")
+    if not path or not module:
+        _diag("LODE_SOCKET and LODE_MODULE must be set; this program is started by the Lode host")
+        os._exit(2)
+    try:
+        concurrency = int(os.environ.get("LODE_CONCURRENCY") or "1")
+        if concurrency < 1:
+            raise ValueError
+    except ValueError:
+        _diag(f"LODE_CONCURRENCY={os.environ.get('LODE_CONCURRENCY')!r} is not an integer >= 1")
+        os._exit(2)
+    try:
+        sock = connect(path)
+    except OSError as e:
+        _diag(f"cannot connect to the host at {path}: {e}")
+        os._exit(2)
+
+    agent = Agent(Connection(sock), concurrency)
+    # As PID 1 the default SIGTERM action is ignored; stop at once instead (no flush: the
+    # handler may interrupt a thread holding the send lock).
+    signal.signal(signal.SIGTERM, lambda *_: os._exit(128 + signal.SIGTERM))
+    sys.stdout, sys.stderr = agent.stdout, agent.stderr
+    app_dir = os.environ.get("LODE_APP_DIR")
+    if app_dir and app_dir not in sys.path:
+        sys.path.insert(0, app_dir)
+
+    try:
+        agent.load(module)
+    except BaseException as e:  # report any import failure, even SystemExit
+        agent.flush_logs()
+        try:
+            agent.conn.send({"type": "fatal", "error": error_object(e)})
+        except OSError:
+            pass
+        _exit(agent, 1)
+
+    agent.transport = _client.AgentTransport(agent.conn.send, os.environ.get("LODE_CONTAINER_TOKEN", ""))
+    _client.set_agent_transport(agent.transport)
+    agent.flush_logs()
+    try:
+        agent.conn.send({"type": "ready", "functions": list(agent.functions)})
+    except OSError as e:
+        _diag(f"cannot reach the host: {e}")
+        _exit(agent, 1)
+    agent.read_forever()
+    agent.transport.close()
+    _exit(agent, 0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,665 @@
+"""Apps, functions and the objects their decorators take: what a user's file declares."""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import functools
+import hashlib
+import json
+import math
+import os
+import re
+import stat
+import time
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+from . import _client
+from ._image import Image
+
+APP_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+FUNCTION_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]{0,62}$")
+VOLUME_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+CRON_FIELD = re.compile(r"^[0-9A-Za-z*/,?-]+$")
+WEB_METHOD = re.compile(r"^[A-Z]{1,16}$")
+
+# The keyword arguments of App.function, which web_endpoint accepts too.
+FUNCTION_OPTIONS = (
+    "image",
+    "cpu",
+    "memory",
+    "timeout",
+    "min_containers",
+    "max_containers",
+    "scaledown_window",
+    "retries",
+    "concurrency",
+    "gpu",
+    "secrets",
+    "volumes",
+    "schedule",
+    "network",
+    "serialization",
+    "name",
+)
+
+# map/starmap: threads issuing calls, and inputs taken from the iterable ahead of the output.
+MAP_WORKERS = 32
+MAP_IN_FLIGHT = 64
+
+
+def is_local() -> bool:
+    """True unless this code runs inside a Lode container."""
+    return not os.environ.get("LODE_SOCKET")
+
+
+class Retries:
+    """How often a failed call is retried, waiting initial_delay * backoff_coefficient**n between tries."""
+
+    def __init__(self, max_retries: int, backoff_coefficient: float = 2.0, initial_delay: float = 1.0):
+        if isinstance(max_retries, bool) or not isinstance(max_retries, int) or not 0 <= max_retries <= 10:
+            raise ValueError(f"Retries(max_retries={max_retries!r}): use an integer from 0 to 10")
+        if not _number(initial_delay) or not 0 <= initial_delay <= 60:
+            raise ValueError(f"Retries(initial_delay={initial_delay!r}): use seconds from 0 to 60")
+        if not _number(backoff_coefficient) or not 1 <= backoff_coefficient <= 10:
+            raise ValueError(f"Retries(backoff_coefficient={backoff_coefficient!r}): use a number from 1 to 10")
+        self.max_retries = max_retries
+        self.backoff_coefficient = float(backoff_coefficient)
+        self.initial_delay = float(initial_delay)
+
+    def __repr__(self) -> str:
+        return (
+            f"Retries(max_retries={self.max_retries}, backoff_coefficient={self.backoff_coefficient}, "
+            f"initial_delay={self.initial_delay})"
+        )
+
+    def to_manifest(self) -> dict[str, Any]:
+        return {
+            "max_retries": self.max_retries,
+            "initial_delay": self.initial_delay,
+            "backoff_coefficient": self.backoff_coefficient,
+        }
+
+
+class Period:
+    """Run on a fixed interval: Period(minutes=5) is "every 300s"."""
+
+    def __init__(self, seconds: float = 0, minutes: float = 0, hours: float = 0, days: float = 0):
+        parts = {"seconds": seconds, "minutes": minutes, "hours": hours, "days": days}
+        for key, value in parts.items():
+            if not _number(value) or value < 0:
+                raise ValueError(f"Period({key}={value!r}): use a non-negative number")
+        total = seconds + 60 * minutes + 3600 * hours + 86400 * days
+        if total < 1 or total != math.floor(total):
+            raise ValueError(f"Period(...) totals {total} seconds; it must be a whole number of seconds, at least 1")
+        self.seconds = int(total)
+
+    def __repr__(self) -> str:
+        return f"Period(seconds={self.seconds})"
+
+    def to_manifest(self) -> str:
+        return f"every {self.seconds}s"
+
+
+class Cron:
+    """Run on a cron schedule: five fields, minute hour day-of-month month day-of-week."""
+
+    def __init__(self, spec: str):
+        fields = [f for f in spec.split(" ") if f] if isinstance(spec, str) else []
+        if len(fields) != 5 or not all(CRON_FIELD.fullmatch(f) for f in fields):
+            raise ValueError(
+                f"Cron({spec!r}) is not a cron expression: give five space-separated fields "
+                '(minute hour day month weekday), e.g. "*/5 * * * *"'
+            )
+        self.spec = spec
+
+    def __repr__(self) -> str:
+        return f"Cron({self.spec!r})"
+
+    def to_manifest(self) -> str:
+        return self.spec
+
+
+class Secret:
+    """Environment variables for a function: a secret stored on the server, or an inline dict."""
+
+    def __init__(self, name: str, values: dict[str, str] | None = None):
+        # Private: use Secret.from_name or Secret.from_dict.
+        self.name = name
+        self._values = values
+
+    def __repr__(self) -> str:
+        return f"Secret({self.name!r})"
+
+    @classmethod
+    def from_name(cls, name: str) -> Secret:
+        """A secret created on the server (by name)."""
+        if not isinstance(name, str) or not FUNCTION_NAME.fullmatch(name):
+            raise ValueError(f"Secret.from_name({name!r}): names are letters, digits, '_' and '-', at most 63")
+        return cls(name)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, str]) -> Secret:
+        """An inline secret, sent with the deploy; its name is derived from its content."""
+        if not isinstance(values, dict) or not all(
+            isinstance(k, str) and k and isinstance(v, str) for k, v in values.items()
+        ):
+            raise TypeError("Secret.from_dict() takes a dict of non-empty str names to str values")
+        canonical = json.dumps(values, sort_keys=True, separators=(",", ":"))
+        name = "inline-" + hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:16]
+        return cls(name, dict(values))
+
+    @property
+    def inline_values(self) -> dict[str, str] | None:
+        return None if self._values is None else dict(self._values)
+
+
+# Where each volume is mounted in this process's functions, so commit() knows what to sync.
+_volume_mounts: dict[str, set[str]] = collections.defaultdict(set)
+
+
+class Volume:
+    """A persistent directory shared between containers, mounted with volumes={"/path": vol}."""
+
+    def __init__(self, name: str, create_if_missing: bool = False, read_only: bool = False):
+        # Private: use Volume.from_name.
+        self.name = name
+        self.create_if_missing = bool(create_if_missing)
+        self._read_only = bool(read_only)
+
+    def __repr__(self) -> str:
+        extra = ", read_only=True" if self._read_only else ""
+        return f"Volume({self.name!r}{extra})"
+
+    @classmethod
+    def from_name(cls, name: str, create_if_missing: bool = False, read_only: bool = False) -> Volume:
+        if not isinstance(name, str) or not VOLUME_NAME.fullmatch(name):
+            raise ValueError(f"Volume.from_name({name!r}): names are letters, digits, '.', '_' and '-', at most 63")
+        return cls(name, create_if_missing, read_only)
+
+    def read_only(self) -> Volume:
+        """The same volume, mounted read-only."""
+        return Volume(self.name, self.create_if_missing, True)
+
+    @property
+    def is_read_only(self) -> bool:
+        return self._read_only
+
+    def commit(self) -> None:
+        """Makes writes durable: fsyncs every file under the mount and the directories."""
+        if is_local():
+            raise RuntimeError(
+                f"Volume {self.name!r}: commit() works only inside a Lode container, where the volume is mounted"
+            )
+        if self._read_only:
+            raise RuntimeError(f"Volume {self.name!r} is mounted read-only here; there is nothing to commit")
+        mounts = sorted(p for p in _volume_mounts.get(self.name, ()) if os.path.isdir(p))
+        if not mounts:
+            raise RuntimeError(
+                f"Volume {self.name!r} is not mounted in this container; "
+                "add volumes={'/path': vol} to the function that commits it"
+            )
+        for mount in mounts:
+            _fsync_tree(mount)
+
+    def reload(self) -> None:
+        """Kept for API compatibility: mounts always see the latest committed data."""
+
+
+def _fsync_tree(root: str) -> None:
+    for dirpath, _dirs, files in os.walk(root, followlinks=False):
+        for name in files:
+            path = os.path.join(dirpath, name)
+            # Only regular files: opening a FIFO would block, and links point elsewhere.
+            if stat.S_ISREG(os.lstat(path).st_mode):
+                _fsync_path(path)
+        _fsync_path(dirpath)
+
+
+def _fsync_path(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class FunctionCall:
+    """A spawned call; get() waits for its result."""
+
+    def __init__(self, call_id: str):
+        self.object_id = call_id
+
+    def __repr__(self) -> str:
+        return f"FunctionCall({self.object_id!r})"
+
+    @classmethod
+    def from_id(cls, call_id: str) -> FunctionCall:
+        if not isinstance(call_id, str) or not call_id:
+            raise ValueError(f"FunctionCall.from_id({call_id!r}): pass the call id string that spawn() gave")
+        return cls(call_id)
+
+    def get(self, timeout: float | None = None) -> Any:
+        """The call's result (or its exception); TimeoutError if it is not done within timeout seconds."""
+        transport = _client.transport()
+        deadline = None if timeout is None else time.monotonic() + max(0.0, timeout)
+        while True:
+            if deadline is None:
+                wait = _client.MAX_WAIT_S
+            else:
+                wait = min(_client.MAX_WAIT_S, max(0, math.ceil(deadline - time.monotonic())))
+            body = transport.poll(self.object_id, wait)
+            status = body.get("status")
+            if status == "succeeded":
+                return _client.decode_result(body)
+            if status == "failed":
+                raise _client.exception_from_error(body.get("error") or {"kind": "failed", "message": "no error given"})
+            if status == "cancelled":
+                error = body.get("error")
+                message = error.get("message") if isinstance(error, dict) else None
+                raise _client.RemoteError("cancelled", message or f"call {self.object_id} was cancelled")
+            if status not in ("pending", "running"):
+                raise _client.RemoteError(
+                    "bad_response",
+                    f"call {self.object_id} has unknown status {status!r}; the SDK and server versions may differ",
+                )
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError(
+                    f"call {self.object_id} is still {status} after {timeout}s; call get() again to keep waiting"
+                )
+
+
+class Function:
+    """A function declared with @app.function or @app.web_endpoint, or a handle from from_name."""
+
+    def __init__(
+        self,
+        fn: Callable[..., Any] | None,
+        name: str,
+        app: App | None = None,
+        app_name: str | None = None,
+        serialization: str = "json",
+        spec: dict[str, Any] | None = None,
+    ):
+        self._fn = fn
+        self.name = name
+        self.app = app
+        self._app_name = app_name
+        self.serialization = serialization
+        self._spec = spec or {}
+        if fn is not None:
+            functools.update_wrapper(self, fn)
+
+    def __repr__(self) -> str:
+        app = self._app_name or (self.app.name if self.app else os.environ.get("LODE_APP", "?"))
+        return f"Function({app}.{self.name})"
+
+    @classmethod
+    def from_name(cls, app_name: str | None, function_name: str) -> Function:
+        """A handle to a deployed function; app_name None means this container's own app."""
+        if not isinstance(function_name, str) or not function_name:
+            raise ValueError(f"Function.from_name: function_name {function_name!r} must be a non-empty str")
+        if app_name is not None and (not isinstance(app_name, str) or not app_name):
+            raise ValueError(f"Function.from_name: app_name {app_name!r} must be a non-empty str or None")
+        return cls(None, function_name, app_name=app_name)
+
+    def _target_app(self) -> str:
+        # Inside a container LODE_APP is the deployed name, which `lode deploy --name` may change.
+        if self._app_name is not None:
+            return self._app_name
+        deployed = os.environ.get("LODE_APP")
+        if deployed:
+            return deployed
+        if self.app is not None:
+            return self.app.name
+        raise ValueError(
+            f"Function.from_name(None, {self.name!r}) needs an app name outside a container; pass the app's name"
+        )
+
+    def local(self, *args: Any, **kwargs: Any) -> Any:
+        """Runs the Python function here, in this process."""
+        if self._fn is None:
+            raise TypeError(f"{self!r} comes from Function.from_name and has no local code; use .remote()")
+        return self._fn(*args, **kwargs)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.local(*args, **kwargs)
+
+    def _payload(self, args: tuple, kwargs: dict) -> dict[str, Any]:
+        return _client.encode_args(args, kwargs, self.serialization, self.name)
+
+    def remote(self, *args: Any, **kwargs: Any) -> Any:
+        """Runs the function on Lode and returns its result (or raises its exception)."""
+        payload = self._payload(args, kwargs)
+        return _client.decode_result(_client.transport().call(self._target_app(), self.name, payload))
+
+    def spawn(self, *args: Any, **kwargs: Any) -> FunctionCall:
+        """Starts the function on Lode without waiting; FunctionCall.get() gives the result."""
+        payload = self._payload(args, kwargs)
+        return FunctionCall(_client.transport().spawn(self._target_app(), self.name, payload))
+
+    def map(
+        self,
+        iterable: Iterable[Any],
+        *more_iterables: Iterable[Any],
+        order_outputs: bool = True,
+        return_exceptions: bool = False,
+    ) -> Iterator[Any]:
+        """Calls the function on each item (zipped with more_iterables), many at once."""
+        # Like the builtin map: stops at the shortest iterable.
+        return self._map(zip(iterable, *more_iterables, strict=False), order_outputs, return_exceptions)
+
+    def starmap(
+        self, iterable: Iterable[Iterable[Any]], order_outputs: bool = True, return_exceptions: bool = False
+    ) -> Iterator[Any]:
+        """Like map, with each item unpacked as the positional arguments."""
+        return self._map(iterable, order_outputs, return_exceptions)
+
+    def _map(self, arg_tuples: Iterable[Iterable[Any]], ordered: bool, return_exceptions: bool) -> Iterator[Any]:
+        transport = _client.transport()
+        app = self._target_app()
+
+        def one(args: Iterable[Any]) -> Any:
+            payload = self._payload(tuple(args), {})
+            return _client.decode_result(transport.call(app, self.name, payload))
+
+        def outcome(future: concurrent.futures.Future) -> Any:
+            error = future.exception()
+            if error is None:
+                return future.result()
+            if return_exceptions and isinstance(error, Exception):
+                return error
+            raise error
+
+        inputs = iter(arg_tuples)
+        pool = concurrent.futures.ThreadPoolExecutor(MAP_WORKERS, thread_name_prefix=f"lode-map-{self.name}")
+        try:
+            if ordered:
+                queue: collections.deque = collections.deque()
+                for args in inputs:
+                    queue.append(pool.submit(one, args))
+                    if len(queue) >= MAP_IN_FLIGHT:
+                        yield outcome(queue.popleft())
+                while queue:
+                    yield outcome(queue.popleft())
+            else:
+                running: set = set()
+                exhausted = False
+                while True:
+                    while not exhausted and len(running) < MAP_IN_FLIGHT:
+                        try:
+                            running.add(pool.submit(one, next(inputs)))
+                        except StopIteration:
+                            exhausted = True
+                    if not running:
+                        break
+                    done, running = concurrent.futures.wait(running, return_when=concurrent.futures.FIRST_COMPLETED)
+                    for future in done:
+                        yield outcome(future)
+        finally:
+            # Also reached when the caller stops iterating early: drop what has not started.
+            pool.shutdown(wait=False, cancel_futures=True)
+
+    def _manifest(self, module: str) -> dict[str, Any]:
+        spec = self._spec
+        resources = {k: v for k, v in spec["resources"].items() if v is not None}
+        image = spec["image"] or (self.app.image if self.app else None) or Image.debian_slim()
+        entry: dict[str, Any] = {
+            "name": self.name,
+            "runtime": "python",
+            "python": {
+                "module": module,
+                "qualname": getattr(self._fn, "__qualname__", self.name),
+                "image": image.to_spec(),
+                "serialization": self.serialization,
+            },
+            "resources": resources,
+        }
+        if spec.get("web"):
+            entry["web"] = dict(spec["web"])
+        if spec.get("schedule") is not None:
+            entry["schedule"] = spec["schedule"].to_manifest()
+        if spec["secrets"]:
+            entry["secrets"] = [s.name for s in spec["secrets"]]
+        if spec["volumes"]:
+            entry["volumes"] = [
+                {"name": v.name, "path": path, "read_only": v.is_read_only, "create_if_missing": v.create_if_missing}
+                for path, v in spec["volumes"].items()
+            ]
+        if spec.get("retries") is not None:
+            entry["retries"] = spec["retries"].to_manifest()
+        if spec.get("network") is not None:
+            entry["network"] = {"mode": spec["network"]}
+        return entry
+
+
+class App:
+    """A named group of functions deployed together; `image` is their default image."""
+
+    def __init__(self, name: str, image: Image | None = None):
+        if not isinstance(name, str) or not APP_NAME.fullmatch(name):
+            raise ValueError(
+                f"App({name!r}): app names are DNS labels: lowercase letters, digits and '-', "
+                "1 to 63 characters, not starting or ending with '-' (e.g. \"my-app\")"
+            )
+        if image is not None and not isinstance(image, Image):
+            raise TypeError(f"App(image=...) takes a lode.Image, not {type(image).__name__}")
+        self.name = name
+        self.image = image
+        self._functions: dict[str, Function] = {}
+        self._entrypoints: dict[str, Callable[..., Any]] = {}
+
+    def __repr__(self) -> str:
+        return f"App({self.name!r})"
+
+    @property
+    def registered_functions(self) -> dict[str, Function]:
+        return dict(self._functions)
+
+    @property
+    def registered_entrypoints(self) -> dict[str, Callable[..., Any]]:
+        return dict(self._entrypoints)
+
+    def function(
+        self,
+        fn: Callable[..., Any] | None = None,
+        /,
+        *,
+        image: Image | None = None,
+        cpu: float | None = None,
+        memory: int | None = None,
+        timeout: float | None = None,
+        min_containers: int | None = None,
+        max_containers: int | None = None,
+        scaledown_window: float | None = None,
+        retries: Retries | int | None = None,
+        concurrency: int | None = None,
+        gpu: str | None = None,
+        secrets: Iterable[Secret] = (),
+        volumes: dict[str, Volume] | None = None,
+        schedule: Period | Cron | None = None,
+        network: str | None = None,
+        serialization: str = "json",
+        name: str | None = None,
+    ) -> Any:
+        """Declares a function that runs in a container: @app.function or @app.function(...)."""
+        options = dict(
+            image=image,
+            cpu=cpu,
+            memory=memory,
+            timeout=timeout,
+            min_containers=min_containers,
+            max_containers=max_containers,
+            scaledown_window=scaledown_window,
+            retries=retries,
+            concurrency=concurrency,
+            gpu=gpu,
+            secrets=secrets,
+            volumes=volumes,
+            schedule=schedule,
+            network=network,
+            serialization=serialization,
+            name=name,
+        )
+        return self._decorate(fn, options, None)
+
+    def web_endpoint(
+        self, fn: Callable[..., Any] | None = None, /, *, method: str = "POST", path: str | None = None, **options: Any
+    ) -> Any:
+        """Declares a function served over HTTP at `path` (default "/<name>"); it gets the JSON body."""
+        if not isinstance(method, str) or not WEB_METHOD.fullmatch(method.upper()):
+            raise ValueError(f'web_endpoint(method={method!r}): use an HTTP method such as "GET" or "POST"')
+        if path is not None and (not isinstance(path, str) or not path.startswith("/")):
+            raise ValueError(f"web_endpoint(path={path!r}): the path must start with '/', e.g. \"/echo\"")
+        unknown = sorted(set(options) - set(FUNCTION_OPTIONS))
+        if unknown:
+            raise TypeError(
+                f"web_endpoint() got unknown options {unknown}; it accepts method, path and {list(FUNCTION_OPTIONS)}"
+            )
+        return self._decorate(fn, options, {"path": path, "method": method.upper()})
+
+    def _decorate(self, fn: Callable[..., Any] | None, options: dict[str, Any], web: dict[str, Any] | None) -> Any:
+        def register(f: Callable[..., Any]) -> Function:
+            if isinstance(f, Function) or not callable(f):
+                raise TypeError(f"@app.function decorates a plain Python function, not {f!r}")
+            function = self._make_function(f, options, web)
+            if function.name in self._functions:
+                raise ValueError(
+                    f"App {self.name!r} already has a function named {function.name!r}; pass name=... to rename one"
+                )
+            self._functions[function.name] = function
+            return function
+
+        return register if fn is None else register(fn)
+
+    def _make_function(self, fn: Callable[..., Any], o: dict[str, Any], web: dict[str, Any] | None) -> Function:
+        name = o.get("name") or getattr(fn, "__name__", None)
+        where = f"function {name!r}"
+        if not isinstance(name, str) or not FUNCTION_NAME.fullmatch(name):
+            raise ValueError(
+                f"{where}: names are a letter or '_' then letters, digits, '_' or '-', at most 63; pass name=..."
+            )
+        image = o.get("image")
+        if image is not None and not isinstance(image, Image):
+            raise TypeError(f"{where}: image= takes a lode.Image, not {type(image).__name__}")
+        serialization = o.get("serialization", "json")
+        if serialization not in ("json", "pickle"):
+            raise ValueError(f'{where}: serialization={serialization!r}; use "json" or "pickle"')
+        network = o.get("network")
+        if network not in (None, "none", "outbound"):
+            raise ValueError(f'{where}: network={network!r}; use "none" or "outbound"')
+        schedule = o.get("schedule")
+        if schedule is not None and not isinstance(schedule, (Period, Cron)):
+            raise TypeError(f'{where}: schedule= takes lode.Period(...) or lode.Cron("..."), not {schedule!r}')
+        retries = o.get("retries")
+        if isinstance(retries, int) and not isinstance(retries, bool):
+            retries = Retries(max_retries=retries)
+        elif retries is not None and not isinstance(retries, Retries):
+            raise TypeError(f"{where}: retries= takes lode.Retries(...) or an int, not {retries!r}")
+
+        secrets: list[Secret] = []
+        if isinstance(o.get("secrets"), (Secret, str)):
+            raise TypeError(f'{where}: secrets= takes a list, e.g. secrets=[lode.Secret.from_name("api")]')
+        for secret in o.get("secrets") or ():
+            if not isinstance(secret, Secret):
+                raise TypeError(
+                    f"{where}: secrets= takes lode.Secret objects, not {secret!r}; "
+                    "use lode.Secret.from_name(...) or lode.Secret.from_dict(...)"
+                )
+            if all(s.name != secret.name for s in secrets):
+                secrets.append(secret)
+
+        volumes: dict[str, Volume] = {}
+        if not isinstance(o.get("volumes") or {}, dict):
+            raise TypeError(f'{where}: volumes= takes a dict of mount path to volume, e.g. {{"/data": vol}}')
+        for path, volume in (o.get("volumes") or {}).items():
+            if not isinstance(path, str) or not path.startswith("/") or ".." in path.split("/") or path == "/":
+                raise ValueError(f'{where}: volume mount path {path!r} must be an absolute path below /, e.g. "/data"')
+            if not isinstance(volume, Volume):
+                raise TypeError(f"{where}: volumes[{path!r}] must be lode.Volume.from_name(...), not {volume!r}")
+            volumes[path] = volume
+
+        if web is not None:
+            web = {"path": web["path"] or "/" + name, "method": web["method"]}
+
+        resources = {
+            "cpu": _positive(where, "cpu", o.get("cpu"), float),
+            "memory": _positive(where, "memory", o.get("memory"), int),
+            "timeout": _positive(where, "timeout", o.get("timeout"), float, upper=86400),
+            "concurrency": _positive(where, "concurrency", o.get("concurrency"), int),
+            "min_containers": _positive(where, "min_containers", o.get("min_containers"), int, zero=True),
+            "max_containers": _positive(where, "max_containers", o.get("max_containers"), int),
+            "scaledown_window": _positive(where, "scaledown_window", o.get("scaledown_window"), float, zero=True),
+            "gpu": o.get("gpu"),
+        }
+        gpu = resources["gpu"]
+        if gpu is not None and (not isinstance(gpu, str) or not gpu):
+            raise TypeError(f'{where}: gpu={gpu!r}; use a string such as "any", "H100" or "H100:2"')
+        lo, hi = resources["min_containers"], resources["max_containers"]
+        if lo is not None and hi is not None and lo > hi:
+            raise ValueError(f"{where}: min_containers ({lo}) is above max_containers ({hi}); lower or raise one")
+
+        for path, volume in volumes.items():
+            if not volume.is_read_only:
+                _volume_mounts[volume.name].add(path)
+        spec = {
+            "image": image,
+            "resources": resources,
+            "web": web,
+            "schedule": schedule,
+            "secrets": secrets,
+            "volumes": volumes,
+            "retries": retries,
+            "network": network,
+        }
+        return Function(fn, name, app=self, serialization=serialization, spec=spec)
+
+    def local_entrypoint(self, fn: Callable[..., Any] | None = None, /, *, name: str | None = None) -> Any:
+        """Marks the function `python3 -m lode run` calls on this machine."""
+
+        def register(f: Callable[..., Any]) -> Callable[..., Any]:
+            entry = name or getattr(f, "__name__", None)
+            if not isinstance(entry, str) or not entry:
+                raise ValueError(f"local_entrypoint: cannot name {f!r}; pass name=...")
+            if entry in self._entrypoints:
+                raise ValueError(f"App {self.name!r} already has a local entrypoint named {entry!r}; pass name=...")
+            self._entrypoints[entry] = f
+            return f
+
+        return register if fn is None else register(fn)
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _positive(where: str, key: str, value: Any, kind: type, zero: bool = False, upper: float | None = None) -> Any:
+    if value is None:
+        return None
+    ok = _number(value) and (value >= 0 if zero else value > 0) and (upper is None or value <= upper)
+    if kind is int:
+        ok = ok and float(value).is_integer()
+    if not ok:
+        bound = "at least 0" if zero else "above 0"
+        limit = f" and at most {upper:g}" if upper is not None else ""
+        noun = "an integer" if kind is int else "a number"
+        raise ValueError(f"{where}: {key}={value!r}; use {noun} {bound}{limit}")
+    return kind(value)
+
+
+def collect(app: App, module: str, file: str) -> dict[str, Any]:
+    """The description of an app that `python3 -m lode collect` prints for the deployer."""
+    inline: dict[str, dict[str, str]] = {}
+    for function in app._functions.values():
+        for secret in function._spec["secrets"]:
+            if secret.inline_values is not None:
+                inline[secret.name] = secret.inline_values
+    return {
+        "app": app.name,
+        "module": module,
+        "file": file,
+        "entrypoints": list(app._entrypoints),
+        "inline_secrets": inline,
+        "functions": [f._manifest(module) for f in app._functions.values()],
+    }

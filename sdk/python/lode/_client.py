@@ -1,0 +1,388 @@
+"""Talking to Lode: the HTTP API from outside, the agent's socket from inside a container,
+argument encoding, and turning remote errors back into exceptions."""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import importlib
+import itertools
+import json
+import os
+import pickle
+import select
+import sys
+import threading
+import time
+import urllib.parse
+from collections.abc import Callable
+from typing import Any
+
+from . import _config
+
+# How long a full queue (429) is retried before giving up.
+QUEUE_FULL_LIMIT_S = 600.0
+# The longest the server holds GET /v1/calls/{id}?wait=.
+MAX_WAIT_S = 60
+
+
+class RemoteError(Exception):
+    """A remote failure with no matching local exception type, or an error from the API."""
+
+    def __init__(self, kind: str, message: str, remote_traceback: str | None = None):
+        super().__init__(f"{kind}: {message}" if kind else message)
+        self.kind = kind
+        self.message = message
+        self.remote_traceback = remote_traceback
+
+    def __reduce__(self) -> Any:
+        # The default would replay only args[0]; keep all three across pickling.
+        return (type(self), (self.kind, self.message, self.remote_traceback))
+
+
+RemoteError.__module__ = "lode"
+
+
+def _attach_traceback(exc: BaseException, tb: str) -> None:
+    note = "Remote traceback:\n" + tb.rstrip("\n")
+    try:
+        exc.remote_traceback = tb  # type: ignore[attr-defined]
+    except AttributeError:
+        pass
+    if hasattr(exc, "add_note"):
+        exc.add_note(note)
+    else:  # Python 3.10: kept for tools that read it; the message carries the traceback too.
+        exc.__notes__ = [*getattr(exc, "__notes__", []), note]  # type: ignore[attr-defined]
+
+
+def exception_from_error(error: Any) -> BaseException:
+    """The local exception for a remote error object: its own type when that type can be
+    imported here and built from the message, else RemoteError."""
+    if not isinstance(error, dict):
+        return RemoteError("bad_response", f"the server sent an error that is not an object: {error!r}")
+    kind = str(error.get("kind") or "error")
+    message = str(error.get("message") or "")
+    module = error.get("module")
+    tb = error.get("traceback") or None
+    # Before 3.11 notes are not printed, so the message itself carries the remote traceback.
+    suffix = f"\n\nRemote traceback:\n{tb.rstrip()}" if tb and sys.version_info < (3, 11) else ""
+    text = message + suffix
+
+    exc: BaseException | None = None
+    if isinstance(module, str) and module:
+        try:
+            cls = getattr(importlib.import_module(module), kind, None)
+            if isinstance(cls, type) and issubclass(cls, BaseException):
+                exc = cls(text)
+        except Exception:
+            exc = None
+    if exc is None:
+        exc = RemoteError(kind, message, tb)
+        exc.args = (exc.args[0] + suffix,)
+    if tb:
+        _attach_traceback(exc, tb)
+    return exc
+
+
+# Arguments and results.
+
+
+def encode_args(args: tuple, kwargs: dict, serialization: str, fn_name: str) -> dict[str, Any]:
+    """The request body for a call: JSON args/kwargs, or one pickled (args, kwargs)."""
+    if serialization == "pickle":
+        try:
+            data = pickle.dumps((tuple(args), dict(kwargs)))
+        except Exception as e:
+            raise TypeError(f"cannot pickle the arguments of {fn_name}(): {e}") from e
+        return {"pickled": base64.b64encode(data).decode("ascii")}
+    body = {"args": list(args), "kwargs": dict(kwargs)}
+    try:
+        json.dumps(body, allow_nan=False)
+    except (TypeError, ValueError):
+        for what, value in [
+            *((f"argument {i}", a) for i, a in enumerate(args)),
+            *((f"keyword argument {k!r}", v) for k, v in kwargs.items()),
+        ]:
+            try:
+                json.dumps(value, allow_nan=False)
+            except (TypeError, ValueError) as e:
+                raise TypeError(
+                    f"{what} of {fn_name}() cannot be sent as JSON ({e}); pass JSON values "
+                    '(dict, list, str, int, float, bool, None) or declare the function with serialization="pickle"'
+                ) from None
+        raise
+    return body
+
+
+def decode_result(body: dict[str, Any]) -> Any:
+    """The value in a result-bearing object, unpickling `result_pickled` when present."""
+    if "result_pickled" in body:
+        return pickle.loads(base64.b64decode(body["result_pickled"]))
+    return body.get("result")
+
+
+# Transports: both offer call, spawn and poll with the same shapes.
+
+
+class HttpTransport:
+    """The Lode HTTP API, with one keep-alive connection per thread."""
+
+    def __init__(self, api_url: str, token: str | None):
+        parts = urllib.parse.urlsplit(api_url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise _config.ConfigError(
+                f"the Lode API URL {api_url!r} is not an http(s) URL; fix LODE_API or api_url in the config"
+            )
+        self.api_url = api_url
+        self._https = parts.scheme == "https"
+        self._host = parts.hostname
+        self._port = parts.port
+        self._prefix = parts.path.rstrip("/")
+        self._token = token
+        self._local = threading.local()
+
+    def _connection(self) -> http.client.HTTPConnection:
+        if self._https:
+            return http.client.HTTPSConnection(self._host, self._port)
+        return http.client.HTTPConnection(self._host, self._port)
+
+    def _send(self, method: str, path: str, data: bytes | None, timeout: float | None) -> tuple[int, Any, bytes]:
+        headers = {"Accept": "application/json"}
+        if self._token:
+            headers["Authorization"] = f"Bearer {self._token}"
+        if data is not None:
+            headers["Content-Type"] = "application/json"
+        for attempt in range(2):
+            holder = getattr(self._local, "holder", None)
+            if holder is not None and _went_stale(holder.conn):
+                holder = None
+            reused = holder is not None
+            if holder is None:
+                holder = self._local.holder = _ConnectionHolder(self._connection())
+            conn = holder.conn
+            conn.timeout = timeout
+            if conn.sock is not None:
+                conn.sock.settimeout(timeout)
+            try:
+                conn.request(method, self._prefix + path, body=data, headers=headers)
+                resp = conn.getresponse()
+                return resp.status, resp.headers, resp.read()
+            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError) as e:
+                conn.close()
+                self._local.holder = None
+                # The server closed a kept-alive connection as we used it. Only a GET is sent
+                # again: a call may already have started, and running it twice is worse.
+                if reused and attempt == 0 and method == "GET":
+                    continue
+                raise ConnectionError(
+                    f"the Lode API at {self.api_url} closed the connection during {method} {path} ({e}); "
+                    "retry the call if it is safe to run again"
+                ) from e
+            except OSError as e:
+                conn.close()
+                self._local.holder = None
+                raise ConnectionError(
+                    f"cannot reach the Lode API at {self.api_url} ({e}); is `lode serve` running there?"
+                ) from e
+        raise AssertionError("unreachable")
+
+    def request(self, method: str, path: str, body: Any = None, timeout: float | None = None) -> Any:
+        """Sends one request, waiting out 429s, and returns the decoded JSON of a 2xx answer."""
+        data = None if body is None else json.dumps(body, allow_nan=False).encode("utf-8")
+        give_up = time.monotonic() + QUEUE_FULL_LIMIT_S
+        while True:
+            status, headers, raw = self._send(method, path, data, timeout)
+            if status != 429:
+                break
+            delay = _retry_after(headers.get("Retry-After"))
+            if time.monotonic() + delay > give_up:
+                raise RemoteError(
+                    "queue_full",
+                    f"{method} {path} was refused with 429 (queue full) for {QUEUE_FULL_LIMIT_S:.0f}s; "
+                    "try again later or raise the function's max_containers",
+                )
+            time.sleep(delay)
+        try:
+            payload = json.loads(raw) if raw else None
+        except ValueError:
+            payload = None
+        if 200 <= status < 300:
+            if not isinstance(payload, dict):
+                raise RemoteError("bad_response", f"{method} {path} answered {status} without a JSON object")
+            return payload
+        if isinstance(payload, dict) and isinstance(payload.get("error"), dict):
+            raise exception_from_error(payload["error"])
+        snippet = raw[:200].decode("utf-8", "replace")
+        raise RemoteError("http_error", f"{method} {path} failed with HTTP {status}: {snippet}")
+
+    @staticmethod
+    def _fn_path(app: str, function: str, op: str) -> str:
+        q = urllib.parse.quote
+        return f"/v1/apps/{q(app, safe='')}/functions/{q(function, safe='')}/{op}"
+
+    def call(self, app: str, function: str, payload: dict[str, Any]) -> dict[str, Any]:
+        return self.request("POST", self._fn_path(app, function, "call"), payload)
+
+    def spawn(self, app: str, function: str, payload: dict[str, Any]) -> str:
+        body = self.request("POST", self._fn_path(app, function, "spawn"), payload)
+        return _call_id(body)
+
+    def poll(self, call_id: str, wait: int) -> dict[str, Any]:
+        path = f"/v1/calls/{urllib.parse.quote(call_id, safe='')}?wait={wait}"
+        return self.request("GET", path, timeout=wait + 30)
+
+
+class _ConnectionHolder:
+    """Owns one thread's connection and closes it when the thread (and so its
+    threading.local) goes away, e.g. when a map() pool shuts down."""
+
+    __slots__ = ("conn",)
+
+    def __init__(self, conn: http.client.HTTPConnection):
+        self.conn = conn
+
+    def __del__(self) -> None:
+        self.conn.close()
+
+
+def _went_stale(conn: http.client.HTTPConnection) -> bool:
+    """True when an idle kept-alive connection was closed by the server (its socket reads
+    as ready: EOF), so the next request opens a fresh one instead of failing."""
+    sock = conn.sock
+    if sock is None:
+        return False
+    try:
+        if hasattr(select, "poll"):  # select() fails on descriptors above 1023
+            poller = select.poll()
+            poller.register(sock, select.POLLIN)
+            readable = bool(poller.poll(0))
+        else:
+            readable = bool(select.select([sock], [], [], 0)[0])
+    except (OSError, ValueError):
+        readable = True
+    if readable:
+        conn.close()
+        return True
+    return False
+
+
+def _retry_after(value: str | None) -> float:
+    try:
+        return max(float(value), 0.0) if value is not None else 1.0
+    except ValueError:
+        return 1.0
+
+
+def _call_id(body: dict[str, Any]) -> str:
+    call_id = body.get("call_id")
+    if not isinstance(call_id, str):
+        raise RemoteError("bad_response", f"spawn answered without a call_id: {body!r}")
+    return call_id
+
+
+class _Pending:
+    __slots__ = ("event", "message")
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.message: dict[str, Any] | None = None
+
+
+class AgentTransport:
+    """Calls from inside a container, sent over the agent's socket and answered by the host."""
+
+    def __init__(self, send: Callable[[dict[str, Any]], None], token: str):
+        self._send = send
+        self._token = token
+        self._ids = itertools.count(1)
+        self._pending: dict[str, _Pending] = {}
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def _request(self, op: str, fields: dict[str, Any]) -> dict[str, Any]:
+        call_id = f"c-{next(self._ids)}"
+        slot = _Pending()
+        with self._lock:
+            if self._closed:
+                raise ConnectionError("the connection to the Lode host is closed; the container is stopping")
+            self._pending[call_id] = slot
+        try:
+            self._send({"type": "call", "call_id": call_id, "token": self._token, "op": op, **fields})
+        except BaseException as e:
+            with self._lock:
+                self._pending.pop(call_id, None)
+            if isinstance(e, OSError):
+                raise ConnectionError(f"cannot send the {op} to the Lode host ({e}); the container is stopping") from e
+            raise
+        slot.event.wait()
+        msg = slot.message or {}
+        if "error" in msg:
+            raise exception_from_error(msg["error"])
+        return msg
+
+    def resolve(self, msg: dict[str, Any]) -> bool:
+        """Hands a call_result to the thread waiting for it; False if nobody waits."""
+        with self._lock:
+            slot = self._pending.pop(str(msg.get("call_id")), None)
+        if slot is None:
+            return False
+        slot.message = msg
+        slot.event.set()
+        return True
+
+    def close(self) -> None:
+        """Fails every waiting call, so no thread blocks forever once the host is gone."""
+        with self._lock:
+            self._closed = True
+            pending, self._pending = self._pending, {}
+        for slot in pending.values():
+            slot.message = {"error": {"kind": "connection_closed", "message": "the Lode host closed the connection"}}
+            slot.event.set()
+
+    def call(self, app: str, function: str, payload: dict[str, Any]) -> dict[str, Any]:
+        return self._request("call", {"app": app, "function": function, **payload})
+
+    def spawn(self, app: str, function: str, payload: dict[str, Any]) -> str:
+        msg = self._request("spawn", {"app": app, "function": function, **payload})
+        result = msg.get("result")
+        return _call_id(result if isinstance(result, dict) else {})
+
+    def poll(self, call_id: str, wait: int) -> dict[str, Any]:
+        result = self._request("get", {"id": call_id, "wait": wait}).get("result")
+        if not isinstance(result, dict):
+            raise RemoteError("bad_response", f"get for call {call_id} answered {result!r}, not a call status")
+        return result
+
+
+_agent_transport: AgentTransport | None = None
+_http: dict[tuple[str, str | None], HttpTransport] = {}
+_http_lock = threading.Lock()
+
+
+def set_agent_transport(transport: AgentTransport | None) -> None:
+    """Set by the in-container agent: from then on calls go through its socket."""
+    global _agent_transport
+    _agent_transport = transport
+
+
+def forget_http_clients() -> None:
+    """Drops the cached API clients, closing their connections (after a config change)."""
+    with _http_lock:
+        _http.clear()
+
+
+def transport() -> HttpTransport | AgentTransport:
+    """The agent's socket inside a container, else the HTTP API found by _config."""
+    if _agent_transport is not None:
+        return _agent_transport
+    if os.environ.get("LODE_SOCKET"):
+        raise RuntimeError(
+            "LODE_SOCKET is set but the Lode agent is not serving calls in this process: inside a "
+            "container, make remote calls from a function while it runs, not at import time or from a subprocess"
+        )
+    key = _config.find_api()
+    with _http_lock:
+        client = _http.get(key)
+        if client is None:
+            client = _http[key] = HttpTransport(*key)
+        return client
