@@ -94,7 +94,7 @@ run_tests() {
   # The sandbox tests build a root filesystem from a static busybox; image builds need
   # debootstrap (the base is kept in $CACHE_DIR/images/base, so reruns skip it) and
   # slirp4netns (build steps and --net outbound).
-  setup busybox=busybox-static debootstrap slirp4netns
+  setup busybox=busybox-static debootstrap slirp4netns python3
   log "cargo fmt --check"
   cargo fmt --all -- --check
   log "cargo clippy"
@@ -103,8 +103,16 @@ run_tests() {
   local out status=0
   out=$(mktemp)
   cargo test --workspace 2>&1 | tee "$out" || status=$?
-  # One closing line for the whole suite, summed over every test binary.
-  awk '/^test result:/ { p += $4; f += $6; s += $8 } END { printf "tests: %d passed, %d failed, %d skipped\n", p, f, s }' "$out"
+  # The Python SDK's own tests (standard library only, no server needed).
+  log "python SDK tests"
+  python3 -m unittest discover -s sdk/python/tests -t sdk/python 2>&1 | tee -a "$out" || status=$?
+  # One closing line for the whole suite, summed over every test binary and the SDK's run.
+  awk '/^test result:/ { p += $4; f += $6; s += $8 }
+       /^Ran [0-9]+ tests? in/ { ran = $2 }
+       /^FAILED \(/ { n = split($0, parts, /[=,)]/); for (i = 2; i <= n; i += 2) failed += parts[i] }
+       /^OK( \(skipped=[0-9]+\))?$/ { if (match($0, /skipped=[0-9]+/)) sk = substr($0, RSTART + 8, RLENGTH - 8) }
+       END { p += ran - failed - sk; f += failed; s += sk
+             printf "tests: %d passed, %d failed, %d skipped\n", p, f, s }' "$out"
   rm -f "$out"
   return "$status"
 }

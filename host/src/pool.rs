@@ -269,7 +269,11 @@ impl Pool {
     }
 
     fn dispatch(self: &Arc<Self>, worker: &Arc<Worker>, job: Job) {
-        let id = format!("in-{}", self.next_input.fetch_add(1, Ordering::Relaxed));
+        let id = format!(
+            "{}-{}",
+            self.spec.function,
+            self.next_input.fetch_add(1, Ordering::Relaxed)
+        );
         let message = ToAgent::Input {
             id: id.clone(),
             function: self.spec.function.clone(),

@@ -1,0 +1,349 @@
+//! Python functions end to end, as a user runs them: the real CLI against a real `lode
+//! serve`, images built by the native runner, calls served by warm containers.
+
+mod harness;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use harness::Lode;
+
+/// The debootstrap base the CI keeps between runs.
+const BASE_DIR: &str = "/var/cache/lode/images/base";
+
+fn start(extra: &[&str]) -> Lode {
+    let mut args = vec!["--image-base-dir", BASE_DIR];
+    args.extend_from_slice(extra);
+    Lode::start(&args)
+}
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn app_file(relative: &str) -> String {
+    repo().join(relative).to_str().unwrap().to_string()
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// Polls `check` until it returns `Some`, for at most `limit`.
+fn wait_for<T>(limit: Duration, mut check: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(value) = check() {
+            return Some(value);
+        }
+        if Instant::now() > deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn stats_row(lode: &Lode, app: &str, function: &str) -> Vec<String> {
+    let out = lode.cli_ok(&["stats", app]);
+    out.lines()
+        .find(|l| l.split_whitespace().next() == Some(function))
+        .unwrap_or_else(|| panic!("no row for {function} in:\n{out}"))
+        .split_whitespace()
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn python_hello_deploys_calls_maps_spawns_serves_http_and_ticks() {
+    let lode = start(&[]);
+    let app = app_file("samples/python-hello/app.py");
+    let deployed = lode.cli_ok(&["deploy", &app]);
+    assert!(deployed.contains("deployed hello version 1"), "{deployed}");
+    assert!(deployed.contains("/hello/echo"), "{deployed}");
+
+    assert_eq!(lode.cli_ok(&["call", "hello/square", "4"]).trim(), "16");
+    let started = Instant::now();
+    // Redeploying the same file changes nothing and takes well under a second.
+    let again = lode.cli_ok(&["deploy", &app]);
+    assert!(again.contains("unchanged"), "{again}");
+    eprintln!("unchanged redeploy took {:?}", started.elapsed());
+
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (status, body) = rt.block_on(async {
+        let response = lode
+            .public(reqwest::Method::POST, "/hello/echo")
+            .body(r#"{"a": 1}"#)
+            .send()
+            .await
+            .unwrap();
+        (response.status().as_u16(), response.text().await.unwrap())
+    });
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body, r#"{"you_sent":{"a":1}}"#);
+    // The route takes POST only.
+    let (status, _) = rt.block_on(lode.get("/hello/echo"));
+    assert_eq!(status, 405);
+
+    let run = lode.cli(&["run", &app, "--", "5"]);
+    let (stdout, stderr) = (text(&run.stdout), text(&run.stderr));
+    assert!(run.status.success(), "{stdout}\n{stderr}");
+    for expected in [
+        "square(4) = 16",
+        "squares: [0, 1, 4, 9, 16]",
+        "spawned square(7) = 49",
+        "HELLO!",
+    ] {
+        assert!(
+            stdout.contains(expected),
+            "missing {expected:?}:\n{stdout}\n{stderr}"
+        );
+    }
+    // The function's own print reached this terminal through the log stream.
+    assert!(stderr.contains("shouting 'hello'"), "{stderr}");
+
+    // The period schedule (every 5 s) fires by itself.
+    let ticked = wait_for(Duration::from_secs(15), || {
+        let logs = lode.cli_ok(&["logs", "hello"]);
+        logs.contains(" tick").then_some(logs)
+    });
+    assert!(ticked.is_some(), "{}", lode.cli_ok(&["logs", "hello"]));
+}
+
+#[test]
+fn python_numpy_runs_in_its_image_and_never_on_the_host() {
+    let lode = start(&[]);
+    let app = app_file("samples/python-numpy/app.py");
+    // The host has no numpy: collect skips the `image.imports()` block.
+    let deployed = lode.cli(&["deploy", &app]);
+    assert!(
+        deployed.status.success(),
+        "{}\n{}",
+        text(&deployed.stdout),
+        text(&deployed.stderr)
+    );
+    let out = lode.cli_ok(&["call", "numpy-demo/stats", "[1, 2, 3, 4]"]);
+    let value: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(value["mean"], 2.5);
+    assert!(value["numpy"].as_str().unwrap().starts_with('2'), "{value}");
+    let trace = lode.cli_ok(&["call", "numpy-demo/matmul", "3"]);
+    // trace(A·Aᵀ) for A = [[0,1,2],[3,4,5],[6,7,8]] is the sum of squares 0..8.
+    assert_eq!(trace.trim(), "204.0");
+}
+
+#[test]
+fn errors_retries_timeouts_and_calls_from_inside() {
+    let lode = start(&[]);
+    let app = app_file("host/tests/python/features.py");
+    lode.cli_ok(&["secret", "create", "feat-api", "TOKEN=s3cr3t-value-42"]);
+    lode.cli_ok(&["deploy", &app]);
+
+    let run = lode.cli(&["run", &app]);
+    let stdout = text(&run.stdout);
+    assert!(run.status.success(), "{stdout}\n{}", text(&run.stderr));
+    for expected in [
+        // Same type, remote traceback attached.
+        "caught ValueError: bad 3; remote traceback: True",
+        "caught Custom: raised in the container",
+        "caught RemoteError Ghost",
+        "return_exceptions: ['ValueError', 'ValueError']",
+        "starmap: [3, 7]",
+        "unordered: [11, 22, 33]",
+        // add(10, 1) + add(10, 2), called from inside a container.
+        "caller: 23",
+    ] {
+        assert!(stdout.contains(expected), "missing {expected:?}:\n{stdout}");
+    }
+
+    // The CLI shows a remote error with its traceback and exits 1.
+    let failed = lode.cli(&["call", "feat/fail", "7"]);
+    assert_eq!(failed.status.code(), Some(1));
+    let err = text(&failed.stderr);
+    assert!(err.contains("ValueError: bad 7"), "{err}");
+    assert!(err.contains("Traceback"), "{err}");
+
+    // The first attempt kills its container; Retries runs it again in a new one.
+    assert_eq!(
+        lode.cli_ok(&["call", "feat/crash_once", "t1"]).trim(),
+        "\"recovered t1\""
+    );
+    let crashed = lode.cli(&["call", "feat/crash_always"]);
+    assert_eq!(crashed.status.code(), Some(1));
+    assert!(
+        text(&crashed.stderr).contains("exited with code 4"),
+        "{}",
+        text(&crashed.stderr)
+    );
+    let logs = lode.cli_ok(&["logs", "feat"]);
+    assert!(logs.contains("retrying input (attempt 2 of 3)"), "{logs}");
+
+    // A timeout fails the input by name.
+    let slow = lode.cli(&["call", "feat/sleepy", "5"]);
+    assert_eq!(slow.status.code(), Some(1));
+    assert!(
+        text(&slow.stderr).contains("TimeoutError: feat/sleepy timed out after 1s"),
+        "{}",
+        text(&slow.stderr)
+    );
+    assert_eq!(
+        lode.cli_ok(&["call", "feat/sleepy", "0"]).trim(),
+        "\"woke\""
+    );
+
+    // Malformed calls get errors, not crashes.
+    let missing = lode.cli(&["call", "feat/no_such_function"]);
+    assert!(
+        text(&missing.stderr).contains("has no function"),
+        "{}",
+        text(&missing.stderr)
+    );
+}
+
+#[test]
+fn a_full_queue_answers_429_and_idle_containers_scale_down() {
+    let lode = start(&["--max-queue", "1"]);
+    lode.cli_ok(&["secret", "create", "feat-api", "TOKEN=x"]);
+    let deployed = lode.cli_ok(&["deploy", &app_file("host/tests/python/features.py")]);
+    assert!(deployed.contains("deployed feat"), "{deployed}");
+    // One container at most (max_containers=1), one input queued: of five at once, three or
+    // more are turned away with 429 and a Retry-After.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let statuses = rt.block_on(async {
+        let calls = (0..5).map(|_| async {
+            let response = lode
+                .api(reqwest::Method::POST, "/v1/apps/feat/functions/slow/call")
+                .json(&serde_json::json!({"args": [1.5]}))
+                .send()
+                .await
+                .unwrap();
+            let retry_after = response.headers().get("retry-after").is_some();
+            (response.status().as_u16(), retry_after)
+        });
+        futures::future::join_all(calls).await
+    });
+    let rejected = statuses.iter().filter(|(s, _)| *s == 429).count();
+    assert!(rejected >= 3, "{statuses:?}");
+    assert!(statuses.iter().filter(|(s, _)| *s == 429).all(|(_, r)| *r));
+    assert!(statuses.iter().any(|(s, _)| *s == 200), "{statuses:?}");
+
+    // The container that served stays warm, then goes after its 1 s window.
+    let row = stats_row(&lode, "feat", "slow");
+    assert_eq!(row[5], "1", "one cold start: {row:?}");
+    let gone = wait_for(Duration::from_secs(10), || {
+        (stats_row(&lode, "feat", "slow")[1] == "0").then_some(())
+    });
+    assert!(gone.is_some(), "{:?}", stats_row(&lode, "feat", "slow"));
+}
+
+#[test]
+fn secrets_stay_out_of_logs_and_volumes_survive_a_restart() {
+    let mut lode = start(&[]);
+    let app = app_file("host/tests/python/features.py");
+    let created = lode.cli_ok(&["secret", "create", "feat-api", "TOKEN=s3cr3t-value-42"]);
+    assert!(!created.contains("s3cr3t"), "{created}");
+    let listed = lode.cli_ok(&["secret", "ls"]);
+    assert!(
+        listed.contains("feat-api") && listed.contains("TOKEN"),
+        "{listed}"
+    );
+    assert!(!listed.contains("s3cr3t"), "{listed}");
+    lode.cli_ok(&["deploy", &app]);
+
+    // The function sees the value; what it prints of it is masked in the logs.
+    assert_eq!(lode.cli_ok(&["call", "feat/use_secret"]).trim(), "15");
+    let logs = lode.cli_ok(&["logs", "feat"]);
+    assert!(logs.contains("the token is ***"), "{logs}");
+    assert!(!logs.contains("s3cr3t"), "{logs}");
+    // Nothing under the data dir holds the value in the clear.
+    for entry in walk(&lode.data_dir()) {
+        let bytes = std::fs::read(&entry).unwrap_or_default();
+        assert!(
+            !bytes.windows(12).any(|w| w == b"s3cr3t-value"),
+            "{} holds the secret",
+            entry.display()
+        );
+    }
+
+    assert_eq!(
+        lode.cli_ok(&["call", "feat/save", "k", "kept"]).trim(),
+        "\"kept\""
+    );
+    lode.restart();
+    // After a restart the app is restored, and the volume still holds what was written.
+    assert_eq!(lode.cli_ok(&["call", "feat/load", "k"]).trim(), "\"kept\"");
+    let on_host = lode.data_dir().join("volumes/feat-data/k");
+    assert_eq!(std::fs::read_to_string(on_host).unwrap(), "kept");
+    // And the secret still opens: the key in the data dir survived too.
+    assert_eq!(lode.cli_ok(&["call", "feat/use_secret"]).trim(), "15");
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            files.extend(walk(&path));
+        } else {
+            files.push(path);
+        }
+    }
+    files
+}
+
+/// Times the `beat` function (every 2 s) wrote into its volume.
+fn beats(lode: &Lode) -> Vec<f64> {
+    std::fs::read_to_string(lode.data_dir().join("volumes/feat-data/beats"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.parse().ok())
+        .collect()
+}
+
+#[test]
+fn a_period_schedule_fires_across_restarts_without_double_or_burst_runs() {
+    let mut lode = start(&[]);
+    lode.cli_ok(&["secret", "create", "feat-api", "TOKEN=x"]);
+    lode.cli_ok(&["deploy", &app_file("host/tests/python/features.py")]);
+    assert!(
+        wait_for(Duration::from_secs(20), || (beats(&lode).len() >= 2)
+            .then_some(()))
+        .is_some(),
+        "{:?}",
+        beats(&lode)
+    );
+    // A quick restart: the schedule carries on where it was.
+    lode.restart();
+    let before = beats(&lode).len();
+    assert!(
+        wait_for(Duration::from_secs(20), || (beats(&lode).len()
+            >= before + 2)
+            .then_some(()))
+        .is_some(),
+        "{:?}",
+        beats(&lode)
+    );
+    // Down for three periods: the missed runs are logged, not replayed in a burst.
+    lode.stop();
+    std::thread::sleep(Duration::from_secs(7));
+    let at_restart = beats(&lode).len();
+    lode.restart();
+    assert!(
+        wait_for(Duration::from_secs(20), || (beats(&lode).len()
+            > at_restart)
+            .then_some(()))
+        .is_some()
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let logs = lode.cli_ok(&["logs", "feat"]);
+    assert!(
+        logs.contains("were missed while the host was down"),
+        "{logs}"
+    );
+    let times = beats(&lode);
+    // No two runs of one slot, and no burst: consecutive runs are most of a period apart.
+    for pair in times.windows(2) {
+        assert!(
+            pair[1] - pair[0] > 1.2,
+            "runs too close together: {times:?}"
+        );
+    }
+}
