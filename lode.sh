@@ -139,6 +139,9 @@ bench() {
   if [[ $which == all || $which == container ]]; then
     ./target/release/lode bench container "$@"
   fi
+  if [[ $which == all || $which == python ]]; then
+    ./target/release/lode bench python "$@"
+  fi
   if [[ $which == all || $which == build ]]; then
     ./target/release/lode bench build "$@"
   fi

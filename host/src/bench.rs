@@ -35,6 +35,9 @@ pub enum BenchCommand {
     Container(crate::bench_container::ContainerBench),
     /// Image build of debian_slim + pip_install(numpy), cold and warm (needs root).
     Build(crate::bench_build::BuildBench),
+    /// Python function calls, cold and warm, and map throughput, against a local Python
+    /// process (needs root).
+    Python(crate::bench_python::PythonBench),
     /// A plain hyper server answering `hello`: the ceiling `lode bench http` compares to.
     #[command(hide = true)]
     HyperHello {
@@ -81,6 +84,7 @@ pub async fn run(command: BenchCommand) -> Result<()> {
         BenchCommand::Fs(args) => crate::bench_fs::fs(args).await,
         BenchCommand::Container(args) => crate::bench_container::container(args).await,
         BenchCommand::Build(args) => crate::bench_build::build(args).await,
+        BenchCommand::Python(args) => crate::bench_python::python(args).await,
         BenchCommand::HyperHello { listen } => hyper_hello(listen).await,
     }
 }

@@ -15,6 +15,7 @@ pub mod bench_build;
 pub mod bench_cas;
 pub mod bench_container;
 pub mod bench_fs;
+pub mod bench_python;
 pub mod calls;
 pub mod cli;
 pub mod client_config;
