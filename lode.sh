@@ -35,7 +35,9 @@ server_running() {
 }
 
 demo() {
-  setup curl
+  # debootstrap, slirp4netns and python3 for the Python sample (its debian_slim base is built
+  # once, about a minute on a fresh machine, then cached).
+  setup curl debootstrap slirp4netns python3
   log "building lode (release)"
   cargo build --release --quiet --bin lode
   ln -sf "$PWD/target/release/lode" /usr/local/bin/lode
@@ -62,9 +64,16 @@ demo() {
   http_url=$(sed -n 's/.*"http_url": *"\([^"]*\)".*/\1/p' "$DATA_DIR/client.json")
   log "curl $http_url/hello/"
   curl -sS "$http_url/hello/"
+  log "deploying samples/python-hello (Python functions in containers; the first base image takes about a minute)"
+  lode deploy samples/python-hello/app.py
+  log "lode call hello-py/square 4"
+  lode call hello-py/square 4
   cat <<MSG
 
 Lode is running. Try:
+  lode run samples/python-hello/app.py          # main() here; calls, map and spawn run in containers
+  lode call hello-py/square 7 ; lode stats hello-py ; lode logs hello-py --follow
+  curl -X POST $http_url/hello-py/echo -d '{"a": 1}'
   curl $http_url/hello/
   curl -H 'Host: hello.lode.localhost' $http_url/
   lode ls

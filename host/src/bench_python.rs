@@ -145,7 +145,10 @@ fn row(name: &str, mut times: Vec<Duration>, baseline: Option<Duration>) -> Dura
     times.sort();
     let p50 = percentile(&times, 0.5);
     let ratio = baseline.map_or(String::new(), |b| {
-        format!(", {:.1}x the local p50", p50.as_secs_f64() / b.as_secs_f64())
+        format!(
+            ", {:.1}x the local p50",
+            p50.as_secs_f64() / b.as_secs_f64()
+        )
     });
     println!(
         "  {name:<52} p50 {:>9.2?}  p99 {:>9.2?}{ratio}",
@@ -210,7 +213,10 @@ pub async fn python(args: PythonBench) -> Result<()> {
     let http = reqwest::Client::new();
     let call = |function: &str, x: i64| {
         let request = http
-            .post(format!("{}/v1/apps/bench/functions/{function}/call", server.api))
+            .post(format!(
+                "{}/v1/apps/bench/functions/{function}/call",
+                server.api
+            ))
             .bearer_auth(&server.token)
             .json(&serde_json::json!({"args": [x]}));
         async move {
@@ -232,9 +238,15 @@ pub async fn python(args: PythonBench) -> Result<()> {
             let stats: Value = request.send().await?.json().await?;
             let row = stats["functions"]
                 .as_array()
-                .and_then(|f| f.iter().find(|r| r["function"] == function.as_str()).cloned())
+                .and_then(|f| {
+                    f.iter()
+                        .find(|r| r["function"] == function.as_str())
+                        .cloned()
+                })
                 .unwrap_or_default();
-            anyhow::Ok(row["containers"].as_u64().unwrap_or(0) + row["starting"].as_u64().unwrap_or(0))
+            anyhow::Ok(
+                row["containers"].as_u64().unwrap_or(0) + row["starting"].as_u64().unwrap_or(0),
+            )
         }
     };
     // The first start mounts the image and warms the page cache; it is not counted.
@@ -252,12 +264,18 @@ pub async fn python(args: PythonBench) -> Result<()> {
         call("cold", i as i64).await?;
         cold.push(started.elapsed());
     }
-    let cold_p50 = row("lode: cold call (image cached, no container)", cold, Some(local_cold));
+    let cold_p50 = row(
+        "lode: cold call (image cached, no container)",
+        cold,
+        Some(local_cold),
+    );
 
     // Warm: the in-process call, against a call to a container that is up.
     let out = python(&["warm", &args.warm.to_string()])?;
     let text = String::from_utf8_lossy(&out.stdout);
-    let mut parts = text.split_whitespace().filter_map(|v| v.parse::<f64>().ok());
+    let mut parts = text
+        .split_whitespace()
+        .filter_map(|v| v.parse::<f64>().ok());
     let (local_p50, local_p99) = (parts.next().unwrap_or(0.0), parts.next().unwrap_or(0.0));
     println!(
         "  {:<52} p50 {:>9.2?}  p99 {:>9.2?}",

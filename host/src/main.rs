@@ -19,8 +19,9 @@ const MIB: u64 = 1024 * 1024;
 
 /// Lode: a self-hosted serverless function host.
 ///
-/// Start a server with `lode serve`, then `lode deploy PATH` a Wasm component, a Cargo crate
-/// or a lode.toml project. The CLI finds the server through --api-url/--token, then
+/// Start a server with `lode serve`, then `lode deploy PATH` a Wasm component, a Cargo crate,
+/// a lode.toml project or a Python app (`lode run app.py` also runs its local entrypoint).
+/// The CLI finds the server through --api-url/--token, then
 /// LODE_API/LODE_TOKEN, then the client.json that `lode serve` writes. Image commands find
 /// the registry through --registry, then LODE_REGISTRY, then client.json.
 #[derive(Debug, Parser)]
@@ -52,7 +53,7 @@ struct ClientArgs {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Run the server: API, public HTTP and the Wasm engine.
+    /// Run the server: API, public HTTP, the Wasm engine and the Python function pools.
     Serve(ServeArgs),
     /// Deploy a .wasm component, a Cargo crate directory, a directory with lode.toml, or a
     /// Python file (its lode.App: images are built, functions get container pools).

@@ -58,10 +58,13 @@ fn python_hello_deploys_calls_maps_spawns_serves_http_and_ticks() {
     let lode = start(&[]);
     let app = app_file("samples/python-hello/app.py");
     let deployed = lode.cli_ok(&["deploy", &app]);
-    assert!(deployed.contains("deployed hello version 1"), "{deployed}");
-    assert!(deployed.contains("/hello/echo"), "{deployed}");
+    assert!(
+        deployed.contains("deployed hello-py version 1"),
+        "{deployed}"
+    );
+    assert!(deployed.contains("/hello-py/echo"), "{deployed}");
 
-    assert_eq!(lode.cli_ok(&["call", "hello/square", "4"]).trim(), "16");
+    assert_eq!(lode.cli_ok(&["call", "hello-py/square", "4"]).trim(), "16");
     let started = Instant::now();
     // Redeploying the same file changes nothing and takes well under a second.
     let again = lode.cli_ok(&["deploy", &app]);
@@ -71,7 +74,7 @@ fn python_hello_deploys_calls_maps_spawns_serves_http_and_ticks() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let (status, body) = rt.block_on(async {
         let response = lode
-            .public(reqwest::Method::POST, "/hello/echo")
+            .public(reqwest::Method::POST, "/hello-py/echo")
             .body(r#"{"a": 1}"#)
             .send()
             .await
@@ -81,7 +84,7 @@ fn python_hello_deploys_calls_maps_spawns_serves_http_and_ticks() {
     assert_eq!(status, 200, "{body}");
     assert_eq!(body, r#"{"you_sent":{"a":1}}"#);
     // The route takes POST only.
-    let (status, _) = rt.block_on(lode.get("/hello/echo"));
+    let (status, _) = rt.block_on(lode.get("/hello-py/echo"));
     assert_eq!(status, 405);
 
     let run = lode.cli(&["run", &app, "--", "5"]);
@@ -103,10 +106,10 @@ fn python_hello_deploys_calls_maps_spawns_serves_http_and_ticks() {
 
     // The period schedule (every 5 s) fires by itself.
     let ticked = wait_for(Duration::from_secs(15), || {
-        let logs = lode.cli_ok(&["logs", "hello"]);
+        let logs = lode.cli_ok(&["logs", "hello-py"]);
         logs.contains(" tick").then_some(logs)
     });
-    assert!(ticked.is_some(), "{}", lode.cli_ok(&["logs", "hello"]));
+    assert!(ticked.is_some(), "{}", lode.cli_ok(&["logs", "hello-py"]));
 }
 
 #[test]

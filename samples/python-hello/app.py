@@ -1,14 +1,14 @@
 """A Lode app in one file: a function, a web endpoint, a schedule and a local entrypoint.
 
     lode deploy samples/python-hello/app.py
-    lode call hello/square 4
-    curl -X POST http://127.0.0.1:8080/hello/echo -d '{"a": 1}'
+    lode call hello-py/square 4
+    curl -X POST http://127.0.0.1:8080/hello-py/echo -d '{"a": 1}'
     lode run samples/python-hello/app.py
 """
 
 import lode
 
-app = lode.App("hello")
+app = lode.App("hello-py")
 
 
 @app.function(max_containers=4, scaledown_window=30)
