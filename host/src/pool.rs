@@ -609,6 +609,26 @@ impl Pool {
         self.closed.store(true, Ordering::Relaxed);
     }
 
+    /// For a server that is stopping: closes the pool, stops every container now (inputs in
+    /// flight fail), and waits up to `limit` for them to be cleaned up (cgroups, scratch).
+    pub async fn shut_down(&self, limit: Duration) {
+        self.close();
+        let deadline = Instant::now() + limit;
+        loop {
+            let drained = {
+                let state = self.state.lock().unwrap();
+                for worker in &state.workers {
+                    worker.retire();
+                }
+                state.workers.is_empty() && state.starting == 0
+            };
+            if drained || Instant::now() > deadline {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Figures for `lode stats`.
     pub fn stats(&self) -> PoolStats {
         let state = self.state.lock().unwrap();

@@ -283,6 +283,8 @@ pub async fn serve(options: ServeOptions) -> Result<()> {
     http_task.abort();
     let _ = tokio::time::timeout(Duration::from_secs(5), api_task).await;
     let _ = tokio::time::timeout(Duration::from_secs(5), registry_task).await;
+    // Containers run on the image mounts: they go first.
+    server.shut_down().await;
     image_mounts.close().await;
     Ok(())
 }

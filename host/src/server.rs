@@ -803,6 +803,18 @@ impl Server {
         Ok(DeployEvent::Deployed { app, version, urls })
     }
 
+    /// Stops every function container and waits (boundedly) until they are cleaned up, so a
+    /// stopped server leaves no cgroups or processes and its image mounts can go.
+    pub async fn shut_down(&self) {
+        let pools: Vec<Arc<Pool>> = self
+            .apps()
+            .iter()
+            .flat_map(|app| app.pools.values().cloned().collect::<Vec<_>>())
+            .collect();
+        let limit = Duration::from_secs(10);
+        futures::future::join_all(pools.iter().map(|pool| pool.shut_down(limit))).await;
+    }
+
     /// Removes an app; in-flight requests finish. Returns whether it existed.
     pub async fn remove(&self, app: &str) -> anyhow::Result<bool> {
         let _guard = self.commit_lock.lock().await;

@@ -199,46 +199,6 @@ fn a_failing_step_shows_its_command_and_output_and_caches_nothing() {
     assert!(err.contains("no image \"no/such/image\""), "{err}");
 }
 
-/// The cgroup directories and scratch dirs this server's containers would leave.
-fn leftovers(lode: &Lode) -> Vec<String> {
-    let cache = std::fs::canonicalize(lode.dirs.path().join("cache")).unwrap();
-    let scope = &blake3::hash(cache.as_os_str().as_encoded_bytes()).to_hex()[..8];
-    let mut found = Vec::new();
-    for controller in ["memory", "cpu", "pids"] {
-        let own = std::fs::read_to_string("/proc/self/cgroup")
-            .unwrap()
-            .lines()
-            .find_map(|line| {
-                let mut parts = line.splitn(3, ':');
-                let (_, names, path) = (parts.next()?, parts.next()?, parts.next()?);
-                names
-                    .split(',')
-                    .any(|n| n == controller)
-                    .then(|| path.to_string())
-            })
-            .unwrap_or_default();
-        let parent = Path::new("/sys/fs/cgroup")
-            .join(controller)
-            .join(own.trim_start_matches('/'))
-            .join("lode");
-        for entry in std::fs::read_dir(&parent).into_iter().flatten().flatten() {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            if name.starts_with(scope) {
-                found.push(entry.path().display().to_string());
-            }
-        }
-    }
-    let containers = lode.dirs.path().join("cache/containers");
-    for entry in std::fs::read_dir(containers)
-        .into_iter()
-        .flatten()
-        .flatten()
-    {
-        found.push(entry.path().display().to_string());
-    }
-    found
-}
-
 #[test]
 fn containers_are_isolated_and_each_limit_is_named() {
     let lode = start();
@@ -341,7 +301,7 @@ print("uid", os.getuid(), "host", socket.gethostname())
     );
     // The host kept serving throughout, and nothing is left behind.
     lode.cli_ok(&["ls"]);
-    assert_eq!(leftovers(&lode), Vec::<String>::new());
+    assert_eq!(lode.leftovers(), Vec::<String>::new());
 
     // Limits out of range and bad volumes are refused before anything starts.
     let err = text(&run(&lode, &["--cpu", "0", "test/py", "--", "true"]).stderr);
@@ -437,9 +397,9 @@ fn a_killed_server_leaves_nothing_after_it_restarts() {
     assert_eq!(running.wait().unwrap().code(), Some(125));
     // Its cgroups stay until a server clears them. (Its processes may die on their own: a
     // page fault on the dead server's FUSE mount is SIGBUS.)
-    assert!(!leftovers(&lode).is_empty());
+    assert!(!lode.leftovers().is_empty());
     lode.restart();
-    assert_eq!(leftovers(&lode), Vec::<String>::new());
+    assert_eq!(lode.leftovers(), Vec::<String>::new());
     assert!(!sleeping());
 }
 

@@ -153,6 +153,7 @@ fn errors_retries_timeouts_and_calls_from_inside() {
         "unordered: [11, 22, 33]",
         // add(10, 1) + add(10, 2), called from inside a container.
         "caller: 23",
+        "pickle: [1, 2, 3]",
     ] {
         assert!(stdout.contains(expected), "missing {expected:?}:\n{stdout}");
     }
@@ -203,7 +204,7 @@ fn errors_retries_timeouts_and_calls_from_inside() {
 
 #[test]
 fn a_full_queue_answers_429_and_idle_containers_scale_down() {
-    let lode = start(&["--max-queue", "1"]);
+    let mut lode = start(&["--max-queue", "1"]);
     lode.cli_ok(&["secret", "create", "feat-api", "TOKEN=x"]);
     let deployed = lode.cli_ok(&["deploy", &app_file("host/tests/python/features.py")]);
     assert!(deployed.contains("deployed feat"), "{deployed}");
@@ -228,6 +229,16 @@ fn a_full_queue_answers_429_and_idle_containers_scale_down() {
     assert!(statuses.iter().filter(|(s, _)| *s == 429).all(|(_, r)| *r));
     assert!(statuses.iter().any(|(s, _)| *s == 200), "{statuses:?}");
 
+    // min_containers are started at deploy and kept, with no call made.
+    let warm = wait_for(Duration::from_secs(20), || {
+        (stats_row(&lode, "feat", "kept_warm")[1] == "1").then_some(())
+    });
+    assert!(
+        warm.is_some(),
+        "{:?}",
+        stats_row(&lode, "feat", "kept_warm")
+    );
+
     // The container that served stays warm, then goes after its 1 s window.
     let row = stats_row(&lode, "feat", "slow");
     assert_eq!(row[5], "1", "one cold start: {row:?}");
@@ -235,6 +246,12 @@ fn a_full_queue_answers_429_and_idle_containers_scale_down() {
         (stats_row(&lode, "feat", "slow")[1] == "0").then_some(())
     });
     assert!(gone.is_some(), "{:?}", stats_row(&lode, "feat", "slow"));
+
+    // A server that stops takes its containers with it: no cgroups or scratch dirs stay.
+    lode.cli_ok(&["call", "feat/add", "1", "2"]);
+    assert!(!lode.leftovers().is_empty());
+    lode.stop();
+    assert_eq!(lode.leftovers(), Vec::<String>::new());
 }
 
 #[test]
@@ -250,6 +267,13 @@ fn secrets_stay_out_of_logs_and_volumes_survive_a_restart() {
     );
     assert!(!listed.contains("s3cr3t"), "{listed}");
     lode.cli_ok(&["deploy", &app]);
+
+    // Secret.from_dict: the CLI stored it as a secret of its own at deploy.
+    assert_eq!(
+        lode.cli_ok(&["call", "feat/inline_secret"]).trim(),
+        "\"inline-mode\""
+    );
+    assert!(lode.cli_ok(&["secret", "ls"]).contains("inline-"));
 
     // The function sees the value; what it prints of it is masked in the logs.
     assert_eq!(lode.cli_ok(&["call", "feat/use_secret"]).trim(), "15");
@@ -272,7 +296,11 @@ fn secrets_stay_out_of_logs_and_volumes_survive_a_restart() {
     );
     lode.restart();
     // After a restart the app is restored, and the volume still holds what was written.
-    assert_eq!(lode.cli_ok(&["call", "feat/load", "k"]).trim(), "\"kept\"");
+    // Read-only where the function asked: its write was refused.
+    assert_eq!(
+        lode.cli_ok(&["call", "feat/load", "k"]).trim(),
+        "\"kept (refused)\""
+    );
     let on_host = lode.data_dir().join("volumes/feat-data/k");
     assert_eq!(std::fs::read_to_string(on_host).unwrap(), "kept");
     // And the secret still opens: the key in the data dir survived too.

@@ -261,6 +261,46 @@ impl Lode {
             .bearer_auth(&self.token)
     }
 
+    /// The cgroup directories and scratch dirs this server's containers would leave.
+    pub fn leftovers(&self) -> Vec<String> {
+        let cache = std::fs::canonicalize(self.dirs.path().join("cache")).unwrap();
+        let scope = &blake3::hash(cache.as_os_str().as_encoded_bytes()).to_hex()[..8];
+        let mut found = Vec::new();
+        for controller in ["memory", "cpu", "pids"] {
+            let own = std::fs::read_to_string("/proc/self/cgroup")
+                .unwrap()
+                .lines()
+                .find_map(|line| {
+                    let mut parts = line.splitn(3, ':');
+                    let (_, names, path) = (parts.next()?, parts.next()?, parts.next()?);
+                    names
+                        .split(',')
+                        .any(|n| n == controller)
+                        .then(|| path.to_string())
+                })
+                .unwrap_or_default();
+            let parent = Path::new("/sys/fs/cgroup")
+                .join(controller)
+                .join(own.trim_start_matches('/'))
+                .join("lode");
+            for entry in std::fs::read_dir(&parent).into_iter().flatten().flatten() {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                if name.starts_with(scope) {
+                    found.push(entry.path().display().to_string());
+                }
+            }
+        }
+        let containers = self.dirs.path().join("cache/containers");
+        for entry in std::fs::read_dir(containers)
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            found.push(entry.path().display().to_string());
+        }
+        found
+    }
+
     /// The value of a metric series, e.g. `lode_component_compiles_total{app="hello"}`.
     pub async fn metric(&self, series: &str) -> Option<f64> {
         let text = self

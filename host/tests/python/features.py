@@ -71,6 +71,16 @@ def use_secret():
     return len(token)
 
 
+@app.function(secrets=[lode.Secret.from_dict({"MODE": "inline-mode"})])
+def inline_secret():
+    return os.environ["MODE"]
+
+
+@app.function(min_containers=1)
+def kept_warm():
+    return "warm"
+
+
 @app.function(volumes={"/data": data})
 def save(key, value):
     with open(f"/data/{key}", "w") as f:
@@ -79,10 +89,22 @@ def save(key, value):
     return value
 
 
-@app.function(volumes={"/data": data.read_only()} if hasattr(data, "read_only") else {"/data": data})
+@app.function(volumes={"/data": data.read_only()})
 def load(key):
+    try:
+        with open(f"/data/{key}-overwrite", "w") as f:
+            f.write("must not land")
+        wrote = "written"
+    except OSError:
+        wrote = "refused"
     with open(f"/data/{key}") as f:
-        return f.read()
+        return f"{f.read()} ({wrote})"
+
+
+@app.function(serialization="pickle")
+def union(a, b):
+    # Sets are not JSON: this function takes and returns pickled Python objects.
+    return a | b
 
 
 @app.function(volumes={"/data": data}, schedule=lode.Period(seconds=2))
@@ -118,3 +140,4 @@ def main():
     print("starmap:", list(add.starmap([(1, 2), (3, 4)])))
     print("unordered:", sorted(add.map([1, 2, 3], [10, 20, 30], order_outputs=False)))
     print("caller:", caller.remote(10))
+    print("pickle:", sorted(union.remote({1, 2}, {2, 3})))
