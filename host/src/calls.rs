@@ -20,6 +20,9 @@ use crate::server::Server;
 /// Spawned calls remembered at once; the oldest finished ones go first.
 pub const MAX_RECORDS: usize = 10_000;
 
+/// Bytes of results and errors the records may hold; past it the oldest finished go.
+pub const MAX_RECORD_BYTES: usize = 256 << 20;
+
 /// The longest `GET /v1/calls/{id}?wait=` may hold a request.
 pub const MAX_WAIT: Duration = Duration::from_secs(60);
 
@@ -65,12 +68,47 @@ pub struct CallRecord {
 struct Entry {
     record: CallRecord,
     done: watch::Sender<bool>,
+    /// What its result or error weighs, once finished.
+    bytes: usize,
+}
+
+#[derive(Default)]
+struct Records {
+    map: HashMap<String, Entry>,
+    /// Oldest first.
+    order: VecDeque<String>,
+    bytes: usize,
+}
+
+impl Records {
+    /// Drops records, the oldest finished first, until both bounds hold. Running calls go
+    /// only when every record is running and the count is over.
+    fn evict(&mut self) {
+        while self.map.len() > MAX_RECORDS || self.bytes > MAX_RECORD_BYTES {
+            let finished = self.order.iter().position(|id| {
+                self.map
+                    .get(id)
+                    .is_some_and(|e| e.record.status != CallStatus::Running)
+            });
+            let at = match finished {
+                Some(at) => at,
+                None if self.map.len() > MAX_RECORDS => 0,
+                None => break,
+            };
+            let Some(id) = self.order.remove(at) else {
+                break;
+            };
+            if let Some(entry) = self.map.remove(&id) {
+                self.bytes -= entry.bytes;
+            }
+        }
+    }
 }
 
 /// Records of spawned calls.
 #[derive(Default)]
 pub struct Calls {
-    inner: Mutex<(HashMap<String, Entry>, VecDeque<String>)>,
+    inner: Mutex<Records>,
 }
 
 fn now_ms() -> u64 {
@@ -94,29 +132,32 @@ impl Calls {
             created_ms: now_ms(),
             duration_ms: None,
         };
-        let mut inner = self.inner.lock().unwrap();
-        let (map, order) = &mut *inner;
-        map.insert(
+        let mut records = self.inner.lock().unwrap();
+        records.map.insert(
             id.clone(),
             Entry {
                 record,
                 done: watch::channel(false).0,
+                bytes: 0,
             },
         );
-        order.push_back(id.clone());
-        while order.len() > MAX_RECORDS {
-            let Some(oldest) = order.pop_front() else {
-                break;
-            };
-            map.remove(&oldest);
-        }
+        records.order.push_back(id.clone());
+        records.evict();
         id
     }
 
     /// Stores how the call ended and wakes its waiters.
     pub fn finish(&self, id: &str, outcome: Outcome) {
-        let mut inner = self.inner.lock().unwrap();
-        if let Some(entry) = inner.0.get_mut(id) {
+        let mut records = self.inner.lock().unwrap();
+        let weight = outcome.result.as_ref().map_or(0, |v| v.to_string().len())
+            + outcome.result_pickled.as_ref().map_or(0, String::len)
+            + outcome.error.as_ref().map_or(0, |e| {
+                e.message.len() + e.traceback.as_ref().map_or(0, String::len)
+            });
+        let mut added = 0;
+        if let Some(entry) = records.map.get_mut(id) {
+            entry.bytes = weight;
+            added = weight;
             let record = &mut entry.record;
             record.duration_ms = Some(now_ms().saturating_sub(record.created_ms));
             if let Some(error) = outcome.error {
@@ -131,17 +172,19 @@ impl Calls {
             }
             let _ = entry.done.send(true);
         }
+        records.bytes += added;
+        records.evict();
     }
 
     /// The call's record, after waiting up to `wait` for it to finish; `None` if unknown.
     pub async fn wait(&self, id: &str, wait: Duration) -> Option<CallRecord> {
         let mut done = {
-            let inner = self.inner.lock().unwrap();
-            inner.0.get(id)?.done.subscribe()
+            let records = self.inner.lock().unwrap();
+            records.map.get(id)?.done.subscribe()
         };
         let _ = tokio::time::timeout(wait.min(MAX_WAIT), done.wait_for(|d| *d)).await;
-        let inner = self.inner.lock().unwrap();
-        inner.0.get(id).map(|e| e.record.clone())
+        let records = self.inner.lock().unwrap();
+        records.map.get(id).map(|e| e.record.clone())
     }
 }
 
@@ -223,61 +266,7 @@ impl Server {
     ) -> Result<Outcome, CallError> {
         // A deploy may replace the pool between lookup and submit; the new one takes it.
         for _ in 0..3 {
-            let Some(live) = self.app(app) else {
-                return Err(CallError::new(
-                    404,
-                    "not_found",
-                    format!("no app {app:?} is deployed (`lode ls` lists them)"),
-                ));
-            };
-            let Some(spec) = live
-                .record
-                .manifest
-                .functions
-                .iter()
-                .find(|f| f.name == function)
-            else {
-                let names: Vec<_> = live
-                    .record
-                    .manifest
-                    .functions
-                    .iter()
-                    .map(|f| f.name.as_str())
-                    .collect();
-                return Err(CallError::new(
-                    404,
-                    "not_found",
-                    format!(
-                        "app {app:?} has no function {function:?} (it has: {})",
-                        names.join(", ")
-                    ),
-                ));
-            };
-            if spec.runtime == Runtime::Wasm {
-                return Err(CallError::new(
-                    422,
-                    "unsupported",
-                    format!(
-                        "{app}/{function} is a Wasm function: it takes HTTP requests at its web \
-                         route; calls by name come with the lode:function world"
-                    ),
-                ));
-            }
-            let pickle = spec
-                .python
-                .as_ref()
-                .and_then(|p| p.serialization.as_deref())
-                == Some("pickle");
-            let payload = check_payload(body, pickle)
-                .map_err(|m| CallError::new(400, "invalid_request", m))?;
-            let Some(pool) = live.pools.get(function).cloned() else {
-                return Err(CallError::new(
-                    503,
-                    "unavailable",
-                    format!("{app}/{function} has no container pool; redeploy the app"),
-                ));
-            };
-            drop(live);
+            let (pool, payload) = self.target(app, function, body)?;
             match pool.submit(payload).await {
                 Ok(outcome) => return Ok(outcome),
                 Err(Rejected::QueueFull(after)) => {
@@ -303,13 +292,13 @@ impl Server {
         ))
     }
 
-    /// Starts `app/function` on `body` in the background; returns the call's id.
-    pub fn spawn_call(
-        self: &Arc<Self>,
+    /// The pool that serves `app/function`, and the body checked for it.
+    fn target(
+        &self,
         app: &str,
         function: &str,
-        body: Value,
-    ) -> Result<String, CallError> {
+        body: &Value,
+    ) -> Result<(Arc<crate::pool::Pool>, Map<String, Value>), CallError> {
         let Some(live) = self.app(app) else {
             return Err(CallError::new(
                 404,
@@ -317,19 +306,66 @@ impl Server {
                 format!("no app {app:?} is deployed (`lode ls` lists them)"),
             ));
         };
-        if !live
+        let Some(spec) = live
             .record
             .manifest
             .functions
             .iter()
-            .any(|f| f.name == function)
-        {
+            .find(|f| f.name == function)
+        else {
+            let names: Vec<_> = live
+                .record
+                .manifest
+                .functions
+                .iter()
+                .map(|f| f.name.as_str())
+                .collect();
             return Err(CallError::new(
                 404,
                 "not_found",
-                format!("app {app:?} has no function {function:?}"),
+                format!(
+                    "app {app:?} has no function {function:?} (it has: {})",
+                    names.join(", ")
+                ),
+            ));
+        };
+        if spec.runtime == Runtime::Wasm {
+            return Err(CallError::new(
+                422,
+                "unsupported",
+                format!(
+                    "{app}/{function} is a Wasm function: it takes HTTP requests at its web \
+                     route; calls by name come with the lode:function world"
+                ),
             ));
         }
+        let pickle = spec
+            .python
+            .as_ref()
+            .and_then(|p| p.serialization.as_deref())
+            == Some("pickle");
+        let payload =
+            check_payload(body, pickle).map_err(|m| CallError::new(400, "invalid_request", m))?;
+        let pool = live.pools.get(function).cloned().ok_or_else(|| {
+            CallError::new(
+                503,
+                "unavailable",
+                format!("{app}/{function} has no container pool; redeploy the app"),
+            )
+        })?;
+        Ok((pool, payload))
+    }
+
+    /// Starts `app/function` on `body` in the background; returns the call's id. What a
+    /// call would refuse at once (unknown function, a Wasm function, a bad body) is refused
+    /// here too, rather than recorded as a failed call.
+    pub fn spawn_call(
+        self: &Arc<Self>,
+        app: &str,
+        function: &str,
+        body: Value,
+    ) -> Result<String, CallError> {
+        self.target(app, function, &body)?;
         let id = self.calls.create(app, function);
         let server = self.clone();
         let (app, function, call_id) = (app.to_string(), function.to_string(), id.clone());

@@ -44,6 +44,8 @@ pub fn outcome_response(outcome: Outcome) -> Response {
                 "TimeoutError" => StatusCode::GATEWAY_TIMEOUT,
                 "container_exited" | "container_failed" => StatusCode::BAD_GATEWAY,
                 "not_found" => StatusCode::NOT_FOUND,
+                "no_containers" | "unavailable" => StatusCode::SERVICE_UNAVAILABLE,
+                "too_many_calls" => StatusCode::TOO_MANY_REQUESTS,
                 _ => StatusCode::INTERNAL_SERVER_ERROR,
             };
             (status, Json(serde_json::json!({ "error": error }))).into_response()
@@ -99,7 +101,6 @@ async fn spawn(
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let body = body_json(&body)?;
-    crate::calls::check_payload(&body, true).map_err(ApiError::bad)?;
     Ok(match server.spawn_call(&app, &function, body) {
         Ok(id) => Json(serde_json::json!({ "call_id": id })).into_response(),
         Err(e) => call_error_response(e),

@@ -414,10 +414,10 @@ impl FunctionSpec {
             problems.push(format!("function {name:?}: concurrency must be 1-1000"));
         }
         if let Some(window) = r.scaledown_window
-            && (window.is_nan() || window < 0.0)
+            && !(0.0..=86_400.0).contains(&window)
         {
             problems.push(format!(
-                "function {name:?}: scaledown_window must be 0 or more seconds"
+                "function {name:?}: scaledown_window must be 0 to 86400 seconds"
             ));
         }
         for volume in &self.volumes {

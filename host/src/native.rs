@@ -298,17 +298,7 @@ async fn build(State(native): State<Arc<Native>>, body: Bytes) -> Result<Respons
         let started = Instant::now();
         let events_tx = tx.clone();
         let events: lode_native_runner::builder::Events = Arc::new(move |event: BuildEvent| {
-            // Output lines come from the threads reading a step's pipes: they wait for a slow
-            // client (which holds the step back) rather than drop lines or buffer without
-            // bound. Step headers come from the build task, where waiting is not allowed; the
-            // channel has room for them. A client that went away stops seeing lines; the
-            // build still completes and is cached, so a retry is quick.
-            let line = BuildLine::Event(event);
-            if tokio::runtime::Handle::try_current().is_ok() {
-                let _ = events_tx.try_send(line);
-            } else {
-                let _ = events_tx.blocking_send(line);
-            }
+            send_build_line(&events_tx, BuildLine::Event(event));
         });
         let builder = native.builder.as_ref().expect("cgroups were checked");
         let line = match builder.build(&request.spec, events).await {
@@ -340,6 +330,19 @@ async fn build(State(native): State<Arc<Native>>, body: Bytes) -> Result<Respons
     Ok(ndjson(ReceiverStream::new(rx).map(|line| {
         serde_json::to_string(&line).expect("serializes")
     })))
+}
+
+/// Sends a build's progress to its client. Output lines come from the threads reading a
+/// step's pipes: they wait for a slow client (which holds the step back) rather than drop
+/// lines or buffer without bound. Step headers come from the build task, where waiting is not
+/// allowed; the channel has room for them. A client that went away stops seeing lines; the
+/// build still completes and is cached, so a retry is quick.
+pub(crate) fn send_build_line<T>(tx: &mpsc::Sender<T>, line: T) {
+    if tokio::runtime::Handle::try_current().is_ok() {
+        let _ = tx.try_send(line);
+    } else {
+        let _ = tx.blocking_send(line);
+    }
 }
 
 /// `POST /v1/containers`: run a command in a new container of an image.

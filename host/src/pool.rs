@@ -41,6 +41,17 @@ pub struct PoolContext {
     pub start_timeout: Duration,
     /// The server, for calls made from inside containers.
     pub server: std::sync::OnceLock<Weak<Server>>,
+    /// Every pool started, live or draining, so a stopping server can stop them all.
+    pub started: Mutex<Vec<Weak<Pool>>>,
+}
+
+impl PoolContext {
+    /// The pools that still exist.
+    pub fn pools(&self) -> Vec<Arc<Pool>> {
+        let mut started = self.started.lock().unwrap();
+        started.retain(|pool| pool.strong_count() > 0);
+        started.iter().filter_map(Weak::upgrade).collect()
+    }
 }
 
 /// One function's settings, fixed for the deployed version.
@@ -123,7 +134,34 @@ struct Job {
     /// Retries used so far.
     attempt: u32,
     reply: oneshot::Sender<Outcome>,
+    /// The running input's timeout, stopped when it finishes first.
+    timer: Option<tokio::task::AbortHandle>,
 }
+
+impl Job {
+    fn new(
+        payload: serde_json::Map<String, serde_json::Value>,
+        reply: oneshot::Sender<Outcome>,
+    ) -> Self {
+        Self {
+            payload,
+            attempt: 0,
+            reply,
+            timer: None,
+        }
+    }
+
+    /// Takes the job off its container: its timeout no longer applies.
+    fn off_container(mut self) -> Self {
+        if let Some(timer) = self.timer.take() {
+            timer.abort();
+        }
+        self
+    }
+}
+
+/// Calls one container may have in flight to other functions at once.
+const MAX_CALLS_PER_CONTAINER: usize = 64;
 
 struct Worker {
     to_agent: mpsc::UnboundedSender<ToAgent>,
@@ -134,6 +172,8 @@ struct Worker {
     idle_since: Mutex<Option<Instant>>,
     /// False once it is stopping or dead: nothing more is sent to it.
     alive: AtomicBool,
+    /// Bounds the calls it makes to other functions at once.
+    calls: Arc<tokio::sync::Semaphore>,
 }
 
 impl Worker {
@@ -152,6 +192,24 @@ struct PoolState {
     workers: Vec<Arc<Worker>>,
     starting: u32,
     queue: VecDeque<Job>,
+    /// Starts that failed in a row, and when the last one did: further starts back off.
+    failed_starts: u32,
+    last_failure: Option<Instant>,
+}
+
+impl PoolState {
+    /// Whether a start may be tried now: after failures, wait 0.5 s doubling up to 30 s.
+    fn may_start(&self) -> bool {
+        match self.last_failure {
+            Some(at) if self.failed_starts > 0 => {
+                let backoff = Duration::from_millis(500)
+                    .saturating_mul(1 << self.failed_starts.min(6))
+                    .min(Duration::from_secs(30));
+                at.elapsed() >= backoff
+            }
+            _ => true,
+        }
+    }
 }
 
 /// The containers of one deployed function.
@@ -181,6 +239,7 @@ impl Pool {
             failures: AtomicU64::new(0),
             retried: AtomicU64::new(0),
         });
+        pool.ctx.started.lock().unwrap().push(Arc::downgrade(&pool));
         let tick = (pool.spec.scaledown_window / 4)
             .clamp(Duration::from_millis(50), Duration::from_secs(1));
         let weak = Arc::downgrade(&pool);
@@ -220,11 +279,7 @@ impl Pool {
                 // Roughly when a slot frees up: a second, or the window a cold start takes.
                 return Err(Rejected::QueueFull(Duration::from_secs(1)));
             }
-            state.queue.push_back(Job {
-                payload,
-                attempt: 0,
-                reply,
-            });
+            state.queue.push_back(Job::new(payload, reply));
         }
         self.pump();
         Ok(answer.await.unwrap_or_else(|_| {
@@ -253,7 +308,8 @@ impl Pool {
                 let job = state.queue.pop_front().expect("not empty");
                 self.dispatch(&worker, job);
             }
-            if !self.closed.load(Ordering::Relaxed) {
+            // A closed pool takes no new inputs but still serves what it queued.
+            if state.may_start() {
                 let needed = state.queue.len().div_ceil(concurrency) as u32;
                 let room = self
                     .spec
@@ -289,13 +345,15 @@ impl Pool {
         let timeout = self.spec.timeout;
         let weak_worker = Arc::downgrade(worker);
         let pool = Arc::downgrade(self);
-        tokio::spawn(async move {
+        let timer_id = id.clone();
+        let timer = tokio::spawn(async move {
             tokio::time::sleep(timeout).await;
             let (Some(worker), Some(pool)) = (weak_worker.upgrade(), pool.upgrade()) else {
                 return;
             };
             let job = worker.in_flight.lock().unwrap().remove(&id);
-            if let Some(job) = job {
+            if let Some(mut job) = job {
+                job.timer = None;
                 // A thread cannot be stopped inside Python: the container goes, and its
                 // other inputs are retried or failed as `Retries` says.
                 worker.retire();
@@ -316,6 +374,11 @@ impl Pool {
                 }));
             }
         });
+        if let Some(job) = worker.in_flight.lock().unwrap().get_mut(&timer_id) {
+            job.timer = Some(timer.abort_handle());
+        } else {
+            timer.abort();
+        }
     }
 
     async fn start_worker(self: Arc<Self>) {
@@ -335,7 +398,8 @@ impl Pool {
                 {
                     let mut state = self.state.lock().unwrap();
                     state.starting -= 1;
-                    if self.closed.load(Ordering::Relaxed) {
+                    state.failed_starts = 0;
+                    if self.closed.load(Ordering::Relaxed) && state.queue.is_empty() {
                         worker.retire();
                     } else {
                         state.workers.push(worker.clone());
@@ -350,12 +414,15 @@ impl Pool {
                     Stream::System,
                     format!(
                         "{}: container failed to start: {}",
-                        self.spec.function, error.message
+                        self.spec.function,
+                        mask(&error.message, &self.spec.secret_values)
                     ),
                 );
                 let failed: Vec<Job> = {
                     let mut state = self.state.lock().unwrap();
                     state.starting -= 1;
+                    state.failed_starts += 1;
+                    state.last_failure = Some(Instant::now());
                     // Nothing else will serve the queue: it fails with the reason, rather
                     // than wait for a start that keeps failing.
                     if state.workers.is_empty() && state.starting == 0 {
@@ -436,6 +503,7 @@ impl Pool {
             in_flight: Mutex::new(HashMap::new()),
             idle_since: Mutex::new(Some(Instant::now())),
             alive: AtomicBool::new(true),
+            calls: Arc::new(tokio::sync::Semaphore::new(MAX_CALLS_PER_CONTAINER)),
         });
         let exit = container.exit_watch();
         Ok((worker, container.from_agent, exit))
@@ -450,19 +518,31 @@ impl Pool {
     ) {
         while let Some(message) = from_agent.recv().await {
             match message {
-                FromAgent::Output { id, outcome } => {
+                FromAgent::Output { id, mut outcome } => {
                     let job = worker.in_flight.lock().unwrap().remove(&id);
                     if let Some(job) = job {
+                        let job = job.off_container();
                         self.inputs.fetch_add(1, Ordering::Relaxed);
-                        if outcome.is_error() {
+                        if let Some(error) = &mut outcome.error {
                             self.failures.fetch_add(1, Ordering::Relaxed);
+                            // Whatever the code put in its exception, secrets stay masked.
+                            error.message = mask(&error.message, &self.spec.secret_values);
+                            error.traceback = error
+                                .traceback
+                                .as_deref()
+                                .map(|t| mask(t, &self.spec.secret_values));
                         }
                         let _ = job.reply.send(outcome);
                     }
                     if worker.load() == 0 {
                         *worker.idle_since.lock().unwrap() = Some(Instant::now());
                         if self.closed.load(Ordering::Relaxed) {
-                            worker.retire();
+                            // Decided under the pool's lock, so the pump cannot hand it an
+                            // input in between.
+                            let state = self.state.lock().unwrap();
+                            if state.queue.is_empty() && worker.load() == 0 {
+                                worker.retire();
+                            }
                         }
                     }
                     self.pump();
@@ -493,9 +573,23 @@ impl Pool {
                         });
                         continue;
                     }
+                    let Ok(permit) = worker.calls.clone().try_acquire_owned() else {
+                        let _ = reply.send(ToAgent::CallResult {
+                            call_id,
+                            outcome: Outcome::failed(ErrorInfo::lode(
+                                "too_many_calls",
+                                format!(
+                                    "this container has {MAX_CALLS_PER_CONTAINER} calls in \
+                                     flight already; wait for some to finish"
+                                ),
+                            )),
+                        });
+                        continue;
+                    };
                     let server = self.ctx.server.get().and_then(Weak::upgrade);
                     let caller_app = self.spec.app.to_string();
                     tokio::spawn(async move {
+                        let _permit = permit;
                         let outcome = match server {
                             None => Outcome::failed(ErrorInfo::lode(
                                 "unavailable",
@@ -531,7 +625,8 @@ impl Pool {
             );
         }
         let max_retries = self.spec.retries.map_or(0, |r| r.max_retries);
-        for (id, mut job) in held {
+        for (id, job) in held {
+            let mut job = job.off_container();
             if job.attempt < max_retries {
                 job.attempt += 1;
                 self.retried.fetch_add(1, Ordering::Relaxed);
@@ -580,7 +675,7 @@ impl Pool {
             let mut live = state.workers.len();
             // Newest first: the pump packs load onto the oldest.
             for worker in state.workers.iter().rev() {
-                if live <= min as usize {
+                if live <= min as usize || !state.queue.is_empty() {
                     break;
                 }
                 let idle = worker
@@ -593,7 +688,7 @@ impl Pool {
                     live -= 1;
                 }
             }
-            if !closed {
+            if !closed && state.may_start() {
                 let have = state.workers.len() as u32 + state.starting;
                 to_start = self.spec.min_containers.saturating_sub(have);
                 state.starting += to_start;

@@ -158,7 +158,13 @@ async fn route_and_run(
         return error_response(StatusCode::NOT_FOUND, "no_app", &message, id);
     };
     let path = target.path_and_query.split('?').next().unwrap_or("/");
-    if let Some(route) = app.python_route(path).cloned() {
+    // The longest path prefix wins, whichever engine serves it.
+    let prefix_len = |p: &str| p.trim_end_matches('/').len();
+    if let Some(route) = app.python_route(path).cloned()
+        && app
+            .route(path)
+            .is_none_or(|wasm| prefix_len(&route.path) > prefix_len(&wasm.path))
+    {
         drop(app);
         return python_endpoint(server, &target.app, route, req, id).await;
     }
@@ -264,10 +270,25 @@ async fn python_endpoint(
                 } else {
                     StatusCode::INTERNAL_SERVER_ERROR
                 };
-                json_response(
-                    status,
-                    &serde_json::json!({"error": error, "request_id": id}),
-                )
+                // The public gets the kind and the request id; the message and traceback
+                // (which may hold anything the code had) go to the app's logs.
+                server.logs.push(
+                    app,
+                    Some(id),
+                    Stream::System,
+                    format!(
+                        "{} failed: {}: {}\n{}",
+                        route.function,
+                        error.kind,
+                        error.message,
+                        error.traceback.as_deref().unwrap_or_default()
+                    ),
+                );
+                let message = format!(
+                    "the function failed with {}; `lode logs {app}` has request {id}",
+                    error.kind
+                );
+                error_response(status, &error.kind, &message, id)
             }
         },
         Err(e) => {

@@ -26,8 +26,6 @@ struct Collected {
     app: String,
     module: String,
     #[serde(default)]
-    entrypoints: Vec<String>,
-    #[serde(default)]
     inline_secrets: BTreeMap<String, BTreeMap<String, String>>,
     functions: Vec<Value>,
 }
@@ -131,7 +129,6 @@ pub async fn deploy(
             println!("  {} -> lode call {app}/{}", function.name, function.name);
         }
     }
-    let _ = collected.entrypoints;
     Ok(app)
 }
 

@@ -224,6 +224,7 @@ pub async fn serve(options: ServeOptions) -> Result<()> {
             max_queue: options.max_queue,
             start_timeout: options.container_start_timeout,
             server: std::sync::OnceLock::new(),
+            started: std::sync::Mutex::new(Vec::new()),
         }),
         secrets: Arc::new(crate::secrets::Secrets::open(
             &options.data_dir,

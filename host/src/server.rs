@@ -79,6 +79,9 @@ pub struct LiveApp {
     pub pools: HashMap<String, Arc<Pool>>,
     /// Python web endpoints, longest path first.
     pub python_routes: Vec<PythonRoute>,
+    /// A digest of the secret values its functions were given: a redeploy after a secret
+    /// changed restarts the pools even when the manifest is the same.
+    pub secrets_digest: String,
 }
 
 /// A Python function that answers public HTTP: the JSON body is its one argument.
@@ -101,12 +104,22 @@ struct Built {
 }
 
 impl Built {
-    fn into_live(self, record: AppRecord) -> LiveApp {
+    fn into_live(mut self, record: AppRecord, secrets_digest: String) -> LiveApp {
         LiveApp {
             record,
-            routes: self.routes,
-            pools: self.pools,
-            python_routes: self.python_routes,
+            routes: std::mem::take(&mut self.routes),
+            pools: std::mem::take(&mut self.pools),
+            python_routes: std::mem::take(&mut self.python_routes),
+            secrets_digest,
+        }
+    }
+}
+
+impl Drop for Built {
+    /// A deploy that failed after some pools started: they stop (their minimum too).
+    fn drop(&mut self) {
+        for pool in self.pools.values() {
+            pool.close();
         }
     }
 }
@@ -350,9 +363,16 @@ impl Server {
         let mut loaded = 0;
         for record in records {
             let app = record.manifest.app.clone();
-            match self.build_live(&record.manifest, None).await {
-                Ok(built) => {
-                    let live = Arc::new(built.into_live(record));
+            let built = match self.secrets_digest(&record.manifest) {
+                Ok(digest) => self
+                    .build_live(&record.manifest, None)
+                    .await
+                    .map(|built| (built, digest)),
+                Err(e) => Err(e),
+            };
+            match built {
+                Ok((built, digest)) => {
+                    let live = Arc::new(built.into_live(record, digest));
                     self.publish(&app, live);
                     loaded += 1;
                 }
@@ -505,6 +525,27 @@ impl Server {
         Ok(built)
     }
 
+    /// A digest of the values of every secret the app's functions name (missing ones too),
+    /// so a changed secret is a change to deploy.
+    fn secrets_digest(&self, manifest: &Manifest) -> Result<String, DeployError> {
+        let names: std::collections::BTreeSet<&String> =
+            manifest.functions.iter().flat_map(|f| &f.secrets).collect();
+        let mut hasher = blake3::Hasher::new();
+        for name in names {
+            let values = self
+                .functions
+                .secrets
+                .get(name)
+                .map_err(DeployError::Internal)?;
+            let bytes = serde_json::to_vec(&values).map_err(|e| DeployError::Internal(e.into()))?;
+            hasher.update(name.as_bytes());
+            hasher.update(&[0]);
+            hasher.update(&bytes);
+            hasher.update(&[0]);
+        }
+        Ok(hasher.finalize().to_hex().to_string())
+    }
+
     /// Builds (or finds in the step cache) a Python function's image, writes its module,
     /// gathers its secrets and volumes, and starts its pool.
     async fn build_python(
@@ -557,10 +598,11 @@ impl Server {
                                     format!("  step {number} -> {digest}")
                                 }
                             };
-                            let _ = tx.try_send(DeployEvent::Image {
+                            let event = DeployEvent::Image {
                                 function: function.clone(),
                                 line,
-                            });
+                            };
+                            crate::native::send_build_line(&tx, event);
                         })
                     }
                     None => Arc::new(|_| {}),
@@ -761,8 +803,10 @@ impl Server {
         manifest: Manifest,
         progress: &mpsc::Sender<DeployEvent>,
     ) -> Result<DeployEvent, DeployError> {
+        let secrets_digest = self.secrets_digest(&manifest)?;
         if let Some(live) = self.app(&manifest.app)
             && live.record.manifest == manifest
+            && live.secrets_digest == secrets_digest
         {
             return Ok(DeployEvent::Unchanged {
                 urls: self.urls(&manifest),
@@ -791,7 +835,7 @@ impl Server {
         self.state.put_app(&record).map_err(DeployError::Internal)?;
         let app = record.manifest.app.clone();
         let urls = self.urls(&record.manifest);
-        let live = Arc::new(built.into_live(record));
+        let live = Arc::new(built.into_live(record, secrets_digest));
         self.publish(&app, live);
         self.logs.push(
             &app,
@@ -806,11 +850,8 @@ impl Server {
     /// Stops every function container and waits (boundedly) until they are cleaned up, so a
     /// stopped server leaves no cgroups or processes and its image mounts can go.
     pub async fn shut_down(&self) {
-        let pools: Vec<Arc<Pool>> = self
-            .apps()
-            .iter()
-            .flat_map(|app| app.pools.values().cloned().collect::<Vec<_>>())
-            .collect();
+        // Live versions' pools and those still draining after a redeploy.
+        let pools = self.functions.pools.pools();
         let limit = Duration::from_secs(10);
         futures::future::join_all(pools.iter().map(|pool| pool.shut_down(limit))).await;
     }

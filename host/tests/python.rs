@@ -193,6 +193,25 @@ fn errors_retries_timeouts_and_calls_from_inside() {
         "\"woke\""
     );
 
+    // A public web endpoint that raises answers 500 with the kind only; the details go to
+    // the app's logs.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (status, body) = rt.block_on(async {
+        let response = lode
+            .public(reqwest::Method::POST, "/feat/boom")
+            .body("{}")
+            .send()
+            .await
+            .unwrap();
+        (response.status().as_u16(), response.text().await.unwrap())
+    });
+    assert_eq!(status, 500, "{body}");
+    assert!(
+        body.contains("RuntimeError") && !body.contains("internal detail"),
+        "{body}"
+    );
+    assert!(lode.cli_ok(&["logs", "feat"]).contains("internal detail"));
+
     // Malformed calls get errors, not crashes.
     let missing = lode.cli(&["call", "feat/no_such_function"]);
     assert!(
@@ -305,6 +324,15 @@ fn secrets_stay_out_of_logs_and_volumes_survive_a_restart() {
     assert_eq!(std::fs::read_to_string(on_host).unwrap(), "kept");
     // And the secret still opens: the key in the data dir survived too.
     assert_eq!(lode.cli_ok(&["call", "feat/use_secret"]).trim(), "15");
+
+    // A changed secret is a change: the same file deploys again, with the new value.
+    lode.cli_ok(&["secret", "create", "feat-api", "TOKEN=rotated"]);
+    let redeployed = lode.cli_ok(&["deploy", &app]);
+    assert!(
+        redeployed.contains("deployed feat version 2"),
+        "{redeployed}"
+    );
+    assert_eq!(lode.cli_ok(&["call", "feat/use_secret"]).trim(), "7");
 }
 
 fn walk(dir: &Path) -> Vec<PathBuf> {

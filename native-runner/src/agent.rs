@@ -30,9 +30,13 @@ pub const SDK_MOUNT: &str = "/lode/sdk";
 pub const APP_MOUNT: &str = "/lode/app";
 /// Where the host's socket appears.
 pub const RUN_MOUNT: &str = "/lode/run";
-/// The longest message either side may send: a result or an input of this size is refused
-/// rather than let a container grow the host's memory without bound.
+/// The longest message either side may send. A container that sends a longer one is stopped
+/// (its inputs fail, or are retried) rather than let it grow the host's memory without bound.
 pub const MAX_MESSAGE: usize = 64 << 20;
+
+/// The longest line of a container's own stdout or stderr kept as one log line; longer runs
+/// without a newline are cut into lines of this size.
+pub const MAX_OUTPUT_LINE: usize = 16 << 10;
 
 /// A remote exception, as the agent reports it and the API returns it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -313,8 +317,18 @@ pub async fn start(
     std::fs::create_dir_all(&run_dir).map_err(StartError::Spawn)?;
     let socket_path = run_dir.join("host.sock");
     let listener = UnixListener::bind(&socket_path).map_err(StartError::Spawn)?;
-    // The container's root is an unprivileged uid: it needs write permission to connect.
-    std::fs::set_permissions(&socket_path, std::fs::Permissions::from_mode(0o666))
+    // Only the container's root may connect: the socket is its, mode 0600, in a directory
+    // others can pass through but not list. The peer's uid is checked again on accept.
+    let container_uid = spec
+        .sandbox
+        .user_namespace
+        .as_ref()
+        .map_or(0, |ns| ns.ids().host_base);
+    std::os::unix::fs::chown(&socket_path, Some(container_uid), Some(container_uid))
+        .and_then(|()| {
+            std::fs::set_permissions(&socket_path, std::fs::Permissions::from_mode(0o600))
+        })
+        .and_then(|()| std::fs::set_permissions(&run_dir, std::fs::Permissions::from_mode(0o711)))
         .map_err(StartError::Spawn)?;
 
     let mut sandbox = spec.sandbox.clone();
@@ -378,11 +392,20 @@ pub async fn start(
         if let Some(pipe) = pipe {
             let output = output.clone();
             std::thread::spawn(move || {
-                use std::io::BufRead;
-                for line in std::io::BufReader::new(pipe).lines() {
-                    match line {
-                        Ok(line) => output(name, line),
-                        Err(_) => break,
+                use std::io::{BufRead, Read};
+                let mut reader = std::io::BufReader::new(pipe);
+                let mut line = Vec::new();
+                loop {
+                    line.clear();
+                    match (&mut reader)
+                        .take(MAX_OUTPUT_LINE as u64)
+                        .read_until(b'\n', &mut line)
+                    {
+                        Ok(0) | Err(_) => break,
+                        Ok(_) => {
+                            let text = line.strip_suffix(b"\n").unwrap_or(&line);
+                            output(name, String::from_utf8_lossy(text).into_owned());
+                        }
                     }
                 }
             });
@@ -413,7 +436,16 @@ pub async fn start(
     let exit_early = wait_exit(exit_rx.clone());
     let stream = tokio::select! {
         accepted = tokio::time::timeout(spec.start_timeout, listener.accept()) => match accepted {
-            Ok(Ok((stream, _))) => stream,
+            Ok(Ok((stream, _))) => {
+                let peer = stream.peer_cred().map(|c| c.uid()).ok();
+                if peer != Some(container_uid) {
+                    return Err(fail(format!(
+                        "a process of uid {peer:?} connected to the agent socket, not the \
+                         container's root ({container_uid}); stopping"
+                    )));
+                }
+                stream
+            }
             Ok(Err(e)) => return Err(fail(format!("accepting the agent's connection: {e}"))),
             Err(_) => return Err(fail(format!(
                 "the container's agent did not connect within {:?}", spec.start_timeout
@@ -444,7 +476,11 @@ pub async fn start(
         }
         Ok(Some(other)) => return Err(fail(format!("the agent began with {other:?}"))),
         Ok(None) => {
-            let exit = wait_exit(exit_rx.clone()).await;
+            // The agent hung up before it was ready; the container goes too.
+            stop.store(true, Ordering::Relaxed);
+            let exit = tokio::time::timeout(spec.start_timeout, wait_exit(exit_rx.clone()))
+                .await
+                .map_or_else(|_| "the container hung up".to_string(), |e| e.to_string());
             return Err(StartError::Agent(format!(
                 "{exit} while loading the module (see `lode logs`)"
             )));

@@ -843,7 +843,12 @@ fn build_root(p: &Prepared) -> io::Result<()> {
     }
     stage(p, Stage::Root, pivot(p))?;
     for (fd, volume) in volume_fds.iter().zip(&p.volumes) {
-        stage(p, Stage::Volume(volume.index), attach_volume(*fd, volume))?;
+        let owner = p.user_namespace.as_ref().map(|ns| ns.ids().host_base);
+        stage(
+            p,
+            Stage::Volume(volume.index),
+            attach_volume(*fd, volume, owner),
+        )?;
     }
     if let Some(text) = &p.resolv_conf_text {
         stage(p, Stage::Network, write_resolv_conf(p, text))?;
@@ -981,14 +986,30 @@ fn clone_tree(volume: &PreparedVolume) -> io::Result<libc::c_int> {
     Ok(fd)
 }
 
-/// Makes the volume's target inside the new root and attaches the cloned tree there.
-fn attach_volume(fd: libc::c_int, volume: &PreparedVolume) -> io::Result<()> {
-    for dir in &volume.target_dirs {
-        mkdir(dir, 0o755)?;
+/// Makes the volume's target inside the new root and attaches the cloned tree there. What
+/// it makes belongs to `owner` (the container's root, in a user namespace), as if the
+/// container had made it.
+fn attach_volume(fd: libc::c_int, volume: &PreparedVolume, owner: Option<u32>) -> io::Result<()> {
+    let made = |path: &CString| -> io::Result<()> {
+        if let Some(uid) = owner {
+            // SAFETY: a NUL-terminated path and plain integers.
+            check(unsafe { libc::lchown(path.as_ptr(), uid, uid) })?;
+        }
+        Ok(())
+    };
+    for dir in volume
+        .target_dirs
+        .iter()
+        .chain(volume.is_dir.then_some(&volume.target))
+    {
+        // SAFETY: a NUL-terminated path that outlives the call.
+        match check(unsafe { libc::mkdir(dir.as_ptr(), 0o755) }) {
+            Ok(()) => made(dir)?,
+            Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {}
+            Err(e) => return Err(e),
+        }
     }
-    if volume.is_dir {
-        mkdir(&volume.target, 0o755)?;
-    } else {
+    if !volume.is_dir {
         // SAFETY: open(2) on a NUL-terminated path; the descriptor is closed at once.
         let file = unsafe {
             // Read-only and non-blocking: a FIFO in the image at the target must not hang the
@@ -997,6 +1018,7 @@ fn attach_volume(fd: libc::c_int, volume: &PreparedVolume) -> io::Result<()> {
                 volume.target.as_ptr(),
                 libc::O_RDONLY
                     | libc::O_CREAT
+                    | libc::O_EXCL
                     | libc::O_NONBLOCK
                     | libc::O_NOCTTY
                     | libc::O_CLOEXEC,
@@ -1004,10 +1026,15 @@ fn attach_volume(fd: libc::c_int, volume: &PreparedVolume) -> io::Result<()> {
             )
         };
         if file == -1 {
-            return Err(io::Error::last_os_error());
+            let error = io::Error::last_os_error();
+            if error.raw_os_error() != Some(libc::EEXIST) {
+                return Err(error);
+            }
+        } else {
+            // SAFETY: closing the descriptor just opened.
+            unsafe { libc::close(file) };
+            made(&volume.target)?;
         }
-        // SAFETY: closing the descriptor just opened.
-        unsafe { libc::close(file) };
     }
     // SAFETY: move_mount(2) from the detached tree's descriptor to a NUL-terminated path.
     check(unsafe {

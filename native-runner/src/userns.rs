@@ -2,7 +2,10 @@
 //!
 //! One namespace serves every container of a server, as Docker's `userns-remap` does: each
 //! container still has its own mount, pid, net, ipc, uts and cgroup namespaces, so the shared
-//! ids meet nothing of another container's. Those namespaces are made, and the root is built,
+//! ids meet no file, process or socket of another container's. What they do share are the
+//! kernel's per-user counts (inotify instances and watches, pipe buffer pages, POSIX message
+//! queue bytes): one container can use up those for the others. A range per container would
+//! separate them too; volumes, owned by one uid today, would then need idmapped mounts. Those namespaces are made, and the root is built,
 //! while the child is still the host's root; only then does it join this namespace and become
 //! its uid 0 (see [`crate::sandbox`]). The container's root therefore holds no capability
 //! over its own mounts, hostname or network, only over files whose owners are mapped.

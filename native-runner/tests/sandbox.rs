@@ -156,7 +156,8 @@ fn the_container_root_is_an_unprivileged_host_uid() {
         echo new > /etc/new && echo "new=$(stat -c %u /etc/new)"
         echo top > /top && echo "root=$(stat -c %u:%g /)"
         chown 7:7 /etc/new && echo "chown=$(stat -c %u:%g /etc/new)"
-        echo mine > /owned/file && echo "owned=ok"
+        echo mine > /made/owned/file && echo "owned=ok"
+        echo "parent=$(stat -c %u /made)"
         echo host > /hosts/file 2>/dev/null || echo "hosts=refused"
         "#,
     );
@@ -164,7 +165,8 @@ fn the_container_root_is_an_unprivileged_host_uid() {
     spec.volumes = vec![
         Volume {
             source: owned.clone(),
-            target: "/owned".into(),
+            // Its parent is made for it, as the container's root's.
+            target: "/made/owned".into(),
             read_only: false,
         },
         Volume {
@@ -186,6 +188,7 @@ fn the_container_root_is_an_unprivileged_host_uid() {
         "root=0:0".into(),
         "chown=7:7".into(),
         "owned=ok".into(),
+        "parent=0".into(),
         "hosts=refused".into(),
     ] {
         assert!(

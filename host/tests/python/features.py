@@ -31,6 +31,11 @@ def fail_ghost():
     raise ghost("from a module only the container had")
 
 
+@app.web_endpoint(method="POST")
+def boom(body):
+    raise RuntimeError("internal detail the public must not see")
+
+
 @app.function()
 def add(a, b):
     return a + b
