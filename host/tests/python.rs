@@ -274,6 +274,55 @@ fn a_full_queue_answers_429_and_idle_containers_scale_down() {
 }
 
 #[test]
+fn inputs_queued_on_a_replaced_version_still_finish() {
+    let lode = start(&[]);
+    lode.cli_ok(&["secret", "create", "feat-api", "TOKEN=x"]);
+    let dir = tempfile::tempdir().unwrap();
+    let app = dir.path().join("features.py");
+    let source = std::fs::read_to_string(app_file("host/tests/python/features.py")).unwrap();
+    std::fs::write(&app, &source).unwrap();
+    let app = app.to_str().unwrap().to_string();
+    lode.cli_ok(&["deploy", &app]);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let statuses = rt.block_on(async {
+        // `slow` has one container: the first call runs, the second waits in its queue.
+        let call = |seconds: f64| {
+            lode.api(reqwest::Method::POST, "/v1/apps/feat/functions/slow/call")
+                .json(&serde_json::json!({"args": [seconds]}))
+                .send()
+        };
+        let first = tokio::spawn(call(1.5));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let second = tokio::spawn(call(0.1));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        // A new version replaces the pool while the second call is queued on the old one.
+        std::fs::write(&app, format!("{source}\n# version 2\n")).unwrap();
+        let redeployed = lode.cli(&["deploy", &app]);
+        assert!(
+            text(&redeployed.stdout).contains("deployed feat version 2"),
+            "{}",
+            text(&redeployed.stderr)
+        );
+        let mut statuses = Vec::new();
+        for call in [first, second] {
+            let response = call.await.unwrap().unwrap();
+            statuses.push((response.status().as_u16(), response.text().await.unwrap()));
+        }
+        statuses
+    });
+    assert_eq!(
+        statuses[0],
+        (200, r#"{"result":1.5}"#.to_string()),
+        "{statuses:?}"
+    );
+    assert_eq!(
+        statuses[1],
+        (200, r#"{"result":0.1}"#.to_string()),
+        "{statuses:?}"
+    );
+}
+
+#[test]
 fn secrets_stay_out_of_logs_and_volumes_survive_a_restart() {
     let mut lode = start(&[]);
     let app = app_file("host/tests/python/features.py");
