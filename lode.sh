@@ -151,6 +151,9 @@ bench() {
   if [[ $which == all || $which == python ]]; then
     ./target/release/lode bench python "$@"
   fi
+  if [[ $which == all || $which == calls ]]; then
+    ./target/release/lode bench calls "$@"
+  fi
   if [[ $which == all || $which == build ]]; then
     ./target/release/lode bench build "$@"
   fi

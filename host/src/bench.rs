@@ -38,6 +38,9 @@ pub enum BenchCommand {
     /// Python function calls, cold and warm, and map throughput, against a local Python
     /// process (needs root).
     Python(crate::bench_python::PythonBench),
+    /// Wasm functions called by name: API latency, invoke cost, fan-out rate, cross-engine
+    /// cost (needs root, run from the repository root).
+    Calls(crate::bench_calls::CallsBench),
     /// A plain hyper server answering `hello`: the ceiling `lode bench http` compares to.
     #[command(hide = true)]
     HyperHello {
@@ -85,6 +88,7 @@ pub async fn run(command: BenchCommand) -> Result<()> {
         BenchCommand::Container(args) => crate::bench_container::container(args).await,
         BenchCommand::Build(args) => crate::bench_build::build(args).await,
         BenchCommand::Python(args) => crate::bench_python::python(args).await,
+        BenchCommand::Calls(args) => crate::bench_calls::calls(args).await,
         BenchCommand::HyperHello { listen } => hyper_hello(listen).await,
     }
 }

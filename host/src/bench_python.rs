@@ -84,10 +84,11 @@ elif mode == "remote-map":
     print(time.perf_counter() - t)
 "#;
 
-struct Server {
+/// A `lode serve` the bench started, stopped with SIGTERM when dropped.
+pub(crate) struct Server {
     child: Child,
-    api: String,
-    token: String,
+    pub(crate) api: String,
+    pub(crate) token: String,
     _dirs: tempfile::TempDir,
 }
 
@@ -100,7 +101,8 @@ impl Drop for Server {
     }
 }
 
-fn start_server(base_dir: &Path) -> Result<Server> {
+/// Starts `lode serve` on loopback with its own dirs.
+pub(crate) fn start_server(base_dir: &Path) -> Result<Server> {
     let dirs = tempfile::tempdir()?;
     let data = dirs.path().join("data");
     let mut child = Command::new(std::env::current_exe()?)
@@ -141,12 +143,13 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
 
-fn row(name: &str, mut times: Vec<Duration>, baseline: Option<Duration>) -> Duration {
+/// Prints a timing row: p50, p99 and the ratio to a baseline.
+pub(crate) fn row(name: &str, mut times: Vec<Duration>, baseline: Option<Duration>) -> Duration {
     times.sort();
     let p50 = percentile(&times, 0.5);
     let ratio = baseline.map_or(String::new(), |b| {
         format!(
-            ", {:.1}x the local p50",
+            ", {:.1}x the baseline p50",
             p50.as_secs_f64() / b.as_secs_f64()
         )
     });

@@ -5,6 +5,7 @@
 //! the server runs; persisting them (and sync calls) comes with issue 7.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::AtomicU32;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -170,7 +171,8 @@ impl Calls {
                     record.result = Some(outcome.result.unwrap_or(Value::Null));
                 }
             }
-            let _ = entry.done.send(true);
+            // send_replace: the value must change even when no one is waiting yet.
+            entry.done.send_replace(true);
         }
         records.bytes += added;
         records.evict();
@@ -256,17 +258,45 @@ pub fn check_payload(body: &Value, pickle: bool) -> Result<Map<String, Value>, S
     Ok(payload)
 }
 
+/// What serves a call.
+enum Target {
+    /// A Python function's pool.
+    Python(Arc<crate::pool::Pool>, Map<String, Value>),
+    /// A Wasm function.
+    Wasm(Arc<crate::wasm_calls::WasmFunction>, Map<String, Value>),
+}
+
 impl Server {
     /// Runs `app/function` on `body` and waits for the outcome.
     pub async fn call(
-        &self,
+        self: &Arc<Self>,
         app: &str,
         function: &str,
         body: &Value,
     ) -> Result<Outcome, CallError> {
+        self.call_within(app, function, body, 0, Arc::default()).await
+    }
+
+    /// [`Server::call`] as one step of a call tree: `depth` calls deep, its calls counted in
+    /// `fan_out` (both bound what a Wasm function's `invoke` may do).
+    pub async fn call_within(
+        self: &Arc<Self>,
+        app: &str,
+        function: &str,
+        body: &Value,
+        depth: u32,
+        fan_out: Arc<AtomicU32>,
+    ) -> Result<Outcome, CallError> {
         // A deploy may replace the pool between lookup and submit; the new one takes it.
         for _ in 0..3 {
-            let (pool, payload) = self.target(app, function, body)?;
+            let (pool, payload) = match self.target(app, function, body)? {
+                Target::Python(pool, payload) => (pool, payload),
+                Target::Wasm(wasm, payload) => {
+                    return Ok(self
+                        .run_wasm(wasm, &Value::Object(payload), depth, fan_out)
+                        .await);
+                }
+            };
             match pool.submit(payload).await {
                 Ok(outcome) => return Ok(outcome),
                 Err(Rejected::QueueFull(after)) => {
@@ -292,13 +322,9 @@ impl Server {
         ))
     }
 
-    /// The pool that serves `app/function`, and the body checked for it.
-    fn target(
-        &self,
-        app: &str,
-        function: &str,
-        body: &Value,
-    ) -> Result<(Arc<crate::pool::Pool>, Map<String, Value>), CallError> {
+    /// What serves `app/function` (a Python pool or a Wasm component), and the body checked
+    /// for it.
+    fn target(&self, app: &str, function: &str, body: &Value) -> Result<Target, CallError> {
         let Some(live) = self.app(app) else {
             return Err(CallError::new(
                 404,
@@ -306,13 +332,7 @@ impl Server {
                 format!("no app {app:?} is deployed (`lode ls` lists them)"),
             ));
         };
-        let Some(spec) = live
-            .record
-            .manifest
-            .functions
-            .iter()
-            .find(|f| f.name == function)
-        else {
+        let Some(spec) = live.record.manifest.functions.iter().find(|f| f.name == function) else {
             let names: Vec<_> = live
                 .record
                 .manifest
@@ -329,23 +349,22 @@ impl Server {
                 ),
             ));
         };
-        if spec.runtime == Runtime::Wasm {
-            return Err(CallError::new(
-                422,
-                "unsupported",
-                format!(
-                    "{app}/{function} is a Wasm function: it takes HTTP requests at its web \
-                     route; calls by name come with the lode:function world"
-                ),
-            ));
-        }
-        let pickle = spec
-            .python
-            .as_ref()
-            .and_then(|p| p.serialization.as_deref())
-            == Some("pickle");
+        let pickle = spec.python.as_ref().and_then(|p| p.serialization.as_deref()) == Some("pickle");
         let payload =
             check_payload(body, pickle).map_err(|m| CallError::new(400, "invalid_request", m))?;
+        if spec.runtime == Runtime::Wasm {
+            return match live.wasm_functions.get(function) {
+                Some(wasm) => Ok(Target::Wasm(wasm.clone(), payload)),
+                None => Err(CallError::new(
+                    422,
+                    "unsupported",
+                    format!(
+                        "{app}/{function} serves HTTP only: its component does not export \
+                         lode:function/handler, so it takes requests at its web route"
+                    ),
+                )),
+            };
+        }
         let pool = live.pools.get(function).cloned().ok_or_else(|| {
             CallError::new(
                 503,
@@ -353,7 +372,7 @@ impl Server {
                 format!("{app}/{function} has no container pool; redeploy the app"),
             )
         })?;
-        Ok((pool, payload))
+        Ok(Target::Python(pool, payload))
     }
 
     /// Starts `app/function` on `body` in the background; returns the call's id. What a
@@ -465,7 +484,12 @@ mod tests {
         let pending = calls.wait(&id, Duration::from_millis(10)).await.unwrap();
         assert_eq!(pending.status, CallStatus::Running);
         calls.finish(&id, Outcome::value(serde_json::json!(49)));
-        let done = calls.wait(&id, Duration::from_secs(5)).await.unwrap();
+        // Finished before anyone waited: the wait still sees it at once (a generous bound
+        // well under MAX_WAIT tells "at once" from "at the timeout").
+        let done = tokio::time::timeout(Duration::from_secs(20), calls.wait(&id, MAX_WAIT))
+            .await
+            .expect("a finished call is seen without waiting for the timeout")
+            .unwrap();
         assert_eq!(done.status, CallStatus::Succeeded);
         assert_eq!(done.result, Some(serde_json::json!(49)));
         assert!(calls.wait("ca-unknown", Duration::ZERO).await.is_none());

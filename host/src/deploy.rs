@@ -68,6 +68,9 @@ impl TimeoutValue {
 struct Project {
     #[serde(default)]
     app: Option<String>,
+    /// Values functions read with `config.get` (lode:function).
+    #[serde(default)]
+    config: BTreeMap<String, String>,
     #[serde(rename = "function")]
     functions: Vec<ProjectFunction>,
 }
@@ -181,7 +184,14 @@ fn component_at(path: &Path) -> Result<Vec<u8>> {
     }
 }
 
-fn plan_project(dir: &Path, name: Option<&str>) -> Result<(String, Vec<Planned>)> {
+/// Whether a component serves HTTP (exports `wasi:http/incoming-handler`): the export's name
+/// is in the binary as written, which is enough to pick a default route.
+fn serves_http(bytes: &[u8]) -> bool {
+    let name = b"wasi:http/incoming-handler";
+    bytes.windows(name.len()).any(|w| w == name)
+}
+
+fn plan_project(dir: &Path, name: Option<&str>) -> Result<(String, Vec<Planned>, Config)> {
     let toml_path = dir.join("lode.toml");
     let text = std::fs::read_to_string(&toml_path)
         .with_context(|| format!("reading {}", toml_path.display()))?;
@@ -199,16 +209,20 @@ fn plan_project(dir: &Path, name: Option<&str>) -> Result<(String, Vec<Planned>)
     for f in project.functions {
         let path = dir.join(&f.path);
         let bytes = component_at(&path).with_context(|| format!("function {:?}", f.name))?;
+        let serves = serves_http(&bytes);
         let mut p = wasm_function(f.name, bytes);
+        // Without `web`, a lone HTTP component answers at `/`; otherwise a function takes
+        // calls by name only (lode:function).
         p.spec.web = match f.web {
             Some(web) => Some(web),
-            None if single => Some(WebRoute::default()),
-            None => bail!(
-                "function {:?} in {} needs `web = {{ path = \"/...\" }}` when an app has \
-                 several functions",
+            None if single && serves => Some(WebRoute::default()),
+            None if serves && !single => bail!(
+                "function {:?} in {} serves HTTP: give it `web = {{ path = \"/...\" }}` when \
+                 an app has several functions",
                 p.spec.name,
                 toml_path.display()
             ),
+            None => None,
         };
         p.spec.resources.memory = f.memory;
         p.spec.resources.cpu = f.cpu;
@@ -222,8 +236,11 @@ fn plan_project(dir: &Path, name: Option<&str>) -> Result<(String, Vec<Planned>)
         }
         planned.push(p);
     }
-    Ok((app, planned))
+    Ok((app, planned, project.config))
 }
+
+/// An app's config (`[config]` in lode.toml).
+type Config = BTreeMap<String, String>;
 
 fn dir_name(path: &Path) -> String {
     path.canonicalize()
@@ -233,19 +250,12 @@ fn dir_name(path: &Path) -> String {
 }
 
 /// Works out the app name and components for `path`.
-fn plan(path: &Path, name: Option<&str>) -> Result<(String, Vec<Planned>)> {
+fn plan(path: &Path, name: Option<&str>) -> Result<(String, Vec<Planned>, Config)> {
     if !path.exists() {
         bail!("{} does not exist", path.display());
     }
     if path.is_dir() && path.join("lode.toml").exists() {
         return plan_project(path, name);
-    }
-    if path.extension().is_some_and(|e| e == "py") {
-        bail!(
-            "{} is a Python file; Python functions need the native engine, which this build \
-             does not have yet. Deploy a Wasm component, a Cargo crate or a lode.toml project",
-            path.display()
-        );
     }
     let stem = if path.is_dir() {
         dir_name(path)
@@ -258,7 +268,7 @@ fn plan(path: &Path, name: Option<&str>) -> Result<(String, Vec<Planned>)> {
         .map(str::to_string)
         .unwrap_or_else(|| default_name(&stem));
     let bytes = component_at(path)?;
-    Ok((app.clone(), vec![wasm_function(app, bytes)]))
+    Ok((app.clone(), vec![wasm_function(app, bytes)], Config::new()))
 }
 
 /// `lode deploy PATH [--name APP]`.
@@ -268,13 +278,14 @@ pub async fn deploy(
     path: &Path,
     name: Option<&str>,
 ) -> Result<()> {
-    let (app, planned) = plan(path, name)?;
+    let (app, planned, config) = plan(path, name)?;
     if !is_dns_label(&app) {
         bail!("{}; pass --name", dns_label_rule("app", &app));
     }
     let mut manifest = Manifest {
         version: crate::manifest::MANIFEST_VERSION,
         app: app.clone(),
+        config,
         functions: Vec::new(),
     };
     let mut uploads = BTreeMap::new();
@@ -392,18 +403,28 @@ mod tests {
     }
 
     #[test]
-    fn lode_toml_needs_web_paths_for_several_functions() {
+    fn lode_toml_needs_web_paths_for_several_http_functions() {
         let dir = tempfile::tempdir().unwrap();
-        let component = wat::parse_str("(component)").unwrap();
+        // The export's name is all the CLI looks for.
+        let mut component = wat::parse_str("(component)").unwrap();
+        std::fs::write(dir.path().join("called.wasm"), &component).unwrap();
+        component.extend_from_slice(b"wasi:http/incoming-handler@0.2.0");
         std::fs::write(dir.path().join("a.wasm"), &component).unwrap();
-        std::fs::write(
-            dir.path().join("lode.toml"),
-            "app = \"shop\"\n[[function]]\nname = \"a\"\npath = \"a.wasm\"\n\
-             [[function]]\nname = \"b\"\npath = \"a.wasm\"\n",
-        )
-        .unwrap();
+        let two = |path: &str| {
+            format!(
+                "app = \"shop\"\n[config]\ngreeting = \"hi\"\n\
+                 [[function]]\nname = \"a\"\npath = \"{path}\"\n\
+                 [[function]]\nname = \"b\"\npath = \"{path}\"\n"
+            )
+        };
+        std::fs::write(dir.path().join("lode.toml"), two("a.wasm")).unwrap();
         let err = plan(dir.path(), None).err().unwrap().to_string();
-        assert!(err.contains("needs `web"), "{err}");
+        assert!(err.contains("serves HTTP: give it `web"), "{err}");
+        // Components that only take calls need no route.
+        std::fs::write(dir.path().join("lode.toml"), two("called.wasm")).unwrap();
+        let (_, planned, config) = plan(dir.path(), None).unwrap();
+        assert!(planned.iter().all(|p| p.spec.web.is_none()));
+        assert_eq!(config.get("greeting").map(String::as_str), Some("hi"));
 
         std::fs::write(
             dir.path().join("lode.toml"),
@@ -411,7 +432,7 @@ mod tests {
              network = { allow = [\"api.example.com\"] }\n",
         )
         .unwrap();
-        let (_, planned) = plan(dir.path(), Some("shop")).unwrap();
+        let (_, planned, _) = plan(dir.path(), Some("shop")).unwrap();
         let spec = &planned[0].spec;
         assert_eq!(spec.resources.memory, Some(64));
         assert_eq!(spec.resources.timeout, Some(2.0));

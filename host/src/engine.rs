@@ -37,7 +37,11 @@ const PROVIDED_PACKAGES: &[&str] = &[
     "wasi:filesystem",
     "wasi:sockets",
     "wasi:http",
+    "lode:function",
 ];
+
+/// The wasm stack a guest may use; deeper recursion traps as a stack overflow.
+pub const MAX_WASM_STACK: usize = 512 << 10;
 
 /// Core instances (and tables) one component may hold in the pool.
 const CORE_INSTANCES_PER_COMPONENT: u32 = 16;
@@ -60,6 +64,8 @@ pub struct GuestState {
     table: ResourceTable,
     limits: StoreLimits,
     outbound: OutboundPolicy,
+    /// Set for a call by name: where it sits in its call tree, for `invoke` and `config`.
+    pub(crate) calls: Option<crate::wasm_calls::CallContext>,
 }
 
 impl GuestState {
@@ -74,6 +80,7 @@ impl GuestState {
                 .trap_on_grow_failure(true)
                 .build(),
             outbound,
+            calls: None,
         }
     }
 }
@@ -124,7 +131,8 @@ pub enum ComponentError {
     /// Imports nothing in Lode provides.
     #[error(
         "the component imports {} that Lode does not provide (it provides wasi:cli, wasi:io, \
-         wasi:clocks, wasi:random, wasi:filesystem, wasi:sockets and wasi:http at 0.2.x)",
+         wasi:clocks, wasi:random, wasi:filesystem, wasi:sockets and wasi:http at 0.2.x, and \
+         lode:function@0.1.0)",
         .0.join(", ")
     )]
     UnknownImports(Vec<String>),
@@ -138,6 +146,12 @@ pub enum ComponentError {
          {0:#}"
     )]
     NotHttp(anyhow::Error),
+    /// Does not export `lode:function/handler`, and has no web route either.
+    #[error(
+        "the component takes no calls: it does not export lode:function/handler (write it with \
+         the samples/lode-guest crate), and it has no `web` route: {0:#}"
+    )]
+    NotFunction(anyhow::Error),
 }
 
 /// Checks the header: Wasm magic, then the layer field that tells modules from components.
@@ -241,6 +255,7 @@ impl WasmEngine {
             .allocation_strategy(InstanceAllocationStrategy::Pooling(pool))
             .epoch_interruption(true)
             .memory_init_cow(true)
+            .max_wasm_stack(MAX_WASM_STACK)
             .wasm_backtrace_max_frames(std::num::NonZeroUsize::new(64));
         let engine = Engine::new(&config)
             .map_err(anyhow::Error::from)
@@ -250,6 +265,11 @@ impl WasmEngine {
         wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(anyhow::Error::from)?;
         wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)
             .map_err(anyhow::Error::from)?;
+        crate::wasm_calls::Function::add_to_linker::<_, wasmtime::component::HasSelf<_>>(
+            &mut linker,
+            |state: &mut GuestState| state,
+        )
+        .map_err(anyhow::Error::from)?;
 
         let mut hasher = std::collections::hash_map::DefaultHasher::new();
         engine.precompile_compatibility_hash().hash(&mut hasher);
@@ -321,6 +341,24 @@ impl WasmEngine {
         &self,
         component: &Component,
     ) -> Result<ProxyPre<GuestState>, ComponentError> {
+        let instance_pre = self.link(component)?;
+        ProxyPre::new(instance_pre).map_err(|e| ComponentError::NotHttp(anyhow!(e)))
+    }
+
+    /// Links a component that exports `lode:function/handler`, naming whatever is missing.
+    pub fn prepare_function(
+        &self,
+        component: &Component,
+    ) -> Result<crate::wasm_calls::FunctionPre<GuestState>, ComponentError> {
+        let instance_pre = self.link(component)?;
+        crate::wasm_calls::FunctionPre::new(instance_pre)
+            .map_err(|e| ComponentError::NotFunction(anyhow!(e)))
+    }
+
+    fn link(
+        &self,
+        component: &Component,
+    ) -> Result<wasmtime::component::InstancePre<GuestState>, ComponentError> {
         let unknown: Vec<String> = component
             .component_type()
             .imports(&self.engine)
@@ -333,11 +371,9 @@ impl WasmEngine {
         if !unknown.is_empty() {
             return Err(ComponentError::UnknownImports(unknown));
         }
-        let instance_pre = self
-            .linker
+        self.linker
             .instantiate_pre(component)
-            .map_err(|e| ComponentError::Link(anyhow!(e)))?;
-        ProxyPre::new(instance_pre).map_err(|e| ComponentError::NotHttp(anyhow!(e)))
+            .map_err(|e| ComponentError::Link(anyhow!(e)))
     }
 
     /// A store for one request, with its memory limit and a wall-clock deadline enforced

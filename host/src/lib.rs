@@ -12,6 +12,7 @@
 pub mod api;
 pub mod bench;
 pub mod bench_build;
+pub mod bench_calls;
 pub mod bench_cas;
 pub mod bench_container;
 pub mod bench_fs;
@@ -41,3 +42,4 @@ pub mod serve;
 pub mod server;
 pub mod state;
 pub mod volumes;
+pub mod wasm_calls;

@@ -21,6 +21,9 @@ pub struct Manifest {
     pub version: u32,
     /// App name, a DNS label.
     pub app: String,
+    /// Values the app's Wasm functions read with `config.get`.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub config: std::collections::BTreeMap<String, String>,
     /// The app's functions.
     pub functions: Vec<FunctionSpec>,
 }
@@ -503,6 +506,7 @@ mod tests {
         let manifest = Manifest {
             version: 1,
             app: "My App".into(),
+            config: Default::default(),
             functions: vec![wasm_fn("web"), second],
         };
         let problems = manifest.validate().unwrap_err();
@@ -519,6 +523,7 @@ mod tests {
         let manifest = Manifest {
             version: 1,
             app: "hello".into(),
+            config: Default::default(),
             functions: vec![wasm_fn("web")],
         };
         let json = serde_json::to_string(&manifest).unwrap();

@@ -105,6 +105,7 @@ pub async fn deploy(
     let manifest = Manifest {
         version: MANIFEST_VERSION,
         app: app.clone(),
+        config: Default::default(),
         functions,
     };
     if let Err(problems) = manifest.validate() {

@@ -13,6 +13,7 @@ use tokio::sync::mpsc;
 use wasmtime_wasi_http::p2::bindings::ProxyPre;
 
 use crate::calls::Calls;
+use crate::wasm_calls::WasmFunction;
 use crate::engine::{ComponentError, GuestState, LoadKind, WasmEngine};
 use crate::logs::{LogStore, Stream};
 use crate::manifest::{FunctionSpec, Manifest, Runtime};
@@ -77,6 +78,8 @@ pub struct LiveApp {
     pub routes: Vec<Arc<HttpFunction>>,
     /// Python functions' container pools, by function name.
     pub pools: HashMap<String, Arc<Pool>>,
+    /// Wasm functions that take calls by name (`lode:function`), by function name.
+    pub wasm_functions: HashMap<String, Arc<WasmFunction>>,
     /// Python web endpoints, longest path first.
     pub python_routes: Vec<PythonRoute>,
     /// A digest of the secret values its functions were given: a redeploy after a secret
@@ -100,6 +103,7 @@ pub struct PythonRoute {
 struct Built {
     routes: Vec<Arc<HttpFunction>>,
     pools: HashMap<String, Arc<Pool>>,
+    wasm_functions: HashMap<String, Arc<WasmFunction>>,
     python_routes: Vec<PythonRoute>,
 }
 
@@ -109,6 +113,7 @@ impl Built {
             record,
             routes: std::mem::take(&mut self.routes),
             pools: std::mem::take(&mut self.pools),
+            wasm_functions: std::mem::take(&mut self.wasm_functions),
             python_routes: std::mem::take(&mut self.python_routes),
             secrets_digest,
         }
@@ -441,12 +446,6 @@ impl Server {
             }
             return Ok(());
         }
-        if function.web.is_none() {
-            return Err(DeployError::Unsupported(format!(
-                "function {name:?}: a Wasm function needs a `web` route for now (calls by name \
-                 come with the lode:function world); add web = {{ path = \"/\" }}"
-            )));
-        }
         if let Some(mib) = function.resources.memory
             && mib.saturating_mul(MIB) > self.limits.max_memory
         {
@@ -488,9 +487,8 @@ impl Server {
         built
             .python_routes
             .sort_by_key(|r| std::cmp::Reverse(r.path.trim_end_matches('/').len()));
-        let routes = &mut built.routes;
         for function in &manifest.functions {
-            let (Some(digest), Some(web)) = (&function.component, &function.web) else {
+            let Some(digest) = &function.component else {
                 continue;
             };
             let digest: Digest = digest
@@ -499,30 +497,80 @@ impl Server {
             let component = self
                 .load_component(&app, &function.name, &digest, progress)
                 .await?;
-            let pre =
-                self.engine
-                    .prepare_proxy(&component)
-                    .map_err(|source| DeployError::Component {
-                        function: function.name.clone(),
-                        source,
-                    })?;
-            routes.push(Arc::new(HttpFunction {
+            let refused = |source| DeployError::Component {
+                function: function.name.clone(),
+                source,
+            };
+            let memory = function
+                .resources
+                .memory
+                .map(|mib| mib * MIB)
+                .unwrap_or(self.limits.default_memory);
+            // A component exporting lode:function takes calls by name; one that serves HTTP
+            // needs a route. Either is enough, both are fine.
+            match self.engine.prepare_function(&component) {
+                Ok(pre) => {
+                    let mut config = manifest.config.clone();
+                    for secret in &function.secrets {
+                        config.extend(self.secret_of(function, secret)?);
+                    }
+                    built.wasm_functions.insert(
+                        function.name.clone(),
+                        Arc::new(WasmFunction {
+                            app: app.clone(),
+                            name: function.name.clone(),
+                            pre,
+                            timeout: function.timeout_or(self.limits.default_timeout),
+                            memory,
+                            outbound: OutboundPolicy::new(
+                                &function.network.allow,
+                                self.protected.clone(),
+                            ),
+                            config: Arc::new(config),
+                        }),
+                    );
+                }
+                Err(e) if function.web.is_none() => return Err(refused(e)),
+                Err(_) => {}
+            }
+            let Some(web) = &function.web else {
+                continue;
+            };
+            let pre = self.engine.prepare_proxy(&component).map_err(refused)?;
+            built.routes.push(Arc::new(HttpFunction {
                 app: app.clone(),
                 name: function.name.clone(),
                 path: web.path.clone(),
                 pre,
                 timeout: function.timeout_or(self.limits.default_timeout),
-                memory: function
-                    .resources
-                    .memory
-                    .map(|mib| mib * MIB)
-                    .unwrap_or(self.limits.default_memory),
+                memory,
                 outbound: OutboundPolicy::new(&function.network.allow, self.protected.clone()),
                 series: self.metrics.app_series(&app),
             }));
         }
-        routes.sort_by_key(|f| std::cmp::Reverse(f.path.trim_end_matches('/').len()));
+        built
+            .routes
+            .sort_by_key(|f| std::cmp::Reverse(f.path.trim_end_matches('/').len()));
         Ok(built)
+    }
+
+    /// The variables of a secret `function` declares; a missing one fails the deploy by name.
+    fn secret_of(
+        &self,
+        function: &FunctionSpec,
+        secret: &str,
+    ) -> Result<std::collections::BTreeMap<String, String>, DeployError> {
+        self.functions
+            .secrets
+            .get(secret)
+            .map_err(DeployError::Internal)?
+            .ok_or_else(|| {
+                DeployError::Invalid(vec![format!(
+                    "function {:?}: secret {secret:?} does not exist; create it with \
+                     `lode secret create {secret} NAME=VALUE`",
+                    function.name
+                )])
+            })
     }
 
     /// A digest of the values of every secret the app's functions name (missing ones too),
@@ -650,18 +698,7 @@ impl Server {
         }
         let mut secret_values = Vec::new();
         for secret in &function.secrets {
-            let values = self
-                .functions
-                .secrets
-                .get(secret)
-                .map_err(DeployError::Internal)?
-                .ok_or_else(|| {
-                    invalid(format!(
-                        "secret {secret:?} does not exist; create it with \
-                         `lode secret create {secret} NAME=VALUE`"
-                    ))
-                })?;
-            for (key, value) in values {
+            for (key, value) in self.secret_of(function, secret)? {
                 secret_values.push(value.clone());
                 lode_native_runner::image_spec::set_env(&mut env, &key, &value);
             }

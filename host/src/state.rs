@@ -159,6 +159,7 @@ mod tests {
             manifest: Manifest {
                 version: 1,
                 app: app.into(),
+                config: Default::default(),
                 functions: vec![],
             },
             version,

@@ -146,3 +146,9 @@ def main():
     print("unordered:", sorted(add.map([1, 2, 3], [10, 20, 30], order_outputs=False)))
     print("caller:", caller.remote(10))
     print("pickle:", sorted(union.remote({1, 2}, {2, 3})))
+
+
+@app.function()
+def wasm_square(x):
+    # Python to Wasm, from inside a container, through the same router.
+    return lode.Function.from_name("fan", "square").remote(x)

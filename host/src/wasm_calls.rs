@@ -1,0 +1,306 @@
+//! Wasm functions called by name: the `lode:function` world (`host/wit/lode-function`).
+//!
+//! A call gets a fresh instance from a pre-linked component, with the function's memory limit
+//! and a wall-clock deadline (epochs), and runs `handler.call` on the JSON call payload. The
+//! guest's imports go back through the one router: `invoke` and `spawn` reach any function,
+//! Wasm or Python, with the call depth and the number of calls one top-level call may fan
+//! out to bounded, so a component that calls itself forever is stopped by name.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
+
+use lode_native_runner::agent::{ErrorInfo, Outcome};
+use wasmtime::Trap;
+use wasmtime_wasi::WasiCtxBuilder;
+
+use crate::engine::GuestState;
+use crate::logs::Stream;
+use crate::outbound::OutboundPolicy;
+use crate::server::Server;
+
+/// The bindings `bindgen!` makes from the WIT (documented there).
+#[allow(missing_docs)]
+mod bindings {
+    wasmtime::component::bindgen!({
+        path: "wit/lode-function",
+        world: "function",
+        imports: { default: async },
+        exports: { default: async },
+    });
+}
+
+pub use bindings::{Function, FunctionPre};
+use bindings::lode;
+use lode::function::types::Error as GuestError;
+
+/// How deep calls through `invoke` may nest (a call from the API is depth 0).
+pub const MAX_CALL_DEPTH: u32 = 16;
+
+/// How many calls one top-level call may make in all, nested ones included.
+pub const MAX_FAN_OUT: u32 = 100_000;
+
+/// A deployed Wasm function that takes calls.
+pub struct WasmFunction {
+    /// Owning app.
+    pub app: Arc<str>,
+    /// Function name.
+    pub name: String,
+    /// The pre-linked component.
+    pub pre: FunctionPre<GuestState>,
+    /// Wall-clock limit per call.
+    pub timeout: Duration,
+    /// Memory limit per instance, in bytes.
+    pub memory: u64,
+    /// Outbound HTTP rules.
+    pub outbound: OutboundPolicy,
+    /// The app's config and the function's secrets, for `config.get`.
+    pub config: Arc<BTreeMap<String, String>>,
+}
+
+/// What a running call knows about where it is, for its imports.
+pub struct CallContext {
+    server: Weak<Server>,
+    app: Arc<str>,
+    depth: u32,
+    /// Calls made under the same top-level call, shared down the tree.
+    fan_out: Arc<AtomicU32>,
+    config: Arc<BTreeMap<String, String>>,
+}
+
+fn guest_error(kind: &str, message: impl Into<String>) -> GuestError {
+    GuestError {
+        kind: kind.into(),
+        message: message.into(),
+    }
+}
+
+/// An outcome as the guest sees it: the result's JSON bytes, or the error.
+fn to_guest(outcome: Outcome) -> Result<Vec<u8>, GuestError> {
+    match outcome.error {
+        Some(error) => Err(guest_error(&error.kind, error.message)),
+        None => {
+            let value = outcome.result.unwrap_or(serde_json::Value::Null);
+            Ok(serde_json::to_vec(&value).expect("JSON values encode"))
+        }
+    }
+}
+
+impl CallContext {
+    /// The call tree's budget: one more call, and one level deeper.
+    fn admit(&self) -> Result<u32, GuestError> {
+        if self.depth >= MAX_CALL_DEPTH {
+            return Err(guest_error(
+                "call_depth",
+                format!(
+                    "calls nest more than {MAX_CALL_DEPTH} deep (a function calling itself \
+                     without end?)"
+                ),
+            ));
+        }
+        if self.fan_out.fetch_add(1, Ordering::Relaxed) >= MAX_FAN_OUT {
+            return Err(guest_error(
+                "fan_out",
+                format!("one call may make at most {MAX_FAN_OUT} calls in all"),
+            ));
+        }
+        Ok(self.depth + 1)
+    }
+
+    fn server(&self) -> Result<Arc<Server>, GuestError> {
+        self.server
+            .upgrade()
+            .ok_or_else(|| guest_error("unavailable", "the server is shutting down"))
+    }
+
+    fn target_app(&self, app: String) -> String {
+        if app.is_empty() {
+            self.app.to_string()
+        } else {
+            app
+        }
+    }
+}
+
+fn payload(input: &[u8]) -> Result<serde_json::Value, GuestError> {
+    serde_json::from_slice(input)
+        .map_err(|e| guest_error("invalid_input", format!("the call input is not JSON: {e}")))
+}
+
+fn context(state: &GuestState) -> Result<&CallContext, GuestError> {
+    state
+        .calls
+        .as_ref()
+        .ok_or_else(|| guest_error("unavailable", "calls are only made from a function call"))
+}
+
+impl lode::function::types::Host for GuestState {}
+
+impl lode::function::invoke::Host for GuestState {
+    async fn invoke(
+        &mut self,
+        app: String,
+        function: String,
+        input: Vec<u8>,
+    ) -> Result<Vec<u8>, GuestError> {
+        let ctx = context(self)?;
+        let depth = ctx.admit()?;
+        let body = payload(&input)?;
+        let server = ctx.server()?;
+        let app = ctx.target_app(app);
+        let fan_out = ctx.fan_out.clone();
+        let outcome = Box::pin(server.call_within(&app, &function, &body, depth, fan_out)).await;
+        match outcome {
+            Ok(outcome) => to_guest(outcome),
+            Err(e) => Err(guest_error(&e.error.kind, e.error.message)),
+        }
+    }
+
+    async fn spawn(
+        &mut self,
+        app: String,
+        function: String,
+        input: Vec<u8>,
+    ) -> Result<String, GuestError> {
+        let ctx = context(self)?;
+        ctx.admit()?;
+        let body = payload(&input)?;
+        let server = ctx.server()?;
+        let app = ctx.target_app(app);
+        server
+            .spawn_call(&app, &function, body)
+            .map_err(|e| guest_error(&e.error.kind, e.error.message))
+    }
+
+    async fn await_(&mut self, call_id: String) -> Result<Vec<u8>, GuestError> {
+        let server = context(self)?.server()?;
+        loop {
+            let record = server
+                .calls
+                .wait(&call_id, crate::calls::MAX_WAIT)
+                .await
+                .ok_or_else(|| guest_error("not_found", format!("no call {call_id:?}")))?;
+            if record.status != crate::calls::CallStatus::Running {
+                return match record.error {
+                    Some(error) => Err(guest_error(&error.kind, error.message)),
+                    None => Ok(serde_json::to_vec(&record.result.unwrap_or_default())
+                        .expect("JSON values encode")),
+                };
+            }
+        }
+    }
+}
+
+impl lode::function::log::Host for GuestState {
+    async fn log(&mut self, level: lode::function::log::Level, message: String) {
+        if let Some(ctx) = &self.calls
+            && let Some(server) = ctx.server.upgrade()
+        {
+            use lode::function::log::Level;
+            let level = match level {
+                Level::Trace => "trace",
+                Level::Debug => "debug",
+                Level::Info => "info",
+                Level::Warn => "warn",
+                Level::Error => "error",
+            };
+            server
+                .logs
+                .push(&ctx.app, None, Stream::Stdout, format!("[{level}] {message}"));
+        }
+    }
+}
+
+impl lode::function::config::Host for GuestState {
+    async fn get(&mut self, key: String) -> Option<String> {
+        self.calls.as_ref()?.config.get(&key).cloned()
+    }
+}
+
+impl Server {
+    /// Runs one call of a Wasm function at `depth` in a call tree whose calls are counted in
+    /// `fan_out`.
+    pub(crate) async fn run_wasm(
+        self: &Arc<Self>,
+        function: Arc<WasmFunction>,
+        body: &serde_json::Value,
+        depth: u32,
+        fan_out: Arc<AtomicU32>,
+    ) -> Outcome {
+        let request_id: Arc<str> = Arc::from(format!("{}-{:08x}", function.name, rand::random::<u32>()));
+        let wasi = WasiCtxBuilder::new()
+            .stdout(
+                self.logs
+                    .guest_output(function.app.clone(), request_id.clone(), Stream::Stdout),
+            )
+            .stderr(
+                self.logs
+                    .guest_output(function.app.clone(), request_id.clone(), Stream::Stderr),
+            )
+            .allow_tcp(false)
+            .allow_udp(false)
+            .allow_ip_name_lookup(false)
+            .build();
+        let mut state = GuestState::new(wasi, function.memory, function.outbound.clone());
+        state.calls = Some(CallContext {
+            server: Arc::downgrade(self),
+            app: function.app.clone(),
+            depth,
+            fan_out,
+            config: function.config.clone(),
+        });
+        let deadline = Instant::now() + function.timeout;
+        let mut store = self.engine.new_store(state, deadline);
+        let input = serde_json::to_vec(body).expect("JSON values encode");
+        let run = async {
+            let instance = function.pre.instantiate_async(&mut store).await?;
+            instance
+                .lode_function_handler()
+                .call_call(&mut store, &input)
+                .await
+        };
+        let timed_out = || {
+            Outcome::failed(ErrorInfo {
+                kind: "TimeoutError".into(),
+                module: Some("builtins".into()),
+                message: format!(
+                    "{}/{} timed out after {:?}",
+                    function.app, function.name, function.timeout
+                ),
+                traceback: None,
+            })
+        };
+        match tokio::time::timeout_at(deadline.into(), run).await {
+            Err(_) => timed_out(),
+            Ok(Ok(Ok(output))) => match serde_json::from_slice(&output) {
+                Ok(value) => Outcome::value(value),
+                Err(e) => Outcome::failed(ErrorInfo::lode(
+                    "invalid_output",
+                    format!("{} returned bytes that are not JSON: {e}", function.name),
+                )),
+            },
+            Ok(Ok(Err(error))) => Outcome::failed(ErrorInfo::lode(&error.kind, error.message)),
+            Ok(Err(e)) => match e.downcast_ref::<Trap>() {
+                Some(Trap::Interrupt) => timed_out(),
+                Some(Trap::StackOverflow) => Outcome::failed(ErrorInfo::lode(
+                    "stack_overflow",
+                    format!("{} ran out of wasm stack", function.name),
+                )),
+                // The limiter refuses the growth and traps (`trap_on_grow_failure`).
+                _ if format!("{e:?}").contains("memory") => Outcome::failed(ErrorInfo::lode(
+                    "out_of_memory",
+                    format!(
+                        "{} went past its memory limit of {} MiB",
+                        function.name,
+                        function.memory >> 20
+                    ),
+                )),
+                _ => Outcome::failed(ErrorInfo::lode(
+                    "trap",
+                    format!("{} trapped: {:#}", function.name, anyhow::Error::from(e)),
+                )),
+            },
+        }
+    }
+}

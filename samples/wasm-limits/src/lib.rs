@@ -1,0 +1,47 @@
+//! `probe("mode")` runs into one limit on purpose:
+//! - `recurse`: calls itself through `invoke` until the call-depth limit stops it;
+//! - `spin`: loops until the call's deadline interrupts it;
+//! - `grow`: allocates until the instance's memory limit refuses more;
+//! - `read`: reads a host file, which a function without a preopened dir cannot see;
+//! - `connect`: opens a TCP connection, which a function without network cannot;
+//! - `config`: returns the app's `greeting` config value.
+//!
+//!     lode deploy samples/wasm-limits --name limits ; lode call limits/probe recurse
+
+use lode_guest::{Error, Map, Value, json};
+
+struct Probe;
+
+impl lode_guest::Function for Probe {
+    fn call(args: Vec<Value>, _kwargs: Map<String, Value>) -> Result<Value, Error> {
+        match args.first().and_then(Value::as_str).unwrap_or("") {
+            "recurse" => lode_guest::invoke("", "probe", &[json!("recurse")]),
+            "spin" => {
+                let mut x: u64 = 0;
+                loop {
+                    x = std::hint::black_box(x.wrapping_add(1));
+                }
+            }
+            "grow" => {
+                let mut hoard: Vec<Vec<u8>> = Vec::new();
+                loop {
+                    hoard.push(vec![1u8; 1 << 20]);
+                    std::hint::black_box(&hoard);
+                }
+            }
+            "read" => std::fs::read_to_string("/etc/hostname")
+                .map(Value::from)
+                .map_err(|e| lode_guest::error("no_filesystem", e.to_string())),
+            "connect" => std::net::TcpStream::connect("127.0.0.1:22")
+                .map(|_| json!("connected"))
+                .map_err(|e| lode_guest::error("no_network", e.to_string())),
+            "config" => Ok(lode_guest::config("greeting").map_or(Value::Null, Value::from)),
+            other => Err(lode_guest::error(
+                "invalid_input",
+                format!("unknown mode {other:?}: recurse, spin, grow, read, connect, config"),
+            )),
+        }
+    }
+}
+
+lode_guest::function!(Probe);
