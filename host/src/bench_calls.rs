@@ -37,7 +37,10 @@ pub async fn calls(args: CallsBench) -> Result<()> {
     let server = start_server(&args.image_base_dir)?;
     let lode = std::env::current_exe()?;
     let repo = std::env::current_dir()?;
-    for (what, name) in [("samples/wasm-fanout", "fan"), ("samples/python-hello/app.py", "hello-py")] {
+    for (what, name) in [
+        ("samples/wasm-fanout", "fan"),
+        ("samples/python-hello/app.py", "hello-py"),
+    ] {
         let out = Command::new(&lode)
             .args(["--api-url", &server.api, "--token", &server.token, "deploy"])
             .arg(repo.join(what))
@@ -54,7 +57,10 @@ pub async fn calls(args: CallsBench) -> Result<()> {
     let call = |target: &str, arg: Value| {
         let (app, function) = target.split_once('/').expect("app/function");
         let request = http
-            .post(format!("{}/v1/apps/{app}/functions/{function}/call", server.api))
+            .post(format!(
+                "{}/v1/apps/{app}/functions/{function}/call",
+                server.api
+            ))
             .bearer_auth(&server.token)
             .json(&json!({ "args": [arg] }));
         async move {
@@ -85,7 +91,11 @@ pub async fn calls(args: CallsBench) -> Result<()> {
         call("fan/square", json!(i)).await?;
         wasm.push(started.elapsed());
     }
-    let python_p50 = row("Python function, warm, through the API (baseline)", python, None);
+    let python_p50 = row(
+        "Python function, warm, through the API (baseline)",
+        python,
+        None,
+    );
     row("Wasm function through the API", wasm, Some(python_p50));
 
     let n = args.fan_out;
@@ -107,13 +117,15 @@ pub async fn calls(args: CallsBench) -> Result<()> {
 
     let cross = 200u64;
     let started = Instant::now();
-    call("fan/main", json!({ "n": cross, "target": "hello-py/square" })).await?;
+    call(
+        "fan/main",
+        json!({ "n": cross, "target": "hello-py/square" }),
+    )
+    .await?;
     let per_cross = started.elapsed() / cross as u32;
     println!(
         "  {:<52} {:>9.2?} per call, against {:.2?} for the same call through the API",
-        "cross-engine invoke, Wasm to Python",
-        per_cross,
-        python_p50
+        "cross-engine invoke, Wasm to Python", per_cross, python_p50
     );
     let verdict = |ok: bool| if ok { "met" } else { "missed" };
     println!(

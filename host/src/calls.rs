@@ -274,7 +274,8 @@ impl Server {
         function: &str,
         body: &Value,
     ) -> Result<Outcome, CallError> {
-        self.call_within(app, function, body, 0, Arc::default()).await
+        self.call_within(app, function, body, 0, Arc::default())
+            .await
     }
 
     /// [`Server::call`] as one step of a call tree: `depth` calls deep, its calls counted in
@@ -287,39 +288,75 @@ impl Server {
         depth: u32,
         fan_out: Arc<AtomicU32>,
     ) -> Result<Outcome, CallError> {
+        let started = std::time::Instant::now();
+        let (engine, result) = self.dispatch(app, function, body, depth, fan_out).await;
+        if let Some(engine) = engine {
+            let labels = crate::metrics::FunctionLabels {
+                app: app.to_string(),
+                function: function.to_string(),
+                engine,
+            };
+            let metrics = &self.metrics;
+            metrics.calls.get_or_create(&labels).inc();
+            metrics
+                .call_duration
+                .get_or_create(&labels)
+                .observe(started.elapsed().as_secs_f64());
+            if !matches!(&result, Ok(outcome) if !outcome.is_error()) {
+                metrics.call_errors.get_or_create(&labels).inc();
+            }
+        }
+        result
+    }
+
+    /// Runs the call on its engine; says which engine it was, once the function is known.
+    async fn dispatch(
+        self: &Arc<Self>,
+        app: &str,
+        function: &str,
+        body: &Value,
+        depth: u32,
+        fan_out: Arc<AtomicU32>,
+    ) -> (Option<&'static str>, Result<Outcome, CallError>) {
         // A deploy may replace the pool between lookup and submit; the new one takes it.
         for _ in 0..3 {
-            let (pool, payload) = match self.target(app, function, body)? {
-                Target::Python(pool, payload) => (pool, payload),
-                Target::Wasm(wasm, payload) => {
-                    return Ok(self
+            let (pool, payload) = match self.target(app, function, body) {
+                Err(e) => return (None, Err(e)),
+                Ok(Target::Python(pool, payload)) => (pool, payload),
+                Ok(Target::Wasm(wasm, payload)) => {
+                    let outcome = self
                         .run_wasm(wasm, &Value::Object(payload), depth, fan_out)
-                        .await);
+                        .await;
+                    return (Some("wasm"), Ok(outcome));
                 }
             };
             match pool.submit(payload).await {
-                Ok(outcome) => return Ok(outcome),
+                Ok(outcome) => return (Some("python"), Ok(outcome)),
                 Err(Rejected::QueueFull(after)) => {
-                    return Err(CallError {
-                        retry_after: Some(after),
-                        ..CallError::new(
-                            429,
-                            "queue_full",
-                            format!(
-                                "{app}/{function} has a full queue; retry after {}s",
-                                after.as_secs().max(1)
-                            ),
-                        )
-                    });
+                    return (
+                        Some("python"),
+                        Err(CallError {
+                            retry_after: Some(after),
+                            ..CallError::new(
+                                429,
+                                "queue_full",
+                                format!(
+                                    "{app}/{function} has a full queue; retry after {}s",
+                                    after.as_secs().max(1)
+                                ),
+                            )
+                        }),
+                    );
                 }
                 Err(Rejected::Closed) => continue,
             }
         }
-        Err(CallError::new(
+        let busy = CallError::new(
             503,
             "unavailable",
             format!("{app}/{function} is being redeployed; retry"),
-        ))
+        );
+        (Some("python"), Err(busy))
     }
 
     /// What serves `app/function` (a Python pool or a Wasm component), and the body checked
@@ -332,7 +369,13 @@ impl Server {
                 format!("no app {app:?} is deployed (`lode ls` lists them)"),
             ));
         };
-        let Some(spec) = live.record.manifest.functions.iter().find(|f| f.name == function) else {
+        let Some(spec) = live
+            .record
+            .manifest
+            .functions
+            .iter()
+            .find(|f| f.name == function)
+        else {
             let names: Vec<_> = live
                 .record
                 .manifest
@@ -349,7 +392,11 @@ impl Server {
                 ),
             ));
         };
-        let pickle = spec.python.as_ref().and_then(|p| p.serialization.as_deref()) == Some("pickle");
+        let pickle = spec
+            .python
+            .as_ref()
+            .and_then(|p| p.serialization.as_deref())
+            == Some("pickle");
         let payload =
             check_payload(body, pickle).map_err(|m| CallError::new(400, "invalid_request", m))?;
         if spec.runtime == Runtime::Wasm {

@@ -39,6 +39,10 @@ struct ProjectFunction {
     network: Option<Network>,
     #[serde(default)]
     secrets: Vec<String>,
+    /// Named volumes preopened for the component (`{ name, path, read_only?,
+    /// create_if_missing? }`); it sees no other files.
+    #[serde(default)]
+    volumes: Vec<crate::manifest::VolumeMount>,
 }
 
 /// `timeout = 10` (seconds) or `timeout = "1m30s"`.
@@ -228,6 +232,7 @@ fn plan_project(dir: &Path, name: Option<&str>) -> Result<(String, Vec<Planned>,
         p.spec.resources.cpu = f.cpu;
         p.spec.resources.timeout = f.timeout.map(|t| t.seconds()).transpose()?;
         p.spec.secrets = f.secrets;
+        p.spec.volumes = f.volumes;
         if let Some(mut network) = f.network {
             if !network.allow.is_empty() {
                 network.mode = NetworkMode::Outbound;

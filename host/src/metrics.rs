@@ -32,6 +32,17 @@ pub struct ErrorLabels {
     pub kind: &'static str,
 }
 
+/// Labels for calls by name.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FunctionLabels {
+    /// App name.
+    pub app: String,
+    /// Function name.
+    pub function: String,
+    /// `wasm` or `python`.
+    pub engine: &'static str,
+}
+
 fn latency_histogram() -> Histogram {
     // 10 µs .. ~84 s.
     Histogram::new(exponential_buckets(1e-5, 2.0, 24))
@@ -52,6 +63,14 @@ pub struct Metrics {
     pub compiles: Family<AppLabels, Counter>,
     /// Components loaded from the compiled cache.
     pub cache_loads: Family<AppLabels, Counter>,
+    /// Calls by name (API, web endpoints, schedules, calls between functions).
+    pub calls: Family<FunctionLabels, Counter>,
+    /// Calls that ended in an error.
+    pub call_errors: Family<FunctionLabels, Counter>,
+    /// Time a call took, queueing included.
+    pub call_duration: Family<FunctionLabels, Histogram, fn() -> Histogram>,
+    /// Containers started for Python functions (each is a cold start).
+    pub cold_starts: Family<FunctionLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -63,6 +82,26 @@ impl Default for Metrics {
         let instantiate = Family::new_with_constructor(latency_histogram as fn() -> Histogram);
         let compiles = Family::<AppLabels, Counter>::default();
         let cache_loads = Family::<AppLabels, Counter>::default();
+        let calls = Family::<FunctionLabels, Counter>::default();
+        let call_errors = Family::<FunctionLabels, Counter>::default();
+        let call_duration = Family::new_with_constructor(latency_histogram as fn() -> Histogram);
+        let cold_starts = Family::<FunctionLabels, Counter>::default();
+        registry.register("function_calls", "Calls by name", calls.clone());
+        registry.register(
+            "function_call_errors",
+            "Calls by name that ended in an error",
+            call_errors.clone(),
+        );
+        registry.register(
+            "function_call_duration_seconds",
+            "Time a call by name took, queueing included",
+            call_duration.clone(),
+        );
+        registry.register(
+            "function_cold_starts",
+            "Function containers started",
+            cold_starts.clone(),
+        );
         registry.register(
             "http_requests",
             "Public HTTP requests served",
@@ -101,6 +140,10 @@ impl Default for Metrics {
             instantiate,
             compiles,
             cache_loads,
+            calls,
+            call_errors,
+            call_duration,
+            cold_starts,
         }
     }
 }

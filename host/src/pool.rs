@@ -383,6 +383,14 @@ impl Pool {
 
     async fn start_worker(self: Arc<Self>) {
         self.cold_starts.fetch_add(1, Ordering::Relaxed);
+        if let Some(server) = self.ctx.server.get().and_then(Weak::upgrade) {
+            let labels = crate::metrics::FunctionLabels {
+                app: self.spec.app.to_string(),
+                function: self.spec.function.clone(),
+                engine: "python",
+            };
+            server.metrics.cold_starts.get_or_create(&labels).inc();
+        }
         let started = Instant::now();
         match self.start_container().await {
             Ok((worker, from_agent, exit)) => {

@@ -13,7 +13,6 @@ use tokio::sync::mpsc;
 use wasmtime_wasi_http::p2::bindings::ProxyPre;
 
 use crate::calls::Calls;
-use crate::wasm_calls::WasmFunction;
 use crate::engine::{ComponentError, GuestState, LoadKind, WasmEngine};
 use crate::logs::{LogStore, Stream};
 use crate::manifest::{FunctionSpec, Manifest, Runtime};
@@ -22,6 +21,7 @@ use crate::outbound::OutboundPolicy;
 use crate::pool::{Pool, PoolContext, PoolSpec};
 use crate::secrets::Secrets;
 use crate::state::{AppRecord, StateStore};
+use crate::wasm_calls::WasmFunction;
 use lode_native_runner::builder::BuildEvent;
 use lode_native_runner::image_spec::ImageSpec;
 use std::path::PathBuf;
@@ -510,6 +510,19 @@ impl Server {
             // needs a route. Either is enough, both are fine.
             match self.engine.prepare_function(&component) {
                 Ok(pre) => {
+                    let mut preopens = Vec::new();
+                    for volume in &function.volumes {
+                        let dir = crate::volumes::open(
+                            &self.functions.volumes_dir,
+                            &volume.name,
+                            volume.create_if_missing,
+                            self.functions.pools.native.container_root(),
+                        )
+                        .map_err(|e| {
+                            DeployError::Invalid(vec![format!("function {:?}: {e}", function.name)])
+                        })?;
+                        preopens.push((dir, volume.path.clone(), volume.read_only));
+                    }
                     let mut config = manifest.config.clone();
                     for secret in &function.secrets {
                         config.extend(self.secret_of(function, secret)?);
@@ -527,6 +540,7 @@ impl Server {
                                 self.protected.clone(),
                             ),
                             config: Arc::new(config),
+                            preopens,
                         }),
                     );
                 }

@@ -31,8 +31,8 @@ mod bindings {
     });
 }
 
-pub use bindings::{Function, FunctionPre};
 use bindings::lode;
+pub use bindings::{Function, FunctionPre};
 use lode::function::types::Error as GuestError;
 
 /// How deep calls through `invoke` may nest (a call from the API is depth 0).
@@ -57,6 +57,9 @@ pub struct WasmFunction {
     pub outbound: OutboundPolicy,
     /// The app's config and the function's secrets, for `config.get`.
     pub config: Arc<BTreeMap<String, String>>,
+    /// Volumes preopened for it: host directory, guest path, read-only. It sees no other
+    /// files; `..` out of a preopen is refused (cap-std).
+    pub preopens: Vec<(std::path::PathBuf, String, bool)>,
 }
 
 /// What a running call knows about where it is, for its imports.
@@ -205,9 +208,12 @@ impl lode::function::log::Host for GuestState {
                 Level::Warn => "warn",
                 Level::Error => "error",
             };
-            server
-                .logs
-                .push(&ctx.app, None, Stream::Stdout, format!("[{level}] {message}"));
+            server.logs.push(
+                &ctx.app,
+                None,
+                Stream::Stdout,
+                format!("[{level}] {message}"),
+            );
         }
     }
 }
@@ -228,16 +234,33 @@ impl Server {
         depth: u32,
         fan_out: Arc<AtomicU32>,
     ) -> Outcome {
-        let request_id: Arc<str> = Arc::from(format!("{}-{:08x}", function.name, rand::random::<u32>()));
-        let wasi = WasiCtxBuilder::new()
-            .stdout(
-                self.logs
-                    .guest_output(function.app.clone(), request_id.clone(), Stream::Stdout),
-            )
-            .stderr(
-                self.logs
-                    .guest_output(function.app.clone(), request_id.clone(), Stream::Stderr),
-            )
+        let request_id: Arc<str> =
+            Arc::from(format!("{}-{:08x}", function.name, rand::random::<u32>()));
+        let mut wasi = WasiCtxBuilder::new();
+        for (host, guest, read_only) in &function.preopens {
+            let perms = if *read_only {
+                wasmtime_wasi::FsPerms::ReadOnly
+            } else {
+                wasmtime_wasi::FsPerms::ReadWrite
+            };
+            if let Err(e) = wasi.preopened_dir(host, guest, perms) {
+                return Outcome::failed(ErrorInfo::lode(
+                    "volume_failed",
+                    format!("opening volume {} for {guest}: {e}", host.display()),
+                ));
+            }
+        }
+        let wasi = wasi
+            .stdout(self.logs.guest_output(
+                function.app.clone(),
+                request_id.clone(),
+                Stream::Stdout,
+            ))
+            .stderr(self.logs.guest_output(
+                function.app.clone(),
+                request_id.clone(),
+                Stream::Stderr,
+            ))
             .allow_tcp(false)
             .allow_udp(false)
             .allow_ip_name_lookup(false)

@@ -38,7 +38,8 @@ fn fan_out_spawn_and_calls_across_engines() {
         "332833500"
     );
     assert_eq!(
-        lode.cli_ok(&["call", "fan/main", r#"{"n": 10, "spawn": true}"#]).trim(),
+        lode.cli_ok(&["call", "fan/main", r#"{"n": 10, "spawn": true}"#])
+            .trim(),
         "285"
     );
     assert_eq!(lode.cli_ok(&["call", "fan/square", "12"]).trim(), "144");
@@ -46,8 +47,12 @@ fn fan_out_spawn_and_calls_across_engines() {
     // Wasm to Python: main fans out to a Python function.
     lode.cli_ok(&["deploy", &path("samples/python-hello/app.py")]);
     assert_eq!(
-        lode.cli_ok(&["call", "fan/main", r#"{"n": 4, "target": "hello-py/square"}"#])
-            .trim(),
+        lode.cli_ok(&[
+            "call",
+            "fan/main",
+            r#"{"n": 4, "target": "hello-py/square"}"#
+        ])
+        .trim(),
         "14"
     );
     // Python to Wasm: from the SDK on this machine, and from inside a container.
@@ -67,9 +72,27 @@ fn fan_out_spawn_and_calls_across_engines() {
     lode.cli_ok(&["deploy", &path("host/tests/python/features.py")]);
     assert_eq!(lode.cli_ok(&["call", "feat/wasm_square", "9"]).trim(), "81");
 
+    // /metrics counts calls per function and engine, and the Python side's cold starts.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let wasm_calls = rt
+        .block_on(
+            lode.metric(r#"lode_function_calls_total{app="fan",function="square",engine="wasm"}"#),
+        )
+        .unwrap_or(0.0);
+    assert!(wasm_calls >= 1001.0, "{wasm_calls}");
+    let cold = rt
+        .block_on(lode.metric(
+            r#"lode_function_cold_starts_total{app="hello-py",function="square",engine="python"}"#,
+        ))
+        .unwrap_or(0.0);
+    assert!(cold >= 1.0, "{cold}");
+
     // Malformed input gets an error, not a crash.
     let err = call_err(&lode, &["fan/square", "not-a-number"]);
-    assert!(err.contains("invalid_input: argument 0 must be an integer"), "{err}");
+    assert!(
+        err.contains("invalid_input: argument 0 must be an integer"),
+        "{err}"
+    );
     let err = call_err(&lode, &["fan/nope"]);
     assert!(err.contains("has no function \"nope\""), "{err}");
 }
@@ -85,13 +108,24 @@ fn each_limit_stops_a_call_by_name_and_config_reads_lode_toml() {
     for (mode, expected) in [
         ("recurse", "call_depth: calls nest more than 16 deep"),
         ("spin", "TimeoutError: limits/probe timed out after 2s"),
-        ("grow", "out_of_memory: probe went past its memory limit of 32 MiB"),
+        (
+            "grow",
+            "out_of_memory: probe went past its memory limit of 32 MiB",
+        ),
         ("read", "no_filesystem:"),
+        ("escape", "no_filesystem:"),
         ("connect", "no_network:"),
     ] {
         let err = call_err(&lode, &["limits/probe", mode]);
         assert!(err.contains(expected), "{mode}: {err}");
     }
+    // Its volume is the one directory it sees, and what it writes lands there.
+    assert_eq!(
+        lode.cli_ok(&["call", "limits/probe", "volume"]).trim(),
+        "\"kept\""
+    );
+    let note = lode.data_dir().join("volumes/limits-data/note.txt");
+    assert_eq!(std::fs::read_to_string(note).unwrap(), "kept");
     // The server kept serving throughout.
     assert_eq!(
         lode.cli_ok(&["call", "limits/probe", "config"]).trim(),

@@ -2,7 +2,9 @@
 //! - `recurse`: calls itself through `invoke` until the call-depth limit stops it;
 //! - `spin`: loops until the call's deadline interrupts it;
 //! - `grow`: allocates until the instance's memory limit refuses more;
-//! - `read`: reads a host file, which a function without a preopened dir cannot see;
+//! - `read`: reads a host file, which a function sees only through its preopened volume;
+//! - `volume`: writes and reads back a file in its volume at `/data`;
+//! - `escape`: climbs out of `/data` with `..`, which is refused;
 //! - `connect`: opens a TCP connection, which a function without network cannot;
 //! - `config`: returns the app's `greeting` config value.
 //!
@@ -32,13 +34,23 @@ impl lode_guest::Function for Probe {
             "read" => std::fs::read_to_string("/etc/hostname")
                 .map(Value::from)
                 .map_err(|e| lode_guest::error("no_filesystem", e.to_string())),
+            "volume" => std::fs::write("/data/note.txt", "kept")
+                .and_then(|()| std::fs::read_to_string("/data/note.txt"))
+                .map(Value::from)
+                .map_err(|e| lode_guest::error("volume", e.to_string())),
+            "escape" => std::fs::read_to_string("/data/../../../../etc/hostname")
+                .map(Value::from)
+                .map_err(|e| lode_guest::error("no_filesystem", e.to_string())),
             "connect" => std::net::TcpStream::connect("127.0.0.1:22")
                 .map(|_| json!("connected"))
                 .map_err(|e| lode_guest::error("no_network", e.to_string())),
             "config" => Ok(lode_guest::config("greeting").map_or(Value::Null, Value::from)),
             other => Err(lode_guest::error(
                 "invalid_input",
-                format!("unknown mode {other:?}: recurse, spin, grow, read, connect, config"),
+                format!(
+                    "unknown mode {other:?}: recurse, spin, grow, read, volume, escape, \
+                     connect, config"
+                ),
             )),
         }
     }
