@@ -512,15 +512,7 @@ impl Server {
                 Ok(pre) => {
                     let mut preopens = Vec::new();
                     for volume in &function.volumes {
-                        let dir = crate::volumes::open(
-                            &self.functions.volumes_dir,
-                            &volume.name,
-                            volume.create_if_missing,
-                            self.functions.pools.native.container_root(),
-                        )
-                        .map_err(|e| {
-                            DeployError::Invalid(vec![format!("function {:?}: {e}", function.name)])
-                        })?;
+                        let dir = self.volume_dir(function, volume)?;
                         preopens.push((dir, volume.path.clone(), volume.read_only));
                     }
                     let mut config = manifest.config.clone();
@@ -566,6 +558,21 @@ impl Server {
             .routes
             .sort_by_key(|f| std::cmp::Reverse(f.path.trim_end_matches('/').len()));
         Ok(built)
+    }
+
+    /// The directory of a volume `function` mounts, made when it may be.
+    fn volume_dir(
+        &self,
+        function: &FunctionSpec,
+        volume: &crate::manifest::VolumeMount,
+    ) -> Result<PathBuf, DeployError> {
+        crate::volumes::open(
+            &self.functions.volumes_dir,
+            &volume.name,
+            volume.create_if_missing,
+            self.functions.pools.native.container_root(),
+        )
+        .map_err(|e| DeployError::Invalid(vec![format!("function {:?}: {e}", function.name)]))
     }
 
     /// The variables of a secret `function` declares; a missing one fails the deploy by name.
@@ -719,13 +726,7 @@ impl Server {
         }
         let mut volumes = Vec::new();
         for volume in &function.volumes {
-            let dir = crate::volumes::open(
-                &self.functions.volumes_dir,
-                &volume.name,
-                volume.create_if_missing,
-                self.functions.pools.native.container_root(),
-            )
-            .map_err(|e| invalid(e.to_string()))?;
+            let dir = self.volume_dir(function, volume)?;
             volumes.push(lode_native_runner::sandbox::Volume {
                 source: dir,
                 target: volume.path.clone(),
