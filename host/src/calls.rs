@@ -1,8 +1,10 @@
 //! Function calls by name: the one dispatch path for the API, web endpoints, schedules and
 //! calls made from inside containers, plus the records of spawned calls.
 //!
-//! Spawned calls are kept in memory, the newest [`MAX_RECORDS`], so `call.get()` works while
-//! the server runs; persisting them (and sync calls) comes with issue 7.
+//! Spawned calls are kept in memory, the newest [`MAX_RECORDS`], and in the state store for
+//! [`RETENTION`] (status, engine, duration, result or error), so `call.get()` works across a
+//! restart. A call that was running when the server stopped reads as failed, by name. Sync
+//! calls are counted in `/metrics`, not recorded one by one.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::AtomicU32;
@@ -17,6 +19,7 @@ use tokio::sync::watch;
 use crate::manifest::Runtime;
 use crate::pool::Rejected;
 use crate::server::Server;
+use crate::state::{StateStore, Table};
 
 /// Spawned calls remembered at once; the oldest finished ones go first.
 pub const MAX_RECORDS: usize = 10_000;
@@ -24,11 +27,14 @@ pub const MAX_RECORDS: usize = 10_000;
 /// Bytes of results and errors the records may hold; past it the oldest finished go.
 pub const MAX_RECORD_BYTES: usize = 256 << 20;
 
+/// How long a spawned call's record is kept in the state store.
+pub const RETENTION: Duration = Duration::from_secs(24 * 3600);
+
 /// The longest `GET /v1/calls/{id}?wait=` may hold a request.
 pub const MAX_WAIT: Duration = Duration::from_secs(60);
 
 /// Where a spawned call is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum CallStatus {
     /// Queued or running.
@@ -40,7 +46,7 @@ pub enum CallStatus {
 }
 
 /// A spawned call as `GET /v1/calls/{id}` shows it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct CallRecord {
     /// The call's id.
     pub call_id: String,
@@ -48,6 +54,9 @@ pub struct CallRecord {
     pub app: String,
     /// The function.
     pub function: String,
+    /// `wasm` or `python`.
+    #[serde(default)]
+    pub engine: String,
     /// Where it is.
     pub status: CallStatus,
     /// The result, once it succeeded.
@@ -79,6 +88,8 @@ struct Records {
     /// Oldest first.
     order: VecDeque<String>,
     bytes: usize,
+    /// Calls recorded since start, to sweep the store now and then.
+    created: u64,
 }
 
 impl Records {
@@ -110,6 +121,8 @@ impl Records {
 #[derive(Default)]
 pub struct Calls {
     inner: Mutex<Records>,
+    /// Where records outlive the process; `None` keeps them in memory only.
+    store: Option<Arc<dyn StateStore>>,
 }
 
 fn now_ms() -> u64 {
@@ -119,13 +132,66 @@ fn now_ms() -> u64 {
 }
 
 impl Calls {
-    /// Records a new running call and returns its id.
-    pub fn create(&self, app: &str, function: &str) -> String {
+    /// Records kept in `store` too. Records older than [`RETENTION`] go now, and calls that
+    /// were running when the last server stopped are marked failed.
+    pub fn persistent(store: Arc<dyn StateStore>) -> Self {
+        let calls = Self {
+            inner: Mutex::default(),
+            store: Some(store),
+        };
+        calls.sweep(true);
+        calls
+    }
+
+    /// Drops expired records from the store; with `after_restart`, fails the ones left
+    /// running.
+    fn sweep(&self, after_restart: bool) {
+        let Some(store) = &self.store else { return };
+        let entries = match store.list_entries(Table::Calls) {
+            Ok(entries) => entries,
+            Err(e) => {
+                tracing::warn!(error = %e, "reading call records failed");
+                return;
+            }
+        };
+        let oldest = now_ms().saturating_sub(RETENTION.as_millis() as u64);
+        for (id, bytes) in entries {
+            match serde_json::from_slice::<CallRecord>(&bytes) {
+                Ok(record) if record.created_ms >= oldest => {
+                    if after_restart && record.status == CallStatus::Running {
+                        let mut lost = record;
+                        lost.status = CallStatus::Failed;
+                        lost.error = Some(ErrorInfo::lode(
+                            "lost",
+                            "the server stopped while this call ran; call it again",
+                        ));
+                        self.persist(&lost);
+                    }
+                }
+                _ => {
+                    let _ = store.delete_entry(Table::Calls, &id);
+                }
+            }
+        }
+    }
+
+    fn persist(&self, record: &CallRecord) {
+        if let Some(store) = &self.store {
+            let bytes = serde_json::to_vec(record).expect("records encode");
+            if let Err(e) = store.put_entry(Table::Calls, &record.call_id, &bytes) {
+                tracing::warn!(call = %record.call_id, error = %e, "recording the call failed");
+            }
+        }
+    }
+
+    /// Records a new running call on `engine` and returns its id.
+    pub fn create(&self, app: &str, function: &str, engine: &str) -> String {
         let id = format!("ca-{:024x}", rand::random::<u128>() >> 32);
         let record = CallRecord {
             call_id: id.clone(),
             app: app.into(),
             function: function.into(),
+            engine: engine.into(),
             status: CallStatus::Running,
             result: None,
             result_pickled: None,
@@ -133,17 +199,25 @@ impl Calls {
             created_ms: now_ms(),
             duration_ms: None,
         };
-        let mut records = self.inner.lock().unwrap();
-        records.map.insert(
-            id.clone(),
-            Entry {
-                record,
-                done: watch::channel(false).0,
-                bytes: 0,
-            },
-        );
-        records.order.push_back(id.clone());
-        records.evict();
+        self.persist(&record);
+        let created = {
+            let mut records = self.inner.lock().unwrap();
+            records.map.insert(
+                id.clone(),
+                Entry {
+                    record,
+                    done: watch::channel(false).0,
+                    bytes: 0,
+                },
+            );
+            records.order.push_back(id.clone());
+            records.evict();
+            records.created += 1;
+            records.created
+        };
+        if created % 1000 == 0 {
+            self.sweep(false);
+        }
         id
     }
 
@@ -156,6 +230,7 @@ impl Calls {
                 e.message.len() + e.traceback.as_ref().map_or(0, String::len)
             });
         let mut added = 0;
+        let mut finished = None;
         if let Some(entry) = records.map.get_mut(id) {
             entry.bytes = weight;
             added = weight;
@@ -171,18 +246,28 @@ impl Calls {
                     record.result = Some(outcome.result.unwrap_or(Value::Null));
                 }
             }
+            finished = Some(record.clone());
             // send_replace: the value must change even when no one is waiting yet.
             entry.done.send_replace(true);
         }
         records.bytes += added;
         records.evict();
+        drop(records);
+        if let Some(record) = finished {
+            self.persist(&record);
+        }
     }
 
     /// The call's record, after waiting up to `wait` for it to finish; `None` if unknown.
     pub async fn wait(&self, id: &str, wait: Duration) -> Option<CallRecord> {
-        let mut done = {
+        let subscribed = {
             let records = self.inner.lock().unwrap();
-            records.map.get(id)?.done.subscribe()
+            records.map.get(id).map(|e| e.done.subscribe())
+        };
+        let Some(mut done) = subscribed else {
+            // Not in memory: a record from before a restart, or evicted.
+            let bytes = self.store.as_ref()?.get_entry(Table::Calls, id).ok()??;
+            return serde_json::from_slice(&bytes).ok();
         };
         let _ = tokio::time::timeout(wait.min(MAX_WAIT), done.wait_for(|d| *d)).await;
         let records = self.inner.lock().unwrap();
@@ -431,8 +516,11 @@ impl Server {
         function: &str,
         body: Value,
     ) -> Result<String, CallError> {
-        self.target(app, function, &body)?;
-        let id = self.calls.create(app, function);
+        let engine = match self.target(app, function, &body)? {
+            Target::Python(..) => "python",
+            Target::Wasm(..) => "wasm",
+        };
+        let id = self.calls.create(app, function, engine);
         let server = self.clone();
         let (app, function, call_id) = (app.to_string(), function.to_string(), id.clone());
         tokio::spawn(async move {
@@ -525,9 +613,33 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn records_outlive_a_restart_and_running_ones_read_as_lost() {
+        let dir = tempfile::tempdir().unwrap();
+        let (done, running) = {
+            let store: Arc<dyn StateStore> =
+                Arc::new(crate::state::RedbStore::open(dir.path()).unwrap());
+            let calls = Calls::persistent(store);
+            let done = calls.create("demo", "square", "wasm");
+            calls.finish(&done, Outcome::value(serde_json::json!(9)));
+            (done, calls.create("demo", "square", "python"))
+        };
+        let store: Arc<dyn StateStore> =
+            Arc::new(crate::state::RedbStore::open(dir.path()).unwrap());
+        let calls = Calls::persistent(store);
+        let record = calls.wait(&done, Duration::ZERO).await.unwrap();
+        assert_eq!(
+            (record.status, record.result, record.engine.as_str()),
+            (CallStatus::Succeeded, Some(serde_json::json!(9)), "wasm")
+        );
+        let lost = calls.wait(&running, Duration::ZERO).await.unwrap();
+        assert_eq!(lost.status, CallStatus::Failed);
+        assert_eq!(lost.error.unwrap().kind, "lost");
+    }
+
+    #[tokio::test]
     async fn spawned_calls_are_waited_for_and_finish_once() {
         let calls = Calls::default();
-        let id = calls.create("demo", "square");
+        let id = calls.create("demo", "square", "python");
         let pending = calls.wait(&id, Duration::from_millis(10)).await.unwrap();
         assert_eq!(pending.status, CallStatus::Running);
         calls.finish(&id, Outcome::value(serde_json::json!(49)));

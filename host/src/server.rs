@@ -312,6 +312,7 @@ impl Server {
         urls: Urls,
         functions: Functions,
     ) -> Arc<Self> {
+        let calls = Calls::persistent(state.clone());
         let server = Arc::new(Self {
             engine,
             blobs,
@@ -322,7 +323,7 @@ impl Server {
             protected: Arc::new(protected),
             urls,
             functions,
-            calls: Calls::default(),
+            calls,
             apps: ArcSwap::from_pointee(HashMap::new()),
             commit_lock: tokio::sync::Mutex::new(()),
         });

@@ -48,16 +48,20 @@ pub enum Table {
     Secrets,
     /// When each scheduled function last fired.
     Schedules,
+    /// Spawned calls' records.
+    Calls,
 }
 
 const APPS: TableDefinition<&str, &[u8]> = TableDefinition::new("apps");
 const SECRETS: TableDefinition<&str, &[u8]> = TableDefinition::new("secrets");
 const SCHEDULES: TableDefinition<&str, &[u8]> = TableDefinition::new("schedules");
+const CALLS: TableDefinition<&str, &[u8]> = TableDefinition::new("calls");
 
 fn definition(table: Table) -> TableDefinition<'static, &'static str, &'static [u8]> {
     match table {
         Table::Secrets => SECRETS,
         Table::Schedules => SCHEDULES,
+        Table::Calls => CALLS,
     }
 }
 
@@ -79,7 +83,7 @@ impl RedbStore {
             )
         })?;
         let txn = db.begin_write()?;
-        for table in [APPS, SECRETS, SCHEDULES] {
+        for table in [APPS, SECRETS, SCHEDULES, CALLS] {
             txn.open_table(table)?;
         }
         txn.commit()?;
