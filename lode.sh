@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Lode's entry point on a fresh Debian machine (root, Rust installed).
-#   ./lode.sh demo    install what is needed, start `lode serve`, deploy samples/hello-http
+#   ./lode.sh demo    install what is needed, start `lode serve`, deploy samples/hello-http,
+#                     samples/wasm-fanout and samples/python-hello
 #   ./lode.sh test    fmt, clippy and the whole test suite (what CI runs)
-#   ./lode.sh bench [http|cas|fs|container|build]   all benchmarks, or one (installs wrk, b3sum, debootstrap, slirp4netns)
+#   ./lode.sh bench [http|cas|fs|container|python|calls|build]   all benchmarks, or one (installs wrk, b3sum, debootstrap, slirp4netns)
 #   ./lode.sh stop    stop the demo server
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -64,6 +65,10 @@ demo() {
   http_url=$(sed -n 's/.*"http_url": *"\([^"]*\)".*/\1/p' "$DATA_DIR/client.json")
   log "curl $http_url/hello/"
   curl -sS "$http_url/hello/"
+  log "deploying samples/wasm-fanout as 'fan' (two lode:function components)"
+  lode deploy samples/wasm-fanout --name fan
+  log "lode call fan/main '{\"n\": 1000}'"
+  lode call fan/main '{"n": 1000}'
   log "deploying samples/python-hello (Python functions in containers; the first base image takes about a minute)"
   lode deploy samples/python-hello/app.py
   log "lode call hello-py/square 4"
@@ -73,6 +78,7 @@ demo() {
 Lode is running. Try:
   lode run samples/python-hello/app.py          # main() here; calls, map and spawn run in containers
   lode call hello-py/square 7 ; lode stats hello-py ; lode logs hello-py --follow
+  lode call fan/main '{"n": 4, "target": "hello-py/square"}'   # Wasm calling Python
   curl -X POST $http_url/hello-py/echo -d '{"a": 1}'
   curl $http_url/hello/
   curl -H 'Host: hello.lode.localhost' $http_url/
