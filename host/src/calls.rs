@@ -516,6 +516,20 @@ impl Server {
         function: &str,
         body: Value,
     ) -> Result<String, CallError> {
+        self.spawn_call_within(app, function, body, 0, Arc::default())
+    }
+
+    /// [`Server::spawn_call`] from inside a call tree: the spawned call counts against the
+    /// same depth and fan-out, so a function that spawns itself is stopped like one that
+    /// invokes itself.
+    pub fn spawn_call_within(
+        self: &Arc<Self>,
+        app: &str,
+        function: &str,
+        body: Value,
+        depth: u32,
+        fan_out: Arc<AtomicU32>,
+    ) -> Result<String, CallError> {
         let engine = match self.target(app, function, &body)? {
             Target::Python(..) => "python",
             Target::Wasm(..) => "wasm",
@@ -524,7 +538,10 @@ impl Server {
         let server = self.clone();
         let (app, function, call_id) = (app.to_string(), function.to_string(), id.clone());
         tokio::spawn(async move {
-            let outcome = match server.call(&app, &function, &body).await {
+            let called = server
+                .call_within(&app, &function, &body, depth, fan_out)
+                .await;
+            let outcome = match called {
                 Ok(outcome) => outcome,
                 Err(e) => Outcome::failed(e.error),
             };

@@ -167,12 +167,12 @@ impl lode::function::invoke::Host for GuestState {
         input: Vec<u8>,
     ) -> Result<String, GuestError> {
         let ctx = context(self)?;
-        ctx.admit()?;
+        let depth = ctx.admit()?;
         let body = payload(&input)?;
         let server = ctx.server()?;
         let app = ctx.target_app(app);
         server
-            .spawn_call(&app, &function, body)
+            .spawn_call_within(&app, &function, body, depth, ctx.fan_out.clone())
             .map_err(|e| guest_error(&e.error.kind, e.error.message))
     }
 

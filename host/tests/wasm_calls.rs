@@ -107,6 +107,7 @@ fn each_limit_stops_a_call_by_name_and_config_reads_lode_toml() {
     );
     for (mode, expected) in [
         ("recurse", "call_depth: calls nest more than 16 deep"),
+        ("spawn-recurse", "call_depth: calls nest more than 16 deep"),
         ("spin", "TimeoutError: limits/probe timed out after 2s"),
         (
             "grow",

@@ -1,5 +1,6 @@
 //! `probe("mode")` runs into one limit on purpose:
 //! - `recurse`: calls itself through `invoke` until the call-depth limit stops it;
+//! - `spawn-recurse`: the same through `spawn` and `await`;
 //! - `spin`: loops until the call's deadline interrupts it;
 //! - `grow`: allocates until the instance's memory limit refuses more;
 //! - `read`: reads a host file, which a function sees only through its preopened volume;
@@ -18,6 +19,10 @@ impl lode_guest::Function for Probe {
     fn call(args: Vec<Value>, _kwargs: Map<String, Value>) -> Result<Value, Error> {
         match args.first().and_then(Value::as_str).unwrap_or("") {
             "recurse" => lode_guest::invoke("", "probe", &[json!("recurse")]),
+            "spawn-recurse" => {
+                let id = lode_guest::spawn("", "probe", &[json!("spawn-recurse")])?;
+                lode_guest::wait(&id)
+            }
             "spin" => {
                 let mut x: u64 = 0;
                 loop {
@@ -48,8 +53,8 @@ impl lode_guest::Function for Probe {
             other => Err(lode_guest::error(
                 "invalid_input",
                 format!(
-                    "unknown mode {other:?}: recurse, spin, grow, read, volume, escape, \
-                     connect, config"
+                    "unknown mode {other:?}: recurse, spawn-recurse, spin, grow, read, volume, \
+                     escape, connect, config"
                 ),
             )),
         }
