@@ -310,15 +310,18 @@ impl Server {
                     "stack_overflow",
                     format!("{} ran out of wasm stack", function.name),
                 )),
-                // The limiter refuses the growth and traps (`trap_on_grow_failure`).
-                _ if format!("{e:?}").contains("memory") => Outcome::failed(ErrorInfo::lode(
-                    "out_of_memory",
-                    format!(
-                        "{} went past its memory limit of {} MiB",
-                        function.name,
-                        function.memory >> 20
-                    ),
-                )),
+                // The limiter refuses the growth and traps (`trap_on_grow_failure`), with
+                // wasmtime's "forcing trap when growing memory to N bytes".
+                _ if format!("{e:?}").contains("growing memory") => {
+                    Outcome::failed(ErrorInfo::lode(
+                        "out_of_memory",
+                        format!(
+                            "{} went past its memory limit of {} MiB",
+                            function.name,
+                            function.memory >> 20
+                        ),
+                    ))
+                }
                 _ => Outcome::failed(ErrorInfo::lode(
                     "trap",
                     format!("{} trapped: {:#}", function.name, anyhow::Error::from(e)),
