@@ -612,8 +612,16 @@ impl Pool {
             }
         }
         // The agent is gone: the container is (being) killed; its exit names why.
+        // A container that is exiting by itself (the agent's connection closes first) gets a
+        // moment, so its own exit code is reported rather than our kill.
         let was_retiring = !worker.alive.swap(false, Ordering::Relaxed);
-        worker.stop.store(true, Ordering::Relaxed);
+        let grace = agent::EXIT_GRACE + Duration::from_millis(500);
+        if tokio::time::timeout(grace, agent::wait_exit(exit.clone()))
+            .await
+            .is_err()
+        {
+            worker.stop.store(true, Ordering::Relaxed);
+        }
         let ended =
             match tokio::time::timeout(Duration::from_secs(10), agent::wait_exit(exit)).await {
                 Ok(exit) => exit.to_string(),

@@ -34,6 +34,9 @@ pub const RUN_MOUNT: &str = "/lode/run";
 /// (its inputs fail, or are retried) rather than let it grow the host's memory without bound.
 pub const MAX_MESSAGE: usize = 64 << 20;
 
+/// How long a container whose agent hung up may take to exit by itself before it is killed.
+pub const EXIT_GRACE: Duration = Duration::from_secs(2);
+
 /// The longest line of a container's own stdout or stderr kept as one log line; longer runs
 /// without a newline are cut into lines of this size.
 pub const MAX_OUTPUT_LINE: usize = 16 << 10;
@@ -491,22 +494,27 @@ pub async fn start(
     let (to_agent, mut outgoing) = mpsc::unbounded_channel::<ToAgent>();
     let (incoming, from_agent) = mpsc::unbounded_channel();
     let stop_on_close = stop.clone();
+    let exit_on_close = exit_rx.clone();
     tokio::spawn(async move {
-        loop {
+        let misbehaved = loop {
             match read_message(&mut reader).await {
                 Ok(Some(message)) => {
                     if incoming.send(message).is_err() {
-                        break;
+                        break false;
                     }
                 }
-                Ok(None) => break,
+                Ok(None) => break false,
                 Err(e) => {
                     tracing::warn!("function container sent a bad message ({e}); stopping it");
-                    break;
+                    break true;
                 }
             }
+        };
+        // The agent is gone: the container goes with it. One that is exiting by itself gets
+        // a moment to, so its own exit code is what gets reported, not our kill.
+        if !misbehaved {
+            let _ = tokio::time::timeout(EXIT_GRACE, wait_exit(exit_on_close)).await;
         }
-        // The agent is gone or misbehaved: the container goes with it.
         stop_on_close.store(true, Ordering::Relaxed);
     });
     tokio::spawn(async move {
