@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import base64
 import http.client
-import importlib
 import itertools
 import json
 import os
@@ -56,8 +55,8 @@ def _attach_traceback(exc: BaseException, tb: str) -> None:
 
 
 def exception_from_error(error: Any) -> BaseException:
-    """The local exception for a remote error object: its own type when that type can be
-    imported here and built from the message, else RemoteError."""
+    """The local exception for a remote error object: its own type when its module is
+    already loaded here and the type can be built from the message, else RemoteError."""
     if not isinstance(error, dict):
         return RemoteError("bad_response", f"the server sent an error that is not an object: {error!r}")
     kind = str(error.get("kind") or "error")
@@ -69,9 +68,12 @@ def exception_from_error(error: Any) -> BaseException:
     text = message + suffix
 
     exc: BaseException | None = None
-    if isinstance(module, str) and module:
+    # Only modules already loaded here: the name comes from the remote side, and importing
+    # whatever it names would run that module's code on this machine.
+    loaded = sys.modules.get(module) if isinstance(module, str) and module else None
+    if loaded is not None:
         try:
-            cls = getattr(importlib.import_module(module), kind, None)
+            cls = getattr(loaded, kind, None)
             if isinstance(cls, type) and issubclass(cls, BaseException):
                 exc = cls(text)
         except Exception:

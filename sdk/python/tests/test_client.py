@@ -251,6 +251,14 @@ class ClientTest(unittest.TestCase):
         self.assertEqual((e.kind, e.message, e.remote_traceback), ("FancyError", "fancy failure", "remote tb"))
         self.assertIn("FancyError: fancy failure", str(e))
 
+    def test_an_unloaded_module_is_never_imported_for_an_error(self):
+        # The module name comes from the remote side: naming one must not run its code here.
+        name = "wave"
+        sys.modules.pop(name, None)
+        exc = _client.exception_from_error({"kind": "Error", "module": name, "message": "m"})
+        self.assertIsInstance(exc, lode.RemoteError)
+        self.assertNotIn(name, sys.modules)
+
     def test_api_errors_become_remote_error(self):
         with self.assertRaises(lode.RemoteError) as ctx:
             lode.Function.from_name("demo", "nope").remote()
