@@ -287,6 +287,18 @@ pub struct CallError {
 }
 
 impl CallError {
+    /// The HTTP status it answers.
+    pub fn status_code(&self) -> axum::http::StatusCode {
+        axum::http::StatusCode::from_u16(self.status)
+            .unwrap_or(axum::http::StatusCode::INTERNAL_SERVER_ERROR)
+    }
+
+    /// The `Retry-After` header a 429 carries, in whole seconds.
+    pub fn retry_after_header(&self) -> Option<axum::http::HeaderValue> {
+        let after = self.retry_after?;
+        axum::http::HeaderValue::from_str(&after.as_secs().max(1).to_string()).ok()
+    }
+
     fn new(status: u16, kind: &str, message: impl Into<String>) -> Self {
         Self {
             status,

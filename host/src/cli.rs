@@ -70,12 +70,18 @@ impl ApiClient {
         Err(api_error(response).await)
     }
 
-    /// Sends and decodes a JSON answer; a 404 is an error here.
-    pub async fn json<T: DeserializeOwned>(&self, builder: RequestBuilder) -> Result<T> {
+    /// [`ApiClient::send`] where a 404 (no such app, secret, image...) is an error too.
+    pub async fn send_found(&self, builder: RequestBuilder) -> Result<Response> {
         let response = self.send(builder).await?;
         if response.status() == StatusCode::NOT_FOUND {
             return Err(api_error(response).await);
         }
+        Ok(response)
+    }
+
+    /// Sends and decodes a JSON answer; a 404 is an error here.
+    pub async fn json<T: DeserializeOwned>(&self, builder: RequestBuilder) -> Result<T> {
+        let response = self.send_found(builder).await?;
         response.json().await.context("decoding the API's answer")
     }
 }
@@ -159,12 +165,9 @@ fn check_app(app: &str) -> Result<()> {
 /// `lode rm APP`.
 pub async fn remove(client: &ApiClient, app: &str) -> Result<()> {
     check_app(app)?;
-    let response = client
-        .send(client.request(Method::DELETE, &format!("/v1/apps/{app}")))
+    client
+        .send_found(client.request(Method::DELETE, &format!("/v1/apps/{app}")))
         .await?;
-    if response.status() == StatusCode::NOT_FOUND {
-        return Err(api_error(response).await);
-    }
     println!("removed {app}");
     Ok(())
 }
@@ -173,10 +176,9 @@ pub async fn remove(client: &ApiClient, app: &str) -> Result<()> {
 pub async fn logs(client: &ApiClient, app: &str, follow: bool, tail: usize) -> Result<()> {
     check_app(app)?;
     let path = format!("/v1/apps/{app}/logs?follow={follow}&tail={tail}");
-    let response = client.send(client.request(Method::GET, &path)).await?;
-    if response.status() == StatusCode::NOT_FOUND {
-        return Err(api_error(response).await);
-    }
+    let response = client
+        .send_found(client.request(Method::GET, &path))
+        .await?;
     let mut lines = ndjson_lines::<LogLine>(response);
     while let Some(line) = lines.next().await {
         use std::io::Write as _;

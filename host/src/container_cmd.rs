@@ -137,29 +137,17 @@ pub async fn build_spec(
     let request = api
         .request(Method::POST, "/v1/images/build")
         .json(&BuildRequest { spec, tag });
-    let response = api.send(request).await?;
-    if response.status() == reqwest::StatusCode::NOT_FOUND {
-        return Err(crate::cli::api_error(response).await);
-    }
+    let response = api.send_found(request).await?;
     let mut lines = ndjson_lines::<BuildLine>(response);
     let mut stderr = std::io::stderr();
     while let Some(line) = lines.next().await {
         match line? {
-            BuildLine::Event(BuildEvent::Step {
-                number,
-                of,
-                description,
-                cached,
-            }) => {
-                let note = if cached { "  (cached)" } else { "" };
-                let _ = writeln!(stderr, "[{number}/{of}] {description}{note}");
-            }
-            BuildLine::Event(BuildEvent::Log { line }) => {
-                if !quiet {
-                    let _ = writeln!(stderr, "    {line}");
+            BuildLine::Event(BuildEvent::Log { .. }) if quiet => {}
+            BuildLine::Event(event) => {
+                if let Some(line) = event.line() {
+                    let _ = writeln!(stderr, "{line}");
                 }
             }
-            BuildLine::Event(BuildEvent::Layer { .. }) => {}
             BuildLine::End(BuildEnd::Done { digest, seconds }) => {
                 let _ = writeln!(stderr, "built {digest} in {seconds:.1} s");
                 return Ok(digest);
@@ -205,11 +193,8 @@ pub const COULD_NOT_RUN: u8 = 125;
 /// `lode container run`: streams the command's output and returns its exit code.
 pub async fn run(api: &ApiClient, request: ContainerRequest) -> Result<i32> {
     let response = api
-        .send(api.request(Method::POST, "/v1/containers").json(&request))
+        .send_found(api.request(Method::POST, "/v1/containers").json(&request))
         .await?;
-    if response.status() == reqwest::StatusCode::NOT_FOUND {
-        return Err(crate::cli::api_error(response).await);
-    }
     let mut lines = ndjson_lines::<ContainerLine>(response);
     let (mut stdout, mut stderr) = (std::io::stdout(), std::io::stderr());
     let decode = |data: &str| {

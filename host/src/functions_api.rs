@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
@@ -60,14 +60,14 @@ pub fn outcome_response(outcome: Outcome) -> Response {
 
 /// The HTTP answer for a call that could not be made (unknown function, full queue...).
 pub fn call_error_response(e: CallError) -> Response {
-    let status = StatusCode::from_u16(e.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    let mut response = (status, Json(serde_json::json!({ "error": e.error }))).into_response();
-    if let Some(after) = e.retry_after {
-        let seconds = after.as_secs().max(1).to_string();
-        response.headers_mut().insert(
-            header::RETRY_AFTER,
-            HeaderValue::from_str(&seconds).expect("digits"),
-        );
+    let retry_after = e.retry_after_header();
+    let mut response = (
+        e.status_code(),
+        Json(serde_json::json!({ "error": e.error })),
+    )
+        .into_response();
+    if let Some(value) = retry_after {
+        response.headers_mut().insert(header::RETRY_AFTER, value);
     }
     response
 }

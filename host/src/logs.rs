@@ -140,6 +140,23 @@ impl LogStore {
         self.apps.lock().unwrap().remove(app);
     }
 
+    /// The WASI context every guest call starts from: stdout and stderr into `app`'s log
+    /// under `request_id`, and no sockets or name lookups.
+    pub fn guest_wasi(
+        self: &Arc<Self>,
+        app: Arc<str>,
+        request_id: Arc<str>,
+    ) -> wasmtime_wasi::WasiCtxBuilder {
+        let mut builder = wasmtime_wasi::WasiCtxBuilder::new();
+        builder
+            .stdout(self.guest_output(app.clone(), request_id.clone(), Stream::Stdout))
+            .stderr(self.guest_output(app, request_id, Stream::Stderr))
+            .allow_tcp(false)
+            .allow_udp(false)
+            .allow_ip_name_lookup(false);
+        builder
+    }
+
     /// A stdout or stderr sink for one request.
     pub fn guest_output(
         self: &Arc<Self>,

@@ -229,7 +229,7 @@ impl Native {
         SandboxSpec {
             lower: mount.mountpoint().to_path_buf(),
             scratch: self.run_dir.join(id),
-            user_namespace: self.user_namespace.clone().filter(|_| mount.idmappable()),
+            user_namespace: UserNamespace::for_lower(self.user_namespace.as_ref(), mount),
             ..SandboxSpec::default()
         }
     }
@@ -634,9 +634,7 @@ async fn run_container(
         timeout,
         volumes,
         network,
-        // Where the kernel cannot idmap the image's FUSE mount, the container runs as the
-        // host's root (Linux before 6.12).
-        user_namespace: native.user_namespace.clone().filter(|_| mount.idmappable()),
+        user_namespace: UserNamespace::for_lower(native.user_namespace.as_ref(), &mount),
         ..SandboxSpec::default()
     };
     let started = Instant::now();

@@ -259,11 +259,6 @@ impl Pool {
         pool
     }
 
-    /// The function's settings.
-    pub fn spec(&self) -> &PoolSpec {
-        &self.spec
-    }
-
     /// Runs one input; waits in the queue for a container when all are busy.
     pub async fn submit(
         self: &Arc<Self>,

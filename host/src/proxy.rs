@@ -17,7 +17,6 @@ use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use wasmtime::Trap;
-use wasmtime_wasi::WasiCtxBuilder;
 use wasmtime_wasi_http::Error as HttpError;
 use wasmtime_wasi_http::WasiHttpView;
 use wasmtime_wasi_http::p2::bindings::http::types::Scheme;
@@ -292,15 +291,12 @@ async fn python_endpoint(
             }
         },
         Err(e) => {
-            let status =
-                StatusCode::from_u16(e.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+            let retry_after = e.retry_after_header();
             let mut response = json_response(
-                status,
+                e.status_code(),
                 &serde_json::json!({"error": e.error, "request_id": id}),
             );
-            if let Some(after) = e.retry_after
-                && let Ok(value) = HeaderValue::from_str(&after.as_secs().max(1).to_string())
-            {
+            if let Some(value) = retry_after {
                 response
                     .headers_mut()
                     .insert(http::header::RETRY_AFTER, value);
@@ -392,20 +388,9 @@ async fn run(
 
     let deadline = Instant::now() + function.timeout;
     let request_id: Arc<str> = Arc::from(id);
-    let wasi = WasiCtxBuilder::new()
-        .stdout(
-            server
-                .logs
-                .guest_output(app.clone(), request_id.clone(), Stream::Stdout),
-        )
-        .stderr(
-            server
-                .logs
-                .guest_output(app.clone(), request_id.clone(), Stream::Stderr),
-        )
-        .allow_tcp(false)
-        .allow_udp(false)
-        .allow_ip_name_lookup(false)
+    let wasi = server
+        .logs
+        .guest_wasi(app.clone(), request_id.clone())
         .build();
     let instantiate_started = Instant::now();
     let mut store = server.engine.new_store(

@@ -17,7 +17,7 @@ use reqwest::{Method, StatusCode};
 use serde::Deserialize;
 use serde_json::Value;
 
-use crate::cli::{ApiClient, api_error};
+use crate::cli::ApiClient;
 use crate::manifest::{FunctionSpec, MANIFEST_VERSION, Manifest, dns_label_rule, is_dns_label};
 
 /// What `python3 -m lode collect` prints.
@@ -229,16 +229,13 @@ async fn put_secret(
     name: &str,
     values: &BTreeMap<String, String>,
 ) -> Result<()> {
-    let response = client
-        .send(
+    client
+        .send_found(
             client
                 .request(Method::PUT, &format!("/v1/secrets/{name}"))
                 .json(&serde_json::json!({ "values": values })),
         )
         .await?;
-    if !response.status().is_success() {
-        return Err(api_error(response).await);
-    }
     Ok(())
 }
 
@@ -286,24 +283,18 @@ pub async fn secret_list(client: &ApiClient) -> Result<()> {
 
 /// `lode secret rm NAME`.
 pub async fn secret_remove(client: &ApiClient, name: &str) -> Result<()> {
-    let response = client
-        .send(client.request(Method::DELETE, &format!("/v1/secrets/{name}")))
+    client
+        .send_found(client.request(Method::DELETE, &format!("/v1/secrets/{name}")))
         .await?;
-    if !response.status().is_success() {
-        return Err(api_error(response).await);
-    }
     println!("secret {name} removed");
     Ok(())
 }
 
 /// `lode volume create NAME`.
 pub async fn volume_create(client: &ApiClient, name: &str) -> Result<()> {
-    let response = client
-        .send(client.request(Method::PUT, &format!("/v1/volumes/{name}")))
+    client
+        .send_found(client.request(Method::PUT, &format!("/v1/volumes/{name}")))
         .await?;
-    if !response.status().is_success() {
-        return Err(api_error(response).await);
-    }
     println!("volume {name} ready");
     Ok(())
 }

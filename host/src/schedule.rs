@@ -12,7 +12,6 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use chrono::{DateTime, Utc};
 
 use crate::logs::Stream;
-use crate::manifest::Runtime;
 use crate::server::Server;
 use crate::state::Table;
 
@@ -140,17 +139,8 @@ fn tick(server: &Arc<Server>) {
     let now = now_ms();
     for live in server.apps() {
         let manifest = &live.record.manifest;
-        for function in &manifest.functions {
-            let Some(text) = &function.schedule else {
-                continue;
-            };
-            if function.runtime != Runtime::Python {
-                continue;
-            }
-            let Ok(schedule) = Schedule::parse(text) else {
-                continue;
-            };
-            let key = format!("{}/{}", manifest.app, function.name);
+        for (name, schedule) in &live.schedules {
+            let key = format!("{}/{name}", manifest.app);
             let last = match server.state.get_entry(Table::Schedules, &key) {
                 Ok(Some(bytes)) => String::from_utf8_lossy(&bytes).parse().unwrap_or(0),
                 Ok(None) => live.record.deployed_at_ms,
@@ -159,7 +149,7 @@ fn tick(server: &Arc<Server>) {
                     continue;
                 }
             };
-            let (slot, run) = match decide(&schedule, last, now) {
+            let (slot, run) = match decide(schedule, last, now) {
                 Due::Wait => continue,
                 Due::Run(slot) => (slot, true),
                 Due::Missed(first, latest) => (latest, {
@@ -170,7 +160,7 @@ fn tick(server: &Arc<Server>) {
                         format!(
                             "schedule {}: runs due from {} to {} were missed while the host was \
                              down; they are not replayed",
-                            function.name,
+                            name,
                             time_text(first),
                             time_text(latest)
                         ),
@@ -191,7 +181,7 @@ fn tick(server: &Arc<Server>) {
                 continue;
             }
             let server = server.clone();
-            let (app, name) = (manifest.app.clone(), function.name.clone());
+            let (app, name) = (manifest.app.clone(), name.clone());
             tokio::spawn(async move {
                 server.logs.push(
                     &app,

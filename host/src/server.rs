@@ -19,6 +19,7 @@ use crate::manifest::{FunctionSpec, Manifest, Runtime};
 use crate::metrics::Metrics;
 use crate::outbound::OutboundPolicy;
 use crate::pool::{Pool, PoolContext, PoolSpec};
+use crate::schedule::Schedule;
 use crate::secrets::Secrets;
 use crate::state::{AppRecord, StateStore};
 use crate::wasm_calls::WasmFunction;
@@ -82,6 +83,8 @@ pub struct LiveApp {
     pub wasm_functions: HashMap<String, Arc<WasmFunction>>,
     /// Python web endpoints, longest path first.
     pub python_routes: Vec<PythonRoute>,
+    /// Scheduled Python functions, parsed once at deploy.
+    pub schedules: Vec<(String, Schedule)>,
     /// A digest of the secret values its functions were given: a redeploy after a secret
     /// changed restarts the pools even when the manifest is the same.
     pub secrets_digest: String,
@@ -105,6 +108,7 @@ struct Built {
     pools: HashMap<String, Arc<Pool>>,
     wasm_functions: HashMap<String, Arc<WasmFunction>>,
     python_routes: Vec<PythonRoute>,
+    schedules: Vec<(String, Schedule)>,
 }
 
 impl Built {
@@ -115,6 +119,7 @@ impl Built {
             pools: std::mem::take(&mut self.pools),
             wasm_functions: std::mem::take(&mut self.wasm_functions),
             python_routes: std::mem::take(&mut self.python_routes),
+            schedules: std::mem::take(&mut self.schedules),
             secrets_digest,
         }
     }
@@ -483,6 +488,12 @@ impl Server {
                     function: function.name.clone(),
                 });
             }
+            if let Some(text) = &function.schedule {
+                let schedule = Schedule::parse(text).map_err(|why| {
+                    DeployError::Invalid(vec![format!("function {:?}: {why}", function.name)])
+                })?;
+                built.schedules.push((function.name.clone(), schedule));
+            }
             built.pools.insert(function.name.clone(), pool);
         }
         built
@@ -653,26 +664,13 @@ impl Server {
                         let tx = tx.clone();
                         let function = name.clone();
                         Arc::new(move |event: BuildEvent| {
-                            let line = match event {
-                                BuildEvent::Step {
-                                    number,
-                                    of,
-                                    description,
-                                    cached,
-                                } => format!(
-                                    "[{number}/{of}] {description}{}",
-                                    if cached { " (cached)" } else { "" }
-                                ),
-                                BuildEvent::Log { line } => format!("  {line}"),
-                                BuildEvent::Layer { number, digest } => {
-                                    format!("  step {number} -> {digest}")
-                                }
-                            };
-                            let event = DeployEvent::Image {
-                                function: function.clone(),
-                                line,
-                            };
-                            crate::native::send_build_line(&tx, event);
+                            if let Some(line) = event.line() {
+                                let event = DeployEvent::Image {
+                                    function: function.clone(),
+                                    line,
+                                };
+                                crate::native::send_build_line(&tx, event);
+                            }
                         })
                     }
                     None => Arc::new(|_| {}),

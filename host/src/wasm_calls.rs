@@ -13,7 +13,6 @@ use std::time::{Duration, Instant};
 
 use lode_native_runner::agent::{ErrorInfo, Outcome};
 use wasmtime::Trap;
-use wasmtime_wasi::WasiCtxBuilder;
 
 use crate::engine::GuestState;
 use crate::logs::Stream;
@@ -236,7 +235,7 @@ impl Server {
     ) -> Outcome {
         let request_id: Arc<str> =
             Arc::from(format!("{}-{:08x}", function.name, rand::random::<u32>()));
-        let mut wasi = WasiCtxBuilder::new();
+        let mut wasi = self.logs.guest_wasi(function.app.clone(), request_id);
         for (host, guest, read_only) in &function.preopens {
             let perms = if *read_only {
                 wasmtime_wasi::FsPerms::ReadOnly
@@ -250,21 +249,7 @@ impl Server {
                 ));
             }
         }
-        let wasi = wasi
-            .stdout(self.logs.guest_output(
-                function.app.clone(),
-                request_id.clone(),
-                Stream::Stdout,
-            ))
-            .stderr(self.logs.guest_output(
-                function.app.clone(),
-                request_id.clone(),
-                Stream::Stderr,
-            ))
-            .allow_tcp(false)
-            .allow_udp(false)
-            .allow_ip_name_lookup(false)
-            .build();
+        let wasi = wasi.build();
         let mut state = GuestState::new(wasi, function.memory, function.outbound.clone());
         state.calls = Some(CallContext {
             server: Arc::downgrade(self),

@@ -278,11 +278,6 @@ impl AgentContainer {
         self.stop.clone()
     }
 
-    /// Waits until the container has ended and been cleaned up.
-    pub async fn exited(&self) -> Exit {
-        wait_exit(self.exit.clone()).await
-    }
-
     /// A receiver for the exit, to wait on elsewhere.
     pub fn exit_watch(&self) -> watch::Receiver<Option<Exit>> {
         self.exit.clone()

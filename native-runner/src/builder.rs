@@ -68,6 +68,26 @@ pub enum BuildEvent {
     },
 }
 
+impl BuildEvent {
+    /// The event as a progress line (`[2/5] pip_install numpy  (cached)`, or a step's output
+    /// indented); `None` for a layer, which progress does not show.
+    pub fn line(&self) -> Option<String> {
+        match self {
+            Self::Step {
+                number,
+                of,
+                description,
+                cached,
+            } => {
+                let note = if *cached { "  (cached)" } else { "" };
+                Some(format!("[{number}/{of}] {description}{note}"))
+            }
+            Self::Log { line } => Some(format!("    {line}")),
+            Self::Layer { .. } => None,
+        }
+    }
+}
+
 /// Why a build failed; each names the step and what to do.
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
@@ -373,8 +393,7 @@ impl Builder {
         for (name, value) in build_env(&inherited) {
             set_env(&mut env, &name, &value);
         }
-        // Where the kernel cannot idmap the FUSE mount, the step runs as the host's root.
-        let user_namespace = self.user_namespace.clone().filter(|_| mount.idmappable());
+        let user_namespace = UserNamespace::for_lower(self.user_namespace.as_ref(), &mount);
         let host_ids = user_namespace.as_ref().map(|userns| HostIds {
             base: userns.ids().host_base,
             count: userns.ids().count,

@@ -20,6 +20,7 @@
 use std::fs::File;
 use std::io::{self, Write};
 use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::Arc;
 
 /// Container ids `0..count` are host ids `host_base..host_base + count`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -28,18 +29,6 @@ pub struct IdMap {
     pub host_base: u32,
     /// How many ids are mapped: 65536 covers every id a Debian package uses.
     pub count: u32,
-}
-
-impl IdMap {
-    /// The host id for a container id, if it is mapped.
-    pub fn to_host(self, id: u32) -> Option<u32> {
-        (id < self.count).then(|| self.host_base + id)
-    }
-
-    /// The container id for a host id, if it is in the range.
-    pub fn to_container(self, id: u32) -> Option<u32> {
-        id.checked_sub(self.host_base).filter(|&id| id < self.count)
-    }
 }
 
 /// The range Lode maps: the start of the one systemd leaves to containers
@@ -123,23 +112,13 @@ impl UserNamespace {
     pub fn ids(&self) -> IdMap {
         self.ids
     }
-}
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn ids_map_both_ways_inside_the_range_only() {
-        let ids = IdMap {
-            host_base: 1000,
-            count: 10,
-        };
-        assert_eq!(ids.to_host(0), Some(1000));
-        assert_eq!(ids.to_host(9), Some(1009));
-        assert_eq!(ids.to_host(10), None);
-        assert_eq!(ids.to_container(1009), Some(9));
-        assert_eq!(ids.to_container(1010), None);
-        assert_eq!(ids.to_container(0), None);
+    /// The namespace a container on `lower` runs in: `userns`, where the kernel lets the
+    /// mount be idmapped; otherwise none (Linux before 6.12), and it runs as the host's root.
+    pub fn for_lower(
+        userns: Option<&Arc<UserNamespace>>,
+        lower: &lode_fs::Mount,
+    ) -> Option<Arc<UserNamespace>> {
+        userns.filter(|_| lower.idmappable()).cloned()
     }
 }
