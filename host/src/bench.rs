@@ -126,7 +126,9 @@ async fn measure_instantiate(component: &Path, iterations: usize) -> Result<(Dur
         compiled_dir: cache.path().to_path_buf(),
         max_instances: 100,
         max_memory: 128 << 20,
+        wasm_stack: crate::engine::DEFAULT_WASM_STACK,
     })?;
+    let engine = engine.default_class();
     let digest = lode_registry::Digest::of(&std::fs::read(component)?);
     let (compiled, _) = engine
         .load(&digest, || Ok(std::fs::read(component)?))
@@ -141,8 +143,11 @@ async fn measure_instantiate(component: &Path, iterations: usize) -> Result<(Dur
         let started = Instant::now();
         let wasi = WasiCtxBuilder::new().build();
         let built = Instant::now();
-        let mut store =
-            engine.new_store(GuestState::new(wasi, 128 << 20, policy.clone()), deadline);
+        let mut store = crate::engine::new_store(
+            pre.engine(),
+            GuestState::new(wasi, 128 << 20, policy.clone()),
+            deadline,
+        );
         let stored = Instant::now();
         pre.instantiate_async(&mut store)
             .await

@@ -7,7 +7,6 @@
 //! calls are counted in `/metrics`, not recorded one by one.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::AtomicU32;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -16,10 +15,12 @@ use serde::Serialize;
 use serde_json::{Map, Value};
 use tokio::sync::watch;
 
+use crate::call_history::HistoryRecord;
 use crate::manifest::Runtime;
 use crate::pool::Rejected;
 use crate::server::Server;
 use crate::state::{StateStore, Table};
+use crate::wasm_calls::CallTree;
 
 /// Spawned calls remembered at once; the oldest finished ones go first.
 pub const MAX_RECORDS: usize = 10_000;
@@ -125,7 +126,8 @@ pub struct Calls {
     store: Option<Arc<dyn StateStore>>,
 }
 
-fn now_ms() -> u64 {
+/// Milliseconds since the Unix epoch.
+pub(crate) fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
@@ -371,23 +373,45 @@ impl Server {
         function: &str,
         body: &Value,
     ) -> Result<Outcome, CallError> {
-        self.call_within(app, function, body, 0, Arc::default())
-            .await
+        self.call_within(app, function, body, None).await
     }
 
-    /// [`Server::call`] as one step of a call tree: `depth` calls deep, its calls counted in
-    /// `fan_out` (both bound what a Wasm function's `invoke` may do).
+    /// [`Server::call`] as one step of a call tree (`None`: the call from outside), which
+    /// bounds how deep and how wide a Wasm function's `invoke` may go.
     pub async fn call_within(
         self: &Arc<Self>,
         app: &str,
         function: &str,
         body: &Value,
-        depth: u32,
-        fan_out: Arc<AtomicU32>,
+        tree: Option<CallTree>,
     ) -> Result<Outcome, CallError> {
         let started = std::time::Instant::now();
-        let (engine, result) = self.dispatch(app, function, body, depth, fan_out).await;
+        let created_ms = now_ms();
+        let depth = tree.as_ref().map_or(0, CallTree::depth);
+        let from_wasm = tree.as_ref().is_some_and(CallTree::from_wasm);
+        let (engine, result) = self.dispatch(app, function, body, tree).await;
         if let Some(engine) = engine {
+            // In-process Wasm-to-Wasm calls are counted, not recorded one by one.
+            if !(from_wasm && engine == "wasm") {
+                let error = match &result {
+                    Ok(outcome) => outcome.error.as_ref(),
+                    Err(e) => Some(&e.error),
+                };
+                self.history.record(HistoryRecord {
+                    created_ms,
+                    app: app.to_string(),
+                    function: function.to_string(),
+                    engine: engine.to_string(),
+                    status: if error.is_some() {
+                        CallStatus::Failed
+                    } else {
+                        CallStatus::Succeeded
+                    },
+                    duration_ms: started.elapsed().as_secs_f64() * 1000.0,
+                    depth,
+                    error: error.map(HistoryRecord::summarize),
+                });
+            }
             let labels = crate::metrics::FunctionLabels {
                 app: app.to_string(),
                 function: function.to_string(),
@@ -412,8 +436,7 @@ impl Server {
         app: &str,
         function: &str,
         body: &Value,
-        depth: u32,
-        fan_out: Arc<AtomicU32>,
+        tree: Option<CallTree>,
     ) -> (Option<&'static str>, Result<Outcome, CallError>) {
         // A deploy may replace the pool between lookup and submit; the new one takes it.
         for _ in 0..3 {
@@ -421,13 +444,11 @@ impl Server {
                 Err(e) => return (None, Err(e)),
                 Ok(Target::Python(pool, payload)) => (pool, payload),
                 Ok(Target::Wasm(wasm, payload)) => {
-                    let outcome = self
-                        .run_wasm(wasm, &Value::Object(payload), depth, fan_out)
-                        .await;
+                    let outcome = self.run_wasm(wasm, &Value::Object(payload), tree).await;
                     return (Some("wasm"), Ok(outcome));
                 }
             };
-            match pool.submit(payload).await {
+            match pool.submit(payload, tree.clone()).await {
                 Ok(outcome) => return (Some("python"), Ok(outcome)),
                 Err(Rejected::QueueFull(after)) => {
                     return (
@@ -528,7 +549,7 @@ impl Server {
         function: &str,
         body: Value,
     ) -> Result<String, CallError> {
-        self.spawn_call_within(app, function, body, 0, Arc::default())
+        self.spawn_call_within(app, function, body, None)
     }
 
     /// [`Server::spawn_call`] from inside a call tree: the spawned call counts against the
@@ -539,8 +560,7 @@ impl Server {
         app: &str,
         function: &str,
         body: Value,
-        depth: u32,
-        fan_out: Arc<AtomicU32>,
+        tree: Option<CallTree>,
     ) -> Result<String, CallError> {
         let engine = match self.target(app, function, &body)? {
             Target::Python(..) => "python",
@@ -550,9 +570,7 @@ impl Server {
         let server = self.clone();
         let (app, function, call_id) = (app.to_string(), function.to_string(), id.clone());
         tokio::spawn(async move {
-            let called = server
-                .call_within(&app, &function, &body, depth, fan_out)
-                .await;
+            let called = server.call_within(&app, &function, &body, tree).await;
             let outcome = match called {
                 Ok(outcome) => outcome,
                 Err(e) => Outcome::failed(e.error),
@@ -563,8 +581,15 @@ impl Server {
     }
 
     /// A call from inside a container of `caller_app`: the same dispatch, answered as an
-    /// outcome.
-    pub async fn inner_call(self: &Arc<Self>, caller_app: &str, call: CallRequest) -> Outcome {
+    /// outcome. Made while serving an input, it is one more step of that input's call
+    /// `tree`, bounded like a Wasm function's `invoke` (`fan_out`: the caller app's bound).
+    pub async fn inner_call(
+        self: &Arc<Self>,
+        caller_app: &str,
+        tree: Option<&CallTree>,
+        fan_out: u32,
+        call: CallRequest,
+    ) -> Outcome {
         let app = call.app.unwrap_or_else(|| caller_app.to_string());
         let mut body = Map::new();
         for (key, value) in [("args", call.args), ("kwargs", call.kwargs)] {
@@ -584,13 +609,17 @@ impl Server {
                         "no function named",
                     ));
                 };
+                let tree = match tree.map(|tree| tree.admit(fan_out, false)).transpose() {
+                    Ok(tree) => tree,
+                    Err(error) => return Outcome::failed(error),
+                };
                 if call.op == "call" {
-                    match self.call(&app, &function, &body).await {
+                    match self.call_within(&app, &function, &body, tree).await {
                         Ok(outcome) => outcome,
                         Err(e) => Outcome::failed(e.error),
                     }
                 } else {
-                    match self.spawn_call(&app, &function, body) {
+                    match self.spawn_call_within(&app, &function, body, tree) {
                         Ok(id) => Outcome::value(serde_json::json!({"call_id": id})),
                         Err(e) => Outcome::failed(e.error),
                     }

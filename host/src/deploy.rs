@@ -16,8 +16,8 @@ use std::sync::Arc;
 
 use crate::cli::{ApiClient, api_error, ndjson_lines};
 use crate::manifest::{
-    FunctionSpec, Manifest, Network, NetworkMode, Resources, Runtime, WebRoute, dns_label_rule,
-    is_dns_label,
+    AppLimits, FunctionSpec, Manifest, Network, NetworkMode, Resources, Runtime, WebRoute,
+    dns_label_rule, is_dns_label,
 };
 
 /// A function in `lode.toml`.
@@ -75,8 +75,19 @@ struct Project {
     /// Values functions read with `config.get` (lode:function).
     #[serde(default)]
     config: BTreeMap<String, String>,
+    /// `[limits]`: wasm_stack_kib, call_depth, fan_out for the app's Wasm calls.
+    #[serde(default)]
+    limits: AppLimits,
     #[serde(rename = "function")]
     functions: Vec<ProjectFunction>,
+}
+
+/// What a deploy sends: the app's name, its components, config and limits.
+struct Plan {
+    app: String,
+    functions: Vec<Planned>,
+    config: Config,
+    limits: AppLimits,
 }
 
 /// A component to upload and the function that runs it.
@@ -195,7 +206,7 @@ fn serves_http(bytes: &[u8]) -> bool {
     bytes.windows(name.len()).any(|w| w == name)
 }
 
-fn plan_project(dir: &Path, name: Option<&str>) -> Result<(String, Vec<Planned>, Config)> {
+fn plan_project(dir: &Path, name: Option<&str>) -> Result<Plan> {
     let toml_path = dir.join("lode.toml");
     let text = std::fs::read_to_string(&toml_path)
         .with_context(|| format!("reading {}", toml_path.display()))?;
@@ -241,7 +252,12 @@ fn plan_project(dir: &Path, name: Option<&str>) -> Result<(String, Vec<Planned>,
         }
         planned.push(p);
     }
-    Ok((app, planned, project.config))
+    Ok(Plan {
+        app,
+        functions: planned,
+        config: project.config,
+        limits: project.limits,
+    })
 }
 
 /// An app's config (`[config]` in lode.toml).
@@ -255,7 +271,7 @@ fn dir_name(path: &Path) -> String {
 }
 
 /// Works out the app name and components for `path`.
-fn plan(path: &Path, name: Option<&str>) -> Result<(String, Vec<Planned>, Config)> {
+fn plan(path: &Path, name: Option<&str>) -> Result<Plan> {
     if !path.exists() {
         bail!("{} does not exist", path.display());
     }
@@ -273,7 +289,12 @@ fn plan(path: &Path, name: Option<&str>) -> Result<(String, Vec<Planned>, Config
         .map(str::to_string)
         .unwrap_or_else(|| default_name(&stem));
     let bytes = component_at(path)?;
-    Ok((app.clone(), vec![wasm_function(app, bytes)], Config::new()))
+    Ok(Plan {
+        app: app.clone(),
+        functions: vec![wasm_function(app, bytes)],
+        config: Config::new(),
+        limits: AppLimits::default(),
+    })
 }
 
 /// `lode deploy PATH [--name APP]`.
@@ -283,7 +304,12 @@ pub async fn deploy(
     path: &Path,
     name: Option<&str>,
 ) -> Result<()> {
-    let (app, planned, config) = plan(path, name)?;
+    let Plan {
+        app,
+        functions: planned,
+        config,
+        limits,
+    } = plan(path, name)?;
     if !is_dns_label(&app) {
         bail!("{}; pass --name", dns_label_rule("app", &app));
     }
@@ -291,6 +317,7 @@ pub async fn deploy(
         version: crate::manifest::MANIFEST_VERSION,
         app: app.clone(),
         config,
+        limits,
         functions: Vec::new(),
     };
     let mut uploads = BTreeMap::new();
@@ -418,6 +445,7 @@ mod tests {
         let two = |path: &str| {
             format!(
                 "app = \"shop\"\n[config]\ngreeting = \"hi\"\n\
+                 [limits]\ncall_depth = 3\nwasm_stack_kib = 128\n\
                  [[function]]\nname = \"a\"\npath = \"{path}\"\n\
                  [[function]]\nname = \"b\"\npath = \"{path}\"\n"
             )
@@ -427,9 +455,18 @@ mod tests {
         assert!(err.contains("serves HTTP: give it `web"), "{err}");
         // Components that only take calls need no route.
         std::fs::write(dir.path().join("lode.toml"), two("called.wasm")).unwrap();
-        let (_, planned, config) = plan(dir.path(), None).unwrap();
+        let Plan {
+            functions: planned,
+            config,
+            limits,
+            ..
+        } = plan(dir.path(), None).unwrap();
         assert!(planned.iter().all(|p| p.spec.web.is_none()));
         assert_eq!(config.get("greeting").map(String::as_str), Some("hi"));
+        assert_eq!(
+            (limits.call_depth, limits.wasm_stack_kib, limits.fan_out),
+            (Some(3), Some(128), None)
+        );
 
         std::fs::write(
             dir.path().join("lode.toml"),
@@ -437,7 +474,7 @@ mod tests {
              network = { allow = [\"api.example.com\"] }\n",
         )
         .unwrap();
-        let (_, planned, _) = plan(dir.path(), Some("shop")).unwrap();
+        let planned = plan(dir.path(), Some("shop")).unwrap().functions;
         let spec = &planned[0].spec;
         assert_eq!(spec.resources.memory, Some(64));
         assert_eq!(spec.resources.timeout, Some(2.0));

@@ -6,10 +6,11 @@
 //! Instantiation is the hot part: every request gets a fresh `Store` and instance from a
 //! `ProxyPre`, with copy-on-write memory images from the pool.
 
+use std::collections::BTreeMap;
 use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -40,8 +41,15 @@ const PROVIDED_PACKAGES: &[&str] = &[
     "lode:function",
 ];
 
-/// The wasm stack a guest may use; deeper recursion traps as a stack overflow.
-pub const MAX_WASM_STACK: usize = 512 << 10;
+/// The wasm stack a guest gets unless `lode serve --max-wasm-stack` says otherwise; deeper
+/// recursion traps as a stack overflow.
+pub const DEFAULT_WASM_STACK: usize = 512 << 10;
+
+/// Stack room for the host functions a guest calls, beside its wasm stack.
+const HOST_STACK: usize = 1536 << 10;
+
+/// Distinct wasm stack sizes (hence engines) one server runs at once.
+const MAX_STACK_SIZES: usize = 4;
 
 /// Core instances (and tables) one component may hold in the pool.
 const CORE_INSTANCES_PER_COMPONENT: u32 = 16;
@@ -55,6 +63,8 @@ pub struct EngineSettings {
     pub max_instances: u32,
     /// The largest linear memory any instance may have, in bytes.
     pub max_memory: u64,
+    /// The wasm stack guests get by default, and the most an app may ask for, in bytes.
+    pub wasm_stack: usize,
 }
 
 /// Per-request store data.
@@ -178,14 +188,14 @@ fn kernel_has_pagemap_scan() -> bool {
     (major, minor) >= (6, 7)
 }
 
-/// Advances the engine epoch every [`EPOCH_TICK`] until dropped.
+/// Advances every engine's epoch each [`EPOCH_TICK`] until dropped.
 struct EpochTicker {
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
 }
 
 impl EpochTicker {
-    fn start(engine: Engine) -> Self {
+    fn start(engines: Arc<Mutex<Vec<Engine>>>) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
         let thread = std::thread::Builder::new()
@@ -193,7 +203,9 @@ impl EpochTicker {
             .spawn(move || {
                 while !flag.load(Ordering::Relaxed) {
                     std::thread::sleep(EPOCH_TICK);
-                    engine.increment_epoch();
+                    for engine in engines.lock().unwrap().iter() {
+                        engine.increment_epoch();
+                    }
                 }
             })
             .expect("spawning the epoch thread");
@@ -213,23 +225,102 @@ impl Drop for EpochTicker {
     }
 }
 
-/// The shared wasmtime engine, linker and compiled cache.
+/// The Wasm engine: one wasmtime engine per wasm stack size in use, because wasmtime sets
+/// the stack limit per engine. Apps that name no `wasm_stack_kib` share the default one.
 pub struct WasmEngine {
-    engine: Engine,
-    linker: Linker<GuestState>,
-    compiled_dir: PathBuf,
-    fingerprint: String,
+    settings: EngineSettings,
+    default: Arc<EngineClass>,
+    /// Engines for apps that asked for a smaller stack, by stack bytes.
+    smaller: Mutex<BTreeMap<usize, Arc<EngineClass>>>,
+    /// Every engine, for the epoch ticker.
+    engines: Arc<Mutex<Vec<Engine>>>,
     _ticker: EpochTicker,
 }
 
 impl WasmEngine {
-    /// Builds the engine and linker.
+    /// Builds the default engine and starts the epoch ticker.
     pub fn new(settings: &EngineSettings) -> Result<Self> {
+        let default = Arc::new(EngineClass::new(
+            settings,
+            settings.wasm_stack,
+            settings.max_instances,
+        )?);
+        let engines = Arc::new(Mutex::new(vec![default.engine.clone()]));
+        Ok(Self {
+            settings: settings.clone(),
+            default,
+            smaller: Mutex::default(),
+            _ticker: EpochTicker::start(engines.clone()),
+            engines,
+        })
+    }
+
+    /// The engine apps get when they name no stack size.
+    pub fn default_class(&self) -> &Arc<EngineClass> {
+        &self.default
+    }
+
+    /// The engine for an app's `wasm_stack_kib`, made on first use. A stack above the
+    /// server's, or one size too many, is refused with what to do.
+    pub fn class(&self, stack_kib: Option<u32>) -> Result<Arc<EngineClass>, String> {
+        let max = self.settings.wasm_stack;
+        let Some(kib) = stack_kib else {
+            return Ok(self.default.clone());
+        };
+        let stack = kib as usize * 1024;
+        if stack == max {
+            return Ok(self.default.clone());
+        }
+        if stack > max {
+            return Err(format!(
+                "limits: wasm_stack_kib {kib} is above this server's {} KiB \
+                 (lode serve --max-wasm-stack)",
+                max >> 10
+            ));
+        }
+        let mut smaller = self.smaller.lock().unwrap();
+        if let Some(class) = smaller.get(&stack) {
+            return Ok(class.clone());
+        }
+        if smaller.len() + 1 >= MAX_STACK_SIZES {
+            let sizes: Vec<String> = std::iter::once(max)
+                .chain(smaller.keys().copied())
+                .map(|bytes| (bytes >> 10).to_string())
+                .collect();
+            return Err(format!(
+                "limits: this server already runs {MAX_STACK_SIZES} wasm stack sizes; use one \
+                 of {} KiB, or leave wasm_stack_kib out",
+                sizes.join(", ")
+            ));
+        }
+        let slots = (self.settings.max_instances / 4).max(8);
+        let class =
+            Arc::new(EngineClass::new(&self.settings, stack, slots).map_err(|e| format!("{e:#}"))?);
+        self.engines.lock().unwrap().push(class.engine.clone());
+        smaller.insert(stack, class.clone());
+        Ok(class)
+    }
+}
+
+/// One wasmtime engine with the pooling allocator, its linker, and its part of the compiled
+/// cache. Every component it runs gets the same wasm stack.
+pub struct EngineClass {
+    engine: Engine,
+    linker: Linker<GuestState>,
+    compiled_dir: PathBuf,
+    fingerprint: String,
+    stack: usize,
+}
+
+impl EngineClass {
+    /// Builds an engine whose guests get `stack` bytes of wasm stack, with `slots` instances
+    /// in its pool.
+    fn new(settings: &EngineSettings, stack: usize, slots: u32) -> Result<Self> {
         let mut pool = PoolingAllocationConfig::default();
         // One wasip2 component instance holds several core instances (the program plus
         // adapter shims) and tables, but usually one memory; size the pools so that
-        // `max_instances` requests really can run at once.
-        let n = settings.max_instances;
+        // `slots` requests really can run at once.
+        let n = slots;
         pool.total_component_instances(n)
             .total_core_instances(n.saturating_mul(CORE_INSTANCES_PER_COMPONENT))
             .max_core_instances_per_component(CORE_INSTANCES_PER_COMPONENT)
@@ -255,7 +346,9 @@ impl WasmEngine {
             .allocation_strategy(InstanceAllocationStrategy::Pooling(pool))
             .epoch_interruption(true)
             .memory_init_cow(true)
-            .max_wasm_stack(MAX_WASM_STACK)
+            .max_wasm_stack(stack)
+            // The fiber a call runs on holds the wasm stack plus the host calls made from it.
+            .async_stack_size(stack + HOST_STACK)
             .wasm_backtrace_max_frames(std::num::NonZeroUsize::new(64));
         let engine = Engine::new(&config)
             .map_err(anyhow::Error::from)
@@ -282,12 +375,17 @@ impl WasmEngine {
             )
         })?;
         Ok(Self {
-            _ticker: EpochTicker::start(engine.clone()),
             engine,
             linker,
             compiled_dir: settings.compiled_dir.clone(),
             fingerprint,
+            stack,
         })
+    }
+
+    /// The wasm stack its guests get, in bytes.
+    pub fn stack(&self) -> usize {
+        self.stack
     }
 
     /// Where the compiled form of `digest` is cached.
@@ -375,23 +473,23 @@ impl WasmEngine {
             .instantiate_pre(component)
             .map_err(|e| ComponentError::Link(anyhow!(e)))
     }
+}
 
-    /// A store for one request, with its memory limit and a wall-clock deadline enforced
-    /// through epoch interruption. Between ticks a running guest yields, so one busy request
-    /// cannot starve the others on its thread.
-    pub fn new_store(&self, state: GuestState, deadline: Instant) -> Store<GuestState> {
-        let mut store = Store::new(&self.engine, state);
-        store.limiter(|state| &mut state.limits);
-        store.set_epoch_deadline(1);
-        store.epoch_deadline_callback(move |_| {
-            if Instant::now() >= deadline {
-                Ok(UpdateDeadline::Interrupt)
-            } else {
-                Ok(UpdateDeadline::Yield(1))
-            }
-        });
-        store
-    }
+/// A store for one request on `engine` (the one its component was prepared on), with its
+/// memory limit and a wall-clock deadline enforced through epoch interruption. Between ticks
+/// a running guest yields, so one busy request cannot starve the others on its thread.
+pub fn new_store(engine: &Engine, state: GuestState, deadline: Instant) -> Store<GuestState> {
+    let mut store = Store::new(engine, state);
+    store.limiter(|state| &mut state.limits);
+    store.set_epoch_deadline(1);
+    store.epoch_deadline_callback(move |_| {
+        if Instant::now() >= deadline {
+            Ok(UpdateDeadline::Interrupt)
+        } else {
+            Ok(UpdateDeadline::Yield(1))
+        }
+    });
+    store
 }
 
 #[cfg(test)]

@@ -28,6 +28,7 @@ pub fn router(server: Arc<Server>) -> Router {
         .route("/v1/apps/{app}/functions/{function}/spawn", post(spawn))
         .route("/v1/calls/{id}", get(poll))
         .route("/v1/apps/{app}/stats", get(stats))
+        .route("/v1/apps/{app}/calls", get(history))
         .route("/v1/secrets", get(list_secrets))
         .route("/v1/secrets/{name}", put(put_secret).delete(delete_secret))
         .route("/v1/volumes", get(list_volumes))
@@ -148,6 +149,30 @@ async fn stats(
         "version": live.record.version,
         "functions": pools,
     })))
+}
+
+/// The most records one `GET /v1/apps/{app}/calls` returns.
+const MAX_HISTORY_PAGE: usize = 1000;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HistoryQuery {
+    #[serde(default)]
+    limit: Option<usize>,
+}
+
+/// The app's recent calls, newest first (kept after the app is removed, until they expire).
+async fn history(
+    State(server): State<Arc<Server>>,
+    Path(app): Path<String>,
+    Query(query): Query<HistoryQuery>,
+) -> Result<Json<Value>, ApiError> {
+    let limit = query.limit.unwrap_or(50).clamp(1, MAX_HISTORY_PAGE);
+    let records = tokio::task::spawn_blocking(move || server.history.recent(&app, limit))
+        .await
+        .map_err(|e| ApiError::internal(anyhow::anyhow!("history task failed: {e}")))?
+        .map_err(ApiError::internal)?;
+    Ok(Json(serde_json::json!({ "calls": records })))
 }
 
 #[derive(Deserialize)]

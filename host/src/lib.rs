@@ -17,6 +17,7 @@ pub mod bench_cas;
 pub mod bench_container;
 pub mod bench_fs;
 pub mod bench_python;
+pub mod call_history;
 pub mod calls;
 pub mod cli;
 pub mod client_config;

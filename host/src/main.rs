@@ -92,6 +92,19 @@ enum Command {
         /// App name.
         app: String,
     },
+    /// An app's recent calls, newest first: function, engine, status, duration, error.
+    /// Kept 24 h (at most 100,000 in all); a Wasm function's calls to other Wasm functions
+    /// are counted in /metrics instead.
+    Calls {
+        /// App name.
+        app: String,
+        /// How many to show (1-1000).
+        #[arg(long, short = 'n', default_value_t = 20)]
+        limit: usize,
+        /// Print the records as JSON lines.
+        #[arg(long)]
+        json: bool,
+    },
     /// Secrets: named sets of environment variables, encrypted at rest.
     #[command(subcommand)]
     Secret(SecretCommand),
@@ -426,6 +439,10 @@ struct ServeArgs {
     /// Wasm instances that can run at once (pooling allocator slots).
     #[arg(long, default_value_t = 1000)]
     instances: u32,
+    /// Wasm stack per call, in KiB; deeper recursion traps as stack_overflow. An app may ask
+    /// for less with `[limits] wasm_stack_kib`.
+    #[arg(long, default_value_t = 512, value_parser = clap::value_parser!(u32).range(64..=16384))]
+    max_wasm_stack: u32,
     /// Log lines kept per app.
     #[arg(long, default_value_t = 10_000)]
     log_lines: usize,
@@ -573,6 +590,7 @@ async fn run(cli: Cli) -> Result<()> {
                     max_body: args.max_body,
                 },
                 max_instances: args.instances,
+                wasm_stack: args.max_wasm_stack as usize * 1024,
                 log_lines: args.log_lines,
                 no_client_config: args.no_client_config,
                 max_queue: args.max_queue.max(1),
@@ -612,6 +630,9 @@ async fn run(cli: Cli) -> Result<()> {
             std::process::exit(code);
         }
         Command::Stats { app } => lode::python_cli::stats(&client(&cli.client)?, &app).await,
+        Command::Calls { app, limit, json } => {
+            lode::python_cli::calls(&client(&cli.client)?, &app, limit, json).await
+        }
         Command::Secret(command) => {
             let api = client(&cli.client)?;
             match command {

@@ -24,8 +24,70 @@ pub struct Manifest {
     /// Values the app's Wasm functions read with `config.get`.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub config: std::collections::BTreeMap<String, String>,
+    /// Limits on the app's Wasm calls beyond each function's memory and timeout.
+    #[serde(default, skip_serializing_if = "AppLimits::is_default")]
+    pub limits: AppLimits,
     /// The app's functions.
     pub functions: Vec<FunctionSpec>,
+}
+
+/// The smallest and largest Wasm stack an app may ask for, in KiB.
+pub const WASM_STACK_KIB: std::ops::RangeInclusive<u32> = 64..=16 << 10;
+
+/// The deepest call nesting an app may allow.
+pub const MAX_CALL_DEPTH_LIMIT: u32 = 64;
+
+/// The most calls an app may let one outside call lead to.
+pub const MAX_FAN_OUT_LIMIT: u32 = 1_000_000;
+
+/// Limits for untrusted Wasm that hold per app (`[limits]` in lode.toml). Absent fields take
+/// the server's defaults.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct AppLimits {
+    /// Wasm stack per call, in KiB; deeper recursion traps as `stack_overflow`. At most the
+    /// server's `--max-wasm-stack`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wasm_stack_kib: Option<u32>,
+    /// How deep calls through `invoke` and `spawn` may nest below the call that came from
+    /// outside (which is depth 0).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub call_depth: Option<u32>,
+    /// How many calls, nested ones included, one call from outside may lead to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fan_out: Option<u32>,
+}
+
+impl AppLimits {
+    fn is_default(&self) -> bool {
+        *self == Self::default()
+    }
+
+    fn validate(&self, problems: &mut Vec<String>) {
+        if let Some(kib) = self.wasm_stack_kib
+            && !WASM_STACK_KIB.contains(&kib)
+        {
+            problems.push(format!(
+                "limits: wasm_stack_kib {kib} must be {} to {} (KiB)",
+                WASM_STACK_KIB.start(),
+                WASM_STACK_KIB.end()
+            ));
+        }
+        if let Some(depth) = self.call_depth
+            && !(1..=MAX_CALL_DEPTH_LIMIT).contains(&depth)
+        {
+            problems.push(format!(
+                "limits: call_depth {depth} must be 1 to {MAX_CALL_DEPTH_LIMIT}"
+            ));
+        }
+        if let Some(fan_out) = self.fan_out
+            && !(1..=MAX_FAN_OUT_LIMIT).contains(&fan_out)
+        {
+            problems.push(format!(
+                "limits: fan_out {fan_out} must be 1 to {MAX_FAN_OUT_LIMIT}"
+            ));
+        }
+    }
 }
 
 fn default_version() -> u32 {
@@ -280,6 +342,7 @@ impl Manifest {
         if self.functions.is_empty() {
             problems.push("the manifest lists no functions".into());
         }
+        self.limits.validate(&mut problems);
         let mut names = BTreeSet::new();
         let mut web_paths = BTreeSet::new();
         for function in &self.functions {
@@ -507,6 +570,10 @@ mod tests {
             version: 1,
             app: "My App".into(),
             config: Default::default(),
+            limits: AppLimits {
+                call_depth: Some(0),
+                ..Default::default()
+            },
             functions: vec![wasm_fn("web"), second],
         };
         let problems = manifest.validate().unwrap_err();
@@ -516,6 +583,7 @@ mod tests {
         assert!(all.contains("is not a digest"), "{all}");
         assert!(all.contains("timeout -1"), "{all}");
         assert!(all.contains("claimed by more than one"), "{all}");
+        assert!(all.contains("call_depth 0 must be 1 to 64"), "{all}");
     }
 
     #[test]
@@ -524,6 +592,11 @@ mod tests {
             version: 1,
             app: "hello".into(),
             config: Default::default(),
+            limits: AppLimits {
+                wasm_stack_kib: Some(128),
+                call_depth: None,
+                fan_out: Some(10),
+            },
             functions: vec![wasm_fn("web")],
         };
         let json = serde_json::to_string(&manifest).unwrap();

@@ -71,6 +71,8 @@ pub struct Metrics {
     pub call_duration: Family<FunctionLabels, Histogram, fn() -> Histogram>,
     /// Containers started for Python functions (each is a cold start).
     pub cold_starts: Family<FunctionLabels, Counter>,
+    /// Call records dropped because the history writer fell behind.
+    pub call_records_dropped: Counter,
 }
 
 impl Default for Metrics {
@@ -86,6 +88,12 @@ impl Default for Metrics {
         let call_errors = Family::<FunctionLabels, Counter>::default();
         let call_duration = Family::new_with_constructor(latency_histogram as fn() -> Histogram);
         let cold_starts = Family::<FunctionLabels, Counter>::default();
+        let call_records_dropped = Counter::default();
+        registry.register(
+            "call_records_dropped",
+            "Call records not kept because the history writer fell behind",
+            call_records_dropped.clone(),
+        );
         registry.register("function_calls", "Calls by name", calls.clone());
         registry.register(
             "function_call_errors",
@@ -144,6 +152,7 @@ impl Default for Metrics {
             call_errors,
             call_duration,
             cold_starts,
+            call_records_dropped,
         }
     }
 }

@@ -24,6 +24,7 @@ use crate::logs::{LogStore, Stream};
 use crate::manifest::Retries;
 use crate::native::Native;
 use crate::server::Server;
+use crate::wasm_calls::{CallLimits, CallTree};
 
 type ExitWatch = tokio::sync::watch::Receiver<Option<agent::Exit>>;
 
@@ -91,6 +92,8 @@ pub struct PoolSpec {
     pub network: Network,
     /// Working directory.
     pub workdir: String,
+    /// The app's bounds on the calls its code makes.
+    pub call_limits: CallLimits,
 }
 
 /// Why an input was not taken.
@@ -131,6 +134,8 @@ pub struct PoolStats {
 
 struct Job {
     payload: serde_json::Map<String, serde_json::Value>,
+    /// Where the input sits in its call tree; calls its code makes join the tree there.
+    tree: CallTree,
     /// Retries used so far.
     attempt: u32,
     reply: oneshot::Sender<Outcome>,
@@ -141,10 +146,12 @@ struct Job {
 impl Job {
     fn new(
         payload: serde_json::Map<String, serde_json::Value>,
+        tree: CallTree,
         reply: oneshot::Sender<Outcome>,
     ) -> Self {
         Self {
             payload,
+            tree,
             attempt: 0,
             reply,
             timer: None,
@@ -263,6 +270,7 @@ impl Pool {
     pub async fn submit(
         self: &Arc<Self>,
         payload: serde_json::Map<String, serde_json::Value>,
+        tree: Option<CallTree>,
     ) -> Result<Outcome, Rejected> {
         if self.closed.load(Ordering::Relaxed) {
             return Err(Rejected::Closed);
@@ -274,7 +282,8 @@ impl Pool {
                 // Roughly when a slot frees up: a second, or the window a cold start takes.
                 return Err(Rejected::QueueFull(Duration::from_secs(1)));
             }
-            state.queue.push_back(Job::new(payload, reply));
+            let tree = CallTree::enter(tree, self.spec.call_limits);
+            state.queue.push_back(Job::new(payload, tree, reply));
         }
         self.pump();
         Ok(answer.await.unwrap_or_else(|_| {
@@ -591,6 +600,13 @@ impl Pool {
                     };
                     let server = self.ctx.server.get().and_then(Weak::upgrade);
                     let caller_app = self.spec.app.to_string();
+                    // A call made while serving an input joins that input's call tree; one
+                    // from elsewhere (a thread of the user's own) starts a tree of its own.
+                    let tree = request.input.as_ref().and_then(|input| {
+                        let in_flight = worker.in_flight.lock().unwrap();
+                        in_flight.get(input).map(|job| job.tree.clone())
+                    });
+                    let fan_out = self.spec.call_limits.fan_out;
                     tokio::spawn(async move {
                         let _permit = permit;
                         let outcome = match server {
@@ -598,7 +614,11 @@ impl Pool {
                                 "unavailable",
                                 "the server is shutting down",
                             )),
-                            Some(server) => server.inner_call(&caller_app, request).await,
+                            Some(server) => {
+                                server
+                                    .inner_call(&caller_app, tree.as_ref(), fan_out, request)
+                                    .await
+                            }
                         };
                         let _ = reply.send(ToAgent::CallResult { call_id, outcome });
                     });

@@ -393,7 +393,8 @@ async fn run(
         .guest_wasi(app.clone(), request_id.clone())
         .build();
     let instantiate_started = Instant::now();
-    let mut store = server.engine.new_store(
+    let mut store = crate::engine::new_store(
+        function.pre.engine(),
         GuestState::new(wasi, function.memory, function.outbound.clone()),
         deadline,
     );

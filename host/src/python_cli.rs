@@ -106,6 +106,7 @@ pub async fn deploy(
         version: MANIFEST_VERSION,
         app: app.clone(),
         config: Default::default(),
+        limits: Default::default(),
         functions,
     };
     if let Err(problems) = manifest.validate() {
@@ -340,6 +341,50 @@ pub async fn stats(client: &ApiClient, app: &str) -> Result<()> {
             n("inputs"),
             n("failures"),
             format!("{}/{}", n("min_containers"), n("max_containers")),
+        );
+    }
+    Ok(())
+}
+
+/// `lode calls APP`: the app's recent calls, newest first.
+pub async fn calls(client: &ApiClient, app: &str, limit: usize, json: bool) -> Result<()> {
+    let answer: Value = client
+        .json(client.request(
+            Method::GET,
+            &format!("/v1/apps/{app}/calls?limit={}", limit.clamp(1, 1000)),
+        ))
+        .await?;
+    let records: Vec<crate::call_history::HistoryRecord> =
+        serde_json::from_value(answer["calls"].clone()).context("reading the call records")?;
+    if json {
+        for record in &records {
+            println!("{}", serde_json::to_string(record)?);
+        }
+        return Ok(());
+    }
+    if records.is_empty() {
+        println!("no calls of {app} recorded in the last 24 h");
+        return Ok(());
+    }
+    println!(
+        "{:<24} {:<20} {:<7} {:<9} {:>11}  ERROR",
+        "TIME (UTC)", "FUNCTION", "ENGINE", "STATUS", "DURATION"
+    );
+    for record in records {
+        let at = chrono::DateTime::from_timestamp_millis(record.created_ms as i64)
+            .map(|t| t.format("%Y-%m-%d %H:%M:%S%.3f").to_string())
+            .unwrap_or_default();
+        let status = serde_json::to_value(record.status)?;
+        let error = record
+            .error
+            .map(|e| format!("{}: {}", e.kind, e.message.lines().next().unwrap_or("")))
+            .unwrap_or_default();
+        println!(
+            "{at:<24} {:<20} {:<7} {:<9} {:>9.2}ms  {error}",
+            record.function,
+            record.engine,
+            status.as_str().unwrap_or("?"),
+            record.duration_ms,
         );
     }
     Ok(())

@@ -47,6 +47,8 @@ pub struct ServeOptions {
     pub limits: Limits,
     /// Pool size.
     pub max_instances: u32,
+    /// Wasm stack per call, in bytes; apps may ask for less.
+    pub wasm_stack: usize,
     /// Lines kept per app.
     pub log_lines: usize,
     /// Skip writing `~/.config/lode/client.json`.
@@ -187,6 +189,7 @@ pub async fn serve(options: ServeOptions) -> Result<()> {
         compiled_dir: options.cache_dir.join("compiled"),
         max_instances: options.max_instances,
         max_memory: options.limits.max_memory,
+        wasm_stack: options.wasm_stack,
     })?;
     let registry = open_registry(&options.data_dir)?;
     // The chunk cache and the image mounts belong to this process (the native runner mounts

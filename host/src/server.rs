@@ -12,8 +12,9 @@ use serde::Serialize;
 use tokio::sync::mpsc;
 use wasmtime_wasi_http::p2::bindings::ProxyPre;
 
+use crate::call_history::CallHistory;
 use crate::calls::Calls;
-use crate::engine::{ComponentError, GuestState, LoadKind, WasmEngine};
+use crate::engine::{ComponentError, EngineClass, GuestState, LoadKind, WasmEngine};
 use crate::logs::{LogStore, Stream};
 use crate::manifest::{FunctionSpec, Manifest, Runtime};
 use crate::metrics::Metrics;
@@ -22,7 +23,7 @@ use crate::pool::{Pool, PoolContext, PoolSpec};
 use crate::schedule::Schedule;
 use crate::secrets::Secrets;
 use crate::state::{AppRecord, StateStore};
-use crate::wasm_calls::WasmFunction;
+use crate::wasm_calls::{CallLimits, WasmFunction};
 use lode_native_runner::builder::BuildEvent;
 use lode_native_runner::image_spec::ImageSpec;
 use std::path::PathBuf;
@@ -292,6 +293,8 @@ pub struct Server {
     pub functions: Functions,
     /// Spawned calls.
     pub calls: Calls,
+    /// Every call's summary.
+    pub history: CallHistory,
     apps: ArcSwap<HashMap<String, Arc<LiveApp>>>,
     /// Serializes the record-and-swap step of deploys and removals (not compilation).
     commit_lock: tokio::sync::Mutex<()>,
@@ -318,12 +321,15 @@ impl Server {
         functions: Functions,
     ) -> Arc<Self> {
         let calls = Calls::persistent(state.clone());
+        let metrics = Metrics::default();
+        let history = CallHistory::start(state.clone(), metrics.call_records_dropped.clone());
         let server = Arc::new(Self {
             engine,
             blobs,
             state,
             logs,
-            metrics: Metrics::default(),
+            metrics,
+            history,
             limits,
             protected: Arc::new(protected),
             urls,
@@ -401,6 +407,15 @@ impl Server {
     /// streaming progress.
     pub fn precheck(&self, manifest: &Manifest) -> Result<(), DeployError> {
         manifest.validate().map_err(DeployError::Invalid)?;
+        if manifest
+            .functions
+            .iter()
+            .any(|f| f.runtime == Runtime::Wasm)
+        {
+            self.engine
+                .class(manifest.limits.wasm_stack_kib)
+                .map_err(DeployError::Unsupported)?;
+        }
         let mut missing = Vec::new();
         for function in &manifest.functions {
             self.check_engine_fits(function)?;
@@ -472,6 +487,10 @@ impl Server {
     ) -> Result<Built, DeployError> {
         let app: Arc<str> = Arc::from(manifest.app.as_str());
         let mut built = Built::default();
+        let class = self
+            .engine
+            .class(manifest.limits.wasm_stack_kib)
+            .map_err(DeployError::Unsupported)?;
         let mut images = HashMap::new();
         for function in manifest
             .functions
@@ -479,7 +498,13 @@ impl Server {
             .filter(|f| f.runtime == Runtime::Python)
         {
             let pool = self
-                .build_python(&app, function, progress, &mut images)
+                .build_python(
+                    &app,
+                    CallLimits::of(&manifest.limits),
+                    function,
+                    progress,
+                    &mut images,
+                )
                 .await?;
             if let Some(web) = &function.web {
                 built.python_routes.push(PythonRoute {
@@ -507,7 +532,7 @@ impl Server {
                 .parse()
                 .map_err(|e: lode_registry::Error| DeployError::Invalid(vec![e.to_string()]))?;
             let component = self
-                .load_component(&app, &function.name, &digest, progress)
+                .load_component(&class, &app, &function.name, &digest, progress)
                 .await?;
             let refused = |source| DeployError::Component {
                 function: function.name.clone(),
@@ -520,7 +545,7 @@ impl Server {
                 .unwrap_or(self.limits.default_memory);
             // A component exporting lode:function takes calls by name; one that serves HTTP
             // needs a route. Either is enough, both are fine.
-            match self.engine.prepare_function(&component) {
+            match class.prepare_function(&component) {
                 Ok(pre) => {
                     let mut preopens = Vec::new();
                     for volume in &function.volumes {
@@ -545,6 +570,8 @@ impl Server {
                             ),
                             config: Arc::new(config),
                             preopens,
+                            limits: CallLimits::of(&manifest.limits),
+                            wasm_stack: class.stack(),
                         }),
                     );
                 }
@@ -554,7 +581,7 @@ impl Server {
             let Some(web) = &function.web else {
                 continue;
             };
-            let pre = self.engine.prepare_proxy(&component).map_err(refused)?;
+            let pre = class.prepare_proxy(&component).map_err(refused)?;
             built.routes.push(Arc::new(HttpFunction {
                 app: app.clone(),
                 name: function.name.clone(),
@@ -632,6 +659,7 @@ impl Server {
     async fn build_python(
         &self,
         app: &Arc<str>,
+        call_limits: CallLimits,
         function: &FunctionSpec,
         progress: Option<&mpsc::Sender<DeployEvent>>,
         images: &mut HashMap<String, Digest>,
@@ -766,12 +794,14 @@ impl Server {
                 }
             },
             workdir: config.workdir.clone().unwrap_or_else(|| "/".into()),
+            call_limits,
         };
         Ok(Pool::start(spec, self.functions.pools.clone()))
     }
 
     async fn load_component(
         self: &Arc<Self>,
+        class: &Arc<EngineClass>,
         app: &str,
         function: &str,
         digest: &Digest,
@@ -787,13 +817,10 @@ impl Server {
                 })
                 .await;
         }
-        let server = self.clone();
+        let (class, blobs) = (class.clone(), self.blobs.clone());
         let blob = digest.clone();
         let mut job = tokio::task::spawn_blocking(move || {
-            let blobs = server.blobs.clone();
-            server
-                .engine
-                .load(&blob, || blobs.get(&blob).map_err(anyhow::Error::from))
+            class.load(&blob, || blobs.get(&blob).map_err(anyhow::Error::from))
         });
         let mut heartbeat = tokio::time::interval(Duration::from_millis(500));
         heartbeat.tick().await;

@@ -7,7 +7,7 @@
 use std::path::Path;
 
 use anyhow::{Context, Result};
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use serde::{Deserialize, Serialize};
 
 use crate::manifest::Manifest;
@@ -39,6 +39,22 @@ pub trait StateStore: Send + Sync + 'static {
     fn list_entries(&self, table: Table) -> Result<Vec<(String, Vec<u8>)>>;
     /// Removes `key` from `table`; returns whether it was there.
     fn delete_entry(&self, table: Table, key: &str) -> Result<bool>;
+    /// Stores `entries` in `table` in one durable commit, then drops keys below `drop_below`
+    /// and, the smallest first, whatever is over `keep` entries.
+    fn append_entries(
+        &self,
+        table: Table,
+        entries: &[(String, Vec<u8>)],
+        drop_below: &str,
+        keep: u64,
+    ) -> Result<()>;
+    /// Values in `table` from the largest key down, those `accept` takes, at most `limit`.
+    fn newest_entries(
+        &self,
+        table: Table,
+        limit: usize,
+        accept: &mut dyn FnMut(&[u8]) -> bool,
+    ) -> Result<Vec<Vec<u8>>>;
 }
 
 /// The keyed tables beside the apps.
@@ -50,18 +66,22 @@ pub enum Table {
     Schedules,
     /// Spawned calls' records.
     Calls,
+    /// Every call's summary, keyed so that keys sort by time.
+    History,
 }
 
 const APPS: TableDefinition<&str, &[u8]> = TableDefinition::new("apps");
 const SECRETS: TableDefinition<&str, &[u8]> = TableDefinition::new("secrets");
 const SCHEDULES: TableDefinition<&str, &[u8]> = TableDefinition::new("schedules");
 const CALLS: TableDefinition<&str, &[u8]> = TableDefinition::new("calls");
+const HISTORY: TableDefinition<&str, &[u8]> = TableDefinition::new("history");
 
 fn definition(table: Table) -> TableDefinition<'static, &'static str, &'static [u8]> {
     match table {
         Table::Secrets => SECRETS,
         Table::Schedules => SCHEDULES,
         Table::Calls => CALLS,
+        Table::History => HISTORY,
     }
 }
 
@@ -83,7 +103,7 @@ impl RedbStore {
             )
         })?;
         let txn = db.begin_write()?;
-        for table in [APPS, SECRETS, SCHEDULES, CALLS] {
+        for table in [APPS, SECRETS, SCHEDULES, CALLS, HISTORY] {
             txn.open_table(table)?;
         }
         txn.commit()?;
@@ -151,6 +171,50 @@ impl StateStore for RedbStore {
         txn.commit()?;
         Ok(existed)
     }
+
+    fn append_entries(
+        &self,
+        table: Table,
+        entries: &[(String, Vec<u8>)],
+        drop_below: &str,
+        keep: u64,
+    ) -> Result<()> {
+        let txn = self.db.begin_write()?;
+        {
+            let mut table = txn.open_table(definition(table))?;
+            for (key, value) in entries {
+                table.insert(key.as_str(), value.as_slice())?;
+            }
+            table.retain_in(..drop_below, |_, _| false)?;
+            let mut over = table.len()?.saturating_sub(keep);
+            while over > 0 && table.pop_first()?.is_some() {
+                over -= 1;
+            }
+        }
+        txn.commit()?;
+        Ok(())
+    }
+
+    fn newest_entries(
+        &self,
+        table: Table,
+        limit: usize,
+        accept: &mut dyn FnMut(&[u8]) -> bool,
+    ) -> Result<Vec<Vec<u8>>> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(definition(table))?;
+        let mut found = Vec::new();
+        for entry in table.iter()?.rev() {
+            if found.len() >= limit {
+                break;
+            }
+            let (_, value) = entry?;
+            if accept(value.value()) {
+                found.push(value.value().to_vec());
+            }
+        }
+        Ok(found)
+    }
 }
 
 #[cfg(test)]
@@ -164,6 +228,7 @@ mod tests {
                 version: 1,
                 app: app.into(),
                 config: Default::default(),
+                limits: Default::default(),
                 functions: vec![],
             },
             version,
@@ -184,6 +249,31 @@ mod tests {
         }
         let store = RedbStore::open(dir.path()).unwrap();
         assert_eq!(store.list_apps().unwrap(), vec![record("a", 2)]);
+    }
+
+    #[test]
+    fn appended_entries_are_trimmed_by_age_and_count_and_read_newest_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = RedbStore::open(dir.path()).unwrap();
+        let batch = |keys: &[&str]| -> Vec<(String, Vec<u8>)> {
+            keys.iter()
+                .map(|k| (k.to_string(), k.as_bytes().to_vec()))
+                .collect()
+        };
+        store
+            .append_entries(Table::History, &batch(&["01", "02", "03"]), "02", 10)
+            .unwrap();
+        store
+            .append_entries(Table::History, &batch(&["04", "05", "06"]), "00", 4)
+            .unwrap();
+        let all = store
+            .newest_entries(Table::History, 10, &mut |_| true)
+            .unwrap();
+        assert_eq!(all, [b"06", b"05", b"04", b"03"]);
+        let odd = store
+            .newest_entries(Table::History, 1, &mut |v| v[1] % 2 == 1)
+            .unwrap();
+        assert_eq!(odd, [b"05"]);
     }
 
     #[test]

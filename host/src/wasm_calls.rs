@@ -4,7 +4,8 @@
 //! and a wall-clock deadline (epochs), and runs `handler.call` on the JSON call payload. The
 //! guest's imports go back through the one router: `invoke` and `spawn` reach any function,
 //! Wasm or Python, with the call depth and the number of calls one top-level call may fan
-//! out to bounded, so a component that calls itself forever is stopped by name.
+//! out to bounded (per app, `[limits]`), so a component that calls itself forever is stopped
+//! by name.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -34,11 +35,108 @@ use bindings::lode;
 pub use bindings::{Function, FunctionPre};
 use lode::function::types::Error as GuestError;
 
-/// How deep calls through `invoke` may nest (a call from the API is depth 0).
-pub const MAX_CALL_DEPTH: u32 = 16;
+/// How deep calls through `invoke` may nest (a call from the API is depth 0), unless the
+/// app's `[limits] call_depth` says otherwise.
+pub const DEFAULT_CALL_DEPTH: u32 = 16;
 
-/// How many calls one top-level call may make in all, nested ones included.
-pub const MAX_FAN_OUT: u32 = 100_000;
+/// How many calls one top-level call may make in all, nested ones included, unless the
+/// app's `[limits] fan_out` says otherwise.
+pub const DEFAULT_FAN_OUT: u32 = 100_000;
+
+/// Where a call sits in the tree of calls that one call from outside led to.
+#[derive(Clone)]
+pub struct CallTree {
+    /// 0 for the call from outside.
+    depth: u32,
+    /// The tightest `call_depth` of the apps on the way down.
+    max_depth: u32,
+    /// Calls made in the whole tree so far, and the root app's `fan_out`.
+    made: Arc<AtomicU32>,
+    max_made: u32,
+    /// Made by a Wasm function (in-process), rather than from outside or a container.
+    from_wasm: bool,
+}
+
+impl CallTree {
+    /// 0 for the call from outside, one more for each call on the way down.
+    pub fn depth(&self) -> u32 {
+        self.depth
+    }
+
+    /// Whether a Wasm function made the call, in-process.
+    pub fn from_wasm(&self) -> bool {
+        self.from_wasm
+    }
+
+    /// Where a call to a function of an app with `limits` stands: at the root of a new tree
+    /// when it came from outside (`None`), or where its caller put it, with this app's
+    /// depth bound folded in.
+    pub fn enter(tree: Option<CallTree>, limits: CallLimits) -> Self {
+        match tree {
+            Some(tree) => Self {
+                max_depth: tree.max_depth.min(limits.call_depth),
+                ..tree
+            },
+            None => Self {
+                depth: 0,
+                max_depth: limits.call_depth,
+                made: Arc::default(),
+                max_made: limits.fan_out,
+                from_wasm: false,
+            },
+        }
+    }
+
+    /// Takes one more call, one level deeper, from a function (a Wasm one: `from_wasm`) whose
+    /// app allows `fan_out` calls; returns the callee's place, or the named error when a
+    /// bound is hit.
+    pub fn admit(&self, fan_out: u32, from_wasm: bool) -> Result<CallTree, ErrorInfo> {
+        if self.depth >= self.max_depth {
+            return Err(ErrorInfo::lode(
+                "call_depth",
+                format!(
+                    "calls nest more than {} deep (a function calling itself without end? \
+                     `[limits] call_depth` sets the bound)",
+                    self.max_depth
+                ),
+            ));
+        }
+        let max_made = self.max_made.min(fan_out);
+        if self.made.fetch_add(1, Ordering::Relaxed) >= max_made {
+            return Err(ErrorInfo::lode(
+                "fan_out",
+                format!(
+                    "one call may lead to at most {max_made} calls in all (`[limits] fan_out` \
+                     sets the bound)"
+                ),
+            ));
+        }
+        Ok(CallTree {
+            depth: self.depth + 1,
+            from_wasm,
+            ..self.clone()
+        })
+    }
+}
+
+/// An app's bounds on the calls its functions make.
+#[derive(Debug, Clone, Copy)]
+pub struct CallLimits {
+    /// How deep calls may nest.
+    pub call_depth: u32,
+    /// How many calls one call from outside may lead to.
+    pub fan_out: u32,
+}
+
+impl CallLimits {
+    /// The app's `[limits]`, with the defaults where it names none.
+    pub fn of(limits: &crate::manifest::AppLimits) -> Self {
+        Self {
+            call_depth: limits.call_depth.unwrap_or(DEFAULT_CALL_DEPTH),
+            fan_out: limits.fan_out.unwrap_or(DEFAULT_FAN_OUT),
+        }
+    }
+}
 
 /// A deployed Wasm function that takes calls.
 pub struct WasmFunction {
@@ -59,15 +157,20 @@ pub struct WasmFunction {
     /// Volumes preopened for it: host directory, guest path, read-only. It sees no other
     /// files; `..` out of a preopen is refused (cap-std).
     pub preopens: Vec<(std::path::PathBuf, String, bool)>,
+    /// Its app's bounds on nested calls.
+    pub limits: CallLimits,
+    /// The wasm stack its engine gives it, in bytes.
+    pub wasm_stack: usize,
 }
 
 /// What a running call knows about where it is, for its imports.
 pub struct CallContext {
     server: Weak<Server>,
     app: Arc<str>,
-    depth: u32,
-    /// Calls made under the same top-level call, shared down the tree.
-    fan_out: Arc<AtomicU32>,
+    /// This call's place in its tree, with this app's limits folded in.
+    tree: CallTree,
+    /// This app's `fan_out`, checked against the whole tree's count.
+    fan_out: u32,
     config: Arc<BTreeMap<String, String>>,
 }
 
@@ -90,24 +193,11 @@ fn to_guest(outcome: Outcome) -> Result<Vec<u8>, GuestError> {
 }
 
 impl CallContext {
-    /// The call tree's budget: one more call, and one level deeper.
-    fn admit(&self) -> Result<u32, GuestError> {
-        if self.depth >= MAX_CALL_DEPTH {
-            return Err(guest_error(
-                "call_depth",
-                format!(
-                    "calls nest more than {MAX_CALL_DEPTH} deep (a function calling itself \
-                     without end?)"
-                ),
-            ));
-        }
-        if self.fan_out.fetch_add(1, Ordering::Relaxed) >= MAX_FAN_OUT {
-            return Err(guest_error(
-                "fan_out",
-                format!("one call may make at most {MAX_FAN_OUT} calls in all"),
-            ));
-        }
-        Ok(self.depth + 1)
+    /// The call tree's budget: one more call, one level deeper. Returns the callee's place.
+    fn admit(&self) -> Result<CallTree, GuestError> {
+        self.tree
+            .admit(self.fan_out, true)
+            .map_err(|e| guest_error(&e.kind, e.message))
     }
 
     fn server(&self) -> Result<Arc<Server>, GuestError> {
@@ -147,12 +237,11 @@ impl lode::function::invoke::Host for GuestState {
         input: Vec<u8>,
     ) -> Result<Vec<u8>, GuestError> {
         let ctx = context(self)?;
-        let depth = ctx.admit()?;
+        let tree = ctx.admit()?;
         let body = payload(&input)?;
         let server = ctx.server()?;
         let app = ctx.target_app(app);
-        let fan_out = ctx.fan_out.clone();
-        let outcome = Box::pin(server.call_within(&app, &function, &body, depth, fan_out)).await;
+        let outcome = Box::pin(server.call_within(&app, &function, &body, Some(tree))).await;
         match outcome {
             Ok(outcome) => to_guest(outcome),
             Err(e) => Err(guest_error(&e.error.kind, e.error.message)),
@@ -166,12 +255,12 @@ impl lode::function::invoke::Host for GuestState {
         input: Vec<u8>,
     ) -> Result<String, GuestError> {
         let ctx = context(self)?;
-        let depth = ctx.admit()?;
+        let tree = ctx.admit()?;
         let body = payload(&input)?;
         let server = ctx.server()?;
         let app = ctx.target_app(app);
         server
-            .spawn_call_within(&app, &function, body, depth, ctx.fan_out.clone())
+            .spawn_call_within(&app, &function, body, Some(tree))
             .map_err(|e| guest_error(&e.error.kind, e.error.message))
     }
 
@@ -224,14 +313,13 @@ impl lode::function::config::Host for GuestState {
 }
 
 impl Server {
-    /// Runs one call of a Wasm function at `depth` in a call tree whose calls are counted in
-    /// `fan_out`.
+    /// Runs one call of a Wasm function, at its place in a call tree (`None`: a call from
+    /// outside, which starts one with the function's limits).
     pub(crate) async fn run_wasm(
         self: &Arc<Self>,
         function: Arc<WasmFunction>,
         body: &serde_json::Value,
-        depth: u32,
-        fan_out: Arc<AtomicU32>,
+        tree: Option<CallTree>,
     ) -> Outcome {
         let request_id: Arc<str> =
             Arc::from(format!("{}-{:08x}", function.name, rand::random::<u32>()));
@@ -254,12 +342,12 @@ impl Server {
         state.calls = Some(CallContext {
             server: Arc::downgrade(self),
             app: function.app.clone(),
-            depth,
-            fan_out,
+            tree: CallTree::enter(tree, function.limits),
+            fan_out: function.limits.fan_out,
             config: function.config.clone(),
         });
         let deadline = Instant::now() + function.timeout;
-        let mut store = self.engine.new_store(state, deadline);
+        let mut store = crate::engine::new_store(function.pre.engine(), state, deadline);
         let input = serde_json::to_vec(body).expect("JSON values encode");
         let run = async {
             let instance = function.pre.instantiate_async(&mut store).await?;
@@ -293,7 +381,11 @@ impl Server {
                 Some(Trap::Interrupt) => timed_out(),
                 Some(Trap::StackOverflow) => Outcome::failed(ErrorInfo::lode(
                     "stack_overflow",
-                    format!("{} ran out of wasm stack", function.name),
+                    format!(
+                        "{} ran out of wasm stack ({} KiB; `[limits] wasm_stack_kib` sets it)",
+                        function.name,
+                        function.wasm_stack >> 10
+                    ),
                 )),
                 // The limiter refuses the growth and traps (`trap_on_grow_failure`), with
                 // wasmtime's "forcing trap when growing memory to N bytes".

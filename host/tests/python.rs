@@ -29,20 +29,6 @@ fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
 
-/// Polls `check` until it returns `Some`, for at most `limit`.
-fn wait_for<T>(limit: Duration, mut check: impl FnMut() -> Option<T>) -> Option<T> {
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(value) = check() {
-            return Some(value);
-        }
-        if Instant::now() > deadline {
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 fn stats_row(lode: &Lode, app: &str, function: &str) -> Vec<String> {
     let out = lode.cli_ok(&["stats", app]);
     out.lines()
@@ -105,7 +91,7 @@ fn python_hello_deploys_calls_maps_spawns_serves_http_and_ticks() {
     assert!(stderr.contains("shouting 'hello'"), "{stderr}");
 
     // The period schedule (every 5 s) fires by itself.
-    let ticked = wait_for(Duration::from_secs(15), || {
+    let ticked = harness::wait_for(Duration::from_secs(15), || {
         let logs = lode.cli_ok(&["logs", "hello-py"]);
         logs.contains(" tick").then_some(logs)
     });
@@ -249,7 +235,7 @@ fn a_full_queue_answers_429_and_idle_containers_scale_down() {
     assert!(statuses.iter().any(|(s, _)| *s == 200), "{statuses:?}");
 
     // min_containers are started at deploy and kept, with no call made.
-    let warm = wait_for(Duration::from_secs(20), || {
+    let warm = harness::wait_for(Duration::from_secs(20), || {
         (stats_row(&lode, "feat", "kept_warm")[1] == "1").then_some(())
     });
     assert!(
@@ -261,7 +247,7 @@ fn a_full_queue_answers_429_and_idle_containers_scale_down() {
     // The container that served stays warm, then goes after its 1 s window.
     let row = stats_row(&lode, "feat", "slow");
     assert_eq!(row[5], "1", "one cold start: {row:?}");
-    let gone = wait_for(Duration::from_secs(10), || {
+    let gone = harness::wait_for(Duration::from_secs(10), || {
         (stats_row(&lode, "feat", "slow")[1] == "0").then_some(())
     });
     assert!(gone.is_some(), "{:?}", stats_row(&lode, "feat", "slow"));
@@ -412,7 +398,7 @@ fn a_period_schedule_fires_across_restarts_without_double_or_burst_runs() {
     lode.cli_ok(&["secret", "create", "feat-api", "TOKEN=x"]);
     lode.cli_ok(&["deploy", &app_file("host/tests/python/features.py")]);
     assert!(
-        wait_for(Duration::from_secs(20), || (beats(&lode).len() >= 2)
+        harness::wait_for(Duration::from_secs(20), || (beats(&lode).len() >= 2)
             .then_some(()))
         .is_some(),
         "{:?}",
@@ -422,7 +408,7 @@ fn a_period_schedule_fires_across_restarts_without_double_or_burst_runs() {
     lode.restart();
     let before = beats(&lode).len();
     assert!(
-        wait_for(Duration::from_secs(20), || (beats(&lode).len()
+        harness::wait_for(Duration::from_secs(20), || (beats(&lode).len()
             >= before + 2)
             .then_some(()))
         .is_some(),
@@ -435,7 +421,7 @@ fn a_period_schedule_fires_across_restarts_without_double_or_burst_runs() {
     let at_restart = beats(&lode).len();
     lode.restart();
     assert!(
-        wait_for(Duration::from_secs(20), || (beats(&lode).len()
+        harness::wait_for(Duration::from_secs(20), || (beats(&lode).len()
             > at_restart)
             .then_some(()))
         .is_some()

@@ -4,6 +4,9 @@
 mod harness;
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde_json::json;
 
 use harness::Lode;
 
@@ -55,22 +58,74 @@ fn fan_out_spawn_and_calls_across_engines() {
         .trim(),
         "14"
     );
-    // Python to Wasm: from the SDK on this machine, and from inside a container.
+    // Python to Wasm: from the SDK on this machine (remote, map, spawn), and from inside a
+    // container.
     let sdk = lode::sdk::extract(&lode.dirs.path().join("sdk")).unwrap();
+    let script = "import lode\n\
+                  print(lode.Function.from_name('fan', 'main').remote({'n': 10}))\n\
+                  square = lode.Function.from_name('fan', 'square')\n\
+                  print(list(square.map([1, 2, 3])))\n\
+                  print(square.spawn(7).get(timeout=30))\n\
+                  try:\n    square.remote('x')\n\
+                  except lode.RemoteError as e:\n    print(e.kind)\n";
     let out = std::process::Command::new("python3")
-        .args([
-            "-c",
-            "import lode; print(lode.Function.from_name('fan', 'main').remote({'n': 10}))",
-        ])
+        .args(["-c", script])
         .env("PYTHONPATH", &sdk)
         .env("LODE_API", &lode.api)
         .env("LODE_TOKEN", &lode.token)
         .output()
         .unwrap();
-    assert_eq!(text(&out.stdout).trim(), "285", "{}", text(&out.stderr));
+    assert_eq!(
+        text(&out.stdout).lines().collect::<Vec<_>>(),
+        ["285", "[1, 4, 9]", "49", "invalid_input"],
+        "{}",
+        text(&out.stderr)
+    );
     lode.cli_ok(&["secret", "create", "feat-api", "TOKEN=x"]);
     lode.cli_ok(&["deploy", &path("host/tests/python/features.py")]);
     assert_eq!(lode.cli_ok(&["call", "feat/wasm_square", "9"]).trim(), "81");
+
+    // A loop across engines (limits/probe calls feat/bounce, which calls it back) is stopped
+    // by the Wasm app's call_depth of 6: a container's calls carry their input's depth.
+    lode.cli_ok(&["deploy", &path("samples/wasm-limits")]);
+    let err = call_err(&lode, &["limits/probe", "bounce"]);
+    assert!(
+        err.contains("call_depth: calls nest more than 6 deep"),
+        "{err}"
+    );
+
+    // Calls are recorded: main's from outside, the Wasm-to-Python ones and the one from
+    // feat/wasm_square's container; square's 1000-odd in-process calls from main are
+    // counted in /metrics instead.
+    let records = |app: &str| -> Vec<serde_json::Value> {
+        lode.cli_ok(&["calls", app, "--json", "-n", "1000"])
+            .lines()
+            .map(|line| serde_json::from_str(line).unwrap())
+            .collect()
+    };
+    let fan = harness::wait_for(Duration::from_secs(10), || {
+        let fan = records("fan");
+        (fan.iter().filter(|r| r["function"] == "main").count() >= 4).then_some(fan)
+    })
+    .expect("main's calls are recorded");
+    let first = fan.iter().rfind(|r| r["function"] == "main").unwrap();
+    assert_eq!(
+        (&first["status"], &first["engine"], &first["depth"]),
+        (&json!("succeeded"), &json!("wasm"), &json!(0))
+    );
+    assert!(first["duration_ms"].as_f64().unwrap() > 0.0, "{first}");
+    let nested: Vec<_> = fan
+        .iter()
+        .filter(|r| r["function"] == "square" && r["depth"] != 0)
+        .collect();
+    assert_eq!(nested.len(), 1, "only the container's call: {nested:?}");
+    let python = records("hello-py");
+    assert!(
+        python
+            .iter()
+            .any(|r| r["function"] == "square" && r["depth"] == 1 && r["engine"] == "python"),
+        "{python:?}"
+    );
 
     // /metrics counts calls per function and engine, and the Python side's cold starts.
     let rt = tokio::runtime::Runtime::new().unwrap();
@@ -101,13 +156,66 @@ fn fan_out_spawn_and_calls_across_engines() {
 fn each_limit_stops_a_call_by_name_and_config_reads_lode_toml() {
     let lode = Lode::start(&[]);
     lode.cli_ok(&["deploy", &path("samples/wasm-limits")]);
+    // One component, both worlds: it takes calls by name and serves HTTP at its route.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (status, body) = rt.block_on(lode.get("/limits/"));
+    assert_eq!((status, body.starts_with("probe: ")), (200, true), "{body}");
     assert_eq!(
         lode.cli_ok(&["call", "limits/probe", "config"]).trim(),
         "\"hello from lode.toml\""
     );
+    // lode.toml's [limits]: call_depth 6, fan_out 50, wasm_stack_kib 128.
+    assert_eq!(
+        lode.cli_ok(&["call", "limits/probe", "fan", "10"]).trim(),
+        "\"done\""
+    );
+    assert_eq!(
+        lode.cli_ok(&["call", "limits/probe", "deep", "1000"])
+            .trim(),
+        "1000"
+    );
+    for (args, expected) in [
+        (
+            ["fan", "100"],
+            "fan_out: one call may lead to at most 50 calls in all",
+        ),
+        (
+            ["deep", "8000"],
+            "stack_overflow: probe ran out of wasm stack (128 KiB",
+        ),
+    ] {
+        let err = call_err(&lode, &["limits/probe", args[0], args[1]]);
+        assert!(err.contains(expected), "{args:?}: {err}");
+    }
+    // The limits are the app's: the same component without them gets the server's
+    // defaults (a 512 KiB stack).
+    let roomy = tempfile::tempdir().unwrap();
+    let toml = |limits: &str| {
+        format!(
+            "app = \"roomy\"\n{limits}\n[[function]]\nname = \"probe\"\npath = {:?}\n",
+            path("samples/wasm-limits")
+        )
+    };
+    std::fs::write(roomy.path().join("lode.toml"), toml("")).unwrap();
+    lode.cli_ok(&["deploy", roomy.path().to_str().unwrap()]);
+    assert_eq!(
+        lode.cli_ok(&["call", "roomy/probe", "deep", "8000"]).trim(),
+        "8000"
+    );
+    // A stack above the server's is refused at deploy, by name.
+    std::fs::write(
+        roomy.path().join("lode.toml"),
+        toml("[limits]\nwasm_stack_kib = 1024"),
+    )
+    .unwrap();
+    let err = lode.cli_err(&["deploy", roomy.path().to_str().unwrap()]);
+    assert!(
+        err.contains("wasm_stack_kib 1024 is above this server's 512 KiB"),
+        "{err}"
+    );
     for (mode, expected) in [
-        ("recurse", "call_depth: calls nest more than 16 deep"),
-        ("spawn-recurse", "call_depth: calls nest more than 16 deep"),
+        ("recurse", "call_depth: calls nest more than 6 deep"),
+        ("spawn-recurse", "call_depth: calls nest more than 6 deep"),
         ("spin", "TimeoutError: limits/probe timed out after 2s"),
         (
             "grow",

@@ -199,6 +199,10 @@ pub struct CallRequest {
     /// Pickled arguments instead.
     #[serde(default)]
     pub pickled: Option<String>,
+    /// The input being served by the code that calls, so the call counts against that
+    /// input's call depth and fan-out; absent for calls from threads of the user's own.
+    #[serde(default)]
+    pub input: Option<String>,
 }
 
 /// How to start a function container.

@@ -33,6 +33,20 @@ fn build_guests(workspace: &str) -> PathBuf {
     dir.join("target/wasm32-wasip2/release")
 }
 
+/// Polls `check` until it returns `Some`, for at most `limit`.
+pub fn wait_for<T>(limit: Duration, mut check: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(value) = check() {
+            return Some(value);
+        }
+        if Instant::now() > deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// Path to a built sample component, e.g. `sample("hello_http")`.
 pub fn sample(name: &str) -> PathBuf {
     static DIR: OnceLock<PathBuf> = OnceLock::new();

@@ -148,6 +148,14 @@ def main():
     print("pickle:", sorted(union.remote({1, 2}, {2, 3})))
 
 
+@app.function(concurrency=8)
+def bounce():
+    # Python to Wasm and back without end (limits/probe "bounce" calls here): the call-depth
+    # bound of the Wasm app stops it, because a call made while serving an input carries
+    # that input's place in the call tree.
+    return lode.Function.from_name("limits", "probe").remote("bounce")
+
+
 @app.function()
 def wasm_square(x):
     # Python to Wasm, from inside a container, through the same router.

@@ -7,11 +7,37 @@
 //! - `volume`: writes and reads back a file in its volume at `/data`;
 //! - `escape`: climbs out of `/data` with `..`, which is refused;
 //! - `connect`: opens a TCP connection, which a function without network cannot;
-//! - `config`: returns the app's `greeting` config value.
+//! - `config`: returns the app's `greeting` config value;
+//! - `deep N`: recurses N frames in plain Wasm, past a small `wasm_stack_kib`;
+//! - `fan N`: invokes itself (`config`) N times, past a small `fan_out`;
+//! - `bounce`: calls the Python function `feat/bounce`, which calls back here: a loop across
+//!   engines that the call-depth limit stops all the same.
+//!
+//! It also serves HTTP (`wasi:http/incoming-handler`), so one component takes calls by name
+//! and requests at its web route.
 //!
 //!     lode deploy samples/wasm-limits --name limits ; lode call limits/probe recurse
 
+use std::io::Write as _;
+
 use lode_guest::{Error, Map, Value, json};
+use wasip2::http::types::{Fields, IncomingRequest, OutgoingBody, OutgoingResponse, ResponseOutparam};
+
+/// The `N` argument of `deep` and `fan`.
+fn count(args: &[Value]) -> Result<u64, Error> {
+    args.get(1)
+        .and_then(Value::as_u64)
+        .ok_or_else(|| lode_guest::error("invalid_input", "this mode takes a count: [mode, N]"))
+}
+
+/// Recurses `n` frames of plain Wasm (scalars only, so the frames sit on the wasm stack,
+/// not on the shadow stack in linear memory).
+fn deep(n: u64) -> u64 {
+    if n == 0 {
+        return 0;
+    }
+    std::hint::black_box(deep(std::hint::black_box(n - 1))) + 1
+}
 
 struct Probe;
 
@@ -50,11 +76,19 @@ impl lode_guest::Function for Probe {
                 .map(|_| json!("connected"))
                 .map_err(|e| lode_guest::error("no_network", e.to_string())),
             "config" => Ok(lode_guest::config("greeting").map_or(Value::Null, Value::from)),
+            "deep" => Ok(json!(deep(count(&args)?))),
+            "fan" => {
+                for _ in 0..count(&args)? {
+                    lode_guest::invoke("", "probe", &[json!("config")])?;
+                }
+                Ok(json!("done"))
+            }
+            "bounce" => lode_guest::invoke("feat", "bounce", &[]),
             other => Err(lode_guest::error(
                 "invalid_input",
                 format!(
                     "unknown mode {other:?}: recurse, spawn-recurse, spin, grow, read, volume, \
-                     escape, connect, config"
+                     escape, connect, config, deep, fan, bounce"
                 ),
             )),
         }
@@ -62,3 +96,21 @@ impl lode_guest::Function for Probe {
 }
 
 lode_guest::function!(Probe);
+
+wasip2::http::proxy::export!(Probe);
+
+impl wasip2::exports::http::incoming_handler::Guest for Probe {
+    fn handle(_request: IncomingRequest, response_out: ResponseOutparam) {
+        let headers = Fields::from_list(&[("content-type".into(), b"text/plain".to_vec())])
+            .expect("static headers are valid");
+        let response = OutgoingResponse::new(headers);
+        let body = response.body().expect("a new response has a body");
+        ResponseOutparam::set(response_out, Ok(response));
+        let mut out = body.write().expect("the body stream opens once");
+        out.write_all(b"probe: POST /v1/apps/limits/functions/probe/call to call me by name\n")
+            .expect("writing the body");
+        out.flush().expect("flushing the body");
+        drop(out);
+        OutgoingBody::finish(body, None).expect("finishing the body");
+    }
+}

@@ -339,7 +339,9 @@ def main() -> None:
             pass
         _exit(agent, 1)
 
-    agent.transport = _client.AgentTransport(agent.conn.send, os.environ.get("LODE_CONTAINER_TOKEN", ""))
+    agent.transport = _client.AgentTransport(
+        agent.conn.send, os.environ.get("LODE_CONTAINER_TOKEN", ""), current_input
+    )
     _client.set_agent_transport(agent.transport)
     agent.flush_logs()
     try:

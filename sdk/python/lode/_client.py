@@ -293,9 +293,17 @@ class _Pending:
 class AgentTransport:
     """Calls from inside a container, sent over the agent's socket and answered by the host."""
 
-    def __init__(self, send: Callable[[dict[str, Any]], None], token: str):
+    def __init__(
+        self,
+        send: Callable[[dict[str, Any]], None],
+        token: str,
+        current_input: Callable[[], str | None] = lambda: None,
+    ):
         self._send = send
         self._token = token
+        # The input the calling thread serves: its calls join that input's call tree, so the
+        # host bounds their depth and fan-out.
+        self._current_input = current_input
         self._ids = itertools.count(1)
         self._pending: dict[str, _Pending] = {}
         self._lock = threading.Lock()
@@ -308,8 +316,12 @@ class AgentTransport:
             if self._closed:
                 raise ConnectionError("the connection to the Lode host is closed; the container is stopping")
             self._pending[call_id] = slot
+        message = {"type": "call", "call_id": call_id, "token": self._token, "op": op, **fields}
+        input_id = self._current_input()
+        if input_id is not None:
+            message["input"] = input_id
         try:
-            self._send({"type": "call", "call_id": call_id, "token": self._token, "op": op, **fields})
+            self._send(message)
         except BaseException as e:
             with self._lock:
                 self._pending.pop(call_id, None)

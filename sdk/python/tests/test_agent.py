@@ -254,6 +254,9 @@ class AgentTest(unittest.TestCase):
         self.assertEqual(call["args"], [7])
         self.assertEqual(call["kwargs"], {})
         self.assertRegex(call["call_id"], r"^c-\d+$")
+        # The call names the input it was made for, so the host counts it in that input's
+        # call tree.
+        self.assertEqual(call["input"], "in-1")
         host.send({"type": "call_result", "call_id": call["call_id"], "result": 49})
         self.assertEqual(host.output("in-1").get("result"), 50)
 
