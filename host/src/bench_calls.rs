@@ -2,8 +2,8 @@
 //! `lode serve` on loopback.
 //!
 //! - call latency through the API, against a Python function's warm call in the same run;
-//! - in-process `invoke` cost: `main` calling `square` N times, per call (each gets a fresh
-//!   instance of `square`);
+//! - in-process `invoke` cost: `main` calling `square` 10,000 times, each call timed by
+//!   `main`'s own clock (each gets a fresh instance of `square`);
 //! - fanned-out calls per second over 10,000 calls;
 //! - the cross-engine cost: `main` invoking a Python function, per call, against calling
 //!   that Python function straight through the API.
@@ -98,6 +98,27 @@ pub async fn calls(args: CallsBench) -> Result<()> {
     );
     row("Wasm function through the API", wasm, Some(python_p50));
 
+    // Per invoke, as the calling guest sees it: JSON in and out, a fresh instance, the call.
+    let timed = call("fan/main", json!({ "n": 10_000, "timed": true })).await?;
+    let invokes: Vec<Duration> = timed["nanos"]
+        .as_array()
+        .map(|nanos| {
+            nanos
+                .iter()
+                .filter_map(Value::as_u64)
+                .map(Duration::from_nanos)
+                .collect()
+        })
+        .unwrap_or_default();
+    if invokes.len() != 10_000 {
+        bail!("main returned {} timings, not 10000", invokes.len());
+    }
+    let invoke_p50 = row(
+        "in-process invoke, Wasm to Wasm (fresh instance each)",
+        invokes,
+        None,
+    );
+
     let n = args.fan_out;
     let started = Instant::now();
     let sum = call("fan/main", json!({ "n": n })).await?;
@@ -106,13 +127,12 @@ pub async fn calls(args: CallsBench) -> Result<()> {
     if sum.as_i64().map(i128::from) != Some(expected) {
         bail!("main returned {sum}, not {expected}");
     }
-    let per_invoke = elapsed / n as u32;
     println!(
-        "  {:<52} {:>9.2?} per call, {:.0} calls/s ({n} calls in {:.2?})",
-        "in-process invoke, Wasm to Wasm (fresh instance each)",
-        per_invoke,
+        "  {:<52} {:.0} calls/s ({n} calls in {:.2?}, {:.2?} each)",
+        "fan-out, main invoking square",
         n as f64 / elapsed.as_secs_f64(),
-        elapsed
+        elapsed,
+        elapsed / n as u32,
     );
 
     let cross = 200u64;
@@ -129,9 +149,9 @@ pub async fn calls(args: CallsBench) -> Result<()> {
     );
     let verdict = |ok: bool| if ok { "met" } else { "missed" };
     println!(
-        "  targets: invoke <= 20 us: {} ({per_invoke:.2?}); cross-engine adds <= 1 ms over the \
-         callee: {} (the Python call's own API round trip is {python_p50:.2?})",
-        verdict(per_invoke <= Duration::from_micros(20)),
+        "  targets: invoke p50 <= 20 us: {} ({invoke_p50:.2?}); cross-engine adds <= 1 ms over \
+         the callee: {} (the Python call's own API round trip is {python_p50:.2?})",
+        verdict(invoke_p50 <= Duration::from_micros(20)),
         verdict(per_cross <= python_p50 + Duration::from_millis(1)),
     );
     Ok(())

@@ -17,6 +17,7 @@ use tokio::sync::watch;
 
 use crate::call_history::HistoryRecord;
 use crate::manifest::Runtime;
+use crate::metrics::FunctionSeries;
 use crate::pool::Rejected;
 use crate::server::Server;
 use crate::state::{StateStore, Table};
@@ -390,7 +391,9 @@ impl Server {
         let depth = tree.as_ref().map_or(0, CallTree::depth);
         let from_wasm = tree.as_ref().is_some_and(CallTree::from_wasm);
         let (engine, result) = self.dispatch(app, function, body, tree).await;
-        if let Some(engine) = engine {
+        if let Some((engine, series)) = engine {
+            let failed = !matches!(&result, Ok(outcome) if !outcome.is_error());
+            series.observe(started.elapsed(), failed);
             // In-process Wasm-to-Wasm calls are counted, not recorded one by one.
             if !(from_wasm && engine == "wasm") {
                 let error = match &result {
@@ -412,47 +415,39 @@ impl Server {
                     error: error.map(HistoryRecord::summarize),
                 });
             }
-            let labels = crate::metrics::FunctionLabels {
-                app: app.to_string(),
-                function: function.to_string(),
-                engine,
-            };
-            let metrics = &self.metrics;
-            metrics.calls.get_or_create(&labels).inc();
-            metrics
-                .call_duration
-                .get_or_create(&labels)
-                .observe(started.elapsed().as_secs_f64());
-            if !matches!(&result, Ok(outcome) if !outcome.is_error()) {
-                metrics.call_errors.get_or_create(&labels).inc();
-            }
         }
         result
     }
 
-    /// Runs the call on its engine; says which engine it was, once the function is known.
+    /// Runs the call on its engine; says which engine it was and the function's call series,
+    /// once the function is known.
     async fn dispatch(
         self: &Arc<Self>,
         app: &str,
         function: &str,
         body: &Value,
         tree: Option<CallTree>,
-    ) -> (Option<&'static str>, Result<Outcome, CallError>) {
+    ) -> (
+        Option<(&'static str, FunctionSeries)>,
+        Result<Outcome, CallError>,
+    ) {
         // A deploy may replace the pool between lookup and submit; the new one takes it.
         for _ in 0..3 {
             let (pool, payload) = match self.target(app, function, body) {
                 Err(e) => return (None, Err(e)),
                 Ok(Target::Python(pool, payload)) => (pool, payload),
                 Ok(Target::Wasm(wasm, payload)) => {
+                    let series = wasm.series.clone();
                     let outcome = self.run_wasm(wasm, &Value::Object(payload), tree).await;
-                    return (Some("wasm"), Ok(outcome));
+                    return (Some(("wasm", series)), Ok(outcome));
                 }
             };
+            let served = Some(("python", pool.series().clone()));
             match pool.submit(payload, tree.clone()).await {
-                Ok(outcome) => return (Some("python"), Ok(outcome)),
+                Ok(outcome) => return (served, Ok(outcome)),
                 Err(Rejected::QueueFull(after)) => {
                     return (
-                        Some("python"),
+                        served,
                         Err(CallError {
                             retry_after: Some(after),
                             ..CallError::new(
@@ -474,7 +469,8 @@ impl Server {
             "unavailable",
             format!("{app}/{function} is being redeployed; retry"),
         );
-        (Some("python"), Err(busy))
+        let series = self.metrics.function_series(app, function, "python");
+        (Some(("python", series)), Err(busy))
     }
 
     /// What serves `app/function` (a Python pool or a Wasm component), and the body checked

@@ -168,7 +168,49 @@ pub struct AppSeries {
     pub ok: Counter,
 }
 
+/// One function's call series, looked up once at deploy for Wasm functions, whose calls are
+/// too quick to hash labels on each.
+#[derive(Clone)]
+pub struct FunctionSeries {
+    /// Calls.
+    pub calls: Counter,
+    /// Calls that ended in an error.
+    pub errors: Counter,
+    /// Time a call took.
+    pub duration: Histogram,
+}
+
+impl FunctionSeries {
+    /// Counts one call that took `elapsed` and failed or not.
+    pub fn observe(&self, elapsed: std::time::Duration, failed: bool) {
+        self.calls.inc();
+        self.duration.observe(elapsed.as_secs_f64());
+        if failed {
+            self.errors.inc();
+        }
+    }
+}
+
 impl Metrics {
+    /// The call series of `app/function` on `engine`.
+    pub fn function_series(
+        &self,
+        app: &str,
+        function: &str,
+        engine: &'static str,
+    ) -> FunctionSeries {
+        let labels = FunctionLabels {
+            app: app.to_string(),
+            function: function.to_string(),
+            engine,
+        };
+        FunctionSeries {
+            calls: self.calls.get_or_create(&labels).clone(),
+            errors: self.call_errors.get_or_create(&labels).clone(),
+            duration: self.call_duration.get_or_create(&labels).clone(),
+        }
+    }
+
     /// The hot-path series for `app`.
     pub fn app_series(&self, app: &str) -> AppSeries {
         let labels = Self::app(app);

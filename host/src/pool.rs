@@ -94,6 +94,8 @@ pub struct PoolSpec {
     pub workdir: String,
     /// The app's bounds on the calls its code makes.
     pub call_limits: CallLimits,
+    /// The function's call series in `/metrics`.
+    pub series: crate::metrics::FunctionSeries,
 }
 
 /// Why an input was not taken.
@@ -753,6 +755,11 @@ impl Pool {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+
+    /// The function's call series in `/metrics`.
+    pub fn series(&self) -> &crate::metrics::FunctionSeries {
+        &self.spec.series
     }
 
     /// Figures for `lode stats`.

@@ -572,6 +572,7 @@ impl Server {
                             preopens,
                             limits: CallLimits::of(&manifest.limits),
                             wasm_stack: class.stack(),
+                            series: self.metrics.function_series(&app, &function.name, "wasm"),
                         }),
                     );
                 }
@@ -795,6 +796,7 @@ impl Server {
             },
             workdir: config.workdir.clone().unwrap_or_else(|| "/".into()),
             call_limits,
+            series: self.metrics.function_series(app, name, "python"),
         };
         Ok(Pool::start(spec, self.functions.pools.clone()))
     }

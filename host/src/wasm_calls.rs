@@ -161,6 +161,8 @@ pub struct WasmFunction {
     pub limits: CallLimits,
     /// The wasm stack its engine gives it, in bytes.
     pub wasm_stack: usize,
+    /// Its call series in `/metrics`.
+    pub series: crate::metrics::FunctionSeries,
 }
 
 /// What a running call knows about where it is, for its imports.

@@ -1,6 +1,8 @@
 //! `main({"n": N})`: calls `square(i)` for i in 0..N and returns the sum of the squares.
 //! `"target": "app/function"` calls another function instead (a Python one, say), and
-//! `"spawn": true` starts all the calls first and then waits for each.
+//! `"spawn": true` starts all the calls first and then waits for each. `"timed": true`
+//! returns `{"sum": S, "nanos": [...]}`, each call's time as this guest's clock saw it (what
+//! `lode bench calls` reports as the per-invoke p50).
 
 use lode_guest::{Error, Map, Value, json};
 
@@ -22,6 +24,15 @@ impl lode_guest::Function for Main {
             for id in ids {
                 sum += lode_guest::wait(&id)?.as_i64().unwrap_or(0);
             }
+        } else if params["timed"].as_bool() == Some(true) {
+            let mut nanos = Vec::with_capacity(usize::try_from(n).unwrap_or(0));
+            for i in 0..n {
+                let started = std::time::Instant::now();
+                let square = lode_guest::invoke(app, function, &[json!(i)])?;
+                nanos.push(started.elapsed().as_nanos() as u64);
+                sum += square.as_i64().unwrap_or(0);
+            }
+            return Ok(json!({ "sum": sum, "nanos": nanos }));
         } else {
             for i in 0..n {
                 sum += lode_guest::invoke(app, function, &[json!(i)])?
