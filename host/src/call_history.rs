@@ -5,13 +5,15 @@
 //! container is recorded. A Wasm function's in-process calls to other Wasm functions, which
 //! take microseconds each, are not recorded one by one: they are counted in `/metrics`.
 //!
-//! Records go to a writer thread, which commits whatever has queued in one transaction, so
-//! a call never waits on the disk. If the writer falls [`QUEUE`] records behind, new ones
-//! are dropped and counted (`lode_call_records_dropped_total`) rather than slowing calls.
+//! Records go to a writer thread, which commits what queued within [`GATHER`] in one
+//! transaction, so a call never waits on the disk; a commit is made durable (fsync) at most
+//! every [`DURABLE_EVERY`], so a crash may lose the last second of records, never more. If the
+//! writer falls [`QUEUE`] records behind, new ones are dropped and counted
+//! (`lode_call_records_dropped_total`) rather than slowing calls.
 
-use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use lode_native_runner::agent::ErrorInfo;
 use prometheus_client::metrics::counter::Counter;
@@ -31,6 +33,12 @@ const QUEUE: usize = 16_384;
 
 /// The most records committed at once.
 const BATCH: usize = 4096;
+
+/// How long the writer gathers records after the first before committing them.
+const GATHER: Duration = Duration::from_millis(10);
+
+/// How often a commit waits for the disk.
+const DURABLE_EVERY: Duration = Duration::from_secs(1);
 
 /// Error messages are cut to this many bytes in the record.
 const MAX_MESSAGE: usize = 1024;
@@ -142,12 +150,21 @@ impl Drop for CallHistory {
 /// Commits records as they come: whatever queued while the last commit ran goes in the next.
 fn write_records(receiver: Receiver<HistoryRecord>, store: Arc<dyn StateStore>) {
     let mut sequence: u32 = 0;
-    while let Ok(first) = receiver.recv() {
+    let mut last_durable = Instant::now();
+    let mut open = true;
+    while open {
+        let Ok(first) = receiver.recv() else { break };
         let mut batch = vec![first];
+        let gathered = Instant::now() + GATHER;
         while batch.len() < BATCH {
-            match receiver.try_recv() {
+            let left = gathered.saturating_duration_since(Instant::now());
+            match receiver.recv_timeout(left) {
                 Ok(record) => batch.push(record),
-                Err(_) => break,
+                Err(RecvTimeoutError::Timeout) => break,
+                Err(RecvTimeoutError::Disconnected) => {
+                    open = false;
+                    break;
+                }
             }
         }
         let entries: Vec<(String, Vec<u8>)> = batch
@@ -161,9 +178,18 @@ fn write_records(receiver: Receiver<HistoryRecord>, store: Arc<dyn StateStore>) 
             .collect();
         let oldest = crate::calls::now_ms().saturating_sub(RETENTION.as_millis() as u64);
         let drop_below = format!("{oldest:013}");
-        if let Err(e) = store.append_entries(Table::History, &entries, &drop_below, MAX_RECORDS) {
-            tracing::warn!(error = %e, records = entries.len(), "recording calls failed");
+        let durable = last_durable.elapsed() >= DURABLE_EVERY;
+        match store.append_entries(Table::History, &entries, &drop_below, MAX_RECORDS, durable) {
+            Ok(()) if durable => last_durable = Instant::now(),
+            Ok(()) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, records = entries.len(), "recording calls failed")
+            }
         }
+    }
+    // Whatever was committed without waiting for the disk is made durable now.
+    if let Err(e) = store.append_entries(Table::History, &[], "", MAX_RECORDS, true) {
+        tracing::warn!(error = %e, "recording calls failed");
     }
 }
 

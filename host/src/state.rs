@@ -39,14 +39,16 @@ pub trait StateStore: Send + Sync + 'static {
     fn list_entries(&self, table: Table) -> Result<Vec<(String, Vec<u8>)>>;
     /// Removes `key` from `table`; returns whether it was there.
     fn delete_entry(&self, table: Table, key: &str) -> Result<bool>;
-    /// Stores `entries` in `table` in one durable commit, then drops keys below `drop_below`
-    /// and, the smallest first, whatever is over `keep` entries.
+    /// Stores `entries` in `table` in one commit, then drops keys below `drop_below` and, the
+    /// smallest first, whatever is over `keep` entries. A commit that is not `durable` reaches
+    /// the disk with the next durable one (of any table): a crash may lose it.
     fn append_entries(
         &self,
         table: Table,
         entries: &[(String, Vec<u8>)],
         drop_below: &str,
         keep: u64,
+        durable: bool,
     ) -> Result<()>;
     /// Values in `table` from the largest key down, those `accept` takes, at most `limit`.
     fn newest_entries(
@@ -178,8 +180,12 @@ impl StateStore for RedbStore {
         entries: &[(String, Vec<u8>)],
         drop_below: &str,
         keep: u64,
+        durable: bool,
     ) -> Result<()> {
-        let txn = self.db.begin_write()?;
+        let mut txn = self.db.begin_write()?;
+        if !durable {
+            txn.set_durability(redb::Durability::None)?;
+        }
         {
             let mut table = txn.open_table(definition(table))?;
             for (key, value) in entries {
@@ -261,10 +267,10 @@ mod tests {
                 .collect()
         };
         store
-            .append_entries(Table::History, &batch(&["01", "02", "03"]), "02", 10)
+            .append_entries(Table::History, &batch(&["01", "02", "03"]), "02", 10, false)
             .unwrap();
         store
-            .append_entries(Table::History, &batch(&["04", "05", "06"]), "00", 4)
+            .append_entries(Table::History, &batch(&["04", "05", "06"]), "00", 4, true)
             .unwrap();
         let all = store
             .newest_entries(Table::History, 10, &mut |_| true)
