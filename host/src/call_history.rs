@@ -1,13 +1,15 @@
 //! The record of calls made: app, function, engine, status, duration and error, kept in the
 //! state store for [`RETENTION`] and at most [`MAX_RECORDS`] (`lode calls APP`).
 //!
-//! Every call from outside (API, SDK, web endpoints, schedules) and every call into a
-//! container is recorded. A Wasm function's in-process calls to other Wasm functions, which
-//! take microseconds each, are not recorded one by one: they are counted in `/metrics`.
+//! Every call by name is recorded: from the API and the SDK, Python web endpoints,
+//! schedules, and calls into or out of a container. A Wasm function's in-process calls to
+//! other Wasm functions, which take microseconds each, are counted in `/metrics` instead, as
+//! are requests to Wasm web routes (HTTP, not calls by name; `lode logs` shows those).
 //!
 //! Records go to a writer thread, which commits what queued within [`GATHER`] in one
 //! transaction, so a call never waits on the disk; a commit is made durable (fsync) at most
-//! every [`DURABLE_EVERY`], so a crash may lose the last second of records, never more. If the
+//! every [`DURABLE_EVERY`], and one that was not is followed by a durable one within it, so a
+//! crash loses at most about the last second of records. If the
 //! writer falls [`QUEUE`] records behind, new ones are dropped and counted
 //! (`lode_call_records_dropped_total`) rather than slowing calls.
 
@@ -121,10 +123,12 @@ impl CallHistory {
         }
     }
 
-    /// The newest records of `app`, newest first, at most `limit`.
+    /// The newest records of `app` younger than [`RETENTION`], newest first, at most `limit`.
     pub fn recent(&self, app: &str, limit: usize) -> anyhow::Result<Vec<HistoryRecord>> {
+        let oldest = crate::calls::now_ms().saturating_sub(RETENTION.as_millis() as u64);
         let mut accept = |bytes: &[u8]| {
-            serde_json::from_slice::<HistoryRecord>(bytes).is_ok_and(|record| record.app == app)
+            serde_json::from_slice::<HistoryRecord>(bytes)
+                .is_ok_and(|record| record.app == app && record.created_ms >= oldest)
         };
         let found = self
             .store
@@ -147,13 +151,35 @@ impl Drop for CallHistory {
     }
 }
 
-/// Commits records as they come: whatever queued while the last commit ran goes in the next.
+/// Commits records as they come, in batches gathered over [`GATHER`]; a commit that skipped
+/// the disk is followed by a durable one within [`DURABLE_EVERY`], records or not.
 fn write_records(receiver: Receiver<HistoryRecord>, store: Arc<dyn StateStore>) {
     let mut sequence: u32 = 0;
     let mut last_durable = Instant::now();
+    // Whether a commit that skipped the disk waits for a durable one.
+    let mut pending = false;
     let mut open = true;
     while open {
-        let Ok(first) = receiver.recv() else { break };
+        let first = if pending {
+            let left = DURABLE_EVERY.saturating_sub(last_durable.elapsed());
+            match receiver.recv_timeout(left) {
+                Ok(record) => record,
+                Err(RecvTimeoutError::Timeout) => {
+                    match store.append_entries(Table::History, &[], "", MAX_RECORDS, true) {
+                        Ok(()) => pending = false,
+                        Err(e) => tracing::warn!(error = %e, "recording calls failed"),
+                    }
+                    last_durable = Instant::now();
+                    continue;
+                }
+                Err(RecvTimeoutError::Disconnected) => break,
+            }
+        } else {
+            match receiver.recv() {
+                Ok(record) => record,
+                Err(_) => break,
+            }
+        };
         let mut batch = vec![first];
         let gathered = Instant::now() + GATHER;
         while batch.len() < BATCH {
@@ -180,15 +206,18 @@ fn write_records(receiver: Receiver<HistoryRecord>, store: Arc<dyn StateStore>) 
         let drop_below = format!("{oldest:013}");
         let durable = last_durable.elapsed() >= DURABLE_EVERY;
         match store.append_entries(Table::History, &entries, &drop_below, MAX_RECORDS, durable) {
-            Ok(()) if durable => last_durable = Instant::now(),
-            Ok(()) => {}
+            Ok(()) if durable => {
+                last_durable = Instant::now();
+                pending = false;
+            }
+            Ok(()) => pending = true,
             Err(e) => {
                 tracing::warn!(error = %e, records = entries.len(), "recording calls failed")
             }
         }
     }
     // Whatever was committed without waiting for the disk is made durable now.
-    if let Err(e) = store.append_entries(Table::History, &[], "", MAX_RECORDS, true) {
+    if pending && let Err(e) = store.append_entries(Table::History, &[], "", MAX_RECORDS, true) {
         tracing::warn!(error = %e, "recording calls failed");
     }
 }

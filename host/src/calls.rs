@@ -3,8 +3,8 @@
 //!
 //! Spawned calls are kept in memory, the newest [`MAX_RECORDS`], and in the state store for
 //! [`RETENTION`] (status, engine, duration, result or error), so `call.get()` works across a
-//! restart. A call that was running when the server stopped reads as failed, by name. Sync
-//! calls are counted in `/metrics`, not recorded one by one.
+//! restart. A call that was running when the server stopped reads as failed, by name. Calls'
+//! summaries also go to the call history ([`crate::call_history`]).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};

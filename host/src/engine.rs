@@ -1,5 +1,5 @@
-//! The Wasm engine: one wasmtime `Engine` with the pooling allocator, a compiled-component
-//! cache on disk, and pre-instantiated `wasi:http/proxy` components.
+//! The Wasm engine: wasmtime `Engine`s with the pooling allocator (one per wasm stack size in
+//! use), a compiled-component cache on disk, and pre-instantiated components.
 //!
 //! Compiling is the slow part (tens of ms to seconds), so it happens once per component digest
 //! and engine build: the `.cwasm` lands in `<cache-dir>/compiled/` and later loads mmap it.
@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -188,14 +188,18 @@ fn kernel_has_pagemap_scan() -> bool {
     (major, minor) >= (6, 7)
 }
 
-/// Advances every engine's epoch each [`EPOCH_TICK`] until dropped.
+/// Engines for apps that asked for a smaller stack, by stack bytes. Each lives while a
+/// deployed function (or a call still running on one) holds it.
+type SmallerEngines = Arc<Mutex<BTreeMap<usize, Weak<EngineClass>>>>;
+
+/// Advances every live engine's epoch each [`EPOCH_TICK`] until dropped.
 struct EpochTicker {
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
 }
 
 impl EpochTicker {
-    fn start(engines: Arc<Mutex<Vec<Engine>>>) -> Self {
+    fn start(default: Engine, smaller: SmallerEngines) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
         let thread = std::thread::Builder::new()
@@ -203,8 +207,11 @@ impl EpochTicker {
             .spawn(move || {
                 while !flag.load(Ordering::Relaxed) {
                     std::thread::sleep(EPOCH_TICK);
-                    for engine in engines.lock().unwrap().iter() {
-                        engine.increment_epoch();
+                    default.increment_epoch();
+                    for class in smaller.lock().unwrap().values() {
+                        if let Some(class) = class.upgrade() {
+                            class.engine.increment_epoch();
+                        }
                     }
                 }
             })
@@ -230,10 +237,7 @@ impl Drop for EpochTicker {
 pub struct WasmEngine {
     settings: EngineSettings,
     default: Arc<EngineClass>,
-    /// Engines for apps that asked for a smaller stack, by stack bytes.
-    smaller: Mutex<BTreeMap<usize, Arc<EngineClass>>>,
-    /// Every engine, for the epoch ticker.
-    engines: Arc<Mutex<Vec<Engine>>>,
+    smaller: SmallerEngines,
     _ticker: EpochTicker,
 }
 
@@ -245,13 +249,12 @@ impl WasmEngine {
             settings.wasm_stack,
             settings.max_instances,
         )?);
-        let engines = Arc::new(Mutex::new(vec![default.engine.clone()]));
+        let smaller = SmallerEngines::default();
         Ok(Self {
             settings: settings.clone(),
+            _ticker: EpochTicker::start(default.engine.clone(), smaller.clone()),
             default,
-            smaller: Mutex::default(),
-            _ticker: EpochTicker::start(engines.clone()),
-            engines,
+            smaller,
         })
     }
 
@@ -260,27 +263,41 @@ impl WasmEngine {
         &self.default
     }
 
+    /// Whether an app's `wasm_stack_kib` can be served, without making its engine; the error
+    /// says what to do.
+    pub fn check_stack(&self, stack_kib: Option<u32>) -> Result<(), String> {
+        self.lookup(stack_kib, false).map(drop)
+    }
+
     /// The engine for an app's `wasm_stack_kib`, made on first use. A stack above the
     /// server's, or one size too many, is refused with what to do.
     pub fn class(&self, stack_kib: Option<u32>) -> Result<Arc<EngineClass>, String> {
+        self.lookup(stack_kib, true)
+            .map(|class| class.expect("made when asked to"))
+    }
+
+    fn lookup(
+        &self,
+        stack_kib: Option<u32>,
+        make: bool,
+    ) -> Result<Option<Arc<EngineClass>>, String> {
         let max = self.settings.wasm_stack;
-        let Some(kib) = stack_kib else {
-            return Ok(self.default.clone());
-        };
-        let stack = kib as usize * 1024;
+        let stack = stack_kib.map_or(max, |kib| kib as usize * 1024);
         if stack == max {
-            return Ok(self.default.clone());
+            return Ok(Some(self.default.clone()));
         }
         if stack > max {
             return Err(format!(
-                "limits: wasm_stack_kib {kib} is above this server's {} KiB \
+                "limits: wasm_stack_kib {} is above this server's {} KiB \
                  (lode serve --max-wasm-stack)",
+                stack >> 10,
                 max >> 10
             ));
         }
         let mut smaller = self.smaller.lock().unwrap();
-        if let Some(class) = smaller.get(&stack) {
-            return Ok(class.clone());
+        smaller.retain(|_, class| class.strong_count() > 0);
+        if let Some(class) = smaller.get(&stack).and_then(Weak::upgrade) {
+            return Ok(Some(class));
         }
         if smaller.len() + 1 >= MAX_STACK_SIZES {
             let sizes: Vec<String> = std::iter::once(max)
@@ -288,17 +305,19 @@ impl WasmEngine {
                 .map(|bytes| (bytes >> 10).to_string())
                 .collect();
             return Err(format!(
-                "limits: this server already runs {MAX_STACK_SIZES} wasm stack sizes; use one \
-                 of {} KiB, or leave wasm_stack_kib out",
+                "limits: this server already runs {MAX_STACK_SIZES} wasm stack sizes for the \
+                 apps deployed; use one of {} KiB, or leave wasm_stack_kib out",
                 sizes.join(", ")
             ));
+        }
+        if !make {
+            return Ok(None);
         }
         let slots = (self.settings.max_instances / 4).max(8);
         let class =
             Arc::new(EngineClass::new(&self.settings, stack, slots).map_err(|e| format!("{e:#}"))?);
-        self.engines.lock().unwrap().push(class.engine.clone());
-        smaller.insert(stack, class.clone());
-        Ok(class)
+        smaller.insert(stack, Arc::downgrade(&class));
+        Ok(Some(class))
     }
 }
 
@@ -388,6 +407,24 @@ impl EngineClass {
         self.stack
     }
 
+    /// A store for one request on this engine (the one its component was prepared on), with
+    /// its memory limit and a wall-clock deadline enforced through epoch interruption.
+    /// Between ticks a running guest yields, so one busy request cannot starve the others on
+    /// its thread.
+    pub fn new_store(&self, state: GuestState, deadline: Instant) -> Store<GuestState> {
+        let mut store = Store::new(&self.engine, state);
+        store.limiter(|state| &mut state.limits);
+        store.set_epoch_deadline(1);
+        store.epoch_deadline_callback(move |_| {
+            if Instant::now() >= deadline {
+                Ok(UpdateDeadline::Interrupt)
+            } else {
+                Ok(UpdateDeadline::Yield(1))
+            }
+        });
+        store
+    }
+
     /// Where the compiled form of `digest` is cached.
     pub fn cache_path(&self, digest: &Digest) -> PathBuf {
         self.compiled_dir
@@ -425,9 +462,10 @@ impl EngineClass {
     }
 
     fn deserialize(&self, path: &Path) -> Result<Component> {
-        // SAFETY: the file is one this engine wrote into Lode's own cache directory (temp file,
-        // fsync, rename), named by the component digest and this engine's fingerprint, and
-        // wasmtime checks its header and compatibility before use. The cache dir must be
+        // SAFETY: the file is one a Lode engine wrote into Lode's own cache directory (temp
+        // file, fsync, rename), named by the component digest and the fingerprint of engines
+        // that can load it (the stack size is not part of it: it does not change the code),
+        // and wasmtime checks its header and compatibility before use. The cache dir must be
         // writable only by Lode, as documented for `--cache-dir`.
         unsafe { Component::deserialize_file(&self.engine, path) }
             .map_err(|e| anyhow!(e))
@@ -475,26 +513,48 @@ impl EngineClass {
     }
 }
 
-/// A store for one request on `engine` (the one its component was prepared on), with its
-/// memory limit and a wall-clock deadline enforced through epoch interruption. Between ticks
-/// a running guest yields, so one busy request cannot starve the others on its thread.
-pub fn new_store(engine: &Engine, state: GuestState, deadline: Instant) -> Store<GuestState> {
-    let mut store = Store::new(engine, state);
-    store.limiter(|state| &mut state.limits);
-    store.set_epoch_deadline(1);
-    store.epoch_deadline_callback(move |_| {
-        if Instant::now() >= deadline {
-            Ok(UpdateDeadline::Interrupt)
-        } else {
-            Ok(UpdateDeadline::Yield(1))
-        }
-    });
-    store
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn engines_per_stack_size_are_bounded_and_freed_with_their_apps() {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = WasmEngine::new(&EngineSettings {
+            compiled_dir: dir.path().to_path_buf(),
+            max_instances: 8,
+            max_memory: 16 << 20,
+            wasm_stack: DEFAULT_WASM_STACK,
+        })
+        .unwrap();
+        assert!(Arc::ptr_eq(
+            &engine.class(None).unwrap(),
+            engine.default_class()
+        ));
+        assert!(Arc::ptr_eq(
+            &engine.class(Some(512)).unwrap(),
+            engine.default_class()
+        ));
+        let err = engine.check_stack(Some(1024)).unwrap_err();
+        assert!(err.contains("above this server's 512 KiB"), "{err}");
+
+        let small = engine.class(Some(64)).unwrap();
+        assert_eq!(small.stack(), 64 << 10);
+        assert!(Arc::ptr_eq(&engine.class(Some(64)).unwrap(), &small));
+        let held = [
+            small,
+            engine.class(Some(128)).unwrap(),
+            engine.class(Some(256)).unwrap(),
+        ];
+        // Checking makes nothing, and a fourth size beside the default is refused by name.
+        let err = engine.check_stack(Some(192)).unwrap_err();
+        assert!(err.contains("use one of 512, 64, 128, 256 KiB"), "{err}");
+        assert!(engine.class(Some(192)).is_err());
+        // Once no app holds a size, its engine goes and another size fits.
+        drop(held);
+        engine.check_stack(Some(192)).unwrap();
+        assert_eq!(engine.class(Some(192)).unwrap().stack(), 192 << 10);
+    }
 
     #[test]
     fn tells_modules_from_components() {

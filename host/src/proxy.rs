@@ -393,8 +393,7 @@ async fn run(
         .guest_wasi(app.clone(), request_id.clone())
         .build();
     let instantiate_started = Instant::now();
-    let mut store = crate::engine::new_store(
-        function.pre.engine(),
+    let mut store = function.engine.new_store(
         GuestState::new(wasi, function.memory, function.outbound.clone()),
         deadline,
     );

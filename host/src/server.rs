@@ -62,6 +62,8 @@ pub struct HttpFunction {
     pub path: String,
     /// Pre-linked component.
     pub pre: ProxyPre<GuestState>,
+    /// The engine it was prepared on (kept ticking while this lives).
+    pub engine: Arc<EngineClass>,
     /// Wall-clock limit per request.
     pub timeout: Duration,
     /// Memory limit per instance, in bytes.
@@ -413,7 +415,7 @@ impl Server {
             .any(|f| f.runtime == Runtime::Wasm)
         {
             self.engine
-                .class(manifest.limits.wasm_stack_kib)
+                .check_stack(manifest.limits.wasm_stack_kib)
                 .map_err(DeployError::Unsupported)?;
         }
         let mut missing = Vec::new();
@@ -487,10 +489,17 @@ impl Server {
     ) -> Result<Built, DeployError> {
         let app: Arc<str> = Arc::from(manifest.app.as_str());
         let mut built = Built::default();
-        let class = self
-            .engine
-            .class(manifest.limits.wasm_stack_kib)
-            .map_err(DeployError::Unsupported)?;
+        let has_wasm = manifest
+            .functions
+            .iter()
+            .any(|f| f.runtime == Runtime::Wasm);
+        let class = if has_wasm {
+            self.engine
+                .class(manifest.limits.wasm_stack_kib)
+                .map_err(DeployError::Unsupported)?
+        } else {
+            self.engine.default_class().clone()
+        };
         let mut images = HashMap::new();
         for function in manifest
             .functions
@@ -571,7 +580,7 @@ impl Server {
                             config: Arc::new(config),
                             preopens,
                             limits: CallLimits::of(&manifest.limits),
-                            wasm_stack: class.stack(),
+                            engine: class.clone(),
                             series: self.metrics.function_series(&app, &function.name, "wasm"),
                         }),
                     );
@@ -588,6 +597,7 @@ impl Server {
                 name: function.name.clone(),
                 path: web.path.clone(),
                 pre,
+                engine: class.clone(),
                 timeout: function.timeout_or(self.limits.default_timeout),
                 memory,
                 outbound: OutboundPolicy::new(&function.network.allow, self.protected.clone()),

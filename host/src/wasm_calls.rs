@@ -159,8 +159,9 @@ pub struct WasmFunction {
     pub preopens: Vec<(std::path::PathBuf, String, bool)>,
     /// Its app's bounds on nested calls.
     pub limits: CallLimits,
-    /// The wasm stack its engine gives it, in bytes.
-    pub wasm_stack: usize,
+    /// The engine its component was prepared on; holding it keeps that engine's epochs
+    /// ticking while the function or a call of it lives.
+    pub engine: Arc<crate::engine::EngineClass>,
     /// Its call series in `/metrics`.
     pub series: crate::metrics::FunctionSeries,
 }
@@ -349,7 +350,7 @@ impl Server {
             config: function.config.clone(),
         });
         let deadline = Instant::now() + function.timeout;
-        let mut store = crate::engine::new_store(function.pre.engine(), state, deadline);
+        let mut store = function.engine.new_store(state, deadline);
         let input = serde_json::to_vec(body).expect("JSON values encode");
         let run = async {
             let instance = function.pre.instantiate_async(&mut store).await?;
@@ -386,7 +387,7 @@ impl Server {
                     format!(
                         "{} ran out of wasm stack ({} KiB; `[limits] wasm_stack_kib` sets it)",
                         function.name,
-                        function.wasm_stack >> 10
+                        function.engine.stack() >> 10
                     ),
                 )),
                 // The limiter refuses the growth and traps (`trap_on_grow_failure`), with

@@ -65,11 +65,7 @@ def encode(msg: dict[str, Any]) -> bytes:
     return json.dumps(msg, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode("utf-8") + b"\n"
 
 
-_state = threading.local()
-
-
-def current_input() -> str | None:
-    return getattr(_state, "input_id", None)
+current_input = _client.current_input
 
 
 class CapturedStream(io.TextIOBase):
@@ -186,7 +182,7 @@ class Agent:
 
     def serve(self, msg: dict[str, Any]) -> None:
         input_id = msg["id"]
-        _state.input_id = input_id
+        _client.set_current_input(input_id)
         try:
             line = self._run(msg)
         except Exception as e:  # a bug here must still answer the input, or its caller waits forever
@@ -200,7 +196,7 @@ class Agent:
         finally:
             self.stdout.flush()
             self.stderr.flush()
-            _state.input_id = None
+            _client.set_current_input(None)
         try:
             self.conn.send_line(line)
         except OSError:
@@ -339,9 +335,7 @@ def main() -> None:
             pass
         _exit(agent, 1)
 
-    agent.transport = _client.AgentTransport(
-        agent.conn.send, os.environ.get("LODE_CONTAINER_TOKEN", ""), current_input
-    )
+    agent.transport = _client.AgentTransport(agent.conn.send, os.environ.get("LODE_CONTAINER_TOKEN", ""))
     _client.set_agent_transport(agent.transport)
     agent.flush_logs()
     try:

@@ -359,8 +359,11 @@ class Function:
     def _map(self, arg_tuples: Iterable[Iterable[Any]], ordered: bool, return_exceptions: bool) -> Iterator[Any]:
         transport = _client.transport()
         app = self._target_app()
+        # Inside a container, the workers' calls belong to the input this thread serves.
+        serving = _client.current_input()
 
         def one(args: Iterable[Any]) -> Any:
+            _client.set_current_input(serving)
             payload = self._payload(tuple(args), {})
             return _client.decode_result(transport.call(app, self.name, payload))
 

@@ -290,20 +290,25 @@ class _Pending:
         self.message: dict[str, Any] | None = None
 
 
+_serving = threading.local()
+
+
+def current_input() -> str | None:
+    """The id of the input this thread serves in a function container, if any."""
+    return getattr(_serving, "input_id", None)
+
+
+def set_current_input(input_id: str | None) -> None:
+    """Marks this thread as serving `input_id` (None: no input); `map` passes it to its workers."""
+    _serving.input_id = input_id
+
+
 class AgentTransport:
     """Calls from inside a container, sent over the agent's socket and answered by the host."""
 
-    def __init__(
-        self,
-        send: Callable[[dict[str, Any]], None],
-        token: str,
-        current_input: Callable[[], str | None] = lambda: None,
-    ):
+    def __init__(self, send: Callable[[dict[str, Any]], None], token: str):
         self._send = send
         self._token = token
-        # The input the calling thread serves: its calls join that input's call tree, so the
-        # host bounds their depth and fan-out.
-        self._current_input = current_input
         self._ids = itertools.count(1)
         self._pending: dict[str, _Pending] = {}
         self._lock = threading.Lock()
@@ -317,7 +322,9 @@ class AgentTransport:
                 raise ConnectionError("the connection to the Lode host is closed; the container is stopping")
             self._pending[call_id] = slot
         message = {"type": "call", "call_id": call_id, "token": self._token, "op": op, **fields}
-        input_id = self._current_input()
+        # The input the calling thread serves: the call joins that input's call tree, so the
+        # host bounds its depth and fan-out.
+        input_id = current_input()
         if input_id is not None:
             message["input"] = input_id
         try:

@@ -55,6 +55,10 @@ MODULE = textwrap.dedent(
         return square.remote(x) + 1
 
     @app.function
+    def mapper(n):
+        return sum(square.map(range(n)))
+
+    @app.function
     def spawner():
         call = lode.Function.from_name("other", "job").spawn(1)
         return call.object_id + ":" + str(call.get(timeout=5))
@@ -182,6 +186,7 @@ class AgentTest(unittest.TestCase):
                 "meet",
                 "unjsonable",
                 "caller",
+                "mapper",
                 "spawner",
                 "fan_out",
                 "pickled",
@@ -284,6 +289,16 @@ class AgentTest(unittest.TestCase):
             }
         )
         self.assertEqual(host.output("in-3")["error"]["kind"], "KeyError")
+
+    def test_calls_from_map_workers_name_the_input_they_serve(self):
+        # map's calls run on worker threads; they still count in the input's call tree.
+        host = self.start_ready()
+        host.send({"type": "input", "id": "in-m", "function": "mapper", "args": [3], "kwargs": {}})
+        for _ in range(3):
+            call = host.recv_type("call")
+            self.assertEqual((call["op"], call["function"], call["input"]), ("call", "square", "in-m"))
+            host.send({"type": "call_result", "call_id": call["call_id"], "result": call["args"][0] ** 2})
+        self.assertEqual(host.output("in-m").get("result"), 5)
 
     def test_spawn_and_get_from_inside(self):
         host = self.start_ready()
