@@ -148,10 +148,12 @@ pub(crate) fn row(name: &str, mut times: Vec<Duration>, baseline: Option<Duratio
     times.sort();
     let p50 = percentile(&times, 0.5);
     let ratio = baseline.map_or(String::new(), |b| {
-        format!(
-            ", {:.1}x the baseline p50",
-            p50.as_secs_f64() / b.as_secs_f64()
-        )
+        let ratio = p50.as_secs_f64() / b.as_secs_f64();
+        if ratio < 0.1 {
+            format!(", 1/{:.0} of the baseline p50", 1.0 / ratio)
+        } else {
+            format!(", {ratio:.1}x the baseline p50")
+        }
     });
     println!(
         "  {name:<52} p50 {:>9.2?}  p99 {:>9.2?}{ratio}",

@@ -43,6 +43,9 @@ struct ProjectFunction {
     /// create_if_missing? }`); it sees no other files.
     #[serde(default)]
     volumes: Vec<crate::manifest::VolumeMount>,
+    /// Run the function's init at deploy and snapshot it (Wizer).
+    #[serde(default)]
+    pre_init: bool,
 }
 
 /// `timeout = 10` (seconds) or `timeout = "1m30s"`.
@@ -119,6 +122,7 @@ fn wasm_function(name: String, bytes: Vec<u8>) -> Planned {
         volumes: vec![],
         network: Network::default(),
         retries: None,
+        pre_init: false,
     };
     Planned { spec, bytes }
 }
@@ -244,6 +248,7 @@ fn plan_project(dir: &Path, name: Option<&str>) -> Result<Plan> {
         p.spec.resources.timeout = f.timeout.map(|t| t.seconds()).transpose()?;
         p.spec.secrets = f.secrets;
         p.spec.volumes = f.volumes;
+        p.spec.pre_init = f.pre_init;
         if let Some(mut network) = f.network {
             if !network.allow.is_empty() {
                 network.mode = NetworkMode::Outbound;
@@ -385,6 +390,12 @@ pub async fn follow_deploy(client: &ApiClient, manifest: &Manifest) -> Result<()
                 "{}: {}",
                 event["function"].as_str().unwrap_or("?"),
                 event["line"].as_str().unwrap_or_default()
+            )),
+            "pre_initialized" => spinner.println(format!(
+                "pre-initialized {} ({} KiB snapshot) in {} ms",
+                event["function"].as_str().unwrap_or("?"),
+                event["bytes"].as_u64().unwrap_or(0) / 1024,
+                event["ms"]
             )),
             "compiled" => spinner.println(format!(
                 "{} {} in {} ms",

@@ -162,6 +162,12 @@ pub enum ComponentError {
          the samples/lode-guest crate), and it has no `web` route: {0:#}"
     )]
     NotFunction(anyhow::Error),
+    /// Its `pre_init` call failed, or its state could not be snapshotted.
+    #[error(
+        "pre-initialization failed (pre_init = true runs the function's init at deploy with no \
+         config, secrets, files or network; remove pre_init or fix the init): {0:#}"
+    )]
+    PreInit(anyhow::Error),
 }
 
 /// Checks the header: Wasm magic, then the layer field that tells modules from components.
@@ -425,6 +431,11 @@ impl EngineClass {
         store
     }
 
+    /// Where the digest of `digest`'s pre-initialized snapshot is noted.
+    pub fn preinit_path(&self, digest: &Digest) -> PathBuf {
+        self.compiled_dir.join(format!("{}.preinit", digest.hex()))
+    }
+
     /// Where the compiled form of `digest` is cached.
     pub fn cache_path(&self, digest: &Digest) -> PathBuf {
         self.compiled_dir
@@ -491,7 +502,16 @@ impl EngineClass {
             .map_err(|e| ComponentError::NotFunction(anyhow!(e)))
     }
 
-    fn link(
+    /// Compiles `bytes` in memory, without caching: for components used once (the
+    /// instrumented copy that pre-initialization runs).
+    pub fn compile(&self, bytes: &[u8]) -> Result<Component> {
+        Component::new(&self.engine, bytes)
+            .map_err(|e| anyhow!("{e:#}"))
+            .context("compiling the component")
+    }
+
+    /// Links a component against everything Lode provides, naming what is missing.
+    pub fn link(
         &self,
         component: &Component,
     ) -> Result<wasmtime::component::InstancePre<GuestState>, ComponentError> {

@@ -34,6 +34,7 @@ pub mod metrics;
 pub mod native;
 pub mod outbound;
 pub mod pool;
+pub mod preinit;
 pub mod proxy;
 pub mod python_cli;
 pub mod schedule;

@@ -139,6 +139,10 @@ pub struct FunctionSpec {
     /// Python: how often an input is retried after its container died under it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retries: Option<Retries>,
+    /// Wasm: run the function's init once at deploy and snapshot it (Wizer), so calls start
+    /// with its start-up work done.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub pre_init: bool,
 }
 
 /// Retries of inputs whose container died, with exponential back-off.
@@ -430,6 +434,11 @@ impl FunctionSpec {
                 }
             },
         }
+        if self.pre_init && self.runtime != Runtime::Wasm {
+            problems.push(format!(
+                "function {name:?}: pre_init is for Wasm functions (lode:function components)"
+            ));
+        }
         let r = &self.resources;
         if r.memory == Some(0) {
             problems.push(format!("function {name:?}: memory must be at least 1 MiB"));
@@ -548,6 +557,7 @@ mod tests {
             volumes: vec![],
             network: Network::default(),
             retries: None,
+            pre_init: false,
         }
     }
 

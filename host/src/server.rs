@@ -207,6 +207,15 @@ pub enum DeployEvent {
         /// Time since compilation started.
         elapsed_ms: u64,
     },
+    /// A function's init ran and its instance was snapshotted.
+    PreInitialized {
+        /// Function name.
+        function: String,
+        /// The snapshot's size.
+        bytes: u64,
+        /// Time taken (0 when an earlier deploy's snapshot was reused).
+        ms: u64,
+    },
     /// A component is ready.
     Compiled {
         /// Function name.
@@ -537,12 +546,9 @@ impl Server {
             let Some(digest) = &function.component else {
                 continue;
             };
-            let digest: Digest = digest
+            let mut digest: Digest = digest
                 .parse()
                 .map_err(|e: lode_registry::Error| DeployError::Invalid(vec![e.to_string()]))?;
-            let component = self
-                .load_component(&class, &app, &function.name, &digest, progress)
-                .await?;
             let refused = |source| DeployError::Component {
                 function: function.name.clone(),
                 source,
@@ -552,6 +558,14 @@ impl Server {
                 .memory
                 .map(|mib| mib * MIB)
                 .unwrap_or(self.limits.default_memory);
+            if function.pre_init {
+                digest = self
+                    .pre_initialize(&class, &app, function, &digest, memory, progress)
+                    .await?;
+            }
+            let component = self
+                .load_component(&class, &app, &function.name, &digest, progress)
+                .await?;
             // A component exporting lode:function takes calls by name; one that serves HTTP
             // needs a route. Either is enough, both are fine.
             match class.prepare_function(&component) {
@@ -809,6 +823,71 @@ impl Server {
             series: self.metrics.function_series(app, name, "python"),
         };
         Ok(Pool::start(spec, self.functions.pools.clone()))
+    }
+
+    /// The digest of `function`'s pre-initialized component: its init run on `class` and
+    /// the instance snapshotted (Wizer), kept as a blob and noted beside the compiled cache,
+    /// so a redeploy or restart reuses it.
+    async fn pre_initialize(
+        self: &Arc<Self>,
+        class: &Arc<EngineClass>,
+        app: &Arc<str>,
+        function: &FunctionSpec,
+        digest: &Digest,
+        memory: u64,
+        progress: Option<&mpsc::Sender<DeployEvent>>,
+    ) -> Result<Digest, DeployError> {
+        let note = class.preinit_path(digest);
+        let noted = std::fs::read_to_string(&note)
+            .ok()
+            .and_then(|text| text.trim().parse::<Digest>().ok())
+            .filter(|snapshot| self.blobs.has(snapshot).unwrap_or(false));
+        let started = Instant::now();
+        let snapshot = match noted {
+            Some(snapshot) => snapshot,
+            None => {
+                let wasm = self
+                    .blobs
+                    .get(digest)
+                    .map_err(|e| DeployError::Internal(e.into()))?;
+                let request_id: Arc<str> = Arc::from(format!("{}-init", function.name));
+                let wasi = self.logs.guest_wasi(app.clone(), request_id).build();
+                let state = GuestState::new(
+                    wasi,
+                    memory,
+                    OutboundPolicy::new(&[], self.protected.clone()),
+                );
+                let deadline = started + function.timeout_or(self.limits.default_timeout);
+                let (runtime, class) = (tokio::runtime::Handle::current(), class.clone());
+                // Compiling the instrumented copy blocks; the init and snapshot run with it.
+                let snapshotted = tokio::task::spawn_blocking(move || {
+                    runtime.block_on(crate::preinit::snapshot(&class, &wasm, state, deadline))
+                })
+                .await
+                .map_err(|e| DeployError::Internal(anyhow::anyhow!("pre-init task failed: {e}")))?
+                .map_err(|e| DeployError::Component {
+                    function: function.name.clone(),
+                    source: ComponentError::PreInit(e),
+                })?;
+                let snapshot = self
+                    .blobs
+                    .put(&snapshotted)
+                    .map_err(|e| DeployError::Internal(e.into()))?;
+                crate::fsutil::write_atomic(&note, snapshot.to_string().as_bytes(), 0o644)
+                    .map_err(|e| DeployError::Internal(e.into()))?;
+                snapshot
+            }
+        };
+        if let Some(tx) = progress {
+            let _ = tx
+                .send(DeployEvent::PreInitialized {
+                    function: function.name.clone(),
+                    bytes: self.blobs.size(&snapshot).unwrap_or(0),
+                    ms: started.elapsed().as_millis() as u64,
+                })
+                .await;
+        }
+        Ok(snapshot)
     }
 
     async fn load_component(

@@ -241,3 +241,39 @@ fn each_limit_stops_a_call_by_name_and_config_reads_lode_toml() {
         "\"hello from lode.toml\""
     );
 }
+
+#[test]
+fn pre_init_runs_start_up_work_once_at_deploy() {
+    let mut lode = Lode::start(&[]);
+    lode.cli_ok(&["deploy", &path("samples/wasm-preinit")]);
+    // Both functions answer alike; only the pre-initialized one finds its table built.
+    for (function, ready) in [("primes/nth", true), ("primes/nth-cold", false)] {
+        let answer: serde_json::Value =
+            serde_json::from_str(&lode.cli_ok(&["call", function, "100000"])).unwrap();
+        assert_eq!(
+            answer,
+            json!({"prime": 1_299_709, "table_ready_at_start": ready}),
+            "{function}"
+        );
+    }
+    // Each call gets a fresh instance of the snapshot, not of a warmed-up instance: a call
+    // cannot leave state behind for the next.
+    let again = lode.cli_ok(&["call", "primes/nth-cold", "1"]);
+    assert!(again.contains("\"table_ready_at_start\":false"), "{again}");
+    // The snapshot is kept, so a restart serves it without running the init again.
+    let noted = std::fs::read_dir(lode.dirs.path().join("cache/compiled"))
+        .unwrap()
+        .filter(|e| e.as_ref().unwrap().path().extension() == Some("preinit".as_ref()))
+        .count();
+    assert_eq!(noted, 1);
+    lode.restart();
+    let answer = lode.cli_ok(&["call", "primes/nth", "1"]);
+    assert!(answer.contains("\"table_ready_at_start\":true"), "{answer}");
+
+    // A component without lode:function cannot be pre-initialized: the deploy says so.
+    let project = harness::misbehave_project(
+        "app = \"bad-init\"\n[[function]]\nname = \"m\"\npath = \"m.wasm\"\npre_init = true\n",
+    );
+    let err = lode.cli_err(&["deploy", project.path().to_str().unwrap()]);
+    assert!(err.contains("pre-initialization failed"), "{err}");
+}

@@ -27,6 +27,11 @@ pub use serde_json::{Map, Value, json};
 pub trait Function {
     /// Runs one call.
     fn call(args: Vec<Value>, kwargs: Map<String, Value>) -> Result<Value, Error>;
+
+    /// Heavy start-up work (tables, parsed data). With `pre_init = true` in lode.toml, Lode
+    /// runs it once at deploy and snapshots the result, so calls start with it done. It
+    /// sees no config, secrets, files or network.
+    fn init() {}
 }
 
 /// An error of `kind` saying `message`.
@@ -41,6 +46,11 @@ pub fn error(kind: &str, message: impl Into<String>) -> Error {
 pub fn dispatch<F: Function>(input: &[u8]) -> Result<Vec<u8>, Error> {
     let payload: Value = serde_json::from_slice(input)
         .map_err(|e| error("invalid_input", format!("the input is not JSON: {e}")))?;
+    // The host's pre-initialization call (`pre_init`); callers cannot send this field.
+    if payload.get("lode_init") == Some(&Value::Bool(true)) {
+        F::init();
+        return Ok(b"null".to_vec());
+    }
     let args = match payload.get("args") {
         None => Vec::new(),
         Some(Value::Array(args)) => args.clone(),
