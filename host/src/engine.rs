@@ -431,9 +431,16 @@ impl EngineClass {
         store
     }
 
-    /// Where the digest of `digest`'s pre-initialized snapshot is noted.
-    pub fn preinit_path(&self, digest: &Digest) -> PathBuf {
-        self.compiled_dir.join(format!("{}.preinit", digest.hex()))
+    /// Where the digest of `digest`'s pre-initialized snapshot is noted, for an instance of
+    /// `memory` bytes on this engine's stack: the snapshot's memory starts as large as the
+    /// init left it, so it belongs to those limits (and to this Wizer's snapshot format).
+    pub fn preinit_path(&self, digest: &Digest, memory: u64) -> PathBuf {
+        self.compiled_dir.join(format!(
+            "{}-m{}-s{}-wizer48.preinit",
+            digest.hex(),
+            memory >> 20,
+            self.stack >> 10
+        ))
     }
 
     /// Where the compiled form of `digest` is cached.

@@ -5,10 +5,11 @@
 //! The host instruments the component, instantiates it on the function's engine, calls
 //! `handler.call` with [`INIT_INPUT`] (a payload the API refuses from callers), and rewrites
 //! the component with the instance's memories and globals as its initial state. The init runs
-//! with no config, secrets, files or network, so nothing secret is baked into the snapshot.
+//! with no config, secrets, files or network, so none of those are baked into the snapshot;
+//! whatever it does read (random seeds, say) is, and every call starts from the same bytes.
 
 use std::panic::AssertUnwindSafe;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use futures::FutureExt;
 
@@ -22,13 +23,26 @@ use crate::engine::{EngineClass, GuestState};
 /// What the init call receives; `lode-guest` runs `Function::init` on it.
 pub const INIT_INPUT: &[u8] = br#"{"lode_init":true}"#;
 
-/// Runs the init of `wasm` on `class` in a store with `state` until `deadline`, and returns
-/// the snapshotted component.
+/// Runs the init of `wasm` on `class` in a store with `state`, for at most `timeout` once
+/// the instance starts, and returns the snapshotted component. Panics inside Wizer come back
+/// as errors, so a bad component fails its deploy, not the server.
 pub async fn snapshot(
     class: &EngineClass,
     wasm: &[u8],
     state: GuestState,
-    deadline: Instant,
+    timeout: Duration,
+) -> Result<Vec<u8>> {
+    AssertUnwindSafe(run(class, wasm, state, timeout))
+        .catch_unwind()
+        .await
+        .map_err(|_| anyhow!("Wizer could not instrument or read the component"))?
+}
+
+async fn run(
+    class: &EngineClass,
+    wasm: &[u8],
+    state: GuestState,
+    timeout: Duration,
 ) -> Result<Vec<u8>> {
     let wizer = Wizer::new();
     let (context, instrumented) = wizer
@@ -40,36 +54,51 @@ pub async fn snapshot(
         .link(&component)
         .map_err(|e| anyhow!("{e}"))
         .context("linking the instrumented component")?;
+    // The deadline stops running Wasm (epochs); the timeout also stops host waits.
+    let deadline = Instant::now() + timeout;
     let mut store = class.new_store(state, deadline);
-    let instance = pre
-        .instantiate_async(&mut store)
+    let init = async {
+        let instance = pre
+            .instantiate_async(&mut store)
+            .await
+            .map_err(|e| trapped(e, timeout))
+            .context("instantiating the component for its init")?;
+        let function = crate::wasm_calls::Function::new(&mut store, &instance)
+            .map_err(|e| anyhow!("{e:#}"))
+            .context("the component does not export lode:function/handler")?;
+        let answer = function
+            .lode_function_handler()
+            .call_call(&mut store, INIT_INPUT)
+            .await
+            .map_err(|e| trapped(e, timeout))
+            .context("the init call trapped")?;
+        if let Err(error) = answer {
+            bail!("the init call failed: {}: {}", error.kind, error.message);
+        }
+        Ok(instance)
+    };
+    let instance = tokio::time::timeout_at(deadline.into(), init)
         .await
-        .map_err(|e| anyhow!("{e:#}"))
-        .context("instantiating the component for its init")?;
-    let function = crate::wasm_calls::Function::new(&mut store, &instance)
-        .map_err(|e| anyhow!("{e:#}"))
-        .context("the component does not export lode:function/handler")?;
-    let answer = function
-        .lode_function_handler()
-        .call_call(&mut store, INIT_INPUT)
-        .await
-        .map_err(|e| anyhow!("{e:#}"))
-        .context("the init call trapped")?;
-    if let Err(error) = answer {
-        bail!("the init call failed: {}: {}", error.kind, error.message);
-    }
+        .map_err(|_| anyhow!("the init timed out after {timeout:?} (the function's timeout)"))??;
     let mut access = Access {
         store: &mut store,
         instance,
     };
-    // Wizer's accessors cannot return errors; a failure in one panics, and is caught here so
-    // that it fails this deploy rather than the server.
-    AssertUnwindSafe(wizer.snapshot_component(&context, &mut access))
-        .catch_unwind()
+    wizer
+        .snapshot_component(&context, &mut access)
         .await
-        .map_err(|_| anyhow!("Wizer could not read the initialized instance's state"))?
         .map_err(|e| anyhow!("{e:#}"))
         .context("snapshotting the initialized instance")
+}
+
+/// A trap as an error, with the deadline's interrupt named as the timeout it is.
+fn trapped(error: wasmtime::Error, timeout: Duration) -> anyhow::Error {
+    match error.downcast_ref::<wasmtime::Trap>() {
+        Some(wasmtime::Trap::Interrupt) => {
+            anyhow!("the init timed out after {timeout:?} (the function's timeout)")
+        }
+        _ => anyhow!("{error:#}"),
+    }
 }
 
 /// Reads the instrumented instance's state for Wizer, through the accessors it exported.

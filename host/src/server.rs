@@ -827,7 +827,7 @@ impl Server {
 
     /// The digest of `function`'s pre-initialized component: its init run on `class` and
     /// the instance snapshotted (Wizer), kept as a blob and noted beside the compiled cache,
-    /// so a redeploy or restart reuses it.
+    /// so a redeploy or restart with the same memory and stack reuses it.
     async fn pre_initialize(
         self: &Arc<Self>,
         class: &Arc<EngineClass>,
@@ -837,52 +837,58 @@ impl Server {
         memory: u64,
         progress: Option<&mpsc::Sender<DeployEvent>>,
     ) -> Result<Digest, DeployError> {
-        let note = class.preinit_path(digest);
-        let noted = std::fs::read_to_string(&note)
-            .ok()
-            .and_then(|text| text.trim().parse::<Digest>().ok())
-            .filter(|snapshot| self.blobs.has(snapshot).unwrap_or(false));
         let started = Instant::now();
-        let snapshot = match noted {
-            Some(snapshot) => snapshot,
-            None => {
-                let wasm = self
-                    .blobs
-                    .get(digest)
-                    .map_err(|e| DeployError::Internal(e.into()))?;
-                let request_id: Arc<str> = Arc::from(format!("{}-init", function.name));
-                let wasi = self.logs.guest_wasi(app.clone(), request_id).build();
-                let state = GuestState::new(
-                    wasi,
-                    memory,
-                    OutboundPolicy::new(&[], self.protected.clone()),
-                );
-                let deadline = started + function.timeout_or(self.limits.default_timeout);
-                let (runtime, class) = (tokio::runtime::Handle::current(), class.clone());
-                // Compiling the instrumented copy blocks; the init and snapshot run with it.
-                let snapshotted = tokio::task::spawn_blocking(move || {
-                    runtime.block_on(crate::preinit::snapshot(&class, &wasm, state, deadline))
-                })
-                .await
-                .map_err(|e| DeployError::Internal(anyhow::anyhow!("pre-init task failed: {e}")))?
-                .map_err(|e| DeployError::Component {
-                    function: function.name.clone(),
-                    source: ComponentError::PreInit(e),
-                })?;
-                let snapshot = self
-                    .blobs
-                    .put(&snapshotted)
-                    .map_err(|e| DeployError::Internal(e.into()))?;
-                crate::fsutil::write_atomic(&note, snapshot.to_string().as_bytes(), 0o644)
-                    .map_err(|e| DeployError::Internal(e.into()))?;
-                snapshot
-            }
-        };
+        let wasi = self
+            .logs
+            .guest_wasi(app.clone(), Arc::from(format!("{}-init", function.name)))
+            .build();
+        let state = GuestState::new(
+            wasi,
+            memory,
+            OutboundPolicy::new(&[], self.protected.clone()),
+        );
+        let timeout = function.timeout_or(self.limits.default_timeout);
+        let (runtime, class, blobs) = (
+            tokio::runtime::Handle::current(),
+            class.clone(),
+            self.blobs.clone(),
+        );
+        let note = class.preinit_path(digest, memory);
+        let original = digest.clone();
+        // Files, blobs, compiling and the init all block: none of it runs on the async threads.
+        let made = tokio::task::spawn_blocking(move || -> Result<(Digest, u64), ComponentError> {
+            let internal = |e: anyhow::Error| ComponentError::Invalid(e);
+            let noted = std::fs::read_to_string(&note)
+                .ok()
+                .and_then(|text| text.trim().parse::<Digest>().ok())
+                .filter(|snapshot| blobs.has(snapshot).unwrap_or(false));
+            let snapshot = match noted {
+                Some(snapshot) => snapshot,
+                None => {
+                    let wasm = blobs.get(&original).map_err(|e| internal(e.into()))?;
+                    let snapshotted = runtime
+                        .block_on(crate::preinit::snapshot(&class, &wasm, state, timeout))
+                        .map_err(ComponentError::PreInit)?;
+                    let snapshot = blobs.put(&snapshotted).map_err(|e| internal(e.into()))?;
+                    crate::fsutil::write_atomic(&note, snapshot.to_string().as_bytes(), 0o644)
+                        .map_err(|e| internal(e.into()))?;
+                    snapshot
+                }
+            };
+            let bytes = blobs.size(&snapshot).unwrap_or(0);
+            Ok((snapshot, bytes))
+        })
+        .await
+        .map_err(|e| DeployError::Internal(anyhow::anyhow!("pre-init task failed: {e}")))?;
+        let (snapshot, bytes) = made.map_err(|source| DeployError::Component {
+            function: function.name.clone(),
+            source,
+        })?;
         if let Some(tx) = progress {
             let _ = tx
                 .send(DeployEvent::PreInitialized {
                     function: function.name.clone(),
-                    bytes: self.blobs.size(&snapshot).unwrap_or(0),
+                    bytes,
                     ms: started.elapsed().as_millis() as u64,
                 })
                 .await;

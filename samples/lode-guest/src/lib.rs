@@ -30,7 +30,8 @@ pub trait Function {
 
     /// Heavy start-up work (tables, parsed data). With `pre_init = true` in lode.toml, Lode
     /// runs it once at deploy and snapshots the result, so calls start with it done. It
-    /// sees no config, secrets, files or network.
+    /// sees no config, secrets, files or network; it should not print or draw random seeds
+    /// (a `HashMap`'s, say), which the snapshot would freeze for every call.
     fn init() {}
 }
 
