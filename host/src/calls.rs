@@ -387,13 +387,13 @@ impl Server {
         tree: Option<CallTree>,
     ) -> Result<Outcome, CallError> {
         let started = std::time::Instant::now();
-        let created_ms = now_ms();
         let depth = tree.as_ref().map_or(0, CallTree::depth);
         let from_wasm = tree.as_ref().is_some_and(CallTree::from_wasm);
         let (engine, result) = self.dispatch(app, function, body, tree).await;
         if let Some((engine, series)) = engine {
             let failed = !matches!(&result, Ok(outcome) if !outcome.is_error());
-            series.observe(started.elapsed(), failed);
+            let elapsed = started.elapsed();
+            series.observe(elapsed, failed);
             // In-process Wasm-to-Wasm calls are counted, not recorded one by one.
             if !(from_wasm && engine == "wasm") {
                 let error = match &result {
@@ -401,16 +401,16 @@ impl Server {
                     Err(e) => Some(&e.error),
                 };
                 self.history.record(HistoryRecord {
-                    created_ms,
+                    created_ms: now_ms().saturating_sub(elapsed.as_millis() as u64),
                     app: app.to_string(),
                     function: function.to_string(),
                     engine: engine.to_string(),
-                    status: if error.is_some() {
+                    status: if failed {
                         CallStatus::Failed
                     } else {
                         CallStatus::Succeeded
                     },
-                    duration_ms: started.elapsed().as_secs_f64() * 1000.0,
+                    duration_ms: elapsed.as_secs_f64() * 1000.0,
                     depth,
                     error: error.map(HistoryRecord::summarize),
                 });

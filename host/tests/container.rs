@@ -7,7 +7,7 @@ use std::io::Write;
 use std::path::Path;
 use std::process::Output;
 
-use harness::Lode;
+use harness::{Lode, text};
 
 /// Debootstrap bases are kept here across runs (CI caches it), so only the first run on a
 /// machine pays for debootstrap.
@@ -15,10 +15,6 @@ const BASE_DIR: &str = "/var/cache/lode/images/base";
 
 fn start() -> Lode {
     Lode::start(&["--image-base-dir", BASE_DIR, "--allow-volume", "/tmp"])
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
 }
 
 fn write_spec(dir: &Path, name: &str, json: &str) -> String {

@@ -6,7 +6,7 @@ mod harness;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use harness::Lode;
+use harness::{Lode, repo_file, text};
 
 /// The debootstrap base the CI keeps between runs.
 const BASE_DIR: &str = "/var/cache/lode/images/base";
@@ -15,18 +15,6 @@ fn start(extra: &[&str]) -> Lode {
     let mut args = vec!["--image-base-dir", BASE_DIR];
     args.extend_from_slice(extra);
     Lode::start(&args)
-}
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-fn app_file(relative: &str) -> String {
-    repo().join(relative).to_str().unwrap().to_string()
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
 }
 
 fn stats_row(lode: &Lode, app: &str, function: &str) -> Vec<String> {
@@ -42,7 +30,7 @@ fn stats_row(lode: &Lode, app: &str, function: &str) -> Vec<String> {
 #[test]
 fn python_hello_deploys_calls_maps_spawns_serves_http_and_ticks() {
     let lode = start(&[]);
-    let app = app_file("samples/python-hello/app.py");
+    let app = repo_file("samples/python-hello/app.py");
     let deployed = lode.cli_ok(&["deploy", &app]);
     assert!(
         deployed.contains("deployed hello-py version 1"),
@@ -101,7 +89,7 @@ fn python_hello_deploys_calls_maps_spawns_serves_http_and_ticks() {
 #[test]
 fn python_numpy_runs_in_its_image_and_never_on_the_host() {
     let lode = start(&[]);
-    let app = app_file("samples/python-numpy/app.py");
+    let app = repo_file("samples/python-numpy/app.py");
     // The host has no numpy: collect skips the `image.imports()` block.
     let deployed = lode.cli(&["deploy", &app]);
     assert!(
@@ -122,7 +110,7 @@ fn python_numpy_runs_in_its_image_and_never_on_the_host() {
 #[test]
 fn errors_retries_timeouts_and_calls_from_inside() {
     let lode = start(&[]);
-    let app = app_file("host/tests/python/features.py");
+    let app = repo_file("host/tests/python/features.py");
     lode.cli_ok(&["secret", "create", "feat-api", "TOKEN=s3cr3t-value-42"]);
     lode.cli_ok(&["deploy", &app]);
 
@@ -211,7 +199,7 @@ fn errors_retries_timeouts_and_calls_from_inside() {
 fn a_full_queue_answers_429_and_idle_containers_scale_down() {
     let mut lode = start(&["--max-queue", "1"]);
     lode.cli_ok(&["secret", "create", "feat-api", "TOKEN=x"]);
-    let deployed = lode.cli_ok(&["deploy", &app_file("host/tests/python/features.py")]);
+    let deployed = lode.cli_ok(&["deploy", &repo_file("host/tests/python/features.py")]);
     assert!(deployed.contains("deployed feat"), "{deployed}");
     // One container at most (max_containers=1), one input queued: of five at once, three or
     // more are turned away with 429 and a Retry-After.
@@ -265,7 +253,7 @@ fn inputs_queued_on_a_replaced_version_still_finish() {
     lode.cli_ok(&["secret", "create", "feat-api", "TOKEN=x"]);
     let dir = tempfile::tempdir().unwrap();
     let app = dir.path().join("features.py");
-    let source = std::fs::read_to_string(app_file("host/tests/python/features.py")).unwrap();
+    let source = std::fs::read_to_string(repo_file("host/tests/python/features.py")).unwrap();
     std::fs::write(&app, &source).unwrap();
     let app = app.to_str().unwrap().to_string();
     lode.cli_ok(&["deploy", &app]);
@@ -311,7 +299,7 @@ fn inputs_queued_on_a_replaced_version_still_finish() {
 #[test]
 fn secrets_stay_out_of_logs_and_volumes_survive_a_restart() {
     let mut lode = start(&[]);
-    let app = app_file("host/tests/python/features.py");
+    let app = repo_file("host/tests/python/features.py");
     let created = lode.cli_ok(&["secret", "create", "feat-api", "TOKEN=s3cr3t-value-42"]);
     assert!(!created.contains("s3cr3t"), "{created}");
     let listed = lode.cli_ok(&["secret", "ls"]);
@@ -396,7 +384,7 @@ fn beats(lode: &Lode) -> Vec<f64> {
 fn a_period_schedule_fires_across_restarts_without_double_or_burst_runs() {
     let mut lode = start(&[]);
     lode.cli_ok(&["secret", "create", "feat-api", "TOKEN=x"]);
-    lode.cli_ok(&["deploy", &app_file("host/tests/python/features.py")]);
+    lode.cli_ok(&["deploy", &repo_file("host/tests/python/features.py")]);
     assert!(
         harness::wait_for(Duration::from_secs(20), || (beats(&lode).len() >= 2)
             .then_some(()))

@@ -3,24 +3,11 @@
 
 mod harness;
 
-use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde_json::json;
 
-use harness::Lode;
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-fn path(relative: &str) -> String {
-    repo().join(relative).to_str().unwrap().to_string()
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
+use harness::{Lode, repo_file, text};
 
 /// `lode call` that is expected to fail: its stderr.
 fn call_err(lode: &Lode, args: &[&str]) -> String {
@@ -34,7 +21,7 @@ fn call_err(lode: &Lode, args: &[&str]) -> String {
 #[test]
 fn fan_out_spawn_and_calls_across_engines() {
     let lode = Lode::start(&["--image-base-dir", "/var/cache/lode/images/base"]);
-    lode.cli_ok(&["deploy", &path("samples/wasm-fanout"), "--name", "fan"]);
+    lode.cli_ok(&["deploy", &repo_file("samples/wasm-fanout"), "--name", "fan"]);
     // main invokes square 1000 times in process: the sum of squares of 0..999.
     assert_eq!(
         lode.cli_ok(&["call", "fan/main", r#"{"n": 1000}"#]).trim(),
@@ -48,7 +35,7 @@ fn fan_out_spawn_and_calls_across_engines() {
     assert_eq!(lode.cli_ok(&["call", "fan/square", "12"]).trim(), "144");
 
     // Wasm to Python: main fans out to a Python function.
-    lode.cli_ok(&["deploy", &path("samples/python-hello/app.py")]);
+    lode.cli_ok(&["deploy", &repo_file("samples/python-hello/app.py")]);
     assert_eq!(
         lode.cli_ok(&[
             "call",
@@ -82,12 +69,12 @@ fn fan_out_spawn_and_calls_across_engines() {
         text(&out.stderr)
     );
     lode.cli_ok(&["secret", "create", "feat-api", "TOKEN=x"]);
-    lode.cli_ok(&["deploy", &path("host/tests/python/features.py")]);
+    lode.cli_ok(&["deploy", &repo_file("host/tests/python/features.py")]);
     assert_eq!(lode.cli_ok(&["call", "feat/wasm_square", "9"]).trim(), "81");
 
     // A loop across engines (limits/probe calls feat/bounce, which calls it back) is stopped
     // by the Wasm app's call_depth of 6: a container's calls carry their input's depth.
-    lode.cli_ok(&["deploy", &path("samples/wasm-limits")]);
+    lode.cli_ok(&["deploy", &repo_file("samples/wasm-limits")]);
     let err = call_err(&lode, &["limits/probe", "bounce"]);
     assert!(
         err.contains("call_depth: calls nest more than 6 deep"),
@@ -155,7 +142,7 @@ fn fan_out_spawn_and_calls_across_engines() {
 #[test]
 fn each_limit_stops_a_call_by_name_and_config_reads_lode_toml() {
     let lode = Lode::start(&[]);
-    lode.cli_ok(&["deploy", &path("samples/wasm-limits")]);
+    lode.cli_ok(&["deploy", &repo_file("samples/wasm-limits")]);
     // One component, both worlds: it takes calls by name and serves HTTP at its route.
     let rt = tokio::runtime::Runtime::new().unwrap();
     let (status, body) = rt.block_on(lode.get("/limits/"));
@@ -193,7 +180,7 @@ fn each_limit_stops_a_call_by_name_and_config_reads_lode_toml() {
     let toml = |limits: &str| {
         format!(
             "app = \"roomy\"\n{limits}\n[[function]]\nname = \"probe\"\npath = {:?}\n",
-            path("samples/wasm-limits")
+            repo_file("samples/wasm-limits")
         )
     };
     std::fs::write(roomy.path().join("lode.toml"), toml("")).unwrap();
@@ -245,7 +232,7 @@ fn each_limit_stops_a_call_by_name_and_config_reads_lode_toml() {
 #[test]
 fn pre_init_runs_start_up_work_once_at_deploy() {
     let mut lode = Lode::start(&[]);
-    lode.cli_ok(&["deploy", &path("samples/wasm-preinit")]);
+    lode.cli_ok(&["deploy", &repo_file("samples/wasm-preinit")]);
     // Both functions answer alike; only the pre-initialized one finds its table built.
     for (function, ready) in [("primes/nth", true), ("primes/nth-cold", false)] {
         let answer: serde_json::Value =

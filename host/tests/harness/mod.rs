@@ -33,6 +33,16 @@ fn build_guests(workspace: &str) -> PathBuf {
     dir.join("target/wasm32-wasip2/release")
 }
 
+/// A file or directory in the repository, as a CLI argument.
+pub fn repo_file(relative: &str) -> String {
+    repo_root().join(relative).to_str().unwrap().to_string()
+}
+
+/// Output bytes as text.
+pub fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
 /// Polls `check` until it returns `Some`, for at most `limit`.
 pub fn wait_for<T>(limit: Duration, mut check: impl FnMut() -> Option<T>) -> Option<T> {
     let deadline = Instant::now() + limit;
