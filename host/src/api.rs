@@ -55,6 +55,28 @@ impl ApiError {
     }
 }
 
+/// A query string parsed into `T`; one that does not parse is refused in the API's JSON error
+/// shape, naming the parameter, rather than as axum's plain text.
+pub(crate) struct ApiQuery<T>(pub T);
+
+impl<T, S> axum::extract::FromRequestParts<S> for ApiQuery<T>
+where
+    T: serde::de::DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self, ApiError> {
+        Query::<T>::from_request_parts(parts, state)
+            .await
+            .map(|Query(query)| Self(query))
+            .map_err(|rejection| ApiError::bad(rejection.body_text()))
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body = serde_json::json!({"error": {"kind": self.kind, "message": self.message}});
@@ -265,7 +287,7 @@ fn default_tail() -> usize {
 async fn logs(
     State(server): State<Arc<Server>>,
     Path(app): Path<String>,
-    Query(query): Query<LogQuery>,
+    ApiQuery(query): ApiQuery<LogQuery>,
 ) -> ApiResult<Response> {
     check_app_name(&app)?;
     if server.app(&app).is_none() {

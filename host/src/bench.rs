@@ -143,8 +143,11 @@ async fn measure_instantiate(component: &Path, iterations: usize) -> Result<(Dur
         let started = Instant::now();
         let wasi = WasiCtxBuilder::new().build();
         let built = Instant::now();
-        let mut store =
-            engine.new_store(GuestState::new(wasi, 128 << 20, policy.clone()), deadline);
+        let mut store = engine.new_store(
+            GuestState::new(wasi, 128 << 20, policy.clone()),
+            deadline,
+            None,
+        );
         let stored = Instant::now();
         pre.instantiate_async(&mut store)
             .await

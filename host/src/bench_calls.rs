@@ -8,7 +8,9 @@
 //! - the cross-engine cost: `main` invoking a Python function, per call, against calling
 //!   that Python function straight through the API;
 //! - pre-initialization (samples/wasm-preinit): a call whose start-up work was snapshotted at
-//!   deploy, against the same component doing it in every call.
+//!   deploy, against the same component doing it in every call;
+//! - fuel metering (`[limits] fuel`): that CPU-bound cold call on a metered engine, against
+//!   the same call unmetered.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -39,14 +41,26 @@ pub async fn calls(args: CallsBench) -> Result<()> {
     let server = start_server(&args.image_base_dir)?;
     let lode = std::env::current_exe()?;
     let repo = std::env::current_dir()?;
+    // The prime sieve again, as an app whose calls are metered with fuel.
+    let metered = tempfile::tempdir()?;
+    std::fs::write(
+        metered.path().join("lode.toml"),
+        format!(
+            "app = \"primes-fuel\"\n[limits]\nfuel = 1_000_000_000_000\n\
+             [[function]]\nname = \"nth-cold\"\npath = {:?}\nmemory = 64\n",
+            repo.join("samples/wasm-preinit")
+        ),
+    )?;
     for (what, name) in [
-        ("samples/wasm-fanout", "fan"),
-        ("samples/python-hello/app.py", "hello-py"),
-        ("samples/wasm-preinit", "primes"),
+        (repo.join("samples/wasm-fanout"), "fan"),
+        (repo.join("samples/python-hello/app.py"), "hello-py"),
+        (repo.join("samples/wasm-preinit"), "primes"),
+        (metered.path().to_path_buf(), "primes-fuel"),
     ] {
+        let what = what.display();
         let out = Command::new(&lode)
             .args(["--api-url", &server.api, "--token", &server.token, "deploy"])
-            .arg(repo.join(what))
+            .arg(what.to_string())
             .args(["--name", name])
             .output()?;
         if !out.status.success() {
@@ -154,6 +168,7 @@ pub async fn calls(args: CallsBench) -> Result<()> {
     // snapshotted at deploy, against building it in every call's fresh instance.
     let mut snapshotted = Vec::new();
     let mut cold = Vec::new();
+    let mut fueled = Vec::new();
     for i in 0..50 {
         let started = Instant::now();
         call("primes/nth-cold", json!(i + 1)).await?;
@@ -161,6 +176,9 @@ pub async fn calls(args: CallsBench) -> Result<()> {
         let started = Instant::now();
         call("primes/nth", json!(i + 1)).await?;
         snapshotted.push(started.elapsed());
+        let started = Instant::now();
+        call("primes-fuel/nth-cold", json!(i + 1)).await?;
+        fueled.push(started.elapsed());
     }
     let cold_p50 = row(
         "start-up work in every call (primes/nth-cold, baseline)",
@@ -170,6 +188,11 @@ pub async fn calls(args: CallsBench) -> Result<()> {
     row(
         "the same, pre-initialized at deploy (primes/nth)",
         snapshotted,
+        Some(cold_p50),
+    );
+    row(
+        "the same cold call, metered with fuel",
+        fueled,
         Some(cold_p50),
     );
 

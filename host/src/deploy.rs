@@ -78,7 +78,7 @@ struct Project {
     /// Values functions read with `config.get` (lode:function).
     #[serde(default)]
     config: BTreeMap<String, String>,
-    /// `[limits]`: wasm_stack_kib, call_depth, fan_out for the app's Wasm calls.
+    /// `[limits]`: wasm_stack_kib, call_depth, fan_out, fuel for the app's Wasm calls.
     #[serde(default)]
     limits: AppLimits,
     #[serde(rename = "function")]

@@ -1,5 +1,5 @@
-//! The Wasm engine: wasmtime `Engine`s with the pooling allocator (one per wasm stack size in
-//! use), a compiled-component cache on disk, and pre-instantiated components.
+//! The Wasm engine: wasmtime `Engine`s with the pooling allocator (one per wasm stack size and
+//! fuel metering in use), a compiled-component cache on disk, and pre-instantiated components.
 //!
 //! Compiling is the slow part (tens of ms to seconds), so it happens once per component digest
 //! and engine build: the `.cwasm` lands in `<cache-dir>/compiled/` and later loads mmap it.
@@ -48,8 +48,8 @@ pub const DEFAULT_WASM_STACK: usize = 512 << 10;
 /// Stack room for the host functions a guest calls, beside its wasm stack.
 const HOST_STACK: usize = 1536 << 10;
 
-/// Distinct wasm stack sizes (hence engines) one server runs at once.
-const MAX_STACK_SIZES: usize = 4;
+/// Distinct engine kinds (wasm stack size, fuel metering) one server runs at once.
+const MAX_ENGINE_KINDS: usize = 4;
 
 /// Core instances (and tables) one component may hold in the pool.
 const CORE_INSTANCES_PER_COMPONENT: u32 = 16;
@@ -194,9 +194,27 @@ fn kernel_has_pagemap_scan() -> bool {
     (major, minor) >= (6, 7)
 }
 
-/// Engines for apps that asked for a smaller stack, by stack bytes. Each lives while a
+/// What wasmtime fixes per engine and apps may choose: the wasm stack, and whether calls are
+/// metered with fuel (which compiles different code).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+struct EngineKind {
+    stack: usize,
+    fuel: bool,
+}
+
+impl std::fmt::Display for EngineKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} KiB", self.stack >> 10)?;
+        if self.fuel {
+            f.write_str(" with fuel")?;
+        }
+        Ok(())
+    }
+}
+
+/// Engines for apps that asked for a smaller stack or for fuel, by kind. Each lives while a
 /// deployed function (or a call still running on one) holds it.
-type SmallerEngines = Arc<Mutex<BTreeMap<usize, Weak<EngineClass>>>>;
+type OtherEngines = Arc<Mutex<BTreeMap<EngineKind, Weak<EngineClass>>>>;
 
 /// Advances every live engine's epoch each [`EPOCH_TICK`] until dropped.
 struct EpochTicker {
@@ -205,7 +223,7 @@ struct EpochTicker {
 }
 
 impl EpochTicker {
-    fn start(default: Engine, smaller: SmallerEngines) -> Self {
+    fn start(default: Engine, others: OtherEngines) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
         let thread = std::thread::Builder::new()
@@ -214,7 +232,7 @@ impl EpochTicker {
                 while !flag.load(Ordering::Relaxed) {
                     std::thread::sleep(EPOCH_TICK);
                     default.increment_epoch();
-                    for class in smaller.lock().unwrap().values() {
+                    for class in others.lock().unwrap().values() {
                         if let Some(class) = class.upgrade() {
                             class.engine.increment_epoch();
                         }
@@ -238,58 +256,64 @@ impl Drop for EpochTicker {
     }
 }
 
-/// The Wasm engine: one wasmtime engine per wasm stack size in use, because wasmtime sets
-/// the stack limit per engine. Apps that name no `wasm_stack_kib` share the default one.
+/// The Wasm engine: one wasmtime engine per wasm stack size and fuel metering in use, because
+/// wasmtime sets both per engine. Apps that name neither `wasm_stack_kib` nor `fuel` share the
+/// default one.
 pub struct WasmEngine {
     settings: EngineSettings,
     default: Arc<EngineClass>,
-    smaller: SmallerEngines,
+    others: OtherEngines,
     _ticker: EpochTicker,
 }
 
 impl WasmEngine {
     /// Builds the default engine and starts the epoch ticker.
     pub fn new(settings: &EngineSettings) -> Result<Self> {
-        let default = Arc::new(EngineClass::new(
-            settings,
-            settings.wasm_stack,
-            settings.max_instances,
-        )?);
-        let smaller = SmallerEngines::default();
+        let kind = EngineKind {
+            stack: settings.wasm_stack,
+            fuel: false,
+        };
+        let default = Arc::new(EngineClass::new(settings, kind, settings.max_instances)?);
+        let others = OtherEngines::default();
         Ok(Self {
             settings: settings.clone(),
-            _ticker: EpochTicker::start(default.engine.clone(), smaller.clone()),
+            _ticker: EpochTicker::start(default.engine.clone(), others.clone()),
             default,
-            smaller,
+            others,
         })
     }
 
-    /// The engine apps get when they name no stack size.
+    /// The engine apps get when they name no stack size and no fuel.
     pub fn default_class(&self) -> &Arc<EngineClass> {
         &self.default
     }
 
-    /// Whether an app's `wasm_stack_kib` can be served, without making its engine; the error
-    /// says what to do.
-    pub fn check_stack(&self, stack_kib: Option<u32>) -> Result<(), String> {
-        self.lookup(stack_kib, false).map(drop)
+    /// Whether an app's `wasm_stack_kib` (and fuel metering, if `metered`) can be served,
+    /// without making its engine; the error says what to do.
+    pub fn check(&self, stack_kib: Option<u32>, metered: bool) -> Result<(), String> {
+        self.lookup(stack_kib, metered, false).map(drop)
     }
 
-    /// The engine for an app's `wasm_stack_kib`, made on first use. A stack above the
-    /// server's, or one size too many, is refused with what to do.
-    pub fn class(&self, stack_kib: Option<u32>) -> Result<Arc<EngineClass>, String> {
-        self.lookup(stack_kib, true)
+    /// The engine for an app's `wasm_stack_kib` and fuel metering, made on first use. A stack
+    /// above the server's, or one engine kind too many, is refused with what to do.
+    pub fn class(&self, stack_kib: Option<u32>, metered: bool) -> Result<Arc<EngineClass>, String> {
+        self.lookup(stack_kib, metered, true)
             .map(|class| class.expect("made when asked to"))
     }
 
     fn lookup(
         &self,
         stack_kib: Option<u32>,
+        metered: bool,
         make: bool,
     ) -> Result<Option<Arc<EngineClass>>, String> {
         let max = self.settings.wasm_stack;
         let stack = stack_kib.map_or(max, |kib| kib as usize * 1024);
-        if stack == max {
+        let kind = EngineKind {
+            stack,
+            fuel: metered,
+        };
+        if kind == self.default.kind {
             return Ok(Some(self.default.clone()));
         }
         if stack > max {
@@ -300,20 +324,21 @@ impl WasmEngine {
                 max >> 10
             ));
         }
-        let mut smaller = self.smaller.lock().unwrap();
-        smaller.retain(|_, class| class.strong_count() > 0);
-        if let Some(class) = smaller.get(&stack).and_then(Weak::upgrade) {
+        let mut others = self.others.lock().unwrap();
+        others.retain(|_, class| class.strong_count() > 0);
+        if let Some(class) = others.get(&kind).and_then(Weak::upgrade) {
             return Ok(Some(class));
         }
-        if smaller.len() + 1 >= MAX_STACK_SIZES {
-            let sizes: Vec<String> = std::iter::once(max)
-                .chain(smaller.keys().copied())
-                .map(|bytes| (bytes >> 10).to_string())
+        if others.len() + 1 >= MAX_ENGINE_KINDS {
+            let kinds: Vec<String> = std::iter::once(self.default.kind)
+                .chain(others.keys().copied())
+                .map(|kind| kind.to_string())
                 .collect();
             return Err(format!(
-                "limits: this server already runs {MAX_STACK_SIZES} wasm stack sizes for the \
-                 apps deployed; use one of {} KiB, or leave wasm_stack_kib out",
-                sizes.join(", ")
+                "limits: this server already runs {MAX_ENGINE_KINDS} engine kinds (wasm stack, \
+                 fuel) for the apps deployed: {}; pick the stack and fuel metering of one of \
+                 them, or leave wasm_stack_kib and fuel out",
+                kinds.join(", ")
             ));
         }
         if !make {
@@ -321,26 +346,26 @@ impl WasmEngine {
         }
         let slots = (self.settings.max_instances / 4).max(8);
         let class =
-            Arc::new(EngineClass::new(&self.settings, stack, slots).map_err(|e| format!("{e:#}"))?);
-        smaller.insert(stack, Arc::downgrade(&class));
+            Arc::new(EngineClass::new(&self.settings, kind, slots).map_err(|e| format!("{e:#}"))?);
+        others.insert(kind, Arc::downgrade(&class));
         Ok(Some(class))
     }
 }
 
 /// One wasmtime engine with the pooling allocator, its linker, and its part of the compiled
-/// cache. Every component it runs gets the same wasm stack.
+/// cache. Every component it runs gets the same wasm stack, and is metered with fuel or not.
 pub struct EngineClass {
     engine: Engine,
     linker: Linker<GuestState>,
     compiled_dir: PathBuf,
     fingerprint: String,
-    stack: usize,
+    kind: EngineKind,
 }
 
 impl EngineClass {
-    /// Builds an engine whose guests get `stack` bytes of wasm stack, with `slots` instances
-    /// in its pool.
-    fn new(settings: &EngineSettings, stack: usize, slots: u32) -> Result<Self> {
+    /// Builds an engine of `kind`, with `slots` instances in its pool.
+    fn new(settings: &EngineSettings, kind: EngineKind, slots: u32) -> Result<Self> {
+        let stack = kind.stack;
         let mut pool = PoolingAllocationConfig::default();
         // One wasip2 component instance holds several core instances (the program plus
         // adapter shims) and tables, but usually one memory; size the pools so that
@@ -370,6 +395,9 @@ impl EngineClass {
         config
             .allocation_strategy(InstanceAllocationStrategy::Pooling(pool))
             .epoch_interruption(true)
+            // Fuel counts the work a call does, the same on every run, where a wall-clock
+            // deadline depends on the machine; it costs some speed, so only apps that ask pay.
+            .consume_fuel(kind.fuel)
             .memory_init_cow(true)
             .max_wasm_stack(stack)
             // The fiber a call runs on holds the wasm stack plus the host calls made from it.
@@ -404,22 +432,38 @@ impl EngineClass {
             linker,
             compiled_dir: settings.compiled_dir.clone(),
             fingerprint,
-            stack,
+            kind,
         })
     }
 
     /// The wasm stack its guests get, in bytes.
     pub fn stack(&self) -> usize {
-        self.stack
+        self.kind.stack
+    }
+
+    /// Whether calls on it are metered with fuel.
+    pub fn metered(&self) -> bool {
+        self.kind.fuel
     }
 
     /// A store for one request on this engine (the one its component was prepared on), with
     /// its memory limit and a wall-clock deadline enforced through epoch interruption.
     /// Between ticks a running guest yields, so one busy request cannot starve the others on
-    /// its thread.
-    pub fn new_store(&self, state: GuestState, deadline: Instant) -> Store<GuestState> {
+    /// its thread. On a metered engine it gets `fuel` (`None`: as good as unmetered, for work
+    /// the deadline alone bounds, such as a pre-init).
+    pub fn new_store(
+        &self,
+        state: GuestState,
+        deadline: Instant,
+        fuel: Option<u64>,
+    ) -> Store<GuestState> {
         let mut store = Store::new(&self.engine, state);
         store.limiter(|state| &mut state.limits);
+        if self.kind.fuel {
+            store
+                .set_fuel(fuel.unwrap_or(u64::MAX))
+                .expect("the engine consumes fuel");
+        }
         store.set_epoch_deadline(1);
         store.epoch_deadline_callback(move |_| {
             if Instant::now() >= deadline {
@@ -439,7 +483,7 @@ impl EngineClass {
             "{}-m{}-s{}-wizer48.preinit",
             digest.hex(),
             memory >> 20,
-            self.stack >> 10
+            self.kind.stack >> 10
         ))
     }
 
@@ -482,7 +526,8 @@ impl EngineClass {
     fn deserialize(&self, path: &Path) -> Result<Component> {
         // SAFETY: the file is one a Lode engine wrote into Lode's own cache directory (temp
         // file, fsync, rename), named by the component digest and the fingerprint of engines
-        // that can load it (the stack size is not part of it: it does not change the code),
+        // that can load it (fuel metering is part of it; the stack size is not, as it does not
+        // change the code),
         // and wasmtime checks its header and compatibility before use. The cache dir must be
         // writable only by Lode, as documented for `--cache-dir`.
         unsafe { Component::deserialize_file(&self.engine, path) }
@@ -545,7 +590,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn engines_per_stack_size_are_bounded_and_freed_with_their_apps() {
+    fn engines_per_kind_are_bounded_and_freed_with_their_apps() {
         let dir = tempfile::tempdir().unwrap();
         let engine = WasmEngine::new(&EngineSettings {
             compiled_dir: dir.path().to_path_buf(),
@@ -555,32 +600,36 @@ mod tests {
         })
         .unwrap();
         assert!(Arc::ptr_eq(
-            &engine.class(None).unwrap(),
+            &engine.class(None, false).unwrap(),
             engine.default_class()
         ));
         assert!(Arc::ptr_eq(
-            &engine.class(Some(512)).unwrap(),
+            &engine.class(Some(512), false).unwrap(),
             engine.default_class()
         ));
-        let err = engine.check_stack(Some(1024)).unwrap_err();
+        let err = engine.check(Some(1024), false).unwrap_err();
         assert!(err.contains("above this server's 512 KiB"), "{err}");
 
-        let small = engine.class(Some(64)).unwrap();
-        assert_eq!(small.stack(), 64 << 10);
-        assert!(Arc::ptr_eq(&engine.class(Some(64)).unwrap(), &small));
-        let held = [
-            small,
-            engine.class(Some(128)).unwrap(),
-            engine.class(Some(256)).unwrap(),
-        ];
-        // Checking makes nothing, and a fourth size beside the default is refused by name.
-        let err = engine.check_stack(Some(192)).unwrap_err();
-        assert!(err.contains("use one of 512, 64, 128, 256 KiB"), "{err}");
-        assert!(engine.class(Some(192)).is_err());
-        // Once no app holds a size, its engine goes and another size fits.
+        let small = engine.class(Some(64), false).unwrap();
+        assert_eq!((small.stack(), small.metered()), (64 << 10, false));
+        assert!(Arc::ptr_eq(&engine.class(Some(64), false).unwrap(), &small));
+        // Fuel metering is a kind of its own, at the default stack too.
+        let metered = engine.class(None, true).unwrap();
+        assert_eq!((metered.stack(), metered.metered()), (512 << 10, true));
+        assert!(!Arc::ptr_eq(&metered, engine.default_class()));
+        let held = [small, metered, engine.class(Some(128), false).unwrap()];
+        // Checking makes nothing, and a fourth kind beside the default is refused by name.
+        let err = engine.check(Some(192), false).unwrap_err();
+        assert!(
+            err.contains(": 512 KiB, 64 KiB, 128 KiB, 512 KiB with fuel;"),
+            "{err}"
+        );
+        assert!(engine.class(Some(64), true).is_err());
+        // Once no app holds a kind, its engine goes and another fits.
         drop(held);
-        engine.check_stack(Some(192)).unwrap();
-        assert_eq!(engine.class(Some(192)).unwrap().stack(), 192 << 10);
+        engine.check(Some(192), true).unwrap();
+        let class = engine.class(Some(192), true).unwrap();
+        assert_eq!((class.stack(), class.metered()), (192 << 10, true));
     }
 
     #[test]

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Bytes;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
@@ -16,7 +16,7 @@ use lode_native_runner::agent::Outcome;
 use serde::Deserialize;
 use serde_json::Value;
 
-use crate::api::ApiError;
+use crate::api::{ApiError, ApiQuery};
 use crate::calls::CallError;
 use crate::manifest::is_secret_name;
 use crate::server::Server;
@@ -118,7 +118,7 @@ struct PollQuery {
 async fn poll(
     State(server): State<Arc<Server>>,
     Path(id): Path<String>,
-    Query(query): Query<PollQuery>,
+    ApiQuery(query): ApiQuery<PollQuery>,
 ) -> Result<Response, ApiError> {
     let wait = Duration::from_secs_f64(if query.wait.is_finite() {
         query.wait.clamp(0.0, 60.0)
@@ -165,7 +165,7 @@ struct HistoryQuery {
 async fn history(
     State(server): State<Arc<Server>>,
     Path(app): Path<String>,
-    Query(query): Query<HistoryQuery>,
+    ApiQuery(query): ApiQuery<HistoryQuery>,
 ) -> Result<Json<Value>, ApiError> {
     let limit = query.limit.unwrap_or(50).clamp(1, MAX_HISTORY_PAGE);
     let records = tokio::task::spawn_blocking(move || server.history.recent(&app, limit))

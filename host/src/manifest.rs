@@ -40,6 +40,10 @@ pub const MAX_CALL_DEPTH_LIMIT: u32 = 64;
 /// The most calls an app may let one outside call lead to.
 pub const MAX_FAN_OUT_LIMIT: u32 = 1_000_000;
 
+/// Fuel one call may be given: enough to start an instance at the low end, hours of work at
+/// the high end.
+pub const FUEL_LIMIT: std::ops::RangeInclusive<u64> = 1_000..=1_000_000_000_000_000;
+
 /// Limits for untrusted Wasm that hold per app (`[limits]` in lode.toml). Absent fields take
 /// the server's defaults.
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
@@ -56,6 +60,11 @@ pub struct AppLimits {
     /// How many calls, nested ones included, one call from outside may lead to.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fan_out: Option<u32>,
+    /// Fuel per call (about one unit per Wasm instruction), for a CPU bound that is the same
+    /// on every machine and run; a call that uses it up fails as `fuel_exhausted`. Unset: no
+    /// metering, only the wall-clock timeout.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fuel: Option<u64>,
 }
 
 impl AppLimits {
@@ -85,6 +94,15 @@ impl AppLimits {
         {
             problems.push(format!(
                 "limits: fan_out {fan_out} must be 1 to {MAX_FAN_OUT_LIMIT}"
+            ));
+        }
+        if let Some(fuel) = self.fuel
+            && !FUEL_LIMIT.contains(&fuel)
+        {
+            problems.push(format!(
+                "limits: fuel {fuel} must be {} to {} (units per call)",
+                FUEL_LIMIT.start(),
+                FUEL_LIMIT.end()
             ));
         }
     }
@@ -582,6 +600,7 @@ mod tests {
             config: Default::default(),
             limits: AppLimits {
                 call_depth: Some(0),
+                fuel: Some(10),
                 ..Default::default()
             },
             functions: vec![wasm_fn("web"), second],
@@ -594,6 +613,7 @@ mod tests {
         assert!(all.contains("timeout -1"), "{all}");
         assert!(all.contains("claimed by more than one"), "{all}");
         assert!(all.contains("call_depth 0 must be 1 to 64"), "{all}");
+        assert!(all.contains("fuel 10 must be 1000 to"), "{all}");
     }
 
     #[test]
@@ -606,6 +626,7 @@ mod tests {
                 wasm_stack_kib: Some(128),
                 call_depth: None,
                 fan_out: Some(10),
+                fuel: Some(5_000_000),
             },
             functions: vec![wasm_fn("web")],
         };

@@ -56,7 +56,7 @@ async fn run(
         .context("linking the instrumented component")?;
     // The deadline stops running Wasm (epochs); the timeout also stops host waits.
     let deadline = Instant::now() + timeout;
-    let mut store = class.new_store(state, deadline);
+    let mut store = class.new_store(state, deadline, None);
     let init = async {
         let instance = pre
             .instantiate_async(&mut store)

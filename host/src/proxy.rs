@@ -117,6 +117,8 @@ enum Outcome {
     Finished,
     Trapped(String),
     TimedOut,
+    /// It used up its `[limits] fuel`.
+    FuelExhausted,
     /// Every pool slot is busy (`lode serve --instances`).
     Overloaded,
 }
@@ -396,6 +398,7 @@ async fn run(
     let mut store = function.engine.new_store(
         GuestState::new(wasi, function.memory, function.outbound.clone()),
         deadline,
+        function.fuel,
     );
     let (sender, receiver) = tokio::sync::oneshot::channel();
     let prepared = (|| -> wasmtime::Result<_> {
@@ -432,6 +435,9 @@ async fn run(
         let outcome = match tokio::time::timeout_at(deadline.into(), run).await {
             Ok(Ok(())) => Outcome::Finished,
             Ok(Err(e)) if e.downcast_ref::<Trap>() == Some(&Trap::Interrupt) => Outcome::TimedOut,
+            Ok(Err(e)) if e.downcast_ref::<Trap>() == Some(&Trap::OutOfFuel) => {
+                Outcome::FuelExhausted
+            }
             Ok(Err(e)) if e.is::<wasmtime::PoolConcurrencyLimitError>() => Outcome::Overloaded,
             Ok(Err(e)) => Outcome::Trapped(format!("{:#}", anyhow::Error::from(e))),
             Err(_) => Outcome::TimedOut,
@@ -483,6 +489,15 @@ async fn run(
                     &format!(
                         "the component did not finish within its {:.3} s timeout",
                         function.timeout.as_secs_f64()
+                    ),
+                    id,
+                ),
+                Outcome::FuelExhausted => error_response(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "fuel_exhausted",
+                    &format!(
+                        "the component used up its fuel of {} units (`[limits] fuel` sets it)",
+                        function.fuel.unwrap_or_default()
                     ),
                     id,
                 ),
@@ -604,6 +619,17 @@ fn report(server: &Server, function: &HttpFunction, id: &str, outcome: &Outcome)
                 function.name
             );
             tracing::warn!(app = %function.app, request_id = id, "{line}");
+            server
+                .logs
+                .push(&function.app, Some(id), Stream::System, line);
+        }
+        Outcome::FuelExhausted => {
+            count_error(server, &function.app, "fuel_exhausted");
+            let line = format!(
+                "request used up its fuel of {} units (function {})",
+                function.fuel.unwrap_or_default(),
+                function.name
+            );
             server
                 .logs
                 .push(&function.app, Some(id), Stream::System, line);

@@ -66,6 +66,8 @@ pub struct HttpFunction {
     pub engine: Arc<EngineClass>,
     /// Wall-clock limit per request.
     pub timeout: Duration,
+    /// Fuel per request on a metered engine (`[limits] fuel`).
+    pub fuel: Option<u64>,
     /// Memory limit per instance, in bytes.
     pub memory: u64,
     /// Outbound HTTP rules.
@@ -424,7 +426,10 @@ impl Server {
             .any(|f| f.runtime == Runtime::Wasm)
         {
             self.engine
-                .check_stack(manifest.limits.wasm_stack_kib)
+                .check(
+                    manifest.limits.wasm_stack_kib,
+                    manifest.limits.fuel.is_some(),
+                )
                 .map_err(DeployError::Unsupported)?;
         }
         let mut missing = Vec::new();
@@ -504,7 +509,10 @@ impl Server {
             .any(|f| f.runtime == Runtime::Wasm);
         let class = if has_wasm {
             self.engine
-                .class(manifest.limits.wasm_stack_kib)
+                .class(
+                    manifest.limits.wasm_stack_kib,
+                    manifest.limits.fuel.is_some(),
+                )
                 .map_err(DeployError::Unsupported)?
         } else {
             self.engine.default_class().clone()
@@ -586,6 +594,7 @@ impl Server {
                             name: function.name.clone(),
                             pre,
                             timeout: function.timeout_or(self.limits.default_timeout),
+                            fuel: manifest.limits.fuel,
                             memory,
                             outbound: OutboundPolicy::new(
                                 &function.network.allow,
@@ -613,6 +622,7 @@ impl Server {
                 pre,
                 engine: class.clone(),
                 timeout: function.timeout_or(self.limits.default_timeout),
+                fuel: manifest.limits.fuel,
                 memory,
                 outbound: OutboundPolicy::new(&function.network.allow, self.protected.clone()),
                 series: self.metrics.app_series(&app),

@@ -148,6 +148,8 @@ pub struct WasmFunction {
     pub pre: FunctionPre<GuestState>,
     /// Wall-clock limit per call.
     pub timeout: Duration,
+    /// Fuel per call on a metered engine (`[limits] fuel`).
+    pub fuel: Option<u64>,
     /// Memory limit per instance, in bytes.
     pub memory: u64,
     /// Outbound HTTP rules.
@@ -350,7 +352,7 @@ impl Server {
             config: function.config.clone(),
         });
         let deadline = Instant::now() + function.timeout;
-        let mut store = function.engine.new_store(state, deadline);
+        let mut store = function.engine.new_store(state, deadline, function.fuel);
         let input = serde_json::to_vec(body).expect("JSON values encode");
         let run = async {
             let instance = function.pre.instantiate_async(&mut store).await?;
@@ -382,6 +384,14 @@ impl Server {
             Ok(Ok(Err(error))) => Outcome::failed(ErrorInfo::lode(&error.kind, error.message)),
             Ok(Err(e)) => match e.downcast_ref::<Trap>() {
                 Some(Trap::Interrupt) => timed_out(),
+                Some(Trap::OutOfFuel) => Outcome::failed(ErrorInfo::lode(
+                    "fuel_exhausted",
+                    format!(
+                        "{} used up its fuel of {} units (`[limits] fuel` sets it)",
+                        function.name,
+                        function.fuel.unwrap_or_default()
+                    ),
+                )),
                 Some(Trap::StackOverflow) => Outcome::failed(ErrorInfo::lode(
                     "stack_overflow",
                     format!(

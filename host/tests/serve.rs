@@ -595,3 +595,21 @@ async fn a_full_instance_pool_answers_503() {
     while body.next().await.is_some() {}
     assert_eq!(lode.get("/one/").await, (200, "misbehave\n".into()));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_query_that_does_not_parse_is_refused_in_json_by_name() {
+    let lode = Lode::start(&[]);
+    for path in [
+        "/v1/apps/x/calls?limit=lots",
+        "/v1/calls/c-1?wait=soon",
+        "/v1/apps/x/logs?tail=-1",
+    ] {
+        let response = lode.api(Method::GET, path).send().await.unwrap();
+        assert_eq!(response.status(), 400, "{path}");
+        let body: serde_json::Value = response.json().await.unwrap();
+        assert_eq!(body["error"]["kind"], "invalid_request", "{path}: {body}");
+        let parameter = path.split(['?', '=']).nth(1).unwrap();
+        let message = body["error"]["message"].as_str().unwrap();
+        assert!(message.contains(parameter), "{path}: {message}");
+    }
+}

@@ -200,6 +200,26 @@ fn each_limit_stops_a_call_by_name_and_config_reads_lode_toml() {
         err.contains("wasm_stack_kib 1024 is above this server's 512 KiB"),
         "{err}"
     );
+    // Fuel bounds the work a call does, the same on any machine: `spin` uses it up long
+    // before any timeout, by name and over HTTP too, while a call with less work fits.
+    std::fs::write(
+        roomy.path().join("lode.toml"),
+        toml("[limits]\nfuel = 20_000_000"),
+    )
+    .unwrap();
+    lode.cli_ok(&["deploy", roomy.path().to_str().unwrap()]);
+    let err = call_err(&lode, &["roomy/probe", "spin"]);
+    assert!(
+        err.contains("fuel_exhausted: probe used up its fuel of 20000000 units"),
+        "{err}"
+    );
+    let (status, body) = rt.block_on(lode.get("/roomy/spin"));
+    assert_eq!(status, 500, "{body}");
+    assert!(body.contains("fuel_exhausted"), "{body}");
+    assert_eq!(
+        lode.cli_ok(&["call", "roomy/probe", "deep", "1000"]).trim(),
+        "1000"
+    );
     for (mode, expected) in [
         ("recurse", "call_depth: calls nest more than 6 deep"),
         ("spawn-recurse", "call_depth: calls nest more than 6 deep"),

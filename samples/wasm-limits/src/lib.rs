@@ -1,7 +1,7 @@
 //! `probe("mode")` runs into one limit on purpose:
 //! - `recurse`: calls itself through `invoke` until the call-depth limit stops it;
 //! - `spawn-recurse`: the same through `spawn` and `await`;
-//! - `spin`: loops until the call's deadline interrupts it;
+//! - `spin`: loops until the call's deadline interrupts it, or its `[limits] fuel` runs out;
 //! - `grow`: allocates until the instance's memory limit refuses more;
 //! - `read`: reads a host file, which a function sees only through its preopened volume;
 //! - `volume`: writes and reads back a file in its volume at `/data`;
@@ -14,7 +14,7 @@
 //!   engines that the call-depth limit stops all the same.
 //!
 //! It also serves HTTP (`wasi:http/incoming-handler`), so one component takes calls by name
-//! and requests at its web route.
+//! and requests at its web route; a request to a path ending in `/spin` spins like `spin`.
 //!
 //!     lode deploy samples/wasm-limits --name limits ; lode call limits/probe recurse
 
@@ -39,6 +39,14 @@ fn deep(n: u64) -> u64 {
     std::hint::black_box(deep(std::hint::black_box(n - 1))) + 1
 }
 
+/// Loops until the host stops it.
+fn spin() -> ! {
+    let mut x: u64 = 0;
+    loop {
+        x = std::hint::black_box(x.wrapping_add(1));
+    }
+}
+
 struct Probe;
 
 impl lode_guest::Function for Probe {
@@ -49,12 +57,7 @@ impl lode_guest::Function for Probe {
                 let id = lode_guest::spawn("", "probe", &[json!("spawn-recurse")])?;
                 lode_guest::wait(&id)
             }
-            "spin" => {
-                let mut x: u64 = 0;
-                loop {
-                    x = std::hint::black_box(x.wrapping_add(1));
-                }
-            }
+            "spin" => spin(),
             "grow" => {
                 let mut hoard: Vec<Vec<u8>> = Vec::new();
                 loop {
@@ -100,7 +103,10 @@ lode_guest::function!(Probe);
 wasip2::http::proxy::export!(Probe);
 
 impl wasip2::exports::http::incoming_handler::Guest for Probe {
-    fn handle(_request: IncomingRequest, response_out: ResponseOutparam) {
+    fn handle(request: IncomingRequest, response_out: ResponseOutparam) {
+        if request.path_with_query().is_some_and(|path| path.ends_with("/spin")) {
+            spin();
+        }
         let headers = Fields::from_list(&[("content-type".into(), b"text/plain".to_vec())])
             .expect("static headers are valid");
         let response = OutgoingResponse::new(headers);
