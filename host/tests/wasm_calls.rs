@@ -283,4 +283,25 @@ fn pre_init_runs_start_up_work_once_at_deploy() {
     );
     let err = lode.cli_err(&["deploy", project.path().to_str().unwrap()]);
     assert!(err.contains("pre-initialization failed"), "{err}");
+
+    // An init that never finishes is stopped by the function's timeout, and the deploy
+    // fails saying so; the server goes on serving what it had.
+    let spinning = tempfile::tempdir().unwrap();
+    std::fs::write(
+        spinning.path().join("lode.toml"),
+        format!(
+            "app = \"spin-init\"\n[[function]]\nname = \"probe\"\npath = {:?}\n\
+             pre_init = true\ntimeout = \"300ms\"\n",
+            repo_file("samples/wasm-limits")
+        ),
+    )
+    .unwrap();
+    let err = lode.cli_err(&["deploy", spinning.path().to_str().unwrap()]);
+    assert!(
+        err.contains("pre-initialization failed") && err.contains("the init timed out after 300ms"),
+        "{err}"
+    );
+    assert!(!lode.cli_ok(&["ls"]).contains("spin-init"));
+    let answer = lode.cli_ok(&["call", "primes/nth", "1"]);
+    assert!(answer.contains("\"table_ready_at_start\":true"), "{answer}");
 }

@@ -13,6 +13,9 @@
 //! - `bounce`: calls the Python function `feat/bounce`, which calls back here: a loop across
 //!   engines that the call-depth limit stops all the same.
 //!
+//! Its `init` never finishes, so deploying it with `pre_init = true` runs into the deploy's
+//! timeout for the init (the function's `timeout`).
+//!
 //! It also serves HTTP (`wasi:http/incoming-handler`), so one component takes calls by name
 //! and requests at its web route; a request to a path ending in `/spin` spins like `spin`.
 //!
@@ -50,6 +53,10 @@ fn spin() -> ! {
 struct Probe;
 
 impl lode_guest::Function for Probe {
+    fn init() {
+        spin()
+    }
+
     fn call(args: Vec<Value>, _kwargs: Map<String, Value>) -> Result<Value, Error> {
         match args.first().and_then(Value::as_str).unwrap_or("") {
             "recurse" => lode_guest::invoke("", "probe", &[json!("recurse")]),
