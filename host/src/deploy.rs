@@ -385,6 +385,10 @@ pub async fn follow_deploy(client: &ApiClient, manifest: &Manifest) -> Result<()
                 event["function"].as_str().unwrap_or("?"),
                 event["bytes"].as_u64().unwrap_or(0) / 1024
             )),
+            "pre_initializing" => spinner.set_message(format!(
+                "pre-initializing {} (running its init)",
+                event["function"].as_str().unwrap_or("?")
+            )),
             "progress" => {}
             "image" => spinner.println(format!(
                 "{}: {}",

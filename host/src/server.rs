@@ -191,6 +191,32 @@ fn prefix_matches(route: &str, path: &str) -> bool {
             .is_some_and(|rest| rest.starts_with('/'))
 }
 
+/// Awaits `job`, sending a progress event for `function` every half second meanwhile, so a
+/// client streaming the deploy (and any proxy in between) sees it alive through a long
+/// compile or init.
+async fn with_heartbeat<T>(
+    mut job: tokio::task::JoinHandle<T>,
+    function: &str,
+    started: Instant,
+    progress: Option<&mpsc::Sender<DeployEvent>>,
+) -> Result<T, tokio::task::JoinError> {
+    let mut heartbeat = tokio::time::interval(Duration::from_millis(500));
+    heartbeat.tick().await;
+    loop {
+        tokio::select! {
+            result = &mut job => return result,
+            _ = heartbeat.tick() => {
+                if let Some(tx) = progress {
+                    let _ = tx.send(DeployEvent::Progress {
+                        function: function.to_string(),
+                        elapsed_ms: started.elapsed().as_millis() as u64,
+                    }).await;
+                }
+            }
+        }
+    }
+}
+
 /// Progress of a deploy, streamed to the CLI as NDJSON.
 #[derive(Debug, Clone, Serialize)]
 #[serde(tag = "event", rename_all = "snake_case")]
@@ -202,12 +228,18 @@ pub enum DeployEvent {
         /// Component size.
         bytes: u64,
     },
-    /// Still compiling.
+    /// Still compiling or pre-initializing, sent every half second.
     Progress {
         /// Function name.
         function: String,
-        /// Time since compilation started.
+        /// Time since that step started.
         elapsed_ms: u64,
+    },
+    /// A function's `pre_init` step started: its init runs now, unless an earlier deploy's
+    /// snapshot of the same component is found.
+    PreInitializing {
+        /// Function name.
+        function: String,
     },
     /// A function's init ran and its instance was snapshotted.
     PreInitialized {
@@ -865,8 +897,15 @@ impl Server {
         );
         let note = class.preinit_path(digest, memory);
         let original = digest.clone();
+        if let Some(tx) = progress {
+            let _ = tx
+                .send(DeployEvent::PreInitializing {
+                    function: function.name.clone(),
+                })
+                .await;
+        }
         // Files, blobs, compiling and the init all block: none of it runs on the async threads.
-        let made = tokio::task::spawn_blocking(move || -> Result<(Digest, u64), ComponentError> {
+        let job = tokio::task::spawn_blocking(move || -> Result<(Digest, u64), ComponentError> {
             let internal = |e: anyhow::Error| ComponentError::Invalid(e);
             let noted = std::fs::read_to_string(&note)
                 .ok()
@@ -887,9 +926,10 @@ impl Server {
             };
             let bytes = blobs.size(&snapshot).unwrap_or(0);
             Ok((snapshot, bytes))
-        })
-        .await
-        .map_err(|e| DeployError::Internal(anyhow::anyhow!("pre-init task failed: {e}")))?;
+        });
+        let made = with_heartbeat(job, &function.name, started, progress)
+            .await
+            .map_err(|e| DeployError::Internal(anyhow::anyhow!("pre-init task failed: {e}")))?;
         let (snapshot, bytes) = made.map_err(|source| DeployError::Component {
             function: function.name.clone(),
             source,
@@ -926,25 +966,11 @@ impl Server {
         }
         let (class, blobs) = (class.clone(), self.blobs.clone());
         let blob = digest.clone();
-        let mut job = tokio::task::spawn_blocking(move || {
+        let job = tokio::task::spawn_blocking(move || {
             class.load(&blob, || blobs.get(&blob).map_err(anyhow::Error::from))
         });
-        let mut heartbeat = tokio::time::interval(Duration::from_millis(500));
-        heartbeat.tick().await;
-        let result = loop {
-            tokio::select! {
-                result = &mut job => break result,
-                _ = heartbeat.tick() => {
-                    if let Some(tx) = progress {
-                        let _ = tx.send(DeployEvent::Progress {
-                            function: function.to_string(),
-                            elapsed_ms: started.elapsed().as_millis() as u64,
-                        }).await;
-                    }
-                }
-            }
-        };
-        let (component, kind) = result
+        let (component, kind) = with_heartbeat(job, function, started, progress)
+            .await
             .map_err(|e| DeployError::Internal(anyhow::anyhow!("compile task failed: {e}")))?
             .map_err(|source| DeployError::Component {
                 function: function.to_string(),
