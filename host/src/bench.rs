@@ -127,6 +127,7 @@ async fn measure_instantiate(component: &Path, iterations: usize) -> Result<(Dur
         max_instances: 100,
         max_memory: 128 << 20,
         wasm_stack: crate::engine::DEFAULT_WASM_STACK,
+        compiled_ttl: Duration::MAX,
     })?;
     let engine = engine.default_class();
     let digest = lode_registry::Digest::of(&std::fs::read(component)?);

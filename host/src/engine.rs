@@ -6,7 +6,7 @@
 //! Instantiation is the hot part: every request gets a fresh `Store` and instance from a
 //! `ProxyPre`, with copy-on-write memory images from the pool.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -65,6 +65,8 @@ pub struct EngineSettings {
     pub max_memory: u64,
     /// The wasm stack guests get by default, and the most an app may ask for, in bytes.
     pub wasm_stack: usize,
+    /// How long a compiled component or snapshot note no recorded app uses stays cached.
+    pub compiled_ttl: Duration,
 }
 
 /// Per-request store data.
@@ -183,6 +185,17 @@ pub fn check_component_header(bytes: &[u8]) -> Result<(), ComponentError> {
     }
 }
 
+/// The digest hex a compiled-cache file is named by (`<hex>-….cwasm`, `<hex>-….preinit`);
+/// `None` for anything else, which pruning leaves alone.
+fn cache_file_digest(path: &Path) -> Option<&str> {
+    let extension = path.extension()?;
+    if extension != "cwasm" && extension != "preinit" {
+        return None;
+    }
+    let (hex, _) = path.file_name()?.to_str()?.split_once('-')?;
+    (hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit())).then_some(hex)
+}
+
 /// Whether the running kernel has the `PAGEMAP_SCAN` ioctl (Linux 6.7).
 fn kernel_has_pagemap_scan() -> bool {
     let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
@@ -281,6 +294,44 @@ impl WasmEngine {
             default,
             others,
         })
+    }
+
+    /// Removes compiled components and pre-init notes of digests outside `in_use` (by hex)
+    /// that have not been used for the cache's TTL, and returns how many files went. The
+    /// snapshots that `in_use` components' notes name are kept with them. Blocking.
+    pub fn prune_compiled(&self, in_use: &HashSet<String>) -> std::io::Result<usize> {
+        let dir = &self.settings.compiled_dir;
+        let mut keep = in_use.clone();
+        let mut files = Vec::new();
+        for entry in std::fs::read_dir(dir)? {
+            let path = entry?.path();
+            let Some(hex) = cache_file_digest(&path) else {
+                continue;
+            };
+            if in_use.contains(hex) && path.extension() == Some("preinit".as_ref()) {
+                let noted = std::fs::read_to_string(&path).unwrap_or_default();
+                if let Ok(snapshot) = noted.trim().parse::<Digest>() {
+                    keep.insert(snapshot.hex());
+                }
+            }
+            files.push(path);
+        }
+        let now = std::time::SystemTime::now();
+        let mut removed = 0;
+        for path in files {
+            if cache_file_digest(&path).is_some_and(|hex| keep.contains(hex)) {
+                continue;
+            }
+            let unused_for = std::fs::metadata(&path)
+                .and_then(|meta| meta.modified())
+                .map(|modified| now.duration_since(modified).unwrap_or_default());
+            if unused_for.is_ok_and(|age| age >= self.settings.compiled_ttl)
+                && std::fs::remove_file(&path).is_ok()
+            {
+                removed += 1;
+            }
+        }
+        Ok(removed)
     }
 
     /// The engine apps get when they name no stack size and no fuel.
@@ -503,7 +554,10 @@ impl EngineClass {
         let path = self.cache_path(digest);
         if path.exists() {
             match self.deserialize(&path) {
-                Ok(component) => return Ok((component, LoadKind::Cached)),
+                Ok(component) => {
+                    crate::fsutil::mark_used(&path);
+                    return Ok((component, LoadKind::Cached));
+                }
                 Err(e) => {
                     tracing::warn!(path = %path.display(), error = %e, "compiled cache entry unusable; recompiling");
                     let _ = std::fs::remove_file(&path);
@@ -597,6 +651,7 @@ mod tests {
             max_instances: 8,
             max_memory: 16 << 20,
             wasm_stack: DEFAULT_WASM_STACK,
+            compiled_ttl: Duration::from_secs(3600),
         })
         .unwrap();
         assert!(Arc::ptr_eq(
@@ -630,6 +685,58 @@ mod tests {
         engine.check(Some(192), true).unwrap();
         let class = engine.class(Some(192), true).unwrap();
         assert_eq!((class.stack(), class.metered()), (192 << 10, true));
+    }
+
+    #[test]
+    fn pruning_keeps_what_apps_use_and_what_was_used_lately() {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = WasmEngine::new(&EngineSettings {
+            compiled_dir: dir.path().to_path_buf(),
+            max_instances: 8,
+            max_memory: 16 << 20,
+            wasm_stack: DEFAULT_WASM_STACK,
+            compiled_ttl: Duration::from_secs(3600),
+        })
+        .unwrap();
+        let hex = |byte: &str| byte.repeat(32);
+        let (used, snapshot, stale, recent) = (hex("aa"), hex("bb"), hex("cc"), hex("dd"));
+        let file = |name: String, text: &str, age: Duration| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, text).unwrap();
+            let file = std::fs::File::open(&path).unwrap();
+            file.set_modified(std::time::SystemTime::now() - age)
+                .unwrap();
+        };
+        let day = Duration::from_secs(86_400);
+        file(format!("{used}-f1.cwasm"), "", day);
+        file(
+            format!("{used}-m64-s512-wizer48.preinit"),
+            &format!("blake3:{snapshot}\n"),
+            day,
+        );
+        file(format!("{snapshot}-f1.cwasm"), "", day);
+        file(format!("{stale}-f1.cwasm"), "", day);
+        file(format!("{stale}-m64-s512-wizer48.preinit"), "", day);
+        file(format!("{recent}-f1.cwasm"), "", Duration::ZERO);
+        file("notes.txt".into(), "", day);
+
+        let in_use = HashSet::from([used.clone()]);
+        assert_eq!(engine.prune_compiled(&in_use).unwrap(), 2);
+        let mut left: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(
+            left,
+            [
+                format!("{used}-f1.cwasm"),
+                format!("{used}-m64-s512-wizer48.preinit"),
+                format!("{snapshot}-f1.cwasm"),
+                format!("{recent}-f1.cwasm"),
+                "notes.txt".into(),
+            ]
+        );
     }
 
     #[test]

@@ -1,4 +1,5 @@
-//! Crash-safe file writes: temporary file, fsync, rename, fsync of the directory.
+//! Crash-safe file writes (temporary file, fsync, rename, fsync of the directory), and marking
+//! cache files as used.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
@@ -29,4 +30,11 @@ pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
         let _ = fs::remove_file(&tmp);
     }
     result
+}
+
+/// Sets `path`'s modification time to now, so cache pruning sees it was just used. Best
+/// effort: a file that cannot be touched is at worst pruned and rebuilt.
+pub fn mark_used(path: &Path) {
+    let _ =
+        std::fs::File::open(path).and_then(|file| file.set_modified(std::time::SystemTime::now()));
 }

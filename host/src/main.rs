@@ -444,6 +444,10 @@ struct ServeArgs {
     /// for less with `[limits] wasm_stack_kib`.
     #[arg(long, default_value_t = 512, value_parser = clap::value_parser!(u32).range(64..=16384))]
     max_wasm_stack: u32,
+    /// How long a compiled component (or pre-init snapshot note) that no deployed app uses
+    /// stays in <cache-dir>/compiled, e.g. 7d, 12h; pruned after start-up and each deploy.
+    #[arg(long, default_value = "7d", value_parser = humantime::parse_duration)]
+    compiled_cache_ttl: Duration,
     /// Log lines kept per app.
     #[arg(long, default_value_t = 10_000)]
     log_lines: usize,
@@ -592,6 +596,7 @@ async fn run(cli: Cli) -> Result<()> {
                 },
                 max_instances: args.instances,
                 wasm_stack: args.max_wasm_stack as usize * 1024,
+                compiled_cache_ttl: args.compiled_cache_ttl,
                 log_lines: args.log_lines,
                 no_client_config: args.no_client_config,
                 max_queue: args.max_queue.max(1),

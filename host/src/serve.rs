@@ -49,6 +49,8 @@ pub struct ServeOptions {
     pub max_instances: u32,
     /// Wasm stack per call, in bytes; apps may ask for less.
     pub wasm_stack: usize,
+    /// How long compiled components no app uses stay cached.
+    pub compiled_cache_ttl: Duration,
     /// Lines kept per app.
     pub log_lines: usize,
     /// Skip writing `~/.config/lode/client.json`.
@@ -190,6 +192,7 @@ pub async fn serve(options: ServeOptions) -> Result<()> {
         max_instances: options.max_instances,
         max_memory: options.limits.max_memory,
         wasm_stack: options.wasm_stack,
+        compiled_ttl: options.compiled_cache_ttl,
     })?;
     let registry = open_registry(&options.data_dir)?;
     // The chunk cache and the image mounts belong to this process (the native runner mounts
@@ -250,6 +253,7 @@ pub async fn serve(options: ServeOptions) -> Result<()> {
         functions,
     );
     let restored = server.restore().await?;
+    tokio::spawn(server.clone().prune_compiled());
     tokio::spawn(crate::schedule::run(Arc::downgrade(&server)));
 
     let client = ClientFile {

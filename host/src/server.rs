@@ -912,7 +912,10 @@ impl Server {
                 .and_then(|text| text.trim().parse::<Digest>().ok())
                 .filter(|snapshot| blobs.has(snapshot).unwrap_or(false));
             let snapshot = match noted {
-                Some(snapshot) => snapshot,
+                Some(snapshot) => {
+                    crate::fsutil::mark_used(&note);
+                    snapshot
+                }
                 None => {
                     let wasm = blobs.get(&original).map_err(|e| internal(e.into()))?;
                     let snapshotted = runtime
@@ -1055,7 +1058,34 @@ impl Server {
             format!("deployed version {version}"),
         );
         tracing::info!(app, version, "deployed");
+        tokio::spawn(self.clone().prune_compiled());
         Ok(DeployEvent::Deployed { app, version, urls })
+    }
+
+    /// Drops compiled components and snapshot notes that no recorded app has used for the
+    /// cache's TTL (`lode serve --compiled-cache-ttl`). Apps that failed to restore keep
+    /// theirs, since their records remain.
+    pub async fn prune_compiled(self: Arc<Self>) {
+        let server = self.clone();
+        let pruned = tokio::task::spawn_blocking(move || -> anyhow::Result<usize> {
+            let in_use = server
+                .state
+                .list_apps()?
+                .iter()
+                .flat_map(|record| &record.manifest.functions)
+                .filter_map(|function| function.component.as_deref())
+                .filter_map(|digest| digest.parse::<Digest>().ok())
+                .map(|digest| digest.hex())
+                .collect();
+            Ok(server.engine.prune_compiled(&in_use)?)
+        })
+        .await;
+        match pruned {
+            Ok(Ok(0)) => {}
+            Ok(Ok(removed)) => tracing::info!(removed, "pruned unused compiled components"),
+            Ok(Err(e)) => tracing::warn!(error = %e, "could not prune the compiled cache"),
+            Err(e) => tracing::warn!(error = %e, "the compiled cache prune task failed"),
+        }
     }
 
     /// Stops every function container and waits (boundedly) until they are cleaned up, so a

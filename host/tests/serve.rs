@@ -372,6 +372,39 @@ async fn restart_serves_again_without_recompiling() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compiled_components_no_app_uses_are_pruned() {
+    let mut lode = Lode::start(&["--compiled-cache-ttl", "0s"]);
+    let compiled_dir = lode.dirs.path().join("cache/compiled");
+    let compiled = || {
+        let mut names: Vec<String> = std::fs::read_dir(&compiled_dir)
+            .unwrap()
+            .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|name| name.ends_with(".cwasm"))
+            .collect();
+        names.sort();
+        names
+    };
+    lode.deploy(&sample("hello_http"), "site");
+    let first = compiled();
+    assert_eq!(first.len(), 1, "{first:?}");
+    // New bytes for the app: the old version's compiled form is used by no app now.
+    lode.deploy(&sample("stream_echo"), "site");
+    let pruned = harness::wait_for(Duration::from_secs(10), || {
+        let now = compiled();
+        (now.len() == 1 && now != first).then_some(now)
+    });
+    assert!(pruned.is_some(), "{:?}", compiled());
+    // What the live version uses stays, so a restart loads it rather than compiling.
+    lode.restart();
+    assert_eq!(
+        lode.metric("lode_component_cache_loads_total{app=\"site\"}")
+            .await,
+        Some(1.0)
+    );
+    assert_eq!(compiled(), pruned.unwrap());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn new_bytes_switch_atomically_and_in_flight_requests_finish() {
     let lode = Lode::start(&["--timeout", "10s"]);
     lode.deploy(&misbehave(), "swap");
