@@ -643,17 +643,22 @@ impl EngineClass {
 mod tests {
     use super::*;
 
-    #[test]
-    fn engines_per_kind_are_bounded_and_freed_with_their_apps() {
-        let dir = tempfile::tempdir().unwrap();
-        let engine = WasmEngine::new(&EngineSettings {
-            compiled_dir: dir.path().to_path_buf(),
+    /// A small engine caching in `dir`, pruning what went unused for an hour.
+    fn test_engine(dir: &Path) -> WasmEngine {
+        WasmEngine::new(&EngineSettings {
+            compiled_dir: dir.to_path_buf(),
             max_instances: 8,
             max_memory: 16 << 20,
             wasm_stack: DEFAULT_WASM_STACK,
             compiled_ttl: Duration::from_secs(3600),
         })
-        .unwrap();
+        .unwrap()
+    }
+
+    #[test]
+    fn engines_per_kind_are_bounded_and_freed_with_their_apps() {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = test_engine(dir.path());
         assert!(Arc::ptr_eq(
             &engine.class(None, false).unwrap(),
             engine.default_class()
@@ -690,14 +695,7 @@ mod tests {
     #[test]
     fn pruning_keeps_what_apps_use_and_what_was_used_lately() {
         let dir = tempfile::tempdir().unwrap();
-        let engine = WasmEngine::new(&EngineSettings {
-            compiled_dir: dir.path().to_path_buf(),
-            max_instances: 8,
-            max_memory: 16 << 20,
-            wasm_stack: DEFAULT_WASM_STACK,
-            compiled_ttl: Duration::from_secs(3600),
-        })
-        .unwrap();
+        let engine = test_engine(dir.path());
         let hex = |byte: &str| byte.repeat(32);
         let (used, snapshot, stale, recent) = (hex("aa"), hex("bb"), hex("cc"), hex("dd"));
         let file = |name: String, text: &str, age: Duration| {
