@@ -581,9 +581,8 @@ impl EngineClass {
         // SAFETY: the file is one a Lode engine wrote into Lode's own cache directory (temp
         // file, fsync, rename), named by the component digest and the fingerprint of engines
         // that can load it (fuel metering is part of it; the stack size is not, as it does not
-        // change the code),
-        // and wasmtime checks its header and compatibility before use. The cache dir must be
-        // writable only by Lode, as documented for `--cache-dir`.
+        // change the code), and wasmtime checks its header and compatibility before use. The
+        // cache dir must be writable only by Lode, as documented for `--cache-dir`.
         unsafe { Component::deserialize_file(&self.engine, path) }
             .map_err(|e| anyhow!(e))
             .with_context(|| format!("loading compiled component {}", path.display()))

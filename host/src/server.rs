@@ -1066,9 +1066,8 @@ impl Server {
     /// cache's TTL (`lode serve --compiled-cache-ttl`). Apps that failed to restore keep
     /// theirs, since their records remain.
     pub async fn prune_compiled(self: Arc<Self>) {
-        let server = self.clone();
         let pruned = tokio::task::spawn_blocking(move || -> anyhow::Result<usize> {
-            let in_use = server
+            let in_use = self
                 .state
                 .list_apps()?
                 .iter()
@@ -1077,7 +1076,7 @@ impl Server {
                 .filter_map(|digest| digest.parse::<Digest>().ok())
                 .map(|digest| digest.hex())
                 .collect();
-            Ok(server.engine.prune_compiled(&in_use)?)
+            Ok(self.engine.prune_compiled(&in_use)?)
         })
         .await;
         match pruned {
