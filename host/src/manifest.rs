@@ -40,8 +40,8 @@ pub const MAX_CALL_DEPTH_LIMIT: u32 = 64;
 /// The most calls an app may let one outside call lead to.
 pub const MAX_FAN_OUT_LIMIT: u32 = 1_000_000;
 
-/// Fuel one call may be given: enough to start an instance at the low end, hours of work at
-/// the high end.
+/// Fuel one call may be given. The low end only refuses budgets too small to be meant (a Rust
+/// guest's start-up alone takes more); the high end is hours of work.
 pub const FUEL_LIMIT: std::ops::RangeInclusive<u64> = 1_000..=1_000_000_000_000_000;
 
 /// Limits for untrusted Wasm that hold per app (`[limits]` in lode.toml). Absent fields take
