@@ -167,7 +167,8 @@ pub enum ComponentError {
     /// Its `pre_init` call failed, or its state could not be snapshotted.
     #[error(
         "pre-initialization failed (pre_init = true runs the function's init at deploy with no \
-         config, secrets, files or network; remove pre_init or fix the init): {0:#}"
+         config, secrets, files or network, within the function's timeout; remove pre_init, fix \
+         the init, or raise the timeout if it needs longer): {0:#}"
     )]
     PreInit(anyhow::Error),
 }
@@ -298,7 +299,12 @@ impl WasmEngine {
 
     /// Removes compiled components and pre-init notes of digests outside `in_use` (by hex)
     /// that have not been used for the cache's TTL, and returns how many files went. The
-    /// snapshots that `in_use` components' notes name are kept with them. Blocking.
+    /// snapshots that `in_use` components' notes name are kept with them, and everything kept
+    /// is marked used now, so the TTL counts from when the last app let go of it. Blocking.
+    ///
+    /// A deploy still in progress is not in `in_use`; what it compiled is younger than any
+    /// sensible TTL, and if pruned anyway its loaded component keeps working and a restart
+    /// compiles it again.
     pub fn prune_compiled(&self, in_use: &HashSet<String>) -> std::io::Result<usize> {
         let dir = &self.settings.compiled_dir;
         let mut keep = in_use.clone();
@@ -320,6 +326,7 @@ impl WasmEngine {
         let mut removed = 0;
         for path in files {
             if cache_file_digest(&path).is_some_and(|hex| keep.contains(hex)) {
+                crate::fsutil::mark_used(&path);
                 continue;
             }
             let unused_for = std::fs::metadata(&path)
@@ -733,6 +740,17 @@ mod tests {
                 format!("{recent}-f1.cwasm"),
                 "notes.txt".into(),
             ]
+        );
+        // What an app holds counts as used now: once let go, it gets the whole TTL.
+        let held_since = std::fs::metadata(dir.path().join(format!("{snapshot}-f1.cwasm")))
+            .unwrap()
+            .modified()
+            .unwrap();
+        assert!(held_since.elapsed().unwrap_or_default() < Duration::from_secs(3600));
+        assert_eq!(
+            engine.prune_compiled(&HashSet::new()).unwrap(),
+            0,
+            "just let go of"
         );
     }
 

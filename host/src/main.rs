@@ -437,7 +437,8 @@ struct ServeArgs {
     #[command(flatten)]
     registry: RegistryFlags,
     /// Wasm instances that can run at once (pooling allocator slots of the default engine;
-    /// apps with their own `wasm_stack_kib` get a pool of a quarter of this each).
+    /// apps with their own `wasm_stack_kib` or `fuel` get a pool of a quarter of this per
+    /// engine kind).
     #[arg(long, default_value_t = 1000)]
     instances: u32,
     /// Wasm stack per call, in KiB; deeper recursion traps as stack_overflow. An app may ask

@@ -630,6 +630,7 @@ fn report(server: &Server, function: &HttpFunction, id: &str, outcome: &Outcome)
                 function.fuel.unwrap_or_default(),
                 function.name
             );
+            tracing::warn!(app = %function.app, request_id = id, "{line}");
             server
                 .logs
                 .push(&function.app, Some(id), Stream::System, line);
