@@ -57,15 +57,15 @@ pub async fn calls(args: CallsBench) -> Result<()> {
         (repo.join("samples/wasm-preinit"), "primes"),
         (metered.path().to_path_buf(), "primes-fuel"),
     ] {
-        let what = what.display();
         let out = Command::new(&lode)
             .args(["--api-url", &server.api, "--token", &server.token, "deploy"])
-            .arg(what.to_string())
+            .arg(&what)
             .args(["--name", name])
             .output()?;
         if !out.status.success() {
             bail!(
-                "deploying {what} failed (run from the repository root): {}",
+                "deploying {} failed (run from the repository root): {}",
+                what.display(),
                 String::from_utf8_lossy(&out.stderr)
             );
         }

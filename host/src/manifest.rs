@@ -5,6 +5,7 @@
 //! are accepted and validated now so that manifests written today keep working.
 
 use std::collections::BTreeSet;
+use std::ops::RangeInclusive;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -32,7 +33,7 @@ pub struct Manifest {
 }
 
 /// The smallest and largest Wasm stack an app may ask for, in KiB.
-pub const WASM_STACK_KIB: std::ops::RangeInclusive<u32> = 64..=16 << 10;
+pub const WASM_STACK_KIB: RangeInclusive<u32> = 64..=16 << 10;
 
 /// The deepest call nesting an app may allow.
 pub const MAX_CALL_DEPTH_LIMIT: u32 = 64;
@@ -42,7 +43,7 @@ pub const MAX_FAN_OUT_LIMIT: u32 = 1_000_000;
 
 /// Fuel one call may be given. The low end only refuses budgets too small to be meant (a Rust
 /// guest's start-up alone takes more); the high end is hours of work.
-pub const FUEL_LIMIT: std::ops::RangeInclusive<u64> = 1_000..=1_000_000_000_000_000;
+pub const FUEL_LIMIT: RangeInclusive<u64> = 1_000..=1_000_000_000_000_000;
 
 /// Limits for untrusted Wasm that hold per app (`[limits]` in lode.toml). Absent fields take
 /// the server's defaults.
@@ -73,38 +74,38 @@ impl AppLimits {
     }
 
     fn validate(&self, problems: &mut Vec<String>) {
-        if let Some(kib) = self.wasm_stack_kib
-            && !WASM_STACK_KIB.contains(&kib)
-        {
-            problems.push(format!(
-                "limits: wasm_stack_kib {kib} must be {} to {} (KiB)",
-                WASM_STACK_KIB.start(),
-                WASM_STACK_KIB.end()
-            ));
-        }
-        if let Some(depth) = self.call_depth
-            && !(1..=MAX_CALL_DEPTH_LIMIT).contains(&depth)
-        {
-            problems.push(format!(
-                "limits: call_depth {depth} must be 1 to {MAX_CALL_DEPTH_LIMIT}"
-            ));
-        }
-        if let Some(fan_out) = self.fan_out
-            && !(1..=MAX_FAN_OUT_LIMIT).contains(&fan_out)
-        {
-            problems.push(format!(
-                "limits: fan_out {fan_out} must be 1 to {MAX_FAN_OUT_LIMIT}"
-            ));
-        }
-        if let Some(fuel) = self.fuel
-            && !FUEL_LIMIT.contains(&fuel)
-        {
-            problems.push(format!(
-                "limits: fuel {fuel} must be {} to {} (units per call)",
-                FUEL_LIMIT.start(),
-                FUEL_LIMIT.end()
-            ));
-        }
+        let mut check = |field: &str, value: Option<u64>, range: RangeInclusive<u64>, unit| {
+            if let Some(value) = value
+                && !range.contains(&value)
+            {
+                problems.push(format!(
+                    "limits: {field} {value} must be {} to {}{unit}",
+                    range.start(),
+                    range.end()
+                ));
+            }
+        };
+        let widen =
+            |range: &RangeInclusive<u32>| u64::from(*range.start())..=u64::from(*range.end());
+        check(
+            "wasm_stack_kib",
+            self.wasm_stack_kib.map(u64::from),
+            widen(&WASM_STACK_KIB),
+            " (KiB)",
+        );
+        check(
+            "call_depth",
+            self.call_depth.map(u64::from),
+            widen(&(1..=MAX_CALL_DEPTH_LIMIT)),
+            "",
+        );
+        check(
+            "fan_out",
+            self.fan_out.map(u64::from),
+            widen(&(1..=MAX_FAN_OUT_LIMIT)),
+            "",
+        );
+        check("fuel", self.fuel, FUEL_LIMIT, " (units per call)");
     }
 }
 

@@ -612,28 +612,20 @@ fn report(server: &Server, function: &HttpFunction, id: &str, outcome: &Outcome)
             tracing::warn!(app = %function.app, request_id = id, "instance pool exhausted");
         }
         Outcome::TimedOut => {
-            count_error(server, &function.app, "timeout");
             let line = format!(
                 "request timed out after {:.3} s (function {})",
                 function.timeout.as_secs_f64(),
                 function.name
             );
-            tracing::warn!(app = %function.app, request_id = id, "{line}");
-            server
-                .logs
-                .push(&function.app, Some(id), Stream::System, line);
+            report_limit(server, function, id, "timeout", line);
         }
         Outcome::FuelExhausted => {
-            count_error(server, &function.app, "fuel_exhausted");
             let line = format!(
                 "request used up its fuel of {} units (function {})",
                 function.fuel.unwrap_or_default(),
                 function.name
             );
-            tracing::warn!(app = %function.app, request_id = id, "{line}");
-            server
-                .logs
-                .push(&function.app, Some(id), Stream::System, line);
+            report_limit(server, function, id, "fuel_exhausted", line);
         }
         Outcome::Trapped(trap) => {
             count_error(server, &function.app, "trap");
@@ -645,6 +637,21 @@ fn report(server: &Server, function: &HttpFunction, id: &str, outcome: &Outcome)
             }
         }
     }
+}
+
+/// A request stopped by one of its limits: counted under `kind`, and `line` in both logs.
+fn report_limit(
+    server: &Server,
+    function: &HttpFunction,
+    id: &str,
+    kind: &'static str,
+    line: String,
+) {
+    count_error(server, &function.app, kind);
+    tracing::warn!(app = %function.app, request_id = id, "{line}");
+    server
+        .logs
+        .push(&function.app, Some(id), Stream::System, line);
 }
 
 #[cfg(test)]
