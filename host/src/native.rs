@@ -491,15 +491,11 @@ impl Native {
             .volumes
             .iter()
             .map(|v| {
-                let source = self.allowed_volume(&v.source)?;
+                let volume = self.allowed_volume(v)?;
                 if !v.read_only {
-                    self.check_writable(&source)?;
+                    self.check_writable(&volume)?;
                 }
-                Ok(Volume {
-                    source,
-                    target: v.target.clone(),
-                    read_only: v.read_only,
-                })
+                Ok(volume)
             })
             .collect::<Result<_, ApiError>>()?;
         Ok((
@@ -515,17 +511,17 @@ impl Native {
 }
 
 impl Native {
-    /// Checks that a volume's host side lies under one of the `--allow-volume` roots, after
-    /// resolving symlinks and `..`.
     /// A read-write volume the container's root could not write would fail deep inside the
     /// command with a bare EACCES; this says why before anything starts.
-    fn check_writable(&self, source: &Path) -> Result<(), ApiError> {
+    fn check_writable(&self, volume: &Volume) -> Result<(), ApiError> {
         use std::os::unix::fs::MetadataExt;
         let Some(userns) = &self.user_namespace else {
             return Ok(());
         };
         let root = userns.ids().host_base;
-        let meta = std::fs::metadata(source)
+        let source = &volume.source;
+        let meta = volume
+            .metadata()
             .map_err(|e| ApiError::bad(format!("volume source {}: {e}", source.display())))?;
         let mode = meta.mode();
         let writable = (meta.uid() == root && mode & 0o200 != 0)
@@ -542,32 +538,39 @@ impl Native {
         )))
     }
 
-    fn allowed_volume(&self, source: &str) -> Result<PathBuf, ApiError> {
-        if !Path::new(source).is_absolute() {
+    /// Opens a volume's host side below the `--allow-volume` root that holds it. The kernel
+    /// resolves it beneath that root without following a symlink, and the container's mount
+    /// is cloned from the descriptor this returns, so nothing swapped in later can redirect
+    /// it.
+    fn allowed_volume(&self, request: &VolumeRequest) -> Result<Volume, ApiError> {
+        let source = Path::new(&request.source);
+        if !source.is_absolute() {
             return Err(ApiError::bad(format!(
-                "volume source {source:?} must be an absolute host path"
+                "volume source {:?} must be an absolute host path",
+                request.source
             )));
         }
-        let real = std::fs::canonicalize(source)
-            .map_err(|e| ApiError::bad(format!("volume source {source:?}: {e}")))?;
-        let allowed = self
-            .bounds
-            .volume_roots
-            .iter()
-            .filter_map(|root| std::fs::canonicalize(root).ok())
-            .any(|root| real.starts_with(root));
-        if allowed {
-            return Ok(real);
+        let not_allowed =
+            |why: String| ApiError::new(StatusCode::FORBIDDEN, "volume_not_allowed", why);
+        for root in &self.bounds.volume_roots {
+            let Ok(real_root) = std::fs::canonicalize(root) else {
+                continue;
+            };
+            let relative = source
+                .strip_prefix(root)
+                .or_else(|_| source.strip_prefix(&real_root));
+            let Ok(relative) = relative else { continue };
+            return Volume::beneath(&real_root, relative, &request.target, request.read_only)
+                .map_err(|e| match e.raw_os_error() {
+                    Some(libc::ELOOP | libc::EXDEV) => not_allowed(e.to_string()),
+                    _ => ApiError::bad(e.to_string()),
+                });
         }
-        Err(ApiError::new(
-            StatusCode::FORBIDDEN,
-            "volume_not_allowed",
-            format!(
-                "host path {} may not be mounted into containers: start `lode serve` with \
-                 --allow-volume DIR for a directory that holds it",
-                real.display()
-            ),
-        ))
+        Err(not_allowed(format!(
+            "host path {} may not be mounted into containers: start `lode serve` with \
+             --allow-volume DIR for a directory that holds it",
+            source.display()
+        )))
     }
 }
 

@@ -821,11 +821,12 @@ impl Server {
         let mut volumes = Vec::new();
         for volume in &function.volumes {
             let dir = self.volume_dir(function, volume)?;
-            volumes.push(lode_native_runner::sandbox::Volume {
-                source: dir,
-                target: volume.path.clone(),
-                read_only: volume.read_only,
-            });
+            let opened =
+                lode_native_runner::sandbox::Volume::open(dir, &volume.path, volume.read_only)
+                    .map_err(|e| {
+                        DeployError::Invalid(vec![format!("function {:?}: {e}", function.name)])
+                    })?;
+            volumes.push(opened);
         }
         let r = &function.resources;
         let spec = PoolSpec {

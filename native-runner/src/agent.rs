@@ -354,11 +354,11 @@ pub async fn start(
         (&spec.app_dir, APP_MOUNT),
         (&run_dir, RUN_MOUNT),
     ] {
-        sandbox.volumes.push(Volume {
-            source: source.clone(),
-            target: target.into(),
-            read_only: true,
-        });
+        let volume = Volume::open(source, target, true).map_err(|e| {
+            let _ = std::fs::remove_dir_all(&run_dir);
+            StartError::Spawn(e)
+        })?;
+        sandbox.volumes.push(volume);
     }
     let stop = Arc::new(AtomicBool::new(false));
     let (exit_tx, exit_rx) = watch::channel(None);

@@ -411,11 +411,10 @@ impl Builder {
                 ..Limits::default()
             },
             timeout: Some(self.step_timeout),
-            volumes: vec![Volume {
-                source: inherit.clone(),
-                target: BUILD_ENV_MOUNT.into(),
-                read_only: true,
-            }],
+            volumes: vec![
+                Volume::open(&inherit, BUILD_ENV_MOUNT, true)
+                    .map_err(other("opening", &inherit))?,
+            ],
             network: Network::Outbound,
             keep_upper: Some(layer.clone()),
             capabilities: BUILD_CAPABILITIES,

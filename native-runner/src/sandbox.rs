@@ -33,8 +33,9 @@
 
 use std::ffi::CString;
 use std::io::{self, Read};
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStderr, ChildStdout, Command, ExitStatus, Stdio};
@@ -42,6 +43,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use crate::cgroup::devices::CONTAINER_NODES;
 use crate::cgroup::{Group, Hierarchy, LimitHit, Limits};
 use crate::userns::UserNamespace;
 
@@ -62,6 +64,8 @@ pub struct SandboxSpec {
     pub hostname: String,
     /// Size of the writable layer (tmpfs), in bytes.
     pub writable_bytes: u64,
+    /// Size of `/dev/shm`, in bytes (its pages count against the memory limit too).
+    pub shm_bytes: u64,
     /// Most open files.
     pub max_open_files: u64,
     /// Memory, CPU and pids limits (cgroups).
@@ -102,14 +106,125 @@ pub const BUILD_CAPABILITIES: u64 = 1 << 0 // CHOWN
     | 1 << 31; // SETFCAP
 
 /// A bind mount from the host into the container.
-#[derive(Debug, Clone, PartialEq, Eq)]
+///
+/// The host side is opened once, when the volume is made, and the container's mount is
+/// cloned from that descriptor: the name is never resolved again, so a symlink swapped in
+/// after a check cannot aim the mount elsewhere.
+#[derive(Debug, Clone)]
 pub struct Volume {
-    /// The host directory or file.
+    /// The host directory or file, as named (for messages).
     pub source: PathBuf,
+    /// The host side, opened `O_PATH`.
+    opened: Arc<OwnedFd>,
     /// Where it appears in the container (absolute); made if missing.
     pub target: String,
     /// Whether the container may only read it.
     pub read_only: bool,
+}
+
+impl Volume {
+    /// A volume of `source`, a path Lode itself chose (the SDK, an app's code, a named
+    /// volume's directory), opened now.
+    pub fn open(
+        source: impl Into<PathBuf>,
+        target: impl Into<String>,
+        read_only: bool,
+    ) -> io::Result<Self> {
+        let source = source.into();
+        let file = std::fs::File::options()
+            .read(true)
+            .custom_flags(libc::O_PATH)
+            .open(&source)
+            .map_err(|e| {
+                io::Error::new(e.kind(), format!("volume source {}: {e}", source.display()))
+            })?;
+        Ok(Self {
+            source,
+            opened: Arc::new(file.into()),
+            target: target.into(),
+            read_only,
+        })
+    }
+
+    /// A volume of `relative` below `root` (an operator's `--allow-volume` directory),
+    /// resolved by the kernel without leaving `root` and without following any symlink
+    /// (`openat2` with `RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS`).
+    pub fn beneath(
+        root: &Path,
+        relative: &Path,
+        target: impl Into<String>,
+        read_only: bool,
+    ) -> io::Result<Self> {
+        let source = root.join(relative);
+        let describe = |e: io::Error| {
+            let why = match e.raw_os_error() {
+                Some(libc::ELOOP) => "it passes through a symlink; name the real path".into(),
+                Some(libc::EXDEV) => format!("it leads outside {}", root.display()),
+                _ => e.to_string(),
+            };
+            io::Error::new(
+                e.kind(),
+                format!("volume source {}: {why}", source.display()),
+            )
+        };
+        let root_dir = std::fs::File::options()
+            .read(true)
+            .custom_flags(libc::O_PATH | libc::O_DIRECTORY)
+            .open(root)
+            .map_err(describe)?;
+        let relative = if relative.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            relative
+        };
+        let path = path_cstring(relative)?;
+        #[repr(C)]
+        struct OpenHow {
+            flags: u64,
+            mode: u64,
+            resolve: u64,
+        }
+        const RESOLVE_NO_MAGICLINKS: u64 = 0x02;
+        const RESOLVE_NO_SYMLINKS: u64 = 0x04;
+        const RESOLVE_BENEATH: u64 = 0x08;
+        let how = OpenHow {
+            flags: (libc::O_PATH | libc::O_CLOEXEC) as u64,
+            mode: 0,
+            resolve: RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS,
+        };
+        // SAFETY: openat2(2) with a directory descriptor we hold, a NUL-terminated path, and
+        // an open_how struct with its size.
+        let fd = unsafe {
+            libc::syscall(
+                libc::SYS_openat2,
+                root_dir.as_raw_fd(),
+                path.as_ptr(),
+                &how as *const OpenHow,
+                std::mem::size_of::<OpenHow>(),
+            )
+        };
+        if fd < 0 {
+            return Err(describe(io::Error::last_os_error()));
+        }
+        // SAFETY: openat2 returned a new descriptor that nothing else owns.
+        let opened = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+        Ok(Self {
+            source,
+            opened: Arc::new(opened),
+            target: target.into(),
+            read_only,
+        })
+    }
+
+    /// The host side's metadata, read through its descriptor.
+    pub fn metadata(&self) -> io::Result<std::fs::Metadata> {
+        std::fs::File::from(self.opened.try_clone()?).metadata()
+    }
+
+    /// Whether the host side is a directory (else a file is mounted over a file).
+    pub fn is_dir(&self) -> io::Result<bool> {
+        Ok(self.metadata()?.is_dir())
+    }
 }
 
 /// A container's network.
@@ -122,6 +237,9 @@ pub enum Network {
     /// Egress through `slirp4netns`, a user-mode stack; the host's loopback is unreachable.
     Outbound,
 }
+
+/// `/dev/shm` unless asked otherwise: Docker's default.
+pub const DEFAULT_SHM_BYTES: u64 = 64 << 20;
 
 /// The DNS forwarder `slirp4netns` answers on inside the container.
 const SLIRP_DNS: &str = "10.0.2.3";
@@ -139,6 +257,7 @@ impl Default for SandboxSpec {
             cwd: "/".into(),
             hostname: "lode".into(),
             writable_bytes: 256 << 20,
+            shm_bytes: DEFAULT_SHM_BYTES,
             max_open_files: 1024,
             limits: Limits::default(),
             timeout: None,
@@ -301,9 +420,14 @@ struct Prepared {
     merged: CString,
     overlay_options: CString,
     proc_dir: CString,
-    /// `/proc` entries remounted read-only, and files hidden behind `/dev/null`.
+    /// `/proc` entries remounted read-only, files hidden behind `/dev/null`, and directories
+    /// hidden behind an empty read-only tmpfs.
     proc_read_only: Vec<CString>,
     proc_masked: Vec<CString>,
+    proc_masked_dirs: Vec<CString>,
+    masked_dir_options: CString,
+    dev_options: CString,
+    shm_options: CString,
     dev_null: CString,
     dev_dir: CString,
     dev_nodes: Vec<(CString, libc::mode_t, libc::dev_t)>,
@@ -335,15 +459,15 @@ struct Prepared {
     idmapped_lower: CString,
 }
 
-/// A volume, ready for the child: the host path, and the target with each of its parent
-/// directories so they can be made one by one.
+/// A volume, ready for the child: a detached copy of the host side's mount tree (cloned here
+/// through the descriptor opened when the volume was made, never its name), and the target
+/// with each of its parent directories so they can be made one by one.
 struct PreparedVolume {
     index: u8,
-    source: CString,
+    tree: OwnedFd,
     target_dirs: Vec<CString>,
     target: CString,
     is_dir: bool,
-    read_only: bool,
 }
 
 impl PreparedVolume {
@@ -363,7 +487,7 @@ impl PreparedVolume {
         if target == Path::new("/") {
             return Err(invalid("a volume cannot be mounted over /".into()));
         }
-        let meta = std::fs::metadata(&volume.source).map_err(|e| {
+        let is_dir = volume.is_dir().map_err(|e| {
             io::Error::new(
                 e.kind(),
                 format!("volume source {}: {e}", volume.source.display()),
@@ -378,11 +502,15 @@ impl PreparedVolume {
         }
         Ok(Self {
             index,
-            source: path_cstring(&volume.source)?,
+            tree: clone_tree(volume).map_err(|e| {
+                io::Error::new(
+                    e.kind(),
+                    format!("cloning volume source {}: {e}", volume.source.display()),
+                )
+            })?,
             target_dirs,
             target: path_cstring(target)?,
-            is_dir: meta.is_dir(),
-            read_only: volume.read_only,
+            is_dir,
         })
     }
 }
@@ -408,13 +536,6 @@ impl Prepared {
         let lowerdir = match spec.user_namespace {
             Some(_) => &idmapped_lower,
             None => &spec.lower,
-        };
-        let dev = |name: &str, major: u32, minor: u32| -> io::Result<_> {
-            Ok((
-                path_cstring(&merged.join("dev").join(name))?,
-                libc::S_IFCHR | 0o666,
-                libc::makedev(major, minor),
-            ))
         };
         Ok(Self {
             scratch: path_cstring(&spec.scratch)?,
@@ -449,16 +570,27 @@ impl Prepared {
                 .iter()
                 .map(|rel| path_cstring(&merged.join("proc").join(rel)))
                 .collect::<io::Result<_>>()?,
+            proc_masked_dirs: PROC_MASKED_DIRS
+                .iter()
+                .map(|rel| path_cstring(&merged.join("proc").join(rel)))
+                .collect::<io::Result<_>>()?,
+            masked_dir_options: cstring("size=4k,nr_inodes=1,mode=0555")?,
+            // Device nodes take no space; the bound is for files a container might write.
+            dev_options: cstring("size=64k,nr_inodes=1024")?,
+            shm_options: cstring(format!("size={}", spec.shm_bytes.max(1 << 20)))?,
             dev_null: path_cstring(&merged.join("dev/null"))?,
             dev_dir: path_cstring(&merged.join("dev"))?,
-            dev_nodes: vec![
-                dev("null", 1, 3)?,
-                dev("zero", 1, 5)?,
-                dev("full", 1, 7)?,
-                dev("random", 1, 8)?,
-                dev("urandom", 1, 9)?,
-                dev("tty", 5, 0)?,
-            ],
+            // The same nodes the cgroup's device allow-list lets it open.
+            dev_nodes: CONTAINER_NODES
+                .iter()
+                .map(|node| {
+                    Ok((
+                        path_cstring(&merged.join("dev").join(node.name))?,
+                        libc::S_IFCHR | 0o666,
+                        libc::makedev(node.major, node.minor),
+                    ))
+                })
+                .collect::<io::Result<_>>()?,
             dev_shm: path_cstring(&merged.join("dev/shm"))?,
             dev_pts: path_cstring(&merged.join("dev/pts"))?,
             ptmx: path_cstring(&merged.join("dev/ptmx"))?,
@@ -507,14 +639,14 @@ impl Prepared {
 /// The step of the child's set-up that failed, sent to the parent as one byte.
 #[derive(Debug, Clone, Copy)]
 enum Stage {
+    /// Leaving the server's session and terminal.
+    Session,
     Cgroups,
     Namespaces,
     Network,
     Root,
     /// Joining the user namespace and becoming its root.
     User,
-    /// Cloning a volume's host side, before the pivot.
-    VolumeSource(u8),
     /// Attaching it inside the container, after the pivot.
     Volume(u8),
     LockDown,
@@ -529,8 +661,8 @@ impl Stage {
             Self::Root => 4,
             Self::LockDown => 5,
             Self::User => 6,
+            Self::Session => 7,
             Self::Volume(i) => 64 + i,
-            Self::VolumeSource(i) => 128 + i,
         }
     }
 
@@ -543,11 +675,8 @@ impl Stage {
             4 => "building the container's root filesystem".into(),
             5 => "dropping privileges".into(),
             6 => "entering the container's user namespace".into(),
-            128.. => match spec.volumes.get(usize::from(code - 128)) {
-                Some(v) => format!("opening volume source {} on the host", v.source.display()),
-                None => "opening a volume source".into(),
-            },
-            64.. => match spec.volumes.get(usize::from(code - 64)) {
+            7 => "starting a session of the container's own".into(),
+            64..128 => match spec.volumes.get(usize::from(code - 64)) {
                 Some(v) => format!(
                     "mounting volume {} at {} (a missing parent, or an image symlink that leads \
                      nowhere inside the container?)",
@@ -644,6 +773,11 @@ fn join_cgroups(prepared: &Prepared) -> io::Result<()> {
 
 /// Runs in the forked child, before exec: no allocation from here on.
 fn enter(prepared: &Prepared) -> io::Result<()> {
+    // First, a session of its own: the server's controlling terminal (an operator's shell)
+    // is then out of reach, so no `/dev/tty` to write to or push keystrokes into with
+    // TIOCSTI.
+    // SAFETY: setsid(2) takes no arguments; std's child is not a process group leader.
+    stage(prepared, Stage::Session, check(unsafe { libc::setsid() }))?;
     stage(prepared, Stage::Cgroups, join_cgroups(prepared))?;
     let mut flags = libc::CLONE_NEWNS
         | libc::CLONE_NEWUTS
@@ -746,11 +880,14 @@ fn build_overlay_mounts(
         check(unsafe { libc::chown(p.upper.as_ptr(), root, root) })?;
         attach_idmapped_lower(p, userns)?;
     }
+    // No device node and no setuid bit in the image or the writable layer means anything
+    // here: a node in an image (a crafted index, an ingested tree) would reach the host's
+    // device, since the cgroup's allow-list is the only other guard.
     mount(
         overlay,
         &p.merged,
         Some(overlay),
-        0,
+        libc::MS_NOSUID | libc::MS_NODEV,
         Some(&p.overlay_options),
     )?;
     mkdir(&p.proc_dir, 0o555)?;
@@ -767,7 +904,7 @@ fn build_overlay_mounts(
         &p.dev_dir,
         Some(tmpfs),
         libc::MS_NOSUID | libc::MS_NOEXEC,
-        None,
+        Some(&p.dev_options),
     )?;
     for (path, mode, dev) in &p.dev_nodes {
         // SAFETY: a NUL-terminated path; mknod(2) takes plain integers otherwise.
@@ -779,7 +916,7 @@ fn build_overlay_mounts(
         &p.dev_shm,
         Some(tmpfs),
         libc::MS_NOSUID | libc::MS_NODEV,
-        None,
+        Some(&p.shm_options),
     )?;
     mkdir(&p.dev_pts, 0o755)?;
     mount(
@@ -797,13 +934,26 @@ fn build_overlay_mounts(
 /// `/proc` entries a container's uid 0 could write to reach the host: sysctls (a
 /// `core_pattern` pipe runs as root on the host), SysRq, IRQ affinity and the like. Writing
 /// them checks the uid, not a capability, so they are remounted read-only.
-const PROC_READ_ONLY: [&str; 6] = ["sys", "sysrq-trigger", "irq", "bus", "fs", "acpi"];
+const PROC_READ_ONLY: [&str; 5] = ["sys", "sysrq-trigger", "irq", "bus", "fs"];
 
-/// `/proc` files that leak host memory or kernel state; `/dev/null` is mounted over them.
-const PROC_MASKED: [&str; 5] = ["kcore", "keys", "timer_list", "sched_debug", "kallsyms"];
+/// `/proc` files that leak host memory or kernel state (Docker's masked paths, plus
+/// `kallsyms`); `/dev/null` is mounted over them.
+const PROC_MASKED: [&str; 7] = [
+    "kcore",
+    "keys",
+    "latency_stats",
+    "timer_list",
+    "timer_stats",
+    "sched_debug",
+    "kallsyms",
+];
 
-/// Applies [`PROC_READ_ONLY`] and [`PROC_MASKED`], as runc does. Entries this kernel lacks
-/// are skipped.
+/// `/proc` directories that show host hardware (Docker's masked paths); an empty read-only
+/// tmpfs is mounted over them.
+const PROC_MASKED_DIRS: [&str; 3] = ["acpi", "asound", "scsi"];
+
+/// Applies [`PROC_READ_ONLY`], [`PROC_MASKED`] and [`PROC_MASKED_DIRS`], as runc does.
+/// Entries this kernel lacks are skipped.
 fn harden_proc(p: &Prepared) -> io::Result<()> {
     let missing = |e: &io::Error| e.raw_os_error() == Some(libc::ENOENT);
     for path in &p.proc_read_only {
@@ -830,25 +980,25 @@ fn harden_proc(p: &Prepared) -> io::Result<()> {
             other => other?,
         }
     }
+    let tmpfs = &p.names[0];
+    for path in &p.proc_masked_dirs {
+        let flags = libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
+        match mount(tmpfs, path, Some(tmpfs), flags, Some(&p.masked_dir_options)) {
+            Err(e) if missing(&e) => {}
+            other => other?,
+        }
+    }
     Ok(())
 }
 
 fn build_root(p: &Prepared) -> io::Result<()> {
     stage(p, Stage::Root, build_overlay(p))?;
-    // Volumes are cloned now, while the host's paths are visible, and attached after the
-    // pivot. The descriptors stay in this process and close at exec.
-    let mut volume_fds = [-1; MAX_VOLUMES];
-    for (fd, volume) in volume_fds.iter_mut().zip(&p.volumes) {
-        *fd = stage(p, Stage::VolumeSource(volume.index), clone_tree(volume))?;
-    }
     stage(p, Stage::Root, pivot(p))?;
-    for (fd, volume) in volume_fds.iter().zip(&p.volumes) {
+    // Volumes were cloned before the fork; they are attached after the pivot, so their
+    // targets resolve inside the container.
+    for volume in &p.volumes {
         let owner = p.user_namespace.as_ref().map(|ns| ns.ids().host_base);
-        stage(
-            p,
-            Stage::Volume(volume.index),
-            attach_volume(*fd, volume, owner),
-        )?;
+        stage(p, Stage::Volume(volume.index), attach_volume(volume, owner))?;
     }
     if let Some(text) = &p.resolv_conf_text {
         stage(p, Stage::Network, write_resolv_conf(p, text))?;
@@ -878,7 +1028,10 @@ fn attach_idmapped_lower(p: &Prepared, userns: &UserNamespace) -> io::Result<()>
     }
     // SAFETY: mount_attr is plain data; all zeros is a valid value.
     let mut attr: libc::mount_attr = unsafe { std::mem::zeroed() };
-    attr.attr_set = libc::MOUNT_ATTR_IDMAP | libc::MOUNT_ATTR_RDONLY;
+    attr.attr_set = libc::MOUNT_ATTR_IDMAP
+        | libc::MOUNT_ATTR_RDONLY
+        | libc::MOUNT_ATTR_NODEV
+        | libc::MOUNT_ATTR_NOSUID;
     attr.userns_fd = userns.fd().as_raw_fd() as u64;
     // SAFETY: mount_setattr(2) on the descriptor just made, with an empty path, a valid
     // mount_attr and its size; then move_mount(2) from it to a NUL-terminated path.
@@ -950,20 +1103,27 @@ fn finish_root(p: &Prepared) -> io::Result<()> {
 /// Volumes per container; the child keeps their descriptors in a fixed array.
 pub const MAX_VOLUMES: usize = 32;
 
-/// A detached, recursive copy of a volume's host mount, with its flags set.
-fn clone_tree(volume: &PreparedVolume) -> io::Result<libc::c_int> {
-    // SAFETY: open_tree(2) with a NUL-terminated path and flags.
+/// A detached, recursive copy of a volume's host mount (through the descriptor opened when
+/// the volume was made, never its name), with its flags set. Made in the server's mount
+/// namespace, the only one a descriptor from there can be cloned in; the child attaches it.
+fn clone_tree(volume: &Volume) -> io::Result<OwnedFd> {
+    // SAFETY: open_tree(2) on a descriptor we hold, with an empty path and flags.
     let fd = unsafe {
         libc::syscall(
             libc::SYS_open_tree,
-            libc::AT_FDCWD,
-            volume.source.as_ptr(),
-            libc::OPEN_TREE_CLONE | libc::OPEN_TREE_CLOEXEC | libc::AT_RECURSIVE as libc::c_uint,
+            volume.opened.as_raw_fd(),
+            c"".as_ptr(),
+            libc::OPEN_TREE_CLONE
+                | libc::OPEN_TREE_CLOEXEC
+                | libc::AT_EMPTY_PATH as libc::c_uint
+                | libc::AT_RECURSIVE as libc::c_uint,
         )
     } as libc::c_int;
     if fd == -1 {
         return Err(io::Error::last_os_error());
     }
+    // SAFETY: open_tree returned a new descriptor that nothing else owns.
+    let tree = unsafe { OwnedFd::from_raw_fd(fd) };
     let mut attr_set = libc::MOUNT_ATTR_NOSUID | libc::MOUNT_ATTR_NODEV;
     if volume.read_only {
         attr_set |= libc::MOUNT_ATTR_RDONLY;
@@ -976,20 +1136,20 @@ fn clone_tree(volume: &PreparedVolume) -> io::Result<libc::c_int> {
     check(unsafe {
         libc::syscall(
             libc::SYS_mount_setattr,
-            fd,
+            tree.as_raw_fd(),
             c"".as_ptr(),
             libc::AT_EMPTY_PATH | libc::AT_RECURSIVE,
             &attr,
             std::mem::size_of::<libc::mount_attr>(),
         )
     } as libc::c_int)?;
-    Ok(fd)
+    Ok(tree)
 }
 
 /// Makes the volume's target inside the new root and attaches the cloned tree there. What
 /// it makes belongs to `owner` (the container's root, in a user namespace), as if the
 /// container had made it.
-fn attach_volume(fd: libc::c_int, volume: &PreparedVolume, owner: Option<u32>) -> io::Result<()> {
+fn attach_volume(volume: &PreparedVolume, owner: Option<u32>) -> io::Result<()> {
     let made = |path: &CString| -> io::Result<()> {
         if let Some(uid) = owner {
             // SAFETY: a NUL-terminated path and plain integers.
@@ -1037,19 +1197,17 @@ fn attach_volume(fd: libc::c_int, volume: &PreparedVolume, owner: Option<u32>) -
         }
     }
     // SAFETY: move_mount(2) from the detached tree's descriptor to a NUL-terminated path.
+    // The descriptor closes at exec.
     check(unsafe {
         libc::syscall(
             libc::SYS_move_mount,
-            fd,
+            volume.tree.as_raw_fd(),
             c"".as_ptr(),
             libc::AT_FDCWD,
             volume.target.as_ptr(),
             libc::MOVE_MOUNT_F_EMPTY_PATH,
         )
-    } as libc::c_int)?;
-    // SAFETY: closing our descriptor for the now attached tree.
-    unsafe { libc::close(fd) };
-    Ok(())
+    } as libc::c_int)
 }
 
 /// Points the container's resolver at the user-mode stack's DNS forwarder. It runs after the
