@@ -35,7 +35,16 @@ pub use mount::{
 };
 
 use std::io;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+
+/// Makes `dir` (and its missing parents) and sets it to mode 0700, also when it existed. For
+/// directories that hold image trees or app sources: a setuid-root file inside one (made by a
+/// build step, or ingested) must be out of every other host user's reach.
+pub fn create_private_dir(dir: &Path) -> io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+}
 
 /// Errors from ingest, export and index handling; each names the path or blob involved.
 #[derive(Debug, thiserror::Error)]

@@ -248,8 +248,10 @@ impl Mount {
             MountOption::Subtype("lode".into()),
             MountOption::DefaultPermissions,
             MountOption::NoAtime,
-            MountOption::Dev,
-            MountOption::Suid,
+            // Device nodes and setuid bits in an image stay metadata: they mean nothing here,
+            // to the host's users or to a container on this mount.
+            MountOption::NoDev,
+            MountOption::NoSuid,
         ];
         config.acl = SessionACL::All;
         config.n_threads = Some(options.threads.max(1));
@@ -823,7 +825,7 @@ impl MountTable {
         registry: Arc<dyn BlobAccess>,
         options: MountOptions,
     ) -> std::io::Result<Self> {
-        std::fs::create_dir_all(root)?;
+        crate::create_private_dir(root)?;
         abort_leftover_connections(root);
         for entry in std::fs::read_dir(root)?.flatten() {
             let path = entry.path();

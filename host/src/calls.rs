@@ -311,6 +311,20 @@ impl CallError {
     }
 }
 
+/// A pickled result from a function deployed for JSON is dropped: only a function declared
+/// with `serialization="pickle"` may hand a caller something to unpickle, whatever its
+/// container sends.
+fn only_declared_pickle(outcome: Outcome, pickle: bool) -> Outcome {
+    if pickle || outcome.result_pickled.is_none() {
+        return outcome;
+    }
+    Outcome::failed(ErrorInfo::lode(
+        "invalid_result",
+        "the function's container sent a pickled result, but the function is deployed for \
+         JSON; declare it with serialization=\"pickle\" to return Python objects",
+    ))
+}
+
 /// Checks a call body: `{"args": [...], "kwargs": {...}}`, or `{"pickled": "..."}` for a
 /// function that takes pickle. Returns what the agent gets.
 pub fn check_payload(body: &Value, pickle: bool) -> Result<Map<String, Value>, String> {
@@ -360,8 +374,8 @@ pub fn check_payload(body: &Value, pickle: bool) -> Result<Map<String, Value>, S
 
 /// What serves a call.
 enum Target {
-    /// A Python function's pool.
-    Python(Arc<crate::pool::Pool>, Map<String, Value>),
+    /// A Python function's pool, and whether the function was deployed for pickle.
+    Python(Arc<crate::pool::Pool>, Map<String, Value>, bool),
     /// A Wasm function.
     Wasm(Arc<crate::wasm_calls::WasmFunction>, Map<String, Value>),
 }
@@ -433,9 +447,9 @@ impl Server {
     ) {
         // A deploy may replace the pool between lookup and submit; the new one takes it.
         for _ in 0..3 {
-            let (pool, payload) = match self.target(app, function, body) {
+            let (pool, payload, pickle) = match self.target(app, function, body) {
                 Err(e) => return (None, Err(e)),
-                Ok(Target::Python(pool, payload)) => (pool, payload),
+                Ok(Target::Python(pool, payload, pickle)) => (pool, payload, pickle),
                 Ok(Target::Wasm(wasm, payload)) => {
                     let series = wasm.series.clone();
                     let outcome = self.run_wasm(wasm, &Value::Object(payload), tree).await;
@@ -444,7 +458,7 @@ impl Server {
             };
             let served = Some(("python", pool.series().clone()));
             match pool.submit(payload, tree.clone()).await {
-                Ok(outcome) => return (served, Ok(outcome)),
+                Ok(outcome) => return (served, Ok(only_declared_pickle(outcome, pickle))),
                 Err(Rejected::QueueFull(after)) => {
                     return (
                         served,
@@ -533,7 +547,51 @@ impl Server {
                 format!("{app}/{function} has no container pool; redeploy the app"),
             )
         })?;
-        Ok(Target::Python(pool, payload))
+        Ok(Target::Python(pool, payload, pickle))
+    }
+
+    /// Whether code of `caller` (an app's container or Wasm guest) may call
+    /// `app/function`. An app's own functions, yes; another app's only when its
+    /// `allow_callers` names the caller, and never one deployed for pickle, whose
+    /// arguments and results would run code on the other side. The API token (the
+    /// operator) is not a caller and reaches every function.
+    pub fn check_caller(&self, caller: &str, app: &str, function: &str) -> Result<(), CallError> {
+        if caller == app {
+            return Ok(());
+        }
+        // One answer for "no such app" and "not allowed", so a tenant cannot list others.
+        let refused = |why: &str| {
+            CallError::new(
+                403,
+                "forbidden",
+                format!("app {caller:?} may not call {app}/{function}: {why}"),
+            )
+        };
+        let Some(live) = self.app(app) else {
+            return Err(refused(&format!(
+                "calls between apps need the callee's allow_callers to name {caller:?}"
+            )));
+        };
+        let manifest = &live.record.manifest;
+        if !manifest
+            .allow_callers
+            .iter()
+            .any(|allowed| allowed == caller)
+        {
+            return Err(refused(&format!(
+                "calls between apps need the callee's allow_callers to name {caller:?}"
+            )));
+        }
+        let pickle = manifest.functions.iter().any(|f| {
+            f.name == function
+                && f.python.as_ref().and_then(|p| p.serialization.as_deref()) == Some("pickle")
+        });
+        if pickle {
+            return Err(refused(
+                "it takes pickle, which is never accepted across apps",
+            ));
+        }
+        Ok(())
     }
 
     /// Starts `app/function` on `body` in the background; returns the call's id. What a
@@ -576,6 +634,38 @@ impl Server {
         Ok(id)
     }
 
+    /// A spawned call's record for code of `caller` (a container or a Wasm guest), after
+    /// waiting up to `wait`: only calls of functions the caller may call are visible, and
+    /// others read as unknown.
+    pub async fn wait_as(
+        &self,
+        caller: &str,
+        id: &str,
+        wait: Duration,
+    ) -> Result<CallRecord, ErrorInfo> {
+        let unknown = || {
+            ErrorInfo::lode(
+                "not_found",
+                format!("no call {id:?} (records are kept while the server runs)"),
+            )
+        };
+        let record = self
+            .calls
+            .wait(id, Duration::ZERO)
+            .await
+            .ok_or_else(unknown)?;
+        if self
+            .check_caller(caller, &record.app, &record.function)
+            .is_err()
+        {
+            return Err(unknown());
+        }
+        if record.status != CallStatus::Running {
+            return Ok(record);
+        }
+        self.calls.wait(id, wait).await.ok_or_else(unknown)
+    }
+
     /// A call from inside a container of `caller_app`: the same dispatch, answered as an
     /// outcome. Made while serving an input, it is one more step of that input's call
     /// `tree`, bounded like a Wasm function's `invoke` (`fan_out`: the caller app's bound).
@@ -605,6 +695,9 @@ impl Server {
                         "no function named",
                     ));
                 };
+                if let Err(e) = self.check_caller(caller_app, &app, &function) {
+                    return Outcome::failed(e.error);
+                }
                 let tree = match tree.map(|tree| tree.admit(fan_out, false)).transpose() {
                     Ok(tree) => tree,
                     Err(error) => return Outcome::failed(error),
@@ -626,14 +719,9 @@ impl Server {
                     return Outcome::failed(ErrorInfo::lode("invalid_request", "no call id"));
                 };
                 let wait = Duration::from_secs_f64(call.wait.unwrap_or(0.0).clamp(0.0, 60.0));
-                match self.calls.wait(&id, wait).await {
-                    Some(record) => {
-                        Outcome::value(serde_json::to_value(record).unwrap_or_default())
-                    }
-                    None => Outcome::failed(ErrorInfo::lode(
-                        "not_found",
-                        format!("no call {id:?} (records are kept while the server runs)"),
-                    )),
+                match self.wait_as(caller_app, &id, wait).await {
+                    Ok(record) => Outcome::value(serde_json::to_value(record).unwrap_or_default()),
+                    Err(error) => Outcome::failed(error),
                 }
             }
             other => Outcome::failed(ErrorInfo::lode(

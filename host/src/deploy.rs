@@ -81,6 +81,9 @@ struct Project {
     /// `[limits]`: wasm_stack_kib, call_depth, fan_out, fuel for the app's Wasm calls.
     #[serde(default)]
     limits: AppLimits,
+    /// Other apps that may call this app's functions from their own code.
+    #[serde(default)]
+    allow_callers: Vec<String>,
     #[serde(rename = "function")]
     functions: Vec<ProjectFunction>,
 }
@@ -91,6 +94,7 @@ struct Plan {
     functions: Vec<Planned>,
     config: Config,
     limits: AppLimits,
+    allow_callers: Vec<String>,
 }
 
 /// A component to upload and the function that runs it.
@@ -262,6 +266,7 @@ fn plan_project(dir: &Path, name: Option<&str>) -> Result<Plan> {
         functions: planned,
         config: project.config,
         limits: project.limits,
+        allow_callers: project.allow_callers,
     })
 }
 
@@ -299,6 +304,7 @@ fn plan(path: &Path, name: Option<&str>) -> Result<Plan> {
         functions: vec![wasm_function(app, bytes)],
         config: Config::new(),
         limits: AppLimits::default(),
+        allow_callers: Vec::new(),
     })
 }
 
@@ -314,6 +320,7 @@ pub async fn deploy(
         functions: planned,
         config,
         limits,
+        allow_callers,
     } = plan(path, name)?;
     if !is_dns_label(&app) {
         bail!("{}; pass --name", dns_label_rule("app", &app));
@@ -323,6 +330,7 @@ pub async fn deploy(
         app: app.clone(),
         config,
         limits,
+        allow_callers,
         functions: Vec::new(),
     };
     let mut uploads = BTreeMap::new();

@@ -434,6 +434,35 @@ struct ServeArgs {
     /// None by default: a host volume can reach anything the server can.
     #[arg(long = "allow-volume", value_name = "DIR")]
     allow_volume: Vec<PathBuf>,
+    /// Memory for a Python function's container, a one-off container or a sandbox that
+    /// names none, in MiB.
+    #[arg(long, default_value_t = 2048, value_name = "MIB")]
+    container_memory: u64,
+    /// Most memory one container may ask for, in MiB [default: this machine's memory].
+    #[arg(long, value_name = "MIB")]
+    container_max_memory: Option<u64>,
+    /// Most CPU one container may ask for, in cores [default: this machine's cores].
+    #[arg(long, value_name = "CORES")]
+    container_max_cpu: Option<f64>,
+    /// Processes and threads one container may run.
+    #[arg(long, default_value_t = 4096, value_name = "N")]
+    container_pids: u64,
+    /// Each container's writable layer (RAM-backed, counted in its memory), e.g. 1G.
+    #[arg(long, default_value = "1G", value_parser = lode::fs_cmd::parse_size)]
+    container_disk: u64,
+    /// Each container's /dev/shm (counted in its memory), e.g. 64M.
+    #[arg(long, default_value = "64M", value_parser = lode::fs_cmd::parse_size)]
+    shm_size: u64,
+    /// Most containers one function may ask for (min_containers and max_containers).
+    #[arg(long, default_value_t = 64, value_name = "N")]
+    max_containers: u32,
+    /// Memory for one image build step, in MiB.
+    #[arg(long, default_value_t = 4096, value_name = "MIB")]
+    build_memory: u64,
+    /// Disk for one build step's changes (a loop-mounted ext4, sparse), e.g. 16G; 0 leaves
+    /// them uncapped on the cache dir's disk.
+    #[arg(long, default_value = "16G", value_parser = lode::fs_cmd::parse_size)]
+    build_disk: u64,
     #[command(flatten)]
     registry: RegistryFlags,
     /// Wasm instances that can run at once (pooling allocator slots of the default engine;
@@ -461,6 +490,45 @@ struct ServeArgs {
     /// How long a function container may take to import its module, e.g. 60s.
     #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
     container_start_timeout: Duration,
+}
+
+/// What `lode serve`'s container flags allow, checked against each other.
+fn container_bounds(args: &ServeArgs) -> Result<lode::native::ContainerBounds> {
+    let defaults = lode::native::ContainerBounds::default();
+    let bounds = lode::native::ContainerBounds {
+        default_memory_mib: args.container_memory,
+        max_memory_mib: args.container_max_memory.unwrap_or(defaults.max_memory_mib),
+        max_cpu: args.container_max_cpu.unwrap_or(defaults.max_cpu),
+        default_pids: args.container_pids,
+        max_pids: defaults.max_pids.max(args.container_pids),
+        writable_bytes: args.container_disk,
+        shm_bytes: args.shm_size,
+        max_containers: args.max_containers,
+        build: lode_native_runner::builder::BuildLimits {
+            memory: args.build_memory << 20,
+            pids: args.container_pids,
+            disk: (args.build_disk > 0).then_some(args.build_disk),
+        },
+        volume_roots: args.allow_volume.clone(),
+        ..defaults
+    };
+    if bounds.default_memory_mib < 4 || bounds.default_memory_mib > bounds.max_memory_mib {
+        anyhow::bail!(
+            "--container-memory {} MiB must be 4 to --container-max-memory ({} MiB)",
+            bounds.default_memory_mib,
+            bounds.max_memory_mib
+        );
+    }
+    if bounds.build.memory < 64 << 20 {
+        anyhow::bail!("--build-memory {} MiB is below 64 MiB", args.build_memory);
+    }
+    if bounds.writable_bytes < 1 << 20 || bounds.shm_bytes < 1 << 20 {
+        anyhow::bail!("--container-disk and --shm-size must be at least 1M");
+    }
+    if bounds.max_cpu.is_nan() || bounds.max_cpu <= 0.0 {
+        anyhow::bail!("--container-max-cpu must be above 0");
+    }
+    Ok(bounds)
 }
 
 /// Where deploys upload: the server's own registry, unless one is named.
@@ -576,6 +644,7 @@ async fn run(cli: Cli) -> Result<()> {
                     args.max_memory
                 );
             }
+            let container_bounds = container_bounds(&args)?;
             serve(ServeOptions {
                 data_dir: args.data_dir,
                 cache_dir: args.cache_dir,
@@ -585,10 +654,7 @@ async fn run(cli: Cli) -> Result<()> {
                 registry_options: args.registry.options(),
                 cache_size: args.cache_size,
                 image_base_dir: args.image_base_dir,
-                container_bounds: lode::native::ContainerBounds {
-                    volume_roots: args.allow_volume,
-                    ..Default::default()
-                },
+                container_bounds,
                 limits: Limits {
                     default_memory: args.memory * MIB,
                     max_memory: args.max_memory * MIB,

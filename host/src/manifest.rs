@@ -28,6 +28,10 @@ pub struct Manifest {
     /// Limits on the app's Wasm calls beyond each function's memory and timeout.
     #[serde(default, skip_serializing_if = "AppLimits::is_default")]
     pub limits: AppLimits,
+    /// Other apps whose code (containers, Wasm guests) may call this app's functions; none
+    /// by default. Pickle functions take calls from their own app only, whatever this says.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allow_callers: Vec<String>,
     /// The app's functions.
     pub functions: Vec<FunctionSpec>,
 }
@@ -366,6 +370,14 @@ impl Manifest {
             problems.push("the manifest lists no functions".into());
         }
         self.limits.validate(&mut problems);
+        for caller in &self.allow_callers {
+            if !is_dns_label(caller) {
+                problems.push(format!(
+                    "allow_callers: {}",
+                    dns_label_rule("caller app", caller)
+                ));
+            }
+        }
         let mut names = BTreeSet::new();
         let mut web_paths = BTreeSet::new();
         for function in &self.functions {
@@ -604,6 +616,7 @@ mod tests {
                 fuel: Some(10),
                 ..Default::default()
             },
+            allow_callers: vec!["Other App".into()],
             functions: vec![wasm_fn("web"), second],
         };
         let problems = manifest.validate().unwrap_err();
@@ -615,6 +628,10 @@ mod tests {
         assert!(all.contains("claimed by more than one"), "{all}");
         assert!(all.contains("call_depth 0 must be 1 to 64"), "{all}");
         assert!(all.contains("fuel 10 must be 1000 to"), "{all}");
+        assert!(
+            all.contains("allow_callers: invalid caller app name \"Other App\""),
+            "{all}"
+        );
     }
 
     #[test]
@@ -629,6 +646,7 @@ mod tests {
                 fan_out: Some(10),
                 fuel: Some(5_000_000),
             },
+            allow_callers: vec!["billing".into()],
             functions: vec![wasm_fn("web")],
         };
         let json = serde_json::to_string(&manifest).unwrap();

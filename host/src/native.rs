@@ -29,9 +29,13 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
-/// Bounds on what one container may ask for.
+/// Bounds on what one container may ask for, and what it gets when it asks for nothing:
+/// every function container, one-off container and build step has a memory, pids and
+/// writable-layer cap.
 #[derive(Debug, Clone)]
 pub struct ContainerBounds {
+    /// Memory a container gets when it names none, in MiB.
+    pub default_memory_mib: u64,
     /// Most memory, in MiB.
     pub max_memory_mib: u64,
     /// Most CPU, in cores.
@@ -42,6 +46,14 @@ pub struct ContainerBounds {
     pub max_timeout: Duration,
     /// Processes a container gets when it names no limit (a fork bomb stops here).
     pub default_pids: u64,
+    /// Each container's writable layer (a tmpfs, charged to its memory), in bytes.
+    pub writable_bytes: u64,
+    /// Each container's `/dev/shm`, in bytes.
+    pub shm_bytes: u64,
+    /// Most containers one function may keep (`min_containers` and `max_containers`).
+    pub max_containers: u32,
+    /// What one build step may use.
+    pub build: lode_native_runner::builder::BuildLimits,
     /// Host directories whose contents may be bind-mounted into containers. Empty: none.
     /// A token holder could otherwise mount `/` and own the host.
     pub volume_roots: Vec<PathBuf>,
@@ -51,12 +63,74 @@ impl Default for ContainerBounds {
     fn default() -> Self {
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         Self {
-            max_memory_mib: 64 * 1024,
+            default_memory_mib: 2048,
+            max_memory_mib: host_memory_mib().max(2048),
             max_cpu: cores as f64,
             max_pids: 32_768,
             max_timeout: Duration::from_secs(24 * 3600),
             default_pids: 4096,
+            writable_bytes: 1 << 30,
+            shm_bytes: lode_native_runner::sandbox::DEFAULT_SHM_BYTES,
+            max_containers: 64,
+            build: Default::default(),
             volume_roots: Vec::new(),
+        }
+    }
+}
+
+/// This machine's memory, in MiB (0 where /proc/meminfo cannot be read).
+pub fn host_memory_mib() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|text| {
+            let line = text.lines().find(|l| l.starts_with("MemTotal:"))?;
+            line.split_whitespace().nth(1)?.parse::<u64>().ok()
+        })
+        .map_or(0, |kib| kib / 1024)
+}
+
+impl ContainerBounds {
+    /// Problems with what a Python function asks for, each naming the flag that bounds it.
+    pub fn check_function(&self, r: &crate::manifest::Resources) -> Vec<String> {
+        let mut problems = Vec::new();
+        if let Some(mib) = r.memory
+            && !(4..=self.max_memory_mib).contains(&mib)
+        {
+            problems.push(format!(
+                "memory {mib} MiB must be 4 to {} MiB (lode serve --container-max-memory)",
+                self.max_memory_mib
+            ));
+        }
+        if let Some(cpu) = r.cpu
+            && !(cpu >= 0.01 && cpu <= self.max_cpu)
+        {
+            problems.push(format!(
+                "cpu {cpu} must be 0.01 to {} cores (lode serve --container-max-cpu)",
+                self.max_cpu
+            ));
+        }
+        for (field, value) in [
+            ("min_containers", r.min_containers),
+            ("max_containers", r.max_containers),
+        ] {
+            if let Some(n) = value
+                && n > self.max_containers
+            {
+                problems.push(format!(
+                    "{field} {n} is above this server's {} (lode serve --max-containers)",
+                    self.max_containers
+                ));
+            }
+        }
+        problems
+    }
+
+    /// The cgroup limits of a function container: what it asks for, else the defaults.
+    pub fn function_limits(&self, r: &crate::manifest::Resources) -> Limits {
+        Limits {
+            memory: Some(r.memory.unwrap_or(self.default_memory_mib) << 20),
+            cpu: r.cpu,
+            pids: Some(self.default_pids),
         }
     }
 }
@@ -100,7 +174,18 @@ impl Native {
         let images = cache_dir.join("images");
         let run_dir = cache_dir.join("containers");
         for leftover in [run_dir.clone(), images.join("layers"), images.join("run")] {
+            // A killed server's build step can leave its layer disk mounted there.
+            for mount in lode_fs::mounts_under(&leftover) {
+                let _ = lode_fs::unmount(&mount.point);
+            }
             let _ = std::fs::remove_dir_all(&leftover);
+        }
+        // Image trees (the debootstrap base, build layers) and container roots hold setuid
+        // files of the images' own: no other host user may reach them.
+        for private in [&images, &run_dir, &base_dir] {
+            if let Err(e) = lode_fs::create_private_dir(private) {
+                tracing::warn!(dir = %private.display(), "making the directory private: {e}");
+            }
         }
         let user_namespace = match UserNamespace::create(CONTAINER_IDS) {
             Ok(userns) => Some(Arc::new(userns)),
@@ -122,6 +207,7 @@ impl Native {
                 format!("{scope}-build"),
             );
             builder.user_namespace = user_namespace.clone();
+            builder.limits = bounds.build;
             builder
         });
         Arc::new(Self {
@@ -179,6 +265,11 @@ impl Native {
         self.cgroups.clone()
     }
 
+    /// What containers may ask for and get by default.
+    pub(crate) fn bounds(&self) -> &ContainerBounds {
+        &self.bounds
+    }
+
     /// The host uid of a container's root, when containers run in a user namespace.
     pub(crate) fn container_root(&self) -> Option<u32> {
         self.user_namespace.as_ref().map(|ns| ns.ids().host_base)
@@ -229,6 +320,8 @@ impl Native {
         SandboxSpec {
             lower: mount.mountpoint().to_path_buf(),
             scratch: self.run_dir.join(id),
+            writable_bytes: self.bounds.writable_bytes,
+            shm_bytes: self.bounds.shm_bytes,
             user_namespace: UserNamespace::for_lower(self.user_namespace.as_ref(), mount),
             ..SandboxSpec::default()
         }
@@ -500,7 +593,7 @@ impl Native {
             .collect::<Result<_, ApiError>>()?;
         Ok((
             Limits {
-                memory: request.memory.map(|m| m << 20),
+                memory: Some(request.memory.unwrap_or(b.default_memory_mib) << 20),
                 cpu: request.cpu,
                 pids: Some(request.pids.unwrap_or(b.default_pids)),
             },
@@ -637,6 +730,8 @@ async fn run_container(
         timeout,
         volumes,
         network,
+        writable_bytes: native.bounds.writable_bytes,
+        shm_bytes: native.bounds.shm_bytes,
         user_namespace: UserNamespace::for_lower(native.user_namespace.as_ref(), &mount),
         ..SandboxSpec::default()
     };

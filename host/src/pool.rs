@@ -455,7 +455,7 @@ impl Pool {
 
     async fn start_container(
         &self,
-    ) -> Result<(Arc<Worker>, mpsc::UnboundedReceiver<FromAgent>, ExitWatch), ErrorInfo> {
+    ) -> Result<(Arc<Worker>, mpsc::Receiver<FromAgent>, ExitWatch), ErrorInfo> {
         let spec = &self.spec;
         let cgroups = self
             .ctx
@@ -527,7 +527,7 @@ impl Pool {
     async fn serve(
         self: Arc<Self>,
         worker: Arc<Worker>,
-        mut from_agent: mpsc::UnboundedReceiver<FromAgent>,
+        mut from_agent: mpsc::Receiver<FromAgent>,
         exit: ExitWatch,
     ) {
         while let Some(message) = from_agent.recv().await {

@@ -27,6 +27,8 @@ struct Collected {
     module: String,
     #[serde(default)]
     inline_secrets: BTreeMap<String, BTreeMap<String, String>>,
+    #[serde(default)]
+    allow_callers: Vec<String>,
     functions: Vec<Value>,
 }
 
@@ -107,6 +109,7 @@ pub async fn deploy(
         app: app.clone(),
         config: Default::default(),
         limits: Default::default(),
+        allow_callers: collected.allow_callers.clone(),
         functions,
     };
     if let Err(problems) = manifest.validate() {

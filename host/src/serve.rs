@@ -237,7 +237,13 @@ pub async fn serve(options: ServeOptions) -> Result<()> {
             state.clone(),
         )?),
         volumes_dir: options.data_dir.join("volumes"),
-        apps_dir: options.cache_dir.join("apps"),
+        apps_dir: {
+            // App sources are the tenants' code: theirs and Lode's alone.
+            let apps = options.cache_dir.join("apps");
+            lode_fs::create_private_dir(&apps)
+                .with_context(|| format!("creating {}", apps.display()))?;
+            apps
+        },
     };
     let server = Server::new(
         engine,

@@ -513,6 +513,20 @@ impl Server {
                     "function {name:?}: Python functions run in containers, and {why}"
                 )));
             }
+            let problems = self
+                .functions
+                .pools
+                .native
+                .bounds()
+                .check_function(&function.resources);
+            if !problems.is_empty() {
+                return Err(DeployError::Invalid(
+                    problems
+                        .into_iter()
+                        .map(|p| format!("function {name:?}: {p}"))
+                        .collect(),
+                ));
+            }
             return Ok(());
         }
         if let Some(mib) = function.resources.memory
@@ -846,11 +860,7 @@ impl Server {
                 .map(Duration::from_secs_f64)
                 .unwrap_or(PYTHON_DEFAULT_SCALEDOWN),
             timeout: function.timeout_or(PYTHON_DEFAULT_TIMEOUT),
-            limits: lode_native_runner::cgroup::Limits {
-                memory: r.memory.map(|mib| mib * MIB),
-                cpu: r.cpu,
-                pids: Some(4096),
-            },
+            limits: self.functions.pools.native.bounds().function_limits(r),
             retries: function.retries,
             env,
             secret_values,

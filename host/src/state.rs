@@ -235,6 +235,7 @@ mod tests {
                 app: app.into(),
                 config: Default::default(),
                 limits: Default::default(),
+                allow_callers: Vec::new(),
                 functions: vec![],
             },
             version,

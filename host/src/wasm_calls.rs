@@ -246,6 +246,9 @@ impl lode::function::invoke::Host for GuestState {
         let body = payload(&input)?;
         let server = ctx.server()?;
         let app = ctx.target_app(app);
+        server
+            .check_caller(&ctx.app, &app, &function)
+            .map_err(|e| guest_error(&e.error.kind, e.error.message))?;
         let outcome = Box::pin(server.call_within(&app, &function, &body, Some(tree))).await;
         match outcome {
             Ok(outcome) => to_guest(outcome),
@@ -265,18 +268,21 @@ impl lode::function::invoke::Host for GuestState {
         let server = ctx.server()?;
         let app = ctx.target_app(app);
         server
+            .check_caller(&ctx.app, &app, &function)
+            .map_err(|e| guest_error(&e.error.kind, e.error.message))?;
+        server
             .spawn_call_within(&app, &function, body, Some(tree))
             .map_err(|e| guest_error(&e.error.kind, e.error.message))
     }
 
     async fn await_(&mut self, call_id: String) -> Result<Vec<u8>, GuestError> {
-        let server = context(self)?.server()?;
+        let ctx = context(self)?;
+        let server = ctx.server()?;
         loop {
             let record = server
-                .calls
-                .wait(&call_id, crate::calls::MAX_WAIT)
+                .wait_as(&ctx.app, &call_id, crate::calls::MAX_WAIT)
                 .await
-                .ok_or_else(|| guest_error("not_found", format!("no call {call_id:?}")))?;
+                .map_err(|e| guest_error(&e.kind, e.message))?;
             if record.status != crate::calls::CallStatus::Running {
                 return match record.error {
                     Some(error) => Err(guest_error(&error.kind, error.message)),

@@ -34,12 +34,12 @@ pub const RUN_MOUNT: &str = "/lode/run";
 /// (its inputs fail, or are retried) rather than let it grow the host's memory without bound.
 pub const MAX_MESSAGE: usize = 64 << 20;
 
+/// Messages read from one container and not yet handled: with [`MAX_MESSAGE`], what the host
+/// holds for one container at most.
+pub const MESSAGES_IN_FLIGHT: usize = 8;
+
 /// How long a container whose agent hung up may take to exit by itself before it is killed.
 pub const EXIT_GRACE: Duration = Duration::from_secs(2);
-
-/// The longest line of a container's own stdout or stderr kept as one log line; longer runs
-/// without a newline are cut into lines of this size.
-pub const MAX_OUTPUT_LINE: usize = 16 << 10;
 
 /// A remote exception, as the agent reports it and the API returns it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -266,7 +266,7 @@ pub struct AgentContainer {
     /// Messages to the agent.
     pub to_agent: mpsc::UnboundedSender<ToAgent>,
     /// Messages from the agent; closes when the connection does.
-    pub from_agent: mpsc::UnboundedReceiver<FromAgent>,
+    pub from_agent: mpsc::Receiver<FromAgent>,
     stop: Arc<AtomicBool>,
     exit: watch::Receiver<Option<Exit>>,
 }
@@ -394,22 +394,9 @@ pub async fn start(
         if let Some(pipe) = pipe {
             let output = output.clone();
             std::thread::spawn(move || {
-                use std::io::{BufRead, Read};
-                let mut reader = std::io::BufReader::new(pipe);
-                let mut line = Vec::new();
-                loop {
-                    line.clear();
-                    match (&mut reader)
-                        .take(MAX_OUTPUT_LINE as u64)
-                        .read_until(b'\n', &mut line)
-                    {
-                        Ok(0) | Err(_) => break,
-                        Ok(_) => {
-                            let text = line.strip_suffix(b"\n").unwrap_or(&line);
-                            output(name, String::from_utf8_lossy(text).into_owned());
-                        }
-                    }
-                }
+                crate::sandbox::for_each_line(pipe, |line| {
+                    output(name, String::from_utf8_lossy(line).into_owned());
+                });
             });
         }
     }
@@ -491,14 +478,16 @@ pub async fn start(
     };
 
     let (to_agent, mut outgoing) = mpsc::unbounded_channel::<ToAgent>();
-    let (incoming, from_agent) = mpsc::unbounded_channel();
+    // Bounded: a container that writes faster than the host handles its messages waits on
+    // its socket instead of growing the host's memory.
+    let (incoming, from_agent) = mpsc::channel(MESSAGES_IN_FLIGHT);
     let stop_on_close = stop.clone();
     let exit_on_close = exit_rx.clone();
     tokio::spawn(async move {
         let misbehaved = loop {
             match read_message(&mut reader).await {
                 Ok(Some(message)) => {
-                    if incoming.send(message).is_err() {
+                    if incoming.send(message).await.is_err() {
                         break false;
                     }
                 }

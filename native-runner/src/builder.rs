@@ -140,6 +140,30 @@ pub struct Builder {
     /// The user namespace build steps run in (see [`crate::userns`]); `None` runs them as
     /// the host's root.
     pub user_namespace: Option<Arc<UserNamespace>>,
+    /// What one build step may use.
+    pub limits: BuildLimits,
+}
+
+/// What one build step may use; every step has all three.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BuildLimits {
+    /// Memory, in bytes.
+    pub memory: u64,
+    /// Processes and threads.
+    pub pids: u64,
+    /// The step's writable layer, in bytes ([`crate::layer_disk`]); `None` leaves it on the
+    /// host's disk uncapped, where loop devices are missing.
+    pub disk: Option<u64>,
+}
+
+impl Default for BuildLimits {
+    fn default() -> Self {
+        Self {
+            memory: 4 << 30,
+            pids: 4096,
+            disk: Some(16 << 30),
+        }
+    }
 }
 
 impl Builder {
@@ -163,6 +187,7 @@ impl Builder {
             name_prefix,
             step_timeout: Duration::from_secs(30 * 60),
             user_namespace: None,
+            limits: BuildLimits::default(),
         }
     }
 
@@ -385,6 +410,20 @@ impl Builder {
             move |e: std::io::Error| BuildError::Other(format!("{what} {}: {e}", path.display()))
         };
         std::fs::create_dir_all(&layer).map_err(other("creating", &layer))?;
+        let disk = match self.limits.disk {
+            Some(bytes) => Some(
+                crate::layer_disk::LayerDisk::mount(&layer.with_extension("img"), &layer, bytes)
+                    .map_err(|e| {
+                        let _ = std::fs::remove_dir(&layer);
+                        BuildError::Other(format!(
+                            "step {number} ({}): {e}; or start lode serve with --build-disk 0 \
+                             to leave build layers uncapped",
+                            step.describe()
+                        ))
+                    })?,
+            ),
+            None => None,
+        };
         let inherited = prepare_build_env(&inherit).map_err(other("preparing", &inherit))?;
         let mut env = vec![("PATH".to_string(), DEFAULT_PATH.to_string())];
         for (name, value) in &config.env {
@@ -407,7 +446,8 @@ impl Builder {
             hostname: "lode-build".into(),
             max_open_files: 65536,
             limits: Limits {
-                pids: Some(4096),
+                memory: Some(self.limits.memory),
+                pids: Some(self.limits.pids),
                 ..Limits::default()
             },
             timeout: Some(self.step_timeout),
@@ -458,6 +498,7 @@ impl Builder {
                 step.describe()
             ))),
         };
+        drop(disk);
         let _ = std::fs::remove_dir_all(&layer);
         result
     }
@@ -541,8 +582,8 @@ fn run_logged(
         let events = events.clone();
         std::thread::spawn(move || {
             let Some(pipe) = pipe else { return };
-            for line in BufReader::new(pipe).split(b'\n').map_while(Result::ok) {
-                let line = String::from_utf8_lossy(&line).trim_end().to_string();
+            crate::sandbox::for_each_line(pipe, |line| {
+                let line = String::from_utf8_lossy(line).trim_end().to_string();
                 {
                     let mut tail = tail.lock().expect("tail lock");
                     if tail.len() == TAIL_LINES {
@@ -551,7 +592,7 @@ fn run_logged(
                     tail.push_back(line.clone());
                 }
                 events(BuildEvent::Log { line });
-            }
+            });
         })
     };
     let out = pump(stdout.map(|p| Box::new(p) as Box<dyn std::io::Read + Send>));
@@ -683,7 +724,8 @@ fn lock_base(base_dir: &Path, release: &str) -> Result<std::fs::File, BuildError
             base_dir.display()
         ))
     };
-    std::fs::create_dir_all(base_dir).map_err(fail)?;
+    // The base holds real setuid-root files (su, mount): out of other users' reach.
+    lode_fs::create_private_dir(base_dir).map_err(fail)?;
     let file = std::fs::File::create(base_dir.join(format!("{release}.lock"))).map_err(fail)?;
     rustix::fs::flock(&file, rustix::fs::FlockOperation::LockExclusive)
         .map_err(|e| fail(e.into()))?;

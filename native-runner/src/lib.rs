@@ -18,6 +18,7 @@ pub mod agent;
 pub mod builder;
 pub mod cgroup;
 pub mod image_spec;
+pub mod layer_disk;
 pub mod oci;
 pub mod sandbox;
 pub mod seccomp;

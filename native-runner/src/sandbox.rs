@@ -1540,6 +1540,29 @@ impl Slirp {
     }
 }
 
+/// The longest line of a container's output kept as one line (a log line, a build line);
+/// longer runs without a newline are cut into lines of this size.
+pub const MAX_OUTPUT_LINE: usize = 16 << 10;
+
+/// Calls `each` with every line `pipe` yields, without its newline, until it ends. A run
+/// longer than [`MAX_OUTPUT_LINE`] is cut, so what a container prints never grows the
+/// reader's memory past that.
+pub fn for_each_line(pipe: impl Read, mut each: impl FnMut(&[u8])) {
+    use std::io::BufRead;
+    let mut reader = io::BufReader::new(pipe);
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        match (&mut reader)
+            .take(MAX_OUTPUT_LINE as u64)
+            .read_until(b'\n', &mut line)
+        {
+            Ok(0) | Err(_) => break,
+            Ok(_) => each(line.strip_suffix(b"\n").unwrap_or(&line)),
+        }
+    }
+}
+
 /// The exit code a container's status stands for (128 + signal when it was killed).
 pub fn exit_code(status: ExitStatus) -> i32 {
     status

@@ -228,8 +228,10 @@ def _fsync_path(path: str) -> None:
 class FunctionCall:
     """A spawned call; get() waits for its result."""
 
-    def __init__(self, call_id: str):
+    def __init__(self, call_id: str, serialization: str = "json"):
         self.object_id = call_id
+        # Only a call spawned from a pickle function's handle may unpickle its result.
+        self._serialization = serialization
 
     def __repr__(self) -> str:
         return f"FunctionCall({self.object_id!r})"
@@ -252,7 +254,7 @@ class FunctionCall:
             body = transport.poll(self.object_id, wait)
             status = body.get("status")
             if status == "succeeded":
-                return _client.decode_result(body)
+                return _client.decode_result(body, self._serialization, f"call {self.object_id}")
             if status == "failed":
                 raise _client.exception_from_error(body.get("error") or {"kind": "failed", "message": "no error given"})
             if status == "cancelled":
@@ -296,13 +298,18 @@ class Function:
         return f"Function({app}.{self.name})"
 
     @classmethod
-    def from_name(cls, app_name: str | None, function_name: str) -> Function:
-        """A handle to a deployed function; app_name None means this container's own app."""
+    def from_name(cls, app_name: str | None, function_name: str, *, serialization: str = "json") -> Function:
+        """A handle to a deployed function; app_name None means this container's own app.
+
+        serialization="pickle" is for a pickle function you trust: its results are unpickled
+        here, which runs whatever code they carry."""
         if not isinstance(function_name, str) or not function_name:
             raise ValueError(f"Function.from_name: function_name {function_name!r} must be a non-empty str")
         if app_name is not None and (not isinstance(app_name, str) or not app_name):
             raise ValueError(f"Function.from_name: app_name {app_name!r} must be a non-empty str or None")
-        return cls(None, function_name, app_name=app_name)
+        if serialization not in ("json", "pickle"):
+            raise ValueError(f'Function.from_name: serialization={serialization!r}; use "json" or "pickle"')
+        return cls(None, function_name, app_name=app_name, serialization=serialization)
 
     def _target_app(self) -> str:
         # Inside a container LODE_APP is the deployed name, which `lode deploy --name` may change.
@@ -332,12 +339,13 @@ class Function:
     def remote(self, *args: Any, **kwargs: Any) -> Any:
         """Runs the function on Lode and returns its result (or raises its exception)."""
         payload = self._payload(args, kwargs)
-        return _client.decode_result(_client.transport().call(self._target_app(), self.name, payload))
+        body = _client.transport().call(self._target_app(), self.name, payload)
+        return _client.decode_result(body, self.serialization, repr(self))
 
     def spawn(self, *args: Any, **kwargs: Any) -> FunctionCall:
         """Starts the function on Lode without waiting; FunctionCall.get() gives the result."""
         payload = self._payload(args, kwargs)
-        return FunctionCall(_client.transport().spawn(self._target_app(), self.name, payload))
+        return FunctionCall(_client.transport().spawn(self._target_app(), self.name, payload), self.serialization)
 
     def map(
         self,
@@ -365,7 +373,7 @@ class Function:
         def one(args: Iterable[Any]) -> Any:
             _client.set_current_input(serving)
             payload = self._payload(tuple(args), {})
-            return _client.decode_result(transport.call(app, self.name, payload))
+            return _client.decode_result(transport.call(app, self.name, payload), self.serialization, repr(self))
 
         def outcome(future: concurrent.futures.Future) -> Any:
             error = future.exception()
@@ -440,7 +448,7 @@ class Function:
 class App:
     """A named group of functions deployed together; `image` is their default image."""
 
-    def __init__(self, name: str, image: Image | None = None):
+    def __init__(self, name: str, image: Image | None = None, *, allow_callers: Iterable[str] = ()):
         if not isinstance(name, str) or not APP_NAME.fullmatch(name):
             raise ValueError(
                 f"App({name!r}): app names are DNS labels: lowercase letters, digits and '-', "
@@ -448,8 +456,16 @@ class App:
             )
         if image is not None and not isinstance(image, Image):
             raise TypeError(f"App(image=...) takes a lode.Image, not {type(image).__name__}")
+        if isinstance(allow_callers, str):
+            raise TypeError(f"App(allow_callers={allow_callers!r}) takes a list of app names, not one string")
+        callers = list(allow_callers)
+        for caller in callers:
+            if not isinstance(caller, str) or not APP_NAME.fullmatch(caller):
+                raise ValueError(f"App(allow_callers=...): {caller!r} is not an app name")
         self.name = name
         self.image = image
+        # Other apps whose code may call this app's functions (pickle ones excepted).
+        self.allow_callers = callers
         self._functions: dict[str, Function] = {}
         self._entrypoints: dict[str, Callable[..., Any]] = {}
 
@@ -664,5 +680,6 @@ def collect(app: App, module: str, file: str) -> dict[str, Any]:
         "file": file,
         "entrypoints": list(app._entrypoints),
         "inline_secrets": inline,
+        "allow_callers": app.allow_callers,
         "functions": [f._manifest(module) for f in app._functions.values()],
     }

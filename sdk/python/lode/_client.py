@@ -116,9 +116,17 @@ def encode_args(args: tuple, kwargs: dict, serialization: str, fn_name: str) -> 
     return body
 
 
-def decode_result(body: dict[str, Any]) -> Any:
-    """The value in a result-bearing object, unpickling `result_pickled` when present."""
+def decode_result(body: dict[str, Any], serialization: str, what: str) -> Any:
+    """The value in a result-bearing object. `result_pickled` is unpickled only for a handle
+    declared with serialization="pickle": unpickling runs code, so a JSON handle refuses it
+    whoever sent it."""
     if "result_pickled" in body:
+        if serialization != "pickle":
+            raise RemoteError(
+                "pickled_result",
+                f"{what} answered with a pickled result, which a JSON handle never unpickles; "
+                'if you trust that function, use a handle with serialization="pickle"',
+            )
         return pickle.loads(base64.b64decode(body["result_pickled"]))
     return body.get("result")
 

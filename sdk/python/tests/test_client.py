@@ -154,6 +154,13 @@ class FakeApi:
             call_args, kwargs = pickle.loads(base64.b64decode(body["pickled"]))
             result = call_args[0] | {99} | set(kwargs.values())
             return h.reply(200, {"result_pickled": base64.b64encode(pickle.dumps(result)).decode()})
+        if fn == "evil":
+            # A JSON function whose container answers with a pickle that would run code here.
+            class Boom:
+                def __reduce__(self):
+                    return (os.system, ("touch /tmp/lode-sdk-pickle-ran",))
+
+            return h.reply(200, {"result_pickled": base64.b64encode(pickle.dumps(Boom())).decode()})
         if fn == "hangup":
             h.reply(200, {"result": "bye"})
             h.close_connection = True  # closes the kept-alive connection without saying so
@@ -335,6 +342,20 @@ class ClientTest(unittest.TestCase):
         self.assertEqual(pset.remote({1, 2}, extra=7), {1, 2, 7, 99})
         body = self.api.requests[-1][2]
         self.assertEqual(list(body), ["pickled"])
+
+    def test_a_json_handle_never_unpickles_what_comes_back(self):
+        marker = "/tmp/lode-sdk-pickle-ran"
+        if os.path.exists(marker):
+            os.remove(marker)
+        evil = lode.Function.from_name("demo", "evil")
+        with self.assertRaisesRegex(lode.RemoteError, r"pickled result, which a JSON handle never unpickles"):
+            evil.remote()
+        with self.assertRaisesRegex(lode.RemoteError, r"never unpickles"):
+            list(evil.map([1]))
+        self.assertFalse(os.path.exists(marker), "the pickle ran on the client")
+        # A handle that says pickle is trusted to: the same answer is unpickled.
+        trusted = lode.Function.from_name("demo", "pset", serialization="pickle")
+        self.assertEqual(trusted.remote({1}), {1, 99})
 
     def test_json_encoding_error_names_the_argument(self):
         with self.assertRaisesRegex(TypeError, r"argument 1 of square\(\).*serialization=\"pickle\""):
