@@ -193,10 +193,14 @@ enum ContainerCommand {
         /// Kill the container after this many seconds.
         #[arg(long)]
         timeout: Option<f64>,
-        /// none (loopback only) or outbound (egress through slirp4netns; the host's
-        /// loopback stays unreachable).
+        /// none (loopback only) or outbound (the internet through slirp4netns; the host, its
+        /// loopback and private, CGNAT and link-local addresses stay unreachable).
         #[arg(long, default_value = "none", value_parser = ["none", "outbound"])]
         net: String,
+        /// With --net outbound, a CIDR, address or host name to reach besides the internet,
+        /// e.g. 10.1.0.0/16 or db.internal (repeatable).
+        #[arg(long = "allow-net", value_name = "CIDR|HOST")]
+        allow_net: Vec<String>,
         /// NAME=VALUE, added to the image's environment (repeatable).
         #[arg(short, long = "env", value_parser = lode::container_cmd::parse_env)]
         env: Vec<(String, String)>,
@@ -737,6 +741,7 @@ async fn run(cli: Cli) -> Result<()> {
             pids,
             timeout,
             net,
+            allow_net,
             env,
             volume,
             workdir,
@@ -752,6 +757,7 @@ async fn run(cli: Cli) -> Result<()> {
                 pids,
                 timeout,
                 network: Some(net),
+                allow_net,
                 volumes: volume,
                 workdir,
             };

@@ -21,6 +21,7 @@ use futures::StreamExt;
 use lode_fs::MountTable;
 use lode_native_runner::builder::{BuildEvent, Builder, DEFAULT_PATH, read_config};
 use lode_native_runner::cgroup::{Hierarchy, Limits};
+use lode_native_runner::egress::Egress;
 use lode_native_runner::image_spec::ImageSpec;
 use lode_native_runner::sandbox::{Network, SandboxSpec, Volume, spawn};
 use lode_native_runner::userns::{CONTAINER_IDS, UserNamespace};
@@ -150,6 +151,9 @@ pub struct Native {
     /// Where containers' uid 0 is an unprivileged host uid; `None` where the kernel has no
     /// user namespaces for us.
     user_namespace: Option<Arc<UserNamespace>>,
+    /// The filter on containers' outbound traffic, or why there is none (then nothing gets
+    /// outbound network).
+    egress: Result<Arc<Egress>, String>,
 }
 
 impl Native {
@@ -197,6 +201,10 @@ impl Native {
                 None
             }
         };
+        let egress = Egress::install(&scope).map_err(|e| e.to_string());
+        if let Err(e) = &egress {
+            tracing::warn!("no outbound network for containers or build steps: {e}");
+        }
         let builder = cgroups.as_ref().ok().map(|cgroups| {
             let mut builder = Builder::new(
                 registry.clone(),
@@ -208,6 +216,7 @@ impl Native {
             );
             builder.user_namespace = user_namespace.clone();
             builder.limits = bounds.build;
+            builder.egress = egress.as_ref().ok().cloned();
             builder
         });
         Arc::new(Self {
@@ -219,7 +228,40 @@ impl Native {
             run_dir,
             bounds,
             user_namespace,
+            egress,
         })
+    }
+
+    /// Outbound network for a container, reaching `allow` (CIDRs, addresses or host names,
+    /// resolved now) besides the internet; an error names what is wrong or missing.
+    pub(crate) fn outbound(&self, allow: &[String]) -> Result<Network, String> {
+        let egress = self.egress.clone().map_err(|e| {
+            format!("outbound network needs the egress filter, which did not start: {e}")
+        })?;
+        let mut allowed = Vec::new();
+        for entry in allow {
+            match lode_native_runner::egress::parse_cidr(entry) {
+                Some(net) => allowed.push(net),
+                None => {
+                    use std::net::ToSocketAddrs;
+                    let addrs = (entry.as_str(), 0).to_socket_addrs().map_err(|e| {
+                        format!(
+                            "network allow entry {entry:?} is not a CIDR, an address or a host \
+                             name that resolves: {e}"
+                        )
+                    })?;
+                    allowed.extend(addrs.map(|a| ipnet::IpNet::from(a.ip())));
+                }
+            }
+        }
+        Ok(Network::Outbound { egress, allowed })
+    }
+
+    /// At shutdown: takes the egress table out of the host's ruleset.
+    pub(crate) fn shut_down(&self) {
+        if let Ok(egress) = &self.egress {
+            egress.remove_if_unused();
+        }
     }
 
     fn cgroups(&self) -> Result<&Arc<dyn Hierarchy>, ApiError> {
@@ -465,6 +507,10 @@ pub struct ContainerRequest {
     /// `none` (default) or `outbound`.
     #[serde(default)]
     pub network: Option<String>,
+    /// With `outbound`: CIDRs, addresses or host names reachable besides the internet (the
+    /// host and private ranges are refused otherwise).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allow_net: Vec<String>,
     /// Host paths to bind.
     #[serde(default)]
     pub volumes: Vec<VolumeRequest>,
@@ -683,8 +729,15 @@ async fn run_container(
     let request: ContainerRequest = json_body(&body, "container request")?;
     let (limits, timeout, volumes) = native.check(&request)?;
     let network = match request.network.as_deref() {
-        None | Some("none") => Network::None,
-        Some("outbound") => Network::Outbound,
+        None | Some("none") if request.allow_net.is_empty() => Network::None,
+        None | Some("none") => {
+            return Err(ApiError::bad(
+                "--allow-net needs --net outbound: a container without network reaches nothing",
+            ));
+        }
+        Some("outbound") => native
+            .outbound(&request.allow_net)
+            .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "no_network", e))?,
         Some(other) => {
             return Err(ApiError::bad(format!(
                 "network {other:?} is not one of: none, outbound"

@@ -467,7 +467,7 @@ impl Pool {
         sandbox.cwd = spec.workdir.clone();
         sandbox.limits = spec.limits.clone();
         sandbox.volumes = spec.volumes.clone();
-        sandbox.network = spec.network;
+        sandbox.network = spec.network.clone();
         sandbox.hostname = spec.function.replace('_', "-").to_lowercase();
         sandbox.max_open_files = 65536;
         let token = format!("{:032x}", rand::random::<u128>());

@@ -283,6 +283,7 @@ pub async fn serve(options: ServeOptions) -> Result<()> {
     println!("  client    {}", client_path.display());
     tracing::info!(%api_addr, %http_addr, restored, "serving");
 
+    let shutdown_native = native.clone();
     let api_router = crate::api::router(server.clone(), native, Arc::from(token.as_str()));
     let api_task = tokio::spawn(async move {
         axum::serve(api_listener, api_router)
@@ -300,6 +301,7 @@ pub async fn serve(options: ServeOptions) -> Result<()> {
     // Containers run on the image mounts: they go first.
     server.shut_down().await;
     image_mounts.close().await;
+    shutdown_native.shut_down();
     Ok(())
 }
 

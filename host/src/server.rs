@@ -867,9 +867,12 @@ impl Server {
             volumes,
             network: match function.network.mode {
                 crate::manifest::NetworkMode::None => lode_native_runner::sandbox::Network::None,
-                crate::manifest::NetworkMode::Outbound => {
-                    lode_native_runner::sandbox::Network::Outbound
-                }
+                crate::manifest::NetworkMode::Outbound => self
+                    .functions
+                    .pools
+                    .native
+                    .outbound(&function.network.allow)
+                    .map_err(|e| DeployError::Invalid(vec![format!("function {name:?}: {e}")]))?,
             },
             workdir: config.workdir.clone().unwrap_or_else(|| "/".into()),
             call_limits,

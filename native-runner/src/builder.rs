@@ -142,6 +142,8 @@ pub struct Builder {
     pub user_namespace: Option<Arc<UserNamespace>>,
     /// What one build step may use.
     pub limits: BuildLimits,
+    /// The filter on build steps' network; without one, steps that need the network fail.
+    pub egress: Option<Arc<crate::egress::Egress>>,
 }
 
 /// What one build step may use; every step has all three.
@@ -188,6 +190,7 @@ impl Builder {
             step_timeout: Duration::from_secs(30 * 60),
             user_namespace: None,
             limits: BuildLimits::default(),
+            egress: None,
         }
     }
 
@@ -432,6 +435,21 @@ impl Builder {
         for (name, value) in build_env(&inherited) {
             set_env(&mut env, &name, &value);
         }
+        let network = match &self.egress {
+            // The package registries, and the host's proxy where it names one: a proxy on a
+            // private address is reachable from build steps only.
+            Some(egress) => Network::Outbound {
+                egress: egress.clone(),
+                allowed: proxy_addresses(),
+            },
+            None => {
+                return Err(BuildError::Other(format!(
+                    "step {number} ({}) needs the network, and this server has no egress \
+                     filter for it (see lode serve's log; apt-get install nftables)",
+                    step.describe()
+                )));
+            }
+        };
         let user_namespace = UserNamespace::for_lower(self.user_namespace.as_ref(), &mount);
         let host_ids = user_namespace.as_ref().map(|userns| HostIds {
             base: userns.ids().host_base,
@@ -455,7 +473,7 @@ impl Builder {
                 Volume::open(&inherit, BUILD_ENV_MOUNT, true)
                     .map_err(other("opening", &inherit))?,
             ],
-            network: Network::Outbound,
+            network,
             keep_upper: Some(layer.clone()),
             capabilities: BUILD_CAPABILITIES,
             user_namespace,
@@ -656,6 +674,49 @@ const PROXY_VARS: [&str; 8] = [
     "NO_PROXY",
     "ALL_PROXY",
 ];
+
+/// The addresses of the proxies the host's proxy variables name, for the egress filter to let
+/// build steps reach (a proxy usually sits on a private address).
+fn proxy_addresses() -> Vec<ipnet::IpNet> {
+    use std::net::ToSocketAddrs;
+    let mut addresses = Vec::new();
+    for name in PROXY_VARS
+        .iter()
+        .filter(|n| !n.contains("no_") && !n.contains("NO_"))
+    {
+        let Ok(value) = std::env::var(name) else {
+            continue;
+        };
+        let Ok(url) = url_host_port(&value) else {
+            continue;
+        };
+        for addr in url.to_socket_addrs().into_iter().flatten() {
+            let net = ipnet::IpNet::from(addr.ip());
+            if !addresses.contains(&net) {
+                addresses.push(net);
+            }
+        }
+    }
+    addresses
+}
+
+/// `host:port` of a proxy URL such as `http://user:pw@proxy.corp:3128/`.
+fn url_host_port(url: &str) -> Result<String, ()> {
+    let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
+    let authority = rest.split('/').next().unwrap_or_default();
+    let host_port = authority.rsplit_once('@').map_or(authority, |(_, hp)| hp);
+    if host_port.is_empty() {
+        return Err(());
+    }
+    let has_port = host_port
+        .rsplit_once(':')
+        .is_some_and(|(host, port)| !host.ends_with(':') && port.parse::<u16>().is_ok());
+    Ok(if has_port {
+        host_port.to_string()
+    } else {
+        format!("{host_port}:80")
+    })
+}
 
 /// The environment a build step inherits from the host: its proxy variables and `PIP_*`
 /// settings, with the CA bundle and pip configuration pointed at their copies inside the

@@ -17,6 +17,7 @@
 pub mod agent;
 pub mod builder;
 pub mod cgroup;
+pub mod egress;
 pub mod image_spec;
 pub mod layer_disk;
 pub mod oci;

@@ -228,14 +228,21 @@ impl Volume {
 }
 
 /// A container's network.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default)]
 pub enum Network {
     /// Loopback only: nothing outside the container can be reached, the host's ports
     /// included.
     #[default]
     None,
-    /// Egress through `slirp4netns`, a user-mode stack; the host's loopback is unreachable.
-    Outbound,
+    /// Egress through `slirp4netns`, a user-mode stack, filtered by `egress`: the internet,
+    /// but not the host, its loopback or its private and link-local neighbours, except the
+    /// `allowed` ranges ([`crate::egress`]).
+    Outbound {
+        /// This server's filter.
+        egress: Arc<crate::egress::Egress>,
+        /// Ranges reachable besides the internet.
+        allowed: Vec<ipnet::IpNet>,
+    },
 }
 
 /// `/dev/shm` unless asked otherwise: Docker's default.
@@ -627,7 +634,7 @@ impl Prepared {
             resolv_conf: cstring("/etc/resolv.conf")?,
             resolv_conf_text: match spec.network {
                 Network::None => None,
-                Network::Outbound => Some(cstring(format!("nameserver {SLIRP_DNS}\n"))?),
+                Network::Outbound { .. } => Some(cstring(format!("nameserver {SLIRP_DNS}\n"))?),
             },
             user_namespace: spec.user_namespace.clone(),
             lower_source: path_cstring(&spec.lower)?,
@@ -1355,11 +1362,11 @@ pub fn spawn(
         group: None,
         slirp: None,
     };
-    let netns = match spec.network {
+    let netns = match &spec.network {
         Network::None => None,
-        Network::Outbound => {
+        Network::Outbound { egress, allowed } => {
             let netns = new_net_namespace()?;
-            partial.slirp = Some(Slirp::start(&netns)?);
+            partial.slirp = Some(Slirp::start(&netns, egress.grant(allowed)?)?);
             Some(netns)
         }
     };
@@ -1446,22 +1453,26 @@ fn new_net_namespace() -> io::Result<OwnedFd> {
 }
 
 /// A `slirp4netns` process serving one container's network namespace. It exits when the
-/// write end of its exit pipe closes, so it never outlives this process.
+/// write end of its exit pipe closes, so it never outlives this process. It runs with its
+/// grant's group, which the egress filter knows it by.
 #[derive(Debug)]
 struct Slirp {
     process: Child,
     exit: Option<io::PipeWriter>,
+    /// Dropped only after the process is gone, so it is never unfiltered.
+    grant: Option<crate::egress::Grant>,
 }
 
 /// How long `slirp4netns` may take to configure the namespace.
 const SLIRP_READY: Duration = Duration::from_secs(5);
 
 impl Slirp {
-    fn start(netns: &OwnedFd) -> io::Result<Self> {
+    fn start(netns: &OwnedFd, grant: crate::egress::Grant) -> io::Result<Self> {
         let (mut ready_read, ready_write) = io::pipe()?;
         let (exit_read, exit_write) = io::pipe()?;
         let netns_path = format!("/proc/{}/fd/{}", std::process::id(), netns.as_raw_fd());
         let (ready_fd, exit_fd) = (ready_write.as_raw_fd(), exit_read.as_raw_fd());
+        let gid = grant.gid();
         let mut command = Command::new("slirp4netns");
         command
             .args([
@@ -1479,11 +1490,16 @@ impl Slirp {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
-        // SAFETY: fcntl(2) and dup2(2) only, on descriptors this process holds, between fork
-        // and exec. Both are first copied above 10, so neither can be overwritten by the other
-        // on its way to 3 or 4, and dup2 then always clears close-on-exec.
+        // SAFETY: setgroups/setresgid with plain integers, then fcntl(2) and dup2(2) only, on
+        // descriptors this process holds, between fork and exec. Both are first copied above
+        // 10, so neither can be overwritten by the other on its way to 3 or 4, and dup2 then
+        // always clears close-on-exec.
         unsafe {
             command.pre_exec(move || {
+                // Its group marks every socket it opens for the egress filter; it stays uid 0
+                // (with its capabilities) to join the container's namespace.
+                check(libc::setgroups(0, std::ptr::null()))?;
+                check(libc::setresgid(gid, gid, gid))?;
                 let ready = libc::fcntl(ready_fd, libc::F_DUPFD_CLOEXEC, 10);
                 let exit = libc::fcntl(exit_fd, libc::F_DUPFD_CLOEXEC, 10);
                 check(ready)?;
@@ -1528,15 +1544,24 @@ impl Slirp {
         Ok(Self {
             process,
             exit: Some(exit_write),
+            grant: Some(grant),
         })
     }
 
-    fn stop(mut self) {
+    fn stop(self) {
+        drop(self);
+    }
+}
+
+impl Drop for Slirp {
+    /// Stops the process, then takes its group out of the filter.
+    fn drop(&mut self) {
         drop(self.exit.take());
         if !matches!(self.process.try_wait(), Ok(Some(_))) {
             let _ = self.process.kill();
         }
         let _ = self.process.wait();
+        drop(self.grant.take());
     }
 }
 

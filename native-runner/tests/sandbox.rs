@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use common::{busybox_root, container, finish, sh};
 use lode_native_runner::cgroup::{LimitHit, Limits, V1};
+use lode_native_runner::egress::Egress;
 use lode_native_runner::sandbox::{Network, SandboxSpec, Volume, spawn};
 use lode_native_runner::userns::CONTAINER_IDS;
 
@@ -402,8 +403,23 @@ fn the_default_network_is_loopback_only() {
     assert!(!out.contains("reached"), "{out}\n{err}");
 }
 
+/// The host's first global IPv4 address: where its services bound to 0.0.0.0 answer.
+fn host_address() -> String {
+    let out = std::process::Command::new("ip")
+        .args(["-o", "-4", "addr", "show", "scope", "global"])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .skip_while(|word| *word != "inet")
+        .nth(1)
+        .and_then(|cidr| cidr.split('/').next())
+        .expect("the host has a global IPv4 address")
+        .to_string()
+}
+
 #[test]
-fn outbound_network_has_a_route_out_but_not_to_the_host_loopback() {
+fn outbound_network_has_a_route_out_but_not_to_the_host() {
     if std::process::Command::new("slirp4netns")
         .arg("--version")
         .output()
@@ -416,6 +432,10 @@ fn outbound_network_has_a_route_out_but_not_to_the_host_loopback() {
     busybox_root(&root);
     let (listener, port) = host_listener();
     listener.set_nonblocking(true).unwrap();
+    // A service on all the host's addresses, reached at its own global one.
+    let everywhere = std::net::TcpListener::bind("0.0.0.0:0").unwrap();
+    let everywhere_port = everywhere.local_addr().unwrap().port();
+    let host = host_address();
     let mut spec = container(
         &root,
         &common::scratch(dirs.path(), "scratch"),
@@ -426,11 +446,17 @@ fn outbound_network_has_a_route_out_but_not_to_the_host_loopback() {
             cat /etc/resolv.conf
             nc -w 1 10.0.2.2 {port} </dev/null && echo "host-loopback=reached"
             nc -w 1 127.0.0.1 {port} </dev/null && echo "host-port=reached"
+            nc -w 1 {host} {everywhere_port} </dev/null && echo "host-address=reached"
+            nc -w 1 169.254.169.254 80 </dev/null && echo "metadata=reached"
             true
             "#
         ),
     );
-    spec.network = Network::Outbound;
+    let egress = Egress::install(&format!("nrtest{}", std::process::id())).unwrap();
+    spec.network = Network::Outbound {
+        egress: egress.clone(),
+        allowed: Vec::new(),
+    };
     let finished = finish(&spec);
     let out = String::from_utf8_lossy(&finished.stdout);
     let err = String::from_utf8_lossy(&finished.stderr);
@@ -458,4 +484,35 @@ fn outbound_network_has_a_route_out_but_not_to_the_host_loopback() {
         slirps.stdout.is_empty(),
         "slirp4netns outlived the container"
     );
+
+    // Granted explicitly, the host's address is reachable (and only for that container).
+    let mut granted = container(
+        &root,
+        &common::scratch(dirs.path(), "granted"),
+        &format!("nc -w 1 {host} {everywhere_port} </dev/null && echo \"host-address=reached\""),
+    );
+    granted.network = Network::Outbound {
+        egress: egress.clone(),
+        allowed: vec![host.parse::<std::net::IpAddr>().unwrap().into()],
+    };
+    everywhere.set_nonblocking(true).unwrap();
+    let accepted = std::thread::spawn(move || {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if everywhere.accept().is_ok() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    });
+    let finished = finish(&granted);
+    let out = String::from_utf8_lossy(&finished.stdout);
+    assert!(
+        out.contains("host-address=reached"),
+        "{out}\n{}",
+        String::from_utf8_lossy(&finished.stderr)
+    );
+    assert!(accepted.join().unwrap());
+    egress.remove_if_unused();
 }
