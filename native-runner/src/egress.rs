@@ -211,13 +211,12 @@ impl Egress {
     pub fn grant(self: &Arc<Self>, allowed: &[IpNet]) -> io::Result<Grant> {
         let gid = {
             let mut in_use = self.in_use.lock().unwrap();
-            let gid = loop {
+            loop {
                 let gid = FIRST_GID + rand_below(GID_RANGE);
                 if in_use.insert(gid) {
                     break gid;
                 }
-            };
-            gid
+            }
         };
         // The grant exists before the table knows it: dropping it on failure undoes both.
         let grant = Grant {
