@@ -467,6 +467,11 @@ struct ServeArgs {
     /// them uncapped on the cache dir's disk.
     #[arg(long, default_value = "16G", value_parser = lode::fs_cmd::parse_size)]
     build_disk: u64,
+    /// Run containers and build steps as the host's uid 0 where the kernel cannot keep them
+    /// in a user namespace (FUSE idmapped mounts need Linux 6.12+). Only for trusted code:
+    /// refused by default.
+    #[arg(long)]
+    allow_root_containers: bool,
     #[command(flatten)]
     registry: RegistryFlags,
     /// Wasm instances that can run at once (pooling allocator slots of the default engine;
@@ -514,6 +519,7 @@ fn container_bounds(args: &ServeArgs) -> Result<lode::native::ContainerBounds> {
             disk: (args.build_disk > 0).then_some(args.build_disk),
         },
         volume_roots: args.allow_volume.clone(),
+        allow_root_containers: args.allow_root_containers,
         ..defaults
     };
     if bounds.default_memory_mib < 4 || bounds.default_memory_mib > bounds.max_memory_mib {

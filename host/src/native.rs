@@ -55,6 +55,9 @@ pub struct ContainerBounds {
     pub max_containers: u32,
     /// What one build step may use.
     pub build: lode_native_runner::builder::BuildLimits,
+    /// Run containers as the host's uid 0 where the kernel cannot keep them in a user
+    /// namespace (`--allow-root-containers`); refused otherwise.
+    pub allow_root_containers: bool,
     /// Host directories whose contents may be bind-mounted into containers. Empty: none.
     /// A token holder could otherwise mount `/` and own the host.
     pub volume_roots: Vec<PathBuf>,
@@ -74,6 +77,7 @@ impl Default for ContainerBounds {
             shm_bytes: lode_native_runner::sandbox::DEFAULT_SHM_BYTES,
             max_containers: 64,
             build: Default::default(),
+            allow_root_containers: false,
             volume_roots: Vec::new(),
         }
     }
@@ -217,6 +221,7 @@ impl Native {
             builder.user_namespace = user_namespace.clone();
             builder.limits = bounds.build;
             builder.egress = egress.as_ref().ok().cloned();
+            builder.allow_root = bounds.allow_root_containers;
             builder
         });
         Arc::new(Self {
@@ -356,17 +361,30 @@ impl Native {
         Ok((mount, config))
     }
 
+    /// The user namespace a container on `mount` runs in, or why it may not run.
+    fn user_namespace_for(
+        &self,
+        mount: &lode_fs::Mount,
+    ) -> Result<Option<Arc<UserNamespace>>, String> {
+        UserNamespace::for_lower(
+            self.user_namespace.as_ref(),
+            mount,
+            self.bounds.allow_root_containers,
+        )
+    }
+
     /// A sandbox on `mount` with a fresh scratch directory under this server's scope.
-    pub(crate) fn function_sandbox(&self, mount: &lode_fs::Mount) -> SandboxSpec {
+    pub(crate) fn function_sandbox(&self, mount: &lode_fs::Mount) -> Result<SandboxSpec, String> {
         let id = format!("{}-f-{:016x}", self.scope, rand::random::<u64>());
-        SandboxSpec {
+        let user_namespace = self.user_namespace_for(mount)?;
+        Ok(SandboxSpec {
             lower: mount.mountpoint().to_path_buf(),
             scratch: self.run_dir.join(id),
             writable_bytes: self.bounds.writable_bytes,
             shm_bytes: self.bounds.shm_bytes,
-            user_namespace: UserNamespace::for_lower(self.user_namespace.as_ref(), mount),
+            user_namespace,
             ..SandboxSpec::default()
-        }
+        })
     }
 }
 
@@ -785,7 +803,9 @@ async fn run_container(
         network,
         writable_bytes: native.bounds.writable_bytes,
         shm_bytes: native.bounds.shm_bytes,
-        user_namespace: UserNamespace::for_lower(native.user_namespace.as_ref(), &mount),
+        user_namespace: native.user_namespace_for(&mount).map_err(|why| {
+            ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "no_user_namespace", why)
+        })?,
         ..SandboxSpec::default()
     };
     let started = Instant::now();

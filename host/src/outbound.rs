@@ -2,15 +2,24 @@
 //! Lode's own listeners.
 //!
 //! The check runs twice: on the URL's host against the allow-list, then on every address the
-//! host resolves to, so an allow-listed name that points at loopback cannot reach the API.
+//! host resolves to. An allow-listed name that resolves to loopback, a private, CGNAT or
+//! link-local address (the host's neighbours, cloud metadata) is refused unless that address
+//! or its range is in the list too, as an address or a CIDR: the same ranges the native
+//! engine's egress filter refuses ([`lode_native_runner::egress::is_blocked`]).
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use http::uri::Scheme;
+use ipnet::IpNet;
+use lode_native_runner::egress::{is_blocked, parse_cidr};
 use wasmtime_wasi_http::{Error as HttpError, RequestOptions, WasiBody, WasiHttpHooks};
 
-/// One allow-list entry: `host`, `host:port`, `*.domain` or `*.domain:port`.
+/// The ports an allow-list entry without one opens: HTTP and HTTPS, not every port.
+pub const DEFAULT_PORTS: [u16; 2] = [80, 443];
+
+/// One allow-list entry: `host`, `host:port`, `*.domain` or `*.domain:port`; without a port
+/// it means 80 and 443.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HostPattern {
     host: String,
@@ -19,11 +28,22 @@ pub struct HostPattern {
 }
 
 impl HostPattern {
-    /// Parses an allow-list entry; the error says what is wrong with it.
+    /// Parses an allow-list entry; the error says what is wrong with it. A CIDR
+    /// (`10.0.0.0/8`) is a host pattern too: it matches literal addresses in its range.
     pub fn parse(text: &str) -> Result<Self, String> {
         let text = text.trim().to_ascii_lowercase();
-        if text.contains("://") || text.contains('/') {
-            return Err("give a host or host:port, not a URL".into());
+        if text.contains("://") {
+            return Err("give a host, host:port or CIDR, not a URL".into());
+        }
+        if text.contains('/') {
+            return match parse_cidr(&text) {
+                Some(_) => Ok(Self {
+                    host: text,
+                    wildcard: false,
+                    port: None,
+                }),
+                None => Err("give a host, host:port or CIDR (10.0.0.0/8), not a path".into()),
+            };
         }
         let (host, port) = match text.rsplit_once(':') {
             // A bare IPv6 address has colons but no port.
@@ -54,8 +74,17 @@ impl HostPattern {
     }
 
     fn matches(&self, host: &str, port: u16) -> bool {
-        if self.port.is_some_and(|p| p != port) {
+        let port_ok = match self.port {
+            Some(p) => p == port,
+            None => DEFAULT_PORTS.contains(&port),
+        };
+        if !port_ok {
             return false;
+        }
+        if let Some(range) = self.range() {
+            return host
+                .parse::<IpAddr>()
+                .is_ok_and(|ip| range.contains(&canonical(ip)));
         }
         if self.wildcard {
             host.strip_suffix(&self.host)
@@ -63,6 +92,16 @@ impl HostPattern {
         } else {
             host == self.host
         }
+    }
+}
+
+impl HostPattern {
+    /// The addresses the entry names explicitly: a CIDR's range, or a literal address.
+    fn range(&self) -> Option<IpNet> {
+        if self.wildcard {
+            return None;
+        }
+        parse_cidr(&self.host)
     }
 }
 
@@ -87,6 +126,16 @@ impl OutboundPolicy {
 
     fn allows_host(&self, host: &str, port: u16) -> bool {
         self.allow.iter().any(|p| p.matches(host, port))
+    }
+
+    /// Whether the list names `ip` explicitly (its address, or a CIDR holding it), which a
+    /// blocked range needs.
+    fn names_address(&self, ip: IpAddr) -> bool {
+        let ip = canonical(ip);
+        self.allow
+            .iter()
+            .filter_map(HostPattern::range)
+            .any(|range| range.contains(&ip))
     }
 
     /// Whether `addr` is one of Lode's own listeners, as reached from this machine.
@@ -120,6 +169,15 @@ impl OutboundPolicy {
         for addr in &addrs {
             if self.is_protected(*addr) {
                 tracing::warn!(host, %addr, "outbound request denied: target is a Lode listener");
+                return Err(HttpError::DestinationIpProhibited);
+            }
+            if is_blocked(addr.ip()) && !self.names_address(addr.ip()) {
+                tracing::warn!(
+                    host,
+                    %addr,
+                    "outbound request denied: a loopback, private or link-local address the \
+                     allow-list does not name (add it, or its CIDR, to network.allow)"
+                );
                 return Err(HttpError::DestinationIpProhibited);
             }
         }
@@ -194,6 +252,14 @@ mod tests {
         let exact = HostPattern::parse("API.example.com").unwrap();
         assert!(exact.matches("api.example.com", 443));
         assert!(!exact.matches("x.api.example.com", 443));
+        // Without a port: HTTP and HTTPS only.
+        assert!(exact.matches("api.example.com", 80));
+        assert!(!exact.matches("api.example.com", 22));
+        let range = HostPattern::parse("10.0.0.0/8").unwrap();
+        assert!(range.matches("10.1.2.3", 443));
+        assert!(!range.matches("11.1.2.3", 443));
+        assert!(!range.matches("10.1.2.3", 5432));
+        assert!(HostPattern::parse("10.0.0.0/99").is_err());
         let wild = HostPattern::parse("*.example.com:8443").unwrap();
         assert!(wild.matches("a.example.com", 8443));
         assert!(!wild.matches("example.com", 8443));
@@ -216,6 +282,27 @@ mod tests {
         assert!(policy.is_protected("[::ffff:127.0.0.1]:7070".parse().unwrap()));
         assert!(policy.is_protected("0.0.0.0:7070".parse().unwrap()));
         assert!(!policy.is_protected("127.0.0.1:7071".parse().unwrap()));
+    }
+
+    #[tokio::test]
+    async fn names_resolving_to_the_host_or_its_neighbours_need_their_address_allowed() {
+        // "localhost" resolves to loopback: allowed by name alone, it is still refused.
+        let by_name = OutboundPolicy::new(&["localhost:8080".into()], Arc::new(vec![]));
+        assert!(matches!(
+            by_name.check("localhost", 8080).await,
+            Err(HttpError::DestinationIpProhibited)
+        ));
+        let named = OutboundPolicy::new(
+            &["localhost:8080".into(), "127.0.0.0/8".into()],
+            Arc::new(vec![]),
+        );
+        assert!(named.check("localhost", 8080).await.is_ok());
+        let metadata = OutboundPolicy::new(&["169.254.169.254".into()], Arc::new(vec![]));
+        assert!(metadata.check("169.254.169.254", 80).await.is_ok());
+        assert!(matches!(
+            metadata.check("169.254.169.254", 8080).await,
+            Err(HttpError::HttpRequestDenied)
+        ));
     }
 
     #[tokio::test]

@@ -462,7 +462,11 @@ impl Pool {
             .native
             .hierarchy()
             .map_err(|e| ErrorInfo::lode("no_containers", e))?;
-        let mut sandbox = self.ctx.native.function_sandbox(&spec.mount);
+        let mut sandbox = self
+            .ctx
+            .native
+            .function_sandbox(&spec.mount)
+            .map_err(|why| ErrorInfo::lode("no_user_namespace", why))?;
         sandbox.env = spec.env.clone();
         sandbox.cwd = spec.workdir.clone();
         sandbox.limits = spec.limits.clone();

@@ -2,8 +2,10 @@
 //!
 //! Values are sealed with XChaCha20-Poly1305 under a key in `<data-dir>/secret.key` (mode
 //! 0600, made on first use), so the state store and its backups hold no plaintext. The
-//! variable names stay readable for `lode secret ls`; values only ever leave this module as a
-//! function container's environment.
+//! secret's name is the associated data: a sealed value copied under another name (by anyone
+//! who can write the store) does not open. Secrets sealed before that (format 1) are sealed
+//! again when the store opens. The variable names stay readable for `lode secret ls`; values
+//! only ever leave this module as a function container's environment.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -13,7 +15,7 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
 use base64::Engine as _;
-use chacha20poly1305::aead::{Aead, KeyInit};
+use chacha20poly1305::aead::{Aead, KeyInit, Payload};
 use chacha20poly1305::{XChaCha20Poly1305, XNonce};
 use serde::{Deserialize, Serialize};
 
@@ -22,10 +24,20 @@ use crate::state::{StateStore, Table};
 /// A secret as stored: its variable names in the clear, the values sealed.
 #[derive(Serialize, Deserialize)]
 struct Sealed {
+    /// 2: sealed with the secret's name as associated data; absent (1): without.
+    #[serde(default = "format_1")]
+    format: u32,
     names: Vec<String>,
     nonce: String,
     ciphertext: String,
     updated_ms: u64,
+}
+
+/// The format this module seals with.
+const FORMAT: u32 = 2;
+
+fn format_1() -> u32 {
+    1
 }
 
 /// A secret as `lode secret ls` shows it: names, never values.
@@ -74,10 +86,32 @@ impl Secrets {
                 path.display()
             );
         }
-        Ok(Self {
+        let secrets = Self {
             cipher: XChaCha20Poly1305::new_from_slice(&key).expect("32 bytes"),
             state,
-        })
+        };
+        secrets.migrate()?;
+        Ok(secrets)
+    }
+
+    /// Seals format-1 secrets again with their names as associated data.
+    fn migrate(&self) -> Result<()> {
+        for (name, bytes) in self.state.list_entries(Table::Secrets)? {
+            let Ok(sealed) = serde_json::from_slice::<Sealed>(&bytes) else {
+                continue;
+            };
+            if sealed.format >= FORMAT {
+                continue;
+            }
+            match self.open_sealed(&name, &sealed) {
+                Ok(values) => {
+                    self.put(&name, &values)?;
+                    tracing::info!(secret = %name, "secret sealed again with its name bound in");
+                }
+                Err(e) => tracing::warn!(secret = %name, "secret left as it was: {e:#}"),
+            }
+        }
+        Ok(())
     }
 
     /// Stores (or replaces) a secret.
@@ -86,10 +120,17 @@ impl Secrets {
         let plaintext = serde_json::to_vec(values)?;
         let ciphertext = self
             .cipher
-            .encrypt(XNonce::from_slice(&nonce_bytes), plaintext.as_slice())
+            .encrypt(
+                XNonce::from_slice(&nonce_bytes),
+                Payload {
+                    msg: &plaintext,
+                    aad: name.as_bytes(),
+                },
+            )
             .map_err(|_| anyhow::anyhow!("sealing secret {name:?} failed"))?;
         let b64 = base64::engine::general_purpose::STANDARD;
         let sealed = Sealed {
+            format: FORMAT,
             names: values.keys().cloned().collect(),
             nonce: b64.encode(nonce_bytes),
             ciphertext: b64.encode(ciphertext),
@@ -108,22 +149,38 @@ impl Secrets {
         };
         let sealed: Sealed = serde_json::from_slice(&bytes)
             .with_context(|| format!("secret {name:?} is corrupt in the state store"))?;
+        self.open_sealed(name, &sealed).map(Some)
+    }
+
+    fn open_sealed(&self, name: &str, sealed: &Sealed) -> Result<BTreeMap<String, String>> {
         let b64 = base64::engine::general_purpose::STANDARD;
         let nonce = b64.decode(&sealed.nonce)?;
         let ciphertext = b64.decode(&sealed.ciphertext)?;
         if nonce.len() != 24 {
             bail!("secret {name:?} is corrupt in the state store");
         }
+        let aad: &[u8] = if sealed.format >= FORMAT {
+            name.as_bytes()
+        } else {
+            b""
+        };
         let plaintext = self
             .cipher
-            .decrypt(XNonce::from_slice(&nonce), ciphertext.as_slice())
+            .decrypt(
+                XNonce::from_slice(&nonce),
+                Payload {
+                    msg: &ciphertext,
+                    aad,
+                },
+            )
             .map_err(|_| {
                 anyhow::anyhow!(
-                    "secret {name:?} cannot be opened with this server's secret.key (was the key \
-                     replaced?); create it again with `lode secret create`"
+                    "secret {name:?} cannot be opened with this server's secret.key under this \
+                     name (was the key replaced, or the sealed value copied from another \
+                     secret?); create it again with `lode secret create`"
                 )
             })?;
-        Ok(Some(serde_json::from_slice(&plaintext)?))
+        Ok(serde_json::from_slice(&plaintext)?)
     }
 
     /// Every secret's name and variable names.
@@ -198,6 +255,45 @@ mod tests {
                 .to_string()
                 .contains("secret.key")
         );
+    }
+
+    #[test]
+    fn a_sealed_value_opens_under_its_own_name_only_and_old_ones_are_migrated() {
+        let dir = tempfile::tempdir().unwrap();
+        let state: Arc<dyn StateStore> =
+            Arc::new(RedbStore::open(&dir.path().join("state")).unwrap());
+        let secrets = Secrets::open(dir.path(), state.clone()).unwrap();
+        let db = BTreeMap::from([("DB_PASSWORD".to_string(), "hunter2".to_string())]);
+        let public = BTreeMap::from([("GREETING".to_string(), "hi".to_string())]);
+        secrets.put("db", &db).unwrap();
+        secrets.put("public", &public).unwrap();
+        // Someone with write access to the store copies db's sealed value over public's.
+        let copied = state.get_entry(Table::Secrets, "db").unwrap().unwrap();
+        state.put_entry(Table::Secrets, "public", &copied).unwrap();
+        let err = secrets.get("public").unwrap_err().to_string();
+        assert!(err.contains("under this name"), "{err}");
+
+        // A format-1 secret (no associated data) still opens, and is sealed again at open.
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let nonce: [u8; 24] = rand::random();
+        let old = secrets
+            .cipher
+            .encrypt(
+                XNonce::from_slice(&nonce),
+                serde_json::to_vec(&db).unwrap().as_slice(),
+            )
+            .unwrap();
+        let legacy = serde_json::json!({"names": ["DB_PASSWORD"], "nonce": b64.encode(nonce),
+            "ciphertext": b64.encode(old), "updated_ms": 1});
+        state
+            .put_entry(Table::Secrets, "legacy", legacy.to_string().as_bytes())
+            .unwrap();
+        let reopened = Secrets::open(dir.path(), state.clone()).unwrap();
+        assert_eq!(reopened.get("legacy").unwrap(), Some(db));
+        let stored: Sealed =
+            serde_json::from_slice(&state.get_entry(Table::Secrets, "legacy").unwrap().unwrap())
+                .unwrap();
+        assert_eq!(stored.format, FORMAT);
     }
 
     #[test]

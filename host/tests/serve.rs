@@ -521,10 +521,35 @@ async fn guests_reach_only_allow_listed_hosts_and_never_lode() {
 
     let api_port = lode.api.rsplit(':').next().unwrap().to_string();
     let http_port = lode.http.rsplit(':').next().unwrap().to_string();
-    let dir = misbehave_project(
+    // A name that resolves to loopback is refused unless the address is named too; an
+    // entry without a port opens 80 and 443 only.
+    let dir = misbehave_project(&format!(
         "[[function]]\nname = \"web\"\npath = \"m.wasm\"\n\
-         network = { allow = [\"127.0.0.1\", \"localhost\"] }\n",
-    );
+         network = {{ allow = [\"localhost:{outside_port}\", \"127.0.0.2\"] }}\n"
+    ));
+    lode.cli_ok(&["deploy", dir.path().to_str().unwrap(), "--name", "named"]);
+    let (_, body) = lode
+        .get(&format!(
+            "/named/fetch?url=http://localhost:{outside_port}/"
+        ))
+        .await;
+    assert!(body.contains("DestinationIpProhibited"), "{body}");
+    let (_, body) = lode
+        .get(&format!(
+            "/named/fetch?url=http://127.0.0.2:{outside_port}/"
+        ))
+        .await;
+    assert!(body.contains("HttpRequestDenied"), "{body}");
+
+    let mut allow = vec![format!("127.0.0.1:{outside_port}")];
+    for port in [&api_port, &http_port] {
+        allow.push(format!("127.0.0.1:{port}"));
+        allow.push(format!("localhost:{port}"));
+    }
+    let dir = misbehave_project(&format!(
+        "[[function]]\nname = \"web\"\npath = \"m.wasm\"\n\
+         network = {{ allow = {allow:?} }}\n"
+    ));
     lode.cli_ok(&["deploy", dir.path().to_str().unwrap(), "--name", "open"]);
     let (_, body) = lode
         .get(&format!("/open/fetch?url=http://127.0.0.1:{outside_port}/"))

@@ -144,6 +144,9 @@ pub struct Builder {
     pub limits: BuildLimits,
     /// The filter on build steps' network; without one, steps that need the network fail.
     pub egress: Option<Arc<crate::egress::Egress>>,
+    /// Run steps as the host's uid 0 where no user namespace can hold them (the operator's
+    /// choice; refused otherwise).
+    pub allow_root: bool,
 }
 
 /// What one build step may use; every step has all three.
@@ -191,6 +194,7 @@ impl Builder {
             user_namespace: None,
             limits: BuildLimits::default(),
             egress: None,
+            allow_root: false,
         }
     }
 
@@ -450,7 +454,11 @@ impl Builder {
                 )));
             }
         };
-        let user_namespace = UserNamespace::for_lower(self.user_namespace.as_ref(), &mount);
+        let user_namespace =
+            UserNamespace::for_lower(self.user_namespace.as_ref(), &mount, self.allow_root)
+                .map_err(|why| {
+                    BuildError::Other(format!("step {number} ({}): {why}", step.describe()))
+                })?;
         let host_ids = user_namespace.as_ref().map(|userns| HostIds {
             base: userns.ids().host_base,
             count: userns.ids().count,

@@ -114,11 +114,62 @@ impl UserNamespace {
     }
 
     /// The namespace a container on `lower` runs in: `userns`, where the kernel lets the
-    /// mount be idmapped; otherwise none (Linux before 6.12), and it runs as the host's root.
+    /// mount be idmapped. Otherwise the container would run as the host's uid 0 (held in only
+    /// by its other namespaces, seccomp and no capabilities): refused, naming the kernel
+    /// feature, unless the operator opted in with `allow_root`.
     pub fn for_lower(
         userns: Option<&Arc<UserNamespace>>,
         lower: &lode_fs::Mount,
-    ) -> Option<Arc<UserNamespace>> {
-        userns.filter(|_| lower.idmappable()).cloned()
+        allow_root: bool,
+    ) -> Result<Option<Arc<UserNamespace>>, String> {
+        Self::choose(userns, lower.idmappable(), allow_root)
+    }
+
+    /// [`UserNamespace::for_lower`] with the mount's idmap support as a flag.
+    pub fn choose(
+        userns: Option<&Arc<UserNamespace>>,
+        idmappable: bool,
+        allow_root: bool,
+    ) -> Result<Option<Arc<UserNamespace>>, String> {
+        let why = match (userns, idmappable) {
+            (Some(userns), true) => return Ok(Some(userns.clone())),
+            _ if allow_root => return Ok(None),
+            (None, _) => "this server could not make a user namespace for containers",
+            (Some(_), false) => {
+                "this kernel cannot idmap the image's FUSE mount (idmapped FUSE mounts need \
+                 Linux 6.12 or later, whose FUSE_ALLOW_IDMAP Lode asks for)"
+            }
+        };
+        Err(format!(
+            "{why}, so the container would run as the host's uid 0; upgrade the kernel, or start \
+             lode serve with --allow-root-containers to accept that for trusted code"
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn containers_run_as_host_root_only_when_the_operator_says_so() {
+        let userns = Arc::new(UserNamespace::create(CONTAINER_IDS).unwrap());
+        assert!(
+            UserNamespace::choose(Some(&userns), true, false)
+                .unwrap()
+                .is_some()
+        );
+        let err = UserNamespace::choose(Some(&userns), false, false).unwrap_err();
+        assert!(
+            err.contains("Linux 6.12") && err.contains("--allow-root-containers"),
+            "{err}"
+        );
+        let err = UserNamespace::choose(None, true, false).unwrap_err();
+        assert!(err.contains("user namespace"), "{err}");
+        assert!(
+            UserNamespace::choose(Some(&userns), false, true)
+                .unwrap()
+                .is_none()
+        );
     }
 }
