@@ -718,8 +718,9 @@ impl Native {
                 .or_else(|_| source.strip_prefix(&real_root));
             let Ok(relative) = relative else { continue };
             return Volume::beneath(&real_root, relative, &request.target, request.read_only)
-                .map_err(|e| match e.raw_os_error() {
-                    Some(libc::ELOOP | libc::EXDEV) => not_allowed(e.to_string()),
+                .map_err(|e| match e.kind() {
+                    // A symlink on the way, or a path that leaves the root.
+                    std::io::ErrorKind::PermissionDenied => not_allowed(e.to_string()),
                     _ => ApiError::bad(e.to_string()),
                 });
         }

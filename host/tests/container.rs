@@ -7,49 +7,22 @@ use std::io::Write;
 use std::path::Path;
 use std::process::Output;
 
-use harness::{Lode, text};
-
-/// Debootstrap bases are kept here across runs (CI caches it), so only the first run on a
-/// machine pays for debootstrap.
-const BASE_DIR: &str = "/var/cache/lode/images/base";
+use harness::{BASE_DIR, Lode, text, write_spec};
 
 fn start() -> Lode {
     Lode::start(&["--image-base-dir", BASE_DIR, "--allow-volume", "/tmp"])
 }
 
-fn write_spec(dir: &Path, name: &str, json: &str) -> String {
-    let path = dir.join(name);
-    std::fs::write(&path, json).unwrap();
-    path.display().to_string()
-}
-
-/// The digest a build printed, and its progress output.
 fn build(lode: &Lode, spec: &str, extra: &[&str]) -> (String, String) {
-    let mut args = vec!["image", "build", spec];
-    args.extend_from_slice(extra);
-    let out = lode.cli(&args);
-    assert!(
-        out.status.success(),
-        "build failed:\n{}\n{}",
-        text(&out.stdout),
-        text(&out.stderr)
-    );
-    (text(&out.stdout).trim().to_string(), text(&out.stderr))
+    lode.build_image(spec, extra)
 }
 
 fn run(lode: &Lode, args: &[&str]) -> Output {
-    let mut all = vec!["container", "run"];
-    all.extend_from_slice(args);
-    lode.cli(&all)
+    lode.container_run(args)
 }
 
 fn python_image(lode: &Lode, dir: &Path) -> String {
-    let spec = write_spec(
-        dir,
-        "py.json",
-        r#"{"base": {"debian_slim": {"python_version": "3.11"}}}"#,
-    );
-    build(lode, &spec, &["--tag", "test/py"]).0
+    lode.python_image(dir)
 }
 
 #[test]

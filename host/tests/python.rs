@@ -6,10 +6,7 @@ mod harness;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use harness::{Lode, repo_file, text};
-
-/// The debootstrap base the CI keeps between runs.
-const BASE_DIR: &str = "/var/cache/lode/images/base";
+use harness::{BASE_DIR, Lode, repo_file, text};
 
 fn start(extra: &[&str]) -> Lode {
     let mut args = vec!["--image-base-dir", BASE_DIR];

@@ -1003,6 +1003,20 @@ fn pax_time(value: &str) -> Option<Timespec> {
     Some(Timespec { tv_sec, tv_nsec })
 }
 
+/// Applies one uncompressed layer tar onto `dest` (an existing directory), with every rule of
+/// [`unpack`] but the digest checks; returns what it skipped. The part of an import that
+/// reads an untrusted stream: what the fuzz target drives.
+pub fn unpack_layer(layer: impl Read, dest: &Path) -> Result<Vec<String>, OciError> {
+    let root = open_dir(rustix::fs::CWD, dest)
+        .map_err(|e| io_err(format!("opening {}", dest.display()))(e.into()))?;
+    let mut unpacker = Unpacker {
+        root,
+        skipped: Vec::new(),
+    };
+    unpacker.apply(layer, "1")?;
+    Ok(unpacker.skipped)
+}
+
 /// Applies layers onto the tree below `root`.
 struct Unpacker {
     root: OwnedFd,

@@ -156,16 +156,20 @@ impl Volume {
         read_only: bool,
     ) -> io::Result<Self> {
         let source = root.join(relative);
+        // A symlink on the way, or a path that leaves the root, is refused as PermissionDenied.
         let describe = |e: io::Error| {
-            let why = match e.raw_os_error() {
-                Some(libc::ELOOP) => "it passes through a symlink; name the real path".into(),
-                Some(libc::EXDEV) => format!("it leads outside {}", root.display()),
-                _ => e.to_string(),
+            let (kind, why) = match e.raw_os_error() {
+                Some(libc::ELOOP) => (
+                    io::ErrorKind::PermissionDenied,
+                    "it passes through a symlink; name the real path".into(),
+                ),
+                Some(libc::EXDEV) => (
+                    io::ErrorKind::PermissionDenied,
+                    format!("it leads outside {}", root.display()),
+                ),
+                _ => (e.kind(), e.to_string()),
             };
-            io::Error::new(
-                e.kind(),
-                format!("volume source {}: {why}", source.display()),
-            )
+            io::Error::new(kind, format!("volume source {}: {why}", source.display()))
         };
         let root_dir = std::fs::File::options()
             .read(true)

@@ -8,7 +8,8 @@
 
 import lode
 
-app = lode.App("hello-py")
+# fan (samples/wasm-fanout) may call these functions from its Wasm code; other apps may not.
+app = lode.App("hello-py", allow_callers=["fan"])
 
 
 @app.function(max_containers=4, scaledown_window=30)

@@ -9,7 +9,38 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+pub mod testhost;
+
 pub const LODE: &str = env!("CARGO_BIN_EXE_lode");
+
+/// Debootstrap bases are kept here across runs (CI caches it), so only the first run on a
+/// machine pays for debootstrap.
+pub const BASE_DIR: &str = "/var/cache/lode/images/base";
+
+/// Writes `json` to `dir/name` and returns the path, for `lode image build`.
+pub fn write_spec(dir: &Path, name: &str, json: &str) -> String {
+    let path = dir.join(name);
+    std::fs::write(&path, json).unwrap();
+    path.display().to_string()
+}
+
+/// A root filesystem holding only a static busybox and its applet links: an image that
+/// runs without debootstrap.
+pub fn busybox_tree(root: &Path) {
+    let busybox = Path::new("/bin/busybox");
+    assert!(
+        busybox.exists(),
+        "these tests need a static busybox: apt-get install busybox-static (./lode.sh test does)"
+    );
+    for dir in ["bin", "tmp", "etc"] {
+        std::fs::create_dir_all(root.join(dir)).unwrap();
+    }
+    std::fs::copy(busybox, root.join("bin/busybox")).unwrap();
+    let list = Command::new(busybox).arg("--list").output().unwrap();
+    for applet in String::from_utf8(list.stdout).unwrap().lines() {
+        let _ = std::os::unix::fs::symlink("busybox", root.join("bin").join(applet));
+    }
+}
 
 fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -92,12 +123,31 @@ pub struct Lode {
     pub registry: String,
     pub token: String,
     extra_args: Vec<String>,
+    /// Extra environment for the server.
+    env: Vec<(String, String)>,
+    /// Started under `script`, with a pseudo-terminal as its controlling terminal.
+    terminal: bool,
     child: Option<Child>,
 }
 
 impl Lode {
     /// Starts a server with short limits suited to tests, plus `extra` flags.
     pub fn start(extra: &[&str]) -> Self {
+        Self::start_with(extra, &[], false)
+    }
+
+    /// [`Lode::start`] with extra environment variables for the server.
+    pub fn start_with_env(extra: &[&str], env: &[(&str, &str)]) -> Self {
+        Self::start_with(extra, env, false)
+    }
+
+    /// [`Lode::start`] from an operator's terminal: under `script`, whose pseudo-terminal
+    /// is the server's controlling terminal.
+    pub fn start_under_terminal(extra: &[&str]) -> Self {
+        Self::start_with(extra, &[], true)
+    }
+
+    fn start_with(extra: &[&str], env: &[(&str, &str)], terminal: bool) -> Self {
         let dirs = tempfile::tempdir().unwrap();
         let mut lode = Lode {
             dirs,
@@ -106,6 +156,11 @@ impl Lode {
             registry: String::new(),
             token: String::new(),
             extra_args: extra.iter().map(|s| s.to_string()).collect(),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            terminal,
             child: None,
         };
         lode.spawn();
@@ -124,6 +179,7 @@ impl Lode {
         let _ = std::fs::remove_file(self.client_file());
         let mut command = Command::new(LODE);
         command
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .arg("serve")
             .arg("--data-dir")
             .arg(self.data_dir())
@@ -143,6 +199,24 @@ impl Lode {
             .env("LODE_LOG", "lode=warn")
             .stdout(Stdio::null())
             .stderr(Stdio::inherit());
+        if self.terminal {
+            let quote = |word: &std::ffi::OsStr| {
+                format!("'{}'", word.to_string_lossy().replace('\'', r"'\''"))
+            };
+            let line = std::iter::once(quote(command.get_program()))
+                .chain(command.get_args().map(quote))
+                .collect::<Vec<_>>()
+                .join(" ");
+            let mut wrapped = Command::new("script");
+            wrapped
+                .args(["-qec", &line, "/dev/null"])
+                .envs(self.env.iter().map(|(k, v)| (k, v)))
+                .env("LODE_LOG", "lode=warn")
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::inherit());
+            command = wrapped;
+        }
         let mut child = command.spawn().expect("starting lode serve");
         let deadline = Instant::now() + Duration::from_secs(60);
         let client: Value = loop {
@@ -170,8 +244,21 @@ impl Lode {
     /// Stops the server with SIGTERM and waits for it.
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
-            // SAFETY: kill(2) on a child pid we own; no memory is touched.
-            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            // Under `script`, the server is script's child: it gets the signal.
+            let pid = if self.terminal {
+                let out = Command::new("pgrep")
+                    .args(["-P", &child.id().to_string()])
+                    .output()
+                    .unwrap();
+                text(&out.stdout)
+                    .trim()
+                    .parse()
+                    .unwrap_or(child.id() as i32)
+            } else {
+                child.id() as i32
+            };
+            // SAFETY: kill(2) on a pid of ours; no memory is touched.
+            unsafe { libc::kill(pid, libc::SIGTERM) };
             let deadline = Instant::now() + Duration::from_secs(10);
             while child.try_wait().unwrap().is_none() {
                 if Instant::now() > deadline {
@@ -230,6 +317,45 @@ impl Lode {
             String::from_utf8_lossy(&out.stdout)
         );
         String::from_utf8(out.stderr).unwrap()
+    }
+
+    /// `lode image build SPEC EXTRA...`, expected to succeed: the digest it printed, and its
+    /// progress output.
+    pub fn build_image(&self, spec: &str, extra: &[&str]) -> (String, String) {
+        let mut args = vec!["image", "build", spec];
+        args.extend_from_slice(extra);
+        let out = self.cli(&args);
+        assert!(
+            out.status.success(),
+            "build failed:\n{}\n{}",
+            text(&out.stdout),
+            text(&out.stderr)
+        );
+        (text(&out.stdout).trim().to_string(), text(&out.stderr))
+    }
+
+    /// `lode container run ARGS...`.
+    pub fn container_run(&self, args: &[&str]) -> Output {
+        let mut all = vec!["container", "run"];
+        all.extend_from_slice(args);
+        self.cli(&all)
+    }
+
+    /// The Debian base with Python, built (or found cached) and tagged `test/py`.
+    pub fn python_image(&self, dir: &Path) -> String {
+        let spec = write_spec(
+            dir,
+            "py.json",
+            r#"{"base": {"debian_slim": {"python_version": "3.11"}}}"#,
+        );
+        self.build_image(&spec, &["--tag", "test/py"]).0
+    }
+
+    /// `root` ingested and tagged `tag`, to run containers of.
+    pub fn ingest_image(&self, root: &Path, tag: &str) -> String {
+        self.cli_ok(&["image", "ingest", root.to_str().unwrap(), "--tag", tag])
+            .trim()
+            .to_string()
     }
 
     /// A gRPC client for this server's embedded registry.

@@ -6,7 +6,7 @@ import time
 
 import lode
 
-app = lode.App("feat")
+app = lode.App("feat", allow_callers=["limits"])
 data = lode.Volume.from_name("feat-data", create_if_missing=True)
 
 
