@@ -2,8 +2,11 @@
 //! fuzz`, on nightly) and the stable replay in `host/tests/fuzz_replay.rs`. Each parser takes
 //! outside input; none may panic, and the OCI layer must never write outside its directory.
 
+/// A target: what it does with one input.
+pub type Target = fn(&[u8]);
+
 /// Every target by name, for the replay.
-pub const TARGETS: [(&str, fn(&[u8])); 6] = [
+pub const TARGETS: [(&str, Target); 6] = [
     ("index", index),
     ("manifest", manifest),
     ("image_spec", image_spec),
