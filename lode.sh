@@ -3,6 +3,7 @@
 #   ./lode.sh demo    install what is needed, start `lode serve`, deploy samples/hello-http,
 #                     samples/wasm-fanout and samples/python-hello
 #   ./lode.sh test    fmt, clippy and the whole test suite (what CI runs)
+#   ./lode.sh fuzz [TARGET...] [-- SECONDS]   each fuzz target under libFuzzer (nightly, cargo-fuzz), 180 s each
 #   ./lode.sh bench [http|cas|fs|container|python|calls|build]   all benchmarks, or one (installs wrk, b3sum, debootstrap, slirp4netns)
 #   ./lode.sh stop    stop the demo server
 set -euo pipefail
@@ -35,10 +36,14 @@ server_running() {
   [[ -f $DATA_DIR/lode.pid ]] && kill -0 "$(cat "$DATA_DIR/lode.pid")" 2>/dev/null
 }
 
+# What containers need on the host: debootstrap for Debian bases, slirp4netns and nftables for
+# filtered outbound network (build steps too), e2fsprogs and mount for build-step disks.
+CONTAINER_TOOLS=(debootstrap slirp4netns nft=nftables mkfs.ext4=e2fsprogs mount)
+
 demo() {
-  # debootstrap, slirp4netns and python3 for the Python sample (its debian_slim base is built
-  # once, about a minute on a fresh machine, then cached).
-  setup curl debootstrap slirp4netns python3
+  # python3 for the Python sample (its debian_slim base is built once, about a minute on a
+  # fresh machine, then cached).
+  setup curl python3 "${CONTAINER_TOOLS[@]}"
   log "building lode (release)"
   cargo build --release --quiet --bin lode
   ln -sf "$PWD/target/release/lode" /usr/local/bin/lode
@@ -109,7 +114,9 @@ run_tests() {
   # The sandbox tests build a root filesystem from a static busybox; image builds need
   # debootstrap (the base is kept in $CACHE_DIR/images/base, so reruns skip it) and
   # slirp4netns (build steps and --net outbound).
-  setup busybox=busybox-static debootstrap slirp4netns python3
+  # The security suite also needs ip (network test hosts), script and setpriv.
+  setup busybox=busybox-static python3 ip=iproute2 script=bsdutils setpriv=util-linux \
+    "${CONTAINER_TOOLS[@]}"
   # A one-off CI build gains nothing from incremental state, which is gigabytes on disk.
   if [[ -n ${CI:-} ]]; then export CARGO_INCREMENTAL=0; fi
   log "cargo fmt --check"
@@ -137,7 +144,7 @@ run_tests() {
 bench() {
   local which=${1:-all}
   [[ $# -gt 0 ]] && shift
-  setup wrk b3sum debootstrap slirp4netns
+  setup wrk b3sum "${CONTAINER_TOOLS[@]}"
   mkdir -p "$CACHE_DIR"
   cargo build --release --quiet --bin lode
   if [[ $which == all || $which == http ]]; then
@@ -167,10 +174,37 @@ bench() {
   fi
 }
 
+FUZZ_TARGETS=(index manifest image_spec oci_layer agent_message call_payload)
+
+fuzz() {
+  local targets=() seconds=180
+  while (($#)); do
+    if [[ $1 == -- ]]; then seconds=${2:?"./lode.sh fuzz ... -- SECONDS"}; break; fi
+    targets+=("$1"); shift
+  done
+  ((${#targets[@]})) || targets=("${FUZZ_TARGETS[@]}")
+  setup
+  rustup toolchain list | grep -q '^nightly' || rustup toolchain install nightly --profile minimal
+  if ! cargo +nightly fuzz --version >/dev/null 2>&1; then
+    log "installing cargo-fuzz"
+    cargo install cargo-fuzz --locked
+  fi
+  for target in "${targets[@]}"; do
+    # New inputs go to the cache; the checked-in corpus seeds each run. Crashes land in
+    # host/fuzz/artifacts/TARGET.
+    local work=$CACHE_DIR/fuzz/$target
+    mkdir -p "$work"
+    log "fuzzing $target for ${seconds}s"
+    (cd host && cargo +nightly fuzz run "$target" "$work" "fuzz/corpus/$target" -- \
+      -max_total_time="$seconds" -rss_limit_mb=4096)
+  done
+}
+
 case "${1:-}" in
   demo) demo ;;
   test) run_tests ;;
+  fuzz) shift; fuzz "$@" ;;
   bench) shift; bench "$@" ;;
   stop) stop ;;
-  *) sed -n '2,6p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
+  *) sed -n '2,8p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
 esac
