@@ -269,19 +269,11 @@ fn pickles_reach_only_pickle_handles_and_apps_call_only_apps_that_allow_them() {
     assert!(body.get("result_pickled").is_none(), "{body}");
     assert_eq!(body["error"]["kind"], "invalid_result", "{body}");
     // Through the SDK on the developer's machine: an error, and nothing ran here.
-    let sdk = lode::sdk::extract(&lode.dirs.path().join("sdk")).unwrap();
-    let out = Command::new("python3")
-        .args([
-            "-c",
-            "import lode\n\
-             try:\n    print(lode.Function.from_name('forger', 'hello').remote())\n\
-             except lode.RemoteError as e:\n    print('refused', e.kind)\n",
-        ])
-        .env("PYTHONPATH", &sdk)
-        .env("LODE_API", &lode.api)
-        .env("LODE_TOKEN", &lode.token)
-        .output()
-        .unwrap();
+    let out = lode.sdk_python(
+        "import lode\n\
+         try:\n    print(lode.Function.from_name('forger', 'hello').remote())\n\
+         except lode.RemoteError as e:\n    print('refused', e.kind)\n",
+    );
     assert_eq!(
         text(&out.stdout).trim(),
         "refused invalid_result",

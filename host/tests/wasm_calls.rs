@@ -47,7 +47,6 @@ fn fan_out_spawn_and_calls_across_engines() {
     );
     // Python to Wasm: from the SDK on this machine (remote, map, spawn), and from inside a
     // container.
-    let sdk = lode::sdk::extract(&lode.dirs.path().join("sdk")).unwrap();
     let script = "import lode\n\
                   print(lode.Function.from_name('fan', 'main').remote({'n': 10}))\n\
                   square = lode.Function.from_name('fan', 'square')\n\
@@ -55,13 +54,7 @@ fn fan_out_spawn_and_calls_across_engines() {
                   print(square.spawn(7).get(timeout=30))\n\
                   try:\n    square.remote('x')\n\
                   except lode.RemoteError as e:\n    print(e.kind)\n";
-    let out = std::process::Command::new("python3")
-        .args(["-c", script])
-        .env("PYTHONPATH", &sdk)
-        .env("LODE_API", &lode.api)
-        .env("LODE_TOKEN", &lode.token)
-        .output()
-        .unwrap();
+    let out = lode.sdk_python(script);
     assert_eq!(
         text(&out.stdout).lines().collect::<Vec<_>>(),
         ["285", "[1, 4, 9]", "49", "invalid_input"],

@@ -7,10 +7,11 @@
 //! asked), and (with issue 6) the in-container Python agent that serves calls over a Unix socket.
 //!
 //! It must not route HTTP: the host decides what runs where and hands this crate a spec.
-//! Here now: the [`sandbox`] (namespaces, an overlay root, a minimal `/dev`, dropped
-//! capabilities, `no_new_privs`, [`seccomp`], volumes, outbound network and a [`userns`]
-//! whose root is an unprivileged host uid), [`cgroup`]
-//! limits, the [`image_spec`] and its [`builder`], [`oci`] import, and function
+//! Here now: the [`sandbox`] (namespaces, a `nosuid,nodev` overlay root, a minimal `/dev`,
+//! dropped capabilities, `no_new_privs`, the [`seccomp`] allow-list, volumes cloned from
+//! descriptors, outbound network behind the [`egress`] filter, and a [`userns`] whose root is
+//! an unprivileged host uid), [`cgroup`] limits and the device allow-list, the [`image_spec`]
+//! and its [`builder`] (each step on a capped [`layer_disk`]), [`oci`] import, and function
 //! containers whose Python [`agent`] serves calls over a Unix socket.
 #![deny(missing_docs)]
 

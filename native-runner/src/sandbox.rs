@@ -454,7 +454,7 @@ struct Prepared {
     names: [CString; 6],
     cgroup_procs: Vec<CString>,
     capabilities: u64,
-    seccomp: Vec<seccompiler::BpfProgram>,
+    seccomp: &'static [seccompiler::BpfProgram],
     volumes: Vec<PreparedVolume>,
     /// The namespace to join, for [`Network::Outbound`]; `None` makes a fresh one.
     netns: Option<OwnedFd>,
@@ -625,7 +625,7 @@ impl Prepared {
                 .map(|p| path_cstring(p))
                 .collect::<io::Result<_>>()?,
             capabilities: spec.capabilities,
-            seccomp: crate::seccomp::compile()?,
+            seccomp: crate::seccomp::compiled()?,
             volumes: spec
                 .volumes
                 .iter()
@@ -1332,7 +1332,7 @@ fn lock_down(p: &Prepared) -> io::Result<()> {
     // SAFETY: prctl(2) with integer arguments.
     check(unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) })?;
     // Last, so nothing above is filtered: from here on the profile applies.
-    crate::seccomp::install(&p.seccomp)
+    crate::seccomp::install(p.seccomp)
 }
 
 /// Starts `spec.argv` in a new sandbox with the given stdout and stderr (stdin is empty).

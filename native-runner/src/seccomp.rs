@@ -41,6 +41,16 @@ const BPF_ALU_AND_K: u16 = 0x54;
 const SECCOMP_RET_ACTION_FULL: u32 = 0xFFFF_0000;
 const SECCOMP_RET_DATA: u32 = 0x0000_FFFF;
 
+/// The compiled profile, made once per process: every container installs the same filters.
+pub fn compiled() -> io::Result<&'static [BpfProgram]> {
+    static COMPILED: std::sync::OnceLock<Result<Vec<BpfProgram>, String>> =
+        std::sync::OnceLock::new();
+    match COMPILED.get_or_init(|| compile().map_err(|e| e.to_string())) {
+        Ok(programs) => Ok(programs),
+        Err(e) => Err(io::Error::new(io::ErrorKind::InvalidData, e.clone())),
+    }
+}
+
 /// Compiles [`PROFILE`] into the filters to install, in order.
 pub fn compile() -> io::Result<Vec<BpfProgram>> {
     let arch = TargetArch::try_from(std::env::consts::ARCH).map_err(|e| {

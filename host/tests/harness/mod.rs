@@ -351,6 +351,19 @@ impl Lode {
         self.build_image(&spec, &["--tag", "test/py"]).0
     }
 
+    /// Runs a Python `script` on this machine with the SDK on its path, pointed at this
+    /// server as a developer's laptop would be.
+    pub fn sdk_python(&self, script: &str) -> Output {
+        let sdk = lode::sdk::extract(&self.dirs.path().join("sdk")).unwrap();
+        Command::new("python3")
+            .args(["-c", script])
+            .env("PYTHONPATH", &sdk)
+            .env("LODE_API", &self.api)
+            .env("LODE_TOKEN", &self.token)
+            .output()
+            .unwrap()
+    }
+
     /// `root` ingested and tagged `tag`, to run containers of.
     pub fn ingest_image(&self, root: &Path, tag: &str) -> String {
         self.cli_ok(&["image", "ingest", root.to_str().unwrap(), "--tag", tag])
