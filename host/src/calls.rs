@@ -311,6 +311,42 @@ impl CallError {
     }
 }
 
+/// Why code of `caller` may not call `app/function` (deployed as `manifest`, if at all), or
+/// `None` when it may: its own app's functions, yes; another app's only when that app's
+/// `allow_callers` names the caller, and never one deployed for pickle, whose arguments and
+/// results would run code on the other side. "No such app" and "not allowed" read the same,
+/// so a tenant cannot list others.
+fn caller_refused(
+    manifest: Option<&crate::manifest::Manifest>,
+    caller: &str,
+    app: &str,
+    function: &str,
+) -> Option<CallError> {
+    if caller == app {
+        return None;
+    }
+    let refused = |why: String| {
+        CallError::new(
+            403,
+            "forbidden",
+            format!("app {caller:?} may not call {app}/{function}: {why}"),
+        )
+    };
+    let named = manifest.is_some_and(|m| m.allow_callers.iter().any(|a| a == caller));
+    if !named {
+        return Some(refused(format!(
+            "calls between apps need the callee's allow_callers to name {caller:?}"
+        )));
+    }
+    let pickle = manifest.is_some_and(|m| {
+        m.functions.iter().any(|f| {
+            f.name == function
+                && f.python.as_ref().and_then(|p| p.serialization.as_deref()) == Some("pickle")
+        })
+    });
+    pickle.then(|| refused("it takes pickle, which is never accepted across apps".into()))
+}
+
 /// A pickled result from a function deployed for JSON is dropped: only a function declared
 /// with `serialization="pickle"` may hand a caller something to unpickle, whatever its
 /// container sends.
@@ -388,22 +424,25 @@ impl Server {
         function: &str,
         body: &Value,
     ) -> Result<Outcome, CallError> {
-        self.call_within(app, function, body, None).await
+        self.call_within(app, function, body, None, None).await
     }
 
     /// [`Server::call`] as one step of a call tree (`None`: the call from outside), which
-    /// bounds how deep and how wide a Wasm function's `invoke` may go.
+    /// bounds how deep and how wide a Wasm function's `invoke` may go, made by code of
+    /// `caller` (`None`: the operator, through the API, a schedule or a web route), which
+    /// reaches only what [`Server::check_caller`] lets it.
     pub async fn call_within(
         self: &Arc<Self>,
         app: &str,
         function: &str,
         body: &Value,
         tree: Option<CallTree>,
+        caller: Option<&str>,
     ) -> Result<Outcome, CallError> {
         let started = std::time::Instant::now();
         let depth = tree.as_ref().map_or(0, CallTree::depth);
         let from_wasm = tree.as_ref().is_some_and(CallTree::from_wasm);
-        let (engine, result) = self.dispatch(app, function, body, tree).await;
+        let (engine, result) = self.dispatch(app, function, body, tree, caller).await;
         if let Some((engine, series)) = engine {
             let failed = !matches!(&result, Ok(outcome) if !outcome.is_error());
             let elapsed = started.elapsed();
@@ -441,13 +480,14 @@ impl Server {
         function: &str,
         body: &Value,
         tree: Option<CallTree>,
+        caller: Option<&str>,
     ) -> (
         Option<(&'static str, FunctionSeries)>,
         Result<Outcome, CallError>,
     ) {
         // A deploy may replace the pool between lookup and submit; the new one takes it.
         for _ in 0..3 {
-            let (pool, payload, pickle) = match self.target(app, function, body) {
+            let (pool, payload, pickle) = match self.target(app, function, body, caller) {
                 Err(e) => return (None, Err(e)),
                 Ok(Target::Python(pool, payload, pickle)) => (pool, payload, pickle),
                 Ok(Target::Wasm(wasm, payload)) => {
@@ -488,9 +528,26 @@ impl Server {
     }
 
     /// What serves `app/function` (a Python pool or a Wasm component), and the body checked
-    /// for it.
-    fn target(&self, app: &str, function: &str, body: &Value) -> Result<Target, CallError> {
-        let Some(live) = self.app(app) else {
+    /// for it, once `caller` is known to be let in: checked against the same deployed version
+    /// that serves the call.
+    fn target(
+        &self,
+        app: &str,
+        function: &str,
+        body: &Value,
+        caller: Option<&str>,
+    ) -> Result<Target, CallError> {
+        let live = self.app(app);
+        if let Some(caller) = caller {
+            caller_refused(
+                live.as_deref().map(|l| &l.record.manifest),
+                caller,
+                app,
+                function,
+            )
+            .map_or(Ok(()), Err)?;
+        }
+        let Some(live) = live else {
             return Err(CallError::new(
                 404,
                 "not_found",
@@ -556,42 +613,14 @@ impl Server {
     /// arguments and results would run code on the other side. The API token (the
     /// operator) is not a caller and reaches every function.
     pub fn check_caller(&self, caller: &str, app: &str, function: &str) -> Result<(), CallError> {
-        if caller == app {
-            return Ok(());
-        }
-        // One answer for "no such app" and "not allowed", so a tenant cannot list others.
-        let refused = |why: &str| {
-            CallError::new(
-                403,
-                "forbidden",
-                format!("app {caller:?} may not call {app}/{function}: {why}"),
-            )
-        };
-        let Some(live) = self.app(app) else {
-            return Err(refused(&format!(
-                "calls between apps need the callee's allow_callers to name {caller:?}"
-            )));
-        };
-        let manifest = &live.record.manifest;
-        if !manifest
-            .allow_callers
-            .iter()
-            .any(|allowed| allowed == caller)
-        {
-            return Err(refused(&format!(
-                "calls between apps need the callee's allow_callers to name {caller:?}"
-            )));
-        }
-        let pickle = manifest.functions.iter().any(|f| {
-            f.name == function
-                && f.python.as_ref().and_then(|p| p.serialization.as_deref()) == Some("pickle")
-        });
-        if pickle {
-            return Err(refused(
-                "it takes pickle, which is never accepted across apps",
-            ));
-        }
-        Ok(())
+        let live = self.app(app);
+        caller_refused(
+            live.as_deref().map(|l| &l.record.manifest),
+            caller,
+            app,
+            function,
+        )
+        .map_or(Ok(()), Err)
     }
 
     /// Starts `app/function` on `body` in the background; returns the call's id. What a
@@ -603,7 +632,7 @@ impl Server {
         function: &str,
         body: Value,
     ) -> Result<String, CallError> {
-        self.spawn_call_within(app, function, body, None)
+        self.spawn_call_within(app, function, body, None, None)
     }
 
     /// [`Server::spawn_call`] from inside a call tree: the spawned call counts against the
@@ -615,16 +644,20 @@ impl Server {
         function: &str,
         body: Value,
         tree: Option<CallTree>,
+        caller: Option<&str>,
     ) -> Result<String, CallError> {
-        let engine = match self.target(app, function, &body)? {
+        let engine = match self.target(app, function, &body, caller)? {
             Target::Python(..) => "python",
             Target::Wasm(..) => "wasm",
         };
         let id = self.calls.create(app, function, engine);
         let server = self.clone();
         let (app, function, call_id) = (app.to_string(), function.to_string(), id.clone());
+        let caller = caller.map(str::to_string);
         tokio::spawn(async move {
-            let called = server.call_within(&app, &function, &body, tree).await;
+            let called = server
+                .call_within(&app, &function, &body, tree, caller.as_deref())
+                .await;
             let outcome = match called {
                 Ok(outcome) => outcome,
                 Err(e) => Outcome::failed(e.error),
@@ -695,20 +728,20 @@ impl Server {
                         "no function named",
                     ));
                 };
-                if let Err(e) = self.check_caller(caller_app, &app, &function) {
-                    return Outcome::failed(e.error);
-                }
                 let tree = match tree.map(|tree| tree.admit(fan_out, false)).transpose() {
                     Ok(tree) => tree,
                     Err(error) => return Outcome::failed(error),
                 };
                 if call.op == "call" {
-                    match self.call_within(&app, &function, &body, tree).await {
+                    match self
+                        .call_within(&app, &function, &body, tree, Some(caller_app))
+                        .await
+                    {
                         Ok(outcome) => outcome,
                         Err(e) => Outcome::failed(e.error),
                     }
                 } else {
-                    match self.spawn_call_within(&app, &function, body, tree) {
+                    match self.spawn_call_within(&app, &function, body, tree, Some(caller_app)) {
                         Ok(id) => Outcome::value(serde_json::json!({"call_id": id})),
                         Err(e) => Outcome::failed(e.error),
                     }

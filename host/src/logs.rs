@@ -107,6 +107,17 @@ impl LogStore {
             return;
         }
         let log = apps.entry(app.to_string()).or_insert_with(AppLog::new);
+        // One line never outweighs the rest of the app's log: what a container sends as a
+        // single line is cut like any request's output.
+        let mut line = line;
+        if line.len() > MAX_LINE {
+            let mut end = MAX_LINE;
+            while !line.is_char_boundary(end) {
+                end -= 1;
+            }
+            line.truncate(end);
+            line.push_str(" [lode: line cut]");
+        }
         let entry = LogLine {
             time_ms: now_ms(),
             app: app.to_string(),

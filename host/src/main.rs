@@ -448,7 +448,7 @@ struct ServeArgs {
     /// Most CPU one container may ask for, in cores [default: this machine's cores].
     #[arg(long, value_name = "CORES")]
     container_max_cpu: Option<f64>,
-    /// Processes and threads one container may run.
+    /// Processes and threads one container (or build step) may run.
     #[arg(long, default_value_t = 4096, value_name = "N")]
     container_pids: u64,
     /// Each container's writable layer (RAM-backed, counted in its memory), e.g. 1G.
@@ -467,6 +467,11 @@ struct ServeArgs {
     /// them uncapped on the cache dir's disk.
     #[arg(long, default_value = "16G", value_parser = lode::fs_cmd::parse_size)]
     build_disk: u64,
+    /// A private, link-local or host address range (CIDR) that functions and containers may
+    /// be granted with network.allow or --allow-net (repeatable). None by default: the
+    /// internet needs no grant, and the host and its neighbours stay out of reach.
+    #[arg(long = "allow-net", value_name = "CIDR", value_parser = parse_cidr)]
+    allow_net: Vec<ipnet::IpNet>,
     /// Run containers and build steps as the host's uid 0 where the kernel cannot keep them
     /// in a user namespace (FUSE idmapped mounts need Linux 6.12+). Only for trusted code:
     /// refused by default.
@@ -501,6 +506,11 @@ struct ServeArgs {
     container_start_timeout: Duration,
 }
 
+fn parse_cidr(text: &str) -> Result<ipnet::IpNet, String> {
+    lode_native_runner::egress::parse_cidr(text)
+        .ok_or_else(|| format!("{text:?} is not a CIDR such as 10.1.0.0/16, or an address"))
+}
+
 /// What `lode serve`'s container flags allow, checked against each other.
 fn container_bounds(args: &ServeArgs) -> Result<lode::native::ContainerBounds> {
     let defaults = lode::native::ContainerBounds::default();
@@ -520,6 +530,7 @@ fn container_bounds(args: &ServeArgs) -> Result<lode::native::ContainerBounds> {
         },
         volume_roots: args.allow_volume.clone(),
         allow_root_containers: args.allow_root_containers,
+        allow_net: args.allow_net.clone(),
         ..defaults
     };
     if bounds.default_memory_mib < 4 || bounds.default_memory_mib > bounds.max_memory_mib {
@@ -531,6 +542,9 @@ fn container_bounds(args: &ServeArgs) -> Result<lode::native::ContainerBounds> {
     }
     if bounds.build.memory < 64 << 20 {
         anyhow::bail!("--build-memory {} MiB is below 64 MiB", args.build_memory);
+    }
+    if bounds.build.disk.is_some_and(|bytes| bytes < 16 << 20) {
+        anyhow::bail!("--build-disk must be at least 16M (or 0 to leave build layers uncapped)");
     }
     if bounds.writable_bytes < 1 << 20 || bounds.shm_bytes < 1 << 20 {
         anyhow::bail!("--container-disk and --shm-size must be at least 1M");

@@ -58,6 +58,9 @@ pub struct ContainerBounds {
     /// Run containers as the host's uid 0 where the kernel cannot keep them in a user
     /// namespace (`--allow-root-containers`); refused otherwise.
     pub allow_root_containers: bool,
+    /// Refused ranges (private, link-local, the host's own addresses) that functions and
+    /// containers may be granted (`--allow-net`). Empty: none; the internet needs no grant.
+    pub allow_net: Vec<ipnet::IpNet>,
     /// Host directories whose contents may be bind-mounted into containers. Empty: none.
     /// A token holder could otherwise mount `/` and own the host.
     pub volume_roots: Vec<PathBuf>,
@@ -78,6 +81,7 @@ impl Default for ContainerBounds {
             max_containers: 64,
             build: Default::default(),
             allow_root_containers: false,
+            allow_net: Vec::new(),
             volume_roots: Vec::new(),
         }
     }
@@ -128,6 +132,15 @@ impl ContainerBounds {
             }
         }
         problems
+    }
+
+    /// Refuses allowances in refused ranges (private, link-local, the host's own addresses)
+    /// outside the operator's `--allow-net`.
+    pub fn check_allowed(&self, allowed: &[ipnet::IpNet]) -> Result<(), String> {
+        let host = lode_native_runner::egress::host_addresses();
+        allowed.iter().try_for_each(|net| {
+            lode_native_runner::egress::check_grant(net, &host, &self.allow_net)
+        })
     }
 
     /// The cgroup limits of a function container: what it asks for, else the defaults.
@@ -238,8 +251,9 @@ impl Native {
     }
 
     /// Outbound network for a container, reaching `allow` (CIDRs, addresses or host names,
-    /// resolved now) besides the internet; an error names what is wrong or missing.
-    pub(crate) fn outbound(&self, allow: &[String]) -> Result<Network, String> {
+    /// resolved now) besides the internet, each inside what the operator opened
+    /// ([`ContainerBounds::check_allowed`]); an error names what is wrong or missing.
+    pub(crate) async fn outbound(&self, allow: &[String]) -> Result<Network, String> {
         let egress = self.egress.clone().map_err(|e| {
             format!("outbound network needs the egress filter, which did not start: {e}")
         })?;
@@ -248,17 +262,20 @@ impl Native {
             match lode_native_runner::egress::parse_cidr(entry) {
                 Some(net) => allowed.push(net),
                 None => {
-                    use std::net::ToSocketAddrs;
-                    let addrs = (entry.as_str(), 0).to_socket_addrs().map_err(|e| {
-                        format!(
-                            "network allow entry {entry:?} is not a CIDR, an address or a host \
-                             name that resolves: {e}"
-                        )
-                    })?;
+                    let addrs =
+                        tokio::net::lookup_host((entry.as_str(), 0))
+                            .await
+                            .map_err(|e| {
+                                format!(
+                                    "network allow entry {entry:?} is not a CIDR, an address or a \
+                                 host name that resolves: {e}"
+                                )
+                            })?;
                     allowed.extend(addrs.map(|a| ipnet::IpNet::from(a.ip())));
                 }
             }
         }
+        self.bounds.check_allowed(&allowed)?;
         Ok(Network::Outbound { egress, allowed })
     }
 
@@ -756,7 +773,8 @@ async fn run_container(
         }
         Some("outbound") => native
             .outbound(&request.allow_net)
-            .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "no_network", e))?,
+            .await
+            .map_err(|e| ApiError::new(StatusCode::FORBIDDEN, "network_not_allowed", e))?,
         Some(other) => {
             return Err(ApiError::bad(format!(
                 "network {other:?} is not one of: none, outbound"

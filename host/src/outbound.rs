@@ -97,7 +97,7 @@ impl HostPattern {
 
 impl HostPattern {
     /// The addresses the entry names explicitly: a CIDR's range, or a literal address.
-    fn range(&self) -> Option<IpNet> {
+    pub fn range(&self) -> Option<IpNet> {
         if self.wildcard {
             return None;
         }

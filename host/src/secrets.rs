@@ -149,6 +149,14 @@ impl Secrets {
         };
         let sealed: Sealed = serde_json::from_slice(&bytes)
             .with_context(|| format!("secret {name:?} is corrupt in the state store"))?;
+        // Every format-1 secret was resealed at open: one found now was put there since (a
+        // copy under another name opens in format 1, which binds no name).
+        if sealed.format < FORMAT {
+            bail!(
+                "secret {name:?} is in the old format, which this server resealed at start: \
+                 it was written since, outside Lode; create it again with `lode secret create`"
+            );
+        }
         self.open_sealed(name, &sealed).map(Some)
     }
 
@@ -288,6 +296,9 @@ mod tests {
         state
             .put_entry(Table::Secrets, "legacy", legacy.to_string().as_bytes())
             .unwrap();
+        // While the server runs, a format-1 value written into the store does not open.
+        let err = secrets.get("legacy").unwrap_err().to_string();
+        assert!(err.contains("old format"), "{err}");
         let reopened = Secrets::open(dir.path(), state.clone()).unwrap();
         assert_eq!(reopened.get("legacy").unwrap(), Some(db));
         let stored: Sealed =

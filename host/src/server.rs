@@ -529,6 +529,22 @@ impl Server {
             }
             return Ok(());
         }
+        // Addresses a Wasm guest names in a refused range must lie inside what the operator
+        // opened, as a container's grants must.
+        let named: Vec<_> = function
+            .network
+            .allow
+            .iter()
+            .filter_map(|entry| crate::outbound::HostPattern::parse(entry).ok()?.range())
+            .collect();
+        self.functions
+            .pools
+            .native
+            .bounds()
+            .check_allowed(&named)
+            .map_err(|why| {
+                DeployError::Invalid(vec![format!("function {name:?}: network.allow: {why}")])
+            })?;
         if let Some(mib) = function.resources.memory
             && mib.saturating_mul(MIB) > self.limits.max_memory
         {
@@ -872,6 +888,7 @@ impl Server {
                     .pools
                     .native
                     .outbound(&function.network.allow)
+                    .await
                     .map_err(|e| DeployError::Invalid(vec![format!("function {name:?}: {e}")]))?,
             },
             workdir: config.workdir.clone().unwrap_or_else(|| "/".into()),

@@ -246,10 +246,8 @@ impl lode::function::invoke::Host for GuestState {
         let body = payload(&input)?;
         let server = ctx.server()?;
         let app = ctx.target_app(app);
-        server
-            .check_caller(&ctx.app, &app, &function)
-            .map_err(|e| guest_error(&e.error.kind, e.error.message))?;
-        let outcome = Box::pin(server.call_within(&app, &function, &body, Some(tree))).await;
+        let outcome =
+            Box::pin(server.call_within(&app, &function, &body, Some(tree), Some(&ctx.app))).await;
         match outcome {
             Ok(outcome) => to_guest(outcome),
             Err(e) => Err(guest_error(&e.error.kind, e.error.message)),
@@ -268,10 +266,7 @@ impl lode::function::invoke::Host for GuestState {
         let server = ctx.server()?;
         let app = ctx.target_app(app);
         server
-            .check_caller(&ctx.app, &app, &function)
-            .map_err(|e| guest_error(&e.error.kind, e.error.message))?;
-        server
-            .spawn_call_within(&app, &function, body, Some(tree))
+            .spawn_call_within(&app, &function, body, Some(tree), Some(&ctx.app))
             .map_err(|e| guest_error(&e.error.kind, e.error.message))
     }
 

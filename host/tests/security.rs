@@ -345,11 +345,12 @@ fn pickles_reach_only_pickle_handles_and_apps_call_only_apps_that_allow_them() {
 
 #[test]
 fn outbound_reaches_the_internet_but_not_the_host_its_neighbours_or_metadata() {
-    let lode = start(&[]);
+    let test_host = TestHost::start(true);
+    // The operator opens the test host's private range to grants; nothing else.
+    let lode = start(&["--allow-net", &test_host.private_cidr]);
     let work = tempfile::tempdir().unwrap();
     busybox_tree(&work.path().join("image"));
     lode.ingest_image(&work.path().join("image"), "test/net");
-    let test_host = TestHost::start(true);
     // An HTTP GET with busybox nc (its wget crashes in a static build).
     let get = |address: &str| format!("printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 3 {address} 80");
     let fetch = |address: &str, extra: &[&str]| -> String {
@@ -383,6 +384,15 @@ fn outbound_reaches_the_internet_but_not_the_host_its_neighbours_or_metadata() {
     assert!(allowed.contains("test host"), "{allowed}");
     let again = fetch(&test_host.private, &[]);
     assert!(!again.contains("test host"), "{again}");
+    // A tenant cannot grant itself what the operator did not open: metadata, the host.
+    for grab in ["169.254.169.254", "127.0.0.1", "0.0.0.0/0"] {
+        let out = fetch("169.254.169.254", &["--allow-net", grab]);
+        assert!(
+            out.contains("--allow-net CIDR covering it"),
+            "{grab}: {out}"
+        );
+        assert!(!out.contains("test host"), "{grab}: {out}");
+    }
     // --allow-net without --net outbound is a mistake, said so.
     let out = lode.container_run(&["--allow-net", "10.0.0.0/8", "test/net", "--", "true"]);
     assert!(

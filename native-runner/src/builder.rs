@@ -149,7 +149,7 @@ pub struct Builder {
     pub allow_root: bool,
 }
 
-/// What one build step may use; every step has all three.
+/// What one build step may use: memory and pids always, a disk where loop devices allow.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BuildLimits {
     /// Memory, in bytes.
@@ -416,35 +416,14 @@ impl Builder {
             let path = path.to_path_buf();
             move |e: std::io::Error| BuildError::Other(format!("{what} {}: {e}", path.display()))
         };
-        std::fs::create_dir_all(&layer).map_err(other("creating", &layer))?;
-        let disk = match self.limits.disk {
-            Some(bytes) => Some(
-                crate::layer_disk::LayerDisk::mount(&layer.with_extension("img"), &layer, bytes)
-                    .map_err(|e| {
-                        let _ = std::fs::remove_dir(&layer);
-                        BuildError::Other(format!(
-                            "step {number} ({}): {e}; or start lode serve with --build-disk 0 \
-                             to leave build layers uncapped",
-                            step.describe()
-                        ))
-                    })?,
-            ),
-            None => None,
-        };
-        let inherited = prepare_build_env(&inherit).map_err(other("preparing", &inherit))?;
-        let mut env = vec![("PATH".to_string(), DEFAULT_PATH.to_string())];
-        for (name, value) in &config.env {
-            set_env(&mut env, name, value);
-        }
-        for (name, value) in build_env(&inherited) {
-            set_env(&mut env, &name, &value);
-        }
         let network = match &self.egress {
             // The package registries, and the host's proxy where it names one: a proxy on a
-            // private address is reachable from build steps only.
+            // private address is reachable from build steps only (all of its ports).
             Some(egress) => Network::Outbound {
                 egress: egress.clone(),
-                allowed: proxy_addresses(),
+                allowed: tokio::task::spawn_blocking(proxy_addresses)
+                    .await
+                    .unwrap_or_default(),
             },
             None => {
                 return Err(BuildError::Other(format!(
@@ -459,6 +438,25 @@ impl Builder {
                 .map_err(|why| {
                     BuildError::Other(format!("step {number} ({}): {why}", step.describe()))
                 })?;
+        let inherited = prepare_build_env(&inherit).map_err(other("preparing", &inherit))?;
+        let mut env = vec![("PATH".to_string(), DEFAULT_PATH.to_string())];
+        for (name, value) in &config.env {
+            set_env(&mut env, name, value);
+        }
+        for (name, value) in build_env(&inherited) {
+            set_env(&mut env, &name, &value);
+        }
+        let build_env_volume =
+            Volume::open(&inherit, BUILD_ENV_MOUNT, true).map_err(other("opening", &inherit))?;
+        // Last, once nothing else can refuse the step: the layer's directory and disk, gone
+        // however this function returns.
+        let layer_dir = LayerDir::make(&layer, self.limits.disk).map_err(|e| {
+            BuildError::Other(format!(
+                "step {number} ({}): {e}; or start lode serve with --build-disk 0 to leave \
+                 build layers uncapped",
+                step.describe()
+            ))
+        })?;
         let host_ids = user_namespace.as_ref().map(|userns| HostIds {
             base: userns.ids().host_base,
             count: userns.ids().count,
@@ -477,10 +475,7 @@ impl Builder {
                 ..Limits::default()
             },
             timeout: Some(self.step_timeout),
-            volumes: vec![
-                Volume::open(&inherit, BUILD_ENV_MOUNT, true)
-                    .map_err(other("opening", &inherit))?,
-            ],
+            volumes: vec![build_env_volume],
             network,
             keep_upper: Some(layer.clone()),
             capabilities: BUILD_CAPABILITIES,
@@ -524,8 +519,7 @@ impl Builder {
                 step.describe()
             ))),
         };
-        drop(disk);
-        let _ = std::fs::remove_dir_all(&layer);
+        drop(layer_dir);
         result
     }
 
@@ -682,6 +676,38 @@ const PROXY_VARS: [&str; 8] = [
     "NO_PROXY",
     "ALL_PROXY",
 ];
+
+/// A build step's layer directory, on its capped disk where there is one; dropping it
+/// unmounts the disk and removes the directory.
+struct LayerDir {
+    path: PathBuf,
+    disk: Option<crate::layer_disk::LayerDisk>,
+}
+
+impl LayerDir {
+    fn make(path: &Path, disk_bytes: Option<u64>) -> std::io::Result<Self> {
+        std::fs::create_dir_all(path)?;
+        let mut dir = Self {
+            path: path.to_path_buf(),
+            disk: None,
+        };
+        if let Some(bytes) = disk_bytes {
+            dir.disk = Some(crate::layer_disk::LayerDisk::mount(
+                &path.with_extension("img"),
+                path,
+                bytes,
+            )?);
+        }
+        Ok(dir)
+    }
+}
+
+impl Drop for LayerDir {
+    fn drop(&mut self) {
+        drop(self.disk.take());
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
 
 /// The addresses of the proxies the host's proxy variables name, for the egress filter to let
 /// build steps reach (a proxy usually sits on a private address).

@@ -8,23 +8,27 @@
 //! those groups' connections to:
 //! - the host's own addresses (`fib daddr type local`, whatever they are now),
 //! - loopback, RFC 1918, 100.64.0.0/10 (CGNAT), 169.254.0.0/16 (link-local, where cloud
-//!   metadata answers), and the other non-global IPv4 ranges ([`BLOCKED_V4`]),
-//! - ::1, fc00::/7, fe80::/10 and the other non-global IPv6 ranges ([`BLOCKED_V6`]),
+//!   metadata answers), and the other special-purpose IPv4 ranges of [`BLOCKED_V4`],
+//! - ::1, fc00::/7, fe80::/10, the prefixes that carry IPv4 and the rest of [`BLOCKED_V6`],
 //!
-//! except DNS (port 53) to the host's resolvers, which slirp's forwarder needs, and CIDRs a
-//! container is granted explicitly ([`Egress::grant`]). Cloud metadata hop limits do not help
-//! here, since slirp re-originates; this does.
+//! except DNS (port 53) to the host's resolvers (read at start), which slirp's forwarder needs,
+//! and ranges a container is granted explicitly ([`Egress::grant`]); what may be granted in a
+//! refused range is the operator's choice, not the tenant's ([`check_grant`]). Cloud
+//! metadata hop limits do not help here, since slirp re-originates; this does.
 //!
 //! Why nftables matched on the socket's group: it holds for every socket the helper opens,
-//! TCP and UDP, needs no change to slirp, and a rule scoped to those groups touches nothing
-//! else on the host. The table's rules apply only to groups in its `active` set, so servers
-//! side by side never filter each other's containers.
+//! TCP and UDP, and needs no change to slirp. The table's base chain jumps to its rules only
+//! for packets whose socket belongs to a group in its `active` set; everything else, packets
+//! the kernel sends without a socket included, passes untouched, and servers side by side
+//! never filter each other's containers. If the table is deleted under a running server (`nft
+//! flush ruleset`), its containers' helpers go unfiltered until the server restarts.
 
 use std::collections::HashSet;
 use std::io::{self, Write};
 use std::net::IpAddr;
 use std::process::{Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, LazyLock, Mutex};
 
 use ipnet::IpNet;
 
@@ -43,28 +47,42 @@ pub const BLOCKED_V4: [&str; 10] = [
     "224.0.0.0/3",
 ];
 
-/// IPv6 ranges a container never reaches unless granted: unspecified and loopback,
-/// IPv4-mapped (the v4 rules would be bypassed), unique local, link-local, multicast.
-pub const BLOCKED_V6: [&str; 5] = [
+/// IPv6 ranges a container never reaches unless granted: unspecified and loopback, the
+/// prefixes that carry IPv4 (mapped, NAT64, 6to4: the v4 rules would be bypassed), unique
+/// local, site-local, link-local, multicast.
+pub const BLOCKED_V6: [&str; 9] = [
     "::/127",
     "::ffff:0:0/96",
+    "64:ff9b::/96",
+    "64:ff9b:1::/48",
+    "2002::/16",
     "fc00::/7",
+    "fec0::/10",
     "fe80::/10",
     "ff00::/8",
 ];
+
+/// [`BLOCKED_V4`] and [`BLOCKED_V6`], parsed once.
+static BLOCKED: LazyLock<Vec<IpNet>> = LazyLock::new(|| {
+    BLOCKED_V4
+        .iter()
+        .chain(&BLOCKED_V6)
+        .map(|range| range.parse().expect("the blocked ranges parse"))
+        .collect()
+});
 
 /// Whether `ip` lies in a range containers (and Wasm guests) may not reach unless allowed
 /// explicitly: loopback, private, link-local and the rest of [`BLOCKED_V4`] and
 /// [`BLOCKED_V6`].
 pub fn is_blocked(ip: IpAddr) -> bool {
-    let ranges: &[&str] = match ip {
-        IpAddr::V4(_) => &BLOCKED_V4,
-        IpAddr::V6(_) => &BLOCKED_V6,
-    };
-    ranges
+    BLOCKED.iter().any(|net| net.contains(&ip))
+}
+
+/// Whether `net` holds any address [`is_blocked`] refuses.
+fn overlaps_blocked(net: &IpNet) -> bool {
+    BLOCKED
         .iter()
-        .filter_map(|range| range.parse::<IpNet>().ok())
-        .any(|net| net.contains(&ip))
+        .any(|blocked| blocked.contains(net) || net.contains(blocked))
 }
 
 /// Parses an allow entry that names addresses: a CIDR (`10.1.0.0/16`) or one address
@@ -86,6 +104,9 @@ const GID_RANGE: u32 = 0x4000_0000;
 pub struct Egress {
     table: String,
     in_use: Mutex<HashSet<u32>>,
+    /// The next group to try. Each server starts at its own place in the range, so two
+    /// servers seldom share one; if they do, both tables filter it, which only refuses more.
+    next: AtomicU32,
 }
 
 /// One container's place in the filter: its helper's group and what it may reach besides
@@ -105,27 +126,25 @@ impl Grant {
 }
 
 impl Drop for Grant {
+    /// Takes the group's allowances out, then the group itself. A group that could not be
+    /// taken out of `active` stays reserved, so no later container inherits what is left.
     fn drop(&mut self) {
-        let mut script = String::new();
-        if !self.allowed.is_empty() {
-            for (set, elements) in self.egress.allow_elements(self.gid, &self.allowed) {
-                script.push_str(&format!(
-                    "delete element inet {} {set} {{ {elements} }}\n",
-                    self.egress.table
-                ));
+        let table = &self.egress.table;
+        for (set, elements) in self.egress.allow_elements(self.gid, &self.allowed) {
+            let script = format!("delete element inet {table} {set} {{ {elements} }}\n");
+            if let Err(e) = nft(&script) {
+                tracing::warn!(gid = self.gid, "taking a container's allowances out: {e}");
             }
         }
-        script.push_str(&format!(
-            "delete element inet {} active {{ {} }}\n",
-            self.egress.table, self.gid
-        ));
-        if let Err(e) = nft(&script) {
-            tracing::warn!(
-                gid = self.gid,
-                "taking a container out of the egress filter: {e}"
-            );
+        match nft(&format!(
+            "delete element inet {table} active {{ {} }}\n",
+            self.gid
+        )) {
+            Ok(()) => {
+                self.egress.in_use.lock().unwrap().remove(&self.gid);
+            }
+            Err(e) => tracing::warn!(gid = self.gid, "taking a container out of the filter: {e}"),
         }
-        self.egress.in_use.lock().unwrap().remove(&self.gid);
     }
 }
 
@@ -140,16 +159,26 @@ impl Egress {
                 format!("egress table scope {scope:?} must be letters and digits"),
             ));
         }
-        let egress = Arc::new(Self {
-            table: format!("lode_{scope}"),
-            in_use: Mutex::new(HashSet::new()),
-        });
+        let egress = Arc::new(Self::new(scope));
         let _ = nft(&format!("delete table inet {}\n", egress.table));
         nft(&egress.ruleset(&resolvers()))?;
         Ok(egress)
     }
 
-    /// The table: the sets and the one chain the module's header describes.
+    fn new(scope: &str) -> Self {
+        // Where this server's group ids start: spread by its scope (FNV-1a).
+        let hash = scope.bytes().fold(0x811c_9dc5u32, |h, b| {
+            (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
+        });
+        Self {
+            table: format!("lode_{scope}"),
+            in_use: Mutex::new(HashSet::new()),
+            next: AtomicU32::new((hash % (GID_RANGE >> 16)) << 16),
+        }
+    }
+
+    /// The table: the sets, a base chain that sends only the helpers' packets on, and the
+    /// chain the module's header describes.
     fn ruleset(&self, resolvers: &[IpAddr]) -> String {
         let list = |items: Vec<String>| items.join(", ");
         let (dns4, dns6): (Vec<_>, Vec<_>) = resolvers.iter().partition(|ip| ip.is_ipv4());
@@ -169,7 +198,9 @@ impl Egress {
              {active}{dns4}{dns6}{allow4}{allow6}{blocked4}{blocked6}\
              \x20 chain out {{\n\
              \x20   type filter hook output priority 0; policy accept;\n\
-             \x20   meta skgid != @active return\n\
+             \x20   meta skgid @active jump helpers\n\
+             \x20 }}\n\
+             \x20 chain helpers {{\n\
              \x20   meta skgid . ip daddr @allow4 accept\n\
              \x20   meta skgid . ip6 daddr @allow6 accept\n\
              \x20   ip daddr @dns4 meta l4proto {{ tcp, udp }} th dport 53 accept\n\
@@ -207,25 +238,26 @@ impl Egress {
     }
 
     /// A group for one container's helper, filtered from now until the grant drops, with
-    /// `allowed` reachable besides the internet.
+    /// `allowed` (checked with [`check_grant`]) reachable besides the internet.
     pub fn grant(self: &Arc<Self>, allowed: &[IpNet]) -> io::Result<Grant> {
         let gid = {
             let mut in_use = self.in_use.lock().unwrap();
             loop {
-                let gid = FIRST_GID + rand_below(GID_RANGE);
+                let gid = FIRST_GID + self.next.fetch_add(1, Ordering::Relaxed) % GID_RANGE;
                 if in_use.insert(gid) {
                     break gid;
                 }
             }
         };
         // The grant exists before the table knows it: dropping it on failure undoes both.
+        // Overlapping ranges would be refused by nft's interval sets: they are merged first.
         let grant = Grant {
             egress: self.clone(),
             gid,
-            allowed: allowed.to_vec(),
+            allowed: IpNet::aggregate(&allowed.to_vec()),
         };
         let mut script = format!("add element inet {} active {{ {gid} }}\n", self.table);
-        for (set, elements) in self.allow_elements(gid, allowed) {
+        for (set, elements) in self.allow_elements(gid, &grant.allowed) {
             script.push_str(&format!(
                 "add element inet {} {set} {{ {elements} }}\n",
                 self.table
@@ -244,12 +276,61 @@ impl Egress {
     }
 }
 
-/// A random number below `bound`, from the kernel.
-fn rand_below(bound: u32) -> u32 {
-    let mut bytes = [0u8; 4];
-    // SAFETY: getrandom(2) writes at most the buffer's length into it.
-    unsafe { libc::getrandom(bytes.as_mut_ptr().cast(), bytes.len(), 0) };
-    u32::from_ne_bytes(bytes) % bound
+/// Refuses `net` as something a tenant may allow (a container's `--allow-net`, a function's
+/// `network.allow`) unless the operator opened it: one that holds a refused address (loopback,
+/// private, link-local, metadata) or one of `host` (the host's own addresses,
+/// [`host_addresses`]) must lie inside one of `open` (`lode serve --allow-net`). A wholly
+/// public range passes: it is reachable anyway.
+pub fn check_grant(net: &IpNet, host: &[IpAddr], open: &[IpNet]) -> Result<(), String> {
+    let reaches_host = host.iter().any(|ip| net.contains(ip));
+    if !overlaps_blocked(net) && !reaches_host {
+        return Ok(());
+    }
+    if open.iter().any(|range| range.contains(net)) {
+        return Ok(());
+    }
+    let what = if reaches_host {
+        "one of this host's own addresses"
+    } else {
+        "loopback, private or link-local addresses"
+    };
+    Err(format!(
+        "{net} holds {what}, which functions and containers reach only inside a range the \
+         operator opens: start lode serve with --allow-net CIDR covering it"
+    ))
+}
+
+/// This host's own addresses, which no container reaches unless the operator opens them.
+pub fn host_addresses() -> Vec<IpAddr> {
+    let mut addresses = Vec::new();
+    let mut list: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs(3) fills a list that is freed below; each entry's address pointer is
+    // null or points at a sockaddr of the family it names.
+    unsafe {
+        if libc::getifaddrs(&mut list) != 0 {
+            return addresses;
+        }
+        let mut entry = list;
+        while !entry.is_null() {
+            let addr = (*entry).ifa_addr;
+            if !addr.is_null() {
+                match i32::from((*addr).sa_family) {
+                    libc::AF_INET => {
+                        let v4 = &*(addr as *const libc::sockaddr_in);
+                        addresses.push(IpAddr::from(v4.sin_addr.s_addr.to_ne_bytes()));
+                    }
+                    libc::AF_INET6 => {
+                        let v6 = &*(addr as *const libc::sockaddr_in6);
+                        addresses.push(IpAddr::from(v6.sin6_addr.s6_addr));
+                    }
+                    _ => {}
+                }
+            }
+            entry = (*entry).ifa_next;
+        }
+        libc::freeifaddrs(list);
+    }
+    addresses
 }
 
 /// The host's DNS resolvers, from `/etc/resolv.conf`: what slirp's forwarder sends to.
@@ -313,6 +394,8 @@ mod tests {
             "fe80::1",
             "::ffff:127.0.0.1",
             "::ffff:169.254.169.254",
+            "64:ff9b::a00:5",
+            "2002:a00:5::1",
         ] {
             assert!(is_blocked(blocked.parse().unwrap()), "{blocked}");
         }
@@ -329,21 +412,23 @@ mod tests {
             Some("fd00::1/128".parse().unwrap())
         );
         assert_eq!(parse_cidr("db.internal"), None);
+        assert!(host_addresses().contains(&"127.0.0.1".parse().unwrap()));
     }
 
     #[test]
     fn the_table_filters_only_its_own_groups_and_lets_dns_through() {
-        let egress = Egress {
-            table: "lode_test".into(),
-            in_use: Mutex::new(HashSet::new()),
-        };
+        let egress = Egress::new("test");
         let rules = egress.ruleset(&["10.255.255.53".parse().unwrap()]);
         assert!(rules.contains("set dns4 { type ipv4_addr; elements = { 10.255.255.53 }; }"));
-        assert!(rules.contains("meta skgid != @active return"));
+        // Only the helpers' sockets reach the rules; packets the kernel sends without a
+        // socket never match a group, so they pass.
+        assert!(rules.contains("meta skgid @active jump helpers"));
+        let helpers = rules.find("chain helpers").unwrap();
         // Granted ranges come before every refusal; the host's own addresses are refused.
         let accept = rules.find("@allow4 accept").unwrap();
         let local = rules.find("fib daddr type local reject").unwrap();
-        assert!(accept < local && local < rules.find("@blocked4 reject").unwrap());
+        assert!(helpers < accept && accept < local);
+        assert!(local < rules.find("@blocked4 reject").unwrap());
         let allowed = [
             "10.9.0.0/16".parse().unwrap(),
             "10.9.8.7/32".parse().unwrap(),
@@ -356,5 +441,20 @@ mod tests {
                 ("allow6", "7 . fd00::/8".to_string())
             ]
         );
+    }
+
+    #[test]
+    fn granting_a_refused_range_is_the_operators_to_open() {
+        let open = ["10.9.0.0/16".parse().unwrap()];
+        let host = ["192.0.2.2".parse().unwrap()];
+        let check = |text: &str| check_grant(&text.parse::<IpNet>().unwrap(), &host, &open);
+        assert!(check("10.9.8.0/24").is_ok());
+        let err = check("169.254.169.254/32").unwrap_err();
+        assert!(err.contains("--allow-net"), "{err}");
+        assert!(check("192.0.2.2/32").unwrap_err().contains("host's own"));
+        assert!(check("0.0.0.0/0").is_err());
+        assert!(check("10.0.0.0/8").is_err());
+        // A public range is reachable anyway.
+        assert!(check("198.51.100.0/24").is_ok());
     }
 }

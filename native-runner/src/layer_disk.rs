@@ -75,7 +75,7 @@ impl Drop for LayerDisk {
     fn drop(&mut self) {
         if self.mounted {
             // The loop device was set up with autoclear: it goes with the last unmount.
-            let _ = rustix::mount::unmount(&self.mountpoint, rustix::mount::UnmountFlags::DETACH);
+            let _ = lode_fs::unmount(&self.mountpoint);
         }
         let _ = std::fs::remove_file(&self.image);
     }

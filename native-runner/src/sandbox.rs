@@ -181,37 +181,15 @@ impl Volume {
         } else {
             relative
         };
-        let path = path_cstring(relative)?;
-        #[repr(C)]
-        struct OpenHow {
-            flags: u64,
-            mode: u64,
-            resolve: u64,
-        }
-        const RESOLVE_NO_MAGICLINKS: u64 = 0x02;
-        const RESOLVE_NO_SYMLINKS: u64 = 0x04;
-        const RESOLVE_BENEATH: u64 = 0x08;
-        let how = OpenHow {
-            flags: (libc::O_PATH | libc::O_CLOEXEC) as u64,
-            mode: 0,
-            resolve: RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS,
-        };
-        // SAFETY: openat2(2) with a directory descriptor we hold, a NUL-terminated path, and
-        // an open_how struct with its size.
-        let fd = unsafe {
-            libc::syscall(
-                libc::SYS_openat2,
-                root_dir.as_raw_fd(),
-                path.as_ptr(),
-                &how as *const OpenHow,
-                std::mem::size_of::<OpenHow>(),
-            )
-        };
-        if fd < 0 {
-            return Err(describe(io::Error::last_os_error()));
-        }
-        // SAFETY: openat2 returned a new descriptor that nothing else owns.
-        let opened = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+        use rustix::fs::{Mode, OFlags, ResolveFlags};
+        let opened = rustix::fs::openat2(
+            &root_dir,
+            relative,
+            OFlags::PATH | OFlags::CLOEXEC,
+            Mode::empty(),
+            ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS,
+        )
+        .map_err(|e| describe(e.into()))?;
         Ok(Self {
             source,
             opened: Arc::new(opened),
@@ -304,9 +282,7 @@ impl Drop for Sandbox {
         self.group.kill_all();
         let _ = self.child.wait();
         self.group.remove();
-        if let Some(slirp) = self.slirp.take() {
-            slirp.stop();
-        }
+        drop(self.slirp.take());
         let _ = std::fs::remove_dir_all(&self.scratch);
     }
 }
@@ -394,9 +370,7 @@ impl Sandbox {
         self.group.kill_all();
         let limit_hit = self.group.limit_hit();
         self.group.remove();
-        if let Some(slirp) = self.slirp.take() {
-            slirp.stop();
-        }
+        drop(self.slirp.take());
         let _ = std::fs::remove_dir_all(&self.scratch);
         self.finished = true;
         Ok(Finished {
@@ -1434,9 +1408,7 @@ impl Drop for Partial {
         if let Some(group) = self.group.take() {
             group.remove();
         }
-        if let Some(slirp) = self.slirp.take() {
-            slirp.stop();
-        }
+        drop(self.slirp.take());
         if !self.scratch.as_os_str().is_empty() {
             let _ = std::fs::remove_dir_all(&self.scratch);
         }
@@ -1550,10 +1522,6 @@ impl Slirp {
             exit: Some(exit_write),
             grant: Some(grant),
         })
-    }
-
-    fn stop(self) {
-        drop(self);
     }
 }
 

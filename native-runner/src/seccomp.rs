@@ -8,8 +8,9 @@
 //! 1. `1-allow`: the list. `clone` is allowed without namespace flags only, `personality`
 //!    for the usual domains only. Before the list, any number with bit 30 set (the x32 ABI,
 //!    whose numbers match no rule) is refused: [`X32_SYSCALL_BIT`].
-//! 2. `2-socket-families`: `socket` outside AF_UNIX, AF_INET, AF_INET6 and AF_NETLINK answers
-//!    EAFNOSUPPORT (AF_VSOCK reaches hypervisor services past any network namespace).
+//! 2. `2-socket-families`: `socket` outside AF_UNIX, AF_INET, AF_INET6 and AF_NETLINK, and
+//!    `socketpair` outside AF_UNIX, answer EAFNOSUPPORT (AF_VSOCK reaches hypervisor services
+//!    past any network namespace; AF_TIPC makes pairs).
 //! 3. `3-clone3`: ENOSYS, because its flags sit behind a pointer seccomp cannot read; libc
 //!    then falls back to `clone`, which is checked.
 //!
@@ -351,6 +352,14 @@ mod tests {
                 "family {family}"
             );
         }
+        let pair = nr(libc::SYS_socketpair);
+        let unix = [libc::AF_UNIX as u64, libc::SOCK_STREAM as u64, 0, 0, 0, 0];
+        assert_eq!(verdict(&programs, pair, unix), Verdict::Allow);
+        let tipc = [libc::AF_TIPC as u64, libc::SOCK_STREAM as u64, 0, 0, 0, 0];
+        assert_eq!(
+            verdict(&programs, pair, tipc),
+            Verdict::Errno(libc::EAFNOSUPPORT)
+        );
     }
 
     #[test]

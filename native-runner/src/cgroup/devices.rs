@@ -160,8 +160,8 @@ pub fn filter_program(rules: &[DeviceRule]) -> Vec<u64> {
     program
 }
 
-/// Loads [`filter_program`] for `rules` and attaches it to the v2 cgroup at `dir`. Programs of
-/// the groups above still run (`BPF_F_ALLOW_MULTI`), so this can only narrow what they allow.
+/// Loads [`filter_program`] for `rules` and attaches it to the v2 cgroup at `dir`, beside
+/// (`BPF_F_ALLOW_MULTI`) any program a group above attached the same way.
 pub fn attach_filter(dir: &Path, rules: &[DeviceRule]) -> io::Result<()> {
     const BPF_PROG_LOAD: libc::c_long = 5;
     const BPF_PROG_ATTACH: libc::c_long = 8;

@@ -303,7 +303,8 @@ impl Hierarchy for V1 {
             version: Version::V1,
             fs: self.fs.clone(),
         };
-        for (controller, parent) in &self.parents {
+        // A group made halfway (a write refused) is removed, not left for the next start.
+        let made = self.parents.iter().try_for_each(|(controller, parent)| {
             let dir = parent.join(name);
             create_dir(fs, &dir)?;
             group.dirs.push((controller, dir.clone()));
@@ -338,6 +339,11 @@ impl Hierarchy for V1 {
                     }
                 }
             }
+            io::Result::Ok(())
+        });
+        if let Err(e) = made {
+            group.remove();
+            return Err(e);
         }
         Ok(group)
     }
@@ -398,22 +404,29 @@ impl Hierarchy for V2 {
             version: Version::V2,
             fs: self.fs.clone(),
         };
-        if let Some(bytes) = limits.memory {
-            write(fs, &dir.join("memory.max"), &bytes.to_string())?;
-            // No swap beyond the memory limit, where swap accounting exists.
-            let swap = dir.join("memory.swap.max");
-            if fs.exists(&swap) {
-                write(fs, &swap, "0")?;
+        let limited = (|| {
+            if let Some(bytes) = limits.memory {
+                write(fs, &dir.join("memory.max"), &bytes.to_string())?;
+                // No swap beyond the memory limit, where swap accounting exists.
+                let swap = dir.join("memory.swap.max");
+                if fs.exists(&swap) {
+                    write(fs, &swap, "0")?;
+                }
             }
+            if let Some(cores) = limits.cpu {
+                let (quota, period) = cpu_quota(cores);
+                write(fs, &dir.join("cpu.max"), &format!("{quota} {period}"))?;
+            }
+            if let Some(pids) = limits.pids {
+                write(fs, &dir.join("pids.max"), &pids.to_string())?;
+            }
+            fs.restrict_devices(&dir, &devices::container_rules())
+        })();
+        // A group made halfway is removed, not left for the next start.
+        if let Err(e) = limited {
+            group.remove();
+            return Err(e);
         }
-        if let Some(cores) = limits.cpu {
-            let (quota, period) = cpu_quota(cores);
-            write(fs, &dir.join("cpu.max"), &format!("{quota} {period}"))?;
-        }
-        if let Some(pids) = limits.pids {
-            write(fs, &dir.join("pids.max"), &pids.to_string())?;
-        }
-        fs.restrict_devices(&dir, &devices::container_rules())?;
         Ok(group)
     }
 
