@@ -4,7 +4,7 @@
 //!
 //! - `pip_install`, `apt_install` and `run_commands` run in a build container on the
 //!   parent's lazy mount, with network (`slirp4netns`), Docker's default capabilities, and
-//!   the host's CA bundle, pip configuration and proxy variables (see [`build_env`]). The
+//!   the host's CA bundle, pip configuration and proxy variables (see `build_env.rs`). The
 //!   container's upper directory, deletions included, is merged into a new flattened index.
 //! - `env`, `workdir`, `add_local_dir` and `add_local_file` change the tree directly: no
 //!   container is started.
@@ -28,7 +28,7 @@ use crate::sandbox::{BUILD_CAPABILITIES, Network, SandboxSpec, Volume, spawn};
 use crate::userns::UserNamespace;
 
 /// Where build containers find what they inherit from the host.
-const BUILD_ENV_MOUNT: &str = "/dev/lode-build";
+pub(crate) const BUILD_ENV_MOUNT: &str = "/dev/lode-build";
 
 /// Paths a build container gets as mount points, which are not part of any step's result.
 const MOUNT_POINTS: [&str; 3] = ["etc/resolv.conf", "proc", "dev"];
@@ -421,7 +421,7 @@ impl Builder {
             // private address is reachable from build steps only (all of its ports).
             Some(egress) => Network::Outbound {
                 egress: egress.clone(),
-                allowed: tokio::task::spawn_blocking(proxy_addresses)
+                allowed: tokio::task::spawn_blocking(crate::build_env::proxy_addresses)
                     .await
                     .unwrap_or_default(),
             },
@@ -438,25 +438,27 @@ impl Builder {
                 .map_err(|why| {
                     BuildError::Other(format!("step {number} ({}): {why}", step.describe()))
                 })?;
-        let inherited = prepare_build_env(&inherit).map_err(other("preparing", &inherit))?;
+        let inherited =
+            crate::build_env::prepare_build_env(&inherit).map_err(other("preparing", &inherit))?;
         let mut env = vec![("PATH".to_string(), DEFAULT_PATH.to_string())];
         for (name, value) in &config.env {
             set_env(&mut env, name, value);
         }
-        for (name, value) in build_env(&inherited) {
+        for (name, value) in crate::build_env::build_env(&inherited) {
             set_env(&mut env, &name, &value);
         }
         let build_env_volume =
             Volume::open(&inherit, BUILD_ENV_MOUNT, true).map_err(other("opening", &inherit))?;
         // Last, once nothing else can refuse the step: the layer's directory and disk, gone
         // however this function returns.
-        let layer_dir = LayerDir::make(&layer, self.limits.disk).map_err(|e| {
-            BuildError::Other(format!(
-                "step {number} ({}): {e}; or start lode serve with --build-disk 0 to leave \
+        let layer_dir =
+            crate::layer_disk::LayerDir::make(&layer, self.limits.disk).map_err(|e| {
+                BuildError::Other(format!(
+                    "step {number} ({}): {e}; or start lode serve with --build-disk 0 to leave \
                  build layers uncapped",
-                step.describe()
-            ))
-        })?;
+                    step.describe()
+                ))
+            })?;
         let host_ids = user_namespace.as_ref().map(|userns| HostIds {
             base: userns.ids().host_base,
             count: userns.ids().count,
@@ -569,7 +571,7 @@ impl Builder {
     }
 }
 
-fn random_hex() -> String {
+pub(crate) fn random_hex() -> String {
     let mut bytes = [0u8; 8];
     getrandom(&mut bytes);
     bytes.iter().map(|b| format!("{b:02x}")).collect()
@@ -627,163 +629,6 @@ fn run_logged(
         (None, code) => Some(format!("exit code {code}")),
     };
     Ok((reason, output))
-}
-
-/// What the host lends build containers, copied into `dir` (mounted read-only at
-/// [`BUILD_ENV_MOUNT`]): its CA bundle and pip configuration.
-#[derive(Debug, Default)]
-struct Inherited {
-    ca_bundle: bool,
-    pip_conf: bool,
-}
-
-const HOST_CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
-const HOST_PIP_CONF: &str = "/etc/pip.conf";
-
-fn prepare_build_env(dir: &Path) -> std::io::Result<Inherited> {
-    std::fs::create_dir_all(dir)?;
-    let copy = |from: &str, name: &str| -> std::io::Result<bool> {
-        match std::fs::read(from) {
-            Ok(bytes) => {
-                // Builds run at once: each writes its own temporary file, and the rename swaps
-                // the new copy in atomically.
-                let tmp = dir.join(format!(".{name}.{}.tmp", random_hex()));
-                std::fs::write(&tmp, bytes)?;
-                std::fs::rename(&tmp, dir.join(name))?;
-                Ok(true)
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                let _ = std::fs::remove_file(dir.join(name));
-                Ok(false)
-            }
-            Err(e) => Err(e),
-        }
-    };
-    Ok(Inherited {
-        ca_bundle: copy(HOST_CA_BUNDLE, "ca-certificates.crt")?,
-        pip_conf: copy(HOST_PIP_CONF, "pip.conf")?,
-    })
-}
-
-/// Proxy variables, passed to build steps as the host has them.
-const PROXY_VARS: [&str; 8] = [
-    "http_proxy",
-    "https_proxy",
-    "no_proxy",
-    "all_proxy",
-    "HTTP_PROXY",
-    "HTTPS_PROXY",
-    "NO_PROXY",
-    "ALL_PROXY",
-];
-
-/// A build step's layer directory, on its capped disk where there is one; dropping it
-/// unmounts the disk and removes the directory.
-struct LayerDir {
-    path: PathBuf,
-    disk: Option<crate::layer_disk::LayerDisk>,
-}
-
-impl LayerDir {
-    fn make(path: &Path, disk_bytes: Option<u64>) -> std::io::Result<Self> {
-        std::fs::create_dir_all(path)?;
-        let mut dir = Self {
-            path: path.to_path_buf(),
-            disk: None,
-        };
-        if let Some(bytes) = disk_bytes {
-            dir.disk = Some(crate::layer_disk::LayerDisk::mount(
-                &path.with_extension("img"),
-                path,
-                bytes,
-            )?);
-        }
-        Ok(dir)
-    }
-}
-
-impl Drop for LayerDir {
-    fn drop(&mut self) {
-        drop(self.disk.take());
-        let _ = std::fs::remove_dir_all(&self.path);
-    }
-}
-
-/// The addresses of the proxies the host's proxy variables name, for the egress filter to let
-/// build steps reach (a proxy usually sits on a private address).
-fn proxy_addresses() -> Vec<ipnet::IpNet> {
-    use std::net::ToSocketAddrs;
-    let mut addresses = Vec::new();
-    for name in PROXY_VARS
-        .iter()
-        .filter(|n| !n.contains("no_") && !n.contains("NO_"))
-    {
-        let Ok(value) = std::env::var(name) else {
-            continue;
-        };
-        let Ok(url) = url_host_port(&value) else {
-            continue;
-        };
-        for addr in url.to_socket_addrs().into_iter().flatten() {
-            let net = ipnet::IpNet::from(addr.ip());
-            if !addresses.contains(&net) {
-                addresses.push(net);
-            }
-        }
-    }
-    addresses
-}
-
-/// `host:port` of a proxy URL such as `http://user:pw@proxy.corp:3128/`.
-fn url_host_port(url: &str) -> Result<String, ()> {
-    let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
-    let authority = rest.split('/').next().unwrap_or_default();
-    let host_port = authority.rsplit_once('@').map_or(authority, |(_, hp)| hp);
-    if host_port.is_empty() {
-        return Err(());
-    }
-    let has_port = host_port
-        .rsplit_once(':')
-        .is_some_and(|(host, port)| !host.ends_with(':') && port.parse::<u16>().is_ok());
-    Ok(if has_port {
-        host_port.to_string()
-    } else {
-        format!("{host_port}:80")
-    })
-}
-
-/// The environment a build step inherits from the host: its proxy variables and `PIP_*`
-/// settings, with the CA bundle and pip configuration pointed at their copies inside the
-/// container. Function containers never get these.
-fn build_env(inherited: &Inherited) -> Vec<(String, String)> {
-    let mut env: Vec<(String, String)> = std::env::vars()
-        .filter(|(name, _)| PROXY_VARS.contains(&name.as_str()) || name.starts_with("PIP_"))
-        .collect();
-    env.push(("DEBIAN_FRONTEND".into(), "noninteractive".into()));
-    env.push(("HOME".into(), "/root".into()));
-    env.push(("PIP_ROOT_USER_ACTION".into(), "ignore".into()));
-    // Images are Lode's to manage, as a container image's are: pip may install system-wide.
-    env.push(("PIP_BREAK_SYSTEM_PACKAGES".into(), "1".into()));
-    if inherited.ca_bundle {
-        let bundle = format!("{BUILD_ENV_MOUNT}/ca-certificates.crt");
-        for name in [
-            "PIP_CERT",
-            "SSL_CERT_FILE",
-            "REQUESTS_CA_BUNDLE",
-            "CURL_CA_BUNDLE",
-        ] {
-            env.retain(|(n, _)| n != name);
-            env.push((name.into(), bundle.clone()));
-        }
-    }
-    if inherited.pip_conf {
-        env.retain(|(n, _)| n != "PIP_CONFIG_FILE");
-        env.push((
-            "PIP_CONFIG_FILE".into(),
-            format!("{BUILD_ENV_MOUNT}/pip.conf"),
-        ));
-    }
-    env
 }
 
 /// The Debian mirror the host's apt uses, or Debian's own.

@@ -81,6 +81,35 @@ impl Drop for LayerDisk {
     }
 }
 
+/// A build step's layer directory, on its capped disk where there is one (`None`: on the
+/// host's disk); dropping it unmounts the disk and removes the directory.
+pub struct LayerDir {
+    path: PathBuf,
+    disk: Option<LayerDisk>,
+}
+
+impl LayerDir {
+    /// Makes `path`, on a `disk_bytes` disk when given.
+    pub fn make(path: &Path, disk_bytes: Option<u64>) -> std::io::Result<Self> {
+        std::fs::create_dir_all(path)?;
+        let mut dir = Self {
+            path: path.to_path_buf(),
+            disk: None,
+        };
+        if let Some(bytes) = disk_bytes {
+            dir.disk = Some(LayerDisk::mount(&path.with_extension("img"), path, bytes)?);
+        }
+        Ok(dir)
+    }
+}
+
+impl Drop for LayerDir {
+    fn drop(&mut self) {
+        drop(self.disk.take());
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

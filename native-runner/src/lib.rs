@@ -16,6 +16,7 @@
 #![deny(missing_docs)]
 
 pub mod agent;
+mod build_env;
 pub mod builder;
 pub mod cgroup;
 pub mod egress;
