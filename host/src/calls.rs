@@ -538,14 +538,15 @@ impl Server {
         caller: Option<&str>,
     ) -> Result<Target, CallError> {
         let live = self.app(app);
-        if let Some(caller) = caller {
-            caller_refused(
+        if let Some(caller) = caller
+            && let Some(refused) = caller_refused(
                 live.as_deref().map(|l| &l.record.manifest),
                 caller,
                 app,
                 function,
             )
-            .map_or(Ok(()), Err)?;
+        {
+            return Err(refused);
         }
         let Some(live) = live else {
             return Err(CallError::new(
