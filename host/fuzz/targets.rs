@@ -27,7 +27,7 @@ pub fn index(data: &[u8]) {
 
 /// A deployment manifest, as `PUT /v1/apps/{app}` takes it.
 pub fn manifest(data: &[u8]) {
-    if let Ok(manifest) = serde_json::from_slice::<lode::manifest::Manifest>(data) {
+    if let Ok(manifest) = serde_json::from_slice::<lode::proto::manifest::Manifest>(data) {
         let _ = manifest.validate();
     }
 }
@@ -61,7 +61,7 @@ pub fn agent_message(data: &[u8]) {
 /// A call body, as the API and containers send it, for JSON and pickle functions.
 pub fn call_payload(data: &[u8]) {
     if let Ok(body) = serde_json::from_slice::<serde_json::Value>(data) {
-        let _ = lode::calls::check_payload(&body, false);
-        let _ = lode::calls::check_payload(&body, true);
+        let _ = lode::control::calls::check_payload(&body, false);
+        let _ = lode::control::calls::check_payload(&body, true);
     }
 }

@@ -5,43 +5,32 @@
 //! `lode-wasi-gpu`. What it owns is the request path (route, instantiate, run, answer), the
 //! deploy path (validate, compile once, record, swap atomically), and the `lode` command line.
 //!
-//! `lode serve` wires [`server::Server`] to the [`api`] router and the [`proxy`] listener;
-//! the CLI talks to it through [`cli::ApiClient`].
+//! The folders are layers, each importing only those below it (`tests/layers.rs` checks):
+//!
+//! ```text
+//! bench                      lode bench: needs the real binary
+//! cli                        one file per command area
+//! serve                      composition root: builds Control, starts the listeners
+//! api                        the JSON API, behind the token
+//! control                    apps, deploys, the call router (impl Dispatch), schedules
+//! wasm | native              the two engines; neither imports the other or control
+//! function                   what both engines share: CallTree, CallError, Dispatch
+//! store | telemetry          state, secrets, volumes | metrics, logs
+//! proto                      wire types shared by CLI and server
+//! util | sdk                 small helpers | the embedded Python SDK
+//! ```
 #![deny(missing_docs)]
 
 pub mod api;
 pub mod bench;
-pub mod bench_build;
-pub mod bench_calls;
-pub mod bench_cas;
-pub mod bench_container;
-pub mod bench_fs;
-pub mod bench_python;
-pub mod call_history;
-pub mod calls;
 pub mod cli;
-pub mod client_config;
-pub mod container_cmd;
-pub mod deploy;
-pub mod engine;
-pub mod fs_cmd;
-pub mod fsutil;
-pub mod functions_api;
-pub mod image;
-pub mod logs;
-pub mod manifest;
-pub mod metrics;
+pub mod control;
+pub mod function;
 pub mod native;
-pub mod outbound;
-pub mod pool;
-pub mod preinit;
-pub mod proxy;
-pub mod python_cli;
-pub mod schedule;
+pub mod proto;
 pub mod sdk;
-pub mod secrets;
 pub mod serve;
-pub mod server;
-pub mod state;
-pub mod volumes;
-pub mod wasm_calls;
+pub mod store;
+pub mod telemetry;
+pub mod util;
+pub mod wasm;

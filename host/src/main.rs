@@ -7,11 +7,11 @@ use std::time::Duration;
 
 use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
+use lode::cli::image;
 use lode::cli::{self, ApiClient};
-use lode::client_config::{ClientOverrides, RegistryTarget};
-use lode::image;
+use lode::control::Limits;
+use lode::proto::client_file::{ClientOverrides, RegistryTarget};
 use lode::serve::{RegistryOptions, RegistryServeOptions, ServeOptions, serve, serve_registry};
-use lode::server::Limits;
 use lode_registry::RegistryClient;
 use std::sync::Arc;
 
@@ -202,11 +202,11 @@ enum ContainerCommand {
         #[arg(long = "allow-net", value_name = "CIDR|HOST")]
         allow_net: Vec<String>,
         /// NAME=VALUE, added to the image's environment (repeatable).
-        #[arg(short, long = "env", value_parser = lode::container_cmd::parse_env)]
+        #[arg(short, long = "env", value_parser = lode::cli::container::parse_env)]
         env: Vec<(String, String)>,
         /// HOSTDIR:/path[:ro], a bind mount (repeatable). The container's root is host uid
         /// 524288, so a writable HOSTDIR must be writable by it.
-        #[arg(short, long = "volume", value_parser = lode::container_cmd::parse_volume)]
+        #[arg(short, long = "volume", value_parser = lode::cli::container::parse_volume)]
         volume: Vec<lode::native::VolumeRequest>,
         /// Working directory [default: the image's, else /].
         #[arg(short, long)]
@@ -313,7 +313,7 @@ enum FsCommand {
         #[arg(long, default_value = "/var/cache/lode")]
         cache_dir: PathBuf,
         /// Most bytes the chunk cache holds; least recently used chunks go first.
-        #[arg(long, default_value = "20G", value_parser = lode::fs_cmd::parse_size)]
+        #[arg(long, default_value = "20G", value_parser = lode::cli::fs::parse_size)]
         cache_size: u64,
         /// How long a read waits for the registry before it fails with EIO.
         #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
@@ -428,7 +428,7 @@ struct ServeArgs {
     #[arg(long, default_value = "127.0.0.1:7071")]
     registry_listen: SocketAddr,
     /// Most bytes the chunk cache (<cache-dir>/chunks) holds.
-    #[arg(long, default_value = "20G", value_parser = lode::fs_cmd::parse_size)]
+    #[arg(long, default_value = "20G", value_parser = lode::cli::fs::parse_size)]
     cache_size: u64,
     /// Where debootstrap bases for `debian_slim` images are kept [default:
     /// <cache-dir>/images/base].
@@ -452,10 +452,10 @@ struct ServeArgs {
     #[arg(long, default_value_t = 4096, value_name = "N")]
     container_pids: u64,
     /// Each container's writable layer (RAM-backed, counted in its memory), e.g. 1G.
-    #[arg(long, default_value = "1G", value_parser = lode::fs_cmd::parse_size)]
+    #[arg(long, default_value = "1G", value_parser = lode::cli::fs::parse_size)]
     container_disk: u64,
     /// Each container's /dev/shm (counted in its memory), e.g. 64M.
-    #[arg(long, default_value = "64M", value_parser = lode::fs_cmd::parse_size)]
+    #[arg(long, default_value = "64M", value_parser = lode::cli::fs::parse_size)]
     shm_size: u64,
     /// Most containers one function may ask for (min_containers and max_containers).
     #[arg(long, default_value_t = 64, value_name = "N")]
@@ -465,7 +465,7 @@ struct ServeArgs {
     build_memory: u64,
     /// Disk for one build step's changes (a loop-mounted ext4, sparse), e.g. 16G; 0 leaves
     /// them uncapped on the cache dir's disk.
-    #[arg(long, default_value = "16G", value_parser = lode::fs_cmd::parse_size)]
+    #[arg(long, default_value = "16G", value_parser = lode::cli::fs::parse_size)]
     build_disk: u64,
     /// A private, link-local or host address range (CIDR) that functions and containers may
     /// be granted with network.allow or --allow-net (repeatable). None by default: the
@@ -608,7 +608,7 @@ async fn run_image(client: &ClientArgs, command: ImageCommand) -> Result<()> {
                 Some(_) => registry(client, &flag.registry)?,
                 None => Arc::new(image::connect(&api.registry().await?)?),
             };
-            lode::container_cmd::build(&api, registry, &file, tag, quiet).await
+            lode::cli::container::build(&api, registry, &file, tag, quiet).await
         }
         ImageCommand::Ingest {
             path,
@@ -702,12 +702,12 @@ async fn run(cli: Cli) -> Result<()> {
         } => {
             let api = client(&cli.client)?;
             let registry = deploy_registry(&cli.client, &api, &flag).await?;
-            if lode::python_cli::is_python_app(&path) {
-                lode::python_cli::deploy(&api, registry, &path, name.as_deref())
+            if lode::cli::python::is_python_app(&path) {
+                lode::cli::python::deploy(&api, registry, &path, name.as_deref())
                     .await
                     .map(|_| ())
             } else {
-                lode::deploy::deploy(&api, registry, &path, name.as_deref()).await
+                lode::cli::deploy::deploy(&api, registry, &path, name.as_deref()).await
             }
         }
         Command::Run {
@@ -719,40 +719,40 @@ async fn run(cli: Cli) -> Result<()> {
             let api = client(&cli.client)?;
             let registry = deploy_registry(&cli.client, &api, &flag).await?;
             let code =
-                lode::python_cli::run(&api, registry, &file, entrypoint.as_deref(), &args).await?;
+                lode::cli::python::run(&api, registry, &file, entrypoint.as_deref(), &args).await?;
             std::process::exit(code);
         }
         Command::Call { target, args } => {
-            let code = lode::python_cli::call(&client(&cli.client)?, &target, &args).await?;
+            let code = lode::cli::python::call(&client(&cli.client)?, &target, &args).await?;
             std::process::exit(code);
         }
-        Command::Stats { app } => lode::python_cli::stats(&client(&cli.client)?, &app).await,
+        Command::Stats { app } => lode::cli::python::stats(&client(&cli.client)?, &app).await,
         Command::Calls { app, limit, json } => {
-            lode::python_cli::calls(&client(&cli.client)?, &app, limit, json).await
+            lode::cli::python::calls(&client(&cli.client)?, &app, limit, json).await
         }
         Command::Secret(command) => {
             let api = client(&cli.client)?;
             match command {
                 SecretCommand::Create { name, pairs } => {
-                    lode::python_cli::secret_create(&api, &name, &pairs).await
+                    lode::cli::python::secret_create(&api, &name, &pairs).await
                 }
-                SecretCommand::Ls => lode::python_cli::secret_list(&api).await,
-                SecretCommand::Rm { name } => lode::python_cli::secret_remove(&api, &name).await,
+                SecretCommand::Ls => lode::cli::python::secret_list(&api).await,
+                SecretCommand::Rm { name } => lode::cli::python::secret_remove(&api, &name).await,
             }
         }
         Command::Volume(command) => {
             let api = client(&cli.client)?;
             match command {
                 VolumeCommand::Create { name } => {
-                    lode::python_cli::volume_create(&api, &name).await
+                    lode::cli::python::volume_create(&api, &name).await
                 }
-                VolumeCommand::Ls => lode::python_cli::volume_list(&api).await,
+                VolumeCommand::Ls => lode::cli::python::volume_list(&api).await,
             }
         }
-        Command::Ls => cli::list(&client(&cli.client)?).await,
-        Command::Rm { app } => cli::remove(&client(&cli.client)?, &app).await,
+        Command::Ls => cli::apps::list(&client(&cli.client)?).await,
+        Command::Rm { app } => cli::apps::remove(&client(&cli.client)?, &app).await,
         Command::Logs { app, follow, tail } => {
-            cli::logs(&client(&cli.client)?, &app, follow, tail).await
+            cli::apps::logs(&client(&cli.client)?, &app, follow, tail).await
         }
         Command::Image(command) => run_image(&cli.client, command).await,
         Command::Container(ContainerCommand::Run {
@@ -781,11 +781,11 @@ async fn run(cli: Cli) -> Result<()> {
                 volumes: volume,
                 workdir,
             };
-            let code = match lode::container_cmd::run(&client(&cli.client)?, request).await {
+            let code = match lode::cli::container::run(&client(&cli.client)?, request).await {
                 Ok(code) => code,
                 Err(e) => {
                     eprintln!("error: {e:#}");
-                    i32::from(lode::container_cmd::COULD_NOT_RUN)
+                    i32::from(lode::cli::container::COULD_NOT_RUN)
                 }
             };
             std::process::exit(code)
@@ -800,7 +800,7 @@ async fn run(cli: Cli) -> Result<()> {
             threads,
             registry: flag,
         }) => {
-            let args = lode::fs_cmd::MountArgs {
+            let args = lode::cli::fs::MountArgs {
                 reference,
                 mountpoint,
                 cache_dir,
@@ -811,9 +811,9 @@ async fn run(cli: Cli) -> Result<()> {
                     prefetch: !no_prefetch,
                 },
             };
-            lode::fs_cmd::mount(registry(&cli.client, &flag.registry)?, args).await
+            lode::cli::fs::mount(registry(&cli.client, &flag.registry)?, args).await
         }
-        Command::Fs(FsCommand::Umount { mountpoint }) => lode::fs_cmd::umount(&mountpoint),
+        Command::Fs(FsCommand::Umount { mountpoint }) => lode::cli::fs::umount(&mountpoint),
         Command::Registry(RegistryCommand::Serve {
             data_dir,
             listen,

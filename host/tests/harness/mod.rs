@@ -502,7 +502,7 @@ pub struct StandaloneRegistry {
 impl StandaloneRegistry {
     /// Starts a registry on `data` (created if needed).
     pub fn start(data: &Path) -> Self {
-        let (child, url) = lode::bench_cas::spawn_registry(Path::new(LODE), data).unwrap();
+        let (child, url) = lode::bench::cas::spawn_registry(Path::new(LODE), data).unwrap();
         let token = std::fs::read_to_string(data.join("token")).unwrap();
         StandaloneRegistry {
             data: data.to_path_buf(),

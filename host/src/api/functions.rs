@@ -1,0 +1,264 @@
+//! The API for functions by name (call, spawn, poll), their pools' figures, secrets and
+//! volumes. One payload shape for both engines: `{"args": [...], "kwargs": {...}}` in,
+//! `{"result": ...}` or `{"error": {"kind", "message", ...}}` out.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use axum::{Json, Router};
+use lode_native_runner::agent::Outcome;
+use serde::Deserialize;
+use serde_json::Value;
+
+use crate::api::{ApiError, ApiQuery};
+use crate::control::Server;
+use crate::control::calls::CallError;
+use crate::proto::manifest::is_secret_name;
+
+/// The routes, for the token-guarded part of the API.
+pub fn router(server: Arc<Server>) -> Router {
+    Router::new()
+        .route("/v1/apps/{app}/functions/{function}/call", post(call))
+        .route("/v1/apps/{app}/functions/{function}/spawn", post(spawn))
+        .route("/v1/calls/{id}", get(poll))
+        .route("/v1/apps/{app}/stats", get(stats))
+        .route("/v1/apps/{app}/calls", get(history))
+        .route("/v1/secrets", get(list_secrets))
+        .route("/v1/secrets/{name}", put(put_secret).delete(delete_secret))
+        .route("/v1/volumes", get(list_volumes))
+        .route("/v1/volumes/{name}", put(create_volume))
+        .with_state(server)
+}
+
+/// The HTTP answer for a finished call: 200 with the result, or the error with a status
+/// that says whose fault it was.
+pub fn outcome_response(outcome: Outcome) -> Response {
+    match outcome.error {
+        Some(error) => {
+            let status = match error.kind.as_str() {
+                "TimeoutError" => StatusCode::GATEWAY_TIMEOUT,
+                "container_exited" | "container_failed" => StatusCode::BAD_GATEWAY,
+                "not_found" => StatusCode::NOT_FOUND,
+                "no_containers" | "unavailable" => StatusCode::SERVICE_UNAVAILABLE,
+                "too_many_calls" => StatusCode::TOO_MANY_REQUESTS,
+                _ => StatusCode::INTERNAL_SERVER_ERROR,
+            };
+            (status, Json(serde_json::json!({ "error": error }))).into_response()
+        }
+        None => match outcome.result_pickled {
+            Some(pickled) => Json(serde_json::json!({ "result_pickled": pickled })).into_response(),
+            None => Json(serde_json::json!({ "result": outcome.result.unwrap_or(Value::Null) }))
+                .into_response(),
+        },
+    }
+}
+
+/// The HTTP answer for a call that could not be made (unknown function, full queue...).
+pub fn call_error_response(e: CallError) -> Response {
+    let retry_after = e.retry_after_header();
+    let mut response = (
+        e.status_code(),
+        Json(serde_json::json!({ "error": e.error })),
+    )
+        .into_response();
+    if let Some(value) = retry_after {
+        response.headers_mut().insert(header::RETRY_AFTER, value);
+    }
+    response
+}
+
+fn body_json(body: &Bytes) -> Result<Value, ApiError> {
+    if body.is_empty() {
+        return Ok(serde_json::json!({}));
+    }
+    serde_json::from_slice(body).map_err(|e| {
+        ApiError::bad(format!(
+            "the call body is not JSON ({e}); send {{\"args\": [...], \"kwargs\": {{...}}}}"
+        ))
+    })
+}
+
+async fn call(
+    State(server): State<Arc<Server>>,
+    Path((app, function)): Path<(String, String)>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let body = body_json(&body)?;
+    Ok(match server.call(&app, &function, &body).await {
+        Ok(outcome) => outcome_response(outcome),
+        Err(e) => call_error_response(e),
+    })
+}
+
+async fn spawn(
+    State(server): State<Arc<Server>>,
+    Path((app, function)): Path<(String, String)>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let body = body_json(&body)?;
+    Ok(match server.spawn_call(&app, &function, body) {
+        Ok(id) => Json(serde_json::json!({ "call_id": id })).into_response(),
+        Err(e) => call_error_response(e),
+    })
+}
+
+#[derive(Deserialize)]
+struct PollQuery {
+    /// Seconds to wait for the call to finish (at most 60).
+    #[serde(default)]
+    wait: f64,
+}
+
+async fn poll(
+    State(server): State<Arc<Server>>,
+    Path(id): Path<String>,
+    ApiQuery(query): ApiQuery<PollQuery>,
+) -> Result<Response, ApiError> {
+    let wait = Duration::from_secs_f64(if query.wait.is_finite() {
+        query.wait.clamp(0.0, 60.0)
+    } else {
+        0.0
+    });
+    match server.calls.wait(&id, wait).await {
+        Some(record) => Ok(Json(record).into_response()),
+        None => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("no call {id:?}: spawned calls are kept while the server runs"),
+        )),
+    }
+}
+
+async fn stats(
+    State(server): State<Arc<Server>>,
+    Path(app): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let live = server
+        .app(&app)
+        .ok_or_else(|| crate::api::not_deployed(&app))?;
+    let mut pools: Vec<_> = live.pools.values().map(|pool| pool.stats()).collect();
+    pools.sort_by(|a, b| a.function.cmp(&b.function));
+    Ok(Json(serde_json::json!({
+        "app": app,
+        "version": live.record.version,
+        "functions": pools,
+    })))
+}
+
+/// The most records one `GET /v1/apps/{app}/calls` returns.
+const MAX_HISTORY_PAGE: usize = 1000;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HistoryQuery {
+    #[serde(default)]
+    limit: Option<usize>,
+}
+
+/// The app's recent calls, newest first (kept after the app is removed, until they expire).
+async fn history(
+    State(server): State<Arc<Server>>,
+    Path(app): Path<String>,
+    ApiQuery(query): ApiQuery<HistoryQuery>,
+) -> Result<Json<Value>, ApiError> {
+    let limit = query.limit.unwrap_or(50).clamp(1, MAX_HISTORY_PAGE);
+    let records = tokio::task::spawn_blocking(move || server.history.recent(&app, limit))
+        .await
+        .map_err(|e| ApiError::internal(anyhow::anyhow!("history task failed: {e}")))?
+        .map_err(ApiError::internal)?;
+    Ok(Json(serde_json::json!({ "calls": records })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SecretBody {
+    values: BTreeMap<String, String>,
+}
+
+async fn put_secret(
+    State(server): State<Arc<Server>>,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> Result<StatusCode, ApiError> {
+    if !is_secret_name(&name) {
+        return Err(ApiError::bad(format!(
+            "secret name {name:?} must be 1-63 letters, digits, '-' and '_'"
+        )));
+    }
+    let body: SecretBody = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::bad(format!(
+            "the secret is not valid ({e}); send {{\"values\": {{\"NAME\": \"value\"}}}}"
+        ))
+    })?;
+    if body.values.is_empty() {
+        return Err(ApiError::bad("a secret needs at least one NAME=VALUE"));
+    }
+    if let Some(bad) = body
+        .values
+        .keys()
+        .find(|k| !crate::store::secrets::is_env_name(k))
+    {
+        return Err(ApiError::bad(format!(
+            "{bad:?} is not an environment variable name (letters, digits and '_', not \
+             starting with a digit)"
+        )));
+    }
+    server
+        .functions
+        .secrets
+        .put(&name, &body.values)
+        .map_err(ApiError::internal)?;
+    // The name only: values never reach a log.
+    tracing::info!(secret = %name, keys = body.values.len(), "secret stored");
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn list_secrets(State(server): State<Arc<Server>>) -> Result<Json<Value>, ApiError> {
+    let secrets = server
+        .functions
+        .secrets
+        .list()
+        .map_err(ApiError::internal)?;
+    Ok(Json(serde_json::json!({ "secrets": secrets })))
+}
+
+async fn delete_secret(
+    State(server): State<Arc<Server>>,
+    Path(name): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    match server.functions.secrets.delete(&name) {
+        Ok(true) => Ok(StatusCode::NO_CONTENT),
+        Ok(false) => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("no secret {name:?} (`lode secret ls` lists them)"),
+        )),
+        Err(e) => Err(ApiError::internal(e)),
+    }
+}
+
+async fn list_volumes(State(server): State<Arc<Server>>) -> Result<Json<Value>, ApiError> {
+    let names =
+        crate::store::volumes::list(&server.functions.volumes_dir).map_err(ApiError::internal)?;
+    Ok(Json(serde_json::json!({ "volumes": names })))
+}
+
+async fn create_volume(
+    State(server): State<Arc<Server>>,
+    Path(name): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    crate::store::volumes::open(
+        &server.functions.volumes_dir,
+        &name,
+        true,
+        server.functions.pools.native.container_root(),
+    )
+    .map_err(|e| ApiError::bad(e.to_string()))?;
+    Ok(StatusCode::NO_CONTENT)
+}

@@ -1,0 +1,332 @@
+//! The JSON API (`/v1/...` and `/metrics`), behind the bearer token.
+
+pub mod functions;
+
+use std::sync::Arc;
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, put};
+use axum::{Json, Router};
+use futures::StreamExt;
+use serde::Deserialize;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::{BroadcastStream, ReceiverStream};
+
+use crate::control::{DeployError, Server};
+use crate::proto::manifest::{Manifest, dns_label_rule, is_dns_label};
+
+/// An API error: a status, a short kind and a message that says what to do.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    kind: &'static str,
+    message: String,
+}
+
+impl ApiError {
+    pub(crate) fn new(status: StatusCode, kind: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            kind,
+            message: message.into(),
+        }
+    }
+
+    /// A 400 for a request that is not valid.
+    pub(crate) fn bad(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "invalid_request", message)
+    }
+
+    /// What went wrong, in words.
+    pub(crate) fn message(&self) -> &str {
+        &self.message
+    }
+
+    pub(crate) fn internal(error: impl std::fmt::Display) -> Self {
+        let id = format!("{:016x}", rand::random::<u64>());
+        tracing::error!(error_id = id, "internal error: {error}");
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            format!("internal error {id}; the server log has the details"),
+        )
+    }
+}
+
+/// A query string parsed into `T`; one that does not parse is refused in the API's JSON error
+/// shape, naming the parameter, rather than as axum's plain text.
+pub(crate) struct ApiQuery<T>(pub T);
+
+impl<T, S> axum::extract::FromRequestParts<S> for ApiQuery<T>
+where
+    T: serde::de::DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self, ApiError> {
+        Query::<T>::from_request_parts(parts, state)
+            .await
+            .map(|Query(query)| Self(query))
+            .map_err(|rejection| ApiError::bad(rejection.body_text()))
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = serde_json::json!({"error": {"kind": self.kind, "message": self.message}});
+        (self.status, Json(body)).into_response()
+    }
+}
+
+impl From<DeployError> for ApiError {
+    fn from(e: DeployError) -> Self {
+        let (status, kind) = match &e {
+            DeployError::Invalid(_) => (StatusCode::BAD_REQUEST, "invalid_manifest"),
+            DeployError::MissingBlobs(_) => (StatusCode::BAD_REQUEST, "missing_blobs"),
+            DeployError::Unsupported(_) => (StatusCode::UNPROCESSABLE_ENTITY, "unsupported"),
+            DeployError::Component { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "bad_component"),
+            DeployError::Internal(_) => return Self::internal(e),
+        };
+        Self::new(status, kind, e.to_string())
+    }
+}
+
+type ApiResult<T> = Result<T, ApiError>;
+
+/// The API router; `token` guards every route but `/healthz`.
+pub fn router(server: Arc<Server>, native: Arc<crate::native::Native>, token: Arc<str>) -> Router {
+    let guarded = Router::new()
+        .route("/v1/info", get(info))
+        .route("/v1/apps", get(list_apps))
+        .route(
+            "/v1/apps/{app}",
+            put(deploy).get(get_app).delete(remove_app),
+        )
+        .route("/v1/apps/{app}/logs", get(logs))
+        .route("/metrics", get(metrics))
+        .with_state(server.clone())
+        .merge(crate::api::functions::router(server))
+        .merge(crate::native::router(native))
+        .layer(middleware::from_fn_with_state(token, require_token));
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .merge(guarded)
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn require_token(State(token): State<Arc<str>>, req: Request, next: Next) -> Response {
+    let presented = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    match presented {
+        Some(given) if constant_time_eq(given.trim().as_bytes(), token.as_bytes()) => {
+            next.run(req).await
+        }
+        Some(_) => ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "the API token is wrong; use the token from the client.json that `lode serve` wrote",
+        )
+        .into_response(),
+        None => ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "missing API token: send `Authorization: Bearer <token>` (the CLI reads it from \
+             client.json, LODE_TOKEN or --token)",
+        )
+        .into_response(),
+    }
+}
+
+/// Where this server's other listeners are, so a client that knows only the API (flags or
+/// environment, no client file) finds the registry to upload to.
+async fn info(State(server): State<Arc<Server>>) -> Json<crate::control::Urls> {
+    Json(server.urls.clone())
+}
+
+fn app_summary(server: &Server, app: &crate::control::LiveApp) -> serde_json::Value {
+    serde_json::json!({
+        "app": app.record.manifest.app,
+        "version": app.record.version,
+        "deployed_at_ms": app.record.deployed_at_ms,
+        "functions": app.record.manifest.functions.iter().map(|f| serde_json::json!({
+            "name": f.name, "runtime": f.runtime, "component": f.component,
+            "web": f.web.as_ref().map(|w| &w.path),
+        })).collect::<Vec<_>>(),
+        "urls": server.urls(&app.record.manifest),
+    })
+}
+
+async fn list_apps(State(server): State<Arc<Server>>) -> Json<serde_json::Value> {
+    let apps: Vec<_> = server
+        .apps()
+        .iter()
+        .map(|a| app_summary(&server, a))
+        .collect();
+    Json(serde_json::json!({ "apps": apps }))
+}
+
+fn check_app_name(app: &str) -> ApiResult<()> {
+    if is_dns_label(app) {
+        Ok(())
+    } else {
+        Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_name",
+            dns_label_rule("app", app),
+        ))
+    }
+}
+
+pub(crate) fn not_deployed(app: &str) -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "not_found",
+        format!("no app named {app:?} is deployed; `lode ls` lists the deployed apps"),
+    )
+}
+
+async fn get_app(
+    State(server): State<Arc<Server>>,
+    Path(app): Path<String>,
+) -> ApiResult<Json<serde_json::Value>> {
+    check_app_name(&app)?;
+    let live = server.app(&app).ok_or_else(|| not_deployed(&app))?;
+    let mut summary = app_summary(&server, &live);
+    summary["manifest"] =
+        serde_json::to_value(&live.record.manifest).map_err(ApiError::internal)?;
+    Ok(Json(summary))
+}
+
+async fn remove_app(
+    State(server): State<Arc<Server>>,
+    Path(app): Path<String>,
+) -> ApiResult<StatusCode> {
+    check_app_name(&app)?;
+    match server.remove(&app).await {
+        Ok(true) => Ok(StatusCode::NO_CONTENT),
+        Ok(false) => Err(not_deployed(&app)),
+        Err(e) => Err(ApiError::internal(e)),
+    }
+}
+
+pub(crate) fn ndjson(lines: impl futures::Stream<Item = String> + Send + 'static) -> Response {
+    let body = Body::from_stream(lines.map(|mut line| {
+        line.push('\n');
+        Ok::<_, std::convert::Infallible>(Bytes::from(line))
+    }));
+    ([(header::CONTENT_TYPE, "application/x-ndjson")], body).into_response()
+}
+
+async fn deploy(
+    State(server): State<Arc<Server>>,
+    Path(app): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> ApiResult<Response> {
+    check_app_name(&app)?;
+    if headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ct| !ct.starts_with("application/json"))
+    {
+        return Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "bad_content_type",
+            "send the deployment manifest as application/json",
+        ));
+    }
+    let manifest: Manifest = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_manifest",
+            format!("the manifest is not valid: {e} (docs/manifest.md has the schema)"),
+        )
+    })?;
+    if manifest.app != app {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_manifest",
+            format!(
+                "the manifest names app {:?} but was sent to /v1/apps/{app}",
+                manifest.app
+            ),
+        ));
+    }
+    server.precheck(&manifest)?;
+    let (tx, rx) = mpsc::channel(64);
+    tokio::spawn(server.clone().deploy(manifest, tx));
+    let lines = ReceiverStream::new(rx)
+        .map(|event| serde_json::to_string(&event).expect("deploy events serialize"));
+    Ok(ndjson(lines))
+}
+
+#[derive(Debug, Deserialize)]
+struct LogQuery {
+    #[serde(default)]
+    follow: bool,
+    #[serde(default = "default_tail")]
+    tail: usize,
+}
+
+fn default_tail() -> usize {
+    200
+}
+
+async fn logs(
+    State(server): State<Arc<Server>>,
+    Path(app): Path<String>,
+    ApiQuery(query): ApiQuery<LogQuery>,
+) -> ApiResult<Response> {
+    check_app_name(&app)?;
+    if server.app(&app).is_none() {
+        return Err(not_deployed(&app));
+    }
+    let (recent, rx) = server.logs.snapshot(&app, query.tail);
+    let recent = futures::stream::iter(recent);
+    let to_line = |line: crate::telemetry::logs::LogLine| {
+        serde_json::to_string(&line).expect("log lines serialize")
+    };
+    if !query.follow {
+        return Ok(ndjson(recent.map(to_line)));
+    }
+    let live = BroadcastStream::new(rx).filter_map(|item| async move {
+        match item {
+            Ok(line) => Some(line),
+            Err(tokio_stream::wrappers::errors::BroadcastStreamRecvError::Lagged(n)) => {
+                Some(crate::telemetry::logs::LogLine {
+                    time_ms: 0,
+                    app: String::new(),
+                    request_id: None,
+                    stream: crate::telemetry::logs::Stream::System,
+                    line: format!("[lode: {n} lines were dropped because the reader fell behind]"),
+                })
+            }
+        }
+    });
+    Ok(ndjson(recent.chain(live).map(to_line)))
+}
+
+async fn metrics(State(server): State<Arc<Server>>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        server.metrics.encode(),
+    )
+        .into_response()
+}

@@ -1,0 +1,402 @@
+//! The CLI for Python apps: `lode deploy app.py`, `lode run app.py`, `lode call`, and the
+//! `secret`, `volume` and `stats` commands.
+//!
+//! Deploy imports the file with the embedded SDK in collect mode (`python3 -m lode collect`:
+//! no entrypoint runs, `image.imports()` blocks are skipped), uploads the source as a blob,
+//! creates inline secrets, resolves local image files, and sends the manifest.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::Stdio;
+use std::sync::Arc;
+
+use anyhow::{Context, Result, bail};
+use lode_native_runner::image_spec::ImageSpec;
+use lode_registry::{BlobAccess, Digest, RegistryClient};
+use reqwest::{Method, StatusCode};
+use serde::Deserialize;
+use serde_json::Value;
+
+use crate::cli::client::ApiClient;
+use crate::proto::manifest::{
+    FunctionSpec, MANIFEST_VERSION, Manifest, dns_label_rule, is_dns_label,
+};
+
+/// What `python3 -m lode collect` prints.
+#[derive(Debug, Deserialize)]
+struct Collected {
+    app: String,
+    module: String,
+    #[serde(default)]
+    inline_secrets: BTreeMap<String, BTreeMap<String, String>>,
+    #[serde(default)]
+    allow_callers: Vec<String>,
+    functions: Vec<Value>,
+}
+
+/// The Python interpreter the CLI runs the SDK with.
+fn python() -> String {
+    std::env::var("LODE_PYTHON").unwrap_or_else(|_| "python3".into())
+}
+
+/// `PYTHONPATH` with the embedded SDK first.
+fn python_path() -> Result<String> {
+    let sdk = crate::sdk::extract(&crate::sdk::client_root()).context("writing the Python SDK")?;
+    Ok(match std::env::var("PYTHONPATH") {
+        Ok(existing) if !existing.is_empty() => format!("{}:{existing}", sdk.display()),
+        _ => sdk.display().to_string(),
+    })
+}
+
+fn collect(file: &Path) -> Result<Collected> {
+    let output = std::process::Command::new(python())
+        .args(["-m", "lode", "collect"])
+        .arg(file)
+        .env("PYTHONPATH", python_path()?)
+        .stdin(Stdio::null())
+        .stderr(Stdio::inherit())
+        .output()
+        .with_context(|| format!("running {} (is Python 3.10+ installed?)", python()))?;
+    if !output.status.success() {
+        bail!(
+            "reading the app from {} failed (see the lines above)",
+            file.display()
+        );
+    }
+    serde_json::from_slice(&output.stdout).with_context(|| {
+        format!(
+            "the SDK printed something unexpected for {}: {}",
+            file.display(),
+            String::from_utf8_lossy(&output.stdout)
+        )
+    })
+}
+
+/// `lode deploy app.py [--name APP]`; returns the app's name.
+pub async fn deploy(
+    client: &ApiClient,
+    registry: Arc<RegistryClient>,
+    file: &Path,
+    name: Option<&str>,
+) -> Result<String> {
+    let file = std::fs::canonicalize(file).with_context(|| format!("{}", file.display()))?;
+    let collected = collect(&file)?;
+    let app = name.map(str::to_string).unwrap_or(collected.app.clone());
+    if !is_dns_label(&app) {
+        bail!("{}; pass --name", dns_label_rule("app", &app));
+    }
+    let source = std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
+    let source_digest = Digest::of(&source);
+    let base_dir = file.parent().unwrap_or(Path::new("/")).to_path_buf();
+    let blobs: Arc<dyn BlobAccess> = registry.clone();
+    let mut functions = Vec::new();
+    for mut function in collected.functions {
+        function["python"]["source"] = Value::String(source_digest.to_string());
+        function["python"]["module"] = Value::String(collected.module.clone());
+        if let Some(image) = function["python"].get("image").cloned()
+            && !image.is_null()
+        {
+            let mut spec: ImageSpec = serde_json::from_value(image)
+                .context("the SDK produced an image spec this lode cannot read")?;
+            crate::cli::container::resolve_local(&mut spec, &base_dir, &blobs).await?;
+            function["python"]["image"] = serde_json::to_value(&spec)?;
+        }
+        let spec: FunctionSpec = serde_json::from_value(function.clone()).with_context(|| {
+            format!("the SDK produced a function this lode cannot read: {function}")
+        })?;
+        functions.push(spec);
+    }
+    let manifest = Manifest {
+        version: MANIFEST_VERSION,
+        app: app.clone(),
+        config: Default::default(),
+        limits: Default::default(),
+        allow_callers: collected.allow_callers.clone(),
+        functions,
+    };
+    if let Err(problems) = manifest.validate() {
+        bail!("invalid app:\n  {}", problems.join("\n  "));
+    }
+    for (secret, values) in &collected.inline_secrets {
+        put_secret(client, secret, values).await?;
+    }
+    if registry
+        .missing(std::slice::from_ref(&source_digest))
+        .await?
+        .contains(&source_digest)
+    {
+        registry
+            .put_blob(&source_digest, source.into())
+            .await
+            .with_context(|| format!("uploading {}", file.display()))?;
+    }
+    crate::cli::deploy::follow_deploy(client, &manifest).await?;
+    for function in &manifest.functions {
+        if function.web.is_none() {
+            println!("  {} -> lode call {app}/{}", function.name, function.name);
+        }
+    }
+    Ok(app)
+}
+
+/// `lode run app.py [--entrypoint NAME] [-- ARGS...]`: deploys, then runs the local
+/// entrypoint here while the app's logs stream into this terminal. Returns its exit code.
+pub async fn run(
+    client: &ApiClient,
+    registry: Arc<RegistryClient>,
+    file: &Path,
+    entrypoint: Option<&str>,
+    args: &[String],
+) -> Result<i32> {
+    let app = deploy(client, registry, file, None).await?;
+    let follower = {
+        let path = format!("/v1/apps/{app}/logs?follow=true&tail=0");
+        let response = client.send(client.request(Method::GET, &path)).await?;
+        tokio::spawn(async move {
+            use futures::StreamExt;
+            let mut lines =
+                crate::cli::client::ndjson_lines::<crate::telemetry::logs::LogLine>(response);
+            while let Some(Ok(line)) = lines.next().await {
+                let stream = match line.stream {
+                    crate::telemetry::logs::Stream::Stdout => "",
+                    crate::telemetry::logs::Stream::Stderr => "err ",
+                    crate::telemetry::logs::Stream::System => "lode ",
+                };
+                eprintln!("[{app}] {stream}{}", line.line);
+            }
+        })
+    };
+    let mut command = tokio::process::Command::new(python());
+    command
+        .args(["-m", "lode", "run"])
+        .arg(file)
+        .env("PYTHONPATH", python_path()?)
+        .env("LODE_API", client.base_url());
+    if let Some(token) = client.token() {
+        command.env("LODE_TOKEN", token);
+    }
+    if let Some(name) = entrypoint {
+        command.args(["--entrypoint", name]);
+    }
+    if !args.is_empty() {
+        command.arg("--").args(args);
+    }
+    let status = command
+        .status()
+        .await
+        .with_context(|| format!("running {}", python()))?;
+    // The last lines of output may still be on their way.
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    follower.abort();
+    Ok(status.code().unwrap_or_else(|| {
+        128 + std::os::unix::process::ExitStatusExt::signal(&status).unwrap_or(0)
+    }))
+}
+
+/// `lode call APP/FN ARG...`: each argument is JSON, or else a string. Prints the result as
+/// JSON; a remote error is printed with its traceback and exits 1.
+pub async fn call(client: &ApiClient, target: &str, args: &[String]) -> Result<i32> {
+    let Some((app, function)) = target.split_once('/') else {
+        bail!("name the function as APP/FUNCTION, e.g. `lode call demo/square 4`");
+    };
+    let args: Vec<Value> = args
+        .iter()
+        .map(|a| serde_json::from_str(a).unwrap_or_else(|_| Value::String(a.clone())))
+        .collect();
+    let response = client
+        .request(
+            Method::POST,
+            &format!("/v1/apps/{app}/functions/{function}/call"),
+        )
+        .json(&serde_json::json!({"args": args, "kwargs": {}}))
+        .send()
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot reach the Lode API at {}: {e}", client.base_url()))?;
+    let status = response.status();
+    let body: Value = response.json().await.unwrap_or(Value::Null);
+    if status.is_success() {
+        println!("{}", body["result"]);
+        return Ok(0);
+    }
+    let error = &body["error"];
+    let kind = error["kind"].as_str().unwrap_or("error");
+    let message = error["message"].as_str().unwrap_or("(no message)");
+    if let Some(traceback) = error["traceback"].as_str() {
+        eprint!("{traceback}");
+    }
+    eprintln!("{kind}: {message}");
+    if status == StatusCode::UNAUTHORIZED {
+        return Ok(2);
+    }
+    Ok(1)
+}
+
+async fn put_secret(
+    client: &ApiClient,
+    name: &str,
+    values: &BTreeMap<String, String>,
+) -> Result<()> {
+    client
+        .send_found(
+            client
+                .request(Method::PUT, &format!("/v1/secrets/{name}"))
+                .json(&serde_json::json!({ "values": values })),
+        )
+        .await?;
+    Ok(())
+}
+
+/// `lode secret create NAME KEY=VALUE...`.
+pub async fn secret_create(client: &ApiClient, name: &str, pairs: &[String]) -> Result<()> {
+    let mut values = BTreeMap::new();
+    for pair in pairs {
+        let Some((key, value)) = pair.split_once('=') else {
+            bail!("{pair:?} is not KEY=VALUE");
+        };
+        values.insert(key.to_string(), value.to_string());
+    }
+    if values.is_empty() {
+        bail!("give at least one KEY=VALUE: lode secret create {name} TOKEN=...");
+    }
+    put_secret(client, name, &values).await?;
+    // Names only: the values stay out of terminals and logs.
+    let keys: Vec<_> = values.keys().cloned().collect();
+    println!("secret {name} stored ({})", keys.join(", "));
+    Ok(())
+}
+
+/// `lode secret ls`.
+pub async fn secret_list(client: &ApiClient) -> Result<()> {
+    let answer: Value = client
+        .json(client.request(Method::GET, "/v1/secrets"))
+        .await?;
+    let secrets = answer["secrets"].as_array().cloned().unwrap_or_default();
+    if secrets.is_empty() {
+        println!("no secrets; create one with `lode secret create NAME KEY=VALUE`");
+    }
+    for secret in secrets {
+        let keys: Vec<&str> = secret["keys"]
+            .as_array()
+            .map(|k| k.iter().filter_map(Value::as_str).collect())
+            .unwrap_or_default();
+        println!(
+            "{:<24} {}",
+            secret["name"].as_str().unwrap_or("?"),
+            keys.join(", ")
+        );
+    }
+    Ok(())
+}
+
+/// `lode secret rm NAME`.
+pub async fn secret_remove(client: &ApiClient, name: &str) -> Result<()> {
+    client
+        .send_found(client.request(Method::DELETE, &format!("/v1/secrets/{name}")))
+        .await?;
+    println!("secret {name} removed");
+    Ok(())
+}
+
+/// `lode volume create NAME`.
+pub async fn volume_create(client: &ApiClient, name: &str) -> Result<()> {
+    client
+        .send_found(client.request(Method::PUT, &format!("/v1/volumes/{name}")))
+        .await?;
+    println!("volume {name} ready");
+    Ok(())
+}
+
+/// `lode volume ls`.
+pub async fn volume_list(client: &ApiClient) -> Result<()> {
+    let answer: Value = client
+        .json(client.request(Method::GET, "/v1/volumes"))
+        .await?;
+    for name in answer["volumes"].as_array().into_iter().flatten() {
+        println!("{}", name.as_str().unwrap_or("?"));
+    }
+    Ok(())
+}
+
+/// `lode stats APP`: each function's containers, queue and cold starts.
+pub async fn stats(client: &ApiClient, app: &str) -> Result<()> {
+    let answer: Value = client
+        .json(client.request(Method::GET, &format!("/v1/apps/{app}/stats")))
+        .await?;
+    println!(
+        "{:<20} {:>10} {:>8} {:>7} {:>6} {:>11} {:>7} {:>8} {:>7}",
+        "FUNCTION",
+        "CONTAINERS",
+        "STARTING",
+        "RUNNING",
+        "QUEUED",
+        "COLD_STARTS",
+        "INPUTS",
+        "FAILURES",
+        "MIN/MAX"
+    );
+    for f in answer["functions"].as_array().into_iter().flatten() {
+        let n = |key: &str| f[key].as_u64().unwrap_or(0).to_string();
+        println!(
+            "{:<20} {:>10} {:>8} {:>7} {:>6} {:>11} {:>7} {:>8} {:>7}",
+            f["function"].as_str().unwrap_or("?"),
+            n("containers"),
+            n("starting"),
+            n("running"),
+            n("queued"),
+            n("cold_starts"),
+            n("inputs"),
+            n("failures"),
+            format!("{}/{}", n("min_containers"), n("max_containers")),
+        );
+    }
+    Ok(())
+}
+
+/// `lode calls APP`: the app's recent calls, newest first.
+pub async fn calls(client: &ApiClient, app: &str, limit: usize, json: bool) -> Result<()> {
+    let answer: Value = client
+        .json(client.request(
+            Method::GET,
+            &format!("/v1/apps/{app}/calls?limit={}", limit.clamp(1, 1000)),
+        ))
+        .await?;
+    let records: Vec<crate::control::history::HistoryRecord> =
+        serde_json::from_value(answer["calls"].clone()).context("reading the call records")?;
+    if json {
+        for record in &records {
+            println!("{}", serde_json::to_string(record)?);
+        }
+        return Ok(());
+    }
+    if records.is_empty() {
+        println!("no calls of {app} recorded in the last 24 h");
+        return Ok(());
+    }
+    println!(
+        "{:<24} {:<20} {:<7} {:<9} {:>11}  ERROR",
+        "TIME (UTC)", "FUNCTION", "ENGINE", "STATUS", "DURATION"
+    );
+    for record in records {
+        let at = chrono::DateTime::from_timestamp_millis(record.created_ms as i64)
+            .map(|t| t.format("%Y-%m-%d %H:%M:%S%.3f").to_string())
+            .unwrap_or_default();
+        let status = serde_json::to_value(record.status)?;
+        let error = record
+            .error
+            .map(|e| format!("{}: {}", e.kind, e.message.lines().next().unwrap_or("")))
+            .unwrap_or_default();
+        println!(
+            "{at:<24} {:<20} {:<7} {:<9} {:>9.2}ms  {error}",
+            record.function,
+            record.engine,
+            status.as_str().unwrap_or("?"),
+            record.duration_ms,
+        );
+    }
+    Ok(())
+}
+
+/// Whether `path` is a Python app (`lode deploy` then takes the Python path).
+pub fn is_python_app(path: &Path) -> bool {
+    path.extension().is_some_and(|e| e == "py") && path.is_file()
+}

@@ -1,0 +1,661 @@
+//! The deployment manifest: one JSON shape for Wasm and Python functions.
+//!
+//! The CLI uploads blobs first, then sends this manifest in `PUT /v1/apps/{app}`. The schema is
+//! documented in `docs/manifest.md`; fields that later engines fill (Python, GPUs, schedules)
+//! are accepted and validated now so that manifests written today keep working.
+
+use std::collections::BTreeSet;
+use std::ops::RangeInclusive;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// Version of the manifest schema this server reads.
+pub const MANIFEST_VERSION: u32 = 1;
+
+/// An app: a named set of functions deployed together and switched atomically.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    /// Schema version; absent means 1.
+    #[serde(default = "default_version")]
+    pub version: u32,
+    /// App name, a DNS label.
+    pub app: String,
+    /// Values the app's Wasm functions read with `config.get`.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub config: std::collections::BTreeMap<String, String>,
+    /// Limits on the app's Wasm calls beyond each function's memory and timeout.
+    #[serde(default, skip_serializing_if = "AppLimits::is_default")]
+    pub limits: AppLimits,
+    /// Other apps whose code (containers, Wasm guests) may call this app's functions; none
+    /// by default. Pickle functions take calls from their own app only, whatever this says.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allow_callers: Vec<String>,
+    /// The app's functions.
+    pub functions: Vec<FunctionSpec>,
+}
+
+/// The smallest and largest Wasm stack an app may ask for, in KiB.
+pub const WASM_STACK_KIB: RangeInclusive<u32> = 64..=16 << 10;
+
+/// The deepest call nesting an app may allow.
+pub const MAX_CALL_DEPTH_LIMIT: u32 = 64;
+
+/// The most calls an app may let one outside call lead to.
+pub const MAX_FAN_OUT_LIMIT: u32 = 1_000_000;
+
+/// Fuel one call may be given. The low end only refuses budgets too small to be meant (a Rust
+/// guest's start-up alone takes more); the high end is hours of work.
+pub const FUEL_LIMIT: RangeInclusive<u64> = 1_000..=1_000_000_000_000_000;
+
+/// Limits for untrusted Wasm that hold per app (`[limits]` in lode.toml). Absent fields take
+/// the server's defaults.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct AppLimits {
+    /// Wasm stack per call, in KiB; deeper recursion traps as `stack_overflow`. At most the
+    /// server's `--max-wasm-stack`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wasm_stack_kib: Option<u32>,
+    /// How deep calls through `invoke` and `spawn` may nest below the call that came from
+    /// outside (which is depth 0).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub call_depth: Option<u32>,
+    /// How many calls, nested ones included, one call from outside may lead to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fan_out: Option<u32>,
+    /// Fuel per call (about one unit per Wasm instruction), for a CPU bound that is the same
+    /// on every machine and run; a call that uses it up fails as `fuel_exhausted`. Unset: no
+    /// metering, only the wall-clock timeout.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fuel: Option<u64>,
+}
+
+impl AppLimits {
+    fn is_default(&self) -> bool {
+        *self == Self::default()
+    }
+
+    fn validate(&self, problems: &mut Vec<String>) {
+        let mut check = |field: &str, value: Option<u64>, range: RangeInclusive<u64>, unit| {
+            if let Some(value) = value
+                && !range.contains(&value)
+            {
+                problems.push(format!(
+                    "limits: {field} {value} must be {} to {}{unit}",
+                    range.start(),
+                    range.end()
+                ));
+            }
+        };
+        let widen =
+            |range: &RangeInclusive<u32>| u64::from(*range.start())..=u64::from(*range.end());
+        check(
+            "wasm_stack_kib",
+            self.wasm_stack_kib.map(u64::from),
+            widen(&WASM_STACK_KIB),
+            " (KiB)",
+        );
+        check(
+            "call_depth",
+            self.call_depth.map(u64::from),
+            widen(&(1..=MAX_CALL_DEPTH_LIMIT)),
+            "",
+        );
+        check(
+            "fan_out",
+            self.fan_out.map(u64::from),
+            widen(&(1..=MAX_FAN_OUT_LIMIT)),
+            "",
+        );
+        check("fuel", self.fuel, FUEL_LIMIT, " (units per call)");
+    }
+}
+
+fn default_version() -> u32 {
+    MANIFEST_VERSION
+}
+
+/// Which engine runs a function.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Runtime {
+    /// A WebAssembly component on the Wasm engine.
+    Wasm,
+    /// A Python function in a native container.
+    Python,
+}
+
+/// One function of an app.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct FunctionSpec {
+    /// Function name, a DNS label, unique within the app.
+    pub name: String,
+    /// Engine.
+    pub runtime: Runtime,
+    /// For Wasm: the component's digest, `blake3:<hex>`, uploaded before the manifest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub component: Option<String>,
+    /// For Python: where the code is and what image it runs in.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub python: Option<PythonSource>,
+    /// Resources and limits.
+    #[serde(default)]
+    pub resources: Resources,
+    /// Public HTTP route; a Wasm `wasi:http` component needs one to receive requests.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub web: Option<WebRoute>,
+    /// Cron expression (`"0 * * * *"`) or period (`"every 5m"`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schedule: Option<String>,
+    /// Names of secrets exposed to the function.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub secrets: Vec<String>,
+    /// Volumes mounted into the function.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub volumes: Vec<VolumeMount>,
+    /// Outbound network policy.
+    #[serde(default)]
+    pub network: Network,
+    /// Python: how often an input is retried after its container died under it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retries: Option<Retries>,
+    /// Wasm: run the function's init once at deploy and snapshot it (Wizer), so calls start
+    /// with its start-up work done.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub pre_init: bool,
+}
+
+/// Retries of inputs whose container died, with exponential back-off.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Retries {
+    /// Retries after the first attempt (0-10).
+    pub max_retries: u32,
+    /// Seconds before the first retry.
+    #[serde(default = "default_initial_delay")]
+    pub initial_delay: f64,
+    /// Each further delay is the last one times this.
+    #[serde(default = "default_backoff")]
+    pub backoff_coefficient: f64,
+}
+
+fn default_initial_delay() -> f64 {
+    1.0
+}
+
+fn default_backoff() -> f64 {
+    2.0
+}
+
+impl Retries {
+    /// The delay before retry number `attempt` (1 for the first retry).
+    pub fn delay(&self, attempt: u32) -> Duration {
+        let factor = self
+            .backoff_coefficient
+            .powi(attempt.saturating_sub(1) as i32);
+        Duration::from_secs_f64((self.initial_delay * factor).clamp(0.0, 600.0))
+    }
+}
+
+/// Python code and image.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PythonSource {
+    /// Digest of the uploaded source blob.
+    pub source: String,
+    /// Module to import.
+    pub module: String,
+    /// Qualified name of the function within the module.
+    pub qualname: String,
+    /// Image spec as the SDK builds it (base plus steps); opaque to the Wasm engine.
+    #[serde(default)]
+    pub image: serde_json::Value,
+    /// `json` (the default) or `pickle`, for functions that take and return Python objects.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serialization: Option<String>,
+}
+
+/// Resources and limits. Absent fields take the server's defaults.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Resources {
+    /// CPU cores, fractional.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu: Option<f64>,
+    /// Memory per instance in MiB.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<u64>,
+    /// `"any"`, `"H100"`, `"H100:2"`; absent means no GPU.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpu: Option<String>,
+    /// Wall-clock limit per request or call, in seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<f64>,
+    /// Inputs served at once by one instance (native engine).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub concurrency: Option<u32>,
+    /// Containers kept warm (native engine).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_containers: Option<u32>,
+    /// Upper bound on containers (native engine).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_containers: Option<u32>,
+    /// Seconds an idle container stays up (native engine).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scaledown_window: Option<f64>,
+}
+
+/// A public HTTP route.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct WebRoute {
+    /// Path prefix inside the app, starting with `/`.
+    #[serde(default = "default_web_path")]
+    pub path: String,
+    /// Allowed method; absent means any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub method: Option<String>,
+}
+
+fn default_web_path() -> String {
+    "/".into()
+}
+
+impl Default for WebRoute {
+    fn default() -> Self {
+        Self {
+            path: default_web_path(),
+            method: None,
+        }
+    }
+}
+
+/// A named volume and where it appears.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct VolumeMount {
+    /// Volume name.
+    pub name: String,
+    /// Absolute mount path inside the function.
+    pub path: String,
+    /// Mounted read-only.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub read_only: bool,
+    /// Created at deploy when missing (otherwise a missing volume fails the deploy).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub create_if_missing: bool,
+}
+
+/// Outbound network policy.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Network {
+    /// `none` (the default) or `outbound`.
+    #[serde(default)]
+    pub mode: NetworkMode,
+    /// Wasm only: hosts a guest may send HTTP requests to, as `host`, `host:port` or
+    /// `*.domain`. A non-empty list implies `outbound`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allow: Vec<String>,
+}
+
+/// Whether a function may open outbound connections.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum NetworkMode {
+    /// No outbound network.
+    #[default]
+    None,
+    /// Outbound allowed (Wasm: to the allow-listed hosts only).
+    Outbound,
+}
+
+/// Whether `name` is a DNS label: `[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?`.
+pub fn is_dns_label(name: &str) -> bool {
+    let bytes = name.as_bytes();
+    let ok_inner = |b: &u8| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-';
+    let ok_edge = |b: &u8| b.is_ascii_lowercase() || b.is_ascii_digit();
+    !bytes.is_empty()
+        && bytes.len() <= 63
+        && bytes.iter().all(ok_inner)
+        && ok_edge(&bytes[0])
+        && ok_edge(&bytes[bytes.len() - 1])
+}
+
+/// Whether `name` suits a secret: `[A-Za-z0-9_-]{1,63}`.
+pub fn is_secret_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 63
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+/// Whether `name` suits a Python function: `[A-Za-z_][A-Za-z0-9_-]{0,62}`.
+pub fn is_python_function_name(name: &str) -> bool {
+    let bytes = name.as_bytes();
+    !bytes.is_empty()
+        && bytes.len() <= 63
+        && (bytes[0].is_ascii_alphabetic() || bytes[0] == b'_')
+        && bytes
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || *b == b'_' || *b == b'-')
+}
+
+/// Explains the app-name rule, for error messages.
+pub fn dns_label_rule(kind: &str, name: &str) -> String {
+    format!(
+        "invalid {kind} name {name:?}: use 1-63 lowercase letters, digits and '-', \
+         starting and ending with a letter or digit (it becomes a DNS label)"
+    )
+}
+
+impl Manifest {
+    /// Checks everything that does not need the blob store; returns every problem found.
+    pub fn validate(&self) -> Result<(), Vec<String>> {
+        let mut problems = Vec::new();
+        if self.version != MANIFEST_VERSION {
+            problems.push(format!(
+                "manifest version {} is not supported; this server reads version {MANIFEST_VERSION}",
+                self.version
+            ));
+        }
+        if !is_dns_label(&self.app) {
+            problems.push(dns_label_rule("app", &self.app));
+        }
+        if self.functions.is_empty() {
+            problems.push("the manifest lists no functions".into());
+        }
+        self.limits.validate(&mut problems);
+        for caller in &self.allow_callers {
+            if !is_dns_label(caller) {
+                problems.push(format!(
+                    "allow_callers: {}",
+                    dns_label_rule("caller app", caller)
+                ));
+            }
+        }
+        let mut names = BTreeSet::new();
+        let mut web_paths = BTreeSet::new();
+        for function in &self.functions {
+            let name = &function.name;
+            match function.runtime {
+                Runtime::Wasm if !is_dns_label(name) => {
+                    problems.push(dns_label_rule("function", name));
+                }
+                Runtime::Python if !is_python_function_name(name) => problems.push(format!(
+                    "invalid function name {name:?}: a Python function's name is 1-63 letters, \
+                     digits, '_' and '-', starting with a letter or '_'"
+                )),
+                _ => {}
+            }
+            if !names.insert(name.as_str()) {
+                problems.push(format!("function {name:?} is listed twice"));
+            }
+            function.validate(&mut problems);
+            if let Some(web) = &function.web
+                && !web_paths.insert(web.path.as_str())
+            {
+                problems.push(format!(
+                    "web path {:?} is claimed by more than one function",
+                    web.path
+                ));
+            }
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(problems)
+        }
+    }
+}
+
+impl FunctionSpec {
+    fn validate(&self, problems: &mut Vec<String>) {
+        let name = &self.name;
+        match self.runtime {
+            Runtime::Wasm => match &self.component {
+                None => problems.push(format!(
+                    "function {name:?}: a wasm function needs \"component\" (a blob digest)"
+                )),
+                Some(digest) => {
+                    if digest.parse::<lode_registry::Digest>().is_err() {
+                        problems.push(format!(
+                            "function {name:?}: component {digest:?} is not a digest \
+                             (expected blake3:<64 hex>)"
+                        ));
+                    }
+                }
+            },
+            Runtime::Python => match &self.python {
+                None => problems.push(format!(
+                    "function {name:?}: a python function needs \"python\" \
+                     (source, module, qualname)"
+                )),
+                Some(python) => {
+                    if python.source.parse::<lode_registry::Digest>().is_err() {
+                        problems.push(format!(
+                            "function {name:?}: source {:?} is not a digest",
+                            python.source
+                        ));
+                    }
+                    if !python
+                        .module
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || c == '_')
+                        || python.module.is_empty()
+                    {
+                        problems.push(format!(
+                            "function {name:?}: module {:?} is not a Python module name",
+                            python.module
+                        ));
+                    }
+                    if let Some(other) = python
+                        .serialization
+                        .as_deref()
+                        .filter(|s| !matches!(*s, "json" | "pickle"))
+                    {
+                        problems.push(format!(
+                            "function {name:?}: serialization {other:?} is not json or pickle"
+                        ));
+                    }
+                }
+            },
+        }
+        if self.pre_init && self.runtime != Runtime::Wasm {
+            problems.push(format!(
+                "function {name:?}: pre_init is for Wasm functions (lode:function components)"
+            ));
+        }
+        let r = &self.resources;
+        if r.memory == Some(0) {
+            problems.push(format!("function {name:?}: memory must be at least 1 MiB"));
+        }
+        if let Some(t) = r.timeout
+            && (t.is_nan() || t <= 0.0 || t > 86_400.0)
+        {
+            problems.push(format!(
+                "function {name:?}: timeout {t} s must be above 0 and at most 86400"
+            ));
+        }
+        if let Some(cpu) = r.cpu
+            && (cpu.is_nan() || cpu <= 0.0)
+        {
+            problems.push(format!("function {name:?}: cpu must be above 0"));
+        }
+        if let Some(web) = &self.web
+            && !web.path.starts_with('/')
+        {
+            problems.push(format!(
+                "function {name:?}: web path {:?} must start with '/'",
+                web.path
+            ));
+        }
+        if let Some(retries) = &self.retries
+            && (retries.max_retries > 10
+                || !(0.0..=60.0).contains(&retries.initial_delay)
+                || !(1.0..=10.0).contains(&retries.backoff_coefficient))
+        {
+            problems.push(format!(
+                "function {name:?}: retries need max_retries 0-10, initial_delay 0-60 s and \
+                 backoff_coefficient 1-10"
+            ));
+        }
+        if r.max_containers == Some(0) {
+            problems.push(format!(
+                "function {name:?}: max_containers must be at least 1"
+            ));
+        }
+        if let (Some(min), Some(max)) = (r.min_containers, r.max_containers)
+            && min > max
+        {
+            problems.push(format!(
+                "function {name:?}: min_containers {min} is above max_containers {max}"
+            ));
+        }
+        if r.concurrency == Some(0) || r.concurrency.is_some_and(|c| c > 1000) {
+            problems.push(format!("function {name:?}: concurrency must be 1-1000"));
+        }
+        if let Some(window) = r.scaledown_window
+            && !(0.0..=86_400.0).contains(&window)
+        {
+            problems.push(format!(
+                "function {name:?}: scaledown_window must be 0 to 86400 seconds"
+            ));
+        }
+        for volume in &self.volumes {
+            if !is_dns_label(&volume.name) {
+                problems.push(format!(
+                    "function {name:?}: {}",
+                    dns_label_rule("volume", &volume.name)
+                ));
+            }
+            if !volume.path.starts_with('/') || volume.path.split('/').any(|p| p == "..") {
+                problems.push(format!(
+                    "function {name:?}: volume path {:?} must be absolute, without `..`",
+                    volume.path
+                ));
+            }
+        }
+        for secret in &self.secrets {
+            if !is_secret_name(secret) {
+                problems.push(format!(
+                    "function {name:?}: secret name {secret:?} must be 1-63 letters, digits, \
+                     '-' and '_'"
+                ));
+            }
+        }
+        if let Some(schedule) = &self.schedule
+            && let Err(why) = crate::control::schedule::Schedule::parse(schedule)
+        {
+            problems.push(format!("function {name:?}: schedule {schedule:?}: {why}"));
+        }
+        for pattern in &self.network.allow {
+            if let Err(why) = crate::wasm::outbound::HostPattern::parse(pattern) {
+                problems.push(format!(
+                    "function {name:?}: network.allow {pattern:?}: {why}"
+                ));
+            }
+        }
+    }
+
+    /// The request timeout, or `default` when the manifest names none.
+    pub fn timeout_or(&self, default: Duration) -> Duration {
+        self.resources
+            .timeout
+            .map(Duration::from_secs_f64)
+            .unwrap_or(default)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn wasm_fn(name: &str) -> FunctionSpec {
+        FunctionSpec {
+            name: name.into(),
+            runtime: Runtime::Wasm,
+            component: Some(lode_registry::Digest::of(b"x").to_string()),
+            python: None,
+            resources: Resources::default(),
+            web: Some(WebRoute::default()),
+            schedule: None,
+            secrets: vec![],
+            volumes: vec![],
+            network: Network::default(),
+            retries: None,
+            pre_init: false,
+        }
+    }
+
+    #[test]
+    fn dns_labels() {
+        for good in ["a", "hello", "a-b", "x1", &"a".repeat(63)] {
+            assert!(is_dns_label(good), "{good}");
+        }
+        for bad in ["", "-a", "a-", "A", "a_b", "a.b", &"a".repeat(64), "héllo"] {
+            assert!(!is_dns_label(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn reports_every_problem() {
+        let mut second = wasm_fn("Bad_Name");
+        second.component = Some("sha256:abc".into());
+        second.resources.timeout = Some(-1.0);
+        let manifest = Manifest {
+            version: 1,
+            app: "My App".into(),
+            config: Default::default(),
+            limits: AppLimits {
+                call_depth: Some(0),
+                fuel: Some(10),
+                ..Default::default()
+            },
+            allow_callers: vec!["Other App".into()],
+            functions: vec![wasm_fn("web"), second],
+        };
+        let problems = manifest.validate().unwrap_err();
+        let all = problems.join("\n");
+        assert!(all.contains("invalid app name \"My App\""), "{all}");
+        assert!(all.contains("invalid function name \"Bad_Name\""), "{all}");
+        assert!(all.contains("is not a digest"), "{all}");
+        assert!(all.contains("timeout -1"), "{all}");
+        assert!(all.contains("claimed by more than one"), "{all}");
+        assert!(all.contains("call_depth 0 must be 1 to 64"), "{all}");
+        assert!(all.contains("fuel 10 must be 1000 to"), "{all}");
+        assert!(
+            all.contains("allow_callers: invalid caller app name \"Other App\""),
+            "{all}"
+        );
+    }
+
+    #[test]
+    fn json_round_trip_and_unknown_fields() {
+        let manifest = Manifest {
+            version: 1,
+            app: "hello".into(),
+            config: Default::default(),
+            limits: AppLimits {
+                wasm_stack_kib: Some(128),
+                call_depth: None,
+                fan_out: Some(10),
+                fuel: Some(5_000_000),
+            },
+            allow_callers: vec!["billing".into()],
+            functions: vec![wasm_fn("web")],
+        };
+        let json = serde_json::to_string(&manifest).unwrap();
+        assert_eq!(serde_json::from_str::<Manifest>(&json).unwrap(), manifest);
+        assert!(manifest.validate().is_ok());
+        let typo = json.replace("\"functions\"", "\"functoins\"");
+        let err = serde_json::from_str::<Manifest>(&typo)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("functoins"), "{err}");
+    }
+}

@@ -1,0 +1,5 @@
+//! Wire types and the data model, shared by the CLI and the server: what one writes, the
+//! other reads through the same Rust types.
+
+pub mod client_file;
+pub mod manifest;

@@ -1,0 +1,347 @@
+//! `lode serve`: lock the data and cache dirs, restore deployments, open the API and public
+//! listeners, and write the client file.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use fs2::FileExt;
+use hyper::server::conn::http1;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+
+use crate::control::{Limits, Server, Urls};
+use crate::proto::client_file::{ClientFile, user_client_file};
+use crate::store::state::RedbStore;
+use crate::telemetry::logs::LogStore;
+use crate::wasm::engine::{EngineSettings, WasmEngine};
+use lode_registry::{RegistryService, RegistryStore, ServiceOptions};
+
+/// How long a client may take to send request headers (slow clients hold a task each).
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Settings for `lode serve`.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    /// State, blobs and the client file.
+    pub data_dir: PathBuf,
+    /// Compiled components (deletable).
+    pub cache_dir: PathBuf,
+    /// API listen address.
+    pub api: SocketAddr,
+    /// Public HTTP listen address.
+    pub http: SocketAddr,
+    /// Registry (gRPC) listen address.
+    pub registry: SocketAddr,
+    /// Registry limits and read access.
+    pub registry_options: RegistryOptions,
+    /// Chunk cache bound, in bytes.
+    pub cache_size: u64,
+    /// Where debootstrap bases are kept between builds (default `<cache-dir>/images/base`).
+    pub image_base_dir: Option<PathBuf>,
+    /// Bounds on what one container may ask for.
+    pub container_bounds: crate::native::ContainerBounds,
+    /// Limits.
+    pub limits: Limits,
+    /// Pool size.
+    pub max_instances: u32,
+    /// Wasm stack per call, in bytes; apps may ask for less.
+    pub wasm_stack: usize,
+    /// How long compiled components no app uses stay cached.
+    pub compiled_cache_ttl: Duration,
+    /// Lines kept per app.
+    pub log_lines: usize,
+    /// Skip writing `~/.config/lode/client.json`.
+    pub no_client_config: bool,
+    /// Inputs one Python function may hold queued before calls get 429.
+    pub max_queue: usize,
+    /// How long a function container may take to load its module.
+    pub container_start_timeout: Duration,
+}
+
+/// Settings the embedded and the standalone registry share.
+#[derive(Debug, Clone)]
+pub struct RegistryOptions {
+    /// Let anyone read blobs, indexes and tags.
+    pub public_read: bool,
+    /// Largest blob accepted, in bytes.
+    pub max_blob: u64,
+}
+
+impl RegistryOptions {
+    fn service(&self, token: &str) -> ServiceOptions {
+        ServiceOptions {
+            token: Some(Arc::from(token)),
+            public_read: self.public_read,
+            max_blob: self.max_blob,
+            ..ServiceOptions::default()
+        }
+    }
+}
+
+/// The registry's stores under `data_dir`, with the index format check wired in.
+fn open_registry(data_dir: &Path) -> Result<RegistryStore> {
+    let validator: lode_registry::IndexValidator = Arc::new(lode_fs::validate_index);
+    RegistryStore::open_dir(data_dir, Some(validator))
+        .with_context(|| format!("opening the registry in {}", data_dir.display()))
+}
+
+/// Settings for `lode registry serve`.
+#[derive(Debug, Clone)]
+pub struct RegistryServeOptions {
+    /// Blobs, indexes, tags and the token.
+    pub data_dir: PathBuf,
+    /// Listen address.
+    pub listen: SocketAddr,
+    /// Limits and read access.
+    pub registry: RegistryOptions,
+}
+
+/// Runs a standalone registry until SIGINT or SIGTERM.
+pub async fn serve_registry(options: RegistryServeOptions) -> Result<()> {
+    let _lock = lock_dir(&options.data_dir, "registry data dir")?;
+    let token = load_or_create_token(&options.data_dir)?;
+    let store = open_registry(&options.data_dir)?;
+    let listener = bind(options.listen, "listen").await?;
+    let url = format!("http://{}", listener.local_addr()?);
+    println!("lode registry serve");
+    println!("  registry  {url}");
+    println!(
+        "  token     {} (reads {})",
+        options.data_dir.join("token").display(),
+        if options.registry.public_read {
+            "are public"
+        } else {
+            "need it too"
+        }
+    );
+    tracing::info!(%url, "registry serving");
+    RegistryService::new(store, options.registry.service(&token))
+        .serve(listener, shutdown_signal())
+        .await
+        .context("serving the registry")
+}
+
+/// Holds an exclusive lock on a directory for the life of the process.
+pub struct DirLock {
+    _file: std::fs::File,
+}
+
+/// Locks `dir` so that two processes never share it.
+pub fn lock_dir(dir: &Path, what: &str) -> Result<DirLock> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {what} {}", dir.display()))?;
+    let path = dir.join(".lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("opening lock file {}", path.display()))?;
+    if file.try_lock_exclusive().is_err() {
+        bail!(
+            "{what} {} is in use by another lode process; stop it or pass a different directory",
+            dir.display()
+        );
+    }
+    Ok(DirLock { _file: file })
+}
+
+fn load_or_create_token(data_dir: &Path) -> Result<String> {
+    let path = data_dir.join("token");
+    match std::fs::read_to_string(&path) {
+        Ok(token) if !token.trim().is_empty() => Ok(token.trim().to_string()),
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e)
+            .with_context(|| format!("reading token file {} (fix or remove it)", path.display())),
+        _ => {
+            let token = format!("lode_{}", hex::encode(rand::random::<[u8; 24]>()));
+            crate::util::write_atomic(&path, token.as_bytes(), 0o600)
+                .with_context(|| format!("writing token file {}", path.display()))?;
+            Ok(token)
+        }
+    }
+}
+
+async fn bind(addr: SocketAddr, what: &str) -> Result<TcpListener> {
+    TcpListener::bind(addr).await.with_context(|| {
+        format!(
+            "binding the {what} listener on {addr} (is the port in use? pass another with --{what})"
+        )
+    })
+}
+
+/// Runs the server until SIGINT or SIGTERM.
+pub async fn serve(options: ServeOptions) -> Result<()> {
+    let _data_lock = lock_dir(&options.data_dir, "data dir")?;
+    let _cache_lock = lock_dir(&options.cache_dir, "cache dir")?;
+    let token = load_or_create_token(&options.data_dir)?;
+
+    let api_listener = bind(options.api, "api").await?;
+    let http_listener = bind(options.http, "http").await?;
+    let registry_listener = bind(options.registry, "registry-listen").await?;
+    let api_addr = api_listener.local_addr()?;
+    let http_addr = http_listener.local_addr()?;
+    let registry_addr = registry_listener.local_addr()?;
+    let api_url = format!("http://{api_addr}");
+    let http_url = format!("http://{http_addr}");
+    let registry_url = format!("http://{registry_addr}");
+
+    let engine = WasmEngine::new(&EngineSettings {
+        compiled_dir: options.cache_dir.join("compiled"),
+        max_instances: options.max_instances,
+        max_memory: options.limits.max_memory,
+        wasm_stack: options.wasm_stack,
+        compiled_ttl: options.compiled_cache_ttl,
+    })?;
+    let registry = open_registry(&options.data_dir)?;
+    // The chunk cache and the image mounts belong to this process (the native runner mounts
+    // images through this table); mounts a killed predecessor left behind are cleared.
+    let chunks = lode_fs::ChunkCache::open(&options.cache_dir.join("chunks"), options.cache_size)?;
+    let image_mounts = Arc::new(
+        lode_fs::MountTable::new(
+            &options.cache_dir.join("mounts"),
+            chunks,
+            Arc::new(registry.clone()),
+            lode_fs::MountOptions::default(),
+        )
+        .context("preparing the image mounts")?,
+    );
+    let native = crate::native::Native::new(
+        Arc::new(registry.clone()),
+        image_mounts.clone(),
+        &options.cache_dir,
+        options
+            .image_base_dir
+            .clone()
+            .unwrap_or_else(|| options.cache_dir.join("images/base")),
+        options.container_bounds.clone(),
+    );
+    let state: Arc<dyn crate::store::state::StateStore> =
+        Arc::new(RedbStore::open(&options.data_dir.join("state"))?);
+    let logs = LogStore::new(options.log_lines);
+    let sdk_dir = crate::sdk::extract(&options.cache_dir.join("sdk"))
+        .context("writing the Python SDK into the cache dir")?;
+    let functions = crate::control::Functions {
+        pools: Arc::new(crate::native::pool::PoolContext {
+            native: native.clone(),
+            sdk_dir,
+            logs: logs.clone(),
+            max_queue: options.max_queue,
+            start_timeout: options.container_start_timeout,
+            server: std::sync::OnceLock::new(),
+            started: std::sync::Mutex::new(Vec::new()),
+        }),
+        secrets: Arc::new(crate::store::secrets::Secrets::open(
+            &options.data_dir,
+            state.clone(),
+        )?),
+        volumes_dir: options.data_dir.join("volumes"),
+        apps_dir: {
+            // App sources are the tenants' code: theirs and Lode's alone.
+            let apps = options.cache_dir.join("apps");
+            lode_fs::create_private_dir(&apps)
+                .with_context(|| format!("creating {}", apps.display()))?;
+            apps
+        },
+    };
+    let server = Server::new(
+        engine,
+        registry.blobs.clone(),
+        state,
+        logs,
+        options.limits.clone(),
+        vec![api_addr, http_addr, registry_addr],
+        Urls {
+            http: http_url.clone(),
+            registry: registry_url.clone(),
+        },
+        functions,
+    );
+    let restored = server.restore().await?;
+    tokio::spawn(server.clone().prune_compiled());
+    tokio::spawn(crate::control::schedule::run(Arc::downgrade(&server)));
+
+    let client = ClientFile {
+        api_url: api_url.clone(),
+        http_url: http_url.clone(),
+        registry_url: registry_url.clone(),
+        token: token.clone(),
+    };
+    let client_path = options.data_dir.join("client.json");
+    client.write(&client_path)?;
+    if !options.no_client_config
+        && let Some(user_path) = user_client_file()
+    {
+        client.write(&user_path)?;
+    }
+
+    println!("lode serve: {restored} app(s) restored");
+    println!("  API       {api_url}");
+    println!("  HTTP      {http_url}");
+    println!("  registry  {registry_url}");
+    println!("  client    {}", client_path.display());
+    tracing::info!(%api_addr, %http_addr, restored, "serving");
+
+    let shutdown_native = native.clone();
+    let api_router = crate::api::router(server.clone(), native, Arc::from(token.as_str()));
+    let api_task = tokio::spawn(async move {
+        axum::serve(api_listener, api_router)
+            .with_graceful_shutdown(shutdown_signal())
+            .await
+    });
+    let http_task = tokio::spawn(serve_public(http_listener, server.clone()));
+    let registry_service = RegistryService::new(registry, options.registry_options.service(&token));
+    let registry_task = tokio::spawn(registry_service.serve(registry_listener, shutdown_signal()));
+    shutdown_signal().await;
+    tracing::info!("shutting down");
+    http_task.abort();
+    let _ = tokio::time::timeout(Duration::from_secs(5), api_task).await;
+    let _ = tokio::time::timeout(Duration::from_secs(5), registry_task).await;
+    // Containers run on the image mounts: they go first.
+    server.shut_down().await;
+    image_mounts.close().await;
+    shutdown_native.shut_down();
+    Ok(())
+}
+
+async fn serve_public(listener: TcpListener, server: Arc<Server>) {
+    loop {
+        let (stream, _) = match listener.accept().await {
+            Ok(conn) => conn,
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let server = server.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req| {
+                let server = server.clone();
+                async move {
+                    Ok::<_, std::convert::Infallible>(crate::wasm::http::handle(server, req).await)
+                }
+            });
+            if let Err(e) = http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT)
+                .keep_alive(true)
+                .serve_connection(TokioIo::new(stream), service)
+                .await
+            {
+                tracing::debug!(error = %e, "connection ended with an error");
+            }
+        });
+    }
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("installing SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

@@ -1,0 +1,306 @@
+//! The embedded state store: which apps are deployed, at which version, plus secrets and
+//! schedule marks.
+//!
+//! [`StateStore`] is the seam for scale-out (PostgreSQL later); [`RedbStore`] is the embedded
+//! default under `<data-dir>/state/`. redb commits are durable (fsync) before they return.
+
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
+use serde::{Deserialize, Serialize};
+
+use crate::proto::manifest::Manifest;
+
+/// A deployed app as recorded.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct AppRecord {
+    /// The manifest as accepted.
+    pub manifest: Manifest,
+    /// Increases by one with each deploy that changes the app.
+    pub version: u64,
+    /// Milliseconds since the Unix epoch.
+    pub deployed_at_ms: u64,
+}
+
+/// Durable record of deployments.
+pub trait StateStore: Send + Sync + 'static {
+    /// Records `record`, replacing any earlier version of the app.
+    fn put_app(&self, record: &AppRecord) -> Result<()>;
+    /// Every recorded app.
+    fn list_apps(&self) -> Result<Vec<AppRecord>>;
+    /// Forgets an app; returns whether it existed.
+    fn delete_app(&self, app: &str) -> Result<bool>;
+    /// Stores `value` under `key` in `table`, durably.
+    fn put_entry(&self, table: Table, key: &str, value: &[u8]) -> Result<()>;
+    /// The value under `key` in `table`.
+    fn get_entry(&self, table: Table, key: &str) -> Result<Option<Vec<u8>>>;
+    /// Every key and value in `table`, by key.
+    fn list_entries(&self, table: Table) -> Result<Vec<(String, Vec<u8>)>>;
+    /// Removes `key` from `table`; returns whether it was there.
+    fn delete_entry(&self, table: Table, key: &str) -> Result<bool>;
+    /// Stores `entries` in `table` in one commit, then drops keys below `drop_below` and, the
+    /// smallest first, whatever is over `keep` entries. A commit that is not `durable` reaches
+    /// the disk with the next durable one (of any table): a crash may lose it.
+    fn append_entries(
+        &self,
+        table: Table,
+        entries: &[(String, Vec<u8>)],
+        drop_below: &str,
+        keep: u64,
+        durable: bool,
+    ) -> Result<()>;
+    /// Values in `table` from the largest key down, those `accept` takes, at most `limit`.
+    fn newest_entries(
+        &self,
+        table: Table,
+        limit: usize,
+        accept: &mut dyn FnMut(&[u8]) -> bool,
+    ) -> Result<Vec<Vec<u8>>>;
+}
+
+/// The keyed tables beside the apps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Table {
+    /// Secrets, encrypted (see [`crate::store::secrets`]).
+    Secrets,
+    /// When each scheduled function last fired.
+    Schedules,
+    /// Spawned calls' records.
+    Calls,
+    /// Every call's summary, keyed so that keys sort by time.
+    History,
+}
+
+const APPS: TableDefinition<&str, &[u8]> = TableDefinition::new("apps");
+const SECRETS: TableDefinition<&str, &[u8]> = TableDefinition::new("secrets");
+const SCHEDULES: TableDefinition<&str, &[u8]> = TableDefinition::new("schedules");
+const CALLS: TableDefinition<&str, &[u8]> = TableDefinition::new("calls");
+const HISTORY: TableDefinition<&str, &[u8]> = TableDefinition::new("history");
+
+fn definition(table: Table) -> TableDefinition<'static, &'static str, &'static [u8]> {
+    match table {
+        Table::Secrets => SECRETS,
+        Table::Schedules => SCHEDULES,
+        Table::Calls => CALLS,
+        Table::History => HISTORY,
+    }
+}
+
+/// [`StateStore`] in a redb file.
+pub struct RedbStore {
+    db: Database,
+}
+
+impl RedbStore {
+    /// Opens or creates the store in `dir`.
+    pub fn open(dir: &Path) -> Result<Self> {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("creating state directory {}", dir.display()))?;
+        let path = dir.join("lode.redb");
+        let db = Database::create(&path).with_context(|| {
+            format!(
+                "opening state store {} (is another `lode serve` using this data dir?)",
+                path.display()
+            )
+        })?;
+        let txn = db.begin_write()?;
+        for table in [APPS, SECRETS, SCHEDULES, CALLS, HISTORY] {
+            txn.open_table(table)?;
+        }
+        txn.commit()?;
+        Ok(Self { db })
+    }
+}
+
+impl StateStore for RedbStore {
+    fn put_app(&self, record: &AppRecord) -> Result<()> {
+        let bytes = serde_json::to_vec(record)?;
+        let txn = self.db.begin_write()?;
+        txn.open_table(APPS)?
+            .insert(record.manifest.app.as_str(), bytes.as_slice())?;
+        txn.commit()?;
+        Ok(())
+    }
+
+    fn list_apps(&self) -> Result<Vec<AppRecord>> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(APPS)?;
+        let mut apps = Vec::new();
+        for entry in table.iter()? {
+            let (name, bytes) = entry?;
+            let record: AppRecord = serde_json::from_slice(bytes.value())
+                .with_context(|| format!("state record for app {:?} is corrupt", name.value()))?;
+            apps.push(record);
+        }
+        Ok(apps)
+    }
+
+    fn delete_app(&self, app: &str) -> Result<bool> {
+        let txn = self.db.begin_write()?;
+        let existed = txn.open_table(APPS)?.remove(app)?.is_some();
+        txn.commit()?;
+        Ok(existed)
+    }
+
+    fn put_entry(&self, table: Table, key: &str, value: &[u8]) -> Result<()> {
+        let txn = self.db.begin_write()?;
+        txn.open_table(definition(table))?.insert(key, value)?;
+        txn.commit()?;
+        Ok(())
+    }
+
+    fn get_entry(&self, table: Table, key: &str) -> Result<Option<Vec<u8>>> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(definition(table))?;
+        Ok(table.get(key)?.map(|v| v.value().to_vec()))
+    }
+
+    fn list_entries(&self, table: Table) -> Result<Vec<(String, Vec<u8>)>> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(definition(table))?;
+        let mut entries = Vec::new();
+        for entry in table.iter()? {
+            let (key, value) = entry?;
+            entries.push((key.value().to_string(), value.value().to_vec()));
+        }
+        Ok(entries)
+    }
+
+    fn delete_entry(&self, table: Table, key: &str) -> Result<bool> {
+        let txn = self.db.begin_write()?;
+        let existed = txn.open_table(definition(table))?.remove(key)?.is_some();
+        txn.commit()?;
+        Ok(existed)
+    }
+
+    fn append_entries(
+        &self,
+        table: Table,
+        entries: &[(String, Vec<u8>)],
+        drop_below: &str,
+        keep: u64,
+        durable: bool,
+    ) -> Result<()> {
+        let mut txn = self.db.begin_write()?;
+        if !durable {
+            txn.set_durability(redb::Durability::None)?;
+        }
+        {
+            let mut table = txn.open_table(definition(table))?;
+            for (key, value) in entries {
+                table.insert(key.as_str(), value.as_slice())?;
+            }
+            table.retain_in(..drop_below, |_, _| false)?;
+            let mut over = table.len()?.saturating_sub(keep);
+            while over > 0 && table.pop_first()?.is_some() {
+                over -= 1;
+            }
+        }
+        txn.commit()?;
+        Ok(())
+    }
+
+    fn newest_entries(
+        &self,
+        table: Table,
+        limit: usize,
+        accept: &mut dyn FnMut(&[u8]) -> bool,
+    ) -> Result<Vec<Vec<u8>>> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(definition(table))?;
+        let mut found = Vec::new();
+        for entry in table.iter()?.rev() {
+            if found.len() >= limit {
+                break;
+            }
+            let (_, value) = entry?;
+            if accept(value.value()) {
+                found.push(value.value().to_vec());
+            }
+        }
+        Ok(found)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::manifest::Manifest;
+
+    fn record(app: &str, version: u64) -> AppRecord {
+        AppRecord {
+            manifest: Manifest {
+                version: 1,
+                app: app.into(),
+                config: Default::default(),
+                limits: Default::default(),
+                allow_callers: Vec::new(),
+                functions: vec![],
+            },
+            version,
+            deployed_at_ms: 1,
+        }
+    }
+
+    #[test]
+    fn records_survive_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = RedbStore::open(dir.path()).unwrap();
+            store.put_app(&record("a", 1)).unwrap();
+            store.put_app(&record("b", 1)).unwrap();
+            store.put_app(&record("a", 2)).unwrap();
+            assert!(store.delete_app("b").unwrap());
+            assert!(!store.delete_app("b").unwrap());
+        }
+        let store = RedbStore::open(dir.path()).unwrap();
+        assert_eq!(store.list_apps().unwrap(), vec![record("a", 2)]);
+    }
+
+    #[test]
+    fn appended_entries_are_trimmed_by_age_and_count_and_read_newest_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = RedbStore::open(dir.path()).unwrap();
+        let batch = |keys: &[&str]| -> Vec<(String, Vec<u8>)> {
+            keys.iter()
+                .map(|k| (k.to_string(), k.as_bytes().to_vec()))
+                .collect()
+        };
+        store
+            .append_entries(Table::History, &batch(&["01", "02", "03"]), "02", 10, false)
+            .unwrap();
+        store
+            .append_entries(Table::History, &batch(&["04", "05", "06"]), "00", 4, true)
+            .unwrap();
+        let all = store
+            .newest_entries(Table::History, 10, &mut |_| true)
+            .unwrap();
+        assert_eq!(all, [b"06", b"05", b"04", b"03"]);
+        let odd = store
+            .newest_entries(Table::History, 1, &mut |v| v[1] % 2 == 1)
+            .unwrap();
+        assert_eq!(odd, [b"05"]);
+    }
+
+    #[test]
+    fn entries_survive_reopening_per_table() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = RedbStore::open(dir.path()).unwrap();
+            store.put_entry(Table::Secrets, "api", b"sealed").unwrap();
+            store.put_entry(Table::Schedules, "api", b"123").unwrap();
+            store.put_entry(Table::Schedules, "gone", b"1").unwrap();
+            assert!(store.delete_entry(Table::Schedules, "gone").unwrap());
+        }
+        let store = RedbStore::open(dir.path()).unwrap();
+        assert_eq!(
+            store.get_entry(Table::Secrets, "api").unwrap(),
+            Some(b"sealed".to_vec())
+        );
+        assert_eq!(
+            store.list_entries(Table::Schedules).unwrap(),
+            vec![("api".to_string(), b"123".to_vec())]
+        );
+    }
+}
