@@ -1,10 +1,18 @@
-//! Crash-safe file writes (temporary file, fsync, rename, fsync of the directory), and marking
-//! cache files as used.
+//! Small helpers every layer uses: the wall clock in milliseconds, crash-safe file writes
+//! (temporary file, fsync, rename, fsync of the directory), and marking cache files as used.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// Milliseconds since the Unix epoch (0 for a clock set before it).
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
 
 /// Writes `bytes` to `path` so that a crash leaves either the old file or the new one.
 pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {

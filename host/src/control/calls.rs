@@ -8,7 +8,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use lode_native_runner::agent::{CallRequest, ErrorInfo, Outcome};
 use serde::Serialize;
@@ -127,13 +127,6 @@ pub struct Calls {
     store: Option<Arc<dyn StateStore>>,
 }
 
-/// Milliseconds since the Unix epoch.
-pub(crate) fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
-
 impl Calls {
     /// Records kept in `store` too. Records older than [`RETENTION`] go now, and calls that
     /// were running when the last server stopped are marked failed.
@@ -157,7 +150,7 @@ impl Calls {
                 return;
             }
         };
-        let oldest = now_ms().saturating_sub(RETENTION.as_millis() as u64);
+        let oldest = crate::util::now_ms().saturating_sub(RETENTION.as_millis() as u64);
         for (id, bytes) in entries {
             match serde_json::from_slice::<CallRecord>(&bytes) {
                 Ok(record) if record.created_ms >= oldest => {
@@ -199,7 +192,7 @@ impl Calls {
             result: None,
             result_pickled: None,
             error: None,
-            created_ms: now_ms(),
+            created_ms: crate::util::now_ms(),
             duration_ms: None,
         };
         self.persist(&record);
@@ -238,7 +231,7 @@ impl Calls {
             entry.bytes = weight;
             added = weight;
             let record = &mut entry.record;
-            record.duration_ms = Some(now_ms().saturating_sub(record.created_ms));
+            record.duration_ms = Some(crate::util::now_ms().saturating_sub(record.created_ms));
             if let Some(error) = outcome.error {
                 record.status = CallStatus::Failed;
                 record.error = Some(error);
@@ -454,7 +447,7 @@ impl Server {
                     Err(e) => Some(&e.error),
                 };
                 self.history.record(HistoryRecord {
-                    created_ms: now_ms().saturating_sub(elapsed.as_millis() as u64),
+                    created_ms: crate::util::now_ms().saturating_sub(elapsed.as_millis() as u64),
                     app: app.to_string(),
                     function: function.to_string(),
                     engine: engine.to_string(),

@@ -125,7 +125,7 @@ impl CallHistory {
 
     /// The newest records of `app` younger than [`RETENTION`], newest first, at most `limit`.
     pub fn recent(&self, app: &str, limit: usize) -> anyhow::Result<Vec<HistoryRecord>> {
-        let oldest = crate::control::calls::now_ms().saturating_sub(RETENTION.as_millis() as u64);
+        let oldest = crate::util::now_ms().saturating_sub(RETENTION.as_millis() as u64);
         let mut accept = |bytes: &[u8]| {
             serde_json::from_slice::<HistoryRecord>(bytes)
                 .is_ok_and(|record| record.app == app && record.created_ms >= oldest)
@@ -202,7 +202,7 @@ fn write_records(receiver: Receiver<HistoryRecord>, store: Arc<dyn StateStore>) 
                 (key, serde_json::to_vec(record).expect("records encode"))
             })
             .collect();
-        let oldest = crate::control::calls::now_ms().saturating_sub(RETENTION.as_millis() as u64);
+        let oldest = crate::util::now_ms().saturating_sub(RETENTION.as_millis() as u64);
         let drop_below = format!("{oldest:013}");
         let durable = last_durable.elapsed() >= DURABLE_EVERY;
         match store.append_entries(Table::History, &entries, &drop_below, MAX_RECORDS, durable) {
@@ -244,7 +244,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store: Arc<dyn StateStore> =
             Arc::new(crate::store::state::RedbStore::open(dir.path()).unwrap());
-        let now = crate::control::calls::now_ms();
+        let now = crate::util::now_ms();
         let expired = now - RETENTION.as_millis() as u64 - 1000;
         {
             let history = CallHistory::start(store.clone(), Counter::default());

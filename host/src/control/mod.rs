@@ -8,7 +8,7 @@ pub mod schedule;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use lode_registry::{BlobStore, Digest};
@@ -18,7 +18,7 @@ use wasmtime_wasi_http::p2::bindings::ProxyPre;
 
 use crate::control::calls::Calls;
 use crate::control::history::CallHistory;
-use crate::control::schedule::Schedule;
+use crate::proto::schedule::Schedule;
 use crate::native::pool::{Pool, PoolContext, PoolSpec};
 use crate::proto::manifest::{FunctionSpec, Manifest, Runtime};
 use crate::store::secrets::Secrets;
@@ -349,13 +349,6 @@ pub struct Server {
     commit_lock: tokio::sync::Mutex<()>,
 }
 
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
 impl Server {
     /// Assembles a server; call [`Server::restore`] before serving.
     #[allow(clippy::too_many_arguments)]
@@ -540,7 +533,7 @@ impl Server {
             .allow
             .iter()
             .filter_map(|entry| {
-                crate::wasm::outbound::HostPattern::parse(entry)
+                crate::proto::host_pattern::HostPattern::parse(entry)
                     .ok()?
                     .range()
             })
@@ -609,10 +602,10 @@ impl Server {
                     function: function.name.clone(),
                 });
             }
-            if let Some(text) = &function.schedule {
-                let schedule = Schedule::parse(text).map_err(|why| {
-                    DeployError::Invalid(vec![format!("function {:?}: {why}", function.name)])
-                })?;
+            if let Some(schedule) = function
+                .parsed_schedule()
+                .map_err(|why| DeployError::Invalid(vec![why]))?
+            {
                 built.schedules.push((function.name.clone(), schedule));
             }
             built.pools.insert(function.name.clone(), pool);
@@ -1087,7 +1080,7 @@ impl Server {
         let record = AppRecord {
             manifest,
             version,
-            deployed_at_ms: now_ms(),
+            deployed_at_ms: crate::util::now_ms(),
         };
         self.state.put_app(&record).map_err(DeployError::Internal)?;
         let app = record.manifest.app.clone();

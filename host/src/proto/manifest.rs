@@ -548,18 +548,27 @@ impl FunctionSpec {
                 ));
             }
         }
-        if let Some(schedule) = &self.schedule
-            && let Err(why) = crate::control::schedule::Schedule::parse(schedule)
-        {
-            problems.push(format!("function {name:?}: schedule {schedule:?}: {why}"));
+        if let Err(why) = self.parsed_schedule() {
+            problems.push(why);
         }
         for pattern in &self.network.allow {
-            if let Err(why) = crate::wasm::outbound::HostPattern::parse(pattern) {
+            if let Err(why) = crate::proto::host_pattern::HostPattern::parse(pattern) {
                 problems.push(format!(
                     "function {name:?}: network.allow {pattern:?}: {why}"
                 ));
             }
         }
+    }
+
+    /// The function's schedule, parsed: checked at deploy and read by the scheduler through
+    /// this one place. The error names the function and the text.
+    pub fn parsed_schedule(&self) -> Result<Option<crate::proto::schedule::Schedule>, String> {
+        let Some(text) = &self.schedule else {
+            return Ok(None);
+        };
+        crate::proto::schedule::Schedule::parse(text)
+            .map(Some)
+            .map_err(|why| format!("function {:?}: schedule {text:?}: {why}", self.name))
     }
 
     /// The request timeout, or `default` when the manifest names none.

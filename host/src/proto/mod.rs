@@ -2,4 +2,6 @@
 //! other reads through the same Rust types.
 
 pub mod client_file;
+pub mod host_pattern;
 pub mod manifest;
+pub mod schedule;

@@ -8,7 +8,6 @@ use std::collections::{HashMap, VecDeque};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
@@ -119,7 +118,7 @@ impl LogStore {
             line.push_str(" [lode: line cut]");
         }
         let entry = LogLine {
-            time_ms: now_ms(),
+            time_ms: crate::util::now_ms(),
             app: app.to_string(),
             request_id: request_id.map(str::to_string),
             stream,
@@ -186,13 +185,6 @@ impl LogStore {
             })),
         }
     }
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 struct LineSplitter {
