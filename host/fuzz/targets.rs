@@ -61,7 +61,7 @@ pub fn agent_message(data: &[u8]) {
 /// A call body, as the API and containers send it, for JSON and pickle functions.
 pub fn call_payload(data: &[u8]) {
     if let Ok(body) = serde_json::from_slice::<serde_json::Value>(data) {
-        let _ = lode::control::calls::check_payload(&body, false);
-        let _ = lode::control::calls::check_payload(&body, true);
+        let _ = lode::function::check_payload(&body, false);
+        let _ = lode::function::check_payload(&body, true);
     }
 }

@@ -9,7 +9,7 @@ use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
 use lode::cli::image;
 use lode::cli::{self, ApiClient};
-use lode::control::Limits;
+use lode::wasm::WasmBounds;
 use lode::proto::client_file::{ClientOverrides, RegistryTarget};
 use lode::serve::{RegistryOptions, RegistryServeOptions, ServeOptions, serve, serve_registry};
 use lode_registry::RegistryClient;
@@ -679,7 +679,7 @@ async fn run(cli: Cli) -> Result<()> {
                 cache_size: args.cache_size,
                 image_base_dir: args.image_base_dir,
                 container_bounds,
-                limits: Limits {
+                limits: WasmBounds {
                     default_memory: args.memory * MIB,
                     max_memory: args.max_memory * MIB,
                     default_timeout: args.timeout,

@@ -17,12 +17,12 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use crate::api::{ApiError, ApiQuery};
-use crate::control::Server;
-use crate::control::calls::CallError;
+use crate::control::Control;
+use crate::function::{CallError, Dispatch};
 use crate::proto::manifest::is_secret_name;
 
 /// The routes, for the token-guarded part of the API.
-pub fn router(server: Arc<Server>) -> Router {
+pub fn router(control: Arc<Control>) -> Router {
     Router::new()
         .route("/v1/apps/{app}/functions/{function}/call", post(call))
         .route("/v1/apps/{app}/functions/{function}/spawn", post(spawn))
@@ -33,7 +33,7 @@ pub fn router(server: Arc<Server>) -> Router {
         .route("/v1/secrets/{name}", put(put_secret).delete(delete_secret))
         .route("/v1/volumes", get(list_volumes))
         .route("/v1/volumes/{name}", put(create_volume))
-        .with_state(server)
+        .with_state(control)
 }
 
 /// The HTTP answer for a finished call: 200 with the result, or the error with a status
@@ -85,24 +85,24 @@ fn body_json(body: &Bytes) -> Result<Value, ApiError> {
 }
 
 async fn call(
-    State(server): State<Arc<Server>>,
+    State(control): State<Arc<Control>>,
     Path((app, function)): Path<(String, String)>,
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let body = body_json(&body)?;
-    Ok(match server.call(&app, &function, &body).await {
+    Ok(match control.call(&app, &function, &body, None, None).await {
         Ok(outcome) => outcome_response(outcome),
         Err(e) => call_error_response(e),
     })
 }
 
 async fn spawn(
-    State(server): State<Arc<Server>>,
+    State(control): State<Arc<Control>>,
     Path((app, function)): Path<(String, String)>,
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let body = body_json(&body)?;
-    Ok(match server.spawn_call(&app, &function, body) {
+    Ok(match control.spawn(&app, &function, body, None, None) {
         Ok(id) => Json(serde_json::json!({ "call_id": id })).into_response(),
         Err(e) => call_error_response(e),
     })
@@ -116,7 +116,7 @@ struct PollQuery {
 }
 
 async fn poll(
-    State(server): State<Arc<Server>>,
+    State(control): State<Arc<Control>>,
     Path(id): Path<String>,
     ApiQuery(query): ApiQuery<PollQuery>,
 ) -> Result<Response, ApiError> {
@@ -125,7 +125,7 @@ async fn poll(
     } else {
         0.0
     });
-    match server.calls.wait(&id, wait).await {
+    match control.calls.wait(&id, wait).await {
         Some(record) => Ok(Json(record).into_response()),
         None => Err(ApiError::new(
             StatusCode::NOT_FOUND,
@@ -136,10 +136,10 @@ async fn poll(
 }
 
 async fn stats(
-    State(server): State<Arc<Server>>,
+    State(control): State<Arc<Control>>,
     Path(app): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    let live = server
+    let live = control
         .app(&app)
         .ok_or_else(|| crate::api::not_deployed(&app))?;
     let mut pools: Vec<_> = live.pools.values().map(|pool| pool.stats()).collect();
@@ -163,12 +163,12 @@ struct HistoryQuery {
 
 /// The app's recent calls, newest first (kept after the app is removed, until they expire).
 async fn history(
-    State(server): State<Arc<Server>>,
+    State(control): State<Arc<Control>>,
     Path(app): Path<String>,
     ApiQuery(query): ApiQuery<HistoryQuery>,
 ) -> Result<Json<Value>, ApiError> {
     let limit = query.limit.unwrap_or(50).clamp(1, MAX_HISTORY_PAGE);
-    let records = tokio::task::spawn_blocking(move || server.history.recent(&app, limit))
+    let records = tokio::task::spawn_blocking(move || control.history.recent(&app, limit))
         .await
         .map_err(|e| ApiError::internal(anyhow::anyhow!("history task failed: {e}")))?
         .map_err(ApiError::internal)?;
@@ -182,7 +182,7 @@ struct SecretBody {
 }
 
 async fn put_secret(
-    State(server): State<Arc<Server>>,
+    State(control): State<Arc<Control>>,
     Path(name): Path<String>,
     body: Bytes,
 ) -> Result<StatusCode, ApiError> {
@@ -209,7 +209,7 @@ async fn put_secret(
              starting with a digit)"
         )));
     }
-    server
+    control
         .functions
         .secrets
         .put(&name, &body.values)
@@ -219,8 +219,8 @@ async fn put_secret(
     Ok(StatusCode::NO_CONTENT)
 }
 
-async fn list_secrets(State(server): State<Arc<Server>>) -> Result<Json<Value>, ApiError> {
-    let secrets = server
+async fn list_secrets(State(control): State<Arc<Control>>) -> Result<Json<Value>, ApiError> {
+    let secrets = control
         .functions
         .secrets
         .list()
@@ -229,10 +229,10 @@ async fn list_secrets(State(server): State<Arc<Server>>) -> Result<Json<Value>, 
 }
 
 async fn delete_secret(
-    State(server): State<Arc<Server>>,
+    State(control): State<Arc<Control>>,
     Path(name): Path<String>,
 ) -> Result<StatusCode, ApiError> {
-    match server.functions.secrets.delete(&name) {
+    match control.functions.secrets.delete(&name) {
         Ok(true) => Ok(StatusCode::NO_CONTENT),
         Ok(false) => Err(ApiError::new(
             StatusCode::NOT_FOUND,
@@ -243,21 +243,21 @@ async fn delete_secret(
     }
 }
 
-async fn list_volumes(State(server): State<Arc<Server>>) -> Result<Json<Value>, ApiError> {
+async fn list_volumes(State(control): State<Arc<Control>>) -> Result<Json<Value>, ApiError> {
     let names =
-        crate::store::volumes::list(&server.functions.volumes_dir).map_err(ApiError::internal)?;
+        crate::store::volumes::list(&control.functions.volumes_dir).map_err(ApiError::internal)?;
     Ok(Json(serde_json::json!({ "volumes": names })))
 }
 
 async fn create_volume(
-    State(server): State<Arc<Server>>,
+    State(control): State<Arc<Control>>,
     Path(name): Path<String>,
 ) -> Result<StatusCode, ApiError> {
     crate::store::volumes::open(
-        &server.functions.volumes_dir,
+        &control.functions.volumes_dir,
         &name,
         true,
-        server.functions.pools.native.container_root(),
+        control.functions.pools.native.container_root(),
     )
     .map_err(|e| ApiError::bad(e.to_string()))?;
     Ok(StatusCode::NO_CONTENT)

@@ -16,7 +16,8 @@ use serde::Deserialize;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::{BroadcastStream, ReceiverStream};
 
-use crate::control::{DeployError, Server};
+use crate::control::Control;
+use crate::control::deploy::DeployError;
 use crate::proto::manifest::{Manifest, dns_label_rule, is_dns_label};
 
 /// An API error: a status, a short kind and a message that says what to do.
@@ -102,7 +103,7 @@ impl From<DeployError> for ApiError {
 type ApiResult<T> = Result<T, ApiError>;
 
 /// The API router; `token` guards every route but `/healthz`.
-pub fn router(server: Arc<Server>, native: Arc<crate::native::Native>, token: Arc<str>) -> Router {
+pub fn router(control: Arc<Control>, native: Arc<crate::native::Native>, token: Arc<str>) -> Router {
     let guarded = Router::new()
         .route("/v1/info", get(info))
         .route("/v1/apps", get(list_apps))
@@ -112,8 +113,8 @@ pub fn router(server: Arc<Server>, native: Arc<crate::native::Native>, token: Ar
         )
         .route("/v1/apps/{app}/logs", get(logs))
         .route("/metrics", get(metrics))
-        .with_state(server.clone())
-        .merge(crate::api::functions::router(server))
+        .with_state(control.clone())
+        .merge(crate::api::functions::router(control))
         .merge(crate::native::router(native))
         .layer(middleware::from_fn_with_state(token, require_token));
     Router::new()
@@ -153,11 +154,11 @@ async fn require_token(State(token): State<Arc<str>>, req: Request, next: Next) 
 
 /// Where this server's other listeners are, so a client that knows only the API (flags or
 /// environment, no client file) finds the registry to upload to.
-async fn info(State(server): State<Arc<Server>>) -> Json<crate::control::Urls> {
-    Json(server.urls.clone())
+async fn info(State(control): State<Arc<Control>>) -> Json<crate::proto::apps::Urls> {
+    Json(control.urls.clone())
 }
 
-fn app_summary(server: &Server, app: &crate::control::LiveApp) -> serde_json::Value {
+fn app_summary(control: &Control, app: &crate::control::LiveApp) -> serde_json::Value {
     serde_json::json!({
         "app": app.record.manifest.app,
         "version": app.record.version,
@@ -166,15 +167,15 @@ fn app_summary(server: &Server, app: &crate::control::LiveApp) -> serde_json::Va
             "name": f.name, "runtime": f.runtime, "component": f.component,
             "web": f.web.as_ref().map(|w| &w.path),
         })).collect::<Vec<_>>(),
-        "urls": server.urls(&app.record.manifest),
+        "urls": control.urls(&app.record.manifest),
     })
 }
 
-async fn list_apps(State(server): State<Arc<Server>>) -> Json<serde_json::Value> {
-    let apps: Vec<_> = server
+async fn list_apps(State(control): State<Arc<Control>>) -> Json<serde_json::Value> {
+    let apps: Vec<_> = control
         .apps()
         .iter()
-        .map(|a| app_summary(&server, a))
+        .map(|a| app_summary(&control, a))
         .collect();
     Json(serde_json::json!({ "apps": apps }))
 }
@@ -200,23 +201,23 @@ pub(crate) fn not_deployed(app: &str) -> ApiError {
 }
 
 async fn get_app(
-    State(server): State<Arc<Server>>,
+    State(control): State<Arc<Control>>,
     Path(app): Path<String>,
 ) -> ApiResult<Json<serde_json::Value>> {
     check_app_name(&app)?;
-    let live = server.app(&app).ok_or_else(|| not_deployed(&app))?;
-    let mut summary = app_summary(&server, &live);
+    let live = control.app(&app).ok_or_else(|| not_deployed(&app))?;
+    let mut summary = app_summary(&control, &live);
     summary["manifest"] =
         serde_json::to_value(&live.record.manifest).map_err(ApiError::internal)?;
     Ok(Json(summary))
 }
 
 async fn remove_app(
-    State(server): State<Arc<Server>>,
+    State(control): State<Arc<Control>>,
     Path(app): Path<String>,
 ) -> ApiResult<StatusCode> {
     check_app_name(&app)?;
-    match server.remove(&app).await {
+    match control.remove(&app).await {
         Ok(true) => Ok(StatusCode::NO_CONTENT),
         Ok(false) => Err(not_deployed(&app)),
         Err(e) => Err(ApiError::internal(e)),
@@ -232,7 +233,7 @@ pub(crate) fn ndjson(lines: impl futures::Stream<Item = String> + Send + 'static
 }
 
 async fn deploy(
-    State(server): State<Arc<Server>>,
+    State(control): State<Arc<Control>>,
     Path(app): Path<String>,
     headers: HeaderMap,
     body: Bytes,
@@ -266,9 +267,9 @@ async fn deploy(
             ),
         ));
     }
-    server.precheck(&manifest)?;
+    control.precheck(&manifest)?;
     let (tx, rx) = mpsc::channel(64);
-    tokio::spawn(server.clone().deploy(manifest, tx));
+    tokio::spawn(control.clone().deploy(manifest, tx));
     let lines = ReceiverStream::new(rx)
         .map(|event| serde_json::to_string(&event).expect("deploy events serialize"));
     Ok(ndjson(lines))
@@ -287,17 +288,17 @@ fn default_tail() -> usize {
 }
 
 async fn logs(
-    State(server): State<Arc<Server>>,
+    State(control): State<Arc<Control>>,
     Path(app): Path<String>,
     ApiQuery(query): ApiQuery<LogQuery>,
 ) -> ApiResult<Response> {
     check_app_name(&app)?;
-    if server.app(&app).is_none() {
+    if control.app(&app).is_none() {
         return Err(not_deployed(&app));
     }
-    let (recent, rx) = server.logs.snapshot(&app, query.tail);
+    let (recent, rx) = control.logs.snapshot(&app, query.tail);
     let recent = futures::stream::iter(recent);
-    let to_line = |line: crate::telemetry::logs::LogLine| {
+    let to_line = |line: crate::proto::log::LogLine| {
         serde_json::to_string(&line).expect("log lines serialize")
     };
     if !query.follow {
@@ -307,11 +308,11 @@ async fn logs(
         match item {
             Ok(line) => Some(line),
             Err(tokio_stream::wrappers::errors::BroadcastStreamRecvError::Lagged(n)) => {
-                Some(crate::telemetry::logs::LogLine {
+                Some(crate::proto::log::LogLine {
                     time_ms: 0,
                     app: String::new(),
                     request_id: None,
-                    stream: crate::telemetry::logs::Stream::System,
+                    stream: crate::proto::log::Stream::System,
                     line: format!("[lode: {n} lines were dropped because the reader fell behind]"),
                 })
             }
@@ -320,13 +321,13 @@ async fn logs(
     Ok(ndjson(recent.chain(live).map(to_line)))
 }
 
-async fn metrics(State(server): State<Arc<Server>>) -> Response {
+async fn metrics(State(control): State<Arc<Control>>) -> Response {
     (
         [(
             header::CONTENT_TYPE,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
         )],
-        server.metrics.encode(),
+        control.metrics.encode(),
     )
         .into_response()
 }

@@ -26,7 +26,8 @@ use hyper::server::conn::http1;
 use hyper_util::rt::TokioIo;
 use wasmtime_wasi::WasiCtxBuilder;
 
-use crate::wasm::engine::{EngineSettings, GuestState, WasmEngine};
+use crate::wasm::engine::{EngineSettings, WasmEngine};
+use crate::wasm::guest::GuestState;
 use crate::wasm::outbound::OutboundPolicy;
 
 /// Benchmarks.

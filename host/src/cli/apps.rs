@@ -7,7 +7,7 @@ use futures::StreamExt;
 use reqwest::Method;
 
 use crate::cli::client::{ApiClient, ndjson_lines};
-use crate::telemetry::logs::{LogLine, Stream};
+use crate::proto::log::{LogLine, Stream};
 
 /// `lode ls`.
 pub async fn list(client: &ApiClient) -> Result<()> {

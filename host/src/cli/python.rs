@@ -155,12 +155,12 @@ pub async fn run(
         tokio::spawn(async move {
             use futures::StreamExt;
             let mut lines =
-                crate::cli::client::ndjson_lines::<crate::telemetry::logs::LogLine>(response);
+                crate::cli::client::ndjson_lines::<crate::proto::log::LogLine>(response);
             while let Some(Ok(line)) = lines.next().await {
                 let stream = match line.stream {
-                    crate::telemetry::logs::Stream::Stdout => "",
-                    crate::telemetry::logs::Stream::Stderr => "err ",
-                    crate::telemetry::logs::Stream::System => "lode ",
+                    crate::proto::log::Stream::Stdout => "",
+                    crate::proto::log::Stream::Stderr => "err ",
+                    crate::proto::log::Stream::System => "lode ",
                 };
                 eprintln!("[{app}] {stream}{}", line.line);
             }
@@ -360,7 +360,7 @@ pub async fn calls(client: &ApiClient, app: &str, limit: usize, json: bool) -> R
             &format!("/v1/apps/{app}/calls?limit={}", limit.clamp(1, 1000)),
         ))
         .await?;
-    let records: Vec<crate::control::history::HistoryRecord> =
+    let records: Vec<crate::proto::calls::HistoryRecord> =
         serde_json::from_value(answer["calls"].clone()).context("reading the call records")?;
     if json {
         for record in &records {

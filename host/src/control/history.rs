@@ -17,11 +17,9 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use lode_native_runner::agent::ErrorInfo;
 use prometheus_client::metrics::counter::Counter;
-use serde::{Deserialize, Serialize};
 
-use crate::control::calls::CallStatus;
+use crate::proto::calls::HistoryRecord;
 use crate::store::state::{StateStore, Table};
 
 /// How long records are kept.
@@ -41,52 +39,6 @@ const GATHER: Duration = Duration::from_millis(10);
 
 /// How often a commit waits for the disk.
 const DURABLE_EVERY: Duration = Duration::from_secs(1);
-
-/// Error messages are cut to this many bytes in the record.
-const MAX_MESSAGE: usize = 1024;
-
-/// One finished call.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct HistoryRecord {
-    /// Milliseconds since the Unix epoch, when the call arrived.
-    pub created_ms: u64,
-    /// The app.
-    pub app: String,
-    /// The function.
-    pub function: String,
-    /// `wasm` or `python`.
-    pub engine: String,
-    /// `succeeded` or `failed`.
-    pub status: CallStatus,
-    /// How long the call took, queueing included, in milliseconds.
-    pub duration_ms: f64,
-    /// 0 for a call from outside; more for a call a function made.
-    pub depth: u32,
-    /// Why it failed: the error's kind and the start of its message.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub error: Option<ErrorInfo>,
-}
-
-impl HistoryRecord {
-    /// The error as recorded: kind and message, the message cut short, no traceback.
-    pub fn summarize(error: &ErrorInfo) -> ErrorInfo {
-        let mut message = error.message.clone();
-        if message.len() > MAX_MESSAGE {
-            let mut end = MAX_MESSAGE;
-            while !message.is_char_boundary(end) {
-                end -= 1;
-            }
-            message.truncate(end);
-            message.push('…');
-        }
-        ErrorInfo {
-            kind: error.kind.clone(),
-            module: error.module.clone(),
-            message,
-            traceback: None,
-        }
-    }
-}
 
 /// Where records are sent; the writer thread ends when this is dropped.
 pub struct CallHistory {
@@ -225,6 +177,7 @@ fn write_records(receiver: Receiver<HistoryRecord>, store: Arc<dyn StateStore>) 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::proto::calls::CallStatus;
 
     fn record(app: &str, created_ms: u64) -> HistoryRecord {
         HistoryRecord {
@@ -258,14 +211,5 @@ mod tests {
         assert_eq!(a, [record("a", now + 2), record("a", now)]);
         assert_eq!(history.recent("a", 1).unwrap(), [record("a", now + 2)]);
         assert_eq!(history.recent("c", 10).unwrap(), []);
-    }
-
-    #[test]
-    fn long_messages_are_cut_on_a_char_boundary() {
-        let error = ErrorInfo::lode("trap", "é".repeat(MAX_MESSAGE));
-        let summary = HistoryRecord::summarize(&error);
-        assert!(summary.message.len() <= MAX_MESSAGE + '…'.len_utf8());
-        assert!(summary.message.ends_with('…'));
-        assert_eq!(summary.kind, "trap");
     }
 }

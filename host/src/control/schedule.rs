@@ -10,10 +10,11 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 
-use crate::control::Server;
+use crate::control::Control;
+use crate::function::Dispatch;
 use crate::proto::schedule::Schedule;
 use crate::store::state::Table;
-use crate::telemetry::logs::Stream;
+use crate::proto::log::Stream;
 
 /// How often the scheduler looks at the clock.
 const TICK: Duration = Duration::from_millis(100);
@@ -53,23 +54,23 @@ fn decide(schedule: &Schedule, last_ms: u64, now_ms: u64) -> Due {
 }
 
 /// Runs scheduled functions until the server is dropped.
-pub async fn run(server: Weak<Server>) {
+pub async fn run(control: Weak<Control>) {
     loop {
         tokio::time::sleep(TICK).await;
-        let Some(server) = server.upgrade() else {
+        let Some(control) = control.upgrade() else {
             break;
         };
-        tick(&server);
+        tick(&control);
     }
 }
 
-fn tick(server: &Arc<Server>) {
+fn tick(control: &Arc<Control>) {
     let now = crate::util::now_ms();
-    for live in server.apps() {
+    for live in control.apps() {
         let manifest = &live.record.manifest;
         for (name, schedule) in &live.schedules {
             let key = format!("{}/{name}", manifest.app);
-            let last = match server.state.get_entry(Table::Schedules, &key) {
+            let last = match control.state.get_entry(Table::Schedules, &key) {
                 Ok(Some(bytes)) => String::from_utf8_lossy(&bytes).parse().unwrap_or(0),
                 Ok(None) => live.record.deployed_at_ms,
                 Err(e) => {
@@ -81,7 +82,7 @@ fn tick(server: &Arc<Server>) {
                 Due::Wait => continue,
                 Due::Run(slot) => (slot, true),
                 Due::Missed(first, latest) => (latest, {
-                    server.logs.push(
+                    control.logs.push(
                         &manifest.app,
                         None,
                         Stream::System,
@@ -98,7 +99,7 @@ fn tick(server: &Arc<Server>) {
             };
             // Marked before it runs: a crash during the run does not run it again.
             if let Err(e) =
-                server
+                control
                     .state
                     .put_entry(Table::Schedules, &key, slot.to_string().as_bytes())
             {
@@ -108,24 +109,24 @@ fn tick(server: &Arc<Server>) {
             if !run {
                 continue;
             }
-            let server = server.clone();
+            let control = control.clone();
             let (app, name) = (manifest.app.clone(), name.clone());
             tokio::spawn(async move {
-                server.logs.push(
+                control.logs.push(
                     &app,
                     None,
                     Stream::System,
                     format!("schedule {name}: running the slot of {}", time_text(slot)),
                 );
                 let body = serde_json::json!({"args": [], "kwargs": {}});
-                let message = match server.call(&app, &name, &body).await {
+                let message = match control.call(&app, &name, &body, None, None).await {
                     Ok(outcome) => match outcome.error {
                         None => format!("schedule {name}: done"),
                         Some(e) => format!("schedule {name}: failed: {}: {}", e.kind, e.message),
                     },
                     Err(e) => format!("schedule {name}: could not run: {}", e.error.message),
                 };
-                server.logs.push(&app, None, Stream::System, message);
+                control.logs.push(&app, None, Stream::System, message);
             });
         }
     }

@@ -17,14 +17,17 @@ use std::time::{Duration, Instant};
 use lode_native_runner::agent::{self, AgentSpec, ErrorInfo, FromAgent, Outcome, ToAgent};
 use lode_native_runner::cgroup::Limits;
 use lode_native_runner::sandbox::{Network, Volume};
-use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::control::Server;
 use crate::native::Native;
 use crate::proto::manifest::Retries;
-use crate::telemetry::logs::{LogStore, Stream};
-use crate::wasm::function::{CallLimits, CallTree};
+use crate::proto::log::Stream;
+use crate::telemetry::logs::LogStore;
+use crate::function::{CallLimits, CallTree, Dispatch, container_call};
+use crate::proto::stats::PoolStats;
+use crate::telemetry::metrics::FunctionLabels;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 
 type ExitWatch = tokio::sync::watch::Receiver<Option<agent::Exit>>;
 
@@ -40,8 +43,6 @@ pub struct PoolContext {
     pub max_queue: usize,
     /// How long a container may take to load its module.
     pub start_timeout: Duration,
-    /// The server, for calls made from inside containers.
-    pub server: std::sync::OnceLock<Weak<Server>>,
     /// Every pool started, live or draining, so a stopping server can stop them all.
     pub started: Mutex<Vec<Weak<Pool>>>,
 }
@@ -96,6 +97,10 @@ pub struct PoolSpec {
     pub call_limits: CallLimits,
     /// The function's call series in `/metrics`.
     pub series: crate::telemetry::metrics::FunctionSeries,
+    /// Cold starts in `/metrics`, by function; this pool's series is made at its first.
+    pub cold_starts: Family<FunctionLabels, Counter>,
+    /// The router, for calls made from inside its containers.
+    pub dispatch: Weak<dyn Dispatch>,
 }
 
 /// Why an input was not taken.
@@ -107,32 +112,6 @@ pub enum Rejected {
     Closed,
 }
 
-/// A pool's figures, for `lode stats`.
-#[derive(Debug, Clone, Serialize)]
-pub struct PoolStats {
-    /// The function.
-    pub function: String,
-    /// Containers serving.
-    pub containers: usize,
-    /// Containers starting.
-    pub starting: u32,
-    /// Inputs running now.
-    pub running: usize,
-    /// Inputs waiting.
-    pub queued: usize,
-    /// Containers started since deploy.
-    pub cold_starts: u64,
-    /// Inputs finished.
-    pub inputs: u64,
-    /// Inputs that failed.
-    pub failures: u64,
-    /// Inputs retried after a container died.
-    pub retries: u64,
-    /// Limits as deployed.
-    pub min_containers: u32,
-    /// Most containers.
-    pub max_containers: u32,
-}
 
 struct Job {
     payload: serde_json::Map<String, serde_json::Value>,
@@ -389,14 +368,12 @@ impl Pool {
 
     async fn start_worker(self: Arc<Self>) {
         self.cold_starts.fetch_add(1, Ordering::Relaxed);
-        if let Some(server) = self.ctx.server.get().and_then(Weak::upgrade) {
-            let labels = crate::telemetry::metrics::FunctionLabels {
-                app: self.spec.app.to_string(),
-                function: self.spec.function.clone(),
-                engine: "python",
-            };
-            server.metrics.cold_starts.get_or_create(&labels).inc();
-        }
+        let labels = FunctionLabels {
+            app: self.spec.app.to_string(),
+            function: self.spec.function.clone(),
+            engine: "python",
+        };
+        self.spec.cold_starts.get_or_create(&labels).inc();
         let started = Instant::now();
         match self.start_container().await {
             Ok((worker, from_agent, exit)) => {
@@ -604,7 +581,7 @@ impl Pool {
                         });
                         continue;
                     };
-                    let server = self.ctx.server.get().and_then(Weak::upgrade);
+                    let dispatch = self.spec.dispatch.upgrade();
                     let caller_app = self.spec.app.to_string();
                     // A call made while serving an input joins that input's call tree; one
                     // from elsewhere (a thread of the user's own) starts a tree of its own.
@@ -615,14 +592,13 @@ impl Pool {
                     let fan_out = self.spec.call_limits.fan_out;
                     tokio::spawn(async move {
                         let _permit = permit;
-                        let outcome = match server {
+                        let outcome = match dispatch {
                             None => Outcome::failed(ErrorInfo::lode(
                                 "unavailable",
                                 "the server is shutting down",
                             )),
-                            Some(server) => {
-                                server
-                                    .inner_call(&caller_app, tree.as_ref(), fan_out, request)
+                            Some(dispatch) => {
+                                container_call(&*dispatch, &caller_app, tree.as_ref(), fan_out, request)
                                     .await
                             }
                         };

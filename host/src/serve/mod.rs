@@ -1,6 +1,8 @@
 //! `lode serve`: lock the data and cache dirs, restore deployments, open the API and public
 //! listeners, and write the client file.
 
+pub mod public;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -12,7 +14,9 @@ use hyper::server::conn::http1;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 
-use crate::control::{Limits, Server, Urls};
+use crate::control::Control;
+use crate::proto::apps::Urls;
+use crate::wasm::WasmBounds;
 use crate::proto::client_file::{ClientFile, user_client_file};
 use crate::store::state::RedbStore;
 use crate::telemetry::logs::LogStore;
@@ -44,7 +48,7 @@ pub struct ServeOptions {
     /// Bounds on what one container may ask for.
     pub container_bounds: crate::native::ContainerBounds,
     /// Limits.
-    pub limits: Limits,
+    pub limits: WasmBounds,
     /// Pool size.
     pub max_instances: u32,
     /// Wasm stack per call, in bytes; apps may ask for less.
@@ -229,7 +233,6 @@ pub async fn serve(options: ServeOptions) -> Result<()> {
             logs: logs.clone(),
             max_queue: options.max_queue,
             start_timeout: options.container_start_timeout,
-            server: std::sync::OnceLock::new(),
             started: std::sync::Mutex::new(Vec::new()),
         }),
         secrets: Arc::new(crate::store::secrets::Secrets::open(
@@ -245,7 +248,7 @@ pub async fn serve(options: ServeOptions) -> Result<()> {
             apps
         },
     };
-    let server = Server::new(
+    let control = Control::new(
         engine,
         registry.blobs.clone(),
         state,
@@ -258,9 +261,9 @@ pub async fn serve(options: ServeOptions) -> Result<()> {
         },
         functions,
     );
-    let restored = server.restore().await?;
-    tokio::spawn(server.clone().prune_compiled());
-    tokio::spawn(crate::control::schedule::run(Arc::downgrade(&server)));
+    let restored = control.restore().await?;
+    tokio::spawn(control.clone().prune_compiled());
+    tokio::spawn(crate::control::schedule::run(Arc::downgrade(&control)));
 
     let client = ClientFile {
         api_url: api_url.clone(),
@@ -284,13 +287,13 @@ pub async fn serve(options: ServeOptions) -> Result<()> {
     tracing::info!(%api_addr, %http_addr, restored, "serving");
 
     let shutdown_native = native.clone();
-    let api_router = crate::api::router(server.clone(), native, Arc::from(token.as_str()));
+    let api_router = crate::api::router(control.clone(), native, Arc::from(token.as_str()));
     let api_task = tokio::spawn(async move {
         axum::serve(api_listener, api_router)
             .with_graceful_shutdown(shutdown_signal())
             .await
     });
-    let http_task = tokio::spawn(serve_public(http_listener, server.clone()));
+    let http_task = tokio::spawn(serve_public(http_listener, control.clone()));
     let registry_service = RegistryService::new(registry, options.registry_options.service(&token));
     let registry_task = tokio::spawn(registry_service.serve(registry_listener, shutdown_signal()));
     shutdown_signal().await;
@@ -299,13 +302,13 @@ pub async fn serve(options: ServeOptions) -> Result<()> {
     let _ = tokio::time::timeout(Duration::from_secs(5), api_task).await;
     let _ = tokio::time::timeout(Duration::from_secs(5), registry_task).await;
     // Containers run on the image mounts: they go first.
-    server.shut_down().await;
+    control.shut_down().await;
     image_mounts.close().await;
     shutdown_native.shut_down();
     Ok(())
 }
 
-async fn serve_public(listener: TcpListener, server: Arc<Server>) {
+async fn serve_public(listener: TcpListener, control: Arc<Control>) {
     loop {
         let (stream, _) = match listener.accept().await {
             Ok(conn) => conn,
@@ -316,12 +319,12 @@ async fn serve_public(listener: TcpListener, server: Arc<Server>) {
             }
         };
         let _ = stream.set_nodelay(true);
-        let server = server.clone();
+        let control = control.clone();
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req| {
-                let server = server.clone();
+                let control = control.clone();
                 async move {
-                    Ok::<_, std::convert::Infallible>(crate::wasm::http::handle(server, req).await)
+                    Ok::<_, std::convert::Infallible>(public::handle(control, req).await)
                 }
             });
             if let Err(e) = http1::Builder::new()

@@ -1,19 +1,15 @@
 //! Guest output and platform events per app, in a bounded in-memory store.
 //!
 //! Each app keeps its most recent lines (oldest dropped first); followers get new lines through
-//! a broadcast channel. Guest stdout and stderr reach it through [`GuestOutput`], which splits
-//! writes into lines tagged with the app, request id and time.
+//! a broadcast channel. A request's stdout and stderr reach it through [`RequestOutput`], which
+//! splits writes into lines tagged with the app, request id and time.
 
 use std::collections::{HashMap, VecDeque};
-use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
 
-use bytes::Bytes;
-use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
-use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
-use wasmtime_wasi::p2::{OutputStream, Pollable, StreamError, StreamResult};
+
+use crate::proto::log::{LogLine, Stream};
 
 /// Longest line kept; longer output is split.
 const MAX_LINE: usize = 16 * 1024;
@@ -21,34 +17,6 @@ const MAX_LINE: usize = 16 * 1024;
 const MAX_BYTES_PER_APP: usize = 16 * 1024 * 1024;
 /// Output one request may log before the rest is dropped with a notice.
 const MAX_BYTES_PER_REQUEST: usize = 1024 * 1024;
-
-/// Where a line came from.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-pub enum Stream {
-    /// Guest standard output.
-    Stdout,
-    /// Guest standard error.
-    Stderr,
-    /// Lode itself: deploys, traps, timeouts.
-    System,
-}
-
-/// One log line.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct LogLine {
-    /// Milliseconds since the Unix epoch.
-    pub time_ms: u64,
-    /// App name.
-    pub app: String,
-    /// Request or call id, when the line belongs to one.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub request_id: Option<String>,
-    /// Source stream.
-    pub stream: Stream,
-    /// The text, without its newline.
-    pub line: String,
-}
 
 struct AppLog {
     lines: VecDeque<LogLine>,
@@ -150,44 +118,27 @@ impl LogStore {
         self.apps.lock().unwrap().remove(app);
     }
 
-    /// The WASI context every guest call starts from: stdout and stderr into `app`'s log
-    /// under `request_id`, and no sockets or name lookups.
-    pub fn guest_wasi(
-        self: &Arc<Self>,
-        app: Arc<str>,
-        request_id: Arc<str>,
-    ) -> wasmtime_wasi::WasiCtxBuilder {
-        let mut builder = wasmtime_wasi::WasiCtxBuilder::new();
-        builder
-            .stdout(self.guest_output(app.clone(), request_id.clone(), Stream::Stdout))
-            .stderr(self.guest_output(app, request_id, Stream::Stderr))
-            .allow_tcp(false)
-            .allow_udp(false)
-            .allow_ip_name_lookup(false);
-        builder
-    }
-
-    /// A stdout or stderr sink for one request.
-    pub fn guest_output(
+    /// One request's stdout or stderr, cut into lines in this store.
+    pub fn request_output(
         self: &Arc<Self>,
         app: Arc<str>,
         request_id: Arc<str>,
         stream: Stream,
-    ) -> GuestOutput {
-        GuestOutput {
-            inner: Arc::new(Mutex::new(LineSplitter {
-                store: self.clone(),
-                app,
-                request_id,
-                stream,
-                partial: Vec::new(),
-                written: 0,
-            })),
+    ) -> RequestOutput {
+        RequestOutput {
+            store: self.clone(),
+            app,
+            request_id,
+            stream,
+            partial: Vec::new(),
+            written: 0,
         }
     }
 }
 
-struct LineSplitter {
+/// One request's output stream: split into lines of at most [`MAX_LINE`] bytes, and cut
+/// with a notice past [`MAX_BYTES_PER_REQUEST`]; a partial last line is kept when dropped.
+pub struct RequestOutput {
     store: Arc<LogStore>,
     app: Arc<str>,
     request_id: Arc<str>,
@@ -196,8 +147,9 @@ struct LineSplitter {
     written: usize,
 }
 
-impl LineSplitter {
-    fn write(&mut self, bytes: &[u8]) {
+impl RequestOutput {
+    /// Takes what the guest wrote; never blocks.
+    pub fn write(&mut self, bytes: &[u8]) {
         let room = MAX_BYTES_PER_REQUEST.saturating_sub(self.written);
         if room == 0 {
             return;
@@ -247,72 +199,11 @@ impl LineSplitter {
     }
 }
 
-impl Drop for LineSplitter {
+impl Drop for RequestOutput {
     fn drop(&mut self) {
         if !self.partial.is_empty() {
             self.flush_partial();
         }
-    }
-}
-
-/// A guest's stdout or stderr for one request: always ready, never blocks the guest.
-#[derive(Clone)]
-pub struct GuestOutput {
-    inner: Arc<Mutex<LineSplitter>>,
-}
-
-impl IsTerminal for GuestOutput {
-    fn is_terminal(&self) -> bool {
-        false
-    }
-}
-
-impl StdoutStream for GuestOutput {
-    fn p2_stream(&self) -> Box<dyn OutputStream> {
-        Box::new(self.clone())
-    }
-
-    fn async_stream(&self) -> Box<dyn tokio::io::AsyncWrite + Send + Sync> {
-        Box::new(self.clone())
-    }
-}
-
-impl OutputStream for GuestOutput {
-    fn write(&mut self, bytes: Bytes) -> StreamResult<()> {
-        self.inner.lock().unwrap().write(&bytes);
-        Ok(())
-    }
-
-    fn flush(&mut self) -> StreamResult<()> {
-        Ok(())
-    }
-
-    fn check_write(&mut self) -> Result<usize, StreamError> {
-        Ok(64 * 1024)
-    }
-}
-
-#[async_trait::async_trait]
-impl Pollable for GuestOutput {
-    async fn ready(&mut self) {}
-}
-
-impl tokio::io::AsyncWrite for GuestOutput {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        _cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        self.inner.lock().unwrap().write(buf);
-        Poll::Ready(Ok(buf.len()))
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Poll::Ready(Ok(()))
     }
 }
 
@@ -324,12 +215,9 @@ mod tests {
     fn splits_lines_and_tags_them() {
         let store = LogStore::new(100);
         store.push("app", None, Stream::System, "deployed".into());
-        let out = store.guest_output("app".into(), "req1".into(), Stream::Stdout);
-        {
-            let mut splitter = out.inner.lock().unwrap();
-            splitter.write(b"one\ntw");
-            splitter.write(b"o\r\nthree");
-        }
+        let mut out = store.request_output("app".into(), "req1".into(), Stream::Stdout);
+        out.write(b"one\ntw");
+        out.write(b"o\r\nthree");
         drop(out);
         let (lines, _) = store.snapshot("app", 10);
         let texts: Vec<_> = lines.iter().map(|l| l.line.as_str()).collect();
@@ -379,10 +267,10 @@ mod tests {
     fn caps_output_per_request() {
         let store = LogStore::new(10_000);
         store.push("a", None, Stream::System, "deployed".into());
-        let out = store.guest_output("a".into(), "r".into(), Stream::Stdout);
+        let mut out = store.request_output("a".into(), "r".into(), Stream::Stdout);
         let chunk = vec![b'x'; 100_000];
         for _ in 0..20 {
-            out.inner.lock().unwrap().write(&chunk);
+            out.write(&chunk);
         }
         drop(out);
         let (lines, _) = store.snapshot("a", 10_000);
@@ -399,9 +287,9 @@ mod tests {
     fn output_of_a_removed_app_is_dropped() {
         let store = LogStore::new(10);
         store.push("gone", None, Stream::System, "deployed".into());
-        let out = store.guest_output("gone".into(), "r".into(), Stream::Stdout);
+        let mut out = store.request_output("gone".into(), "r".into(), Stream::Stdout);
         store.remove("gone");
-        out.inner.lock().unwrap().write(b"late line\n");
+        out.write(b"late line\n");
         let (lines, _) = store.snapshot("gone", 10);
         assert!(lines.is_empty(), "{lines:?}");
     }

@@ -16,14 +16,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow};
 use lode_registry::Digest;
-use wasmtime::component::{Component, Linker, ResourceTable};
+use wasmtime::component::{Component, Linker};
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store};
-use wasmtime::{StoreLimits, StoreLimitsBuilder, UpdateDeadline};
-use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+use wasmtime::UpdateDeadline;
 use wasmtime_wasi_http::p2::bindings::ProxyPre;
-use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 
-use crate::wasm::outbound::OutboundPolicy;
+use crate::wasm::guest::GuestState;
 
 /// How often the epoch advances; the granularity of request timeouts and of yields that keep
 /// a busy guest from starving others on its thread.
@@ -67,53 +65,6 @@ pub struct EngineSettings {
     pub wasm_stack: usize,
     /// How long a compiled component or snapshot note no recorded app uses stays cached.
     pub compiled_ttl: Duration,
-}
-
-/// Per-request store data.
-pub struct GuestState {
-    wasi: WasiCtx,
-    http: WasiHttpCtx,
-    table: ResourceTable,
-    limits: StoreLimits,
-    outbound: OutboundPolicy,
-    /// Set for a call by name: where it sits in its call tree, for `invoke` and `config`.
-    pub(crate) calls: Option<crate::wasm::function::CallContext>,
-}
-
-impl GuestState {
-    /// Fresh state for one request.
-    pub fn new(wasi: WasiCtx, memory_limit: u64, outbound: OutboundPolicy) -> Self {
-        Self {
-            wasi,
-            http: WasiHttpCtx::new(),
-            table: ResourceTable::new(),
-            limits: StoreLimitsBuilder::new()
-                .memory_size(usize::try_from(memory_limit).unwrap_or(usize::MAX))
-                .trap_on_grow_failure(true)
-                .build(),
-            outbound,
-            calls: None,
-        }
-    }
-}
-
-impl WasiView for GuestState {
-    fn ctx(&mut self) -> WasiCtxView<'_> {
-        WasiCtxView {
-            ctx: &mut self.wasi,
-            table: &mut self.table,
-        }
-    }
-}
-
-impl WasiHttpView for GuestState {
-    fn http(&mut self) -> WasiHttpCtxView<'_> {
-        WasiHttpCtxView {
-            ctx: &mut self.http,
-            table: &mut self.table,
-            hooks: &mut self.outbound,
-        }
-    }
 }
 
 /// Whether a component came from the compiler or the cache.

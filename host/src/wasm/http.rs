@@ -1,9 +1,7 @@
-//! The public HTTP listener: route a request to an app's `wasi:http` component and run it in
-//! a fresh instance.
-//!
-//! Apps are addressed by path (`/<app>/...`, prefix stripped and passed in
-//! `x-forwarded-prefix`) or by host (`<app>.lode.localhost`). Every request gets its own store
-//! and instance; nothing is reused across requests.
+//! `wasi:http` requests: run one in a fresh instance of the app's component and answer with
+//! what it wrote, or with a named error when it trapped, timed out or passed a limit.
+//! Every request gets its own store and instance; nothing is reused across requests. Which
+//! function a request reaches is the public listener's business (`serve::public`).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -16,86 +14,40 @@ use http::{HeaderValue, Request, Response, StatusCode, Uri};
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
-use wasmtime::Trap;
 use wasmtime_wasi_http::Error as HttpError;
 use wasmtime_wasi_http::WasiHttpView;
+use wasmtime_wasi_http::p2::bindings::ProxyPre;
 use wasmtime_wasi_http::p2::bindings::http::types::Scheme;
 
-use crate::control::{HttpFunction, Server};
-use crate::telemetry::logs::Stream;
-use crate::telemetry::metrics::{ErrorLabels, StatusLabels};
-use crate::wasm::engine::GuestState;
+use crate::proto::log::Stream;
+use crate::telemetry::logs::LogStore;
+use crate::telemetry::metrics::{ErrorLabels, Metrics};
+use crate::wasm::guest::{GuestState, WasmGuest};
+use crate::wasm::trap::{Stop, classify, describe};
 
 /// Body of every public response.
 pub type ResponseBody = UnsyncBoxBody<Bytes, HttpError>;
 
-/// Suffix that addresses an app by host name.
-pub const HOST_SUFFIX: &str = ".lode.localhost";
-
-/// Header carrying the request id on every response.
-pub const REQUEST_ID_HEADER: &str = "x-lode-request-id";
-
-/// Where a request goes.
-#[derive(Debug, PartialEq, Eq)]
-pub struct Target {
-    /// App name.
-    pub app: String,
-    /// Path (with query) the component sees.
-    pub path_and_query: String,
-    /// The stripped prefix, when addressed by path.
-    pub prefix: Option<String>,
+/// A Wasm function that serves public HTTP.
+pub struct HttpFunction {
+    /// What every run of it needs: app, name, engine, timeout, fuel, memory, outbound.
+    pub guest: WasmGuest,
+    /// Path prefix within the app.
+    pub path: String,
+    /// Pre-linked component.
+    pub pre: ProxyPre<GuestState>,
+    /// Metric series this function's requests update.
+    pub series: crate::telemetry::metrics::AppSeries,
 }
 
-/// Picks the app from the `Host` header or the first path segment.
-pub fn target(host: Option<&str>, uri: &Uri) -> Option<Target> {
-    let query = uri.query().map(|q| format!("?{q}")).unwrap_or_default();
-    if let Some(host) = host {
-        let name = host.rsplit_once(':').map_or(host, |(name, port)| {
-            if port.bytes().all(|b| b.is_ascii_digit()) {
-                name
-            } else {
-                host
-            }
-        });
-        let name = name.to_ascii_lowercase();
-        if let Some(app) = name.strip_suffix(HOST_SUFFIX)
-            && !app.is_empty()
-            && !app.contains('.')
-        {
-            return Some(Target {
-                app: app.to_string(),
-                path_and_query: format!("{}{query}", uri.path()),
-                prefix: None,
-            });
-        }
-    }
-    let path = uri.path().strip_prefix('/')?;
-    let (app, rest) = match path.split_once('/') {
-        Some((app, rest)) => (app, format!("/{rest}")),
-        None => (path, "/".to_string()),
-    };
-    if app.is_empty() {
-        return None;
-    }
-    Some(Target {
-        app: app.to_string(),
-        path_and_query: format!("{rest}{query}"),
-        prefix: Some(format!("/{app}")),
-    })
-}
-
-fn request_id() -> String {
-    format!("{:016x}", rand::random::<u64>())
-}
-
-fn full(body: impl Into<Bytes>) -> ResponseBody {
+pub(crate) fn full(body: impl Into<Bytes>) -> ResponseBody {
     Full::new(body.into())
         .map_err(|never| match never {})
         .boxed_unsync()
 }
 
 /// A JSON error body: `{"error":{"kind","message","request_id"}}`.
-fn error_response(
+pub fn error_response(
     status: StatusCode,
     kind: &str,
     message: &str,
@@ -123,204 +75,9 @@ enum Outcome {
     Overloaded,
 }
 
-/// Serves one public request.
-pub async fn handle(server: Arc<Server>, req: Request<Incoming>) -> Response<ResponseBody> {
-    let started = Instant::now();
-    let id = request_id();
-    let mut response = route_and_run(&server, req, &id, started).await;
-    if let Ok(value) = HeaderValue::from_str(&id) {
-        response.headers_mut().insert(REQUEST_ID_HEADER, value);
-    }
-    response
-}
-
-async fn route_and_run(
-    server: &Arc<Server>,
-    req: Request<Incoming>,
-    id: &str,
-    started: Instant,
-) -> Response<ResponseBody> {
-    let host = req.headers().get(HOST).and_then(|h| h.to_str().ok());
-    let Some(target) = target(host, req.uri()) else {
-        return error_response(
-            StatusCode::NOT_FOUND,
-            "no_app",
-            "address an app as http://HOST/<app>/... or http://<app>.lode.localhost/; \
-             `lode ls` lists the deployed apps",
-            id,
-        );
-    };
-    let Some(app) = server.app(&target.app) else {
-        let message = format!(
-            "no app named {:?} is deployed here; `lode ls` lists the deployed apps and \
-             `lode deploy PATH --name {}` deploys one",
-            target.app, target.app
-        );
-        return error_response(StatusCode::NOT_FOUND, "no_app", &message, id);
-    };
-    let path = target.path_and_query.split('?').next().unwrap_or("/");
-    // The longest path prefix wins, whichever engine serves it.
-    let prefix_len = |p: &str| p.trim_end_matches('/').len();
-    if let Some(route) = app.python_route(path).cloned()
-        && app
-            .route(path)
-            .is_none_or(|wasm| prefix_len(&route.path) > prefix_len(&wasm.path))
-    {
-        drop(app);
-        return python_endpoint(server, &target.app, route, req, id).await;
-    }
-    let Some(function) = app.route(path).cloned() else {
-        let message = format!(
-            "app {:?} has no web route for {path:?}; its routes are: {}",
-            target.app,
-            app.routes
-                .iter()
-                .map(|f| f.path.as_str())
-                .collect::<Vec<_>>()
-                .join(", ")
-        );
-        return error_response(StatusCode::NOT_FOUND, "no_route", &message, id);
-    };
-    let prefix = target.prefix.clone();
-    let path_and_query = target.path_and_query.clone();
-    drop(app);
-    let response = run(server, function.clone(), req, path_and_query, prefix, id).await;
-    let series = &function.series;
-    series.latency.observe(started.elapsed().as_secs_f64());
-    match response.status().as_u16() {
-        200 => series.ok.inc(),
-        status => server
-            .metrics
-            .requests
-            .get_or_create(&StatusLabels {
-                app: function.app.to_string(),
-                status,
-            })
-            .inc(),
-    };
-    response
-}
-
-/// A Python web endpoint: the JSON body (or the text, or nothing) is the function's one
-/// argument, query parameters are its keyword arguments, and its result is the JSON answer.
-async fn python_endpoint(
-    server: &Arc<Server>,
-    app: &str,
-    route: crate::control::PythonRoute,
-    req: Request<Incoming>,
-    id: &str,
-) -> Response<ResponseBody> {
-    if let Some(method) = &route.method
-        && !req.method().as_str().eq_ignore_ascii_case(method)
-    {
-        let mut response = error_response(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "method_not_allowed",
-            &format!("{} takes {method} requests", route.path),
-            id,
-        );
-        if let Ok(allow) = HeaderValue::from_str(&method.to_uppercase()) {
-            response.headers_mut().insert(http::header::ALLOW, allow);
-        }
-        return response;
-    }
-    let max_body = server.limits.max_body;
-    let kwargs: serde_json::Map<String, serde_json::Value> = req
-        .uri()
-        .query()
-        .map(|q| {
-            form_urlencoded::parse(q.as_bytes())
-                .map(|(k, v)| (k.into_owned(), serde_json::Value::String(v.into_owned())))
-                .collect()
-        })
-        .unwrap_or_default();
-    let body = match Limited::new(req.into_body(), max_body as usize)
-        .collect()
-        .await
-    {
-        Ok(body) => body.to_bytes(),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
-            return too_large(server, app, max_body, id);
-        }
-        Err(_) => {
-            return error_response(
-                StatusCode::BAD_REQUEST,
-                "bad_body",
-                "reading the body failed",
-                id,
-            );
-        }
-    };
-    let args = if body.is_empty() {
-        vec![]
-    } else {
-        vec![serde_json::from_slice(&body).unwrap_or_else(|_| {
-            serde_json::Value::String(String::from_utf8_lossy(&body).into_owned())
-        })]
-    };
-    let call = serde_json::json!({"args": args, "kwargs": kwargs});
-    match server.call(app, &route.function, &call).await {
-        Ok(outcome) => match outcome.error {
-            None => {
-                let value = outcome.result.unwrap_or(serde_json::Value::Null);
-                json_response(StatusCode::OK, &value)
-            }
-            Some(error) => {
-                let status = if error.kind == "TimeoutError" {
-                    StatusCode::GATEWAY_TIMEOUT
-                } else {
-                    StatusCode::INTERNAL_SERVER_ERROR
-                };
-                // The public gets the kind and the request id; the message and traceback
-                // (which may hold anything the code had) go to the app's logs.
-                server.logs.push(
-                    app,
-                    Some(id),
-                    Stream::System,
-                    format!(
-                        "{} failed: {}: {}\n{}",
-                        route.function,
-                        error.kind,
-                        error.message,
-                        error.traceback.as_deref().unwrap_or_default()
-                    ),
-                );
-                let message = format!(
-                    "the function failed with {}; `lode logs {app}` has request {id}",
-                    error.kind
-                );
-                error_response(status, &error.kind, &message, id)
-            }
-        },
-        Err(e) => {
-            let retry_after = e.retry_after_header();
-            let mut response = json_response(
-                e.status_code(),
-                &serde_json::json!({"error": e.error, "request_id": id}),
-            );
-            if let Some(value) = retry_after {
-                response
-                    .headers_mut()
-                    .insert(http::header::RETRY_AFTER, value);
-            }
-            response
-        }
-    }
-}
-
-fn json_response(status: StatusCode, body: &serde_json::Value) -> Response<ResponseBody> {
-    let mut response = Response::new(full(serde_json::to_vec(body).expect("JSON serializes")));
-    *response.status_mut() = status;
-    response.headers_mut().insert(
-        http::header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    response
-}
-
-fn count_error(server: &Server, app: &str, kind: &'static str) {
-    server
-        .metrics
+/// Counts an error of `kind` for `app` in `/metrics`.
+pub fn count_error(metrics: &Metrics, app: &str, kind: &'static str) {
+    metrics
         .errors
         .get_or_create(&ErrorLabels {
             app: app.to_string(),
@@ -329,23 +86,29 @@ fn count_error(server: &Server, app: &str, kind: &'static str) {
         .inc();
 }
 
-async fn run(
-    server: &Arc<Server>,
+/// Runs `req` on `function` as `path_and_query` (the app's prefix, if addressed by path,
+/// stripped and passed in `x-forwarded-prefix`), with request id `id` and bodies up to
+/// `max_body` bytes. Its output and any trap go to `logs`; errors are counted in `metrics`.
+#[allow(clippy::too_many_arguments)]
+pub async fn run(
     function: Arc<HttpFunction>,
     req: Request<Incoming>,
     path_and_query: String,
     prefix: Option<String>,
     id: &str,
+    max_body: u64,
+    logs: &Arc<LogStore>,
+    metrics: &Arc<Metrics>,
 ) -> Response<ResponseBody> {
-    let app = function.app.clone();
-    let max_body = server.limits.max_body;
+    let guest = &function.guest;
+    let app = guest.app.clone();
     let declared = req
         .headers()
         .get(CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|len| len > max_body) {
-        return too_large(server, &app, max_body, id);
+        return too_large(metrics, &app, max_body, id);
     }
 
     let (mut parts, body) = req.into_parts();
@@ -388,18 +151,13 @@ async fn run(
     });
     let req = Request::from_parts(parts, body);
 
-    let deadline = Instant::now() + function.timeout;
+    let deadline = Instant::now() + guest.timeout;
     let request_id: Arc<str> = Arc::from(id);
-    let wasi = server
-        .logs
-        .guest_wasi(app.clone(), request_id.clone())
-        .build();
     let instantiate_started = Instant::now();
-    let mut store = function.engine.new_store(
-        GuestState::new(wasi, function.memory, function.outbound.clone()),
-        deadline,
-        function.fuel,
-    );
+    let mut store = match guest.store(logs, request_id.clone(), &[], deadline) {
+        Ok(store) => store,
+        Err(why) => return error_response(StatusCode::INTERNAL_SERVER_ERROR, "internal", &why, id),
+    };
     let (sender, receiver) = tokio::sync::oneshot::channel();
     let prepared = (|| -> wasmtime::Result<_> {
         let incoming = store
@@ -416,7 +174,7 @@ async fn run(
         }
     };
 
-    let task_server = server.clone();
+    let (task_logs, task_metrics) = (logs.clone(), metrics.clone());
     let task_function = function.clone();
     let task_id = request_id.clone();
     let task_over_limit = over_limit.clone();
@@ -434,25 +192,27 @@ async fn run(
         };
         let outcome = match tokio::time::timeout_at(deadline.into(), run).await {
             Ok(Ok(())) => Outcome::Finished,
-            Ok(Err(e)) if e.downcast_ref::<Trap>() == Some(&Trap::Interrupt) => Outcome::TimedOut,
-            Ok(Err(e)) if e.downcast_ref::<Trap>() == Some(&Trap::OutOfFuel) => {
-                Outcome::FuelExhausted
-            }
-            Ok(Err(e)) if e.is::<wasmtime::PoolConcurrencyLimitError>() => Outcome::Overloaded,
-            Ok(Err(e)) => Outcome::Trapped(format!("{:#}", anyhow::Error::from(e))),
+            Ok(Err(e)) => match classify(&e) {
+                Stop::Timeout => Outcome::TimedOut,
+                Stop::OutOfFuel => Outcome::FuelExhausted,
+                Stop::Overloaded => Outcome::Overloaded,
+                Stop::StackOverflow | Stop::OutOfMemory | Stop::Trap => {
+                    Outcome::Trapped(describe(e))
+                }
+            },
             Err(_) => Outcome::TimedOut,
         };
         if task_over_limit.load(Ordering::Relaxed) {
             // The client gets a 413; whatever the guest did after its body read failed (often
             // a trap writing to a response nobody reads) is a consequence, not a fault.
-            task_server.logs.push(
-                &task_function.app,
+            task_logs.push(
+                &task_function.guest.app,
                 Some(&task_id),
                 Stream::System,
                 format!("request body passed the limit of {max_body} bytes; answered 413"),
             );
         } else {
-            report(&task_server, &task_function, &task_id, &outcome);
+            report(&task_logs, &task_metrics, &task_function, &task_id, &outcome);
         }
         outcome
     });
@@ -461,13 +221,13 @@ async fn run(
         Ok(Ok(response)) => {
             let response = coalesce(response).await;
             if over_limit.load(Ordering::Relaxed) {
-                return too_large(server, &app, max_body, id);
+                return too_large(metrics, &app, max_body, id);
             }
             response
         }
-        Ok(Err(_)) if over_limit.load(Ordering::Relaxed) => too_large(server, &app, max_body, id),
+        Ok(Err(_)) if over_limit.load(Ordering::Relaxed) => too_large(metrics, &app, max_body, id),
         Ok(Err(code)) => {
-            count_error(server, &app, "guest_error");
+            count_error(metrics, &app, "guest_error");
             error_response(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "guest_error",
@@ -480,7 +240,7 @@ async fn run(
                 .await
                 .unwrap_or_else(|e| Outcome::Trapped(format!("task failed: {e}")));
             if over_limit.load(Ordering::Relaxed) {
-                return too_large(server, &app, max_body, id);
+                return too_large(metrics, &app, max_body, id);
             }
             match outcome {
                 Outcome::TimedOut => error_response(
@@ -488,7 +248,7 @@ async fn run(
                     "timeout",
                     &format!(
                         "the component did not finish within its {:.3} s timeout",
-                        function.timeout.as_secs_f64()
+                        guest.timeout.as_secs_f64()
                     ),
                     id,
                 ),
@@ -497,7 +257,7 @@ async fn run(
                     "fuel_exhausted",
                     &format!(
                         "the component used up its fuel of {} units (`[limits] fuel` sets it)",
-                        function.fuel.unwrap_or_default()
+                        guest.fuel.unwrap_or_default()
                     ),
                     id,
                 ),
@@ -522,7 +282,7 @@ async fn run(
                     response
                 }
                 Outcome::Finished => {
-                    count_error(server, &app, "no_response");
+                    count_error(metrics, &app, "no_response");
                     error_response(
                         StatusCode::INTERNAL_SERVER_ERROR,
                         "no_response",
@@ -593,8 +353,9 @@ async fn coalesce(response: Response<ResponseBody>) -> Response<ResponseBody> {
     )
 }
 
-fn too_large(server: &Server, app: &str, max_body: u64, id: &str) -> Response<ResponseBody> {
-    count_error(server, app, "body_too_large");
+/// The 413 for a body past `max_body`, counted for `app`.
+pub fn too_large(metrics: &Metrics, app: &str, max_body: u64, id: &str) -> Response<ResponseBody> {
+    count_error(metrics, app, "body_too_large");
     error_response(
         StatusCode::PAYLOAD_TOO_LARGE,
         "body_too_large",
@@ -604,36 +365,41 @@ fn too_large(server: &Server, app: &str, max_body: u64, id: &str) -> Response<Re
 }
 
 /// Logs traps and timeouts where users look: the app's log and the server log.
-fn report(server: &Server, function: &HttpFunction, id: &str, outcome: &Outcome) {
+fn report(
+    logs: &LogStore,
+    metrics: &Metrics,
+    function: &HttpFunction,
+    id: &str,
+    outcome: &Outcome,
+) {
+    let guest = &function.guest;
     match outcome {
         Outcome::Finished => {}
         Outcome::Overloaded => {
-            count_error(server, &function.app, "overloaded");
-            tracing::warn!(app = %function.app, request_id = id, "instance pool exhausted");
+            count_error(metrics, &guest.app, "overloaded");
+            tracing::warn!(app = %guest.app, request_id = id, "instance pool exhausted");
         }
         Outcome::TimedOut => {
             let line = format!(
                 "request timed out after {:.3} s (function {})",
-                function.timeout.as_secs_f64(),
-                function.name
+                guest.timeout.as_secs_f64(),
+                guest.name
             );
-            report_limit(server, function, id, "timeout", line);
+            report_limit(logs, metrics, guest, id, "timeout", line);
         }
         Outcome::FuelExhausted => {
             let line = format!(
                 "request used up its fuel of {} units (function {})",
-                function.fuel.unwrap_or_default(),
-                function.name
+                guest.fuel.unwrap_or_default(),
+                guest.name
             );
-            report_limit(server, function, id, "fuel_exhausted", line);
+            report_limit(logs, metrics, guest, id, "fuel_exhausted", line);
         }
         Outcome::Trapped(trap) => {
-            count_error(server, &function.app, "trap");
-            tracing::warn!(app = %function.app, request_id = id, function = function.name, "guest trapped: {trap}");
-            for line in format!("trap in function {}: {trap}", function.name).lines() {
-                server
-                    .logs
-                    .push(&function.app, Some(id), Stream::System, line.to_string());
+            count_error(metrics, &guest.app, "trap");
+            tracing::warn!(app = %guest.app, request_id = id, function = guest.name, "guest trapped: {trap}");
+            for line in format!("trap in function {}: {trap}", guest.name).lines() {
+                logs.push(&guest.app, Some(id), Stream::System, line.to_string());
             }
         }
     }
@@ -641,55 +407,15 @@ fn report(server: &Server, function: &HttpFunction, id: &str, outcome: &Outcome)
 
 /// A request stopped by one of its limits: counted under `kind`, and `line` in both logs.
 fn report_limit(
-    server: &Server,
-    function: &HttpFunction,
+    logs: &LogStore,
+    metrics: &Metrics,
+    guest: &WasmGuest,
     id: &str,
     kind: &'static str,
     line: String,
 ) {
-    count_error(server, &function.app, kind);
-    tracing::warn!(app = %function.app, request_id = id, "{line}");
-    server
-        .logs
-        .push(&function.app, Some(id), Stream::System, line);
+    count_error(metrics, &guest.app, kind);
+    tracing::warn!(app = %guest.app, request_id = id, "{line}");
+    logs.push(&guest.app, Some(id), Stream::System, line);
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn t(host: Option<&str>, uri: &str) -> Option<(String, String, Option<String>)> {
-        let uri: Uri = uri.parse().unwrap();
-        target(host, &uri).map(|t| (t.app, t.path_and_query, t.prefix))
-    }
-
-    #[test]
-    fn routes_by_path_prefix() {
-        assert_eq!(
-            t(Some("127.0.0.1:8080"), "/hello/a/b?x=1"),
-            Some(("hello".into(), "/a/b?x=1".into(), Some("/hello".into())))
-        );
-        assert_eq!(
-            t(None, "/hello"),
-            Some(("hello".into(), "/".into(), Some("/hello".into())))
-        );
-        assert_eq!(t(None, "/"), None);
-    }
-
-    #[test]
-    fn routes_by_host() {
-        assert_eq!(
-            t(Some("hello.lode.localhost:8080"), "/x?y"),
-            Some(("hello".into(), "/x?y".into(), None))
-        );
-        assert_eq!(
-            t(Some("Hello.LODE.localhost"), "/"),
-            Some(("hello".into(), "/".into(), None))
-        );
-        // Nested names are not apps; fall back to the path.
-        assert_eq!(
-            t(Some("a.b.lode.localhost"), "/c/"),
-            Some(("c".into(), "/".into(), Some("/c".into())))
-        );
-    }
-}

@@ -18,32 +18,28 @@ use wasmtime::Store;
 use wasmtime::component::{Instance, Lift, WasmList};
 use wasmtime_wizer::{ComponentInstanceState, Wizer};
 
-use crate::wasm::engine::{EngineClass, GuestState};
+use std::sync::Arc;
+
+use crate::telemetry::logs::LogStore;
+use crate::wasm::guest::{GuestState, WasmGuest};
+use crate::wasm::trap::{Stop, classify};
 
 /// What the init call receives; `lode-guest` runs `Function::init` on it.
 pub const INIT_INPUT: &[u8] = br#"{"lode_init":true}"#;
 
-/// Runs the init of `wasm` on `class` in a store with `state`, for at most `timeout` once
-/// the instance starts, and returns the snapshotted component. Panics inside Wizer come back
-/// as errors, so a bad component fails its deploy, not the server.
-pub async fn snapshot(
-    class: &EngineClass,
-    wasm: &[u8],
-    state: GuestState,
-    timeout: Duration,
-) -> Result<Vec<u8>> {
-    AssertUnwindSafe(run(class, wasm, state, timeout))
+/// Runs the init of `wasm` as `guest` (its output in `logs` under `<function>-init`), for at
+/// most the guest's timeout once the instance starts, and returns the snapshotted component.
+/// Panics inside Wizer come back as errors, so a bad component fails its deploy, not the
+/// server.
+pub async fn snapshot(guest: &WasmGuest, logs: &Arc<LogStore>, wasm: &[u8]) -> Result<Vec<u8>> {
+    AssertUnwindSafe(run(guest, logs, wasm))
         .catch_unwind()
         .await
         .map_err(|_| anyhow!("Wizer could not instrument or read the component"))?
 }
 
-async fn run(
-    class: &EngineClass,
-    wasm: &[u8],
-    state: GuestState,
-    timeout: Duration,
-) -> Result<Vec<u8>> {
+async fn run(guest: &WasmGuest, logs: &Arc<LogStore>, wasm: &[u8]) -> Result<Vec<u8>> {
+    let (class, timeout) = (&guest.engine, guest.timeout);
     let wizer = Wizer::new();
     let (context, instrumented) = wizer
         .instrument_component(wasm)
@@ -56,7 +52,10 @@ async fn run(
         .context("linking the instrumented component")?;
     // The deadline stops running Wasm (epochs); the timeout also stops host waits.
     let deadline = Instant::now() + timeout;
-    let mut store = class.new_store(state, deadline, None);
+    let request_id = Arc::from(format!("{}-init", guest.name));
+    let mut store = guest
+        .store(logs, request_id, &[], deadline)
+        .map_err(|e| anyhow!(e))?;
     let init = async {
         let instance = pre
             .instantiate_async(&mut store)
@@ -93,10 +92,8 @@ async fn run(
 
 /// A trap as an error, with the deadline's interrupt named as the timeout it is.
 fn trapped(error: wasmtime::Error, timeout: Duration) -> anyhow::Error {
-    match error.downcast_ref::<wasmtime::Trap>() {
-        Some(wasmtime::Trap::Interrupt) => {
-            anyhow!("the init timed out after {timeout:?} (the function's timeout)")
-        }
+    match classify(&error) {
+        Stop::Timeout => anyhow!("the init timed out after {timeout:?} (the function's timeout)"),
         _ => anyhow!("{error:#}"),
     }
 }

@@ -1,0 +1,352 @@
+//! The call router: every call by name (the API, web endpoints, schedules, Wasm guests'
+//! imports, calls from containers) goes through [`Dispatch`] on [`Control`], which finds what
+//! serves it in the live version, checks the caller and the body, runs it on its engine,
+//! counts it and records it in the history.
+
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use lode_native_runner::agent::{ErrorInfo, Outcome};
+use serde_json::{Map, Value};
+
+use crate::control::Control;
+use crate::function::{CallError, CallTree, Dispatch, check_payload};
+use crate::native::pool::Rejected;
+use crate::proto::calls::{CallRecord, CallStatus, HistoryRecord};
+use crate::proto::manifest::Runtime;
+use crate::telemetry::metrics::FunctionSeries;
+
+/// Why code of `caller` may not call `app/function` (deployed as `manifest`, if at all), or
+/// `None` when it may: its own app's functions, yes; another app's only when that app's
+/// `allow_callers` names the caller, and never one deployed for pickle, whose arguments and
+/// results would run code on the other side. "No such app" and "not allowed" read the same,
+/// so a tenant cannot list others.
+fn caller_refused(
+    manifest: Option<&crate::proto::manifest::Manifest>,
+    caller: &str,
+    app: &str,
+    function: &str,
+) -> Option<CallError> {
+    if caller == app {
+        return None;
+    }
+    let refused = |why: String| {
+        CallError::new(
+            403,
+            "forbidden",
+            format!("app {caller:?} may not call {app}/{function}: {why}"),
+        )
+    };
+    let named = manifest.is_some_and(|m| m.allow_callers.iter().any(|a| a == caller));
+    if !named {
+        return Some(refused(format!(
+            "calls between apps need the callee's allow_callers to name {caller:?}"
+        )));
+    }
+    let pickle = manifest.is_some_and(|m| {
+        m.functions.iter().any(|f| {
+            f.name == function
+                && f.python.as_ref().and_then(|p| p.serialization.as_deref()) == Some("pickle")
+        })
+    });
+    pickle.then(|| refused("it takes pickle, which is never accepted across apps".into()))
+}
+
+/// A pickled result from a function deployed for JSON is dropped: only a function declared
+/// with `serialization="pickle"` may hand a caller something to unpickle, whatever its
+/// container sends.
+fn only_declared_pickle(outcome: Outcome, pickle: bool) -> Outcome {
+    if pickle || outcome.result_pickled.is_none() {
+        return outcome;
+    }
+    Outcome::failed(ErrorInfo::lode(
+        "invalid_result",
+        "the function's container sent a pickled result, but the function is deployed for \
+         JSON; declare it with serialization=\"pickle\" to return Python objects",
+    ))
+}
+
+/// What serves a call.
+enum Target {
+    /// A Python function's pool, and whether the function was deployed for pickle.
+    Python(Arc<crate::native::pool::Pool>, Map<String, Value>, bool),
+    /// A Wasm function.
+    Wasm(Arc<crate::wasm::function::WasmFunction>, Map<String, Value>),
+}
+
+#[async_trait::async_trait]
+impl Dispatch for Control {
+    /// Runs the call on its engine, at its place in a call tree (`None`: the call from
+    /// outside), which bounds how deep and how wide calls may go, made by code of `caller`
+    /// (`None`: the operator, through the API, a schedule or a web route), which reaches only
+    /// what [`Control::check_caller`] lets it. Counts it, and records it in the history.
+    async fn call(
+        &self,
+        app: &str,
+        function: &str,
+        body: &Value,
+        tree: Option<CallTree>,
+        caller: Option<&str>,
+    ) -> Result<Outcome, CallError> {
+        let started = std::time::Instant::now();
+        let depth = tree.as_ref().map_or(0, CallTree::depth);
+        let from_wasm = tree.as_ref().is_some_and(CallTree::from_wasm);
+        let (engine, result) = self.run_on_engine(app, function, body, tree, caller).await;
+        if let Some((engine, series)) = engine {
+            let failed = !matches!(&result, Ok(outcome) if !outcome.is_error());
+            let elapsed = started.elapsed();
+            series.observe(elapsed, failed);
+            // In-process Wasm-to-Wasm calls are counted, not recorded one by one.
+            if !(from_wasm && engine == "wasm") {
+                let error = match &result {
+                    Ok(outcome) => outcome.error.as_ref(),
+                    Err(e) => Some(&e.error),
+                };
+                self.history.record(HistoryRecord {
+                    created_ms: crate::util::now_ms().saturating_sub(elapsed.as_millis() as u64),
+                    app: app.to_string(),
+                    function: function.to_string(),
+                    engine: engine.to_string(),
+                    status: if failed {
+                        CallStatus::Failed
+                    } else {
+                        CallStatus::Succeeded
+                    },
+                    duration_ms: elapsed.as_secs_f64() * 1000.0,
+                    depth,
+                    error: error.map(HistoryRecord::summarize),
+                });
+            }
+        }
+        result
+    }
+
+    /// Starts the call in the background; returns its id. What a call would refuse at once
+    /// (unknown function, a bad body, a caller not let in) is refused here too, rather than
+    /// recorded as a failed call. From inside a call tree, the spawned call counts against
+    /// the same depth and fan-out, so a function that spawns itself is stopped like one that
+    /// invokes itself.
+    fn spawn(
+        &self,
+        app: &str,
+        function: &str,
+        body: Value,
+        tree: Option<CallTree>,
+        caller: Option<&str>,
+    ) -> Result<String, CallError> {
+        let engine = match self.target(app, function, &body, caller)? {
+            Target::Python(..) => "python",
+            Target::Wasm(..) => "wasm",
+        };
+        let id = self.calls.create(app, function, engine);
+        let Some(control) = self.this.upgrade() else {
+            return Err(CallError::new(
+                503,
+                "unavailable",
+                "the server is shutting down",
+            ));
+        };
+        let (app, function, call_id) = (app.to_string(), function.to_string(), id.clone());
+        let caller = caller.map(str::to_string);
+        tokio::spawn(async move {
+            let called = control
+                .call(&app, &function, &body, tree, caller.as_deref())
+                .await;
+            let outcome = match called {
+                Ok(outcome) => outcome,
+                Err(e) => Outcome::failed(e.error),
+            };
+            control.calls.finish(&call_id, outcome);
+        });
+        Ok(id)
+    }
+
+    /// A spawned call's record for code of `caller` (a container or a Wasm guest), after
+    /// waiting up to `wait`: only calls of functions the caller may call are visible, and
+    /// others read as unknown.
+    async fn wait(
+        &self,
+        caller: &str,
+        id: &str,
+        wait: Duration,
+    ) -> Result<CallRecord, ErrorInfo> {
+        let unknown = || {
+            ErrorInfo::lode(
+                "not_found",
+                format!("no call {id:?} (records are kept while the server runs)"),
+            )
+        };
+        let record = self
+            .calls
+            .wait(id, Duration::ZERO)
+            .await
+            .ok_or_else(unknown)?;
+        if self
+            .check_caller(caller, &record.app, &record.function)
+            .is_err()
+        {
+            return Err(unknown());
+        }
+        if record.status != CallStatus::Running {
+            return Ok(record);
+        }
+        self.calls.wait(id, wait).await.ok_or_else(unknown)
+    }
+}
+
+impl Control {
+    /// Runs the call on its engine; says which engine it was and the function's call series,
+    /// once the function is known.
+    async fn run_on_engine(
+        &self,
+        app: &str,
+        function: &str,
+        body: &Value,
+        tree: Option<CallTree>,
+        caller: Option<&str>,
+    ) -> (
+        Option<(&'static str, FunctionSeries)>,
+        Result<Outcome, CallError>,
+    ) {
+        // A deploy may replace the pool between lookup and submit; the new one takes it.
+        for _ in 0..3 {
+            let (pool, payload, pickle) = match self.target(app, function, body, caller) {
+                Err(e) => return (None, Err(e)),
+                Ok(Target::Python(pool, payload, pickle)) => (pool, payload, pickle),
+                Ok(Target::Wasm(wasm, payload)) => {
+                    let series = wasm.series.clone();
+                    let dispatch: Weak<dyn Dispatch> = self.this.clone();
+                    let body = Value::Object(payload);
+                    let outcome =
+                        crate::wasm::function::run(wasm, &body, tree, dispatch, &self.logs).await;
+                    return (Some(("wasm", series)), Ok(outcome));
+                }
+            };
+            let served = Some(("python", pool.series().clone()));
+            match pool.submit(payload, tree.clone()).await {
+                Ok(outcome) => return (served, Ok(only_declared_pickle(outcome, pickle))),
+                Err(Rejected::QueueFull(after)) => {
+                    return (
+                        served,
+                        Err(CallError {
+                            retry_after: Some(after),
+                            ..CallError::new(
+                                429,
+                                "queue_full",
+                                format!(
+                                    "{app}/{function} has a full queue; retry after {}s",
+                                    after.as_secs().max(1)
+                                ),
+                            )
+                        }),
+                    );
+                }
+                Err(Rejected::Closed) => continue,
+            }
+        }
+        let busy = CallError::new(
+            503,
+            "unavailable",
+            format!("{app}/{function} is being redeployed; retry"),
+        );
+        let series = self.metrics.function_series(app, function, "python");
+        (Some(("python", series)), Err(busy))
+    }
+
+    /// What serves `app/function` (a Python pool or a Wasm component), and the body checked
+    /// for it, once `caller` is known to be let in: checked against the same deployed version
+    /// that serves the call.
+    fn target(
+        &self,
+        app: &str,
+        function: &str,
+        body: &Value,
+        caller: Option<&str>,
+    ) -> Result<Target, CallError> {
+        let live = self.app(app);
+        if let Some(caller) = caller
+            && let Some(refused) = caller_refused(
+                live.as_deref().map(|l| &l.record.manifest),
+                caller,
+                app,
+                function,
+            )
+        {
+            return Err(refused);
+        }
+        let Some(live) = live else {
+            return Err(CallError::new(
+                404,
+                "not_found",
+                format!("no app {app:?} is deployed (`lode ls` lists them)"),
+            ));
+        };
+        let Some(spec) = live
+            .record
+            .manifest
+            .functions
+            .iter()
+            .find(|f| f.name == function)
+        else {
+            let names: Vec<_> = live
+                .record
+                .manifest
+                .functions
+                .iter()
+                .map(|f| f.name.as_str())
+                .collect();
+            return Err(CallError::new(
+                404,
+                "not_found",
+                format!(
+                    "app {app:?} has no function {function:?} (it has: {})",
+                    names.join(", ")
+                ),
+            ));
+        };
+        let pickle = spec
+            .python
+            .as_ref()
+            .and_then(|p| p.serialization.as_deref())
+            == Some("pickle");
+        let payload =
+            check_payload(body, pickle).map_err(|m| CallError::new(400, "invalid_request", m))?;
+        if spec.runtime == Runtime::Wasm {
+            return match live.wasm_functions.get(function) {
+                Some(wasm) => Ok(Target::Wasm(wasm.clone(), payload)),
+                None => Err(CallError::new(
+                    422,
+                    "unsupported",
+                    format!(
+                        "{app}/{function} serves HTTP only: its component does not export \
+                         lode:function/handler, so it takes requests at its web route"
+                    ),
+                )),
+            };
+        }
+        let pool = live.pools.get(function).cloned().ok_or_else(|| {
+            CallError::new(
+                503,
+                "unavailable",
+                format!("{app}/{function} has no container pool; redeploy the app"),
+            )
+        })?;
+        Ok(Target::Python(pool, payload, pickle))
+    }
+
+    /// Whether code of `caller` (an app's container or Wasm guest) may call
+    /// `app/function`. An app's own functions, yes; another app's only when its
+    /// `allow_callers` names the caller, and never one deployed for pickle, whose
+    /// arguments and results would run code on the other side. The API token (the
+    /// operator) is not a caller and reaches every function.
+    pub fn check_caller(&self, caller: &str, app: &str, function: &str) -> Result<(), CallError> {
+        let live = self.app(app);
+        caller_refused(
+            live.as_deref().map(|l| &l.record.manifest),
+            caller,
+            app,
+            function,
+        )
+        .map_or(Ok(()), Err)
+    }
+}
