@@ -9,9 +9,9 @@ use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
 use lode::cli::image;
 use lode::cli::{self, ApiClient};
-use lode::wasm::WasmBounds;
 use lode::proto::client_file::{ClientOverrides, RegistryTarget};
 use lode::serve::{RegistryOptions, RegistryServeOptions, ServeOptions, serve, serve_registry};
+use lode::wasm::WasmBounds;
 use lode_registry::RegistryClient;
 use std::sync::Arc;
 
@@ -207,7 +207,7 @@ enum ContainerCommand {
         /// HOSTDIR:/path[:ro], a bind mount (repeatable). The container's root is host uid
         /// 524288, so a writable HOSTDIR must be writable by it.
         #[arg(short, long = "volume", value_parser = lode::cli::container::parse_volume)]
-        volume: Vec<lode::native::VolumeRequest>,
+        volume: Vec<lode::proto::containers::VolumeRequest>,
         /// Working directory [default: the image's, else /].
         #[arg(short, long)]
         workdir: Option<String>,
@@ -768,7 +768,7 @@ async fn run(cli: Cli) -> Result<()> {
             image,
             command,
         }) => {
-            let request = lode::native::ContainerRequest {
+            let request = lode::proto::containers::ContainerRequest {
                 image,
                 argv: command,
                 env,

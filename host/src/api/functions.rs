@@ -90,10 +90,12 @@ async fn call(
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let body = body_json(&body)?;
-    Ok(match control.call(&app, &function, &body, None, None).await {
-        Ok(outcome) => outcome_response(outcome),
-        Err(e) => call_error_response(e),
-    })
+    Ok(
+        match control.call(&app, &function, &body, None, None).await {
+            Ok(outcome) => outcome_response(outcome),
+            Err(e) => call_error_response(e),
+        },
+    )
 }
 
 async fn spawn(

@@ -1,5 +1,6 @@
 //! The JSON API (`/v1/...` and `/metrics`), behind the bearer token.
 
+pub mod containers;
 pub mod functions;
 
 use std::sync::Arc;
@@ -42,11 +43,6 @@ impl ApiError {
         Self::new(StatusCode::BAD_REQUEST, "invalid_request", message)
     }
 
-    /// What went wrong, in words.
-    pub(crate) fn message(&self) -> &str {
-        &self.message
-    }
-
     pub(crate) fn internal(error: impl std::fmt::Display) -> Self {
         let id = format!("{:016x}", rand::random::<u64>());
         tracing::error!(error_id = id, "internal error: {error}");
@@ -87,6 +83,16 @@ impl IntoResponse for ApiError {
     }
 }
 
+impl From<crate::native::Refused> for ApiError {
+    fn from(refused: crate::native::Refused) -> Self {
+        if refused.status == 500 {
+            return Self::internal(refused.message);
+        }
+        let status = StatusCode::from_u16(refused.status).unwrap_or(StatusCode::BAD_REQUEST);
+        Self::new(status, refused.kind, refused.message)
+    }
+}
+
 impl From<DeployError> for ApiError {
     fn from(e: DeployError) -> Self {
         let (status, kind) = match &e {
@@ -103,7 +109,11 @@ impl From<DeployError> for ApiError {
 type ApiResult<T> = Result<T, ApiError>;
 
 /// The API router; `token` guards every route but `/healthz`.
-pub fn router(control: Arc<Control>, native: Arc<crate::native::Native>, token: Arc<str>) -> Router {
+pub fn router(
+    control: Arc<Control>,
+    native: Arc<crate::native::Native>,
+    token: Arc<str>,
+) -> Router {
     let guarded = Router::new()
         .route("/v1/info", get(info))
         .route("/v1/apps", get(list_apps))
@@ -115,7 +125,7 @@ pub fn router(control: Arc<Control>, native: Arc<crate::native::Native>, token: 
         .route("/metrics", get(metrics))
         .with_state(control.clone())
         .merge(crate::api::functions::router(control))
-        .merge(crate::native::router(native))
+        .merge(crate::api::containers::router(native))
         .layer(middleware::from_fn_with_state(token, require_token));
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))

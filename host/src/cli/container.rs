@@ -15,7 +15,9 @@ use lode_registry::BlobAccess;
 use reqwest::Method;
 
 use crate::cli::client::{ApiClient, ndjson_lines};
-use crate::native::{BuildEnd, BuildLine, BuildRequest, ContainerLine, ContainerRequest};
+use crate::proto::containers::{
+    BuildEnd, BuildLine, BuildRequest, ContainerLine, ContainerRequest,
+};
 use lode_native_runner::builder::BuildEvent;
 
 /// Ingests a directory, returning its digest.
@@ -159,7 +161,7 @@ pub async fn build_spec(
 }
 
 /// Parses `HOST:/path[:ro]`.
-pub fn parse_volume(text: &str) -> Result<crate::native::VolumeRequest, String> {
+pub fn parse_volume(text: &str) -> Result<crate::proto::containers::VolumeRequest, String> {
     let (rest, read_only) = match text.strip_suffix(":ro") {
         Some(rest) => (rest, true),
         None => (text.strip_suffix(":rw").unwrap_or(text), false),
@@ -172,7 +174,7 @@ pub fn parse_volume(text: &str) -> Result<crate::native::VolumeRequest, String> 
     if !target.starts_with('/') {
         return Err(format!("volume target {target:?} must be an absolute path"));
     }
-    Ok(crate::native::VolumeRequest {
+    Ok(crate::proto::containers::VolumeRequest {
         source: source.display().to_string(),
         target: target.to_string(),
         read_only,

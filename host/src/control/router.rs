@@ -164,12 +164,7 @@ impl Dispatch for Control {
     /// A spawned call's record for code of `caller` (a container or a Wasm guest), after
     /// waiting up to `wait`: only calls of functions the caller may call are visible, and
     /// others read as unknown.
-    async fn wait(
-        &self,
-        caller: &str,
-        id: &str,
-        wait: Duration,
-    ) -> Result<CallRecord, ErrorInfo> {
+    async fn wait(&self, caller: &str, id: &str, wait: Duration) -> Result<CallRecord, ErrorInfo> {
         let unknown = || {
             ErrorInfo::lode(
                 "not_found",

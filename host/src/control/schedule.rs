@@ -12,9 +12,9 @@ use chrono::{DateTime, Utc};
 
 use crate::control::Control;
 use crate::function::Dispatch;
+use crate::proto::log::Stream;
 use crate::proto::schedule::Schedule;
 use crate::store::state::Table;
-use crate::proto::log::Stream;
 
 /// How often the scheduler looks at the clock.
 const TICK: Duration = Duration::from_millis(100);

@@ -43,8 +43,7 @@ pub trait Dispatch: Send + Sync {
 
     /// A spawned call's record, after waiting up to `wait` for it to finish. Code of `caller`
     /// sees only calls of functions it may call; others read as unknown.
-    async fn wait(&self, caller: &str, id: &str, wait: Duration)
-    -> Result<CallRecord, ErrorInfo>;
+    async fn wait(&self, caller: &str, id: &str, wait: Duration) -> Result<CallRecord, ErrorInfo>;
 }
 
 /// How deep calls through `invoke` may nest (a call from the API is depth 0), unless the
@@ -255,10 +254,7 @@ pub async fn container_call(
     match call.op.as_str() {
         "call" | "spawn" => {
             let Some(function) = call.function else {
-                return Outcome::failed(ErrorInfo::lode(
-                    "invalid_request",
-                    "no function named",
-                ));
+                return Outcome::failed(ErrorInfo::lode("invalid_request", "no function named"));
             };
             let tree = match tree.map(|tree| tree.admit(fan_out, false)).transpose() {
                 Ok(tree) => tree,

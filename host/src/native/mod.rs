@@ -2,35 +2,23 @@
 //! (`POST /v1/containers`), both streamed back as NDJSON. `lode serve` owns the image mounts,
 //! the chunk cache and the containers; the CLI is only a client.
 
+pub mod containers;
 pub mod pool;
 
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
 
-use axum::Router;
-use axum::extract::State;
-use axum::http::StatusCode;
-use axum::response::Response;
-use axum::routing::post;
+use std::time::Duration;
 
-use crate::api::{ApiError, ndjson};
-use base64::Engine as _;
-use bytes::Bytes;
-use futures::StreamExt;
 use lode_fs::MountTable;
-use lode_native_runner::builder::{BuildEvent, Builder, DEFAULT_PATH, read_config};
+use lode_native_runner::builder::{Builder, read_config};
 use lode_native_runner::cgroup::{Hierarchy, Limits};
 use lode_native_runner::egress::Egress;
 use lode_native_runner::image_spec::ImageSpec;
-use lode_native_runner::sandbox::{Network, SandboxSpec, Volume, spawn};
+use lode_native_runner::sandbox::{Network, SandboxSpec};
 use lode_native_runner::userns::{CONTAINER_IDS, UserNamespace};
-use lode_registry::{BlobAccess, Digest, TagUpdate};
-use serde::{Deserialize, Serialize};
+use lode_registry::{BlobAccess, Digest};
 use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
 
 /// Bounds on what one container may ask for, and what it gets when it asks for nothing:
 /// every function container, one-off container and build step has a memory, pids and
@@ -152,6 +140,38 @@ impl ContainerBounds {
             cpu: r.cpu,
             pids: Some(self.default_pids),
         }
+    }
+}
+
+/// Why the native engine refused a request, with the HTTP status the API answers it with.
+#[derive(Debug)]
+pub struct Refused {
+    /// HTTP status.
+    pub status: u16,
+    /// A short kind, such as `no_containers`.
+    pub kind: &'static str,
+    /// What went wrong and what to do; for a 500, what the server log gets.
+    pub message: String,
+}
+
+impl Refused {
+    /// A refusal of `kind`, answered with `status`.
+    pub fn new(status: u16, kind: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            kind,
+            message: message.into(),
+        }
+    }
+
+    /// A 400 for a request that is not valid.
+    pub fn bad(message: impl Into<String>) -> Self {
+        Self::new(400, "invalid_request", message)
+    }
+
+    /// A failure inside the server: logged, and answered without its details.
+    pub fn internal(error: impl std::fmt::Display) -> Self {
+        Self::new(500, "internal", error.to_string())
     }
 }
 
@@ -288,17 +308,24 @@ impl Native {
         }
     }
 
-    fn cgroups(&self) -> Result<&Arc<dyn Hierarchy>, ApiError> {
-        self.cgroups
-            .as_ref()
-            .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "no_containers", e))
+    /// The cgroup hierarchy containers go in, or the refusal naming why there is none.
+    pub fn cgroups(&self) -> Result<&Arc<dyn Hierarchy>, Refused> {
+        self.cgroups.as_ref().map_err(|_| self.no_containers())
+    }
+
+    fn no_containers(&self) -> Refused {
+        let why = match &self.cgroups {
+            Err(e) => e.clone(),
+            Ok(_) => "the image builder is not set up".into(),
+        };
+        Refused::new(503, "no_containers", why)
     }
 
     /// The image `reference` names, with its index.
-    async fn resolve(&self, reference: &str) -> Result<(Digest, lode_fs::Index), ApiError> {
+    async fn resolve(&self, reference: &str) -> Result<(Digest, lode_fs::Index), Refused> {
         let unknown = || {
-            ApiError::new(
-                StatusCode::NOT_FOUND,
+            Refused::new(
+                404,
                 "unknown_image",
                 format!(
                     "no image {reference:?} in the registry: build one with `lode image build`, \
@@ -311,15 +338,15 @@ impl Native {
             Err(_) => match self.registry.get_tag(reference).await {
                 Ok(digest) => digest,
                 Err(lode_registry::Error::TagNotFound(_)) => return Err(unknown()),
-                Err(e) => return Err(ApiError::internal(e)),
+                Err(e) => return Err(Refused::internal(e)),
             },
         };
         let bytes = match self.registry.get_index(&digest).await {
             Ok(bytes) => bytes,
             Err(lode_registry::Error::IndexNotFound(_)) => return Err(unknown()),
-            Err(e) => return Err(ApiError::internal(e)),
+            Err(e) => return Err(Refused::internal(e)),
         };
-        let index = lode_fs::Index::parse(bytes).map_err(ApiError::internal)?;
+        let index = lode_fs::Index::parse(bytes).map_err(Refused::internal)?;
         Ok((digest, index))
     }
 }
@@ -368,7 +395,7 @@ impl Native {
         let (digest, index) = self
             .resolve(&digest.to_string())
             .await
-            .map_err(|e| e.message().to_string())?;
+            .map_err(|e| e.message)?;
         let config = read_config(&index, self.registry.as_ref())
             .await
             .map_err(|e| e.to_string())?;
@@ -407,103 +434,6 @@ impl Native {
     }
 }
 
-/// The routes, for the token-guarded part of the API.
-pub fn router(native: Arc<Native>) -> Router {
-    Router::new()
-        .route("/v1/images/build", post(build))
-        .route("/v1/containers", post(run_container))
-        .with_state(native)
-}
-
-fn json_body<T: for<'de> Deserialize<'de>>(body: &[u8], what: &str) -> Result<T, ApiError> {
-    serde_json::from_slice(body).map_err(|e| ApiError::bad(format!("the {what} is not valid: {e}")))
-}
-
-/// `POST /v1/images/build`: `{"spec": <image.json>, "tag": "name"?}`.
-#[derive(Debug, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct BuildRequest {
-    /// The image, with local parts already uploaded by the client.
-    pub spec: ImageSpec,
-    /// A tag to point at the result.
-    #[serde(default)]
-    pub tag: Option<String>,
-}
-
-/// What a build streams: the builder's events, then how it ended.
-#[derive(Debug, Serialize, Deserialize)]
-#[serde(untagged)]
-pub enum BuildLine {
-    /// A step started or was cached, a line of output, or a step's result.
-    Event(BuildEvent),
-    /// The last line.
-    End(BuildEnd),
-}
-
-/// How a build ended.
-#[derive(Debug, Serialize, Deserialize)]
-#[serde(tag = "event", rename_all = "snake_case")]
-pub enum BuildEnd {
-    /// The image.
-    Done {
-        /// Its index digest.
-        digest: String,
-        /// Seconds the build took.
-        seconds: f64,
-    },
-    /// The build failed.
-    Error {
-        /// What failed and what to do.
-        message: String,
-    },
-}
-
-async fn build(State(native): State<Arc<Native>>, body: Bytes) -> Result<Response, ApiError> {
-    let request: BuildRequest = json_body(&body, "build request")?;
-    request.spec.validate().map_err(ApiError::bad)?;
-    if let Some(tag) = &request.tag {
-        lode_registry::validate_tag_name(tag).map_err(|e| ApiError::bad(e.to_string()))?;
-    }
-    native.cgroups()?;
-    let (tx, rx) = mpsc::channel::<BuildLine>(1024);
-    tokio::spawn(async move {
-        let started = Instant::now();
-        let events_tx = tx.clone();
-        let events: lode_native_runner::builder::Events = Arc::new(move |event: BuildEvent| {
-            send_build_line(&events_tx, BuildLine::Event(event));
-        });
-        let builder = native.builder.as_ref().expect("cgroups were checked");
-        let line = match builder.build(&request.spec, events).await {
-            Ok(digest) => match &request.tag {
-                Some(tag) => match native
-                    .registry
-                    .set_tag(tag, &digest, TagUpdate::Always)
-                    .await
-                {
-                    Ok(_) => BuildEnd::Done {
-                        digest: digest.to_string(),
-                        seconds: started.elapsed().as_secs_f64(),
-                    },
-                    Err(e) => BuildEnd::Error {
-                        message: format!("built {digest} but could not tag it {tag}: {e}"),
-                    },
-                },
-                None => BuildEnd::Done {
-                    digest: digest.to_string(),
-                    seconds: started.elapsed().as_secs_f64(),
-                },
-            },
-            Err(e) => BuildEnd::Error {
-                message: e.to_string(),
-            },
-        };
-        let _ = tx.send(BuildLine::End(line)).await;
-    });
-    Ok(ndjson(ReceiverStream::new(rx).map(|line| {
-        serde_json::to_string(&line).expect("serializes")
-    })))
-}
-
 /// Sends a build's progress to its client. Output lines come from the threads reading a
 /// step's pipes: they wait for a slow client (which holds the step back) rather than drop
 /// lines or buffer without bound. Step headers come from the build task, where waiting is not
@@ -515,401 +445,4 @@ pub(crate) fn send_build_line<T>(tx: &mpsc::Sender<T>, line: T) {
     } else {
         let _ = tx.blocking_send(line);
     }
-}
-
-/// `POST /v1/containers`: run a command in a new container of an image.
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct ContainerRequest {
-    /// Image digest or tag.
-    pub image: String,
-    /// The command; empty runs the image's own.
-    #[serde(default)]
-    pub argv: Vec<String>,
-    /// Extra environment, on top of the image's.
-    #[serde(default)]
-    pub env: Vec<(String, String)>,
-    /// Memory limit, MiB.
-    #[serde(default)]
-    pub memory: Option<u64>,
-    /// CPU limit, cores.
-    #[serde(default)]
-    pub cpu: Option<f64>,
-    /// Process limit.
-    #[serde(default)]
-    pub pids: Option<u64>,
-    /// Wall-clock limit, seconds.
-    #[serde(default)]
-    pub timeout: Option<f64>,
-    /// `none` (default) or `outbound`.
-    #[serde(default)]
-    pub network: Option<String>,
-    /// With `outbound`: CIDRs, addresses or host names reachable besides the internet (the
-    /// host and private ranges are refused otherwise).
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub allow_net: Vec<String>,
-    /// Host paths to bind.
-    #[serde(default)]
-    pub volumes: Vec<VolumeRequest>,
-    /// Working directory; defaults to the image's.
-    #[serde(default)]
-    pub workdir: Option<String>,
-}
-
-/// One bind mount of a container request.
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct VolumeRequest {
-    /// Absolute host path.
-    pub source: String,
-    /// Absolute path in the container.
-    pub target: String,
-    /// Mount read-only.
-    #[serde(default)]
-    pub read_only: bool,
-}
-
-/// What a container streams back.
-#[derive(Debug, Serialize, Deserialize)]
-#[serde(tag = "event", rename_all = "snake_case")]
-pub enum ContainerLine {
-    /// The container is running.
-    Started {
-        /// Its id.
-        id: String,
-        /// The image digest.
-        image: String,
-    },
-    /// Bytes the command wrote to stdout (base64).
-    Stdout {
-        /// Base64 of the bytes.
-        data: String,
-    },
-    /// Bytes the command wrote to stderr (base64).
-    Stderr {
-        /// Base64 of the bytes.
-        data: String,
-    },
-    /// How it ended.
-    Exit {
-        /// The exit code (128 + signal when killed).
-        code: i32,
-        /// The limit or timeout that stopped it, named.
-        killed_by: Option<String>,
-        /// Milliseconds from start to exit.
-        duration_ms: u64,
-    },
-    /// It could not run.
-    Error {
-        /// What went wrong and what to do.
-        message: String,
-    },
-}
-
-impl Native {
-    /// Checks a request's limits, env and volumes; returns the limits, the timeout and the
-    /// volumes with their host paths resolved.
-    fn check(
-        &self,
-        request: &ContainerRequest,
-    ) -> Result<(Limits, Option<Duration>, Vec<Volume>), ApiError> {
-        let b = &self.bounds;
-        let range = |what: &str, flag: &str, low: String, high: String| {
-            ApiError::bad(format!(
-                "{what} must be between {low} and {high} (--{flag})"
-            ))
-        };
-        if let Some(m) = request.memory
-            && !(4..=b.max_memory_mib).contains(&m)
-        {
-            return Err(range(
-                "memory",
-                "memory",
-                "4 MiB".into(),
-                format!("{} MiB", b.max_memory_mib),
-            ));
-        }
-        if let Some(c) = request.cpu
-            && !(c >= 0.01 && c <= b.max_cpu)
-        {
-            return Err(range(
-                "cpu",
-                "cpu",
-                "0.01".into(),
-                format!("{} cores", b.max_cpu),
-            ));
-        }
-        if let Some(p) = request.pids
-            && !(1..=b.max_pids).contains(&p)
-        {
-            return Err(range("pids", "pids", "1".into(), b.max_pids.to_string()));
-        }
-        let timeout = match request.timeout {
-            Some(t) if !(t > 0.0 && t <= b.max_timeout.as_secs_f64()) => {
-                return Err(range(
-                    "timeout",
-                    "timeout",
-                    "0".into(),
-                    format!("{} s", b.max_timeout.as_secs()),
-                ));
-            }
-            Some(t) => Some(Duration::from_secs_f64(t)),
-            None => None,
-        };
-        for (name, _) in &request.env {
-            if name.is_empty() || name.contains('=') || name.contains('\0') {
-                return Err(ApiError::bad(format!(
-                    "{name:?} is not a variable name (--env NAME=VALUE)"
-                )));
-            }
-        }
-        let volumes = request
-            .volumes
-            .iter()
-            .map(|v| {
-                let volume = self.allowed_volume(v)?;
-                if !v.read_only {
-                    self.check_writable(&volume)?;
-                }
-                Ok(volume)
-            })
-            .collect::<Result<_, ApiError>>()?;
-        Ok((
-            Limits {
-                memory: Some(request.memory.unwrap_or(b.default_memory_mib) << 20),
-                cpu: request.cpu,
-                pids: Some(request.pids.unwrap_or(b.default_pids)),
-            },
-            timeout,
-            volumes,
-        ))
-    }
-}
-
-impl Native {
-    /// A read-write volume the container's root could not write would fail deep inside the
-    /// command with a bare EACCES; this says why before anything starts.
-    fn check_writable(&self, volume: &Volume) -> Result<(), ApiError> {
-        use std::os::unix::fs::MetadataExt;
-        let Some(userns) = &self.user_namespace else {
-            return Ok(());
-        };
-        let root = userns.ids().host_base;
-        let source = &volume.source;
-        let meta = volume
-            .metadata()
-            .map_err(|e| ApiError::bad(format!("volume source {}: {e}", source.display())))?;
-        let mode = meta.mode();
-        let writable = (meta.uid() == root && mode & 0o200 != 0)
-            || (meta.gid() == root && mode & 0o020 != 0)
-            || mode & 0o002 != 0;
-        if writable {
-            return Ok(());
-        }
-        Err(ApiError::bad(format!(
-            "volume {} is not writable by the container's root, which is host uid {root}: \
-             run `chown {root}:{root} {}` on the host, or mount it read-only with :ro",
-            source.display(),
-            source.display()
-        )))
-    }
-
-    /// Opens a volume's host side below the `--allow-volume` root that holds it. The kernel
-    /// resolves it beneath that root without following a symlink, and the container's mount
-    /// is cloned from the descriptor this returns, so nothing swapped in later can redirect
-    /// it.
-    fn allowed_volume(&self, request: &VolumeRequest) -> Result<Volume, ApiError> {
-        let source = Path::new(&request.source);
-        if !source.is_absolute() {
-            return Err(ApiError::bad(format!(
-                "volume source {:?} must be an absolute host path",
-                request.source
-            )));
-        }
-        let not_allowed =
-            |why: String| ApiError::new(StatusCode::FORBIDDEN, "volume_not_allowed", why);
-        for root in &self.bounds.volume_roots {
-            let Ok(real_root) = std::fs::canonicalize(root) else {
-                continue;
-            };
-            let relative = source
-                .strip_prefix(root)
-                .or_else(|_| source.strip_prefix(&real_root));
-            let Ok(relative) = relative else { continue };
-            return Volume::beneath(&real_root, relative, &request.target, request.read_only)
-                .map_err(|e| match e.kind() {
-                    // A symlink on the way, or a path that leaves the root.
-                    std::io::ErrorKind::PermissionDenied => not_allowed(e.to_string()),
-                    _ => ApiError::bad(e.to_string()),
-                });
-        }
-        Err(not_allowed(format!(
-            "host path {} may not be mounted into containers: start `lode serve` with \
-             --allow-volume DIR for a directory that holds it",
-            source.display()
-        )))
-    }
-}
-
-/// Sets the flag when the response stream is dropped: the client went away.
-struct StopOnDrop(Arc<AtomicBool>);
-
-impl Drop for StopOnDrop {
-    fn drop(&mut self) {
-        self.0.store(true, Ordering::Relaxed);
-    }
-}
-
-async fn run_container(
-    State(native): State<Arc<Native>>,
-    body: Bytes,
-) -> Result<Response, ApiError> {
-    let request: ContainerRequest = json_body(&body, "container request")?;
-    let (limits, timeout, volumes) = native.check(&request)?;
-    let network = match request.network.as_deref() {
-        None | Some("none") if request.allow_net.is_empty() => Network::None,
-        None | Some("none") => {
-            return Err(ApiError::bad(
-                "--allow-net needs --net outbound: a container without network reaches nothing",
-            ));
-        }
-        Some("outbound") => native
-            .outbound(&request.allow_net)
-            .await
-            .map_err(|e| ApiError::new(StatusCode::FORBIDDEN, "network_not_allowed", e))?,
-        Some(other) => {
-            return Err(ApiError::bad(format!(
-                "network {other:?} is not one of: none, outbound"
-            )));
-        }
-    };
-    let cgroups = native.cgroups()?.clone();
-    let (digest, index) = native.resolve(&request.image).await?;
-    let config = read_config(&index, native.registry.as_ref())
-        .await
-        .map_err(ApiError::internal)?;
-    let argv = if request.argv.is_empty() {
-        config.cmd.clone()
-    } else {
-        request.argv.clone()
-    };
-    if argv.is_empty() {
-        return Err(ApiError::bad(
-            "no command given and the image names none: lode container run IMAGE -- CMD...",
-        ));
-    }
-    let mount = native
-        .mounts
-        .mount(&digest)
-        .await
-        .map_err(ApiError::internal)?;
-    let mut env = vec![("PATH".to_string(), DEFAULT_PATH.to_string())];
-    for (name, value) in config.env.iter().chain(&request.env) {
-        lode_native_runner::image_spec::set_env(&mut env, name, value);
-    }
-    let id = format!("{}-c-{:016x}", native.scope, rand::random::<u64>());
-    let spec = SandboxSpec {
-        lower: mount.mountpoint().to_path_buf(),
-        scratch: native.run_dir.join(&id),
-        argv,
-        env,
-        cwd: request
-            .workdir
-            .clone()
-            .or(config.workdir.clone())
-            .unwrap_or_else(|| "/".into()),
-        limits,
-        timeout,
-        volumes,
-        network,
-        writable_bytes: native.bounds.writable_bytes,
-        shm_bytes: native.bounds.shm_bytes,
-        user_namespace: native.user_namespace_for(&mount).map_err(|why| {
-            ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "no_user_namespace", why)
-        })?,
-        ..SandboxSpec::default()
-    };
-    let started = Instant::now();
-    let spawned = tokio::task::spawn_blocking(move || {
-        spawn(
-            &spec,
-            cgroups.as_ref(),
-            std::process::Stdio::piped(),
-            std::process::Stdio::piped(),
-        )
-    })
-    .await
-    .map_err(ApiError::internal)?;
-    let mut sandbox = spawned.map_err(|e| {
-        let status = match e.kind() {
-            std::io::ErrorKind::NotFound | std::io::ErrorKind::InvalidInput => {
-                StatusCode::BAD_REQUEST
-            }
-            _ => StatusCode::INTERNAL_SERVER_ERROR,
-        };
-        ApiError::new(
-            status,
-            "container_failed",
-            format!("the container did not start: {e}"),
-        )
-    })?;
-    tracing::info!(%id, image = %digest, "container started");
-    let (tx, rx) = mpsc::channel::<ContainerLine>(64);
-    let stop = Arc::new(AtomicBool::new(false));
-    let _ = tx
-        .send(ContainerLine::Started {
-            id: id.clone(),
-            image: digest.to_string(),
-        })
-        .await;
-    let (stdout, stderr) = sandbox.take_output();
-    let pump = |pipe: Option<Box<dyn Read + Send>>, is_stdout: bool| {
-        let tx = tx.clone();
-        let stop = stop.clone();
-        std::thread::spawn(move || {
-            let Some(mut pipe) = pipe else { return };
-            let mut buffer = vec![0u8; 64 * 1024];
-            loop {
-                let n = match pipe.read(&mut buffer) {
-                    Ok(0) | Err(_) => return,
-                    Ok(n) => n,
-                };
-                let data = base64::engine::general_purpose::STANDARD.encode(&buffer[..n]);
-                let line = if is_stdout {
-                    ContainerLine::Stdout { data }
-                } else {
-                    ContainerLine::Stderr { data }
-                };
-                if tx.blocking_send(line).is_err() {
-                    stop.store(true, Ordering::Relaxed);
-                }
-            }
-        })
-    };
-    let out = pump(stdout.map(|p| Box::new(p) as Box<dyn Read + Send>), true);
-    let err = pump(stderr.map(|p| Box::new(p) as Box<dyn Read + Send>), false);
-    let waiter_stop = stop.clone();
-    std::thread::spawn(move || {
-        let finished = sandbox.finish_unless(&waiter_stop);
-        let _ = (out.join(), err.join());
-        let line = match finished {
-            Ok(finished) => ContainerLine::Exit {
-                code: finished.code(),
-                killed_by: finished.killed_by(),
-                duration_ms: started.elapsed().as_millis() as u64,
-            },
-            Err(e) => ContainerLine::Error {
-                message: format!("waiting for the container: {e}"),
-            },
-        };
-        tracing::info!(%id, ?line, "container ended");
-        let _ = tx.blocking_send(line);
-        // The image stays mounted for the next container; the table owns it.
-        drop(mount);
-    });
-    let guard = StopOnDrop(stop);
-    Ok(ndjson(ReceiverStream::new(rx).map(move |line| {
-        let _ = &guard;
-        serde_json::to_string(&line).expect("serializes")
-    })))
 }

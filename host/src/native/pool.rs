@@ -19,12 +19,12 @@ use lode_native_runner::cgroup::Limits;
 use lode_native_runner::sandbox::{Network, Volume};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::native::Native;
-use crate::proto::manifest::Retries;
-use crate::proto::log::Stream;
-use crate::telemetry::logs::LogStore;
 use crate::function::{CallLimits, CallTree, Dispatch, container_call};
+use crate::native::Native;
+use crate::proto::log::Stream;
+use crate::proto::manifest::Retries;
 use crate::proto::stats::PoolStats;
+use crate::telemetry::logs::LogStore;
 use crate::telemetry::metrics::FunctionLabels;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -111,7 +111,6 @@ pub enum Rejected {
     /// The pool was replaced by a newer deploy or removed.
     Closed,
 }
-
 
 struct Job {
     payload: serde_json::Map<String, serde_json::Value>,
@@ -598,8 +597,14 @@ impl Pool {
                                 "the server is shutting down",
                             )),
                             Some(dispatch) => {
-                                container_call(&*dispatch, &caller_app, tree.as_ref(), fan_out, request)
-                                    .await
+                                container_call(
+                                    &*dispatch,
+                                    &caller_app,
+                                    tree.as_ref(),
+                                    fan_out,
+                                    request,
+                                )
+                                .await
                             }
                         };
                         let _ = reply.send(ToAgent::CallResult { call_id, outcome });

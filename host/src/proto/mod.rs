@@ -4,6 +4,7 @@
 pub mod apps;
 pub mod calls;
 pub mod client_file;
+pub mod containers;
 pub mod deploy;
 pub mod host_pattern;
 pub mod log;

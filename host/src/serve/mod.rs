@@ -16,10 +16,10 @@ use tokio::net::TcpListener;
 
 use crate::control::Control;
 use crate::proto::apps::Urls;
-use crate::wasm::WasmBounds;
 use crate::proto::client_file::{ClientFile, user_client_file};
 use crate::store::state::RedbStore;
 use crate::telemetry::logs::LogStore;
+use crate::wasm::WasmBounds;
 use crate::wasm::engine::{EngineSettings, WasmEngine};
 use lode_registry::{RegistryService, RegistryStore, ServiceOptions};
 
@@ -323,9 +323,7 @@ async fn serve_public(listener: TcpListener, control: Arc<Control>) {
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req| {
                 let control = control.clone();
-                async move {
-                    Ok::<_, std::convert::Infallible>(public::handle(control, req).await)
-                }
+                async move { Ok::<_, std::convert::Infallible>(public::handle(control, req).await) }
             });
             if let Err(e) = http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())

@@ -16,9 +16,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow};
 use lode_registry::Digest;
+use wasmtime::UpdateDeadline;
 use wasmtime::component::{Component, Linker};
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store};
-use wasmtime::UpdateDeadline;
 use wasmtime_wasi_http::p2::bindings::ProxyPre;
 
 use crate::wasm::guest::GuestState;

@@ -212,7 +212,13 @@ pub async fn run(
                 format!("request body passed the limit of {max_body} bytes; answered 413"),
             );
         } else {
-            report(&task_logs, &task_metrics, &task_function, &task_id, &outcome);
+            report(
+                &task_logs,
+                &task_metrics,
+                &task_function,
+                &task_id,
+                &outcome,
+            );
         }
         outcome
     });
@@ -418,4 +424,3 @@ fn report_limit(
     tracing::warn!(app = %guest.app, request_id = id, "{line}");
     logs.push(&guest.app, Some(id), Stream::System, line);
 }
-
