@@ -723,30 +723,28 @@ async fn run(cli: Cli) -> Result<()> {
             std::process::exit(code);
         }
         Command::Call { target, args } => {
-            let code = lode::cli::python::call(&client(&cli.client)?, &target, &args).await?;
+            let code = lode::cli::calls::call(&client(&cli.client)?, &target, &args).await?;
             std::process::exit(code);
         }
-        Command::Stats { app } => lode::cli::python::stats(&client(&cli.client)?, &app).await,
+        Command::Stats { app } => lode::cli::calls::stats(&client(&cli.client)?, &app).await,
         Command::Calls { app, limit, json } => {
-            lode::cli::python::calls(&client(&cli.client)?, &app, limit, json).await
+            lode::cli::calls::calls(&client(&cli.client)?, &app, limit, json).await
         }
         Command::Secret(command) => {
             let api = client(&cli.client)?;
             match command {
                 SecretCommand::Create { name, pairs } => {
-                    lode::cli::python::secret_create(&api, &name, &pairs).await
+                    lode::cli::secrets::create(&api, &name, &pairs).await
                 }
-                SecretCommand::Ls => lode::cli::python::secret_list(&api).await,
-                SecretCommand::Rm { name } => lode::cli::python::secret_remove(&api, &name).await,
+                SecretCommand::Ls => lode::cli::secrets::list(&api).await,
+                SecretCommand::Rm { name } => lode::cli::secrets::remove(&api, &name).await,
             }
         }
         Command::Volume(command) => {
             let api = client(&cli.client)?;
             match command {
-                VolumeCommand::Create { name } => {
-                    lode::cli::python::volume_create(&api, &name).await
-                }
-                VolumeCommand::Ls => lode::cli::python::volume_list(&api).await,
+                VolumeCommand::Create { name } => lode::cli::volumes::create(&api, &name).await,
+                VolumeCommand::Ls => lode::cli::volumes::list(&api).await,
             }
         }
         Command::Ls => cli::apps::list(&client(&cli.client)?).await,

@@ -19,7 +19,10 @@ use serde_json::Value;
 use crate::api::{ApiError, ApiQuery};
 use crate::control::Control;
 use crate::function::{CallError, Dispatch};
+use crate::proto::apps::{SecretList, VolumeList};
+use crate::proto::calls::{CallAnswer, HistoryPage};
 use crate::proto::manifest::is_secret_name;
+use crate::proto::stats::AppStats;
 
 /// The routes, for the token-guarded part of the API.
 pub fn router(control: Arc<Control>) -> Router {
@@ -49,13 +52,15 @@ pub fn outcome_response(outcome: Outcome) -> Response {
                 "too_many_calls" => StatusCode::TOO_MANY_REQUESTS,
                 _ => StatusCode::INTERNAL_SERVER_ERROR,
             };
-            (status, Json(serde_json::json!({ "error": error }))).into_response()
+            (status, Json(CallAnswer::Failed { error })).into_response()
         }
-        None => match outcome.result_pickled {
-            Some(pickled) => Json(serde_json::json!({ "result_pickled": pickled })).into_response(),
-            None => Json(serde_json::json!({ "result": outcome.result.unwrap_or(Value::Null) }))
-                .into_response(),
-        },
+        None => Json(match outcome.result_pickled {
+            Some(result_pickled) => CallAnswer::Pickled { result_pickled },
+            None => CallAnswer::Value {
+                result: outcome.result.unwrap_or(Value::Null),
+            },
+        })
+        .into_response(),
     }
 }
 
@@ -140,17 +145,17 @@ async fn poll(
 async fn stats(
     State(control): State<Arc<Control>>,
     Path(app): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<AppStats>, ApiError> {
     let live = control
         .app(&app)
         .ok_or_else(|| crate::api::not_deployed(&app))?;
     let mut pools: Vec<_> = live.pools.values().map(|pool| pool.stats()).collect();
     pools.sort_by(|a, b| a.function.cmp(&b.function));
-    Ok(Json(serde_json::json!({
-        "app": app,
-        "version": live.record.version,
-        "functions": pools,
-    })))
+    Ok(Json(AppStats {
+        app,
+        version: live.record.version,
+        functions: pools,
+    }))
 }
 
 /// The most records one `GET /v1/apps/{app}/calls` returns.
@@ -168,13 +173,13 @@ async fn history(
     State(control): State<Arc<Control>>,
     Path(app): Path<String>,
     ApiQuery(query): ApiQuery<HistoryQuery>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<HistoryPage>, ApiError> {
     let limit = query.limit.unwrap_or(50).clamp(1, MAX_HISTORY_PAGE);
     let records = tokio::task::spawn_blocking(move || control.history.recent(&app, limit))
         .await
         .map_err(|e| ApiError::internal(anyhow::anyhow!("history task failed: {e}")))?
         .map_err(ApiError::internal)?;
-    Ok(Json(serde_json::json!({ "calls": records })))
+    Ok(Json(HistoryPage { calls: records }))
 }
 
 #[derive(Deserialize)]
@@ -221,13 +226,13 @@ async fn put_secret(
     Ok(StatusCode::NO_CONTENT)
 }
 
-async fn list_secrets(State(control): State<Arc<Control>>) -> Result<Json<Value>, ApiError> {
+async fn list_secrets(State(control): State<Arc<Control>>) -> Result<Json<SecretList>, ApiError> {
     let secrets = control
         .functions
         .secrets
         .list()
         .map_err(ApiError::internal)?;
-    Ok(Json(serde_json::json!({ "secrets": secrets })))
+    Ok(Json(SecretList { secrets }))
 }
 
 async fn delete_secret(
@@ -245,10 +250,10 @@ async fn delete_secret(
     }
 }
 
-async fn list_volumes(State(control): State<Arc<Control>>) -> Result<Json<Value>, ApiError> {
+async fn list_volumes(State(control): State<Arc<Control>>) -> Result<Json<VolumeList>, ApiError> {
     let names =
         crate::store::volumes::list(&control.functions.volumes_dir).map_err(ApiError::internal)?;
-    Ok(Json(serde_json::json!({ "volumes": names })))
+    Ok(Json(VolumeList { volumes: names }))
 }
 
 async fn create_volume(

@@ -19,6 +19,7 @@ use tokio_stream::wrappers::{BroadcastStream, ReceiverStream};
 
 use crate::control::Control;
 use crate::control::deploy::DeployError;
+use crate::proto::apps::{AppList, AppSummary, FunctionSummary};
 use crate::proto::manifest::{Manifest, dns_label_rule, is_dns_label};
 
 /// An API error: a status, a short kind and a message that says what to do.
@@ -168,26 +169,34 @@ async fn info(State(control): State<Arc<Control>>) -> Json<crate::proto::apps::U
     Json(control.urls.clone())
 }
 
-fn app_summary(control: &Control, app: &crate::control::LiveApp) -> serde_json::Value {
-    serde_json::json!({
-        "app": app.record.manifest.app,
-        "version": app.record.version,
-        "deployed_at_ms": app.record.deployed_at_ms,
-        "functions": app.record.manifest.functions.iter().map(|f| serde_json::json!({
-            "name": f.name, "runtime": f.runtime, "component": f.component,
-            "web": f.web.as_ref().map(|w| &w.path),
-        })).collect::<Vec<_>>(),
-        "urls": control.urls(&app.record.manifest),
-    })
+fn app_summary(control: &Control, app: &crate::control::LiveApp) -> AppSummary {
+    let manifest = &app.record.manifest;
+    AppSummary {
+        app: manifest.app.clone(),
+        version: app.record.version,
+        deployed_at_ms: app.record.deployed_at_ms,
+        functions: manifest
+            .functions
+            .iter()
+            .map(|f| FunctionSummary {
+                name: f.name.clone(),
+                runtime: f.runtime,
+                component: f.component.clone(),
+                web: f.web.as_ref().map(|w| w.path.clone()),
+            })
+            .collect(),
+        urls: control.urls(manifest),
+        manifest: None,
+    }
 }
 
-async fn list_apps(State(control): State<Arc<Control>>) -> Json<serde_json::Value> {
-    let apps: Vec<_> = control
+async fn list_apps(State(control): State<Arc<Control>>) -> Json<AppList> {
+    let apps = control
         .apps()
         .iter()
         .map(|a| app_summary(&control, a))
         .collect();
-    Json(serde_json::json!({ "apps": apps }))
+    Json(AppList { apps })
 }
 
 fn check_app_name(app: &str) -> ApiResult<()> {
@@ -213,12 +222,11 @@ pub(crate) fn not_deployed(app: &str) -> ApiError {
 async fn get_app(
     State(control): State<Arc<Control>>,
     Path(app): Path<String>,
-) -> ApiResult<Json<serde_json::Value>> {
+) -> ApiResult<Json<AppSummary>> {
     check_app_name(&app)?;
     let live = control.app(&app).ok_or_else(|| not_deployed(&app))?;
     let mut summary = app_summary(&control, &live);
-    summary["manifest"] =
-        serde_json::to_value(&live.record.manifest).map_err(ApiError::internal)?;
+    summary.manifest = Some(live.record.manifest.clone());
     Ok(Json(summary))
 }
 

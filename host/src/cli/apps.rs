@@ -7,27 +7,25 @@ use futures::StreamExt;
 use reqwest::Method;
 
 use crate::cli::client::{ApiClient, ndjson_lines};
+use crate::proto::apps::AppList;
 use crate::proto::log::{LogLine, Stream};
 
 /// `lode ls`.
 pub async fn list(client: &ApiClient) -> Result<()> {
-    let answer: serde_json::Value = client.json(client.request(Method::GET, "/v1/apps")).await?;
-    let apps = answer["apps"].as_array().cloned().unwrap_or_default();
+    let answer: AppList = client.json(client.request(Method::GET, "/v1/apps")).await?;
+    let apps = answer.apps;
     if apps.is_empty() {
         println!("no apps deployed; deploy one with `lode deploy PATH`");
         return Ok(());
     }
     println!("{:<24} {:>7}  {:<28} URL", "APP", "VERSION", "FUNCTIONS");
     for app in apps {
-        let functions: Vec<&str> = app["functions"]
-            .as_array()
-            .map(|fs| fs.iter().filter_map(|f| f["name"].as_str()).collect())
-            .unwrap_or_default();
-        let url = app["urls"][0].as_str().unwrap_or("-");
+        let functions: Vec<&str> = app.functions.iter().map(|f| f.name.as_str()).collect();
+        let url = app.urls.first().map_or("-", String::as_str);
         println!(
             "{:<24} {:>7}  {:<28} {url}",
-            app["app"].as_str().unwrap_or("?"),
-            app["version"].as_u64().unwrap_or(0),
+            app.app,
+            app.version,
             functions.join(",")
         );
     }

@@ -15,6 +15,7 @@ use serde::Deserialize;
 use std::sync::Arc;
 
 use crate::cli::client::{ApiClient, api_error, ndjson_lines};
+use crate::proto::deploy::DeployEvent;
 use crate::proto::manifest::{
     AppLimits, FunctionSpec, Manifest, Network, NetworkMode, Resources, Runtime, WebRoute,
     dns_label_rule, is_dns_label,
@@ -384,64 +385,56 @@ pub async fn follow_deploy(client: &ApiClient, manifest: &Manifest) -> Result<()
         ProgressStyle::with_template("{spinner} {msg} [{elapsed}]").expect("valid template"),
     );
     spinner.enable_steady_tick(Duration::from_millis(100));
-    let mut events = ndjson_lines::<serde_json::Value>(response);
+    let mut events = ndjson_lines::<DeployEvent>(response);
     let mut outcome = None;
     while let Some(event) = events.next().await {
-        let event = event?;
-        match event["event"].as_str().unwrap_or_default() {
-            "compiling" => spinner.set_message(format!(
-                "compiling {} ({} KiB)",
-                event["function"].as_str().unwrap_or("?"),
-                event["bytes"].as_u64().unwrap_or(0) / 1024
+        match event? {
+            DeployEvent::Compiling { function, bytes } => {
+                spinner.set_message(format!("compiling {function} ({} KiB)", bytes / 1024))
+            }
+            DeployEvent::PreInitializing { function } => {
+                spinner.set_message(format!("pre-initializing {function} (running its init)"))
+            }
+            DeployEvent::Progress { .. } => {}
+            DeployEvent::Image { function, line } => spinner.println(format!("{function}: {line}")),
+            DeployEvent::PreInitialized {
+                function,
+                bytes,
+                ms,
+            } => spinner.println(format!(
+                "pre-initialized {function} ({} KiB snapshot) in {ms} ms",
+                bytes / 1024
             )),
-            "pre_initializing" => spinner.set_message(format!(
-                "pre-initializing {} (running its init)",
-                event["function"].as_str().unwrap_or("?")
+            DeployEvent::Compiled {
+                function,
+                cached,
+                ms,
+            } => spinner.println(format!(
+                "{} {function} in {ms} ms",
+                if cached { "loaded" } else { "compiled" }
             )),
-            "progress" => {}
-            "image" => spinner.println(format!(
-                "{}: {}",
-                event["function"].as_str().unwrap_or("?"),
-                event["line"].as_str().unwrap_or_default()
-            )),
-            "pre_initialized" => spinner.println(format!(
-                "pre-initialized {} ({} KiB snapshot) in {} ms",
-                event["function"].as_str().unwrap_or("?"),
-                event["bytes"].as_u64().unwrap_or(0) / 1024,
-                event["ms"]
-            )),
-            "compiled" => spinner.println(format!(
-                "{} {} in {} ms",
-                if event["cached"] == true {
-                    "loaded"
-                } else {
-                    "compiled"
-                },
-                event["function"].as_str().unwrap_or("?"),
-                event["ms"]
-            )),
-            _ => outcome = Some(event),
+            last => outcome = Some(last),
         }
     }
     spinner.finish_and_clear();
     let Some(outcome) = outcome else {
         bail!("the server ended the deploy without a result; check `lode logs` and the server log");
     };
-    let urls: Vec<&str> = outcome["urls"]
-        .as_array()
-        .map(|u| u.iter().filter_map(|v| v.as_str()).collect())
-        .unwrap_or_default();
-    match outcome["event"].as_str() {
-        Some("deployed") => println!("deployed {} version {}", manifest.app, outcome["version"]),
-        Some("unchanged") => println!(
-            "{} is unchanged (version {} is already live)",
-            manifest.app, outcome["version"]
-        ),
-        _ => bail!(
-            "deploy failed: {}",
-            outcome["message"].as_str().unwrap_or("unknown error")
-        ),
-    }
+    let urls = match outcome {
+        DeployEvent::Deployed { version, urls, .. } => {
+            println!("deployed {} version {version}", manifest.app);
+            urls
+        }
+        DeployEvent::Unchanged { version, urls, .. } => {
+            println!(
+                "{} is unchanged (version {version} is already live)",
+                manifest.app
+            );
+            urls
+        }
+        DeployEvent::Error { message } => bail!("deploy failed: {message}"),
+        other => bail!("the server ended the deploy with {other:?}; check the server log"),
+    };
     for url in urls {
         println!("{url}");
     }

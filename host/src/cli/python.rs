@@ -1,5 +1,4 @@
-//! The CLI for Python apps: `lode deploy app.py`, `lode run app.py`, `lode call`, and the
-//! `secret`, `volume` and `stats` commands.
+//! The CLI for Python apps: `lode deploy app.py` and `lode run app.py`.
 //!
 //! Deploy imports the file with the embedded SDK in collect mode (`python3 -m lode collect`:
 //! no entrypoint runs, `image.imports()` blocks are skipped), uploads the source as a blob,
@@ -13,7 +12,7 @@ use std::sync::Arc;
 use anyhow::{Context, Result, bail};
 use lode_native_runner::image_spec::ImageSpec;
 use lode_registry::{BlobAccess, Digest, RegistryClient};
-use reqwest::{Method, StatusCode};
+use reqwest::Method;
 use serde::Deserialize;
 use serde_json::Value;
 
@@ -118,7 +117,7 @@ pub async fn deploy(
         bail!("invalid app:\n  {}", problems.join("\n  "));
     }
     for (secret, values) in &collected.inline_secrets {
-        put_secret(client, secret, values).await?;
+        crate::cli::secrets::put(client, secret, values).await?;
     }
     if registry
         .missing(std::slice::from_ref(&source_digest))
@@ -191,209 +190,6 @@ pub async fn run(
     Ok(status.code().unwrap_or_else(|| {
         128 + std::os::unix::process::ExitStatusExt::signal(&status).unwrap_or(0)
     }))
-}
-
-/// `lode call APP/FN ARG...`: each argument is JSON, or else a string. Prints the result as
-/// JSON; a remote error is printed with its traceback and exits 1.
-pub async fn call(client: &ApiClient, target: &str, args: &[String]) -> Result<i32> {
-    let Some((app, function)) = target.split_once('/') else {
-        bail!("name the function as APP/FUNCTION, e.g. `lode call demo/square 4`");
-    };
-    let args: Vec<Value> = args
-        .iter()
-        .map(|a| serde_json::from_str(a).unwrap_or_else(|_| Value::String(a.clone())))
-        .collect();
-    let response = client
-        .request(
-            Method::POST,
-            &format!("/v1/apps/{app}/functions/{function}/call"),
-        )
-        .json(&serde_json::json!({"args": args, "kwargs": {}}))
-        .send()
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot reach the Lode API at {}: {e}", client.base_url()))?;
-    let status = response.status();
-    let body: Value = response.json().await.unwrap_or(Value::Null);
-    if status.is_success() {
-        println!("{}", body["result"]);
-        return Ok(0);
-    }
-    let error = &body["error"];
-    let kind = error["kind"].as_str().unwrap_or("error");
-    let message = error["message"].as_str().unwrap_or("(no message)");
-    if let Some(traceback) = error["traceback"].as_str() {
-        eprint!("{traceback}");
-    }
-    eprintln!("{kind}: {message}");
-    if status == StatusCode::UNAUTHORIZED {
-        return Ok(2);
-    }
-    Ok(1)
-}
-
-async fn put_secret(
-    client: &ApiClient,
-    name: &str,
-    values: &BTreeMap<String, String>,
-) -> Result<()> {
-    client
-        .send_found(
-            client
-                .request(Method::PUT, &format!("/v1/secrets/{name}"))
-                .json(&serde_json::json!({ "values": values })),
-        )
-        .await?;
-    Ok(())
-}
-
-/// `lode secret create NAME KEY=VALUE...`.
-pub async fn secret_create(client: &ApiClient, name: &str, pairs: &[String]) -> Result<()> {
-    let mut values = BTreeMap::new();
-    for pair in pairs {
-        let Some((key, value)) = pair.split_once('=') else {
-            bail!("{pair:?} is not KEY=VALUE");
-        };
-        values.insert(key.to_string(), value.to_string());
-    }
-    if values.is_empty() {
-        bail!("give at least one KEY=VALUE: lode secret create {name} TOKEN=...");
-    }
-    put_secret(client, name, &values).await?;
-    // Names only: the values stay out of terminals and logs.
-    let keys: Vec<_> = values.keys().cloned().collect();
-    println!("secret {name} stored ({})", keys.join(", "));
-    Ok(())
-}
-
-/// `lode secret ls`.
-pub async fn secret_list(client: &ApiClient) -> Result<()> {
-    let answer: Value = client
-        .json(client.request(Method::GET, "/v1/secrets"))
-        .await?;
-    let secrets = answer["secrets"].as_array().cloned().unwrap_or_default();
-    if secrets.is_empty() {
-        println!("no secrets; create one with `lode secret create NAME KEY=VALUE`");
-    }
-    for secret in secrets {
-        let keys: Vec<&str> = secret["keys"]
-            .as_array()
-            .map(|k| k.iter().filter_map(Value::as_str).collect())
-            .unwrap_or_default();
-        println!(
-            "{:<24} {}",
-            secret["name"].as_str().unwrap_or("?"),
-            keys.join(", ")
-        );
-    }
-    Ok(())
-}
-
-/// `lode secret rm NAME`.
-pub async fn secret_remove(client: &ApiClient, name: &str) -> Result<()> {
-    client
-        .send_found(client.request(Method::DELETE, &format!("/v1/secrets/{name}")))
-        .await?;
-    println!("secret {name} removed");
-    Ok(())
-}
-
-/// `lode volume create NAME`.
-pub async fn volume_create(client: &ApiClient, name: &str) -> Result<()> {
-    client
-        .send_found(client.request(Method::PUT, &format!("/v1/volumes/{name}")))
-        .await?;
-    println!("volume {name} ready");
-    Ok(())
-}
-
-/// `lode volume ls`.
-pub async fn volume_list(client: &ApiClient) -> Result<()> {
-    let answer: Value = client
-        .json(client.request(Method::GET, "/v1/volumes"))
-        .await?;
-    for name in answer["volumes"].as_array().into_iter().flatten() {
-        println!("{}", name.as_str().unwrap_or("?"));
-    }
-    Ok(())
-}
-
-/// `lode stats APP`: each function's containers, queue and cold starts.
-pub async fn stats(client: &ApiClient, app: &str) -> Result<()> {
-    let answer: Value = client
-        .json(client.request(Method::GET, &format!("/v1/apps/{app}/stats")))
-        .await?;
-    println!(
-        "{:<20} {:>10} {:>8} {:>7} {:>6} {:>11} {:>7} {:>8} {:>7}",
-        "FUNCTION",
-        "CONTAINERS",
-        "STARTING",
-        "RUNNING",
-        "QUEUED",
-        "COLD_STARTS",
-        "INPUTS",
-        "FAILURES",
-        "MIN/MAX"
-    );
-    for f in answer["functions"].as_array().into_iter().flatten() {
-        let n = |key: &str| f[key].as_u64().unwrap_or(0).to_string();
-        println!(
-            "{:<20} {:>10} {:>8} {:>7} {:>6} {:>11} {:>7} {:>8} {:>7}",
-            f["function"].as_str().unwrap_or("?"),
-            n("containers"),
-            n("starting"),
-            n("running"),
-            n("queued"),
-            n("cold_starts"),
-            n("inputs"),
-            n("failures"),
-            format!("{}/{}", n("min_containers"), n("max_containers")),
-        );
-    }
-    Ok(())
-}
-
-/// `lode calls APP`: the app's recent calls, newest first.
-pub async fn calls(client: &ApiClient, app: &str, limit: usize, json: bool) -> Result<()> {
-    let answer: Value = client
-        .json(client.request(
-            Method::GET,
-            &format!("/v1/apps/{app}/calls?limit={}", limit.clamp(1, 1000)),
-        ))
-        .await?;
-    let records: Vec<crate::proto::calls::HistoryRecord> =
-        serde_json::from_value(answer["calls"].clone()).context("reading the call records")?;
-    if json {
-        for record in &records {
-            println!("{}", serde_json::to_string(record)?);
-        }
-        return Ok(());
-    }
-    if records.is_empty() {
-        println!("no calls of {app} recorded in the last 24 h");
-        return Ok(());
-    }
-    println!(
-        "{:<24} {:<20} {:<7} {:<9} {:>11}  ERROR",
-        "TIME (UTC)", "FUNCTION", "ENGINE", "STATUS", "DURATION"
-    );
-    for record in records {
-        let at = chrono::DateTime::from_timestamp_millis(record.created_ms as i64)
-            .map(|t| t.format("%Y-%m-%d %H:%M:%S%.3f").to_string())
-            .unwrap_or_default();
-        let status = serde_json::to_value(record.status)?;
-        let error = record
-            .error
-            .map(|e| format!("{}: {}", e.kind, e.message.lines().next().unwrap_or("")))
-            .unwrap_or_default();
-        println!(
-            "{at:<24} {:<20} {:<7} {:<9} {:>9.2}ms  {error}",
-            record.function,
-            record.engine,
-            status.as_str().unwrap_or("?"),
-            record.duration_ms,
-        );
-    }
-    Ok(())
 }
 
 /// Whether `path` is a Python app (`lode deploy` then takes the Python path).

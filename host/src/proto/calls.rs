@@ -98,6 +98,34 @@ impl HistoryRecord {
     }
 }
 
+/// `GET /v1/apps/{app}/calls`: recent calls, newest first.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HistoryPage {
+    /// The records.
+    pub calls: Vec<HistoryRecord>,
+}
+
+/// How `POST .../call` answers: the result, the pickled result, or the error.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum CallAnswer {
+    /// The function returned a JSON value.
+    Value {
+        /// What it returned.
+        result: Value,
+    },
+    /// A pickle function returned a Python object.
+    Pickled {
+        /// Its pickle, base64.
+        result_pickled: String,
+    },
+    /// It raised, or could not run.
+    Failed {
+        /// What went wrong.
+        error: ErrorInfo,
+    },
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

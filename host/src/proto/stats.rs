@@ -1,4 +1,4 @@
-//! A function's pool as `GET /v1/apps/{app}/stats` answers and `lode stats` prints it.
+//! An app's pools as `GET /v1/apps/{app}/stats` answers and `lode stats` prints them.
 
 use serde::{Deserialize, Serialize};
 
@@ -27,4 +27,15 @@ pub struct PoolStats {
     pub min_containers: u32,
     /// Most containers.
     pub max_containers: u32,
+}
+
+/// `GET /v1/apps/{app}/stats`: every Python function's pool of the live version.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AppStats {
+    /// The app.
+    pub app: String,
+    /// Its live version.
+    pub version: u64,
+    /// One per Python function, by name.
+    pub functions: Vec<PoolStats>,
 }

@@ -19,6 +19,7 @@ use chacha20poly1305::aead::{Aead, KeyInit, Payload};
 use chacha20poly1305::{XChaCha20Poly1305, XNonce};
 use serde::{Deserialize, Serialize};
 
+use crate::proto::apps::SecretInfo;
 use crate::store::state::{StateStore, Table};
 
 /// A secret as stored: its variable names in the clear, the values sealed.
@@ -38,17 +39,6 @@ const FORMAT: u32 = 2;
 
 fn format_1() -> u32 {
     1
-}
-
-/// A secret as `lode secret ls` shows it: names, never values.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct SecretInfo {
-    /// The secret's name.
-    pub name: String,
-    /// Its variable names.
-    pub keys: Vec<String>,
-    /// Milliseconds since the epoch.
-    pub updated_ms: u64,
 }
 
 /// The encrypted secret store.
