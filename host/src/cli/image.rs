@@ -10,6 +10,7 @@ use indicatif::{HumanBytes, ProgressBar};
 use lode_fs::{Chunking, IngestOptions};
 use lode_registry::{BlobAccess, ClientOptions, Digest, RegistryClient, TagUpdate};
 
+use crate::cli::args::{ClientArgs, ImageCommand};
 use crate::proto::client_file::RegistryTarget;
 
 /// A client for a resolved registry.
@@ -231,5 +232,82 @@ pub fn parse_chunking(text: &str) -> Result<Chunking> {
     match text.parse() {
         Ok(chunking) => Ok(chunking),
         Err(message) => bail!("{message}"),
+    }
+}
+
+/// Runs one `lode image` command.
+pub async fn run(client: &ClientArgs, command: ImageCommand) -> Result<()> {
+    match command {
+        ImageCommand::Build {
+            file,
+            tag,
+            quiet,
+            registry: flag,
+        } => {
+            let api = crate::cli::client(client)?;
+            let registry: Arc<dyn lode_registry::BlobAccess> = match &flag.registry {
+                Some(_) => crate::cli::registry(client, &flag.registry)?,
+                None => Arc::new(connect(&api.registry().await?)?),
+            };
+            crate::cli::container::build(&api, registry, &file, tag, quiet).await
+        }
+        ImageCommand::Ingest {
+            path,
+            tag,
+            chunking,
+            inline_max,
+            json,
+            registry: flag,
+        } => {
+            let options = lode_fs::IngestOptions {
+                chunking,
+                inline_max,
+            };
+            let target = crate::cli::registry(client, &flag.registry)?;
+            ingest(target, &path, tag.as_deref(), options, json).await
+        }
+        ImageCommand::Export {
+            reference,
+            out,
+            registry: flag,
+        } => {
+            export(
+                crate::cli::registry(client, &flag.registry)?,
+                &reference,
+                &out,
+            )
+            .await
+        }
+        ImageCommand::Tag {
+            reference,
+            name,
+            expect,
+            registry: flag,
+        } => {
+            let target = crate::cli::registry(client, &flag.registry)?;
+            tag(target.as_ref(), &reference, &name, expect.as_deref()).await
+        }
+        ImageCommand::Untag {
+            name,
+            registry: flag,
+        } => untag(&*crate::cli::registry(client, &flag.registry)?, &name).await,
+        ImageCommand::Ls {
+            prefix,
+            registry: flag,
+        } => {
+            list(
+                crate::cli::registry(client, &flag.registry)?.as_ref(),
+                &prefix,
+            )
+            .await
+        }
+        ImageCommand::Push(args) => {
+            let (local, other) = crate::cli::registry_pair(client, &args)?;
+            copy(&local, &other, &args.reference).await
+        }
+        ImageCommand::Pull(args) => {
+            let (local, other) = crate::cli::registry_pair(client, &args)?;
+            copy(&other, &local, &args.reference).await
+        }
     }
 }

@@ -1,6 +1,8 @@
-//! The `lode` commands that talk to a server, one file per area.
+//! The `lode` command line, one file per area: its arguments (`args.rs`, `serve.rs`) and
+//! each command's client code. It reads the server's answers through `crate::proto` types.
 
 pub mod apps;
+pub mod args;
 pub mod calls;
 pub mod client;
 pub mod container;
@@ -9,6 +11,192 @@ pub mod fs;
 pub mod image;
 pub mod python;
 pub mod secrets;
+pub mod serve;
 pub mod volumes;
 
 pub use client::{ApiClient, ndjson_lines};
+
+use std::sync::Arc;
+
+use anyhow::Result;
+use lode_registry::RegistryClient;
+
+use crate::cli::args::{
+    ClientArgs, Command, ContainerCommand, CopyArgs, FsCommand, RegistryArg, RegistryCommand,
+    SecretCommand, VolumeCommand,
+};
+use crate::proto::client_file::{ClientOverrides, RegistryTarget};
+
+/// Runs one command, talking to the server and registry that `client` finds.
+pub async fn run(client_args: ClientArgs, command: Command) -> Result<()> {
+    match command {
+        Command::Serve(args) => serve::run(args).await,
+        Command::Deploy {
+            path,
+            name,
+            registry: flag,
+        } => {
+            let api = client(&client_args)?;
+            let registry = deploy_registry(&client_args, &api, &flag).await?;
+            if crate::cli::python::is_python_app(&path) {
+                crate::cli::python::deploy(&api, registry, &path, name.as_deref())
+                    .await
+                    .map(|_| ())
+            } else {
+                crate::cli::deploy::deploy(&api, registry, &path, name.as_deref()).await
+            }
+        }
+        Command::Run {
+            file,
+            entrypoint,
+            args,
+            registry: flag,
+        } => {
+            let api = client(&client_args)?;
+            let registry = deploy_registry(&client_args, &api, &flag).await?;
+            let code = crate::cli::python::run(&api, registry, &file, entrypoint.as_deref(), &args)
+                .await?;
+            std::process::exit(code);
+        }
+        Command::Call { target, args } => {
+            let code = crate::cli::calls::call(&client(&client_args)?, &target, &args).await?;
+            std::process::exit(code);
+        }
+        Command::Stats { app } => crate::cli::calls::stats(&client(&client_args)?, &app).await,
+        Command::Calls { app, limit, json } => {
+            crate::cli::calls::calls(&client(&client_args)?, &app, limit, json).await
+        }
+        Command::Secret(command) => {
+            let api = client(&client_args)?;
+            match command {
+                SecretCommand::Create { name, pairs } => {
+                    crate::cli::secrets::create(&api, &name, &pairs).await
+                }
+                SecretCommand::Ls => crate::cli::secrets::list(&api).await,
+                SecretCommand::Rm { name } => crate::cli::secrets::remove(&api, &name).await,
+            }
+        }
+        Command::Volume(command) => {
+            let api = client(&client_args)?;
+            match command {
+                VolumeCommand::Create { name } => crate::cli::volumes::create(&api, &name).await,
+                VolumeCommand::Ls => crate::cli::volumes::list(&api).await,
+            }
+        }
+        Command::Ls => crate::cli::apps::list(&client(&client_args)?).await,
+        Command::Rm { app } => crate::cli::apps::remove(&client(&client_args)?, &app).await,
+        Command::Logs { app, follow, tail } => {
+            crate::cli::apps::logs(&client(&client_args)?, &app, follow, tail).await
+        }
+        Command::Image(command) => image::run(&client_args, command).await,
+        Command::Container(ContainerCommand::Run {
+            memory,
+            cpu,
+            pids,
+            timeout,
+            net,
+            allow_net,
+            env,
+            volume,
+            workdir,
+            image,
+            command,
+        }) => {
+            let request = crate::proto::containers::ContainerRequest {
+                image,
+                argv: command,
+                env,
+                memory,
+                cpu,
+                pids,
+                timeout,
+                network: Some(net),
+                allow_net,
+                volumes: volume,
+                workdir,
+            };
+            let code = match crate::cli::container::run(&client(&client_args)?, request).await {
+                Ok(code) => code,
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    i32::from(crate::cli::container::COULD_NOT_RUN)
+                }
+            };
+            std::process::exit(code)
+        }
+        Command::Fs(FsCommand::Mount {
+            reference,
+            mountpoint,
+            cache_dir,
+            cache_size,
+            fetch_timeout,
+            no_prefetch,
+            threads,
+            registry: flag,
+        }) => {
+            let args = crate::cli::fs::MountArgs {
+                reference,
+                mountpoint,
+                cache_dir,
+                cache_size,
+                options: lode_fs::MountOptions {
+                    fetch_timeout,
+                    threads,
+                    prefetch: !no_prefetch,
+                },
+            };
+            crate::cli::fs::mount(registry(&client_args, &flag.registry)?, args).await
+        }
+        Command::Fs(FsCommand::Umount { mountpoint }) => crate::cli::fs::umount(&mountpoint),
+        Command::Registry(RegistryCommand::Serve {
+            data_dir,
+            listen,
+            registry,
+        }) => serve::run_registry(data_dir, listen, &registry).await,
+    }
+}
+
+/// Where deploys upload: the server's own registry, unless one is named.
+pub(crate) async fn deploy_registry(
+    args: &ClientArgs,
+    api: &ApiClient,
+    flag: &RegistryArg,
+) -> Result<Arc<lode_registry::RegistryClient>> {
+    match &flag.registry {
+        Some(_) => registry(args, &flag.registry),
+        None => Ok(Arc::new(image::connect(&api.registry().await?)?)),
+    }
+}
+
+fn overrides(args: &ClientArgs, registry: Option<&str>) -> ClientOverrides {
+    ClientOverrides {
+        api_url: args.api_url.clone(),
+        token: args.token.clone(),
+        config: args.config.clone(),
+        registry: registry.map(str::to_string),
+    }
+}
+
+/// The API client `args` (then the environment, then client.json) point at.
+pub(crate) fn client(args: &ClientArgs) -> Result<ApiClient> {
+    ApiClient::new(overrides(args, None).resolve()?)
+}
+
+/// The registry `flag` (then the environment, then client.json) points at.
+pub(crate) fn registry(args: &ClientArgs, flag: &Option<String>) -> Result<Arc<RegistryClient>> {
+    let target = overrides(args, flag.as_deref()).resolve_registry()?;
+    Ok(Arc::new(image::connect(&target)?))
+}
+
+/// The local and the other registry of a push or pull.
+pub(crate) fn registry_pair(
+    args: &ClientArgs,
+    copy: &CopyArgs,
+) -> Result<(RegistryClient, RegistryClient)> {
+    let local = registry(args, &copy.local)?;
+    let other = image::connect(&RegistryTarget {
+        url: copy.registry.clone(),
+        token: copy.remote_token.clone(),
+    })?;
+    Ok((Arc::unwrap_or_clone(local), other))
+}

@@ -1,0 +1,227 @@
+//! `lode serve` and `lode registry serve`: their flags, checked and turned into the options
+//! the composition root (`crate::serve`) starts from.
+
+// Doc comments on these types are what `--help` prints, so each says what a user needs and
+// nothing else; types and flattened fields that print nothing carry none.
+#![allow(missing_docs)]
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Result;
+use clap::Args;
+
+use crate::cli::args::RegistryFlags;
+use crate::serve::{RegistryServeOptions, ServeOptions};
+use crate::wasm::WasmBounds;
+
+const MIB: u64 = 1024 * 1024;
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// State, blobs, token and client.json.
+    #[arg(long, default_value = "/var/lib/lode")]
+    pub data_dir: PathBuf,
+    /// Compiled components and other caches; safe to delete while stopped.
+    #[arg(long, default_value = "/var/cache/lode")]
+    pub cache_dir: PathBuf,
+    /// API listen address (port 0 picks a free port).
+    #[arg(long, default_value = "127.0.0.1:7070")]
+    pub api: SocketAddr,
+    /// Public HTTP listen address (port 0 picks a free port).
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    pub http: SocketAddr,
+    /// Default memory per Wasm instance, in MiB.
+    #[arg(long, default_value_t = 128)]
+    pub memory: u64,
+    /// Most memory a manifest may give one instance, in MiB.
+    #[arg(long, default_value_t = 4096)]
+    pub max_memory: u64,
+    /// Default request timeout, e.g. 30s, 500ms.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    pub timeout: Duration,
+    /// Largest public request body, in bytes.
+    #[arg(long, default_value_t = 16 * MIB)]
+    pub max_body: u64,
+    /// Registry (gRPC) listen address (port 0 picks a free port).
+    #[arg(long, default_value = "127.0.0.1:7071")]
+    pub registry_listen: SocketAddr,
+    /// Most bytes the chunk cache (<cache-dir>/chunks) holds.
+    #[arg(long, default_value = "20G", value_parser = crate::cli::fs::parse_size)]
+    pub cache_size: u64,
+    /// Where debootstrap bases for `debian_slim` images are kept [default:
+    /// <cache-dir>/images/base].
+    #[arg(long)]
+    pub image_base_dir: Option<PathBuf>,
+    /// A host directory whose contents `lode container run -v` may mount (repeatable).
+    /// None by default: a host volume can reach anything the server can.
+    #[arg(long = "allow-volume", value_name = "DIR")]
+    pub allow_volume: Vec<PathBuf>,
+    /// Memory for a Python function's container, a one-off container or a sandbox that
+    /// names none, in MiB.
+    #[arg(long, default_value_t = 2048, value_name = "MIB")]
+    pub container_memory: u64,
+    /// Most memory one container may ask for, in MiB [default: this machine's memory].
+    #[arg(long, value_name = "MIB")]
+    pub container_max_memory: Option<u64>,
+    /// Most CPU one container may ask for, in cores [default: this machine's cores].
+    #[arg(long, value_name = "CORES")]
+    pub container_max_cpu: Option<f64>,
+    /// Processes and threads one container (or build step) may run.
+    #[arg(long, default_value_t = 4096, value_name = "N")]
+    pub container_pids: u64,
+    /// Each container's writable layer (RAM-backed, counted in its memory), e.g. 1G.
+    #[arg(long, default_value = "1G", value_parser = crate::cli::fs::parse_size)]
+    pub container_disk: u64,
+    /// Each container's /dev/shm (counted in its memory), e.g. 64M.
+    #[arg(long, default_value = "64M", value_parser = crate::cli::fs::parse_size)]
+    pub shm_size: u64,
+    /// Most containers one function may ask for (min_containers and max_containers).
+    #[arg(long, default_value_t = 64, value_name = "N")]
+    pub max_containers: u32,
+    /// Memory for one image build step, in MiB.
+    #[arg(long, default_value_t = 4096, value_name = "MIB")]
+    pub build_memory: u64,
+    /// Disk for one build step's changes (a loop-mounted ext4, sparse), e.g. 16G; 0 leaves
+    /// them uncapped on the cache dir's disk.
+    #[arg(long, default_value = "16G", value_parser = crate::cli::fs::parse_size)]
+    pub build_disk: u64,
+    /// A private, link-local or host address range (CIDR) that functions and containers may
+    /// be granted with network.allow or --allow-net (repeatable). None by default: the
+    /// internet needs no grant, and the host and its neighbours stay out of reach.
+    #[arg(long = "allow-net", value_name = "CIDR", value_parser = parse_cidr)]
+    pub allow_net: Vec<ipnet::IpNet>,
+    /// Run containers and build steps as the host's uid 0 where the kernel cannot keep them
+    /// in a user namespace (FUSE idmapped mounts need Linux 6.12+). Only for trusted code:
+    /// refused by default.
+    #[arg(long)]
+    pub allow_root_containers: bool,
+    #[command(flatten)]
+    pub registry: RegistryFlags,
+    /// Wasm instances that can run at once (pooling allocator slots of the default engine;
+    /// apps with their own `wasm_stack_kib` or `fuel` get a pool of a quarter of this per
+    /// engine kind).
+    #[arg(long, default_value_t = 1000)]
+    pub instances: u32,
+    /// Wasm stack per call, in KiB; deeper recursion traps as stack_overflow. An app may ask
+    /// for less with `[limits] wasm_stack_kib`.
+    #[arg(long, default_value_t = 512, value_parser = clap::value_parser!(u32).range(64..=16384))]
+    pub max_wasm_stack: u32,
+    /// How long a compiled component (or pre-init snapshot note) that no deployed app uses
+    /// stays in <cache-dir>/compiled, e.g. 7d, 12h; pruned after start-up and each deploy.
+    #[arg(long, default_value = "7d", value_parser = humantime::parse_duration)]
+    pub compiled_cache_ttl: Duration,
+    /// Log lines kept per app.
+    #[arg(long, default_value_t = 10_000)]
+    pub log_lines: usize,
+    /// Do not write ~/.config/lode/client.json (the data dir copy is always written).
+    #[arg(long)]
+    pub no_client_config: bool,
+    /// Inputs a Python function may hold queued before calls are answered 429.
+    #[arg(long, default_value_t = 1000)]
+    pub max_queue: usize,
+    /// How long a function container may take to import its module, e.g. 60s.
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    pub container_start_timeout: Duration,
+}
+
+fn parse_cidr(text: &str) -> Result<ipnet::IpNet, String> {
+    lode_native_runner::egress::parse_cidr(text)
+        .ok_or_else(|| format!("{text:?} is not a CIDR such as 10.1.0.0/16, or an address"))
+}
+
+/// What `lode serve`'s container flags allow, checked against each other.
+fn container_bounds(args: &ServeArgs) -> Result<crate::native::ContainerBounds> {
+    let defaults = crate::native::ContainerBounds::default();
+    let bounds = crate::native::ContainerBounds {
+        default_memory_mib: args.container_memory,
+        max_memory_mib: args.container_max_memory.unwrap_or(defaults.max_memory_mib),
+        max_cpu: args.container_max_cpu.unwrap_or(defaults.max_cpu),
+        default_pids: args.container_pids,
+        max_pids: defaults.max_pids.max(args.container_pids),
+        writable_bytes: args.container_disk,
+        shm_bytes: args.shm_size,
+        max_containers: args.max_containers,
+        build: lode_native_runner::builder::BuildLimits {
+            memory: args.build_memory << 20,
+            pids: args.container_pids,
+            disk: (args.build_disk > 0).then_some(args.build_disk),
+        },
+        volume_roots: args.allow_volume.clone(),
+        allow_root_containers: args.allow_root_containers,
+        allow_net: args.allow_net.clone(),
+        ..defaults
+    };
+    if bounds.default_memory_mib < 4 || bounds.default_memory_mib > bounds.max_memory_mib {
+        anyhow::bail!(
+            "--container-memory {} MiB must be 4 to --container-max-memory ({} MiB)",
+            bounds.default_memory_mib,
+            bounds.max_memory_mib
+        );
+    }
+    if bounds.build.memory < 64 << 20 {
+        anyhow::bail!("--build-memory {} MiB is below 64 MiB", args.build_memory);
+    }
+    if bounds.build.disk.is_some_and(|bytes| bytes < 16 << 20) {
+        anyhow::bail!("--build-disk must be at least 16M (or 0 to leave build layers uncapped)");
+    }
+    if bounds.writable_bytes < 1 << 20 || bounds.shm_bytes < 1 << 20 {
+        anyhow::bail!("--container-disk and --shm-size must be at least 1M");
+    }
+    if bounds.max_cpu.is_nan() || bounds.max_cpu <= 0.0 {
+        anyhow::bail!("--container-max-cpu must be above 0");
+    }
+    Ok(bounds)
+}
+
+/// `lode serve`: checks the flags, then runs the server until it is stopped.
+pub async fn run(args: ServeArgs) -> Result<()> {
+    if args.memory > args.max_memory {
+        anyhow::bail!(
+            "--memory {} is above --max-memory {}",
+            args.memory,
+            args.max_memory
+        );
+    }
+    let container_bounds = container_bounds(&args)?;
+    crate::serve::serve(ServeOptions {
+        data_dir: args.data_dir,
+        cache_dir: args.cache_dir,
+        api: args.api,
+        http: args.http,
+        registry: args.registry_listen,
+        registry_options: args.registry.options(),
+        cache_size: args.cache_size,
+        image_base_dir: args.image_base_dir,
+        container_bounds,
+        limits: WasmBounds {
+            default_memory: args.memory * MIB,
+            max_memory: args.max_memory * MIB,
+            default_timeout: args.timeout,
+            max_body: args.max_body,
+        },
+        max_instances: args.instances,
+        wasm_stack: args.max_wasm_stack as usize * 1024,
+        compiled_cache_ttl: args.compiled_cache_ttl,
+        log_lines: args.log_lines,
+        no_client_config: args.no_client_config,
+        max_queue: args.max_queue.max(1),
+        container_start_timeout: args.container_start_timeout,
+    })
+    .await
+}
+
+/// `lode registry serve`: a registry on its own.
+pub async fn run_registry(
+    data_dir: PathBuf,
+    listen: SocketAddr,
+    registry: &RegistryFlags,
+) -> Result<()> {
+    crate::serve::serve_registry(RegistryServeOptions {
+        data_dir,
+        listen,
+        registry: registry.options(),
+    })
+    .await
+}
