@@ -14,7 +14,7 @@ use lode_native_runner::builder::{BuildEvent, Builder};
 use lode_native_runner::image_spec::{Base, ImageSpec, Step};
 use lode_registry::BlobAccess;
 
-use crate::bench::cas::start_registry;
+use crate::bench::support::start_registry;
 
 /// Settings for `lode bench build`.
 #[derive(Debug, Args)]

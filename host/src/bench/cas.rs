@@ -8,11 +8,10 @@
 //!   chunking scheme fares on a package version bump (the measurement behind the default).
 
 use std::collections::HashMap;
-use std::io::BufRead;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use async_trait::async_trait;
@@ -20,7 +19,9 @@ use bytes::Bytes;
 use clap::Args;
 use futures::StreamExt;
 use lode_fs::{Chunking, Index, IngestOptions};
-use lode_registry::{BlobAccess, ClientOptions, Digest, RegistryClient, TagUpdate};
+use lode_registry::{BlobAccess, Digest, TagUpdate};
+
+use crate::bench::support::{mb_per_s, median, start_registry};
 
 /// Settings for `lode bench cas`.
 #[derive(Debug, Args)]
@@ -44,74 +45,6 @@ pub struct CasBench {
         default_value = "fixed:1M,fixed:256K,cdc:16K/64K/256K,cdc:64K/256K/1M"
     )]
     schemes: Vec<Chunking>,
-}
-
-/// A `lode registry serve` child on a fresh data dir, killed on drop.
-pub(crate) struct Registry {
-    child: Child,
-    pub(crate) client: Arc<RegistryClient>,
-    _dir: tempfile::TempDir,
-    data: PathBuf,
-}
-
-impl Drop for Registry {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Spawns `exe registry serve` on `data` and an ephemeral port; returns it and its URL.
-/// Its stdout keeps being drained, so it never writes into a closed pipe.
-pub fn spawn_registry(exe: &Path, data: &Path) -> Result<(Child, String)> {
-    let mut child = Command::new(exe)
-        .args(["registry", "serve", "--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(data)
-        .env("LODE_LOG", "warn")
-        .stdout(Stdio::piped())
-        .spawn()
-        .context("starting lode registry serve")?;
-    let mut lines = std::io::BufReader::new(child.stdout.take().expect("piped")).lines();
-    let url = lines
-        .by_ref()
-        .find_map(|line| {
-            Some(
-                line.ok()?
-                    .trim()
-                    .strip_prefix("registry")?
-                    .trim()
-                    .to_string(),
-            )
-        })
-        .context("lode registry serve did not print its URL")?;
-    std::thread::spawn(move || lines.for_each(drop));
-    Ok((child, url))
-}
-
-/// Starts `lode registry serve` on a fresh data dir.
-pub(crate) fn start_registry() -> Result<Registry> {
-    let dir = tempfile::Builder::new()
-        .prefix("lode-bench-cas")
-        .tempdir()?;
-    let data = dir.path().join("registry");
-    let (child, url) = spawn_registry(&std::env::current_exe()?, &data)?;
-    let token = std::fs::read_to_string(data.join("token"))?;
-    let client = RegistryClient::new(&url, Some(token.trim()), ClientOptions::default())?;
-    Ok(Registry {
-        child,
-        client: Arc::new(client),
-        _dir: dir,
-        data,
-    })
-}
-
-pub(crate) fn mb_per_s(bytes: u64, elapsed: Duration) -> f64 {
-    bytes as f64 / elapsed.as_secs_f64() / 1e6
-}
-
-pub(crate) fn median(mut values: Vec<Duration>) -> Duration {
-    values.sort();
-    values[values.len() / 2]
 }
 
 /// Runs `lode bench cas`.

@@ -16,7 +16,8 @@ use lode_native_runner::sandbox::{SandboxSpec, spawn};
 use lode_native_runner::userns::{CONTAINER_IDS, UserNamespace};
 use lode_registry::BlobAccess;
 
-use crate::bench::cas::start_registry;
+use crate::bench::support::percentile;
+use crate::bench::support::start_registry;
 
 /// Settings for `lode bench container`.
 #[derive(Debug, Args)]
@@ -30,10 +31,6 @@ pub struct ContainerBench {
     /// Scratch space for containers and the chunk cache.
     #[arg(long, default_value = "/var/cache/lode/bench/container")]
     work: PathBuf,
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
 
 fn report(name: &str, mut times: Vec<Duration>, baseline: Option<Duration>) -> Duration {

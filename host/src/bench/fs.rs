@@ -21,7 +21,7 @@ use clap::Args;
 use lode_fs::{ChunkCache, Index, IngestOptions, Mount, MountOptions};
 use lode_registry::BlobAccess;
 
-use crate::bench::cas::{Registry, mb_per_s, median, start_registry};
+use crate::bench::support::{Registry, mb_per_s, median, start_registry};
 use crate::cli::fs::parse_size;
 
 /// Settings for `lode bench fs`.

@@ -6,11 +6,12 @@
 //! - warm call: a container is up, against the same call inside one Python process;
 //! - `map` over 1,000 inputs with `max_containers=4`, through the SDK, against a local loop.
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::PathBuf;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
+use crate::bench::support::{percentile, start_server};
+use anyhow::{Result, bail};
 use clap::Args;
 use serde_json::Value;
 
@@ -83,65 +84,6 @@ elif mode == "remote-map":
     assert out == [i * i for i in range(n)], "wrong results"
     print(time.perf_counter() - t)
 "#;
-
-/// A `lode serve` the bench started, stopped with SIGTERM when dropped.
-pub(crate) struct Server {
-    child: Child,
-    pub(crate) api: String,
-    pub(crate) token: String,
-    _dirs: tempfile::TempDir,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        // SIGTERM, so it unmounts its images and stops its containers.
-        // SAFETY: kill(2) on our own child's pid.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let _ = self.child.wait();
-    }
-}
-
-/// Starts `lode serve` on loopback with its own dirs.
-pub(crate) fn start_server(base_dir: &Path) -> Result<Server> {
-    let dirs = tempfile::tempdir()?;
-    let data = dirs.path().join("data");
-    let mut child = Command::new(std::env::current_exe()?)
-        .arg("serve")
-        .arg("--data-dir")
-        .arg(&data)
-        .arg("--cache-dir")
-        .arg(dirs.path().join("cache"))
-        .arg("--image-base-dir")
-        .arg(base_dir)
-        .args(["--api", "127.0.0.1:0", "--http", "127.0.0.1:0"])
-        .args(["--registry-listen", "127.0.0.1:0", "--no-client-config"])
-        .env("LODE_LOG", "lode=warn")
-        .stdout(Stdio::null())
-        .spawn()
-        .context("starting lode serve")?;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let client: Value = loop {
-        if let Ok(bytes) = std::fs::read(data.join("client.json"))
-            && let Ok(value) = serde_json::from_slice(&bytes)
-        {
-            break value;
-        }
-        if child.try_wait()?.is_some() || Instant::now() > deadline {
-            bail!("lode serve did not start");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    Ok(Server {
-        child,
-        api: client["api_url"].as_str().unwrap_or_default().to_string(),
-        token: client["token"].as_str().unwrap_or_default().to_string(),
-        _dirs: dirs,
-    })
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
-}
 
 /// Prints a timing row: p50, p99 and the ratio to a baseline.
 pub(crate) fn row(name: &str, mut times: Vec<Duration>, baseline: Option<Duration>) -> Duration {

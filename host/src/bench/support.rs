@@ -1,0 +1,147 @@
+//! What several benches share: percentiles, and the `lode serve` and `lode registry serve`
+//! children they measure against, stopped when dropped.
+
+use std::io::BufRead;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use lode_registry::{ClientOptions, RegistryClient};
+use serde_json::Value;
+
+/// The `p` quantile (0 to 1) of `sorted`, nearest rank.
+pub fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    let index = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[index.min(sorted.len() - 1)]
+}
+
+/// A `lode registry serve` child on a fresh data dir, killed on drop.
+pub struct Registry {
+    child: Child,
+    /// A client for it, with its token.
+    pub client: Arc<RegistryClient>,
+    _dir: tempfile::TempDir,
+    /// Its data directory.
+    pub data: PathBuf,
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Spawns `exe registry serve` on `data` and an ephemeral port; returns it and its URL.
+/// Its stdout keeps being drained, so it never writes into a closed pipe.
+pub fn spawn_registry(exe: &Path, data: &Path) -> Result<(Child, String)> {
+    let mut child = Command::new(exe)
+        .args(["registry", "serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(data)
+        .env("LODE_LOG", "warn")
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("starting lode registry serve")?;
+    let mut lines = std::io::BufReader::new(child.stdout.take().expect("piped")).lines();
+    let url = lines
+        .by_ref()
+        .find_map(|line| {
+            Some(
+                line.ok()?
+                    .trim()
+                    .strip_prefix("registry")?
+                    .trim()
+                    .to_string(),
+            )
+        })
+        .context("lode registry serve did not print its URL")?;
+    std::thread::spawn(move || lines.for_each(drop));
+    Ok((child, url))
+}
+
+/// Starts `lode registry serve` on a fresh data dir.
+pub fn start_registry() -> Result<Registry> {
+    let dir = tempfile::Builder::new()
+        .prefix("lode-bench-cas")
+        .tempdir()?;
+    let data = dir.path().join("registry");
+    let (child, url) = spawn_registry(&std::env::current_exe()?, &data)?;
+    let token = std::fs::read_to_string(data.join("token"))?;
+    let client = RegistryClient::new(&url, Some(token.trim()), ClientOptions::default())?;
+    Ok(Registry {
+        child,
+        client: Arc::new(client),
+        _dir: dir,
+        data,
+    })
+}
+
+/// Megabytes (10^6 bytes) per second.
+pub fn mb_per_s(bytes: u64, elapsed: Duration) -> f64 {
+    bytes as f64 / elapsed.as_secs_f64() / 1e6
+}
+
+/// The middle of `values`.
+pub fn median(mut values: Vec<Duration>) -> Duration {
+    values.sort();
+    values[values.len() / 2]
+}
+
+/// A `lode serve` the bench started, stopped with SIGTERM when dropped.
+pub struct LodeServer {
+    child: Child,
+    /// Its API URL.
+    pub api: String,
+    /// Its API token.
+    pub token: String,
+    _dirs: tempfile::TempDir,
+}
+
+impl Drop for LodeServer {
+    fn drop(&mut self) {
+        // SIGTERM, so it unmounts its images and stops its containers.
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts `lode serve` on loopback with its own dirs.
+pub fn start_server(base_dir: &Path) -> Result<LodeServer> {
+    let dirs = tempfile::tempdir()?;
+    let data = dirs.path().join("data");
+    let mut child = Command::new(std::env::current_exe()?)
+        .arg("serve")
+        .arg("--data-dir")
+        .arg(&data)
+        .arg("--cache-dir")
+        .arg(dirs.path().join("cache"))
+        .arg("--image-base-dir")
+        .arg(base_dir)
+        .args(["--api", "127.0.0.1:0", "--http", "127.0.0.1:0"])
+        .args(["--registry-listen", "127.0.0.1:0", "--no-client-config"])
+        .env("LODE_LOG", "lode=warn")
+        .stdout(Stdio::null())
+        .spawn()
+        .context("starting lode serve")?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let client: Value = loop {
+        if let Ok(bytes) = std::fs::read(data.join("client.json"))
+            && let Ok(value) = serde_json::from_slice(&bytes)
+        {
+            break value;
+        }
+        if child.try_wait()?.is_some() || Instant::now() > deadline {
+            bail!("lode serve did not start");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    Ok(LodeServer {
+        child,
+        api: client["api_url"].as_str().unwrap_or_default().to_string(),
+        token: client["token"].as_str().unwrap_or_default().to_string(),
+        _dirs: dirs,
+    })
+}
