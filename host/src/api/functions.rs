@@ -134,11 +134,9 @@ async fn poll(
     });
     match control.calls.wait(&id, wait).await {
         Some(record) => Ok(Json(record).into_response()),
-        None => Err(ApiError::new(
-            StatusCode::NOT_FOUND,
-            "not_found",
-            format!("no call {id:?}: spawned calls are kept while the server runs"),
-        )),
+        None => Err(ApiError::not_found(format!(
+            "no call {id:?}: spawned calls are kept while the server runs"
+        ))),
     }
 }
 

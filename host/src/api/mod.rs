@@ -39,6 +39,11 @@ impl ApiError {
         }
     }
 
+    /// A 404 for something that does not exist; the message says where to look.
+    pub(crate) fn not_found(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, "not_found", message)
+    }
+
     /// A 400 for a request that is not valid.
     pub(crate) fn bad(message: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, "invalid_request", message)
@@ -212,11 +217,9 @@ fn check_app_name(app: &str) -> ApiResult<()> {
 }
 
 pub(crate) fn not_deployed(app: &str) -> ApiError {
-    ApiError::new(
-        StatusCode::NOT_FOUND,
-        "not_found",
-        format!("no app named {app:?} is deployed; `lode ls` lists the deployed apps"),
-    )
+    ApiError::not_found(format!(
+        "no app named {app:?} is deployed; `lode ls` lists the deployed apps"
+    ))
 }
 
 async fn get_app(

@@ -1,7 +1,6 @@
 //! What several benches share: percentiles, and the `lode serve` and `lode registry serve`
 //! children they measure against, stopped when dropped.
 
-use std::io::BufRead;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -34,40 +33,13 @@ impl Drop for Registry {
     }
 }
 
-/// Spawns `exe registry serve` on `data` and an ephemeral port; returns it and its URL.
-/// Its stdout keeps being drained, so it never writes into a closed pipe.
-pub fn spawn_registry(exe: &Path, data: &Path) -> Result<(Child, String)> {
-    let mut child = Command::new(exe)
-        .args(["registry", "serve", "--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(data)
-        .env("LODE_LOG", "warn")
-        .stdout(Stdio::piped())
-        .spawn()
-        .context("starting lode registry serve")?;
-    let mut lines = std::io::BufReader::new(child.stdout.take().expect("piped")).lines();
-    let url = lines
-        .by_ref()
-        .find_map(|line| {
-            Some(
-                line.ok()?
-                    .trim()
-                    .strip_prefix("registry")?
-                    .trim()
-                    .to_string(),
-            )
-        })
-        .context("lode registry serve did not print its URL")?;
-    std::thread::spawn(move || lines.for_each(drop));
-    Ok((child, url))
-}
-
 /// Starts `lode registry serve` on a fresh data dir.
 pub fn start_registry() -> Result<Registry> {
     let dir = tempfile::Builder::new()
         .prefix("lode-bench-cas")
         .tempdir()?;
     let data = dir.path().join("registry");
-    let (child, url) = spawn_registry(&std::env::current_exe()?, &data)?;
+    let (child, url) = crate::cli::serve::spawn_registry(&std::env::current_exe()?, &data)?;
     let token = std::fs::read_to_string(data.join("token"))?;
     let client = RegistryClient::new(&url, Some(token.trim()), ClientOptions::default())?;
     Ok(Registry {

@@ -17,8 +17,7 @@ use std::sync::Arc;
 use crate::cli::client::{ApiClient, api_error, ndjson_lines};
 use crate::proto::deploy::DeployEvent;
 use crate::proto::manifest::{
-    AppLimits, FunctionSpec, Manifest, Network, NetworkMode, Resources, Runtime, WebRoute,
-    dns_label_rule, is_dns_label,
+    AppLimits, FunctionSpec, Manifest, Network, NetworkMode, WebRoute, dns_label_rule, is_dns_label,
 };
 
 /// A function in `lode.toml`.
@@ -115,20 +114,7 @@ fn default_name(raw: &str) -> String {
 }
 
 fn wasm_function(name: String, bytes: Vec<u8>) -> Planned {
-    let spec = FunctionSpec {
-        name,
-        runtime: Runtime::Wasm,
-        component: Some(Digest::of(&bytes).to_string()),
-        python: None,
-        resources: Resources::default(),
-        web: Some(WebRoute::default()),
-        schedule: None,
-        secrets: vec![],
-        volumes: vec![],
-        network: Network::default(),
-        retries: None,
-        pre_init: false,
-    };
+    let spec = FunctionSpec::wasm_http(name, &Digest::of(&bytes));
     Planned { spec, bytes }
 }
 

@@ -5,11 +5,13 @@
 // nothing else; types and flattened fields that print nothing carry none.
 #![allow(missing_docs)]
 
+use std::io::BufRead;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::Args;
 
 use crate::cli::args::RegistryFlags;
@@ -224,4 +226,31 @@ pub async fn run_registry(
         registry: registry.options(),
     })
     .await
+}
+
+/// Spawns `exe registry serve` on `data` and an ephemeral port; returns it and its URL.
+/// Its stdout keeps being drained, so it never writes into a closed pipe.
+pub fn spawn_registry(exe: &Path, data: &Path) -> Result<(Child, String)> {
+    let mut child = Command::new(exe)
+        .args(["registry", "serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(data)
+        .env("LODE_LOG", "warn")
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("starting lode registry serve")?;
+    let mut lines = std::io::BufReader::new(child.stdout.take().expect("piped")).lines();
+    let url = lines
+        .by_ref()
+        .find_map(|line| {
+            Some(
+                line.ok()?
+                    .trim()
+                    .strip_prefix("registry")?
+                    .trim()
+                    .to_string(),
+            )
+        })
+        .context("lode registry serve did not print its URL")?;
+    std::thread::spawn(move || lines.for_each(drop));
+    Ok((child, url))
 }

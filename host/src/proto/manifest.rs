@@ -560,6 +560,25 @@ impl FunctionSpec {
         }
     }
 
+    /// A Wasm function that serves HTTP at the app's root from `component`, with every
+    /// other field at its default: what a bare `.wasm` or a crate deploys as.
+    pub fn wasm_http(name: impl Into<String>, component: &lode_registry::Digest) -> Self {
+        Self {
+            name: name.into(),
+            runtime: Runtime::Wasm,
+            component: Some(component.to_string()),
+            python: None,
+            resources: Resources::default(),
+            web: Some(WebRoute::default()),
+            schedule: None,
+            secrets: vec![],
+            volumes: vec![],
+            network: Network::default(),
+            retries: None,
+            pre_init: false,
+        }
+    }
+
     /// The function's schedule, parsed: checked at deploy and read by the scheduler through
     /// this one place. The error names the function and the text.
     pub fn parsed_schedule(&self) -> Result<Option<crate::proto::schedule::Schedule>, String> {
@@ -585,20 +604,7 @@ mod tests {
     use super::*;
 
     fn wasm_fn(name: &str) -> FunctionSpec {
-        FunctionSpec {
-            name: name.into(),
-            runtime: Runtime::Wasm,
-            component: Some(lode_registry::Digest::of(b"x").to_string()),
-            python: None,
-            resources: Resources::default(),
-            web: Some(WebRoute::default()),
-            schedule: None,
-            secrets: vec![],
-            volumes: vec![],
-            network: Network::default(),
-            retries: None,
-            pre_init: false,
-        }
+        FunctionSpec::wasm_http(name, &lode_registry::Digest::of(b"x"))
     }
 
     #[test]

@@ -2,7 +2,6 @@
 
 #![allow(dead_code)]
 
-use std::io::BufRead;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::OnceLock;
@@ -503,21 +502,7 @@ pub struct StandaloneRegistry {
 impl StandaloneRegistry {
     /// Starts a registry on `data` (created if needed).
     pub fn start(data: &Path) -> Self {
-        let mut child = Command::new(LODE)
-            .args(["registry", "serve", "--listen", "127.0.0.1:0", "--data-dir"])
-            .arg(data)
-            .env("LODE_LOG", "warn")
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        // It prints `registry URL` once listening; its stdout keeps being drained after.
-        let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
-        let url = lines
-            .by_ref()
-            .map_while(Result::ok)
-            .find_map(|line| Some(line.trim().strip_prefix("registry")?.trim().to_string()))
-            .expect("lode registry serve printed no URL");
-        std::thread::spawn(move || lines.for_each(drop));
+        let (child, url) = lode::cli::serve::spawn_registry(Path::new(LODE), data).unwrap();
         let token = std::fs::read_to_string(data.join("token")).unwrap();
         StandaloneRegistry {
             data: data.to_path_buf(),
