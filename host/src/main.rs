@@ -27,6 +27,8 @@ struct Cli {
     command: TopCommand,
 }
 
+// Parsed once per process: its size does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 enum TopCommand {
     #[command(flatten)]

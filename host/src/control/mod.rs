@@ -4,7 +4,7 @@
 //! `resolve.rs`, Python pools in `python.rs`, the router in `router.rs`.
 //!
 //! The engines reach it only through [`Dispatch`]: each run and each pool is handed a
-//! `Weak<dyn Dispatch>` made from [`Control::this`].
+//! `Weak<dyn Dispatch>` from [`Control::dispatch`].
 
 pub mod calls;
 pub mod deploy;

@@ -37,7 +37,7 @@ impl Native {
         &self,
         request: &ContainerRequest,
     ) -> Result<PreparedContainer, Refused> {
-        let (limits, timeout, volumes) = self.check(&request)?;
+        let (limits, timeout, volumes) = self.check(request)?;
         let network = match request.network.as_deref() {
             None | Some("none") if request.allow_net.is_empty() => Network::None,
             None | Some("none") => {

@@ -1,5 +1,20 @@
-//! What the child does between fork and exec, and everything it needs built before the fork:
-//! join the cgroups, unshare, build the root, pivot, lock down. No allocation happens here.
+//! What the child does between fork and exec, and everything it needs built before the fork
+//! ([`Prepared`]). No allocation happens here. The set-up, in order, as [`enter`] and
+//! [`build_root`] run it; each step's failure reaches the parent as its [`Stage`]:
+//!
+//! 1. `setsid`: a session of its own, away from the server's terminal (Session).
+//! 2. Join the container's cgroups (Cgroups).
+//! 3. Join its network namespace, or unshare a fresh one (Network).
+//! 4. Unshare mount, UTS, IPC, cgroup and pid namespaces (Namespaces), then fork: the
+//!    grandchild is pid 1, the middle process waits and passes its status on.
+//! 5. Build the overlay root on the image, with its own `/proc` (masked), `/dev` and
+//!    `/dev/shm`, and pivot into it (Root).
+//! 6. Attach each volume, cloned before the fork, at its target inside (Volume).
+//! 7. Write `/etc/resolv.conf` for outbound network (Network).
+//! 8. Finish: the working directory, the host name, loopback up (Root).
+//! 9. Join the user namespace and become its root (User).
+//! 10. Lock down: the open-files limit, capabilities, `no_new_privs`, and seccomp last
+//!     (LockDown); std then execs the command.
 
 use super::*;
 

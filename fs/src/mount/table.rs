@@ -1,0 +1,89 @@
+//! The host's table of image mounts: each image mounted once, under one directory, shared by
+//! every container and function that runs on it, and cleared of a killed predecessor's.
+
+use super::*;
+
+/// Every image mounted once per host, under one directory (`<cache-dir>/mounts/<hex>`), shared
+/// by everything that runs on it. The owner is `lode serve`; containers use these mounts as
+/// their overlay lower layer.
+pub struct MountTable {
+    root: PathBuf,
+    cache: Arc<ChunkCache>,
+    registry: Arc<dyn BlobAccess>,
+    options: MountOptions,
+    mounts: tokio::sync::Mutex<HashMap<Digest, Arc<Mount>>>,
+}
+
+impl std::fmt::Debug for MountTable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MountTable")
+            .field("root", &self.root)
+            .finish_non_exhaustive()
+    }
+}
+
+impl MountTable {
+    /// Creates `root` and clears mounts a killed predecessor left under it.
+    pub fn new(
+        root: &Path,
+        cache: Arc<ChunkCache>,
+        registry: Arc<dyn BlobAccess>,
+        options: MountOptions,
+    ) -> std::io::Result<Self> {
+        crate::create_private_dir(root)?;
+        abort_leftover_connections(root);
+        for entry in std::fs::read_dir(root)?.flatten() {
+            let path = entry.path();
+            if is_stale_mount(&path) {
+                tracing::warn!(mount = %path.display(), "clearing a stale mount");
+                unmount(&path)?;
+            }
+        }
+        Ok(Self {
+            root: root.to_path_buf(),
+            cache,
+            registry,
+            options,
+            mounts: tokio::sync::Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The image's mount, mounting it on first use.
+    pub async fn mount(&self, digest: &Digest) -> crate::Result<Arc<Mount>> {
+        let mut mounts = self.mounts.lock().await;
+        if let Some(mount) = mounts.get(digest) {
+            return Ok(mount.clone());
+        }
+        let index = Index::parse(self.registry.get_index(digest).await?)?;
+        let point = self.root.join(digest.hex());
+        std::fs::create_dir_all(&point).map_err(crate::Error::io("create directory", &point))?;
+        let mount = Mount::new(
+            index,
+            self.cache.clone(),
+            self.registry.clone(),
+            &point,
+            self.options.clone(),
+        )
+        .map_err(crate::Error::io("mount", &point))?;
+        let mount = Arc::new(mount);
+        mounts.insert(digest.clone(), mount.clone());
+        Ok(mount)
+    }
+
+    /// Digests mounted now.
+    pub async fn mounted(&self) -> Vec<Digest> {
+        self.mounts.lock().await.keys().cloned().collect()
+    }
+
+    /// Saves every mount's access profile and unmounts them all (at shutdown).
+    pub async fn close(&self) {
+        let mounts: Vec<_> = self.mounts.lock().await.drain().collect();
+        for (digest, mount) in mounts {
+            if let Err(error) = mount.save_profile().await {
+                tracing::warn!(%digest, %error, "could not save the access profile");
+            }
+            // Dropping the last handle unmounts.
+            drop(mount);
+        }
+    }
+}
