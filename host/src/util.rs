@@ -1,11 +1,15 @@
-//! Small helpers every layer uses: the wall clock in milliseconds, crash-safe file writes
-//! (temporary file, fsync, rename, fsync of the directory), and marking cache files as used.
+//! Small helpers every layer uses: the wall clock in milliseconds, directory locks, crash-safe
+//! file writes (temporary file, fsync, rename, fsync of the directory), and marking cache
+//! files as used.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::time::{SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, bail};
+use fs2::FileExt;
 
 /// Milliseconds since the Unix epoch (0 for a clock set before it).
 pub fn now_ms() -> u64 {
@@ -45,4 +49,28 @@ pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
 pub fn mark_used(path: &Path) {
     let _ =
         std::fs::File::open(path).and_then(|file| file.set_modified(std::time::SystemTime::now()));
+}
+
+/// Holds an exclusive lock on a directory for the life of the process.
+pub struct DirLock {
+    _file: std::fs::File,
+}
+
+/// Locks `dir` so that two processes never share it.
+pub fn lock_dir(dir: &Path, what: &str) -> anyhow::Result<DirLock> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {what} {}", dir.display()))?;
+    let path = dir.join(".lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("opening lock file {}", path.display()))?;
+    if file.try_lock_exclusive().is_err() {
+        bail!(
+            "{what} {} is in use by another lode process; stop it or pass a different directory",
+            dir.display()
+        );
+    }
+    Ok(DirLock { _file: file })
 }

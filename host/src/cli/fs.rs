@@ -56,7 +56,7 @@ pub async fn mount(registry: Arc<dyn BlobAccess>, args: MountArgs) -> Result<()>
             args.mountpoint.display()
         );
     }
-    let _lock = crate::serve::lock_dir(&args.cache_dir, "cache dir")?;
+    let _lock = crate::util::lock_dir(&args.cache_dir, "cache dir")?;
     let digest = resolve_reference(registry.as_ref(), &args.reference).await?;
     let bytes = registry.get_index(&digest).await?;
     let index = Index::parse(bytes).with_context(|| format!("loading index {digest}"))?;

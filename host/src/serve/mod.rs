@@ -8,8 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{Context, Result, bail};
-use fs2::FileExt;
+use anyhow::{Context, Result};
 use hyper::server::conn::http1;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
@@ -105,7 +104,7 @@ pub struct RegistryServeOptions {
 
 /// Runs a standalone registry until SIGINT or SIGTERM.
 pub async fn serve_registry(options: RegistryServeOptions) -> Result<()> {
-    let _lock = lock_dir(&options.data_dir, "registry data dir")?;
+    let _lock = crate::util::lock_dir(&options.data_dir, "registry data dir")?;
     let token = load_or_create_token(&options.data_dir)?;
     let store = open_registry(&options.data_dir)?;
     let listener = bind(options.listen, "listen").await?;
@@ -126,30 +125,6 @@ pub async fn serve_registry(options: RegistryServeOptions) -> Result<()> {
         .serve(listener, shutdown_signal())
         .await
         .context("serving the registry")
-}
-
-/// Holds an exclusive lock on a directory for the life of the process.
-pub struct DirLock {
-    _file: std::fs::File,
-}
-
-/// Locks `dir` so that two processes never share it.
-pub fn lock_dir(dir: &Path, what: &str) -> Result<DirLock> {
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {what} {}", dir.display()))?;
-    let path = dir.join(".lock");
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)
-        .with_context(|| format!("opening lock file {}", path.display()))?;
-    if file.try_lock_exclusive().is_err() {
-        bail!(
-            "{what} {} is in use by another lode process; stop it or pass a different directory",
-            dir.display()
-        );
-    }
-    Ok(DirLock { _file: file })
 }
 
 fn load_or_create_token(data_dir: &Path) -> Result<String> {
@@ -177,8 +152,8 @@ async fn bind(addr: SocketAddr, what: &str) -> Result<TcpListener> {
 
 /// Runs the server until SIGINT or SIGTERM.
 pub async fn serve(options: ServeOptions) -> Result<()> {
-    let _data_lock = lock_dir(&options.data_dir, "data dir")?;
-    let _cache_lock = lock_dir(&options.cache_dir, "cache dir")?;
+    let _data_lock = crate::util::lock_dir(&options.data_dir, "data dir")?;
+    let _cache_lock = crate::util::lock_dir(&options.cache_dir, "cache dir")?;
     let token = load_or_create_token(&options.data_dir)?;
 
     let api_listener = bind(options.api, "api").await?;

@@ -124,9 +124,7 @@ impl Secrets {
             names: values.keys().cloned().collect(),
             nonce: b64.encode(nonce_bytes),
             ciphertext: b64.encode(ciphertext),
-            updated_ms: std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_millis() as u64),
+            updated_ms: crate::util::now_ms(),
         };
         self.state
             .put_entry(Table::Secrets, name, &serde_json::to_vec(&sealed)?)
