@@ -20,7 +20,7 @@ use serde::Deserialize;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
-use crate::api::{ApiError, ndjson};
+use crate::api::error::{ApiError, ndjson};
 use crate::native::Native;
 use crate::native::containers::PreparedContainer;
 use crate::proto::containers::{

@@ -16,7 +16,7 @@ use lode_native_runner::agent::Outcome;
 use serde::Deserialize;
 use serde_json::Value;
 
-use crate::api::{ApiError, ApiQuery};
+use crate::api::error::{ApiError, ApiQuery, not_deployed};
 use crate::control::Control;
 use crate::function::{CallError, Dispatch};
 use crate::proto::apps::{SecretList, VolumeList};
@@ -144,9 +144,7 @@ async fn stats(
     State(control): State<Arc<Control>>,
     Path(app): Path<String>,
 ) -> Result<Json<AppStats>, ApiError> {
-    let live = control
-        .app(&app)
-        .ok_or_else(|| crate::api::not_deployed(&app))?;
+    let live = control.app(&app).ok_or_else(|| not_deployed(&app))?;
     let mut pools: Vec<_> = live.pools.values().map(|pool| pool.stats()).collect();
     pools.sort_by(|a, b| a.function.cmp(&b.function));
     Ok(Json(AppStats {

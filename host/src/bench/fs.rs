@@ -22,7 +22,7 @@ use lode_fs::{ChunkCache, Index, IngestOptions, Mount, MountOptions};
 use lode_registry::BlobAccess;
 
 use crate::bench::support::{Registry, mb_per_s, median, start_registry};
-use crate::cli::fs::parse_size;
+use crate::cli::parse::parse_size;
 
 /// Settings for `lode bench fs`.
 #[derive(Debug, Args)]

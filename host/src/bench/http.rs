@@ -292,7 +292,7 @@ async fn lode_serve_url(
         .clone()
         .context("client.json has no HTTP URL")?;
     let client = crate::cli::client::ApiClient::new(resolved)?;
-    let registry = std::sync::Arc::new(crate::cli::image::connect(&client.registry().await?)?);
+    let registry = std::sync::Arc::new(crate::cli::client::connect(&client.registry().await?)?);
     crate::cli::deploy::deploy(&client, registry, component, Some("hello")).await?;
     Ok((server, format!("{http_url}/hello/")))
 }

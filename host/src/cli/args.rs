@@ -10,10 +10,9 @@ use std::time::Duration;
 
 use clap::{Args, Subcommand};
 
-use crate::cli::serve::ServeArgs;
+use crate::cli::parse::{parse_env, parse_size, parse_volume};
+use crate::cli::serve::{RegistryFlags, ServeArgs};
 
-const MIB: u64 = 1024 * 1024;
-use crate::serve::RegistryOptions;
 use std::net::SocketAddr;
 
 #[derive(Debug, Args)]
@@ -177,11 +176,11 @@ pub enum ContainerCommand {
         #[arg(long = "allow-net", value_name = "CIDR|HOST")]
         allow_net: Vec<String>,
         /// NAME=VALUE, added to the image's environment (repeatable).
-        #[arg(short, long = "env", value_parser = crate::cli::container::parse_env)]
+        #[arg(short, long = "env", value_parser = parse_env)]
         env: Vec<(String, String)>,
         /// HOSTDIR:/path[:ro], a bind mount (repeatable). The container's root is host uid
         /// 524288, so a writable HOSTDIR must be writable by it.
-        #[arg(short, long = "volume", value_parser = crate::cli::container::parse_volume)]
+        #[arg(short, long = "volume", value_parser = parse_volume)]
         volume: Vec<crate::proto::containers::VolumeRequest>,
         /// Working directory [default: the image's, else /].
         #[arg(short, long)]
@@ -288,7 +287,7 @@ pub enum FsCommand {
         #[arg(long, default_value = "/var/cache/lode")]
         cache_dir: PathBuf,
         /// Most bytes the chunk cache holds; least recently used chunks go first.
-        #[arg(long, default_value = "20G", value_parser = crate::cli::fs::parse_size)]
+        #[arg(long, default_value = "20G", value_parser = parse_size)]
         cache_size: u64,
         /// How long a read waits for the registry before it fails with EIO.
         #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
@@ -352,24 +351,4 @@ pub enum RegistryCommand {
         #[command(flatten)]
         registry: RegistryFlags,
     },
-}
-
-#[derive(Debug, Args)]
-pub struct RegistryFlags {
-    /// Let anyone read blobs, indexes and tags; writes still need the token.
-    #[arg(long)]
-    pub public_read: bool,
-    /// Largest blob the registry accepts, in bytes.
-    #[arg(long, default_value_t = 256 * MIB)]
-    pub max_blob: u64,
-}
-
-impl RegistryFlags {
-    /// The registry options these flags ask for.
-    pub fn options(&self) -> RegistryOptions {
-        RegistryOptions {
-            public_read: self.public_read,
-            max_blob: self.max_blob,
-        }
-    }
 }

@@ -41,6 +41,11 @@ pub async fn call(client: &ApiClient, target: &str, args: &[String]) -> Result<i
             return Ok(0);
         }
         Ok(CallAnswer::Failed { error }) => error,
+        // A success without a JSON body has no value to show.
+        Err(_) if status.is_success() => {
+            println!("null");
+            return Ok(0);
+        }
         _ => ErrorInfo::lode("error", "(no message)"),
     };
     if let Some(traceback) = &error.traceback {
@@ -55,13 +60,13 @@ pub async fn call(client: &ApiClient, target: &str, args: &[String]) -> Result<i
 
 /// `lode calls APP`: the app's recent calls, newest first.
 pub async fn calls(client: &ApiClient, app: &str, limit: usize, json: bool) -> Result<()> {
-    let page: HistoryPage = client
+    let answer: Value = client
         .json(client.request(
             Method::GET,
             &format!("/v1/apps/{app}/calls?limit={}", limit.clamp(1, 1000)),
         ))
-        .await
-        .context("reading the call records")?;
+        .await?;
+    let page: HistoryPage = serde_json::from_value(answer).context("reading the call records")?;
     let records = page.calls;
     if json {
         for record in &records {

@@ -7,7 +7,12 @@ use futures::StreamExt;
 use reqwest::{Method, RequestBuilder, Response, StatusCode};
 use serde::de::DeserializeOwned;
 
-use crate::proto::client_file::Resolved;
+use std::sync::Arc;
+
+use lode_registry::{ClientOptions, RegistryClient};
+
+use crate::cli::args::{ClientArgs, CopyArgs, RegistryArg};
+use crate::proto::client_file::{ClientOverrides, RegistryTarget, Resolved};
 
 /// A client for the Lode API.
 pub struct ApiClient {
@@ -171,4 +176,58 @@ pub fn ndjson_lines<T: DeserializeOwned + 'static>(
             }
         },
     ))
+}
+
+/// Where deploys upload: the server's own registry, unless one is named.
+pub(crate) async fn deploy_registry(
+    args: &ClientArgs,
+    api: &ApiClient,
+    flag: &RegistryArg,
+) -> Result<Arc<lode_registry::RegistryClient>> {
+    match &flag.registry {
+        Some(_) => registry(args, &flag.registry),
+        None => Ok(Arc::new(connect(&api.registry().await?)?)),
+    }
+}
+
+fn overrides(args: &ClientArgs, registry: Option<&str>) -> ClientOverrides {
+    ClientOverrides {
+        api_url: args.api_url.clone(),
+        token: args.token.clone(),
+        config: args.config.clone(),
+        registry: registry.map(str::to_string),
+    }
+}
+
+/// The API client `args` (then the environment, then client.json) point at.
+pub(crate) fn client(args: &ClientArgs) -> Result<ApiClient> {
+    ApiClient::new(overrides(args, None).resolve()?)
+}
+
+/// The registry `flag` (then the environment, then client.json) points at.
+pub(crate) fn registry(args: &ClientArgs, flag: &Option<String>) -> Result<Arc<RegistryClient>> {
+    let target = overrides(args, flag.as_deref()).resolve_registry()?;
+    Ok(Arc::new(connect(&target)?))
+}
+
+/// The local and the other registry of a push or pull.
+pub(crate) fn registry_pair(
+    args: &ClientArgs,
+    copy: &CopyArgs,
+) -> Result<(RegistryClient, RegistryClient)> {
+    let local = registry(args, &copy.local)?;
+    let other = connect(&RegistryTarget {
+        url: copy.registry.clone(),
+        token: copy.remote_token.clone(),
+    })?;
+    Ok((Arc::unwrap_or_clone(local), other))
+}
+
+/// A client for a resolved registry.
+pub fn connect(target: &RegistryTarget) -> Result<RegistryClient> {
+    Ok(RegistryClient::new(
+        &target.url,
+        target.token.as_deref(),
+        ClientOptions::default(),
+    )?)
 }

@@ -160,35 +160,6 @@ pub async fn build_spec(
     bail!("the server ended the build without a result (did `lode serve` stop?)")
 }
 
-/// Parses `HOST:/path[:ro]`.
-pub fn parse_volume(text: &str) -> Result<crate::proto::containers::VolumeRequest, String> {
-    let (rest, read_only) = match text.strip_suffix(":ro") {
-        Some(rest) => (rest, true),
-        None => (text.strip_suffix(":rw").unwrap_or(text), false),
-    };
-    let Some((source, target)) = rest.split_once(':') else {
-        return Err(format!("{text:?} is not HOSTDIR:/path[:ro]"));
-    };
-    let source =
-        std::fs::canonicalize(source).map_err(|e| format!("volume source {source:?}: {e}"))?;
-    if !target.starts_with('/') {
-        return Err(format!("volume target {target:?} must be an absolute path"));
-    }
-    Ok(crate::proto::containers::VolumeRequest {
-        source: source.display().to_string(),
-        target: target.to_string(),
-        read_only,
-    })
-}
-
-/// Parses `NAME=VALUE`.
-pub fn parse_env(text: &str) -> Result<(String, String), String> {
-    match text.split_once('=') {
-        Some((name, value)) if !name.is_empty() => Ok((name.to_string(), value.to_string())),
-        _ => Err(format!("{text:?} is not NAME=VALUE")),
-    }
-}
-
 /// Exit code for a container that could not run (Docker uses the same).
 pub const COULD_NOT_RUN: u8 = 125;
 

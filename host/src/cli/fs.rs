@@ -26,24 +26,6 @@ pub struct MountArgs {
     pub options: MountOptions,
 }
 
-/// Parses sizes such as `512M`, `20G` or `1048576` (binary units).
-pub fn parse_size(text: &str) -> Result<u64, String> {
-    let text = text.trim();
-    let (digits, shift) = match text.char_indices().last() {
-        Some((at, 'K' | 'k')) => (&text[..at], 10),
-        Some((at, 'M' | 'm')) => (&text[..at], 20),
-        Some((at, 'G' | 'g')) => (&text[..at], 30),
-        Some((at, 'T' | 't')) => (&text[..at], 40),
-        _ => (text, 0),
-    };
-    digits
-        .parse::<u64>()
-        .ok()
-        .and_then(|n| n.checked_mul(1 << shift))
-        .filter(|n| *n > 0)
-        .ok_or_else(|| format!("{text:?} is not a size such as 512M, 20G or 1048576"))
-}
-
 /// Mounts in the foreground until Ctrl-C, SIGTERM or `lode fs umount`. SIGUSR1 saves the
 /// access profile without unmounting; unmounting saves it too.
 pub async fn mount(registry: Arc<dyn BlobAccess>, args: MountArgs) -> Result<()> {
@@ -123,19 +105,4 @@ pub fn umount(mountpoint: &Path) -> Result<()> {
         Err(e) => return Err(e).with_context(|| format!("unmounting {}", mountpoint.display())),
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::parse_size;
-
-    #[test]
-    fn sizes_parse_in_binary_units() {
-        assert_eq!(parse_size("20G"), Ok(20 << 30));
-        assert_eq!(parse_size("512m"), Ok(512 << 20));
-        assert_eq!(parse_size("4096"), Ok(4096));
-        for bad in ["", "G", "-1G", "0", "1.5G", "99999999999T"] {
-            assert!(parse_size(bad).is_err(), "{bad}");
-        }
-    }
 }

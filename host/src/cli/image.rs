@@ -8,19 +8,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use indicatif::{HumanBytes, ProgressBar};
 use lode_fs::{Chunking, IngestOptions};
-use lode_registry::{BlobAccess, ClientOptions, Digest, RegistryClient, TagUpdate};
+use lode_registry::{BlobAccess, Digest, RegistryClient, TagUpdate};
 
 use crate::cli::args::{ClientArgs, ImageCommand};
-use crate::proto::client_file::RegistryTarget;
-
-/// A client for a resolved registry.
-pub fn connect(target: &RegistryTarget) -> Result<RegistryClient> {
-    Ok(RegistryClient::new(
-        &target.url,
-        target.token.as_deref(),
-        ClientOptions::default(),
-    )?)
-}
 
 /// A digest (`blake3:<hex>` or bare hex) stands for itself; anything else is a tag.
 pub async fn resolve_reference(registry: &dyn BlobAccess, reference: &str) -> Result<Digest> {
@@ -244,10 +234,10 @@ pub async fn run(client: &ClientArgs, command: ImageCommand) -> Result<()> {
             quiet,
             registry: flag,
         } => {
-            let api = crate::cli::client(client)?;
+            let api = crate::cli::client::client(client)?;
             let registry: Arc<dyn lode_registry::BlobAccess> = match &flag.registry {
-                Some(_) => crate::cli::registry(client, &flag.registry)?,
-                None => Arc::new(connect(&api.registry().await?)?),
+                Some(_) => crate::cli::client::registry(client, &flag.registry)?,
+                None => Arc::new(crate::cli::client::connect(&api.registry().await?)?),
             };
             crate::cli::container::build(&api, registry, &file, tag, quiet).await
         }
@@ -263,7 +253,7 @@ pub async fn run(client: &ClientArgs, command: ImageCommand) -> Result<()> {
                 chunking,
                 inline_max,
             };
-            let target = crate::cli::registry(client, &flag.registry)?;
+            let target = crate::cli::client::registry(client, &flag.registry)?;
             ingest(target, &path, tag.as_deref(), options, json).await
         }
         ImageCommand::Export {
@@ -272,7 +262,7 @@ pub async fn run(client: &ClientArgs, command: ImageCommand) -> Result<()> {
             registry: flag,
         } => {
             export(
-                crate::cli::registry(client, &flag.registry)?,
+                crate::cli::client::registry(client, &flag.registry)?,
                 &reference,
                 &out,
             )
@@ -284,29 +274,35 @@ pub async fn run(client: &ClientArgs, command: ImageCommand) -> Result<()> {
             expect,
             registry: flag,
         } => {
-            let target = crate::cli::registry(client, &flag.registry)?;
+            let target = crate::cli::client::registry(client, &flag.registry)?;
             tag(target.as_ref(), &reference, &name, expect.as_deref()).await
         }
         ImageCommand::Untag {
             name,
             registry: flag,
-        } => untag(&*crate::cli::registry(client, &flag.registry)?, &name).await,
+        } => {
+            untag(
+                &*crate::cli::client::registry(client, &flag.registry)?,
+                &name,
+            )
+            .await
+        }
         ImageCommand::Ls {
             prefix,
             registry: flag,
         } => {
             list(
-                crate::cli::registry(client, &flag.registry)?.as_ref(),
+                crate::cli::client::registry(client, &flag.registry)?.as_ref(),
                 &prefix,
             )
             .await
         }
         ImageCommand::Push(args) => {
-            let (local, other) = crate::cli::registry_pair(client, &args)?;
+            let (local, other) = crate::cli::client::registry_pair(client, &args)?;
             copy(&local, &other, &args.reference).await
         }
         ImageCommand::Pull(args) => {
-            let (local, other) = crate::cli::registry_pair(client, &args)?;
+            let (local, other) = crate::cli::client::registry_pair(client, &args)?;
             copy(&other, &local, &args.reference).await
         }
     }

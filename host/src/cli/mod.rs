@@ -9,6 +9,7 @@ pub mod container;
 pub mod deploy;
 pub mod fs;
 pub mod image;
+pub mod parse;
 pub mod python;
 pub mod secrets;
 pub mod serve;
@@ -16,16 +17,12 @@ pub mod volumes;
 
 pub use client::{ApiClient, ndjson_lines};
 
-use std::sync::Arc;
-
 use anyhow::Result;
-use lode_registry::RegistryClient;
 
 use crate::cli::args::{
-    ClientArgs, Command, ContainerCommand, CopyArgs, FsCommand, RegistryArg, RegistryCommand,
-    SecretCommand, VolumeCommand,
+    ClientArgs, Command, ContainerCommand, FsCommand, RegistryCommand, SecretCommand, VolumeCommand,
 };
-use crate::proto::client_file::{ClientOverrides, RegistryTarget};
+use crate::cli::client::{client, deploy_registry, registry};
 
 /// Runs one command, talking to the server and registry that `client` finds.
 pub async fn run(client_args: ClientArgs, command: Command) -> Result<()> {
@@ -154,49 +151,4 @@ pub async fn run(client_args: ClientArgs, command: Command) -> Result<()> {
             registry,
         }) => serve::run_registry(data_dir, listen, &registry).await,
     }
-}
-
-/// Where deploys upload: the server's own registry, unless one is named.
-pub(crate) async fn deploy_registry(
-    args: &ClientArgs,
-    api: &ApiClient,
-    flag: &RegistryArg,
-) -> Result<Arc<lode_registry::RegistryClient>> {
-    match &flag.registry {
-        Some(_) => registry(args, &flag.registry),
-        None => Ok(Arc::new(image::connect(&api.registry().await?)?)),
-    }
-}
-
-fn overrides(args: &ClientArgs, registry: Option<&str>) -> ClientOverrides {
-    ClientOverrides {
-        api_url: args.api_url.clone(),
-        token: args.token.clone(),
-        config: args.config.clone(),
-        registry: registry.map(str::to_string),
-    }
-}
-
-/// The API client `args` (then the environment, then client.json) point at.
-pub(crate) fn client(args: &ClientArgs) -> Result<ApiClient> {
-    ApiClient::new(overrides(args, None).resolve()?)
-}
-
-/// The registry `flag` (then the environment, then client.json) points at.
-pub(crate) fn registry(args: &ClientArgs, flag: &Option<String>) -> Result<Arc<RegistryClient>> {
-    let target = overrides(args, flag.as_deref()).resolve_registry()?;
-    Ok(Arc::new(image::connect(&target)?))
-}
-
-/// The local and the other registry of a push or pull.
-pub(crate) fn registry_pair(
-    args: &ClientArgs,
-    copy: &CopyArgs,
-) -> Result<(RegistryClient, RegistryClient)> {
-    let local = registry(args, &copy.local)?;
-    let other = image::connect(&RegistryTarget {
-        url: copy.registry.clone(),
-        token: copy.remote_token.clone(),
-    })?;
-    Ok((Arc::unwrap_or_clone(local), other))
 }

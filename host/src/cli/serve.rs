@@ -14,8 +14,8 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::Args;
 
-use crate::cli::args::RegistryFlags;
-use crate::serve::{RegistryServeOptions, ServeOptions};
+use crate::cli::parse::parse_size;
+use crate::serve::{RegistryOptions, RegistryServeOptions, ServeOptions};
 use crate::wasm::WasmBounds;
 
 const MIB: u64 = 1024 * 1024;
@@ -50,7 +50,7 @@ pub struct ServeArgs {
     #[arg(long, default_value = "127.0.0.1:7071")]
     pub registry_listen: SocketAddr,
     /// Most bytes the chunk cache (<cache-dir>/chunks) holds.
-    #[arg(long, default_value = "20G", value_parser = crate::cli::fs::parse_size)]
+    #[arg(long, default_value = "20G", value_parser = parse_size)]
     pub cache_size: u64,
     /// Where debootstrap bases for `debian_slim` images are kept [default:
     /// <cache-dir>/images/base].
@@ -74,10 +74,10 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 4096, value_name = "N")]
     pub container_pids: u64,
     /// Each container's writable layer (RAM-backed, counted in its memory), e.g. 1G.
-    #[arg(long, default_value = "1G", value_parser = crate::cli::fs::parse_size)]
+    #[arg(long, default_value = "1G", value_parser = parse_size)]
     pub container_disk: u64,
     /// Each container's /dev/shm (counted in its memory), e.g. 64M.
-    #[arg(long, default_value = "64M", value_parser = crate::cli::fs::parse_size)]
+    #[arg(long, default_value = "64M", value_parser = parse_size)]
     pub shm_size: u64,
     /// Most containers one function may ask for (min_containers and max_containers).
     #[arg(long, default_value_t = 64, value_name = "N")]
@@ -87,7 +87,7 @@ pub struct ServeArgs {
     pub build_memory: u64,
     /// Disk for one build step's changes (a loop-mounted ext4, sparse), e.g. 16G; 0 leaves
     /// them uncapped on the cache dir's disk.
-    #[arg(long, default_value = "16G", value_parser = crate::cli::fs::parse_size)]
+    #[arg(long, default_value = "16G", value_parser = parse_size)]
     pub build_disk: u64,
     /// A private, link-local or host address range (CIDR) that functions and containers may
     /// be granted with network.allow or --allow-net (repeatable). None by default: the
@@ -253,4 +253,24 @@ pub fn spawn_registry(exe: &Path, data: &Path) -> Result<(Child, String)> {
         .context("lode registry serve did not print its URL")?;
     std::thread::spawn(move || lines.for_each(drop));
     Ok((child, url))
+}
+
+#[derive(Debug, Args)]
+pub struct RegistryFlags {
+    /// Let anyone read blobs, indexes and tags; writes still need the token.
+    #[arg(long)]
+    pub public_read: bool,
+    /// Largest blob the registry accepts, in bytes.
+    #[arg(long, default_value_t = 256 * MIB)]
+    pub max_blob: u64,
+}
+
+impl RegistryFlags {
+    /// The registry options these flags ask for.
+    pub fn options(&self) -> RegistryOptions {
+        RegistryOptions {
+            public_read: self.public_read,
+            max_blob: self.max_blob,
+        }
+    }
 }

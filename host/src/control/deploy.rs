@@ -20,9 +20,9 @@ use crate::store::state::AppRecord;
 use crate::telemetry::metrics::Metrics;
 use crate::wasm::engine::{ComponentError, EngineClass, LoadKind};
 use crate::wasm::function::WasmFunction;
-use crate::wasm::guest::{Preopen, WasmGuest};
 use crate::wasm::http::HttpFunction;
 use crate::wasm::outbound::OutboundPolicy;
+use crate::wasm::store::{Preopen, WasmGuest};
 
 const MIB: u64 = 1024 * 1024;
 

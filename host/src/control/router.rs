@@ -138,7 +138,6 @@ impl Dispatch for Control {
             Target::Python(..) => "python",
             Target::Wasm(..) => "wasm",
         };
-        let id = self.calls.create(app, function, engine);
         let Some(control) = self.this.upgrade() else {
             return Err(CallError::new(
                 503,
@@ -146,6 +145,7 @@ impl Dispatch for Control {
                 "the server is shutting down",
             ));
         };
+        let id = self.calls.create(app, function, engine);
         let (app, function, call_id) = (app.to_string(), function.to_string(), id.clone());
         let caller = caller.map(str::to_string);
         tokio::spawn(async move {

@@ -1,13 +1,12 @@
-//! The native engine's API: image builds (`POST /v1/images/build`) and one-off containers
-//! (`POST /v1/containers`), both streamed back as NDJSON. `lode serve` owns the image mounts,
-//! the chunk cache and the containers; the CLI is only a client.
+//! The native engine: image builds, the image mounts and the chunk cache, sandboxed containers
+//! within the server's [`ContainerBounds`], one-off containers (`containers.rs`) and Python
+//! function pools (`pool.rs`). The API's handlers for it are in `api/containers.rs`.
 
 pub mod containers;
 pub mod pool;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-
 use std::time::Duration;
 
 use lode_fs::MountTable;
@@ -169,9 +168,16 @@ impl Refused {
         Self::new(400, "invalid_request", message)
     }
 
-    /// A failure inside the server: logged, and answered without its details.
+    /// A failure inside the server: logged under an id, and answered with that id only, so
+    /// its details stay in the server log.
     pub fn internal(error: impl std::fmt::Display) -> Self {
-        Self::new(500, "internal", error.to_string())
+        let id = format!("{:016x}", rand::random::<u64>());
+        tracing::error!(error_id = id, "internal error: {error}");
+        Self::new(
+            500,
+            "internal",
+            format!("internal error {id}; the server log has the details"),
+        )
     }
 }
 

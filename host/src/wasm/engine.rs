@@ -420,7 +420,7 @@ impl EngineClass {
         wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(anyhow::Error::from)?;
         wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)
             .map_err(anyhow::Error::from)?;
-        crate::wasm::function::Function::add_to_linker::<_, wasmtime::component::HasSelf<_>>(
+        crate::wasm::bindings::Function::add_to_linker::<_, wasmtime::component::HasSelf<_>>(
             &mut linker,
             |state: &mut GuestState| state,
         )
@@ -559,9 +559,9 @@ impl EngineClass {
     pub fn prepare_function(
         &self,
         component: &Component,
-    ) -> Result<crate::wasm::function::FunctionPre<GuestState>, ComponentError> {
+    ) -> Result<crate::wasm::bindings::FunctionPre<GuestState>, ComponentError> {
         let instance_pre = self.link(component)?;
-        crate::wasm::function::FunctionPre::new(instance_pre)
+        crate::wasm::bindings::FunctionPre::new(instance_pre)
             .map_err(|e| ComponentError::NotFunction(anyhow!(e)))
     }
 

@@ -17,22 +17,12 @@ use crate::function::{CallLimits, CallTree, Dispatch};
 use crate::proto::calls::CallStatus;
 use crate::proto::log::Stream;
 use crate::telemetry::logs::LogStore;
-use crate::wasm::guest::{GuestState, Preopen, WasmGuest};
+use crate::wasm::guest::{CallContext, GuestState};
+use crate::wasm::store::{Preopen, WasmGuest};
 use crate::wasm::trap::{Stop, classify, describe};
 
-/// The bindings `bindgen!` makes from the WIT (documented there).
-#[allow(missing_docs)]
-mod bindings {
-    wasmtime::component::bindgen!({
-        path: "wit/lode-function",
-        world: "function",
-        imports: { default: async },
-        exports: { default: async },
-    });
-}
-
-use bindings::lode;
-pub use bindings::{Function, FunctionPre};
+use crate::wasm::bindings::FunctionPre;
+use crate::wasm::bindings::lode;
 use lode::function::types::Error as GuestError;
 
 /// A deployed Wasm function that takes calls.
@@ -49,18 +39,6 @@ pub struct WasmFunction {
     pub limits: CallLimits,
     /// Its call series in `/metrics`.
     pub series: crate::telemetry::metrics::FunctionSeries,
-}
-
-/// What a running call knows about where it is, for its imports.
-pub struct CallContext {
-    dispatch: Weak<dyn Dispatch>,
-    logs: Arc<LogStore>,
-    app: Arc<str>,
-    /// This call's place in its tree, with this app's limits folded in.
-    tree: CallTree,
-    /// This app's `fan_out`, checked against the whole tree's count.
-    fan_out: u32,
-    config: Arc<BTreeMap<String, String>>,
 }
 
 fn guest_error(kind: &str, message: impl Into<String>) -> GuestError {

@@ -22,7 +22,8 @@ use wasmtime_wasi_http::p2::bindings::http::types::Scheme;
 use crate::proto::log::Stream;
 use crate::telemetry::logs::LogStore;
 use crate::telemetry::metrics::{ErrorLabels, Metrics};
-use crate::wasm::guest::{GuestState, WasmGuest};
+use crate::wasm::guest::GuestState;
+use crate::wasm::store::WasmGuest;
 use crate::wasm::trap::{Stop, classify, describe};
 
 /// Body of every public response.

@@ -2,12 +2,14 @@
 //! (`wasi:http` requests and `lode:function` calls). It reaches the rest of Lode only through
 //! [`crate::function::Dispatch`].
 
+pub mod bindings;
 pub mod engine;
 pub mod function;
 pub mod guest;
 pub mod http;
 pub mod outbound;
 pub mod preinit;
+pub mod store;
 pub mod trap;
 
 use std::time::Duration;

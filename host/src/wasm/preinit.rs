@@ -21,7 +21,8 @@ use wasmtime_wizer::{ComponentInstanceState, Wizer};
 use std::sync::Arc;
 
 use crate::telemetry::logs::LogStore;
-use crate::wasm::guest::{GuestState, WasmGuest};
+use crate::wasm::guest::GuestState;
+use crate::wasm::store::WasmGuest;
 use crate::wasm::trap::{Stop, classify};
 
 /// What the init call receives; `lode-guest` runs `Function::init` on it.
@@ -62,7 +63,7 @@ async fn run(guest: &WasmGuest, logs: &Arc<LogStore>, wasm: &[u8]) -> Result<Vec
             .await
             .map_err(|e| trapped(e, timeout))
             .context("instantiating the component for its init")?;
-        let function = crate::wasm::function::Function::new(&mut store, &instance)
+        let function = crate::wasm::bindings::Function::new(&mut store, &instance)
             .map_err(|e| anyhow!("{e:#}"))
             .context("the component does not export lode:function/handler")?;
         let answer = function

@@ -1,0 +1,167 @@
+//! Every run's store, set up in one place: [`WasmGuest`] is the part of a deployed function
+//! that HTTP routes and functions called by name share, and its stdout and stderr go into the
+//! app's log.
+
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use wasmtime::Store;
+use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
+use wasmtime_wasi::p2::{OutputStream, Pollable, StreamError, StreamResult};
+
+use crate::proto::log::Stream;
+use crate::telemetry::logs::{LogStore, RequestOutput};
+use crate::wasm::engine::EngineClass;
+use crate::wasm::guest::GuestState;
+use crate::wasm::outbound::OutboundPolicy;
+
+/// A deployed Wasm function as every run of it needs it, whichever world it serves.
+pub struct WasmGuest {
+    /// Owning app.
+    pub app: Arc<str>,
+    /// Function name.
+    pub name: String,
+    /// The engine its component was prepared on; holding it keeps that engine's epochs
+    /// ticking while the function or a run of it lives.
+    pub engine: Arc<EngineClass>,
+    /// Wall-clock limit per run.
+    pub timeout: Duration,
+    /// Fuel per run on a metered engine (`[limits] fuel`).
+    pub fuel: Option<u64>,
+    /// Memory limit per instance, in bytes.
+    pub memory: u64,
+    /// Outbound HTTP rules.
+    pub outbound: OutboundPolicy,
+}
+
+/// A directory a guest sees: the host directory, where the guest finds it, and whether it is
+/// read-only. The guest sees no other files; `..` out of it is refused (cap-std).
+#[derive(Debug, Clone)]
+pub struct Preopen {
+    /// The directory on the host.
+    pub host: PathBuf,
+    /// Where the guest finds it.
+    pub guest: String,
+    /// Whether writes are refused.
+    pub read_only: bool,
+}
+
+impl WasmGuest {
+    /// The store for one run, `request_id` naming its output in the app's log, with
+    /// `preopens` as its only files, its memory limit, fuel and a deadline `timeout` from now.
+    /// Fails only when a preopened directory cannot be opened; the error says which.
+    pub fn store(
+        &self,
+        logs: &Arc<LogStore>,
+        request_id: Arc<str>,
+        preopens: &[Preopen],
+        deadline: Instant,
+    ) -> Result<Store<GuestState>, String> {
+        let mut wasi = guest_wasi(logs, self.app.clone(), request_id);
+        for preopen in preopens {
+            let perms = if preopen.read_only {
+                wasmtime_wasi::FsPerms::ReadOnly
+            } else {
+                wasmtime_wasi::FsPerms::ReadWrite
+            };
+            if let Err(e) = wasi.preopened_dir(&preopen.host, &preopen.guest, perms) {
+                return Err(format!(
+                    "opening volume {} for {}: {e}",
+                    preopen.host.display(),
+                    preopen.guest
+                ));
+            }
+        }
+        let state = GuestState::new(wasi.build(), self.memory, self.outbound.clone());
+        Ok(self.engine.new_store(state, deadline, self.fuel))
+    }
+}
+
+/// The WASI context every guest run starts from: stdout and stderr into `app`'s log under
+/// `request_id`, and no sockets or name lookups.
+fn guest_wasi(
+    logs: &Arc<LogStore>,
+    app: Arc<str>,
+    request_id: Arc<str>,
+) -> wasmtime_wasi::WasiCtxBuilder {
+    let output = |stream| GuestOutput {
+        inner: Arc::new(Mutex::new(logs.request_output(
+            app.clone(),
+            request_id.clone(),
+            stream,
+        ))),
+    };
+    let mut builder = wasmtime_wasi::WasiCtxBuilder::new();
+    builder
+        .stdout(output(Stream::Stdout))
+        .stderr(output(Stream::Stderr))
+        .allow_tcp(false)
+        .allow_udp(false)
+        .allow_ip_name_lookup(false);
+    builder
+}
+
+/// A guest's stdout or stderr for one request: always ready, never blocks the guest.
+#[derive(Clone)]
+pub struct GuestOutput {
+    inner: Arc<Mutex<RequestOutput>>,
+}
+
+impl IsTerminal for GuestOutput {
+    fn is_terminal(&self) -> bool {
+        false
+    }
+}
+
+impl StdoutStream for GuestOutput {
+    fn p2_stream(&self) -> Box<dyn OutputStream> {
+        Box::new(self.clone())
+    }
+
+    fn async_stream(&self) -> Box<dyn tokio::io::AsyncWrite + Send + Sync> {
+        Box::new(self.clone())
+    }
+}
+
+impl OutputStream for GuestOutput {
+    fn write(&mut self, bytes: Bytes) -> StreamResult<()> {
+        self.inner.lock().unwrap().write(&bytes);
+        Ok(())
+    }
+
+    fn flush(&mut self) -> StreamResult<()> {
+        Ok(())
+    }
+
+    fn check_write(&mut self) -> Result<usize, StreamError> {
+        Ok(64 * 1024)
+    }
+}
+
+#[async_trait::async_trait]
+impl Pollable for GuestOutput {
+    async fn ready(&mut self) {}
+}
+
+impl tokio::io::AsyncWrite for GuestOutput {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        self.inner.lock().unwrap().write(buf);
+        Poll::Ready(Ok(buf.len()))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+}
