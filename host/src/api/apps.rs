@@ -12,7 +12,7 @@ use serde::Deserialize;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::{BroadcastStream, ReceiverStream};
 
-use crate::api::error::{ApiError, ApiQuery, ApiResult, ndjson, not_deployed};
+use crate::api::error::{ApiError, ApiQuery, ApiResult, ndjson, not_deployed, sorted_json};
 use crate::control::Control;
 use crate::proto::apps::{AppList, AppSummary, FunctionSummary};
 use crate::proto::manifest::{Manifest, dns_label_rule, is_dns_label};
@@ -44,13 +44,13 @@ fn app_summary(control: &Control, app: &crate::control::LiveApp) -> AppSummary {
     }
 }
 
-pub(crate) async fn list_apps(State(control): State<Arc<Control>>) -> Json<AppList> {
+pub(crate) async fn list_apps(State(control): State<Arc<Control>>) -> Json<serde_json::Value> {
     let apps = control
         .apps()
         .iter()
         .map(|a| app_summary(&control, a))
         .collect();
-    Json(AppList { apps })
+    sorted_json(&AppList { apps })
 }
 
 fn check_app_name(app: &str) -> ApiResult<()> {
@@ -68,12 +68,12 @@ fn check_app_name(app: &str) -> ApiResult<()> {
 pub(crate) async fn get_app(
     State(control): State<Arc<Control>>,
     Path(app): Path<String>,
-) -> ApiResult<Json<AppSummary>> {
+) -> ApiResult<Json<serde_json::Value>> {
     check_app_name(&app)?;
     let live = control.app(&app).ok_or_else(|| not_deployed(&app))?;
     let mut summary = app_summary(&control, &live);
     summary.manifest = Some(live.record.manifest.clone());
-    Ok(Json(summary))
+    Ok(sorted_json(&summary))
 }
 
 pub(crate) async fn remove_app(

@@ -114,3 +114,9 @@ pub(crate) fn ndjson(lines: impl futures::Stream<Item = String> + Send + 'static
     }));
     ([(header::CONTENT_TYPE, "application/x-ndjson")], body).into_response()
 }
+
+/// A typed answer as the API has always sent it: through `serde_json::Value`, whose object
+/// keys come out sorted, so clients see the same bytes whichever struct wrote them.
+pub(crate) fn sorted_json<T: serde::Serialize>(answer: &T) -> Json<serde_json::Value> {
+    Json(serde_json::to_value(answer).expect("API answers serialize"))
+}

@@ -16,7 +16,7 @@ use lode_native_runner::agent::Outcome;
 use serde::Deserialize;
 use serde_json::Value;
 
-use crate::api::error::{ApiError, ApiQuery, not_deployed};
+use crate::api::error::{ApiError, ApiQuery, not_deployed, sorted_json};
 use crate::control::Control;
 use crate::function::{CallError, Dispatch};
 use crate::proto::apps::{SecretList, VolumeList};
@@ -52,9 +52,9 @@ pub fn outcome_response(outcome: Outcome) -> Response {
                 "too_many_calls" => StatusCode::TOO_MANY_REQUESTS,
                 _ => StatusCode::INTERNAL_SERVER_ERROR,
             };
-            (status, Json(CallAnswer::Failed { error })).into_response()
+            (status, sorted_json(&CallAnswer::Failed { error })).into_response()
         }
-        None => Json(match outcome.result_pickled {
+        None => sorted_json(&match outcome.result_pickled {
             Some(result_pickled) => CallAnswer::Pickled { result_pickled },
             None => CallAnswer::Value {
                 result: outcome.result.unwrap_or(Value::Null),
@@ -143,11 +143,11 @@ async fn poll(
 async fn stats(
     State(control): State<Arc<Control>>,
     Path(app): Path<String>,
-) -> Result<Json<AppStats>, ApiError> {
+) -> Result<Json<Value>, ApiError> {
     let live = control.app(&app).ok_or_else(|| not_deployed(&app))?;
     let mut pools: Vec<_> = live.pools.values().map(|pool| pool.stats()).collect();
     pools.sort_by(|a, b| a.function.cmp(&b.function));
-    Ok(Json(AppStats {
+    Ok(sorted_json(&AppStats {
         app,
         version: live.record.version,
         functions: pools,
@@ -169,13 +169,13 @@ async fn history(
     State(control): State<Arc<Control>>,
     Path(app): Path<String>,
     ApiQuery(query): ApiQuery<HistoryQuery>,
-) -> Result<Json<HistoryPage>, ApiError> {
+) -> Result<Json<Value>, ApiError> {
     let limit = query.limit.unwrap_or(50).clamp(1, MAX_HISTORY_PAGE);
     let records = tokio::task::spawn_blocking(move || control.history.recent(&app, limit))
         .await
         .map_err(|e| ApiError::internal(anyhow::anyhow!("history task failed: {e}")))?
         .map_err(ApiError::internal)?;
-    Ok(Json(HistoryPage { calls: records }))
+    Ok(sorted_json(&HistoryPage { calls: records }))
 }
 
 #[derive(Deserialize)]
@@ -222,13 +222,13 @@ async fn put_secret(
     Ok(StatusCode::NO_CONTENT)
 }
 
-async fn list_secrets(State(control): State<Arc<Control>>) -> Result<Json<SecretList>, ApiError> {
+async fn list_secrets(State(control): State<Arc<Control>>) -> Result<Json<Value>, ApiError> {
     let secrets = control
         .functions
         .secrets
         .list()
         .map_err(ApiError::internal)?;
-    Ok(Json(SecretList { secrets }))
+    Ok(sorted_json(&SecretList { secrets }))
 }
 
 async fn delete_secret(
@@ -246,10 +246,10 @@ async fn delete_secret(
     }
 }
 
-async fn list_volumes(State(control): State<Arc<Control>>) -> Result<Json<VolumeList>, ApiError> {
+async fn list_volumes(State(control): State<Arc<Control>>) -> Result<Json<Value>, ApiError> {
     let names =
         crate::store::volumes::list(&control.functions.volumes_dir).map_err(ApiError::internal)?;
-    Ok(Json(VolumeList { volumes: names }))
+    Ok(sorted_json(&VolumeList { volumes: names }))
 }
 
 async fn create_volume(
