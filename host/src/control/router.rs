@@ -3,7 +3,7 @@
 //! serves it in the live version, checks the caller and the body, runs it on its engine,
 //! counts it and records it in the history.
 
-use std::sync::{Arc, Weak};
+use std::sync::Arc;
 use std::time::Duration;
 
 use lode_native_runner::agent::{ErrorInfo, Outcome};
@@ -210,7 +210,7 @@ impl Control {
                 Ok(Target::Python(pool, payload, pickle)) => (pool, payload, pickle),
                 Ok(Target::Wasm(wasm, payload)) => {
                     let series = wasm.series.clone();
-                    let dispatch: Weak<dyn Dispatch> = self.this.clone();
+                    let dispatch = self.dispatch();
                     let body = Value::Object(payload);
                     let outcome =
                         crate::wasm::function::run(wasm, &body, tree, dispatch, &self.logs).await;
