@@ -256,10 +256,19 @@ impl Stage {
 
 /// Passes `result` through, telling the parent which step it was when it failed.
 pub(super) fn stage<T>(p: &Prepared, step: Stage, result: io::Result<T>) -> io::Result<T> {
+    report_stage(&p.stage_report, step, result)
+}
+
+/// [`stage`] for any child: `report` is the pipe the parent reads the failed step from.
+pub(super) fn report_stage<T>(
+    report: &OwnedFd,
+    step: Stage,
+    result: io::Result<T>,
+) -> io::Result<T> {
     if result.is_err() {
         let code = [step.code()];
         // SAFETY: writing one byte from our buffer to the pipe we hold.
-        unsafe { libc::write(p.stage_report.as_raw_fd(), code.as_ptr().cast(), 1) };
+        unsafe { libc::write(report.as_raw_fd(), code.as_ptr().cast(), 1) };
     }
     result
 }
@@ -317,7 +326,12 @@ pub(super) fn mkdir(path: &CString, mode: libc::mode_t) -> io::Result<()> {
 
 /// Moves this process into the container's cgroups, before it forks anything.
 pub(super) fn join_cgroups(prepared: &Prepared) -> io::Result<()> {
-    for procs in &prepared.cgroup_procs {
+    join_cgroup_files(&prepared.cgroup_procs)
+}
+
+/// Moves this process into the cgroups whose `cgroup.procs` files are `procs_files`.
+pub(super) fn join_cgroup_files(procs_files: &[CString]) -> io::Result<()> {
+    for procs in procs_files {
         // SAFETY: open/write/close on a NUL-terminated path and a static buffer.
         unsafe {
             let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
@@ -667,13 +681,23 @@ pub(super) fn finish_root(p: &Prepared) -> io::Result<()> {
 /// Limits, then no way back to privilege: every capability not asked for dropped (from the
 /// bounding set too, so exec cannot give them back) and `no_new_privs`.
 pub(super) fn lock_down(p: &Prepared) -> io::Result<()> {
+    restrict(p.max_open_files, p.capabilities, p.seccomp)
+}
+
+/// The open-files limit, then every capability but `capabilities` (the bounding set too),
+/// `no_new_privs`, and the seccomp `programs` last.
+pub(super) fn restrict(
+    max_open_files: u64,
+    capabilities: u64,
+    programs: &[seccompiler::BpfProgram],
+) -> io::Result<()> {
     let files = libc::rlimit {
-        rlim_cur: p.max_open_files,
-        rlim_max: p.max_open_files,
+        rlim_cur: max_open_files,
+        rlim_max: max_open_files,
     };
     // SAFETY: a valid rlimit pointer.
     check(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &files) })?;
-    for capability in (0..=63).filter(|bit| p.capabilities & (1 << bit) == 0) {
+    for capability in (0..=63).filter(|bit| capabilities & (1 << bit) == 0) {
         // SAFETY: prctl(2) with integer arguments; EINVAL past the last capability is fine.
         unsafe { libc::prctl(libc::PR_CAPBSET_DROP, capability, 0, 0, 0) };
     }
@@ -704,7 +728,7 @@ pub(super) fn lock_down(p: &Prepared) -> io::Result<()> {
         pid: 0,
     };
     let word = |shift: u32| {
-        let bits = (p.capabilities >> shift) as u32;
+        let bits = (capabilities >> shift) as u32;
         Data {
             effective: bits,
             permitted: bits,
@@ -717,7 +741,7 @@ pub(super) fn lock_down(p: &Prepared) -> io::Result<()> {
     // SAFETY: prctl(2) with integer arguments.
     check(unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) })?;
     // Last, so nothing above is filtered: from here on the profile applies.
-    crate::seccomp::install(p.seccomp)
+    crate::seccomp::install(programs)
 }
 
 /// Points the container's resolver at the user-mode stack's DNS forwarder. It runs after the

@@ -48,10 +48,12 @@ use crate::cgroup::{Group, Hierarchy, LimitHit, Limits};
 use crate::userns::UserNamespace;
 
 mod child;
+mod live;
 mod network;
 mod volume;
 
 use child::*;
+pub use live::{ExecSpec, LiveSandbox, Process};
 use network::*;
 use volume::*;
 pub use volume::{MAX_VOLUMES, Volume};

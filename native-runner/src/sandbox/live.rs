@@ -1,0 +1,339 @@
+//! Long-lived sandboxes: a container whose pid 1 is the helper's `init` (a static program of
+//! Lode's own, so any image works), and processes started in it later. A process enters the
+//! sandbox the way its pid 1 was made, and with no more: the sandbox's cgroups, its net, uts,
+//! ipc, cgroup, pid and mount namespaces, its user namespace as uid 0 there, then the same
+//! open-files limit, capabilities, `no_new_privs` and seccomp profile. The host's files are
+//! out of reach because the mount namespace's root is the container's.
+//!
+//! File calls run the helper the same way (`read`, `write`, `ls`, ...), so a path resolves
+//! inside the sandbox's root with the sandbox's rights, symlinks and `..` included.
+
+use std::ffi::CString;
+use std::io::{self, Read};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::process::CommandExt;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use super::child::{
+    Stage, become_container_root, check, cstring, join_cgroup_files, report_stage, restrict,
+    wait_and_exit,
+};
+use super::{Sandbox, SandboxSpec, spawn};
+use crate::cgroup::{Hierarchy, LimitHit};
+use crate::userns::UserNamespace;
+
+/// The helper, built by `build.rs` from `helper/main.rs`.
+const HELPER: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/lode-sandbox-helper"));
+
+/// The namespaces a process joins, in order; the pid namespace takes effect for the child
+/// forked after it, and the mount namespace moves the root into the container's.
+const NAMESPACES: [(&str, libc::c_int); 6] = [
+    ("net", libc::CLONE_NEWNET),
+    ("uts", libc::CLONE_NEWUTS),
+    ("ipc", libc::CLONE_NEWIPC),
+    ("cgroup", libc::CLONE_NEWCGROUP),
+    ("pid", libc::CLONE_NEWPID),
+    ("mnt", libc::CLONE_NEWNS),
+];
+
+/// How long a new sandbox's pid 1 may take to be running.
+const START_LIMIT: Duration = Duration::from_secs(30);
+
+/// The helper as a sealed in-memory file, made once per process. It is executed through
+/// `/proc/self/fd/N` from inside the container, so the image needs nothing of Lode's, and
+/// its descriptor closes on exec, so nothing in the sandbox holds it.
+fn helper() -> io::Result<&'static OwnedFd> {
+    static HELPER_FD: OnceLock<OwnedFd> = OnceLock::new();
+    if let Some(fd) = HELPER_FD.get() {
+        return Ok(fd);
+    }
+    use rustix::fs::{MemfdFlags, SealFlags};
+    let fd = rustix::fs::memfd_create(
+        "lode-sandbox-helper",
+        MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING,
+    )?;
+    let mut written = 0;
+    while written < HELPER.len() {
+        written += rustix::io::write(&fd, &HELPER[written..])?;
+    }
+    rustix::fs::fcntl_add_seals(
+        &fd,
+        SealFlags::SHRINK | SealFlags::GROW | SealFlags::WRITE | SealFlags::SEAL,
+    )?;
+    Ok(HELPER_FD.get_or_init(|| fd))
+}
+
+/// The helper's path as a process about to exec sees it.
+fn helper_path() -> io::Result<String> {
+    Ok(format!("/proc/self/fd/{}", helper()?.as_raw_fd()))
+}
+
+/// A running sandbox that takes processes until it is terminated or its pid 1 ends.
+#[derive(Debug)]
+pub struct LiveSandbox {
+    sandbox: Sandbox,
+    /// Its pid 1, as the host sees it.
+    init: libc::pid_t,
+    namespaces: Vec<(OwnedFd, libc::c_int)>,
+    cgroup_procs: Vec<CString>,
+    user_namespace: Option<Arc<UserNamespace>>,
+    max_open_files: u64,
+    capabilities: u64,
+}
+
+/// A process to start in a live sandbox.
+#[derive(Debug, Clone)]
+pub struct ExecSpec {
+    /// The command; a bare name is looked up in `env`'s `PATH`, inside the sandbox.
+    pub argv: Vec<String>,
+    /// The whole environment.
+    pub env: Vec<(String, String)>,
+    /// Working directory inside the sandbox.
+    pub cwd: String,
+}
+
+impl LiveSandbox {
+    /// Starts a sandbox of `spec` (its `argv` is ignored: pid 1 is the helper's `init`) and
+    /// waits until its pid 1 runs.
+    pub fn start(spec: &SandboxSpec, cgroups: &dyn Hierarchy) -> io::Result<Self> {
+        let mut spec = spec.clone();
+        spec.argv = vec![helper_path()?, "init".into()];
+        let mut sandbox = spawn(&spec, cgroups, Stdio::null(), Stdio::null())?;
+        let init = wait_for_init(&mut sandbox)?;
+        let namespaces = NAMESPACES
+            .iter()
+            .map(|(name, kind)| {
+                let fd = std::fs::File::open(format!("/proc/{init}/ns/{name}"))?;
+                Ok((OwnedFd::from(fd), *kind))
+            })
+            .collect::<io::Result<_>>()?;
+        let cgroup_procs = sandbox
+            .group
+            .procs_files()
+            .iter()
+            .map(|p| super::child::path_cstring(p))
+            .collect::<io::Result<_>>()?;
+        Ok(Self {
+            sandbox,
+            init,
+            namespaces,
+            cgroup_procs,
+            user_namespace: spec.user_namespace.clone(),
+            max_open_files: spec
+                .max_open_files
+                .min(super::child::open_files_hard_limit()),
+            capabilities: spec.capabilities,
+        })
+    }
+
+    /// The host pid of the sandbox's pid 1.
+    pub fn init_pid(&self) -> u32 {
+        self.init as u32
+    }
+
+    /// Whether its pid 1 still runs (a sandbox whose pid 1 ended has ended).
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.sandbox.child.try_wait(), Ok(None))
+    }
+
+    /// The limit the sandbox ran into, if any (the memory limit kills its largest process).
+    pub fn limit_hit(&self) -> Option<LimitHit> {
+        self.sandbox.group.limit_hit()
+    }
+
+    /// Starts `exec` in the sandbox with the given stdio.
+    pub fn exec(
+        &self,
+        exec: &ExecSpec,
+        stdin: Stdio,
+        stdout: Stdio,
+        stderr: Stdio,
+    ) -> io::Result<Process> {
+        let Some((program, args)) = exec.argv.split_first() else {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "no command to run",
+            ));
+        };
+        let (mut stage_read, stage_write) = io::pipe()?;
+        let joining = Joining {
+            namespaces: self
+                .namespaces
+                .iter()
+                .map(|(fd, kind)| (fd.as_raw_fd(), *kind))
+                .collect(),
+            cgroup_procs: self.cgroup_procs.clone(),
+            cwd: cstring(&exec.cwd)?,
+            user_namespace: self.user_namespace.clone(),
+            max_open_files: self.max_open_files,
+            capabilities: self.capabilities,
+            seccomp: crate::seccomp::compiled()?,
+            stage_report: stage_write.into(),
+        };
+        let mut command = Command::new(program);
+        command
+            .args(args)
+            .stdin(stdin)
+            .stdout(stdout)
+            .stderr(stderr)
+            .env_clear()
+            .envs(exec.env.iter().map(|(k, v)| (k, v)));
+        // SAFETY: `enter_live` only makes raw syscalls on memory prepared before the fork.
+        unsafe {
+            command.pre_exec(move || enter_live(&joining));
+        }
+        let spawned = command.spawn();
+        drop(command);
+        spawned.map(|child| Process { child }).map_err(|e| {
+            let mut code = [0u8; 1];
+            match stage_read.read(&mut code) {
+                Ok(1) => io::Error::new(
+                    e.kind(),
+                    format!("{}: {e}", Stage::describe(code[0], &SandboxSpec::default())),
+                ),
+                _ => e,
+            }
+        })
+    }
+
+    /// Starts the helper's `op` (`read`, `write`, `append`, `ls`, `stat`, `mkdir`, `rm`) on
+    /// `path` inside the sandbox, `input` as its stdin, stdout and stderr piped. Its exit
+    /// code says how it went: 0 done, 2 not found, 3 wrong kind, 4 permission denied, 5 no
+    /// space left, 1 anything else (with the reason on stderr).
+    pub fn file_op(&self, op: &str, path: &str, input: Option<Stdio>) -> io::Result<Process> {
+        let exec = ExecSpec {
+            argv: vec![helper_path()?, op.into(), path.into()],
+            env: Vec::new(),
+            cwd: "/".into(),
+        };
+        self.exec(
+            &exec,
+            input.unwrap_or_else(Stdio::null),
+            Stdio::piped(),
+            Stdio::piped(),
+        )
+    }
+
+    /// Ends the sandbox now: every process in it is killed, and its cgroups, network and
+    /// scratch directory go.
+    pub fn terminate(self) {
+        drop(self.sandbox);
+    }
+}
+
+/// A process started in a live sandbox. `child` is its waiter: the process outside the
+/// sandbox's pid namespace that waits for the command and exits with its status (128 +
+/// signal when it was killed); its stdio is the command's.
+#[derive(Debug)]
+pub struct Process {
+    /// The waiter.
+    pub child: Child,
+}
+
+impl Process {
+    /// Kills the command (not what it left running in the background); the waiter then
+    /// reaps it and exits with 137. Killing the waiter itself would leave the command to be
+    /// reaped outside the sandbox.
+    pub fn kill(&mut self) -> io::Result<()> {
+        let waiter = self.child.id();
+        let children = std::fs::read_to_string(format!("/proc/{waiter}/task/{waiter}/children"))
+            .unwrap_or_default();
+        let mut killed = false;
+        for pid in children
+            .split_whitespace()
+            .filter_map(|p| p.parse::<i32>().ok())
+        {
+            // SAFETY: kill(2) with a pid and a signal number.
+            killed |= unsafe { libc::kill(pid, libc::SIGKILL) } == 0;
+        }
+        if !killed && self.child.try_wait()?.is_none() {
+            // Still setting up: the command does not exist yet, and dies with its waiter
+            // (PR_SET_PDEATHSIG) if it is forked after all.
+            self.child.kill()?;
+        }
+        Ok(())
+    }
+}
+
+/// Waits until the sandbox's pid 1 has exec'd the helper, and returns its host pid.
+fn wait_for_init(sandbox: &mut Sandbox) -> io::Result<libc::pid_t> {
+    let middle = sandbox.child.id();
+    let deadline = Instant::now() + START_LIMIT;
+    loop {
+        if let Some(status) = sandbox.child.try_wait()? {
+            return Err(io::Error::other(format!(
+                "the sandbox's pid 1 ended as it started ({status})"
+            )));
+        }
+        let children = std::fs::read_to_string(format!("/proc/{middle}/task/{middle}/children"))
+            .unwrap_or_default();
+        if let Some(pid) = children
+            .split_whitespace()
+            .next()
+            .and_then(|p| p.parse::<libc::pid_t>().ok())
+        {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            if cmdline.starts_with(b"/proc/self/fd/") && cmdline.ends_with(b"\0init\0") {
+                return Ok(pid);
+            }
+        }
+        if Instant::now() > deadline {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the sandbox's pid 1 did not start",
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// What a process entering a live sandbox needs, prepared before the fork.
+struct Joining {
+    namespaces: Vec<(libc::c_int, libc::c_int)>,
+    cgroup_procs: Vec<CString>,
+    cwd: CString,
+    user_namespace: Option<Arc<UserNamespace>>,
+    max_open_files: u64,
+    capabilities: u64,
+    seccomp: &'static [seccompiler::BpfProgram],
+    stage_report: OwnedFd,
+}
+
+/// Runs in the forked child, before exec: no allocation from here on.
+fn enter_live(j: &Joining) -> io::Result<()> {
+    let report = &j.stage_report;
+    // SAFETY: setsid(2) takes no arguments.
+    report_stage(report, Stage::Session, check(unsafe { libc::setsid() }))?;
+    report_stage(report, Stage::Cgroups, join_cgroup_files(&j.cgroup_procs))?;
+    for (fd, kind) in &j.namespaces {
+        // SAFETY: setns(2) on a namespace descriptor the parent holds open.
+        let joined = check(unsafe { libc::setns(*fd, *kind) });
+        report_stage(report, Stage::Namespaces, joined)?;
+    }
+    // SAFETY: fork(2) in the single-threaded child std forked; both sides only make
+    // async-signal-safe calls until exec or _exit.
+    let pid = unsafe { libc::fork() };
+    if pid == -1 {
+        return Err(io::Error::last_os_error());
+    }
+    if pid > 0 {
+        wait_and_exit(pid);
+    }
+    // SAFETY: chdir(2) with a NUL-terminated path, resolved in the container's root.
+    let moved = check(unsafe { libc::chdir(j.cwd.as_ptr()) });
+    report_stage(report, Stage::Root, moved)?;
+    if let Some(userns) = &j.user_namespace {
+        report_stage(report, Stage::User, become_container_root(userns))?;
+    }
+    // Killing the waiting process kills the command; set after the uid change, which
+    // clears it.
+    // SAFETY: prctl(2) with integer arguments.
+    check(unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) })?;
+    report_stage(
+        report,
+        Stage::LockDown,
+        restrict(j.max_open_files, j.capabilities, j.seccomp),
+    )
+}
