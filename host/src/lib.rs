@@ -12,7 +12,8 @@
 //! cli                        one file per command area
 //! serve                      composition root: builds Control, starts the listeners
 //! api                        the JSON API, behind the token
-//! control                    apps, deploys, the call router (impl Dispatch), schedules
+//! control | sandboxes        apps, deploys, the call router (impl Dispatch), schedules |
+//!                            sandboxes for untrusted code
 //! wasm | native              the two engines; neither imports the other or control
 //! function                   what both engines share: CallTree, CallError, Dispatch
 //! store | telemetry          state, secrets, volumes | metrics, logs
@@ -28,6 +29,7 @@ pub mod control;
 pub mod function;
 pub mod native;
 pub mod proto;
+pub mod sandboxes;
 pub mod sdk;
 pub mod serve;
 pub mod store;

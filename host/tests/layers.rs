@@ -16,7 +16,7 @@ const LAYERS: &[&[&str]] = &[
     &["store", "telemetry"],
     &["function"],
     &["wasm", "native"],
-    &["control"],
+    &["control", "sandboxes"],
     &["api"],
     &["serve"],
     &["cli"],
@@ -107,7 +107,16 @@ fn every_module_imports_only_layers_below_it() {
     // What the picture in lib.rs and the README promises, spelled out.
     for engine in ["wasm", "native"] {
         let named = edges.get(engine).cloned().unwrap_or_default();
-        for forbidden in ["wasm", "native", "control", "api", "serve", "cli", "bench"] {
+        for forbidden in [
+            "wasm",
+            "native",
+            "control",
+            "sandboxes",
+            "api",
+            "serve",
+            "cli",
+            "bench",
+        ] {
             assert!(
                 forbidden == engine || !named.contains(forbidden),
                 "{engine} imports {forbidden}"

@@ -1,11 +1,12 @@
 //! The JSON API (`/v1/...` and `/metrics`), behind the bearer token: apps, deploys and logs
 //! (`apps.rs`), calls, secrets and volumes (`functions.rs`), builds and containers
-//! (`containers.rs`); errors and shared shapes in `error.rs`.
+//! (`containers.rs`), sandboxes (`sandboxes.rs`); errors and shared shapes in `error.rs`.
 
 pub mod apps;
 pub mod containers;
 pub mod error;
 pub mod functions;
+pub mod sandboxes;
 
 use std::sync::Arc;
 
@@ -24,6 +25,8 @@ use apps::{deploy, get_app, info, list_apps, logs, metrics, remove_app};
 pub fn router(
     control: Arc<Control>,
     native: Arc<crate::native::Native>,
+    sandboxes: Arc<crate::sandboxes::Sandboxes>,
+    max_file_bytes: u64,
     token: Arc<str>,
 ) -> Router {
     let guarded = Router::new()
@@ -38,6 +41,7 @@ pub fn router(
         .with_state(control.clone())
         .merge(functions::router(control))
         .merge(containers::router(native))
+        .merge(sandboxes::router(sandboxes, max_file_bytes))
         .layer(middleware::from_fn_with_state(token, require_token));
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))

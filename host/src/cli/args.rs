@@ -112,6 +112,10 @@ pub enum Command {
     /// Run a command in a sandboxed container of an image (on `lode serve`).
     #[command(subcommand)]
     Container(ContainerCommand),
+    /// Sandboxes: long-lived containers for untrusted code, one command after another, with
+    /// files that persist between them.
+    #[command(subcommand)]
+    Sandbox(SandboxCommand),
     /// Mount an image read-only through FUSE, fetching files lazily on first read.
     #[command(subcommand)]
     Fs(FsCommand),
@@ -141,6 +145,100 @@ pub struct CopyArgs {
     /// The local registry; defaults to LODE_REGISTRY, then the registry in client.json.
     #[arg(long, env = "LODE_REGISTRY")]
     pub local: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SandboxCommand {
+    /// Start a sandbox of IMAGE and print its id.
+    ///
+    /// It runs until its --timeout, --idle-timeout (no command running and no call for that
+    /// long) or `lode sandbox rm`, isolated as `lode container run` is: no network unless
+    /// --net outbound, limits on memory, CPU, processes and its writable layer.
+    Create {
+        /// Image digest or tag.
+        image: String,
+        /// The app it belongs to (sandboxes are listed by app).
+        #[arg(long, default_value = "default")]
+        app: String,
+        /// CPU limit, in cores.
+        #[arg(long)]
+        cpu: Option<f64>,
+        /// Memory limit, in MiB [default: the server's --container-memory].
+        #[arg(long, value_name = "MIB")]
+        memory: Option<u64>,
+        /// Process limit [default: the server's --container-pids].
+        #[arg(long)]
+        pids: Option<u64>,
+        /// Lifetime, e.g. 10m [default: 5m].
+        #[arg(long, value_parser = humantime::parse_duration)]
+        timeout: Option<Duration>,
+        /// End it after this long with no command running and no call, e.g. 2m.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        idle_timeout: Option<Duration>,
+        /// `none` (loopback only) or `outbound` (the internet, but not the host or its
+        /// private neighbours).
+        #[arg(long, default_value = "none")]
+        net: String,
+        /// With --net outbound: a range reachable besides the internet (repeatable).
+        #[arg(long = "allow", value_name = "CIDR")]
+        allow: Vec<String>,
+        /// A label to list it by, KEY=VALUE (repeatable).
+        #[arg(long = "tag", value_parser = parse_env)]
+        tags: Vec<(String, String)>,
+        /// NAME=VALUE in every process's environment (repeatable).
+        #[arg(short, long = "env", value_parser = parse_env)]
+        env: Vec<(String, String)>,
+        /// HOSTDIR:/path[:ro], a bind mount within the server's --allow-volume roots.
+        #[arg(short, long = "volume", value_parser = parse_volume)]
+        volume: Vec<crate::proto::containers::VolumeRequest>,
+        /// Working directory of its processes [default: the image's].
+        #[arg(short, long)]
+        workdir: Option<String>,
+    },
+    /// Run CMD in sandbox ID, streaming its output; exits with its exit code.
+    Exec {
+        /// The sandbox.
+        id: String,
+        /// Send this terminal's stdin to the command.
+        #[arg(short, long)]
+        interactive: bool,
+        /// Give the command a terminal (not built yet: refused).
+        #[arg(short, long)]
+        tty: bool,
+        /// Working directory [default: the sandbox's].
+        #[arg(short, long)]
+        workdir: Option<String>,
+        /// NAME=VALUE added to its environment (repeatable).
+        #[arg(short, long = "env", value_parser = parse_env)]
+        env: Vec<(String, String)>,
+        /// Kill it after this long, e.g. 30s.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        timeout: Option<Duration>,
+        /// The command and its arguments.
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
+    /// List sandboxes, newest first: running ones and those ended in the last day.
+    Ls {
+        /// Only this app's.
+        #[arg(long)]
+        app: Option<String>,
+        /// Only those with this label, KEY=VALUE (repeatable; all must match).
+        #[arg(long = "tag", value_parser = parse_env)]
+        tags: Vec<(String, String)>,
+    },
+    /// Copy a file into or out of a sandbox: `cp LOCAL ID:/path` or `cp ID:/path LOCAL`.
+    Cp {
+        /// Where from.
+        source: String,
+        /// Where to.
+        dest: String,
+    },
+    /// End a sandbox now; everything in it stops and its files go.
+    Rm {
+        /// The sandbox.
+        id: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]

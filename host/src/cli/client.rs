@@ -15,6 +15,7 @@ use crate::cli::args::{ClientArgs, CopyArgs, RegistryArg};
 use crate::proto::client_file::{ClientOverrides, RegistryTarget, Resolved};
 
 /// A client for the Lode API.
+#[derive(Clone)]
 pub struct ApiClient {
     base: String,
     token: Option<String>,

@@ -11,6 +11,7 @@ pub mod fs;
 pub mod image;
 pub mod parse;
 pub mod python;
+pub mod sandbox;
 pub mod secrets;
 pub mod serve;
 pub mod volumes;
@@ -120,6 +121,13 @@ pub async fn run(client_args: ClientArgs, command: Command) -> Result<()> {
                 }
             };
             std::process::exit(code)
+        }
+        Command::Sandbox(command) => {
+            let code = sandbox::run(&client(&client_args)?, command).await?;
+            if code != 0 {
+                std::process::exit(code);
+            }
+            Ok(())
         }
         Command::Fs(FsCommand::Mount {
             reference,

@@ -99,6 +99,18 @@ pub struct ServeArgs {
     /// refused by default.
     #[arg(long)]
     pub allow_root_containers: bool,
+    /// Sandboxes running at once on this server.
+    #[arg(long, default_value_t = 64, value_name = "N")]
+    pub max_sandboxes: usize,
+    /// Sandboxes running at once per app.
+    #[arg(long, default_value_t = 16, value_name = "N")]
+    pub max_sandboxes_per_app: usize,
+    /// The longest lifetime a sandbox may ask for, e.g. 24h.
+    #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
+    pub max_sandbox_timeout: Duration,
+    /// The largest file one sandbox file call reads or writes, e.g. 64M.
+    #[arg(long, default_value = "64M", value_parser = parse_size)]
+    pub sandbox_max_file: u64,
     #[command(flatten)]
     pub registry: RegistryFlags,
     /// Wasm instances that can run at once (pooling allocator slots of the default engine;
@@ -209,6 +221,12 @@ pub async fn run(args: ServeArgs) -> Result<()> {
         log_lines: args.log_lines,
         no_client_config: args.no_client_config,
         max_queue: args.max_queue.max(1),
+        sandbox_bounds: crate::sandboxes::SandboxBounds {
+            max_timeout: args.max_sandbox_timeout,
+            max_running: args.max_sandboxes,
+            max_per_app: args.max_sandboxes_per_app,
+            max_file_bytes: args.sandbox_max_file,
+        },
         container_start_timeout: args.container_start_timeout,
     })
     .await

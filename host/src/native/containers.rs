@@ -37,6 +37,23 @@ impl Native {
         &self,
         request: &ContainerRequest,
     ) -> Result<PreparedContainer, Refused> {
+        self.prepare(request, true).await
+    }
+
+    /// [`Native::prepare_container`] for a live sandbox (`LiveSandbox::start`): its pid 1 is
+    /// Lode's, so the request needs no command, and its lifetime is the caller's to end.
+    pub async fn prepare_sandbox(
+        &self,
+        request: &ContainerRequest,
+    ) -> Result<PreparedContainer, Refused> {
+        self.prepare(request, false).await
+    }
+
+    async fn prepare(
+        &self,
+        request: &ContainerRequest,
+        needs_command: bool,
+    ) -> Result<PreparedContainer, Refused> {
         let (limits, timeout, volumes) = self.check(request)?;
         let network = match request.network.as_deref() {
             None | Some("none") if request.allow_net.is_empty() => Network::None,
@@ -65,7 +82,7 @@ impl Native {
         } else {
             request.argv.clone()
         };
-        if argv.is_empty() {
+        if argv.is_empty() && needs_command {
             return Err(Refused::bad(
                 "no command given and the image names none: lode container run IMAGE -- CMD...",
             ));
@@ -79,7 +96,8 @@ impl Native {
         for (name, value) in config.env.iter().chain(&request.env) {
             lode_native_runner::image_spec::set_env(&mut env, name, value);
         }
-        let id = format!("{}-c-{:016x}", self.scope, rand::random::<u64>());
+        let kind = if needs_command { "c" } else { "s" };
+        let id = format!("{}-{kind}-{:016x}", self.scope, rand::random::<u64>());
         let spec = SandboxSpec {
             lower: mount.mountpoint().to_path_buf(),
             scratch: self.run_dir.join(&id),

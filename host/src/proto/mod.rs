@@ -9,5 +9,6 @@ pub mod deploy;
 pub mod host_pattern;
 pub mod log;
 pub mod manifest;
+pub mod sandboxes;
 pub mod schedule;
 pub mod stats;

@@ -48,6 +48,8 @@ pub struct ServeOptions {
     pub container_bounds: crate::native::ContainerBounds,
     /// Limits.
     pub limits: WasmBounds,
+    /// Bounds on sandboxes.
+    pub sandbox_bounds: crate::sandboxes::SandboxBounds,
     /// Pool size.
     pub max_instances: u32,
     /// Wasm stack per call, in bytes; apps may ask for less.
@@ -223,6 +225,12 @@ pub async fn serve(options: ServeOptions) -> Result<()> {
             apps
         },
     };
+    let sandboxes = crate::sandboxes::Sandboxes::new(
+        native.clone(),
+        state.clone(),
+        options.sandbox_bounds.clone(),
+    )
+    .context("reading the sandboxes' records")?;
     let control = Control::new(
         engine,
         registry.blobs.clone(),
@@ -262,7 +270,13 @@ pub async fn serve(options: ServeOptions) -> Result<()> {
     tracing::info!(%api_addr, %http_addr, restored, "serving");
 
     let shutdown_native = native.clone();
-    let api_router = crate::api::router(control.clone(), native, Arc::from(token.as_str()));
+    let api_router = crate::api::router(
+        control.clone(),
+        native,
+        sandboxes.clone(),
+        options.sandbox_bounds.max_file_bytes,
+        Arc::from(token.as_str()),
+    );
     let api_task = tokio::spawn(async move {
         axum::serve(api_listener, api_router)
             .with_graceful_shutdown(shutdown_signal())
@@ -278,6 +292,7 @@ pub async fn serve(options: ServeOptions) -> Result<()> {
     let _ = tokio::time::timeout(Duration::from_secs(5), registry_task).await;
     // Containers run on the image mounts: they go first.
     control.shut_down().await;
+    sandboxes.shut_down().await;
     image_mounts.close().await;
     shutdown_native.shut_down();
     Ok(())

@@ -70,6 +70,8 @@ pub enum Table {
     Calls,
     /// Every call's summary, keyed so that keys sort by time.
     History,
+    /// Sandboxes' records: running, and ended within a day.
+    Sandboxes,
 }
 
 const APPS: TableDefinition<&str, &[u8]> = TableDefinition::new("apps");
@@ -77,6 +79,7 @@ const SECRETS: TableDefinition<&str, &[u8]> = TableDefinition::new("secrets");
 const SCHEDULES: TableDefinition<&str, &[u8]> = TableDefinition::new("schedules");
 const CALLS: TableDefinition<&str, &[u8]> = TableDefinition::new("calls");
 const HISTORY: TableDefinition<&str, &[u8]> = TableDefinition::new("history");
+const SANDBOXES: TableDefinition<&str, &[u8]> = TableDefinition::new("sandboxes");
 
 fn definition(table: Table) -> TableDefinition<'static, &'static str, &'static [u8]> {
     match table {
@@ -84,6 +87,7 @@ fn definition(table: Table) -> TableDefinition<'static, &'static str, &'static [
         Table::Schedules => SCHEDULES,
         Table::Calls => CALLS,
         Table::History => HISTORY,
+        Table::Sandboxes => SANDBOXES,
     }
 }
 
@@ -105,7 +109,7 @@ impl RedbStore {
             )
         })?;
         let txn = db.begin_write()?;
-        for table in [APPS, SECRETS, SCHEDULES, CALLS, HISTORY] {
+        for table in [APPS, SECRETS, SCHEDULES, CALLS, HISTORY, SANDBOXES] {
             txn.open_table(table)?;
         }
         txn.commit()?;

@@ -1,0 +1,408 @@
+//! Sandboxes: long-lived containers that run untrusted code on demand, one process after
+//! another, with files that persist between them (the container tier; `LiveSandbox` in the
+//! native runner does the isolation).
+//!
+//! Each sandbox belongs to an app and has a lifetime: its `timeout` ends it whatever it does,
+//! its `idle_timeout` ends it after that long with no process running and no call made, and
+//! `terminate` ends it at once. Every end is recorded with its reason in the state store, so
+//! a sandbox that was running when the server stopped is listed as ended by the restart;
+//! the server's start clears what it left on the host (its cgroups and scratch directory).
+
+mod files;
+mod process;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use lode_native_runner::sandbox::LiveSandbox;
+
+use crate::native::{Native, Refused};
+use crate::proto::containers::ContainerRequest;
+use crate::proto::manifest::{dns_label_rule, is_dns_label};
+use crate::proto::sandboxes::{DEFAULT_TIMEOUT_SECS, SandboxInfo, SandboxRequest, SandboxStatus};
+use crate::store::state::{StateStore, Table};
+
+pub use process::ProcessStream;
+
+/// How often a sandbox's lifetime is checked.
+const TICK: Duration = Duration::from_millis(100);
+
+/// How long an ended sandbox's record is kept.
+const RETENTION: Duration = Duration::from_secs(24 * 3600);
+
+/// Server-wide bounds on sandboxes, from `lode serve` flags.
+#[derive(Debug, Clone)]
+pub struct SandboxBounds {
+    /// The longest `timeout` a sandbox may ask for.
+    pub max_timeout: Duration,
+    /// Sandboxes running at once on this server.
+    pub max_running: usize,
+    /// Sandboxes running at once per app.
+    pub max_per_app: usize,
+    /// The largest file a file call reads or writes, in bytes.
+    pub max_file_bytes: u64,
+}
+
+impl Default for SandboxBounds {
+    fn default() -> Self {
+        Self {
+            max_timeout: Duration::from_secs(24 * 3600),
+            max_running: 64,
+            max_per_app: 16,
+            max_file_bytes: 64 << 20,
+        }
+    }
+}
+
+/// One sandbox the server holds.
+struct Entry {
+    info: Mutex<SandboxInfo>,
+    /// `None` once it ended.
+    live: Mutex<Option<LiveSandbox>>,
+    /// The image stays mounted while the sandbox lives.
+    _mount: Arc<lode_fs::Mount>,
+    /// Every process starts with this environment and working directory.
+    env: Vec<(String, String)>,
+    cwd: String,
+    /// The last exec or file call, for the idle timeout.
+    touched: Mutex<Instant>,
+    /// Processes running now, by id; those with stdin open hold its writer.
+    processes: Mutex<HashMap<String, process::Handle>>,
+}
+
+impl Entry {
+    fn touch(&self) {
+        *self.touched.lock().unwrap() = Instant::now();
+    }
+}
+
+/// A sandbox call refused, with the status the API answers.
+pub type SandboxError = Refused;
+
+/// Every sandbox of this server.
+pub struct Sandboxes {
+    native: Arc<Native>,
+    state: Arc<dyn StateStore>,
+    bounds: SandboxBounds,
+    entries: Mutex<HashMap<String, Arc<Entry>>>,
+}
+
+impl Sandboxes {
+    /// The sandboxes of a server that just started: records of ones that were running are
+    /// marked ended by the restart, and records older than a day go.
+    pub fn new(
+        native: Arc<Native>,
+        state: Arc<dyn StateStore>,
+        bounds: SandboxBounds,
+    ) -> anyhow::Result<Arc<Self>> {
+        let oldest = crate::util::now_ms().saturating_sub(RETENTION.as_millis() as u64);
+        for (id, bytes) in state.list_entries(Table::Sandboxes)? {
+            match serde_json::from_slice::<SandboxInfo>(&bytes) {
+                Ok(mut info) if info.ended_ms.unwrap_or(info.created_ms) >= oldest => {
+                    if info.status == SandboxStatus::Running {
+                        info.status = SandboxStatus::Ended;
+                        info.ended_by = Some("restart".into());
+                        info.ended_ms = Some(crate::util::now_ms());
+                        state.put_entry(Table::Sandboxes, &id, &serde_json::to_vec(&info)?)?;
+                    }
+                }
+                _ => {
+                    state.delete_entry(Table::Sandboxes, &id)?;
+                }
+            }
+        }
+        Ok(Arc::new(Self {
+            native,
+            state,
+            bounds,
+            entries: Mutex::new(HashMap::new()),
+        }))
+    }
+
+    fn record(&self, info: &SandboxInfo) {
+        let bytes = serde_json::to_vec(info).expect("sandbox records encode");
+        if let Err(e) = self
+            .state
+            .put_entry(Table::Sandboxes, &info.sandbox_id, &bytes)
+        {
+            tracing::warn!(sandbox = %info.sandbox_id, error = %e, "recording the sandbox failed");
+        }
+    }
+
+    /// Starts a sandbox and returns it, running.
+    pub async fn create(self: &Arc<Self>, request: SandboxRequest) -> Result<SandboxInfo, Refused> {
+        if !is_dns_label(&request.app) {
+            return Err(Refused::bad(dns_label_rule("app", &request.app)));
+        }
+        let timeout = request.timeout.unwrap_or(DEFAULT_TIMEOUT_SECS);
+        let max = self.bounds.max_timeout.as_secs_f64();
+        if !(timeout > 0.0 && timeout <= max) {
+            return Err(Refused::bad(format!(
+                "timeout must be between 0 and {max} s (lode serve --max-sandbox-timeout)"
+            )));
+        }
+        if let Some(idle) = request.idle_timeout
+            && !(idle > 0.0 && idle <= timeout)
+        {
+            return Err(Refused::bad(
+                "idle_timeout must be above 0 and at most the timeout",
+            ));
+        }
+        for (key, value) in &request.tags {
+            if key.is_empty() || key.len() > 63 || value.len() > 255 {
+                return Err(Refused::bad(format!(
+                    "tag {key:?}: names are 1-63 bytes, values at most 255"
+                )));
+            }
+        }
+        self.check_room(&request.app)?;
+        let prepared = self
+            .native
+            .prepare_sandbox(&ContainerRequest {
+                image: request.image.clone(),
+                env: request.env.clone(),
+                memory: request.memory,
+                cpu: request.cpu,
+                pids: request.pids,
+                network: request.network.clone(),
+                allow_net: request.allow_net.clone(),
+                volumes: request.volumes.clone(),
+                workdir: request.workdir.clone(),
+                ..ContainerRequest::default()
+            })
+            .await?;
+        let spec = prepared.spec.clone();
+        let cgroups = prepared.cgroups.clone();
+        let live = tokio::task::spawn_blocking(move || LiveSandbox::start(&spec, cgroups.as_ref()))
+            .await
+            .map_err(Refused::internal)?
+            .map_err(|e| {
+                Refused::new(
+                    500,
+                    "sandbox_failed",
+                    format!("the sandbox did not start: {e}"),
+                )
+            })?;
+        let id = format!("sb-{:024x}", rand::random::<u128>() >> 32);
+        let info = SandboxInfo {
+            sandbox_id: id.clone(),
+            app: request.app.clone(),
+            image: request.image.clone(),
+            image_digest: prepared.image.clone(),
+            tags: request.tags.clone(),
+            status: SandboxStatus::Running,
+            ended_by: None,
+            created_ms: crate::util::now_ms(),
+            ended_ms: None,
+            timeout,
+            idle_timeout: request.idle_timeout,
+        };
+        self.record(&info);
+        let entry = Arc::new(Entry {
+            info: Mutex::new(info.clone()),
+            live: Mutex::new(Some(live)),
+            _mount: prepared.mount,
+            env: prepared.spec.env.clone(),
+            cwd: prepared.spec.cwd.clone(),
+            touched: Mutex::new(Instant::now()),
+            processes: Mutex::new(HashMap::new()),
+        });
+        self.entries
+            .lock()
+            .unwrap()
+            .insert(id.clone(), entry.clone());
+        tracing::info!(sandbox = %id, app = %info.app, image = %info.image_digest, "sandbox started");
+        tokio::spawn(self.clone().supervise(entry));
+        Ok(info)
+    }
+
+    /// Refuses a new sandbox past the server's or the app's count.
+    fn check_room(&self, app: &str) -> Result<(), Refused> {
+        let entries = self.entries.lock().unwrap();
+        let running: Vec<_> = entries
+            .values()
+            .filter(|e| e.info.lock().unwrap().status == SandboxStatus::Running)
+            .collect();
+        if running.len() >= self.bounds.max_running {
+            return Err(Refused::new(
+                429,
+                "too_many_sandboxes",
+                format!(
+                    "this server runs {} sandboxes already (lode serve --max-sandboxes); \
+                     terminate one first",
+                    running.len()
+                ),
+            ));
+        }
+        let of_app = running
+            .iter()
+            .filter(|e| e.info.lock().unwrap().app == app)
+            .count();
+        if of_app >= self.bounds.max_per_app {
+            return Err(Refused::new(
+                429,
+                "too_many_sandboxes",
+                format!(
+                    "app {app:?} runs {of_app} sandboxes already (lode serve \
+                     --max-sandboxes-per-app); terminate one first"
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Ends `entry` when its timeout or idle timeout passes or its pid 1 ends.
+    async fn supervise(self: Arc<Self>, entry: Arc<Entry>) {
+        let started = Instant::now();
+        let (timeout, idle) = {
+            let info = entry.info.lock().unwrap();
+            (
+                Duration::from_secs_f64(info.timeout),
+                info.idle_timeout.map(Duration::from_secs_f64),
+            )
+        };
+        let mut tick = tokio::time::interval(TICK);
+        loop {
+            tick.tick().await;
+            let reason = {
+                let mut live = entry.live.lock().unwrap();
+                let Some(sandbox) = live.as_mut() else { return };
+                if started.elapsed() >= timeout {
+                    Some(format!("timeout ({}s)", timeout.as_secs_f64()))
+                } else if let Some(idle) = idle
+                    && entry.processes.lock().unwrap().is_empty()
+                    && entry.touched.lock().unwrap().elapsed() >= idle
+                {
+                    Some(format!("idle_timeout ({}s)", idle.as_secs_f64()))
+                } else if !sandbox.is_running() {
+                    Some(match sandbox.limit_hit() {
+                        Some(limit) => limit.to_string(),
+                        None => "its pid 1 ended".into(),
+                    })
+                } else {
+                    None
+                }
+            };
+            if let Some(reason) = reason {
+                self.end(&entry, reason).await;
+                return;
+            }
+        }
+    }
+
+    /// Ends a sandbox: kills everything in it, removes what it had on the host, and records
+    /// why. Ending an ended one does nothing.
+    async fn end(&self, entry: &Arc<Entry>, reason: String) {
+        let Some(live) = entry.live.lock().unwrap().take() else {
+            return;
+        };
+        entry.processes.lock().unwrap().clear();
+        let _ = tokio::task::spawn_blocking(move || live.terminate()).await;
+        let info = {
+            let mut info = entry.info.lock().unwrap();
+            info.status = SandboxStatus::Ended;
+            info.ended_by = Some(reason.clone());
+            info.ended_ms = Some(crate::util::now_ms());
+            info.clone()
+        };
+        tracing::info!(sandbox = %info.sandbox_id, reason, "sandbox ended");
+        self.record(&info);
+    }
+
+    fn entry(&self, id: &str) -> Result<Arc<Entry>, Refused> {
+        if let Some(entry) = self.entries.lock().unwrap().get(id) {
+            return Ok(entry.clone());
+        }
+        match self.ended_record(id) {
+            Some(info) => Err(ended(&info)),
+            None => Err(unknown(id)),
+        }
+    }
+
+    fn ended_record(&self, id: &str) -> Option<SandboxInfo> {
+        let bytes = self.state.get_entry(Table::Sandboxes, id).ok()??;
+        serde_json::from_slice(&bytes).ok()
+    }
+
+    /// A running sandbox's entry, touched (a call is activity); an ended one is refused.
+    fn running(&self, id: &str) -> Result<Arc<Entry>, Refused> {
+        let entry = self.entry(id)?;
+        let info = entry.info.lock().unwrap().clone();
+        if info.status != SandboxStatus::Running {
+            return Err(ended(&info));
+        }
+        entry.touch();
+        Ok(entry)
+    }
+
+    /// A sandbox, running or ended.
+    pub fn get(&self, id: &str) -> Result<SandboxInfo, Refused> {
+        if let Some(entry) = self.entries.lock().unwrap().get(id) {
+            return Ok(entry.info.lock().unwrap().clone());
+        }
+        self.ended_record(id).ok_or_else(|| unknown(id))
+    }
+
+    /// Sandboxes of `app` (every app when `None`) carrying every tag in `tags`, newest first.
+    pub fn list(
+        &self,
+        app: Option<&str>,
+        tags: &BTreeMap<String, String>,
+    ) -> Result<Vec<SandboxInfo>, Refused> {
+        let mut found: Vec<SandboxInfo> = self
+            .state
+            .list_entries(Table::Sandboxes)
+            .map_err(Refused::internal)?
+            .into_iter()
+            .filter_map(|(id, bytes)| match self.entries.lock().unwrap().get(&id) {
+                Some(entry) => Some(entry.info.lock().unwrap().clone()),
+                None => serde_json::from_slice(&bytes).ok(),
+            })
+            .filter(|info: &SandboxInfo| app.is_none_or(|app| info.app == app))
+            .filter(|info| tags.iter().all(|(k, v)| info.tags.get(k) == Some(v)))
+            .collect();
+        found.sort_by_key(|info| std::cmp::Reverse(info.created_ms));
+        Ok(found)
+    }
+
+    /// Ends a sandbox now, recorded as `terminated`; returns how it stands.
+    pub async fn terminate(&self, id: &str) -> Result<SandboxInfo, Refused> {
+        let entry = match self.entry(id) {
+            Ok(entry) => entry,
+            // Already ended in an earlier run: nothing to do.
+            Err(_) => return self.get(id),
+        };
+        self.end(&entry, "terminated".into()).await;
+        let info = entry.info.lock().unwrap().clone();
+        Ok(info)
+    }
+
+    /// Ends every sandbox, for a server that stops; each is recorded as ended by it.
+    pub async fn shut_down(&self) {
+        let entries: Vec<_> = self.entries.lock().unwrap().values().cloned().collect();
+        for entry in entries {
+            self.end(&entry, "server stopped".into()).await;
+        }
+    }
+}
+
+fn unknown(id: &str) -> Refused {
+    Refused::new(
+        404,
+        "not_found",
+        format!("no sandbox {id:?}; `lode sandbox ls` lists them"),
+    )
+}
+
+fn ended(info: &SandboxInfo) -> Refused {
+    Refused::new(
+        409,
+        "sandbox_ended",
+        format!(
+            "sandbox {} has ended ({}); create a new one",
+            info.sandbox_id,
+            info.ended_by.as_deref().unwrap_or("ended")
+        ),
+    )
+}

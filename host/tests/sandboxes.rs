@@ -1,0 +1,278 @@
+//! Sandboxes through a real `lode serve` (as root): the CLI and the API create, run
+//! commands in, copy files into and out of, list and end them; their lifetimes end them by
+//! name, and a restart leaves nothing of them on the host.
+
+mod harness;
+
+use std::io::Write;
+use std::process::Stdio;
+use std::time::Duration;
+
+use harness::{Lode, busybox_tree, text, wait_for};
+use reqwest::Method;
+use serde_json::{Value, json};
+
+/// A server with a busybox image tagged `test/bb`.
+fn server(extra: &[&str]) -> (Lode, tempfile::TempDir) {
+    let lode = Lode::start(extra);
+    let work = tempfile::tempdir().unwrap();
+    busybox_tree(&work.path().join("image"));
+    lode.ingest_image(&work.path().join("image"), "test/bb");
+    (lode, work)
+}
+
+fn create(lode: &Lode, args: &[&str]) -> String {
+    let mut all = vec!["sandbox", "create", "test/bb"];
+    all.extend_from_slice(args);
+    lode.cli_ok(&all).trim().to_string()
+}
+
+async fn info(lode: &Lode, id: &str) -> Value {
+    lode.api(Method::GET, &format!("/v1/sandboxes/{id}"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_sandbox_keeps_state_between_commands_and_files_go_both_ways() {
+    let (lode, work) = server(&[]);
+    let id = create(&lode, &["--app", "grader", "--tag", "run=1"]);
+    assert!(id.starts_with("sb-"), "{id}");
+
+    // One command leaves a file and a variable's worth of state; the next sees it.
+    lode.cli_ok(&["sandbox", "exec", &id, "--", "sh", "-c", "echo 41 > /tmp/n"]);
+    let out = lode.cli_ok(&[
+        "sandbox",
+        "exec",
+        &id,
+        "--",
+        "sh",
+        "-c",
+        "echo $(( $(cat /tmp/n) + 1 )); id -u",
+    ]);
+    assert_eq!(out, "42\n0\n");
+    // Its exit code is the command's; stderr stays stderr.
+    let failed = lode.cli(&[
+        "sandbox",
+        "exec",
+        &id,
+        "--",
+        "sh",
+        "-c",
+        "echo oops >&2; exit 3",
+    ]);
+    assert_eq!(failed.status.code(), Some(3));
+    assert_eq!(text(&failed.stderr), "oops\n");
+
+    // Files in and out, through the sandbox's root.
+    let local = work.path().join("data.csv");
+    std::fs::write(&local, "a,b\n1,2\n").unwrap();
+    let remote = format!("{id}:/tmp/data.csv");
+    lode.cli_ok(&["sandbox", "cp", local.to_str().unwrap(), &remote]);
+    assert_eq!(
+        lode.cli_ok(&["sandbox", "exec", &id, "--", "cat", "/tmp/data.csv"]),
+        "a,b\n1,2\n"
+    );
+    let back = work.path().join("back.csv");
+    lode.cli_ok(&["sandbox", "cp", &remote, back.to_str().unwrap()]);
+    assert_eq!(std::fs::read_to_string(&back).unwrap(), "a,b\n1,2\n");
+
+    // The files API: mkdir, ls, stat, remove, and errors by name.
+    let files =
+        |method: Method, query: &str| lode.api(method, &format!("/v1/sandboxes/{id}/files{query}"));
+    assert!(
+        files(Method::POST, "")
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .is_client_error()
+    );
+    let made = lode
+        .api(
+            Method::POST,
+            &format!("/v1/sandboxes/{id}/files/mkdir?path=/work/a"),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert!(made.status().is_success());
+    let listing: Value = files(Method::GET, "?path=/work&op=ls")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(listing["entries"][0]["name"], "a");
+    assert_eq!(listing["entries"][0]["kind"], "dir");
+    let missing = files(Method::GET, "?path=/nope").send().await.unwrap();
+    assert_eq!(missing.status(), 404);
+    let outside = files(Method::GET, "?path=/tmp/../../etc/marker")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(outside.status(), 400);
+    assert!(outside.text().await.unwrap().contains(".."));
+    // A host path names nothing in the sandbox.
+    let host_file = work.path().join("host-only");
+    std::fs::write(&host_file, "secret").unwrap();
+    let host = files(Method::GET, &format!("?path={}", host_file.display()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(host.status(), 404);
+
+    // Listing by app and tag, and the end, recorded with its reason.
+    let listed = lode.cli_ok(&["sandbox", "ls", "--app", "grader", "--tag", "run=1"]);
+    assert!(
+        listed.contains(&id) && listed.contains("running"),
+        "{listed}"
+    );
+    assert!(
+        !lode
+            .cli_ok(&["sandbox", "ls", "--app", "other"])
+            .contains(&id)
+    );
+    assert!(lode.cli_ok(&["sandbox", "rm", &id]).contains("terminated"));
+    let ended = info(&lode, &id).await;
+    assert_eq!(
+        (ended["status"].as_str(), ended["ended_by"].as_str()),
+        (Some("ended"), Some("terminated"))
+    );
+    let refused = lode.cli_err(&["sandbox", "exec", &id, "--", "true"]);
+    assert!(refused.contains("has ended (terminated)"), "{refused}");
+    assert!(
+        lode.cli_err(&["sandbox", "exec", "sb-nope", "--", "true"])
+            .contains("no sandbox")
+    );
+}
+
+#[tokio::test]
+async fn stdin_streams_to_a_long_running_command() {
+    let (lode, _work) = server(&[]);
+    let id = create(&lode, &[]);
+    // A driver that keeps state between inputs, as a code interpreter does.
+    let mut child = std::process::Command::new(harness::LODE)
+        .args(["sandbox", "exec", "-i", &id, "--", "sh", "-c"])
+        .arg("total=0; while read n; do total=$((total + n)); echo \"sum $total\"; done")
+        .env("LODE_CONFIG", lode.client_file())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(b"1\n2\n3\n").unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", text(&out.stdout));
+    assert_eq!(text(&out.stdout), "sum 1\nsum 3\nsum 6\n");
+}
+
+#[tokio::test]
+async fn lifetimes_and_limits_end_sandboxes_by_name() {
+    let (mut lode, _work) = server(&["--max-sandboxes-per-app", "2"]);
+    let short = create(&lode, &["--timeout", "1s"]);
+    let idle = create(&lode, &["--app", "b", "--idle-timeout", "1s"]);
+    // The per-app bound holds (the default app runs one, b runs one).
+    create(&lode, &[]);
+    let refused = lode.cli_err(&["sandbox", "create", "test/bb"]);
+    assert!(refused.contains("--max-sandboxes-per-app"), "{refused}");
+    // A command longer than the idle timeout keeps its sandbox alive; its own timeout kills it.
+    let out = lode.cli(&[
+        "sandbox",
+        "exec",
+        &idle,
+        "--timeout",
+        "300ms",
+        "--",
+        "sleep",
+        "5",
+    ]);
+    assert_eq!(out.status.code(), Some(137));
+    assert!(
+        text(&out.stderr).contains("timed out after 0.3s"),
+        "{}",
+        text(&out.stderr)
+    );
+    let ended_by = |id: &str| {
+        let id = id.to_string();
+        let lode = &lode;
+        async move {
+            info(lode, &id).await["ended_by"]
+                .as_str()
+                .map(str::to_string)
+        }
+    };
+    let mut reasons = (None, None);
+    for _ in 0..100 {
+        reasons = (ended_by(&short).await, ended_by(&idle).await);
+        if reasons.0.is_some() && reasons.1.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(reasons.0.as_deref(), Some("timeout (1s)"));
+    assert_eq!(reasons.1.as_deref(), Some("idle_timeout (1s)"));
+    // A memory bomb is stopped by the limit; the sandbox itself lives on.
+    let bounded = create(&lode, &["--app", "c", "--memory", "64"]);
+    let out = lode.cli(&[
+        "sandbox",
+        "exec",
+        &bounded,
+        "--",
+        "sh",
+        "-c",
+        "head -c 200000000 /dev/zero | tail",
+    ]);
+    assert_ne!(out.status.code(), Some(0));
+    assert_eq!(info(&lode, &bounded).await["status"], "running");
+
+    // A restart ends what ran, by name, and leaves nothing on the host.
+    let running = create(&lode, &["--app", "d"]);
+    lode.kill();
+    lode.restart();
+    let after = info(&lode, &running).await;
+    assert_eq!(after["ended_by"], "restart");
+    assert!(
+        wait_for(Duration::from_secs(5), || lode
+            .leftovers()
+            .is_empty()
+            .then_some(()))
+        .is_some(),
+        "{:?}",
+        lode.leftovers()
+    );
+}
+
+#[tokio::test]
+async fn bad_requests_are_refused_by_name() {
+    let (lode, _work) = server(&[]);
+    let create = |body: Value| {
+        let lode = &lode;
+        async move {
+            let response = lode
+                .api(Method::POST, "/v1/sandboxes")
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            (response.status().as_u16(), response.text().await.unwrap())
+        }
+    };
+    let (status, body) = create(json!({"app": "a", "image": "no/such"})).await;
+    assert_eq!(status, 404, "{body}");
+    let (status, body) = create(json!({"app": "A B", "image": "test/bb"})).await;
+    assert_eq!(status, 400, "{body}");
+    let (status, body) = create(json!({"app": "a", "image": "test/bb", "timeout": 1e9})).await;
+    assert!(
+        status == 400 && body.contains("--max-sandbox-timeout"),
+        "{body}"
+    );
+    let (status, body) = create(json!({"app": "a", "image": "test/bb", "gpu": "any"})).await;
+    assert!(status == 400 && body.contains("gpu"), "{body}");
+    let err = lode.cli_err(&["sandbox", "exec", "-t", "sb-x", "--", "sh"]);
+    assert!(err.contains("terminals (-t) are not built yet"), "{err}");
+}
