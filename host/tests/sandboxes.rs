@@ -276,3 +276,68 @@ async fn bad_requests_are_refused_by_name() {
     let err = lode.cli_err(&["sandbox", "exec", "-t", "sb-x", "--", "sh"]);
     assert!(err.contains("terminals (-t) are not built yet"), "{err}");
 }
+
+#[tokio::test]
+async fn the_python_sdk_drives_a_sandbox_as_modal_code_does() {
+    let (lode, _work) = server(&[]);
+    let out = lode.sdk_python(
+        r#"
+import lode
+app = lode.App.lookup("grader", create_if_missing=True)
+sb = lode.Sandbox.create(app=app, image=lode.Image.from_id("test/bb"), timeout=60)
+p = sb.exec("sh", "-c", "echo one; echo two >&2; echo three; exit 4")
+print("lines", [line for line in p.stdout])
+print("err", p.stderr.read().strip(), "code", p.wait(), p.returncode)
+with sb.open("/tmp/data.csv", "w") as f:
+    f.write("a,b\n1,2\n")
+sb.mkdir("/work/sub", parents=True)
+print("ls", sb.ls("/tmp"), sb.ls("/work"))
+with sb.open("/tmp/data.csv") as f:
+    print("read", repr(f.read()))
+sb.rm("/work", recursive=True)
+print("after rm", sb.ls("/"))
+# A driver that keeps state between inputs, fed through stdin.
+d = sb.exec("sh", "-c", "t=0; while read n; do t=$((t+n)); echo $t; done")
+d.stdin.write(b"5\n7\n")
+d.stdin.write_eof()
+d.stdin.drain()
+print("driver", d.stdout.read().split(), d.wait())
+sb.set_tags({"run": "7"})
+print("listed", [s.object_id == sb.object_id for s in lode.Sandbox.list(app_id=app, tags={"run": "7"})])
+print("from_id", lode.Sandbox.from_id(sb.object_id).object_id == sb.object_id)
+try:
+    lode.Sandbox.create(app=app, image=lode.Image.from_id("test/bb"), gpu="any")
+except TypeError as e:
+    print("refused", e)
+try:
+    sb.open("/nope")
+except FileNotFoundError:
+    print("missing file named")
+sb.terminate()
+print("polled", sb.poll())
+main = lode.Sandbox.create("sh", "-c", "echo main; exit 3", app=app, image=lode.Image.from_id("test/bb"))
+main.wait()
+print("entrypoint", main.stdout.read().strip(), main.returncode)
+"#,
+    );
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", text(&out.stderr));
+    let expected = [
+        "lines ['one\\n', 'three\\n']",
+        "err two code 4 4",
+        "ls ['data.csv'] ['sub']",
+        "read 'a,b\\n1,2\\n'",
+        "driver ['5', '12'] 0",
+        "listed [True]",
+        "from_id True",
+        "refused Sandbox.create(gpu=...) is not supported by Lode sandboxes yet",
+        "missing file named",
+        "polled 0",
+        "entrypoint main 3",
+    ];
+    for line in expected {
+        assert!(stdout.contains(line), "missing {line:?} in:\n{stdout}");
+    }
+    let after_rm = stdout.lines().find(|l| l.starts_with("after rm")).unwrap();
+    assert!(!after_rm.contains("'work'"), "{after_rm}");
+}

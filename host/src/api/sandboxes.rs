@@ -1,5 +1,6 @@
 //! Sandboxes over the API: `/v1/sandboxes` (create, list by app and tag, get, terminate),
-//! `/v1/sandboxes/{id}/exec` (a process streamed back as NDJSON, its stdin written through
+//! `/v1/sandboxes/{id}/tags` (replace its labels), `/v1/sandboxes/{id}/exec` (a process
+//! streamed back as NDJSON, its stdin written through
 //! `/v1/sandboxes/{id}/processes/{process}/stdin`) and `/v1/sandboxes/{id}/files` (read,
 //! write, list, stat, mkdir, remove). `docs/sandboxes.md` has the whole of it.
 
@@ -26,6 +27,7 @@ pub fn router(sandboxes: Arc<Sandboxes>, max_file_bytes: u64) -> Router {
         .route("/v1/sandboxes", post(create).get(list))
         .route("/v1/sandboxes/{id}", get(get_one).delete(terminate))
         .route("/v1/sandboxes/{id}/exec", post(exec))
+        .route("/v1/sandboxes/{id}/tags", axum::routing::put(set_tags))
         .route(
             "/v1/sandboxes/{id}/processes/{process}/stdin",
             post(write_stdin),
@@ -93,6 +95,15 @@ async fn terminate(
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
     Ok(sorted_json(&sandboxes.terminate(&id).await?).into_response())
+}
+
+async fn set_tags(
+    State(sandboxes): State<Arc<Sandboxes>>,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let tags: BTreeMap<String, String> = json_body(&body, "tags (a JSON object of strings)")?;
+    Ok(sorted_json(&sandboxes.set_tags(&id, tags)?).into_response())
 }
 
 async fn exec(

@@ -149,13 +149,7 @@ impl Sandboxes {
                 "idle_timeout must be above 0 and at most the timeout",
             ));
         }
-        for (key, value) in &request.tags {
-            if key.is_empty() || key.len() > 63 || value.len() > 255 {
-                return Err(Refused::bad(format!(
-                    "tag {key:?}: names are 1-63 bytes, values at most 255"
-                )));
-            }
-        }
+        check_tags(&request.tags)?;
         self.check_room(&request.app)?;
         let prepared = self
             .native
@@ -366,6 +360,23 @@ impl Sandboxes {
         Ok(found)
     }
 
+    /// Replaces a running sandbox's labels.
+    pub fn set_tags(
+        &self,
+        id: &str,
+        tags: BTreeMap<String, String>,
+    ) -> Result<SandboxInfo, Refused> {
+        check_tags(&tags)?;
+        let entry = self.running(id)?;
+        let info = {
+            let mut info = entry.info.lock().unwrap();
+            info.tags = tags;
+            info.clone()
+        };
+        self.record(&info);
+        Ok(info)
+    }
+
     /// Ends a sandbox now, recorded as `terminated`; returns how it stands.
     pub async fn terminate(&self, id: &str) -> Result<SandboxInfo, Refused> {
         let entry = match self.entry(id) {
@@ -385,6 +396,17 @@ impl Sandboxes {
             self.end(&entry, "server stopped".into()).await;
         }
     }
+}
+
+fn check_tags(tags: &BTreeMap<String, String>) -> Result<(), Refused> {
+    for (key, value) in tags {
+        if key.is_empty() || key.len() > 63 || value.len() > 255 {
+            return Err(Refused::bad(format!(
+                "tag {key:?}: names are 1-63 bytes, values at most 255"
+            )));
+        }
+    }
+    Ok(())
 }
 
 fn unknown(id: &str) -> Refused {

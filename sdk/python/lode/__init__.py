@@ -11,11 +11,13 @@
 from ._app import App, Cron, Function, FunctionCall, Period, Retries, Secret, Volume, is_local
 from ._client import RemoteError
 from ._image import Image
+from ._sandbox import ContainerProcess, Sandbox
 
 __version__ = "0.1.0"
 
 __all__ = [
     "App",
+    "ContainerProcess",
     "Cron",
     "Function",
     "FunctionCall",
@@ -23,6 +25,7 @@ __all__ = [
     "Period",
     "RemoteError",
     "Retries",
+    "Sandbox",
     "Secret",
     "Volume",
     "is_local",

@@ -12,6 +12,7 @@ import os
 import re
 import stat
 import time
+import urllib.parse
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -471,6 +472,16 @@ class App:
 
     def __repr__(self) -> str:
         return f"App({self.name!r})"
+
+    @classmethod
+    def lookup(cls, name: str, *, create_if_missing: bool = False) -> App:
+        """The app `name` on the server, to start sandboxes in or call. An app exists once it
+        is deployed; with `create_if_missing=True` a name not deployed yet is fine too (its
+        sandboxes are listed under it). Otherwise an unknown name raises RemoteError."""
+        app = cls(name)
+        if not create_if_missing:
+            _client.transport().request("GET", f"/v1/apps/{urllib.parse.quote(name, safe='')}")
+        return app
 
     @property
     def registered_functions(self) -> dict[str, Function]:

@@ -45,6 +45,20 @@ class Image:
             )
         return cls(python_version)
 
+    @classmethod
+    def from_id(cls, image_id: str) -> Image:
+        """An image already in the server's registry, by digest (`blake3:...`) or tag, as
+        `lode image build` or `lode image ingest` printed it. Sandboxes start from it as is."""
+        if not isinstance(image_id, str) or not image_id:
+            raise TypeError(f"Image.from_id() takes a digest or tag, got {image_id!r}")
+        return _ExistingImage(image_id)
+
+    def _reference(self) -> str:
+        """The image as the server names it: built from its spec (once per process) if needed."""
+        from . import _build
+
+        return _build.build(self.to_spec())
+
     def _with(self, kind: str, body: dict[str, Any]) -> Image:
         return Image(self._python_version, (*self._steps, (kind, body)))
 
@@ -107,6 +121,37 @@ class Image:
             "base": {"debian_slim": base},
             "steps": [{kind: _copy(body)} for kind, body in self._steps],
         }
+
+
+class _ExistingImage(Image):
+    """An image the server already holds, named by digest or tag."""
+
+    __slots__ = ("_id",)
+
+    def __init__(self, image_id: str):
+        super().__init__()
+        self._id = image_id
+
+    def __repr__(self) -> str:
+        return f"Image.from_id({self._id!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _ExistingImage) and self._id == other._id
+
+    def __hash__(self) -> int:
+        return hash(self._id)
+
+    def to_spec(self) -> dict[str, Any]:
+        raise ValueError(
+            f"{self!r} names an image the server holds; functions are declared with an image "
+            "spec (Image.debian_slim()...), sandboxes take either"
+        )
+
+    def _with(self, kind: str, body: dict[str, Any]) -> Image:
+        raise ValueError(f"{self!r} cannot take more steps; start from Image.debian_slim()")
+
+    def _reference(self) -> str:
+        return self._id
 
 
 def _copy(body: dict[str, Any]) -> dict[str, Any]:
