@@ -590,3 +590,73 @@ fn build_steps_are_capped_and_leave_the_hosts_settings_out_of_the_image() {
     }
     assert!(!out.join("dev/lode-build").exists());
 }
+
+/// The same attacks from inside a sandbox (the container tier): its processes join a running
+/// container, so this also tries what only joining allows, reading a process that is still
+/// the server's copy while it enters (`/proc/N/environ`, `mem`, `exe`), with the host serving
+/// throughout.
+#[test]
+fn a_sandbox_holds_as_a_container_does_while_processes_join_it() {
+    let lode = Lode::start_under_terminal(&["--image-base-dir", BASE_DIR]);
+    let work = tempfile::tempdir().unwrap();
+    let root = work.path().join("image");
+    busybox_tree(&root);
+    mknod(&root.join("etc/kmsg-copy"), 1, 11);
+    lode.ingest_image(&root, "test/sbx");
+    let id = lode
+        .cli_ok(&["sandbox", "create", "test/sbx"])
+        .trim()
+        .to_string();
+    let exec = |script: &str| lode.cli(&["sandbox", "exec", &id, "--", "sh", "-c", script]);
+    // A watcher reads every process it can see, over and over, while others join.
+    let watcher = "while :; do for p in /proc/[0-9]*; do \
+         cat $p/environ >> /tmp/seen 2>/dev/null; \
+         readlink $p/exe >> /tmp/seen 2>/dev/null; \
+         tr '\\0' ' ' < $p/cmdline >> /tmp/seen 2>/dev/null; echo >> /tmp/seen; \
+         done; done > /dev/null 2>&1 &";
+    assert!(exec(watcher).status.success());
+    for _ in 0..30 {
+        assert!(exec("true").status.success());
+    }
+    let seen = exec("cat /tmp/seen; :");
+    let seen = String::from_utf8_lossy(&seen.stdout).into_owned();
+    let lode_binary = std::fs::canonicalize(harness::LODE).unwrap();
+    for leak in [
+        "LODE_LOG",
+        lode_binary.to_str().unwrap(),
+        "serve",
+        "--data-dir",
+    ] {
+        let at = seen.find(leak);
+        assert!(
+            at.is_none(),
+            "{leak:?} read from a joining process: {}",
+            &seen[at.unwrap_or(0).saturating_sub(100)..][..200.min(seen.len())]
+        );
+    }
+    // The hardening's attacks, from a joined process.
+    let out = exec(
+        "(: < /etc/kmsg-copy) 2>/dev/null && echo kmsg=opened; \
+         (echo x > /dev/tty) 2>/dev/null && echo tty=opened; \
+         mknod /tmp/n c 1 3 2>/dev/null && echo mknod=made; \
+         mount -t tmpfs x /mnt 2>/dev/null && echo mount=done; \
+         (echo 1 > /proc/sys/kernel/sysrq) 2>/dev/null && echo sysrq=written; \
+         ls / | tr '\\n' ' '",
+    );
+    let stdout = text(&out.stdout);
+    for opened in ["kmsg=", "tty=", "mknod=", "mount=", "sysrq="] {
+        assert!(!stdout.contains(opened), "{stdout}");
+    }
+    assert!(!stdout.contains("lode-old-root"), "{stdout}");
+    // The host's own files, by path, are nothing inside.
+    let host_file = lode.dirs.path().join("data/token");
+    let out = exec(&format!("cat {} || echo absent", host_file.display()));
+    assert!(
+        text(&out.stdout).contains("absent"),
+        "{}",
+        text(&out.stdout)
+    );
+    // And the server kept serving.
+    lode.cli_ok(&["sandbox", "rm", &id]);
+    lode.cli_ok(&["ls"]);
+}

@@ -304,6 +304,10 @@ struct Joining {
 /// Runs in the forked child, before exec: no allocation from here on.
 fn enter_live(j: &Joining) -> io::Result<()> {
     let report = &j.stage_report;
+    // Until it execs, this is a copy of the server: nothing in the sandbox may read its
+    // memory or files through /proc, whatever uid it runs as on the way.
+    // SAFETY: prctl(2) with integer arguments.
+    check(unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) })?;
     // SAFETY: setsid(2) takes no arguments.
     report_stage(report, Stage::Session, check(unsafe { libc::setsid() }))?;
     report_stage(report, Stage::Cgroups, join_cgroup_files(&j.cgroup_procs))?;
