@@ -112,7 +112,7 @@ async fn exec(
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let request: ExecRequest = json_body(&body, "exec request")?;
-    let stream = sandboxes.exec(&id, request)?;
+    let stream = sandboxes.exec(&id, request).await?;
     let lines = futures::stream::unfold(stream, |mut stream| async move {
         let line = stream.lines.recv().await?;
         Some((

@@ -10,6 +10,7 @@ pub mod container;
 pub mod fs;
 pub mod http;
 pub mod python;
+pub mod sandbox;
 pub mod support;
 
 use std::net::SocketAddr;
@@ -36,6 +37,10 @@ pub enum BenchCommand {
     /// Wasm functions called by name: API latency, invoke cost, fan-out rate, cross-engine
     /// cost (needs root, run from the repository root).
     Calls(crate::bench::calls::CallsBench),
+    /// Sandboxes (container tier): create and first exec, exec round trip, sandboxes alive
+    /// at once and host memory per sandbox, against `lode container run` and a bare `true`
+    /// (needs root and a static busybox).
+    Sandbox(crate::bench::sandbox::SandboxBench),
     /// A plain hyper server answering `hello`: the ceiling `lode bench http` compares to.
     #[command(hide = true)]
     HyperHello {
@@ -55,6 +60,7 @@ pub async fn run(command: BenchCommand) -> Result<()> {
         BenchCommand::Build(args) => crate::bench::build::build(args).await,
         BenchCommand::Python(args) => crate::bench::python::python(args).await,
         BenchCommand::Calls(args) => crate::bench::calls::calls(args).await,
+        BenchCommand::Sandbox(args) => crate::bench::sandbox::sandbox(args).await,
         BenchCommand::HyperHello { listen } => crate::bench::http::hyper_hello(listen).await,
     }
 }

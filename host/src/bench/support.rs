@@ -68,6 +68,8 @@ pub struct LodeServer {
     pub api: String,
     /// Its API token.
     pub token: String,
+    /// The client file it wrote, for the CLI (`LODE_CONFIG`).
+    pub client_file: PathBuf,
     _dirs: tempfile::TempDir,
 }
 
@@ -82,6 +84,11 @@ impl Drop for LodeServer {
 
 /// Starts `lode serve` on loopback with its own dirs.
 pub fn start_server(base_dir: &Path) -> Result<LodeServer> {
+    start_server_with(base_dir, &[])
+}
+
+/// [`start_server`] with more `lode serve` flags.
+pub fn start_server_with(base_dir: &Path, extra: &[&str]) -> Result<LodeServer> {
     let dirs = tempfile::tempdir()?;
     let data = dirs.path().join("data");
     let mut child = Command::new(std::env::current_exe()?)
@@ -94,6 +101,7 @@ pub fn start_server(base_dir: &Path) -> Result<LodeServer> {
         .arg(base_dir)
         .args(["--api", "127.0.0.1:0", "--http", "127.0.0.1:0"])
         .args(["--registry-listen", "127.0.0.1:0", "--no-client-config"])
+        .args(extra)
         .env("LODE_LOG", "lode=warn")
         .stdout(Stdio::null())
         .spawn()
@@ -114,6 +122,7 @@ pub fn start_server(base_dir: &Path) -> Result<LodeServer> {
         child,
         api: client["api_url"].as_str().unwrap_or_default().to_string(),
         token: client["token"].as_str().unwrap_or_default().to_string(),
+        client_file: data.join("client.json"),
         _dirs: dirs,
     })
 }

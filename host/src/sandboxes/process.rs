@@ -36,8 +36,21 @@ impl Drop for ProcessStream {
 }
 
 impl Sandboxes {
-    /// Starts `request` in sandbox `id` and streams it.
-    pub fn exec(&self, id: &str, request: ExecRequest) -> Result<ProcessStream, Refused> {
+    /// Starts `request` in sandbox `id` and streams it. The start waits for the command's
+    /// exec, which may fault in pages of a lazily mounted image: the lazy mount is served on
+    /// the async threads, so the start runs off them.
+    pub async fn exec(
+        self: &Arc<Self>,
+        id: &str,
+        request: ExecRequest,
+    ) -> Result<ProcessStream, Refused> {
+        let (this, id) = (self.clone(), id.to_string());
+        tokio::task::spawn_blocking(move || this.start_process(&id, request))
+            .await
+            .map_err(Refused::internal)?
+    }
+
+    fn start_process(&self, id: &str, request: ExecRequest) -> Result<ProcessStream, Refused> {
         if request.argv.is_empty() {
             return Err(Refused::bad("no command given: exec ID -- CMD..."));
         }

@@ -277,6 +277,11 @@ pub async fn serve(options: ServeOptions) -> Result<()> {
         options.sandbox_bounds.max_file_bytes,
         Arc::from(token.as_str()),
     );
+    // Streamed answers (deploy progress, an exec's output, a container's) go out in small
+    // writes; without TCP_NODELAY each one after the first waits on the client's delayed ACK.
+    let api_listener = axum::serve::ListenerExt::tap_io(api_listener, |tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
     let api_task = tokio::spawn(async move {
         axum::serve(api_listener, api_router)
             .with_graceful_shutdown(shutdown_signal())
