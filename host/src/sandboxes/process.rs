@@ -154,7 +154,11 @@ impl Sandboxes {
         std::thread::spawn(move || {
             let mut killed_by = None;
             let status = loop {
-                match process.child.try_wait() {
+                let wait = deadline.map_or(Duration::from_millis(50), |d| {
+                    d.saturating_duration_since(Instant::now())
+                        .min(Duration::from_millis(50))
+                });
+                match process.wait_timeout(wait) {
                     Ok(Some(status)) => break Ok(status),
                     Ok(None) => {}
                     Err(e) => break Err(e),
@@ -170,7 +174,6 @@ impl Sandboxes {
                     killed_by = Some("killed: the caller went away".into());
                     let _ = process.kill();
                 }
-                std::thread::sleep(Duration::from_millis(2));
             };
             let _ = (out.join(), err.join());
             entry.processes.lock().unwrap().remove(&process_id);

@@ -233,6 +233,34 @@ pub struct Process {
 }
 
 impl Process {
+    /// Waits up to `limit` for the command to end; `None` if it still runs. The wait wakes
+    /// as the waiter exits (a pidfd), not at the next poll.
+    pub fn wait_timeout(
+        &mut self,
+        limit: Duration,
+    ) -> io::Result<Option<std::process::ExitStatus>> {
+        if let Some(status) = self.child.try_wait()? {
+            return Ok(Some(status));
+        }
+        // SAFETY: pidfd_open(2) on our own child's pid, which is not reaped until we wait.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, self.child.id() as libc::pid_t, 0) };
+        if fd >= 0 {
+            // SAFETY: the syscall returned a new descriptor that nothing else owns.
+            let fd = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as i32) };
+            let mut poll = libc::pollfd {
+                fd: fd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            let millis = limit.as_millis().min(i32::MAX as u128) as i32;
+            // SAFETY: poll(2) on one pollfd we own.
+            unsafe { libc::poll(&mut poll, 1, millis) };
+        } else {
+            std::thread::sleep(limit.min(Duration::from_millis(2)));
+        }
+        self.child.try_wait()
+    }
+
     /// Kills the command (not what it left running in the background); the waiter then
     /// reaps it and exits with 137. Killing the waiter itself would leave the command to be
     /// reaped outside the sandbox.
