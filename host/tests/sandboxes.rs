@@ -341,3 +341,42 @@ print("entrypoint", main.stdout.read().strip(), main.returncode)
     let after_rm = stdout.lines().find(|l| l.starts_with("after rm")).unwrap();
     assert!(!after_rm.contains("'work'"), "{after_rm}");
 }
+
+/// `samples/sandbox-grader` grades its submissions, one sandbox each, in parallel.
+#[test]
+fn the_grader_sample_grades_untrusted_submissions() {
+    let lode = Lode::start(&["--image-base-dir", harness::BASE_DIR]);
+    let work = tempfile::tempdir().unwrap();
+    lode.python_image(work.path());
+    let grader = harness::repo_file("samples/sandbox-grader/grade.py");
+    let out = lode.sdk_python(&format!(
+        "import runpy, sys; sys.argv = [{grader:?}, '--image', 'test/py']; \
+         runpy.run_path({grader:?}, run_name='__main__')"
+    ));
+    let table = text(&out.stdout);
+    assert!(out.status.success(), "{table}\n{}", text(&out.stderr));
+    let verdict = |name: &str| {
+        table
+            .lines()
+            .find(|l| l.starts_with(name))
+            .unwrap_or_else(|| panic!("no row for {name}:\n{table}"))
+            .to_string()
+    };
+    assert!(
+        verdict("correct").contains("3/3") && verdict("correct").ends_with("pass"),
+        "{table}"
+    );
+    assert!(verdict("off_by_one").contains("wrong: '8'"), "{table}");
+    assert!(verdict("crashes").contains("ZeroDivisionError"), "{table}");
+    assert!(
+        verdict("never_ends").contains("killed (time limit)"),
+        "{table}"
+    );
+    assert!(
+        verdict("escapes").ends_with("pass"),
+        "the escapes found nothing: {table}"
+    );
+    // Every sandbox ended with its grading.
+    let listed = lode.cli_ok(&["sandbox", "ls", "--app", "grader"]);
+    assert!(!listed.contains("running"), "{listed}");
+}
