@@ -112,6 +112,11 @@ async fn a_sandbox_keeps_state_between_commands_and_files_go_both_ways() {
     assert_eq!(listing["entries"][0]["kind"], "dir");
     let missing = files(Method::GET, "?path=/nope").send().await.unwrap();
     assert_eq!(missing.status(), 404);
+    // A FIFO the sandbox put in the way answers at once instead of holding the call.
+    lode.cli_ok(&["sandbox", "exec", &id, "--", "mkfifo", "/tmp/fifo"]);
+    let fifo = files(Method::GET, "?path=/tmp/fifo").send().await.unwrap();
+    assert_eq!(fifo.status(), 400);
+    assert!(fifo.text().await.unwrap().contains("not a regular file"));
     let outside = files(Method::GET, "?path=/tmp/../../etc/marker")
         .send()
         .await

@@ -23,9 +23,16 @@ use std::time::Duration;
 
 unsafe extern "C" {
     fn waitpid(pid: i32, status: *mut i32, options: i32) -> i32;
+    fn prctl(option: i32, arg2: u64, arg3: u64, arg4: u64, arg5: u64) -> i32;
 }
 
+const PR_SET_DUMPABLE: i32 = 4;
+const O_NONBLOCK: i32 = 0o4000;
+
 fn main() {
+    // Nothing else in the sandbox may reach into this process (its pipes to the server).
+    // SAFETY: prctl(2) with integer arguments.
+    unsafe { prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) };
     let args: Vec<String> = std::env::args().skip(1).collect();
     let (op, path) = match args.as_slice() {
         [op] if op == "init" => init(),
@@ -71,11 +78,28 @@ fn init() -> ! {
     }
 }
 
-fn read(path: &Path) -> io::Result<()> {
-    let mut file = std::fs::File::open(path)?;
-    if file.metadata()?.is_dir() {
+/// Only regular files are read or written: a FIFO or a device the sandbox put at the path
+/// would otherwise hold the call (opened without blocking, then checked).
+fn regular(file: &std::fs::File) -> io::Result<()> {
+    let meta = file.metadata()?;
+    if meta.is_dir() {
         return Err(io::Error::from(io::ErrorKind::IsADirectory));
     }
+    if !meta.is_file() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "not a regular file",
+        ));
+    }
+    Ok(())
+}
+
+fn read(path: &Path) -> io::Result<()> {
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(O_NONBLOCK)
+        .open(path)?;
+    regular(&file)?;
     io::copy(&mut file, &mut io::stdout().lock())?;
     Ok(())
 }
@@ -85,9 +109,13 @@ fn write(path: &Path, append: bool) -> io::Result<()> {
         .write(true)
         .create(true)
         .append(append)
-        .truncate(!append)
         .mode(0o644)
+        .custom_flags(O_NONBLOCK)
         .open(path)?;
+    regular(&file)?;
+    if !append {
+        file.set_len(0)?;
+    }
     let mut buffer = vec![0u8; 256 << 10];
     let mut stdin = io::stdin().lock();
     loop {

@@ -211,3 +211,68 @@ fn the_sandbox_limits_bound_every_process_in_it() {
     );
     live.terminate();
 }
+
+/// runc's CVE-2024-21626 ("Leaky Vessels"), from inside: until it execs, a joining process
+/// (and a container's set-up) still holds the server's descriptors, so a working directory
+/// reached through `/proc/self/fd/N` would land on a host directory. The sandbox (or the
+/// image) plants the symlink; the working directory it names must be refused, not followed.
+#[test]
+fn a_working_directory_through_proc_self_fd_never_reaches_the_host() {
+    use std::os::fd::AsRawFd;
+    let dirs = tempfile::tempdir().unwrap();
+    // A host directory the "server" holds open, with a file only the host has.
+    let host_dir = dirs.path().join("host-side");
+    std::fs::create_dir(&host_dir).unwrap();
+    std::fs::write(host_dir.join("host-marker"), "host").unwrap();
+    let held = std::fs::File::open(&host_dir).unwrap();
+    let fd = held.as_raw_fd();
+
+    // The joined process's working directory.
+    let live = start(dirs.path(), "live-leaky", Limits::default());
+    assert_eq!(run(&live, &format!("ln -s /proc/self/fd/{fd} /tmp/w")).0, 0);
+    let escaped = live.exec(
+        &ExecSpec {
+            argv: vec!["sh".into(), "-c".into(), "ls; ls ..".into()],
+            env: vec![("PATH".into(), "/bin".into())],
+            cwd: "/tmp/w".into(),
+        },
+        Stdio::null(),
+        Stdio::piped(),
+        Stdio::piped(),
+    );
+    match escaped {
+        Err(e) => assert!(e.to_string().contains("working directory"), "{e}"),
+        Ok(process) => {
+            let out = process.child.wait_with_output().unwrap();
+            let seen = String::from_utf8_lossy(&out.stdout);
+            assert!(
+                !seen.contains("host-marker"),
+                "a host directory was reached: {seen}"
+            );
+        }
+    }
+    live.terminate();
+
+    // A new container whose image's working directory is such a symlink.
+    let root = dirs.path().join("root");
+    std::os::unix::fs::symlink(format!("/proc/self/fd/{fd}"), root.join("leak")).unwrap();
+    let mut spec = container(&root, &scratch(dirs.path(), "leaky-spawn"), "ls; ls ..");
+    spec.cwd = "/leak".into();
+    match lode_native_runner::sandbox::spawn(
+        &spec,
+        &V1::detect().unwrap(),
+        Stdio::piped(),
+        Stdio::piped(),
+    ) {
+        Err(e) => assert!(e.to_string().contains("working directory"), "{e}"),
+        Ok(sandbox) => {
+            let finished = sandbox.finish().unwrap();
+            let seen = String::from_utf8_lossy(&finished.stdout);
+            assert!(
+                !seen.contains("host-marker"),
+                "a host directory was reached: {seen}"
+            );
+        }
+    }
+    drop(held);
+}

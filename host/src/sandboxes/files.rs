@@ -5,6 +5,9 @@ use std::io::{Read, Write};
 use std::process::Stdio;
 
 use super::Sandboxes;
+
+/// The longest a file call may take.
+const FILE_CALL_LIMIT: std::time::Duration = std::time::Duration::from_secs(60);
 use crate::native::Refused;
 use crate::proto::sandboxes::FileEntry;
 
@@ -44,6 +47,18 @@ impl Sandboxes {
             live.file_op(op, path, input.as_ref().map(|_| Stdio::piped()))
                 .map_err(|e| Refused::internal(format!("starting a file call: {e}")))?
         };
+        // A call the sandbox holds up (a huge file, a process holding the helper's pipes) is
+        // killed at the deadline rather than holding a thread of the server.
+        let (cancel, cancelled) = std::sync::mpsc::channel::<()>();
+        let waiter = process.child.id();
+        std::thread::spawn(move || {
+            if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+                cancelled.recv_timeout(FILE_CALL_LIMIT)
+            {
+                // SAFETY: kill(2) on our own child, still unreaped (its reaper waits for us).
+                unsafe { libc::kill(waiter as i32, libc::SIGKILL) };
+            }
+        });
         if let (Some(bytes), Some(mut stdin)) = (input, process.child.stdin.take()) {
             // A write that fails (the helper stopped: no space, a directory) reports below.
             let _ = stdin.write_all(&bytes);
@@ -52,10 +67,11 @@ impl Sandboxes {
         if let Some(stdout) = process.child.stdout.take() {
             let _ = stdout.take(limit + 1).read_to_end(&mut output);
         }
-        let mut stderr = String::new();
-        if let Some(mut pipe) = process.child.stderr.take() {
-            let _ = pipe.read_to_string(&mut stderr);
+        let mut stderr = Vec::new();
+        if let Some(pipe) = process.child.stderr.take() {
+            let _ = pipe.take(64 << 10).read_to_end(&mut stderr);
         }
+        let stderr = String::from_utf8_lossy(&stderr).into_owned();
         if output.len() as u64 > limit {
             let _ = process.kill();
             let _ = process.child.wait();
@@ -69,6 +85,14 @@ impl Sandboxes {
             ));
         }
         let status = process.child.wait().map_err(Refused::internal)?;
+        drop(cancel);
+        if std::os::unix::process::ExitStatusExt::signal(&status) == Some(libc::SIGKILL) {
+            return Err(Refused::new(
+                504,
+                "file_call_timeout",
+                format!("the file call on {path} took over {FILE_CALL_LIMIT:?}; it was stopped"),
+            ));
+        }
         let why = stderr.trim().to_string();
         match status.code() {
             Some(0) => Ok(output),

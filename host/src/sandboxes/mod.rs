@@ -85,7 +85,25 @@ pub struct Sandboxes {
     native: Arc<Native>,
     state: Arc<dyn StateStore>,
     bounds: SandboxBounds,
+    /// Running sandboxes.
     entries: Mutex<HashMap<String, Arc<Entry>>>,
+    /// Creates in progress, by app: they count against the bounds until they finish.
+    starting: Mutex<Vec<String>>,
+}
+
+/// A create's place in the count; dropped when the create ends, however it ends.
+struct Reservation<'a> {
+    sandboxes: &'a Sandboxes,
+    app: String,
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        let mut starting = self.sandboxes.starting.lock().unwrap();
+        if let Some(at) = starting.iter().position(|app| *app == self.app) {
+            starting.swap_remove(at);
+        }
+    }
 }
 
 impl Sandboxes {
@@ -117,6 +135,7 @@ impl Sandboxes {
             state,
             bounds,
             entries: Mutex::new(HashMap::new()),
+            starting: Mutex::new(Vec::new()),
         }))
     }
 
@@ -150,7 +169,7 @@ impl Sandboxes {
             ));
         }
         check_tags(&request.tags)?;
-        self.check_room(&request.app)?;
+        let _reservation = self.reserve(&request.app)?;
         let prepared = self
             .native
             .prepare_sandbox(&ContainerRequest {
@@ -211,28 +230,27 @@ impl Sandboxes {
         Ok(info)
     }
 
-    /// Refuses a new sandbox past the server's or the app's count.
-    fn check_room(&self, app: &str) -> Result<(), Refused> {
+    /// Takes a place for a new sandbox of `app`, refused past the server's or the app's
+    /// count; running sandboxes and creates in progress both count.
+    fn reserve(&self, app: &str) -> Result<Reservation<'_>, Refused> {
         let entries = self.entries.lock().unwrap();
-        let running: Vec<_> = entries
-            .values()
-            .filter(|e| e.info.lock().unwrap().status == SandboxStatus::Running)
-            .collect();
-        if running.len() >= self.bounds.max_running {
+        let mut starting = self.starting.lock().unwrap();
+        let running = entries.len() + starting.len();
+        if running >= self.bounds.max_running {
             return Err(Refused::new(
                 429,
                 "too_many_sandboxes",
                 format!(
-                    "this server runs {} sandboxes already (lode serve --max-sandboxes); \
-                     terminate one first",
-                    running.len()
+                    "this server runs {running} sandboxes already (lode serve --max-sandboxes); \
+                     terminate one first"
                 ),
             ));
         }
-        let of_app = running
-            .iter()
+        let of_app = entries
+            .values()
             .filter(|e| e.info.lock().unwrap().app == app)
-            .count();
+            .count()
+            + starting.iter().filter(|a| *a == app).count();
         if of_app >= self.bounds.max_per_app {
             return Err(Refused::new(
                 429,
@@ -243,7 +261,11 @@ impl Sandboxes {
                 ),
             ));
         }
-        Ok(())
+        starting.push(app.to_string());
+        Ok(Reservation {
+            sandboxes: self,
+            app: app.to_string(),
+        })
     }
 
     /// Ends `entry` when its timeout or idle timeout passes or its pid 1 ends.
@@ -260,7 +282,11 @@ impl Sandboxes {
         loop {
             tick.tick().await;
             let reason = {
-                let mut live = entry.live.lock().unwrap();
+                // A process starting holds the sandbox for a moment: look again next tick
+                // rather than hold an async thread.
+                let Ok(mut live) = entry.live.try_lock() else {
+                    continue;
+                };
                 let Some(sandbox) = live.as_mut() else { return };
                 if started.elapsed() >= timeout {
                     Some(format!("timeout ({}s)", timeout.as_secs_f64()))
@@ -288,11 +314,18 @@ impl Sandboxes {
     /// Ends a sandbox: kills everything in it, removes what it had on the host, and records
     /// why. Ending an ended one does nothing.
     async fn end(&self, entry: &Arc<Entry>, reason: String) {
-        let Some(live) = entry.live.lock().unwrap().take() else {
+        // The lock may be held by a process starting: wait for it off the async threads.
+        let taking = entry.clone();
+        let taken = tokio::task::spawn_blocking(move || {
+            let live = taking.live.lock().unwrap().take()?;
+            taking.processes.lock().unwrap().clear();
+            live.terminate();
+            Some(())
+        })
+        .await;
+        if !matches!(taken, Ok(Some(()))) {
             return;
-        };
-        entry.processes.lock().unwrap().clear();
-        let _ = tokio::task::spawn_blocking(move || live.terminate()).await;
+        }
         let info = {
             let mut info = entry.info.lock().unwrap();
             info.status = SandboxStatus::Ended;
@@ -302,6 +335,8 @@ impl Sandboxes {
         };
         tracing::info!(sandbox = %info.sandbox_id, reason, "sandbox ended");
         self.record(&info);
+        // Its record answers from here on; calls still holding the entry see it ended.
+        self.entries.lock().unwrap().remove(&info.sandbox_id);
     }
 
     fn entry(&self, id: &str) -> Result<Arc<Entry>, Refused> {

@@ -54,10 +54,13 @@ impl Sandboxes {
         if request.argv.is_empty() {
             return Err(Refused::bad("no command given: exec ID -- CMD..."));
         }
+        let max = self.bounds.max_timeout.as_secs_f64();
         if let Some(t) = request.timeout
-            && (t.is_nan() || t <= 0.0)
+            && !(t > 0.0 && t <= max)
         {
-            return Err(Refused::bad("timeout must be above 0 seconds"));
+            return Err(Refused::bad(format!(
+                "timeout must be above 0 and at most {max} s (lode serve --max-sandbox-timeout)"
+            )));
         }
         for (name, _) in &request.env {
             if name.is_empty() || name.contains('=') || name.contains('\0') {
@@ -156,7 +159,7 @@ impl Sandboxes {
             let status = loop {
                 let wait = deadline.map_or(Duration::from_millis(50), |d| {
                     d.saturating_duration_since(Instant::now())
-                        .min(Duration::from_millis(50))
+                        .clamp(Duration::from_millis(1), Duration::from_millis(50))
                 });
                 match process.wait_timeout(wait) {
                     Ok(Some(status)) => break Ok(status),

@@ -11,7 +11,8 @@
 //!    `/dev/shm`, and pivot into it (Root).
 //! 6. Attach each volume, cloned before the fork, at its target inside (Volume).
 //! 7. Write `/etc/resolv.conf` for outbound network (Network).
-//! 8. Finish: the working directory, the host name, loopback up (Root).
+//! 8. The working directory, resolved inside the root and never through a magic link
+//!    (Workdir); then the host name and loopback up (Root).
 //! 9. Join the user namespace and become its root (User).
 //! 10. Lock down: the open-files limit, capabilities, `no_new_privs`, and seccomp last
 //!     (LockDown); std then execs the command.
@@ -214,6 +215,8 @@ pub(super) enum Stage {
     /// Attaching it inside the container, after the pivot.
     Volume(u8),
     LockDown,
+    /// Moving to the working directory.
+    Workdir,
 }
 
 impl Stage {
@@ -224,6 +227,7 @@ impl Stage {
             Self::Network => 3,
             Self::Root => 4,
             Self::LockDown => 5,
+            Self::Workdir => 8,
             Self::User => 6,
             Self::Session => 7,
             Self::Volume(i) => 64 + i,
@@ -238,6 +242,9 @@ impl Stage {
             3 => "setting up the container's network".into(),
             4 => "building the container's root filesystem".into(),
             5 => "dropping privileges".into(),
+            8 => "entering the working directory (a directory inside the container; a path \
+                  through /proc/self/fd is refused)"
+                .into(),
             6 => "entering the container's user namespace".into(),
             7 => "starting a session of the container's own".into(),
             64..128 => match spec.volumes.get(usize::from(code - 64)) {
@@ -581,6 +588,7 @@ pub(super) fn build_root(p: &Prepared) -> io::Result<()> {
     if let Some(text) = &p.resolv_conf_text {
         stage(p, Stage::Network, write_resolv_conf(p, text))?;
     }
+    stage(p, Stage::Workdir, chdir_inside_root(&p.cwd))?;
     stage(p, Stage::Root, finish_root(p))?;
     if let Some(userns) = &p.user_namespace {
         stage(p, Stage::User, become_container_root(userns))?;
@@ -671,11 +679,52 @@ pub(super) fn pivot(p: &Prepared) -> io::Result<()> {
 
 /// Working directory, hostname and loopback, inside the new root.
 pub(super) fn finish_root(p: &Prepared) -> io::Result<()> {
-    // SAFETY: a NUL-terminated path.
-    check(unsafe { libc::chdir(p.cwd.as_ptr()) })?;
     // SAFETY: a buffer and its length.
     check(unsafe { libc::sethostname(p.hostname.as_ptr(), p.hostname.as_bytes().len()) })?;
     loopback_up(&p.names[5])
+}
+
+/// Changes to `cwd`, resolved inside this process's root and never through a magic link.
+/// Until exec this process still holds the server's descriptors, so a path (or a symlink the
+/// image or the sandbox planted) through `/proc/self/fd/N` would otherwise land on a host
+/// directory (runc's CVE-2024-21626).
+pub(super) fn chdir_inside_root(cwd: &CString) -> io::Result<()> {
+    // SAFETY: open(2) of a NUL-terminated literal.
+    let root = unsafe {
+        libc::open(
+            c"/".as_ptr(),
+            libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC,
+        )
+    };
+    if root == -1 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: an all-zero open_how is valid ("no flags"); the fields are then set.
+    let mut how: libc::open_how = unsafe { std::mem::zeroed() };
+    how.flags = (libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC) as u64;
+    how.resolve = libc::RESOLVE_IN_ROOT | libc::RESOLVE_NO_MAGICLINKS;
+    // SAFETY: openat2(2) with a descriptor we hold, a NUL-terminated path and a valid
+    // open_how of the size passed.
+    let dir = unsafe {
+        libc::syscall(
+            libc::SYS_openat2,
+            root,
+            cwd.as_ptr(),
+            &how as *const libc::open_how,
+            std::mem::size_of::<libc::open_how>(),
+        )
+    } as libc::c_int;
+    let error = io::Error::last_os_error();
+    // SAFETY: closing the descriptor opened above.
+    unsafe { libc::close(root) };
+    if dir == -1 {
+        return Err(error);
+    }
+    // SAFETY: fchdir(2) then close(2) on the descriptor openat2 returned.
+    let moved = check(unsafe { libc::fchdir(dir) });
+    // SAFETY: as above.
+    unsafe { libc::close(dir) };
+    moved
 }
 
 /// Limits, then no way back to privilege: every capability not asked for dropped (from the

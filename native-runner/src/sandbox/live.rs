@@ -17,8 +17,8 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use super::child::{
-    Stage, become_container_root, check, cstring, join_cgroup_files, report_stage, restrict,
-    wait_and_exit,
+    Stage, become_container_root, chdir_inside_root, check, cstring, join_cgroup_files,
+    report_stage, restrict, wait_and_exit,
 };
 use super::{Sandbox, SandboxSpec, spawn};
 use crate::cgroup::{Hierarchy, LimitHit};
@@ -353,16 +353,17 @@ fn enter_live(j: &Joining) -> io::Result<()> {
     if pid > 0 {
         wait_and_exit(pid);
     }
-    // SAFETY: chdir(2) with a NUL-terminated path, resolved in the container's root.
-    let moved = check(unsafe { libc::chdir(j.cwd.as_ptr()) });
-    report_stage(report, Stage::Root, moved)?;
+    report_stage(report, Stage::Workdir, chdir_inside_root(&j.cwd))?;
     if let Some(userns) = &j.user_namespace {
         report_stage(report, Stage::User, become_container_root(userns))?;
     }
-    // Killing the waiting process kills the command; set after the uid change, which
-    // clears it.
+    // The uid change reset both: not dumpable until exec (`fs.suid_dumpable` may say
+    // otherwise), and killing the waiter kills the command.
     // SAFETY: prctl(2) with integer arguments.
+    check(unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) })?;
+    // SAFETY: as above.
     check(unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) })?;
+
     report_stage(
         report,
         Stage::LockDown,

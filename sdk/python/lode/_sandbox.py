@@ -62,7 +62,7 @@ def _quote(part: str) -> str:
     return urllib.parse.quote(part, safe="")
 
 
-def _raw(method: str, path: str, data: bytes | None = None) -> bytes:
+def _raw(method: str, path: str, data: bytes | None = None, file_call: bool = False) -> bytes:
     """A request whose body (sent, or answered) is bytes rather than JSON."""
     transport = _http()
     conn = transport._connection()
@@ -79,18 +79,18 @@ def _raw(method: str, path: str, data: bytes | None = None) -> bytes:
         conn.close()
     if 200 <= resp.status < 300:
         return body
-    _raise_error(method, path, resp.status, body)
+    _raise_error(method, path, resp.status, body, file_call)
     raise AssertionError("unreachable")
 
 
-def _raise_error(method: str, path: str, status: int, body: bytes) -> None:
+def _raise_error(method: str, path: str, status: int, body: bytes, file_call: bool = False) -> None:
     try:
         payload = json.loads(body)
     except ValueError:
         payload = None
     if isinstance(payload, dict) and isinstance(payload.get("error"), dict):
         error = payload["error"]
-        if status == 404 and error.get("kind") == "not_found":
+        if file_call and status == 404 and error.get("kind") == "not_found":
             raise FileNotFoundError(error.get("message"))
         raise _client.exception_from_error(error)
     raise _client.RemoteError("http_error", f"{method} {path} failed with HTTP {status}")
@@ -151,6 +151,7 @@ class StreamWriter:
         self._process = process
         self._buffer = bytearray()
         self._eof = False
+        self._eof_sent = False
 
     def write(self, data: bytes | bytearray | memoryview | str) -> None:
         if self._eof:
@@ -161,6 +162,8 @@ class StreamWriter:
         self._eof = True
 
     def drain(self) -> None:
+        if self._eof_sent:
+            return
         process_id = self._process.wait_started()
         path = f"/v1/sandboxes/{_quote(self._sandbox_id)}/processes/{_quote(process_id)}/stdin"
         if self._eof:
@@ -168,6 +171,7 @@ class StreamWriter:
         data, self._buffer = bytes(self._buffer), bytearray()
         if data or self._eof:
             _raw("POST", path, data)
+            self._eof_sent = self._eof
 
 
 class _ContainerProcessState:
@@ -228,7 +232,7 @@ class ContainerProcess:
                     state.killed_by = line.get("killed_by")
                 elif event == "error":
                     state.error = line.get("message")
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, http.client.HTTPException) as e:
             state.error = f"the process's stream broke: {e}"
         finally:
             self._conn.close()
@@ -462,13 +466,13 @@ class Sandbox:
         return self._path("/files") + "?" + urllib.parse.urlencode(params)
 
     def _read(self, path: str) -> bytes:
-        return _raw("GET", self._files(path=path))
+        return _raw("GET", self._files(path=path), file_call=True)
 
     def _write(self, path: str, data: bytes, append: bool) -> None:
         params = {"path": path}
         if append:
             params["append"] = "true"
-        _raw("PUT", self._files(**params), data)
+        _raw("PUT", self._files(**params), data, file_call=True)
 
     def open(self, path: str, mode: str = "r") -> _SandboxFile:
         """A file in the sandbox, as a file object (use it with `with`)."""
@@ -476,14 +480,14 @@ class Sandbox:
 
     def ls(self, path: str) -> list[str]:
         """The names in a directory of the sandbox."""
-        listing = json.loads(_raw("GET", self._files(path=path, op="ls")))
+        listing = json.loads(_raw("GET", self._files(path=path, op="ls"), file_call=True))
         return [entry["name"] for entry in listing["entries"]]
 
     def mkdir(self, path: str, parents: bool = False) -> None:
         """Makes a directory (and its parents, with `parents=True`)."""
         if not parents:
             parent = path.rstrip("/").rsplit("/", 1)[0] or "/"
-            stat = json.loads(_raw("GET", self._files(path=parent, op="stat")))
+            stat = json.loads(_raw("GET", self._files(path=parent, op="stat"), file_call=True))
             if stat["kind"] != "dir":
                 raise NotADirectoryError(f"{parent} is not a directory")
         _raw("POST", self._path("/files/mkdir") + "?" + urllib.parse.urlencode({"path": path}))
@@ -491,7 +495,7 @@ class Sandbox:
     def rm(self, path: str, recursive: bool = False) -> None:
         """Removes a file, or a directory (a non-empty one with `recursive=True`)."""
         if not recursive:
-            stat = json.loads(_raw("GET", self._files(path=path, op="stat")))
+            stat = json.loads(_raw("GET", self._files(path=path, op="stat"), file_call=True))
             if stat["kind"] == "dir" and self.ls(path):
                 raise OSError(f"{path} is a directory that is not empty: pass recursive=True")
-        _raw("DELETE", self._files(path=path))
+        _raw("DELETE", self._files(path=path), file_call=True)
