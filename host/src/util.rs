@@ -74,3 +74,29 @@ pub fn lock_dir(dir: &Path, what: &str) -> anyhow::Result<DirLock> {
     }
     Ok(DirLock { _file: file })
 }
+
+/// Streams what `pipe` yields as lines of `tx`, each chunk base64-encoded into the line that
+/// `line` makes, until the pipe ends. A receiver that went away sets `gone` (its caller then
+/// stops the process); the pipe is still drained, so the process never blocks on it.
+pub fn pump_base64<T: Send + 'static>(
+    pipe: Option<impl std::io::Read + Send + 'static>,
+    tx: tokio::sync::mpsc::Sender<T>,
+    gone: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    line: fn(String) -> T,
+) -> std::thread::JoinHandle<()> {
+    use base64::Engine as _;
+    std::thread::spawn(move || {
+        let Some(mut pipe) = pipe else { return };
+        let mut buffer = vec![0u8; 64 << 10];
+        loop {
+            let n = match pipe.read(&mut buffer) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            };
+            let data = base64::engine::general_purpose::STANDARD.encode(&buffer[..n]);
+            if tx.blocking_send(line(data)).is_err() {
+                gone.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+    })
+}

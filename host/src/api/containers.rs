@@ -1,7 +1,6 @@
 //! Image builds and one-shot containers over the API: `POST /v1/images/build` and
 //! `POST /v1/containers`, each streamed back as NDJSON.
 
-use std::io::Read;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
@@ -12,7 +11,6 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::Response;
 use axum::routing::post;
-use base64::Engine as _;
 use futures::StreamExt;
 use lode_native_runner::builder::BuildEvent;
 use lode_native_runner::sandbox::spawn;
@@ -123,31 +121,12 @@ async fn run_container(
         })
         .await;
     let (stdout, stderr) = sandbox.take_output();
-    let pump = |pipe: Option<Box<dyn Read + Send>>, is_stdout: bool| {
-        let tx = tx.clone();
-        let stop = stop.clone();
-        std::thread::spawn(move || {
-            let Some(mut pipe) = pipe else { return };
-            let mut buffer = vec![0u8; 64 * 1024];
-            loop {
-                let n = match pipe.read(&mut buffer) {
-                    Ok(0) | Err(_) => return,
-                    Ok(n) => n,
-                };
-                let data = base64::engine::general_purpose::STANDARD.encode(&buffer[..n]);
-                let line = if is_stdout {
-                    ContainerLine::Stdout { data }
-                } else {
-                    ContainerLine::Stderr { data }
-                };
-                if tx.blocking_send(line).is_err() {
-                    stop.store(true, Ordering::Relaxed);
-                }
-            }
-        })
-    };
-    let out = pump(stdout.map(|p| Box::new(p) as Box<dyn Read + Send>), true);
-    let err = pump(stderr.map(|p| Box::new(p) as Box<dyn Read + Send>), false);
+    let out = crate::util::pump_base64(stdout, tx.clone(), stop.clone(), |data| {
+        ContainerLine::Stdout { data }
+    });
+    let err = crate::util::pump_base64(stderr, tx.clone(), stop.clone(), |data| {
+        ContainerLine::Stderr { data }
+    });
     let waiter_stop = stop.clone();
     std::thread::spawn(move || {
         let finished = sandbox.finish_unless(&waiter_stop);

@@ -232,3 +232,14 @@ pub fn connect(target: &RegistryTarget) -> Result<RegistryClient> {
         ClientOptions::default(),
     )?)
 }
+
+/// Writes one chunk of a process's output (base64, as the API streams it) to `sink`, at once.
+pub fn write_output(sink: &mut impl std::io::Write, data: &str) -> Result<()> {
+    use base64::Engine as _;
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(data)
+        .context("undecodable output from the server")?;
+    sink.write_all(&bytes)?;
+    sink.flush()?;
+    Ok(())
+}

@@ -7,14 +7,13 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
-use base64::Engine as _;
 use futures::StreamExt;
 use lode_fs::IngestOptions;
 use lode_native_runner::image_spec::{Base, CONFIG_PATH, ImageConfig, ImageSpec, Step};
 use lode_registry::BlobAccess;
 use reqwest::Method;
 
-use crate::cli::client::{ApiClient, ndjson_lines};
+use crate::cli::client::{ApiClient, ndjson_lines, write_output};
 use crate::proto::containers::{
     BuildEnd, BuildLine, BuildRequest, ContainerLine, ContainerRequest,
 };
@@ -170,22 +169,11 @@ pub async fn run(api: &ApiClient, request: ContainerRequest) -> Result<i32> {
         .await?;
     let mut lines = ndjson_lines::<ContainerLine>(response);
     let (mut stdout, mut stderr) = (std::io::stdout(), std::io::stderr());
-    let decode = |data: &str| {
-        base64::engine::general_purpose::STANDARD
-            .decode(data)
-            .context("undecodable output from the server")
-    };
     while let Some(line) = lines.next().await {
         match line? {
             ContainerLine::Started { .. } => {}
-            ContainerLine::Stdout { data } => {
-                stdout.write_all(&decode(&data)?)?;
-                stdout.flush()?;
-            }
-            ContainerLine::Stderr { data } => {
-                stderr.write_all(&decode(&data)?)?;
-                stderr.flush()?;
-            }
+            ContainerLine::Stdout { data } => write_output(&mut stdout, &data)?,
+            ContainerLine::Stderr { data } => write_output(&mut stderr, &data)?,
             ContainerLine::Exit {
                 code, killed_by, ..
             } => {

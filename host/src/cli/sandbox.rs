@@ -1,14 +1,13 @@
 //! `lode sandbox create|exec|ls|cp|rm`: sandboxes from the terminal.
 
-use std::io::{Read, Write};
+use std::io::Read;
 
 use anyhow::{Context, Result, bail};
-use base64::Engine as _;
 use futures::StreamExt;
 use reqwest::Method;
 
 use crate::cli::args::SandboxCommand;
-use crate::cli::client::{ApiClient, ndjson_lines};
+use crate::cli::client::{ApiClient, ndjson_lines, write_output};
 use crate::proto::sandboxes::{ExecLine, ExecRequest, SandboxInfo, SandboxList, SandboxRequest};
 
 /// Runs one `lode sandbox` command; returns the exit code (an exec's is its command's).
@@ -133,11 +132,6 @@ async fn exec(api: &ApiClient, id: &str, request: ExecRequest) -> Result<i32> {
         .await?;
     let mut lines = ndjson_lines::<ExecLine>(response);
     let (mut stdout, mut stderr) = (std::io::stdout(), std::io::stderr());
-    let decode = |data: &str| {
-        base64::engine::general_purpose::STANDARD
-            .decode(data)
-            .context("undecodable output from the server")
-    };
     let mut feeder = None;
     while let Some(line) = lines.next().await {
         match line? {
@@ -149,14 +143,8 @@ async fn exec(api: &ApiClient, id: &str, request: ExecRequest) -> Result<i32> {
                     )));
                 }
             }
-            ExecLine::Stdout { data } => {
-                stdout.write_all(&decode(&data)?)?;
-                stdout.flush()?;
-            }
-            ExecLine::Stderr { data } => {
-                stderr.write_all(&decode(&data)?)?;
-                stderr.flush()?;
-            }
+            ExecLine::Stdout { data } => write_output(&mut stdout, &data)?,
+            ExecLine::Stderr { data } => write_output(&mut stderr, &data)?,
             ExecLine::Exit { code, killed_by } => {
                 if let Some(feeder) = feeder {
                     feeder.abort();

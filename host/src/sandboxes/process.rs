@@ -2,13 +2,12 @@
 //! back as it comes, their stdin written by later calls, and killed at their own timeout,
 //! when the caller goes away, or with the sandbox.
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::process::{ChildStdin, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use base64::Engine as _;
 use lode_native_runner::sandbox::ExecSpec;
 use tokio::sync::mpsc;
 
@@ -112,43 +111,17 @@ impl Sandboxes {
         let _ = tx.try_send(ExecLine::Started {
             process_id: process_id.clone(),
         });
-        let pump = |pipe: Option<Box<dyn Read + Send>>, is_stdout: bool| {
-            let (tx, gone) = (tx.clone(), gone.clone());
-            std::thread::spawn(move || {
-                let Some(mut pipe) = pipe else { return };
-                let mut buffer = vec![0u8; 64 << 10];
-                loop {
-                    let n = match pipe.read(&mut buffer) {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => n,
-                    };
-                    let data = base64::engine::general_purpose::STANDARD.encode(&buffer[..n]);
-                    let line = if is_stdout {
-                        ExecLine::Stdout { data }
-                    } else {
-                        ExecLine::Stderr { data }
-                    };
-                    if tx.blocking_send(line).is_err() {
-                        gone.store(true, Ordering::Relaxed);
-                    }
-                }
-            })
-        };
-        let out = pump(
-            process
-                .child
-                .stdout
-                .take()
-                .map(|p| Box::new(p) as Box<dyn Read + Send>),
-            true,
+        let out = crate::util::pump_base64(
+            process.child.stdout.take(),
+            tx.clone(),
+            gone.clone(),
+            |data| ExecLine::Stdout { data },
         );
-        let err = pump(
-            process
-                .child
-                .stderr
-                .take()
-                .map(|p| Box::new(p) as Box<dyn Read + Send>),
-            false,
+        let err = crate::util::pump_base64(
+            process.child.stderr.take(),
+            tx.clone(),
+            gone.clone(),
+            |data| ExecLine::Stderr { data },
         );
         let deadline = request
             .timeout
