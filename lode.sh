@@ -4,7 +4,7 @@
 #                     samples/wasm-fanout and samples/python-hello
 #   ./lode.sh test    fmt, clippy and the whole test suite (what CI runs)
 #   ./lode.sh fuzz [TARGET...] [-- SECONDS]   each fuzz target under libFuzzer (nightly, cargo-fuzz), 180 s each
-#   ./lode.sh bench [http|cas|fs|container|python|calls|build]   all benchmarks, or one (installs wrk, b3sum, debootstrap, slirp4netns)
+#   ./lode.sh bench [http|cas|fs|container|python|calls|build|sandbox]   all benchmarks, or one (installs wrk, b3sum, debootstrap, slirp4netns)
 #   ./lode.sh stop    stop the demo server
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -171,6 +171,9 @@ bench() {
   fi
   if [[ $which == all || $which == build ]]; then
     ./target/release/lode bench build "$@"
+  fi
+  if [[ $which == all || $which == sandbox ]]; then
+    ./target/release/lode bench sandbox "$@"
   fi
 }
 
