@@ -144,7 +144,7 @@ run_tests() {
 bench() {
   local which=${1:-all}
   [[ $# -gt 0 ]] && shift
-  setup wrk b3sum "${CONTAINER_TOOLS[@]}"
+  setup wrk b3sum busybox=busybox-static "${CONTAINER_TOOLS[@]}"
   mkdir -p "$CACHE_DIR"
   cargo build --release --quiet --bin lode
   if [[ $which == all || $which == http ]]; then
