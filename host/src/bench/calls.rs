@@ -20,8 +20,7 @@ use anyhow::{Result, bail};
 use clap::Args;
 use serde_json::{Value, json};
 
-use crate::bench::python::row;
-use crate::bench::support::start_server;
+use crate::bench::support::{row, start_server};
 
 /// Settings for `lode bench calls`.
 #[derive(Debug, Args)]

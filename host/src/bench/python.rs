@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use crate::bench::support::{percentile, start_server};
+use crate::bench::support::{row, start_server};
 use anyhow::{Result, bail};
 use clap::Args;
 use serde_json::Value;
@@ -84,26 +84,6 @@ elif mode == "remote-map":
     assert out == [i * i for i in range(n)], "wrong results"
     print(time.perf_counter() - t)
 "#;
-
-/// Prints a timing row: p50, p99 and the ratio to a baseline.
-pub(crate) fn row(name: &str, mut times: Vec<Duration>, baseline: Option<Duration>) -> Duration {
-    times.sort();
-    let p50 = percentile(&times, 0.5);
-    let ratio = baseline.map_or(String::new(), |b| {
-        let ratio = p50.as_secs_f64() / b.as_secs_f64();
-        if ratio < 0.1 {
-            format!(", 1/{:.0} of the baseline p50", 1.0 / ratio)
-        } else {
-            format!(", {ratio:.1}x the baseline p50")
-        }
-    });
-    println!(
-        "  {name:<52} p50 {:>9.2?}  p99 {:>9.2?}{ratio}",
-        p50,
-        percentile(&times, 0.99)
-    );
-    p50
-}
 
 /// Runs `lode bench python`.
 pub async fn python(args: PythonBench) -> Result<()> {

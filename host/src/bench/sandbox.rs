@@ -10,7 +10,7 @@ use anyhow::{Context, Result, bail};
 use clap::Args;
 use serde_json::{Value, json};
 
-use crate::bench::support::{LodeServer, percentile, start_server_with};
+use crate::bench::support::{LodeServer, row, start_server_with};
 
 /// Settings for `lode bench sandbox`.
 #[derive(Debug, Args)]
@@ -115,20 +115,6 @@ fn ingest_busybox(server: &LodeServer, dir: &Path) -> Result<()> {
         bail!("lode image ingest failed");
     }
     Ok(())
-}
-
-fn row(name: &str, mut times: Vec<Duration>, baseline: Option<Duration>) -> Duration {
-    times.sort();
-    let p50 = percentile(&times, 0.5);
-    let ratio = baseline.map_or(String::new(), |b| {
-        format!(", {:.1}x the baseline", p50.as_secs_f64() / b.as_secs_f64())
-    });
-    println!(
-        "  {name:<58} p50 {:>9.2?}  p99 {:>9.2?}{ratio}",
-        p50,
-        percentile(&times, 0.99)
-    );
-    p50
 }
 
 /// Memory the host has available, in bytes.

@@ -16,6 +16,26 @@ pub fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[index.min(sorted.len() - 1)]
 }
 
+/// Prints a timing row: p50, p99 and the ratio to a baseline.
+pub fn row(name: &str, mut times: Vec<Duration>, baseline: Option<Duration>) -> Duration {
+    times.sort();
+    let p50 = percentile(&times, 0.5);
+    let ratio = baseline.map_or(String::new(), |b| {
+        let ratio = p50.as_secs_f64() / b.as_secs_f64();
+        if ratio < 0.1 {
+            format!(", 1/{:.0} of the baseline p50", 1.0 / ratio)
+        } else {
+            format!(", {ratio:.1}x the baseline p50")
+        }
+    });
+    println!(
+        "  {name:<52} p50 {:>9.2?}  p99 {:>9.2?}{ratio}",
+        p50,
+        percentile(&times, 0.99)
+    );
+    p50
+}
+
 /// A `lode registry serve` child on a fresh data dir, killed on drop.
 pub struct Registry {
     child: Child,

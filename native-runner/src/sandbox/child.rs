@@ -380,6 +380,15 @@ pub(super) fn enter(prepared: &Prepared) -> io::Result<()> {
     // SAFETY: unshare(2) takes flags only.
     let unshared = check(unsafe { libc::unshare(flags) });
     stage(prepared, Stage::Namespaces, unshared)?;
+    fork_waiting()?;
+    build_root(prepared)?;
+    stage(prepared, Stage::LockDown, lock_down(prepared))
+}
+
+/// Forks once more, so what follows runs as a child in the pid namespace just made or
+/// joined; this process stays outside it as the waiter ([`wait_and_exit`]) and never
+/// returns. Returns in the child.
+pub(super) fn fork_waiting() -> io::Result<()> {
     // SAFETY: fork(2) in a single-threaded child (the one std forked); both sides only make
     // async-signal-safe calls until exec or _exit.
     let pid = unsafe { libc::fork() };
@@ -389,8 +398,23 @@ pub(super) fn enter(prepared: &Prepared) -> io::Result<()> {
     if pid > 0 {
         wait_and_exit(pid);
     }
-    build_root(prepared)?;
-    stage(prepared, Stage::LockDown, lock_down(prepared))
+    Ok(())
+}
+
+/// A failed spawn's error, with the set-up step the child reported on `stage_read` named.
+pub(super) fn named_failure(
+    error: io::Error,
+    stage_read: &mut io::PipeReader,
+    spec: &SandboxSpec,
+) -> io::Error {
+    let mut code = [0u8; 1];
+    match stage_read.read(&mut code) {
+        Ok(1) => io::Error::new(
+            error.kind(),
+            format!("{}: {error}", Stage::describe(code[0], spec)),
+        ),
+        _ => error,
+    }
 }
 
 /// The middle process: closes what std left open (its error pipe must reach EOF once the

@@ -9,7 +9,7 @@
 //! inside the sandbox's root with the sandbox's rights, symlinks and `..` included.
 
 use std::ffi::CString;
-use std::io::{self, Read};
+use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Stdio};
@@ -17,8 +17,8 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use super::child::{
-    Stage, become_container_root, chdir_inside_root, check, cstring, join_cgroup_files,
-    report_stage, restrict, wait_and_exit,
+    Stage, become_container_root, chdir_inside_root, check, cstring, fork_waiting,
+    join_cgroup_files, named_failure, report_stage, restrict,
 };
 use super::{Sandbox, SandboxSpec, spawn};
 use crate::cgroup::{Hierarchy, LimitHit};
@@ -186,16 +186,9 @@ impl LiveSandbox {
         }
         let spawned = command.spawn();
         drop(command);
-        spawned.map(|child| Process { child }).map_err(|e| {
-            let mut code = [0u8; 1];
-            match stage_read.read(&mut code) {
-                Ok(1) => io::Error::new(
-                    e.kind(),
-                    format!("{}: {e}", Stage::describe(code[0], &SandboxSpec::default())),
-                ),
-                _ => e,
-            }
-        })
+        spawned
+            .map(|child| Process { child })
+            .map_err(|e| named_failure(e, &mut stage_read, &SandboxSpec::default()))
     }
 
     /// Starts the helper's `op` (`read`, `write`, `append`, `ls`, `stat`, `mkdir`, `rm`) on
@@ -344,15 +337,7 @@ fn enter_live(j: &Joining) -> io::Result<()> {
         let joined = check(unsafe { libc::setns(*fd, *kind) });
         report_stage(report, Stage::Namespaces, joined)?;
     }
-    // SAFETY: fork(2) in the single-threaded child std forked; both sides only make
-    // async-signal-safe calls until exec or _exit.
-    let pid = unsafe { libc::fork() };
-    if pid == -1 {
-        return Err(io::Error::last_os_error());
-    }
-    if pid > 0 {
-        wait_and_exit(pid);
-    }
+    fork_waiting()?;
     report_stage(report, Stage::Workdir, chdir_inside_root(&j.cwd))?;
     if let Some(userns) = &j.user_namespace {
         report_stage(report, Stage::User, become_container_root(userns))?;

@@ -346,13 +346,7 @@ pub fn spawn(
     let spawned = command.spawn();
     // The parent's copy of the write end goes with the command, so this read ends.
     drop(command);
-    let child = spawned.map_err(|e| {
-        let mut code = [0u8; 1];
-        match stage_read.read(&mut code) {
-            Ok(1) => io::Error::new(e.kind(), format!("{}: {e}", Stage::describe(code[0], spec))),
-            _ => e,
-        }
-    })?;
+    let child = spawned.map_err(|e| named_failure(e, &mut stage_read, spec))?;
     let (group, slirp) = partial.disarm();
     Ok(Sandbox {
         child,
