@@ -30,15 +30,15 @@ const PR_SET_DUMPABLE: i32 = 4;
 const O_NONBLOCK: i32 = 0o4000;
 
 fn main() {
-    // Nothing else in the sandbox may reach into this process (its pipes to the server).
-    // SAFETY: prctl(2) with integer arguments.
-    unsafe { prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) };
     let args: Vec<String> = std::env::args().skip(1).collect();
     let (op, path) = match args.as_slice() {
         [op] if op == "init" => init(),
         [op, path] => (op.as_str(), Path::new(path)),
         _ => fail(1, "usage: lode-sandbox-helper init | read|write|append|ls|stat|mkdir|rm PATH"),
     };
+    // Nothing else in the sandbox may reach into a file call (its pipes to the server).
+    // SAFETY: prctl(2) with integer arguments.
+    unsafe { prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) };
     let done = match op {
         "read" => read(path),
         "write" => write(path, false),

@@ -71,6 +71,9 @@ fn processes_share_the_sandbox_and_its_files_between_commands() {
     assert!(out.contains("CapBnd:\t0000000000000000"), "{out}");
     assert!(out.contains("NoNewPrivs:\t1"), "{out}");
     assert!(out.contains("Seccomp:\t2"), "{out}");
+    // A process still entering (a copy of the server, not dumpable) is invisible in /proc.
+    let (_, mounts, _) = run(&live, "grep ' /proc proc ' /proc/mounts");
+    assert!(mounts.contains("hidepid=invisible"), "{mounts}");
     // Its exit code comes back, and a missing command is named.
     assert_eq!(run(&live, "exit 7").0, 7);
     let missing = live.exec(

@@ -41,6 +41,9 @@ pub(super) struct Prepared {
     merged: CString,
     overlay_options: CString,
     proc_dir: CString,
+    /// `/proc` shows only processes this one could trace: a process still entering the
+    /// container (a copy of the server, not dumpable until it execs) stays invisible.
+    proc_options: CString,
     /// `/proc` entries remounted read-only, files hidden behind `/dev/null`, and directories
     /// hidden behind an empty read-only tmpfs.
     proc_read_only: Vec<CString>,
@@ -127,6 +130,7 @@ impl Prepared {
                 }
             ))?,
             proc_dir: path_cstring(&merged.join("proc"))?,
+            proc_options: cstring("hidepid=invisible")?,
             proc_read_only: PROC_READ_ONLY
                 .iter()
                 .map(|rel| path_cstring(&merged.join("proc").join(rel)))
@@ -505,7 +509,7 @@ pub(super) fn build_overlay_mounts(
         &p.proc_dir,
         Some(proc_fs),
         libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
-        None,
+        Some(&p.proc_options),
     )?;
     mkdir(&p.dev_dir, 0o755)?;
     mount(
