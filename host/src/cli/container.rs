@@ -52,6 +52,7 @@ pub async fn resolve_local(
             env: oci.env,
             workdir: oci.workdir,
             cmd: oci.cmd,
+            runtime: None,
         };
         let config_path = rootfs.join(CONFIG_PATH);
         let parent = config_path.parent().expect("config has a parent");

@@ -56,6 +56,7 @@ pub async fn run(api: &ApiClient, command: SandboxCommand) -> Result<i32> {
             workdir,
             env,
             timeout,
+            fuel,
             command,
         } => {
             if tty {
@@ -67,6 +68,7 @@ pub async fn run(api: &ApiClient, command: SandboxCommand) -> Result<i32> {
                 workdir,
                 timeout: timeout.map(|t| t.as_secs_f64()),
                 stdin: interactive,
+                fuel,
             };
             exec(api, &id, request).await
         }
@@ -145,12 +147,22 @@ async fn exec(api: &ApiClient, id: &str, request: ExecRequest) -> Result<i32> {
             }
             ExecLine::Stdout { data } => write_output(&mut stdout, &data)?,
             ExecLine::Stderr { data } => write_output(&mut stderr, &data)?,
-            ExecLine::Exit { code, killed_by } => {
+            ExecLine::Exit {
+                code,
+                killed_by,
+                output_dropped,
+            } => {
                 if let Some(feeder) = feeder {
                     feeder.abort();
                 }
                 if let Some(why) = killed_by {
                     eprintln!("lode: {why}");
+                }
+                if let Some(bytes) = output_dropped {
+                    eprintln!(
+                        "lode: {bytes} bytes of output were dropped past the server's limit per \
+                         process (lode serve --sandbox-max-output)"
+                    );
                 }
                 return Ok(code);
             }

@@ -111,6 +111,10 @@ pub struct ServeArgs {
     /// The largest file one sandbox file call reads or writes, e.g. 64M.
     #[arg(long, default_value = "64M", value_parser = parse_size)]
     pub sandbox_max_file: u64,
+    /// Output one sandbox process may send (stdout and stderr together), e.g. 64M; the rest
+    /// is dropped and counted in its exit.
+    #[arg(long, default_value = "64M", value_parser = parse_size)]
+    pub sandbox_max_output: u64,
     #[command(flatten)]
     pub registry: RegistryFlags,
     /// Wasm instances that can run at once (pooling allocator slots of the default engine;
@@ -226,6 +230,7 @@ pub async fn run(args: ServeArgs) -> Result<()> {
             max_running: args.max_sandboxes,
             max_per_app: args.max_sandboxes_per_app,
             max_file_bytes: args.sandbox_max_file,
+            max_output_bytes: args.sandbox_max_output,
         },
         container_start_timeout: args.container_start_timeout,
     })

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use lode_native_runner::builder::{DEFAULT_PATH, Events, read_config};
 use lode_native_runner::cgroup::{Hierarchy, Limits};
-use lode_native_runner::image_spec::ImageSpec;
+use lode_native_runner::image_spec::{ImageConfig, ImageSpec};
 use lode_native_runner::sandbox::{Network, SandboxSpec, Volume};
 use lode_registry::TagUpdate;
 
@@ -126,6 +126,33 @@ impl Native {
             cgroups,
             mount,
         })
+    }
+
+    /// The digest and settings of image `reference` (a tag or a digest), without mounting
+    /// it: a sandbox's tier follows from them.
+    pub async fn image_config(
+        &self,
+        reference: &str,
+    ) -> Result<(lode_registry::Digest, ImageConfig), Refused> {
+        let (digest, index) = self.resolve(reference).await?;
+        let config = read_config(&index, self.registry.as_ref())
+            .await
+            .map_err(Refused::internal)?;
+        Ok((digest, config))
+    }
+
+    /// The lazy mount of image `digest`, shared with everything else that runs it.
+    pub async fn mount_image(
+        &self,
+        digest: &lode_registry::Digest,
+    ) -> Result<Arc<lode_fs::Mount>, Refused> {
+        self.mounts.mount(digest).await.map_err(Refused::internal)
+    }
+
+    /// Where scratch space of containers and sandboxes goes; the server's start clears it,
+    /// mounts included.
+    pub fn run_dir(&self) -> &Path {
+        &self.run_dir
     }
 
     /// Builds `spec` (each line of progress to `events`) and points `tag` at it; says how it

@@ -54,6 +54,17 @@ pub struct SandboxRequest {
     pub volumes: Vec<VolumeRequest>,
 }
 
+/// Which engine runs a sandbox's processes; its image decides.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Tier {
+    /// A container of a Linux image.
+    #[default]
+    Container,
+    /// WASI commands of a Wasm runtime image.
+    Wasm,
+}
+
 /// Where a sandbox is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -75,6 +86,9 @@ pub struct SandboxInfo {
     pub image: String,
     /// The image's digest.
     pub image_digest: String,
+    /// The engine its processes run on.
+    #[serde(default)]
+    pub tier: Tier,
     /// Its labels.
     pub tags: BTreeMap<String, String>,
     /// Where it is.
@@ -121,6 +135,10 @@ pub struct ExecRequest {
     /// empty.
     #[serde(default)]
     pub stdin: bool,
+    /// Wasm tier: the fuel the command may burn (a count of Wasm work, the same on every
+    /// run); none by default, when its timeout alone bounds it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fuel: Option<u64>,
 }
 
 /// What an exec streams, one per NDJSON line.
@@ -149,6 +167,10 @@ pub enum ExecLine {
         /// What stopped it, named (its timeout, the sandbox's end), if not itself.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         killed_by: Option<String>,
+        /// Bytes of output dropped past the server's limit per process (`lode serve
+        /// --sandbox-max-output`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        output_dropped: Option<u64>,
     },
     /// It could not run.
     Error {

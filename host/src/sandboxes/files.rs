@@ -5,6 +5,7 @@ use std::io::{Read, Write};
 use std::process::Stdio;
 
 use super::Sandboxes;
+use super::wasm::WasmRoom;
 
 /// The longest a file call may take.
 const FILE_CALL_LIMIT: std::time::Duration = std::time::Duration::from_secs(60);
@@ -39,9 +40,12 @@ impl Sandboxes {
     ) -> Result<Vec<u8>, Refused> {
         check_path(path)?;
         let entry = self.running(id)?;
+        if let Some(room) = entry.wasm_room() {
+            return wasm_file_op(&room, op, path, input, limit);
+        }
         let mut process = {
             let live = entry.live.lock().unwrap();
-            let Some(live) = live.as_ref() else {
+            let Some(super::Live::Container(live)) = live.as_ref() else {
                 return Err(super::ended(&entry.info.lock().unwrap()));
             };
             live.file_op(op, path, input.as_ref().map(|_| Stdio::piped()))
@@ -190,6 +194,35 @@ impl Sandboxes {
     ) -> Result<(), Refused> {
         let (this, id, path) = (self.clone(), id.to_string(), path.to_string());
         blocking(move || this.file_op(&id, "rm", &path, None, 0).map(drop)).await
+    }
+}
+
+/// A file call in a Wasm-tier sandbox, answered as the container tier's helper answers it
+/// (entries as JSON lines).
+fn wasm_file_op(
+    room: &WasmRoom,
+    op: &str,
+    path: &str,
+    input: Option<Vec<u8>>,
+    limit: u64,
+) -> Result<Vec<u8>, Refused> {
+    let lines = |entries: Vec<FileEntry>| {
+        entries
+            .iter()
+            .map(|e| serde_json::to_string(e).expect("entries serialize") + "\n")
+            .collect::<String>()
+            .into_bytes()
+    };
+    match op {
+        "read" => room.read(path, limit),
+        "write" | "append" => room
+            .write(path, &input.unwrap_or_default(), op == "append")
+            .map(|()| Vec::new()),
+        "ls" => room.list(path).map(lines),
+        "stat" => room.stat(path).map(|e| lines(vec![e])),
+        "mkdir" => room.make_dir(path).map(|()| Vec::new()),
+        "rm" => room.remove(path).map(|()| Vec::new()),
+        other => Err(Refused::internal(format!("no file call {other:?}"))),
     }
 }
 

@@ -10,18 +10,24 @@
 
 mod files;
 mod process;
+mod wasm;
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
+use lode_native_runner::image_spec::ImageConfig;
 use lode_native_runner::sandbox::LiveSandbox;
 
 use crate::native::{Native, Refused};
 use crate::proto::containers::ContainerRequest;
 use crate::proto::manifest::{dns_label_rule, is_dns_label};
-use crate::proto::sandboxes::{DEFAULT_TIMEOUT_SECS, SandboxInfo, SandboxRequest, SandboxStatus};
+use crate::proto::sandboxes::{
+    DEFAULT_TIMEOUT_SECS, SandboxInfo, SandboxRequest, SandboxStatus, Tier,
+};
 use crate::store::state::{StateStore, Table};
+use crate::wasm::command::{CommandEngine, MAX_COMMAND_MEMORY};
 
 pub use process::ProcessStream;
 
@@ -42,6 +48,9 @@ pub struct SandboxBounds {
     pub max_per_app: usize,
     /// The largest file a file call reads or writes, in bytes.
     pub max_file_bytes: u64,
+    /// Output one process may send (stdout and stderr together); the rest is dropped and
+    /// counted in its exit line.
+    pub max_output_bytes: u64,
 }
 
 impl Default for SandboxBounds {
@@ -51,6 +60,43 @@ impl Default for SandboxBounds {
             max_running: 64,
             max_per_app: 16,
             max_file_bytes: 64 << 20,
+            max_output_bytes: 64 << 20,
+        }
+    }
+}
+
+/// Memory a Wasm-tier command gets when the sandbox names none, in MiB.
+const DEFAULT_WASM_MEMORY_MIB: u64 = 1024;
+
+/// What runs a sandbox's processes.
+enum Live {
+    /// A container, its pid 1 Lode's.
+    Container(Box<LiveSandbox>),
+    /// WASI commands over the image and the sandbox's own directories.
+    Wasm(Arc<wasm::WasmRoom>),
+}
+
+impl Live {
+    /// Why it stopped by itself, if it did.
+    fn stopped(&mut self) -> Option<String> {
+        match self {
+            Live::Container(sandbox) => {
+                if sandbox.is_running() {
+                    return None;
+                }
+                Some(match sandbox.limit_hit() {
+                    Some(limit) => limit.to_string(),
+                    None => "its pid 1 ended".into(),
+                })
+            }
+            Live::Wasm(_) => None,
+        }
+    }
+
+    fn terminate(self) {
+        match self {
+            Live::Container(sandbox) => sandbox.terminate(),
+            Live::Wasm(room) => room.terminate(),
         }
     }
 }
@@ -59,12 +105,16 @@ impl Default for SandboxBounds {
 struct Entry {
     info: Mutex<SandboxInfo>,
     /// `None` once it ended.
-    live: Mutex<Option<LiveSandbox>>,
+    live: Mutex<Option<Live>>,
     /// The image stays mounted while the sandbox lives.
     _mount: Arc<lode_fs::Mount>,
     /// Every process starts with this environment and working directory.
     env: Vec<(String, String)>,
     cwd: String,
+    /// Memory per Wasm command, in bytes.
+    memory: u64,
+    /// When its timeout ends it.
+    ends_at: Instant,
     /// The last exec or file call, for the idle timeout.
     touched: Mutex<Instant>,
     /// Processes running now, by id; those with stdin open hold its writer.
@@ -74,6 +124,14 @@ struct Entry {
 impl Entry {
     fn touch(&self) {
         *self.touched.lock().unwrap() = Instant::now();
+    }
+
+    /// Its Wasm room, if it is a running Wasm-tier sandbox.
+    fn wasm_room(&self) -> Option<Arc<wasm::WasmRoom>> {
+        match self.live.lock().unwrap().as_ref() {
+            Some(Live::Wasm(room)) => Some(room.clone()),
+            _ => None,
+        }
     }
 }
 
@@ -89,6 +147,23 @@ pub struct Sandboxes {
     entries: Mutex<HashMap<String, Arc<Entry>>>,
     /// Creates in progress, by app: they count against the bounds until they finish.
     starting: Mutex<Vec<String>>,
+    /// Where compiled WASI commands are cached.
+    commands_dir: PathBuf,
+    /// The engine of the Wasm tier, made with its first sandbox.
+    commands: OnceLock<Result<Arc<CommandEngine>, String>>,
+    /// The content digest of each command file of an image, by image digest and path.
+    command_digests: Mutex<HashMap<(String, String), blake3::Hash>>,
+}
+
+/// A sandbox just started, before it is recorded.
+struct Started {
+    live: Live,
+    tier: Tier,
+    image_digest: String,
+    mount: Arc<lode_fs::Mount>,
+    env: Vec<(String, String)>,
+    cwd: String,
+    memory: u64,
 }
 
 /// A create's place in the count; dropped when the create ends, however it ends.
@@ -113,6 +188,7 @@ impl Sandboxes {
         native: Arc<Native>,
         state: Arc<dyn StateStore>,
         bounds: SandboxBounds,
+        commands_dir: PathBuf,
     ) -> anyhow::Result<Arc<Self>> {
         let oldest = crate::util::now_ms().saturating_sub(RETENTION.as_millis() as u64);
         for (id, bytes) in state.list_entries(Table::Sandboxes)? {
@@ -136,7 +212,28 @@ impl Sandboxes {
             bounds,
             entries: Mutex::new(HashMap::new()),
             starting: Mutex::new(Vec::new()),
+            commands_dir,
+            commands: OnceLock::new(),
+            command_digests: Mutex::new(HashMap::new()),
         }))
+    }
+
+    /// The Wasm tier's engine, made on first use.
+    fn command_engine(&self) -> Result<Arc<CommandEngine>, Refused> {
+        self.commands
+            .get_or_init(|| {
+                CommandEngine::new(self.commands_dir.clone())
+                    .map(Arc::new)
+                    .map_err(|e| format!("{e:#}"))
+            })
+            .clone()
+            .map_err(|e| {
+                Refused::new(
+                    503,
+                    "no_wasm_tier",
+                    format!("the Wasm tier is unavailable: {e}"),
+                )
+            })
     }
 
     fn record(&self, info: &SandboxInfo) {
@@ -170,6 +267,50 @@ impl Sandboxes {
         }
         check_tags(&request.tags)?;
         let _reservation = self.reserve(&request.app)?;
+        let (digest, config) = self.native.image_config(&request.image).await?;
+        let id = format!("sb-{:024x}", rand::random::<u128>() >> 32);
+        let started = if config.is_wasm() {
+            self.start_wasm(&id, &request, digest, &config).await?
+        } else {
+            self.start_container(&request).await?
+        };
+        let info = SandboxInfo {
+            sandbox_id: id.clone(),
+            app: request.app.clone(),
+            image: request.image.clone(),
+            image_digest: started.image_digest,
+            tier: started.tier,
+            tags: request.tags.clone(),
+            status: SandboxStatus::Running,
+            ended_by: None,
+            created_ms: crate::util::now_ms(),
+            ended_ms: None,
+            timeout,
+            idle_timeout: request.idle_timeout,
+        };
+        self.record(&info);
+        let entry = Arc::new(Entry {
+            info: Mutex::new(info.clone()),
+            live: Mutex::new(Some(started.live)),
+            _mount: started.mount,
+            env: started.env,
+            cwd: started.cwd,
+            memory: started.memory,
+            ends_at: Instant::now() + Duration::from_secs_f64(timeout),
+            touched: Mutex::new(Instant::now()),
+            processes: Mutex::new(HashMap::new()),
+        });
+        self.entries
+            .lock()
+            .unwrap()
+            .insert(id.clone(), entry.clone());
+        tracing::info!(sandbox = %id, app = %info.app, image = %info.image_digest, tier = ?info.tier, "sandbox started");
+        tokio::spawn(self.clone().supervise(entry));
+        Ok(info)
+    }
+
+    /// A container-tier sandbox of `request`, running.
+    async fn start_container(&self, request: &SandboxRequest) -> Result<Started, Refused> {
         let prepared = self
             .native
             .prepare_sandbox(&ContainerRequest {
@@ -197,37 +338,81 @@ impl Sandboxes {
                     format!("the sandbox did not start: {e}"),
                 )
             })?;
-        let id = format!("sb-{:024x}", rand::random::<u128>() >> 32);
-        let info = SandboxInfo {
-            sandbox_id: id.clone(),
-            app: request.app.clone(),
-            image: request.image.clone(),
-            image_digest: prepared.image.clone(),
-            tags: request.tags.clone(),
-            status: SandboxStatus::Running,
-            ended_by: None,
-            created_ms: crate::util::now_ms(),
-            ended_ms: None,
-            timeout,
-            idle_timeout: request.idle_timeout,
-        };
-        self.record(&info);
-        let entry = Arc::new(Entry {
-            info: Mutex::new(info.clone()),
-            live: Mutex::new(Some(live)),
-            _mount: prepared.mount,
-            env: prepared.spec.env.clone(),
-            cwd: prepared.spec.cwd.clone(),
-            touched: Mutex::new(Instant::now()),
-            processes: Mutex::new(HashMap::new()),
-        });
-        self.entries
-            .lock()
-            .unwrap()
-            .insert(id.clone(), entry.clone());
-        tracing::info!(sandbox = %id, app = %info.app, image = %info.image_digest, "sandbox started");
-        tokio::spawn(self.clone().supervise(entry));
-        Ok(info)
+        Ok(Started {
+            live: Live::Container(Box::new(live)),
+            tier: Tier::Container,
+            image_digest: prepared.image,
+            mount: prepared.mount,
+            env: prepared.spec.env,
+            cwd: prepared.spec.cwd,
+            memory: 0,
+        })
+    }
+
+    /// A Wasm-tier sandbox of `request` (its image a Wasm runtime image), ready for commands.
+    /// What only a container can honour is refused by name.
+    async fn start_wasm(
+        &self,
+        id: &str,
+        request: &SandboxRequest,
+        digest: lode_registry::Digest,
+        config: &ImageConfig,
+    ) -> Result<Started, Refused> {
+        let container_only = [
+            ("cpu", request.cpu.is_some()),
+            ("pids", request.pids.is_some()),
+            ("volumes", !request.volumes.is_empty()),
+            (
+                "network",
+                request.network.as_deref().is_some_and(|n| n != "none"),
+            ),
+            ("allow_net (cidr_allowlist)", !request.allow_net.is_empty()),
+        ];
+        if let Some((name, _)) = container_only.iter().find(|(_, asked)| *asked) {
+            return Err(Refused::bad(format!(
+                "{name} is not available in the Wasm tier (image {} is a Wasm runtime image: \
+                 its commands get no sockets, threads or host directories); use a Linux image \
+                 for it",
+                request.image
+            )));
+        }
+        let max_mib = (MAX_COMMAND_MEMORY >> 20).min(self.native.bounds().max_memory_mib);
+        let memory_mib = request
+            .memory
+            .unwrap_or(DEFAULT_WASM_MEMORY_MIB.min(max_mib));
+        if !(1..=max_mib).contains(&memory_mib) {
+            return Err(Refused::bad(format!(
+                "memory must be between 1 and {max_mib} MiB for a Wasm sandbox"
+            )));
+        }
+        let engine = self.command_engine()?;
+        drop(engine);
+        let mount = self.native.mount_image(&digest).await?;
+        let layer = self.native.run_dir().join(id);
+        let bytes = self.native.bounds().writable_bytes;
+        let (image, hex) = (mount.clone(), digest.to_string());
+        let room =
+            tokio::task::spawn_blocking(move || wasm::WasmRoom::make(image, hex, layer, bytes))
+                .await
+                .map_err(Refused::internal)?
+                .map_err(|e| Refused::internal(format!("the sandbox did not start: {e}")))?;
+        let mut env = config.env.clone();
+        for (name, value) in &request.env {
+            lode_native_runner::image_spec::set_env(&mut env, name, value);
+        }
+        Ok(Started {
+            live: Live::Wasm(Arc::new(room)),
+            tier: Tier::Wasm,
+            image_digest: digest.to_string(),
+            mount,
+            env,
+            cwd: request
+                .workdir
+                .clone()
+                .or(config.workdir.clone())
+                .unwrap_or_else(|| "/work".into()),
+            memory: memory_mib << 20,
+        })
     }
 
     /// Takes a place for a new sandbox of `app`, refused past the server's or the app's
@@ -295,13 +480,8 @@ impl Sandboxes {
                     && entry.touched.lock().unwrap().elapsed() >= idle
                 {
                     Some(format!("idle_timeout ({}s)", idle.as_secs_f64()))
-                } else if !sandbox.is_running() {
-                    Some(match sandbox.limit_hit() {
-                        Some(limit) => limit.to_string(),
-                        None => "its pid 1 ended".into(),
-                    })
                 } else {
-                    None
+                    sandbox.stopped()
                 }
             };
             if let Some(reason) = reason {

@@ -2,28 +2,44 @@
 //! back as it comes, their stdin written by later calls, and killed at their own timeout,
 //! when the caller goes away, or with the sandbox.
 
-use std::io::Write;
+use std::io::{Read, Write};
 use std::process::{ChildStdin, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use lode_native_runner::sandbox::ExecSpec;
+use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
 
+use super::wasm::{ExecOutput, OutputBudget, WasmRoom};
 use super::{Entry, Sandboxes};
 use crate::native::Refused;
 use crate::proto::sandboxes::{ExecLine, ExecRequest};
+use crate::wasm::command::{CommandEnd, CommandRun};
+use crate::wasm::store::{GuestOutput, OutputSink};
 
 /// A process's stdin, while it is open.
 pub(super) struct Handle {
-    stdin: Option<Arc<Mutex<ChildStdin>>>,
+    stdin: Option<Stdin>,
 }
+
+/// Where a process's stdin is written.
+#[derive(Clone)]
+enum Stdin {
+    /// A container process's pipe.
+    Pipe(Arc<Mutex<ChildStdin>>),
+    /// A WASI command's in-memory pipe.
+    Command(Arc<tokio::sync::Mutex<tokio::io::DuplexStream>>),
+}
+
+/// Bytes a WASI command's stdin holds before a writer waits for it to read.
+const COMMAND_STDIN_BUFFER: usize = 256 << 10;
 
 /// What an exec streams: its lines as they come; dropping it kills the process.
 pub struct ProcessStream {
     /// The lines, `Started` first and `Exit` (or `Error`) last.
-    pub lines: mpsc::Receiver<ExecLine>,
+    pub lines: mpsc::UnboundedReceiver<ExecLine>,
     /// Set when the receiver goes away: the caller left.
     pub gone: Arc<AtomicBool>,
 }
@@ -35,21 +51,32 @@ impl Drop for ProcessStream {
 }
 
 impl Sandboxes {
-    /// Starts `request` in sandbox `id` and streams it. The start waits for the command's
-    /// exec, which may fault in pages of a lazily mounted image: the lazy mount is served on
-    /// the async threads, so the start runs off them.
+    /// Starts `request` in sandbox `id` and streams it. A container's start waits for the
+    /// command's exec, which may fault in pages of a lazily mounted image: the lazy mount is
+    /// served on the async threads, so the start runs off them.
     pub async fn exec(
         self: &Arc<Self>,
         id: &str,
         request: ExecRequest,
     ) -> Result<ProcessStream, Refused> {
-        let (this, id) = (self.clone(), id.to_string());
-        tokio::task::spawn_blocking(move || this.start_process(&id, request))
+        self.check_exec(&request)?;
+        let entry = self.running(id)?;
+        if let Some(room) = entry.wasm_room() {
+            return self.start_command(entry, room, request).await;
+        }
+        if request.fuel.is_some() {
+            return Err(Refused::bad(
+                "fuel bounds WASI commands in the Wasm tier; a container's process is bounded \
+                 by its timeout",
+            ));
+        }
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || this.start_process(entry, request))
             .await
             .map_err(Refused::internal)?
     }
 
-    fn start_process(&self, id: &str, request: ExecRequest) -> Result<ProcessStream, Refused> {
+    fn check_exec(&self, request: &ExecRequest) -> Result<(), Refused> {
         if request.argv.is_empty() {
             return Err(Refused::bad("no command given: exec ID -- CMD..."));
         }
@@ -66,7 +93,14 @@ impl Sandboxes {
                 return Err(Refused::bad(format!("{name:?} is not a variable name")));
             }
         }
-        let entry = self.running(id)?;
+        Ok(())
+    }
+
+    fn start_process(
+        &self,
+        entry: Arc<Entry>,
+        request: ExecRequest,
+    ) -> Result<ProcessStream, Refused> {
         let mut env = entry.env.clone();
         for (name, value) in &request.env {
             lode_native_runner::image_spec::set_env(&mut env, name, value);
@@ -83,7 +117,7 @@ impl Sandboxes {
         };
         let mut process = {
             let live = entry.live.lock().unwrap();
-            let Some(live) = live.as_ref() else {
+            let Some(super::Live::Container(live)) = live.as_ref() else {
                 return Err(super::ended(&entry.info.lock().unwrap()));
             };
             live.exec(&exec, stdin, Stdio::piped(), Stdio::piped())
@@ -99,29 +133,21 @@ impl Sandboxes {
                     )
                 })?
         };
-        let process_id = format!("pr-{:016x}", rand::random::<u64>());
-        let stdin = process.child.stdin.take().map(|s| Arc::new(Mutex::new(s)));
-        entry
-            .processes
-            .lock()
-            .unwrap()
-            .insert(process_id.clone(), Handle { stdin });
-        let (tx, rx) = mpsc::channel(64);
-        let gone = Arc::new(AtomicBool::new(false));
-        let _ = tx.try_send(ExecLine::Started {
-            process_id: process_id.clone(),
-        });
-        let out = crate::util::pump_base64(
+        let stdin = process
+            .child
+            .stdin
+            .take()
+            .map(|s| Stdin::Pipe(Arc::new(Mutex::new(s))));
+        let (process_id, tx, stream) = started(&entry, stdin);
+        let gone = stream.gone.clone();
+        let budget = OutputBudget::new(self.bounds.max_output_bytes);
+        let out = pump(
             process.child.stdout.take(),
-            tx.clone(),
-            gone.clone(),
-            |data| ExecLine::Stdout { data },
+            ExecOutput::new(tx.clone(), false, budget.clone()),
         );
-        let err = crate::util::pump_base64(
+        let err = pump(
             process.child.stderr.take(),
-            tx.clone(),
-            gone.clone(),
-            |data| ExecLine::Stderr { data },
+            ExecOutput::new(tx.clone(), true, budget.clone()),
         );
         let deadline = request
             .timeout
@@ -155,29 +181,207 @@ impl Sandboxes {
             entry.processes.lock().unwrap().remove(&process_id);
             entry.touch();
             if killed_by.is_none() && entry.live.lock().unwrap().is_none() {
-                killed_by = Some(format!(
-                    "killed: the sandbox ended ({})",
-                    entry
-                        .info
-                        .lock()
-                        .unwrap()
-                        .ended_by
-                        .as_deref()
-                        .unwrap_or("ended")
-                ));
+                killed_by = Some(killed_by_end(&entry));
             }
             let line = match status {
                 Ok(status) => ExecLine::Exit {
                     code: lode_native_runner::sandbox::exit_code(status),
                     killed_by,
+                    output_dropped: dropped(&budget),
                 },
                 Err(e) => ExecLine::Error {
                     message: format!("waiting for the process: {e}"),
                 },
             };
-            let _ = tx.blocking_send(line);
+            let _ = tx.send(line);
         });
-        Ok(ProcessStream { lines: rx, gone })
+        Ok(stream)
+    }
+
+    /// Starts `request` as a WASI command in a Wasm-tier sandbox: the program is found on
+    /// the sandbox's `PATH` (as NAME or NAME.wasm), prepared once per content, and run as a
+    /// fresh instance with the sandbox's files, its memory limit, the fuel asked for and a
+    /// deadline.
+    async fn start_command(
+        self: &Arc<Self>,
+        entry: Arc<Entry>,
+        room: Arc<WasmRoom>,
+        request: ExecRequest,
+    ) -> Result<ProcessStream, Refused> {
+        let engine = self.command_engine()?;
+        let mut env = entry.env.clone();
+        for (name, value) in &request.env {
+            lode_native_runner::image_spec::set_env(&mut env, name, value);
+        }
+        let (this, found_room, found_env, name) = (
+            self.clone(),
+            room.clone(),
+            env.clone(),
+            request.argv[0].clone(),
+        );
+        let cwd = request.workdir.clone().unwrap_or_else(|| entry.cwd.clone());
+        let found_cwd = cwd.clone();
+        let (program, digest) = tokio::task::spawn_blocking(move || {
+            this.find_command(&found_room, &found_env, &found_cwd, &name)
+        })
+        .await
+        .map_err(Refused::internal)??;
+        let mut argv = request.argv.clone();
+        argv[0] = program;
+        set_default(&mut env, "PWD", &cwd);
+        let (stdin, reader) = if request.stdin {
+            let (writer, reader) = tokio::io::duplex(COMMAND_STDIN_BUFFER);
+            (
+                Some(Stdin::Command(Arc::new(tokio::sync::Mutex::new(writer)))),
+                Some(reader),
+            )
+        } else {
+            (None, None)
+        };
+        let (process_id, tx, stream) = started(&entry, stdin);
+        let budget = OutputBudget::new(self.bounds.max_output_bytes);
+        let (out, err) = (
+            GuestOutput::new(ExecOutput::new(tx.clone(), false, budget.clone())),
+            GuestOutput::new(ExecOutput::new(tx.clone(), true, budget.clone())),
+        );
+        let stop = Arc::new(AtomicBool::new(false));
+        let deadline = request
+            .timeout
+            .map_or(entry.ends_at, |t| {
+                Instant::now() + Duration::from_secs_f64(t)
+            })
+            .min(entry.ends_at);
+        let run = CommandRun {
+            argv,
+            env,
+            preopens: room.preopens(),
+            stdio: Box::new(move |wasi| {
+                match reader {
+                    Some(reader) => wasi.stdin(wasmtime_wasi::cli::AsyncStdinStream::new(reader)),
+                    None => wasi.stdin(tokio::io::empty()),
+                };
+                wasi.stdout(out).stderr(err);
+            }),
+            memory: entry.memory,
+            fuel: request.fuel,
+            deadline,
+            stop: stop.clone(),
+        };
+        // The caller leaving or the sandbox ending stops the command at its next epoch tick.
+        let (gone, ended) = (stream.gone.clone(), room.ended.clone());
+        let watcher = stop.clone();
+        let watch = tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                if gone.load(Ordering::Relaxed) || ended.load(Ordering::Relaxed) {
+                    watcher.store(true, Ordering::Relaxed);
+                    return;
+                }
+            }
+        });
+        let (gone, ended) = (stream.gone.clone(), room.ended.clone());
+        tokio::spawn(async move {
+            let end = engine.run(&digest, run).await;
+            watch.abort();
+            entry.processes.lock().unwrap().remove(&process_id);
+            entry.touch();
+            let line = match end {
+                Ok(CommandEnd::Exited(code)) => ExecLine::Exit {
+                    code,
+                    killed_by: None,
+                    output_dropped: dropped(&budget),
+                },
+                Ok(CommandEnd::Stopped(reason)) => ExecLine::Exit {
+                    code: 128 + libc::SIGKILL,
+                    killed_by: Some(if ended.load(Ordering::Relaxed) {
+                        killed_by_end(&entry)
+                    } else if gone.load(Ordering::Relaxed) {
+                        "killed: the caller went away".into()
+                    } else if Instant::now() >= deadline && request.timeout.is_some() {
+                        format!(
+                            "killed: timed out after {}s",
+                            request.timeout.unwrap_or_default()
+                        )
+                    } else {
+                        reason
+                    }),
+                    output_dropped: dropped(&budget),
+                },
+                Err(e) => ExecLine::Error {
+                    message: format!("the command did not run: {e:#}"),
+                },
+            };
+            let _ = tx.send(line);
+        });
+        Ok(stream)
+    }
+
+    /// The sandbox path and content digest of command `name`, prepared on the engine: a
+    /// path as given (relative to `cwd`), a bare name looked up on `PATH` as NAME or
+    /// NAME.wasm. An image's files are hashed once per server; the sandbox's own each time.
+    fn find_command(
+        &self,
+        room: &WasmRoom,
+        env: &[(String, String)],
+        cwd: &str,
+        name: &str,
+    ) -> Result<(String, blake3::Hash), Refused> {
+        let candidates: Vec<String> = if name.contains('/') {
+            vec![if name.starts_with('/') {
+                name.to_string()
+            } else {
+                format!("{}/{name}", cwd.trim_end_matches('/'))
+            }]
+        } else {
+            let path = env
+                .iter()
+                .find(|(n, _)| n == "PATH")
+                .map_or("/usr/local/bin:/usr/bin:/bin", |(_, v)| v.as_str());
+            path.split(':')
+                .filter(|dir| dir.starts_with('/'))
+                .flat_map(|dir| {
+                    let dir = dir.trim_end_matches('/');
+                    [format!("{dir}/{name}"), format!("{dir}/{name}.wasm")]
+                })
+                .collect()
+        };
+        let Some(program) = candidates
+            .into_iter()
+            .find(|path| room.stat(path).is_ok_and(|entry| entry.kind == "file"))
+        else {
+            return Err(Refused::new(
+                400,
+                "exec_failed",
+                format!(
+                    "no command {name:?} in the sandbox (a WASI program, looked up on its PATH as \
+                     {name} or {name}.wasm)"
+                ),
+            ));
+        };
+        let key = (room.digest.clone(), program.clone());
+        let known = match room.is_image_path(&program) {
+            true => self.command_digests.lock().unwrap().get(&key).copied(),
+            false => None,
+        };
+        let engine = self.command_engine()?;
+        if let Some(digest) = known
+            && engine.is_ready(&digest)
+        {
+            return Ok((program, digest));
+        }
+        let bytes = room.read(&program, MAX_COMMAND_BYTES)?;
+        let digest = blake3::hash(&bytes);
+        engine.prepare(digest, &bytes).map_err(|e| {
+            Refused::new(
+                400,
+                "exec_failed",
+                format!("{program} is not a WASI command Lode can run: {e:#}"),
+            )
+        })?;
+        if room.is_image_path(&program) {
+            self.command_digests.lock().unwrap().insert(key, digest);
+        }
+        Ok((program, digest))
     }
 
     /// Writes `bytes` to a running process's stdin; with `eof`, closes it after.
@@ -191,17 +395,21 @@ impl Sandboxes {
         let entry = self.running(id)?;
         let stdin = stdin_of(&entry, process_id)?;
         if !bytes.is_empty() {
-            let stdin = stdin.clone();
-            tokio::task::spawn_blocking(move || stdin.lock().unwrap().write_all(&bytes))
-                .await
-                .map_err(Refused::internal)?
-                .map_err(|e| {
-                    Refused::new(
-                        409,
-                        "stdin_closed",
-                        format!("process {process_id} no longer reads its stdin: {e}"),
-                    )
-                })?;
+            let written = match stdin {
+                Stdin::Pipe(pipe) => {
+                    tokio::task::spawn_blocking(move || pipe.lock().unwrap().write_all(&bytes))
+                        .await
+                        .map_err(Refused::internal)?
+                }
+                Stdin::Command(pipe) => pipe.lock().await.write_all(&bytes).await,
+            };
+            written.map_err(|e| {
+                Refused::new(
+                    409,
+                    "stdin_closed",
+                    format!("process {process_id} no longer reads its stdin: {e}"),
+                )
+            })?;
         }
         if eof && let Some(handle) = entry.processes.lock().unwrap().get_mut(process_id) {
             handle.stdin = None;
@@ -210,7 +418,75 @@ impl Sandboxes {
     }
 }
 
-fn stdin_of(entry: &Entry, process_id: &str) -> Result<Arc<Mutex<ChildStdin>>, Refused> {
+/// The largest WASI program an exec loads.
+const MAX_COMMAND_BYTES: u64 = 1 << 30;
+
+/// Registers a process of `entry` and opens its stream with its `Started` line.
+fn started(
+    entry: &Entry,
+    stdin: Option<Stdin>,
+) -> (String, mpsc::UnboundedSender<ExecLine>, ProcessStream) {
+    let process_id = format!("pr-{:016x}", rand::random::<u64>());
+    entry
+        .processes
+        .lock()
+        .unwrap()
+        .insert(process_id.clone(), Handle { stdin });
+    let (tx, rx) = mpsc::unbounded_channel();
+    let _ = tx.send(ExecLine::Started {
+        process_id: process_id.clone(),
+    });
+    let stream = ProcessStream {
+        lines: rx,
+        gone: Arc::new(AtomicBool::new(false)),
+    };
+    (process_id, tx, stream)
+}
+
+/// Copies a container process's pipe into its stream, within its output budget; the pipe
+/// is read to its end whatever is dropped, so the process never blocks on it.
+fn pump(
+    pipe: Option<impl Read + Send + 'static>,
+    output: ExecOutput,
+) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let Some(mut pipe) = pipe else { return };
+        let mut output = output;
+        let mut buffer = vec![0u8; 64 << 10];
+        loop {
+            match pipe.read(&mut buffer) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => OutputSink::write(&mut output, &buffer[..n]),
+            }
+        }
+    })
+}
+
+fn dropped(budget: &OutputBudget) -> Option<u64> {
+    Some(budget.dropped.load(Ordering::Relaxed)).filter(|n| *n > 0)
+}
+
+fn killed_by_end(entry: &Entry) -> String {
+    format!(
+        "killed: the sandbox ended ({})",
+        entry
+            .info
+            .lock()
+            .unwrap()
+            .ended_by
+            .as_deref()
+            .unwrap_or("ended")
+    )
+}
+
+/// Sets `name` unless it is set.
+fn set_default(env: &mut Vec<(String, String)>, name: &str, value: &str) {
+    if !env.iter().any(|(n, _)| n == name) {
+        env.push((name.to_string(), value.to_string()));
+    }
+}
+
+fn stdin_of(entry: &Entry, process_id: &str) -> Result<Stdin, Refused> {
     let processes = entry.processes.lock().unwrap();
     let Some(handle) = processes.get(process_id) else {
         return Err(Refused::new(

@@ -229,6 +229,7 @@ pub async fn serve(options: ServeOptions) -> Result<()> {
         native.clone(),
         state.clone(),
         options.sandbox_bounds.clone(),
+        options.cache_dir.join("compiled-commands"),
     )
     .context("reading the sandboxes' records")?;
     let control = Control::new(

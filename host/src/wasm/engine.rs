@@ -182,12 +182,17 @@ impl std::fmt::Display for EngineKind {
 type OtherEngines = Arc<Mutex<BTreeMap<EngineKind, Weak<EngineClass>>>>;
 
 /// Advances every live engine's epoch each [`EPOCH_TICK`] until dropped.
-struct EpochTicker {
+pub(crate) struct EpochTicker {
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
 }
 
 impl EpochTicker {
+    /// Ticks `engine` alone.
+    pub(crate) fn for_engine(engine: Engine) -> Self {
+        Self::start(engine, OtherEngines::default())
+    }
+
     fn start(default: Engine, others: OtherEngines) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
@@ -371,25 +376,31 @@ pub struct EngineClass {
     kind: EngineKind,
 }
 
+/// A pool for `slots` component instances at once, each with up to `max_memory` bytes.
+/// One wasip2 component instance holds several core instances (the program plus adapter
+/// shims) and tables, but usually one memory; the pools are sized so that `slots` runs
+/// really can happen at once.
+pub(crate) fn component_pool(slots: u32, max_memory: u64) -> PoolingAllocationConfig {
+    let n = slots;
+    let mut pool = PoolingAllocationConfig::default();
+    pool.total_component_instances(n)
+        .total_core_instances(n.saturating_mul(CORE_INSTANCES_PER_COMPONENT))
+        .max_core_instances_per_component(CORE_INSTANCES_PER_COMPONENT)
+        .total_memories(n.saturating_mul(2))
+        .max_memories_per_component(2)
+        .total_tables(n.saturating_mul(CORE_INSTANCES_PER_COMPONENT))
+        .max_tables_per_component(CORE_INSTANCES_PER_COMPONENT)
+        .total_stacks(n)
+        .max_memory_size(usize::try_from(max_memory).unwrap_or(usize::MAX))
+        .table_keep_resident(64 << 10);
+    pool
+}
+
 impl EngineClass {
     /// Builds an engine of `kind`, with `slots` instances in its pool.
     fn new(settings: &EngineSettings, kind: EngineKind, slots: u32) -> Result<Self> {
         let stack = kind.stack;
-        let mut pool = PoolingAllocationConfig::default();
-        // One wasip2 component instance holds several core instances (the program plus
-        // adapter shims) and tables, but usually one memory; size the pools so that
-        // `slots` requests really can run at once.
-        let n = slots;
-        pool.total_component_instances(n)
-            .total_core_instances(n.saturating_mul(CORE_INSTANCES_PER_COMPONENT))
-            .max_core_instances_per_component(CORE_INSTANCES_PER_COMPONENT)
-            .total_memories(n.saturating_mul(2))
-            .max_memories_per_component(2)
-            .total_tables(n.saturating_mul(CORE_INSTANCES_PER_COMPONENT))
-            .max_tables_per_component(CORE_INSTANCES_PER_COMPONENT)
-            .total_stacks(n)
-            .max_memory_size(usize::try_from(settings.max_memory).unwrap_or(usize::MAX))
-            .table_keep_resident(64 << 10);
+        let mut pool = component_pool(slots, settings.max_memory);
         // Resetting a slot with madvise costs a syscall, a TLB flush and page faults on the
         // next request. With PAGEMAP_SCAN (Linux >= 6.7) only the pages a request dirtied are
         // copied back instead, so keeping a few MiB resident is cheap; without it, wasmtime

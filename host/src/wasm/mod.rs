@@ -3,6 +3,7 @@
 //! [`crate::function::Dispatch`].
 
 pub mod bindings;
+pub mod command;
 pub mod engine;
 pub mod function;
 pub mod guest;

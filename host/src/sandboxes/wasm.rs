@@ -1,0 +1,376 @@
+//! The Wasm tier: a sandbox of a Wasm runtime image runs each `exec` as a WASI command, a
+//! fresh instance on [`CommandEngine`], over the sandbox's files.
+//!
+//! Those files are the image, served from its lazy mount and preopened read-only at `/`,
+//! and the sandbox's own writable directories (`/tmp` and `/work`), which persist between
+//! commands. The writable directories live on a tmpfs of the sandbox's own, so what it
+//! writes is bounded like a container's writable layer. File calls resolve paths with
+//! cap-std inside the same directories, so `..` and symlinks cannot leave them.
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use cap_std::fs::{Dir, MetadataExt, OpenOptions};
+use lode_native_runner::builder::WASM_WRITABLE;
+use tokio::sync::mpsc;
+
+use crate::native::Refused;
+use crate::proto::sandboxes::{ExecLine, FileEntry};
+use crate::wasm::store::Preopen;
+
+/// A Wasm-tier sandbox's place on the host.
+pub(super) struct WasmRoom {
+    /// The image's lazy mount, preopened read-only at `/`.
+    image: Arc<lode_fs::Mount>,
+    /// The image digest, naming its commands in the cache.
+    pub(super) digest: String,
+    /// The tmpfs holding the writable directories, one subdirectory each.
+    layer: PathBuf,
+    /// Set when the sandbox ends: running commands stop at the next epoch tick.
+    pub(super) ended: Arc<AtomicBool>,
+}
+
+impl WasmRoom {
+    /// Mounts a tmpfs of `bytes` at `layer` (made here) with the writable directories.
+    pub(super) fn make(
+        image: Arc<lode_fs::Mount>,
+        digest: String,
+        layer: PathBuf,
+        bytes: u64,
+    ) -> std::io::Result<Self> {
+        std::fs::create_dir_all(&layer)?;
+        let room = Self {
+            image,
+            digest,
+            layer,
+            ended: Arc::new(AtomicBool::new(false)),
+        };
+        mount_tmpfs(&room.layer, bytes)?;
+        for dir in WASM_WRITABLE {
+            std::fs::create_dir(room.layer.join(&dir[1..]))?;
+        }
+        Ok(room)
+    }
+
+    /// What a command sees: the image at `/`, the writable directories over it.
+    pub(super) fn preopens(&self) -> Vec<Preopen> {
+        let mut preopens = vec![Preopen {
+            host: self.image.mountpoint().to_path_buf(),
+            guest: "/".into(),
+            read_only: true,
+        }];
+        preopens.extend(WASM_WRITABLE.iter().map(|dir| Preopen {
+            host: self.layer.join(&dir[1..]),
+            guest: dir.to_string(),
+            read_only: false,
+        }));
+        preopens
+    }
+
+    /// Whether sandbox `path` lies in the image rather than a writable directory.
+    pub(super) fn is_image_path(&self, path: &str) -> bool {
+        !WASM_WRITABLE.iter().any(|dir| {
+            path.strip_prefix(dir)
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+        })
+    }
+
+    /// The directory holding sandbox `path`, and the path inside it; whether it is writable.
+    fn place(&self, path: &str) -> std::io::Result<(Dir, PathBuf, bool)> {
+        let ambient = cap_std::ambient_authority();
+        for dir in WASM_WRITABLE {
+            if let Some(rest) = path.strip_prefix(dir)
+                && (rest.is_empty() || rest.starts_with('/'))
+            {
+                let inner = rest.trim_start_matches('/');
+                let dir = Dir::open_ambient_dir(self.layer.join(&dir[1..]), ambient)?;
+                return Ok((dir, relative(inner), true));
+            }
+        }
+        let dir = Dir::open_ambient_dir(self.image.mountpoint(), ambient)?;
+        Ok((dir, relative(path.trim_start_matches('/')), false))
+    }
+
+    /// Reads the file at sandbox `path`, up to `limit` bytes (more is refused).
+    pub(super) fn read(&self, path: &str, limit: u64) -> Result<Vec<u8>, Refused> {
+        let (dir, inner, _) = self.place(path).map_err(|e| refused(path, e))?;
+        let meta = dir.metadata(&inner).map_err(|e| refused(path, e))?;
+        if !meta.is_file() {
+            return Err(Refused::new(
+                400,
+                "wrong_kind",
+                format!("{path} is not a regular file"),
+            ));
+        }
+        if meta.len() > limit {
+            return Err(too_large(path, limit));
+        }
+        let mut bytes = Vec::new();
+        dir.open(&inner)
+            .and_then(|file| file.take(limit + 1).read_to_end(&mut bytes))
+            .map_err(|e| refused(path, e))?;
+        if bytes.len() as u64 > limit {
+            return Err(too_large(path, limit));
+        }
+        Ok(bytes)
+    }
+
+    /// Writes (or appends) `bytes` to the file at sandbox `path`.
+    pub(super) fn write(&self, path: &str, bytes: &[u8], append: bool) -> Result<(), Refused> {
+        let (dir, inner, _) = self.writable(path)?;
+        let mut options = OpenOptions::new();
+        options.write(true).create(true);
+        if append {
+            options.append(true);
+        } else {
+            options.truncate(true);
+        }
+        if dir.metadata(&inner).is_ok_and(|m| !m.is_file()) {
+            return Err(Refused::new(
+                400,
+                "wrong_kind",
+                format!("{path} is not a regular file"),
+            ));
+        }
+        dir.open_with(&inner, &options)
+            .and_then(|mut file| file.write_all(bytes))
+            .map_err(|e| refused(path, e))
+    }
+
+    /// The entries of the directory at sandbox `path`.
+    pub(super) fn list(&self, path: &str) -> Result<Vec<FileEntry>, Refused> {
+        let (dir, inner, _) = self.place(path).map_err(|e| refused(path, e))?;
+        let mut entries = Vec::new();
+        let listing = dir.read_dir(&inner).map_err(|e| refused(path, e))?;
+        for entry in listing {
+            let entry = entry.map_err(|e| refused(path, e))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if let Ok(meta) = entry.metadata() {
+                entries.push(file_entry(name, &meta));
+            }
+        }
+        entries.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(entries)
+    }
+
+    /// What is at sandbox `path` (a symlink is described, not followed).
+    pub(super) fn stat(&self, path: &str) -> Result<FileEntry, Refused> {
+        let (dir, inner, _) = self.place(path).map_err(|e| refused(path, e))?;
+        let meta = if inner == Path::new(".") {
+            dir.dir_metadata()
+        } else {
+            dir.symlink_metadata(&inner)
+        }
+        .map_err(|e| refused(path, e))?;
+        let name = path.rsplit('/').next().unwrap_or_default().to_string();
+        Ok(file_entry(name, &meta))
+    }
+
+    /// Makes the directory at sandbox `path` and its parents.
+    pub(super) fn make_dir(&self, path: &str) -> Result<(), Refused> {
+        let (dir, inner, _) = self.writable(path)?;
+        dir.create_dir_all(&inner).map_err(|e| refused(path, e))
+    }
+
+    /// Removes the file, or the directory and everything in it, at sandbox `path`.
+    pub(super) fn remove(&self, path: &str) -> Result<(), Refused> {
+        let (dir, inner, _) = self.writable(path)?;
+        if inner == Path::new(".") {
+            return Err(Refused::new(
+                403,
+                "permission_denied",
+                format!(
+                    "{path} is a writable directory of the sandbox itself; remove what is in it"
+                ),
+            ));
+        }
+        let meta = dir.symlink_metadata(&inner).map_err(|e| refused(path, e))?;
+        if meta.is_dir() {
+            dir.remove_dir_all(&inner)
+        } else {
+            dir.remove_file(&inner)
+        }
+        .map_err(|e| refused(path, e))
+    }
+
+    fn writable(&self, path: &str) -> Result<(Dir, PathBuf, bool), Refused> {
+        let placed = self.place(path).map_err(|e| refused(path, e))?;
+        if !placed.2 {
+            return Err(Refused::new(
+                403,
+                "read_only",
+                format!(
+                    "{path} is in the image, which a Wasm sandbox sees read-only; write under {}",
+                    WASM_WRITABLE.join(" or ")
+                ),
+            ));
+        }
+        Ok(placed)
+    }
+
+    /// Stops its commands and removes its files from the host.
+    pub(super) fn terminate(&self) {
+        self.ended.store(true, Ordering::Relaxed);
+        let _ = lode_fs::unmount(&self.layer);
+        let _ = std::fs::remove_dir_all(&self.layer);
+    }
+}
+
+/// `inner` as a path cap-std opens: `.` for the directory itself.
+fn relative(inner: &str) -> PathBuf {
+    if inner.is_empty() {
+        PathBuf::from(".")
+    } else {
+        PathBuf::from(inner)
+    }
+}
+
+fn file_entry(name: String, meta: &cap_std::fs::Metadata) -> FileEntry {
+    let kind = if meta.is_symlink() {
+        "symlink"
+    } else if meta.is_dir() {
+        "dir"
+    } else if meta.is_file() {
+        "file"
+    } else {
+        "other"
+    };
+    FileEntry {
+        name,
+        kind: kind.into(),
+        size: meta.len(),
+        mode: meta.mode() & 0o7777,
+        mtime: meta.mtime(),
+    }
+}
+
+fn too_large(path: &str, limit: u64) -> Refused {
+    Refused::new(
+        413,
+        "file_too_large",
+        format!(
+            "{path} is larger than this server's limit of {limit} bytes for a file call (lode \
+             serve --sandbox-max-file); read it in a process instead"
+        ),
+    )
+}
+
+/// A file call's error, named as the container tier names it.
+fn refused(path: &str, e: std::io::Error) -> Refused {
+    use std::io::ErrorKind::*;
+    match e.kind() {
+        NotFound => Refused::new(404, "not_found", format!("no {path} in the sandbox")),
+        NotADirectory | IsADirectory | DirectoryNotEmpty => {
+            Refused::new(400, "wrong_kind", format!("{path}: {e}"))
+        }
+        PermissionDenied => Refused::new(
+            403,
+            "permission_denied",
+            format!("{path}: {e} (a path may not lead out of the sandbox, by '..' or a symlink)"),
+        ),
+        StorageFull | QuotaExceeded => Refused::new(
+            507,
+            "no_space",
+            format!("{path}: {e}: the sandbox's writable layer is full"),
+        ),
+        _ => Refused::new(400, "file_call_failed", format!("{path}: {e}")),
+    }
+}
+
+fn mount_tmpfs(at: &Path, bytes: u64) -> std::io::Result<()> {
+    use std::ffi::CString;
+    use std::os::unix::ffi::OsStrExt;
+    let target = CString::new(at.as_os_str().as_bytes())?;
+    let options = CString::new(format!("size={},mode=0755", bytes.max(1 << 20)))?;
+    // SAFETY: NUL-terminated strings that outlive the call.
+    let done = unsafe {
+        libc::mount(
+            c"tmpfs".as_ptr(),
+            target.as_ptr(),
+            c"tmpfs".as_ptr(),
+            libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+            options.as_ptr().cast(),
+        )
+    };
+    if done != 0 {
+        let e = std::io::Error::last_os_error();
+        return Err(std::io::Error::new(
+            e.kind(),
+            format!(
+                "mounting the sandbox's writable tmpfs at {}: {e}",
+                at.display()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// A command's stdout or stderr: every write becomes an exec line at once, until the
+/// process's output budget (shared by both streams) is spent; what comes after is counted
+/// and dropped.
+#[derive(Clone)]
+pub(super) struct ExecOutput {
+    tx: mpsc::UnboundedSender<ExecLine>,
+    stderr: bool,
+    budget: Arc<OutputBudget>,
+}
+
+/// The bytes of output one process may send, and those it sent past that.
+pub(super) struct OutputBudget {
+    left: AtomicU64,
+    pub(super) dropped: AtomicU64,
+}
+
+impl OutputBudget {
+    pub(super) fn new(bytes: u64) -> Arc<Self> {
+        Arc::new(Self {
+            left: AtomicU64::new(bytes),
+            dropped: AtomicU64::new(0),
+        })
+    }
+
+    /// How much of `n` bytes may go out; the rest is counted as dropped.
+    pub(super) fn take(&self, n: usize) -> usize {
+        let n = n as u64;
+        let granted = self
+            .left
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |left| {
+                Some(left.saturating_sub(n))
+            })
+            .map_or(0, |left| left.min(n));
+        self.dropped.fetch_add(n - granted, Ordering::Relaxed);
+        granted as usize
+    }
+}
+
+impl ExecOutput {
+    pub(super) fn new(
+        tx: mpsc::UnboundedSender<ExecLine>,
+        stderr: bool,
+        budget: Arc<OutputBudget>,
+    ) -> Self {
+        Self { tx, stderr, budget }
+    }
+
+    fn send(&self, bytes: &[u8]) {
+        use base64::Engine as _;
+        let n = self.budget.take(bytes.len());
+        if n == 0 {
+            return;
+        }
+        let data = base64::engine::general_purpose::STANDARD.encode(&bytes[..n]);
+        let _ = self.tx.send(if self.stderr {
+            ExecLine::Stderr { data }
+        } else {
+            ExecLine::Stdout { data }
+        });
+    }
+}
+
+impl crate::wasm::store::OutputSink for ExecOutput {
+    fn write(&mut self, bytes: &[u8]) {
+        self.send(bytes);
+    }
+}
