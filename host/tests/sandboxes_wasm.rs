@@ -136,16 +136,23 @@ async fn a_wasm_sandbox_runs_commands_over_its_image_and_keeps_its_files() {
         .await
         .unwrap();
     assert_eq!(stat["kind"], "file");
-    // The image is read-only; the writable directories are /tmp and /work.
+    // The image's directories are read-only; the rest of the tree is the sandbox's own, and a
+    // command starts in its root, so a relative path lands there.
     let refused = files(Method::PUT, "?path=/usr/local/bin/x")
         .body("x")
         .send()
         .await
         .unwrap();
     assert_eq!(refused.status(), 403);
-    assert!(refused.text().await.unwrap().contains("/tmp or /work"));
+    assert!(refused.text().await.unwrap().contains("read-only"));
     let out = tools(&lode, &id, &["write", "/usr/x", "no"]);
     assert_eq!(out.status.code(), Some(1), "{}", text(&out.stdout));
+    let out = tools(&lode, &id, &["write", "notes.txt", "relative"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let read = files(Method::GET, "?path=/notes.txt").send().await.unwrap();
+    assert_eq!(read.text().await.unwrap(), "relative\n");
+    let out = tools(&lode, &id, &["ls", "/"]);
+    assert_eq!(text(&out.stdout), "etc\nnotes.txt\ntmp\nusr\nwork\n");
     let removed = files(Method::DELETE, "?path=/work/a").send().await.unwrap();
     assert!(removed.status().is_success());
     assert_eq!(
@@ -363,5 +370,91 @@ async fn attacks_from_inside_the_wasm_tier_fail() {
     assert_eq!(
         text(&tools(&lode, &id, &["echo", "alive"]).stdout),
         "alive\n"
+    );
+}
+
+/// Python in both tiers: `samples/sandbox-grader` grades its submissions in each, one
+/// sandbox per submission and tier, in parallel; `samples/code-interpreter` keeps a session's
+/// globals in each; and the Wasm tier's Python imports numpy.
+#[test]
+fn python_runs_in_both_tiers_for_the_grader_and_the_code_interpreter() {
+    // The interpreter compiles once per machine (a minute or two): the cache is shared.
+    let lode = Lode::start(&[
+        "--image-base-dir",
+        harness::BASE_DIR,
+        "--command-cache",
+        "/var/cache/lode/compiled-commands",
+    ]);
+    let work = tempfile::tempdir().unwrap();
+    lode.python_image(work.path());
+    let spec = write_spec(
+        work.path(),
+        "wasm-py.json",
+        r#"{"base": {"wasm_python": {}}}"#,
+    );
+    lode.build_image(&spec, &["--tag", "test/wasm-py"]);
+    // The scientific stack comes with the Wasm tier's Python; this first command also loads
+    // (or compiles) the interpreter, before the samples time their sandboxes.
+    let id = lode
+        .cli_ok(&["sandbox", "create", "test/wasm-py", "--timeout", "20m"])
+        .trim()
+        .to_string();
+    let out = lode.cli_ok(&[
+        "sandbox",
+        "exec",
+        &id,
+        "--",
+        "python",
+        "-c",
+        "import numpy; print(numpy.arange(6).reshape(2, 3).sum())",
+    ]);
+    assert_eq!(out, "15\n");
+    let sample = |path: &str, args: &str| {
+        let path = harness::repo_file(path);
+        let out = lode.sdk_python(&format!(
+            "import runpy, sys; sys.argv = [{path:?}, '--image', 'test/py', '--wasm-image', \
+             'test/wasm-py'{args}]; runpy.run_path({path:?}, run_name='__main__')"
+        ));
+        let shown = text(&out.stdout);
+        assert!(out.status.success(), "{shown}\n{}", text(&out.stderr));
+        shown
+    };
+
+    let table = sample("samples/sandbox-grader/grade.py", "");
+    for tier in ["container", "wasm"] {
+        let verdict = |name: &str| {
+            table
+                .lines()
+                .find(|l| l.starts_with(name) && l.contains(tier))
+                .unwrap_or_else(|| panic!("no row for {name} in {tier}:\n{table}"))
+                .to_string()
+        };
+        assert!(
+            verdict("correct").contains("3/3") && verdict("correct").ends_with("pass"),
+            "{table}"
+        );
+        assert!(verdict("off_by_one").contains("wrong: '8'"), "{table}");
+        assert!(verdict("crashes").contains("ZeroDivisionError"), "{table}");
+        assert!(
+            verdict("never_ends").contains("killed (time limit)"),
+            "{table}"
+        );
+        assert!(
+            verdict("escapes").ends_with("pass"),
+            "the escapes found nothing: {table}"
+        );
+    }
+    let listed = lode.cli_ok(&["sandbox", "ls", "--app", "grader"]);
+    assert!(!listed.contains("running"), "{listed}");
+
+    let session = sample("samples/code-interpreter/interpreter.py", "");
+    let expected = "x = 6                            -> -\n\
+                    print(y)                         -> 42\n\
+                    print(statistics.mean([x, y]))   -> 24\n\
+                    print(undefined_name)            -> - ! NameError: name 'undefined_name' is not defined\n\
+                    print('still here, x =', x)      -> still here, x = 6\n";
+    assert_eq!(
+        session,
+        format!("== container\n{expected}== wasm\n{expected}"),
     );
 }

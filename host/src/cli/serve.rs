@@ -111,6 +111,10 @@ pub struct ServeArgs {
     /// The largest file one sandbox file call reads or writes, e.g. 64M.
     #[arg(long, default_value = "64M", value_parser = parse_size)]
     pub sandbox_max_file: u64,
+    /// Where Wasm sandboxes' compiled commands are cached [default: <cache-dir>/compiled-commands].
+    /// Servers of one Lode build may share it; it must be writable by Lode alone.
+    #[arg(long)]
+    pub command_cache: Option<PathBuf>,
     /// Output one sandbox process may send (stdout and stderr together), e.g. 64M; the rest
     /// is dropped and counted in its exit.
     #[arg(long, default_value = "64M", value_parser = parse_size)]
@@ -233,6 +237,7 @@ pub async fn run(args: ServeArgs) -> Result<()> {
             max_output_bytes: args.sandbox_max_output,
         },
         container_start_timeout: args.container_start_timeout,
+        command_cache: args.command_cache,
     })
     .await
 }

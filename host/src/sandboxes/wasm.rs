@@ -1,11 +1,12 @@
 //! The Wasm tier: a sandbox of a Wasm runtime image runs each `exec` as a WASI command, a
 //! fresh instance on [`CommandEngine`], over the sandbox's files.
 //!
-//! Those files are the image, served from its lazy mount and preopened read-only at `/`,
-//! and the sandbox's own writable directories (`/tmp` and `/work`), which persist between
-//! commands. The writable directories live on a tmpfs of the sandbox's own, so what it
-//! writes is bounded like a container's writable layer. File calls resolve paths with
-//! cap-std inside the same directories, so `..` and symlinks cannot leave them.
+//! Those files are the sandbox's own root, a tmpfs that persists between commands and is
+//! bounded like a container's writable layer, with the image's top-level directories
+//! (`/usr`, `/etc`, ...) preopened read-only in it from the image's lazy mount. A command
+//! starts in `/` as WASI has it, so a relative path lands in the sandbox's own files. File
+//! calls resolve paths with cap-std inside the same directories, so `..` and symlinks
+//! cannot leave them.
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -22,18 +23,22 @@ use crate::wasm::store::Preopen;
 
 /// A Wasm-tier sandbox's place on the host.
 pub(super) struct WasmRoom {
-    /// The image's lazy mount, preopened read-only at `/`.
+    /// The image's lazy mount, whose top-level directories are preopened read-only.
     image: Arc<lode_fs::Mount>,
     /// The image digest, naming its commands in the cache.
     pub(super) digest: String,
-    /// The tmpfs holding the writable directories, one subdirectory each.
+    /// The sandbox's own tmpfs, preopened read-write at `/`.
     layer: PathBuf,
+    /// The image's top-level directories, each seen read-only at `/NAME`.
+    image_dirs: Vec<String>,
     /// Set when the sandbox ends: running commands stop at the next epoch tick.
     pub(super) ended: Arc<AtomicBool>,
 }
 
 impl WasmRoom {
-    /// Mounts a tmpfs of `bytes` at `layer` (made here) with the writable directories.
+    /// Mounts a tmpfs of `bytes` at `layer` (made here) as the sandbox's root: the image's
+    /// top-level directories get a mount point each, and what the image holds at its top
+    /// level besides them (`/tmp` and `/work` with their contents) is copied in.
     pub(super) fn make(
         image: Arc<lode_fs::Mount>,
         digest: String,
@@ -41,56 +46,71 @@ impl WasmRoom {
         bytes: u64,
     ) -> std::io::Result<Self> {
         std::fs::create_dir_all(&layer)?;
-        let room = Self {
+        mount_tmpfs(&layer, bytes)?;
+        let mut room = Self {
             image,
             digest,
             layer,
+            image_dirs: Vec::new(),
             ended: Arc::new(AtomicBool::new(false)),
         };
-        mount_tmpfs(&room.layer, bytes)?;
+        for entry in std::fs::read_dir(room.image.mountpoint())? {
+            let entry = entry?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let own = WASM_WRITABLE.iter().any(|dir| dir[1..] == name);
+            let to = room.layer.join(&name);
+            if entry.file_type()?.is_dir() && !own {
+                std::fs::create_dir(&to)?;
+                room.image_dirs.push(name);
+            } else {
+                copy_tree(&entry.path(), &to)?;
+            }
+        }
         for dir in WASM_WRITABLE {
-            std::fs::create_dir(room.layer.join(&dir[1..]))?;
+            std::fs::create_dir_all(room.layer.join(&dir[1..]))?;
         }
         Ok(room)
     }
 
-    /// What a command sees: the image at `/`, the writable directories over it.
+    /// What a command sees: the sandbox's own root, with the image's directories in it.
     pub(super) fn preopens(&self) -> Vec<Preopen> {
         let mut preopens = vec![Preopen {
-            host: self.image.mountpoint().to_path_buf(),
+            host: self.layer.clone(),
             guest: "/".into(),
-            read_only: true,
-        }];
-        preopens.extend(WASM_WRITABLE.iter().map(|dir| Preopen {
-            host: self.layer.join(&dir[1..]),
-            guest: dir.to_string(),
             read_only: false,
+        }];
+        preopens.extend(self.image_dirs.iter().map(|name| Preopen {
+            host: self.image.mountpoint().join(name),
+            guest: format!("/{name}"),
+            read_only: true,
         }));
         preopens
     }
 
-    /// Whether sandbox `path` lies in the image rather than a writable directory.
+    /// The image directory sandbox `path` lies in, and the rest of the path.
+    fn image_part<'p>(&self, path: &'p str) -> Option<(&str, &'p str)> {
+        let path = path.trim_start_matches('/');
+        let (first, rest) = path.split_once('/').unwrap_or((path, ""));
+        self.image_dirs
+            .iter()
+            .find(|dir| *dir == first)
+            .map(|dir| (dir.as_str(), rest))
+    }
+
+    /// Whether sandbox `path` lies in the image (read-only) rather than the sandbox's own.
     pub(super) fn is_image_path(&self, path: &str) -> bool {
-        !WASM_WRITABLE.iter().any(|dir| {
-            path.strip_prefix(dir)
-                .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
-        })
+        self.image_part(path).is_some()
     }
 
     /// The directory holding sandbox `path`, and the path inside it; whether it is writable.
     fn place(&self, path: &str) -> std::io::Result<(Dir, PathBuf, bool)> {
         let ambient = cap_std::ambient_authority();
-        for dir in WASM_WRITABLE {
-            if let Some(rest) = path.strip_prefix(dir)
-                && (rest.is_empty() || rest.starts_with('/'))
-            {
-                let inner = rest.trim_start_matches('/');
-                let dir = Dir::open_ambient_dir(self.layer.join(&dir[1..]), ambient)?;
-                return Ok((dir, relative(inner), true));
-            }
+        if let Some((dir, rest)) = self.image_part(path) {
+            let dir = Dir::open_ambient_dir(self.image.mountpoint().join(dir), ambient)?;
+            return Ok((dir, relative(rest.trim_start_matches('/')), false));
         }
-        let dir = Dir::open_ambient_dir(self.image.mountpoint(), ambient)?;
-        Ok((dir, relative(path.trim_start_matches('/')), false))
+        let dir = Dir::open_ambient_dir(&self.layer, ambient)?;
+        Ok((dir, relative(path.trim_start_matches('/')), true))
     }
 
     /// Reads the file at sandbox `path`, up to `limit` bytes (more is refused).
@@ -202,8 +222,9 @@ impl WasmRoom {
                 403,
                 "read_only",
                 format!(
-                    "{path} is in the image, which a Wasm sandbox sees read-only; write under {}",
-                    WASM_WRITABLE.join(" or ")
+                    "{path} is in the image's /{}, which a Wasm sandbox sees read-only; write \
+                     anywhere else (/tmp, /work)",
+                    self.image_part(path).map_or("", |(dir, _)| dir)
                 ),
             ));
         }
@@ -215,6 +236,25 @@ impl WasmRoom {
         self.ended.store(true, Ordering::Relaxed);
         let _ = lode_fs::unmount(&self.layer);
         let _ = std::fs::remove_dir_all(&self.layer);
+    }
+}
+
+/// Copies `from` (a file, a symlink as itself, or a directory and all it holds) to `to`.
+fn copy_tree(from: &Path, to: &Path) -> std::io::Result<()> {
+    let kind = std::fs::symlink_metadata(from)?.file_type();
+    if kind.is_symlink() {
+        std::os::unix::fs::symlink(std::fs::read_link(from)?, to)
+    } else if kind.is_dir() {
+        std::fs::create_dir(to)?;
+        for entry in std::fs::read_dir(from)? {
+            let entry = entry?;
+            copy_tree(&entry.path(), &to.join(entry.file_name()))?;
+        }
+        Ok(())
+    } else if kind.is_file() {
+        std::fs::copy(from, to).map(drop)
+    } else {
+        Ok(())
     }
 }
 

@@ -50,6 +50,8 @@ pub struct ServeOptions {
     pub limits: WasmBounds,
     /// Bounds on sandboxes.
     pub sandbox_bounds: crate::sandboxes::SandboxBounds,
+    /// Where Wasm sandboxes' compiled commands are cached (`None`: under the cache dir).
+    pub command_cache: Option<PathBuf>,
     /// Pool size.
     pub max_instances: u32,
     /// Wasm stack per call, in bytes; apps may ask for less.
@@ -229,7 +231,10 @@ pub async fn serve(options: ServeOptions) -> Result<()> {
         native.clone(),
         state.clone(),
         options.sandbox_bounds.clone(),
-        options.cache_dir.join("compiled-commands"),
+        options
+            .command_cache
+            .clone()
+            .unwrap_or_else(|| options.cache_dir.join("compiled-commands")),
     )
     .context("reading the sandboxes' records")?;
     let control = Control::new(

@@ -94,6 +94,9 @@ pub struct CommandEngine {
     compiled_dir: PathBuf,
     fingerprint: String,
     linked: Mutex<HashMap<blake3::Hash, Arc<Linked>>>,
+    /// One gate per command being prepared, so sandboxes that start the same large
+    /// interpreter at once compile it once.
+    preparing: Mutex<HashMap<blake3::Hash, Arc<Mutex<()>>>>,
     _ticker: EpochTicker,
 }
 
@@ -130,7 +133,8 @@ impl CommandEngine {
         let mut hasher = std::collections::hash_map::DefaultHasher::new();
         std::hash::Hash::hash(&engine.precompile_compatibility_hash(), &mut hasher);
         let fingerprint = format!("{:016x}", std::hash::Hasher::finish(&hasher));
-        std::fs::create_dir_all(&compiled_dir)
+        // Compiled code is trusted when loaded: the directory is Lode's alone.
+        lode_fs::create_private_dir(&compiled_dir)
             .with_context(|| format!("creating {}", compiled_dir.display()))?;
         Ok(Self {
             _ticker: EpochTicker::for_engine(engine.clone()),
@@ -140,6 +144,7 @@ impl CommandEngine {
             compiled_dir,
             fingerprint,
             linked: Mutex::new(HashMap::new()),
+            preparing: Mutex::new(HashMap::new()),
         })
     }
 
@@ -151,6 +156,17 @@ impl CommandEngine {
     /// Compiles (or loads from the cache) and links the command `bytes`, whose blake3 is
     /// `digest`. Blocking: a large interpreter takes seconds to compile the first time.
     pub fn prepare(&self, digest: blake3::Hash, bytes: &[u8]) -> Result<()> {
+        if self.is_ready(&digest) {
+            return Ok(());
+        }
+        let gate = self
+            .preparing
+            .lock()
+            .unwrap()
+            .entry(digest)
+            .or_default()
+            .clone();
+        let _held = gate.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         if self.is_ready(&digest) {
             return Ok(());
         }

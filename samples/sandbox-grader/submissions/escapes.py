@@ -4,7 +4,7 @@ found = []
 try:
     socket.create_connection(("1.1.1.1", 53), timeout=2)
     found.append("network")
-except OSError:
+except Exception:  # no route, or no sockets at all (the Wasm tier)
     pass
 for path in ("/etc/shadow", "/root/.ssh", "/var/lib/lode"):
     if os.path.exists(path) and path != "/etc/shadow":
@@ -15,7 +15,7 @@ try:
         if os.fork() == 0:
             os._exit(0)
         children += 1
-except OSError:
+except (OSError, AttributeError):  # the pids limit, or no processes at all (the Wasm tier)
     pass
 a, b = map(int, input().split())
 print(a + b if not found else "escaped: " + ",".join(found))
