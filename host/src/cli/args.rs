@@ -31,7 +31,7 @@ pub struct ClientArgs {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the server: API, public HTTP, the Wasm engine and the Python function pools.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Deploy a .wasm component, a Cargo crate directory, a directory with lode.toml, or a
     /// Python file (its lode.App: images are built, functions get container pools).
     Deploy {

@@ -28,7 +28,7 @@ use crate::cli::client::{client, deploy_registry, registry};
 /// Runs one command, talking to the server and registry that `client` finds.
 pub async fn run(client_args: ClientArgs, command: Command) -> Result<()> {
     match command {
-        Command::Serve(args) => serve::run(args).await,
+        Command::Serve(args) => serve::run(*args).await,
         Command::Deploy {
             path,
             name,
