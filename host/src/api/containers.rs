@@ -86,6 +86,7 @@ async fn run_container(
         spec,
         cgroups,
         mount,
+        ..
     } = native.prepare_container(&request).await?;
     let started = Instant::now();
     let spawned = tokio::task::spawn_blocking(move || {

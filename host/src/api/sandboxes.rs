@@ -2,7 +2,8 @@
 //! `/v1/sandboxes/{id}/tags` (replace its labels), `/v1/sandboxes/{id}/exec` (a process
 //! streamed back as NDJSON, its stdin written through
 //! `/v1/sandboxes/{id}/processes/{process}/stdin`) and `/v1/sandboxes/{id}/files` (read,
-//! write, list, stat, mkdir, remove). `docs/sandboxes.md` has the whole of it.
+//! write, list, stat, mkdir, remove) and `/v1/sandboxes/{id}/snapshot` (its files as a new
+//! image). `docs/sandboxes.md` has the whole of it.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -17,7 +18,9 @@ use futures::StreamExt;
 use serde::Deserialize;
 
 use crate::api::error::{ApiError, ApiQuery, ndjson, sorted_json};
-use crate::proto::sandboxes::{ExecRequest, FileList, SandboxList, SandboxRequest};
+use crate::proto::sandboxes::{
+    ExecRequest, FileList, SandboxList, SandboxRequest, SnapshotAnswer, SnapshotRequest,
+};
 use crate::sandboxes::Sandboxes;
 
 /// The routes, for the token-guarded part of the API; file writes may carry up to
@@ -37,6 +40,7 @@ pub fn router(sandboxes: Arc<Sandboxes>, max_file_bytes: u64) -> Router {
             get(read_files).put(write_file).delete(remove_file),
         )
         .route("/v1/sandboxes/{id}/files/mkdir", post(make_dir))
+        .route("/v1/sandboxes/{id}/snapshot", post(snapshot))
         .layer(DefaultBodyLimit::max(
             usize::try_from(max_file_bytes).unwrap_or(usize::MAX),
         ))
@@ -207,4 +211,22 @@ async fn remove_file(
 ) -> Result<Response, ApiError> {
     sandboxes.remove_file(&id, &query.path).await?;
     Ok(Json(serde_json::json!({})).into_response())
+}
+
+async fn snapshot(
+    State(sandboxes): State<Arc<Sandboxes>>,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let request: SnapshotRequest = if body.is_empty() {
+        SnapshotRequest::default()
+    } else {
+        json_body(&body, "snapshot request")?
+    };
+    let image = sandboxes.snapshot(&id, request.tag.as_deref()).await?;
+    Ok(sorted_json(&SnapshotAnswer {
+        image,
+        tag: request.tag,
+    })
+    .into_response())
 }

@@ -238,6 +238,15 @@ pub enum SandboxCommand {
         /// Where to.
         dest: String,
     },
+    /// Save a running sandbox's files as a new image and print its digest; a new sandbox
+    /// (or container) can start from it.
+    Snapshot {
+        /// The sandbox.
+        id: String,
+        /// Also point this tag at the image.
+        #[arg(long)]
+        tag: Option<String>,
+    },
     /// End a sandbox now; everything in it stops and its files go.
     Rm {
         /// The sandbox.

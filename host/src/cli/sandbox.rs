@@ -8,7 +8,10 @@ use reqwest::Method;
 
 use crate::cli::args::SandboxCommand;
 use crate::cli::client::{ApiClient, ndjson_lines, write_output};
-use crate::proto::sandboxes::{ExecLine, ExecRequest, SandboxInfo, SandboxList, SandboxRequest};
+use crate::proto::sandboxes::{
+    ExecLine, ExecRequest, SandboxInfo, SandboxList, SandboxRequest, SnapshotAnswer,
+    SnapshotRequest,
+};
 
 /// Runs one `lode sandbox` command; returns the exit code (an exec's is its command's).
 pub async fn run(api: &ApiClient, command: SandboxCommand) -> Result<i32> {
@@ -107,6 +110,16 @@ pub async fn run(api: &ApiClient, command: SandboxCommand) -> Result<i32> {
         }
         SandboxCommand::Cp { source, dest } => {
             copy(api, &source, &dest).await?;
+            Ok(0)
+        }
+        SandboxCommand::Snapshot { id, tag } => {
+            let answer: SnapshotAnswer = api
+                .json(
+                    api.request(Method::POST, &format!("/v1/sandboxes/{id}/snapshot"))
+                        .json(&SnapshotRequest { tag }),
+                )
+                .await?;
+            println!("{}", answer.image);
             Ok(0)
         }
         SandboxCommand::Rm { id } => {

@@ -28,6 +28,30 @@ pub struct PreparedContainer {
     pub cgroups: Arc<dyn Hierarchy>,
     /// The image's lazy mount.
     pub mount: Arc<lode_fs::Mount>,
+    /// A sandbox's writable layer, on the host so it can be snapshotted.
+    pub layer: Option<SandboxLayer>,
+}
+
+/// A container sandbox's writable layer: a tmpfs on the host holding the overlay's `upper/`,
+/// so a snapshot can read it, and the ids its files are owned by there.
+pub struct SandboxLayer {
+    /// The tmpfs.
+    pub dir: std::path::PathBuf,
+    /// Where the sandbox's uid 0 is on the host, if it runs in a user namespace.
+    pub host_ids: Option<lode_fs::HostIds>,
+}
+
+impl SandboxLayer {
+    /// The overlay's upper directory: what the sandbox changed.
+    pub fn upper(&self) -> std::path::PathBuf {
+        self.dir.join("upper")
+    }
+
+    /// Unmounts the tmpfs and removes its directory.
+    pub fn remove(&self) {
+        let _ = lode_fs::unmount(&self.dir);
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
 }
 
 impl Native {
@@ -98,6 +122,25 @@ impl Native {
         }
         let kind = if needs_command { "c" } else { "s" };
         let id = format!("{}-{kind}-{:016x}", self.scope, rand::random::<u64>());
+        let user_namespace = self
+            .user_namespace_for(&mount)
+            .map_err(|why| Refused::new(503, "no_user_namespace", why))?;
+        // A sandbox's layer lives on the host, where a snapshot reads it; a one-shot
+        // container's stays inside its own mount namespace.
+        let layer = if needs_command {
+            None
+        } else {
+            let dir = self.run_dir.join(format!("{id}-layer"));
+            std::fs::create_dir_all(&dir).map_err(Refused::internal)?;
+            mount_tmpfs(&dir, self.bounds.writable_bytes).map_err(Refused::internal)?;
+            Some(SandboxLayer {
+                dir,
+                host_ids: user_namespace.as_ref().map(|userns| lode_fs::HostIds {
+                    base: userns.ids().host_base,
+                    count: userns.ids().count,
+                }),
+            })
+        };
         let spec = SandboxSpec {
             lower: mount.mountpoint().to_path_buf(),
             scratch: self.run_dir.join(&id),
@@ -114,9 +157,8 @@ impl Native {
             network,
             writable_bytes: self.bounds.writable_bytes,
             shm_bytes: self.bounds.shm_bytes,
-            user_namespace: self
-                .user_namespace_for(&mount)
-                .map_err(|why| Refused::new(503, "no_user_namespace", why))?,
+            user_namespace,
+            keep_upper: layer.as_ref().map(|layer| layer.dir.clone()),
             ..SandboxSpec::default()
         };
         Ok(PreparedContainer {
@@ -125,6 +167,7 @@ impl Native {
             spec,
             cgroups,
             mount,
+            layer,
         })
     }
 
@@ -139,6 +182,40 @@ impl Native {
             .await
             .map_err(Refused::internal)?;
         Ok((digest, config))
+    }
+
+    /// A new image: `base` with the changes in `upper` (an overlay upper directory, its
+    /// files owned by `host_ids` where given) on top; `tag` is pointed at it too.
+    pub async fn snapshot(
+        &self,
+        base: &str,
+        upper: &Path,
+        host_ids: Option<lode_fs::HostIds>,
+        tag: Option<&str>,
+    ) -> Result<lode_registry::Digest, Refused> {
+        let (_, index) = self.resolve(base).await?;
+        let report = lode_fs::ingest_layer(
+            &index,
+            upper,
+            &lode_native_runner::builder::MOUNT_POINTS,
+            host_ids,
+            self.registry.clone(),
+            lode_fs::IngestOptions::default(),
+        )
+        .await
+        .map_err(|e| Refused::internal(format!("storing the snapshot: {e}")))?;
+        let digest = report
+            .digest
+            .ok_or_else(|| Refused::internal("the snapshot stored no index"))?;
+        if let Some(tag) = tag {
+            self.registry
+                .set_tag(tag, &digest, TagUpdate::Always)
+                .await
+                .map_err(|e| {
+                    Refused::bad(format!("snapshot {digest} stored, but tag {tag:?}: {e}"))
+                })?;
+        }
+        Ok(digest)
     }
 
     /// The lazy mount of image `digest`, shared with everything else that runs it.
@@ -186,6 +263,36 @@ impl Native {
             },
         })
     }
+}
+
+/// Mounts a tmpfs of `bytes` (at least 1 MiB) at `at`: a sandbox's writable layer, charged
+/// to whoever writes it and gone with its unmount.
+pub(crate) fn mount_tmpfs(at: &Path, bytes: u64) -> std::io::Result<()> {
+    use std::ffi::CString;
+    use std::os::unix::ffi::OsStrExt;
+    let target = CString::new(at.as_os_str().as_bytes())?;
+    let options = CString::new(format!("size={},mode=0755", bytes.max(1 << 20)))?;
+    // SAFETY: NUL-terminated strings that outlive the call.
+    let done = unsafe {
+        libc::mount(
+            c"tmpfs".as_ptr(),
+            target.as_ptr(),
+            c"tmpfs".as_ptr(),
+            libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+            options.as_ptr().cast(),
+        )
+    };
+    if done != 0 {
+        let e = std::io::Error::last_os_error();
+        return Err(std::io::Error::new(
+            e.kind(),
+            format!(
+                "mounting a sandbox's writable tmpfs at {}: {e}",
+                at.display()
+            ),
+        ));
+    }
+    Ok(())
 }
 
 impl Native {

@@ -200,3 +200,22 @@ pub struct FileList {
     /// By name.
     pub entries: Vec<FileEntry>,
 }
+
+/// `POST /v1/sandboxes/{id}/snapshot`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotRequest {
+    /// A tag to point at the new image too.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tag: Option<String>,
+}
+
+/// The answer to a snapshot: the new image.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SnapshotAnswer {
+    /// Its digest; a new sandbox can start from it.
+    pub image: String,
+    /// The tag pointed at it, if one was asked for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tag: Option<String>,
+}

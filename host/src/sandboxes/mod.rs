@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 use lode_native_runner::image_spec::ImageConfig;
 use lode_native_runner::sandbox::LiveSandbox;
 
+use crate::native::containers::SandboxLayer;
 use crate::native::{Native, Refused};
 use crate::proto::containers::ContainerRequest;
 use crate::proto::manifest::{dns_label_rule, is_dns_label};
@@ -70,8 +71,11 @@ const DEFAULT_WASM_MEMORY_MIB: u64 = 1024;
 
 /// What runs a sandbox's processes.
 enum Live {
-    /// A container, its pid 1 Lode's.
-    Container(Box<LiveSandbox>),
+    /// A container, its pid 1 Lode's, and its writable layer on the host.
+    Container {
+        sandbox: Box<LiveSandbox>,
+        layer: SandboxLayer,
+    },
     /// WASI commands over the image and the sandbox's own directories.
     Wasm(Arc<wasm::WasmRoom>),
 }
@@ -80,7 +84,7 @@ impl Live {
     /// Why it stopped by itself, if it did.
     fn stopped(&mut self) -> Option<String> {
         match self {
-            Live::Container(sandbox) => {
+            Live::Container { sandbox, .. } => {
                 if sandbox.is_running() {
                     return None;
                 }
@@ -95,7 +99,10 @@ impl Live {
 
     fn terminate(self) {
         match self {
-            Live::Container(sandbox) => sandbox.terminate(),
+            Live::Container { sandbox, layer } => {
+                sandbox.terminate();
+                layer.remove();
+            }
             Live::Wasm(room) => room.terminate(),
         }
     }
@@ -326,20 +333,31 @@ impl Sandboxes {
                 ..ContainerRequest::default()
             })
             .await?;
+        let layer = prepared
+            .layer
+            .ok_or_else(|| Refused::internal("a sandbox was prepared without its layer"))?;
         let spec = prepared.spec.clone();
         let cgroups = prepared.cgroups.clone();
-        let live = tokio::task::spawn_blocking(move || LiveSandbox::start(&spec, cgroups.as_ref()))
-            .await
-            .map_err(Refused::internal)?
-            .map_err(|e| {
-                Refused::new(
+        let started =
+            tokio::task::spawn_blocking(move || LiveSandbox::start(&spec, cgroups.as_ref()))
+                .await
+                .map_err(Refused::internal)?;
+        let live = match started {
+            Ok(live) => live,
+            Err(e) => {
+                layer.remove();
+                return Err(Refused::new(
                     500,
                     "sandbox_failed",
                     format!("the sandbox did not start: {e}"),
-                )
-            })?;
+                ));
+            }
+        };
         Ok(Started {
-            live: Live::Container(Box::new(live)),
+            live: Live::Container {
+                sandbox: Box::new(live),
+                layer,
+            },
             tier: Tier::Container,
             image_digest: prepared.image,
             mount: prepared.mount,
@@ -590,6 +608,22 @@ impl Sandboxes {
         };
         self.record(&info);
         Ok(info)
+    }
+
+    /// A new image of a running sandbox's files: its image with what it changed on top,
+    /// `tag` pointed at it too. Processes keep running; a file written meanwhile may or may
+    /// not be in it.
+    pub async fn snapshot(&self, id: &str, tag: Option<&str>) -> Result<String, Refused> {
+        let entry = self.running(id)?;
+        let (upper, host_ids) = match entry.live.lock().unwrap().as_ref() {
+            Some(Live::Container { layer, .. }) => (layer.upper(), layer.host_ids),
+            Some(Live::Wasm(room)) => (room.upper().to_path_buf(), None),
+            None => return Err(ended(&entry.info.lock().unwrap())),
+        };
+        let base = entry.info.lock().unwrap().image_digest.clone();
+        let digest = self.native.snapshot(&base, &upper, host_ids, tag).await?;
+        tracing::info!(sandbox = %id, image = %digest, "sandbox snapshotted");
+        Ok(digest.to_string())
     }
 
     /// Ends a sandbox now, recorded as `terminated`; returns how it stands.

@@ -117,7 +117,7 @@ impl Sandboxes {
         };
         let mut process = {
             let live = entry.live.lock().unwrap();
-            let Some(super::Live::Container(live)) = live.as_ref() else {
+            let Some(super::Live::Container { sandbox: live, .. }) = live.as_ref() else {
                 return Err(super::ended(&entry.info.lock().unwrap()));
             };
             live.exec(&exec, stdin, Stdio::piped(), Stdio::piped())

@@ -46,7 +46,7 @@ impl WasmRoom {
         bytes: u64,
     ) -> std::io::Result<Self> {
         std::fs::create_dir_all(&layer)?;
-        mount_tmpfs(&layer, bytes)?;
+        crate::native::containers::mount_tmpfs(&layer, bytes)?;
         let mut room = Self {
             image,
             digest,
@@ -231,6 +231,11 @@ impl WasmRoom {
         Ok(placed)
     }
 
+    /// What the sandbox changed: its root, to lay over the image in a snapshot.
+    pub(super) fn upper(&self) -> &Path {
+        &self.layer
+    }
+
     /// Stops its commands and removes its files from the host.
     pub(super) fn terminate(&self) {
         self.ended.store(true, Ordering::Relaxed);
@@ -317,34 +322,6 @@ fn refused(path: &str, e: std::io::Error) -> Refused {
         ),
         _ => Refused::new(400, "file_call_failed", format!("{path}: {e}")),
     }
-}
-
-fn mount_tmpfs(at: &Path, bytes: u64) -> std::io::Result<()> {
-    use std::ffi::CString;
-    use std::os::unix::ffi::OsStrExt;
-    let target = CString::new(at.as_os_str().as_bytes())?;
-    let options = CString::new(format!("size={},mode=0755", bytes.max(1 << 20)))?;
-    // SAFETY: NUL-terminated strings that outlive the call.
-    let done = unsafe {
-        libc::mount(
-            c"tmpfs".as_ptr(),
-            target.as_ptr(),
-            c"tmpfs".as_ptr(),
-            libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
-            options.as_ptr().cast(),
-        )
-    };
-    if done != 0 {
-        let e = std::io::Error::last_os_error();
-        return Err(std::io::Error::new(
-            e.kind(),
-            format!(
-                "mounting the sandbox's writable tmpfs at {}: {e}",
-                at.display()
-            ),
-        ));
-    }
-    Ok(())
 }
 
 /// A command's stdout or stderr: every write becomes an exec line at once, until the

@@ -39,7 +39,7 @@ use crate::userns::UserNamespace;
 pub(crate) const BUILD_ENV_MOUNT: &str = "/dev/lode-build";
 
 /// Paths a build container gets as mount points, which are not part of any step's result.
-const MOUNT_POINTS: [&str; 3] = ["etc/resolv.conf", "proc", "dev"];
+pub const MOUNT_POINTS: [&str; 3] = ["etc/resolv.conf", "proc", "dev"];
 
 /// The `PATH` containers get when the image names none.
 pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";

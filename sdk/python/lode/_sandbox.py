@@ -464,6 +464,14 @@ class Sandbox:
         """Ends the sandbox now; everything in it stops and its files go."""
         self._info = _http().request("DELETE", self._path())
 
+    def snapshot_filesystem(self, timeout: float = 55, tag: str | None = None) -> Image:
+        """Saves the sandbox's files as a new image (its image with what it changed on top);
+        a new sandbox can start from it. `tag` also names it on the server."""
+        del timeout  # the server answers when the image is stored
+        body = {} if tag is None else {"tag": tag}
+        answer = _http().request("POST", self._path("/snapshot"), body)
+        return Image.from_id(answer["image"])
+
     # Files.
 
     def _files(self, **params: str) -> str:
