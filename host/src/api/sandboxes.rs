@@ -56,8 +56,15 @@ async fn create(
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let request: SandboxRequest = json_body(&body, "sandbox request")?;
+    let started = std::time::Instant::now();
     let info = sandboxes.create(request).await?;
-    Ok(sorted_json(&info).into_response())
+    let mut response = sorted_json(&info).into_response();
+    // What the create took in the server, for clients that time the API around it.
+    let timing = format!("create;dur={:.3}", started.elapsed().as_secs_f64() * 1000.0);
+    if let Ok(value) = HeaderValue::from_str(&timing) {
+        response.headers_mut().insert("server-timing", value);
+    }
+    Ok(response)
 }
 
 /// `?app=NAME&tag=K=V&tag=...`: repeated tags all have to match.

@@ -1,7 +1,8 @@
 //! `lode bench sandbox`: the container tier's create and first exec, an exec's round trip in
 //! a live sandbox, and how many idle sandboxes one machine holds (with the host memory each
-//! takes), against a one-shot `lode container run` of the same image and a bare `true`, all
-//! in one run through the API of a real `lode serve`.
+//! takes), against a one-shot `lode container run` of the same image and a bare `true`; then
+//! the Wasm tier's (`sandbox_wasm.rs`); all in one run through the API of a real
+//! `lode serve`.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -17,25 +18,31 @@ use crate::bench::support::{LodeServer, row, start_server_with};
 pub struct SandboxBench {
     /// Creates (each with its first exec) and one-shot containers to time.
     #[arg(long, default_value_t = 30)]
-    creates: usize,
+    pub(super) creates: usize,
     /// Exec round trips to time in one live sandbox.
     #[arg(long, default_value_t = 300)]
-    execs: usize,
-    /// Idle sandboxes to hold at once.
+    pub(super) execs: usize,
+    /// Idle container sandboxes to hold at once.
     #[arg(long, default_value_t = 200)]
-    alive: usize,
+    pub(super) alive: usize,
+    /// Idle Wasm sandboxes to hold at once.
+    #[arg(long, default_value_t = 5000)]
+    pub(super) alive_wasm: usize,
+    /// Only the Wasm tier.
+    #[arg(long)]
+    wasm_only: bool,
     /// Where debootstrap bases are kept (unused here; the image is a busybox tree).
     #[arg(long, default_value = "/var/cache/lode/images/base")]
     image_base_dir: PathBuf,
 }
 
-struct Api {
+pub(super) struct Api {
     client: reqwest::Client,
-    server: LodeServer,
+    pub(super) server: LodeServer,
 }
 
 impl Api {
-    fn post(&self, path: &str, body: &Value) -> reqwest::RequestBuilder {
+    pub(super) fn post(&self, path: &str, body: &Value) -> reqwest::RequestBuilder {
         self.client
             .post(format!("{}{path}", self.server.api))
             .bearer_auth(&self.server.token)
@@ -44,7 +51,7 @@ impl Api {
 
     /// Posts and reads the whole answer (an NDJSON stream to its last line); fails on an
     /// error status or an `error` line.
-    async fn run(&self, path: &str, body: &Value) -> Result<String> {
+    pub(super) async fn run(&self, path: &str, body: &Value) -> Result<String> {
         let response = self.post(path, body).send().await?;
         let status = response.status();
         let text = response.text().await?;
@@ -78,7 +85,7 @@ impl Api {
         Ok(())
     }
 
-    async fn terminate(&self, id: &str) {
+    pub(super) async fn terminate(&self, id: &str) {
         let _ = self
             .client
             .delete(format!("{}/v1/sandboxes/{id}", self.server.api))
@@ -118,7 +125,7 @@ fn ingest_busybox(server: &LodeServer, dir: &Path) -> Result<()> {
 }
 
 /// Memory the host has available, in bytes.
-fn mem_available() -> u64 {
+pub(super) fn mem_available() -> u64 {
     std::fs::read_to_string("/proc/meminfo")
         .unwrap_or_default()
         .lines()
@@ -129,7 +136,7 @@ fn mem_available() -> u64 {
 
 /// Runs `lode bench sandbox`.
 pub async fn sandbox(args: SandboxBench) -> Result<()> {
-    let limit = (args.alive + 8).to_string();
+    let limit = (args.alive.max(args.alive_wasm) + 8).to_string();
     let server = start_server_with(
         &args.image_base_dir,
         &[
@@ -139,6 +146,9 @@ pub async fn sandbox(args: SandboxBench) -> Result<()> {
             &limit,
             "--container-memory",
             "64",
+            // The Wasm Python interpreter compiles once per machine, not once per run.
+            "--command-cache",
+            "/var/cache/lode/compiled-commands",
         ],
     )?;
     let work = tempfile::tempdir()?;
@@ -147,6 +157,11 @@ pub async fn sandbox(args: SandboxBench) -> Result<()> {
         client: reqwest::Client::new(),
         server,
     };
+    if args.wasm_only {
+        let wasm = crate::bench::sandbox_wasm::wasm_tier(&api, &args, work.path()).await?;
+        println!("  targets: {}", wasm.targets());
+        return Ok(());
+    }
     println!(
         "lode bench sandbox: {} creates, {} execs, {} idle sandboxes (busybox image)",
         args.creates, args.execs, args.alive
@@ -235,9 +250,10 @@ pub async fn sandbox(args: SandboxBench) -> Result<()> {
     for id in &alive {
         api.terminate(id).await;
     }
+    let wasm = crate::bench::sandbox_wasm::wasm_tier(&api, &args, work.path()).await?;
     println!(
-        "  targets: create + first exec p50 <= 50 ms: {} ({create:.2?}); exec round trip p50 \
-         <= 5 ms: {} ({exec:.2?}); >= 200 idle sandboxes: {} ({})",
+        "  targets: container tier: create + first exec p50 <= 50 ms: {} ({create:.2?}); exec \
+         round trip p50 <= 5 ms: {} ({exec:.2?}); >= 200 idle sandboxes: {} ({})",
         if create <= Duration::from_millis(50) {
             "met"
         } else {
@@ -251,5 +267,6 @@ pub async fn sandbox(args: SandboxBench) -> Result<()> {
         if alive.len() >= 200 { "met" } else { "missed" },
         alive.len()
     );
+    println!("  targets: {}", wasm.targets());
     Ok(())
 }

@@ -164,6 +164,7 @@ async fn exec(api: &ApiClient, id: &str, request: ExecRequest) -> Result<i32> {
                 code,
                 killed_by,
                 output_dropped,
+                ..
             } => {
                 if let Some(feeder) = feeder {
                     feeder.abort();

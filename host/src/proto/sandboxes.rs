@@ -171,6 +171,9 @@ pub enum ExecLine {
         /// --sandbox-max-output`).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         output_dropped: Option<u64>,
+        /// Milliseconds from the exec call to the process's end, measured in the server.
+        #[serde(default)]
+        elapsed_ms: f64,
     },
     /// It could not run.
     Error {

@@ -158,8 +158,10 @@ pub struct Sandboxes {
     commands_dir: PathBuf,
     /// The engine of the Wasm tier, made with its first sandbox.
     commands: OnceLock<Result<Arc<CommandEngine>, String>>,
-    /// The content digest of each command file of an image, by image digest and path.
-    command_digests: Mutex<HashMap<(String, String), blake3::Hash>>,
+    /// Commands found in images: the path and content digest, by image digest and lookup.
+    command_digests: Mutex<HashMap<(String, String), (String, blake3::Hash)>>,
+    /// The top level of each Wasm image sandboxes started from, by digest.
+    image_roots: Mutex<HashMap<String, Arc<wasm::ImageRoot>>>,
 }
 
 /// A sandbox just started, before it is recorded.
@@ -222,6 +224,7 @@ impl Sandboxes {
             commands_dir,
             commands: OnceLock::new(),
             command_digests: Mutex::new(HashMap::new()),
+            image_roots: Mutex::new(HashMap::new()),
         }))
     }
 
@@ -403,17 +406,26 @@ impl Sandboxes {
                 "memory must be between 1 and {max_mib} MiB for a Wasm sandbox"
             )));
         }
-        let engine = self.command_engine()?;
-        drop(engine);
+        self.command_engine()?;
         let mount = self.native.mount_image(&digest).await?;
         let layer = self.native.run_dir().join(id);
         let bytes = self.native.bounds().writable_bytes;
         let (image, hex) = (mount.clone(), digest.to_string());
-        let room =
-            tokio::task::spawn_blocking(move || wasm::WasmRoom::make(image, hex, layer, bytes))
-                .await
-                .map_err(Refused::internal)?
-                .map_err(|e| Refused::internal(format!("the sandbox did not start: {e}")))?;
+        let known = self.image_roots.lock().unwrap().get(&hex).cloned();
+        let room = tokio::task::spawn_blocking(move || {
+            let root = match known {
+                Some(root) => root,
+                None => Arc::new(wasm::ImageRoot::read(&image)?),
+            };
+            wasm::WasmRoom::make(image, hex, root, layer, bytes)
+        })
+        .await
+        .map_err(Refused::internal)?
+        .map_err(|e| Refused::internal(format!("the sandbox did not start: {e}")))?;
+        self.image_roots
+            .lock()
+            .unwrap()
+            .insert(room.digest.clone(), room.root.clone());
         let mut env = config.env.clone();
         for (name, value) in &request.env {
             lode_native_runner::image_spec::set_env(&mut env, name, value);

@@ -59,10 +59,11 @@ impl Sandboxes {
         id: &str,
         request: ExecRequest,
     ) -> Result<ProcessStream, Refused> {
+        let called = Instant::now();
         self.check_exec(&request)?;
         let entry = self.running(id)?;
         if let Some(room) = entry.wasm_room() {
-            return self.start_command(entry, room, request).await;
+            return self.start_command(entry, room, request, called).await;
         }
         if request.fuel.is_some() {
             return Err(Refused::bad(
@@ -71,7 +72,7 @@ impl Sandboxes {
             ));
         }
         let this = self.clone();
-        tokio::task::spawn_blocking(move || this.start_process(entry, request))
+        tokio::task::spawn_blocking(move || this.start_process(entry, request, called))
             .await
             .map_err(Refused::internal)?
     }
@@ -100,6 +101,7 @@ impl Sandboxes {
         &self,
         entry: Arc<Entry>,
         request: ExecRequest,
+        called: Instant,
     ) -> Result<ProcessStream, Refused> {
         let mut env = entry.env.clone();
         for (name, value) in &request.env {
@@ -188,6 +190,7 @@ impl Sandboxes {
                     code: lode_native_runner::sandbox::exit_code(status),
                     killed_by,
                     output_dropped: dropped(&budget),
+                    elapsed_ms: elapsed_ms(called),
                 },
                 Err(e) => ExecLine::Error {
                     message: format!("waiting for the process: {e}"),
@@ -207,6 +210,7 @@ impl Sandboxes {
         entry: Arc<Entry>,
         room: Arc<WasmRoom>,
         request: ExecRequest,
+        called: Instant,
     ) -> Result<ProcessStream, Refused> {
         let engine = self.command_engine()?;
         let mut env = entry.env.clone();
@@ -221,11 +225,14 @@ impl Sandboxes {
         );
         let cwd = request.workdir.clone().unwrap_or_else(|| entry.cwd.clone());
         let found_cwd = cwd.clone();
-        let (program, digest) = tokio::task::spawn_blocking(move || {
-            this.find_command(&found_room, &found_env, &found_cwd, &name)
-        })
-        .await
-        .map_err(Refused::internal)??;
+        let (program, digest) = match self.known_command(&room, &env, &cwd, &name) {
+            Some(found) => found,
+            None => tokio::task::spawn_blocking(move || {
+                this.find_command(&found_room, &found_env, &found_cwd, &name)
+            })
+            .await
+            .map_err(Refused::internal)??,
+        };
         let mut argv = request.argv.clone();
         argv[0] = program;
         set_default(&mut env, "PWD", &cwd);
@@ -244,7 +251,7 @@ impl Sandboxes {
             GuestOutput::new(ExecOutput::new(tx.clone(), false, budget.clone())),
             GuestOutput::new(ExecOutput::new(tx.clone(), true, budget.clone())),
         );
-        let stop = Arc::new(AtomicBool::new(false));
+        let (gone, ended) = (stream.gone.clone(), room.ended.clone());
         let deadline = request
             .timeout
             .map_or(entry.ends_at, |t| {
@@ -265,24 +272,12 @@ impl Sandboxes {
             memory: entry.memory,
             fuel: request.fuel,
             deadline,
-            stop: stop.clone(),
+            // The caller leaving or the sandbox ending stops the command at its next tick.
+            stop: Box::new(move || gone.load(Ordering::Relaxed) || ended.load(Ordering::Relaxed)),
         };
-        // The caller leaving or the sandbox ending stops the command at its next epoch tick.
-        let (gone, ended) = (stream.gone.clone(), room.ended.clone());
-        let watcher = stop.clone();
-        let watch = tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-                if gone.load(Ordering::Relaxed) || ended.load(Ordering::Relaxed) {
-                    watcher.store(true, Ordering::Relaxed);
-                    return;
-                }
-            }
-        });
         let (gone, ended) = (stream.gone.clone(), room.ended.clone());
         tokio::spawn(async move {
             let end = engine.run(&digest, run).await;
-            watch.abort();
             entry.processes.lock().unwrap().remove(&process_id);
             entry.touch();
             let line = match end {
@@ -290,6 +285,7 @@ impl Sandboxes {
                     code,
                     killed_by: None,
                     output_dropped: dropped(&budget),
+                    elapsed_ms: elapsed_ms(called),
                 },
                 Ok(CommandEnd::Stopped(reason)) => ExecLine::Exit {
                     code: 128 + libc::SIGKILL,
@@ -306,6 +302,7 @@ impl Sandboxes {
                         reason
                     }),
                     output_dropped: dropped(&budget),
+                    elapsed_ms: elapsed_ms(called),
                 },
                 Err(e) => ExecLine::Error {
                     message: format!("the command did not run: {e:#}"),
@@ -316,9 +313,40 @@ impl Sandboxes {
         Ok(stream)
     }
 
+    /// Where a lookup of command `name` is remembered: by image, name, `PATH` and working
+    /// directory.
+    fn command_key(
+        room: &WasmRoom,
+        env: &[(String, String)],
+        cwd: &str,
+        name: &str,
+    ) -> (String, String) {
+        let path = env
+            .iter()
+            .find(|(n, _)| n == "PATH")
+            .map_or(DEFAULT_COMMAND_PATH, |(_, v)| v.as_str());
+        (room.digest.clone(), format!("{name}\0{path}\0{cwd}"))
+    }
+
+    /// A command found before, in the image alone (so nothing of a sandbox's own can shadow
+    /// it), and still prepared on the engine.
+    fn known_command(
+        &self,
+        room: &WasmRoom,
+        env: &[(String, String)],
+        cwd: &str,
+        name: &str,
+    ) -> Option<(String, blake3::Hash)> {
+        let key = Self::command_key(room, env, cwd, name);
+        let (program, digest) = self.command_digests.lock().unwrap().get(&key).cloned()?;
+        let engine = self.command_engine().ok()?;
+        engine.is_ready(&digest).then_some((program, digest))
+    }
+
     /// The sandbox path and content digest of command `name`, prepared on the engine: a
     /// path as given (relative to `cwd`), a bare name looked up on `PATH` as NAME or
-    /// NAME.wasm. An image's files are hashed once per server; the sandbox's own each time.
+    /// NAME.wasm. A lookup that only met the image's files is remembered; one that met the
+    /// sandbox's own reads and hashes the program each time.
     fn find_command(
         &self,
         room: &WasmRoom,
@@ -326,6 +354,7 @@ impl Sandboxes {
         cwd: &str,
         name: &str,
     ) -> Result<(String, blake3::Hash), Refused> {
+        let key = Self::command_key(room, env, cwd, name);
         let candidates: Vec<String> = if name.contains('/') {
             vec![if name.starts_with('/') {
                 name.to_string()
@@ -336,7 +365,7 @@ impl Sandboxes {
             let path = env
                 .iter()
                 .find(|(n, _)| n == "PATH")
-                .map_or("/usr/local/bin:/usr/bin:/bin", |(_, v)| v.as_str());
+                .map_or(DEFAULT_COMMAND_PATH, |(_, v)| v.as_str());
             path.split(':')
                 .filter(|dir| dir.starts_with('/'))
                 .flat_map(|dir| {
@@ -345,10 +374,11 @@ impl Sandboxes {
                 })
                 .collect()
         };
-        let Some(program) = candidates
-            .into_iter()
-            .find(|path| room.stat(path).is_ok_and(|entry| entry.kind == "file"))
-        else {
+        let mut only_image = true;
+        let Some(program) = candidates.into_iter().find(|path| {
+            only_image &= room.is_image_path(path);
+            room.stat(path).is_ok_and(|entry| entry.kind == "file")
+        }) else {
             return Err(Refused::new(
                 400,
                 "exec_failed",
@@ -358,17 +388,7 @@ impl Sandboxes {
                 ),
             ));
         };
-        let key = (room.digest.clone(), program.clone());
-        let known = match room.is_image_path(&program) {
-            true => self.command_digests.lock().unwrap().get(&key).copied(),
-            false => None,
-        };
         let engine = self.command_engine()?;
-        if let Some(digest) = known
-            && engine.is_ready(&digest)
-        {
-            return Ok((program, digest));
-        }
         let bytes = room.read(&program, MAX_COMMAND_BYTES)?;
         let digest = blake3::hash(&bytes);
         engine.prepare(digest, &bytes).map_err(|e| {
@@ -378,8 +398,11 @@ impl Sandboxes {
                 format!("{program} is not a WASI command Lode can run: {e:#}"),
             )
         })?;
-        if room.is_image_path(&program) {
-            self.command_digests.lock().unwrap().insert(key, digest);
+        if only_image {
+            self.command_digests
+                .lock()
+                .unwrap()
+                .insert(key, (program.clone(), digest));
         }
         Ok((program, digest))
     }
@@ -417,6 +440,9 @@ impl Sandboxes {
         Ok(())
     }
 }
+
+/// Where commands are looked up when the sandbox has no `PATH`.
+const DEFAULT_COMMAND_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
 
 /// The largest WASI program an exec loads.
 const MAX_COMMAND_BYTES: u64 = 1 << 30;
@@ -460,6 +486,10 @@ fn pump(
             }
         }
     })
+}
+
+fn elapsed_ms(since: Instant) -> f64 {
+    since.elapsed().as_secs_f64() * 1000.0
 }
 
 fn dropped(budget: &OutputBudget) -> Option<u64> {

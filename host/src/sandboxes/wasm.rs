@@ -21,6 +21,38 @@ use crate::native::Refused;
 use crate::proto::sandboxes::{ExecLine, FileEntry};
 use crate::wasm::store::Preopen;
 
+/// The top level of a Wasm image, read once per image: its directories (each a read-only
+/// mount point in a sandbox's root) and what else a sandbox's root starts with a copy of.
+pub(super) struct ImageRoot {
+    dirs: Vec<String>,
+    copied: Vec<String>,
+}
+
+impl ImageRoot {
+    /// Reads the top level of `image`: an entry that is a directory other than the
+    /// sandbox's own (`/tmp`, `/work`) is mounted; the rest (those two if not empty, and any
+    /// file) is copied.
+    pub(super) fn read(image: &lode_fs::Mount) -> std::io::Result<Self> {
+        let mut root = Self {
+            dirs: Vec::new(),
+            copied: Vec::new(),
+        };
+        for entry in std::fs::read_dir(image.mountpoint())? {
+            let entry = entry?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let own = WASM_WRITABLE.iter().any(|dir| dir[1..] == name);
+            if !entry.file_type()?.is_dir() {
+                root.copied.push(name);
+            } else if !own {
+                root.dirs.push(name);
+            } else if std::fs::read_dir(entry.path())?.next().is_some() {
+                root.copied.push(name);
+            }
+        }
+        Ok(root)
+    }
+}
+
 /// A Wasm-tier sandbox's place on the host.
 pub(super) struct WasmRoom {
     /// The image's lazy mount, whose top-level directories are preopened read-only.
@@ -29,8 +61,8 @@ pub(super) struct WasmRoom {
     pub(super) digest: String,
     /// The sandbox's own tmpfs, preopened read-write at `/`.
     layer: PathBuf,
-    /// The image's top-level directories, each seen read-only at `/NAME`.
-    image_dirs: Vec<String>,
+    /// The image's top level: its directories are seen read-only at `/NAME`.
+    pub(super) root: Arc<ImageRoot>,
     /// Set when the sandbox ends: running commands stop at the next epoch tick.
     pub(super) ended: Arc<AtomicBool>,
 }
@@ -42,34 +74,36 @@ impl WasmRoom {
     pub(super) fn make(
         image: Arc<lode_fs::Mount>,
         digest: String,
+        root: Arc<ImageRoot>,
         layer: PathBuf,
         bytes: u64,
     ) -> std::io::Result<Self> {
         std::fs::create_dir_all(&layer)?;
         crate::native::containers::mount_tmpfs(&layer, bytes)?;
-        let mut room = Self {
+        let filled = (|| {
+            for name in &root.dirs {
+                std::fs::create_dir(layer.join(name))?;
+            }
+            for name in &root.copied {
+                copy_tree(&image.mountpoint().join(name), &layer.join(name))?;
+            }
+            for dir in WASM_WRITABLE {
+                std::fs::create_dir_all(layer.join(&dir[1..]))?;
+            }
+            Ok::<_, std::io::Error>(())
+        })();
+        if let Err(e) = filled {
+            let _ = lode_fs::unmount(&layer);
+            let _ = std::fs::remove_dir_all(&layer);
+            return Err(e);
+        }
+        Ok(Self {
             image,
             digest,
+            root,
             layer,
-            image_dirs: Vec::new(),
             ended: Arc::new(AtomicBool::new(false)),
-        };
-        for entry in std::fs::read_dir(room.image.mountpoint())? {
-            let entry = entry?;
-            let name = entry.file_name().to_string_lossy().into_owned();
-            let own = WASM_WRITABLE.iter().any(|dir| dir[1..] == name);
-            let to = room.layer.join(&name);
-            if entry.file_type()?.is_dir() && !own {
-                std::fs::create_dir(&to)?;
-                room.image_dirs.push(name);
-            } else {
-                copy_tree(&entry.path(), &to)?;
-            }
-        }
-        for dir in WASM_WRITABLE {
-            std::fs::create_dir_all(room.layer.join(&dir[1..]))?;
-        }
-        Ok(room)
+        })
     }
 
     /// What a command sees: the sandbox's own root, with the image's directories in it.
@@ -79,7 +113,7 @@ impl WasmRoom {
             guest: "/".into(),
             read_only: false,
         }];
-        preopens.extend(self.image_dirs.iter().map(|name| Preopen {
+        preopens.extend(self.root.dirs.iter().map(|name| Preopen {
             host: self.image.mountpoint().join(name),
             guest: format!("/{name}"),
             read_only: true,
@@ -91,7 +125,8 @@ impl WasmRoom {
     fn image_part<'p>(&self, path: &'p str) -> Option<(&str, &'p str)> {
         let path = path.trim_start_matches('/');
         let (first, rest) = path.split_once('/').unwrap_or((path, ""));
-        self.image_dirs
+        self.root
+            .dirs
             .iter()
             .find(|dir| *dir == first)
             .map(|dir| (dir.as_str(), rest))

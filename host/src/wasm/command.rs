@@ -9,7 +9,6 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -73,8 +72,9 @@ pub struct CommandRun {
     pub fuel: Option<u64>,
     /// When it is stopped.
     pub deadline: Instant,
-    /// Set to stop it at the next epoch tick (its caller left, or its sandbox ended).
-    pub stop: Arc<AtomicBool>,
+    /// Asked at every epoch tick: whether to stop it now (its caller left, or its sandbox
+    /// ended).
+    pub stop: Box<dyn Fn() -> bool + Send + Sync>,
 }
 
 /// How a command ended.
@@ -279,10 +279,10 @@ impl CommandEngine {
         store
             .set_fuel(run.fuel.unwrap_or(u64::MAX))
             .expect("the engine consumes fuel");
-        let (deadline, stop) = (run.deadline, run.stop.clone());
+        let (deadline, stop) = (run.deadline, run.stop);
         store.set_epoch_deadline(1);
         store.epoch_deadline_callback(move |_| {
-            if Instant::now() >= deadline || stop.load(Ordering::Relaxed) {
+            if Instant::now() >= deadline || stop() {
                 Ok(UpdateDeadline::Interrupt)
             } else {
                 Ok(UpdateDeadline::Yield(1))

@@ -1,6 +1,6 @@
 //! `wasi-tools TOOL ARGS...`: small tools a Wasm-tier sandbox runs as WASI commands.
 //!
-//! Everyday tools: `echo`, `cat`, `write`, `ls`, `env`, `exit`, and `session`, which keeps a
+//! Everyday tools: `true`, `echo`, `cat`, `write`, `ls`, `env`, `exit`, and `session`, which keeps a
 //! running total of the numbers it reads on stdin (state kept between inputs, as a code
 //! interpreter keeps its globals). Probes that show what the sandbox holds: `read`,
 //! `connect`, `clock`, `alloc`, `spin`, `spew`.
@@ -10,7 +10,7 @@ use std::io::{BufRead, Read, Write};
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let Some((tool, rest)) = args.split_first() else {
-        eprintln!("usage: wasi-tools echo|cat|write|ls|env|exit|session|read|connect|clock|alloc|spin|spew ...");
+        eprintln!("usage: wasi-tools true|echo|cat|write|ls|env|exit|session|read|connect|clock|alloc|spin|spew ...");
         std::process::exit(2);
     };
     let code = match run(tool, rest) {
@@ -27,6 +27,7 @@ fn run(tool: &str, args: &[String]) -> std::io::Result<()> {
     let arg = |i: usize| args.get(i).map(String::as_str).unwrap_or("");
     let mut out = std::io::stdout().lock();
     match tool {
+        "true" => {}
         "echo" => writeln!(out, "{}", args.join(" "))?,
         "cat" => {
             let mut bytes = Vec::new();
