@@ -279,7 +279,7 @@ async fn bad_requests_are_refused_by_name() {
     let (status, body) = create(json!({"app": "a", "image": "test/bb", "gpu": "any"})).await;
     assert!(status == 400 && body.contains("gpu"), "{body}");
     let err = lode.cli_err(&["sandbox", "exec", "-t", "sb-x", "--", "sh"]);
-    assert!(err.contains("terminals (-t) are not built yet"), "{err}");
+    assert!(err.contains("no sandbox \"sb-x\""), "{err}");
 }
 
 #[tokio::test]
@@ -392,4 +392,102 @@ async fn a_snapshot_is_an_image_new_sandboxes_start_from() {
     lode.cli_ok(&["sandbox", "rm", &id]);
     let err = lode.cli_err(&["sandbox", "snapshot", &id]);
     assert!(err.contains("has ended"), "{err}");
+}
+
+#[tokio::test]
+async fn a_terminal_is_the_sandboxs_own_and_follows_its_size() {
+    let (lode, _work) = server(&[]);
+    let id = create(&lode, &[]);
+    // `exec -t`: a pty of the sandbox's own devpts as the command's controlling terminal;
+    // what is typed goes to it (and echoes, as a terminal does).
+    let mut child = std::process::Command::new(harness::LODE)
+        .args(["sandbox", "exec", "-t", &id, "--", "sh", "-c"])
+        .arg("tty; stty size; read a; echo got $a; exit 5")
+        .env("LODE_CONFIG", lode.client_file())
+        .env("TERM", "xterm-test")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(b"typed\n").unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(5));
+    assert_eq!(
+        text(&out.stdout),
+        "/dev/pts/0\r\n24 80\r\ntyped\r\ngot typed\r\n"
+    );
+
+    // Through the API: a size at the start, a resize while it runs.
+    let exec = lode
+        .api(Method::POST, &format!("/v1/sandboxes/{id}/exec"))
+        .json(
+            &json!({"argv": ["sh", "-c", "stty size; read x; stty size"], "tty": true,
+                      "rows": 10, "cols": 40, "stdin": true}),
+        )
+        .send()
+        .await
+        .unwrap();
+    let mut response = exec;
+    let mut seen = String::new();
+    let mut process = String::new();
+    let mut resized = false;
+    while let Some(chunk) = response.chunk().await.unwrap() {
+        for line in String::from_utf8_lossy(&chunk).lines() {
+            let line: Value = serde_json::from_str(line).unwrap();
+            match line["event"].as_str().unwrap() {
+                "started" => process = line["process_id"].as_str().unwrap().to_string(),
+                "stdout" => {
+                    use base64::Engine as _;
+                    let data = base64::engine::general_purpose::STANDARD
+                        .decode(line["data"].as_str().unwrap())
+                        .unwrap();
+                    seen.push_str(&String::from_utf8_lossy(&data));
+                }
+                "exit" => assert_eq!(line["code"], 0, "{seen}"),
+                other => panic!("{other}: {line}"),
+            }
+        }
+        if !resized && seen.contains("10 40") {
+            resized = true;
+            let base = format!("/v1/sandboxes/{id}/processes/{process}");
+            let done = lode
+                .api(Method::POST, &format!("{base}/resize"))
+                .json(&json!({"rows": 30, "cols": 100}))
+                .send()
+                .await
+                .unwrap();
+            assert!(done.status().is_success());
+            lode.api(Method::POST, &format!("{base}/stdin"))
+                .body("go\n")
+                .send()
+                .await
+                .unwrap();
+        }
+    }
+    assert!(
+        seen.contains("10 40") && seen.ends_with("30 100\r\n"),
+        "{seen:?}"
+    );
+    // A process without a terminal has no size to set.
+    let mut plain = lode
+        .api(Method::POST, &format!("/v1/sandboxes/{id}/exec"))
+        .json(&json!({"argv": ["sleep", "5"]}))
+        .send()
+        .await
+        .unwrap();
+    let started: Value = serde_json::from_slice(&plain.chunk().await.unwrap().unwrap()).unwrap();
+    let refused = lode
+        .api(
+            Method::POST,
+            &format!(
+                "/v1/sandboxes/{id}/processes/{}/resize",
+                started["process_id"].as_str().unwrap()
+            ),
+        )
+        .json(&json!({"rows": 30, "cols": 100}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 400);
+    assert!(refused.text().await.unwrap().contains("has no terminal"));
 }

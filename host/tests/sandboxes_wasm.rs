@@ -177,6 +177,8 @@ async fn a_wasm_sandbox_runs_commands_over_its_image_and_keeps_its_files() {
     );
     let err = lode.cli_err(&["sandbox", "create", "test/wasm", "--net", "outbound"]);
     assert!(err.contains("network is not available"), "{err}");
+    let err = lode.cli_err(&["sandbox", "exec", "-t", &id, "--", "wasi-tools", "true"]);
+    assert!(err.contains("a WASI command has no terminal"), "{err}");
 
     // The SDK drives it as it drives a container sandbox.
     let out = lode.sdk_python(&format!(

@@ -15,6 +15,7 @@ fn sh(script: &str) -> ExecSpec {
         argv: vec!["sh".into(), "-c".into(), script.into()],
         env: vec![("PATH".into(), "/bin".into())],
         cwd: "/".into(),
+        terminal: false,
     }
 }
 
@@ -81,6 +82,7 @@ fn processes_share_the_sandbox_and_its_files_between_commands() {
             argv: vec!["no-such-command".into()],
             env: vec![("PATH".into(), "/bin".into())],
             cwd: "/".into(),
+            terminal: false,
         },
         Stdio::null(),
         Stdio::null(),
@@ -238,6 +240,7 @@ fn a_working_directory_through_proc_self_fd_never_reaches_the_host() {
             argv: vec!["sh".into(), "-c".into(), "ls; ls ..".into()],
             env: vec![("PATH".into(), "/bin".into())],
             cwd: "/tmp/w".into(),
+            terminal: false,
         },
         Stdio::null(),
         Stdio::piped(),

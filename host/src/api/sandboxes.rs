@@ -20,6 +20,7 @@ use serde::Deserialize;
 use crate::api::error::{ApiError, ApiQuery, ndjson, sorted_json};
 use crate::proto::sandboxes::{
     ExecRequest, FileList, SandboxList, SandboxRequest, SnapshotAnswer, SnapshotRequest,
+    TerminalSize,
 };
 use crate::sandboxes::Sandboxes;
 
@@ -41,6 +42,10 @@ pub fn router(sandboxes: Arc<Sandboxes>, max_file_bytes: u64) -> Router {
         )
         .route("/v1/sandboxes/{id}/files/mkdir", post(make_dir))
         .route("/v1/sandboxes/{id}/snapshot", post(snapshot))
+        .route(
+            "/v1/sandboxes/{id}/processes/{process}/resize",
+            post(resize),
+        )
         .layer(DefaultBodyLimit::max(
             usize::try_from(max_file_bytes).unwrap_or(usize::MAX),
         ))
@@ -236,4 +241,14 @@ async fn snapshot(
         tag: request.tag,
     })
     .into_response())
+}
+
+async fn resize(
+    State(sandboxes): State<Arc<Sandboxes>>,
+    Path((id, process)): Path<(String, String)>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let size: TerminalSize = json_body(&body, "terminal size")?;
+    sandboxes.resize(&id, &process, size.rows, size.cols)?;
+    Ok(axum::http::StatusCode::NO_CONTENT.into_response())
 }

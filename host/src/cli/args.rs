@@ -202,7 +202,8 @@ pub enum SandboxCommand {
         /// Send this terminal's stdin to the command.
         #[arg(short, long)]
         interactive: bool,
-        /// Give the command a terminal (not built yet: refused).
+        /// Give the command a terminal (container tier): your keys go to it as typed, and its size
+        /// follows this window's.
         #[arg(short, long)]
         tty: bool,
         /// Working directory [default: the sandbox's].

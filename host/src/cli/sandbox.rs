@@ -62,15 +62,24 @@ pub async fn run(api: &ApiClient, command: SandboxCommand) -> Result<i32> {
             fuel,
             command,
         } => {
-            if tty {
-                bail!("terminals (-t) are not built yet; -i sends your stdin to the command");
+            let mut env = env;
+            let size = tty.then(terminal::size).flatten();
+            if tty
+                && !env.iter().any(|(name, _)| name == "TERM")
+                && let Ok(term) = std::env::var("TERM")
+            {
+                env.push(("TERM".into(), term));
             }
             let request = ExecRequest {
                 argv: command,
                 env,
                 workdir,
                 timeout: timeout.map(|t| t.as_secs_f64()),
-                stdin: interactive,
+                // A terminal reads what you type.
+                stdin: interactive || tty,
+                tty,
+                rows: size.map(|s| s.0),
+                cols: size.map(|s| s.1),
                 fuel,
             };
             exec(api, &id, request).await
@@ -136,9 +145,12 @@ pub async fn run(api: &ApiClient, command: SandboxCommand) -> Result<i32> {
     }
 }
 
-/// Streams a process's output here; with stdin, sends this terminal's stdin to it.
+/// Streams a process's output here; with stdin, sends this terminal's stdin to it. With a
+/// terminal, this one is raw while it runs (when it is a terminal) and its size follows.
 async fn exec(api: &ApiClient, id: &str, request: ExecRequest) -> Result<i32> {
     let with_stdin = request.stdin;
+    let tty = request.tty;
+    let raw = if tty { terminal::Raw::enter() } else { None };
     let response = api
         .send_found(
             api.request(Method::POST, &format!("/v1/sandboxes/{id}/exec"))
@@ -151,11 +163,19 @@ async fn exec(api: &ApiClient, id: &str, request: ExecRequest) -> Result<i32> {
     while let Some(line) = lines.next().await {
         match line? {
             ExecLine::Started { process_id } => {
+                let process = format!("/v1/sandboxes/{id}/processes/{process_id}");
                 if with_stdin {
                     feeder = Some(tokio::spawn(feed_stdin(
                         api.clone(),
-                        format!("/v1/sandboxes/{id}/processes/{process_id}/stdin"),
+                        format!("{process}/stdin"),
+                        tty,
                     )));
+                }
+                if tty {
+                    tokio::spawn(terminal::follow_size(
+                        api.clone(),
+                        format!("{process}/resize"),
+                    ));
                 }
             }
             ExecLine::Stdout { data } => write_output(&mut stdout, &data)?,
@@ -169,6 +189,7 @@ async fn exec(api: &ApiClient, id: &str, request: ExecRequest) -> Result<i32> {
                 if let Some(feeder) = feeder {
                     feeder.abort();
                 }
+                drop(raw);
                 if let Some(why) = killed_by {
                     eprintln!("lode: {why}");
                 }
@@ -186,8 +207,9 @@ async fn exec(api: &ApiClient, id: &str, request: ExecRequest) -> Result<i32> {
     bail!("the server ended the process's stream without an exit status (did `lode serve` stop?)")
 }
 
-/// Sends this terminal's stdin to a process, chunk by chunk, then its end.
-async fn feed_stdin(api: ApiClient, path: String) -> Result<()> {
+/// Sends this terminal's stdin to a process, chunk by chunk, then its end: for a process
+/// with a terminal, the end-of-file character, as a terminal sends it.
+async fn feed_stdin(api: ApiClient, path: String, tty: bool) -> Result<()> {
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(4);
     std::thread::spawn(move || {
         let mut stdin = std::io::stdin();
@@ -207,9 +229,74 @@ async fn feed_stdin(api: ApiClient, path: String) -> Result<()> {
         api.send_found(api.request(Method::POST, &path).body(chunk))
             .await?;
     }
-    api.send_found(api.request(Method::POST, &format!("{path}?eof=true")))
-        .await?;
+    if tty {
+        api.send_found(api.request(Method::POST, &path).body(vec![0x04]))
+            .await?;
+    } else {
+        api.send_found(api.request(Method::POST, &format!("{path}?eof=true")))
+            .await?;
+    }
     Ok(())
+}
+
+/// This terminal, for `exec -t`.
+mod terminal {
+    use super::{ApiClient, Method};
+    use crate::proto::sandboxes::TerminalSize;
+
+    /// Rows and columns of this terminal, if stdout is one.
+    pub fn size() -> Option<(u16, u16)> {
+        // SAFETY: an all-zero winsize is valid; TIOCGWINSZ fills it.
+        let mut size: libc::winsize = unsafe { std::mem::zeroed() };
+        // SAFETY: TIOCGWINSZ on stdout with a valid winsize pointer.
+        let got = unsafe { libc::ioctl(libc::STDOUT_FILENO, libc::TIOCGWINSZ, &mut size) };
+        (got == 0 && size.ws_row > 0).then_some((size.ws_row, size.ws_col))
+    }
+
+    /// Stdin in raw mode while held (keys go to the process as typed); put back on drop.
+    pub struct Raw(libc::termios);
+
+    impl Raw {
+        /// `None` when stdin is not a terminal.
+        pub fn enter() -> Option<Self> {
+            // SAFETY: an all-zero termios is valid; tcgetattr fills it.
+            let mut saved: libc::termios = unsafe { std::mem::zeroed() };
+            // SAFETY: tcgetattr(3) on stdin with a valid pointer.
+            if unsafe { libc::tcgetattr(libc::STDIN_FILENO, &mut saved) } != 0 {
+                return None;
+            }
+            let mut raw = saved;
+            // SAFETY: cfmakeraw(3) and tcsetattr(3) on a termios we own, for stdin.
+            unsafe {
+                libc::cfmakeraw(&mut raw);
+                libc::tcsetattr(libc::STDIN_FILENO, libc::TCSANOW, &raw);
+            }
+            Some(Self(saved))
+        }
+    }
+
+    impl Drop for Raw {
+        fn drop(&mut self) {
+            // SAFETY: tcsetattr(3) on stdin with the settings saved at entry.
+            unsafe { libc::tcsetattr(libc::STDIN_FILENO, libc::TCSANOW, &self.0) };
+        }
+    }
+
+    /// Sends this terminal's size to the process each time it changes (SIGWINCH).
+    pub async fn follow_size(api: ApiClient, path: String) {
+        use tokio::signal::unix::{SignalKind, signal};
+        let Ok(mut changes) = signal(SignalKind::window_change()) else {
+            return;
+        };
+        while changes.recv().await.is_some() {
+            if let Some((rows, cols)) = size() {
+                let body = TerminalSize { rows, cols };
+                let _ = api
+                    .send_found(api.request(Method::POST, &path).json(&body))
+                    .await;
+            }
+        }
+    }
 }
 
 /// `key=value&...`, each part escaped.

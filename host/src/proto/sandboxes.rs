@@ -135,6 +135,16 @@ pub struct ExecRequest {
     /// empty.
     #[serde(default)]
     pub stdin: bool,
+    /// Container tier: give it a terminal (stdin, stdout and stderr all on one pty; its
+    /// output comes back as stdout).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub tty: bool,
+    /// The terminal's rows (24 by default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rows: Option<u16>,
+    /// The terminal's columns (80 by default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cols: Option<u16>,
     /// Wasm tier: the fuel the command may burn (a count of Wasm work, the same on every
     /// run); none by default, when its timeout alone bounds it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -221,4 +231,14 @@ pub struct SnapshotAnswer {
     /// The tag pointed at it, if one was asked for.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tag: Option<String>,
+}
+
+/// `POST /v1/sandboxes/{id}/processes/{pid}/resize`: a process's terminal size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TerminalSize {
+    /// Rows.
+    pub rows: u16,
+    /// Columns.
+    pub cols: u16,
 }

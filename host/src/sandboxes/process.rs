@@ -3,7 +3,7 @@
 //! when the caller goes away, or with the sandbox.
 
 use std::io::{Read, Write};
-use std::process::{ChildStdin, Stdio};
+use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -19,16 +19,17 @@ use crate::proto::sandboxes::{ExecLine, ExecRequest};
 use crate::wasm::command::{CommandEnd, CommandRun};
 use crate::wasm::store::{GuestOutput, OutputSink};
 
-/// A process's stdin, while it is open.
+/// A process's stdin, while it is open, and its terminal if it has one.
 pub(super) struct Handle {
     stdin: Option<Stdin>,
+    terminal: Option<Arc<std::fs::File>>,
 }
 
 /// Where a process's stdin is written.
 #[derive(Clone)]
 enum Stdin {
-    /// A container process's pipe.
-    Pipe(Arc<Mutex<ChildStdin>>),
+    /// A container process's pipe, or its terminal's master.
+    Pipe(Arc<Mutex<Box<dyn Write + Send>>>),
     /// A WASI command's in-memory pipe.
     Command(Arc<tokio::sync::Mutex<tokio::io::DuplexStream>>),
 }
@@ -63,6 +64,12 @@ impl Sandboxes {
         self.check_exec(&request)?;
         let entry = self.running(id)?;
         if let Some(room) = entry.wasm_room() {
+            if request.tty {
+                return Err(Refused::bad(
+                    "a WASI command has no terminal (the Wasm tier); run it without -t, or use a \
+                     Linux image for a terminal",
+                ));
+            }
             return self.start_command(entry, room, request, called).await;
         }
         if request.fuel.is_some() {
@@ -107,46 +114,84 @@ impl Sandboxes {
         for (name, value) in &request.env {
             lode_native_runner::image_spec::set_env(&mut env, name, value);
         }
+        if request.tty && !env.iter().any(|(name, _)| name == "TERM") {
+            env.push(("TERM".into(), "xterm".into()));
+        }
         let exec = ExecSpec {
             argv: request.argv.clone(),
             env,
             cwd: request.workdir.clone().unwrap_or_else(|| entry.cwd.clone()),
+            terminal: request.tty,
         };
-        let stdin = if request.stdin {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        };
-        let mut process = {
+        let (mut process, terminal) = {
             let live = entry.live.lock().unwrap();
             let Some(super::Live::Container { sandbox: live, .. }) = live.as_ref() else {
                 return Err(super::ended(&entry.info.lock().unwrap()));
             };
-            live.exec(&exec, stdin, Stdio::piped(), Stdio::piped())
-                .map_err(|e| {
-                    let status = match e.kind() {
-                        std::io::ErrorKind::NotFound | std::io::ErrorKind::PermissionDenied => 400,
-                        _ => 500,
-                    };
-                    Refused::new(
-                        status,
-                        "exec_failed",
-                        format!("the process did not start: {e}"),
-                    )
-                })?
+            let terminal = if request.tty {
+                let (rows, cols) = (request.rows.unwrap_or(24), request.cols.unwrap_or(80));
+                Some(live.open_terminal(rows, cols).map_err(|e| {
+                    Refused::internal(format!("opening a terminal in the sandbox: {e}"))
+                })?)
+            } else {
+                None
+            };
+            let stdio = |piped: fn() -> Stdio| -> Result<Stdio, Refused> {
+                match &terminal {
+                    Some(t) => Ok(Stdio::from(t.slave.try_clone().map_err(Refused::internal)?)),
+                    None => Ok(piped()),
+                }
+            };
+            let stdin = stdio(if request.stdin {
+                Stdio::piped
+            } else {
+                Stdio::null
+            })?;
+            let spawned = live.exec(&exec, stdin, stdio(Stdio::piped)?, stdio(Stdio::piped)?);
+            // The command holds the terminal's slave now; the server keeps only the master,
+            // so reading it ends when the command does.
+            let terminal = terminal.map(|t| std::fs::File::from(t.master));
+            let process = spawned.map_err(|e| {
+                let status = match e.kind() {
+                    std::io::ErrorKind::NotFound | std::io::ErrorKind::PermissionDenied => 400,
+                    _ => 500,
+                };
+                Refused::new(
+                    status,
+                    "exec_failed",
+                    format!("the process did not start: {e}"),
+                )
+            })?;
+            (process, terminal)
         };
-        let stdin = process
-            .child
-            .stdin
-            .take()
-            .map(|s| Stdin::Pipe(Arc::new(Mutex::new(s))));
-        let (process_id, tx, stream) = started(&entry, stdin);
+        let (stdin, output, terminal) = match terminal {
+            Some(master) => {
+                let writer = master.try_clone().map_err(Refused::internal)?;
+                let reader = master.try_clone().map_err(Refused::internal)?;
+                (
+                    Some(Stdin::Pipe(Arc::new(Mutex::new(
+                        Box::new(writer) as Box<dyn Write + Send>
+                    )))),
+                    Some(Box::new(reader) as Box<dyn Read + Send>),
+                    Some(Arc::new(master)),
+                )
+            }
+            None => (
+                process.child.stdin.take().map(|s| {
+                    Stdin::Pipe(Arc::new(Mutex::new(Box::new(s) as Box<dyn Write + Send>)))
+                }),
+                process
+                    .child
+                    .stdout
+                    .take()
+                    .map(|s| Box::new(s) as Box<dyn Read + Send>),
+                None,
+            ),
+        };
+        let (process_id, tx, stream) = started(&entry, stdin, terminal);
         let gone = stream.gone.clone();
         let budget = OutputBudget::new(self.bounds.max_output_bytes);
-        let out = pump(
-            process.child.stdout.take(),
-            ExecOutput::new(tx.clone(), false, budget.clone()),
-        );
+        let out = pump(output, ExecOutput::new(tx.clone(), false, budget.clone()));
         let err = pump(
             process.child.stderr.take(),
             ExecOutput::new(tx.clone(), true, budget.clone()),
@@ -245,7 +290,7 @@ impl Sandboxes {
         } else {
             (None, None)
         };
-        let (process_id, tx, stream) = started(&entry, stdin);
+        let (process_id, tx, stream) = started(&entry, stdin, None);
         let budget = OutputBudget::new(self.bounds.max_output_bytes);
         let (out, err) = (
             GuestOutput::new(ExecOutput::new(tx.clone(), false, budget.clone())),
@@ -407,6 +452,27 @@ impl Sandboxes {
         Ok((program, digest))
     }
 
+    /// Tells a running process with a terminal that it is `rows` by `cols` now.
+    pub fn resize(&self, id: &str, process_id: &str, rows: u16, cols: u16) -> Result<(), Refused> {
+        let entry = self.running(id)?;
+        let processes = entry.processes.lock().unwrap();
+        let handle = processes.get(process_id).ok_or_else(|| {
+            Refused::new(
+                404,
+                "not_found",
+                format!("no running process {process_id:?} in this sandbox"),
+            )
+        })?;
+        let terminal = handle.terminal.as_ref().ok_or_else(|| {
+            Refused::bad(format!(
+                "process {process_id} has no terminal (start it with tty: true, lode sandbox \
+                 exec -t)"
+            ))
+        })?;
+        lode_native_runner::sandbox::Terminal::resize(terminal.as_ref(), rows, cols)
+            .map_err(Refused::internal)
+    }
+
     /// Writes `bytes` to a running process's stdin; with `eof`, closes it after.
     pub async fn write_stdin(
         &self,
@@ -451,13 +517,14 @@ const MAX_COMMAND_BYTES: u64 = 1 << 30;
 fn started(
     entry: &Entry,
     stdin: Option<Stdin>,
+    terminal: Option<Arc<std::fs::File>>,
 ) -> (String, mpsc::UnboundedSender<ExecLine>, ProcessStream) {
     let process_id = format!("pr-{:016x}", rand::random::<u64>());
     entry
         .processes
         .lock()
         .unwrap()
-        .insert(process_id.clone(), Handle { stdin });
+        .insert(process_id.clone(), Handle { stdin, terminal });
     let (tx, rx) = mpsc::unbounded_channel();
     let _ = tx.send(ExecLine::Started {
         process_id: process_id.clone(),

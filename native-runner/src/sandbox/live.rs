@@ -92,6 +92,33 @@ pub struct ExecSpec {
     pub env: Vec<(String, String)>,
     /// Working directory inside the sandbox.
     pub cwd: String,
+    /// Whether its stdin is a terminal ([`LiveSandbox::open_terminal`]'s) to make its
+    /// controlling terminal, in a session of its own.
+    pub terminal: bool,
+}
+
+/// A pseudo-terminal of a live sandbox: the master stays with the host, the slave becomes a
+/// process's stdio.
+#[derive(Debug)]
+pub struct Terminal {
+    /// The host's end: the process's output to read, its input to write, its size to set.
+    pub master: OwnedFd,
+    /// The process's end.
+    pub slave: OwnedFd,
+}
+
+impl Terminal {
+    /// Tells the process its terminal is `rows` by `cols`.
+    pub fn resize(master: &impl AsRawFd, rows: u16, cols: u16) -> io::Result<()> {
+        let size = libc::winsize {
+            ws_row: rows,
+            ws_col: cols,
+            ws_xpixel: 0,
+            ws_ypixel: 0,
+        };
+        // SAFETY: TIOCSWINSZ on a pty master we hold, with a valid winsize.
+        check(unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCSWINSZ, &size) }).map(drop)
+    }
 }
 
 impl LiveSandbox {
@@ -171,6 +198,7 @@ impl LiveSandbox {
             capabilities: self.capabilities,
             seccomp: crate::seccomp::compiled()?,
             stage_report: stage_write.into(),
+            terminal: exec.terminal,
         };
         let mut command = Command::new(program);
         command
@@ -191,6 +219,51 @@ impl LiveSandbox {
             .map_err(|e| named_failure(e, &mut stage_read, &SandboxSpec::default()))
     }
 
+    /// A new pseudo-terminal in the sandbox's own `/dev/pts` (so the process sees a
+    /// `/dev/pts/N` of its sandbox), `rows` by `cols`. The master is opened through the
+    /// sandbox's root with every path component resolved inside it, the slave from the
+    /// master (never by path; a node planted at that path is no pty master and fails there),
+    /// and the slave is handed to the sandbox's root user.
+    pub fn open_terminal(&self, rows: u16, cols: u16) -> io::Result<Terminal> {
+        let root = std::fs::File::open(format!("/proc/{}/root", self.init))?;
+        let path = cstring("dev/pts/ptmx")?;
+        // SAFETY: an all-zero open_how is valid ("no flags"); the fields are then set.
+        let mut how: libc::open_how = unsafe { std::mem::zeroed() };
+        how.flags = (libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC) as u64;
+        how.resolve = libc::RESOLVE_IN_ROOT | libc::RESOLVE_NO_MAGICLINKS;
+        // SAFETY: openat2(2) with a descriptor we hold, a NUL-terminated path and a valid
+        // open_how of the size passed.
+        let fd = unsafe {
+            libc::syscall(
+                libc::SYS_openat2,
+                root.as_raw_fd(),
+                path.as_ptr(),
+                &how as *const libc::open_how,
+                std::mem::size_of::<libc::open_how>(),
+            )
+        };
+        let master = owned(fd)?;
+        let unlock: libc::c_int = 0;
+        // SAFETY: TIOCSPTLCK with a pointer to an int, on the master we just opened.
+        check(unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCSPTLCK, &unlock) })?;
+        // SAFETY: TIOCGPTPEER (Linux 4.13) opens the slave of this master; no path involved.
+        let slave = unsafe {
+            libc::ioctl(
+                master.as_raw_fd(),
+                libc::TIOCGPTPEER,
+                libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC,
+            )
+        };
+        let slave = owned(slave as libc::c_long)?;
+        if let Some(userns) = &self.user_namespace {
+            let root = userns.ids().host_base;
+            // SAFETY: fchown(2) on the slave we hold.
+            check(unsafe { libc::fchown(slave.as_raw_fd(), root, root) })?;
+        }
+        Terminal::resize(&master, rows, cols)?;
+        Ok(Terminal { master, slave })
+    }
+
     /// Starts the helper's `op` (`read`, `write`, `append`, `ls`, `stat`, `mkdir`, `rm`) on
     /// `path` inside the sandbox, `input` as its stdin, stdout and stderr piped. Its exit
     /// code says how it went: 0 done, 2 not found, 3 wrong kind, 4 permission denied, 5 no
@@ -200,6 +273,7 @@ impl LiveSandbox {
             argv: vec![helper_path()?, op.into(), path.into()],
             env: Vec::new(),
             cwd: "/".into(),
+            terminal: false,
         };
         self.exec(
             &exec,
@@ -310,6 +384,15 @@ fn wait_for_init(sandbox: &mut Sandbox) -> io::Result<libc::pid_t> {
     }
 }
 
+/// A descriptor a syscall returned, or its error.
+fn owned(fd: libc::c_long) -> io::Result<OwnedFd> {
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a fresh descriptor that nothing else owns.
+    Ok(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as libc::c_int) })
+}
+
 /// What a process entering a live sandbox needs, prepared before the fork.
 struct Joining {
     namespaces: Vec<(libc::c_int, libc::c_int)>,
@@ -320,6 +403,7 @@ struct Joining {
     capabilities: u64,
     seccomp: &'static [seccompiler::BpfProgram],
     stage_report: OwnedFd,
+    terminal: bool,
 }
 
 /// Runs in the forked child, before exec: no allocation from here on.
@@ -338,6 +422,13 @@ fn enter_live(j: &Joining) -> io::Result<()> {
         report_stage(report, Stage::Namespaces, joined)?;
     }
     fork_waiting()?;
+    if j.terminal {
+        // The command leads a session of its own, with its stdin as the controlling terminal.
+        // SAFETY: setsid(2) takes no arguments; TIOCSCTTY on fd 0 with an int argument.
+        let controlled = check(unsafe { libc::setsid() })
+            .and_then(|_| check(unsafe { libc::ioctl(0, libc::TIOCSCTTY, 0) }));
+        report_stage(report, Stage::Session, controlled)?;
+    }
     report_stage(report, Stage::Workdir, chdir_inside_root(&j.cwd))?;
     if let Some(userns) = &j.user_namespace {
         report_stage(report, Stage::User, become_container_root(userns))?;
