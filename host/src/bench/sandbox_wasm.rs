@@ -275,7 +275,7 @@ pub(super) async fn wasm_tier(api: &Api, args: &SandboxBench, work: &Path) -> Re
     api.terminate(&warm_py).await;
 
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let before = mem_available();
+    let (before, rss_before) = (mem_available(), api.server.rss());
     let started = Instant::now();
     let mut alive = Vec::new();
     for _ in 0..args.alive_wasm {
@@ -290,12 +290,15 @@ pub(super) async fn wasm_tier(api: &Api, args: &SandboxBench, work: &Path) -> Re
     let took = started.elapsed();
     tokio::time::sleep(Duration::from_millis(500)).await;
     let used = before.saturating_sub(mem_available());
+    let rss = api.server.rss().saturating_sub(rss_before);
+    let each = |bytes: u64| bytes as f64 / alive.len().max(1) as f64 / 1024.0;
     println!(
         "  idle Wasm sandboxes alive at once                         {} (made in {:.1?}), \
-         {:.1} KiB of host memory each",
+         {:.1} KiB of the server's memory each ({:.1} KiB of the host's)",
         alive.len(),
         took,
-        used as f64 / alive.len().max(1) as f64 / 1024.0
+        each(rss),
+        each(used)
     );
     if let Some(id) = alive.last() {
         api.exec_timed(id, &["wasi-tools", "true"]).await?;

@@ -93,6 +93,18 @@ pub struct LodeServer {
     _dirs: tempfile::TempDir,
 }
 
+impl LodeServer {
+    /// The server's resident memory now, in bytes.
+    pub fn rss(&self) -> u64 {
+        std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .unwrap_or_default()
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .map_or(0, |kb| kb * 1024)
+    }
+}
+
 impl Drop for LodeServer {
     fn drop(&mut self) {
         // SIGTERM, so it unmounts its images and stops its containers.
