@@ -120,6 +120,7 @@ pub(crate) async fn upload_tree(
     if !meta.is_dir() {
         return Err(Error::NotADirectory(root.to_path_buf()));
     }
+    let beneath = Beneath::open(root)?;
     let (tx, rx) = mpsc::channel::<ChunkOut>(PIPELINE_DEPTH);
     let uploader = tokio::spawn(upload(rx, registry.clone()));
     let root_path = root.to_path_buf();
@@ -129,9 +130,11 @@ pub(crate) async fn upload_tree(
             report: IngestReport::default(),
             links: HashMap::new(),
             jobs: Vec::new(),
+            beneath,
         };
         let mut tree = walker.node(&root_path, Vec::new())?;
-        let (contents, distinct) = hash_files(&walker.jobs, options.chunking, &tx)?;
+        let (contents, distinct) =
+            hash_files(&walker.jobs, &walker.beneath, options.chunking, &tx)?;
         drop(tx);
         walker.report.chunks = distinct;
         fill(&mut tree, &mut contents.into_iter(), &mut HashMap::new());
@@ -196,6 +199,64 @@ struct Walker {
     /// (device, inode) of multiply-linked files → their group.
     links: HashMap<(u64, u64), u64>,
     jobs: Vec<Job>,
+    beneath: Beneath,
+}
+
+/// The tree being walked, opened once: every path under it is opened relative to it with
+/// no symlink followed on the way and nothing outside it reachable, so a tree that changes
+/// while it is walked (a live sandbox's layer, whose processes may swap a directory for a
+/// symlink to `/`) can make the walk fail but never read the host's files.
+struct Beneath {
+    root: std::os::fd::OwnedFd,
+    root_path: PathBuf,
+}
+
+impl Beneath {
+    fn open(root: &Path) -> Result<Self> {
+        let fd = rustix::fs::open(
+            root,
+            rustix::fs::OFlags::PATH
+                | rustix::fs::OFlags::DIRECTORY
+                | rustix::fs::OFlags::NOFOLLOW
+                | rustix::fs::OFlags::CLOEXEC,
+            rustix::fs::Mode::empty(),
+        )
+        .map_err(|e| Error::io("open", root)(e.into()))?;
+        Ok(Self {
+            root: fd,
+            root_path: root.to_path_buf(),
+        })
+    }
+
+    /// Opens `path` (under the root) with `flags`, refusing a symlink anywhere in it but as
+    /// the last component of an `O_PATH` open, and any way out of the tree.
+    fn at(&self, path: &Path, flags: rustix::fs::OFlags) -> Result<File> {
+        use rustix::fs::{OFlags, ResolveFlags};
+        let relative = path.strip_prefix(&self.root_path).unwrap_or(path);
+        let relative = if relative.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            relative
+        };
+        rustix::fs::openat2(
+            &self.root,
+            relative,
+            flags | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            rustix::fs::Mode::empty(),
+            ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS,
+        )
+        .map(File::from)
+        .map_err(|e| match e {
+            rustix::io::Errno::LOOP | rustix::io::Errno::XDEV => Error::Changed(path.to_path_buf()),
+            e => Error::io("open", path)(e.into()),
+        })
+    }
+}
+
+/// The path that reaches what `file` is, whatever happens to its name meanwhile.
+fn proc_path(file: &File) -> PathBuf {
+    use std::os::fd::AsRawFd;
+    PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd()))
 }
 
 /// Stands in for a chunked file's content until its job is done.
@@ -203,13 +264,18 @@ const PENDING: FileContent = FileContent::Chunks(Vec::new());
 
 impl Walker {
     fn node(&mut self, path: &Path, name: Vec<u8>) -> Result<Node> {
-        let meta = fs::symlink_metadata(path).map_err(Error::io("inspect", path))?;
+        let handle = self.beneath.at(path, rustix::fs::OFlags::PATH)?;
+        let meta = handle.metadata().map_err(Error::io("inspect", path))?;
         let file_type = meta.file_type();
-        let xattrs = read_xattrs(path)?;
+        let xattrs = if file_type.is_symlink() {
+            Vec::new()
+        } else {
+            read_xattrs(&proc_path(&handle), path)?
+        };
         let body = if file_type.is_dir() {
             self.report.dirs += 1;
             let mut children = Vec::new();
-            let mut names: Vec<_> = fs::read_dir(path)
+            let mut names: Vec<_> = fs::read_dir(proc_path(&handle))
                 .map_err(Error::io("list", path))?
                 .map(|entry| entry.map(|e| e.file_name()))
                 .collect::<Result<_, _>>()
@@ -223,8 +289,9 @@ impl Walker {
             self.file(path, &meta)?
         } else if file_type.is_symlink() {
             self.report.symlinks += 1;
-            let target = fs::read_link(path).map_err(Error::io("read link", path))?;
-            Body::Symlink(target.as_os_str().as_bytes().to_vec())
+            let target = rustix::fs::readlinkat(&handle, "", Vec::new())
+                .map_err(|e| Error::io("read link", path)(e.into()))?;
+            Body::Symlink(target.into_bytes())
         } else {
             self.report.special += 1;
             if file_type.is_char_device() {
@@ -266,7 +333,7 @@ impl Walker {
         let size = meta.len();
         let content = if size <= u64::from(self.options.inline_max) {
             self.report.inline_bytes += size;
-            FileContent::Inline(read_small(path, size)?)
+            FileContent::Inline(read_small(&self.beneath, path, size)?)
         } else {
             self.jobs.push(Job {
                 path: path.to_path_buf(),
@@ -287,23 +354,27 @@ impl Walker {
     }
 }
 
-/// Opens a file the walk saw as a regular file, refusing it if it was swapped for a symlink
-/// since, so ingest never reads outside the tree.
-fn open_nofollow(path: &Path) -> Result<File> {
-    use std::os::unix::fs::OpenOptionsExt;
-    fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(path)
-        .map_err(|e| match e.raw_os_error() {
-            Some(libc::ELOOP) => Error::Changed(path.to_path_buf()),
-            _ => Error::io("open", path)(e),
-        })
+/// Opens a file the walk saw as a regular file, refusing it if it, or a directory on its way,
+/// was swapped for a symlink since, so ingest never reads outside the tree.
+fn open_nofollow(beneath: &Beneath, path: &Path) -> Result<File> {
+    let file = beneath.at(
+        path,
+        rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::NONBLOCK,
+    )?;
+    // A FIFO or device swapped in since the walk is not read.
+    if !file
+        .metadata()
+        .map_err(Error::io("inspect", path))?
+        .is_file()
+    {
+        return Err(Error::Changed(path.to_path_buf()));
+    }
+    Ok(file)
 }
 
-fn read_small(path: &Path, expected: u64) -> Result<Vec<u8>> {
+fn read_small(beneath: &Beneath, path: &Path, expected: u64) -> Result<Vec<u8>> {
     use std::io::Read;
-    let file = open_nofollow(path)?;
+    let file = open_nofollow(beneath, path)?;
     let mut data = Vec::with_capacity(expected as usize);
     file.take(expected + 1)
         .read_to_end(&mut data)
@@ -318,6 +389,7 @@ fn read_small(path: &Path, expected: u64) -> Result<Vec<u8>> {
 /// the uploader. Returns the contents in job order and the number of distinct chunks.
 fn hash_files(
     jobs: &[Job],
+    beneath: &Beneath,
     chunking: Chunking,
     tx: &mpsc::Sender<ChunkOut>,
 ) -> Result<(Vec<FileContent>, u64)> {
@@ -334,7 +406,7 @@ fn hash_files(
                         let Some(job) = jobs.get(at) else {
                             return Ok(());
                         };
-                        let content = chunk_file(job, chunking, tx, &seen);
+                        let content = chunk_file(job, beneath, chunking, tx, &seen);
                         if content.is_err() {
                             // Stop the other workers early.
                             next.store(jobs.len(), Ordering::Relaxed);
@@ -362,11 +434,12 @@ fn hash_files(
 
 fn chunk_file(
     job: &Job,
+    beneath: &Beneath,
     chunking: Chunking,
     tx: &mpsc::Sender<ChunkOut>,
     seen: &Mutex<HashSet<Digest>>,
 ) -> Result<FileContent> {
-    let file = open_nofollow(&job.path)?;
+    let file = open_nofollow(beneath, &job.path)?;
     let mut chunks = Vec::new();
     let mut total = 0u64;
     let mut closed = false;
@@ -432,8 +505,9 @@ fn fill(
     }
 }
 
-fn read_xattrs(path: &Path) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
-    let names = match xattr::list(path) {
+/// The xattrs of what `handle` (a `/proc/self/fd` path) reaches; `path` names it in errors.
+fn read_xattrs(handle: &Path, path: &Path) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+    let names = match xattr::list_deref(handle) {
         Ok(names) => names,
         // Filesystems without xattr support hold none.
         Err(e) if e.raw_os_error() == Some(libc::ENOTSUP) => return Ok(Vec::new()),
@@ -441,7 +515,9 @@ fn read_xattrs(path: &Path) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
     };
     let mut out = Vec::new();
     for name in names {
-        if let Some(value) = xattr::get(path, &name).map_err(Error::io("read xattr of", path))? {
+        if let Some(value) =
+            xattr::get_deref(handle, &name).map_err(Error::io("read xattr of", path))?
+        {
             out.push((name.as_bytes().to_vec(), value));
         }
     }

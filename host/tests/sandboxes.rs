@@ -278,6 +278,10 @@ async fn bad_requests_are_refused_by_name() {
     );
     let (status, body) = create(json!({"app": "a", "image": "test/bb", "gpu": "any"})).await;
     assert!(status == 400 && body.contains("gpu"), "{body}");
+    let many: serde_json::Map<String, Value> =
+        (0..65).map(|i| (format!("k{i}"), json!("v"))).collect();
+    let (status, body) = create(json!({"app": "a", "image": "test/bb", "tags": many})).await;
+    assert!(status == 400 && body.contains("limit of 64"), "{body}");
     let err = lode.cli_err(&["sandbox", "exec", "-t", "sb-x", "--", "sh"]);
     assert!(err.contains("no sandbox \"sb-x\""), "{err}");
 }

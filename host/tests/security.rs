@@ -660,3 +660,72 @@ fn a_sandbox_holds_as_a_container_does_while_processes_join_it() {
     lode.cli_ok(&["sandbox", "rm", &id]);
     lode.cli_ok(&["ls"]);
 }
+
+/// A snapshot walks a live sandbox's writable layer while its processes run. A process that
+/// keeps swapping a directory for a symlink to `/` must not get the host's files into the
+/// image: the walk opens every path beneath the layer with no symlink followed, so a swap
+/// makes a snapshot fail as changed, or stores the symlink as a symlink.
+#[tokio::test]
+async fn a_snapshot_of_a_sandbox_swapping_in_symlinks_stores_nothing_of_the_host() {
+    let lode = start(&[]);
+    let work = tempfile::tempdir().unwrap();
+    let root = work.path().join("image");
+    busybox_tree(&root);
+    lode.ingest_image(&root, "test/swap");
+    let id = lode
+        .cli_ok(&["sandbox", "create", "test/swap"])
+        .trim()
+        .to_string();
+    // A decoy as large as the host's /etc/passwd: chunked files are read after the walk, by
+    // then through whatever `a` has become; the files of /y make the walk long.
+    let host = std::fs::read("/etc/passwd").unwrap();
+    let decoy = vec![b'x'; host.len()];
+    let swapper = format!(
+        "mkdir -p /x/a/etc /y && head -c {} /dev/zero | tr '\\0' x > /x/a/etc/passwd && \
+         i=0; while [ $i -lt 3000 ]; do : > /y/f$i; i=$((i+1)); done; cd /x && \
+         (while :; do mv a b; ln -s / a; usleep 3000; rm a; mv b a; usleep 3000; done) \
+         > /dev/null 2>&1 &",
+        host.len()
+    );
+    let started = lode.cli(&["sandbox", "exec", &id, "--", "sh", "-c", &swapper]);
+    assert!(started.status.success(), "{}", text(&started.stderr));
+    let registry = lode.registry_client();
+    let (mut stored, mut refused) = (0, 0);
+    for _ in 0..40 {
+        let out = lode.cli(&["sandbox", "snapshot", &id]);
+        if !out.status.success() {
+            refused += 1;
+            continue;
+        }
+        stored += 1;
+        let digest: lode_registry::Digest = text(&out.stdout).trim().parse().unwrap();
+        let bytes = lode_registry::BlobAccess::get_index(&registry, &digest)
+            .await
+            .unwrap();
+        let index = lode_fs::Index::parse(bytes).unwrap();
+        for dir in ["x/a", "x/b"] {
+            assert!(
+                index.resolve(&format!("{dir}/proc")).is_none(),
+                "snapshot {digest} holds the host's root at /{dir}"
+            );
+            let held = index
+                .resolve(&format!("{dir}/etc/passwd"))
+                .and_then(|entry| match entry.content() {
+                    Some(lode_fs::Content::Chunks(chunks)) => {
+                        Some(chunks.iter().map(|c| c.digest()).collect::<Vec<_>>())
+                    }
+                    _ => None,
+                });
+            if let Some(held) = held {
+                assert_eq!(
+                    held,
+                    vec![lode_registry::Digest::of(&decoy)],
+                    "snapshot {digest} holds the host's /etc/passwd ({stored} stored, {refused} \
+                     refused)"
+                );
+            }
+        }
+    }
+    assert!(stored > 0, "every snapshot was refused");
+    eprintln!("{stored} snapshots stored, {refused} refused as changed");
+}

@@ -100,16 +100,18 @@ pub async fn run(api: &ApiClient, command: SandboxCommand) -> Result<i32> {
                 return Ok(0);
             }
             println!(
-                "{:<28} {:<16} {:<8} {:<24} TAGS",
-                "ID", "APP", "STATUS", "ENDED BY"
+                "{:<28} {:<16} {:<10} {:<8} {:<24} TAGS",
+                "ID", "APP", "TIER", "STATUS", "ENDED BY"
             );
             for sb in list.sandboxes {
                 let tags: Vec<String> = sb.tags.iter().map(|(k, v)| format!("{k}={v}")).collect();
                 let status = serde_json::to_value(sb.status)?;
+                let tier = serde_json::to_value(sb.tier)?;
                 println!(
-                    "{:<28} {:<16} {:<8} {:<24} {}",
+                    "{:<28} {:<16} {:<10} {:<8} {:<24} {}",
                     sb.sandbox_id,
                     sb.app,
+                    tier.as_str().unwrap_or("?"),
                     status.as_str().unwrap_or("?"),
                     sb.ended_by.as_deref().unwrap_or("-"),
                     tags.join(",")

@@ -659,7 +659,16 @@ impl Sandboxes {
     }
 }
 
+/// The most tags one sandbox carries.
+const MAX_TAGS: usize = 64;
+
 fn check_tags(tags: &BTreeMap<String, String>) -> Result<(), Refused> {
+    if tags.len() > MAX_TAGS {
+        return Err(Refused::bad(format!(
+            "{} tags is over the limit of {MAX_TAGS} per sandbox",
+            tags.len()
+        )));
+    }
     for (key, value) in tags {
         if key.is_empty() || key.len() > 63 || value.len() > 255 {
             return Err(Refused::bad(format!(
