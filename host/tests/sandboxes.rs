@@ -162,10 +162,9 @@ async fn stdin_streams_to_a_long_running_command() {
     let (lode, _work) = server(&[]);
     let id = create(&lode, &[]);
     // A driver that keeps state between inputs, as a code interpreter does.
-    let mut child = std::process::Command::new(harness::LODE)
-        .args(["sandbox", "exec", "-i", &id, "--", "sh", "-c"])
+    let mut child = lode
+        .cli_command(&["sandbox", "exec", "-i", &id, "--", "sh", "-c"])
         .arg("total=0; while read n; do total=$((total + n)); echo \"sum $total\"; done")
-        .env("LODE_CONFIG", lode.client_file())
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()
@@ -404,10 +403,9 @@ async fn a_terminal_is_the_sandboxs_own_and_follows_its_size() {
     let id = create(&lode, &[]);
     // `exec -t`: a pty of the sandbox's own devpts as the command's controlling terminal;
     // what is typed goes to it (and echoes, as a terminal does).
-    let mut child = std::process::Command::new(harness::LODE)
-        .args(["sandbox", "exec", "-t", &id, "--", "sh", "-c"])
+    let mut child = lode
+        .cli_command(&["sandbox", "exec", "-t", &id, "--", "sh", "-c"])
         .arg("tty; stty size; read a; echo got $a; exit 5")
-        .env("LODE_CONFIG", lode.client_file())
         .env("TERM", "xterm-test")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())

@@ -211,9 +211,8 @@ async fn stdin_streams_to_a_long_running_command() {
     let (lode, _work) = server(&[]);
     let id = create(&lode, &[]);
     // A session that keeps state between inputs, as a code interpreter does.
-    let mut child = std::process::Command::new(harness::LODE)
-        .args(["sandbox", "exec", "-i", &id, "--", "wasi-tools", "session"])
-        .env("LODE_CONFIG", lode.client_file())
+    let mut child = lode
+        .cli_command(&["sandbox", "exec", "-i", &id, "--", "wasi-tools", "session"])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()
@@ -278,6 +277,46 @@ async fn limits_stop_commands_by_name_and_the_host_serves_throughout() {
         "{}",
         text(&out.stderr)
     );
+    // A command waiting in a host call (here, for stdin that never comes) is stopped too.
+    let mut waiting = lode
+        .cli_command(&[
+            "sandbox",
+            "exec",
+            "-i",
+            &id,
+            "--timeout",
+            "300ms",
+            "--",
+            "wasi-tools",
+            "cat",
+        ])
+        .stdin(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let held_stdin = waiting.stdin.take();
+    let out = waiting.wait_with_output().unwrap();
+    drop(held_stdin);
+    assert_eq!(out.status.code(), Some(137));
+    assert!(
+        text(&out.stderr).contains("timed out after 0.3s"),
+        "{}",
+        text(&out.stderr)
+    );
+    let err = lode.cli_err(&[
+        "sandbox",
+        "exec",
+        &id,
+        "-w",
+        "/work",
+        "--",
+        "wasi-tools",
+        "true",
+    ]);
+    assert!(
+        err.contains("workdir is not available in the Wasm tier"),
+        "{err}"
+    );
     // Output past the server's limit per process is dropped and counted.
     let out = tools(&lode, &id, &["spew", "3"]);
     assert!(out.status.success());
@@ -289,9 +328,8 @@ async fn limits_stop_commands_by_name_and_the_host_serves_throughout() {
     );
     assert_eq!(info(&lode, &id).await["status"], "running");
     // The host answers its API while a command spins.
-    let spinning = std::process::Command::new(harness::LODE)
-        .args(["sandbox", "exec", &id, "--", "wasi-tools", "spin"])
-        .env("LODE_CONFIG", lode.client_file())
+    let spinning = lode
+        .cli_command(&["sandbox", "exec", &id, "--", "wasi-tools", "spin"])
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();

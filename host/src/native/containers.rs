@@ -54,6 +54,14 @@ impl SandboxLayer {
     }
 }
 
+impl Drop for SandboxLayer {
+    /// However a layer goes (a create that failed or was given up on included), its tmpfs
+    /// goes with it.
+    fn drop(&mut self) {
+        self.remove();
+    }
+}
+
 impl Native {
     /// Checks `request` against the server's bounds, resolves and mounts its image, and
     /// makes the sandbox spec; nothing runs yet.
@@ -191,13 +199,17 @@ impl Native {
         base: &str,
         upper: &Path,
         host_ids: Option<lode_fs::HostIds>,
+        kept: &[String],
         tag: Option<&str>,
     ) -> Result<lode_registry::Digest, Refused> {
         let (_, index) = self.resolve(base).await?;
+        // Mount points, and what the caller keeps as the image has it, are not the layer's.
+        let mut ignored: Vec<&str> = lode_native_runner::builder::MOUNT_POINTS.to_vec();
+        ignored.extend(kept.iter().map(String::as_str));
         let report = lode_fs::ingest_layer(
             &index,
             upper,
-            &lode_native_runner::builder::MOUNT_POINTS,
+            &ignored,
             host_ids,
             self.registry.clone(),
             lode_fs::IngestOptions::default(),
@@ -271,7 +283,12 @@ pub(crate) fn mount_tmpfs(at: &Path, bytes: u64) -> std::io::Result<()> {
     use std::ffi::CString;
     use std::os::unix::ffi::OsStrExt;
     let target = CString::new(at.as_os_str().as_bytes())?;
-    let options = CString::new(format!("size={},mode=0755", bytes.max(1 << 20)))?;
+    // Inodes cost kernel memory that `size` does not count: one per 8 KiB of it.
+    let bytes = bytes.max(1 << 20);
+    let options = CString::new(format!(
+        "size={bytes},nr_inodes={},mode=0755",
+        (bytes / 8192).max(4096)
+    ))?;
     // SAFETY: NUL-terminated strings that outlive the call.
     let done = unsafe {
         libc::mount(

@@ -627,13 +627,19 @@ impl Sandboxes {
     /// not be in it.
     pub async fn snapshot(&self, id: &str, tag: Option<&str>) -> Result<String, Refused> {
         let entry = self.running(id)?;
-        let (upper, host_ids) = match entry.live.lock().unwrap().as_ref() {
-            Some(Live::Container { layer, .. }) => (layer.upper(), layer.host_ids),
-            Some(Live::Wasm(room)) => (room.upper().to_path_buf(), None),
+        let (upper, host_ids, kept) = match entry.live.lock().unwrap().as_ref() {
+            Some(Live::Container { layer, .. }) => (layer.upper(), layer.host_ids, Vec::new()),
+            // The image's own directories are mount points in a Wasm sandbox's root.
+            Some(Live::Wasm(room)) => {
+                (room.upper().to_path_buf(), None, room.image_dirs().to_vec())
+            }
             None => return Err(ended(&entry.info.lock().unwrap())),
         };
         let base = entry.info.lock().unwrap().image_digest.clone();
-        let digest = self.native.snapshot(&base, &upper, host_ids, tag).await?;
+        let digest = self
+            .native
+            .snapshot(&base, &upper, host_ids, &kept, tag)
+            .await?;
         tracing::info!(sandbox = %id, image = %digest, "sandbox snapshotted");
         Ok(digest.to_string())
     }

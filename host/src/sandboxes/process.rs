@@ -70,6 +70,23 @@ impl Sandboxes {
                      Linux image for a terminal",
                 ));
             }
+            if request.workdir.is_some() {
+                return Err(Refused::bad(
+                    "workdir is not available in the Wasm tier: a WASI command starts in / (its \
+                     PWD says the sandbox's working directory); pass paths instead",
+                ));
+            }
+            let running = entry.processes.lock().unwrap().len();
+            if running >= MAX_COMMANDS_PER_SANDBOX {
+                return Err(Refused::new(
+                    429,
+                    "too_many_processes",
+                    format!(
+                        "this sandbox runs {running} commands already, the most a Wasm sandbox \
+                         runs at once; wait for one to end"
+                    ),
+                ));
+            }
             return self.start_command(entry, room, request, called).await;
         }
         if request.fuel.is_some() {
@@ -188,6 +205,7 @@ impl Sandboxes {
                 None,
             ),
         };
+        let is_terminal = terminal.is_some();
         let (process_id, tx, stream) = started(&entry, stdin, terminal);
         let gone = stream.gone.clone();
         let budget = OutputBudget::new(self.bounds.max_output_bytes);
@@ -224,7 +242,18 @@ impl Sandboxes {
                     let _ = process.kill();
                 }
             };
-            let _ = (out.join(), err.join());
+            if is_terminal {
+                // Its terminal's output ends when every holder of the slave has closed it,
+                // which a process it left in the background may never do: what came within
+                // a moment of its exit is sent, and the reader goes on alone.
+                let grace = Instant::now() + Duration::from_secs(1);
+                while !out.is_finished() && Instant::now() < grace {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            } else {
+                let _ = out.join();
+            }
+            let _ = err.join();
             entry.processes.lock().unwrap().remove(&process_id);
             entry.touch();
             if killed_by.is_none() && entry.live.lock().unwrap().is_none() {
@@ -321,8 +350,28 @@ impl Sandboxes {
             stop: Box::new(move || gone.load(Ordering::Relaxed) || ended.load(Ordering::Relaxed)),
         };
         let (gone, ended) = (stream.gone.clone(), room.ended.clone());
+        let own_deadline = request
+            .timeout
+            .map(|t| Instant::now() + Duration::from_secs_f64(t));
+        let ends_at = entry.ends_at;
         tokio::spawn(async move {
-            let end = engine.run(&digest, run).await;
+            // A command waiting in a host call (a sleep, a read of stdin) runs no Wasm, so
+            // the epoch check cannot stop it: this does, dropping the instance.
+            let stop = {
+                let (gone, ended) = (gone.clone(), ended.clone());
+                async move {
+                    while !gone.load(Ordering::Relaxed)
+                        && !ended.load(Ordering::Relaxed)
+                        && Instant::now() < deadline
+                    {
+                        tokio::time::sleep(STOP_POLL).await;
+                    }
+                }
+            };
+            let end = tokio::select! {
+                end = engine.run(&digest, run) => end,
+                () = stop => Ok(CommandEnd::Stopped("killed: stopped while it waited".into())),
+            };
             entry.processes.lock().unwrap().remove(&process_id);
             entry.touch();
             let line = match end {
@@ -338,11 +387,13 @@ impl Sandboxes {
                         killed_by_end(&entry)
                     } else if gone.load(Ordering::Relaxed) {
                         "killed: the caller went away".into()
-                    } else if Instant::now() >= deadline && request.timeout.is_some() {
+                    } else if own_deadline.is_some_and(|d| Instant::now() >= d) {
                         format!(
                             "killed: timed out after {}s",
                             request.timeout.unwrap_or_default()
                         )
+                    } else if Instant::now() >= ends_at {
+                        "killed: the sandbox's timeout ended it".into()
                     } else {
                         reason
                     }),
@@ -443,7 +494,7 @@ impl Sandboxes {
                 format!("{program} is not a WASI command Lode can run: {e:#}"),
             )
         })?;
-        if only_image {
+        if only_image && key.1.len() <= 4096 {
             self.command_digests
                 .lock()
                 .unwrap()
@@ -500,12 +551,31 @@ impl Sandboxes {
                 )
             })?;
         }
-        if eof && let Some(handle) = entry.processes.lock().unwrap().get_mut(process_id) {
-            handle.stdin = None;
+        let terminal_eof = {
+            let mut processes = entry.processes.lock().unwrap();
+            match processes.get_mut(process_id) {
+                // A terminal has no end of its input; the end-of-file character is as close.
+                Some(handle) if eof && handle.terminal.is_some() => handle.stdin.clone(),
+                Some(handle) if eof => {
+                    handle.stdin = None;
+                    None
+                }
+                _ => None,
+            }
+        };
+        if let Some(Stdin::Pipe(pipe)) = terminal_eof {
+            let _ =
+                tokio::task::spawn_blocking(move || pipe.lock().unwrap().write_all(&[0x04])).await;
         }
         Ok(())
     }
 }
+
+/// How often a WASI command waiting in a host call is checked for its deadline and stop.
+const STOP_POLL: Duration = Duration::from_millis(50);
+
+/// WASI commands running at once in one sandbox; each may hold the sandbox's memory.
+const MAX_COMMANDS_PER_SANDBOX: usize = 16;
 
 /// Where commands are looked up when the sandbox has no `PATH`.
 const DEFAULT_COMMAND_PATH: &str = "/usr/local/bin:/usr/bin:/bin";

@@ -271,11 +271,24 @@ impl WasmRoom {
         &self.layer
     }
 
+    /// The image's top-level directories, which a snapshot leaves as the image has them.
+    pub(super) fn image_dirs(&self) -> &[String] {
+        &self.root.dirs
+    }
+
     /// Stops its commands and removes its files from the host.
     pub(super) fn terminate(&self) {
         self.ended.store(true, Ordering::Relaxed);
         let _ = lode_fs::unmount(&self.layer);
         let _ = std::fs::remove_dir_all(&self.layer);
+    }
+}
+
+impl Drop for WasmRoom {
+    /// However a room goes (a create that failed or was given up on included), its tmpfs
+    /// goes with it.
+    fn drop(&mut self) {
+        self.terminate();
     }
 }
 

@@ -283,17 +283,22 @@ impl Lode {
         self.spawn();
     }
 
-    /// Runs the CLI against this server.
-    pub fn cli(&self, args: &[&str]) -> Output {
-        Command::new(LODE)
+    /// The CLI pointed at this server, to spawn with pipes of the caller's choosing.
+    pub fn cli_command(&self, args: &[&str]) -> Command {
+        let mut command = Command::new(LODE);
+        command
             .args(args)
             .env("LODE_CONFIG", self.client_file())
             .env_remove("LODE_API")
             .env_remove("LODE_TOKEN")
             .env_remove("LODE_REGISTRY")
-            .env_remove("LODE_REMOTE_TOKEN")
-            .output()
-            .expect("running lode")
+            .env_remove("LODE_REMOTE_TOKEN");
+        command
+    }
+
+    /// Runs the CLI against this server.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        self.cli_command(args).output().expect("running lode")
     }
 
     /// Runs the CLI and expects success; returns stdout.
