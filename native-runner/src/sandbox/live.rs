@@ -76,6 +76,8 @@ pub struct LiveSandbox {
     sandbox: Sandbox,
     /// Its pid 1, as the host sees it.
     init: libc::pid_t,
+    /// Its root directory, as its pid 1 had it at the start.
+    root: OwnedFd,
     namespaces: Vec<(OwnedFd, libc::c_int)>,
     cgroup_procs: Vec<CString>,
     user_namespace: Option<Arc<UserNamespace>>,
@@ -129,6 +131,8 @@ impl LiveSandbox {
         spec.argv = vec![helper_path()?, "init".into()];
         let mut sandbox = spawn(&spec, cgroups, Stdio::null(), Stdio::null())?;
         let init = wait_for_init(&mut sandbox)?;
+        // Its root, held from now on: a pid read later could be another process's.
+        let root = OwnedFd::from(std::fs::File::open(format!("/proc/{init}/root"))?);
         let namespaces = NAMESPACES
             .iter()
             .map(|(name, kind)| {
@@ -145,6 +149,7 @@ impl LiveSandbox {
         Ok(Self {
             sandbox,
             init,
+            root,
             namespaces,
             cgroup_procs,
             user_namespace: spec.user_namespace.clone(),
@@ -225,7 +230,7 @@ impl LiveSandbox {
     /// master (never by path; a node planted at that path is no pty master and fails there),
     /// and the slave is handed to the sandbox's root user.
     pub fn open_terminal(&self, rows: u16, cols: u16) -> io::Result<Terminal> {
-        let root = std::fs::File::open(format!("/proc/{}/root", self.init))?;
+        let root = &self.root;
         let path = cstring("dev/pts/ptmx")?;
         // SAFETY: an all-zero open_how is valid ("no flags"); the fields are then set.
         let mut how: libc::open_how = unsafe { std::mem::zeroed() };
