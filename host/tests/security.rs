@@ -694,6 +694,8 @@ async fn a_snapshot_of_a_sandbox_swapping_in_symlinks_stores_nothing_of_the_host
     for _ in 0..40 {
         let out = lode.cli(&["sandbox", "snapshot", &id]);
         if !out.status.success() {
+            let why = text(&out.stderr);
+            assert!(why.contains("changed its files"), "{why}");
             refused += 1;
             continue;
         }

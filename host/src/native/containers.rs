@@ -215,7 +215,14 @@ impl Native {
             lode_fs::IngestOptions::default(),
         )
         .await
-        .map_err(|e| Refused::internal(format!("storing the snapshot: {e}")))?;
+        .map_err(|e| match &e {
+            // The sandbox's processes moved files while the snapshot read them.
+            lode_fs::Error::Changed(_) => changed(e),
+            lode_fs::Error::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound => {
+                changed(e)
+            }
+            _ => Refused::internal(format!("storing the snapshot: {e}")),
+        })?;
         let digest = report
             .digest
             .ok_or_else(|| Refused::internal("the snapshot stored no index"))?;
@@ -275,6 +282,18 @@ impl Native {
             },
         })
     }
+}
+
+/// A snapshot whose files changed under it, which a retry may not meet.
+fn changed(e: lode_fs::Error) -> Refused {
+    Refused::new(
+        409,
+        "snapshot_changed",
+        format!(
+            "the sandbox changed its files while the snapshot read them ({e}); try again, or \
+             snapshot when its processes are quiet"
+        ),
+    )
 }
 
 /// Mounts a tmpfs of `bytes` (at least 1 MiB) at `at`: a sandbox's writable layer, charged
