@@ -130,7 +130,7 @@ async fn exec(
     let request: ExecRequest = json_body(&body, "exec request")?;
     let stream = sandboxes.exec(&id, request).await?;
     let lines = futures::stream::unfold(stream, |mut stream| async move {
-        let line = stream.lines.recv().await?;
+        let line = stream.next().await?;
         Some((
             serde_json::to_string(&line).expect("exec lines serialize"),
             stream,

@@ -162,6 +162,8 @@ pub struct Sandboxes {
     command_digests: Mutex<HashMap<(String, String), (String, blake3::Hash)>>,
     /// The top level of each Wasm image sandboxes started from, by digest.
     image_roots: Mutex<HashMap<String, Arc<wasm::ImageRoot>>>,
+    /// Output of every process sent and not yet taken by its caller, in bytes.
+    queued: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// A sandbox just started, before it is recorded.
@@ -225,6 +227,7 @@ impl Sandboxes {
             commands: OnceLock::new(),
             command_digests: Mutex::new(HashMap::new()),
             image_roots: Mutex::new(HashMap::new()),
+            queued: Arc::default(),
         }))
     }
 

@@ -40,14 +40,38 @@ const COMMAND_STDIN_BUFFER: usize = 256 << 10;
 /// What an exec streams: its lines as they come; dropping it kills the process.
 pub struct ProcessStream {
     /// The lines, `Started` first and `Exit` (or `Error`) last.
-    pub lines: mpsc::UnboundedReceiver<ExecLine>,
+    lines: mpsc::UnboundedReceiver<ExecLine>,
     /// Set when the receiver goes away: the caller left.
     pub gone: Arc<AtomicBool>,
+    /// The server's count of output sent and not yet taken, which this stream's lines are in.
+    queued: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl ProcessStream {
+    /// The next line, once it comes; `None` after the last.
+    pub async fn next(&mut self) -> Option<ExecLine> {
+        let line = self.lines.recv().await?;
+        self.taken(&line);
+        Some(line)
+    }
+
+    fn taken(&self, line: &ExecLine) {
+        if let ExecLine::Stdout { data } | ExecLine::Stderr { data } = line {
+            let padding = data.bytes().rev().take_while(|b| *b == b'=').count();
+            let bytes = (data.len() / 4 * 3).saturating_sub(padding) as u64;
+            self.queued.fetch_sub(bytes, Ordering::Relaxed);
+        }
+    }
 }
 
 impl Drop for ProcessStream {
     fn drop(&mut self) {
         self.gone.store(true, Ordering::Relaxed);
+        // What the caller never took is no longer held.
+        self.lines.close();
+        while let Ok(line) = self.lines.try_recv() {
+            self.taken(&line);
+        }
     }
 }
 
@@ -206,9 +230,9 @@ impl Sandboxes {
             ),
         };
         let is_terminal = terminal.is_some();
-        let (process_id, tx, stream) = started(&entry, stdin, terminal);
+        let (process_id, tx, stream) = started(&entry, stdin, terminal, &self.queued);
         let gone = stream.gone.clone();
-        let budget = OutputBudget::new(self.bounds.max_output_bytes);
+        let budget = OutputBudget::new(self.bounds.max_output_bytes, self.queued.clone());
         let out = pump(output, ExecOutput::new(tx.clone(), false, budget.clone()));
         let err = pump(
             process.child.stderr.take(),
@@ -319,8 +343,8 @@ impl Sandboxes {
         } else {
             (None, None)
         };
-        let (process_id, tx, stream) = started(&entry, stdin, None);
-        let budget = OutputBudget::new(self.bounds.max_output_bytes);
+        let (process_id, tx, stream) = started(&entry, stdin, None, &self.queued);
+        let budget = OutputBudget::new(self.bounds.max_output_bytes, self.queued.clone());
         let (out, err) = (
             GuestOutput::new(ExecOutput::new(tx.clone(), false, budget.clone())),
             GuestOutput::new(ExecOutput::new(tx.clone(), true, budget.clone())),
@@ -588,6 +612,7 @@ fn started(
     entry: &Entry,
     stdin: Option<Stdin>,
     terminal: Option<Arc<std::fs::File>>,
+    queued: &Arc<std::sync::atomic::AtomicU64>,
 ) -> (String, mpsc::UnboundedSender<ExecLine>, ProcessStream) {
     let process_id = format!("pr-{:016x}", rand::random::<u64>());
     entry
@@ -602,6 +627,7 @@ fn started(
     let stream = ProcessStream {
         lines: rx,
         gone: Arc::new(AtomicBool::new(false)),
+        queued: queued.clone(),
     };
     (process_id, tx, stream)
 }

@@ -337,6 +337,9 @@ fn ended_by(error: wasmtime::Error, fuel: Option<u64>) -> CommandEnd {
             fuel.map_or("unlimited".into(), |f| f.to_string())
         ),
         Stop::OutOfMemory => "killed: out of memory (the sandbox's memory limit)".into(),
+        Stop::Overloaded => format!(
+            "killed: the server runs its most WASI commands at once ({COMMAND_SLOTS}); try again"
+        ),
         _ => format!("killed: {}", crate::wasm::trap::describe(error)),
     })
 }
