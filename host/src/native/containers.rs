@@ -299,36 +299,29 @@ fn changed(e: lode_fs::Error) -> Refused {
 /// Mounts a tmpfs of `bytes` (at least 1 MiB) at `at`: a sandbox's writable layer, charged
 /// to whoever writes it and gone with its unmount.
 pub(crate) fn mount_tmpfs(at: &Path, bytes: u64) -> std::io::Result<()> {
-    use std::ffi::CString;
-    use std::os::unix::ffi::OsStrExt;
-    let target = CString::new(at.as_os_str().as_bytes())?;
+    use rustix::mount::MountFlags;
     // Inodes cost kernel memory that `size` does not count: one per 8 KiB of it.
     let bytes = bytes.max(1 << 20);
-    let options = CString::new(format!(
+    let options = std::ffi::CString::new(format!(
         "size={bytes},nr_inodes={},mode=0755",
         (bytes / 8192).max(4096)
     ))?;
-    // SAFETY: NUL-terminated strings that outlive the call.
-    let done = unsafe {
-        libc::mount(
-            c"tmpfs".as_ptr(),
-            target.as_ptr(),
-            c"tmpfs".as_ptr(),
-            libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
-            options.as_ptr().cast(),
-        )
-    };
-    if done != 0 {
-        let e = std::io::Error::last_os_error();
-        return Err(std::io::Error::new(
-            e.kind(),
+    rustix::mount::mount(
+        "tmpfs",
+        at,
+        "tmpfs",
+        MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC,
+        options.as_c_str(),
+    )
+    .map_err(|e| {
+        std::io::Error::new(
+            std::io::Error::from(e).kind(),
             format!(
                 "mounting a sandbox's writable tmpfs at {}: {e}",
                 at.display()
             ),
-        ));
-    }
-    Ok(())
+        )
+    })
 }
 
 impl Native {

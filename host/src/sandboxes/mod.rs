@@ -9,6 +9,7 @@
 //! the server's start clears what it left on the host (its cgroups and scratch directory).
 
 mod files;
+mod output;
 mod process;
 mod wasm;
 

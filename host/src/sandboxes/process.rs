@@ -12,7 +12,8 @@ use lode_native_runner::sandbox::ExecSpec;
 use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
 
-use super::wasm::{ExecOutput, OutputBudget, WasmRoom};
+use super::output::{ExecOutput, OutputBudget};
+use super::wasm::WasmRoom;
 use super::{Entry, Sandboxes};
 use crate::native::Refused;
 use crate::proto::sandboxes::{ExecLine, ExecRequest};
@@ -441,10 +442,7 @@ impl Sandboxes {
         cwd: &str,
         name: &str,
     ) -> (String, String) {
-        let path = env
-            .iter()
-            .find(|(n, _)| n == "PATH")
-            .map_or(DEFAULT_COMMAND_PATH, |(_, v)| v.as_str());
+        let path = command_path(env);
         (room.digest.clone(), format!("{name}\0{path}\0{cwd}"))
     }
 
@@ -482,11 +480,8 @@ impl Sandboxes {
                 format!("{}/{name}", cwd.trim_end_matches('/'))
             }]
         } else {
-            let path = env
-                .iter()
-                .find(|(n, _)| n == "PATH")
-                .map_or(DEFAULT_COMMAND_PATH, |(_, v)| v.as_str());
-            path.split(':')
+            command_path(env)
+                .split(':')
                 .filter(|dir| dir.starts_with('/'))
                 .flat_map(|dir| {
                     let dir = dir.trim_end_matches('/');
@@ -603,6 +598,13 @@ const MAX_COMMANDS_PER_SANDBOX: usize = 16;
 
 /// Where commands are looked up when the sandbox has no `PATH`.
 const DEFAULT_COMMAND_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
+
+/// Where commands are looked up: the sandbox's `PATH`, or the default.
+fn command_path(env: &[(String, String)]) -> &str {
+    env.iter()
+        .find(|(n, _)| n == "PATH")
+        .map_or(DEFAULT_COMMAND_PATH, |(_, v)| v.as_str())
+}
 
 /// The largest WASI program an exec loads.
 const MAX_COMMAND_BYTES: u64 = 1 << 30;
