@@ -530,8 +530,11 @@ impl Sandboxes {
     async fn end(&self, entry: &Arc<Entry>, reason: String) {
         // The lock may be held by a process starting: wait for it off the async threads.
         let taking = entry.clone();
+        let why = reason.clone();
         let taken = tokio::task::spawn_blocking(move || {
             let live = taking.live.lock().unwrap().take()?;
+            // Recorded before the kill, so a process stopped by it names the reason.
+            taking.info.lock().unwrap().ended_by = Some(why);
             taking.processes.lock().unwrap().clear();
             live.terminate();
             Some(())
