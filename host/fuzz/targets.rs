@@ -58,10 +58,13 @@ pub fn agent_message(data: &[u8]) {
     let _ = serde_json::from_slice::<lode_native_runner::agent::FromAgent>(data);
 }
 
-/// A call body, as the API and containers send it, for JSON and pickle functions.
+/// A call body, as the API and containers send it, for JSON and pickle functions and
+/// for classes.
 pub fn call_payload(data: &[u8]) {
     if let Ok(body) = serde_json::from_slice::<serde_json::Value>(data) {
-        let _ = lode::function::check_payload(&body, false);
-        let _ = lode::function::check_payload(&body, true);
+        let methods = ["predict".to_string(), "fit".to_string()];
+        let _ = lode::function::check_payload(&body, false, None);
+        let _ = lode::function::check_payload(&body, true, None);
+        let _ = lode::function::check_payload(&body, false, Some(&methods));
     }
 }

@@ -426,3 +426,69 @@ fn a_period_schedule_fires_across_restarts_without_double_or_burst_runs() {
         );
     }
 }
+
+#[test]
+fn classes_share_a_pool_enter_once_exit_on_scale_down_and_runs_are_ephemeral() {
+    let lode = start(&[]);
+    let app = repo_file("samples/python-cls/app.py");
+    lode.cli_ok(&["deploy", &app]);
+    assert_eq!(
+        lode.cli_ok(&["call", "python-cls/Model.predict", "7"])
+            .trim(),
+        "7"
+    );
+    let info: serde_json::Value =
+        serde_json::from_str(&lode.cli_ok(&["call", "python-cls/Model.info"])).unwrap();
+    assert_eq!(info["loads"], 1, "{info}");
+    // A method the class does not mark is refused by name, and so is a class without one.
+    let err = lode.cli(&["call", "python-cls/Model.load"]);
+    assert_eq!(err.status.code(), Some(1));
+    assert!(
+        text(&err.stderr).contains("has no method \"load\" (it has: predict, predict_many, info)"),
+        "{}",
+        text(&err.stderr)
+    );
+    let err = lode.cli(&["call", "python-cls/Model"]);
+    assert!(
+        text(&err.stderr).contains("is a class; name one of its methods"),
+        "{}",
+        text(&err.stderr)
+    );
+
+    // `lode run` deploys its own app: the async entrypoint runs to its end, and the deployed
+    // app keeps serving, untouched.
+    let run = lode.cli(&["run", &app, "--x", "5"]);
+    let (stdout, stderr) = (text(&run.stdout), text(&run.stderr));
+    assert!(run.status.success(), "{stdout}\n{stderr}");
+    for expected in [
+        "predict: 5",
+        "scaled: 15",
+        "map: [0, 1, 2, 3]",
+        "many: [5, 6]",
+        // Two parameter sets, each entered once, in the one container of the class.
+        "loads: 1 1 one container: True",
+    ] {
+        assert!(
+            stdout.contains(expected),
+            "missing {expected:?}:\n{stdout}\n{stderr}"
+        );
+    }
+    assert!(stderr.contains("-run-"), "{stderr}");
+    let apps = lode.cli_ok(&["ls"]);
+    assert!(!apps.contains("-run-"), "the ephemeral app stayed:\n{apps}");
+    assert!(apps.contains("python-cls"), "{apps}");
+    // One function of a file without an entrypoint is called by name, options by parameter.
+    let run = lode.cli(&["run", &format!("{app}::Model.predict"), "--x", "3"]);
+    assert_eq!(text(&run.stdout).trim(), "3", "{}", text(&run.stderr));
+
+    // Idle past its window, the container stops gently: the exit hook runs.
+    let unloaded = harness::wait_for(Duration::from_secs(20), || {
+        let logs = lode.cli_ok(&["logs", "python-cls"]);
+        logs.contains("unloading weights for scale=1").then_some(())
+    });
+    assert!(
+        unloaded.is_some(),
+        "{}",
+        lode.cli_ok(&["logs", "python-cls"])
+    );
+}

@@ -119,6 +119,9 @@ pub enum ToAgent {
         #[serde(flatten)]
         payload: serde_json::Map<String, Value>,
     },
+    /// Stop: run the exit hooks (`@lode.exit()`) and exit. Sent to an idle container that is
+    /// scaled down; it is killed if it has not exited within the grace period.
+    Shutdown {},
     /// The answer to a [`FromAgent::Call`].
     CallResult {
         /// The agent's id for the call.
@@ -199,6 +202,12 @@ pub struct CallRequest {
     /// Pickled arguments instead.
     #[serde(default)]
     pub pickled: Option<String>,
+    /// The method, when the callee is a class.
+    #[serde(default)]
+    pub method: Option<String>,
+    /// The class instance's parameter values.
+    #[serde(default)]
+    pub params: Option<Value>,
     /// The input being served by the code that calls, so the call counts against that
     /// input's call depth and fan-out; absent for calls from threads of the user's own.
     #[serde(default)]
@@ -342,7 +351,7 @@ pub async fn start(
         ("LODE_APP", spec.app.clone()),
         ("LODE_CONCURRENCY", spec.concurrency.max(1).to_string()),
         ("LODE_CONTAINER_TOKEN", spec.token.clone()),
-        ("PYTHONPATH", format!("{SDK_MOUNT}:{APP_MOUNT}")),
+        ("PYTHONPATH", python_path(&sandbox.env)),
         ("PYTHONUNBUFFERED", "1".into()),
         ("PYTHONDONTWRITEBYTECODE", "1".into()),
     ];
@@ -524,6 +533,20 @@ pub async fn start(
         stop,
         exit: exit_rx,
     })
+}
+
+/// Where the agent's Python imports from: the SDK, the app's module, `/root` (where
+/// `add_local_python_source` puts modules, as on Modal), then what the image's own
+/// `PYTHONPATH` names.
+fn python_path(env: &[(String, String)]) -> String {
+    let mut path = format!("{SDK_MOUNT}:{APP_MOUNT}:/root");
+    if let Some((_, image)) = env.iter().find(|(name, _)| name == "PYTHONPATH")
+        && !image.is_empty()
+    {
+        path.push(':');
+        path.push_str(image);
+    }
+    path
 }
 
 /// One JSON line, at most [`MAX_MESSAGE`] bytes; `None` at the end of the stream.

@@ -77,6 +77,12 @@ pub enum Step {
         /// Requirement specifiers, e.g. `numpy==2.1.3`.
         packages: Vec<String>,
     },
+    /// The packages installed by `uv pip install` (faster than pip); uv itself is fetched
+    /// for the step and leaves nothing in the image.
+    UvPipInstall {
+        /// Requirement specifiers.
+        packages: Vec<String>,
+    },
     /// `apt-get install` the packages from the base's Debian release.
     AptInstall {
         /// Debian package names.
@@ -206,7 +212,9 @@ impl ImageSpec {
                 return Err(fail(WASM_NO_CONTAINER.into()));
             }
             match step {
-                Step::PipInstall { packages } | Step::AptInstall { packages } => {
+                Step::PipInstall { packages }
+                | Step::UvPipInstall { packages }
+                | Step::AptInstall { packages } => {
                     if packages.is_empty() {
                         return Err(fail("names no packages".into()));
                     }
@@ -251,6 +259,7 @@ impl Step {
     pub fn kind(&self) -> &'static str {
         match self {
             Self::PipInstall { .. } => "pip_install",
+            Self::UvPipInstall { .. } => "uv_pip_install",
             Self::AptInstall { .. } => "apt_install",
             Self::RunCommands { .. } => "run_commands",
             Self::Env { .. } => "env",
@@ -264,6 +273,7 @@ impl Step {
     pub fn describe(&self) -> String {
         match self {
             Self::PipInstall { packages } => format!("pip_install {}", packages.join(" ")),
+            Self::UvPipInstall { packages } => format!("uv_pip_install {}", packages.join(" ")),
             Self::AptInstall { packages } => format!("apt_install {}", packages.join(" ")),
             Self::RunCommands { commands } => format!("run_commands {}", commands.join(" && ")),
             Self::Env { vars } => {
@@ -281,7 +291,10 @@ impl Step {
     pub fn needs_container(&self) -> bool {
         matches!(
             self,
-            Self::PipInstall { .. } | Self::AptInstall { .. } | Self::RunCommands { .. }
+            Self::PipInstall { .. }
+                | Self::UvPipInstall { .. }
+                | Self::AptInstall { .. }
+                | Self::RunCommands { .. }
         )
     }
 

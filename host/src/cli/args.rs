@@ -43,16 +43,20 @@ pub enum Command {
         #[command(flatten)]
         registry: RegistryArg,
     },
-    /// Deploy a Python app, then run its local entrypoint here; function logs stream into
-    /// this terminal.
+    /// Run a Python app as `modal run` does: deploy it as an ephemeral app (a deployed app of
+    /// the same name is left alone), run its local entrypoint here with the function logs
+    /// streaming into this terminal, then remove the app. FILE::NAME picks a local
+    /// entrypoint, a function or Class.method to call; a file with one function and no
+    /// entrypoint calls that function. Options after FILE go to it by parameter name
+    /// (`lode run app.py::square --x 4`); plain words go positionally.
     Run {
-        /// The Python file.
-        file: PathBuf,
-        /// Which @app.local_entrypoint() to run, when there are several.
+        /// The Python file, optionally with ::NAME.
+        file: String,
+        /// Which @app.local_entrypoint() to run (the same as FILE::NAME).
         #[arg(long)]
         entrypoint: Option<String>,
-        /// Arguments for the entrypoint.
-        #[arg(last = true)]
+        /// Arguments for the entrypoint or function: `--name value` or positional words.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
         #[command(flatten)]
         registry: RegistryArg,

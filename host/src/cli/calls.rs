@@ -10,22 +10,33 @@ use crate::cli::client::ApiClient;
 use crate::proto::calls::{CallAnswer, HistoryPage};
 use crate::proto::stats::AppStats;
 
-/// `lode call APP/FN ARG...`: each argument is JSON, or else a string. Prints the result as
-/// JSON; a remote error is printed with its traceback and exits 1.
+/// `lode call APP/FN ARG...` (or `APP/Class.method`): each argument is JSON, or else a
+/// string. Prints the result as JSON; a remote error is printed with its traceback and exits 1.
 pub async fn call(client: &ApiClient, target: &str, args: &[String]) -> Result<i32> {
     let Some((app, function)) = target.split_once('/') else {
-        bail!("name the function as APP/FUNCTION, e.g. `lode call demo/square 4`");
+        bail!(
+            "name the function as APP/FUNCTION (or APP/Class.method), e.g. `lode call demo/square 4`"
+        );
     };
     let args: Vec<Value> = args
         .iter()
         .map(|a| serde_json::from_str(a).unwrap_or_else(|_| Value::String(a.clone())))
         .collect();
+    let mut body = serde_json::json!({"args": args, "kwargs": {}});
+    // APP/Class.method calls a method of a class's default instance.
+    let function = match function.split_once('.') {
+        Some((class, method)) => {
+            body["method"] = Value::String(method.into());
+            class
+        }
+        None => function,
+    };
     let response = client
         .request(
             Method::POST,
             &format!("/v1/apps/{app}/functions/{function}/call"),
         )
-        .json(&serde_json::json!({"args": args, "kwargs": {}}))
+        .json(&body)
         .send()
         .await
         .map_err(|e| anyhow::anyhow!("cannot reach the Lode API at {}: {e}", client.base_url()))?;

@@ -319,6 +319,7 @@ pub async fn deploy(
         config,
         limits,
         allow_callers,
+        run_of: None,
         functions: Vec::new(),
     };
     let mut uploads = BTreeMap::new();
@@ -330,7 +331,7 @@ pub async fn deploy(
         bail!("invalid app:\n  {}", problems.join("\n  "));
     }
     upload_blobs(registry.as_ref(), uploads).await?;
-    follow_deploy(client, &manifest).await
+    follow_deploy(client, &manifest, false).await
 }
 
 /// Blobs go to the registry before the manifest that names them; only missing ones are sent.
@@ -354,8 +355,9 @@ async fn upload_blobs(registry: &RegistryClient, blobs: BTreeMap<String, Vec<u8>
     Ok(())
 }
 
-/// Sends the manifest and prints the server's progress until the deploy ends.
-pub async fn follow_deploy(client: &ApiClient, manifest: &Manifest) -> Result<()> {
+/// Sends the manifest and prints the server's progress until the deploy ends; the outcome
+/// goes to stdout, or to stderr with `quiet` (`lode run`, whose stdout is the program's).
+pub async fn follow_deploy(client: &ApiClient, manifest: &Manifest, quiet: bool) -> Result<()> {
     let response = client
         .send(
             client
@@ -406,23 +408,30 @@ pub async fn follow_deploy(client: &ApiClient, manifest: &Manifest) -> Result<()
     let Some(outcome) = outcome else {
         bail!("the server ended the deploy without a result; check `lode logs` and the server log");
     };
+    let say = |line: String| {
+        if quiet {
+            eprintln!("{line}");
+        } else {
+            println!("{line}");
+        }
+    };
     let urls = match outcome {
         DeployEvent::Deployed { version, urls, .. } => {
-            println!("deployed {} version {version}", manifest.app);
+            say(format!("deployed {} version {version}", manifest.app));
             urls
         }
         DeployEvent::Unchanged { version, urls, .. } => {
-            println!(
+            say(format!(
                 "{} is unchanged (version {version} is already live)",
                 manifest.app
-            );
+            ));
             urls
         }
         DeployEvent::Error { message } => bail!("deploy failed: {message}"),
         other => bail!("the server ended the deploy with {other:?}; check the server log"),
     };
     for url in urls {
-        println!("{url}");
+        say(url);
     }
     Ok(())
 }

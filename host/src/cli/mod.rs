@@ -37,9 +37,17 @@ pub async fn run(client_args: ClientArgs, command: Command) -> Result<()> {
             let api = client(&client_args)?;
             let registry = deploy_registry(&client_args, &api, &flag).await?;
             if crate::cli::python::is_python_app(&path) {
-                crate::cli::python::deploy(&api, registry, &path, name.as_deref())
-                    .await
-                    .map(|_| ())
+                crate::cli::python::deploy(
+                    &api,
+                    registry,
+                    &path,
+                    name.as_deref().map_or(
+                        crate::cli::python::AppName::FromFile,
+                        crate::cli::python::AppName::Given,
+                    ),
+                )
+                .await
+                .map(|_| ())
             } else {
                 crate::cli::deploy::deploy(&api, registry, &path, name.as_deref()).await
             }

@@ -71,16 +71,42 @@ fn collect(file: &Path) -> Result<Collected> {
     })
 }
 
+/// The name a Python app is deployed under.
+pub enum AppName<'a> {
+    /// The `lode.App` name in the file.
+    FromFile,
+    /// `--name`.
+    Given(&'a str),
+    /// The file's name with a random suffix: `lode run`'s app, which never replaces the
+    /// deployed one.
+    Ephemeral,
+}
+
+impl AppName<'_> {
+    fn pick(&self, in_file: &str) -> String {
+        match self {
+            AppName::FromFile => in_file.to_string(),
+            AppName::Given(name) => name.to_string(),
+            AppName::Ephemeral => {
+                let suffix = format!("-run-{:06x}", rand::random::<u32>() & 0xff_ffff);
+                let keep = 63 - suffix.len();
+                let base = in_file[..in_file.len().min(keep)].trim_end_matches('-');
+                format!("{base}{suffix}")
+            }
+        }
+    }
+}
+
 /// `lode deploy app.py [--name APP]`; returns the app's name.
 pub async fn deploy(
     client: &ApiClient,
     registry: Arc<RegistryClient>,
     file: &Path,
-    name: Option<&str>,
+    name: AppName<'_>,
 ) -> Result<String> {
     let file = std::fs::canonicalize(file).with_context(|| format!("{}", file.display()))?;
     let collected = collect(&file)?;
-    let app = name.map(str::to_string).unwrap_or(collected.app.clone());
+    let app = name.pick(&collected.app);
     if !is_dns_label(&app) {
         bail!("{}; pass --name", dns_label_rule("app", &app));
     }
@@ -111,6 +137,7 @@ pub async fn deploy(
         config: Default::default(),
         limits: Default::default(),
         allow_callers: collected.allow_callers.clone(),
+        run_of: matches!(name, AppName::Ephemeral).then(|| collected.app.clone()),
         functions,
     };
     if let Err(problems) = manifest.validate() {
@@ -129,28 +156,67 @@ pub async fn deploy(
             .await
             .with_context(|| format!("uploading {}", file.display()))?;
     }
-    crate::cli::deploy::follow_deploy(client, &manifest).await?;
-    for function in &manifest.functions {
-        if function.web.is_none() {
-            println!("  {} -> lode call {app}/{}", function.name, function.name);
+    let quiet = matches!(name, AppName::Ephemeral);
+    crate::cli::deploy::follow_deploy(client, &manifest, quiet).await?;
+    for function in manifest.functions.iter().filter(|f| f.web.is_none()) {
+        let class = function.python.as_ref().and_then(|p| p.class.as_ref());
+        let target = match class.and_then(|c| c.methods.first()) {
+            Some(method) => format!("{}.{method}", function.name),
+            None => function.name.clone(),
+        };
+        let line = format!("  {} -> lode call {app}/{target}", function.name);
+        if quiet {
+            eprintln!("{line}");
+        } else {
+            println!("{line}");
         }
     }
     Ok(app)
 }
 
-/// `lode run app.py [--entrypoint NAME] [-- ARGS...]`: deploys, then runs the local
-/// entrypoint here while the app's logs stream into this terminal. Returns its exit code.
+/// `lode run app.py[::NAME] [ARGS...]`, as `modal run`: deploys the file as an ephemeral app
+/// (a deployed app of the same name is left alone), runs its local entrypoint here (or calls
+/// NAME) while the app's logs stream into this terminal, then removes the app, Ctrl-C
+/// included. Returns the exit code.
 pub async fn run(
     client: &ApiClient,
     registry: Arc<RegistryClient>,
-    file: &Path,
+    target: &str,
     entrypoint: Option<&str>,
     args: &[String],
 ) -> Result<i32> {
-    let app = deploy(client, registry, file, None).await?;
+    let (file, pick) = match target.split_once("::") {
+        Some((file, name)) if !name.is_empty() => (Path::new(file), Some(name)),
+        Some(_) => bail!("{target}: name what to run after ::, e.g. app.py::main"),
+        None => (Path::new(target), None),
+    };
+    if pick.is_some() && entrypoint.is_some() {
+        bail!("give either {target} or --entrypoint, not both");
+    }
+    let app = deploy(client, registry, file, AppName::Ephemeral).await?;
+    let outcome = run_entrypoint(client, &app, target, entrypoint.or(pick), args).await;
+    let removed = client
+        .send(client.request(Method::DELETE, &format!("/v1/apps/{app}")))
+        .await;
+    if let Err(e) = removed {
+        eprintln!(
+            "lode: removing the ephemeral app {app} failed: {e:#}; remove it with `lode rm {app}`"
+        );
+    }
+    outcome
+}
+
+async fn run_entrypoint(
+    client: &ApiClient,
+    app: &str,
+    target: &str,
+    pick: Option<&str>,
+    args: &[String],
+) -> Result<i32> {
     let follower = {
         let path = format!("/v1/apps/{app}/logs?follow=true&tail=0");
         let response = client.send(client.request(Method::GET, &path)).await?;
+        let app = app.to_string();
         tokio::spawn(async move {
             use futures::StreamExt;
             let mut lines =
@@ -165,25 +231,35 @@ pub async fn run(
             }
         })
     };
+    let file = target.split_once("::").map_or(target, |(file, _)| file);
     let mut command = tokio::process::Command::new(python());
     command
         .args(["-m", "lode", "run"])
-        .arg(file)
+        .arg(match pick {
+            Some(name) => format!("{file}::{name}"),
+            None => file.to_string(),
+        })
         .env("PYTHONPATH", python_path()?)
-        .env("LODE_API", client.base_url());
+        .env("LODE_API", client.base_url())
+        // Calls from the entrypoint go to the ephemeral app.
+        .env("LODE_APP", app);
     if let Some(token) = client.token() {
         command.env("LODE_TOKEN", token);
-    }
-    if let Some(name) = entrypoint {
-        command.args(["--entrypoint", name]);
     }
     if !args.is_empty() {
         command.arg("--").args(args);
     }
-    let status = command
-        .status()
-        .await
+    let mut child = command
+        .spawn()
         .with_context(|| format!("running {}", python()))?;
+    // Ctrl-C reaches the entrypoint too (one process group); wait for it to end, so the
+    // app is removed after it.
+    let status = loop {
+        tokio::select! {
+            status = child.wait() => break status.with_context(|| format!("waiting for {}", python()))?,
+            _ = tokio::signal::ctrl_c() => {}
+        }
+    };
     // The last lines of output may still be on their way.
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     follower.abort();

@@ -259,7 +259,8 @@ impl Control {
         caller: Option<&str>,
     ) -> Result<Target, CallError> {
         let live = self.app(app);
-        if let Some(caller) = caller
+        let acting = caller.filter(|c| *c != app).map(|c| self.acting_as(c));
+        if let Some(caller) = acting.as_deref()
             && let Some(refused) = caller_refused(
                 live.as_deref().map(|l| &l.record.manifest),
                 caller,
@@ -304,8 +305,23 @@ impl Control {
             .as_ref()
             .and_then(|p| p.serialization.as_deref())
             == Some("pickle");
-        let payload =
-            check_payload(body, pickle).map_err(|m| CallError::new(400, "invalid_request", m))?;
+        let methods = spec
+            .python
+            .as_ref()
+            .and_then(|p| p.class.as_ref())
+            .map(|c| c.methods.as_slice());
+        let payload = check_payload(body, pickle, methods).map_err(|m| {
+            let kind = if m.starts_with("the class has no method") {
+                "not_found"
+            } else {
+                "invalid_request"
+            };
+            CallError::new(
+                if kind == "not_found" { 404 } else { 400 },
+                kind,
+                format!("{app}/{function}: {m}"),
+            )
+        })?;
         if spec.runtime == Runtime::Wasm {
             return match live.wasm_functions.get(function) {
                 Some(wasm) => Ok(Target::Wasm(wasm.clone(), payload)),
@@ -329,16 +345,27 @@ impl Control {
         Ok(Target::Python(pool, payload, pickle))
     }
 
+    /// The app whose rights `caller`'s code has: the app a `lode run` is a run of, else
+    /// itself.
+    fn acting_as(&self, caller: &str) -> String {
+        self.app(caller)
+            .and_then(|live| live.record.manifest.run_of.clone())
+            .unwrap_or_else(|| caller.to_string())
+    }
+
     /// Whether code of `caller` (an app's container or Wasm guest) may call
     /// `app/function`. An app's own functions, yes; another app's only when its
     /// `allow_callers` names the caller, and never one deployed for pickle, whose
     /// arguments and results would run code on the other side. The API token (the
     /// operator) is not a caller and reaches every function.
     pub fn check_caller(&self, caller: &str, app: &str, function: &str) -> Result<(), CallError> {
+        if caller == app {
+            return Ok(());
+        }
         let live = self.app(app);
         caller_refused(
             live.as_deref().map(|l| &l.record.manifest),
-            caller,
+            &self.acting_as(caller),
             app,
             function,
         )

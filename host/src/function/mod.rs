@@ -185,21 +185,54 @@ impl CallError {
 
 /// Checks a call body: `{"args": [...], "kwargs": {...}}`, or `{"pickled": "..."}` for a
 /// function that takes pickle. Returns what the agent gets.
-pub fn check_payload(body: &Value, pickle: bool) -> Result<Map<String, Value>, String> {
+pub fn check_payload(
+    body: &Value,
+    pickle: bool,
+    methods: Option<&[String]>,
+) -> Result<Map<String, Value>, String> {
     let Some(object) = body.as_object() else {
         return Err(
             "the call body must be a JSON object: {\"args\": [...], \"kwargs\": {...}}".into(),
         );
     };
-    if let Some(unknown) = object
-        .keys()
-        .find(|k| !matches!(k.as_str(), "args" | "kwargs" | "pickled"))
-    {
+    if let Some(unknown) = object.keys().find(|k| {
+        !matches!(
+            k.as_str(),
+            "args" | "kwargs" | "pickled" | "method" | "params"
+        )
+    }) {
         return Err(format!(
             "unknown field {unknown:?} in the call body (expected args and kwargs)"
         ));
     }
     let mut payload = Map::new();
+    match (methods, object.get("method")) {
+        (None, None) => {}
+        (None, Some(_)) => {
+            return Err("this function is not a class; call it without \"method\"".into());
+        }
+        (Some(methods), None) => {
+            return Err(format!(
+                "this function is a class; name one of its methods in \"method\" ({})",
+                methods.join(", ")
+            ));
+        }
+        (Some(methods), Some(method)) => {
+            let Some(name) = method.as_str().filter(|m| methods.iter().any(|k| k == m)) else {
+                return Err(format!(
+                    "the class has no method {method} (it has: {})",
+                    methods.join(", ")
+                ));
+            };
+            payload.insert("method".into(), Value::String(name.into()));
+        }
+    }
+    if let Some(params) = object.get("params") {
+        if methods.is_none() || !params.is_object() {
+            return Err("\"params\" is an object of a class's parameter values".into());
+        }
+        payload.insert("params".into(), params.clone());
+    }
     if let Some(pickled) = object.get("pickled") {
         if !pickle {
             return Err(
@@ -242,7 +275,13 @@ pub async fn container_call(
 ) -> Outcome {
     let app = call.app.unwrap_or_else(|| caller_app.to_string());
     let mut body = Map::new();
-    for (key, value) in [("args", call.args), ("kwargs", call.kwargs)] {
+    let method = call.method.map(Value::String);
+    for (key, value) in [
+        ("args", call.args),
+        ("kwargs", call.kwargs),
+        ("method", method),
+        ("params", call.params),
+    ] {
         if let Some(value) = value {
             body.insert(key.into(), value);
         }
@@ -298,19 +337,51 @@ mod tests {
 
     #[test]
     fn payloads_are_args_and_kwargs_or_pickle_where_allowed() {
-        let payload = check_payload(&serde_json::json!({"args": [4]}), false).unwrap();
+        let payload = check_payload(&serde_json::json!({"args": [4]}), false, None).unwrap();
         assert_eq!(
             Value::Object(payload),
             serde_json::json!({"args": [4], "kwargs": {}})
         );
-        assert!(check_payload(&serde_json::json!([4]), false).is_err());
-        assert!(check_payload(&serde_json::json!({"args": 4}), false).is_err());
+        assert!(check_payload(&serde_json::json!([4]), false, None).is_err());
+        assert!(check_payload(&serde_json::json!({"args": 4}), false, None).is_err());
         assert!(
-            check_payload(&serde_json::json!({"arsg": []}), false)
+            check_payload(&serde_json::json!({"arsg": []}), false, None)
                 .unwrap_err()
                 .contains("arsg")
         );
-        assert!(check_payload(&serde_json::json!({"pickled": "eA=="}), false).is_err());
-        assert!(check_payload(&serde_json::json!({"pickled": "eA=="}), true).is_ok());
+        assert!(check_payload(&serde_json::json!({"pickled": "eA=="}), false, None).is_err());
+        assert!(check_payload(&serde_json::json!({"pickled": "eA=="}), true, None).is_ok());
+        // A class's call names one of its methods, and may carry its parameters.
+        let methods = ["predict".to_string()];
+        let payload = check_payload(
+            &serde_json::json!({"method": "predict", "params": {"n": 1}, "args": [2]}),
+            false,
+            Some(&methods),
+        )
+        .unwrap();
+        assert_eq!(payload["method"], "predict");
+        assert_eq!(payload["params"], serde_json::json!({"n": 1}));
+        assert_eq!(payload["args"], serde_json::json!([2]));
+        for (body, methods, error) in [
+            (
+                serde_json::json!({"args": []}),
+                Some(&methods[..]),
+                "is a class",
+            ),
+            (
+                serde_json::json!({"method": "fit"}),
+                Some(&methods[..]),
+                "no method \"fit\"",
+            ),
+            (
+                serde_json::json!({"method": "predict"}),
+                None,
+                "not a class",
+            ),
+            (serde_json::json!({"params": {}}), None, "\"params\""),
+        ] {
+            let got = check_payload(&body, false, methods).unwrap_err();
+            assert!(got.contains(error), "{body}: {got}");
+        }
     }
 }

@@ -172,7 +172,27 @@ impl Worker {
         self.alive.store(false, Ordering::Relaxed);
         self.stop.store(true, Ordering::Relaxed);
     }
+
+    /// Stops an idle container gently: its agent runs the exit hooks (`@lode.exit()`) and
+    /// exits; after [`EXIT_HOOK_GRACE`] it is killed whatever it is doing.
+    fn drain(&self) {
+        if !self.alive.swap(false, Ordering::Relaxed) {
+            return;
+        }
+        if self.to_agent.send(ToAgent::Shutdown {}).is_err() {
+            self.stop.store(true, Ordering::Relaxed);
+            return;
+        }
+        let stop = self.stop.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(EXIT_HOOK_GRACE).await;
+            stop.store(true, Ordering::Relaxed);
+        });
+    }
 }
+
+/// How long a scaled-down container's exit hooks may run before it is killed.
+const EXIT_HOOK_GRACE: Duration = Duration::from_secs(10);
 
 #[derive(Default)]
 struct PoolState {
@@ -690,7 +710,9 @@ impl Pool {
         let mut to_start = 0;
         {
             let mut state = self.state.lock().unwrap();
-            let mut live = state.workers.len();
+            // Containers stopping already do not count.
+            let alive = |w: &&Arc<Worker>| w.alive.load(Ordering::Relaxed);
+            let mut live = state.workers.iter().filter(alive).count();
             // Newest first: the pump packs load onto the oldest.
             for worker in state.workers.iter().rev() {
                 if live <= min as usize || !state.queue.is_empty() {
@@ -702,12 +724,12 @@ impl Pool {
                     .unwrap()
                     .is_some_and(|since| since.elapsed() >= window);
                 if idle && worker.load() == 0 && worker.alive.load(Ordering::Relaxed) {
-                    worker.retire();
+                    worker.drain();
                     live -= 1;
                 }
             }
             if !closed && state.may_start() {
-                let have = state.workers.len() as u32 + state.starting;
+                let have = state.workers.iter().filter(alive).count() as u32 + state.starting;
                 to_start = self.spec.min_containers.saturating_sub(have);
                 state.starting += to_start;
             }

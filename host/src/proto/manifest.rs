@@ -32,6 +32,10 @@ pub struct Manifest {
     /// by default. Pickle functions take calls from their own app only, whatever this says.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub allow_callers: Vec<String>,
+    /// Set on `lode run`'s ephemeral app: the app it is a run of. Its code calls other apps
+    /// as that app would (the app's own functions included), since it is that app's code.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run_of: Option<String>,
     /// The app's functions.
     pub functions: Vec<FunctionSpec>,
 }
@@ -216,6 +220,17 @@ pub struct PythonSource {
     /// `json` (the default) or `pickle`, for functions that take and return Python objects.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub serialization: Option<String>,
+    /// Set when the function is a class (`@app.cls`): one pool whose calls name a method.
+    #[serde(default, rename = "cls", skip_serializing_if = "Option::is_none")]
+    pub class: Option<ClassSpec>,
+}
+
+/// A class deployed as one function.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ClassSpec {
+    /// The methods callers may run (`@lode.method()`).
+    pub methods: Vec<String>,
 }
 
 /// Resources and limits. Absent fields take the server's defaults.
@@ -334,6 +349,16 @@ pub fn is_secret_name(name: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 
+/// A Python identifier (ASCII): a method's name.
+pub fn is_python_identifier(name: &str) -> bool {
+    let mut chars = name.chars();
+    chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+        && name.len() <= 128
+}
+
 /// Whether `name` suits a Python function: `[A-Za-z_][A-Za-z0-9_-]{0,62}`.
 pub fn is_python_function_name(name: &str) -> bool {
     let bytes = name.as_bytes();
@@ -370,6 +395,9 @@ impl Manifest {
             problems.push("the manifest lists no functions".into());
         }
         self.limits.validate(&mut problems);
+        if let Some(of) = self.run_of.as_deref().filter(|of| !is_dns_label(of)) {
+            problems.push(format!("run_of: {}", dns_label_rule("app", of)));
+        }
         for caller in &self.allow_callers {
             if !is_dns_label(caller) {
                 problems.push(format!(
@@ -452,6 +480,20 @@ impl FunctionSpec {
                             "function {name:?}: module {:?} is not a Python module name",
                             python.module
                         ));
+                    }
+                    if let Some(class) = &python.class {
+                        if class.methods.is_empty() {
+                            problems.push(format!(
+                                "function {name:?}: a class needs at least one method"
+                            ));
+                        }
+                        for method in &class.methods {
+                            if !is_python_identifier(method) {
+                                problems.push(format!(
+                                    "function {name:?}: method {method:?} is not a Python name"
+                                ));
+                            }
+                        }
                     }
                     if let Some(other) = python
                         .serialization
@@ -632,6 +674,7 @@ mod tests {
                 ..Default::default()
             },
             allow_callers: vec!["Other App".into()],
+            run_of: None,
             functions: vec![wasm_fn("web"), second],
         };
         let problems = manifest.validate().unwrap_err();
@@ -662,6 +705,7 @@ mod tests {
                 fuel: Some(5_000_000),
             },
             allow_callers: vec!["billing".into()],
+            run_of: None,
             functions: vec![wasm_fn("web")],
         };
         let json = serde_json::to_string(&manifest).unwrap();

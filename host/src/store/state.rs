@@ -240,6 +240,7 @@ mod tests {
                 config: Default::default(),
                 limits: Default::default(),
                 allow_callers: Vec::new(),
+                run_of: None,
                 functions: vec![],
             },
             version,

@@ -47,6 +47,17 @@ pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bi
 /// Lines of a failed step's output kept for its error.
 const TAIL_LINES: usize = 40;
 
+/// Fetches uv for one step, into a directory removed when the step ends (its cache too), and
+/// points it at what pip's settings name, since uv reads neither pip.conf nor `PIP_*`.
+const UV_INSTALL: &str = "trap 'rm -rf /tmp/.lode-uv' EXIT
+python3 -m pip install --no-cache-dir --quiet --target /tmp/.lode-uv uv
+export UV_CACHE_DIR=/tmp/.lode-uv/cache UV_BREAK_SYSTEM_PACKAGES=1 UV_SYSTEM_PYTHON=1
+if [ -n \"${PIP_INDEX_URL:-}\" ]; then export UV_INDEX_URL=\"$PIP_INDEX_URL\"; fi
+if [ -n \"${PIP_EXTRA_INDEX_URL:-}\" ]; then export UV_EXTRA_INDEX_URL=\"$PIP_EXTRA_INDEX_URL\"; fi";
+
+/// The install itself; the packages follow, quoted.
+const UV_RUN: &str = "/tmp/.lode-uv/bin/uv pip install --system";
+
 /// What a build reports as it goes.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 #[serde(tag = "event", rename_all = "snake_case")]
@@ -384,6 +395,11 @@ impl Builder {
                 argv.extend(packages.iter().cloned());
                 argv
             }
+            Step::UvPipInstall { packages } => vec![
+                "/bin/sh".into(),
+                "-ec".into(),
+                format!("{UV_INSTALL}\n{UV_RUN} {}", quote(packages).join(" ")),
+            ],
             Step::AptInstall { packages } => vec![
                 "/bin/sh".into(),
                 "-ec".into(),

@@ -6,19 +6,27 @@
     @app.function
     def square(x: int) -> int:
         return x * x
+
+The names follow Modal's, so Modal code runs with `import lode as modal`; what Lode cannot
+honour is refused by name, with what to do instead.
 """
 
+from . import exception
 from ._app import App, Cron, Function, FunctionCall, Period, Retries, Secret, Volume, is_local
 from ._client import RemoteError
+from ._cls import Cls, enter, exit, method, parameter
 from ._image import Image
 from ._sandbox import ContainerProcess, Sandbox
+from .exception import Error
 
 __version__ = "0.1.0"
 
 __all__ = [
     "App",
+    "Cls",
     "ContainerProcess",
     "Cron",
+    "Error",
     "Function",
     "FunctionCall",
     "Image",
@@ -28,5 +36,10 @@ __all__ = [
     "Sandbox",
     "Secret",
     "Volume",
+    "enter",
+    "exception",
+    "exit",
     "is_local",
+    "method",
+    "parameter",
 ]

@@ -1,5 +1,7 @@
 """`python3 -m lode collect FILE` describes an app for the deployer;
-`python3 -m lode run FILE [--entrypoint NAME] [-- ARGS...]` runs its local entrypoint.
+`python3 -m lode run FILE[::NAME] [ARGS...]` runs its local entrypoint, or calls one function
+(or `Class.method`) remotely; ARGS are `--name value` options made from the signature, as
+`modal run` takes them, or plain strings passed positionally.
 
 Both load FILE in host mode: `with image.imports():` blocks are skipped, so packages that
 exist only in the image need not be installed here."""
@@ -7,6 +9,7 @@ exist only in the image need not be installed here."""
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import importlib.util
 import inspect
@@ -14,8 +17,9 @@ import json
 import os
 import sys
 import traceback
+from collections.abc import Callable
 from types import ModuleType
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from ._app import App, collect
 
@@ -81,34 +85,103 @@ def cmd_collect(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_run(args: argparse.Namespace) -> int:
-    module, path = load(args.file)
-    app = find_app(module, path)
+def _pick(app: App, path: str, wanted: str | None) -> tuple[str, Callable[..., Any], Callable[..., Any]]:
+    """What `run` runs, and the code whose signature its arguments follow: the named local
+    entrypoint, function or `Class.method`; else the one local entrypoint; else the one
+    function, called remotely."""
     entrypoints = app.registered_entrypoints
-    if args.entrypoint is not None:
-        if args.entrypoint not in entrypoints:
-            known = ", ".join(entrypoints) or "none"
-            _fail(f"{path} has no local entrypoint {args.entrypoint!r} (it has: {known})")
-        fn = entrypoints[args.entrypoint]
-    elif len(entrypoints) == 1:
-        (fn,) = entrypoints.values()
-    elif not entrypoints:
-        _fail(f"{path} has no local entrypoint; mark one with @app.local_entrypoint()")
-    else:
-        _fail(f"{path} has several local entrypoints ({', '.join(entrypoints)}); choose one with --entrypoint NAME")
+    functions = app.registered_functions
+    if wanted is not None:
+        if wanted in entrypoints:
+            return wanted, entrypoints[wanted], entrypoints[wanted]
+        cls_name, _, method = wanted.partition(".")
+        function = functions.get(cls_name)
+        if function is not None and function._cls is not None:
+            if not method:
+                _fail(f"{cls_name} is a class; name one of its methods: {cls_name}.{function._cls._methods[0]}")
+            try:
+                bound = getattr(function._cls(), method)
+            except (AttributeError, TypeError) as e:
+                _fail(str(e))
+            return wanted, bound.remote, getattr(function._cls._user_cls, method)
+        if function is not None and not method:
+            return wanted, function.remote, function._fn
+        known = ", ".join([*entrypoints, *functions]) or "none"
+        _fail(f"{path} has no local entrypoint or function {wanted!r} (it has: {known})")
+    if len(entrypoints) == 1:
+        name, fn = next(iter(entrypoints.items()))
+        return name, fn, fn
+    if len(entrypoints) > 1:
+        _fail(f"{path} has several local entrypoints ({', '.join(entrypoints)}); pick one with {path}::NAME")
+    plain = {n: f for n, f in functions.items() if f._cls is None}
+    if len(plain) == 1 and len(functions) == 1:
+        name, function = next(iter(plain.items()))
+        return name, function.remote, function._fn
+    known = ", ".join(functions) or "none"
+    _fail(
+        f"{path} has no local entrypoint; mark one with @app.local_entrypoint(), "
+        f"or pick a function to call with {path}::NAME (it has: {known})"
+    )
 
+
+def _arguments(fn: Callable[..., Any], name: str, argv: list[str]) -> tuple[list[Any], dict[str, Any]]:
+    """The call's arguments: `--flag value` options made from fn's signature (as `modal run`
+    takes them) when the first one is an option, else the strings as positional arguments."""
     try:
-        inspect.signature(fn).bind(*args.args)
-    except TypeError as e:
-        _fail(f"the entrypoint {fn.__name__} cannot take the arguments {args.args}: {e}")
-    except ValueError:
-        pass  # no signature to check (a builtin); let the call decide
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return list(argv), {}
+    if not argv or not argv[0].startswith("--"):
+        try:
+            bindable = signature.replace(parameters=[p for n, p in signature.parameters.items() if n != "self"])
+            bindable.bind(*argv)
+        except TypeError as e:
+            _fail(f"{name} cannot take the arguments {argv}: {e}")
+        return list(argv), {}
+    parser = argparse.ArgumentParser(prog=f"lode run ...::{name}", add_help=False, allow_abbrev=False)
+    for param in signature.parameters.values():
+        if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD) or param.name == "self":
+            continue
+        annotation = param.annotation
+        if isinstance(annotation, str):
+            annotation = {"int": int, "float": float, "str": str, "bool": bool}.get(annotation, str)
+        flag = "--" + param.name.replace("_", "-")
+        required = param.default is param.empty
+        if annotation is bool:
+            parser.add_argument(flag, dest=param.name, action=argparse.BooleanOptionalAction, required=required)
+        else:
+            kind = annotation if annotation in (int, float, str) else str
+            parser.add_argument(flag, dest=param.name, type=kind, required=required)
     try:
-        fn(*args.args)
+        parsed, extra = parser.parse_known_args(argv)
+    except SystemExit:
+        _fail(f"the arguments {argv} do not fit {name}{signature}")
+    if extra:
+        _fail(f"{name}{signature} takes no {' '.join(extra)}")
+    return [], {k: v for k, v in vars(parsed).items() if v is not None}
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    file, _, wanted = args.file.partition("::")
+    module, path = load(file)
+    app = find_app(module, path)
+    name, fn, declared = _pick(app, path, wanted or args.entrypoint)
+    positional, keywords = _arguments(declared, name, list(args.args))
+    try:
+        result = fn(*positional, **keywords)
+        # An async entrypoint runs to its end: never skipped.
+        if inspect.isawaitable(result):
+            result = asyncio.run(_awaited(result))
     except Exception:
         traceback.print_exc()
         return 1
+    if name not in app.registered_entrypoints and result is not None:
+        print(result)
     return 0
+
+
+async def _awaited(awaitable: Any) -> Any:
+    return await awaitable
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -117,8 +190,8 @@ def main(argv: list[str] | None = None) -> int:
     p = commands.add_parser("collect", help="print the app in FILE as JSON, for the deployer")
     p.add_argument("file", metavar="FILE")
     p.set_defaults(handler=cmd_collect)
-    p = commands.add_parser("run", help="run the local entrypoint of the app in FILE")
-    p.add_argument("file", metavar="FILE")
+    p = commands.add_parser("run", help="run the local entrypoint (or FILE::NAME) of the app in FILE")
+    p.add_argument("file", metavar="FILE[::NAME]")
     p.add_argument("--entrypoint", metavar="NAME", help="which local entrypoint, when there are several")
     p.add_argument("args", nargs="*", metavar="ARGS", help="passed to the entrypoint as strings (after --)")
     p.set_defaults(handler=cmd_run)

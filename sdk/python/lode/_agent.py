@@ -4,16 +4,23 @@ It connects to the host's Unix socket (LODE_SOCKET), imports the user's module, 
 serves inputs on a thread pool, speaking newline-delimited JSON:
 
     agent -> host   ready, fatal, output, log, call
-    host -> agent   input, call_result
+    host -> agent   input, call_result, shutdown
+
+A class declared with @app.cls is one function here: an input names its method and the
+instance's parameters; the agent keeps one instance per parameter set, made (and its enter
+hooks run) at its first input, and runs the exit hooks of every instance at shutdown.
+`async def` functions and methods run on one event loop thread of the agent's.
 
 Output printed while serving an input is sent as log messages tagged with that input's id.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import concurrent.futures
 import importlib
+import inspect
 import io
 import json
 import os
@@ -159,6 +166,11 @@ class Agent:
         self.stdout = CapturedStream("stdout", self._log)
         self.stderr = CapturedStream("stderr", self._log)
         self.transport: _client.AgentTransport | None = None
+        # Class instances by (class name, parameters), each with the lock its creation holds.
+        self._instances: dict[tuple[str, str], Any] = {}
+        self._instance_locks: dict[tuple[str, str], threading.Lock] = {}
+        self._instances_lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def _log(self, input_id: str | None, stream: str, data: str) -> None:
         # Lone surrogates cannot be sent as UTF-8; replace them rather than lose the line.
@@ -217,11 +229,19 @@ class Agent:
             return encode({"type": "output", "id": input_id, "error": error})
         pickled = "pickled" in msg
         try:
+            target = self._target(function, msg)
             if pickled:
                 args, kwargs = pickle.loads(base64.b64decode(msg["pickled"]))
             else:
                 args, kwargs = msg.get("args") or [], msg.get("kwargs") or {}
-            result = function._fn(*args, **kwargs)
+            result = target(*args, **kwargs)
+            if inspect.isawaitable(result):
+                result = self._await(result, input_id)
+            if inspect.isgenerator(result) or inspect.isasyncgen(result):
+                raise TypeError(
+                    f"{function.name} is a generator function; call it with .remote_gen(), "
+                    "which Lode does not support yet, or return a list"
+                )
         except BaseException as e:  # SystemExit and KeyboardInterrupt are results too
             return encode({"type": "output", "id": input_id, "error": error_object(e, skip_frames=1)})
 
@@ -242,6 +262,74 @@ class Agent:
         error = {"kind": "TypeError", "module": "builtins", "message": message, "traceback": ""}
         return encode({"type": "output", "id": input_id, "error": error})
 
+    def _target(self, function: Function, msg: dict[str, Any]) -> Callable[..., Any]:
+        """What an input runs: the function, or the named method of the instance for the
+        input's parameters."""
+        cls = function._cls
+        method = msg.get("method")
+        if cls is None:
+            if method is not None:
+                raise TypeError(f"{function.name} is a function, not a class; call it without a method")
+            return function._fn
+        if not isinstance(method, str):
+            raise TypeError(
+                f"{function.name} is a class; call one of its methods ({', '.join(cls._methods)}), "
+                f"e.g. {function.name}().{cls._methods[0]}.remote()"
+            )
+        if method not in cls._methods:
+            raise AttributeError(
+                f"{function.name} has no method {method!r} marked @lode.method() (it has: {', '.join(cls._methods)})"
+            )
+        params = msg.get("params") or {}
+        if not isinstance(params, dict):
+            raise TypeError(f"the parameters of {function.name} must be an object, not {params!r}")
+        return getattr(self._instance(cls, cls._bind(params)), method)
+
+    def _instance(self, cls: Any, values: dict[str, Any]) -> Any:
+        from lode._cls import params_key
+
+        key = (cls.__name__, params_key(values))
+        with self._instances_lock:
+            if key in self._instances:
+                return self._instances[key][1]
+            lock = self._instance_locks.setdefault(key, threading.Lock())
+        # Made once, outside the shared lock: another parameter set need not wait for this
+        # one's enter hooks. A failed enter is reported to its input and tried again later.
+        with lock:
+            with self._instances_lock:
+                if key in self._instances:
+                    return self._instances[key][1]
+            input_id = _client.current_input()
+            instance = cls._new_instance(values, lambda r: self._await(r, input_id))
+            with self._instances_lock:
+                self._instances[key] = (cls, instance)
+            return self._instances[key][1]
+
+    def _await(self, awaitable: Any, input_id: str | None) -> Any:
+        """Runs a coroutine on the agent's event loop and waits for it in this thread."""
+        with self._instances_lock:
+            if self._loop is None:
+                self._loop = asyncio.new_event_loop()
+                threading.Thread(target=self._loop.run_forever, name="lode-asyncio", daemon=True).start()
+            loop = self._loop
+
+        async def serving() -> Any:
+            _client.set_current_input_context(input_id)
+            return await awaitable
+
+        return asyncio.run_coroutine_threadsafe(serving(), loop).result()
+
+    def shutdown(self) -> None:
+        """Runs every instance's exit hooks (their failures are logged, never raised)."""
+        with self._instances_lock:
+            instances = list(self._instances.values())
+            self._instances.clear()
+        for cls, instance in instances:
+            try:
+                cls._run_exit_hooks(instance, lambda r: self._await(r, None))
+            except BaseException:
+                traceback.print_exc()
+
     def dispatch(self, msg: dict[str, Any]) -> None:
         kind = msg.get("type")
         if kind == "input":
@@ -249,6 +337,10 @@ class Agent:
                 _diag(f"ignoring an input without a string id: {str(msg)[:200]}")
                 return
             self.pool.submit(self.serve, msg)
+        elif kind == "shutdown":
+            self.pool.shutdown(wait=True)
+            self.shutdown()
+            _exit(self, 0)
         elif kind == "call_result":
             if self.transport is None or not self.transport.resolve(msg):
                 _diag(f"ignoring a call_result nobody waits for: {msg.get('call_id')!r}")

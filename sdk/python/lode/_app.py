@@ -16,7 +16,7 @@ import urllib.parse
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from . import _client
+from . import _aio, _client
 from ._image import Image
 
 APP_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
@@ -243,6 +243,7 @@ class FunctionCall:
             raise ValueError(f"FunctionCall.from_id({call_id!r}): pass the call id string that spawn() gave")
         return cls(call_id)
 
+    @_aio.blocking
     def get(self, timeout: float | None = None) -> Any:
         """The call's result (or its exception); TimeoutError if it is not done within timeout seconds."""
         transport = _client.transport()
@@ -291,6 +292,8 @@ class Function:
         self._app_name = app_name
         self.serialization = serialization
         self._spec = spec or {}
+        # The Cls, when this function is a class's pool.
+        self._cls: Any = None
         if fn is not None:
             functools.update_wrapper(self, fn)
 
@@ -329,6 +332,8 @@ class Function:
         """Runs the Python function here, in this process."""
         if self._fn is None:
             raise TypeError(f"{self!r} comes from Function.from_name and has no local code; use .remote()")
+        if self._cls is not None:
+            raise TypeError(f"{self!r} is a class; call a method of an instance, e.g. {self.name}().method.local()")
         return self._fn(*args, **kwargs)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -337,17 +342,20 @@ class Function:
     def _payload(self, args: tuple, kwargs: dict) -> dict[str, Any]:
         return _client.encode_args(args, kwargs, self.serialization, self.name)
 
+    @_aio.blocking
     def remote(self, *args: Any, **kwargs: Any) -> Any:
         """Runs the function on Lode and returns its result (or raises its exception)."""
         payload = self._payload(args, kwargs)
         body = _client.transport().call(self._target_app(), self.name, payload)
         return _client.decode_result(body, self.serialization, repr(self))
 
+    @_aio.blocking
     def spawn(self, *args: Any, **kwargs: Any) -> FunctionCall:
         """Starts the function on Lode without waiting; FunctionCall.get() gives the result."""
         payload = self._payload(args, kwargs)
         return FunctionCall(_client.transport().spawn(self._target_app(), self.name, payload), self.serialization)
 
+    @_aio.blocking(iterator=True)
     def map(
         self,
         iterable: Iterable[Any],
@@ -359,6 +367,7 @@ class Function:
         # Like the builtin map: stops at the shortest iterable.
         return self._map(zip(iterable, *more_iterables, strict=False), order_outputs, return_exceptions)
 
+    @_aio.blocking(iterator=True)
     def starmap(
         self, iterable: Iterable[Iterable[Any]], order_outputs: bool = True, return_exceptions: bool = False
     ) -> Iterator[Any]:
@@ -428,6 +437,8 @@ class Function:
             },
             "resources": resources,
         }
+        if spec.get("cls"):
+            entry["python"]["cls"] = {"methods": list(spec["cls"]["methods"])}
         if spec.get("web"):
             entry["web"] = dict(spec["web"])
         if spec.get("schedule") is not None:
@@ -553,15 +564,34 @@ class App:
         def register(f: Callable[..., Any]) -> Function:
             if isinstance(f, Function) or not callable(f):
                 raise TypeError(f"@app.function decorates a plain Python function, not {f!r}")
-            function = self._make_function(f, options, web)
-            if function.name in self._functions:
-                raise ValueError(
-                    f"App {self.name!r} already has a function named {function.name!r}; pass name=... to rename one"
-                )
-            self._functions[function.name] = function
-            return function
+            return self._register(self._make_function(f, options, web))
 
         return register if fn is None else register(fn)
+
+    def _register(self, function: Function) -> Function:
+        if function.name in self._functions:
+            raise ValueError(
+                f"App {self.name!r} already has a function named {function.name!r}; pass name=... to rename one"
+            )
+        self._functions[function.name] = function
+        return function
+
+    def cls(self, user_cls: type | None = None, /, **options: Any) -> Any:
+        """Declares a class whose methods run in one pool of containers: @app.cls(...) takes
+        the options of @app.function; mark methods with @lode.method(), set-up with
+        @lode.enter() and tear-down with @lode.exit()."""
+        from . import _cls
+
+        unknown = sorted(set(options) - set(FUNCTION_OPTIONS))
+        if unknown:
+            raise TypeError(f"app.cls() got unknown options {unknown}; it accepts {list(FUNCTION_OPTIONS)}")
+        if "schedule" in options:
+            raise TypeError("app.cls(schedule=...): schedule a function instead; a class has no single entry")
+
+        def register(c: type) -> Any:
+            return _cls.declare(self, c, options)
+
+        return register if user_cls is None else register(user_cls)
 
     def _make_function(self, fn: Callable[..., Any], o: dict[str, Any], web: dict[str, Any] | None) -> Function:
         name = o.get("name") or getattr(fn, "__name__", None)

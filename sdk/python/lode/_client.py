@@ -4,6 +4,7 @@ argument encoding, and turning remote errors back into exceptions."""
 from __future__ import annotations
 
 import base64
+import contextvars
 import http.client
 import itertools
 import json
@@ -17,7 +18,7 @@ import urllib.parse
 from collections.abc import Callable
 from typing import Any
 
-from . import _config
+from . import _config, exception
 
 # How long a full queue (429) is retried before giving up.
 QUEUE_FULL_LIMIT_S = 600.0
@@ -25,7 +26,7 @@ QUEUE_FULL_LIMIT_S = 600.0
 MAX_WAIT_S = 60
 
 
-class RemoteError(Exception):
+class RemoteError(exception.Error):
     """A remote failure with no matching local exception type, or an error from the API."""
 
     def __init__(self, kind: str, message: str, remote_traceback: str | None = None):
@@ -79,11 +80,25 @@ def exception_from_error(error: Any) -> BaseException:
         except Exception:
             exc = None
     if exc is None:
-        exc = RemoteError(kind, message, tb)
+        exc = _remote_class(kind)(kind, message, tb)
         exc.args = (exc.args[0] + suffix,)
     if tb:
         _attach_traceback(exc, tb)
     return exc
+
+
+_KIND_CLASSES: dict[str, type[RemoteError]] = {}
+
+
+def _remote_class(kind: str) -> type[RemoteError]:
+    """RemoteError, mixed with the lode.exception class the kind names (NotFoundError...)."""
+    named = exception.KINDS.get(kind)
+    if named is None:
+        return RemoteError
+    cls = _KIND_CLASSES.get(kind)
+    if cls is None:
+        cls = _KIND_CLASSES[kind] = type(named.__name__, (RemoteError, named), {"__module__": "lode.exception"})
+    return cls
 
 
 # Arguments and results.
@@ -184,14 +199,14 @@ class HttpTransport:
                 # again: a call may already have started, and running it twice is worse.
                 if reused and attempt == 0 and method == "GET":
                     continue
-                raise ConnectionError(
+                raise exception.ConnectionError(
                     f"the Lode API at {self.api_url} closed the connection during {method} {path} ({e}); "
                     "retry the call if it is safe to run again"
                 ) from e
             except OSError as e:
                 conn.close()
                 self._local.holder = None
-                raise ConnectionError(
+                raise exception.ConnectionError(
                     f"cannot reach the Lode API at {self.api_url} ({e}); is `lode serve` running there?"
                 ) from e
         raise AssertionError("unreachable")
@@ -299,11 +314,19 @@ class _Pending:
 
 
 _serving = threading.local()
+# The input an `async def` function serves: its coroutine runs on the agent's loop thread,
+# and the calls it awaits run on other threads, so a thread-local cannot carry it.
+_serving_task: contextvars.ContextVar[str | None] = contextvars.ContextVar("lode_input", default=None)
 
 
 def current_input() -> str | None:
-    """The id of the input this thread serves in a function container, if any."""
-    return getattr(_serving, "input_id", None)
+    """The id of the input this thread (or coroutine) serves in a function container, if any."""
+    return getattr(_serving, "input_id", None) or _serving_task.get()
+
+
+def set_current_input_context(input_id: str | None) -> None:
+    """Marks the running coroutine's context as serving `input_id`."""
+    _serving_task.set(input_id)
 
 
 def set_current_input(input_id: str | None) -> None:
@@ -327,7 +350,7 @@ class AgentTransport:
         slot = _Pending()
         with self._lock:
             if self._closed:
-                raise ConnectionError("the connection to the Lode host is closed; the container is stopping")
+                raise exception.ConnectionError("the connection to the Lode host is closed; the container is stopping")
             self._pending[call_id] = slot
         message = {"type": "call", "call_id": call_id, "token": self._token, "op": op, **fields}
         # The input the calling thread serves: the call joins that input's call tree, so the
@@ -341,7 +364,7 @@ class AgentTransport:
             with self._lock:
                 self._pending.pop(call_id, None)
             if isinstance(e, OSError):
-                raise ConnectionError(f"cannot send the {op} to the Lode host ({e}); the container is stopping") from e
+                raise exception.ConnectionError(f"cannot send the {op} to the Lode host ({e}); the container is stopping") from e
             raise
         slot.event.wait()
         msg = slot.message or {}

@@ -46,6 +46,17 @@ class Image:
         return cls(python_version)
 
     @classmethod
+    def from_registry(cls, tag: str, **options: Any) -> Image:
+        """Modal's image from an OCI registry. Not in this Lode yet: pull the image with
+        `skopeo copy docker://TAG oci:DIR` and `lode image ingest DIR`, then use
+        Image.from_id(), or start from Image.debian_slim()."""
+        raise NotImplementedError(
+            f"Image.from_registry({tag!r}): Lode cannot pull from registries yet; copy the image to "
+            "an OCI layout (skopeo copy docker://... oci:DIR), `lode image ingest DIR --tag NAME`, "
+            "then use Image.from_id(NAME), or start from Image.debian_slim()"
+        )
+
+    @classmethod
     def wasm(cls) -> Image:
         """An empty Wasm runtime image: sandboxes of it run WASI programs (`wasm32-wasip1`
         modules or `wasi:cli/command` components) that you add with add_local_file, found on
@@ -76,10 +87,65 @@ class Image:
     def _with(self, kind: str, body: dict[str, Any]) -> Image:
         return Image(self._python_version, (*self._steps, (kind, body)))
 
-    def pip_install(self, *packages: str | Iterable[str]) -> Image:
+    def pip_install(self, *packages: str | Iterable[str], **options: Any) -> Image:
         """Installs requirement specifiers such as "numpy==2.1.3"."""
+        _refuse_options("pip_install", options)
         names = _names("pip_install", packages)
         return self._with("pip_install", {"packages": names}) if names else self
+
+    def uv_pip_install(self, *packages: str | Iterable[str], **options: Any) -> Image:
+        """Installs requirement specifiers with uv, which resolves and installs faster than pip.
+        uv is fetched for the build step only and is not left in the image."""
+        _refuse_options("uv_pip_install", options)
+        names = _names("uv_pip_install", packages)
+        return self._with("uv_pip_install", {"packages": names}) if names else self
+
+    def pip_install_from_requirements(self, requirements_txt: str | os.PathLike, **options: Any) -> Image:
+        """Installs what a requirements file lists (read here, next to the calling file when
+        the path is relative; `-r` includes are followed). Other pip options in the file are
+        refused by name: give them to run_commands("pip install ...") instead."""
+        _refuse_options("pip_install_from_requirements", options)
+        path = _local(requirements_txt, _caller_dir())
+        if not host_mode() and not os.path.isfile(path):
+            # In a container the file is not there, and the image is built already.
+            return self
+        return self.pip_install(_read_requirements(path, set()))
+
+    def pip_install_from_pyproject(
+        self, pyproject_toml: str | os.PathLike, optional_dependencies: Iterable[str] = (), **options: Any
+    ) -> Image:
+        """Installs the `[project] dependencies` of a pyproject.toml (read here), plus the
+        named groups of `[project.optional-dependencies]`."""
+        _refuse_options("pip_install_from_pyproject", options)
+        path = _local(pyproject_toml, _caller_dir())
+        if not host_mode() and not os.path.isfile(path):
+            return self
+        return self.pip_install(_read_pyproject(path, list(optional_dependencies)))
+
+    def add_local_python_source(self, *modules: str, copy: bool = False, ignore: Any = None) -> Image:
+        """Copies local Python modules or packages (by import name, found as this process
+        would import them) into the image at /root, which is on the containers' import path."""
+        if ignore:
+            raise ValueError(
+                "add_local_python_source(ignore=...): Lode copies the whole package; move what "
+                "it should not ship out of the package, or use add_local_dir()"
+            )
+        image: Image = self
+        for name in modules:
+            if not isinstance(name, str) or not all(part.isidentifier() for part in name.split(".")):
+                raise ValueError(f"add_local_python_source({name!r}): give module names such as 'mylib'")
+            if "." in name:
+                raise ValueError(
+                    f"add_local_python_source({name!r}): name the top-level package ({name.split('.')[0]!r})"
+                )
+            if not host_mode():
+                continue
+            local = _module_path(name)
+            if os.path.isdir(local):
+                image = image._with("add_local_dir", {"local": local, "remote": f"/root/{name}"})
+            else:
+                image = image._with("add_local_file", {"local": local, "remote": f"/root/{name}.py"})
+        return image
 
     def apt_install(self, *packages: str | Iterable[str]) -> Image:
         """Installs Debian packages from the base's release."""
@@ -106,15 +172,25 @@ class Image:
         """Sets the working directory for later steps and the containers."""
         return self._with("workdir", {"path": _remote("workdir", path)})
 
-    def add_local_dir(self, local: str | os.PathLike, remote: str) -> Image:
-        """Copies a directory from this machine into the image at `remote`."""
+    def add_local_dir(
+        self, local_path: str | os.PathLike, remote_path: str, *, copy: bool = False, ignore: Any = None
+    ) -> Image:
+        """Copies a directory from this machine into the image at `remote_path` (Lode always
+        copies it in, so `copy=True` changes nothing)."""
+        if ignore:
+            raise ValueError(
+                "add_local_dir(ignore=...) is not supported; copy a directory that holds only "
+                "what the image needs"
+            )
+        local, remote = local_path, remote_path
         path = _local(local, _caller_dir())
         if host_mode() and not os.path.isdir(path):
             raise FileNotFoundError(f"add_local_dir: {path} is not a directory; fix the path")
         return self._with("add_local_dir", {"local": path, "remote": _remote("add_local_dir", remote)})
 
-    def add_local_file(self, local: str | os.PathLike, remote: str) -> Image:
-        """Copies a file from this machine into the image at `remote`."""
+    def add_local_file(self, local_path: str | os.PathLike, remote_path: str, *, copy: bool = False) -> Image:
+        """Copies a file from this machine into the image at `remote_path`."""
+        local, remote = local_path, remote_path
         path = _local(local, _caller_dir())
         if host_mode() and not os.path.isfile(path):
             raise FileNotFoundError(f"add_local_file: {path} is not a file; fix the path")
@@ -225,6 +301,102 @@ def _names(method: str, packages: tuple) -> list[str]:
                 "use run_commands() for custom installs"
             )
     return names
+
+
+# Modal's pip options: Lode's install steps take packages only, so these are refused by name;
+# force_build changes no result (a build is keyed by its content) and is accepted.
+_PIP_OPTIONS = ("find_links", "index_url", "extra_index_url", "pre", "extra_options", "secrets", "gpu", "env")
+
+
+def _refuse_options(method: str, options: dict[str, Any]) -> None:
+    options = dict(options)
+    options.pop("force_build", None)
+    given = sorted(k for k, v in options.items() if v not in (None, False, "", (), []))
+    unknown = sorted(set(options) - set(_PIP_OPTIONS))
+    if unknown:
+        raise TypeError(f"{method}() got unexpected options {unknown}")
+    if given:
+        raise ValueError(
+            f"{method}({', '.join(given)}=...): Lode's install steps take packages only; "
+            'use run_commands("python3 -m pip install ...") with the options you need'
+        )
+
+
+def _read_requirements(path: str, seen: set[str]) -> list[str]:
+    """The requirement lines of a requirements file, `-r` includes followed."""
+    if path in seen:
+        return []
+    seen.add(path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as e:
+        raise FileNotFoundError(f"pip_install_from_requirements: cannot read {path}: {e.strerror}") from None
+    packages: list[str] = []
+    for number, line in enumerate(text.replace("\\\n", "").splitlines(), 1):
+        line = line.split(" #", 1)[0].strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith(("-r ", "--requirement ")):
+            include = line.split(None, 1)[1].strip()
+            packages += _read_requirements(os.path.join(os.path.dirname(path), include), seen)
+        elif line.startswith("-"):
+            raise ValueError(
+                f"{path}:{number}: {line!r} is a pip option; Lode installs the listed packages only. "
+                'Move it to run_commands("python3 -m pip install ...")'
+            )
+        else:
+            packages.append(line)
+    return packages
+
+
+def _read_pyproject(path: str, groups: list[str]) -> list[str]:
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        raise RuntimeError("pip_install_from_pyproject needs Python 3.11+ on this machine (tomllib)") from None
+    try:
+        with open(path, "rb") as f:
+            project = tomllib.load(f).get("project", {})
+    except OSError as e:
+        raise FileNotFoundError(f"pip_install_from_pyproject: cannot read {path}: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ValueError(f"pip_install_from_pyproject: {path} is not valid TOML: {e}") from None
+    packages = list(project.get("dependencies", []))
+    optional = project.get("optional-dependencies", {})
+    for group in groups:
+        if group not in optional:
+            known = ", ".join(optional) or "none"
+            raise ValueError(f"{path} has no optional dependency group {group!r} (it has: {known})")
+        packages += optional[group]
+    return packages
+
+
+def _module_path(name: str) -> str:
+    """Where this process would import top-level module `name` from: a package directory or
+    a module file."""
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec(name)
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None or not spec.origin and not spec.submodule_search_locations:
+        raise ModuleNotFoundError(
+            f"add_local_python_source({name!r}): no module {name!r} can be imported here; "
+            "check the name and that its directory is on sys.path"
+        )
+    if spec.submodule_search_locations:
+        locations = list(spec.submodule_search_locations)
+        if len(locations) != 1:
+            raise ValueError(f"add_local_python_source({name!r}) is a namespace package; name one of its packages")
+        return locations[0]
+    if not spec.origin or not spec.origin.endswith(".py"):
+        raise ValueError(
+            f"add_local_python_source({name!r}) is {spec.origin or 'built in'}, not Python source; "
+            "install it with pip_install()"
+        )
+    return spec.origin
 
 
 def _remote(method: str, path: str) -> str:

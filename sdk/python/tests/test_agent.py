@@ -276,7 +276,8 @@ class AgentTest(unittest.TestCase):
             }
         )
         error = host.output("in-2")["error"]
-        self.assertEqual((error["kind"], error["module"]), ("RemoteError", "lode"))
+        # An API error kind raises as the lode.exception class it names.
+        self.assertEqual((error["kind"], error["module"]), ("NotFoundError", "lode.exception"))
         self.assertIn("not_found: app demo has no function square", error["message"])
 
         host.send({"type": "input", "id": "in-3", "function": "caller", "args": [1], "kwargs": {}})
@@ -376,3 +377,122 @@ class AgentTest(unittest.TestCase):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+CLASS_MODULE = textwrap.dedent(
+    """
+    import asyncio, os
+    import lode
+
+    app = lode.App("demo")
+
+    @app.function
+    def square(x):
+        return x * x
+
+    @app.function
+    async def slow_square(x):
+        await asyncio.sleep(0.01)
+        return x * x
+
+    @app.function
+    def numbers(n):
+        yield from range(n)
+
+    @app.cls()
+    class Model:
+        size: int = lode.parameter(default=2)
+        tag: str = lode.parameter(default="a")
+
+        @lode.enter()
+        def load(self):
+            self.loads = getattr(type(self), "loads", 0) + 1
+            type(self).loads = self.loads
+            print("loading", self.size, self.tag)
+
+        @lode.method()
+        def predict(self, x):
+            return {"value": x * self.size, "tag": self.tag, "loads": self.loads}
+
+        @lode.method()
+        async def apredict(self, x):
+            await asyncio.sleep(0)
+            return x - self.size
+
+        def helper(self):
+            return "not callable remotely"
+
+        @lode.exit()
+        def unload(self):
+            print("unloading", self.size, self.tag)
+    """
+)
+
+
+class AgentClassTest(unittest.TestCase):
+    def start(self) -> FakeHost:
+        tmp = tempfile.TemporaryDirectory()
+        self.addCleanup(tmp.cleanup)
+        host = FakeHost(tmp.name, source=CLASS_MODULE)
+        self.addCleanup(host.close)
+        ready = host.recv_type("ready")
+        self.assertEqual(ready["functions"], ["square", "slow_square", "numbers", "Model"])
+        return host
+
+    def method(self, host: FakeHost, input_id: str, method, *args, params=None) -> dict:
+        msg = {"type": "input", "id": input_id, "function": "Model", "args": list(args), "kwargs": {}}
+        if method is not None:
+            msg["method"] = method
+        if params is not None:
+            msg["params"] = params
+        host.send(msg)
+        return host.output(input_id)
+
+    def test_one_instance_per_parameter_set_entered_once(self):
+        host = self.start()
+        self.assertEqual(self.method(host, "in-1", "predict", 3)["result"], {"value": 6, "tag": "a", "loads": 1})
+        self.assertEqual(self.method(host, "in-2", "predict", 4)["result"], {"value": 8, "tag": "a", "loads": 1})
+        # Other values: a second instance, entered once too; defaults fill what is not given.
+        out = self.method(host, "in-3", "predict", 3, params={"size": 5})
+        self.assertEqual(out["result"], {"value": 15, "tag": "a", "loads": 2})
+        out = self.method(host, "in-4", "predict", 1, params={"tag": "a", "size": 5})
+        self.assertEqual(out["result"]["loads"], 2)
+        self.assertEqual(self.method(host, "in-5", "apredict", 10)["result"], 8)
+
+    def test_bad_methods_and_parameters_fail_the_input_by_name(self):
+        host = self.start()
+        error = self.method(host, "in-1", "helper")["error"]
+        self.assertEqual(error["kind"], "AttributeError")
+        self.assertIn("no method 'helper' marked @lode.method() (it has: predict, apredict)", error["message"])
+        error = self.method(host, "in-2", None, 1)["error"]
+        self.assertIn("Model is a class; call one of its methods", error["message"])
+        error = self.method(host, "in-3", "predict", 1, params={"colour": "red"})["error"]
+        self.assertIn("unknown parameters ['colour']", error["message"])
+        error = self.method(host, "in-4", "predict", 1, params={"size": [1]})["error"]
+        self.assertIn("parameters are str, int, float or bool", error["message"])
+        host.send({"type": "input", "id": "in-5", "function": "square", "method": "x", "args": [2], "kwargs": {}})
+        self.assertIn("is a function, not a class", host.output("in-5")["error"]["message"])
+
+    def test_async_functions_run_and_generators_are_refused(self):
+        host = self.start()
+        self.assertEqual(host.call("in-1", "slow_square", 9)["result"], 81)
+        error = host.call("in-2", "numbers", 3)["error"]
+        self.assertIn("numbers is a generator function", error["message"])
+
+    def test_shutdown_runs_exit_hooks_and_exits_0(self):
+        host = self.start()
+        self.method(host, "in-1", "predict", 1)
+        self.method(host, "in-2", "predict", 1, params={"size": 7})
+        host.send({"type": "shutdown"})
+        logs = []
+        while True:
+            try:
+                msg = host.recv()
+            except EOFError:
+                break
+            if msg["type"] == "log":
+                logs.append(msg["data"])
+        self.assertEqual(host.close(), 0)
+        text = "".join(logs)
+        self.assertIn("unloading 2 a", text)
+        self.assertIn("unloading 7 a", text)

@@ -194,7 +194,7 @@ class CliTest(unittest.TestCase):
         self.assertIn("main, failing", proc.stderr)
         proc = run_python(["-m", "lode", "run", path, "--entrypoint", "nope"])
         self.assertEqual(proc.returncode, 2)
-        self.assertIn("no local entrypoint 'nope'", proc.stderr)
+        self.assertIn("no local entrypoint or function 'nope'", proc.stderr)
 
     def test_run_with_the_only_entrypoint_and_no_arguments(self):
         path = self.write(
@@ -221,3 +221,53 @@ class CliTest(unittest.TestCase):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+RUN_APP = textwrap.dedent(
+    """
+    import asyncio
+    import lode
+
+    app = lode.App("runs")
+
+    @app.local_entrypoint()
+    async def main(count: int = 1, word: str = "hi", loud: bool = False):
+        await asyncio.sleep(0)
+        print("async entrypoint", count * (word.upper() if loud else word))
+
+    @app.local_entrypoint()
+    def plain(n):
+        print("plain got", repr(n))
+    """
+)
+
+
+class RunTest(unittest.TestCase):
+    def setUp(self):
+        self.tmp = tempfile.TemporaryDirectory()
+        self.addCleanup(self.tmp.cleanup)
+        self.path = os.path.join(self.tmp.name, "runs.py")
+        with open(self.path, "w") as f:
+            f.write(RUN_APP)
+
+    def run_lode(self, target, *args):
+        return run_python(["-m", "lode", "run", target, "--", *args])
+
+    def test_an_async_entrypoint_runs_to_its_end_with_options_from_its_signature(self):
+        proc = self.run_lode(self.path + "::main", "--count", "2", "--word", "ab", "--loud")
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        self.assertIn("async entrypoint ABAB", proc.stdout)
+        proc = self.run_lode(self.path + "::main")
+        self.assertIn("async entrypoint hi", proc.stdout)
+
+    def test_plain_words_go_positionally_and_bad_options_are_named(self):
+        proc = self.run_lode(self.path + "::plain", "x")
+        self.assertIn("plain got 'x'", proc.stdout)
+        proc = self.run_lode(self.path + "::main", "--count", "many")
+        self.assertEqual(proc.returncode, 2)
+        self.assertIn("do not fit main", proc.stderr)
+        proc = self.run_lode(self.path + "::main", "--colour", "red")
+        self.assertEqual(proc.returncode, 2)
+        self.assertIn("takes no --colour red", proc.stderr)
+        proc = self.run_lode(self.path + "::nope")
+        self.assertIn("no local entrypoint or function 'nope' (it has: main, plain)", proc.stderr)

@@ -2,6 +2,7 @@ import os
 import tempfile
 import textwrap
 import unittest
+import unittest.mock
 
 import lode
 from tests.support import run_python
@@ -131,3 +132,92 @@ class ImportsBlockTest(unittest.TestCase):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+class InstallSourcesTest(unittest.TestCase):
+    """The Modal install calls that read files here: requirements, pyproject, local modules."""
+
+    def setUp(self):
+        self.tmp = tempfile.TemporaryDirectory()
+        self.addCleanup(self.tmp.cleanup)
+        patcher = unittest.mock.patch.dict(os.environ, {"LODE_COLLECT": "1"})
+        patcher.start()
+        self.addCleanup(patcher.stop)
+
+    def write(self, name, text):
+        path = os.path.join(self.tmp.name, name)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w") as f:
+            f.write(textwrap.dedent(text))
+        return path
+
+    def steps(self, image):
+        return image.to_spec()["steps"]
+
+    def test_uv_pip_install_is_its_own_step(self):
+        self.assertEqual(
+            self.steps(lode.Image.debian_slim().uv_pip_install("numpy", force_build=True)),
+            [{"uv_pip_install": {"packages": ["numpy"]}}],
+        )
+
+    def test_requirements_are_read_here_with_includes_and_comments(self):
+        self.write("base.txt", "six==1.16.0  # pinned\n")
+        path = self.write(
+            "requirements.txt",
+            """\
+            # tools
+            -r base.txt
+            idna>=3 ; python_version >= "3.8"
+
+            numpy\\
+            ==2.1.3
+            """,
+        )
+        self.assertEqual(
+            self.steps(lode.Image.debian_slim().pip_install_from_requirements(path)),
+            [{"pip_install": {"packages": ["six==1.16.0", 'idna>=3 ; python_version >= "3.8"', "numpy==2.1.3"]}}],
+        )
+        bad = self.write("bad.txt", "--index-url https://example.invalid/simple\nsix\n")
+        with self.assertRaisesRegex(ValueError, r"bad.txt:1: .*is a pip option.*run_commands"):
+            lode.Image.debian_slim().pip_install_from_requirements(bad)
+        with self.assertRaisesRegex(FileNotFoundError, "cannot read"):
+            lode.Image.debian_slim().pip_install_from_requirements(os.path.join(self.tmp.name, "none.txt"))
+
+    def test_pyproject_dependencies_and_optional_groups(self):
+        path = self.write(
+            "pyproject.toml",
+            """\
+            [project]
+            name = "demo"
+            dependencies = ["six", "idna>=3"]
+            [project.optional-dependencies]
+            fast = ["numpy"]
+            """,
+        )
+        image = lode.Image.debian_slim().pip_install_from_pyproject(path, optional_dependencies=["fast"])
+        self.assertEqual(self.steps(image), [{"pip_install": {"packages": ["six", "idna>=3", "numpy"]}}])
+        with self.assertRaisesRegex(ValueError, r"no optional dependency group 'gpu' \(it has: fast\)"):
+            lode.Image.debian_slim().pip_install_from_pyproject(path, optional_dependencies=["gpu"])
+
+    def test_local_python_source_goes_to_root(self):
+        package = self.write("mylib/__init__.py", "X = 1\n")
+        single = self.write("helpers.py", "Y = 2\n")
+        with unittest.mock.patch("sys.path", [self.tmp.name, *__import__("sys").path]):
+            image = lode.Image.debian_slim().add_local_python_source("mylib", "helpers")
+        self.assertEqual(
+            self.steps(image),
+            [
+                {"add_local_dir": {"local": os.path.dirname(package), "remote": "/root/mylib"}},
+                {"add_local_file": {"local": single, "remote": "/root/helpers.py"}},
+            ],
+        )
+        with self.assertRaisesRegex(ModuleNotFoundError, "no module 'no_such_module_here'"):
+            lode.Image.debian_slim().add_local_python_source("no_such_module_here")
+
+    def test_modal_options_lode_cannot_honour_are_refused_by_name(self):
+        with self.assertRaisesRegex(ValueError, r"pip_install\(index_url=\.\.\.\): .*run_commands"):
+            lode.Image.debian_slim().pip_install("six", index_url="https://example.invalid")
+        with self.assertRaisesRegex(NotImplementedError, "skopeo copy"):
+            lode.Image.from_registry("python:3.12-slim")
+        with self.assertRaisesRegex(ValueError, "ignore"):
+            lode.Image.debian_slim().add_local_dir(self.tmp.name, "/x", ignore=["*.pyc"])
