@@ -51,7 +51,8 @@ const TAIL_LINES: usize = 40;
 /// points it at what pip's settings name, since uv reads neither pip.conf nor `PIP_*`.
 const UV_INSTALL: &str = "trap 'rm -rf /tmp/.lode-uv' EXIT
 python3 -m pip install --no-cache-dir --quiet --target /tmp/.lode-uv uv
-export UV_CACHE_DIR=/tmp/.lode-uv/cache UV_BREAK_SYSTEM_PACKAGES=1 UV_SYSTEM_PYTHON=1
+mkdir /tmp/.lode-uv/tmp
+export TMPDIR=/tmp/.lode-uv/tmp UV_CACHE_DIR=/tmp/.lode-uv/cache UV_BREAK_SYSTEM_PACKAGES=1
 if [ -n \"${PIP_INDEX_URL:-}\" ]; then export UV_INDEX_URL=\"$PIP_INDEX_URL\"; fi
 if [ -n \"${PIP_EXTRA_INDEX_URL:-}\" ]; then export UV_EXTRA_INDEX_URL=\"$PIP_EXTRA_INDEX_URL\"; fi";
 
