@@ -14,6 +14,23 @@ fn start(extra: &[&str]) -> Lode {
     Lode::start(&args)
 }
 
+/// `lode run ARGS...`: it succeeds and its stdout holds every `expected` line; returns its
+/// stderr (where the app's logs stream).
+fn run_expecting(lode: &Lode, args: &[&str], expected: &[&str]) -> String {
+    let mut all = vec!["run"];
+    all.extend_from_slice(args);
+    let run = lode.cli(&all);
+    let (stdout, stderr) = (text(&run.stdout), text(&run.stderr));
+    assert!(run.status.success(), "{stdout}\n{stderr}");
+    for line in expected {
+        assert!(
+            stdout.contains(line),
+            "missing {line:?}:\n{stdout}\n{stderr}"
+        );
+    }
+    stderr
+}
+
 fn stats_row(lode: &Lode, app: &str, function: &str) -> Vec<String> {
     let out = lode.cli_ok(&["stats", app]);
     out.lines()
@@ -58,20 +75,16 @@ fn python_hello_deploys_calls_maps_spawns_serves_http_and_ticks() {
     let (status, _) = rt.block_on(lode.get("/hello-py/echo"));
     assert_eq!(status, 405);
 
-    let run = lode.cli(&["run", &app, "--", "5"]);
-    let (stdout, stderr) = (text(&run.stdout), text(&run.stderr));
-    assert!(run.status.success(), "{stdout}\n{stderr}");
-    for expected in [
-        "square(4) = 16",
-        "squares: [0, 1, 4, 9, 16]",
-        "spawned square(7) = 49",
-        "HELLO!",
-    ] {
-        assert!(
-            stdout.contains(expected),
-            "missing {expected:?}:\n{stdout}\n{stderr}"
-        );
-    }
+    let stderr = run_expecting(
+        &lode,
+        &[&app, "--", "5"],
+        &[
+            "square(4) = 16",
+            "squares: [0, 1, 4, 9, 16]",
+            "spawned square(7) = 49",
+            "HELLO!",
+        ],
+    );
     // The function's own print reached this terminal through the log stream.
     assert!(stderr.contains("shouting 'hello'"), "{stderr}");
 
@@ -111,23 +124,22 @@ fn errors_retries_timeouts_and_calls_from_inside() {
     lode.cli_ok(&["secret", "create", "feat-api", "TOKEN=s3cr3t-value-42"]);
     lode.cli_ok(&["deploy", &app]);
 
-    let run = lode.cli(&["run", &app]);
-    let stdout = text(&run.stdout);
-    assert!(run.status.success(), "{stdout}\n{}", text(&run.stderr));
-    for expected in [
-        // Same type, remote traceback attached.
-        "caught ValueError: bad 3; remote traceback: True",
-        "caught Custom: raised in the container",
-        "caught RemoteError Ghost",
-        "return_exceptions: ['ValueError', 'ValueError']",
-        "starmap: [3, 7]",
-        "unordered: [11, 22, 33]",
-        // add(10, 1) + add(10, 2), called from inside a container.
-        "caller: 23",
-        "pickle: [1, 2, 3]",
-    ] {
-        assert!(stdout.contains(expected), "missing {expected:?}:\n{stdout}");
-    }
+    run_expecting(
+        &lode,
+        &[&app],
+        &[
+            // Same type, remote traceback attached.
+            "caught ValueError: bad 3; remote traceback: True",
+            "caught Custom: raised in the container",
+            "caught RemoteError Ghost",
+            "return_exceptions: ['ValueError', 'ValueError']",
+            "starmap: [3, 7]",
+            "unordered: [11, 22, 33]",
+            // add(10, 1) + add(10, 2), called from inside a container.
+            "caller: 23",
+            "pickle: [1, 2, 3]",
+        ],
+    );
 
     // The CLI shows a remote error with its traceback and exits 1.
     let failed = lode.cli(&["call", "feat/fail", "7"]);
@@ -457,22 +469,18 @@ fn classes_share_a_pool_enter_once_exit_on_scale_down_and_runs_are_ephemeral() {
 
     // `lode run` deploys its own app: the async entrypoint runs to its end, and the deployed
     // app keeps serving, untouched.
-    let run = lode.cli(&["run", &app, "--x", "5"]);
-    let (stdout, stderr) = (text(&run.stdout), text(&run.stderr));
-    assert!(run.status.success(), "{stdout}\n{stderr}");
-    for expected in [
-        "predict: 5",
-        "scaled: 15",
-        "map: [0, 1, 2, 3]",
-        "many: [5, 6]",
-        // Two parameter sets, each entered once, in the one container of the class.
-        "loads: 1 1 one container: True",
-    ] {
-        assert!(
-            stdout.contains(expected),
-            "missing {expected:?}:\n{stdout}\n{stderr}"
-        );
-    }
+    let stderr = run_expecting(
+        &lode,
+        &[&app, "--x", "5"],
+        &[
+            "predict: 5",
+            "scaled: 15",
+            "map: [0, 1, 2, 3]",
+            "many: [5, 6]",
+            // Two parameter sets, each entered once, in the one container of the class.
+            "loads: 1 1 one container: True",
+        ],
+    );
     assert!(stderr.contains("-run-"), "{stderr}");
     let apps = lode.cli_ok(&["ls"]);
     assert!(!apps.contains("-run-"), "the ephemeral app stayed:\n{apps}");
@@ -490,5 +498,57 @@ fn classes_share_a_pool_enter_once_exit_on_scale_down_and_runs_are_ephemeral() {
         unloaded.is_some(),
         "{}",
         lode.cli_ok(&["logs", "python-cls"])
+    );
+}
+
+#[test]
+fn dicts_and_queues_work_from_client_and_container_and_survive_a_restart() {
+    let mut lode = start(&[]);
+    let app = repo_file("host/tests/python/objects.py");
+    lode.cli_ok(&["deploy", &app]);
+    run_expecting(
+        &lode,
+        &[&app],
+        &[
+            "put skipped: True",
+            "worker saw: 4",
+            "result: {'key': 'b', 'factor': 30}",
+            "tuple key: b'\\x00bytes'",
+            "missing key: 'missing'",
+            "not found: True",
+            "async worker: 6",
+            "empty after timeout",
+            "len: 4 0",
+        ],
+    );
+    // The CLI reads and writes the same objects, as JSON.
+    assert_eq!(
+        lode.cli_ok(&["dict", "get", "obj-settings", "a"]).trim(),
+        "2"
+    );
+    let missing = lode.cli(&["dict", "get", "obj-settings", "zzz"]);
+    assert_eq!(missing.status.code(), Some(1));
+    lode.cli_ok(&["queue", "put", "obj-jobs", "7", "{\"x\": 1}"]);
+    assert_eq!(lode.cli_ok(&["queue", "len", "obj-jobs"]).trim(), "2");
+    let listed = lode.cli_ok(&["dict", "ls"]);
+    assert!(listed.contains("obj-settings"), "{listed}");
+
+    // Both are durable: a restart keeps them.
+    lode.kill();
+    lode.restart();
+    assert_eq!(
+        lode.cli_ok(&["queue", "peek", "obj-jobs"]),
+        "7\n{\"x\":1}\n"
+    );
+    assert_eq!(
+        lode.cli_ok(&["dict", "get", "obj-settings", "c"]).trim(),
+        "4"
+    );
+    lode.cli_ok(&["dict", "rm", "obj-settings"]);
+    let gone = lode.cli(&["dict", "get", "obj-settings", "c"]);
+    assert!(
+        text(&gone.stderr).contains("no Dict named"),
+        "{}",
+        text(&gone.stderr)
     );
 }

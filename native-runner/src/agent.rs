@@ -172,14 +172,14 @@ pub enum FromAgent {
         token: String,
         /// What is asked.
         #[serde(flatten)]
-        request: CallRequest,
+        request: Box<CallRequest>,
     },
 }
 
 /// A call the code in a container makes, through its agent.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CallRequest {
-    /// `call`, `spawn` or `get`.
+    /// `call`, `spawn`, `get` (a spawned call's result), `dict` or `queue`.
     pub op: String,
     /// The callee's app; absent means the caller's own.
     #[serde(default)]
@@ -208,6 +208,12 @@ pub struct CallRequest {
     /// The class instance's parameter values.
     #[serde(default)]
     pub params: Option<Value>,
+    /// The Dict or Queue an `op` of `dict` or `queue` is on.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// The Dict or Queue operation, as the API takes it.
+    #[serde(default)]
+    pub request: Option<Value>,
     /// The input being served by the code that calls, so the call counts against that
     /// input's call depth and fan-out; absent for calls from threads of the user's own.
     #[serde(default)]

@@ -1,11 +1,13 @@
 //! The JSON API (`/v1/...` and `/metrics`), behind the bearer token: apps, deploys and logs
 //! (`apps.rs`), calls, secrets and volumes (`functions.rs`), builds and containers
-//! (`containers.rs`), sandboxes (`sandboxes.rs`); errors and shared shapes in `error.rs`.
+//! (`containers.rs`), sandboxes (`sandboxes.rs`), Dicts and Queues (`objects.rs`); errors and
+//! shared shapes in `error.rs`.
 
 pub mod apps;
 pub mod containers;
 pub mod error;
 pub mod functions;
+pub mod objects;
 pub mod sandboxes;
 
 use std::sync::Arc;
@@ -39,6 +41,7 @@ pub fn router(
         .route("/v1/apps/{app}/logs", get(logs))
         .route("/metrics", get(metrics))
         .with_state(control.clone())
+        .merge(objects::router(control.objects.clone()))
         .merge(functions::router(control))
         .merge(containers::router(native))
         .merge(sandboxes::router(sandboxes, max_file_bytes))

@@ -92,6 +92,12 @@ pub enum Command {
     /// Volumes: persistent directories mounted into functions.
     #[command(subcommand)]
     Volume(VolumeCommand),
+    /// Dicts: named, durable key-value maps (`lode.Dict` in the SDK).
+    #[command(subcommand)]
+    Dict(DictCommand),
+    /// Queues: named, durable FIFO queues (`lode.Queue` in the SDK).
+    #[command(subcommand)]
+    Queue(QueueCommand),
     /// List deployed apps.
     Ls,
     /// Remove an app.
@@ -452,6 +458,105 @@ pub enum VolumeCommand {
     },
     /// List volumes.
     Ls,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DictCommand {
+    /// List Dicts with their sizes.
+    Ls,
+    /// Make a Dict (the SDK's create_if_missing=True does too).
+    Create {
+        /// Its name: letters, digits, '.', '_' and '-'.
+        name: String,
+    },
+    /// Print a key's value as JSON; exits 1 when the key is not there.
+    Get {
+        /// The Dict.
+        name: String,
+        /// The key: JSON, or else a string.
+        key: String,
+    },
+    /// Store a value under a key.
+    Put {
+        /// The Dict.
+        name: String,
+        /// The key: JSON, or else a string.
+        key: String,
+        /// The value: JSON, or else a string.
+        value: String,
+    },
+    /// Print the entries, one `KEY<TAB>VALUE` line each, in key order.
+    Items {
+        /// The Dict.
+        name: String,
+        /// At most this many.
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+    },
+    /// Remove every entry.
+    Clear {
+        /// The Dict.
+        name: String,
+    },
+    /// Delete a Dict and its entries.
+    Rm {
+        /// The Dict.
+        name: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum QueueCommand {
+    /// List Queues with their lengths.
+    Ls,
+    /// Make a Queue (the SDK's create_if_missing=True does too).
+    Create {
+        /// Its name: letters, digits, '.', '_' and '-'.
+        name: String,
+    },
+    /// Print how many items it holds (in all partitions, or in one).
+    Len {
+        /// The Queue.
+        name: String,
+        /// Only this partition.
+        #[arg(long)]
+        partition: Option<String>,
+    },
+    /// Print the oldest items as JSON without taking them.
+    Peek {
+        /// The Queue.
+        name: String,
+        /// How many.
+        #[arg(short, default_value_t = 10)]
+        n: usize,
+        /// The partition (default: the default one).
+        #[arg(long)]
+        partition: Option<String>,
+    },
+    /// Put items at the back.
+    Put {
+        /// The Queue.
+        name: String,
+        /// The items: each JSON, or else a string.
+        #[arg(required = true)]
+        values: Vec<String>,
+        /// The partition.
+        #[arg(long)]
+        partition: Option<String>,
+    },
+    /// Remove every item (of one partition, with --partition).
+    Clear {
+        /// The Queue.
+        name: String,
+        /// Only this partition.
+        #[arg(long)]
+        partition: Option<String>,
+    },
+    /// Delete a Queue and its items.
+    Rm {
+        /// The Queue.
+        name: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]

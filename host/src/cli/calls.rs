@@ -94,9 +94,7 @@ pub async fn calls(client: &ApiClient, app: &str, limit: usize, json: bool) -> R
         "TIME (UTC)", "FUNCTION", "ENGINE", "STATUS", "DURATION"
     );
     for record in records {
-        let at = chrono::DateTime::from_timestamp_millis(record.created_ms as i64)
-            .map(|t| t.format("%Y-%m-%d %H:%M:%S%.3f").to_string())
-            .unwrap_or_default();
+        let at = crate::cli::format_time_ms(record.created_ms);
         let status = serde_json::to_value(record.status)?;
         let error = record
             .error

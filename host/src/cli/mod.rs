@@ -9,6 +9,7 @@ pub mod container;
 pub mod deploy;
 pub mod fs;
 pub mod image;
+pub mod objects;
 pub mod parse;
 pub mod python;
 pub mod sandbox;
@@ -24,6 +25,13 @@ use crate::cli::args::{
     ClientArgs, Command, ContainerCommand, FsCommand, RegistryCommand, SecretCommand, VolumeCommand,
 };
 use crate::cli::client::{client, deploy_registry, registry};
+
+/// A time in milliseconds since the epoch, as the CLI prints it (UTC).
+pub fn format_time_ms(ms: u64) -> String {
+    chrono::DateTime::from_timestamp_millis(ms as i64)
+        .map(|t| t.format("%Y-%m-%d %H:%M:%S%.3f").to_string())
+        .unwrap_or_default()
+}
 
 /// Runs one command, talking to the server and registry that `client` finds.
 pub async fn run(client_args: ClientArgs, command: Command) -> Result<()> {
@@ -88,6 +96,14 @@ pub async fn run(client_args: ClientArgs, command: Command) -> Result<()> {
                 VolumeCommand::Create { name } => crate::cli::volumes::create(&api, &name).await,
                 VolumeCommand::Ls => crate::cli::volumes::list(&api).await,
             }
+        }
+        Command::Dict(command) => {
+            let code = objects::dict(&client(&client_args)?, command).await?;
+            std::process::exit(code);
+        }
+        Command::Queue(command) => {
+            let code = objects::queue(&client(&client_args)?, command).await?;
+            std::process::exit(code);
         }
         Command::Ls => crate::cli::apps::list(&client(&client_args)?).await,
         Command::Rm { app } => crate::cli::apps::remove(&client(&client_args)?, &app).await,

@@ -138,6 +138,8 @@ pub struct Control {
     pub calls: Calls,
     /// Every call's summary.
     pub history: CallHistory,
+    /// Dicts and Queues.
+    pub objects: Arc<crate::store::objects::Objects>,
     apps: ArcSwap<HashMap<String, Arc<LiveApp>>>,
     /// Serializes the record-and-swap step of deploys and removals (not compilation).
     commit_lock: tokio::sync::Mutex<()>,
@@ -162,9 +164,11 @@ impl Control {
         let calls = Calls::persistent(state.clone());
         let metrics = Arc::new(Metrics::default());
         let history = CallHistory::start(state.clone(), metrics.call_records_dropped.clone());
+        let objects = Arc::new(crate::store::objects::Objects::new(state.clone()));
         Arc::new_cyclic(|this| Self {
             engine,
             blobs,
+            objects,
             state,
             logs,
             metrics,

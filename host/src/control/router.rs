@@ -187,6 +187,18 @@ impl Dispatch for Control {
         }
         self.calls.wait(id, wait).await.ok_or_else(unknown)
     }
+
+    async fn object(
+        &self,
+        kind: crate::store::objects::Kind,
+        name: &str,
+        request: crate::store::objects::Request,
+    ) -> Result<Value, ErrorInfo> {
+        self.objects
+            .request(kind, name, request)
+            .await
+            .map_err(|e| ErrorInfo::lode(e.kind, e.message))
+    }
 }
 
 impl Control {

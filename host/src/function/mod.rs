@@ -44,6 +44,14 @@ pub trait Dispatch: Send + Sync {
     /// A spawned call's record, after waiting up to `wait` for it to finish. Code of `caller`
     /// sees only calls of functions it may call; others read as unknown.
     async fn wait(&self, caller: &str, id: &str, wait: Duration) -> Result<CallRecord, ErrorInfo>;
+
+    /// One operation on a Dict or Queue, from code in a container.
+    async fn object(
+        &self,
+        kind: crate::store::objects::Kind,
+        name: &str,
+        request: crate::store::objects::Request,
+    ) -> Result<Value, ErrorInfo>;
 }
 
 /// How deep calls through `invoke` may nest (a call from the API is depth 0), unless the
@@ -322,6 +330,26 @@ pub async fn container_call(
             match dispatch.wait(caller_app, &id, wait).await {
                 Ok(record) => Outcome::value(serde_json::to_value(record).unwrap_or_default()),
                 Err(error) => Outcome::failed(error),
+            }
+        }
+        "dict" | "queue" => {
+            use crate::store::objects::Kind;
+            let kind = if call.op == "dict" {
+                Kind::Dict
+            } else {
+                Kind::Queue
+            };
+            let request = call
+                .request
+                .ok_or_else(|| "no request".to_string())
+                .and_then(|r| serde_json::from_value(r).map_err(|e| e.to_string()));
+            match (call.name, request) {
+                (Some(name), Ok(request)) => match dispatch.object(kind, &name, request).await {
+                    Ok(answer) => Outcome::value(answer),
+                    Err(error) => Outcome::failed(error),
+                },
+                (None, _) => Outcome::failed(ErrorInfo::lode("invalid_request", "no name")),
+                (_, Err(e)) => Outcome::failed(ErrorInfo::lode("invalid_request", e)),
             }
         }
         other => Outcome::failed(ErrorInfo::lode(

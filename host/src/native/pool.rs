@@ -622,7 +622,7 @@ impl Pool {
                                     &caller_app,
                                     tree.as_ref(),
                                     fan_out,
-                                    request,
+                                    *request,
                                 )
                                 .await
                             }

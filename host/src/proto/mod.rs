@@ -9,6 +9,7 @@ pub mod deploy;
 pub mod host_pattern;
 pub mod log;
 pub mod manifest;
+pub mod objects;
 pub mod sandboxes;
 pub mod schedule;
 pub mod stats;

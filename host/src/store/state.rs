@@ -57,6 +57,75 @@ pub trait StateStore: Send + Sync + 'static {
         limit: usize,
         accept: &mut dyn FnMut(&[u8]) -> bool,
     ) -> Result<Vec<Vec<u8>>>;
+    /// Runs `work` on a consistent snapshot of `table`.
+    fn read_table(
+        &self,
+        table: Table,
+        work: &mut dyn FnMut(&dyn TableView) -> Result<()>,
+    ) -> Result<()>;
+    /// Runs `work` in one transaction on `table`: what it changes commits together, durably,
+    /// or (when it fails) not at all.
+    fn update_table(
+        &self,
+        table: Table,
+        work: &mut dyn FnMut(&mut dyn TableEdit) -> Result<()>,
+    ) -> Result<()>;
+}
+
+/// Reads inside one transaction on a table.
+pub trait TableView {
+    /// The value under `key`.
+    fn get(&self, key: &str) -> Result<Option<Vec<u8>>>;
+    /// Keys in `from..to` with their values, in order, at most `limit`.
+    fn range(&self, from: &str, to: &str, limit: usize) -> Result<Vec<(String, Vec<u8>)>>;
+    /// How many keys are in `from..to`.
+    fn count(&self, from: &str, to: &str) -> Result<u64>;
+}
+
+/// Reads and writes inside one transaction on a table.
+pub trait TableEdit: TableView {
+    /// Stores `value` under `key`.
+    fn put(&mut self, key: &str, value: &[u8]) -> Result<()>;
+    /// Removes `key`; returns whether it was there.
+    fn delete(&mut self, key: &str) -> Result<bool>;
+}
+
+/// A redb table, read-only or open for writing, seen through [`TableView`].
+struct RedbTable<T>(T);
+
+impl<T: ReadableTable<&'static str, &'static [u8]>> TableView for RedbTable<T> {
+    fn get(&self, key: &str) -> Result<Option<Vec<u8>>> {
+        Ok(self.0.get(key)?.map(|v| v.value().to_vec()))
+    }
+
+    fn range(&self, from: &str, to: &str, limit: usize) -> Result<Vec<(String, Vec<u8>)>> {
+        let mut found = Vec::new();
+        for entry in self.0.range(from..to)?.take(limit) {
+            let (key, value) = entry?;
+            found.push((key.value().to_string(), value.value().to_vec()));
+        }
+        Ok(found)
+    }
+
+    fn count(&self, from: &str, to: &str) -> Result<u64> {
+        let mut count = 0;
+        for entry in self.0.range(from..to)? {
+            entry?;
+            count += 1;
+        }
+        Ok(count)
+    }
+}
+
+impl TableEdit for RedbTable<redb::Table<'_, &'static str, &'static [u8]>> {
+    fn put(&mut self, key: &str, value: &[u8]) -> Result<()> {
+        self.0.insert(key, value)?;
+        Ok(())
+    }
+
+    fn delete(&mut self, key: &str) -> Result<bool> {
+        Ok(self.0.remove(key)?.is_some())
+    }
 }
 
 /// The keyed tables beside the apps.
@@ -72,6 +141,8 @@ pub enum Table {
     History,
     /// Sandboxes' records: running, and ended within a day.
     Sandboxes,
+    /// Dicts and Queues: their records and entries (see [`crate::store::objects`]).
+    Objects,
 }
 
 const APPS: TableDefinition<&str, &[u8]> = TableDefinition::new("apps");
@@ -80,6 +151,7 @@ const SCHEDULES: TableDefinition<&str, &[u8]> = TableDefinition::new("schedules"
 const CALLS: TableDefinition<&str, &[u8]> = TableDefinition::new("calls");
 const HISTORY: TableDefinition<&str, &[u8]> = TableDefinition::new("history");
 const SANDBOXES: TableDefinition<&str, &[u8]> = TableDefinition::new("sandboxes");
+const OBJECTS: TableDefinition<&str, &[u8]> = TableDefinition::new("objects");
 
 fn definition(table: Table) -> TableDefinition<'static, &'static str, &'static [u8]> {
     match table {
@@ -88,6 +160,7 @@ fn definition(table: Table) -> TableDefinition<'static, &'static str, &'static [
         Table::Calls => CALLS,
         Table::History => HISTORY,
         Table::Sandboxes => SANDBOXES,
+        Table::Objects => OBJECTS,
     }
 }
 
@@ -109,7 +182,7 @@ impl RedbStore {
             )
         })?;
         let txn = db.begin_write()?;
-        for table in [APPS, SECRETS, SCHEDULES, CALLS, HISTORY, SANDBOXES] {
+        for table in [APPS, SECRETS, SCHEDULES, CALLS, HISTORY, SANDBOXES, OBJECTS] {
             txn.open_table(table)?;
         }
         txn.commit()?;
@@ -224,6 +297,30 @@ impl StateStore for RedbStore {
             }
         }
         Ok(found)
+    }
+
+    fn read_table(
+        &self,
+        table: Table,
+        work: &mut dyn FnMut(&dyn TableView) -> Result<()>,
+    ) -> Result<()> {
+        let txn = self.db.begin_read()?;
+        work(&RedbTable(txn.open_table(definition(table))?))
+    }
+
+    fn update_table(
+        &self,
+        table: Table,
+        work: &mut dyn FnMut(&mut dyn TableEdit) -> Result<()>,
+    ) -> Result<()> {
+        let txn = self.db.begin_write()?;
+        {
+            let mut table = RedbTable(txn.open_table(definition(table))?);
+            // Dropping the transaction uncommitted throws its changes away.
+            work(&mut table)?;
+        }
+        txn.commit()?;
+        Ok(())
     }
 }
 

@@ -16,6 +16,7 @@ from ._app import App, Cron, Function, FunctionCall, Period, Retries, Secret, Vo
 from ._client import RemoteError
 from ._cls import Cls, enter, exit, method, parameter
 from ._image import Image
+from ._objects import Dict, Queue
 from ._sandbox import ContainerProcess, Sandbox
 from .exception import Error
 
@@ -26,11 +27,13 @@ __all__ = [
     "Cls",
     "ContainerProcess",
     "Cron",
+    "Dict",
     "Error",
     "Function",
     "FunctionCall",
     "Image",
     "Period",
+    "Queue",
     "RemoteError",
     "Retries",
     "Sandbox",

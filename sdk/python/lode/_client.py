@@ -256,6 +256,11 @@ class HttpTransport:
         path = f"/v1/calls/{urllib.parse.quote(call_id, safe='')}?wait={wait}"
         return self.request("GET", path, timeout=wait + 30)
 
+    def object(self, kind: str, name: str, request: dict[str, Any]) -> dict[str, Any]:
+        """One Dict or Queue operation (`kind` is "dict" or "queue")."""
+        path = f"/v1/{kind}s/{urllib.parse.quote(name, safe='')}"
+        return self.request("POST", path, request, timeout=float(request.get("timeout") or 0) + 30)
+
 
 class _ConnectionHolder:
     """Owns one thread's connection and closes it when the thread (and so its
@@ -398,6 +403,12 @@ class AgentTransport:
         msg = self._request("spawn", {"app": app, "function": function, **payload})
         result = msg.get("result")
         return _call_id(result if isinstance(result, dict) else {})
+
+    def object(self, kind: str, name: str, request: dict[str, Any]) -> dict[str, Any]:
+        result = self._request(kind, {"name": name, "request": request}).get("result")
+        if not isinstance(result, dict):
+            raise RemoteError("bad_response", f"a {kind} request answered {result!r}, not an object")
+        return result
 
     def poll(self, call_id: str, wait: int) -> dict[str, Any]:
         result = self._request("get", {"id": call_id, "wait": wait}).get("result")

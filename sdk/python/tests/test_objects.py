@@ -1,0 +1,67 @@
+"""lode.Dict and lode.Queue against a recording transport: what goes on the wire, and back."""
+
+import queue
+import unittest
+from unittest import mock
+
+import lode
+from lode import _client, _objects
+
+
+class Recorder:
+    def __init__(self, answers):
+        self.answers = list(answers)
+        self.sent = []
+
+    def object(self, kind, name, request):
+        self.sent.append((kind, name, request))
+        return self.answers.pop(0)
+
+
+class ObjectsTest(unittest.TestCase):
+    def run_with(self, answers, fn):
+        recorder = Recorder(answers)
+        with mock.patch.object(_client, "transport", return_value=recorder):
+            return fn(), recorder.sent
+
+    def test_values_round_trip_with_bytes_tuples_and_dict_order(self):
+        value = {"z": 1, "a": (1, b"\x00"), "$lode": "mine"}
+        text = _objects._dump(value, False)
+        self.assertEqual(_objects._load(text, False), value)
+        self.assertLess(text.index('"z"'), text.index('"a"'))
+        with self.assertRaisesRegex(TypeError, 'serialization="pickle"'):
+            _objects._dump({1, 2}, False)
+        self.assertEqual(_objects._load(_objects._dump({1, 2}, True), True), {1, 2})
+        with self.assertRaisesRegex(lode.RemoteError, "stored pickled"):
+            _objects._load(_objects._dump({1, 2}, True), False)
+
+    def test_the_first_request_creates_and_later_ones_do_not(self):
+        d = lode.Dict.from_name("cfg", create_if_missing=True)
+        _, sent = self.run_with(
+            [{"created": True}, {"found": True, "value_json": "[1,2]"}],
+            lambda: (d.put(("k", 1), 5), d["x"]),
+        )
+        self.assertEqual(
+            sent[0], ("dict", "cfg", {"op": "put", "key": ["k", 1], "value_json": "5", "skip_if_exists": False, "create_if_missing": True})
+        )
+        self.assertEqual(sent[1], ("dict", "cfg", {"op": "get", "key": "x"}))
+
+    def test_missing_keys_and_empty_queues_raise_as_python_does(self):
+        d = lode.Dict.from_name("cfg")
+        q = lode.Queue.from_name("jobs")
+        with self.assertRaises(KeyError):
+            self.run_with([{"found": False}], lambda: d.pop("nope"))
+        got, _ = self.run_with([{"found": False}], lambda: d.pop("nope", "dflt"))
+        self.assertEqual(got, "dflt")
+        with self.assertRaises(queue.Empty):
+            self.run_with([{"values_json": []}], lambda: q.get(block=False))
+        with self.assertRaises(TypeError):
+            d.get({"a": 1})
+
+    def test_a_long_blocking_get_asks_in_steps(self):
+        q = lode.Queue.from_name("jobs")
+        with mock.patch.object(_objects, "_WAIT_STEP_S", 0.01):
+            got, sent = self.run_with([{"values_json": []}, {"values_json": ['"x"']}], lambda: q.get())
+        self.assertEqual(got, "x")
+        self.assertEqual(len(sent), 2)
+        self.assertEqual(sent[0][2]["timeout"], 0.01)
