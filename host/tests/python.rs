@@ -552,3 +552,83 @@ fn dicts_and_queues_work_from_client_and_container_and_survive_a_restart() {
         text(&gone.stderr)
     );
 }
+
+#[test]
+fn asgi_wsgi_and_web_servers_stream_both_ways_and_take_websockets() {
+    use futures::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+
+    let lode = start(&[]);
+    let app = repo_file("samples/python-web/app.py");
+    let deployed = lode.cli_ok(&["deploy", &app]);
+    assert!(
+        deployed.contains("python-web--web.lode.localhost"),
+        "{deployed}"
+    );
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        // By path, the app sees its prefix as its root path; by host, it is at the root.
+        let (status, body) = lode.get("/python-web/web/").await;
+        assert_eq!((status, body.as_str()), (200, r#"{"hello":"world"}"#));
+        let by_host = lode
+            .public(reqwest::Method::GET, "/")
+            .header("host", "python-web--web.lode.localhost")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(by_host.text().await.unwrap(), r#"{"hello":"world"}"#);
+        // A large body reaches the app in parts.
+        let echoed = lode
+            .public(reqwest::Method::POST, "/python-web/web/echo")
+            .body(vec![b'x'; 300_000])
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            echoed.text().await.unwrap(),
+            r#"{"bytes":300000,"root_path":"/python-web/web"}"#
+        );
+        // A streamed response arrives in parts, as the app yields them.
+        let mut streamed = lode
+            .public(reqwest::Method::GET, "/python-web/web/stream?n=4")
+            .send()
+            .await
+            .unwrap();
+        assert!(streamed.headers().get("content-length").is_none());
+        let mut parts = Vec::new();
+        while let Some(chunk) = streamed.chunk().await.unwrap() {
+            parts.push(String::from_utf8(chunk.to_vec()).unwrap());
+        }
+        assert_eq!(parts.concat(), "chunk 0\nchunk 1\nchunk 2\nchunk 3\n");
+        assert!(parts.len() > 1, "{parts:?}");
+        let (status, _) = lode.get("/python-web/web/nothing-here").await;
+        assert_eq!(status, 404);
+
+        // A WebSocket, both ways, then closed by the client.
+        let url = format!("{}/python-web/web/ws", lode.http.replacen("http", "ws", 1));
+        let (mut socket, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+        for word in ["hello", "lode"] {
+            socket.send(Message::text(word)).await.unwrap();
+            let answer = socket.next().await.unwrap().unwrap();
+            assert_eq!(answer.into_text().unwrap().as_str(), word.to_uppercase());
+        }
+        socket.close(None).await.unwrap();
+
+        // WSGI: SCRIPT_NAME is the mount, PATH_INFO the rest.
+        let wsgi = lode
+            .public(reqwest::Method::POST, "/python-web/legacy/a/b?x=1")
+            .body("12345")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(wsgi.text().await.unwrap(), "/python-web/legacy /a/b x=1 5");
+        // A server started in the container, reached through it.
+        let (status, body) = lode.get("/python-web/files/hello.txt").await;
+        assert_eq!((status, body.as_str()), (200, "hello from a file\n"));
+        // A FastAPI-style endpoint converts its query parameters by annotation.
+        let (status, body) = lode.get("/python-web/add?a=2&b=40").await;
+        assert_eq!((status, body.as_str()), (200, r#"{"sum":42}"#));
+    });
+    let urls = run_expecting(&lode, &[&app], &["web: http://127.0.0.1:"]);
+    drop(urls);
+}

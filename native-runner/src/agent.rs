@@ -122,6 +122,38 @@ pub enum ToAgent {
     /// Stop: run the exit hooks (`@lode.exit()`) and exit. Sent to an idle container that is
     /// scaled down; it is killed if it has not exited within the grace period.
     Shutdown {},
+    /// More of a web request's body (an input whose payload holds `http`), base64.
+    HttpBody {
+        /// The input.
+        id: String,
+        /// The bytes, base64.
+        body: String,
+        /// Whether more follows.
+        more_body: bool,
+    },
+    /// The web client went away.
+    HttpDisconnect {
+        /// The input.
+        id: String,
+    },
+    /// A WebSocket message from the client.
+    WsReceive {
+        /// The input.
+        id: String,
+        /// A text message.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        text: Option<String>,
+        /// A binary message, base64.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        bytes: Option<String>,
+    },
+    /// The WebSocket client closed or went away.
+    WsDisconnect {
+        /// The input.
+        id: String,
+        /// The close code.
+        code: u16,
+    },
     /// The answer to a [`FromAgent::Call`].
     CallResult {
         /// The agent's id for the call.
@@ -163,6 +195,57 @@ pub enum FromAgent {
         /// The text.
         data: String,
     },
+    /// A web input's response begins.
+    HttpStart {
+        /// The input.
+        id: String,
+        /// The HTTP status.
+        status: u16,
+        /// Header names and values.
+        headers: Vec<(String, String)>,
+    },
+    /// Part of a web input's response body, base64; the last part has `more_body` false.
+    HttpBody {
+        /// The input.
+        id: String,
+        /// The bytes, base64.
+        body: String,
+        /// Whether more follows.
+        more_body: bool,
+    },
+    /// The app accepted a WebSocket.
+    WsAccept {
+        /// The input.
+        id: String,
+        /// The subprotocol it chose.
+        #[serde(default)]
+        subprotocol: Option<String>,
+        /// Extra response headers.
+        #[serde(default)]
+        headers: Vec<(String, String)>,
+    },
+    /// A WebSocket message for the client.
+    WsSend {
+        /// The input.
+        id: String,
+        /// A text message.
+        #[serde(default)]
+        text: Option<String>,
+        /// A binary message, base64.
+        #[serde(default)]
+        bytes: Option<String>,
+    },
+    /// The app closed the WebSocket (or refused it, before accepting).
+    WsClose {
+        /// The input.
+        id: String,
+        /// The close code.
+        #[serde(default = "normal_close")]
+        code: u16,
+        /// The reason.
+        #[serde(default)]
+        reason: String,
+    },
     /// The code calls a function (`op` `call` or `spawn`) or waits for a spawned call
     /// (`get`).
     Call {
@@ -174,6 +257,24 @@ pub enum FromAgent {
         #[serde(flatten)]
         request: Box<CallRequest>,
     },
+}
+
+fn normal_close() -> u16 {
+    1000
+}
+
+impl FromAgent {
+    /// The web input a web message (HTTP or WebSocket) belongs to.
+    pub fn web_input(&self) -> Option<&str> {
+        match self {
+            FromAgent::HttpStart { id, .. }
+            | FromAgent::HttpBody { id, .. }
+            | FromAgent::WsAccept { id, .. }
+            | FromAgent::WsSend { id, .. }
+            | FromAgent::WsClose { id, .. } => Some(id),
+            _ => None,
+        }
+    }
 }
 
 /// A call the code in a container makes, through its agent.

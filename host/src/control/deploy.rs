@@ -296,6 +296,8 @@ impl Control {
                     path: web.path.clone(),
                     method: web.method.clone(),
                     function: function.name.clone(),
+                    serve: web.serve,
+                    port: web.port,
                 });
             }
             if let Some(schedule) = function

@@ -67,6 +67,10 @@ pub struct PythonRoute {
     pub method: Option<String>,
     /// The function.
     pub function: String,
+    /// What answers: a call, or the function's ASGI or WSGI app or web server.
+    pub serve: crate::proto::manifest::WebServe,
+    /// A web server's port.
+    pub port: Option<u16>,
 }
 
 impl Drop for LiveApp {
@@ -203,13 +207,23 @@ impl Control {
     }
 
     /// Public URLs of an app's web functions.
+    /// ASGI and WSGI apps and web servers are also listed by host name
+    /// (`<app>--<function>.lode.localhost`), where they are served at the root.
     pub fn urls(&self, manifest: &Manifest) -> Vec<String> {
-        manifest
-            .functions
-            .iter()
-            .filter_map(|f| f.web.as_ref())
-            .map(|web| format!("{}/{}{}", self.urls.http, manifest.app, web.path))
-            .collect()
+        let mut urls = Vec::new();
+        for function in &manifest.functions {
+            let Some(web) = &function.web else { continue };
+            urls.push(format!("{}/{}{}", self.urls.http, manifest.app, web.path));
+            if web.serve != crate::proto::manifest::WebServe::Call {
+                let port = self.urls.http.rsplit_once(':').map_or("80", |(_, p)| p);
+                let label = function.name.replace('_', "-").to_ascii_lowercase();
+                urls.push(format!(
+                    "http://{}--{label}.lode.localhost:{port}/",
+                    manifest.app
+                ));
+            }
+        }
+        urls
     }
 
     /// Makes `live` the version new requests see; requests in flight keep theirs.

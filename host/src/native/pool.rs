@@ -112,8 +112,20 @@ pub enum Rejected {
     Closed,
 }
 
+/// Where a web input's response goes: the agent's messages for it, and, once a container
+/// takes it, its input id and that container's channel (for the request body and WebSocket
+/// messages from the client).
+pub struct WebExchange {
+    /// The agent's HTTP and WebSocket messages for the input.
+    pub events: mpsc::UnboundedSender<FromAgent>,
+    /// Told the input's id and the container's channel when a container takes it.
+    pub assigned: Option<oneshot::Sender<(String, mpsc::UnboundedSender<ToAgent>)>>,
+}
+
 struct Job {
     payload: serde_json::Map<String, serde_json::Value>,
+    /// Set for a web input (ASGI, WSGI, a web server): its exchange, never retried.
+    web: Option<WebExchange>,
     /// Where the input sits in its call tree; calls its code makes join the tree there.
     tree: CallTree,
     /// Retries used so far.
@@ -131,6 +143,7 @@ impl Job {
     ) -> Self {
         Self {
             payload,
+            web: None,
             tree,
             attempt: 0,
             reply,
@@ -272,6 +285,25 @@ impl Pool {
         payload: serde_json::Map<String, serde_json::Value>,
         tree: Option<CallTree>,
     ) -> Result<Outcome, Rejected> {
+        self.submit_job(payload, tree, None).await
+    }
+
+    /// Runs one web input (the payload holds `http` or `websocket`): the agent's messages
+    /// for it go to `web` as they come; the outcome says how it ended.
+    pub async fn submit_web(
+        self: &Arc<Self>,
+        payload: serde_json::Map<String, serde_json::Value>,
+        web: WebExchange,
+    ) -> Result<Outcome, Rejected> {
+        self.submit_job(payload, None, Some(web)).await
+    }
+
+    async fn submit_job(
+        self: &Arc<Self>,
+        payload: serde_json::Map<String, serde_json::Value>,
+        tree: Option<CallTree>,
+        web: Option<WebExchange>,
+    ) -> Result<Outcome, Rejected> {
         if self.closed.load(Ordering::Relaxed) {
             return Err(Rejected::Closed);
         }
@@ -283,7 +315,9 @@ impl Pool {
                 return Err(Rejected::QueueFull(Duration::from_secs(1)));
             }
             let tree = CallTree::enter(tree, self.spec.call_limits);
-            state.queue.push_back(Job::new(payload, tree, reply));
+            let mut job = Job::new(payload, tree, reply);
+            job.web = web;
+            state.queue.push_back(job);
         }
         self.pump();
         Ok(answer.await.unwrap_or_else(|_| {
@@ -328,7 +362,7 @@ impl Pool {
         }
     }
 
-    fn dispatch(self: &Arc<Self>, worker: &Arc<Worker>, job: Job) {
+    fn dispatch(self: &Arc<Self>, worker: &Arc<Worker>, mut job: Job) {
         let id = format!(
             "{}-{}",
             self.spec.function,
@@ -339,12 +373,17 @@ impl Pool {
             function: self.spec.function.clone(),
             payload: job.payload.clone(),
         };
+        let assigned = job.web.as_mut().and_then(|web| web.assigned.take());
         *worker.idle_since.lock().unwrap() = None;
         worker.in_flight.lock().unwrap().insert(id.clone(), job);
         if worker.to_agent.send(message).is_err() {
             // The connection is gone; the worker's task requeues or fails what it held.
             worker.retire();
             return;
+        }
+        // After the input itself, so the agent has it before any of its request body.
+        if let Some(assigned) = assigned {
+            let _ = assigned.send((id.clone(), worker.to_agent.clone()));
         }
         let timeout = self.spec.timeout;
         let weak_worker = Arc::downgrade(worker);
@@ -561,6 +600,17 @@ impl Pool {
                     }
                     self.pump();
                 }
+                message @ (FromAgent::HttpStart { .. }
+                | FromAgent::HttpBody { .. }
+                | FromAgent::WsAccept { .. }
+                | FromAgent::WsSend { .. }
+                | FromAgent::WsClose { .. }) => {
+                    let id = message.web_input().unwrap_or_default();
+                    let in_flight = worker.in_flight.lock().unwrap();
+                    if let Some(web) = in_flight.get(id).and_then(|job| job.web.as_ref()) {
+                        let _ = web.events.send(message);
+                    }
+                }
                 FromAgent::Log { id, stream, data } => {
                     let stream = if stream == "stderr" {
                         Stream::Stderr
@@ -665,7 +715,8 @@ impl Pool {
         let max_retries = self.spec.retries.map_or(0, |r| r.max_retries);
         for (id, job) in held {
             let mut job = job.off_container();
-            if job.attempt < max_retries {
+            // A web input's request was taken in part already: it is never run twice.
+            if job.attempt < max_retries && job.web.is_none() {
                 job.attempt += 1;
                 self.retried.fetch_add(1, Ordering::Relaxed);
                 let delay = self

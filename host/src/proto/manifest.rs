@@ -273,6 +273,35 @@ pub struct WebRoute {
     /// Allowed method; absent means any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub method: Option<String>,
+    /// What answers a Python function's requests: itself, called with the JSON body (the
+    /// default), or the ASGI or WSGI app it returns, or the web server it starts.
+    #[serde(default, skip_serializing_if = "WebServe::is_call")]
+    pub serve: WebServe,
+    /// The port a `server` function's web server listens on, inside its container.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+}
+
+/// How a Python web function answers.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum WebServe {
+    /// A call with the JSON body as its argument and query parameters as keywords; its
+    /// result is the JSON answer (`@web_endpoint`, `@fastapi_endpoint`).
+    #[default]
+    Call,
+    /// The ASGI app the function returns, HTTP and WebSockets (`@asgi_app`).
+    Asgi,
+    /// The WSGI app the function returns (`@wsgi_app`).
+    Wsgi,
+    /// The HTTP server the function starts on `port` (`@web_server`).
+    Server,
+}
+
+impl WebServe {
+    fn is_call(&self) -> bool {
+        *self == WebServe::Call
+    }
 }
 
 fn default_web_path() -> String {
@@ -284,6 +313,8 @@ impl Default for WebRoute {
         Self {
             path: default_web_path(),
             method: None,
+            serve: WebServe::Call,
+            port: None,
         }
     }
 }
@@ -528,13 +559,28 @@ impl FunctionSpec {
         {
             problems.push(format!("function {name:?}: cpu must be above 0"));
         }
-        if let Some(web) = &self.web
-            && !web.path.starts_with('/')
-        {
-            problems.push(format!(
-                "function {name:?}: web path {:?} must start with '/'",
-                web.path
-            ));
+        if let Some(web) = &self.web {
+            if !web.path.starts_with('/') {
+                problems.push(format!(
+                    "function {name:?}: web path {:?} must start with '/'",
+                    web.path
+                ));
+            }
+            if web.serve != WebServe::Call && self.runtime != Runtime::Python {
+                problems.push(format!(
+                    "function {name:?}: serve {:?} is for Python functions",
+                    web.serve
+                ));
+            }
+            match (web.serve, web.port) {
+                (WebServe::Server, None | Some(0)) => problems.push(format!(
+                    "function {name:?}: a web server needs the port it listens on"
+                )),
+                (WebServe::Server, Some(_)) | (_, None) => {}
+                (_, Some(_)) => problems.push(format!(
+                    "function {name:?}: a port is for web servers (serve = \"server\")"
+                )),
+            }
         }
         if let Some(retries) = &self.retries
             && (retries.max_retries > 10

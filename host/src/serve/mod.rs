@@ -2,6 +2,7 @@
 //! listeners, and write the client file.
 
 pub mod public;
+pub mod python_web;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -331,6 +332,8 @@ async fn serve_public(listener: TcpListener, control: Arc<Control>) {
                 .header_read_timeout(HEADER_READ_TIMEOUT)
                 .keep_alive(true)
                 .serve_connection(TokioIo::new(stream), service)
+                // WebSockets to ASGI apps take the connection over.
+                .with_upgrades()
                 .await
             {
                 tracing::debug!(error = %e, "connection ended with an error");

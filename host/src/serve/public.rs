@@ -15,6 +15,7 @@ use hyper::body::Incoming;
 use crate::control::{Control, PythonRoute};
 use crate::function::Dispatch;
 use crate::proto::log::Stream;
+use crate::proto::manifest::WebServe;
 use crate::telemetry::metrics::StatusLabels;
 use crate::wasm::http::{self as wasm_http, ResponseBody, error_response, full, too_large};
 
@@ -33,6 +34,9 @@ pub struct Target {
     pub path_and_query: String,
     /// The stripped prefix, when addressed by path.
     pub prefix: Option<String>,
+    /// The function, when the host names one (`<app>--<function>.lode.localhost`): its
+    /// ASGI or WSGI app or web server gets the whole path.
+    pub function: Option<String>,
 }
 
 /// Picks the app from the `Host` header or the first path segment.
@@ -47,14 +51,21 @@ pub fn target(host: Option<&str>, uri: &Uri) -> Option<Target> {
             }
         });
         let name = name.to_ascii_lowercase();
-        if let Some(app) = name.strip_suffix(HOST_SUFFIX)
-            && !app.is_empty()
-            && !app.contains('.')
+        if let Some(label) = name.strip_suffix(HOST_SUFFIX)
+            && !label.is_empty()
+            && !label.contains('.')
         {
+            let (app, function) = match label.split_once("--") {
+                Some((app, function)) if !app.is_empty() && !function.is_empty() => {
+                    (app, Some(function.to_string()))
+                }
+                _ => (label, None),
+            };
             return Some(Target {
                 app: app.to_string(),
                 path_and_query: format!("{}{query}", uri.path()),
                 prefix: None,
+                function,
             });
         }
     }
@@ -70,7 +81,13 @@ pub fn target(host: Option<&str>, uri: &Uri) -> Option<Target> {
         app: app.to_string(),
         path_and_query: format!("{rest}{query}"),
         prefix: Some(format!("/{app}")),
+        function: None,
     })
+}
+
+/// A function's name as a host label: lowercase, `_` as `-`.
+pub fn host_label(function: &str) -> String {
+    function.replace('_', "-").to_ascii_lowercase()
 }
 
 fn request_id() -> String {
@@ -112,6 +129,32 @@ async fn route_and_run(
         );
         return error_response(StatusCode::NOT_FOUND, "no_app", &message, id);
     };
+    if let Some(label) = &target.function {
+        let Some(route) = app
+            .python_routes
+            .iter()
+            .find(|r| r.serve != WebServe::Call && host_label(&r.function) == *label)
+            .cloned()
+        else {
+            let message = format!(
+                "app {:?} has no web app or web server named {label:?} (addressed as \
+                 <app>--<function>.lode.localhost)",
+                target.app
+            );
+            return error_response(StatusCode::NOT_FOUND, "no_route", &message, id);
+        };
+        drop(app);
+        return crate::serve::python_web::serve(
+            control,
+            &target.app,
+            &route,
+            req,
+            String::new(),
+            &target.path_and_query,
+            id,
+        )
+        .await;
+    }
     let path = target.path_and_query.split('?').next().unwrap_or("/");
     // The longest path prefix wins, whichever engine serves it.
     let prefix_len = |p: &str| p.trim_end_matches('/').len();
@@ -121,7 +164,28 @@ async fn route_and_run(
             .is_none_or(|wasm| prefix_len(&route.path) > prefix_len(&wasm.path))
     {
         drop(app);
-        return python_endpoint(control, &target.app, route, req, id).await;
+        if route.serve == WebServe::Call {
+            return python_endpoint(control, &target.app, route, req, id).await;
+        }
+        // The app gets the path below its route; the prefix is its root path.
+        let mount = route.path.trim_end_matches('/');
+        let rest = &target.path_and_query[mount.len().min(target.path_and_query.len())..];
+        let rest = if rest.is_empty() || rest.starts_with('?') {
+            format!("/{rest}")
+        } else {
+            rest.to_string()
+        };
+        let root_path = format!("{}{mount}", target.prefix.as_deref().unwrap_or_default());
+        return crate::serve::python_web::serve(
+            control,
+            &target.app,
+            &route,
+            req,
+            root_path,
+            &rest,
+            id,
+        )
+        .await;
     }
     let Some(function) = app.route(path).cloned() else {
         let message = format!(
@@ -289,6 +353,16 @@ mod tests {
     fn t(host: Option<&str>, uri: &str) -> Option<(String, String, Option<String>)> {
         let uri: Uri = uri.parse().unwrap();
         target(host, &uri).map(|t| (t.app, t.path_and_query, t.prefix))
+    }
+
+    #[test]
+    fn a_host_names_a_function_after_two_dashes() {
+        let uri: Uri = "/docs?x=1".parse().unwrap();
+        let target = target(Some("shop--web-app.lode.localhost:8080"), &uri).unwrap();
+        assert_eq!(target.app, "shop");
+        assert_eq!(target.function.as_deref(), Some("web-app"));
+        assert_eq!(target.path_and_query, "/docs?x=1");
+        assert_eq!(host_label("Web_App"), "web-app");
     }
 
     #[test]

@@ -18,6 +18,7 @@ from ._cls import Cls, enter, exit, method, parameter
 from ._image import Image
 from ._objects import Dict, Queue
 from ._sandbox import ContainerProcess, Sandbox
+from ._web import asgi_app, concurrent, fastapi_endpoint, web_endpoint, web_server, wsgi_app
 from .exception import Error
 
 __version__ = "0.1.0"
@@ -39,10 +40,16 @@ __all__ = [
     "Sandbox",
     "Secret",
     "Volume",
+    "asgi_app",
+    "concurrent",
     "enter",
     "exception",
     "exit",
+    "fastapi_endpoint",
     "is_local",
     "method",
     "parameter",
+    "web_endpoint",
+    "web_server",
+    "wsgi_app",
 ]

@@ -36,6 +36,7 @@ from typing import Any
 
 from lode import _client
 from lode._app import App, Function
+from lode._web_agent import WebApps
 
 # Partial lines longer than this are sent without waiting for the newline.
 LOG_CHUNK = 8192
@@ -171,6 +172,7 @@ class Agent:
         self._instance_locks: dict[tuple[str, str], threading.Lock] = {}
         self._instances_lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.web = WebApps(self.conn.send, self._event_loop)
 
     def _log(self, input_id: str | None, stream: str, data: str) -> None:
         # Lone surrogates cannot be sent as UTF-8; replace them rather than lose the line.
@@ -262,6 +264,21 @@ class Agent:
         error = {"kind": "TypeError", "module": "builtins", "message": message, "traceback": ""}
         return encode({"type": "output", "id": input_id, "error": error})
 
+    def begin_web(self, msg: dict[str, Any]) -> None:
+        """A web request for an ASGI or WSGI app or a web server."""
+        name = msg.get("function")
+        function = self.functions.get(name) if isinstance(name, str) else None
+        if function is None or function._web_serve not in ("asgi", "wsgi", "server"):
+            error = {
+                "kind": "LookupError",
+                "module": "builtins",
+                "traceback": "",
+                "message": f"this container has no web app or web server {name!r}; redeploy the app",
+            }
+            self.conn.send({"type": "output", "id": msg["id"], "error": error})
+            return
+        self.web.begin(msg, function, self.pool.submit)
+
     def _target(self, function: Function, msg: dict[str, Any]) -> Callable[..., Any]:
         """What an input runs: the function, or the named method of the instance for the
         input's parameters."""
@@ -270,6 +287,8 @@ class Agent:
         if cls is None:
             if method is not None:
                 raise TypeError(f"{function.name} is a function, not a class; call it without a method")
+            if function._web_serve == "call":
+                return _with_query_types(function._fn)
             return function._fn
         if not isinstance(method, str):
             raise TypeError(
@@ -305,13 +324,17 @@ class Agent:
                 self._instances[key] = (cls, instance)
             return self._instances[key][1]
 
-    def _await(self, awaitable: Any, input_id: str | None) -> Any:
-        """Runs a coroutine on the agent's event loop and waits for it in this thread."""
+    def _event_loop(self) -> asyncio.AbstractEventLoop:
+        """The agent's event loop, on a thread of its own, started at first use."""
         with self._instances_lock:
             if self._loop is None:
                 self._loop = asyncio.new_event_loop()
                 threading.Thread(target=self._loop.run_forever, name="lode-asyncio", daemon=True).start()
-            loop = self._loop
+            return self._loop
+
+    def _await(self, awaitable: Any, input_id: str | None) -> Any:
+        """Runs a coroutine on the agent's event loop and waits for it in this thread."""
+        loop = self._event_loop()
 
         async def serving() -> Any:
             _client.set_current_input_context(input_id)
@@ -320,7 +343,9 @@ class Agent:
         return asyncio.run_coroutine_threadsafe(serving(), loop).result()
 
     def shutdown(self) -> None:
-        """Runs every instance's exit hooks (their failures are logged, never raised)."""
+        """Runs every instance's exit hooks and the web apps' lifespan shutdown (their
+        failures are logged, never raised)."""
+        self.web.shutdown()
         with self._instances_lock:
             instances = list(self._instances.values())
             self._instances.clear()
@@ -336,7 +361,13 @@ class Agent:
             if not isinstance(msg.get("id"), str):
                 _diag(f"ignoring an input without a string id: {str(msg)[:200]}")
                 return
-            self.pool.submit(self.serve, msg)
+            if "http" in msg or "websocket" in msg:
+                self.begin_web(msg)
+            else:
+                self.pool.submit(self.serve, msg)
+        elif kind in ("http_body", "http_disconnect", "ws_receive", "ws_disconnect"):
+            if not self.web.event(msg):
+                _diag(f"ignoring a {kind} for no web input: {msg.get('id')!r}")
         elif kind == "shutdown":
             self.pool.shutdown(wait=True)
             self.shutdown()
@@ -362,6 +393,33 @@ class Agent:
                     _diag(f"ignoring a message that is not an object: {raw[:200]!r}")
         except OSError as e:
             _diag(f"reading from the host failed: {e}")
+
+
+def _with_query_types(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """A web endpoint gets query parameters as strings; those its annotations call int,
+    float or bool are converted, as FastAPI does."""
+    try:
+        parameters = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return fn
+    truthy = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
+
+    def convert(name: str, value: Any) -> Any:
+        param = parameters.get(name)
+        annotation = param.annotation if param is not None else None
+        if isinstance(annotation, str):
+            annotation = {"int": int, "float": float, "bool": bool}.get(annotation)
+        if not isinstance(value, str) or annotation not in (int, float, bool):
+            return value
+        try:
+            return truthy[value.lower()] if annotation is bool else annotation(value)
+        except (KeyError, ValueError):
+            raise ValueError(f"query parameter {name}={value!r} is not a valid {annotation.__name__}") from None
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        return fn(*args, **{k: convert(k, v) for k, v in kwargs.items()})
+
+    return call
 
 
 def connect(path: str) -> socket.socket:

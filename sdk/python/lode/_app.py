@@ -294,6 +294,10 @@ class Function:
         self._spec = spec or {}
         # The Cls, when this function is a class's pool.
         self._cls: Any = None
+        # How a web function answers ("call", "asgi", "wsgi", "server"); None for others.
+        self._web_serve: str | None = None
+        self._web_port: int | None = None
+        self._web_startup_timeout = 5.0
         if fn is not None:
             functools.update_wrapper(self, fn)
 
@@ -327,6 +331,22 @@ class Function:
         raise ValueError(
             f"Function.from_name(None, {self.name!r}) needs an app name outside a container; pass the app's name"
         )
+
+    def get_web_url(self) -> str | None:
+        """The public URL of a web function (None for others), by path, which works from
+        anywhere the server is reachable; ASGI and WSGI apps and web servers are also served
+        at the root of http://<app>--<function>.lode.localhost:PORT/."""
+        web = self._spec.get("web")
+        if web is None:
+            if self._fn is None:
+                raise TypeError(f"{self!r} comes from Function.from_name; Lode cannot tell its URL yet")
+            return None
+        transport = _client.transport()
+        if isinstance(transport, _client.AgentTransport):
+            base = os.environ.get("LODE_PUBLIC_URL", "")
+        else:
+            base = transport.request("GET", "/v1/info")["http"]
+        return f"{base}/{self._target_app()}{web['path']}"
 
     def local(self, *args: Any, **kwargs: Any) -> Any:
         """Runs the Python function here, in this process."""
@@ -440,7 +460,7 @@ class Function:
         if spec.get("cls"):
             entry["python"]["cls"] = {"methods": list(spec["cls"]["methods"])}
         if spec.get("web"):
-            entry["web"] = dict(spec["web"])
+            entry["web"] = {k: v for k, v in spec["web"].items() if v is not None}
         if spec.get("schedule") is not None:
             entry["schedule"] = spec["schedule"].to_manifest()
         if spec["secrets"]:
@@ -640,8 +660,23 @@ class App:
                 raise TypeError(f"{where}: volumes[{path!r}] must be lode.Volume.from_name(...), not {volume!r}")
             volumes[path] = volume
 
-        if web is not None:
+        from . import _web
+
+        mark = _web.web_mark(fn)
+        if mark is not None:
+            if web is not None:
+                raise TypeError(f"{where}: use @app.web_endpoint or a @lode web decorator, not both")
+            label = mark.get("label")
+            web = {"path": "/" + (label or name), "method": mark.get("method")}
+            if mark["serve"] != "call":
+                web["serve"] = mark["serve"]
+                web = {k: v for k, v in web.items() if v is not None}
+            if mark["serve"] == "server":
+                web["port"] = mark["port"]
+        elif web is not None:
             web = {"path": web["path"] or "/" + name, "method": web["method"]}
+        if o.get("concurrency") is None and _web.concurrency_mark(fn) is not None:
+            o = {**o, "concurrency": _web.concurrency_mark(fn)}
 
         resources = {
             "cpu": _positive(where, "cpu", o.get("cpu"), float),
@@ -673,7 +708,14 @@ class App:
             "retries": retries,
             "network": network,
         }
-        return Function(fn, name, app=self, serialization=serialization, spec=spec)
+        function = Function(fn, name, app=self, serialization=serialization, spec=spec)
+        if mark is not None:
+            function._web_serve = mark["serve"]
+            function._web_port = mark.get("port")
+            function._web_startup_timeout = mark.get("startup_timeout", 5.0)
+        elif web is not None:
+            function._web_serve = "call"
+        return function
 
     def local_entrypoint(self, fn: Callable[..., Any] | None = None, /, *, name: str | None = None) -> Any:
         """Marks the function `python3 -m lode run` calls on this machine."""
