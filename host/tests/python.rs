@@ -502,7 +502,7 @@ fn classes_share_a_pool_enter_once_exit_on_scale_down_and_runs_are_ephemeral() {
 }
 
 #[test]
-fn dicts_and_queues_work_from_client_and_container_and_survive_a_restart() {
+fn dicts_queues_and_generators_work_from_client_and_container_and_survive_a_restart() {
     let mut lode = start(&[]);
     let app = repo_file("host/tests/python/objects.py");
     lode.cli_ok(&["deploy", &app]);
@@ -519,8 +519,34 @@ fn dicts_and_queues_work_from_client_and_container_and_survive_a_restart() {
             "async worker: 6",
             "empty after timeout",
             "len: 4 0",
+            "countdown: [3, 2, 1]",
+            "ticks: [0, 10, 20]",
+            "remote on a generator: Function(",
+            "by name: True",
+            "cancelled: cancelled",
+            "gather: ['first', 'third']",
+            "second ran: False",
         ],
     );
+    // A script that runs itself with `with app.run():` gets an app of its own for the block.
+    let script = repo_file("host/tests/python/script_run.py");
+    let sdk = lode::sdk::extract(&lode.data_dir().join("script-sdk")).unwrap();
+    let ran = std::process::Command::new("python3")
+        .arg(&script)
+        .env("PYTHONPATH", &sdk)
+        .env("LODE_CONFIG", lode.client_file())
+        .env("LODE_BIN", harness::LODE)
+        .env_remove("LODE_API")
+        .env_remove("LODE_TOKEN")
+        .output()
+        .unwrap();
+    assert_eq!(
+        text(&ran.stdout),
+        "double: 42\nephemeral: True\nafter: False\n",
+        "{}",
+        text(&ran.stderr)
+    );
+    assert!(!lode.cli_ok(&["ls"]).contains("script-run"));
     // The CLI reads and writes the same objects, as JSON.
     assert_eq!(
         lode.cli_ok(&["dict", "get", "obj-settings", "a"]).trim(),

@@ -195,6 +195,17 @@ pub enum FromAgent {
         /// The text.
         data: String,
     },
+    /// One value a generator input yielded (an input whose payload has `"stream": true`).
+    Yield {
+        /// The input.
+        id: String,
+        /// The value, as JSON.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        result: Option<Value>,
+        /// The value pickled, base64, for pickle functions.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        result_pickled: Option<String>,
+    },
     /// A web input's response begins.
     HttpStart {
         /// The input.
@@ -264,10 +275,11 @@ fn normal_close() -> u16 {
 }
 
 impl FromAgent {
-    /// The web input a web message (HTTP or WebSocket) belongs to.
+    /// The input a streamed message (a generator's value, HTTP or WebSocket) belongs to.
     pub fn web_input(&self) -> Option<&str> {
         match self {
-            FromAgent::HttpStart { id, .. }
+            FromAgent::Yield { id, .. }
+            | FromAgent::HttpStart { id, .. }
             | FromAgent::HttpBody { id, .. }
             | FromAgent::WsAccept { id, .. }
             | FromAgent::WsSend { id, .. }

@@ -12,6 +12,7 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
+use futures::StreamExt;
 use lode_native_runner::agent::Outcome;
 use serde::Deserialize;
 use serde_json::Value;
@@ -29,7 +30,12 @@ pub fn router(control: Arc<Control>) -> Router {
     Router::new()
         .route("/v1/apps/{app}/functions/{function}/call", post(call))
         .route("/v1/apps/{app}/functions/{function}/spawn", post(spawn))
+        .route(
+            "/v1/apps/{app}/functions/{function}/call_gen",
+            post(call_gen),
+        )
         .route("/v1/calls/{id}", get(poll))
+        .route("/v1/calls/{id}/cancel", post(cancel))
         .route("/v1/apps/{app}/stats", get(stats))
         .route("/v1/apps/{app}/calls", get(history))
         .route("/v1/secrets", get(list_secrets))
@@ -103,6 +109,60 @@ async fn call(
     )
 }
 
+/// A generator's values as they come, one NDJSON line each (`{"result": ...}` or
+/// `{"result_pickled": ...}`), then `{"done": true}` or `{"error": {...}}`.
+async fn call_gen(
+    State(control): State<Arc<Control>>,
+    Path((app, function)): Path<(String, String)>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let body = body_json(&body)?;
+    let generated = match control.call_gen(&app, &function, &body) {
+        Ok(generated) => generated,
+        Err(e) => return Ok(call_error_response(e)),
+    };
+    let crate::control::router::Generated {
+        values,
+        outcome,
+        pickle,
+    } = generated;
+    let values = tokio_stream::wrappers::UnboundedReceiverStream::new(values).filter_map(
+        move |message| async move {
+            let lode_native_runner::agent::FromAgent::Yield {
+                result,
+                result_pickled,
+                ..
+            } = message
+            else {
+                return None;
+            };
+            let line = match result_pickled {
+                Some(data) if pickle => serde_json::json!({ "result_pickled": data }),
+                Some(_) => serde_json::json!({"error": {
+                    "kind": "invalid_result",
+                    "message": "the generator sent a pickled value, but the function is deployed for JSON",
+                }}),
+                None => serde_json::json!({ "result": result.unwrap_or(Value::Null) }),
+            };
+            Some(line.to_string())
+        },
+    );
+    let end = futures::stream::once(async move {
+        let line = match outcome.await {
+            Ok(Ok(Outcome { error: None, .. })) => serde_json::json!({"done": true}),
+            Ok(Ok(Outcome {
+                error: Some(error), ..
+            })) => serde_json::json!({ "error": error }),
+            Ok(Err(e)) => serde_json::json!({ "error": e.error }),
+            Err(_) => {
+                serde_json::json!({"error": {"kind": "internal", "message": "the call task failed"}})
+            }
+        };
+        line.to_string()
+    });
+    Ok(crate::api::error::ndjson(values.chain(end)))
+}
+
 async fn spawn(
     State(control): State<Arc<Control>>,
     Path((app, function)): Path<(String, String)>,
@@ -120,6 +180,18 @@ struct PollQuery {
     /// Seconds to wait for the call to finish (at most 60).
     #[serde(default)]
     wait: f64,
+}
+
+async fn cancel(
+    State(control): State<Arc<Control>>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    match control.calls.cancel(&id) {
+        Some(record) => Ok(Json(record).into_response()),
+        None => Err(ApiError::not_found(format!(
+            "no call {id:?}: spawned calls are kept while the server runs"
+        ))),
+    }
 }
 
 async fn poll(

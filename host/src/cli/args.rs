@@ -40,6 +40,10 @@ pub enum Command {
         /// App name (a DNS label); defaults to the file, crate or lode.toml name.
         #[arg(long)]
         name: Option<String>,
+        /// Deploy a Python app as an ephemeral run of itself, under a new name printed on
+        /// stdout (what `with app.run():` does); remove it with `lode rm NAME`.
+        #[arg(long, conflicts_with = "name", hide = true)]
+        ephemeral: bool,
         #[command(flatten)]
         registry: RegistryArg,
     },

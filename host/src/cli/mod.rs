@@ -40,10 +40,25 @@ pub async fn run(client_args: ClientArgs, command: Command) -> Result<()> {
         Command::Deploy {
             path,
             name,
+            ephemeral,
             registry: flag,
         } => {
             let api = client(&client_args)?;
             let registry = deploy_registry(&client_args, &api, &flag).await?;
+            if ephemeral {
+                if !crate::cli::python::is_python_app(&path) {
+                    anyhow::bail!("--ephemeral is for Python apps (a .py file)");
+                }
+                let app = crate::cli::python::deploy(
+                    &api,
+                    registry,
+                    &path,
+                    crate::cli::python::AppName::Ephemeral,
+                )
+                .await?;
+                println!("{app}");
+                return Ok(());
+            }
             if crate::cli::python::is_python_app(&path) {
                 crate::cli::python::deploy(
                     &api,

@@ -30,6 +30,8 @@ struct Entry {
     done: watch::Sender<bool>,
     /// What its result or error weighs, once finished.
     bytes: usize,
+    /// The task running it, while it runs.
+    task: Option<tokio::task::AbortHandle>,
 }
 
 #[derive(Default)]
@@ -152,6 +154,7 @@ impl Calls {
                     record,
                     done: watch::channel(false).0,
                     bytes: 0,
+                    task: None,
                 },
             );
             records.order.push_back(id.clone());
@@ -175,7 +178,9 @@ impl Calls {
             });
         let mut added = 0;
         let mut finished = None;
-        if let Some(entry) = records.map.get_mut(id) {
+        if let Some(entry) = records.map.get_mut(id)
+            && entry.record.status != CallStatus::Cancelled
+        {
             entry.bytes = weight;
             added = weight;
             let record = &mut entry.record;
@@ -199,6 +204,38 @@ impl Calls {
         drop(records);
         if let Some(record) = finished {
             self.persist(&record);
+        }
+    }
+
+    /// Marks a running call cancelled (its waiters wake to that) and stops its task, so an
+    /// input still queued is dropped. An input a container runs already runs to its end;
+    /// its result is not kept. Returns the record, `None` if unknown.
+    pub fn cancel(&self, id: &str) -> Option<CallRecord> {
+        let mut records = self.inner.lock().unwrap();
+        let entry = records.map.get_mut(id)?;
+        if entry.record.status == CallStatus::Running {
+            let record = &mut entry.record;
+            record.status = CallStatus::Cancelled;
+            record.duration_ms = Some(crate::util::now_ms().saturating_sub(record.created_ms));
+            record.error = Some(ErrorInfo::lode(
+                "cancelled",
+                format!("call {id} was cancelled"),
+            ));
+            if let Some(task) = entry.task.take() {
+                task.abort();
+            }
+            entry.done.send_replace(true);
+        }
+        let record = entry.record.clone();
+        drop(records);
+        self.persist(&record);
+        Some(record)
+    }
+
+    /// Keeps the task that runs the call, for [`Calls::cancel`].
+    pub fn set_task(&self, id: &str, task: tokio::task::AbortHandle) {
+        if let Some(entry) = self.inner.lock().unwrap().map.get_mut(id) {
+            entry.task = Some(task);
         }
     }
 

@@ -6,8 +6,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use lode_native_runner::agent::{ErrorInfo, Outcome};
+use lode_native_runner::agent::{ErrorInfo, FromAgent, Outcome};
 use serde_json::{Map, Value};
+use tokio::sync::mpsc;
 
 use crate::control::Control;
 use crate::function::{CallError, CallTree, Dispatch, check_payload};
@@ -148,7 +149,8 @@ impl Dispatch for Control {
         let id = self.calls.create(app, function, engine);
         let (app, function, call_id) = (app.to_string(), function.to_string(), id.clone());
         let caller = caller.map(str::to_string);
-        tokio::spawn(async move {
+        let calls = control.clone();
+        let task = tokio::spawn(async move {
             let called = control
                 .call(&app, &function, &body, tree, caller.as_deref())
                 .await;
@@ -158,6 +160,7 @@ impl Dispatch for Control {
             };
             control.calls.finish(&call_id, outcome);
         });
+        calls.calls.set_task(&id, task.abort_handle());
         Ok(id)
     }
 
@@ -201,7 +204,71 @@ impl Dispatch for Control {
     }
 }
 
+/// A generator call under way: the values it yields as they come (as `Yield` messages), and
+/// how it ended.
+pub struct Generated {
+    /// The agent's `Yield` messages.
+    pub values: mpsc::UnboundedReceiver<FromAgent>,
+    /// The call's outcome once the generator is done (or failed).
+    pub outcome: tokio::task::JoinHandle<Result<Outcome, CallError>>,
+    /// Whether the function was deployed for pickle (its values may be pickled).
+    pub pickle: bool,
+}
+
 impl Control {
+    /// Calls a Python generator function (`remote_gen`): its values stream as it yields
+    /// them. Only the operator (the API) calls this way.
+    pub fn call_gen(
+        &self,
+        app: &str,
+        function: &str,
+        body: &Value,
+    ) -> Result<Generated, CallError> {
+        let (pool, mut payload, pickle) = match self.target(app, function, body, None)? {
+            Target::Python(pool, payload, pickle) => (pool, payload, pickle),
+            Target::Wasm(..) => {
+                return Err(CallError::new(
+                    422,
+                    "unsupported",
+                    format!("{app}/{function} is a Wasm function; generators are Python's"),
+                ));
+            }
+        };
+        payload.insert("stream".into(), Value::Bool(true));
+        let (events, values) = mpsc::unbounded_channel();
+        let exchange = crate::native::pool::WebExchange {
+            events,
+            assigned: None,
+        };
+        let (app, function) = (app.to_string(), function.to_string());
+        let outcome = tokio::spawn(async move {
+            match pool.submit_web(payload, exchange).await {
+                Ok(outcome) => Ok(only_declared_pickle(outcome, pickle)),
+                Err(Rejected::QueueFull(after)) => Err(CallError {
+                    retry_after: Some(after),
+                    ..CallError::new(
+                        429,
+                        "queue_full",
+                        format!(
+                            "{app}/{function} has a full queue; retry after {}s",
+                            after.as_secs().max(1)
+                        ),
+                    )
+                }),
+                Err(Rejected::Closed) => Err(CallError::new(
+                    503,
+                    "unavailable",
+                    format!("{app}/{function} is being redeployed; retry"),
+                )),
+            }
+        });
+        Ok(Generated {
+            values,
+            outcome,
+            pickle,
+        })
+    }
+
     /// Runs the call on its engine; says which engine it was and the function's call series,
     /// once the function is known.
     async fn run_on_engine(

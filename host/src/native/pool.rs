@@ -344,6 +344,10 @@ impl Pool {
                     break;
                 };
                 let job = state.queue.pop_front().expect("not empty");
+                // Its caller went away (a cancelled spawn, a closed connection): drop it.
+                if job.reply.is_closed() {
+                    continue;
+                }
                 self.dispatch(&worker, job);
             }
             // A closed pool takes no new inputs but still serves what it queued.
@@ -600,7 +604,8 @@ impl Pool {
                     }
                     self.pump();
                 }
-                message @ (FromAgent::HttpStart { .. }
+                message @ (FromAgent::Yield { .. }
+                | FromAgent::HttpStart { .. }
                 | FromAgent::HttpBody { .. }
                 | FromAgent::WsAccept { .. }
                 | FromAgent::WsSend { .. }

@@ -20,6 +20,8 @@ pub enum CallStatus {
     Succeeded,
     /// Raised, or could not run.
     Failed,
+    /// Cancelled before it finished (`FunctionCall.cancel()`).
+    Cancelled,
 }
 
 /// A spawned call as `GET /v1/calls/{id}` shows it.

@@ -1,6 +1,8 @@
-"""Dicts and Queues from the client and from inside functions, for the integration tests."""
+"""Dicts and Queues from the client and from inside functions, and generators streamed to
+the client, for the integration tests."""
 
 import queue
+import time
 
 import lode
 
@@ -23,8 +25,47 @@ async def async_worker(n):
     return sum(taken)
 
 
+@app.function()
+def countdown(n):
+    for i in range(n, 0, -1):
+        yield {"left": i}
+
+
+@app.function()
+async def ticks(n):
+    for i in range(n):
+        yield i * 10
+
+
+@app.function(max_containers=1)
+def slow_mark(tag, seconds):
+    time.sleep(seconds)
+    lode.Dict.from_name("obj-marks", create_if_missing=True)[tag] = True
+    return tag
+
+
 @app.local_entrypoint()
 def main():
+    # One container at a time: the second call waits in the queue, where a cancel drops it.
+    first = slow_mark.spawn("first", 1.0)
+    second = slow_mark.spawn("second", 0)
+    second.cancel()
+    try:
+        second.get()
+    except lode.RemoteError as e:
+        print("cancelled:", e.kind)
+    print("gather:", lode.functions.gather(first, slow_mark.spawn("third", 0)))
+    print("second ran:", "second" in lode.Dict.from_name("obj-marks"))
+    print("countdown:", [v["left"] for v in countdown.remote_gen(3)])
+    print("ticks:", list(ticks.remote_gen(3)))
+    try:
+        countdown.remote(3)
+    except TypeError as e:
+        print("remote on a generator:", e)
+    try:
+        lode.Function.from_name("objects", "countdown").remote(2)
+    except TypeError as e:
+        print("by name:", "call it with .remote_gen()" in str(e))
     settings = lode.Dict.from_name("obj-settings", create_if_missing=True)
     settings["a"] = 2
     settings.update({"b": 3}, c=4)

@@ -239,11 +239,14 @@ class Agent:
             result = target(*args, **kwargs)
             if inspect.isawaitable(result):
                 result = self._await(result, input_id)
-            if inspect.isgenerator(result) or inspect.isasyncgen(result):
-                raise TypeError(
-                    f"{function.name} is a generator function; call it with .remote_gen(), "
-                    "which Lode does not support yet, or return a list"
-                )
+            generator = inspect.isgenerator(result) or inspect.isasyncgen(result)
+            if msg.get("stream"):
+                if not generator:
+                    raise TypeError(f"{function.name} is not a generator function; call it with .remote()")
+                self._stream(function, input_id, result, pickled)
+                result = None
+            elif generator:
+                raise TypeError(f"{function.name} is a generator function; call it with .remote_gen()")
         except BaseException as e:  # SystemExit and KeyboardInterrupt are results too
             return encode({"type": "output", "id": input_id, "error": error_object(e, skip_frames=1)})
 
@@ -278,6 +281,34 @@ class Agent:
             self.conn.send({"type": "output", "id": msg["id"], "error": error})
             return
         self.web.begin(msg, function, self.pool.submit)
+
+    def _stream(self, function: Function, input_id: str, generator: Any, pickled: bool) -> None:
+        """Sends each value a generator yields as it yields it."""
+
+        def send(value: Any) -> None:
+            if pickled or function.serialization == "pickle":
+                data = base64.b64encode(pickle.dumps(value)).decode("ascii")
+                self.conn.send({"type": "yield", "id": input_id, "result_pickled": data})
+                return
+            try:
+                line = encode({"type": "yield", "id": input_id, "result": value})
+            except (TypeError, ValueError) as e:
+                raise TypeError(
+                    f"a value {function.name}() yielded is not JSON-serializable ({e}); yield JSON values "
+                    'or declare the function with serialization="pickle"'
+                ) from None
+            self.conn.send_line(line)
+
+        if inspect.isasyncgen(generator):
+
+            async def drain() -> None:
+                async for value in generator:
+                    send(value)
+
+            self._await(drain(), input_id)
+        else:
+            for value in generator:
+                send(value)
 
     def _target(self, function: Function, msg: dict[str, Any]) -> Callable[..., Any]:
         """What an input runs: the function, or the named method of the instance for the

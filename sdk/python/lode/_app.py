@@ -4,19 +4,24 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import contextlib
 import functools
 import hashlib
+import inspect
 import json
 import math
 import os
 import re
+import shutil
 import stat
+import subprocess
+import sys
 import time
 import urllib.parse
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from . import _aio, _client
+from . import _aio, _client, exception
 from ._image import Image
 
 APP_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
@@ -244,6 +249,25 @@ class FunctionCall:
         return cls(call_id)
 
     @_aio.blocking
+    def cancel(self, terminate_containers: bool = False) -> None:
+        """Cancels the call: get() raises from now on, and an input still queued never runs.
+        An input a container runs already runs to its end (its result is dropped)."""
+        if terminate_containers:
+            raise ValueError(
+                "cancel(terminate_containers=True): Lode does not stop running containers for a "
+                "cancel; leave it out (the call's result is dropped either way)"
+            )
+        transport = _client.transport()
+        if isinstance(transport, _client.AgentTransport):
+            raise exception.UnimplementedError("FunctionCall.cancel() works from the client, not inside a function")
+        transport.request("POST", f"/v1/calls/{urllib.parse.quote(self.object_id, safe='')}/cancel")
+
+    @staticmethod
+    def gather(*calls: FunctionCall) -> list[Any]:
+        """The results of several spawned calls, in order; the first failure raises."""
+        return [call.get() for call in calls]
+
+    @_aio.blocking
     def get(self, timeout: float | None = None) -> Any:
         """The call's result (or its exception); TimeoutError if it is not done within timeout seconds."""
         transport = _client.transport()
@@ -365,9 +389,20 @@ class Function:
     @_aio.blocking
     def remote(self, *args: Any, **kwargs: Any) -> Any:
         """Runs the function on Lode and returns its result (or raises its exception)."""
+        if self._fn is not None and (inspect.isgeneratorfunction(self._fn) or inspect.isasyncgenfunction(self._fn)):
+            raise TypeError(f"{self!r} is a generator function; call it with .remote_gen()")
         payload = self._payload(args, kwargs)
         body = _client.transport().call(self._target_app(), self.name, payload)
         return _client.decode_result(body, self.serialization, repr(self))
+
+    @_aio.blocking(iterator=True)
+    def remote_gen(self, *args: Any, **kwargs: Any) -> Iterator[Any]:
+        """Runs a generator function on Lode and yields its values as it yields them."""
+        if self._fn is not None and not (inspect.isgeneratorfunction(self._fn) or inspect.isasyncgenfunction(self._fn)):
+            raise TypeError(f"{self!r} is not a generator function; call it with .remote()")
+        payload = self._payload(args, kwargs)
+        for body in _client.transport().call_gen(self._target_app(), self.name, payload):
+            yield _client.decode_result(body, self.serialization, repr(self))
 
     @_aio.blocking
     def spawn(self, *args: Any, **kwargs: Any) -> FunctionCall:
@@ -716,6 +751,38 @@ class App:
         elif web is not None:
             function._web_serve = "call"
         return function
+
+    @contextlib.contextmanager
+    def run(self, *, show_progress: Any = None, detach: bool = False, interactive: bool = False) -> Iterator[App]:
+        """`with app.run():` in a script started with `python app.py`: deploys the script as
+        an ephemeral app (with the `lode` CLI), points this process's calls at it, and
+        removes it when the block ends. Under `lode run` the app is deployed already."""
+        if detach or interactive:
+            raise ValueError("app.run(detach=..., interactive=...): Lode has no counterpart; leave them out")
+        if os.environ.get("LODE_APP") or os.environ.get("LODE_SOCKET"):
+            yield self
+            return
+        script = getattr(sys.modules.get("__main__"), "__file__", None)
+        if not script or not os.path.isfile(script):
+            raise RuntimeError("app.run() deploys the script that runs it; start it as `python app.py`")
+        cli = os.environ.get("LODE_BIN") or shutil.which("lode")
+        if cli is None:
+            raise RuntimeError("app.run() needs the `lode` CLI on PATH (or LODE_BIN); or run `lode run app.py`")
+        deployed = subprocess.run(
+            [cli, "deploy", "--ephemeral", os.path.abspath(script)], stdout=subprocess.PIPE, text=True
+        )
+        name = deployed.stdout.strip().splitlines()[-1] if deployed.stdout.strip() else ""
+        if deployed.returncode != 0 or not APP_NAME.fullmatch(name):
+            raise RuntimeError(f"deploying {script} for app.run() failed (see above)")
+        os.environ["LODE_APP"] = name
+        try:
+            yield self
+        finally:
+            del os.environ["LODE_APP"]
+            try:
+                _client.transport().request("DELETE", f"/v1/apps/{name}")
+            except Exception as e:  # the block's own error matters more
+                print(f"lode: removing the ephemeral app {name} failed: {e}; `lode rm {name}`", file=sys.stderr)
 
     def local_entrypoint(self, fn: Callable[..., Any] | None = None, /, *, name: str | None = None) -> Any:
         """Marks the function `python3 -m lode run` calls on this machine."""

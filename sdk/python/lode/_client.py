@@ -15,7 +15,7 @@ import sys
 import threading
 import time
 import urllib.parse
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from . import _config, exception
@@ -256,6 +256,38 @@ class HttpTransport:
         path = f"/v1/calls/{urllib.parse.quote(call_id, safe='')}?wait={wait}"
         return self.request("GET", path, timeout=wait + 30)
 
+    def call_gen(self, app: str, function: str, payload: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        """A generator call's values as the server streams them (one JSON line each)."""
+        conn = self._connection()
+        headers = {"Content-Type": "application/json", "Accept": "application/x-ndjson"}
+        if self._token:
+            headers["Authorization"] = f"Bearer {self._token}"
+        path = self._prefix + self._fn_path(app, function, "call_gen")
+        try:
+            conn.request("POST", path, body=json.dumps(payload, allow_nan=False).encode("utf-8"), headers=headers)
+            resp = conn.getresponse()
+            if resp.status != 200:
+                raw = resp.read()
+                try:
+                    error = json.loads(raw).get("error")
+                except ValueError:
+                    error = None
+                if isinstance(error, dict):
+                    raise exception_from_error(error)
+                raise RemoteError("http_error", f"POST {path} failed with HTTP {resp.status}")
+            for raw in resp:
+                line = json.loads(raw)
+                if "error" in line:
+                    raise exception_from_error(line["error"])
+                if line.get("done"):
+                    return
+                yield line
+            raise exception.ConnectionError(f"the stream of {app}/{function} ended before the generator finished")
+        except OSError as e:
+            raise exception.ConnectionError(f"cannot reach the Lode API at {self.api_url} ({e})") from e
+        finally:
+            conn.close()
+
     def object(self, kind: str, name: str, request: dict[str, Any]) -> dict[str, Any]:
         """One Dict or Queue operation (`kind` is "dict" or "queue")."""
         path = f"/v1/{kind}s/{urllib.parse.quote(name, safe='')}"
@@ -403,6 +435,12 @@ class AgentTransport:
         msg = self._request("spawn", {"app": app, "function": function, **payload})
         result = msg.get("result")
         return _call_id(result if isinstance(result, dict) else {})
+
+    def call_gen(self, app: str, function: str, payload: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        raise exception.UnimplementedError(
+            "remote_gen() works from the client; inside a function, return a list from the "
+            "callee and use remote(), or stream through a lode.Queue"
+        )
 
     def object(self, kind: str, name: str, request: dict[str, Any]) -> dict[str, Any]:
         result = self._request(kind, {"name": name, "request": request}).get("result")

@@ -109,3 +109,11 @@ def web_mark(fn: Any) -> dict[str, Any] | None:
 
 def concurrency_mark(fn: Any) -> int | None:
     return getattr(fn, _CONCURRENT, None)
+
+
+def batched(*, max_batch_size: int, wait_ms: int) -> Callable[[Any], Any]:
+    """Modal's dynamic batching. Lode serves one input per call; refused by name."""
+    raise NotImplementedError(
+        f"@lode.batched(max_batch_size={max_batch_size}, wait_ms={wait_ms}): Lode does not batch inputs yet; "
+        "take a list in one call (fn.remote(items)), or map over the items"
+    )
