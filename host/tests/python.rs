@@ -658,3 +658,99 @@ fn asgi_wsgi_and_web_servers_stream_both_ways_and_take_websockets() {
     let urls = run_expecting(&lode, &[&app], &["web: http://127.0.0.1:"]);
     drop(urls);
 }
+
+#[test]
+fn lode_dev_redeploys_on_save_keeps_the_last_good_version_and_removes_the_app_at_ctrl_c() {
+    let lode = start(&[]);
+    let work = tempfile::tempdir().unwrap();
+    let file = work.path().join("devloop.py");
+    let source = |version: &str| {
+        format!(
+            "import lode\n\nimage = lode.Image.debian_slim().add_local_python_source(\"helper\")\n\
+             app = lode.App(\"devloop\", image=image)\n\nwith image.imports():\n    import helper\n\n\n\
+             @app.function()\n@lode.fastapi_endpoint(method=\"GET\")\n\
+             def hello():\n    return {{\"version\": {version}, \"helper\": helper.NAME}}\n"
+        )
+    };
+    std::fs::write(&file, source("1")).unwrap();
+    std::fs::write(work.path().join("helper.py"), "NAME = 'a'\n").unwrap();
+    let dev = lode
+        .cli_command(&["dev", file.to_str().unwrap()])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let answer = || {
+        rt.block_on(async {
+            let response = lode
+                .public(reqwest::Method::GET, "/devloop-dev/hello")
+                .timeout(Duration::from_secs(20))
+                .send()
+                .await;
+            match response {
+                Ok(response) => response.text().await.unwrap_or_default(),
+                Err(e) => e.to_string(),
+            }
+        })
+    };
+    let serving = |expected: &str| {
+        harness::wait_for(Duration::from_secs(30), || {
+            answer().contains(expected).then_some(())
+        })
+        .is_some()
+    };
+    assert!(serving(r#""version":1"#), "{}", answer());
+    // A save is live again within a second or so (the figure goes to the test log).
+    let saved = Instant::now();
+    std::fs::write(&file, source("2")).unwrap();
+    assert!(serving(r#""version":2"#), "{}", answer());
+    eprintln!("save to new code answering: {:?}", saved.elapsed());
+    // A local module it imports is watched too.
+    std::fs::write(work.path().join("helper.py"), "NAME = 'b'\n").unwrap();
+    assert!(serving(r#""helper":"b""#), "{}", answer());
+    // A save that does not load is shown; the last good version keeps serving.
+    std::fs::write(&file, "import lode\napp = lode.App(\"devloop\"\n").unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(answer().contains(r#""version":2"#), "{}", answer());
+    std::fs::write(&file, source("3")).unwrap();
+    assert!(serving(r#""version":3"#), "{}", answer());
+    // Ctrl-C removes the app and exits 0.
+    // SAFETY: kill(2) on the pid of a child this test started and has not reaped.
+    unsafe { libc::kill(dev.id() as i32, libc::SIGINT) };
+    let out = dev.wait_with_output().unwrap();
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(stderr.contains("SyntaxError"), "{stderr}");
+    assert!(
+        stderr.contains("the last good version keeps serving"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("devloop-dev removed"), "{stderr}");
+    assert!(!lode.cli_ok(&["ls"]).contains("devloop-dev"));
+}
+
+#[test]
+fn a_module_that_fails_to_import_fails_every_request_with_the_reason() {
+    let lode = start(&[]);
+    let work = tempfile::tempdir().unwrap();
+    let file = work.path().join("broken.py");
+    // The helper is next to the file here, but not in the image: the container cannot
+    // import it (Modal 1.x semantics: add_local_python_source ships it).
+    std::fs::write(
+        &file,
+        "import lode\nimport helper_here_only\napp = lode.App(\"broken\")\n\n\
+         @app.function()\n@lode.fastapi_endpoint(method=\"GET\")\ndef hello():\n    return 1\n",
+    )
+    .unwrap();
+    std::fs::write(work.path().join("helper_here_only.py"), "X = 1\n").unwrap();
+    lode.cli_ok(&["deploy", file.to_str().unwrap()]);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    // The second request comes while starts back off: it fails at once with the reason
+    // too, rather than wait in the queue for a start.
+    for _ in 0..2 {
+        let (status, body) = rt.block_on(lode.get("/broken/hello"));
+        assert_eq!(status, 500, "{body}");
+        assert!(body.contains("ModuleNotFoundError"), "{body}");
+    }
+}

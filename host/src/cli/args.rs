@@ -65,6 +65,17 @@ pub enum Command {
         #[command(flatten)]
         registry: RegistryArg,
     },
+    /// Serve a Python app while you edit it, as `modal serve` does: deploy it as APP-dev,
+    /// redeploy on every save of its file, the local modules it imports or the local files
+    /// its images copy in, and stream its logs here. Web functions keep their URLs; a save
+    /// that does not load is shown and the last good version keeps serving; Ctrl-C removes
+    /// the app.
+    Dev {
+        /// The Python file.
+        file: PathBuf,
+        #[command(flatten)]
+        registry: RegistryArg,
+    },
     /// Call a function: each ARG is JSON, or else a string (`lode call demo/square 4`).
     Call {
         /// APP/FUNCTION.

@@ -7,6 +7,7 @@ pub mod calls;
 pub mod client;
 pub mod container;
 pub mod deploy;
+pub mod dev;
 pub mod fs;
 pub mod image;
 pub mod objects;
@@ -55,7 +56,8 @@ pub async fn run(client_args: ClientArgs, command: Command) -> Result<()> {
                     &path,
                     crate::cli::python::AppName::Ephemeral,
                 )
-                .await?;
+                .await?
+                .app;
                 println!("{app}");
                 return Ok(());
             }
@@ -85,6 +87,21 @@ pub async fn run(client_args: ClientArgs, command: Command) -> Result<()> {
             let registry = deploy_registry(&client_args, &api, &flag).await?;
             let code = crate::cli::python::run(&api, registry, &file, entrypoint.as_deref(), &args)
                 .await?;
+            std::process::exit(code);
+        }
+        Command::Dev {
+            file,
+            registry: flag,
+        } => {
+            if !crate::cli::python::is_python_app(&file) {
+                anyhow::bail!(
+                    "{} is not a Python file; `lode dev` serves Python apps (a .py file with a lode.App)",
+                    file.display()
+                );
+            }
+            let api = client(&client_args)?;
+            let registry = deploy_registry(&client_args, &api, &flag).await?;
+            let code = dev::dev(&api, registry, &file).await?;
             std::process::exit(code);
         }
         Command::Call { target, args } => {

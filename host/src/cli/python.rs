@@ -31,6 +31,18 @@ struct Collected {
     #[serde(default)]
     allow_callers: Vec<String>,
     functions: Vec<Value>,
+    /// The files the app is made of (its module, local modules it imports, local image
+    /// files), for `lode dev` to watch.
+    #[serde(default)]
+    sources: Vec<std::path::PathBuf>,
+}
+
+/// A Python app as deployed.
+pub struct Deployed {
+    /// The name it was deployed under.
+    pub app: String,
+    /// The files it is made of.
+    pub sources: Vec<std::path::PathBuf>,
 }
 
 /// The Python interpreter the CLI runs the SDK with.
@@ -80,6 +92,8 @@ pub enum AppName<'a> {
     /// The file's name with a random suffix: `lode run`'s app, which never replaces the
     /// deployed one.
     Ephemeral,
+    /// The file's name with `-dev`: `lode dev`'s app, at the same URLs every session.
+    Dev,
 }
 
 impl AppName<'_> {
@@ -93,6 +107,10 @@ impl AppName<'_> {
                 let base = in_file[..in_file.len().min(keep)].trim_end_matches('-');
                 format!("{base}{suffix}")
             }
+            AppName::Dev => {
+                let base = in_file[..in_file.len().min(59)].trim_end_matches('-');
+                format!("{base}-dev")
+            }
         }
     }
 }
@@ -103,9 +121,10 @@ pub async fn deploy(
     registry: Arc<RegistryClient>,
     file: &Path,
     name: AppName<'_>,
-) -> Result<String> {
+) -> Result<Deployed> {
     let file = std::fs::canonicalize(file).with_context(|| format!("{}", file.display()))?;
     let collected = collect(&file)?;
+    let sources = collected.sources.clone();
     let app = name.pick(&collected.app);
     if !is_dns_label(&app) {
         bail!("{}; pass --name", dns_label_rule("app", &app));
@@ -137,7 +156,7 @@ pub async fn deploy(
         config: Default::default(),
         limits: Default::default(),
         allow_callers: collected.allow_callers.clone(),
-        run_of: matches!(name, AppName::Ephemeral).then(|| collected.app.clone()),
+        run_of: matches!(name, AppName::Ephemeral | AppName::Dev).then(|| collected.app.clone()),
         functions,
     };
     if let Err(problems) = manifest.validate() {
@@ -171,7 +190,7 @@ pub async fn deploy(
             println!("{line}");
         }
     }
-    Ok(app)
+    Ok(Deployed { app, sources })
 }
 
 /// `lode run app.py[::NAME] [ARGS...]`, as `modal run`: deploys the file as an ephemeral app
@@ -193,17 +212,42 @@ pub async fn run(
     if pick.is_some() && entrypoint.is_some() {
         bail!("give either {target} or --entrypoint, not both");
     }
-    let app = deploy(client, registry, file, AppName::Ephemeral).await?;
+    let app = deploy(client, registry, file, AppName::Ephemeral)
+        .await?
+        .app;
     let outcome = run_entrypoint(client, &app, target, entrypoint.or(pick), args).await;
+    remove_app(client, &app).await;
+    outcome
+}
+
+/// Removes an app this command deployed for itself, saying so if it cannot.
+pub async fn remove_app(client: &ApiClient, app: &str) {
     let removed = client
         .send(client.request(Method::DELETE, &format!("/v1/apps/{app}")))
         .await;
     if let Err(e) = removed {
-        eprintln!(
-            "lode: removing the ephemeral app {app} failed: {e:#}; remove it with `lode rm {app}`"
-        );
+        eprintln!("lode: removing the app {app} failed: {e:#}; remove it with `lode rm {app}`");
     }
-    outcome
+}
+
+/// Streams the app's logs into this terminal (stderr), prefixed with its name, until the
+/// task is aborted.
+pub async fn follow_logs(client: &ApiClient, app: &str) -> Result<tokio::task::JoinHandle<()>> {
+    let path = format!("/v1/apps/{app}/logs?follow=true&tail=0");
+    let response = client.send(client.request(Method::GET, &path)).await?;
+    let app = app.to_string();
+    Ok(tokio::spawn(async move {
+        use futures::StreamExt;
+        let mut lines = crate::cli::client::ndjson_lines::<crate::proto::log::LogLine>(response);
+        while let Some(Ok(line)) = lines.next().await {
+            let stream = match line.stream {
+                crate::proto::log::Stream::Stdout => "",
+                crate::proto::log::Stream::Stderr => "err ",
+                crate::proto::log::Stream::System => "lode ",
+            };
+            eprintln!("[{app}] {stream}{}", line.line);
+        }
+    }))
 }
 
 async fn run_entrypoint(
@@ -213,24 +257,7 @@ async fn run_entrypoint(
     pick: Option<&str>,
     args: &[String],
 ) -> Result<i32> {
-    let follower = {
-        let path = format!("/v1/apps/{app}/logs?follow=true&tail=0");
-        let response = client.send(client.request(Method::GET, &path)).await?;
-        let app = app.to_string();
-        tokio::spawn(async move {
-            use futures::StreamExt;
-            let mut lines =
-                crate::cli::client::ndjson_lines::<crate::proto::log::LogLine>(response);
-            while let Some(Ok(line)) = lines.next().await {
-                let stream = match line.stream {
-                    crate::proto::log::Stream::Stdout => "",
-                    crate::proto::log::Stream::Stderr => "err ",
-                    crate::proto::log::Stream::System => "lode ",
-                };
-                eprintln!("[{app}] {stream}{}", line.line);
-            }
-        })
-    };
+    let follower = follow_logs(client, app).await?;
     let file = target.split_once("::").map_or(target, |(file, _)| file);
     let mut command = tokio::process::Command::new(python());
     command

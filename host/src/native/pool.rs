@@ -215,6 +215,8 @@ struct PoolState {
     /// Starts that failed in a row, and when the last one did: further starts back off.
     failed_starts: u32,
     last_failure: Option<Instant>,
+    /// Why the last start failed, for inputs that arrive while starts back off.
+    last_error: Option<ErrorInfo>,
 }
 
 impl PoolState {
@@ -272,6 +274,10 @@ impl Pool {
                     break;
                 }
                 pool.scale();
+                // Inputs queued while starts backed off get a start once they may.
+                if !pool.state.lock().unwrap().queue.is_empty() {
+                    pool.pump();
+                }
                 drop(pool);
                 tokio::time::sleep(tick).await;
             }
@@ -349,6 +355,22 @@ impl Pool {
                     continue;
                 }
                 self.dispatch(&worker, job);
+            }
+            // While starts back off and nothing runs or starts, queued inputs fail at once
+            // with the reason, rather than wait for a start that is likely to fail again.
+            if !state.queue.is_empty()
+                && !state.may_start()
+                && state.starting == 0
+                && !state
+                    .workers
+                    .iter()
+                    .any(|w| w.alive.load(Ordering::Relaxed))
+                && let Some(error) = state.last_error.clone()
+            {
+                for job in state.queue.drain(..) {
+                    self.failures.fetch_add(1, Ordering::Relaxed);
+                    let _ = job.reply.send(Outcome::failed(error.clone()));
+                }
             }
             // A closed pool takes no new inputs but still serves what it queued.
             if state.may_start() {
@@ -452,6 +474,7 @@ impl Pool {
                     let mut state = self.state.lock().unwrap();
                     state.starting -= 1;
                     state.failed_starts = 0;
+                    state.last_error = None;
                     if self.closed.load(Ordering::Relaxed) && state.queue.is_empty() {
                         worker.retire();
                     } else {
@@ -476,6 +499,7 @@ impl Pool {
                     state.starting -= 1;
                     state.failed_starts += 1;
                     state.last_failure = Some(Instant::now());
+                    state.last_error = Some(error.clone());
                     // Nothing else will serve the queue: it fails with the reason, rather
                     // than wait for a start that keeps failing.
                     if state.workers.is_empty() && state.starting == 0 {

@@ -71,6 +71,28 @@ def find_app(module: ModuleType, path: str) -> App:
     return apps[0]
 
 
+def _sources(path: str, manifest: dict[str, Any]) -> list[str]:
+    """What `lode dev` watches: the app's file, the modules it imported from its own
+    directory tree (not installed packages), and the local files its images copy in."""
+    root = os.path.dirname(path)
+    found = {path}
+    for module in list(sys.modules.values()):
+        file = getattr(module, "__file__", None)
+        if not file:
+            continue
+        file = os.path.abspath(file)
+        if file.startswith(root + os.sep) and "site-packages" not in file and "dist-packages" not in file:
+            found.add(file)
+    sdk = os.path.dirname(os.path.abspath(__file__))
+    found = {f for f in found if not f.startswith(sdk + os.sep)}
+    for function in manifest.get("functions", []):
+        for step in (function.get("python", {}).get("image") or {}).get("steps", []):
+            for body in step.values():
+                if isinstance(body, dict) and isinstance(body.get("local"), str):
+                    found.add(os.path.abspath(body["local"]))
+    return sorted(found)
+
+
 def cmd_collect(args: argparse.Namespace) -> int:
     # The user's prints go to stderr so stdout carries only the JSON.
     with contextlib.redirect_stdout(sys.stderr):
@@ -80,6 +102,7 @@ def cmd_collect(args: argparse.Namespace) -> int:
             manifest = collect(app, module.__name__, path)
         except (TypeError, ValueError) as e:
             _fail(f"{path}: {e}")
+        manifest["sources"] = _sources(path, manifest)
     json.dump(manifest, sys.stdout, indent=1)
     sys.stdout.write("\n")
     return 0
