@@ -10,6 +10,7 @@ pub mod container;
 pub mod fs;
 pub mod http;
 pub mod python;
+mod python_modal;
 pub mod sandbox;
 mod sandbox_api;
 mod sandbox_wasm;

@@ -4,7 +4,8 @@
 //! - cold call: no warm container (the image is cached), timed from the API request to its
 //!   answer, against `python3` starting, importing the same module and calling it;
 //! - warm call: a container is up, against the same call inside one Python process;
-//! - `map` over 1,000 inputs with `max_containers=4`, through the SDK, against a local loop.
+//! - `map` over 1,000 inputs with `max_containers=4`, through the SDK, against a local loop;
+//! - then the Modal-shaped paths of `python_modal.rs`.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -30,6 +31,9 @@ pub struct PythonBench {
     /// Where debootstrap bases are kept.
     #[arg(long, default_value = "/var/cache/lode/images/base")]
     image_base_dir: PathBuf,
+    /// Leave out the cold uv and pip builds of numpy (they download it twice).
+    #[arg(long)]
+    skip_builds: bool,
 }
 
 const APP: &str = r#"
@@ -51,6 +55,17 @@ def mapped(x):
 @app.function(scaledown_window=0)
 def cold(x):
     return x * x
+
+
+@app.cls(min_containers=1)
+class Model:
+    @lode.enter()
+    def load(self):
+        self.power = 2
+
+    @lode.method()
+    def predict(self, x):
+        return x ** self.power
 "#;
 
 /// What the bare local process runs: the same module, imported and called.
@@ -246,5 +261,13 @@ pub async fn python(args: PythonBench) -> Result<()> {
         verdict(cold_p50 <= Duration::from_millis(150)),
         verdict(warm_p50 <= Duration::from_millis(2))
     );
-    Ok(())
+    crate::bench::python_modal::modal_surface(
+        &server,
+        work.path(),
+        &sdk,
+        args.warm,
+        warm_p50,
+        !args.skip_builds,
+    )
+    .await
 }

