@@ -206,7 +206,8 @@ pub enum FromAgent {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         result_pickled: Option<String>,
     },
-    /// A web input's response begins.
+    /// A web input's response begins, with the first part of its body when the app had it
+    /// at once; `done` says the body is whole and the input over (no `output` follows).
     HttpStart {
         /// The input.
         id: String,
@@ -214,6 +215,12 @@ pub enum FromAgent {
         status: u16,
         /// Header names and values.
         headers: Vec<(String, String)>,
+        /// The body's first part (the whole body with `done`), base64.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        body: Option<String>,
+        /// The response is complete and the input ended.
+        #[serde(default)]
+        done: bool,
     },
     /// Part of a web input's response body, base64; the last part has `more_body` false.
     HttpBody {

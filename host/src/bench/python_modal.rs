@@ -5,7 +5,7 @@
 //! - `Dict` put + get and `Queue` put + get through the SDK, against a warm function call
 //!   through the SDK;
 //! - a FastAPI hello under `wrk` through Lode, against the same app under `uvicorn` on the
-//!   host with as many worker processes (one);
+//!   host with as many worker processes (one); both have `fastapi[standard]` (uvloop);
 //! - `lode dev`: a save of a code-only change to the new code answering a web request;
 //! - `uv_pip_install(numpy)` against `pip_install(numpy)`, both cold builds.
 
@@ -35,7 +35,7 @@ import lode
 
 image = (
     lode.Image.debian_slim()
-    .uv_pip_install("fastapi==0.115.12")
+    .uv_pip_install("fastapi[standard]==0.115.12")
     .add_local_python_source("bench_fastapi")
 )
 app = lode.App("bench-web", image=image)
@@ -224,7 +224,7 @@ async fn fastapi_under_wrk(
     deploy(server, &app, sdk, &["--name", "bench-web"])?;
     let public = public_url(server).await?;
     let lode_url = format!("{public}/bench-web/web/");
-    wait_for_answer(&lode_url, "hello").await?;
+    wait_for_answer(&lode_url, r#"{"hello":"world"}"#).await?;
     let lode = wrk(&lode_url)?;
 
     let port = free_port()?;
@@ -244,7 +244,7 @@ async fn fastapi_under_wrk(
         .spawn()
         .context("starting uvicorn")?;
     let uvicorn_url = format!("http://127.0.0.1:{port}/");
-    let measured = match wait_for_answer(&uvicorn_url, "hello").await {
+    let measured = match wait_for_answer(&uvicorn_url, r#"{"hello":"world"}"#).await {
         Ok(()) => wrk(&uvicorn_url),
         Err(e) => Err(e),
     };
@@ -379,16 +379,17 @@ async fn public_url(server: &LodeServer) -> Result<String> {
         .context("the server did not say its public URL")
 }
 
-/// Polls `url` (every 10 ms, up to 60 s) until its body holds `expected`.
+/// Polls `url` (every 10 ms, up to 60 s) until it answers 200 with `expected` as its body.
 async fn wait_for_answer(url: &str, expected: &str) -> Result<()> {
     let client = reqwest::Client::new();
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         if let Ok(response) = client.get(url).send().await
+            && response.status() == reqwest::StatusCode::OK
             && response
                 .text()
                 .await
-                .is_ok_and(|body| body.contains(expected))
+                .is_ok_and(|body| body.trim() == expected)
         {
             return Ok(());
         }

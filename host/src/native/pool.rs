@@ -590,6 +590,37 @@ impl Pool {
         Ok((worker, container.from_agent, exit))
     }
 
+    /// An input ended with `outcome`: its caller gets it, and its slot takes the next.
+    fn finish_input(self: &Arc<Self>, worker: &Arc<Worker>, id: &str, mut outcome: Outcome) {
+        let job = worker.in_flight.lock().unwrap().remove(id);
+        if let Some(job) = job {
+            let job = job.off_container();
+            self.inputs.fetch_add(1, Ordering::Relaxed);
+            if let Some(error) = &mut outcome.error {
+                self.failures.fetch_add(1, Ordering::Relaxed);
+                // Whatever the code put in its exception, secrets stay masked.
+                error.message = mask(&error.message, &self.spec.secret_values);
+                error.traceback = error
+                    .traceback
+                    .as_deref()
+                    .map(|t| mask(t, &self.spec.secret_values));
+            }
+            let _ = job.reply.send(outcome);
+        }
+        if worker.load() == 0 {
+            *worker.idle_since.lock().unwrap() = Some(Instant::now());
+            if self.closed.load(Ordering::Relaxed) {
+                // Decided under the pool's lock, so the pump cannot hand it an input in
+                // between.
+                let state = self.state.lock().unwrap();
+                if state.queue.is_empty() && worker.load() == 0 {
+                    worker.retire();
+                }
+            }
+        }
+        self.pump();
+    }
+
     /// Handles one container's messages until it ends, then deals with what it held.
     async fn serve(
         self: Arc<Self>,
@@ -599,45 +630,24 @@ impl Pool {
     ) {
         while let Some(message) = from_agent.recv().await {
             match message {
-                FromAgent::Output { id, mut outcome } => {
-                    let job = worker.in_flight.lock().unwrap().remove(&id);
-                    if let Some(job) = job {
-                        let job = job.off_container();
-                        self.inputs.fetch_add(1, Ordering::Relaxed);
-                        if let Some(error) = &mut outcome.error {
-                            self.failures.fetch_add(1, Ordering::Relaxed);
-                            // Whatever the code put in its exception, secrets stay masked.
-                            error.message = mask(&error.message, &self.spec.secret_values);
-                            error.traceback = error
-                                .traceback
-                                .as_deref()
-                                .map(|t| mask(t, &self.spec.secret_values));
-                        }
-                        let _ = job.reply.send(outcome);
-                    }
-                    if worker.load() == 0 {
-                        *worker.idle_since.lock().unwrap() = Some(Instant::now());
-                        if self.closed.load(Ordering::Relaxed) {
-                            // Decided under the pool's lock, so the pump cannot hand it an
-                            // input in between.
-                            let state = self.state.lock().unwrap();
-                            if state.queue.is_empty() && worker.load() == 0 {
-                                worker.retire();
-                            }
-                        }
-                    }
-                    self.pump();
-                }
+                FromAgent::Output { id, outcome } => self.finish_input(&worker, &id, outcome),
                 message @ (FromAgent::Yield { .. }
                 | FromAgent::HttpStart { .. }
                 | FromAgent::HttpBody { .. }
                 | FromAgent::WsAccept { .. }
                 | FromAgent::WsSend { .. }
                 | FromAgent::WsClose { .. }) => {
-                    let id = message.web_input().unwrap_or_default();
-                    let in_flight = worker.in_flight.lock().unwrap();
-                    if let Some(web) = in_flight.get(id).and_then(|job| job.web.as_ref()) {
-                        let _ = web.events.send(message);
+                    let id = message.web_input().unwrap_or_default().to_string();
+                    // A whole response in one message ends its input too.
+                    let done = matches!(message, FromAgent::HttpStart { done: true, .. });
+                    {
+                        let in_flight = worker.in_flight.lock().unwrap();
+                        if let Some(web) = in_flight.get(&id).and_then(|job| job.web.as_ref()) {
+                            let _ = web.events.send(message);
+                        }
+                    }
+                    if done {
+                        self.finish_input(&worker, &id, Outcome::value(serde_json::Value::Null));
                     }
                 }
                 FromAgent::Log { id, stream, data } => {

@@ -93,6 +93,11 @@ pub async fn serve(
     let kind = if websocket { "websocket" } else { "http" };
     let mut payload = serde_json::Map::new();
     payload.insert(kind.into(), scope);
+    // A request without a body (most GETs) says so in the input: no body message follows.
+    let bodiless = !websocket && http_body::Body::is_end_stream(req.body());
+    if bodiless {
+        payload.insert("body_done".into(), Value::Bool(true));
+    }
     let (outcome_tx, mut outcome_rx) = oneshot::channel();
     {
         let pool = pool.clone();
@@ -119,12 +124,20 @@ pub async fn serve(
     // The request body goes to the container once one takes the input.
     let max_body = control.wasm_bounds.max_body;
     let (channel_tx, channel_rx) = oneshot::channel();
-    tokio::spawn(send_body(
-        req.into_body(),
-        assigned_rx,
-        channel_tx,
-        max_body,
-    ));
+    if bodiless {
+        tokio::spawn(async move {
+            if let Ok(assigned) = assigned_rx.await {
+                let _ = channel_tx.send(assigned);
+            }
+        });
+    } else {
+        tokio::spawn(send_body(
+            req.into_body(),
+            assigned_rx,
+            channel_tx,
+            max_body,
+        ));
+    }
     // Events first: a quick app's start is queued before its outcome is.
     let first = tokio::select! {
         biased;
@@ -135,14 +148,26 @@ pub async fn serve(
     };
     match first {
         Some(FromAgent::HttpStart {
-            status, headers, ..
+            status,
+            headers,
+            body,
+            done,
+            ..
         }) => {
-            let body = WebBody {
-                events: events_rx,
-                finished: false,
-                disconnect: channel_rx,
+            let first = body
+                .map(|b| Bytes::from(B64.decode(b).unwrap_or_default()))
+                .filter(|b| !b.is_empty());
+            let mut response = if done {
+                Response::new(crate::wasm::http::full(first.unwrap_or_default()))
+            } else {
+                let body = WebBody {
+                    first,
+                    events: events_rx,
+                    finished: false,
+                    disconnect: channel_rx,
+                };
+                Response::new(StreamBody::new(body).boxed_unsync())
             };
-            let mut response = Response::new(StreamBody::new(body).boxed_unsync());
             *response.status_mut() =
                 StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY);
             for (name, value) in headers {
@@ -275,6 +300,8 @@ async fn send_body(
 /// A response body fed by the agent's body parts. Dropped before its last part (the client
 /// went away), it tells the app so.
 struct WebBody {
+    /// A part that came with the response's start.
+    first: Option<Bytes>,
     events: mpsc::UnboundedReceiver<FromAgent>,
     finished: bool,
     disconnect: oneshot::Receiver<(String, mpsc::UnboundedSender<ToAgent>)>,
@@ -284,6 +311,9 @@ impl Stream for WebBody {
     type Item = Result<Frame<Bytes>, HttpError>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        if let Some(first) = self.first.take() {
+            return Poll::Ready(Some(Ok(Frame::data(first))));
+        }
         if self.finished {
             return Poll::Ready(None);
         }

@@ -359,7 +359,7 @@ class Agent:
         """The agent's event loop, on a thread of its own, started at first use."""
         with self._instances_lock:
             if self._loop is None:
-                self._loop = asyncio.new_event_loop()
+                self._loop = _new_event_loop()
                 threading.Thread(target=self._loop.run_forever, name="lode-asyncio", daemon=True).start()
             return self._loop
 
@@ -372,6 +372,11 @@ class Agent:
             return await awaitable
 
         return asyncio.run_coroutine_threadsafe(serving(), loop).result()
+
+    def _stop(self) -> None:
+        self.pool.shutdown(wait=True)
+        self.shutdown()
+        _exit(self, 0)
 
     def shutdown(self) -> None:
         """Runs every instance's exit hooks and the web apps' lifespan shutdown (their
@@ -400,30 +405,70 @@ class Agent:
             if not self.web.event(msg):
                 _diag(f"ignoring a {kind} for no web input: {msg.get('id')!r}")
         elif kind == "shutdown":
-            self.pool.shutdown(wait=True)
-            self.shutdown()
-            _exit(self, 0)
+            # Off the loop's thread: exit hooks may be coroutines that need it.
+            threading.Thread(target=self._stop, name="lode-shutdown").start()
         elif kind == "call_result":
             if self.transport is None or not self.transport.resolve(msg):
                 _diag(f"ignoring a call_result nobody waits for: {msg.get('call_id')!r}")
         else:
             _diag(f"ignoring a message of unknown type {kind!r}")
 
-    def read_forever(self) -> None:
-        reader = self.conn.sock.makefile("rb")
+    def handle_line(self, raw: bytes) -> None:
         try:
-            for raw in reader:
-                try:
-                    msg = json.loads(raw)
-                except ValueError:
-                    _diag(f"ignoring a line that is not JSON: {raw[:200]!r}")
-                    continue
-                if isinstance(msg, dict):
-                    self.dispatch(msg)
-                else:
-                    _diag(f"ignoring a message that is not an object: {raw[:200]!r}")
-        except OSError as e:
-            _diag(f"reading from the host failed: {e}")
+            msg = json.loads(raw)
+        except ValueError:
+            _diag(f"ignoring a line that is not JSON: {raw[:200]!r}")
+            return
+        if isinstance(msg, dict):
+            self.dispatch(msg)
+        else:
+            _diag(f"ignoring a message that is not an object: {raw[:200]!r}")
+
+    def read_forever(self) -> None:
+        """Reads the host's messages on the event loop's thread until the host hangs up, so
+        a web request goes to its ASGI app with no hop between threads; sync inputs go to
+        the thread pool from there."""
+        loop = self._event_loop()
+        ended = threading.Event()
+        sock = self.conn.sock
+        pending = bytearray()
+
+        def readable() -> None:
+            try:
+                data = sock.recv(1 << 16)
+            except BlockingIOError:
+                return
+            except OSError as e:
+                _diag(f"reading from the host failed: {e}")
+                data = b""
+            if not data:
+                loop.remove_reader(sock.fileno())
+                ended.set()
+                return
+            pending.extend(data)
+            start = 0
+            while True:
+                end = pending.find(b"\n", start)
+                if end < 0:
+                    break
+                line = bytes(pending[start:end])
+                start = end + 1
+                if line:
+                    self.handle_line(line)
+            del pending[:start]
+
+        loop.call_soon_threadsafe(loop.add_reader, sock.fileno(), readable)
+        ended.wait()
+
+
+def _new_event_loop() -> asyncio.AbstractEventLoop:
+    """uvloop's loop when the image has it (FastAPI's standard install brings it), else
+    asyncio's."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
 
 
 def _with_query_types(fn: Callable[..., Any]) -> Callable[..., Any]:

@@ -44,10 +44,20 @@ class Exchange:
             self.sync_queue: queue.SimpleQueue = queue.SimpleQueue()
 
     def put(self, event: dict[str, Any]) -> None:
-        if self.loop is not None:
-            self.loop.call_soon_threadsafe(self.async_queue.put_nowait, event)
-        else:
+        if self.loop is None:
             self.sync_queue.put(event)
+        elif _on_loop(self.loop):
+            self.async_queue.put_nowait(event)
+        else:
+            self.loop.call_soon_threadsafe(self.async_queue.put_nowait, event)
+
+
+def _on_loop(loop: asyncio.AbstractEventLoop) -> bool:
+    """Whether this thread runs `loop` (where the agent reads the host's messages)."""
+    try:
+        return asyncio.get_running_loop() is loop
+    except RuntimeError:
+        return False
 
 
 def client_event(msg: dict[str, Any]) -> dict[str, Any] | None:
@@ -77,6 +87,7 @@ class WebApps:
         self._lock = threading.Lock()
         self._exchanges: dict[str, Exchange] = {}
         self._lifespans: list[tuple[asyncio.Queue, Any]] = []
+        self._tasks: set[asyncio.Task] = set()
 
     # Dispatch (the reader thread).
 
@@ -91,8 +102,17 @@ class WebApps:
         scope = msg.get("websocket") if websocket else msg.get("http")
         if websocket:
             exchange.put({"type": "websocket.connect"})
+        elif msg.get("body_done"):
+            exchange.put({"type": "http.request", "body": b"", "more_body": False})
         if serve == "asgi":
-            asyncio.run_coroutine_threadsafe(self._asgi(input_id, function, scope, exchange, websocket), loop)
+            work = self._asgi(input_id, function, scope, exchange, websocket)
+            if _on_loop(loop):
+                # The loop keeps tasks weakly: held here until they end.
+                task = loop.create_task(work)
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+            else:
+                asyncio.run_coroutine_threadsafe(work, loop)
         else:
             submit(self._threaded, input_id, function, scope, exchange)
 
@@ -107,10 +127,12 @@ class WebApps:
 
     # Helpers for every kind.
 
-    def _finish(self, input_id: str, error: BaseException | None) -> None:
+    def _finish(self, input_id: str, error: BaseException | None, answered: bool = False) -> None:
+        """Ends a web input: its output, unless a whole response (`done`) ended it already."""
         self._exchanges.pop(input_id, None)
         if error is None:
-            self._send({"type": "output", "id": input_id, "result": None})
+            if not answered:
+                self._send({"type": "output", "id": input_id, "result": None})
             return
         from lode._agent import error_object
 
@@ -120,6 +142,13 @@ class WebApps:
 
     def _start(self, input_id: str, status: int, headers: list[tuple[str, str]]) -> None:
         self._send({"type": "http_start", "id": input_id, "status": int(status), "headers": headers})
+
+    def _whole(self, input_id: str, status: int, headers: list[tuple[str, str]], body: bytes) -> None:
+        """A response whose body is all there: one message, which ends the input too."""
+        self._send(
+            {"type": "http_start", "id": input_id, "status": int(status), "headers": headers,
+             "body": _b64(body), "done": True}
+        )
 
     def _body(self, input_id: str, data: bytes, more_body: bool) -> None:
         view = memoryview(data)
@@ -140,16 +169,17 @@ class WebApps:
     async def _asgi(self, input_id: str, function: Any, scope: dict, exchange: Exchange, websocket: bool) -> None:
         _client.set_current_input_context(input_id)
         error: BaseException | None = None
+        answered = False
         try:
             app = await self._asgi_app(function)
             full = asgi_scope(scope, websocket)
             if websocket:
                 await self._asgi_websocket(input_id, app, full, exchange)
             else:
-                await self._asgi_http(input_id, app, full, exchange)
+                answered = await self._asgi_http(input_id, app, full, exchange)
         except BaseException as e:  # the app's failure is this input's result
             error = e
-        self._finish(input_id, error)
+        self._finish(input_id, error, answered)
 
     async def _asgi_app(self, function: Any) -> Any:
         with self._lock:
@@ -190,8 +220,9 @@ class WebApps:
         elif task.exception() is not None and not isinstance(task.exception(), Exception):
             raise task.exception()
 
-    async def _asgi_http(self, input_id: str, app: Any, scope: dict, exchange: Exchange) -> None:
-        state = {"started": False, "done": False}
+    async def _asgi_http(self, input_id: str, app: Any, scope: dict, exchange: Exchange) -> bool:
+        """Serves one request; True when the whole response went in one message."""
+        state: dict[str, Any] = {"start": None, "sent": False, "done": False, "whole": False}
         inbox = exchange.async_queue
 
         async def receive() -> dict:
@@ -201,20 +232,34 @@ class WebApps:
             kind = message["type"]
             if kind == "http.response.start":
                 headers = [(_text(k), _text(v)) for k, v in message.get("headers", [])]
-                self._start(input_id, message["status"], headers)
-                state["started"] = True
+                # Held until the body: most responses are one body part, and go as one message.
+                state["start"] = (message["status"], headers)
             elif kind == "http.response.body":
-                if not state["started"]:
+                if state["start"] is None:
                     raise RuntimeError("the ASGI app sent a body before http.response.start")
+                if state["done"]:
+                    return
                 more = bool(message.get("more_body", False))
-                self._body(input_id, bytes(message.get("body", b"")), more)
+                body = bytes(message.get("body", b""))
+                if not state["sent"]:
+                    state["sent"] = True
+                    if not more and len(body) <= BODY_PART:
+                        self._whole(input_id, *state["start"], body)
+                        state["done"] = state["whole"] = True
+                        return
+                    self._start(input_id, *state["start"])
+                self._body(input_id, body, more)
                 state["done"] = not more
 
         await app(scope, receive, send)
-        if not state["started"]:
+        if state["start"] is None:
             raise RuntimeError("the ASGI app returned without sending a response")
+        if not state["sent"]:
+            self._whole(input_id, *state["start"], b"")
+            return True
         if not state["done"]:
             self._body(input_id, b"", False)
+        return state["whole"]
 
     async def _asgi_websocket(self, input_id: str, app: Any, scope: dict, exchange: Exchange) -> None:
         inbox = exchange.async_queue
@@ -248,10 +293,11 @@ class WebApps:
     def _threaded(self, input_id: str, function: Any, scope: dict, exchange: Exchange) -> None:
         _client.set_current_input(input_id)
         error: BaseException | None = None
+        answered = False
         try:
             if function._web_serve == "wsgi":
                 app = self._app(function, function._fn)
-                self._wsgi(input_id, app, scope, exchange)
+                answered = self._wsgi(input_id, app, scope, exchange)
             else:
                 port = function._web_port
                 self._app(function, lambda: self._start_server(function))
@@ -260,9 +306,10 @@ class WebApps:
             error = e
         finally:
             _client.set_current_input(None)
-        self._finish(input_id, error)
+        self._finish(input_id, error, answered)
 
-    def _wsgi(self, input_id: str, app: Any, scope: dict, exchange: Exchange) -> None:
+    def _wsgi(self, input_id: str, app: Any, scope: dict, exchange: Exchange) -> bool:
+        """Serves one request; True when the whole response went in one message."""
         environ = wsgi_environ(scope, BodyReader(exchange.sync_queue))
         started: list[Any] = []
         sent = {"head": False}
@@ -287,6 +334,14 @@ class WebApps:
 
         result = app(environ, start_response)
         try:
+            # A list of parts (the common case) is all there: one message.
+            if isinstance(result, (list, tuple)) and started and not sent["head"]:
+                body = b"".join(bytes(part) for part in result)
+                if len(body) <= BODY_PART:
+                    status, headers = started
+                    self._whole(input_id, int(str(status).split(" ", 1)[0]),
+                                [(str(k), str(v)) for k, v in headers], body)
+                    return True
             for chunk in result:
                 if chunk:
                     write(chunk)
@@ -296,6 +351,7 @@ class WebApps:
                 close()
         head()
         self._body(input_id, b"", False)
+        return False
 
     def _start_server(self, function: Any) -> bool:
         """Calls the @web_server function (it starts the server) and waits for the port."""
