@@ -523,6 +523,7 @@ fn dicts_queues_and_generators_work_from_client_and_container_and_survive_a_rest
             "ticks: [0, 10, 20]",
             "remote on a generator: Function(",
             "by name: True",
+            "flaky: 3",
             "cancelled: cancelled",
             "gather: ['first', 'third']",
             "second ran: False",

@@ -154,13 +154,17 @@ pub enum ToAgent {
         /// The close code.
         code: u16,
     },
-    /// The answer to a [`FromAgent::Call`].
+    /// The answer to a [`FromAgent::Call`]; for a `call_gen`, one per value the generator
+    /// yields (`more`), then one that ends it.
     CallResult {
         /// The agent's id for the call.
         call_id: String,
         /// What the call produced.
         #[serde(flatten)]
         outcome: Outcome,
+        /// A generator's value: more answers follow.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        more: bool,
     },
 }
 
@@ -299,7 +303,8 @@ impl FromAgent {
 /// A call the code in a container makes, through its agent.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CallRequest {
-    /// `call`, `spawn`, `get` (a spawned call's result), `dict` or `queue`.
+    /// `call`, `call_gen` (a generator's values), `spawn`, `get` (a spawned call's
+    /// result), `dict` or `queue`.
     pub op: String,
     /// The callee's app; absent means the caller's own.
     #[serde(default)]

@@ -117,11 +117,11 @@ async fn call_gen(
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let body = body_json(&body)?;
-    let generated = match control.call_gen(&app, &function, &body) {
+    let generated = match control.call_gen(&app, &function, &body, None) {
         Ok(generated) => generated,
         Err(e) => return Ok(call_error_response(e)),
     };
-    let crate::control::router::Generated {
+    let crate::function::Generated {
         values,
         outcome,
         pickle,

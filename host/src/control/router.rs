@@ -6,12 +6,12 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use lode_native_runner::agent::{ErrorInfo, FromAgent, Outcome};
+use lode_native_runner::agent::{ErrorInfo, Outcome};
 use serde_json::{Map, Value};
 use tokio::sync::mpsc;
 
 use crate::control::Control;
-use crate::function::{CallError, CallTree, Dispatch, check_payload};
+use crate::function::{CallError, CallTree, Dispatch, Generated, check_payload};
 use crate::native::pool::Rejected;
 use crate::proto::calls::{CallRecord, CallStatus, HistoryRecord};
 use crate::proto::manifest::Runtime;
@@ -202,29 +202,29 @@ impl Dispatch for Control {
             .await
             .map_err(|e| ErrorInfo::lode(e.kind, e.message))
     }
-}
 
-/// A generator call under way: the values it yields as they come (as `Yield` messages), and
-/// how it ended.
-pub struct Generated {
-    /// The agent's `Yield` messages.
-    pub values: mpsc::UnboundedReceiver<FromAgent>,
-    /// The call's outcome once the generator is done (or failed).
-    pub outcome: tokio::task::JoinHandle<Result<Outcome, CallError>>,
-    /// Whether the function was deployed for pickle (its values may be pickled).
-    pub pickle: bool,
+    fn call_gen(
+        &self,
+        app: &str,
+        function: &str,
+        body: &Value,
+        caller: Option<&str>,
+    ) -> Result<Generated, CallError> {
+        Control::call_gen(self, app, function, body, caller)
+    }
 }
 
 impl Control {
     /// Calls a Python generator function (`remote_gen`): its values stream as it yields
-    /// them. Only the operator (the API) calls this way.
+    /// them. `caller` is the app whose code calls (`None`: the operator).
     pub fn call_gen(
         &self,
         app: &str,
         function: &str,
         body: &Value,
+        caller: Option<&str>,
     ) -> Result<Generated, CallError> {
-        let (pool, mut payload, pickle) = match self.target(app, function, body, None)? {
+        let (pool, mut payload, pickle) = match self.target(app, function, body, caller)? {
             Target::Python(pool, payload, pickle) => (pool, payload, pickle),
             Target::Wasm(..) => {
                 return Err(CallError::new(

@@ -45,6 +45,15 @@ pub trait Dispatch: Send + Sync {
     /// sees only calls of functions it may call; others read as unknown.
     async fn wait(&self, caller: &str, id: &str, wait: Duration) -> Result<CallRecord, ErrorInfo>;
 
+    /// Calls a generator function: its values stream as it yields them.
+    fn call_gen(
+        &self,
+        app: &str,
+        function: &str,
+        body: &Value,
+        caller: Option<&str>,
+    ) -> Result<Generated, CallError>;
+
     /// One operation on a Dict or Queue, from code in a container.
     async fn object(
         &self,
@@ -52,6 +61,38 @@ pub trait Dispatch: Send + Sync {
         name: &str,
         request: crate::store::objects::Request,
     ) -> Result<Value, ErrorInfo>;
+}
+
+/// A generator call under way: the values it yields as they come (as `Yield` messages), and
+/// how it ended.
+pub struct Generated {
+    /// The agent's `Yield` messages.
+    pub values: tokio::sync::mpsc::UnboundedReceiver<lode_native_runner::agent::FromAgent>,
+    /// The call's outcome once the generator is done (or failed).
+    pub outcome: tokio::task::JoinHandle<Result<Outcome, CallError>>,
+    /// Whether the function was deployed for pickle (its values may be pickled).
+    pub pickle: bool,
+}
+
+/// The call body a container's call request carries: arguments, or pickled ones, and a
+/// class method with its parameters.
+pub fn call_body(call: &CallRequest) -> Value {
+    let mut body = Map::new();
+    let method = call.method.clone().map(Value::String);
+    for (key, value) in [
+        ("args", call.args.clone()),
+        ("kwargs", call.kwargs.clone()),
+        ("method", method),
+        ("params", call.params.clone()),
+    ] {
+        if let Some(value) = value {
+            body.insert(key.into(), value);
+        }
+    }
+    if let Some(pickled) = &call.pickled {
+        body.insert("pickled".into(), Value::String(pickled.clone()));
+    }
+    Value::Object(body)
 }
 
 /// How deep calls through `invoke` may nest (a call from the API is depth 0), unless the
@@ -281,23 +322,8 @@ pub async fn container_call(
     fan_out: u32,
     call: CallRequest,
 ) -> Outcome {
+    let body = call_body(&call);
     let app = call.app.unwrap_or_else(|| caller_app.to_string());
-    let mut body = Map::new();
-    let method = call.method.map(Value::String);
-    for (key, value) in [
-        ("args", call.args),
-        ("kwargs", call.kwargs),
-        ("method", method),
-        ("params", call.params),
-    ] {
-        if let Some(value) = value {
-            body.insert(key.into(), value);
-        }
-    }
-    if let Some(pickled) = call.pickled {
-        body.insert("pickled".into(), Value::String(pickled));
-    }
-    let body = Value::Object(body);
     match call.op.as_str() {
         "call" | "spawn" => {
             let Some(function) = call.function else {

@@ -204,6 +204,54 @@ impl Worker {
     }
 }
 
+/// A generator call from code in a container: each value goes back as it comes (a
+/// `call_result` with `more`); returns how it ended.
+async fn stream_generator(
+    dispatch: &dyn Dispatch,
+    caller_app: &str,
+    request: lode_native_runner::agent::CallRequest,
+    call_id: &str,
+    reply: &mpsc::UnboundedSender<ToAgent>,
+) -> Outcome {
+    let body = crate::function::call_body(&request);
+    let app = request.app.as_deref().unwrap_or(caller_app);
+    let Some(function) = request.function.as_deref() else {
+        return Outcome::failed(ErrorInfo::lode("invalid_request", "no function named"));
+    };
+    let mut generated = match dispatch.call_gen(app, function, &body, Some(caller_app)) {
+        Ok(generated) => generated,
+        Err(e) => return Outcome::failed(e.error),
+    };
+    while let Some(message) = generated.values.recv().await {
+        if let FromAgent::Yield {
+            result,
+            result_pickled,
+            ..
+        } = message
+        {
+            // Pickled values only from a function deployed for pickle, as results.
+            if result_pickled.is_some() && !generated.pickle {
+                continue;
+            }
+            let value = Outcome {
+                result,
+                result_pickled,
+                error: None,
+            };
+            let _ = reply.send(ToAgent::CallResult {
+                call_id: call_id.to_string(),
+                outcome: value,
+                more: true,
+            });
+        }
+    }
+    match generated.outcome.await {
+        Ok(Ok(outcome)) => outcome,
+        Ok(Err(e)) => Outcome::failed(e.error),
+        Err(_) => Outcome::failed(ErrorInfo::lode("internal", "the generator task failed")),
+    }
+}
+
 /// How long a scaled-down container's exit hooks may run before it is killed.
 const EXIT_HOOK_GRACE: Duration = Duration::from_secs(10);
 
@@ -590,11 +638,54 @@ impl Pool {
         Ok((worker, container.from_agent, exit))
     }
 
-    /// An input ended with `outcome`: its caller gets it, and its slot takes the next.
+    /// Queues `job` again after its `Retries` delay, saying why in the input's log.
+    fn retry(self: &Arc<Self>, id: &str, mut job: Job, why: &str) {
+        let max_retries = self.spec.retries.map_or(0, |r| r.max_retries);
+        job.attempt += 1;
+        self.retried.fetch_add(1, Ordering::Relaxed);
+        let delay = self
+            .spec
+            .retries
+            .map_or(Duration::ZERO, |r| r.delay(job.attempt));
+        self.log(
+            Some(id),
+            Stream::System,
+            format!(
+                "retrying input (attempt {} of {}) in {delay:?}: {why}",
+                job.attempt + 1,
+                max_retries + 1,
+            ),
+        );
+        let pool = self.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            pool.state.lock().unwrap().queue.push_front(job);
+            pool.pump();
+        });
+    }
+
+    /// An input ended with `outcome`: its caller gets it, and its slot takes the next. An
+    /// exception the code raised is retried as `Retries` says, as on Modal; Lode's own
+    /// refusals (no such function, a bad body) are not.
     fn finish_input(self: &Arc<Self>, worker: &Arc<Worker>, id: &str, mut outcome: Outcome) {
         let job = worker.in_flight.lock().unwrap().remove(id);
         if let Some(job) = job {
             let job = job.off_container();
+            let max_retries = self.spec.retries.map_or(0, |r| r.max_retries);
+            if let Some(error) = &outcome.error
+                && error.module.is_some()
+                && job.web.is_none()
+                && job.attempt < max_retries
+            {
+                let why = format!(
+                    "{}: {}",
+                    error.kind,
+                    mask(&error.message, &self.spec.secret_values)
+                );
+                self.retry(id, job, &why);
+                self.after_input(worker);
+                return;
+            }
             self.inputs.fetch_add(1, Ordering::Relaxed);
             if let Some(error) = &mut outcome.error {
                 self.failures.fetch_add(1, Ordering::Relaxed);
@@ -607,6 +698,11 @@ impl Pool {
             }
             let _ = job.reply.send(outcome);
         }
+        self.after_input(worker);
+    }
+
+    /// A slot of `worker` came free: it idles, retires (a closed pool), or takes the next.
+    fn after_input(self: &Arc<Self>, worker: &Arc<Worker>) {
         if worker.load() == 0 {
             *worker.idle_since.lock().unwrap() = Some(Instant::now());
             if self.closed.load(Ordering::Relaxed) {
@@ -673,6 +769,7 @@ impl Pool {
                                 "unauthorized",
                                 "the container token is wrong",
                             )),
+                            more: false,
                         });
                         continue;
                     }
@@ -686,6 +783,7 @@ impl Pool {
                                      flight already; wait for some to finish"
                                 ),
                             )),
+                            more: false,
                         });
                         continue;
                     };
@@ -705,6 +803,16 @@ impl Pool {
                                 "unavailable",
                                 "the server is shutting down",
                             )),
+                            Some(dispatch) if request.op == "call_gen" => {
+                                stream_generator(
+                                    &*dispatch,
+                                    &caller_app,
+                                    *request,
+                                    &call_id,
+                                    &reply,
+                                )
+                                .await
+                            }
                             Some(dispatch) => {
                                 container_call(
                                     &*dispatch,
@@ -716,7 +824,11 @@ impl Pool {
                                 .await
                             }
                         };
-                        let _ = reply.send(ToAgent::CallResult { call_id, outcome });
+                        let _ = reply.send(ToAgent::CallResult {
+                            call_id,
+                            outcome,
+                            more: false,
+                        });
                     });
                 }
                 FromAgent::Fatal { .. } | FromAgent::Ready { .. } => {}
@@ -753,31 +865,10 @@ impl Pool {
         }
         let max_retries = self.spec.retries.map_or(0, |r| r.max_retries);
         for (id, job) in held {
-            let mut job = job.off_container();
+            let job = job.off_container();
             // A web input's request was taken in part already: it is never run twice.
             if job.attempt < max_retries && job.web.is_none() {
-                job.attempt += 1;
-                self.retried.fetch_add(1, Ordering::Relaxed);
-                let delay = self
-                    .spec
-                    .retries
-                    .map_or(Duration::ZERO, |r| r.delay(job.attempt));
-                self.log(
-                    Some(&id),
-                    Stream::System,
-                    format!(
-                        "retrying input (attempt {} of {}) in {delay:?}: {}",
-                        job.attempt + 1,
-                        max_retries + 1,
-                        ended.message
-                    ),
-                );
-                let pool = self.clone();
-                tokio::spawn(async move {
-                    tokio::time::sleep(delay).await;
-                    pool.state.lock().unwrap().queue.push_front(job);
-                    pool.pump();
-                });
+                self.retry(&id, job, &ended.message);
             } else {
                 self.failures.fetch_add(1, Ordering::Relaxed);
                 let _ = job.reply.send(Outcome::failed(ErrorInfo::lode(

@@ -37,6 +37,17 @@ async def ticks(n):
         yield i * 10
 
 
+@app.function(retries=lode.Retries(max_retries=2, initial_delay=0.0))
+def flaky():
+    # An exception the code raises is retried as Retries says (here, twice).
+    attempts = lode.Dict.from_name("obj-flaky", create_if_missing=True)
+    n = attempts.get("n", 0) + 1
+    attempts["n"] = n
+    if n < 3:
+        raise ConnectionError(f"attempt {n} failed")
+    return n
+
+
 @app.function(max_containers=1)
 def slow_mark(tag, seconds):
     time.sleep(seconds)
@@ -46,6 +57,7 @@ def slow_mark(tag, seconds):
 
 @app.local_entrypoint()
 def main():
+    print("flaky:", flaky.remote())
     # One container at a time: the second call waits in the queue, where a cancel drops it.
     first = slow_mark.spawn("first", 1.0)
     second = slow_mark.spawn("second", 0)

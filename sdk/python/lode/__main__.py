@@ -15,6 +15,7 @@ import importlib.util
 import inspect
 import json
 import os
+import re
 import sys
 import traceback
 from collections.abc import Callable
@@ -32,14 +33,21 @@ def _fail(message: str) -> NoReturn:
     sys.exit(USAGE)
 
 
+def _module_name(stem: str) -> str:
+    """The module name a file is imported under: its stem, made a Python identifier
+    (`my-app` -> `my_app`, `01_intro` -> `_01_intro`), as Modal runs any file name."""
+    name = re.sub(r"\W", "_", stem)
+    if not name or name[0].isdigit():
+        name = "_" + name
+    return name
+
+
 def load(file: str) -> tuple[ModuleType, str]:
     """Imports FILE in host mode under its stem; returns the module and its absolute path."""
     path = os.path.abspath(file)
     if not os.path.isfile(path):
         _fail(f"{file} is not a file; pass the path of the Python file that defines the app")
-    name = os.path.splitext(os.path.basename(path))[0]
-    if not name.isidentifier():
-        _fail(f"{path}: {name!r} is not a valid module name; rename the file (letters, digits, '_')")
+    name = _module_name(os.path.splitext(os.path.basename(path))[0])
     if name in sys.modules or name == "lode":
         _fail(f"{path}: the module name {name!r} is already taken by an imported module; rename the file")
 

@@ -34,7 +34,7 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
-from lode import _client
+from lode import _client, _values
 from lode._app import App, Function
 from lode._web_agent import WebApps
 
@@ -235,7 +235,8 @@ class Agent:
             if pickled:
                 args, kwargs = pickle.loads(base64.b64decode(msg["pickled"]))
             else:
-                args, kwargs = msg.get("args") or [], msg.get("kwargs") or {}
+                args = _values.decode(msg.get("args") or [], False)
+                kwargs = _values.decode(msg.get("kwargs") or {}, False)
             result = target(*args, **kwargs)
             if inspect.isawaitable(result):
                 result = self._await(result, input_id)
@@ -258,7 +259,7 @@ class Agent:
                 message = f"the result of {function.name}() cannot be pickled ({e}); return a picklable value"
         else:
             try:
-                return encode({"type": "output", "id": input_id, "result": result})
+                return encode({"type": "output", "id": input_id, "result": _json_value(result)})
             except (TypeError, ValueError) as e:
                 message = (
                     f"the result of {function.name}() is not JSON-serializable ({e}); return JSON values "
@@ -291,7 +292,7 @@ class Agent:
                 self.conn.send({"type": "yield", "id": input_id, "result_pickled": data})
                 return
             try:
-                line = encode({"type": "yield", "id": input_id, "result": value})
+                line = encode({"type": "yield", "id": input_id, "result": _json_value(value)})
             except (TypeError, ValueError) as e:
                 raise TypeError(
                     f"a value {function.name}() yielded is not JSON-serializable ({e}); yield JSON values "
@@ -459,6 +460,17 @@ class Agent:
 
         loop.call_soon_threadsafe(loop.add_reader, sock.fileno(), readable)
         ended.wait()
+
+
+def _json_value(value: Any) -> Any:
+    """A result as JSON: as it is when JSON holds it, else with bytes and tuples tagged."""
+    try:
+        json.dumps(value, allow_nan=False)
+        if not isinstance(value, tuple):
+            return value
+    except (TypeError, ValueError):
+        pass
+    return _values.encode(value, False)
 
 
 def _new_event_loop() -> asyncio.AbstractEventLoop:

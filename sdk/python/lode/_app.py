@@ -322,6 +322,8 @@ class Function:
         self._web_serve: str | None = None
         self._web_port: int | None = None
         self._web_startup_timeout = 5.0
+        self._web_endpoint: str | None = None
+        self._web_docs = False
         if fn is not None:
             functools.update_wrapper(self, fn)
 
@@ -702,7 +704,7 @@ class App:
             if web is not None:
                 raise TypeError(f"{where}: use @app.web_endpoint or a @lode web decorator, not both")
             label = mark.get("label")
-            web = {"path": "/" + (label or name), "method": mark.get("method")}
+            web = {"path": "/" + (label or name), "method": None}
             if mark["serve"] != "call":
                 web["serve"] = mark["serve"]
                 web = {k: v for k, v in web.items() if v is not None}
@@ -748,6 +750,9 @@ class App:
             function._web_serve = mark["serve"]
             function._web_port = mark.get("port")
             function._web_startup_timeout = mark.get("startup_timeout", 5.0)
+            # A fastapi_endpoint: the method its route takes (its app is made around it).
+            function._web_endpoint = mark.get("endpoint")
+            function._web_docs = bool(mark.get("docs"))
         elif web is not None:
             function._web_serve = "call"
         return function

@@ -18,7 +18,7 @@ import urllib.parse
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from . import _config, exception
+from . import _config, _values, exception
 
 # How long a full queue (429) is retried before giving up.
 QUEUE_FULL_LIMIT_S = 600.0
@@ -115,6 +115,17 @@ def encode_args(args: tuple, kwargs: dict, serialization: str, fn_name: str) -> 
     body = {"args": list(args), "kwargs": dict(kwargs)}
     try:
         json.dumps(body, allow_nan=False)
+        # Tuples are JSON lists; tagged, they come back as tuples.
+        if any(isinstance(v, tuple) for v in (*args, *kwargs.values())):
+            raise TypeError
+        return body
+    except (TypeError, ValueError):
+        pass
+    try:
+        # bytes and tuples, tagged (no pickle involved).
+        body = {"args": _values.encode(list(args), False), "kwargs": _values.encode(dict(kwargs), False)}
+        json.dumps(body, allow_nan=False)
+        return body
     except (TypeError, ValueError):
         for what, value in [
             *((f"argument {i}", a) for i, a in enumerate(args)),
@@ -143,7 +154,7 @@ def decode_result(body: dict[str, Any], serialization: str, what: str) -> Any:
                 'if you trust that function, use a handle with serialization="pickle"',
             )
         return pickle.loads(base64.b64decode(body["result_pickled"]))
-    return body.get("result")
+    return _values.decode(body.get("result"), False)
 
 
 # Transports: both offer call, spawn and poll with the same shapes.
@@ -342,6 +353,17 @@ def _call_id(body: dict[str, Any]) -> str:
     return call_id
 
 
+class _Stream:
+    """A generator call's answers, one per value, then the one that ends it."""
+
+    __slots__ = ("items",)
+
+    def __init__(self) -> None:
+        import queue
+
+        self.items: Any = queue.SimpleQueue()
+
+
 class _Pending:
     __slots__ = ("event", "message")
 
@@ -411,10 +433,16 @@ class AgentTransport:
 
     def resolve(self, msg: dict[str, Any]) -> bool:
         """Hands a call_result to the thread waiting for it; False if nobody waits."""
+        call_id = str(msg.get("call_id"))
         with self._lock:
-            slot = self._pending.pop(str(msg.get("call_id")), None)
+            slot = self._pending.get(call_id)
+            if slot is not None and not (isinstance(slot, _Stream) and msg.get("more")):
+                del self._pending[call_id]
         if slot is None:
             return False
+        if isinstance(slot, _Stream):
+            slot.items.put(msg)
+            return True
         slot.message = msg
         slot.event.set()
         return True
@@ -424,8 +452,12 @@ class AgentTransport:
         with self._lock:
             self._closed = True
             pending, self._pending = self._pending, {}
+        closed = {"error": {"kind": "connection_closed", "message": "the Lode host closed the connection"}}
         for slot in pending.values():
-            slot.message = {"error": {"kind": "connection_closed", "message": "the Lode host closed the connection"}}
+            if isinstance(slot, _Stream):
+                slot.items.put(closed)
+                continue
+            slot.message = closed
             slot.event.set()
 
     def call(self, app: str, function: str, payload: dict[str, Any]) -> dict[str, Any]:
@@ -437,10 +469,31 @@ class AgentTransport:
         return _call_id(result if isinstance(result, dict) else {})
 
     def call_gen(self, app: str, function: str, payload: dict[str, Any]) -> Iterator[dict[str, Any]]:
-        raise exception.UnimplementedError(
-            "remote_gen() works from the client; inside a function, return a list from the "
-            "callee and use remote(), or stream through a lode.Queue"
-        )
+        """A generator call's values, each as the host passes it on."""
+        call_id = f"c-{next(self._ids)}"
+        slot = _Stream()
+        with self._lock:
+            if self._closed:
+                raise exception.ConnectionError("the connection to the Lode host is closed; the container is stopping")
+            self._pending[call_id] = slot
+        message = {"type": "call", "call_id": call_id, "token": self._token, "op": "call_gen",
+                   "app": app, "function": function, **payload}
+        input_id = current_input()
+        if input_id is not None:
+            message["input"] = input_id
+        try:
+            self._send(message)
+        except OSError as e:
+            with self._lock:
+                self._pending.pop(call_id, None)
+            raise exception.ConnectionError(f"cannot send the call to the Lode host ({e})") from e
+        while True:
+            msg = slot.items.get()
+            if "error" in msg:
+                raise exception_from_error(msg["error"])
+            if not msg.get("more"):
+                return
+            yield msg
 
     def object(self, kind: str, name: str, request: dict[str, Any]) -> dict[str, Any]:
         result = self._request(kind, {"name": name, "request": request}).get("result")

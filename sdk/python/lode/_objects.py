@@ -24,65 +24,12 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 from . import _aio, _client
+from ._values import decode as _decode  # noqa: F401 - used by the tests
+from ._values import dump as _dump
+from ._values import load as _load
 
 # The longest one request waits in a blocking get; longer waits take several.
 _WAIT_STEP_S = 60.0
-_TAG = "$lode"
-
-
-def _encode(value: Any, pickled: bool) -> Any:
-    """A value as JSON, with what JSON cannot hold tagged."""
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    if isinstance(value, list):
-        return [_encode(v, pickled) for v in value]
-    if isinstance(value, tuple):
-        return {_TAG: "tuple", "items": [_encode(v, pickled) for v in value]}
-    if isinstance(value, (bytes, bytearray)):
-        return {_TAG: "bytes", "b64": base64.b64encode(bytes(value)).decode("ascii")}
-    if isinstance(value, dict) and all(isinstance(k, str) for k in value):
-        encoded = {k: _encode(v, pickled) for k, v in value.items()}
-        return {_TAG: "dict", "value": encoded} if _TAG in value else encoded
-    if pickled:
-        return {_TAG: "pickle", "b64": base64.b64encode(pickle.dumps(value)).decode("ascii")}
-    raise TypeError(
-        f"a {type(value).__name__} cannot be stored as JSON; store JSON values, bytes or tuples, "
-        'or use a handle made with serialization="pickle"'
-    )
-
-
-def _dump(value: Any, pickled: bool) -> str:
-    """A value as the JSON text the server stores byte for byte (a dict keeps its order)."""
-    return json.dumps(_encode(value, pickled), allow_nan=False, separators=(",", ":"))
-
-
-def _load(text: str, pickled: bool) -> Any:
-    return _decode(json.loads(text), pickled)
-
-
-def _decode(value: Any, pickled: bool) -> Any:
-    if isinstance(value, list):
-        return [_decode(v, pickled) for v in value]
-    if not isinstance(value, dict):
-        return value
-    tag = value.get(_TAG)
-    if tag is None:
-        return {k: _decode(v, pickled) for k, v in value.items()}
-    if tag == "tuple":
-        return tuple(_decode(v, pickled) for v in value["items"])
-    if tag == "bytes":
-        return base64.b64decode(value["b64"])
-    if tag == "dict":
-        return {k: _decode(v, pickled) for k, v in value["value"].items()}
-    if tag == "pickle":
-        if not pickled:
-            raise _client.RemoteError(
-                "pickled_value",
-                'this value was stored pickled; read it with a handle made with serialization="pickle" '
-                "if you trust the code that wrote it",
-            )
-        return pickle.loads(base64.b64decode(value["b64"]))
-    raise _client.RemoteError("bad_value", f"a stored value has an unknown tag {tag!r}")
 
 
 def _key(key: Any) -> Any:

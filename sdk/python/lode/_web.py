@@ -76,13 +76,16 @@ def fastapi_endpoint(
     *, method: str = "GET", label: str | None = None, docs: bool = False, custom_domains: Any = None,
     requires_proxy_auth: bool = False,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Serves the function itself: the JSON body is its argument, query parameters its
-    keyword arguments (converted by their annotations), its result the JSON answer."""
+    """Serves the function itself at its URL's root, as Modal does: where the image has
+    FastAPI, as a FastAPI route (pydantic bodies, query parameters by annotation, responses
+    such as StreamingResponse, /docs with docs=True); without it, the JSON body is its
+    argument, query parameters its keyword arguments (converted by their annotations) and
+    its result the JSON answer."""
     if not isinstance(method, str) or not method.isalpha():
         raise ValueError(f'fastapi_endpoint(method={method!r}): use an HTTP method such as "GET" or "POST"')
     return _mark("fastapi_endpoint",
-                 {"docs": docs, "custom_domains": custom_domains, "requires_proxy_auth": requires_proxy_auth},
-                 serve="call", method=method.upper(), label=label)
+                 {"custom_domains": custom_domains, "requires_proxy_auth": requires_proxy_auth},
+                 serve="asgi", endpoint=method.upper(), docs=bool(docs) or None, label=label)
 
 
 def web_endpoint(**kwargs: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextvars
+import functools
 import http.client
 import io
 import queue
@@ -186,7 +188,10 @@ class WebApps:
             ready = self._apps.get(function.name)
         if ready is not None:
             return ready
-        app = function._fn()
+        if function._web_endpoint is not None:
+            app = endpoint_app(function._fn, function._web_endpoint, function._web_docs)
+        else:
+            app = function._fn()
         if asyncio.iscoroutine(app):
             app = await app
         if not callable(app):
@@ -408,6 +413,74 @@ class WebApps:
                 asyncio.run_coroutine_threadsafe(wait(), loop).result(6)
             except Exception:
                 pass
+
+
+def endpoint_app(fn: Callable[..., Any], method: str, docs: bool) -> Any:
+    """The ASGI app around a `fastapi_endpoint` function: a FastAPI app with one route where
+    the image has FastAPI, as on Modal; else Lode's own JSON adapter."""
+    try:
+        from fastapi import FastAPI
+    except ImportError:
+        return json_endpoint(fn, method)
+    api = FastAPI(
+        docs_url="/docs" if docs else None,
+        redoc_url=None,
+        openapi_url="/openapi.json" if docs else None,
+    )
+    api.add_api_route("/", fn, methods=[method])
+    return api
+
+
+def json_endpoint(fn: Callable[..., Any], method: str) -> Any:
+    """An ASGI app that calls `fn` with the JSON body as its argument and query parameters as
+    keyword arguments (converted by their annotations), and answers its result as JSON."""
+    import inspect
+    import json
+    import urllib.parse
+
+    from lode._agent import _with_query_types
+
+    call = _with_query_types(fn)
+
+    async def app(scope: dict, receive: Callable[..., Any], send: Callable[..., Any]) -> None:
+        if scope["type"] == "lifespan":
+            while (await receive())["type"] != "lifespan.shutdown":
+                await send({"type": "lifespan.startup.complete"})
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+
+        async def answer(status: int, value: Any) -> None:
+            body = json.dumps(value, allow_nan=False, separators=(",", ":")).encode()
+            await send({"type": "http.response.start", "status": status,
+                        "headers": [(b"content-type", b"application/json")]})
+            await send({"type": "http.response.body", "body": body})
+
+        if scope["method"] != method:
+            await answer(405, {"error": {"kind": "method_not_allowed", "message": f"this endpoint takes {method}"}})
+            return
+        body = b""
+        while True:
+            event = await receive()
+            body += event.get("body", b"")
+            if not event.get("more_body"):
+                break
+        query = dict(urllib.parse.parse_qsl(scope["query_string"].decode("latin-1")))
+        args = []
+        if body:
+            try:
+                args = [json.loads(body)]
+            except ValueError:
+                args = [body.decode("utf-8", "replace")]
+        if inspect.iscoroutinefunction(fn):
+            result = await call(*args, **query)
+        else:
+            # Off the loop, as FastAPI runs sync routes, with this input's context (its logs).
+            context = contextvars.copy_context()
+            work = functools.partial(context.run, call, *args, **query)
+            result = await asyncio.get_running_loop().run_in_executor(None, work)
+        await answer(200, result)
+
+    return app
 
 
 def _text(value: Any) -> str:

@@ -391,6 +391,10 @@ CLASS_MODULE = textwrap.dedent(
         return x * x
 
     @app.function
+    def echo_bytes(data):
+        return data + b"!", ("a", 1)
+
+    @app.function
     async def slow_square(x):
         await asyncio.sleep(0.01)
         return x * x
@@ -436,7 +440,7 @@ class AgentClassTest(unittest.TestCase):
         host = FakeHost(tmp.name, source=CLASS_MODULE)
         self.addCleanup(host.close)
         ready = host.recv_type("ready")
-        self.assertEqual(ready["functions"], ["square", "slow_square", "numbers", "Model"])
+        self.assertEqual(ready["functions"], ["square", "echo_bytes", "slow_square", "numbers", "Model"])
         return host
 
     def method(self, host: FakeHost, input_id: str, method, *args, params=None) -> dict:
@@ -472,6 +476,15 @@ class AgentClassTest(unittest.TestCase):
         self.assertIn("parameters are str, int, float or bool", error["message"])
         host.send({"type": "input", "id": "in-5", "function": "square", "method": "x", "args": [2], "kwargs": {}})
         self.assertIn("is a function, not a class", host.output("in-5")["error"]["message"])
+
+    def test_bytes_and_tuples_travel_tagged_without_pickle(self):
+        from lode import _client
+
+        host = self.start()
+        payload = _client.encode_args((b"hi",), {}, "json", "echo_bytes")
+        host.send({"type": "input", "id": "in-1", "function": "echo_bytes", **payload})
+        out = host.output("in-1")
+        self.assertEqual(_client.decode_result(out, "json", "echo_bytes"), (b"hi!", ("a", 1)))
 
     def test_async_functions_run_and_generators_are_refused(self):
         host = self.start()

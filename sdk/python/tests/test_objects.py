@@ -32,7 +32,7 @@ class ObjectsTest(unittest.TestCase):
         with self.assertRaisesRegex(TypeError, 'serialization="pickle"'):
             _objects._dump({1, 2}, False)
         self.assertEqual(_objects._load(_objects._dump({1, 2}, True), True), {1, 2})
-        with self.assertRaisesRegex(lode.RemoteError, "stored pickled"):
+        with self.assertRaisesRegex(lode.RemoteError, "sent pickled"):
             _objects._load(_objects._dump({1, 2}, True), False)
 
     def test_the_first_request_creates_and_later_ones_do_not(self):
