@@ -613,7 +613,7 @@ impl Builder {
         of: usize,
         events: &Events,
     ) -> Result<Digest, BuildError> {
-        let key = blake3::hash(format!("lode debian_slim v1 {release}").as_bytes()).to_hex();
+        let key = blake3::hash(format!("lode debian_slim v2 {release}").as_bytes()).to_hex();
         let tag = format!("build-cache/{key}");
         let cached = self.cached(&tag).await?;
         events(BuildEvent::Step {
@@ -641,9 +641,28 @@ impl Builder {
         .map_err(|e| BuildError::Other(format!("debootstrap task failed: {e}")))??;
         let report =
             lode_fs::ingest(&rootfs, self.registry.clone(), IngestOptions::default()).await?;
-        let digest = report
+        let ingested = report
             .digest
             .ok_or_else(|| BuildError::Other("the base stored no index".into()))?;
+        // `python` and `pip` name Python 3, as in the python images Modal's debian_slim is
+        // made from (Debian itself has only `python3` and `pip3`).
+        let mut tree = self.load(&ingested).await?.to_tree();
+        for (name, target) in [("python", "python3"), ("pip", "pip3")] {
+            let bin = dir_at(&mut tree, "/usr/bin")?;
+            if !bin.iter().any(|node| node.name == name.as_bytes()) {
+                let link = Node {
+                    name: name.as_bytes().to_vec(),
+                    meta: Meta {
+                        mode: 0o777,
+                        ..Meta::default()
+                    },
+                    xattrs: Vec::new(),
+                    body: Body::Symlink(target.as_bytes().to_vec()),
+                };
+                bin.push(link);
+            }
+        }
+        let digest = self.store(&tree).await?;
         self.registry
             .set_tag(&tag, &digest, TagUpdate::Always)
             .await?;

@@ -23,6 +23,10 @@ from ._sandbox import ContainerProcess, Sandbox
 from ._web import asgi_app, batched, concurrent, fastapi_endpoint, web_endpoint, web_server, wsgi_app
 from .exception import Error
 
+# The module paths Modal code names (`modal.queue.Queue`, `modal.container_process...`).
+from . import cls, container_process, image, queue, sandbox, secret, volume  # noqa: E402
+from . import dict as dict  # noqa: E402, A004
+
 __version__ = "0.1.0"
 
 

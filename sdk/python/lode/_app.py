@@ -179,7 +179,15 @@ class Volume:
         return f"Volume({self.name!r}{extra})"
 
     @classmethod
-    def from_name(cls, name: str, create_if_missing: bool = False, read_only: bool = False) -> Volume:
+    def from_name(
+        cls, name: str, create_if_missing: bool = False, read_only: bool = False, *, version: int | None = None,
+        environment_name: str | None = None,
+    ) -> Volume:
+        # Modal's volume versions change no result here: Lode's volumes have one format.
+        if version not in (None, 1, 2):
+            raise ValueError(f"Volume.from_name(version={version!r}): use 1 or 2, or leave it out")
+        if environment_name is not None:
+            raise ValueError("environment_name: Lode has one environment per server; leave it out")
         if not isinstance(name, str) or not VOLUME_NAME.fullmatch(name):
             raise ValueError(f"Volume.from_name({name!r}): names are letters, digits, '.', '_' and '-', at most 63")
         return cls(name, create_if_missing, read_only)
@@ -757,6 +765,31 @@ class App:
             function._web_serve = "call"
         return function
 
+    def deploy(self, *, name: str | None = None, environment_name: str | None = None, tag: str = "") -> App:
+        """Deploys the script that calls it (`python app.py` with `app.deploy()` in it), as
+        `lode deploy app.py [--name NAME]` does, with the `lode` CLI."""
+        if environment_name is not None:
+            raise ValueError("app.deploy(environment_name=...): Lode has one environment per server; leave it out")
+        args = ["deploy", self._script("deploy")]
+        if name is not None:
+            args += ["--name", name]
+        if subprocess.run([self._cli("deploy"), *args]).returncode != 0:
+            raise RuntimeError(f"deploying {args[1]} failed (see above)")
+        return self
+
+    def _script(self, what: str) -> str:
+        script = getattr(sys.modules.get("__main__"), "__file__", None)
+        if not script or not os.path.isfile(script):
+            raise RuntimeError(f"app.{what}() deploys the script that runs it; start it as `python app.py`")
+        return os.path.abspath(script)
+
+    @staticmethod
+    def _cli(what: str) -> str:
+        cli = os.environ.get("LODE_BIN") or shutil.which("lode")
+        if cli is None:
+            raise RuntimeError(f"app.{what}() needs the `lode` CLI on PATH (or LODE_BIN)")
+        return cli
+
     @contextlib.contextmanager
     def run(self, *, show_progress: Any = None, detach: bool = False, interactive: bool = False) -> Iterator[App]:
         """`with app.run():` in a script started with `python app.py`: deploys the script as
@@ -767,15 +800,8 @@ class App:
         if os.environ.get("LODE_APP") or os.environ.get("LODE_SOCKET"):
             yield self
             return
-        script = getattr(sys.modules.get("__main__"), "__file__", None)
-        if not script or not os.path.isfile(script):
-            raise RuntimeError("app.run() deploys the script that runs it; start it as `python app.py`")
-        cli = os.environ.get("LODE_BIN") or shutil.which("lode")
-        if cli is None:
-            raise RuntimeError("app.run() needs the `lode` CLI on PATH (or LODE_BIN); or run `lode run app.py`")
-        deployed = subprocess.run(
-            [cli, "deploy", "--ephemeral", os.path.abspath(script)], stdout=subprocess.PIPE, text=True
-        )
+        script = self._script("run")
+        deployed = subprocess.run([self._cli("run"), "deploy", "--ephemeral", script], stdout=subprocess.PIPE, text=True)
         name = deployed.stdout.strip().splitlines()[-1] if deployed.stdout.strip() else ""
         if deployed.returncode != 0 or not APP_NAME.fullmatch(name):
             raise RuntimeError(f"deploying {script} for app.run() failed (see above)")

@@ -242,6 +242,8 @@ class HttpTransport:
             payload = json.loads(raw) if raw else None
         except ValueError:
             payload = None
+        if 200 <= status < 300 and not raw:
+            return {}  # 204 No Content, a deletion say
         if 200 <= status < 300:
             if not isinstance(payload, dict):
                 raise RemoteError("bad_response", f"{method} {path} answered {status} without a JSON object")

@@ -343,7 +343,8 @@ class Sandbox:
         if app_name is None:
             raise TypeError("Sandbox.create() needs app=: a lode.App (App.lookup(name, create_if_missing=True))")
         if image is None:
-            raise TypeError("Sandbox.create() needs image=: a lode.Image")
+            # Modal's default: Debian with Python.
+            image = Image.debian_slim()
         outbound = block_network is False
         if cidr_allowlist and not outbound:
             raise ValueError("Sandbox.create(cidr_allowlist=...) needs block_network=False")

@@ -1,0 +1,5 @@
+"""`modal.cls`, as Modal code imports it."""
+
+from ._cls import Cls
+
+__all__ = ["Cls"]

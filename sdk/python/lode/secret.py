@@ -1,0 +1,5 @@
+"""`modal.secret`, as Modal code imports it."""
+
+from ._app import Secret
+
+__all__ = ["Secret"]

@@ -1,0 +1,5 @@
+"""`modal.volume`, as Modal code imports it."""
+
+from ._app import Volume
+
+__all__ = ["Volume"]
