@@ -159,6 +159,76 @@ def error_object(exc: BaseException, skip_frames: int = 0) -> dict[str, Any]:
     return {"kind": type(exc).__name__, "module": type(exc).__module__, "message": message, "traceback": formatted}
 
 
+class _Waiting:
+    """One input in a batch: its arguments, and where its result lands."""
+
+    __slots__ = ("args", "kwargs", "done", "result", "error")
+
+    def __init__(self, args: list, kwargs: dict):
+        self.args = args
+        self.kwargs = kwargs
+        self.done = threading.Event()
+        self.result: Any = None
+        self.error: BaseException | None = None
+
+
+class Batcher:
+    """Gathers the inputs of a `@batched` function that arrive together: the first waits up
+    to `wait_ms` (less if the batch fills) and then calls the function once, with a list per
+    parameter; each input gets its item of the returned list."""
+
+    def __init__(self, fn: Any, max_size: int, wait_ms: int, settle: Callable[[Any], Any]):
+        self._fn = fn
+        self._max = max_size
+        self._wait = wait_ms / 1000
+        self._settle = settle
+        self._lock = threading.Condition()
+        self._pending: list[_Waiting] = []
+
+    def submit(self, args: list, kwargs: dict) -> Any:
+        me = _Waiting(list(args), dict(kwargs))
+        with self._lock:
+            self._pending.append(me)
+            leader = len(self._pending) == 1
+            if len(self._pending) >= self._max:
+                self._lock.notify_all()
+            if leader:
+                deadline = time.monotonic() + self._wait
+                while len(self._pending) < self._max and time.monotonic() < deadline:
+                    self._lock.wait(deadline - time.monotonic())
+                batch, self._pending = self._pending[: self._max], self._pending[self._max :]
+        if leader:
+            self._run(batch)
+        me.done.wait()
+        if me.error is not None:
+            raise me.error
+        return me.result
+
+    def _run(self, batch: list[_Waiting]) -> None:
+        try:
+            width = len(batch[0].args)
+            if any(len(w.args) != width or w.kwargs.keys() != batch[0].kwargs.keys() for w in batch):
+                raise TypeError("the inputs of a batched function must pass the same arguments, by the same names")
+            columns = [[w.args[i] for w in batch] for i in range(width)]
+            named = {name: [w.kwargs[name] for w in batch] for name in batch[0].kwargs}
+            results = self._fn(*columns, **named)
+            if inspect.isawaitable(results):
+                results = self._settle(results)
+            results = list(results)
+            if len(results) != len(batch):
+                raise ValueError(
+                    f"a batched function got {len(batch)} inputs and returned {len(results)} results; "
+                    "return one per input, in order"
+                )
+            for waiting, result in zip(batch, results):
+                waiting.result = result
+        except BaseException as e:
+            for waiting in batch:
+                waiting.error = e
+        for waiting in batch:
+            waiting.done.set()
+
+
 class Agent:
     def __init__(self, conn: Connection, concurrency: int):
         self.conn = conn
@@ -173,6 +243,7 @@ class Agent:
         self._instances_lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         self.web = WebApps(self.conn.send, self._event_loop)
+        self._batchers: dict[tuple[str, str, str], Batcher] = {}
 
     def _log(self, input_id: str | None, stream: str, data: str) -> None:
         # Lone surrogates cannot be sent as UTF-8; replace them rather than lose the line.
@@ -237,7 +308,11 @@ class Agent:
             else:
                 args = _values.decode(msg.get("args") or [], False)
                 kwargs = _values.decode(msg.get("kwargs") or {}, False)
-            result = target(*args, **kwargs)
+            batch = getattr(target, "_lode_batched", None)
+            if batch is not None:
+                result = self._batcher(function, msg, target, batch).submit(args, kwargs)
+            else:
+                result = target(*args, **kwargs)
             if inspect.isawaitable(result):
                 result = self._await(result, input_id)
             generator = inspect.isgenerator(result) or inspect.isasyncgen(result)
@@ -282,6 +357,15 @@ class Agent:
             self.conn.send({"type": "output", "id": msg["id"], "error": error})
             return
         self.web.begin(msg, function, self.pool.submit)
+
+    def _batcher(self, function: Function, msg: dict[str, Any], target: Any, batch: tuple[int, int]) -> Batcher:
+        """The batcher of a batched function, or of a batched method of one instance."""
+        key = (function.name, str(msg.get("method")), json.dumps(msg.get("params") or {}, sort_keys=True))
+        with self._instances_lock:
+            batcher = self._batchers.get(key)
+            if batcher is None:
+                batcher = self._batchers[key] = Batcher(target, *batch, lambda r: self._await(r, None))
+            return batcher
 
     def _stream(self, function: Function, input_id: str, generator: Any, pickled: bool) -> None:
         """Sends each value a generator yields as it yields it."""

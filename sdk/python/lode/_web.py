@@ -115,8 +115,25 @@ def concurrency_mark(fn: Any) -> int | None:
 
 
 def batched(*, max_batch_size: int, wait_ms: int) -> Callable[[Any], Any]:
-    """Modal's dynamic batching. Lode serves one input per call; refused by name."""
-    raise NotImplementedError(
-        f"@lode.batched(max_batch_size={max_batch_size}, wait_ms={wait_ms}): Lode does not batch inputs yet; "
-        "take a list in one call (fn.remote(items)), or map over the items"
-    )
+    """Dynamic batching, as Modal's: the function (or method) takes lists, one per parameter,
+    and returns a list of results in the same order; a container gathers up to
+    max_batch_size inputs, waiting at most wait_ms after the first, and calls it once. Callers
+    still call it with one input each."""
+    if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or not 1 <= max_batch_size <= 1000:
+        raise ValueError(f"batched(max_batch_size={max_batch_size!r}): give an integer from 1 to 1000")
+    if isinstance(wait_ms, bool) or not isinstance(wait_ms, int) or not 0 <= wait_ms <= 60_000:
+        raise ValueError(f"batched(wait_ms={wait_ms!r}): give milliseconds from 0 to 60000")
+
+    def decorate(fn: Any) -> Any:
+        if not callable(fn):
+            raise TypeError(f"@lode.batched() decorates a function or method, not {fn!r}")
+        fn._lode_batched = (max_batch_size, wait_ms)
+        # On a class, a batched method is a method callers may run.
+        fn._lode_hook = "method"
+        return fn
+
+    return decorate
+
+
+def batch_mark(fn: Any) -> tuple[int, int] | None:
+    return getattr(fn, "_lode_batched", None)

@@ -509,3 +509,51 @@ class AgentClassTest(unittest.TestCase):
         text = "".join(logs)
         self.assertIn("unloading 2 a", text)
         self.assertIn("unloading 7 a", text)
+
+
+BATCH_MODULE = textwrap.dedent(
+    """
+    import lode
+
+    app = lode.App("demo")
+    calls = []
+
+    @app.function()
+    @lode.batched(max_batch_size=3, wait_ms=2000)
+    def double(xs):
+        calls.append(len(xs))
+        return [x * 2 for x in xs]
+
+    @app.function()
+    def batch_sizes():
+        return calls
+
+    @app.cls()
+    class Upper:
+        @lode.batched(max_batch_size=2, wait_ms=2000)
+        async def shout(self, words):
+            return [w.upper() for w in words]
+    """
+)
+
+
+class AgentBatchTest(unittest.TestCase):
+    def test_inputs_that_arrive_together_run_as_one_call(self):
+        tmp = tempfile.TemporaryDirectory()
+        self.addCleanup(tmp.cleanup)
+        host = FakeHost(tmp.name, source=BATCH_MODULE, concurrency=4)
+        self.addCleanup(host.close)
+        host.recv_type("ready")
+        for i in range(3):
+            host.send({"type": "input", "id": f"in-{i}", "function": "double", "args": [i], "kwargs": {}})
+        results = {}
+        while len(results) < 3:
+            msg = host.recv_type("output")
+            results[msg["id"]] = msg["result"]
+        self.assertEqual(results, {"in-0": 0, "in-1": 2, "in-2": 4})
+        self.assertEqual(host.call("in-9", "batch_sizes")["result"], [3])
+        for i, word in enumerate(["ab", "cd"]):
+            host.send({"type": "input", "id": f"m-{i}", "function": "Upper", "method": "shout",
+                       "args": [word], "kwargs": {}})
+        outputs = {host.recv_type("output")["result"] for _ in range(2)}
+        self.assertEqual(outputs, {"AB", "CD"})
