@@ -100,3 +100,10 @@ pub fn pump_base64<T: Send + 'static>(
         }
     })
 }
+
+/// A time in milliseconds since the epoch, as the CLI prints it (UTC).
+pub fn format_time_ms(ms: u64) -> String {
+    chrono::DateTime::from_timestamp_millis(ms as i64)
+        .map(|t| t.format("%Y-%m-%d %H:%M:%S%.3f").to_string())
+        .unwrap_or_default()
+}

@@ -94,7 +94,7 @@ pub async fn calls(client: &ApiClient, app: &str, limit: usize, json: bool) -> R
         "TIME (UTC)", "FUNCTION", "ENGINE", "STATUS", "DURATION"
     );
     for record in records {
-        let at = crate::cli::format_time_ms(record.created_ms);
+        let at = crate::util::format_time_ms(record.created_ms);
         let status = serde_json::to_value(record.status)?;
         let error = record
             .error

@@ -27,13 +27,6 @@ use crate::cli::args::{
 };
 use crate::cli::client::{client, deploy_registry, registry};
 
-/// A time in milliseconds since the epoch, as the CLI prints it (UTC).
-pub fn format_time_ms(ms: u64) -> String {
-    chrono::DateTime::from_timestamp_millis(ms as i64)
-        .map(|t| t.format("%Y-%m-%d %H:%M:%S%.3f").to_string())
-        .unwrap_or_default()
-}
-
 /// Runs one command, talking to the server and registry that `client` finds.
 pub async fn run(client_args: ClientArgs, command: Command) -> Result<()> {
     match command {

@@ -40,7 +40,7 @@ async fn list(client: &ApiClient, kind: &str) -> Result<()> {
             "{:<32} {:>10}  {}",
             info.name,
             info.len,
-            crate::cli::format_time_ms(info.created_ms)
+            crate::util::format_time_ms(info.created_ms)
         );
     }
     Ok(())
