@@ -1,6 +1,7 @@
 //! Dicts and Queues by name: `/v1/dicts` and `/v1/queues` list them; `PUT` makes one,
 //! `DELETE` removes it with what it holds, and `POST` runs one operation
-//! (`{"op": "put", "key": ..., "value": ...}`), as the SDK's `lode.Dict` and `lode.Queue` do.
+//! (`{"op": "put", "key": ..., "value_json": "..."}`), as the SDK's `lode.Dict` and
+//! `lode.Queue` do.
 
 use std::sync::Arc;
 

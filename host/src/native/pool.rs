@@ -672,8 +672,9 @@ impl Pool {
         if let Some(job) = job {
             let job = job.off_container();
             let max_retries = self.spec.retries.map_or(0, |r| r.max_retries);
+            // An error of the user's code has its module; the agent's own refusals say "lode".
             if let Some(error) = &outcome.error
-                && error.module.is_some()
+                && error.module.as_deref().is_some_and(|m| m != "lode")
                 && job.web.is_none()
                 && job.attempt < max_retries
             {
@@ -710,7 +711,8 @@ impl Pool {
                 // between.
                 let state = self.state.lock().unwrap();
                 if state.queue.is_empty() && worker.load() == 0 {
-                    worker.retire();
+                    // Gently: its exit hooks run.
+                    worker.drain();
                 }
             }
         }

@@ -426,8 +426,20 @@ impl Manifest {
             problems.push("the manifest lists no functions".into());
         }
         self.limits.validate(&mut problems);
-        if let Some(of) = self.run_of.as_deref().filter(|of| !is_dns_label(of)) {
-            problems.push(format!("run_of: {}", dns_label_rule("app", of)));
+        if let Some(of) = self.run_of.as_deref() {
+            // Only `lode run`'s and `lode dev`'s own names may act as the app they run.
+            let ephemeral = self.app.strip_prefix(of).is_some_and(|rest| {
+                rest == "-dev"
+                    || rest
+                        .strip_prefix("-run-")
+                        .is_some_and(|hex| hex.len() == 6 && hex.bytes().all(|b| b.is_ascii_hexdigit()))
+            });
+            if !is_dns_label(of) || !ephemeral {
+                problems.push(format!(
+                    "run_of: {of:?} may be set only on {of}-dev or {of}-run-<6 hex digits>, the \
+                     apps `lode dev` and `lode run` make"
+                ));
+            }
         }
         for caller in &self.allow_callers {
             if !is_dns_label(caller) {

@@ -121,6 +121,20 @@ async fn route_and_run(
             id,
         );
     };
+    // An app whose own name holds "--" keeps its host name.
+    let whole = target
+        .function
+        .as_ref()
+        .map(|f| format!("{}--{f}", target.app))
+        .filter(|name| control.app(name).is_some());
+    let target = match whole {
+        Some(app) => Target {
+            app,
+            function: None,
+            ..target
+        },
+        None => target,
+    };
     let Some(app) = control.app(&target.app) else {
         let message = format!(
             "no app named {:?} is deployed here; `lode ls` lists the deployed apps and \

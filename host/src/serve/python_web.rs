@@ -24,18 +24,24 @@ use hyper_util::rt::TokioIo;
 use lode_native_runner::agent::{FromAgent, Outcome, ToAgent};
 use serde_json::{Value, json};
 use tokio::sync::{mpsc, oneshot};
-use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, frame::coding::CloseCode};
+use tokio_tungstenite::tungstenite::protocol::{
+    CloseFrame, Role, WebSocketConfig, frame::coding::CloseCode,
+};
 use tokio_tungstenite::tungstenite::{Message, handshake::derive_accept_key};
 use wasmtime_wasi_http::Error as HttpError;
 
 use crate::control::{Control, PythonRoute};
-use crate::native::pool::{Pool, WebExchange};
+use crate::native::pool::WebExchange;
 use crate::proto::log::Stream as LogStream;
 use crate::proto::manifest::WebServe;
 use crate::wasm::http::{ResponseBody, error_response};
 
 /// The largest part of a request body sent to a container in one message.
 const BODY_PART: usize = 64 << 10;
+
+/// The largest WebSocket message taken from a client: in base64 it stays well under what
+/// one message to an agent may carry.
+const MAX_WS_MESSAGE: usize = 16 << 20;
 
 /// Headers that belong to one connection, never passed through.
 const HOP_BY_HOP: [&str; 8] = [
@@ -83,6 +89,15 @@ pub async fn serve(
             id,
         );
     }
+    let max_body = control.wasm_bounds.max_body;
+    let declared = req
+        .headers()
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > max_body) {
+        return crate::wasm::http::too_large(&control.metrics, app, max_body, id);
+    }
     let scope = scope(&req, root_path, path_and_query, websocket);
     let (events, mut events_rx) = mpsc::unbounded_channel();
     let (assigned, assigned_rx) = oneshot::channel();
@@ -111,7 +126,7 @@ pub async fn serve(
         return websocket_start(
             control,
             app,
-            &pool,
+            &route.function,
             &req,
             upgrade,
             assigned_rx,
@@ -122,7 +137,6 @@ pub async fn serve(
         .await;
     }
     // The request body goes to the container once one takes the input.
-    let max_body = control.wasm_bounds.max_body;
     let (channel_tx, channel_rx) = oneshot::channel();
     if bodiless {
         tokio::spawn(async move {
@@ -417,7 +431,7 @@ fn failed(
 async fn websocket_start(
     control: &Arc<Control>,
     app: &str,
-    _pool: &Arc<Pool>,
+    function: &str,
     req: &Request<Incoming>,
     upgrade: hyper::upgrade::OnUpgrade,
     assigned: oneshot::Receiver<(String, mpsc::UnboundedSender<ToAgent>)>,
@@ -435,12 +449,12 @@ async fn websocket_start(
     };
     let accept_key = derive_accept_key(key.as_bytes());
     let Ok((input, to_agent)) = assigned.await else {
-        return failed(control, app, "websocket", outcome.await.ok(), id);
+        return failed(control, app, function, outcome.await.ok(), id);
     };
     let first = tokio::select! {
         biased;
         event = events.recv() => event,
-        ended = &mut outcome => return failed(control, app, "websocket", ended.ok(), id),
+        ended = &mut outcome => return failed(control, app, function, ended.ok(), id),
     };
     let (subprotocol, headers) = match first {
         Some(FromAgent::WsAccept {
@@ -456,7 +470,7 @@ async fn websocket_start(
                 id,
             );
         }
-        _ => return failed(control, app, "websocket", outcome.await.ok(), id),
+        _ => return failed(control, app, function, outcome.await.ok(), id),
     };
     tokio::spawn(relay(upgrade, input, to_agent, events));
     let mut response = Response::new(crate::wasm::http::full(Bytes::new()));
@@ -499,10 +513,14 @@ async fn relay(
         let _ = to_agent.send(disconnect(1006));
         return;
     };
+    // A message well under what one agent message may carry, once in base64.
+    let config = WebSocketConfig::default()
+        .max_message_size(Some(MAX_WS_MESSAGE))
+        .max_frame_size(Some(MAX_WS_MESSAGE));
     let socket = tokio_tungstenite::WebSocketStream::from_raw_socket(
         TokioIo::new(upgraded),
         Role::Server,
-        None,
+        Some(config),
     )
     .await;
     let (mut sink, mut stream) = socket.split();
@@ -549,6 +567,8 @@ async fn relay(
                 Some(FromAgent::WsClose { code, reason, .. }) => {
                     let frame = CloseFrame { code: CloseCode::from(code), reason: reason.into() };
                     let _ = sink.send(Message::Close(Some(frame))).await;
+                    // An app still waiting to receive learns the socket is gone.
+                    let _ = to_agent.send(disconnect(code));
                     return;
                 }
                 Some(_) => {}

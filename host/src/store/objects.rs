@@ -169,6 +169,9 @@ enum QueueOp {
     Peek {
         #[serde(default = "one")]
         n: usize,
+        /// Items to pass over first (an iteration's place).
+        #[serde(default)]
+        skip: usize,
         #[serde(default)]
         partition: Option<String>,
     },
@@ -586,7 +589,7 @@ impl Objects {
                     }
                 }
             }
-            QueueOp::Peek { n, partition } => {
+            QueueOp::Peek { n, skip, partition } => {
                 let partition = partition_name(partition)?;
                 let (from, to) = partition_range(name, &partition);
                 let mut answer = Ok(Value::Null);
@@ -596,7 +599,9 @@ impl Objects {
                         return Ok(());
                     }
                     let mut values = Vec::new();
-                    for (_, bytes) in view.range(&from, &to, n.clamp(1, MAX_LISTED))? {
+                    let n = n.clamp(1, MAX_LISTED);
+                    let skip = skip.min(MAX_PARTITION_ITEMS as usize);
+                    for (_, bytes) in view.range(&from, &to, skip + n)?.into_iter().skip(skip) {
                         values.push(parse(&bytes)?);
                     }
                     answer = Ok(json!({"values_json": values}));

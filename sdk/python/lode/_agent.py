@@ -184,22 +184,33 @@ class Batcher:
         self._settle = settle
         self._lock = threading.Condition()
         self._pending: list[_Waiting] = []
+        self._leading = False
 
     def submit(self, args: list, kwargs: dict) -> Any:
         me = _Waiting(list(args), dict(kwargs))
         with self._lock:
             self._pending.append(me)
-            leader = len(self._pending) == 1
-            if len(self._pending) >= self._max:
-                self._lock.notify_all()
-            if leader:
+            self._lock.notify_all()
+            while not me.done.is_set():
+                if self._leading or me not in self._pending:
+                    # Another input leads the batch forming, or mine is running.
+                    self._lock.wait()
+                    continue
+                # This input leads the next batch: wait for it to fill, or for the time.
+                self._leading = True
                 deadline = time.monotonic() + self._wait
                 while len(self._pending) < self._max and time.monotonic() < deadline:
                     self._lock.wait(deadline - time.monotonic())
                 batch, self._pending = self._pending[: self._max], self._pending[self._max :]
-        if leader:
-            self._run(batch)
-        me.done.wait()
+                self._leading = False
+                # Inputs left over lead the next batch.
+                self._lock.notify_all()
+                self._lock.release()
+                try:
+                    self._run(batch)
+                finally:
+                    self._lock.acquire()
+                    self._lock.notify_all()
         if me.error is not None:
             raise me.error
         return me.result
@@ -244,6 +255,10 @@ class Agent:
         self._loop: asyncio.AbstractEventLoop | None = None
         self.web = WebApps(self.conn.send, self._event_loop)
         self._batchers: dict[tuple[str, str, str], Batcher] = {}
+        # The socket's reader: the loop's thread once reading starts.
+        self._reader_thread: int | None = None
+        self._pending = bytearray()
+        self._ended = threading.Event()
 
     def _log(self, input_id: str | None, stream: str, data: str) -> None:
         # Lone surrogates cannot be sent as UTF-8; replace them rather than lose the line.
@@ -273,7 +288,7 @@ class Agent:
         except Exception as e:  # a bug here must still answer the input, or its caller waits forever
             error = {
                 "kind": "RuntimeError",
-                "module": "builtins",
+                "module": "lode",
                 "traceback": "",
                 "message": f"the Lode agent failed to serve this input: {type(e).__name__}: {e}",
             }
@@ -295,7 +310,7 @@ class Agent:
             known = ", ".join(sorted(self.functions)) or "none"
             error = {
                 "kind": "LookupError",
-                "module": "builtins",
+                "module": "lode",
                 "traceback": "",
                 "message": f"this container has no function {name!r} (it has: {known}); redeploy the app",
             }
@@ -340,7 +355,7 @@ class Agent:
                     f"the result of {function.name}() is not JSON-serializable ({e}); return JSON values "
                     'or declare the function with serialization="pickle"'
                 )
-        error = {"kind": "TypeError", "module": "builtins", "message": message, "traceback": ""}
+        error = {"kind": "TypeError", "module": "lode", "message": message, "traceback": ""}
         return encode({"type": "output", "id": input_id, "error": error})
 
     def begin_web(self, msg: dict[str, Any]) -> None:
@@ -350,7 +365,7 @@ class Agent:
         if function is None or function._web_serve not in ("asgi", "wsgi", "server"):
             error = {
                 "kind": "LookupError",
-                "module": "builtins",
+                "module": "lode",
                 "traceback": "",
                 "message": f"this container has no web app or web server {name!r}; redeploy the app",
             }
@@ -514,36 +529,54 @@ class Agent:
         a web request goes to its ASGI app with no hop between threads; sync inputs go to
         the thread pool from there."""
         loop = self._event_loop()
-        ended = threading.Event()
-        sock = self.conn.sock
-        pending = bytearray()
+        loop.call_soon_threadsafe(self._start_reading, loop)
+        self._ended.wait()
 
-        def readable() -> None:
-            try:
-                data = sock.recv(1 << 16)
-            except BlockingIOError:
-                return
-            except OSError as e:
-                _diag(f"reading from the host failed: {e}")
-                data = b""
-            if not data:
-                loop.remove_reader(sock.fileno())
-                ended.set()
-                return
-            pending.extend(data)
-            start = 0
-            while True:
-                end = pending.find(b"\n", start)
-                if end < 0:
-                    break
-                line = bytes(pending[start:end])
-                start = end + 1
-                if line:
+    def _start_reading(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._reader_thread = threading.get_ident()
+        loop.add_reader(self.conn.sock.fileno(), self._read_some)
+
+    def pump(self) -> bool:
+        """Reads and handles what the host sent, when called on the reading thread (see
+        AgentTransport); False on any other thread."""
+        if threading.get_ident() != self._reader_thread or self._ended.is_set():
+            return False
+        self._read_some()
+        return True
+
+    def _read_some(self) -> None:
+        """One read from the socket, and every whole message in what has come."""
+        try:
+            data = self.conn.sock.recv(1 << 16)
+        except BlockingIOError:
+            return
+        except OSError as e:
+            _diag(f"reading from the host failed: {e}")
+            data = b""
+        if not data:
+            if self._loop is not None:
+                self._loop.remove_reader(self.conn.sock.fileno())
+            self._ended.set()
+            if self.transport is not None:
+                self.transport.close()
+            return
+        pending = self._pending
+        scanned = len(pending)
+        pending.extend(data)
+        start = 0
+        while True:
+            # Only the new bytes can hold the next newline: a long message is scanned once.
+            end = pending.find(b"\n", max(start, scanned))
+            if end < 0:
+                break
+            line = bytes(pending[start:end])
+            start = end + 1
+            if line:
+                try:
                     self.handle_line(line)
-            del pending[:start]
-
-        loop.call_soon_threadsafe(loop.add_reader, sock.fileno(), readable)
-        ended.wait()
+                except Exception as e:  # one bad message must not replay the others
+                    _diag(f"handling a message failed: {type(e).__name__}: {e}")
+        del pending[:start]
 
 
 def _json_value(value: Any) -> Any:
@@ -657,7 +690,9 @@ def main() -> None:
             pass
         _exit(agent, 1)
 
-    agent.transport = _client.AgentTransport(agent.conn.send, os.environ.get("LODE_CONTAINER_TOKEN", ""))
+    agent.transport = _client.AgentTransport(
+        agent.conn.send, os.environ.get("LODE_CONTAINER_TOKEN", ""), pump=agent.pump
+    )
     _client.set_agent_transport(agent.transport)
     agent.flush_logs()
     try:

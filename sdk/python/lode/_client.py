@@ -398,13 +398,25 @@ def set_current_input(input_id: str | None) -> None:
 class AgentTransport:
     """Calls from inside a container, sent over the agent's socket and answered by the host."""
 
-    def __init__(self, send: Callable[[dict[str, Any]], None], token: str):
+    def __init__(
+        self, send: Callable[[dict[str, Any]], None], token: str, pump: Callable[[], bool] | None = None
+    ):
         self._send = send
         self._token = token
         self._ids = itertools.count(1)
         self._pending: dict[str, _Pending] = {}
         self._lock = threading.Lock()
         self._closed = False
+        # Reads and handles the host's next messages when called on the thread that reads
+        # them (the agent's event loop); False elsewhere. A blocking call made there (a sync
+        # `f.remote()` in an `async def`) waits by reading, or its answer would never come.
+        self._pump = pump or (lambda: False)
+
+    def _wait(self, ready: Callable[[], bool], block: Callable[[], None]) -> None:
+        while not ready():
+            if not self._pump():
+                block()
+                return
 
     def _request(self, op: str, fields: dict[str, Any]) -> dict[str, Any]:
         call_id = f"c-{next(self._ids)}"
@@ -427,7 +439,7 @@ class AgentTransport:
             if isinstance(e, OSError):
                 raise exception.ConnectionError(f"cannot send the {op} to the Lode host ({e}); the container is stopping") from e
             raise
-        slot.event.wait()
+        self._wait(slot.event.is_set, slot.event.wait)
         msg = slot.message or {}
         if "error" in msg:
             raise exception_from_error(msg["error"])
@@ -490,6 +502,7 @@ class AgentTransport:
                 self._pending.pop(call_id, None)
             raise exception.ConnectionError(f"cannot send the call to the Lode host ({e})") from e
         while True:
+            self._wait(lambda: not slot.items.empty(), lambda: None)
             msg = slot.items.get()
             if "error" in msg:
                 raise exception_from_error(msg["error"])

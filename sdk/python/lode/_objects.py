@@ -145,6 +145,12 @@ class Dict(_Object):
 
     def _items(self) -> list[tuple[Any, Any]]:
         answer = self._op("items")
+        if answer.get("len", 0) > len(answer["items"]):
+            raise _client.RemoteError(
+                "too_large",
+                f"Dict {self.name!r} holds {answer['len']} entries, more than the {len(answer['items'])} one listing "
+                "returns; read the keys you need with get()",
+            )
         return [(_unkey(k), _load(v, self._pickled)) for k, v in answer["items"]]
 
     @_aio.blocking(iterator=True)
@@ -242,14 +248,24 @@ class Queue(_Object):
 
     @_aio.blocking(iterator=True)
     def iterate(self, *, partition: str | None = None, item_poll_timeout: float = 0.0) -> Iterator[Any]:
-        """Takes items until none arrives within item_poll_timeout seconds."""
+        """The items, oldest first, without taking them; with item_poll_timeout, waits that
+        long (polling) for more before it ends."""
 
         def items() -> Iterator[Any]:
+            seen = 0
             while True:
-                values = self._get(1, item_poll_timeout > 0, item_poll_timeout, partition)
+                answer = self._op("peek", n=100, skip=seen, partition=partition)
+                values = [_load(v, self._pickled) for v in answer["values_json"]]
                 if not values:
-                    return
-                yield values[0]
+                    deadline = time.monotonic() + item_poll_timeout
+                    while not values and time.monotonic() < deadline:
+                        time.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
+                        answer = self._op("peek", n=100, skip=seen, partition=partition)
+                        values = [_load(v, self._pickled) for v in answer["values_json"]]
+                    if not values:
+                        return
+                seen += len(values)
+                yield from values
 
         return items()
 

@@ -28,6 +28,8 @@ from lode import _client
 
 # The largest body part sent in one message (before base64).
 BODY_PART = 48 << 10
+# The largest WebSocket message sent to a client, as the host takes from one.
+MAX_WS_MESSAGE = 16 << 20
 _END = object()
 
 
@@ -86,10 +88,13 @@ class WebApps:
         self._send = send
         self._loop = loop
         self._apps: dict[str, Any] = {}
+        self._made: dict[str, Any] = {}
         self._lock = threading.Lock()
         self._exchanges: dict[str, Exchange] = {}
         self._lifespans: list[tuple[asyncio.Queue, Any]] = []
         self._tasks: set[asyncio.Task] = set()
+        # Each ASGI app's lifespan state, by the app's id.
+        self._states: dict[int, dict[str, Any]] = {}
 
     # Dispatch (the reader thread).
 
@@ -161,10 +166,11 @@ class WebApps:
             self._send({"type": "http_body", "id": input_id, "body": _b64(bytes(view)), "more_body": more_body})
 
     def _app(self, function: Any, make: Callable[[], Any]) -> Any:
+        """A WSGI app or a started web server, made once per container (under a lock)."""
         with self._lock:
-            if function.name not in self._apps:
-                self._apps[function.name] = make()
-            return self._apps[function.name]
+            if function.name not in self._made:
+                self._made[function.name] = make()
+            return self._made[function.name]
 
     # ASGI.
 
@@ -175,6 +181,7 @@ class WebApps:
         try:
             app = await self._asgi_app(function)
             full = asgi_scope(scope, websocket)
+            full["state"] = dict(self._states.get(id(app), {}))
             if websocket:
                 await self._asgi_websocket(input_id, app, full, exchange)
             else:
@@ -184,10 +191,20 @@ class WebApps:
         self._finish(input_id, error, answered)
 
     async def _asgi_app(self, function: Any) -> Any:
-        with self._lock:
-            ready = self._apps.get(function.name)
-        if ready is not None:
-            return ready
+        """The function's ASGI app, made and started once per container: requests that come
+        while it starts wait for it."""
+        made = self._apps.get(function.name)
+        if made is None:
+            made = self._apps[function.name] = asyncio.ensure_future(self._make_asgi_app(function))
+        try:
+            return await asyncio.shield(made)
+        except BaseException:
+            # A failed start is tried again by the next request.
+            if self._apps.get(function.name) is made and made.done():
+                del self._apps[function.name]
+            raise
+
+    async def _make_asgi_app(self, function: Any) -> Any:
         if function._web_endpoint is not None:
             app = endpoint_app(function._fn, function._web_endpoint, function._web_docs)
         else:
@@ -196,11 +213,12 @@ class WebApps:
             app = await app
         if not callable(app):
             raise TypeError(f"@asgi_app {function.name}() returned {app!r}, not an ASGI app")
-        await self._lifespan_startup(app)
-        with self._lock:
-            return self._apps.setdefault(function.name, app)
+        state: dict[str, Any] = {}
+        await self._lifespan_startup(app, state)
+        self._states[id(app)] = state
+        return app
 
-    async def _lifespan_startup(self, app: Any) -> None:
+    async def _lifespan_startup(self, app: Any, state: dict[str, Any]) -> None:
         """Runs the app's startup (FastAPI's lifespan and on_event handlers); an app that
         does not speak lifespan is served as it is."""
         inbox: asyncio.Queue = asyncio.Queue()
@@ -214,7 +232,8 @@ class WebApps:
             if message["type"] in ("lifespan.startup.complete", "lifespan.startup.failed") and not started.done():
                 started.set_result(message)
 
-        scope = {"type": "lifespan", "asgi": {"version": "3.0", "spec_version": "2.0"}, "state": {}}
+        # What the lifespan puts in its state, every request's scope starts with (a copy).
+        scope = {"type": "lifespan", "asgi": {"version": "3.0", "spec_version": "2.0"}, "state": state}
         task = asyncio.ensure_future(app(scope, receive, send))
         done, _ = await asyncio.wait([task, started], return_when=asyncio.FIRST_COMPLETED)
         if started in done:
@@ -280,6 +299,9 @@ class WebApps:
                 self._send({"type": "ws_accept", "id": input_id, "subprotocol": message.get("subprotocol"),
                             "headers": headers})
             elif kind == "websocket.send":
+                size = len(message.get("bytes") or b"") + len(message.get("text") or "")
+                if size > MAX_WS_MESSAGE:
+                    raise ValueError(f"a WebSocket message of {size} bytes is over Lode's {MAX_WS_MESSAGE >> 20} MiB")
                 if message.get("bytes") is not None:
                     self._send({"type": "ws_send", "id": input_id, "bytes": _b64(message["bytes"])})
                 else:
@@ -527,8 +549,13 @@ def wsgi_environ(scope: dict, body: BodyReader) -> dict:
         "wsgi.multithread": True,
         "wsgi.multiprocess": False,
         "wsgi.run_once": False,
+        # The body ends where its parts end (Lode strips Transfer-Encoding).
+        "wsgi.input_terminated": True,
     }
     for name, value in scope.get("headers", []):
+        if "_" in name:
+            # X_User would read as X-User: dropped, as nginx and gunicorn do.
+            continue
         key = name.upper().replace("-", "_")
         if key in ("CONTENT_TYPE", "CONTENT_LENGTH"):
             environ[key] = value
