@@ -430,9 +430,9 @@ impl Manifest {
             // Only `lode run`'s and `lode dev`'s own names may act as the app they run.
             let ephemeral = self.app.strip_prefix(of).is_some_and(|rest| {
                 rest == "-dev"
-                    || rest
-                        .strip_prefix("-run-")
-                        .is_some_and(|hex| hex.len() == 6 && hex.bytes().all(|b| b.is_ascii_hexdigit()))
+                    || rest.strip_prefix("-run-").is_some_and(|hex| {
+                        hex.len() == 6 && hex.bytes().all(|b| b.is_ascii_hexdigit())
+                    })
             });
             if !is_dns_label(of) || !ephemeral {
                 problems.push(format!(
