@@ -427,13 +427,14 @@ impl Manifest {
         }
         self.limits.validate(&mut problems);
         if let Some(of) = self.run_of.as_deref() {
-            // Only `lode run`'s and `lode dev`'s own names may act as the app they run.
-            let ephemeral = self.app.strip_prefix(of).is_some_and(|rest| {
-                rest == "-dev"
-                    || rest.strip_prefix("-run-").is_some_and(|hex| {
-                        hex.len() == 6 && hex.bytes().all(|b| b.is_ascii_hexdigit())
-                    })
+            // Only `lode run`'s and `lode dev`'s own names may act as the app they run (the
+            // app's name, cut to fit a DNS label when it is long, and a suffix).
+            let base = self.app.strip_suffix("-dev").or_else(|| {
+                let (base, hex) = self.app.rsplit_once("-run-")?;
+                (hex.len() == 6 && hex.bytes().all(|b| b.is_ascii_hexdigit())).then_some(base)
             });
+            let ephemeral =
+                base.is_some_and(|base| base == of || (base.len() >= 50 && of.starts_with(base)));
             if !is_dns_label(of) || !ephemeral {
                 problems.push(format!(
                     "run_of: {of:?} may be set only on {of}-dev or {of}-run-<6 hex digits>, the \
@@ -701,6 +702,27 @@ impl FunctionSpec {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn only_run_and_dev_names_may_act_as_another_app() {
+        let mut manifest = Manifest {
+            version: MANIFEST_VERSION,
+            app: "shop-run-0a1b2c".into(),
+            config: Default::default(),
+            limits: Default::default(),
+            allow_callers: Vec::new(),
+            run_of: Some("shop".into()),
+            functions: vec![wasm_fn("web")],
+        };
+        assert!(manifest.validate().is_ok());
+        manifest.app = "shop-dev".into();
+        assert!(manifest.validate().is_ok());
+        for app in ["billing", "shop-run-xyz", "shopx-dev", "s-dev"] {
+            manifest.app = app.into();
+            let problems = manifest.validate().unwrap_err().join("\n");
+            assert!(problems.contains("run_of"), "{app}: {problems}");
+        }
+    }
     use super::*;
 
     fn wasm_fn(name: &str) -> FunctionSpec {
