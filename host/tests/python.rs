@@ -521,6 +521,7 @@ fn dicts_queues_and_generators_work_from_client_and_container_and_survive_a_rest
             "len: 4 0",
             "countdown: [3, 2, 1]",
             "ticks: [0, 10, 20]",
+            "relayed: [2, 1]",
             "remote on a generator: Function(",
             "by name: True",
             "flaky: 3",

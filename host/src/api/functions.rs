@@ -117,7 +117,7 @@ async fn call_gen(
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let body = body_json(&body)?;
-    let generated = match control.call_gen(&app, &function, &body, None) {
+    let generated = match control.call_gen(&app, &function, &body, None, None) {
         Ok(generated) => generated,
         Err(e) => return Ok(call_error_response(e)),
     };

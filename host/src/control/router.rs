@@ -208,20 +208,23 @@ impl Dispatch for Control {
         app: &str,
         function: &str,
         body: &Value,
+        tree: Option<CallTree>,
         caller: Option<&str>,
     ) -> Result<Generated, CallError> {
-        Control::call_gen(self, app, function, body, caller)
+        Control::call_gen(self, app, function, body, tree, caller)
     }
 }
 
 impl Control {
     /// Calls a Python generator function (`remote_gen`): its values stream as it yields
-    /// them. `caller` is the app whose code calls (`None`: the operator).
+    /// them. `tree` is the call's place when a function makes it; `caller` is the app whose
+    /// code calls (`None`: the operator).
     pub fn call_gen(
         &self,
         app: &str,
         function: &str,
         body: &Value,
+        tree: Option<CallTree>,
         caller: Option<&str>,
     ) -> Result<Generated, CallError> {
         let (pool, mut payload, pickle) = match self.target(app, function, body, caller)? {
@@ -242,7 +245,7 @@ impl Control {
         };
         let (app, function) = (app.to_string(), function.to_string());
         let outcome = tokio::spawn(async move {
-            match pool.submit_web(payload, exchange).await {
+            match pool.submit_stream(payload, tree, exchange).await {
                 Ok(outcome) => Ok(only_declared_pickle(outcome, pickle)),
                 Err(Rejected::QueueFull(after)) => Err(CallError {
                     retry_after: Some(after),

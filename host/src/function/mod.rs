@@ -51,6 +51,7 @@ pub trait Dispatch: Send + Sync {
         app: &str,
         function: &str,
         body: &Value,
+        tree: Option<CallTree>,
         caller: Option<&str>,
     ) -> Result<Generated, CallError>;
 

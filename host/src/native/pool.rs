@@ -210,6 +210,7 @@ async fn stream_generator(
     dispatch: &dyn Dispatch,
     caller_app: &str,
     request: lode_native_runner::agent::CallRequest,
+    tree: Option<CallTree>,
     call_id: &str,
     reply: &mpsc::UnboundedSender<ToAgent>,
 ) -> Outcome {
@@ -218,7 +219,7 @@ async fn stream_generator(
     let Some(function) = request.function.as_deref() else {
         return Outcome::failed(ErrorInfo::lode("invalid_request", "no function named"));
     };
-    let mut generated = match dispatch.call_gen(app, function, &body, Some(caller_app)) {
+    let mut generated = match dispatch.call_gen(app, function, &body, tree, Some(caller_app)) {
         Ok(generated) => generated,
         Err(e) => return Outcome::failed(e.error),
     };
@@ -350,6 +351,17 @@ impl Pool {
         web: WebExchange,
     ) -> Result<Outcome, Rejected> {
         self.submit_job(payload, None, Some(web)).await
+    }
+
+    /// Runs one generator input (`"stream": true`) at its place in a call tree: the values
+    /// it yields go to `values` as they come.
+    pub async fn submit_stream(
+        self: &Arc<Self>,
+        payload: serde_json::Map<String, serde_json::Value>,
+        tree: Option<CallTree>,
+        values: WebExchange,
+    ) -> Result<Outcome, Rejected> {
+        self.submit_job(payload, tree, Some(values)).await
     }
 
     async fn submit_job(
@@ -806,14 +818,21 @@ impl Pool {
                                 "the server is shutting down",
                             )),
                             Some(dispatch) if request.op == "call_gen" => {
-                                stream_generator(
-                                    &*dispatch,
-                                    &caller_app,
-                                    *request,
-                                    &call_id,
-                                    &reply,
-                                )
-                                .await
+                                // One more step of the input's tree, bounded as other calls.
+                                match tree.map(|t| t.admit(fan_out, false)).transpose() {
+                                    Err(error) => Outcome::failed(error),
+                                    Ok(tree) => {
+                                        stream_generator(
+                                            &*dispatch,
+                                            &caller_app,
+                                            *request,
+                                            tree,
+                                            &call_id,
+                                            &reply,
+                                        )
+                                        .await
+                                    }
+                                }
                             }
                             Some(dispatch) => {
                                 container_call(

@@ -32,6 +32,12 @@ def countdown(n):
 
 
 @app.function()
+def relay(n):
+    # A generator called from inside a function: its values come back as it yields them.
+    return [v["left"] for v in countdown.remote_gen(n)]
+
+
+@app.function()
 async def ticks(n):
     for i in range(n):
         yield i * 10
@@ -70,6 +76,7 @@ def main():
     print("second ran:", "second" in lode.Dict.from_name("obj-marks"))
     print("countdown:", [v["left"] for v in countdown.remote_gen(3)])
     print("ticks:", list(ticks.remote_gen(3)))
+    print("relayed:", relay.remote(2))
     try:
         countdown.remote(3)
     except TypeError as e:
