@@ -355,6 +355,15 @@ async fn upload_blobs(registry: &RegistryClient, blobs: BTreeMap<String, Vec<u8>
     Ok(())
 }
 
+/// Prints a line of a deploy's outcome: to stdout, or to stderr when `quiet`.
+pub fn say(quiet: bool, line: &str) {
+    if quiet {
+        eprintln!("{line}");
+    } else {
+        println!("{line}");
+    }
+}
+
 /// Sends the manifest and prints the server's progress until the deploy ends; the outcome
 /// goes to stdout, or to stderr with `quiet` (`lode run`, whose stdout is the program's).
 pub async fn follow_deploy(client: &ApiClient, manifest: &Manifest, quiet: bool) -> Result<()> {
@@ -408,13 +417,7 @@ pub async fn follow_deploy(client: &ApiClient, manifest: &Manifest, quiet: bool)
     let Some(outcome) = outcome else {
         bail!("the server ended the deploy without a result; check `lode logs` and the server log");
     };
-    let say = |line: String| {
-        if quiet {
-            eprintln!("{line}");
-        } else {
-            println!("{line}");
-        }
-    };
+    let say = |line: String| say(quiet, &line);
     let urls = match outcome {
         DeployEvent::Deployed { version, urls, .. } => {
             say(format!("deployed {} version {version}", manifest.app));

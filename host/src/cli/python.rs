@@ -184,11 +184,7 @@ pub async fn deploy(
             None => function.name.clone(),
         };
         let line = format!("  {} -> lode call {app}/{target}", function.name);
-        if quiet {
-            eprintln!("{line}");
-        } else {
-            println!("{line}");
-        }
+        crate::cli::deploy::say(quiet, &line);
     }
     Ok(Deployed { app, sources })
 }

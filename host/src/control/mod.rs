@@ -216,7 +216,7 @@ impl Control {
             urls.push(format!("{}/{}{}", self.urls.http, manifest.app, web.path));
             if web.serve != crate::proto::manifest::WebServe::Call {
                 let port = self.urls.http.rsplit_once(':').map_or("80", |(_, p)| p);
-                let label = function.name.replace('_', "-").to_ascii_lowercase();
+                let label = crate::proto::manifest::host_label(&function.name);
                 urls.push(format!(
                     "http://{}--{label}.lode.localhost:{port}/",
                     manifest.app

@@ -203,23 +203,10 @@ impl Dispatch for Control {
             .map_err(|e| ErrorInfo::lode(e.kind, e.message))
     }
 
-    fn call_gen(
-        &self,
-        app: &str,
-        function: &str,
-        body: &Value,
-        tree: Option<CallTree>,
-        caller: Option<&str>,
-    ) -> Result<Generated, CallError> {
-        Control::call_gen(self, app, function, body, tree, caller)
-    }
-}
-
-impl Control {
     /// Calls a Python generator function (`remote_gen`): its values stream as it yields
     /// them. `tree` is the call's place when a function makes it; `caller` is the app whose
     /// code calls (`None`: the operator).
-    pub fn call_gen(
+    fn call_gen(
         &self,
         app: &str,
         function: &str,
@@ -271,7 +258,9 @@ impl Control {
             pickle,
         })
     }
+}
 
+impl Control {
     /// Runs the call on its engine; says which engine it was and the function's call series,
     /// once the function is known.
     async fn run_on_engine(

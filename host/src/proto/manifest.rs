@@ -359,6 +359,12 @@ pub enum NetworkMode {
     Outbound,
 }
 
+/// A Python function's name as a host label (`<app>--<label>.lode.localhost`): lowercase,
+/// `_` as `-`.
+pub fn host_label(function: &str) -> String {
+    function.replace('_', "-").to_ascii_lowercase()
+}
+
 /// Whether `name` is a DNS label: `[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?`.
 pub fn is_dns_label(name: &str) -> bool {
     let bytes = name.as_bytes();

@@ -15,7 +15,7 @@ use hyper::body::Incoming;
 use crate::control::{Control, PythonRoute};
 use crate::function::Dispatch;
 use crate::proto::log::Stream;
-use crate::proto::manifest::WebServe;
+use crate::proto::manifest::{WebServe, host_label};
 use crate::telemetry::metrics::StatusLabels;
 use crate::wasm::http::{self as wasm_http, ResponseBody, error_response, full, too_large};
 
@@ -83,11 +83,6 @@ pub fn target(host: Option<&str>, uri: &Uri) -> Option<Target> {
         prefix: Some(format!("/{app}")),
         function: None,
     })
-}
-
-/// A function's name as a host label: lowercase, `_` as `-`.
-pub fn host_label(function: &str) -> String {
-    function.replace('_', "-").to_ascii_lowercase()
 }
 
 fn request_id() -> String {

@@ -349,7 +349,7 @@ class Agent:
                 message = f"the result of {function.name}() cannot be pickled ({e}); return a picklable value"
         else:
             try:
-                return encode({"type": "output", "id": input_id, "result": _json_value(result)})
+                return _encode_value({"type": "output", "id": input_id}, result)
             except (TypeError, ValueError) as e:
                 message = (
                     f"the result of {function.name}() is not JSON-serializable ({e}); return JSON values "
@@ -391,7 +391,7 @@ class Agent:
                 self.conn.send({"type": "yield", "id": input_id, "result_pickled": data})
                 return
             try:
-                line = encode({"type": "yield", "id": input_id, "result": _json_value(value)})
+                line = _encode_value({"type": "yield", "id": input_id}, value)
             except (TypeError, ValueError) as e:
                 raise TypeError(
                     f"a value {function.name}() yielded is not JSON-serializable ({e}); yield JSON values "
@@ -579,15 +579,15 @@ class Agent:
         del pending[:start]
 
 
-def _json_value(value: Any) -> Any:
-    """A result as JSON: as it is when JSON holds it, else with bytes and tuples tagged."""
-    try:
-        json.dumps(value, allow_nan=False)
-        if not isinstance(value, tuple):
-            return value
-    except (TypeError, ValueError):
-        pass
-    return _values.encode(value, False)
+def _encode_value(message: dict[str, Any], value: Any) -> bytes:
+    """`message` with `value` as its result, encoded once: as it is when JSON holds it,
+    else (and for a tuple) with bytes and tuples tagged."""
+    if not isinstance(value, tuple):
+        try:
+            return encode({**message, "result": value})
+        except (TypeError, ValueError):
+            pass
+    return encode({**message, "result": _values.encode(value, False)})
 
 
 def _new_event_loop() -> asyncio.AbstractEventLoop:

@@ -723,10 +723,7 @@ class App:
         if o.get("concurrency") is None and _web.concurrency_mark(fn) is not None:
             o = {**o, "concurrency": _web.concurrency_mark(fn)}
         # A batch gathers inputs that arrive at once: a container takes that many.
-        batch = _web.batch_mark(fn) or max(
-            (_web.batch_mark(getattr(fn, m, None)) or (0, 0) for m in dir(fn) if inspect.isclass(fn)),
-            default=None,
-        )
+        batch = _web.batch_mark(fn)
         if o.get("concurrency") is None and batch and batch[0] > 1:
             o = {**o, "concurrency": batch[0]}
 

@@ -418,9 +418,9 @@ class AgentTransport:
                 block()
                 return
 
-    def _request(self, op: str, fields: dict[str, Any]) -> dict[str, Any]:
+    def _send_call(self, op: str, fields: dict[str, Any], slot: Any) -> None:
+        """Registers `slot` for the answers to a new call and sends the call."""
         call_id = f"c-{next(self._ids)}"
-        slot = _Pending()
         with self._lock:
             if self._closed:
                 raise exception.ConnectionError("the connection to the Lode host is closed; the container is stopping")
@@ -439,6 +439,10 @@ class AgentTransport:
             if isinstance(e, OSError):
                 raise exception.ConnectionError(f"cannot send the {op} to the Lode host ({e}); the container is stopping") from e
             raise
+
+    def _request(self, op: str, fields: dict[str, Any]) -> dict[str, Any]:
+        slot = _Pending()
+        self._send_call(op, fields, slot)
         self._wait(slot.event.is_set, slot.event.wait)
         msg = slot.message or {}
         if "error" in msg:
@@ -484,23 +488,8 @@ class AgentTransport:
 
     def call_gen(self, app: str, function: str, payload: dict[str, Any]) -> Iterator[dict[str, Any]]:
         """A generator call's values, each as the host passes it on."""
-        call_id = f"c-{next(self._ids)}"
         slot = _Stream()
-        with self._lock:
-            if self._closed:
-                raise exception.ConnectionError("the connection to the Lode host is closed; the container is stopping")
-            self._pending[call_id] = slot
-        message = {"type": "call", "call_id": call_id, "token": self._token, "op": "call_gen",
-                   "app": app, "function": function, **payload}
-        input_id = current_input()
-        if input_id is not None:
-            message["input"] = input_id
-        try:
-            self._send(message)
-        except OSError as e:
-            with self._lock:
-                self._pending.pop(call_id, None)
-            raise exception.ConnectionError(f"cannot send the call to the Lode host ({e})") from e
+        self._send_call("call_gen", {"app": app, "function": function, **payload}, slot)
         while True:
             self._wait(lambda: not slot.items.empty(), lambda: None)
             msg = slot.items.get()

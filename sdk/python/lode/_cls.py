@@ -14,6 +14,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from . import _web
 from ._app import FUNCTION_NAME, App, Function
 
 # The types a parameter may have: they travel as JSON next to the call's arguments.
@@ -297,6 +298,11 @@ def declare(app: App, user_cls: type, options: dict[str, Any]) -> Cls:
             delattr(user_cls, param)
         else:
             setattr(user_cls, param, spec.default)
+    # Batched methods gather inputs that arrive at once: a container takes the largest batch.
+    batches = [_web.batch_mark(getattr(user_cls, m)) for m in methods]
+    largest = max((b[0] for b in batches if b), default=0)
+    if options.get("concurrency") is None and largest > 1:
+        options = {**options, "concurrency": largest}
     function = app._make_function(user_cls, {**options, "name": name}, None)
     function._spec["cls"] = {"methods": methods}
     cls = Cls(user_cls, function, methods, params, enter_hooks, exit_hooks)

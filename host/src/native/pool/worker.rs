@@ -12,9 +12,9 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::function::CallTree;
 
-/// Where a web input's response goes: the agent's messages for it, and, once a container
-/// takes it, its input id and that container's channel (for the request body and WebSocket
-/// messages from the client).
+/// Where a streamed input's messages go (a web input's response, a generator's values),
+/// and, once a container takes it, its input id and that container's channel (for the
+/// request body and WebSocket messages from the client).
 pub struct WebExchange {
     /// The agent's HTTP and WebSocket messages for the input.
     pub events: mpsc::UnboundedSender<FromAgent>,
