@@ -114,9 +114,14 @@ run_tests() {
   # The sandbox tests build a root filesystem from a static busybox; image builds need
   # debootstrap (the base is kept in $CACHE_DIR/images/base, so reruns skip it) and
   # slirp4netns (build steps and --net outbound).
-  # The security suite also needs ip (network test hosts), script and setpriv.
+  # The security suite also needs ip (network test hosts), script and setpriv. Registry pulls
+  # are tested against Debian's docker-registry (token auth, keys from openssl), with images
+  # pushed by skopeo; each test starts its own on loopback, so the packaged service is stopped.
   setup busybox=busybox-static python3 ip=iproute2 script=bsdutils setpriv=util-linux \
-    "${CONTAINER_TOOLS[@]}"
+    docker-registry skopeo openssl "${CONTAINER_TOOLS[@]}"
+  if command -v systemctl >/dev/null && systemctl is-active --quiet docker-registry 2>/dev/null; then
+    systemctl disable --now docker-registry >/dev/null 2>&1 || true
+  fi
   # A one-off CI build gains nothing from incremental state, which is gigabytes on disk.
   if [[ -n ${CI:-} ]]; then export CARGO_INCREMENTAL=0; fi
   log "cargo fmt --check"

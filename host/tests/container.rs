@@ -7,6 +7,7 @@ use std::io::Write;
 use std::path::Path;
 use std::process::Output;
 
+use harness::oci::oci_layout;
 use harness::{BASE_DIR, Lode, text, write_spec};
 
 fn start() -> Lode {
@@ -381,85 +382,6 @@ fn a_killed_server_leaves_nothing_after_it_restarts() {
     assert!(!sleeping());
 }
 
-/// A one-layer OCI image layout holding a static busybox, written by hand.
-fn oci_layout(dir: &Path, extra: &[(&str, &[u8])]) {
-    use sha2::Digest as _;
-    let blobs = dir.join("blobs/sha256");
-    std::fs::create_dir_all(&blobs).unwrap();
-    let put = |bytes: &[u8]| -> (String, usize) {
-        let hex = hex::encode(sha2::Sha256::digest(bytes));
-        std::fs::write(blobs.join(&hex), bytes).unwrap();
-        (format!("sha256:{hex}"), bytes.len())
-    };
-    let mut layer = tar::Builder::new(flate2::write::GzEncoder::new(
-        Vec::new(),
-        flate2::Compression::fast(),
-    ));
-    let new_header = || {
-        let mut header = tar::Header::new_gnu();
-        header.set_uid(0);
-        header.set_gid(0);
-        header.set_mtime(1_700_000_000);
-        header
-    };
-    let mut header = new_header();
-    header.set_entry_type(tar::EntryType::Directory);
-    header.set_mode(0o755);
-    header.set_size(0);
-    layer.append_data(&mut header, "bin/", &[][..]).unwrap();
-    let busybox = std::fs::read("/bin/busybox").expect("apt-get install busybox-static");
-    let mut header = new_header();
-    header.set_mode(0o755);
-    header.set_size(busybox.len() as u64);
-    layer
-        .append_data(&mut header, "bin/busybox", &busybox[..])
-        .unwrap();
-    for applet in ["sh", "cat", "echo"] {
-        let mut header = new_header();
-        header.set_mode(0o777);
-        header.set_entry_type(tar::EntryType::Symlink);
-        header.set_size(0);
-        layer
-            .append_link(&mut header, format!("bin/{applet}"), "busybox")
-            .unwrap();
-    }
-    for (path, bytes) in extra {
-        let mut header = new_header();
-        header.set_mode(0o644);
-        header.set_size(bytes.len() as u64);
-        // Written raw, so a test can put `..` in a name the tar crate would refuse.
-        let name = header.as_gnu_mut().unwrap();
-        name.name[..path.len()].copy_from_slice(path.as_bytes());
-        header.set_cksum();
-        layer.append(&header, *bytes).unwrap();
-    }
-    let layer = layer.into_inner().unwrap().finish().unwrap();
-    let (layer_digest, layer_size) = put(&layer);
-    let config = serde_json::json!({
-        "architecture": "amd64", "os": "linux",
-        "config": {"Env": ["PATH=/bin", "FROM_OCI=yes"], "Cmd": ["/bin/sh", "-c", "echo from the image cmd $FROM_OCI"]},
-        "rootfs": {"type": "layers", "diff_ids": []}
-    });
-    let (config_digest, config_size) = put(&serde_json::to_vec(&config).unwrap());
-    let manifest = serde_json::json!({
-        "schemaVersion": 2,
-        "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config_digest, "size": config_size},
-        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": layer_digest, "size": layer_size}]
-    });
-    let (manifest_digest, manifest_size) = put(&serde_json::to_vec(&manifest).unwrap());
-    let index = serde_json::json!({
-        "schemaVersion": 2,
-        "manifests": [{"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": manifest_digest, "size": manifest_size}]
-    });
-    std::fs::write(dir.join("index.json"), serde_json::to_vec(&index).unwrap()).unwrap();
-    std::fs::write(
-        dir.join("oci-layout"),
-        br#"{"imageLayoutVersion": "1.0.0"}"#,
-    )
-    .unwrap();
-}
-
 #[test]
 fn an_oci_layout_is_imported_built_on_and_run() {
     let lode = start();
@@ -511,4 +433,151 @@ fn an_oci_layout_is_imported_built_on_and_run() {
     assert!(!work.path().join("escaped.txt").exists());
     assert!(!Path::new("/tmp/escaped.txt").exists());
     let _ = std::io::stderr().flush();
+}
+
+#[test]
+fn images_are_pulled_from_a_registry_with_token_auth() {
+    let registry = harness::oci::TokenRegistry::start("alice", "s3cret");
+    let work = tempfile::tempdir().unwrap();
+    let layout = work.path().join("layout");
+    oci_layout(&layout, &[("marker.txt", b"pulled from the registry\n")]);
+    registry.push(&layout, "lode/busybox:1", "alice", "s3cret");
+    let pushed_tokens = registry
+        .tokens_issued
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert!(
+        pushed_tokens > 0,
+        "skopeo's push went through the token server"
+    );
+
+    let lode = Lode::start(&[
+        "--image-base-dir",
+        BASE_DIR,
+        "--insecure-registry",
+        &registry.address,
+    ]);
+    let image = format!("{}/lode/busybox:1", registry.address);
+    let spec_for = |name: &str, secret: Option<&str>, reference: &str| {
+        let secret = secret
+            .map(|s| format!(r#", "secret": "{s}""#))
+            .unwrap_or_default();
+        write_spec(
+            work.path(),
+            name,
+            &format!(
+                r#"{{"base": {{"registry": {{"reference": "{reference}"{secret}}}}},
+                    "steps": [{{"run_commands": {{"commands": ["echo step > /step.txt"]}}}}]}}"#
+            ),
+        )
+    };
+
+    // Without credentials the registry refuses, and the error says what to give.
+    let anonymous = spec_for("anonymous.json", None, &image);
+    let err = lode.cli_err(&["image", "build", &anonymous]);
+    assert!(
+        err.contains("refused an anonymous pull") && err.contains("REGISTRY_PASSWORD"),
+        "{err}"
+    );
+    lode.cli_ok(&[
+        "secret",
+        "create",
+        "wrongcred",
+        "REGISTRY_USERNAME=alice",
+        "REGISTRY_PASSWORD=nope",
+    ]);
+    let wrong = spec_for("wrong.json", Some("wrongcred"), &image);
+    let err = lode.cli_err(&["image", "build", &wrong]);
+    assert!(
+        err.contains(r#"refused the credentials from secret "wrongcred""#),
+        "{err}"
+    );
+    assert!(
+        !err.contains("nope"),
+        "the password stays out of errors: {err}"
+    );
+    let missing_secret = spec_for("nosecret.json", Some("nosuch"), &image);
+    let err = lode.cli_err(&["image", "build", &missing_secret]);
+    assert!(err.contains(r#"secret "nosuch" does not exist"#), "{err}");
+
+    // With them, the image is pulled, built on, and runs with its own config.
+    lode.cli_ok(&[
+        "secret",
+        "create",
+        "regcred",
+        "REGISTRY_USERNAME=alice",
+        "REGISTRY_PASSWORD=s3cret",
+    ]);
+    let good = spec_for("good.json", Some("regcred"), &image);
+    let (digest, progress) = build(&lode, &good, &["--tag", "test/pulled"]);
+    assert!(
+        progress.contains("from_registry") && progress.contains("pulling 1 layers"),
+        "{progress}"
+    );
+    let out = run(
+        &lode,
+        &["test/pulled", "--", "cat", "/marker.txt", "/step.txt"],
+    );
+    assert_eq!(
+        text(&out.stdout),
+        "pulled from the registry\nstep\n",
+        "{}",
+        text(&out.stderr)
+    );
+    let out = run(&lode, &["test/pulled"]);
+    assert_eq!(
+        text(&out.stdout),
+        "from the image cmd yes\n",
+        "{}",
+        text(&out.stderr)
+    );
+
+    // A rebuild asks the registry what the tag names now, and pulls nothing more.
+    let (again, progress) = build(&lode, &good, &[]);
+    assert_eq!(again, digest);
+    assert!(
+        progress.contains("(cached)") && !progress.contains("pulling"),
+        "{progress}"
+    );
+
+    // A moved tag is pulled anew.
+    let moved = work.path().join("moved");
+    oci_layout(&moved, &[("marker.txt", b"the tag moved\n")]);
+    registry.push(&moved, "lode/busybox:1", "alice", "s3cret");
+    let (moved_digest, _) = build(&lode, &good, &["--tag", "test/moved"]);
+    assert_ne!(moved_digest, digest);
+    let out = run(&lode, &["test/moved", "--", "cat", "/marker.txt"]);
+    assert_eq!(
+        text(&out.stdout),
+        "the tag moved\n",
+        "{}",
+        text(&out.stderr)
+    );
+
+    // What does not exist, and a registry that is not there, say so.
+    let nope = spec_for(
+        "nope.json",
+        Some("regcred"),
+        &format!("{}/lode/nothing:1", registry.address),
+    );
+    let err = lode.cli_err(&["image", "build", &nope]);
+    assert!(err.contains("lode/nothing:1 does not exist"), "{err}");
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let down = spec_for(
+        "down.json",
+        None,
+        &format!("127.0.0.1:{closed}/lode/busybox:1"),
+    );
+    let err = lode.cli_err(&["image", "build", &down]);
+    assert!(
+        err.contains(&format!("cannot reach registry 127.0.0.1:{closed}"))
+            && err.contains("--insecure-registry"),
+        "{err}"
+    );
+    let bad = spec_for("bad.json", None, "UPPER/Case:tag:x");
+    let err = lode.cli_err(&["image", "build", &bad]);
+    assert!(err.contains("is not an image reference"), "{err}");
 }

@@ -756,3 +756,64 @@ fn a_module_that_fails_to_import_fails_every_request_with_the_reason() {
         assert!(body.contains("ModuleNotFoundError"), "{body}");
     }
 }
+
+#[test]
+fn a_function_runs_on_an_image_pulled_from_a_registry() {
+    let registry = harness::oci::TokenRegistry::start("bob", "hunter2");
+    let lode = start(&["--insecure-registry", &registry.address]);
+    let work = tempfile::tempdir().unwrap();
+    // The Debian base with Python, made once per machine, pushed as a one-layer image: what
+    // `python:3.12-slim` is to Docker Hub.
+    lode.python_image(work.path());
+    let layout = work.path().join("layout");
+    harness::oci::oci_layout_of_tree(
+        &layout,
+        &Path::new(BASE_DIR).join("bookworm"),
+        &[
+            "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+            "FROM_REGISTRY=yes",
+        ],
+    );
+    registry.push(&layout, "lode/python:3.11", "bob", "hunter2");
+    lode.cli_ok(&[
+        "secret",
+        "create",
+        "regcred",
+        "REGISTRY_USERNAME=bob",
+        "REGISTRY_PASSWORD=hunter2",
+    ]);
+    let app = work.path().join("registry_app.py");
+    std::fs::write(
+        &app,
+        format!(
+            r#"import lode as modal
+
+app = modal.App("from-registry")
+image = modal.Image.from_registry(
+    "{address}/lode/python:3.11", secret=modal.Secret.from_name("regcred")
+).env({{"STEP": "on-top"}})
+
+
+@app.function(image=image)
+def where() -> str:
+    import os
+    import sys
+
+    debian = open("/etc/debian_version").read().strip().split(".")[0]
+    return f"debian {{debian}} {{os.environ['FROM_REGISTRY']}} {{os.environ['STEP']}} python {{sys.version_info[0]}}"
+
+
+@app.local_entrypoint()
+def main():
+    print("answer:", where.remote())
+"#,
+            address = registry.address
+        ),
+    )
+    .unwrap();
+    run_expecting(
+        &lode,
+        &[app.to_str().unwrap()],
+        &["answer: debian 12 yes on-top python 3"],
+    );
+}

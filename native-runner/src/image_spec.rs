@@ -49,6 +49,15 @@ pub enum Base {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         digest: Option<String>,
     },
+    /// An image pulled from an OCI registry (Docker Hub, GHCR, one's own), flattened; cached
+    /// by its manifest digest, so a tag that moves is pulled again.
+    Registry {
+        /// As Docker writes it: `python:3.12-slim`, `ghcr.io/org/app:1`, `host:5000/x@sha256:...`.
+        reference: String,
+        /// A Lode secret holding `REGISTRY_USERNAME` and `REGISTRY_PASSWORD`; anonymous if absent.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        secret: Option<String>,
+    },
     /// An image already in the registry, by digest or tag.
     Image {
         /// A digest or a tag.
@@ -201,8 +210,22 @@ impl ImageSpec {
 
     /// Checks what the schema cannot: versions, paths, empty lists, variable names.
     pub fn validate(&self) -> Result<(), String> {
-        if let Base::DebianSlim { python_version } = &self.base {
-            debian_release(python_version.as_deref())?;
+        match &self.base {
+            Base::DebianSlim { python_version } => {
+                debian_release(python_version.as_deref())?;
+            }
+            Base::Registry { reference, secret } => {
+                if reference.is_empty() || reference.contains(char::is_whitespace) {
+                    return Err(format!(
+                        "from_registry {reference:?} is not an image reference (such as \
+                         python:3.12-slim)"
+                    ));
+                }
+                if secret.as_ref().is_some_and(|s| s.is_empty()) {
+                    return Err("from_registry: the secret name is empty".into());
+                }
+            }
+            _ => {}
         }
         let wasm = matches!(self.base, Base::Wasm {} | Base::WasmPython {});
         for (i, step) in self.steps.iter().enumerate() {

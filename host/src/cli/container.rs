@@ -9,7 +9,7 @@ use std::sync::Arc;
 use anyhow::{Context, Result, bail};
 use futures::StreamExt;
 use lode_fs::IngestOptions;
-use lode_native_runner::image_spec::{Base, CONFIG_PATH, ImageConfig, ImageSpec, Step};
+use lode_native_runner::image_spec::{Base, CONFIG_PATH, ImageSpec, Step};
 use lode_registry::BlobAccess;
 use reqwest::Method;
 
@@ -48,12 +48,7 @@ pub async fn resolve_local(
         eprintln!("importing OCI image {}", source.display());
         let oci = lode_native_runner::oci::unpack(&source, &rootfs)
             .with_context(|| format!("from_oci {}", source.display()))?;
-        let config = ImageConfig {
-            env: oci.env,
-            workdir: oci.workdir,
-            cmd: oci.cmd,
-            runtime: None,
-        };
+        let config = oci.image_config();
         let config_path = rootfs.join(CONFIG_PATH);
         let parent = config_path.parent().expect("config has a parent");
         // The image may hold /etc as a symlink; the config is written only into a real dir.

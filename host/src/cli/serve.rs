@@ -99,6 +99,11 @@ pub struct ServeArgs {
     /// refused by default.
     #[arg(long)]
     pub allow_root_containers: bool,
+    /// A registry (`HOST:PORT`, as image references write it) that image builds may pull
+    /// from over plain HTTP, such as one on this machine (repeatable). Every other registry
+    /// is reached over HTTPS and verified against the system's certificate roots.
+    #[arg(long = "insecure-registry", value_name = "HOST:PORT")]
+    pub insecure_registry: Vec<String>,
     /// Sandboxes running at once on this server.
     #[arg(long, default_value_t = 64, value_name = "N")]
     pub max_sandboxes: usize,
@@ -171,6 +176,7 @@ fn container_bounds(args: &ServeArgs) -> Result<crate::native::ContainerBounds> 
             disk: (args.build_disk > 0).then_some(args.build_disk),
         },
         volume_roots: args.allow_volume.clone(),
+        insecure_registries: args.insecure_registry.clone(),
         allow_root_containers: args.allow_root_containers,
         allow_net: args.allow_net.clone(),
         ..defaults

@@ -53,6 +53,8 @@ pub struct ContainerBounds {
     /// Host directories whose contents may be bind-mounted into containers. Empty: none.
     /// A token holder could otherwise mount `/` and own the host.
     pub volume_roots: Vec<PathBuf>,
+    /// Registries image builds may pull from over plain HTTP (`--insecure-registry`).
+    pub insecure_registries: Vec<String>,
 }
 
 impl Default for ContainerBounds {
@@ -72,6 +74,7 @@ impl Default for ContainerBounds {
             allow_root_containers: false,
             allow_net: Vec::new(),
             volume_roots: Vec::new(),
+            insecure_registries: Vec::new(),
         }
     }
 }
@@ -210,6 +213,7 @@ impl Native {
         cache_dir: &Path,
         base_dir: PathBuf,
         bounds: ContainerBounds,
+        secrets: lode_native_runner::builder::SecretLookup,
     ) -> Arc<Self> {
         let cgroups: Result<Arc<dyn Hierarchy>, String> = lode_native_runner::cgroup::detect()
             .map(Arc::from)
@@ -263,6 +267,8 @@ impl Native {
             builder.limits = bounds.build;
             builder.egress = egress.as_ref().ok().cloned();
             builder.allow_root = bounds.allow_root_containers;
+            builder.insecure_registries = bounds.insecure_registries.clone();
+            builder.secrets = Some(secrets);
             builder
         });
         Arc::new(Self {

@@ -191,6 +191,13 @@ pub async fn serve(options: ServeOptions) -> Result<()> {
         )
         .context("preparing the image mounts")?,
     );
+    let state: Arc<dyn crate::store::state::StateStore> =
+        Arc::new(RedbStore::open(&options.data_dir.join("state"))?);
+    let secrets = Arc::new(crate::store::secrets::Secrets::open(
+        &options.data_dir,
+        state.clone(),
+    )?);
+    let build_secrets = secrets.clone();
     let native = crate::native::Native::new(
         Arc::new(registry.clone()),
         image_mounts.clone(),
@@ -200,9 +207,8 @@ pub async fn serve(options: ServeOptions) -> Result<()> {
             .clone()
             .unwrap_or_else(|| options.cache_dir.join("images/base")),
         options.container_bounds.clone(),
+        Arc::new(move |name: &str| build_secrets.get(name).map_err(|e| format!("{e:#}"))),
     );
-    let state: Arc<dyn crate::store::state::StateStore> =
-        Arc::new(RedbStore::open(&options.data_dir.join("state"))?);
     let logs = LogStore::new(options.log_lines);
     let sdk_dir = crate::sdk::extract(&options.cache_dir.join("sdk"))
         .context("writing the Python SDK into the cache dir")?;
@@ -215,10 +221,7 @@ pub async fn serve(options: ServeOptions) -> Result<()> {
             start_timeout: options.container_start_timeout,
             started: std::sync::Mutex::new(Vec::new()),
         }),
-        secrets: Arc::new(crate::store::secrets::Secrets::open(
-            &options.data_dir,
-            state.clone(),
-        )?),
+        secrets,
         volumes_dir: options.data_dir.join("volumes"),
         apps_dir: {
             // App sources are the tenants' code: theirs and Lode's alone.

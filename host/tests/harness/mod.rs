@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+pub mod oci;
 pub mod testhost;
 
 pub const LODE: &str = env!("CARGO_BIN_EXE_lode");
@@ -399,6 +400,7 @@ impl Lode {
     }
 
     pub fn client(&self) -> reqwest::Client {
+        lode_native_runner::oci::pull::install_tls_provider();
         reqwest::Client::builder()
             .timeout(Duration::from_secs(30))
             .build()

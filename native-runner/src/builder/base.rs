@@ -1,5 +1,6 @@
-//! Debian bases made with debootstrap, once per release and shared by every build: locked
-//! while one is made, pruned of what images do not need, and marked done.
+//! Bases: Debian made with debootstrap, once per release and shared by every build (locked
+//! while one is made, pruned of what images do not need, and marked done), and images pulled
+//! from OCI registries.
 
 use super::*;
 
@@ -183,4 +184,113 @@ pub(super) fn prune(root: &Path) -> std::io::Result<()> {
         path,
         serde_json::to_vec_pretty(&config).expect("config serializes"),
     )
+}
+
+/// The secret keys registry credentials are read from, as Modal names them.
+pub const REGISTRY_USERNAME: &str = "REGISTRY_USERNAME";
+/// See [`REGISTRY_USERNAME`].
+pub const REGISTRY_PASSWORD: &str = "REGISTRY_PASSWORD";
+
+impl Builder {
+    /// An image from an OCI registry: resolved to its manifest every build (a tag may move),
+    /// pulled and flattened only when that manifest was never pulled before.
+    pub(super) async fn registry_base(
+        &self,
+        reference: &str,
+        secret: Option<&str>,
+        of: usize,
+        events: &Events,
+    ) -> Result<Digest, BuildError> {
+        let options = crate::oci::pull::PullOptions {
+            insecure_registries: self.insecure_registries.clone(),
+            credentials: match secret {
+                Some(name) => Some(self.registry_credentials(name)?),
+                None => None,
+            },
+            credentials_from: secret.map(|s| format!("secret {s:?}")).unwrap_or_default(),
+        };
+        let failed =
+            |e: crate::oci::pull::PullError| BuildError::Spec(format!("from_registry: {e}"));
+        let image = crate::oci::pull::resolve(reference, &options)
+            .await
+            .map_err(failed)?;
+        let key =
+            blake3::hash(format!("lode from_registry v1 {}", image.digest).as_bytes()).to_hex();
+        let tag = format!("build-cache/{key}");
+        let cached = self.cached(&tag).await?;
+        events(BuildEvent::Step {
+            number: 0,
+            of,
+            description: format!("from_registry {reference} ({})", image.digest),
+            cached: cached.is_some(),
+        });
+        if let Some(digest) = cached {
+            return Ok(digest);
+        }
+        if let Some(disk) = self.limits.disk
+            && image.layer_bytes() > disk
+        {
+            return Err(BuildError::Spec(format!(
+                "from_registry {reference}: its layers take {:.1} GB, more than one build step \
+                 may write ({:.1} GB, `lode serve --build-disk`)",
+                image.layer_bytes() as f64 / 1e9,
+                disk as f64 / 1e9
+            )));
+        }
+        events(BuildEvent::Log {
+            line: format!(
+                "pulling {} layers, {:.1} MB",
+                image.layer_count(),
+                image.layer_bytes() as f64 / 1e6
+            ),
+        });
+        let scratch = tempfile::tempdir_in(&self.work_dir)
+            .map_err(|e| BuildError::Other(format!("scratch space for the pull: {e}")))?;
+        let layout = scratch.path().join("layout");
+        crate::oci::pull::download(&image, &layout, &options)
+            .await
+            .map_err(failed)?;
+        let rootfs = scratch.path().join("rootfs");
+        let unpack_to = rootfs.clone();
+        let oci = tokio::task::spawn_blocking(move || crate::oci::unpack(&layout, &unpack_to))
+            .await
+            .map_err(|e| BuildError::Other(format!("unpacking task failed: {e}")))?
+            .map_err(|e| BuildError::Spec(format!("from_registry {reference}: {e}")))?;
+        let report =
+            lode_fs::ingest(&rootfs, self.registry.clone(), IngestOptions::default()).await?;
+        let ingested = report
+            .digest
+            .ok_or_else(|| BuildError::Other("the pulled image stored no index".into()))?;
+        let mut tree = self.load(&ingested).await?.to_tree();
+        write_config(&mut tree, &oci.image_config())?;
+        let digest = self.store(&tree).await?;
+        self.registry
+            .set_tag(&tag, &digest, TagUpdate::Always)
+            .await?;
+        Ok(digest)
+    }
+
+    /// User name and password from the secret `name`.
+    fn registry_credentials(&self, name: &str) -> Result<(String, String), BuildError> {
+        let lookup = self.secrets.as_ref().ok_or_else(|| {
+            BuildError::Spec(format!(
+                "from_registry names secret {name:?}, but this builder reads no secrets"
+            ))
+        })?;
+        let values = lookup(name).map_err(BuildError::Other)?.ok_or_else(|| {
+            BuildError::Spec(format!(
+                "from_registry: secret {name:?} does not exist; create it with `lode secret \
+                     create {name} {REGISTRY_USERNAME}=... {REGISTRY_PASSWORD}=...`"
+            ))
+        })?;
+        let get = |key: &str| {
+            values.get(key).cloned().ok_or_else(|| {
+                BuildError::Spec(format!(
+                    "from_registry: secret {name:?} has no {key}; registry credentials are \
+                     read from {REGISTRY_USERNAME} and {REGISTRY_PASSWORD}"
+                ))
+            })
+        };
+        Ok((get(REGISTRY_USERNAME)?, get(REGISTRY_PASSWORD)?))
+    }
 }

@@ -167,7 +167,19 @@ pub struct Builder {
     /// Run steps as the host's uid 0 where no user namespace can hold them (the operator's
     /// choice; refused otherwise).
     pub allow_root: bool,
+    /// Registries `from_registry` reaches over plain HTTP (`host:port`, the operator's list).
+    pub insecure_registries: Vec<String>,
+    /// Reads a secret's values, for registry credentials; without it, a pull that names a
+    /// secret is refused.
+    pub secrets: Option<SecretLookup>,
 }
+
+/// A named secret's values, `None` when there is no such secret.
+pub type SecretLookup = Arc<
+    dyn Fn(&str) -> Result<Option<std::collections::BTreeMap<String, String>>, String>
+        + Send
+        + Sync,
+>;
 
 /// What one build step may use: memory and pids always, a disk where loop devices allow.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -215,6 +227,8 @@ impl Builder {
             limits: BuildLimits::default(),
             egress: None,
             allow_root: false,
+            insecure_registries: Vec::new(),
+            secrets: None,
         }
     }
 
@@ -243,6 +257,10 @@ impl Builder {
                     cached: true,
                 });
                 self.existing(digest).await?
+            }
+            Base::Registry { reference, secret } => {
+                self.registry_base(reference, secret.as_deref(), of, &events)
+                    .await?
             }
             Base::Image { reference } => {
                 events(BuildEvent::Step {

@@ -35,6 +35,7 @@ use sha2::{Digest as _, Sha256};
 
 mod layer;
 mod layout;
+pub mod pull;
 
 pub use layer::unpack_layer;
 use layer::*;
@@ -63,6 +64,19 @@ pub struct OciConfig {
     pub user: Option<String>,
     /// Entries that were not created, as `path (why)`: device nodes and unknown tar entry types.
     pub skipped: Vec<String>,
+}
+
+impl OciConfig {
+    /// The settings Lode keeps for containers of the image (the user is not among them:
+    /// containers run as the image's root, held by a user namespace).
+    pub fn image_config(&self) -> crate::image_spec::ImageConfig {
+        crate::image_spec::ImageConfig {
+            env: self.env.clone(),
+            workdir: self.workdir.clone(),
+            cmd: self.cmd.clone(),
+            runtime: None,
+        }
+    }
 }
 
 /// Why an image could not be imported.

