@@ -817,3 +817,55 @@ def main():
         &["answer: debian 12 yes on-top python 3"],
     );
 }
+
+#[test]
+fn run_function_prepares_an_image_once_and_fails_with_the_functions_error() {
+    let lode = start(&[]);
+    lode.cli_ok(&["secret", "create", "hub", "MODEL_TOKEN=tok-secret-value"]);
+    let work = tempfile::tempdir().unwrap();
+    let app = work.path().join("prepared.py");
+    let source = std::fs::read_to_string(repo_file("host/tests/python/run_function.py")).unwrap();
+    std::fs::write(app, &source).unwrap();
+    let app = app.to_str().unwrap();
+    let stderr = run_expecting(&lode, &[app], &["model: tok-xxxx"]);
+    assert!(stderr.contains("downloaded tiny in container"), "{stderr}");
+    assert!(!stderr.contains("tok-secret-value"), "{stderr}");
+
+    // An edit elsewhere in the file leaves the step cached; an edit to the function runs it
+    // again.
+    std::fs::write(
+        app,
+        source.replace(
+            "print(\"model:\"",
+            "print(\"edited\")\n    print(\"model:\"",
+        ),
+    )
+    .unwrap();
+    let stderr = run_expecting(&lode, &[app], &["edited", "model: tok-xxxx"]);
+    assert!(
+        !stderr.contains("downloaded tiny"),
+        "the step ran again:\n{stderr}"
+    );
+    std::fs::write(app, source.replace("\"x\" * size", "\"y\" * size")).unwrap();
+    run_expecting(&lode, &[app], &["model: tok-yyyy"]);
+
+    // A function that raises fails the build with its traceback, and the app is not deployed.
+    std::fs::write(
+        app,
+        source
+            .replace(
+                ".run_function(\n    download,",
+                ".run_function(\n    broken,",
+            )
+            .replace(", args=(\"tiny\",), kwargs={\"size\": 4}", ""),
+    )
+    .unwrap();
+    let out = lode.cli(&["run", app]);
+    let stderr = text(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("run_function prepared.broken")
+            && stderr.contains("RuntimeError: the download failed on purpose"),
+        "{stderr}"
+    );
+}

@@ -102,6 +102,28 @@ pub enum Step {
         /// The commands.
         commands: Vec<String>,
     },
+    /// A Python function of the app run in a build container of the image (its module
+    /// imported as in a function's container, the SDK beside it), keeping what it wrote.
+    RunFunction {
+        /// The module's name, as the function's container imports it.
+        module: String,
+        /// The function, defined at the module's top level.
+        function: String,
+        /// The function's own source: with the arguments and secret names, the cache key.
+        function_source: String,
+        /// The whole module, written beside the SDK for the step; not part of the cache key,
+        /// so an edit elsewhere in the file does not run the step again.
+        module_source: String,
+        /// `{"args": [...], "kwargs": {...}}`.
+        #[serde(default)]
+        arguments: serde_json::Value,
+        /// Secrets whose variables the step gets.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        secrets: Vec<String>,
+        /// Seconds the step may take, within the server's step limit.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        timeout: Option<u64>,
+    },
     /// Environment variables for later steps and for containers of the image.
     Env {
         /// Names and values.
@@ -254,6 +276,31 @@ impl ImageSpec {
                     return Err(fail("has no commands".into()));
                 }
                 Step::RunCommands { .. } => {}
+                Step::RunFunction {
+                    module,
+                    function,
+                    secrets,
+                    timeout,
+                    ..
+                } => {
+                    let identifier = |name: &str| {
+                        name.chars()
+                            .next()
+                            .is_some_and(|c| c.is_alphabetic() || c == '_')
+                            && name.chars().all(|c| c.is_alphanumeric() || c == '_')
+                    };
+                    if !identifier(module) || !identifier(function) {
+                        return Err(fail(format!(
+                            "{module:?}.{function:?} is not a module and function name"
+                        )));
+                    }
+                    if secrets.iter().any(|s| s.is_empty()) {
+                        return Err(fail("a secret name is empty".into()));
+                    }
+                    if *timeout == Some(0) {
+                        return Err(fail("the timeout is 0 seconds".into()));
+                    }
+                }
                 Step::Env { vars } => {
                     if let Some(bad) = vars.keys().find(|k| {
                         k.is_empty()
@@ -285,6 +332,7 @@ impl Step {
             Self::UvPipInstall { .. } => "uv_pip_install",
             Self::AptInstall { .. } => "apt_install",
             Self::RunCommands { .. } => "run_commands",
+            Self::RunFunction { .. } => "run_function",
             Self::Env { .. } => "env",
             Self::Workdir { .. } => "workdir",
             Self::AddLocalDir { .. } => "add_local_dir",
@@ -299,6 +347,9 @@ impl Step {
             Self::UvPipInstall { packages } => format!("uv_pip_install {}", packages.join(" ")),
             Self::AptInstall { packages } => format!("apt_install {}", packages.join(" ")),
             Self::RunCommands { commands } => format!("run_commands {}", commands.join(" && ")),
+            Self::RunFunction {
+                module, function, ..
+            } => format!("run_function {module}.{function}"),
             Self::Env { vars } => {
                 format!("env {}", vars.keys().cloned().collect::<Vec<_>>().join(" "))
             }
@@ -318,6 +369,7 @@ impl Step {
                 | Self::UvPipInstall { .. }
                 | Self::AptInstall { .. }
                 | Self::RunCommands { .. }
+                | Self::RunFunction { .. }
         )
     }
 
@@ -325,8 +377,12 @@ impl Step {
     /// digest rather than by where they sat on the client.
     pub fn cache_form(&self) -> Vec<u8> {
         let mut step = self.clone();
-        if let Self::AddLocalDir { local, .. } | Self::AddLocalFile { local, .. } = &mut step {
-            *local = PathBuf::new();
+        match &mut step {
+            Self::AddLocalDir { local, .. } | Self::AddLocalFile { local, .. } => {
+                *local = PathBuf::new();
+            }
+            Self::RunFunction { module_source, .. } => module_source.clear(),
+            _ => {}
         }
         serde_json::to_vec(&step).expect("steps serialize")
     }

@@ -382,6 +382,15 @@ pub async fn follow_deploy(client: &ApiClient, manifest: &Manifest, quiet: bool)
         ProgressStyle::with_template("{spinner} {msg} [{elapsed}]").expect("valid template"),
     );
     spinner.enable_steady_tick(Duration::from_millis(100));
+    // Off a terminal the spinner draws nothing, its println included; build output and
+    // compile lines still belong in the log that captures stderr.
+    let note = |line: String| {
+        if spinner.is_hidden() {
+            eprintln!("{line}");
+        } else {
+            spinner.println(line);
+        }
+    };
     let mut events = ndjson_lines::<DeployEvent>(response);
     let mut outcome = None;
     while let Some(event) = events.next().await {
@@ -393,12 +402,12 @@ pub async fn follow_deploy(client: &ApiClient, manifest: &Manifest, quiet: bool)
                 spinner.set_message(format!("pre-initializing {function} (running its init)"))
             }
             DeployEvent::Progress { .. } => {}
-            DeployEvent::Image { function, line } => spinner.println(format!("{function}: {line}")),
+            DeployEvent::Image { function, line } => note(format!("{function}: {line}")),
             DeployEvent::PreInitialized {
                 function,
                 bytes,
                 ms,
-            } => spinner.println(format!(
+            } => note(format!(
                 "pre-initialized {function} ({} KiB snapshot) in {ms} ms",
                 bytes / 1024
             )),
@@ -406,7 +415,7 @@ pub async fn follow_deploy(client: &ApiClient, manifest: &Manifest, quiet: bool)
                 function,
                 cached,
                 ms,
-            } => spinner.println(format!(
+            } => note(format!(
                 "{} {function} in {ms} ms",
                 if cached { "loaded" } else { "compiled" }
             )),

@@ -184,6 +184,14 @@ impl Refused {
     }
 }
 
+/// What image builds read from the rest of the server.
+pub struct BuildInputs {
+    /// Secrets by name: registry credentials, and variables for `run_function` steps.
+    pub secrets: lode_native_runner::builder::SecretLookup,
+    /// The Python SDK, which `run_function` steps run with.
+    pub sdk_dir: PathBuf,
+}
+
 /// The native engine as the server holds it.
 pub struct Native {
     /// Starts every container and build group name of this server (a hash of its cache
@@ -213,7 +221,7 @@ impl Native {
         cache_dir: &Path,
         base_dir: PathBuf,
         bounds: ContainerBounds,
-        secrets: lode_native_runner::builder::SecretLookup,
+        build_inputs: BuildInputs,
     ) -> Arc<Self> {
         let cgroups: Result<Arc<dyn Hierarchy>, String> = lode_native_runner::cgroup::detect()
             .map(Arc::from)
@@ -268,7 +276,8 @@ impl Native {
             builder.egress = egress.as_ref().ok().cloned();
             builder.allow_root = bounds.allow_root_containers;
             builder.insecure_registries = bounds.insecure_registries.clone();
-            builder.secrets = Some(secrets);
+            builder.secrets = Some(build_inputs.secrets);
+            builder.sdk_dir = Some(build_inputs.sdk_dir);
             builder
         });
         Arc::new(Self {

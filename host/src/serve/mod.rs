@@ -198,6 +198,9 @@ pub async fn serve(options: ServeOptions) -> Result<()> {
         state.clone(),
     )?);
     let build_secrets = secrets.clone();
+    let sdk_dir = crate::sdk::extract(&options.cache_dir.join("sdk"))
+        .context("writing the Python SDK into the cache dir")?;
+
     let native = crate::native::Native::new(
         Arc::new(registry.clone()),
         image_mounts.clone(),
@@ -207,11 +210,14 @@ pub async fn serve(options: ServeOptions) -> Result<()> {
             .clone()
             .unwrap_or_else(|| options.cache_dir.join("images/base")),
         options.container_bounds.clone(),
-        Arc::new(move |name: &str| build_secrets.get(name).map_err(|e| format!("{e:#}"))),
+        crate::native::BuildInputs {
+            secrets: Arc::new(move |name: &str| {
+                build_secrets.get(name).map_err(|e| format!("{e:#}"))
+            }),
+            sdk_dir: sdk_dir.clone(),
+        },
     );
     let logs = LogStore::new(options.log_lines);
-    let sdk_dir = crate::sdk::extract(&options.cache_dir.join("sdk"))
-        .context("writing the Python SDK into the cache dir")?;
     let functions = crate::control::Functions {
         pools: Arc::new(crate::native::pool::PoolContext {
             native: native.clone(),

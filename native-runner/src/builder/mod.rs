@@ -19,6 +19,7 @@ use tree::*;
 
 use std::collections::VecDeque;
 use std::io::{BufRead, BufReader};
+use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
@@ -37,6 +38,25 @@ use crate::userns::UserNamespace;
 
 /// Where build containers find what they inherit from the host.
 pub(crate) const BUILD_ENV_MOUNT: &str = "/dev/lode-build";
+
+/// Where a `run_function` step finds the SDK, and the function's module; under `/dev`, which
+/// no step's result keeps.
+const BUILD_SDK_MOUNT: &str = "/dev/lode-build-sdk";
+/// See [`BUILD_SDK_MOUNT`].
+const BUILD_APP_MOUNT: &str = "/dev/lode-build-app";
+
+/// What a step's container gets beyond every step's.
+#[derive(Default)]
+struct StepExtras {
+    /// Variables, set last.
+    env: Vec<(String, String)>,
+    /// Host directories mounted read-only at the paths given.
+    mounts: Vec<(PathBuf, &'static str)>,
+    /// Its own wall-clock limit, within the builder's.
+    timeout: Option<Duration>,
+    /// Removed when the step ends.
+    scratch: Option<tempfile::TempDir>,
+}
 
 /// Paths a build container gets as mount points, which are not part of any step's result.
 pub const MOUNT_POINTS: [&str; 3] = ["etc/resolv.conf", "proc", "dev"];
@@ -169,9 +189,11 @@ pub struct Builder {
     pub allow_root: bool,
     /// Registries `from_registry` reaches over plain HTTP (`host:port`, the operator's list).
     pub insecure_registries: Vec<String>,
-    /// Reads a secret's values, for registry credentials; without it, a pull that names a
-    /// secret is refused.
+    /// Reads a secret's values, for registry credentials and `run_function` steps; without
+    /// it, a step that names a secret is refused.
     pub secrets: Option<SecretLookup>,
+    /// The Python SDK, which `run_function` steps import the function's module beside.
+    pub sdk_dir: Option<PathBuf>,
 }
 
 /// A named secret's values, `None` when there is no such secret.
@@ -229,6 +251,7 @@ impl Builder {
             allow_root: false,
             insecure_registries: Vec::new(),
             secrets: None,
+            sdk_dir: None,
         }
     }
 
@@ -431,6 +454,13 @@ impl Builder {
             Step::RunCommands { commands } => {
                 vec!["/bin/sh".into(), "-exc".into(), commands.join("\n")]
             }
+            Step::RunFunction { .. } => {
+                let extras = self.function_step(number, step, &config)?;
+                let argv = vec!["python3".into(), "-m".into(), "lode._build_step".into()];
+                return self
+                    .run_in_container(number, step, &index, parent, &config, argv, extras, events)
+                    .await;
+            }
             Step::Env { vars } => {
                 for (name, value) in vars {
                     config.set_env(name, value);
@@ -481,8 +511,11 @@ impl Builder {
                 return self.store(&tree).await;
             }
         };
-        self.run_in_container(number, step, &index, parent, &config, command, events)
-            .await
+        let extras = StepExtras::default();
+        self.run_in_container(
+            number, step, &index, parent, &config, command, extras, events,
+        )
+        .await
     }
 
     async fn store(&self, tree: &Node) -> Result<Digest, BuildError> {
@@ -503,6 +536,7 @@ impl Builder {
         parent: &Digest,
         config: &ImageConfig,
         argv: Vec<String>,
+        extras: StepExtras,
         events: &Events,
     ) -> Result<Digest, BuildError> {
         let mount = self.mounts.mount(parent).await?;
@@ -545,8 +579,15 @@ impl Builder {
         for (name, value) in crate::build_env::build_env(&inherited) {
             set_env(&mut env, &name, &value);
         }
+        for (name, value) in &extras.env {
+            set_env(&mut env, name, value);
+        }
         let build_env_volume =
             Volume::open(&inherit, BUILD_ENV_MOUNT, true).map_err(other("opening", &inherit))?;
+        let mut volumes = vec![build_env_volume];
+        for (source, target) in &extras.mounts {
+            volumes.push(Volume::open(source, *target, true).map_err(other("opening", source))?);
+        }
         // Last, once nothing else can refuse the step: the layer's directory and disk, gone
         // however this function returns.
         let layer_dir =
@@ -574,8 +615,8 @@ impl Builder {
                 pids: Some(self.limits.pids),
                 ..Limits::default()
             },
-            timeout: Some(self.step_timeout),
-            volumes: vec![build_env_volume],
+            timeout: Some(extras.timeout.unwrap_or(self.step_timeout)),
+            volumes,
             network,
             keep_upper: Some(layer.clone()),
             capabilities: BUILD_CAPABILITIES,
@@ -620,7 +661,89 @@ impl Builder {
             ))),
         };
         drop(layer_dir);
+        drop(extras.scratch);
         result
+    }
+
+    /// What a `run_function` step adds to its build container: the SDK and the module, the
+    /// named secrets' variables, and its own timeout.
+    fn function_step(
+        &self,
+        number: usize,
+        step: &Step,
+        config: &ImageConfig,
+    ) -> Result<StepExtras, BuildError> {
+        let Step::RunFunction {
+            module,
+            function,
+            module_source,
+            arguments,
+            secrets,
+            timeout,
+            ..
+        } = step
+        else {
+            unreachable!("called for run_function steps")
+        };
+        let fail =
+            |why: String| BuildError::Spec(format!("step {number} ({}): {why}", step.describe()));
+        let sdk = self
+            .sdk_dir
+            .clone()
+            .ok_or_else(|| fail("this builder has no Python SDK to run functions with".into()))?;
+        let timeout = match timeout.map(Duration::from_secs) {
+            Some(asked) if asked > self.step_timeout => {
+                return Err(fail(format!(
+                    "timeout {} s is longer than this server's limit for a build step ({} s)",
+                    asked.as_secs(),
+                    self.step_timeout.as_secs()
+                )));
+            }
+            asked => asked,
+        };
+        let mut env = Vec::new();
+        for name in secrets {
+            let lookup = self
+                .secrets
+                .as_ref()
+                .ok_or_else(|| fail("this builder reads no secrets".into()))?;
+            let values = lookup(name).map_err(BuildError::Other)?.ok_or_else(|| {
+                fail(format!(
+                    "secret {name:?} does not exist; create it with `lode secret create {name} \
+                     KEY=VALUE`"
+                ))
+            })?;
+            env.extend(values);
+        }
+        let scratch = tempfile::tempdir_in(&self.work_dir)
+            .map_err(|e| BuildError::Other(format!("scratch space for the step: {e}")))?;
+        let app = scratch.path().join("app");
+        // Readable by the step's root, which a user namespace maps to another host uid.
+        let file = app.join(format!("{module}.py"));
+        std::fs::create_dir(&app)
+            .and_then(|()| std::fs::write(&file, module_source))
+            .and_then(|()| std::fs::set_permissions(&app, std::fs::Permissions::from_mode(0o755)))
+            .and_then(|()| std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)))
+            .map_err(|e| BuildError::Other(format!("writing the step's module: {e}")))?;
+        let mut python_path = format!("{BUILD_SDK_MOUNT}:{BUILD_APP_MOUNT}:/root");
+        if let Some((_, image)) = config.env.iter().find(|(name, _)| name == "PYTHONPATH")
+            && !image.is_empty()
+        {
+            python_path = format!("{python_path}:{image}");
+        }
+        env.extend([
+            ("PYTHONPATH".to_string(), python_path),
+            ("PYTHONUNBUFFERED".into(), "1".into()),
+            ("LODE_BUILD_MODULE".into(), module.clone()),
+            ("LODE_BUILD_FUNCTION".into(), function.clone()),
+            ("LODE_BUILD_ARGUMENTS".into(), arguments.to_string()),
+        ]);
+        Ok(StepExtras {
+            env,
+            mounts: vec![(sdk, BUILD_SDK_MOUNT), (app, BUILD_APP_MOUNT)],
+            timeout,
+            scratch: Some(scratch),
+        })
     }
 
     /// Debian minbase with python3, pip and CA certificates for `release`: debootstrap once

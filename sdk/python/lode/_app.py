@@ -56,8 +56,9 @@ MAP_IN_FLIGHT = 64
 
 
 def is_local() -> bool:
-    """True unless this code runs inside a Lode container."""
-    return not os.environ.get("LODE_SOCKET")
+    """True unless this code runs inside a Lode container (a function's, or a run_function
+    build step's)."""
+    return not (os.environ.get("LODE_SOCKET") or os.environ.get("LODE_BUILD_FUNCTION"))
 
 
 class Retries:

@@ -192,6 +192,90 @@ class Image:
         cmds = _strings("run_commands", "command", commands)
         return self._with("run_commands", {"commands": cmds}) if cmds else self
 
+    def run_function(
+        self,
+        raw_f: Any,
+        secrets: Iterable[Any] = (),
+        volumes: dict | None = None,
+        network_file_systems: dict | None = None,
+        gpu: Any = None,
+        cpu: float | None = None,
+        memory: int | None = None,
+        timeout: int | None = None,
+        cloud: str | None = None,
+        region: str | None = None,
+        force_build: bool = False,
+        args: Iterable[Any] = (),
+        kwargs: dict[str, Any] | None = None,
+        include_source: bool | None = None,
+    ) -> Image:
+        """Runs `raw_f(*args, **kwargs)` in a build container of the image (its module imported
+        there as in a function's container, with network and the named secrets' variables), and
+        keeps what it wrote: downloading a model into the image, say. The step is cached by the
+        function's own source, its arguments and secret names; other edits to the file do not
+        run it again."""
+        del include_source  # The function's module is always there, as Modal's default.
+        for name, value in (
+            ("volumes", volumes), ("network_file_systems", network_file_systems), ("gpu", gpu),
+            ("cpu", cpu), ("memory", memory), ("cloud", cloud), ("region", region),
+            ("force_build", force_build or None),
+        ):
+            if value:
+                raise ValueError(
+                    f"run_function({name}=...): Lode's build steps do not take {name}; a build step "
+                    "runs with the build limits of `lode serve` (--build-memory, --build-disk)"
+                    + ("; GPUs are not offered to builds" if name == "gpu" else "")
+                )
+        fn = getattr(raw_f, "_fn", raw_f)
+        if not callable(fn) or not hasattr(fn, "__code__"):
+            raise TypeError(f"run_function() takes a function defined at the top of a module, got {raw_f!r}")
+        if "<" in fn.__qualname__ or "." in fn.__qualname__:
+            raise ValueError(
+                f"run_function({fn.__qualname__}): the function must be defined at the top level of "
+                "its module, where the build container can import it"
+            )
+        import inspect
+        import json
+
+        source_file = inspect.getsourcefile(fn)
+        if source_file is None or not source_file.endswith(".py"):
+            raise ValueError(f"run_function({fn.__name__}): its source file cannot be found")
+        if not host_mode() and not os.path.isfile(source_file):
+            return self
+        with open(source_file, encoding="utf-8") as f:
+            module_source = f.read()
+        module = fn.__module__
+        if module == "__main__" or not module.isidentifier():
+            module = os.path.splitext(os.path.basename(source_file))[0]
+        body: dict[str, Any] = {
+            "module": module,
+            "function": fn.__name__,
+            "function_source": inspect.getsource(fn),
+            "module_source": module_source,
+        }
+        call_args = {"args": list(args), "kwargs": dict(kwargs or {})}
+        try:
+            body["arguments"] = json.loads(json.dumps(call_args))
+        except (TypeError, ValueError) as e:
+            raise TypeError(f"run_function({fn.__name__}): args and kwargs must be JSON values ({e})") from None
+        from ._app import Secret
+
+        names = []
+        for secret in secrets:
+            if not isinstance(secret, Secret) or secret.inline_values is not None:
+                raise TypeError(
+                    f"run_function(secrets=...) takes Secret.from_name(...) secrets, got {secret!r}; "
+                    "create one with `lode secret create NAME KEY=VALUE`"
+                )
+            names.append(secret.name)
+        if names:
+            body["secrets"] = names
+        if timeout is not None:
+            if not isinstance(timeout, int) or timeout < 1:
+                raise ValueError(f"run_function(timeout={timeout!r}): give whole seconds, at least 1")
+            body["timeout"] = timeout
+        return self._with("run_function", body)
+
     def env(self, vars: dict[str, str]) -> Image:
         """Sets environment variables for later steps and for the containers."""
         if not isinstance(vars, dict):
@@ -282,7 +366,7 @@ class _WasmImage(_BaseImage):
     __slots__ = ()
 
     def _with(self, kind: str, body: dict[str, Any]) -> Image:
-        if kind in ("pip_install", "uv_pip_install", "apt_install", "run_commands"):
+        if kind in ("pip_install", "uv_pip_install", "apt_install", "run_commands", "run_function"):
             raise ValueError(
                 f"{kind}() needs Linux to run in, and a Wasm image has none; add files with "
                 "add_local_file() or add_local_dir(), or start from Image.debian_slim()"

@@ -240,6 +240,34 @@ class InstallSourcesTest(unittest.TestCase):
         with self.assertRaisesRegex(ValueError, "pip_install\\(\\) needs Linux"):
             lode.Image.wasm().pip_install("six")
 
+    def test_run_function_carries_the_module_and_keys_on_the_function(self):
+        image = lode.Image.debian_slim().run_function(
+            _prepare, secrets=[lode.Secret.from_name("hub")], args=("m",), kwargs={"n": 2}, timeout=60
+        )
+        step = image.to_spec()["steps"][0]["run_function"]
+        self.assertEqual(step["function"], "_prepare")
+        # Imported as tests.test_image here; the build step imports the file by its own name.
+        self.assertEqual(step["module"], "test_image")
+        self.assertTrue(step["function_source"].startswith("def _prepare("))
+        self.assertIn("def _prepare(", step["module_source"])
+        self.assertIn("class ImageSpecTest(unittest.TestCase)", step["module_source"])
+        self.assertEqual(step["arguments"], {"args": ["m"], "kwargs": {"n": 2}})
+        self.assertEqual((step["secrets"], step["timeout"]), (["hub"], 60))
+
+        def nested():
+            pass
+
+        with self.assertRaisesRegex(ValueError, "top level"):
+            lode.Image.debian_slim().run_function(nested)
+        with self.assertRaisesRegex(TypeError, "JSON values"):
+            lode.Image.debian_slim().run_function(_prepare, args=(object(),))
+        with self.assertRaisesRegex(ValueError, r"run_function\(gpu=\.\.\.\).*GPUs"):
+            lode.Image.debian_slim().run_function(_prepare, gpu="A100")
+        with self.assertRaisesRegex(ValueError, r"run_function\(volumes=\.\.\.\)"):
+            lode.Image.debian_slim().run_function(_prepare, volumes={"/v": object()})
+        with self.assertRaisesRegex(TypeError, "Secret.from_name"):
+            lode.Image.debian_slim().run_function(_prepare, secrets=[lode.Secret.from_dict({"A": "b"})])
+
     def test_modal_options_lode_cannot_honour_are_refused_by_name(self):
         with self.assertRaisesRegex(ValueError, r"pip_install\(index_url=\.\.\.\): .*run_commands"):
             lode.Image.debian_slim().pip_install("six", index_url="https://example.invalid")
@@ -251,3 +279,7 @@ class InstallSourcesTest(unittest.TestCase):
             lode.Image.from_registry("python:3.12-slim", secret=lode.Secret.from_dict({"REGISTRY_USERNAME": "u"}))
         with self.assertRaisesRegex(ValueError, "ignore"):
             lode.Image.debian_slim().add_local_dir(self.tmp.name, "/x", ignore=["*.pyc"])
+
+
+def _prepare(name, n=1):
+    return name * n
