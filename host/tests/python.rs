@@ -825,7 +825,7 @@ fn run_function_prepares_an_image_once_and_fails_with_the_functions_error() {
     let work = tempfile::tempdir().unwrap();
     let app = work.path().join("prepared.py");
     let source = std::fs::read_to_string(repo_file("host/tests/python/run_function.py")).unwrap();
-    std::fs::write(app, &source).unwrap();
+    std::fs::write(&app, &source).unwrap();
     let app = app.to_str().unwrap();
     let stderr = run_expecting(&lode, &[app], &["model: tok-xxxx"]);
     assert!(stderr.contains("downloaded tiny in container"), "{stderr}");
