@@ -326,6 +326,18 @@ print("polled", sb.poll())
 main = lode.Sandbox.create("sh", "-c", "echo main; exit 3", app=app, image=lode.Image.from_id("test/bb"))
 main.wait()
 print("entrypoint", main.stdout.read().strip(), main.returncode)
+# Lode volumes by path, and secrets: named ones from the server, inline ones from here.
+vol = lode.Volume.from_name("sdk-vol", create_if_missing=True)
+with_vol = lode.Sandbox.create(
+    app=app, image=lode.Image.from_id("test/bb"), volumes={"/v": vol},
+    secrets=[lode.Secret.from_dict({"INLINE": "yes"})], env={"PLAIN": "1"},
+)
+p = with_vol.exec("sh", "-c", "echo $INLINE$PLAIN > /v/f; cat /v/f")
+print("volume", p.stdout.read().strip(), p.wait())
+with_vol.terminate()
+again = lode.Sandbox.create(app=app, image=lode.Image.from_id("test/bb"), volumes={"/w": vol.read_only()})
+p = again.exec("sh", "-c", "cat /w/f; echo x > /w/g")
+print("read-only", p.stdout.read().strip(), p.wait() != 0)
 "#,
     );
     let stdout = text(&out.stdout);
@@ -342,6 +354,8 @@ print("entrypoint", main.stdout.read().strip(), main.returncode)
         "missing file named",
         "polled 0",
         "entrypoint main 3",
+        "volume yes1 0",
+        "read-only yes1 True",
     ];
     for line in expected {
         assert!(stdout.contains(line), "missing {line:?} in:\n{stdout}");
@@ -492,4 +506,88 @@ async fn a_terminal_is_the_sandboxs_own_and_follows_its_size() {
         .unwrap();
     assert_eq!(refused.status(), 400);
     assert!(refused.text().await.unwrap().contains("has no terminal"));
+}
+
+#[test]
+fn sandboxes_mount_lode_volumes_take_secrets_and_switch_users_inside_their_namespace() {
+    let work = tempfile::tempdir().unwrap();
+    // A host directory the operator lets sandboxes bind, holding a file only the host's root
+    // may read.
+    let host_dir = work.path().join("shared");
+    std::fs::create_dir(&host_dir).unwrap();
+    let private = host_dir.join("private.txt");
+    std::fs::write(&private, "host only\n").unwrap();
+    std::fs::set_permissions(
+        &private,
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap();
+    let (lode, _image) = server(&["--allow-volume", host_dir.to_str().unwrap()]);
+    lode.cli_ok(&["volume", "create", "sbdata"]);
+    lode.cli_ok(&["secret", "create", "sbsec", "TOKEN=tok-123"]);
+    // The directory is given to the sandbox's root, as the refusal says to; the file in it
+    // stays the host root's.
+    let bind = format!("{}:/host", host_dir.display());
+    let err = lode.cli_err(&["sandbox", "create", "test/bb", "-v", &bind]);
+    let root_uid: u32 = err
+        .split("host uid ")
+        .nth(1)
+        .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|uid| uid.parse().ok())
+        .unwrap_or_else(|| panic!("no uid in: {err}"));
+    std::os::unix::fs::chown(&host_dir, Some(root_uid), Some(root_uid)).unwrap();
+    let id = create(
+        &lode,
+        &[
+            "--lode-volume",
+            "sbdata:/data",
+            "--secret",
+            "sbsec",
+            "-v",
+            &bind,
+        ],
+    );
+    let exec = |script: &str| lode.cli(&["sandbox", "exec", &id, "--", "sh", "-c", script]);
+
+    let out = exec("echo $TOKEN; echo kept > /data/kept.txt");
+    assert_eq!(text(&out.stdout), "tok-123\n", "{}", text(&out.stderr));
+    // Root switches to a user of its own and gives it a directory, as on a Linux box.
+    let out = exec(
+        "echo 'root:x:0:0::/:/bin/sh' > /etc/passwd && echo 'u1:x:1000:1000::/tmp:/bin/sh' >> /etc/passwd \
+         && echo 'u1:x:1000:' > /etc/group && mkdir /data/u1 && chown u1 /data/u1 && chmod 700 /data/u1 \
+         && su u1 -c 'id -u; touch /data/u1/mine' && ls /data/u1",
+    );
+    assert_eq!(text(&out.stdout), "1000\nmine\n", "{}", text(&out.stderr));
+    // Those capabilities hold only over the sandbox's own uids: the host's file stays shut,
+    // and its owner and mode stay the host's.
+    for attack in [
+        "cat /host/private.txt",
+        "chown 0:0 /host/private.txt",
+        "chmod 666 /host/private.txt",
+    ] {
+        let out = exec(attack);
+        assert!(
+            !out.status.success(),
+            "{attack} succeeded: {}",
+            text(&out.stdout)
+        );
+    }
+    let meta = std::fs::metadata(&private).unwrap();
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o777,
+        0o600
+    );
+    assert_eq!(std::os::unix::fs::MetadataExt::uid(&meta), 0);
+
+    // The volume outlives the sandbox.
+    lode.cli_ok(&["sandbox", "rm", &id]);
+    assert_eq!(
+        std::fs::read_to_string(lode.data_dir().join("volumes/sbdata/kept.txt")).unwrap(),
+        "kept\n"
+    );
+    // A missing volume or secret is named.
+    let err = lode.cli_err(&["sandbox", "create", "test/bb", "--secret", "nosuch"]);
+    assert!(err.contains(r#"secret "nosuch" does not exist"#), "{err}");
+    let err = lode.cli_err(&["sandbox", "create", "test/bb", "--lode-volume", "nope:/d"]);
+    assert!(err.contains(r#"volume "nope" does not exist"#), "{err}");
 }

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use clap::{Args, Subcommand};
 
-use crate::cli::parse::{parse_env, parse_size, parse_volume};
+use crate::cli::parse::{parse_env, parse_named_volume, parse_size, parse_volume};
 use crate::cli::serve::{RegistryFlags, ServeArgs};
 
 use std::net::SocketAddr;
@@ -216,6 +216,12 @@ pub enum SandboxCommand {
         /// HOSTDIR:/path[:ro], a bind mount within the server's --allow-volume roots.
         #[arg(short, long = "volume", value_parser = parse_volume)]
         volume: Vec<crate::proto::containers::VolumeRequest>,
+        /// NAME:/path[:ro], a Lode volume (`lode volume create`) mounted at /path (repeatable).
+        #[arg(long = "lode-volume", value_name = "NAME:/PATH[:ro]", value_parser = parse_named_volume)]
+        lode_volume: Vec<crate::proto::manifest::VolumeMount>,
+        /// A secret (`lode secret create`) whose variables every process gets (repeatable).
+        #[arg(long = "secret", value_name = "NAME")]
+        secret: Vec<String>,
         /// Working directory of its processes [default: the image's].
         #[arg(short, long)]
         workdir: Option<String>,

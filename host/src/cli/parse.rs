@@ -40,6 +40,27 @@ pub fn parse_volume(text: &str) -> Result<crate::proto::containers::VolumeReques
     })
 }
 
+/// Parses `NAME:/path[:ro]`, a Lode volume and where it is mounted.
+pub fn parse_named_volume(text: &str) -> Result<crate::proto::manifest::VolumeMount, String> {
+    let (rest, read_only) = match text.strip_suffix(":ro") {
+        Some(rest) => (rest, true),
+        None => (text.strip_suffix(":rw").unwrap_or(text), false),
+    };
+    match rest.split_once(':') {
+        Some((name, path)) if !name.is_empty() && path.starts_with('/') => {
+            Ok(crate::proto::manifest::VolumeMount {
+                name: name.to_string(),
+                path: path.to_string(),
+                read_only,
+                create_if_missing: false,
+            })
+        }
+        _ => Err(format!(
+            "{text:?} is not NAME:/path[:ro] (a volume from `lode volume ls`, an absolute path)"
+        )),
+    }
+}
+
 /// Parses `NAME=VALUE`.
 pub fn parse_env(text: &str) -> Result<(String, String), String> {
     match text.split_once('=') {

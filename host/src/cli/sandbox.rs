@@ -29,6 +29,8 @@ pub async fn run(api: &ApiClient, command: SandboxCommand) -> Result<i32> {
             tags,
             env,
             volume,
+            lode_volume,
+            secret,
             workdir,
         } => {
             let request = SandboxRequest {
@@ -45,6 +47,8 @@ pub async fn run(api: &ApiClient, command: SandboxCommand) -> Result<i32> {
                 env,
                 workdir,
                 volumes: volume,
+                named_volumes: lode_volume,
+                secrets: secret,
             };
             let info: SandboxInfo = api
                 .json(api.request(Method::POST, "/v1/sandboxes").json(&request))

@@ -52,6 +52,12 @@ pub struct SandboxRequest {
     /// Host directories to bind, within the server's `--allow-volume` roots.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub volumes: Vec<VolumeRequest>,
+    /// Lode volumes (`lode volume`, `lode.Volume`) to mount, as functions mount them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub named_volumes: Vec<crate::proto::manifest::VolumeMount>,
+    /// Secrets whose variables every process in it gets, over `env`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub secrets: Vec<String>,
 }
 
 /// Which engine runs a sandbox's processes; its image decides.

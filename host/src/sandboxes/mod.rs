@@ -165,6 +165,10 @@ pub struct Sandboxes {
     image_roots: Mutex<HashMap<String, Arc<wasm::ImageRoot>>>,
     /// Output of every process sent and not yet taken by its caller, in bytes.
     queued: Arc<std::sync::atomic::AtomicU64>,
+    /// Where Lode volumes live, which sandboxes mount by name.
+    volumes_dir: PathBuf,
+    /// Secrets, whose variables sandboxes may ask for by name.
+    secrets: Arc<crate::store::secrets::Secrets>,
 }
 
 /// A sandbox just started, before it is recorded.
@@ -201,6 +205,8 @@ impl Sandboxes {
         state: Arc<dyn StateStore>,
         bounds: SandboxBounds,
         commands_dir: PathBuf,
+        volumes_dir: PathBuf,
+        secrets: Arc<crate::store::secrets::Secrets>,
     ) -> anyhow::Result<Arc<Self>> {
         let oldest = crate::util::now_ms().saturating_sub(RETENTION.as_millis() as u64);
         for (id, bytes) in state.list_entries(Table::Sandboxes)? {
@@ -229,6 +235,8 @@ impl Sandboxes {
             command_digests: Mutex::new(HashMap::new()),
             image_roots: Mutex::new(HashMap::new()),
             queued: Arc::default(),
+            volumes_dir,
+            secrets,
         }))
     }
 
@@ -261,7 +269,10 @@ impl Sandboxes {
     }
 
     /// Starts a sandbox and returns it, running.
-    pub async fn create(self: &Arc<Self>, request: SandboxRequest) -> Result<SandboxInfo, Refused> {
+    pub async fn create(
+        self: &Arc<Self>,
+        mut request: SandboxRequest,
+    ) -> Result<SandboxInfo, Refused> {
         if !is_dns_label(&request.app) {
             return Err(Refused::bad(dns_label_rule("app", &request.app)));
         }
@@ -280,6 +291,21 @@ impl Sandboxes {
             ));
         }
         check_tags(&request.tags)?;
+        for name in &request.secrets {
+            let values = self
+                .secrets
+                .get(name)
+                .map_err(Refused::internal)?
+                .ok_or_else(|| {
+                    Refused::bad(format!(
+                        "secret {name:?} does not exist; create it with `lode secret create {name} \
+                     KEY=VALUE`"
+                    ))
+                })?;
+            for (key, value) in values {
+                lode_native_runner::image_spec::set_env(&mut request.env, &key, &value);
+            }
+        }
         let _reservation = self.reserve(&request.app)?;
         let (digest, config) = self.native.image_config(&request.image).await?;
         let id = format!("sb-{:024x}", rand::random::<u128>() >> 32);
@@ -325,7 +351,7 @@ impl Sandboxes {
 
     /// A container-tier sandbox of `request`, running.
     async fn start_container(&self, request: &SandboxRequest) -> Result<Started, Refused> {
-        let prepared = self
+        let mut prepared = self
             .native
             .prepare_sandbox(&ContainerRequest {
                 image: request.image.clone(),
@@ -340,6 +366,27 @@ impl Sandboxes {
                 ..ContainerRequest::default()
             })
             .await?;
+        // Root in a sandbox may change owners and switch users (`su`, `chown`, a per-user
+        // directory), as in Docker: build steps' set, which holds only over uids its user
+        // namespace maps. Without one, root would be the host's, and keeps nothing.
+        if prepared.spec.user_namespace.is_some() {
+            prepared.spec.capabilities = lode_native_runner::sandbox::BUILD_CAPABILITIES;
+        }
+        for volume in &request.named_volumes {
+            let dir = crate::store::volumes::open(
+                &self.volumes_dir,
+                &volume.name,
+                volume.create_if_missing,
+                self.native.container_root(),
+            )
+            .map_err(|e| Refused::bad(format!("{e:#}")))?;
+            let opened =
+                lode_native_runner::sandbox::Volume::open(dir, &volume.path, volume.read_only)
+                    .map_err(|e| {
+                        Refused::bad(format!("volume {:?} at {}: {e}", volume.name, volume.path))
+                    })?;
+            prepared.spec.volumes.push(opened);
+        }
         let layer = prepared
             .layer
             .ok_or_else(|| Refused::internal("a sandbox was prepared without its layer"))?;
@@ -386,7 +433,10 @@ impl Sandboxes {
         let container_only = [
             ("cpu", request.cpu.is_some()),
             ("pids", request.pids.is_some()),
-            ("volumes", !request.volumes.is_empty()),
+            (
+                "volumes",
+                !request.volumes.is_empty() || !request.named_volumes.is_empty(),
+            ),
             (
                 "network",
                 request.network.as_deref().is_some_and(|n| n != "none"),

@@ -245,6 +245,8 @@ pub async fn serve(options: ServeOptions) -> Result<()> {
             .command_cache
             .clone()
             .unwrap_or_else(|| options.cache_dir.join("compiled-commands")),
+        functions.volumes_dir.clone(),
+        functions.secrets.clone(),
     )
     .context("reading the sandboxes' records")?;
     let control = Control::new(

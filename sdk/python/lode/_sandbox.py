@@ -18,17 +18,16 @@ import json
 import threading
 import time
 import urllib.parse
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from . import _client
+from ._app import Secret, Volume
 from ._image import Image
 
 # Modal arguments Lode has no counterpart for yet: refused by name.
 _UNSUPPORTED = (
     "gpu",
-    "secrets",
-    "volumes",
     "network_file_systems",
     "mounts",
     "encrypted_ports",
@@ -333,11 +332,14 @@ class Sandbox:
         cidr_allowlist: list[str] | None = None,
         workdir: str | None = None,
         env: dict[str, str] | None = None,
+        secrets: Iterable[Any] = (),
+        volumes: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> Sandbox:
         """Starts a sandbox of `image` for `app`; with `entrypoint_args`, runs them in it as
         its main process (`wait`, `stdout` and `returncode` are then that process's).
-        Network is off unless `block_network=False`; `cidr_allowlist` opens private ranges."""
+        Network is off unless `block_network=False`; `cidr_allowlist` opens private ranges.
+        `secrets` set their variables in every process; `volumes` mounts lode.Volumes by path."""
         _refuse("Sandbox.create", kwargs)
         app_name = app if isinstance(app, str) else getattr(app, "name", None)
         if app_name is None:
@@ -359,8 +361,35 @@ class Sandbox:
                 request[key] = value
         if cidr_allowlist:
             request["allow_net"] = list(cidr_allowlist)
-        if env:
-            request["env"] = [[k, str(v)] for k, v in env.items()]
+        merged_env = {k: str(v) for k, v in (env or {}).items()}
+        names = []
+        for secret in secrets:
+            if not isinstance(secret, Secret):
+                raise TypeError(f"Sandbox.create(secrets=...) takes lode.Secret objects, got {secret!r}")
+            if secret.inline_values is not None:
+                # An inline secret's values are the caller's own: they travel as variables.
+                merged_env.update(secret.inline_values)
+            else:
+                names.append(secret.name)
+        if names:
+            request["secrets"] = names
+        if merged_env:
+            request["env"] = [[k, v] for k, v in merged_env.items()]
+        mounts = []
+        for path, volume in (volumes or {}).items():
+            if not isinstance(volume, Volume):
+                raise TypeError(
+                    f"Sandbox.create(volumes={{{path!r}: ...}}) takes lode.Volume objects "
+                    "(Volume.from_name); host directories go through `lode sandbox create -v`"
+                )
+            if not isinstance(path, str) or not path.startswith("/"):
+                raise ValueError(f"Sandbox.create(volumes=...): {path!r} is not an absolute path")
+            mounts.append(
+                {"name": volume.name, "path": path, "read_only": volume.is_read_only,
+                 "create_if_missing": volume.create_if_missing}
+            )
+        if mounts:
+            request["named_volumes"] = mounts
         sandbox = cls(_http().request("POST", "/v1/sandboxes", request))
         if entrypoint_args:
             sandbox._entrypoint = sandbox.exec(*entrypoint_args)
