@@ -1,5 +1,6 @@
-"""Values as JSON, with what JSON cannot hold tagged: bytes, tuples, and (for handles that
-ask for pickle) other Python objects. Used for call arguments and results and for Dict and
+"""Values as JSON, with what JSON cannot hold tagged: bytes, tuples, exceptions returned as
+values (rebuilt by class name, never by import), and (for handles that ask for pickle) other
+Python objects. Used for call arguments and results and for Dict and
 Queue values, so `bytes` and tuples survive a round trip with no pickle involved."""
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ def encode(value: Any, pickled: bool) -> Any:
     if isinstance(value, dict) and all(isinstance(k, str) for k in value):
         encoded = {k: encode(v, pickled) for k, v in value.items()}
         return {_TAG: "dict", "value": encoded} if _TAG in value else encoded
+    if isinstance(value, BaseException) and not pickled:
+        return _encode_exception(value)
     if pickled:
         return {_TAG: "pickle", "b64": base64.b64encode(pickle.dumps(value)).decode("ascii")}
     raise TypeError(
@@ -57,6 +60,8 @@ def decode(value: Any, pickled: bool) -> Any:
         return base64.b64decode(value["b64"])
     if tag == "dict":
         return {k: decode(v, pickled) for k, v in value["value"].items()}
+    if tag == "exception":
+        return _decode_exception(value, pickled)
     if tag == "pickle":
         if not pickled:
             from ._client import RemoteError
@@ -70,3 +75,37 @@ def decode(value: Any, pickled: bool) -> Any:
     from ._client import RemoteError
 
     raise RemoteError("bad_value", f"a value has an unknown tag {tag!r}")
+
+
+def _encode_exception(error: BaseException) -> dict[str, Any]:
+    args = []
+    for arg in error.args:
+        try:
+            args.append(encode(arg, False))
+        except TypeError:
+            args.append(str(arg))
+    cls = type(error)
+    return {_TAG: "exception", "module": cls.__module__, "type": cls.__qualname__, "args": args, "message": str(error)}
+
+
+def _decode_exception(value: dict[str, Any], pickled: bool) -> BaseException:
+    """The exception as its own class where that class is a builtin or in a module this
+    process has imported already (nothing is imported for it: the name comes from the other
+    side), else a RemoteError naming the type, as a raised error would be."""
+    import builtins
+    import sys
+
+    module, name = str(value.get("module", "")), str(value.get("type", "Exception"))
+    args = [decode(a, pickled) for a in value.get("args", [])]
+    owner = builtins if module == "builtins" else sys.modules.get(module)
+    cls: Any = owner
+    for part in name.split("."):
+        cls = getattr(cls, part, None)
+    if isinstance(cls, type) and issubclass(cls, BaseException):
+        try:
+            return cls(*args)
+        except Exception:
+            pass
+    from ._client import RemoteError
+
+    return RemoteError(name, str(value.get("message", "")))

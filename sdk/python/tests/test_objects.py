@@ -1,6 +1,7 @@
 """lode.Dict and lode.Queue against a recording transport: what goes on the wire, and back."""
 
 import queue
+import sys
 import unittest
 from unittest import mock
 
@@ -65,3 +66,32 @@ class ObjectsTest(unittest.TestCase):
         self.assertEqual(got, "x")
         self.assertEqual(len(sent), 2)
         self.assertEqual(sent[0][2]["timeout"], 0.01)
+
+
+class ExceptionValueTest(unittest.TestCase):
+    """An exception returned as a value (not raised) crosses as JSON and comes back as itself."""
+
+    def test_builtin_and_loaded_exceptions_round_trip_and_others_become_remote_errors(self):
+        from lode import _values
+
+        back = _values.load(_values.dump(MemoryError("CUDA out of memory"), False), False)
+        self.assertIsInstance(back, MemoryError)
+        self.assertEqual(back.args, ("CUDA out of memory",))
+        nested = _values.load(_values.dump({"errors": [KeyError("k"), (1, b"x")]}, False), False)
+        self.assertIsInstance(nested["errors"][0], KeyError)
+        self.assertEqual(nested["errors"][1], (1, b"x"))
+        # A class of a module loaded here comes back as itself; an argument JSON cannot hold
+        # travels as its text.
+        back = _values.load(_values.dump(_LocalError(object), False), False)
+        self.assertIsInstance(back, _LocalError)
+        self.assertTrue(back.args[0].startswith("<class 'object'>"))
+        # A module this process never imported is not imported for it.
+        text = _values.dump(_LocalError("x"), False).replace(__name__, "never_imported_module_xyz")
+        back = _values.load(text, False)
+        self.assertIsInstance(back, lode.exception.Error)
+        self.assertNotIn("never_imported_module_xyz", sys.modules)
+        self.assertIn("_LocalError", str(back))
+
+
+class _LocalError(Exception):
+    pass
