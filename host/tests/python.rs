@@ -479,12 +479,43 @@ fn classes_share_a_pool_enter_once_exit_on_scale_down_and_runs_are_ephemeral() {
             "many: [5, 6]",
             // Two parameter sets, each entered once, in the one container of the class.
             "loads: 1 1 one container: True",
+            "with_options: its own container: True",
         ],
     );
     assert!(stderr.contains("-run-"), "{stderr}");
     let apps = lode.cli_ok(&["ls"]);
     assert!(!apps.contains("-run-"), "the ephemeral app stayed:\n{apps}");
     assert!(apps.contains("python-cls"), "{apps}");
+    // Options from a handle to the deployed class: a pool per option set, kept and reused,
+    // with the secrets they add; what the server's bounds refuse is named.
+    lode.cli_ok(&["secret", "create", "cls-extra", "CLS_EXTRA=from-the-secret"]);
+    let out = lode.sdk_python(
+        r#"
+import lode
+Model = lode.Cls.from_name("python-cls", "Model")
+base = Model().info.remote()
+extra = Model.with_options(memory=320, secrets=[lode.Secret.from_name("cls-extra")])
+a = extra().info.remote()
+b = extra(scale=2).info.remote()
+print("variant:", a["container"] != base["container"], a["container"] == b["container"])
+print("secret:", a["extra"], base["extra"])
+try:
+    Model.with_options(memory=10**7)().info.remote()
+except Exception as e:
+    print("refused:", e)
+"#,
+    );
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", text(&out.stderr));
+    for line in [
+        "variant: True True",
+        "secret: from-the-secret None",
+        "refused: invalid_options: with_options:",
+        "(lode serve --container-max-memory)",
+    ] {
+        assert!(stdout.contains(line), "missing {line:?} in:\n{stdout}");
+    }
+
     // One function of a file without an entrypoint is called by name, options by parameter.
     let run = lode.cli(&["run", &format!("{app}::Model.predict"), "--x", "3"]);
     assert_eq!(text(&run.stdout).trim(), "3", "{}", text(&run.stderr));

@@ -14,6 +14,9 @@ import lode
 
 app = lode.App("python-cls")
 
+# Made once per container process: which container answered.
+CONTAINER = os.urandom(8).hex()
+
 
 @app.cls(scaledown_window=2, memory=256)
 class Model:
@@ -40,7 +43,12 @@ class Model:
 
     @lode.method()
     def info(self) -> dict:
-        return {"scale": self.scale, "loads": self.loads, "pid": os.getpid()}
+        return {
+            "scale": self.scale,
+            "loads": self.loads,
+            "container": CONTAINER,
+            "extra": os.environ.get("CLS_EXTRA"),
+        }
 
     @lode.exit()
     def unload(self):
@@ -55,4 +63,8 @@ async def main(x: int = 7):
     print("map:", list(model.predict.map(range(4))))
     print("many:", await model.predict_many.remote.aio([x, x + 1]))
     first, second = await asyncio.gather(model.info.remote.aio(), Model(scale=3).info.remote.aio())
-    print("loads:", first["loads"], second["loads"], "one container:", first["pid"] == second["pid"])
+    print("loads:", first["loads"], second["loads"], "one container:", first["container"] == second["container"])
+    # Other options, as Modal's with_options: a pool of their own, with the class's image.
+    roomy = Model.with_options(memory=512, timeout=60).with_concurrency(max_inputs=2)
+    third = roomy().info.remote()
+    print("with_options: its own container:", third["container"] != first["container"])

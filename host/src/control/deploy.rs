@@ -85,6 +85,7 @@ struct Built {
     wasm_functions: HashMap<String, Arc<WasmFunction>>,
     python_routes: Vec<PythonRoute>,
     schedules: Vec<(String, Schedule)>,
+    images: HashMap<String, Digest>,
 }
 
 impl Built {
@@ -97,6 +98,8 @@ impl Built {
             python_routes: std::mem::take(&mut self.python_routes),
             schedules: std::mem::take(&mut self.schedules),
             secrets_digest,
+            images: std::mem::take(&mut self.images),
+            variants: Default::default(),
         }
     }
 }
@@ -181,7 +184,7 @@ impl Control {
         }
     }
 
-    fn check_engine_fits(&self, function: &FunctionSpec) -> Result<(), DeployError> {
+    pub(super) fn check_engine_fits(&self, function: &FunctionSpec) -> Result<(), DeployError> {
         let name = &function.name;
         if let Some(gpu) = &function.resources.gpu {
             let inventory = lode_wasi_gpu::inventory::inventory();
@@ -308,6 +311,7 @@ impl Control {
             }
             built.pools.insert(function.name.clone(), pool);
         }
+        built.images = images;
         built
             .python_routes
             .sort_by_key(|r| std::cmp::Reverse(r.path.trim_end_matches('/').len()));

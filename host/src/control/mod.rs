@@ -56,7 +56,16 @@ pub struct LiveApp {
     /// A digest of the secret values its functions were given: a redeploy after a secret
     /// changed restarts the pools even when the manifest is the same.
     pub secrets_digest: String,
+    /// The images its Python functions were built into, by image spec, so a pool started
+    /// later (a class with other options) builds nothing.
+    pub images: HashMap<String, lode_registry::Digest>,
+    /// Pools of classes called with options of their own (`Cls.with_options`), by function
+    /// and options; they live and go with this version.
+    pub variants: tokio::sync::Mutex<HashMap<(String, String), Arc<Pool>>>,
 }
+
+/// Option sets one deployed version may start pools for; past it, calls are refused.
+pub const MAX_VARIANTS: usize = 16;
 
 /// A Python function that answers public HTTP: the JSON body is its one argument.
 #[derive(Debug, Clone)]
@@ -77,7 +86,7 @@ impl Drop for LiveApp {
     /// A version that is replaced or removed takes no more inputs; its containers stop
     /// once they finish what they hold.
     fn drop(&mut self) {
-        for pool in self.pools.values() {
+        for pool in self.pools.values().chain(self.variants.get_mut().values()) {
             pool.close();
         }
     }

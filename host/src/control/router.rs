@@ -71,6 +71,9 @@ fn only_declared_pickle(outcome: Outcome, pickle: bool) -> Outcome {
 enum Target {
     /// A Python function's pool, and whether the function was deployed for pickle.
     Python(Arc<crate::native::pool::Pool>, Map<String, Value>, bool),
+    /// A Python class called with options of its own: its pool for them, started on first
+    /// use ([`Control::variant_pool`]).
+    Variant(Box<Variant>, Map<String, Value>, bool),
     /// A Wasm function.
     Wasm(Arc<crate::wasm::function::WasmFunction>, Map<String, Value>),
 }
@@ -136,7 +139,7 @@ impl Dispatch for Control {
         caller: Option<&str>,
     ) -> Result<String, CallError> {
         let engine = match self.target(app, function, &body, caller)? {
-            Target::Python(..) => "python",
+            Target::Python(..) | Target::Variant(..) => "python",
             Target::Wasm(..) => "wasm",
         };
         let Some(control) = self.this.upgrade() else {
@@ -214,24 +217,37 @@ impl Dispatch for Control {
         tree: Option<CallTree>,
         caller: Option<&str>,
     ) -> Result<Generated, CallError> {
-        let (pool, mut payload, pickle) = match self.target(app, function, body, caller)? {
-            Target::Python(pool, payload, pickle) => (pool, payload, pickle),
-            Target::Wasm(..) => {
-                return Err(CallError::new(
-                    422,
-                    "unsupported",
-                    format!("{app}/{function} is a Wasm function; generators are Python's"),
-                ));
-            }
+        let target = self.target(app, function, body, caller)?;
+        if let Target::Wasm(..) = target {
+            return Err(CallError::new(
+                422,
+                "unsupported",
+                format!("{app}/{function} is a Wasm function; generators are Python's"),
+            ));
+        }
+        let pickle = match &target {
+            Target::Python(_, _, pickle) | Target::Variant(_, _, pickle) => *pickle,
+            Target::Wasm(..) => false,
         };
-        payload.insert("stream".into(), Value::Bool(true));
         let (events, values) = mpsc::unbounded_channel();
         let exchange = crate::native::pool::WebExchange {
             events,
             assigned: None,
         };
         let (app, function) = (app.to_string(), function.to_string());
+        let control = self.this.upgrade();
         let outcome = tokio::spawn(async move {
+            let Some(control) = control else {
+                return Err(CallError::new(
+                    503,
+                    "unavailable",
+                    "the server is shutting down",
+                ));
+            };
+            let Some((pool, mut payload, _)) = control.python_target(target).await? else {
+                unreachable!("Wasm targets are refused above");
+            };
+            payload.insert("stream".into(), Value::Bool(true));
             match pool.submit_stream(payload, tree, exchange).await {
                 Ok(outcome) => Ok(only_declared_pickle(outcome, pickle)),
                 Err(Rejected::QueueFull(after)) => Err(CallError {
@@ -260,7 +276,92 @@ impl Dispatch for Control {
     }
 }
 
+/// A deployed function and the options a call asks it to run with.
+struct Variant {
+    live: Arc<crate::control::LiveApp>,
+    function: crate::proto::manifest::FunctionSpec,
+    options: crate::proto::manifest::CallOptions,
+}
+
 impl Control {
+    /// The pool that serves `target`'s calls: a Python function's own, or the one its
+    /// options ask for, started now if this version has none yet. `None` for Wasm.
+    async fn python_target(
+        &self,
+        target: Target,
+    ) -> Result<Option<(Arc<crate::native::pool::Pool>, Map<String, Value>, bool)>, CallError> {
+        Ok(match target {
+            Target::Python(pool, payload, pickle) => Some((pool, payload, pickle)),
+            Target::Variant(variant, payload, pickle) => {
+                Some((self.variant_pool(&variant).await?, payload, pickle))
+            }
+            Target::Wasm(..) => None,
+        })
+    }
+
+    /// The pool of `variant`'s function with its options, started (image and all, from
+    /// what the deploy built) the first time this version sees them.
+    async fn variant_pool(
+        &self,
+        variant: &Variant,
+    ) -> Result<Arc<crate::native::pool::Pool>, CallError> {
+        let name = &variant.function.name;
+        let key = (
+            name.clone(),
+            serde_json::to_string(&variant.options).expect("options serialize"),
+        );
+        let mut variants = variant.live.variants.lock().await;
+        if let Some(pool) = variants.get(&key) {
+            return Ok(pool.clone());
+        }
+        if variants.len() >= crate::control::MAX_VARIANTS {
+            return Err(CallError::new(
+                429,
+                "too_many_variants",
+                format!(
+                    "{}/{name}: this version already runs {} option sets                      (with_options); reuse one, or redeploy with the options in @app.cls(...)",
+                    variant.live.record.manifest.app,
+                    crate::control::MAX_VARIANTS
+                ),
+            ));
+        }
+        let refused = |e: crate::control::deploy::DeployError| {
+            let status = match e {
+                crate::control::deploy::DeployError::Internal(_) => 500,
+                crate::control::deploy::DeployError::Unsupported(_) => 422,
+                _ => 400,
+            };
+            CallError::new(status, "invalid_options", format!("with_options: {e}"))
+        };
+        let changed = variant
+            .options
+            .apply(&variant.function)
+            .map_err(|problems| {
+                CallError::new(
+                    400,
+                    "invalid_options",
+                    format!("with_options: {}", problems.join("; ")),
+                )
+            })?;
+        self.check_engine_fits(&changed).map_err(refused)?;
+        let manifest = &variant.live.record.manifest;
+        let app: Arc<str> = Arc::from(manifest.app.as_str());
+        let mut images = variant.live.images.clone();
+        let pool = self
+            .build_python(
+                &app,
+                crate::function::CallLimits::of(&manifest.limits),
+                &changed,
+                None,
+                &mut images,
+            )
+            .await
+            .map_err(refused)?;
+        tracing::info!(app = %manifest.app, function = %name, options = %key.1, "started a pool for a class's options");
+        variants.insert(key, pool.clone());
+        Ok(pool)
+    }
+
     /// Runs the call on its engine; says which engine it was and the function's call series,
     /// once the function is known.
     async fn run_on_engine(
@@ -276,10 +377,12 @@ impl Control {
     ) {
         // A deploy may replace the pool between lookup and submit; the new one takes it.
         for _ in 0..3 {
-            let (pool, payload, pickle) = match self.target(app, function, body, caller) {
+            let target = match self.target(app, function, body, caller) {
                 Err(e) => return (None, Err(e)),
-                Ok(Target::Python(pool, payload, pickle)) => (pool, payload, pickle),
-                Ok(Target::Wasm(wasm, payload)) => {
+                Ok(target) => target,
+            };
+            let (pool, payload, pickle) = match target {
+                Target::Wasm(wasm, payload) => {
                     let series = wasm.series.clone();
                     let dispatch = self.dispatch();
                     let body = Value::Object(payload);
@@ -287,6 +390,11 @@ impl Control {
                         crate::wasm::function::run(wasm, &body, tree, dispatch, &self.logs).await;
                     return (Some(("wasm", series)), Ok(outcome));
                 }
+                python => match self.python_target(python).await {
+                    Ok(Some(found)) => found,
+                    Ok(None) => unreachable!("Wasm targets are served above"),
+                    Err(e) => return (None, Err(e)),
+                },
             };
             let served = Some(("python", pool.series().clone()));
             match pool.submit(payload, tree.clone()).await {
@@ -405,6 +513,24 @@ impl Control {
                     ),
                 )),
             };
+        }
+        if let Some(options) = body.get("options") {
+            let options: crate::proto::manifest::CallOptions =
+                serde_json::from_value(options.clone()).map_err(|e| {
+                    CallError::new(
+                        400,
+                        "invalid_request",
+                        format!("{app}/{function}: \"options\" is not valid: {e}"),
+                    )
+                })?;
+            if options != crate::proto::manifest::CallOptions::default() {
+                let variant = Variant {
+                    function: spec.clone(),
+                    live: live.clone(),
+                    options,
+                };
+                return Ok(Target::Variant(Box::new(variant), payload, pickle));
+            }
         }
         let pool = live.pools.get(function).cloned().ok_or_else(|| {
             CallError::new(

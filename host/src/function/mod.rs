@@ -248,7 +248,7 @@ pub fn check_payload(
     if let Some(unknown) = object.keys().find(|k| {
         !matches!(
             k.as_str(),
-            "args" | "kwargs" | "pickled" | "method" | "params"
+            "args" | "kwargs" | "pickled" | "method" | "params" | "options"
         )
     }) {
         return Err(format!(

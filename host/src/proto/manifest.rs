@@ -172,6 +172,80 @@ pub struct FunctionSpec {
     pub pre_init: bool,
 }
 
+/// A class handle's own options (`Cls.with_options`, `with_concurrency`), sent with each call
+/// made through it: those calls run in a pool of their own, started like the class's with
+/// these changes and kept while the deployed version lives.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct CallOptions {
+    /// CPU cores.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu: Option<f64>,
+    /// Memory, MiB.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<u64>,
+    /// A GPU, refused as the deploy refuses it where the host has none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpu: Option<String>,
+    /// Seconds per input.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<f64>,
+    /// Retries of failed inputs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retries: Option<Retries>,
+    /// Most containers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_containers: Option<u32>,
+    /// Containers kept warm.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_containers: Option<u32>,
+    /// Seconds an idle container stays.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scaledown_window: Option<f64>,
+    /// Inputs one container serves at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub concurrency: Option<u32>,
+    /// Secrets added to the class's.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub secrets: Vec<String>,
+    /// Volumes added to the class's.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub volumes: Vec<VolumeMount>,
+}
+
+impl CallOptions {
+    /// `function` with these options over its own, checked as a deploy checks it.
+    pub fn apply(&self, function: &FunctionSpec) -> Result<FunctionSpec, Vec<String>> {
+        let mut changed = function.clone();
+        let r = &mut changed.resources;
+        r.cpu = self.cpu.or(r.cpu);
+        r.memory = self.memory.or(r.memory);
+        r.gpu = self.gpu.clone().or(r.gpu.take());
+        r.timeout = self.timeout.or(r.timeout);
+        r.max_containers = self.max_containers.or(r.max_containers);
+        r.min_containers = self.min_containers.or(r.min_containers);
+        r.scaledown_window = self.scaledown_window.or(r.scaledown_window);
+        r.concurrency = self.concurrency.or(r.concurrency);
+        changed.retries = self.retries.or(changed.retries);
+        for secret in &self.secrets {
+            if !changed.secrets.contains(secret) {
+                changed.secrets.push(secret.clone());
+            }
+        }
+        for volume in &self.volumes {
+            changed.volumes.retain(|v| v.path != volume.path);
+            changed.volumes.push(volume.clone());
+        }
+        let mut problems = Vec::new();
+        changed.validate(&mut problems);
+        if problems.is_empty() {
+            Ok(changed)
+        } else {
+            Err(problems)
+        }
+    }
+}
+
 /// Retries of inputs whose container died, with exponential back-off.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -492,7 +566,8 @@ impl Manifest {
 }
 
 impl FunctionSpec {
-    fn validate(&self, problems: &mut Vec<String>) {
+    /// Every problem of this function alone, worded with its name.
+    pub(crate) fn validate(&self, problems: &mut Vec<String>) {
         let name = &self.name;
         match self.runtime {
             Runtime::Wasm => match &self.component {

@@ -121,6 +121,8 @@ class Cls:
         self._params = params
         self._enter = list(enter_hooks)
         self._exit = list(exit_hooks)
+        # with_options: sent with every call made through this handle.
+        self._options: dict[str, Any] = {}
         self.__name__ = function.name
         self.__qualname__ = getattr(user_cls, "__qualname__", function.name)
         self.__doc__ = getattr(user_cls, "__doc__", None)
@@ -134,14 +136,91 @@ class Cls:
         function = Function.from_name(app_name, name, serialization=serialization)
         return cls(None, function, None, None)
 
-    def with_options(self, **options: Any) -> Cls:
-        """Modal's per-call overrides of cpu, memory, gpu and the like. Lode deploys one pool
-        per class, so the overrides go in @app.cls(...) instead."""
-        names = ", ".join(sorted(options)) or "nothing"
+    def with_options(
+        self,
+        *,
+        cpu: float | None = None,
+        memory: int | None = None,
+        gpu: str | None = None,
+        timeout: float | None = None,
+        retries: Any = None,
+        max_containers: int | None = None,
+        min_containers: int | None = None,
+        buffer_containers: int | None = None,
+        scaledown_window: float | None = None,
+        secrets: Any = (),
+        volumes: dict[str, Any] | None = None,
+        **refused: Any,
+    ) -> Cls:
+        """The class with other options for the calls made through it, as Modal's: they run in
+        a pool of their own, started on the first call like the class's own, with its image.
+        Options given again replace the earlier ones; secrets and volumes add to the class's."""
+        from ._app import Retries, Secret, Volume, _positive
+
+        where = f"{self.__name__}.with_options()"
+        if refused:
+            names = ", ".join(sorted(refused))
+            raise TypeError(
+                f"{where} does not take {names}"
+                + ("; put variables in a secret and pass secrets=[...]" if "env" in refused else "")
+            )
+        del buffer_containers  # Containers start on demand here; a buffer changes no result.
+        if isinstance(retries, int) and not isinstance(retries, bool):
+            retries = Retries(max_retries=retries)
+        elif retries is not None and not isinstance(retries, Retries):
+            raise TypeError(f"{where}: retries= takes lode.Retries(...) or an int, not {retries!r}")
+        if gpu is not None and (not isinstance(gpu, str) or not gpu):
+            raise TypeError(f'{where}: gpu={gpu!r}; use a string such as "any" or "H100"')
+        options = dict(self._options)
+        for key, value in (
+            ("cpu", _positive(where, "cpu", cpu, float)),
+            ("memory", _positive(where, "memory", memory, int)),
+            ("timeout", _positive(where, "timeout", timeout, float, upper=86400)),
+            ("max_containers", _positive(where, "max_containers", max_containers, int)),
+            ("min_containers", _positive(where, "min_containers", min_containers, int, zero=True)),
+            ("scaledown_window", _positive(where, "scaledown_window", scaledown_window, float, zero=True)),
+            ("gpu", gpu),
+            ("retries", retries.to_manifest() if retries is not None else None),
+        ):
+            if value is not None:
+                options[key] = value
+        for secret in secrets:
+            if not isinstance(secret, Secret) or secret.inline_values is not None:
+                raise TypeError(
+                    f"{where}: secrets= takes Secret.from_name(...) secrets, got {secret!r}; an inline "
+                    "secret is sent with a deploy, not with a call"
+                )
+            options.setdefault("secrets", [])
+            if secret.name not in options["secrets"]:
+                options["secrets"] = [*options["secrets"], secret.name]
+        for path, volume in (volumes or {}).items():
+            if not isinstance(volume, Volume) or not isinstance(path, str) or not path.startswith("/"):
+                raise TypeError(f"{where}: volumes= takes {{'/path': lode.Volume.from_name(...)}}, got {path!r}: {volume!r}")
+            mount = {"name": volume.name, "path": path, "read_only": volume.is_read_only,
+                     "create_if_missing": volume.create_if_missing}
+            options["volumes"] = [v for v in options.get("volumes", []) if v["path"] != path] + [mount]
+        return self._with_options(options)
+
+    def with_concurrency(self, *, max_inputs: int, target_inputs: int | None = None) -> Cls:
+        """The class serving `max_inputs` inputs at once per container for the calls made
+        through it (`target_inputs` is a scaling hint and changes no result here)."""
+        from ._app import _positive
+
+        del target_inputs
+        where = f"{self.__name__}.with_concurrency()"
+        return self._with_options({**self._options, "concurrency": _positive(where, "max_inputs", max_inputs, int)})
+
+    def with_batching(self, *, max_batch_size: int, wait_ms: int) -> Cls:
+        """Not in Lode: batching is declared on the method with @lode.batched."""
         raise NotImplementedError(
-            f"{self.__name__}.with_options({names}): Lode runs each class with the options it was "
-            "deployed with; set them in @app.cls(...) and redeploy, or declare a second class"
+            f"{self.__name__}.with_batching(): declare the batch on the method with "
+            "@lode.batched(max_batch_size=..., wait_ms=...) and redeploy"
         )
+
+    def _with_options(self, options: dict[str, Any]) -> Cls:
+        other = Cls(self._user_cls, self._function, self._methods, self._params, self._enter, self._exit)
+        other._options = options
+        return other
 
     def __call__(self, *args: Any, **kwargs: Any) -> Obj:
         if args:
@@ -257,6 +336,8 @@ class Method(Function):
         payload["method"] = self._method
         if self._obj._params:
             payload["params"] = dict(self._obj._params)
+        if self._obj._cls._options:
+            payload["options"] = dict(self._obj._cls._options)
         return payload
 
     def local(self, *args: Any, **kwargs: Any) -> Any:

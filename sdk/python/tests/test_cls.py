@@ -55,8 +55,8 @@ class ClassTest(unittest.TestCase):
             Model("x")
         with self.assertRaisesRegex(AttributeError, r"no method 'nope' marked @lode.method\(\) \(it has: predict\)"):
             Model(name="x").nope
-        with self.assertRaisesRegex(NotImplementedError, "set them in @app.cls"):
-            Model.with_options(cpu=2)
+        # Options keep the class's parameters and methods.
+        self.assertEqual(Model.with_options(cpu=2)(name="x")._params, {"name": "x", "size": 2})
 
     def test_a_remote_method_call_names_the_class_method_and_parameters(self):
         Model = declare_model(lode.App("demo"))
@@ -139,3 +139,33 @@ class AioTest(unittest.TestCase):
         self.assertIsInstance(error, lode.RemoteError)
         self.assertIsInstance(error, lode.Error)
         self.assertIsInstance(lode.exception.TimeoutError("t"), TimeoutError)
+
+
+class WithOptionsTest(unittest.TestCase):
+    """Cls.with_options: the options travel with each call made through the handle."""
+
+    def test_options_merge_travel_with_calls_and_refusals_are_named(self):
+        handle = lode.Cls.from_name("app", "Model")
+        roomy = handle.with_options(cpu=2, retries=3, secrets=[lode.Secret.from_name("s")]).with_options(
+            memory=512, volumes={"/d": lode.Volume.from_name("v")}
+        )
+        payload = roomy(scale=2).predict._payload((1,), {})
+        self.assertEqual(payload["params"], {"scale": 2})
+        self.assertEqual(payload["method"], "predict")
+        options = payload["options"]
+        self.assertEqual((options["cpu"], options["memory"], options["secrets"]), (2.0, 512, ["s"]))
+        self.assertEqual(options["retries"]["max_retries"], 3)
+        self.assertEqual(options["volumes"][0]["path"], "/d")
+        # The handle it came from is unchanged, and sends no options.
+        self.assertNotIn("options", handle().predict._payload((1,), {}))
+        self.assertEqual(handle.with_concurrency(max_inputs=4)()._cls._options, {"concurrency": 4})
+        with self.assertRaisesRegex(TypeError, "does not take env; put variables in a secret"):
+            handle.with_options(env={"A": "1"})
+        with self.assertRaisesRegex(TypeError, "does not take region"):
+            handle.with_options(region="us-east")
+        with self.assertRaisesRegex(ValueError, "memory=-1"):
+            handle.with_options(memory=-1)
+        with self.assertRaisesRegex(TypeError, "inline secret"):
+            handle.with_options(secrets=[lode.Secret.from_dict({"A": "b"})])
+        with self.assertRaisesRegex(NotImplementedError, "@lode.batched"):
+            handle.with_batching(max_batch_size=4, wait_ms=10)
