@@ -178,37 +178,16 @@ pub struct FunctionSpec {
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct CallOptions {
-    /// CPU cores.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub cpu: Option<f64>,
-    /// Memory, MiB.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub memory: Option<u64>,
-    /// A GPU, refused as the deploy refuses it where the host has none.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub gpu: Option<String>,
-    /// Seconds per input.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub timeout: Option<f64>,
+    /// Resources over the class's; absent fields keep its own.
+    #[serde(default)]
+    pub resources: Resources,
     /// Retries of failed inputs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retries: Option<Retries>,
-    /// Most containers.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub max_containers: Option<u32>,
-    /// Containers kept warm.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub min_containers: Option<u32>,
-    /// Seconds an idle container stays.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub scaledown_window: Option<f64>,
-    /// Inputs one container serves at once.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub concurrency: Option<u32>,
     /// Secrets added to the class's.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub secrets: Vec<String>,
-    /// Volumes added to the class's.
+    /// Volumes added to the class's (one at the same path replaces it).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub volumes: Vec<VolumeMount>,
 }
@@ -217,15 +196,7 @@ impl CallOptions {
     /// `function` with these options over its own, checked as a deploy checks it.
     pub fn apply(&self, function: &FunctionSpec) -> Result<FunctionSpec, Vec<String>> {
         let mut changed = function.clone();
-        let r = &mut changed.resources;
-        r.cpu = self.cpu.or(r.cpu);
-        r.memory = self.memory.or(r.memory);
-        r.gpu = self.gpu.clone().or(r.gpu.take());
-        r.timeout = self.timeout.or(r.timeout);
-        r.max_containers = self.max_containers.or(r.max_containers);
-        r.min_containers = self.min_containers.or(r.min_containers);
-        r.scaledown_window = self.scaledown_window.or(r.scaledown_window);
-        r.concurrency = self.concurrency.or(r.concurrency);
+        changed.resources = function.resources.overlaid(&self.resources);
         changed.retries = self.retries.or(changed.retries);
         for secret in &self.secrets {
             if !changed.secrets.contains(secret) {
@@ -242,6 +213,22 @@ impl CallOptions {
             Ok(changed)
         } else {
             Err(problems)
+        }
+    }
+}
+
+impl Resources {
+    /// These resources with every field `over` sets taken from it.
+    pub fn overlaid(&self, over: &Resources) -> Resources {
+        Resources {
+            cpu: over.cpu.or(self.cpu),
+            memory: over.memory.or(self.memory),
+            gpu: over.gpu.clone().or(self.gpu.clone()),
+            timeout: over.timeout.or(self.timeout),
+            concurrency: over.concurrency.or(self.concurrency),
+            min_containers: over.min_containers.or(self.min_containers),
+            max_containers: over.max_containers.or(self.max_containers),
+            scaledown_window: over.scaledown_window.or(self.scaledown_window),
         }
     }
 }

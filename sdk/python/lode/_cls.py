@@ -172,6 +172,7 @@ class Cls:
         if gpu is not None and (not isinstance(gpu, str) or not gpu):
             raise TypeError(f'{where}: gpu={gpu!r}; use a string such as "any" or "H100"')
         options = dict(self._options)
+        resources = dict(options.get("resources", {}))
         for key, value in (
             ("cpu", _positive(where, "cpu", cpu, float)),
             ("memory", _positive(where, "memory", memory, int)),
@@ -180,10 +181,13 @@ class Cls:
             ("min_containers", _positive(where, "min_containers", min_containers, int, zero=True)),
             ("scaledown_window", _positive(where, "scaledown_window", scaledown_window, float, zero=True)),
             ("gpu", gpu),
-            ("retries", retries.to_manifest() if retries is not None else None),
         ):
             if value is not None:
-                options[key] = value
+                resources[key] = value
+        if resources:
+            options["resources"] = resources
+        if retries is not None:
+            options["retries"] = retries.to_manifest()
         for secret in secrets:
             if not isinstance(secret, Secret) or secret.inline_values is not None:
                 raise TypeError(
@@ -208,7 +212,8 @@ class Cls:
 
         del target_inputs
         where = f"{self.__name__}.with_concurrency()"
-        return self._with_options({**self._options, "concurrency": _positive(where, "max_inputs", max_inputs, int)})
+        resources = {**self._options.get("resources", {}), "concurrency": _positive(where, "max_inputs", max_inputs, int)}
+        return self._with_options({**self._options, "resources": resources})
 
     def with_batching(self, *, max_batch_size: int, wait_ms: int) -> Cls:
         """Not in Lode: batching is declared on the method with @lode.batched."""

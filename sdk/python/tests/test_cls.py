@@ -153,12 +153,13 @@ class WithOptionsTest(unittest.TestCase):
         self.assertEqual(payload["params"], {"scale": 2})
         self.assertEqual(payload["method"], "predict")
         options = payload["options"]
-        self.assertEqual((options["cpu"], options["memory"], options["secrets"]), (2.0, 512, ["s"]))
+        self.assertEqual(options["resources"], {"cpu": 2.0, "memory": 512})
+        self.assertEqual(options["secrets"], ["s"])
         self.assertEqual(options["retries"]["max_retries"], 3)
         self.assertEqual(options["volumes"][0]["path"], "/d")
         # The handle it came from is unchanged, and sends no options.
         self.assertNotIn("options", handle().predict._payload((1,), {}))
-        self.assertEqual(handle.with_concurrency(max_inputs=4)()._cls._options, {"concurrency": 4})
+        self.assertEqual(handle.with_concurrency(max_inputs=4)()._cls._options, {"resources": {"concurrency": 4}})
         with self.assertRaisesRegex(TypeError, "does not take env; put variables in a secret"):
             handle.with_options(env={"A": "1"})
         with self.assertRaisesRegex(TypeError, "does not take region"):
