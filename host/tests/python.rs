@@ -687,7 +687,24 @@ fn asgi_wsgi_and_web_servers_stream_both_ways_and_take_websockets() {
         // A FastAPI-style endpoint converts its query parameters by annotation.
         let (status, body) = lode.get("/python-web/add?a=2&b=40").await;
         assert_eq!((status, body.as_str()), (200, r#"{"sum":42}"#));
+        // A class's web methods: one instance, entered once, serves both.
+        let (status, body) = lode.get("/python-web/Greeter-greet?name=lode").await;
+        assert_eq!(
+            (status, body.as_str()),
+            (200, r#"{"greeting":"hello lode","entered":1}"#)
+        );
+        let by_host = lode
+            .public(reqwest::Method::GET, "/")
+            .header("host", "python-web--greeter-api.lode.localhost")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            by_host.text().await.unwrap(),
+            r#"{"greeting":"hello","entered":1}"#
+        );
     });
+    assert!(deployed.contains("/python-web/Greeter-greet"), "{deployed}");
     let urls = run_expecting(&lode, &[&app], &["web: http://127.0.0.1:"]);
     drop(urls);
 }

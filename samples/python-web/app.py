@@ -1,5 +1,6 @@
 """Web apps on Lode, as on Modal: a FastAPI app (a streaming route and a WebSocket), a WSGI
-app, and a plain HTTP server started in the container.
+app, a plain HTTP server started in the container, and a class whose web methods share what
+its enter hook made.
 
     lode deploy samples/python-web/app.py
     curl http://127.0.0.1:8080/python-web/web/
@@ -84,6 +85,35 @@ def files():
 @lode.fastapi_endpoint(method="GET")
 def add(a: int, b: int = 1) -> dict:
     return {"sum": a + b}
+
+
+@app.cls()
+class Greeter:
+    """Web methods of one instance, made once per container: its enter hook runs before the
+    first request, whichever method that reaches."""
+
+    entered = 0
+
+    @lode.enter()
+    def start(self):
+        self.greeting = "hello"
+        type(self).entered += 1
+
+    @lode.fastapi_endpoint(method="GET")
+    def greet(self, name: str = "world") -> dict:
+        return {"greeting": f"{self.greeting} {name}", "entered": type(self).entered}
+
+    @lode.asgi_app()
+    def api(self):
+        from fastapi import FastAPI
+
+        api = FastAPI()
+
+        @api.get("/")
+        def root() -> dict:
+            return {"greeting": self.greeting, "entered": type(self).entered}
+
+        return api
 
 
 @app.local_entrypoint()

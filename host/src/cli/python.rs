@@ -179,8 +179,10 @@ pub async fn deploy(
     crate::cli::deploy::follow_deploy(client, &manifest, quiet).await?;
     for function in manifest.functions.iter().filter(|f| f.web.is_none()) {
         let class = function.python.as_ref().and_then(|p| p.class.as_ref());
-        let target = match class.and_then(|c| c.methods.first()) {
-            Some(method) => format!("{}.{method}", function.name),
+        let target = match class {
+            // A class with web methods only is reached at its URLs, listed above.
+            Some(class) if class.methods.is_empty() => continue,
+            Some(class) => format!("{}.{}", function.name, class.methods[0]),
             None => function.name.clone(),
         };
         let line = format!("  {} -> lode call {app}/{target}", function.name);

@@ -294,11 +294,12 @@ impl Control {
                     &mut images,
                 )
                 .await?;
-            if let Some(web) = &function.web {
+            for (class_method, web) in function.web_routes() {
                 built.python_routes.push(PythonRoute {
                     path: web.path.clone(),
                     method: web.method.clone(),
                     function: function.name.clone(),
+                    class_method: class_method.map(str::to_string),
                     serve: web.serve,
                     port: web.port,
                 });

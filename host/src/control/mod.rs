@@ -76,6 +76,8 @@ pub struct PythonRoute {
     pub method: Option<String>,
     /// The function.
     pub function: String,
+    /// The method, when the function is a class and the route one of its web methods.
+    pub class_method: Option<String>,
     /// What answers: a call, or the function's ASGI or WSGI app or web server.
     pub serve: crate::proto::manifest::WebServe,
     /// A web server's port.
@@ -102,6 +104,13 @@ pub struct Functions {
     pub volumes_dir: PathBuf,
     /// Users' module files, by source digest.
     pub apps_dir: PathBuf,
+}
+
+impl PythonRoute {
+    /// Its label in `<app>--<label>.lode.localhost`.
+    pub fn label(&self) -> String {
+        crate::proto::manifest::route_label(&self.function, self.class_method.as_deref())
+    }
 }
 
 impl LiveApp {
@@ -221,15 +230,16 @@ impl Control {
     pub fn urls(&self, manifest: &Manifest) -> Vec<String> {
         let mut urls = Vec::new();
         for function in &manifest.functions {
-            let Some(web) = &function.web else { continue };
-            urls.push(format!("{}/{}{}", self.urls.http, manifest.app, web.path));
-            if web.serve != crate::proto::manifest::WebServe::Call {
-                let port = self.urls.http.rsplit_once(':').map_or("80", |(_, p)| p);
-                let label = crate::proto::manifest::host_label(&function.name);
-                urls.push(format!(
-                    "http://{}--{label}.lode.localhost:{port}/",
-                    manifest.app
-                ));
+            for (class_method, web) in function.web_routes() {
+                urls.push(format!("{}/{}{}", self.urls.http, manifest.app, web.path));
+                if web.serve != crate::proto::manifest::WebServe::Call {
+                    let port = self.urls.http.rsplit_once(':').map_or("80", |(_, p)| p);
+                    let label = crate::proto::manifest::route_label(&function.name, class_method);
+                    urls.push(format!(
+                        "http://{}--{label}.lode.localhost:{port}/",
+                        manifest.app
+                    ));
+                }
             }
         }
         urls

@@ -291,7 +291,23 @@ pub struct PythonSource {
 #[serde(deny_unknown_fields)]
 pub struct ClassSpec {
     /// The methods callers may run (`@lode.method()`).
+    #[serde(default)]
     pub methods: Vec<String>,
+    /// Methods served on the web (`@lode.fastapi_endpoint()`, `@lode.asgi_app()`, ... on a
+    /// method): each a route of its own, served by the class's pool on an instance made
+    /// with the class's default parameters.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub web: Vec<ClassWebMethod>,
+}
+
+/// A class's method served on the web.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ClassWebMethod {
+    /// The method.
+    pub method: String,
+    /// Where and how it is served.
+    pub route: WebRoute,
 }
 
 /// Resources and limits. Absent fields take the server's defaults.
@@ -426,6 +442,15 @@ pub fn host_label(function: &str) -> String {
     function.replace('_', "-").to_ascii_lowercase()
 }
 
+/// The host label of a web route: its function's, or for a class's web method
+/// `<class>-<method>`, as Modal names a method's URL.
+pub fn route_label(function: &str, method: Option<&str>) -> String {
+    match method {
+        Some(method) => host_label(&format!("{function}-{method}")),
+        None => host_label(function),
+    }
+}
+
 /// Whether `name` is a DNS label: `[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?`.
 pub fn is_dns_label(name: &str) -> bool {
     let bytes = name.as_bytes();
@@ -535,13 +560,13 @@ impl Manifest {
                 problems.push(format!("function {name:?} is listed twice"));
             }
             function.validate(&mut problems);
-            if let Some(web) = &function.web
-                && !web_paths.insert(web.path.as_str())
-            {
-                problems.push(format!(
-                    "web path {:?} is claimed by more than one function",
-                    web.path
-                ));
+            for (_, web) in function.web_routes() {
+                if !web_paths.insert(web.path.as_str()) {
+                    problems.push(format!(
+                        "web path {:?} is claimed by more than one function",
+                        web.path
+                    ));
+                }
             }
         }
         if problems.is_empty() {
@@ -553,6 +578,17 @@ impl Manifest {
 }
 
 impl FunctionSpec {
+    /// The function's web routes: its own, and its class's web methods (with the method).
+    pub fn web_routes(&self) -> Vec<(Option<&str>, &WebRoute)> {
+        let class = self.python.as_ref().and_then(|p| p.class.as_ref());
+        let methods = class.into_iter().flat_map(|c| &c.web);
+        self.web
+            .iter()
+            .map(|web| (None, web))
+            .chain(methods.map(|m| (Some(m.method.as_str()), &m.route)))
+            .collect()
+    }
+
     /// Every problem of this function alone, worded with its name.
     pub(crate) fn validate(&self, problems: &mut Vec<String>) {
         let name = &self.name;
@@ -594,12 +630,23 @@ impl FunctionSpec {
                         ));
                     }
                     if let Some(class) = &python.class {
-                        if class.methods.is_empty() {
+                        if class.methods.is_empty() && class.web.is_empty() {
                             problems.push(format!(
-                                "function {name:?}: a class needs at least one method"
+                                "function {name:?}: a class needs at least one method or web \
+                                 method"
                             ));
                         }
-                        for method in &class.methods {
+                        if let Some(call) =
+                            class.web.iter().find(|w| w.route.serve == WebServe::Call)
+                        {
+                            problems.push(format!(
+                                "function {name:?}: web method {:?} must be served as asgi, wsgi \
+                                 or server",
+                                call.method
+                            ));
+                        }
+                        let web_methods = class.web.iter().map(|w| &w.method);
+                        for method in class.methods.iter().chain(web_methods) {
                             if !is_python_identifier(method) {
                                 problems.push(format!(
                                     "function {name:?}: method {method:?} is not a Python name"
@@ -640,7 +687,7 @@ impl FunctionSpec {
         {
             problems.push(format!("function {name:?}: cpu must be above 0"));
         }
-        if let Some(web) = &self.web {
+        for (_, web) in self.web_routes() {
             if !web.path.starts_with('/') {
                 problems.push(format!(
                     "function {name:?}: web path {:?} must start with '/'",

@@ -15,7 +15,7 @@ use hyper::body::Incoming;
 use crate::control::{Control, PythonRoute};
 use crate::function::Dispatch;
 use crate::proto::log::Stream;
-use crate::proto::manifest::{WebServe, host_label};
+use crate::proto::manifest::WebServe;
 use crate::telemetry::metrics::StatusLabels;
 use crate::wasm::http::{self as wasm_http, ResponseBody, error_response, full, too_large};
 
@@ -142,7 +142,7 @@ async fn route_and_run(
         let Some(route) = app
             .python_routes
             .iter()
-            .find(|r| r.serve != WebServe::Call && host_label(&r.function) == *label)
+            .find(|r| r.serve != WebServe::Call && r.label() == *label)
             .cloned()
         else {
             let message = format!(

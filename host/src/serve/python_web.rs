@@ -108,6 +108,9 @@ pub async fn serve(
     let kind = if websocket { "websocket" } else { "http" };
     let mut payload = serde_json::Map::new();
     payload.insert(kind.into(), scope);
+    if let Some(method) = &route.class_method {
+        payload.insert("method".into(), Value::String(method.clone()));
+    }
     // A request without a body (most GETs) says so in the input: no body message follows.
     let bodiless = !websocket && http_body::Body::is_end_stream(req.body());
     if bodiless {

@@ -255,6 +255,7 @@ class Agent:
         self._loop: asyncio.AbstractEventLoop | None = None
         self.web = WebApps(self.conn.send, self._event_loop)
         self._batchers: dict[tuple[str, str, str], Batcher] = {}
+        self._web_methods: dict[tuple[str, str], Any] = {}
         # The socket's reader: the loop's thread once reading starts.
         self._reader_thread: int | None = None
         self._pending = bytearray()
@@ -362,6 +363,10 @@ class Agent:
         """A web request for an ASGI or WSGI app or a web server."""
         name = msg.get("function")
         function = self.functions.get(name) if isinstance(name, str) else None
+        method = msg.get("method")
+        if function is not None and function._cls is not None and isinstance(method, str):
+            function = self._web_method(function, method)
+            name = f"{name}.{method}"
         if function is None or function._web_serve not in ("asgi", "wsgi", "server"):
             error = {
                 "kind": "LookupError",
@@ -372,6 +377,23 @@ class Agent:
             self.conn.send({"type": "output", "id": msg["id"], "error": error})
             return
         self.web.begin(msg, function, self.pool.submit)
+
+    def _web_method(self, function: Function, method: str) -> Any:
+        """A class's web method as the web apps serve it, or None if it has no such method."""
+        from lode._web_agent import WebMethod
+
+        cls = function._cls
+        mark = cls._web_methods.get(method)
+        if mark is None:
+            return None
+        with self._instances_lock:
+            made = self._web_methods.get((function.name, method))
+            if made is None:
+                made = self._web_methods[(function.name, method)] = WebMethod(
+                    f"{function.name}.{method}", mark,
+                    lambda: getattr(self._instance(cls, cls._bind({})), method),
+                )
+            return made
 
     def _batcher(self, function: Function, msg: dict[str, Any], target: Any, batch: tuple[int, int]) -> Batcher:
         """The batcher of a batched function, or of a batched method of one instance."""

@@ -505,6 +505,8 @@ class Function:
         }
         if spec.get("cls"):
             entry["python"]["cls"] = {"methods": list(spec["cls"]["methods"])}
+            if spec["cls"].get("web"):
+                entry["python"]["cls"]["web"] = [dict(w) for w in spec["cls"]["web"]]
         if spec.get("web"):
             entry["web"] = {k: v for k, v in spec["web"].items() if v is not None}
         if spec.get("schedule") is not None:

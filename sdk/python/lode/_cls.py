@@ -101,6 +101,19 @@ def _class_parts(user_cls: type) -> tuple[dict[str, _Parameter], list[str], list
     return params, by_kind["method"], by_kind["enter"], by_kind["exit"]
 
 
+def _web_methods(user_cls: type) -> dict[str, dict[str, Any]]:
+    """The class's methods served on the web, with their marks (the nearest definition wins)."""
+    found: dict[str, dict[str, Any]] = {}
+    for klass in reversed(user_cls.__mro__[:-1]):
+        for name, value in vars(klass).items():
+            mark = _web.web_mark(value)
+            if mark is not None:
+                found[name] = mark
+            else:
+                found.pop(name, None)
+    return found
+
+
 class Cls:
     """A class declared with @app.cls, or a handle from Cls.from_name. Calling it with
     parameter values gives an object whose methods run on Lode: `Model(size=2).predict.remote(x)`."""
@@ -123,6 +136,8 @@ class Cls:
         self._exit = list(exit_hooks)
         # with_options: sent with every call made through this handle.
         self._options: dict[str, Any] = {}
+        # Methods served on the web, with their marks.
+        self._web_methods: dict[str, dict[str, Any]] = {}
         self.__name__ = function.name
         self.__qualname__ = getattr(user_cls, "__qualname__", function.name)
         self.__doc__ = getattr(user_cls, "__doc__", None)
@@ -371,8 +386,23 @@ def declare(app: App, user_cls: type, options: dict[str, Any]) -> Cls:
         fn = inspect.getattr_static(user_cls, hook)
         if isinstance(fn, (staticmethod, classmethod)) or len(inspect.signature(fn).parameters) != 1:
             raise TypeError(f"{where}: the hook {hook}() must be a plain method taking only self")
-    if not methods:
-        raise ValueError(f"{where} has no method marked @lode.method(); mark the ones callers may run")
+    web_methods = _web_methods(user_cls)
+    if not methods and not web_methods:
+        raise ValueError(
+            f"{where} has no method marked @lode.method() or served on the web; mark the ones callers may run"
+        )
+    for method, mark in web_methods.items():
+        if method in methods:
+            raise TypeError(f"{where}: {method}() is marked @lode.method() and served on the web; pick one")
+        takes = len(inspect.signature(inspect.getattr_static(user_cls, method)).parameters)
+        if mark.get("endpoint") is None and takes != 1:
+            raise TypeError(f"{where}: the web method {method}() makes the app or server, and takes only self")
+    required = [p for p, spec in params.items() if spec.default is _NO_DEFAULT]
+    if web_methods and required:
+        raise TypeError(
+            f"{where}: web methods are served by an instance made with the default parameters; give "
+            f"{', '.join(required)} a default"
+        )
     for param, spec in params.items():
         annotation = user_cls.__dict__.get("__annotations__", {}).get(param)
         if isinstance(annotation, str):
@@ -390,8 +420,16 @@ def declare(app: App, user_cls: type, options: dict[str, Any]) -> Cls:
     if options.get("concurrency") is None and largest > 1:
         options = {**options, "concurrency": largest}
     function = app._make_function(user_cls, {**options, "name": name}, None)
-    function._spec["cls"] = {"methods": methods}
+    function._spec["cls"] = {"methods": methods, "web": [
+        {"method": method, "route": {k: v for k, v in {
+            "path": "/" + (mark.get("label") or f"{name}-{method}"),
+            "serve": mark["serve"],
+            "port": mark.get("port"),
+        }.items() if v is not None}}
+        for method, mark in web_methods.items()
+    ]}
     cls = Cls(user_cls, function, methods, params, enter_hooks, exit_hooks)
+    cls._web_methods = web_methods
     function._cls = cls
     app._register(function)
     return cls

@@ -81,6 +81,27 @@ def client_event(msg: dict[str, Any]) -> dict[str, Any] | None:
     return None
 
 
+class WebMethod:
+    """A class's web method as the web apps see a web function. Its `_fn` is the method bound
+    to the container's instance of the class (default parameters), made (enter hooks run) on
+    first use, off the event loop."""
+
+    _cls = None
+
+    def __init__(self, name: str, mark: dict[str, Any], resolve: Callable[[], Any]):
+        self.name = name
+        self._web_serve = mark["serve"]
+        self._web_port = mark.get("port")
+        self._web_startup_timeout = mark.get("startup_timeout", 5.0)
+        self._web_endpoint = mark.get("endpoint")
+        self._web_docs = bool(mark.get("docs"))
+        self._resolve = resolve
+
+    @property
+    def _fn(self) -> Any:
+        return self._resolve()
+
+
 class WebApps:
     """The web apps of one container, made once each, and the inputs they serve."""
 
@@ -205,10 +226,13 @@ class WebApps:
             raise
 
     async def _make_asgi_app(self, function: Any) -> Any:
+        # Off the loop: a class's web method is bound to an instance whose enter hooks may
+        # block, or be coroutines that need the loop.
+        fn = await asyncio.get_running_loop().run_in_executor(None, lambda: function._fn)
         if function._web_endpoint is not None:
-            app = endpoint_app(function._fn, function._web_endpoint, function._web_docs)
+            app = endpoint_app(fn, function._web_endpoint, function._web_docs)
         else:
-            app = function._fn()
+            app = fn()
         if asyncio.iscoroutine(app):
             app = await app
         if not callable(app):

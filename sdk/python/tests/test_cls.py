@@ -170,3 +170,48 @@ class WithOptionsTest(unittest.TestCase):
             handle.with_options(secrets=[lode.Secret.from_dict({"A": "b"})])
         with self.assertRaisesRegex(NotImplementedError, "@lode.batched"):
             handle.with_batching(max_batch_size=4, wait_ms=10)
+
+
+class WebMethodsTest(unittest.TestCase):
+    """A class's methods served on the web: each a route of the class's pool."""
+
+    def test_web_methods_become_routes_and_bad_ones_are_named(self):
+        app = lode.App("webcls")
+
+        @app.cls()
+        class Site:
+            size: int = lode.parameter(default=1)
+
+            @lode.fastapi_endpoint(method="POST", label="greet")
+            def hello(self, name: str) -> str:
+                return name
+
+            @lode.asgi_app()
+            def api(self):
+                return None
+
+        spec = Site._function._spec["cls"]
+        self.assertEqual(spec["methods"], [])
+        self.assertEqual(
+            spec["web"],
+            [{"method": "hello", "route": {"path": "/greet", "serve": "asgi"}},
+             {"method": "api", "route": {"path": "/Site-api", "serve": "asgi"}}],
+        )
+        with self.assertRaisesRegex(TypeError, "give size a default"):
+            @app.cls()
+            class Needs:
+                size: int = lode.parameter()
+
+                @lode.asgi_app()
+                def api(self):
+                    return None
+        with self.assertRaisesRegex(TypeError, "takes only self"):
+            @app.cls()
+            class Takes:
+                @lode.asgi_app()
+                def api(self, extra):
+                    return None
+        with self.assertRaisesRegex(ValueError, "no method marked"):
+            @app.cls()
+            class Empty:
+                pass
