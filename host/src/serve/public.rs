@@ -371,7 +371,9 @@ mod tests {
         assert_eq!(target.app, "shop");
         assert_eq!(target.function.as_deref(), Some("web-app"));
         assert_eq!(target.path_and_query, "/docs?x=1");
-        assert_eq!(host_label("Web_App"), "web-app");
+        use crate::proto::manifest::route_label;
+        assert_eq!(route_label("Web_App", None), "web-app");
+        assert_eq!(route_label("Site", Some("get_page")), "site-get-page");
     }
 
     #[test]
