@@ -326,6 +326,27 @@ print("polled", sb.poll())
 main = lode.Sandbox.create("sh", "-c", "echo main; exit 3", app=app, image=lode.Image.from_id("test/bb"))
 main.wait()
 print("entrypoint", main.stdout.read().strip(), main.returncode)
+# A port inside opened to the outside: a server started in the sandbox, reached from here.
+import urllib.request
+served = lode.Sandbox.create(
+    "sh", "-c", "mkdir -p /www && echo tunnelled > /www/index.html && exec httpd -f -p 8000 -h /www",
+    app=app, image=lode.Image.from_id("test/bb"), encrypted_ports=[8000],
+)
+tunnel = served.tunnels()[8000]
+for _ in range(100):
+    try:
+        print("tunnel", urllib.request.urlopen(tunnel.url + "/index.html", timeout=5).read().decode().strip())
+        break
+    except OSError:
+        import time
+        time.sleep(0.05)
+print("tunnel url", tunnel.url.startswith("http://127.0.0.1:"))
+served.terminate()
+try:
+    urllib.request.urlopen(tunnel.url + "/index.html", timeout=5)
+    print("tunnel open after the end")
+except OSError:
+    print("tunnel closed")
 # Lode volumes by path, and secrets: named ones from the server, inline ones from here.
 vol = lode.Volume.from_name("sdk-vol", create_if_missing=True)
 with_vol = lode.Sandbox.create(
@@ -354,6 +375,9 @@ print("read-only", p.stdout.read().strip(), p.wait() != 0)
         "missing file named",
         "polled 0",
         "entrypoint main 3",
+        "tunnel tunnelled",
+        "tunnel url True",
+        "tunnel closed",
         "volume yes1 0",
         "read-only yes1 True",
     ];

@@ -172,6 +172,8 @@ pub struct CopyArgs {
     pub local: Option<String>,
 }
 
+// Parsed once per process: the size of its largest variant costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum SandboxCommand {
     /// Start a sandbox of IMAGE and print its id.
@@ -222,6 +224,10 @@ pub enum SandboxCommand {
         /// A secret (`lode secret create`) whose variables every process gets (repeatable).
         #[arg(long = "secret", value_name = "NAME")]
         secret: Vec<String>,
+        /// A TCP port inside the sandbox to open to the outside (repeatable): Lode listens on
+        /// a port of its own beside its public HTTP listener and relays connections into it.
+        #[arg(short, long = "port", value_name = "PORT")]
+        port: Vec<u16>,
         /// Working directory of its processes [default: the image's].
         #[arg(short, long)]
         workdir: Option<String>,

@@ -31,6 +31,7 @@ pub async fn run(api: &ApiClient, command: SandboxCommand) -> Result<i32> {
             volume,
             lode_volume,
             secret,
+            port,
             workdir,
         } => {
             let request = SandboxRequest {
@@ -49,11 +50,18 @@ pub async fn run(api: &ApiClient, command: SandboxCommand) -> Result<i32> {
                 volumes: volume,
                 named_volumes: lode_volume,
                 secrets: secret,
+                ports: port,
             };
             let info: SandboxInfo = api
                 .json(api.request(Method::POST, "/v1/sandboxes").json(&request))
                 .await?;
             println!("{}", info.sandbox_id);
+            for tunnel in &info.tunnels {
+                eprintln!(
+                    "port {} -> {}:{}",
+                    tunnel.port, tunnel.host, tunnel.host_port
+                );
+            }
             Ok(0)
         }
         SandboxCommand::Exec {

@@ -58,6 +58,21 @@ pub struct SandboxRequest {
     /// Secrets whose variables every process in it gets, over `env`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub secrets: Vec<String>,
+    /// TCP ports inside it to open to the outside (Modal's `encrypted_ports` and
+    /// `unencrypted_ports`), each through a tunnel of its own.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<u16>,
+}
+
+/// A port of a sandbox opened to the outside.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Tunnel {
+    /// The port inside the sandbox.
+    pub port: u16,
+    /// Where to connect from outside: the host of Lode's public HTTP listener...
+    pub host: String,
+    /// ...and the port Lode listens on for this tunnel.
+    pub host_port: u16,
 }
 
 /// Which engine runs a sandbox's processes; its image decides.
@@ -113,6 +128,9 @@ pub struct SandboxInfo {
     /// Its idle timeout, in seconds, if it has one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub idle_timeout: Option<f64>,
+    /// Its open ports, while it runs.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tunnels: Vec<Tunnel>,
 }
 
 /// `GET /v1/sandboxes`.

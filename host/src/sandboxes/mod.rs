@@ -11,6 +11,7 @@
 mod files;
 mod output;
 mod process;
+mod tunnels;
 mod wasm;
 
 use std::collections::{BTreeMap, HashMap};
@@ -127,6 +128,8 @@ struct Entry {
     touched: Mutex<Instant>,
     /// Processes running now, by id; those with stdin open hold its writer.
     processes: Mutex<HashMap<String, process::Handle>>,
+    /// Its open ports; taken (closed) when it ends.
+    tunnels: Mutex<Option<tunnels::Tunnels>>,
 }
 
 impl Entry {
@@ -169,6 +172,9 @@ pub struct Sandboxes {
     volumes_dir: PathBuf,
     /// Secrets, whose variables sandboxes may ask for by name.
     secrets: Arc<crate::store::secrets::Secrets>,
+    /// Where tunnels listen (the public HTTP listener's address), and the host their
+    /// answers name.
+    tunnel_address: (std::net::IpAddr, String),
 }
 
 /// A sandbox just started, before it is recorded.
@@ -207,6 +213,7 @@ impl Sandboxes {
         commands_dir: PathBuf,
         volumes_dir: PathBuf,
         secrets: Arc<crate::store::secrets::Secrets>,
+        tunnel_address: (std::net::IpAddr, String),
     ) -> anyhow::Result<Arc<Self>> {
         let oldest = crate::util::now_ms().saturating_sub(RETENTION.as_millis() as u64);
         for (id, bytes) in state.list_entries(Table::Sandboxes)? {
@@ -237,6 +244,7 @@ impl Sandboxes {
             queued: Arc::default(),
             volumes_dir,
             secrets,
+            tunnel_address,
         }))
     }
 
@@ -291,6 +299,7 @@ impl Sandboxes {
             ));
         }
         check_tags(&request.tags)?;
+        tunnels::check_ports(&request.ports).map_err(Refused::bad)?;
         for name in &request.secrets {
             let values = self
                 .secrets
@@ -314,6 +323,19 @@ impl Sandboxes {
         } else {
             self.start_container(&request).await?
         };
+        let (tunnels, opened) = match &started.live {
+            Live::Container { sandbox, .. } if !request.ports.is_empty() => {
+                let (bind, host) = &self.tunnel_address;
+                let network = sandbox.network().map_err(Refused::internal)?;
+                let (tunnels, opened) = tunnels::open(*bind, host, &request.ports, network)
+                    .await
+                    .map_err(|e| {
+                    Refused::internal(format!("opening the sandbox's ports: {e}"))
+                })?;
+                (tunnels, Some(opened))
+            }
+            _ => (Vec::new(), None),
+        };
         let info = SandboxInfo {
             sandbox_id: id.clone(),
             app: request.app.clone(),
@@ -327,6 +349,7 @@ impl Sandboxes {
             ended_ms: None,
             timeout,
             idle_timeout: request.idle_timeout,
+            tunnels,
         };
         self.record(&info);
         let entry = Arc::new(Entry {
@@ -339,6 +362,7 @@ impl Sandboxes {
             ends_at: Instant::now() + Duration::from_secs_f64(timeout),
             touched: Mutex::new(Instant::now()),
             processes: Mutex::new(HashMap::new()),
+            tunnels: Mutex::new(opened),
         });
         self.entries
             .lock()
@@ -437,6 +461,7 @@ impl Sandboxes {
                 "volumes",
                 !request.volumes.is_empty() || !request.named_volumes.is_empty(),
             ),
+            ("ports (tunnels)", !request.ports.is_empty()),
             (
                 "network",
                 request.network.as_deref().is_some_and(|n| n != "none"),
@@ -586,6 +611,7 @@ impl Sandboxes {
             // Recorded before the kill, so a process stopped by it names the reason.
             taking.info.lock().unwrap().ended_by = Some(why);
             taking.processes.lock().unwrap().clear();
+            taking.tunnels.lock().unwrap().take();
             live.terminate();
             Some(())
         })
@@ -598,6 +624,7 @@ impl Sandboxes {
             info.status = SandboxStatus::Ended;
             info.ended_by = Some(reason.clone());
             info.ended_ms = Some(crate::util::now_ms());
+            info.tunnels.clear();
             info.clone()
         };
         tracing::info!(sandbox = %info.sandbox_id, reason, "sandbox ended");

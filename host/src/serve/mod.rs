@@ -247,6 +247,7 @@ pub async fn serve(options: ServeOptions) -> Result<()> {
             .unwrap_or_else(|| options.cache_dir.join("compiled-commands")),
         functions.volumes_dir.clone(),
         functions.secrets.clone(),
+        (http_addr.ip(), http_addr.ip().to_string()),
     )
     .context("reading the sandboxes' records")?;
     let control = Control::new(

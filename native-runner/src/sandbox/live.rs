@@ -160,6 +160,16 @@ impl LiveSandbox {
         })
     }
 
+    /// The sandbox's network namespace, held open, for [`connect_inside`].
+    pub fn network(&self) -> io::Result<OwnedFd> {
+        let (fd, _) = self
+            .namespaces
+            .iter()
+            .find(|(_, kind)| *kind == libc::CLONE_NEWNET)
+            .ok_or_else(|| io::Error::other("the sandbox has no network namespace"))?;
+        fd.try_clone()
+    }
+
     /// The host pid of the sandbox's pid 1.
     pub fn init_pid(&self) -> u32 {
         self.init as u32
@@ -355,6 +365,31 @@ impl Process {
         }
         Ok(())
     }
+}
+
+/// A TCP connection from the host to `port` on the loopback of the sandbox whose network
+/// namespace is `network` (a tunnel into it). A thread of its own joins that namespace for
+/// the connect alone and then ends, so the socket lives inside the sandbox's network and no
+/// thread of the host's is ever left in it.
+pub fn connect_inside(
+    network: OwnedFd,
+    port: u16,
+    timeout: Duration,
+) -> io::Result<std::net::TcpStream> {
+    let connecting = std::thread::Builder::new()
+        .name("lode-tunnel".into())
+        .spawn(move || {
+            // SAFETY: setns(2) on a namespace fd we own, for this thread only; the thread
+            // ends right after the connect.
+            if unsafe { libc::setns(network.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            let address = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+            std::net::TcpStream::connect_timeout(&address, timeout)
+        })?;
+    connecting
+        .join()
+        .map_err(|_| io::Error::other("the tunnel's connecting thread panicked"))?
 }
 
 /// Waits until the sandbox's pid 1 has exec'd the helper, and returns its host pid.

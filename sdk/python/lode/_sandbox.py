@@ -30,8 +30,6 @@ _UNSUPPORTED = (
     "gpu",
     "network_file_systems",
     "mounts",
-    "encrypted_ports",
-    "unencrypted_ports",
     "h2_ports",
     "region",
     "cloud",
@@ -307,6 +305,35 @@ class _SandboxFile:
         self.close()
 
 
+class Tunnel:
+    """A port of a sandbox opened to the outside (Modal's `Tunnel`): connect to `host:port`.
+    Lode's tunnels are plain TCP, so `url` is http:// and there is no TLS socket."""
+
+    def __init__(self, host: str, port: int):
+        self.host = host
+        self.port = port
+        self.unencrypted_host = host
+        self.unencrypted_port = port
+
+    def __repr__(self) -> str:
+        return f"Tunnel(host={self.host!r}, port={self.port})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Tunnel) and (self.host, self.port) == (other.host, other.port)
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def tcp_socket(self) -> tuple[str, int]:
+        return (self.host, self.port)
+
+    @property
+    def tls_socket(self) -> tuple[str, int]:
+        raise NotImplementedError("Lode's tunnels are plain TCP: use tcp_socket (or url, which is http://)")
+
+
 class Sandbox:
     """A sandbox on the Lode server (Modal's `Sandbox`)."""
 
@@ -334,12 +361,16 @@ class Sandbox:
         env: dict[str, str] | None = None,
         secrets: Iterable[Any] = (),
         volumes: dict[str, Any] | None = None,
+        encrypted_ports: Iterable[int] = (),
+        unencrypted_ports: Iterable[int] = (),
         **kwargs: Any,
     ) -> Sandbox:
         """Starts a sandbox of `image` for `app`; with `entrypoint_args`, runs them in it as
         its main process (`wait`, `stdout` and `returncode` are then that process's).
         Network is off unless `block_network=False`; `cidr_allowlist` opens private ranges.
-        `secrets` set their variables in every process; `volumes` mounts lode.Volumes by path."""
+        `secrets` set their variables in every process; `volumes` mounts lode.Volumes by path.
+        `encrypted_ports` and `unencrypted_ports` open ports inside it to the outside, read
+        back with tunnels(); Lode's tunnels are plain TCP (no TLS) either way."""
         _refuse("Sandbox.create", kwargs)
         app_name = app if isinstance(app, str) else getattr(app, "name", None)
         if app_name is None:
@@ -390,6 +421,14 @@ class Sandbox:
             )
         if mounts:
             request["named_volumes"] = mounts
+        ports = []
+        for port in [*encrypted_ports, *unencrypted_ports]:
+            if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
+                raise ValueError(f"Sandbox.create(): {port!r} is not a TCP port")
+            if port not in ports:
+                ports.append(port)
+        if ports:
+            request["ports"] = ports
         sandbox = cls(_http().request("POST", "/v1/sandboxes", request))
         if entrypoint_args:
             sandbox._entrypoint = sandbox.exec(*entrypoint_args)
@@ -419,6 +458,13 @@ class Sandbox:
     def _refresh(self) -> dict[str, Any]:
         self._info = _http().request("GET", self._path())
         return self._info
+
+    def tunnels(self, timeout: float = 50) -> dict[int, Tunnel]:
+        """The sandbox's open ports, by the port inside it (they open with the sandbox, so
+        there is nothing to wait for: `timeout` is accepted for Modal's signature)."""
+        del timeout
+        info = self._refresh()
+        return {t["port"]: Tunnel(t["host"], t["host_port"]) for t in info.get("tunnels", [])}
 
     def set_tags(self, tags: dict[str, str]) -> None:
         """Replaces the sandbox's tags."""

@@ -1,5 +1,5 @@
 """`modal.sandbox`, as Modal code imports it."""
 
-from ._sandbox import Sandbox
+from ._sandbox import Sandbox, Tunnel
 
-__all__ = ["Sandbox"]
+__all__ = ["Sandbox", "Tunnel"]
