@@ -917,3 +917,38 @@ fn run_function_prepares_an_image_once_and_fails_with_the_functions_error() {
         "{stderr}"
     );
 }
+
+#[test]
+fn a_web_request_whose_client_hung_up_while_it_waited_never_runs() {
+    let lode = start(&[]);
+    lode.cli_ok(&["deploy", &repo_file("host/tests/python/web_queue.py")]);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let (status, body) = lode.get("/webqueue/slow?tag=warm").await;
+        assert_eq!((status, body.as_str()), (200, r#"{"tag":"warm"}"#));
+        // The one container is busy for a while; a second request waits, and its client
+        // gives up.
+        let busy = lode.public(reqwest::Method::GET, "/webqueue/slow?tag=first&sleep=3");
+        let first = tokio::spawn(busy.send());
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let gone = lode
+            .public(reqwest::Method::GET, "/webqueue/slow?tag=gone")
+            .timeout(Duration::from_millis(500))
+            .send()
+            .await;
+        assert!(gone.is_err(), "{gone:?}");
+        let first = first.await.unwrap().unwrap();
+        assert_eq!(first.text().await.unwrap(), r#"{"tag":"first"}"#);
+        let (status, _) = lode.get("/webqueue/slow?tag=last").await;
+        assert_eq!(status, 200);
+    });
+    let logs = lode.cli_ok(&["logs", "webqueue"]);
+    assert!(
+        logs.contains("ran first") && logs.contains("ran last"),
+        "{logs}"
+    );
+    assert!(
+        !logs.contains("ran gone"),
+        "the abandoned request ran:\n{logs}"
+    );
+}

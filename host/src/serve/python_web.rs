@@ -140,10 +140,10 @@ pub async fn serve(
         .await;
     }
     // The request body goes to the container once one takes the input.
-    let (channel_tx, channel_rx) = oneshot::channel();
+    let (mut channel_tx, channel_rx) = oneshot::channel();
     if bodiless {
         tokio::spawn(async move {
-            if let Ok(assigned) = assigned_rx.await {
+            if let Some(assigned) = assignment(assigned_rx, &mut channel_tx).await {
                 let _ = channel_tx.send(assigned);
             }
         });
@@ -276,13 +276,26 @@ fn percent_decode(path: &str) -> String {
 /// Streams the request body to the container that took the input, in parts; a body over
 /// `max_body` is cut off with a disconnect. Hands the container's channel on for the
 /// response to say when the client went away.
+/// The container's end of an input, once one takes it; `None` if the client went away first
+/// (its handler dropped `channel`'s receiver), which lets go of `assigned` so the pool drops
+/// the input unrun.
+async fn assignment(
+    assigned: oneshot::Receiver<(String, mpsc::UnboundedSender<ToAgent>)>,
+    channel: &mut oneshot::Sender<(String, mpsc::UnboundedSender<ToAgent>)>,
+) -> Option<(String, mpsc::UnboundedSender<ToAgent>)> {
+    tokio::select! {
+        assigned = assigned => assigned.ok(),
+        () = channel.closed() => None,
+    }
+}
+
 async fn send_body(
     mut body: Incoming,
     assigned: oneshot::Receiver<(String, mpsc::UnboundedSender<ToAgent>)>,
-    channel: oneshot::Sender<(String, mpsc::UnboundedSender<ToAgent>)>,
+    mut channel: oneshot::Sender<(String, mpsc::UnboundedSender<ToAgent>)>,
     max_body: u64,
 ) {
-    let Ok((id, to_agent)) = assigned.await else {
+    let Some((id, to_agent)) = assignment(assigned, &mut channel).await else {
         return;
     };
     let _ = channel.send((id.clone(), to_agent.clone()));

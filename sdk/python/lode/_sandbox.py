@@ -42,7 +42,9 @@ _UNSUPPORTED = (
 
 
 def _refuse(method: str, kwargs: dict[str, Any]) -> None:
-    for key in kwargs:
+    for key, value in kwargs.items():
+        if key in _UNSUPPORTED and value is None:
+            continue  # Modal's default, spelled out (`gpu=None`): it asks for nothing.
         if key in _UNSUPPORTED:
             raise TypeError(f"{method}({key}=...) is not supported by Lode sandboxes yet")
         raise TypeError(f"{method}() got an unexpected keyword argument {key!r}")

@@ -275,8 +275,18 @@ impl Pool {
                     break;
                 };
                 let job = state.queue.pop_front().expect("not empty");
-                // Its caller went away (a cancelled spawn, a closed connection): drop it.
-                if job.reply.is_closed() {
+                // Its caller went away (a cancelled spawn, a closed connection, a web client
+                // that hung up while its request waited): drop it unrun.
+                let client_gone = job
+                    .web
+                    .as_ref()
+                    .and_then(|web| web.assigned.as_ref())
+                    .is_some_and(|assigned| assigned.is_closed());
+                if job.reply.is_closed() || client_gone {
+                    let _ = job.reply.send(Outcome::failed(ErrorInfo::lode(
+                        "client_gone",
+                        "the client went away before a container took the request",
+                    )));
                     continue;
                 }
                 self.dispatch(&worker, job);
