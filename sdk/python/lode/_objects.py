@@ -33,6 +33,10 @@ _WAIT_STEP_S = 60.0
 
 
 def _key(key: Any) -> Any:
+    if isinstance(key, int) and not isinstance(key, bool) and not -(2**63) <= key < 2**64:
+        # The server keeps keys as JSON numbers of 64 bits: a larger one would lose digits
+        # and land on another key.
+        raise TypeError(f"the int key {key} does not fit in 64 bits; use str({key}) as the key")
     if key is None or isinstance(key, (bool, int, float, str)):
         return key
     if isinstance(key, tuple):

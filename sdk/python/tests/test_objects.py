@@ -47,6 +47,14 @@ class ObjectsTest(unittest.TestCase):
         )
         self.assertEqual(sent[1], ("dict", "cfg", {"op": "get", "key": "x"}))
 
+    def test_int_keys_past_64_bits_are_refused_rather_than_rounded(self):
+        d = lode.Dict.from_name("cfg")
+        for key in (2**64, -(2**63) - 1, ("a", 10**30)):
+            with self.assertRaisesRegex(TypeError, "does not fit in 64 bits"):
+                d.put(key, 1)
+        _, sent = self.run_with([{"created": False}], lambda: d.put(2**64 - 1, 1))
+        self.assertEqual(sent[0][2]["key"], 2**64 - 1)
+
     def test_missing_keys_and_empty_queues_raise_as_python_does(self):
         d = lode.Dict.from_name("cfg")
         q = lode.Queue.from_name("jobs")
