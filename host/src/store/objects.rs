@@ -371,18 +371,32 @@ impl Objects {
     ) -> Result<Value, ObjectError> {
         check_name(kind, name)?;
         if request.create_if_missing {
-            self.create(kind, name)?;
+            off_runtime(|| self.create(kind, name))?;
         }
         match kind {
             Kind::Dict => {
                 let op: DictOp = serde_json::from_value(request.op)
                     .map_err(|e| ObjectError::invalid(format!("a Dict request: {e}")))?;
-                self.dict(name, op)
+                off_runtime(|| self.dict(name, op))
             }
             Kind::Queue => {
                 let op: QueueOp = serde_json::from_value(request.op)
                     .map_err(|e| ObjectError::invalid(format!("a Queue request: {e}")))?;
-                self.queue(name, op).await
+                match op {
+                    QueueOp::Get {
+                        n,
+                        partition,
+                        timeout,
+                    } => self.queue_get(name, n, partition, timeout).await,
+                    op => {
+                        let put = matches!(op, QueueOp::Put { .. });
+                        let answer = off_runtime(|| self.queue(name, op))?;
+                        if put {
+                            self.notifier(name).notify_waiters();
+                        }
+                        Ok(answer)
+                    }
+                }
             }
         }
     }
@@ -517,7 +531,40 @@ impl Objects {
         Ok(())
     }
 
-    async fn queue(&self, name: &str, op: QueueOp) -> Result<Value, ObjectError> {
+    /// A Queue get: takes what is there, or waits up to `timeout` seconds for a put.
+    async fn queue_get(
+        &self,
+        name: &str,
+        n: usize,
+        partition: Option<String>,
+        timeout: f64,
+    ) -> Result<Value, ObjectError> {
+        let partition = partition_name(partition)?;
+        if !(0.0..=86400.0).contains(&timeout) {
+            return Err(ObjectError::invalid(
+                "timeout is seconds from 0 to 86400 (the SDK waits longer in steps)",
+            ));
+        }
+        let wait = Duration::from_secs_f64(timeout).min(MAX_WAIT);
+        let deadline = tokio::time::Instant::now() + wait;
+        let notify = self.notifier(name);
+        loop {
+            // Registered before looking, so a put in between still wakes this get.
+            let woken = notify.notified();
+            tokio::pin!(woken);
+            woken.as_mut().enable();
+            let values = off_runtime(|| self.take(name, &partition, n.clamp(1, 1000)))?;
+            if !values.is_empty() || wait.is_zero() {
+                return Ok(json!({"values_json": values}));
+            }
+            if tokio::time::timeout_at(deadline, woken).await.is_err() {
+                return Ok(json!({"values_json": []}));
+            }
+        }
+    }
+
+    /// Every Queue operation but a get, in one transaction.
+    fn queue(&self, name: &str, op: QueueOp) -> Result<Value, ObjectError> {
         match op {
             QueueOp::Put {
                 values_json,
@@ -558,36 +605,10 @@ impl Objects {
                 if let Some(failure) = failure {
                     return Err(failure);
                 }
-                self.notifier(name).notify_waiters();
                 Ok(json!({}))
             }
-            QueueOp::Get {
-                n,
-                partition,
-                timeout,
-            } => {
-                let partition = partition_name(partition)?;
-                if !(0.0..=86400.0).contains(&timeout) {
-                    return Err(ObjectError::invalid(
-                        "timeout is seconds from 0 to 86400 (the SDK waits longer in steps)",
-                    ));
-                }
-                let wait = Duration::from_secs_f64(timeout).min(MAX_WAIT);
-                let deadline = tokio::time::Instant::now() + wait;
-                let notify = self.notifier(name);
-                loop {
-                    // Registered before looking, so a put in between still wakes this get.
-                    let woken = notify.notified();
-                    tokio::pin!(woken);
-                    woken.as_mut().enable();
-                    let values = self.take(name, &partition, n.clamp(1, 1000))?;
-                    if !values.is_empty() || wait.is_zero() {
-                        return Ok(json!({"values_json": values}));
-                    }
-                    if tokio::time::timeout_at(deadline, woken).await.is_err() {
-                        return Ok(json!({"values_json": []}));
-                    }
-                }
+            QueueOp::Get { .. } => {
+                unreachable!("gets may wait, and are served by queue_get")
             }
             QueueOp::Peek { n, skip, partition } => {
                 let partition = partition_name(partition)?;
@@ -689,6 +710,16 @@ impl Objects {
             waiting.retain(|_, notify| Arc::strong_count(notify) > 1);
         }
         waiting.entry(name.to_string()).or_default().clone()
+    }
+}
+
+/// Runs a store transaction (a disk write, perhaps an fsync) where it does not hold up the
+/// runtime's other tasks: in place on a worker that hands its tasks to others meanwhile.
+fn off_runtime<T>(work: impl FnOnce() -> T) -> T {
+    use tokio::runtime::{Handle, RuntimeFlavor};
+    match Handle::try_current().map(|handle| handle.runtime_flavor()) {
+        Ok(RuntimeFlavor::MultiThread) => tokio::task::block_in_place(work),
+        _ => work(),
     }
 }
 
