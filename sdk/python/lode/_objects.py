@@ -211,10 +211,12 @@ class Queue(_Object):
 
     @_aio.blocking
     def get(self, block: bool = True, timeout: float | None = None, *, partition: str | None = None) -> Any:
-        """The oldest item. Waits for one (forever, or up to `timeout` seconds) unless
-        block=False; raises queue.Empty when none comes."""
+        """The oldest item. Waits for one (forever, or up to `timeout` seconds) and raises
+        queue.Empty when none comes; with block=False, None at once when it is empty."""
         values = self._get(1, block, timeout, partition)
         if not values:
+            if not block:
+                return None
             raise _queue.Empty(f"Queue {self.name!r} has no item" + (f" after {timeout}s" if timeout else ""))
         return values[0]
 
@@ -222,11 +224,15 @@ class Queue(_Object):
     def get_many(
         self, n_values: int, block: bool = True, timeout: float | None = None, *, partition: str | None = None
     ) -> list[Any]:
-        """Up to n_values of the oldest items; waits as get() does for the first, then
-        returns what there is (an empty list when the wait runs out)."""
+        """Up to n_values of the oldest items; waits as get() does for the first (queue.Empty
+        when the wait runs out), then returns what there is; with block=False, an empty list
+        at once when it is empty."""
         if not isinstance(n_values, int) or n_values < 1:
             raise ValueError(f"get_many(n_values={n_values!r}): ask for at least 1")
-        return self._get(n_values, block, timeout, partition)
+        values = self._get(n_values, block, timeout, partition)
+        if not values and block:
+            raise _queue.Empty(f"Queue {self.name!r} has no item after {timeout}s")
+        return values
 
     def _get(self, n: int, block: bool, timeout: float | None, partition: str | None) -> list[Any]:
         deadline = None if timeout is None else time.monotonic() + max(0.0, timeout)

@@ -62,8 +62,16 @@ class ObjectsTest(unittest.TestCase):
             self.run_with([{"found": False}], lambda: d.pop("nope"))
         got, _ = self.run_with([{"found": False}], lambda: d.pop("nope", "dflt"))
         self.assertEqual(got, "dflt")
+        # As Modal's: a get that does not block answers None at once, get_many an empty
+        # list; a blocking one whose wait runs out raises queue.Empty.
+        got, _ = self.run_with([{"values_json": []}], lambda: q.get(block=False))
+        self.assertIsNone(got)
+        got, _ = self.run_with([{"values_json": []}], lambda: q.get_many(3, block=False))
+        self.assertEqual(got, [])
         with self.assertRaises(queue.Empty):
-            self.run_with([{"values_json": []}], lambda: q.get(block=False))
+            self.run_with([{"values_json": []}], lambda: q.get(timeout=0))
+        with self.assertRaises(queue.Empty):
+            self.run_with([{"values_json": []}], lambda: q.get_many(3, timeout=0))
         with self.assertRaises(TypeError):
             d.get({"a": 1})
 
