@@ -919,7 +919,7 @@ fn run_function_prepares_an_image_once_and_fails_with_the_functions_error() {
 }
 
 #[test]
-fn a_web_request_whose_client_hung_up_while_it_waited_never_runs() {
+fn web_inputs_end_when_their_app_returns_and_abandoned_ones_never_run() {
     let lode = start(&[]);
     lode.cli_ok(&["deploy", &repo_file("host/tests/python/web_queue.py")]);
     let rt = tokio::runtime::Runtime::new().unwrap();
@@ -941,7 +941,19 @@ fn a_web_request_whose_client_hung_up_while_it_waited_never_runs() {
         assert_eq!(first.text().await.unwrap(), r#"{"tag":"first"}"#);
         let (status, _) = lode.get("/webqueue/slow?tag=last").await;
         assert_eq!(status, 200);
+        // The answer comes at once; the work after it still holds the container, which
+        // scales down only once the app returns.
+        let (status, body) = lode.get("/webqueue/after").await;
+        assert_eq!((status, body.as_str()), (200, "answered"));
     });
+    // The answer came before the work after it ended.
+    let logs = lode.cli_ok(&["logs", "webqueue"]);
+    assert!(!logs.contains("background done"), "{logs}");
+    let finished = harness::wait_for(Duration::from_secs(10), || {
+        let logs = lode.cli_ok(&["logs", "webqueue"]);
+        logs.contains("background done").then_some(())
+    });
+    assert!(finished.is_some(), "{}", lode.cli_ok(&["logs", "webqueue"]));
     let logs = lode.cli_ok(&["logs", "webqueue"]);
     assert!(
         logs.contains("ran first") && logs.contains("ran last"),

@@ -222,7 +222,8 @@ pub enum FromAgent {
         /// The body's first part (the whole body with `done`), base64.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         body: Option<String>,
-        /// The response is complete and the input ended.
+        /// The response is complete (the input ends with the agent's output, once the app
+        /// returns).
         #[serde(default)]
         done: bool,
     },

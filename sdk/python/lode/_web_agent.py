@@ -155,12 +155,12 @@ class WebApps:
 
     # Helpers for every kind.
 
-    def _finish(self, input_id: str, error: BaseException | None, answered: bool = False) -> None:
-        """Ends a web input: its output, unless a whole response (`done`) ended it already."""
+    def _finish(self, input_id: str, error: BaseException | None) -> None:
+        """Ends a web input once its app returned (after a whole response, too: background
+        work after it still belongs to the input)."""
         self._exchanges.pop(input_id, None)
         if error is None:
-            if not answered:
-                self._send({"type": "output", "id": input_id, "result": None})
+            self._send({"type": "output", "id": input_id, "result": None})
             return
         from lode._agent import error_object
 
@@ -172,7 +172,7 @@ class WebApps:
         self._send({"type": "http_start", "id": input_id, "status": int(status), "headers": headers})
 
     def _whole(self, input_id: str, status: int, headers: list[tuple[str, str]], body: bytes) -> None:
-        """A response whose body is all there: one message, which ends the input too."""
+        """A response whose body is all there, in one message."""
         self._send(
             {"type": "http_start", "id": input_id, "status": int(status), "headers": headers,
              "body": _b64(body), "done": True}
@@ -198,7 +198,6 @@ class WebApps:
     async def _asgi(self, input_id: str, function: Any, scope: dict, exchange: Exchange, websocket: bool) -> None:
         _client.set_current_input_context(input_id)
         error: BaseException | None = None
-        answered = False
         try:
             app = await self._asgi_app(function)
             full = asgi_scope(scope, websocket)
@@ -206,10 +205,10 @@ class WebApps:
             if websocket:
                 await self._asgi_websocket(input_id, app, full, exchange)
             else:
-                answered = await self._asgi_http(input_id, app, full, exchange)
+                await self._asgi_http(input_id, app, full, exchange)
         except BaseException as e:  # the app's failure is this input's result
             error = e
-        self._finish(input_id, error, answered)
+        self._finish(input_id, error)
 
     async def _asgi_app(self, function: Any) -> Any:
         """The function's ASGI app, made and started once per container: requests that come
@@ -344,11 +343,10 @@ class WebApps:
     def _threaded(self, input_id: str, function: Any, scope: dict, exchange: Exchange) -> None:
         _client.set_current_input(input_id)
         error: BaseException | None = None
-        answered = False
         try:
             if function._web_serve == "wsgi":
                 app = self._app(function, function._fn)
-                answered = self._wsgi(input_id, app, scope, exchange)
+                self._wsgi(input_id, app, scope, exchange)
             else:
                 port = function._web_port
                 self._app(function, lambda: self._start_server(function))
@@ -357,7 +355,7 @@ class WebApps:
             error = e
         finally:
             _client.set_current_input(None)
-        self._finish(input_id, error, answered)
+        self._finish(input_id, error)
 
     def _wsgi(self, input_id: str, app: Any, scope: dict, exchange: Exchange) -> bool:
         """Serves one request; True when the whole response went in one message."""
