@@ -222,12 +222,10 @@ pub enum FromAgent {
         /// The body's first part (the whole body with `done`), base64.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         body: Option<String>,
-        /// The response is complete.
+        /// The response is complete (the input ends with the agent's output, once the app
+        /// returns).
         #[serde(default)]
         done: bool,
-        /// The input ended with it (its app returned); otherwise the agent's output ends it.
-        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-        ended: bool,
     },
     /// Part of a web input's response body, base64; the last part has `more_body` false.
     HttpBody {

@@ -171,27 +171,12 @@ class WebApps:
     def _start(self, input_id: str, status: int, headers: list[tuple[str, str]]) -> None:
         self._send({"type": "http_start", "id": input_id, "status": int(status), "headers": headers})
 
-    def _whole(
-        self, input_id: str, status: int, headers: list[tuple[str, str]], body: bytes, ended: bool = False
-    ) -> None:
-        """A response whose body is all there, in one message; with `ended`, the message also
-        ends the input (its app has returned)."""
-        message = {"type": "http_start", "id": input_id, "status": int(status), "headers": headers,
-                   "body": _b64(body), "done": True}
-        if ended:
-            message["ended"] = True
-        self._send(message)
-
-    def _end(self, input_id: str, error: BaseException | None, held: tuple | None) -> None:
-        """Ends a web input. A whole response held back until its app returned goes in the
-        same message as the end; after a failure it goes first, then the error."""
-        if held is not None:
-            if error is None:
-                self._exchanges.pop(input_id, None)
-                self._whole(input_id, *held, ended=True)
-                return
-            self._whole(input_id, *held)
-        self._finish(input_id, error)
+    def _whole(self, input_id: str, status: int, headers: list[tuple[str, str]], body: bytes) -> None:
+        """A response whose body is all there, in one message."""
+        self._send(
+            {"type": "http_start", "id": input_id, "status": int(status), "headers": headers,
+             "body": _b64(body), "done": True}
+        )
 
     def _body(self, input_id: str, data: bytes, more_body: bool) -> None:
         view = memoryview(data)
@@ -213,7 +198,6 @@ class WebApps:
     async def _asgi(self, input_id: str, function: Any, scope: dict, exchange: Exchange, websocket: bool) -> None:
         _client.set_current_input_context(input_id)
         error: BaseException | None = None
-        held: dict[str, Any] = {"whole": None}
         try:
             app = await self._asgi_app(function)
             full = asgi_scope(scope, websocket)
@@ -221,11 +205,10 @@ class WebApps:
             if websocket:
                 await self._asgi_websocket(input_id, app, full, exchange)
             else:
-                await self._asgi_http(input_id, app, full, exchange, held)
+                await self._asgi_http(input_id, app, full, exchange)
         except BaseException as e:  # the app's failure is this input's result
             error = e
-        whole, held["whole"] = held["whole"], None
-        self._end(input_id, error, whole)
+        self._finish(input_id, error)
 
     async def _asgi_app(self, function: Any) -> Any:
         """The function's ASGI app, made and started once per container: requests that come
@@ -284,18 +267,10 @@ class WebApps:
         elif task.exception() is not None and not isinstance(task.exception(), Exception):
             raise task.exception()
 
-    async def _asgi_http(self, input_id: str, app: Any, scope: dict, exchange: Exchange, held: dict) -> None:
-        """Serves one request. A whole response is held in `held["whole"]`: sent with the
-        input's end when the app returns in the same step (most do), else by the event loop's
-        next turn, so work after the response never delays it."""
-        state: dict[str, Any] = {"start": None, "sent": False, "done": False}
+    async def _asgi_http(self, input_id: str, app: Any, scope: dict, exchange: Exchange) -> bool:
+        """Serves one request; True when the whole response went in one message."""
+        state: dict[str, Any] = {"start": None, "sent": False, "done": False, "whole": False}
         inbox = exchange.async_queue
-        loop = asyncio.get_running_loop()
-
-        def flush() -> None:
-            whole, held["whole"] = held["whole"], None
-            if whole is not None:
-                self._whole(input_id, *whole)
 
         async def receive() -> dict:
             return await inbox.get()
@@ -316,9 +291,8 @@ class WebApps:
                 if not state["sent"]:
                     state["sent"] = True
                     if not more and len(body) <= BODY_PART:
-                        held["whole"] = (*state["start"], body)
-                        state["done"] = True
-                        loop.call_soon(flush)
+                        self._whole(input_id, *state["start"], body)
+                        state["done"] = state["whole"] = True
                         return
                     self._start(input_id, *state["start"])
                 self._body(input_id, body, more)
@@ -328,9 +302,11 @@ class WebApps:
         if state["start"] is None:
             raise RuntimeError("the ASGI app returned without sending a response")
         if not state["sent"]:
-            held["whole"] = (*state["start"], b"")
-        elif not state["done"]:
+            self._whole(input_id, *state["start"], b"")
+            return True
+        if not state["done"]:
             self._body(input_id, b"", False)
+        return state["whole"]
 
     async def _asgi_websocket(self, input_id: str, app: Any, scope: dict, exchange: Exchange) -> None:
         inbox = exchange.async_queue
@@ -367,11 +343,10 @@ class WebApps:
     def _threaded(self, input_id: str, function: Any, scope: dict, exchange: Exchange) -> None:
         _client.set_current_input(input_id)
         error: BaseException | None = None
-        whole = None
         try:
             if function._web_serve == "wsgi":
                 app = self._app(function, function._fn)
-                whole = self._wsgi(input_id, app, scope, exchange)
+                self._wsgi(input_id, app, scope, exchange)
             else:
                 port = function._web_port
                 self._app(function, lambda: self._start_server(function))
@@ -380,11 +355,10 @@ class WebApps:
             error = e
         finally:
             _client.set_current_input(None)
-        self._end(input_id, error, whole)
+        self._finish(input_id, error)
 
-    def _wsgi(self, input_id: str, app: Any, scope: dict, exchange: Exchange) -> tuple | None:
-        """Serves one request; a whole response (a list of parts) is returned rather than sent,
-        to go with the input's end."""
+    def _wsgi(self, input_id: str, app: Any, scope: dict, exchange: Exchange) -> bool:
+        """Serves one request; True when the whole response went in one message."""
         environ = wsgi_environ(scope, BodyReader(exchange.sync_queue))
         started: list[Any] = []
         sent = {"head": False}
@@ -414,7 +388,9 @@ class WebApps:
                 body = b"".join(bytes(part) for part in result)
                 if len(body) <= BODY_PART:
                     status, headers = started
-                    return (int(str(status).split(" ", 1)[0]), [(str(k), str(v)) for k, v in headers], body)
+                    self._whole(input_id, int(str(status).split(" ", 1)[0]),
+                                [(str(k), str(v)) for k, v in headers], body)
+                    return True
             for chunk in result:
                 if chunk:
                     write(chunk)
@@ -424,7 +400,7 @@ class WebApps:
                 close()
         head()
         self._body(input_id, b"", False)
-        return None
+        return False
 
     def _start_server(self, function: Any) -> bool:
         """Calls the @web_server function (it starts the server) and waits for the port."""

@@ -113,18 +113,12 @@ impl Pool {
                 | FromAgent::WsSend { .. }
                 | FromAgent::WsClose { .. }) => {
                     let id = message.web_input().unwrap_or_default().to_string();
-                    // A whole response goes to the client at once. The input ends when the
-                    // app returns (work after a response still holds the container): with
-                    // the response when it returned by then, else with the agent's output.
-                    let ended = matches!(message, FromAgent::HttpStart { ended: true, .. });
-                    {
-                        let in_flight = worker.in_flight.lock().unwrap();
-                        if let Some(web) = in_flight.get(&id).and_then(|job| job.web.as_ref()) {
-                            let _ = web.events.send(message);
-                        }
-                    }
-                    if ended {
-                        self.finish_input(&worker, &id, Outcome::value(serde_json::Value::Null));
+                    // A whole response goes to the client at once; the input itself ends
+                    // with the agent's output, once the app returns (background tasks
+                    // after a response still count against the container).
+                    let in_flight = worker.in_flight.lock().unwrap();
+                    if let Some(web) = in_flight.get(&id).and_then(|job| job.web.as_ref()) {
+                        let _ = web.events.send(message);
                     }
                 }
                 FromAgent::Log { id, stream, data } => {
