@@ -319,7 +319,7 @@ impl Control {
                 429,
                 "too_many_variants",
                 format!(
-                    "{}/{name}: this version already runs {} option sets                      (with_options); reuse one, or redeploy with the options in @app.cls(...)",
+                    "{}/{name}: this version already runs {} option sets (with_options); reuse one, or redeploy with the options in @app.cls(...)",
                     variant.live.record.manifest.app,
                     crate::control::MAX_VARIANTS
                 ),
