@@ -877,6 +877,7 @@ fn run_function_prepares_an_image_once_and_fails_with_the_functions_error() {
     let app = app.to_str().unwrap();
     let stderr = run_expecting(&lode, &[app], &["model: tok-xxxx"]);
     assert!(stderr.contains("downloaded tiny in container"), "{stderr}");
+    assert!(stderr.contains("with token ***"), "{stderr}");
     assert!(!stderr.contains("tok-secret-value"), "{stderr}");
 
     // An edit elsewhere in the file leaves the step cached; an edit to the function runs it

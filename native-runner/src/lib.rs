@@ -23,6 +23,7 @@ pub mod egress;
 pub mod image_spec;
 pub mod layer_disk;
 pub mod oci;
+pub mod redact;
 pub mod sandbox;
 pub mod seccomp;
 pub mod userns;

@@ -56,6 +56,8 @@ struct StepExtras {
     timeout: Option<Duration>,
     /// Removed when the step ends.
     scratch: Option<tempfile::TempDir>,
+    /// Secret values the step was given: masked in its output, as in function logs.
+    secret_values: Vec<String>,
 }
 
 /// Paths a build container gets as mount points, which are not part of any step's result.
@@ -624,7 +626,20 @@ impl Builder {
             ..SandboxSpec::default()
         };
         let cgroups = self.cgroups.clone();
-        let log_events = events.clone();
+        let secrets = Arc::new(extras.secret_values.clone());
+        let log_events: Events = if secrets.is_empty() {
+            events.clone()
+        } else {
+            let (events, secrets) = (events.clone(), secrets.clone());
+            Arc::new(move |event| {
+                events(match event {
+                    BuildEvent::Log { line } => BuildEvent::Log {
+                        line: crate::redact::mask(&line, &secrets),
+                    },
+                    other => other,
+                })
+            })
+        };
         let ran =
             tokio::task::spawn_blocking(move || run_logged(&spec, cgroups.as_ref(), log_events))
                 .await
@@ -653,7 +668,7 @@ impl Builder {
                 description: step.describe(),
                 command: argv.join(" "),
                 reason,
-                output: tail,
+                output: crate::redact::mask(&tail, &secrets),
             }),
             Err(e) => Err(BuildError::Other(format!(
                 "step {number} ({}): could not start the build container: {e}",
@@ -701,7 +716,7 @@ impl Builder {
             }
             asked => asked,
         };
-        let mut env = Vec::new();
+        let mut env: Vec<(String, String)> = Vec::new();
         for name in secrets {
             let lookup = self
                 .secrets
@@ -731,6 +746,7 @@ impl Builder {
         {
             python_path = format!("{python_path}:{image}");
         }
+        let secret_values = env.iter().map(|(_, value)| value.clone()).collect();
         env.extend([
             ("PYTHONPATH".to_string(), python_path),
             ("PYTHONUNBUFFERED".into(), "1".into()),
@@ -743,6 +759,7 @@ impl Builder {
             mounts: vec![(sdk, BUILD_SDK_MOUNT), (app, BUILD_APP_MOUNT)],
             timeout,
             scratch: Some(scratch),
+            secret_values,
         })
     }
 

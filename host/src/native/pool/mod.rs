@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 
 use lode_native_runner::agent::{self, AgentSpec, ErrorInfo, FromAgent, Outcome, ToAgent};
 use lode_native_runner::cgroup::Limits;
+use lode_native_runner::redact::mask;
 use lode_native_runner::sandbox::{Network, Volume};
 use tokio::sync::{mpsc, oneshot};
 
@@ -615,29 +616,5 @@ impl Pool {
 
     fn log(&self, input: Option<&str>, stream: Stream, line: String) {
         self.ctx.logs.push(&self.spec.app, input, stream, line);
-    }
-}
-
-/// `line` with every secret value replaced by `***`, so a print cannot leak one into logs.
-fn mask(line: &str, secrets: &[String]) -> String {
-    let mut line = line.to_string();
-    for secret in secrets.iter().filter(|s| s.len() >= 4) {
-        if line.contains(secret.as_str()) {
-            line = line.replace(secret.as_str(), "***");
-        }
-    }
-    line
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn secret_values_are_masked_in_log_lines() {
-        let secrets = vec!["hunter22".to_string(), "ab".to_string()];
-        assert_eq!(mask("token=hunter22 ok", &secrets), "token=*** ok");
-        // Values too short to be secrets would mask ordinary text; they are left.
-        assert_eq!(mask("ab cd", &secrets), "ab cd");
     }
 }

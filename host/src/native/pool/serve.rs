@@ -10,9 +10,10 @@ use lode_native_runner::agent::{self, ErrorInfo, FromAgent, Outcome, ToAgent};
 use tokio::sync::mpsc;
 
 use super::worker::{Job, MAX_CALLS_PER_CONTAINER, Worker};
-use super::{ExitWatch, Pool, mask};
+use super::{ExitWatch, Pool};
 use crate::function::{CallTree, Dispatch, container_call};
 use crate::proto::log::Stream;
+use lode_native_runner::redact::mask;
 
 impl Pool {
     /// Queues `job` again after its `Retries` delay, saying why in the input's log.
