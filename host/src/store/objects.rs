@@ -389,10 +389,16 @@ impl Objects {
                         timeout,
                     } => self.queue_get(name, n, partition, timeout).await,
                     op => {
-                        let put = matches!(op, QueueOp::Put { .. });
+                        // A put wakes the gets waiting on its own partition only.
+                        let put = match &op {
+                            QueueOp::Put { partition, .. } => {
+                                Some(partition_name(partition.clone())?)
+                            }
+                            _ => None,
+                        };
                         let answer = off_runtime(|| self.queue(name, op))?;
-                        if put {
-                            self.notifier(name).notify_waiters();
+                        if let Some(partition) = put {
+                            self.notifier(name, &partition).notify_waiters();
                         }
                         Ok(answer)
                     }
@@ -547,7 +553,7 @@ impl Objects {
         }
         let wait = Duration::from_secs_f64(timeout).min(MAX_WAIT);
         let deadline = tokio::time::Instant::now() + wait;
-        let notify = self.notifier(name);
+        let notify = self.notifier(name, &partition);
         loop {
             // Registered before looking, so a put in between still wakes this get.
             let woken = notify.notified();
@@ -703,13 +709,17 @@ impl Objects {
         failure.map_or(Ok(values), Err)
     }
 
-    fn notifier(&self, name: &str) -> Arc<tokio::sync::Notify> {
+    /// What wakes the gets waiting on one partition of a queue.
+    fn notifier(&self, name: &str, partition: &str) -> Arc<tokio::sync::Notify> {
         let mut waiting = self.waiting.lock().unwrap();
         // Notifiers nobody holds are dropped as others are made, so the map stays small.
         if waiting.len() > 1024 {
             waiting.retain(|_, notify| Arc::strong_count(notify) > 1);
         }
-        waiting.entry(name.to_string()).or_default().clone()
+        waiting
+            .entry(format!("{name}{SEP}{partition}"))
+            .or_default()
+            .clone()
     }
 }
 
