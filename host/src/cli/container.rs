@@ -9,7 +9,7 @@ use std::sync::Arc;
 use anyhow::{Context, Result, bail};
 use futures::StreamExt;
 use lode_fs::IngestOptions;
-use lode_native_runner::image_spec::{Base, CONFIG_PATH, ImageSpec, Step};
+use lode_native_runner::image_spec::{Base, ImageSpec, Step};
 use lode_registry::BlobAccess;
 use reqwest::Method;
 
@@ -46,20 +46,8 @@ pub async fn resolve_local(
         let scratch = tempfile::tempdir().context("a temporary directory for the OCI import")?;
         let rootfs = scratch.path().join("rootfs");
         eprintln!("importing OCI image {}", source.display());
-        let oci = lode_native_runner::oci::unpack(&source, &rootfs)
-            .with_context(|| format!("from_oci {}", source.display()))?;
-        let config = oci.image_config();
-        let config_path = rootfs.join(CONFIG_PATH);
-        let parent = config_path.parent().expect("config has a parent");
-        // The image may hold /etc as a symlink; the config is written only into a real dir.
-        if std::fs::symlink_metadata(rootfs.join("etc")).is_ok_and(|m| !m.is_dir()) {
-            bail!(
-                "from_oci {}: /etc in the image is not a directory",
-                source.display()
-            );
-        }
-        std::fs::create_dir_all(parent)?;
-        std::fs::write(&config_path, serde_json::to_vec_pretty(&config)?)?;
+        lode_native_runner::oci::import(&source, &rootfs)
+            .map_err(|e| anyhow::anyhow!("from_oci {}: {e}", source.display()))?;
         *digest = Some(ingest_dir(registry, &rootfs).await?);
     }
     for step in &mut spec.steps {

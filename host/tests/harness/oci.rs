@@ -14,14 +14,7 @@ use base64::Engine as _;
 
 /// A one-layer OCI image layout holding a static busybox, written by hand.
 pub fn oci_layout(dir: &Path, extra: &[(&str, &[u8])]) {
-    use sha2::Digest as _;
-    let blobs = dir.join("blobs/sha256");
-    std::fs::create_dir_all(&blobs).unwrap();
-    let put = |bytes: &[u8]| -> (String, usize) {
-        let hex = hex::encode(sha2::Sha256::digest(bytes));
-        std::fs::write(blobs.join(&hex), bytes).unwrap();
-        (format!("sha256:{hex}"), bytes.len())
-    };
+    std::fs::create_dir_all(dir.join("blobs/sha256")).unwrap();
     let mut layer = tar::Builder::new(flate2::write::GzEncoder::new(
         Vec::new(),
         flate2::Compression::fast(),
@@ -65,7 +58,7 @@ pub fn oci_layout(dir: &Path, extra: &[(&str, &[u8])]) {
         layer.append(&header, *bytes).unwrap();
     }
     let layer = layer.into_inner().unwrap().finish().unwrap();
-    let (layer_digest, layer_size) = put(&layer);
+    let (layer_digest, layer_size) = put_blob(dir, &layer);
     let config = serde_json::json!({
         "architecture": "amd64", "os": "linux",
         "config": {"Env": ["PATH=/bin", "FROM_OCI=yes"], "Cmd": ["/bin/sh", "-c", "echo from the image cmd $FROM_OCI"]},
@@ -80,6 +73,14 @@ pub fn oci_layout(dir: &Path, extra: &[(&str, &[u8])]) {
     );
 }
 
+/// Stores `bytes` as a blob of the layout at `dir`; its digest and size.
+fn put_blob(dir: &Path, bytes: &[u8]) -> (String, usize) {
+    use sha2::Digest as _;
+    let hex = hex::encode(sha2::Sha256::digest(bytes));
+    std::fs::write(dir.join("blobs/sha256").join(&hex), bytes).unwrap();
+    (format!("sha256:{hex}"), bytes.len())
+}
+
 /// Writes the config, a one-layer manifest and the index around a layer already in `dir`.
 fn finish_layout(
     dir: &Path,
@@ -88,20 +89,14 @@ fn finish_layout(
     digest: &str,
     size: u64,
 ) {
-    use sha2::Digest as _;
-    let put = |bytes: &[u8]| -> (String, usize) {
-        let hex = hex::encode(sha2::Sha256::digest(bytes));
-        std::fs::write(dir.join("blobs/sha256").join(&hex), bytes).unwrap();
-        (format!("sha256:{hex}"), bytes.len())
-    };
-    let (config_digest, config_size) = put(&serde_json::to_vec(config).unwrap());
+    let (config_digest, config_size) = put_blob(dir, &serde_json::to_vec(config).unwrap());
     let manifest = serde_json::json!({
         "schemaVersion": 2,
         "mediaType": "application/vnd.oci.image.manifest.v1+json",
         "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config_digest, "size": config_size},
         "layers": [{"mediaType": media_type, "digest": digest, "size": size}]
     });
-    let (manifest_digest, manifest_size) = put(&serde_json::to_vec(&manifest).unwrap());
+    let (manifest_digest, manifest_size) = put_blob(dir, &serde_json::to_vec(&manifest).unwrap());
     let index = serde_json::json!({
         "schemaVersion": 2,
         "manifests": [{"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": manifest_digest, "size": manifest_size}]

@@ -252,18 +252,15 @@ impl Builder {
             .map_err(failed)?;
         let rootfs = scratch.path().join("rootfs");
         let unpack_to = rootfs.clone();
-        let oci = tokio::task::spawn_blocking(move || crate::oci::unpack(&layout, &unpack_to))
+        tokio::task::spawn_blocking(move || crate::oci::import(&layout, &unpack_to))
             .await
             .map_err(|e| BuildError::Other(format!("unpacking task failed: {e}")))?
             .map_err(|e| BuildError::Spec(format!("from_registry {reference}: {e}")))?;
         let report =
             lode_fs::ingest(&rootfs, self.registry.clone(), IngestOptions::default()).await?;
-        let ingested = report
+        let digest = report
             .digest
             .ok_or_else(|| BuildError::Other("the pulled image stored no index".into()))?;
-        let mut tree = self.load(&ingested).await?.to_tree();
-        write_config(&mut tree, &oci.image_config())?;
-        let digest = self.store(&tree).await?;
         self.registry
             .set_tag(&tag, &digest, TagUpdate::Always)
             .await?;
@@ -272,17 +269,12 @@ impl Builder {
 
     /// User name and password from the secret `name`.
     fn registry_credentials(&self, name: &str) -> Result<(String, String), BuildError> {
-        let lookup = self.secrets.as_ref().ok_or_else(|| {
-            BuildError::Spec(format!(
-                "from_registry names secret {name:?}, but this builder reads no secrets"
-            ))
-        })?;
-        let values = lookup(name).map_err(BuildError::Other)?.ok_or_else(|| {
-            BuildError::Spec(format!(
-                "from_registry: secret {name:?} does not exist; create it with `lode secret \
-                     create {name} {REGISTRY_USERNAME}=... {REGISTRY_PASSWORD}=...`"
-            ))
-        })?;
+        let values = self
+            .secret(
+                name,
+                &format!("{REGISTRY_USERNAME}=... {REGISTRY_PASSWORD}=..."),
+            )
+            .map_err(|why| BuildError::Spec(format!("from_registry: {why}")))?;
         let get = |key: &str| {
             values.get(key).cloned().ok_or_else(|| {
                 BuildError::Spec(format!(
@@ -292,5 +284,21 @@ impl Builder {
             })
         };
         Ok((get(REGISTRY_USERNAME)?, get(REGISTRY_PASSWORD)?))
+    }
+
+    /// The values of the secret `name`, or why there are none; `create` shows what
+    /// `lode secret create NAME ...` should hold.
+    pub(super) fn secret(
+        &self,
+        name: &str,
+        create: &str,
+    ) -> Result<std::collections::BTreeMap<String, String>, String> {
+        let lookup = self
+            .secrets
+            .as_ref()
+            .ok_or_else(|| format!("this builder reads no secrets (secret {name:?})"))?;
+        lookup(name)?.ok_or_else(|| {
+            format!("secret {name:?} does not exist; create it with `lode secret create {name} {create}`")
+        })
     }
 }

@@ -718,17 +718,7 @@ impl Builder {
         };
         let mut env: Vec<(String, String)> = Vec::new();
         for name in secrets {
-            let lookup = self
-                .secrets
-                .as_ref()
-                .ok_or_else(|| fail("this builder reads no secrets".into()))?;
-            let values = lookup(name).map_err(BuildError::Other)?.ok_or_else(|| {
-                fail(format!(
-                    "secret {name:?} does not exist; create it with `lode secret create {name} \
-                     KEY=VALUE`"
-                ))
-            })?;
-            env.extend(values);
+            env.extend(self.secret(name, "KEY=VALUE").map_err(fail)?);
         }
         let scratch = tempfile::tempdir_in(&self.work_dir)
             .map_err(|e| BuildError::Other(format!("scratch space for the step: {e}")))?;

@@ -66,17 +66,32 @@ pub struct OciConfig {
     pub skipped: Vec<String>,
 }
 
-impl OciConfig {
-    /// The settings Lode keeps for containers of the image (the user is not among them:
-    /// containers run as the image's root, held by a user namespace).
-    pub fn image_config(&self) -> crate::image_spec::ImageConfig {
-        crate::image_spec::ImageConfig {
-            env: self.env.clone(),
-            workdir: self.workdir.clone(),
-            cmd: self.cmd.clone(),
-            runtime: None,
-        }
+/// Unpacks the image at `source` into `dest` ([`unpack`]) and writes the settings Lode keeps
+/// for its containers where images hold them ([`crate::image_spec::CONFIG_PATH`]): a tree
+/// ready to ingest as an image. The user is not among the settings: containers run as the
+/// image's root, held by a user namespace.
+pub fn import(source: &Path, dest: &Path) -> Result<(), String> {
+    let oci = unpack(source, dest).map_err(|e| e.to_string())?;
+    // The image may hold /etc as a symlink; the config is written only into a real dir.
+    if std::fs::symlink_metadata(dest.join("etc")).is_ok_and(|m| !m.is_dir()) {
+        return Err("/etc in the image is not a directory".into());
     }
+    let config = crate::image_spec::ImageConfig {
+        env: oci.env,
+        workdir: oci.workdir,
+        cmd: oci.cmd,
+        runtime: None,
+    };
+    let path = dest.join(crate::image_spec::CONFIG_PATH);
+    let parent = path.parent().expect("the config path has a parent");
+    std::fs::create_dir_all(parent)
+        .and_then(|()| {
+            std::fs::write(
+                &path,
+                serde_json::to_vec_pretty(&config).expect("config serializes"),
+            )
+        })
+        .map_err(|e| format!("writing {}: {e}", path.display()))
 }
 
 /// Why an image could not be imported.

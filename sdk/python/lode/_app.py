@@ -201,6 +201,11 @@ class Volume:
     def is_read_only(self) -> bool:
         return self._read_only
 
+    def _mount(self, path: str) -> dict[str, Any]:
+        """The volume mounted at `path`, as manifests, sandboxes and class options name it."""
+        return {"name": self.name, "path": path, "read_only": self._read_only,
+                "create_if_missing": self.create_if_missing}
+
     def commit(self) -> None:
         """Makes writes durable: fsyncs every file under the mount and the directories."""
         if is_local():
@@ -514,10 +519,7 @@ class Function:
         if spec["secrets"]:
             entry["secrets"] = [s.name for s in spec["secrets"]]
         if spec["volumes"]:
-            entry["volumes"] = [
-                {"name": v.name, "path": path, "read_only": v.is_read_only, "create_if_missing": v.create_if_missing}
-                for path, v in spec["volumes"].items()
-            ]
+            entry["volumes"] = [v._mount(path) for path, v in spec["volumes"].items()]
         if spec.get("retries") is not None:
             entry["retries"] = spec["retries"].to_manifest()
         if spec.get("network") is not None:

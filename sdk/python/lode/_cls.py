@@ -215,9 +215,7 @@ class Cls:
         for path, volume in (volumes or {}).items():
             if not isinstance(volume, Volume) or not isinstance(path, str) or not path.startswith("/"):
                 raise TypeError(f"{where}: volumes= takes {{'/path': lode.Volume.from_name(...)}}, got {path!r}: {volume!r}")
-            mount = {"name": volume.name, "path": path, "read_only": volume.is_read_only,
-                     "create_if_missing": volume.create_if_missing}
-            options["volumes"] = [v for v in options.get("volumes", []) if v["path"] != path] + [mount]
+            options["volumes"] = [v for v in options.get("volumes", []) if v["path"] != path] + [volume._mount(path)]
         return self._with_options(options)
 
     def with_concurrency(self, *, max_inputs: int, target_inputs: int | None = None) -> Cls:

@@ -417,10 +417,7 @@ class Sandbox:
                 )
             if not isinstance(path, str) or not path.startswith("/"):
                 raise ValueError(f"Sandbox.create(volumes=...): {path!r} is not an absolute path")
-            mounts.append(
-                {"name": volume.name, "path": path, "read_only": volume.is_read_only,
-                 "create_if_missing": volume.create_if_missing}
-            )
+            mounts.append(volume._mount(path))
         if mounts:
             request["named_volumes"] = mounts
         ports = []
