@@ -624,6 +624,16 @@ fn asgi_wsgi_and_web_servers_stream_both_ways_and_take_websockets() {
         deployed.contains("python-web--web.lode.localhost"),
         "{deployed}"
     );
+    // A client that only knows the names asks the server for the URL.
+    let looked_up = lode.sdk_python(
+        "import lode\nprint(lode.Function.from_name('python-web', 'web').get_web_url())",
+    );
+    assert_eq!(
+        text(&looked_up.stdout).trim(),
+        format!("{}/python-web/web", lode.http),
+        "{}",
+        text(&looked_up.stderr)
+    );
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         // By path, the app sees its prefix as its root path; by host, it is at the root.
@@ -963,5 +973,67 @@ fn web_inputs_end_when_their_app_returns_and_abandoned_ones_never_run() {
     assert!(
         !logs.contains("ran gone"),
         "the abandoned request ran:\n{logs}"
+    );
+}
+
+#[test]
+fn functions_make_sandboxes_within_what_they_were_given_and_reach_only_their_own() {
+    let lode = start(&[]);
+    lode.cli_ok(&["secret", "create", "maker-secret", "MAKER_TOKEN=tok-maker"]);
+    lode.cli_ok(&["secret", "create", "other-secret", "OTHER=1"]);
+    // The operator's own sandbox, which the app's containers must not reach.
+    let image = lode.sdk_python("import lode\nprint(lode.Image.debian_slim()._reference())");
+    let image = text(&image.stdout);
+    let foreign = lode.cli_ok(&["sandbox", "create", image.trim(), "--app", "operator-app"]);
+    let app = repo_file("host/tests/python/sandbox_maker.py");
+    run_expecting(
+        &lode,
+        &[&app, "--", "--foreign", foreign.trim()],
+        &[
+            // Made inside a function: its secret passed on, its tunnel reached from the
+            // function's container and from the client at the same URL, listed alone.
+            "secret True",
+            "tunnel True",
+            "client tunnel True",
+            "listed True",
+            // Another function of the app reaches it, ends it, and its tunnel goes with it.
+            "visit seen True",
+            "visit ended True",
+            "visit after unreachable",
+            // No more than the function was given.
+            "other_secret RemoteError: not_allowed_in_container: function \"make\"",
+            "secret \"other-secret\" is not one of the function's own",
+            "network RemoteError: not_allowed_in_container",
+            "the function has no network, so the sandboxes it makes have none either",
+            "volume \"maker-vol\" is read-only in the function, so a sandbox gets it read-only too",
+            "build RemoteError: build_failed: step 1 (pip_install six) is not in the build cache",
+            "lookup NotFoundError: not_found: no app named \"no-such-app\"",
+            // The operator's sandbox is not there for it, and its own sandbox has no API.
+            &format!(
+                "trespass NotFoundError: not_found: no sandbox \"{}\"",
+                foreign.trim()
+            ),
+            "sandbox_api ['ls:', 'cannot', 'access', \"'/lode/run':\"",
+            "'[]']",
+        ],
+    );
+    // The operator sees both, and which app's container made the one.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let listed: serde_json::Value = rt.block_on(async {
+        let response = lode.api(reqwest::Method::GET, "/v1/sandboxes").send();
+        response.await.unwrap().json().await.unwrap()
+    });
+    let made: Vec<_> = listed["sandboxes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["app"] == "maker-pool")
+        .collect();
+    assert_eq!(made.len(), 1, "{listed}");
+    assert!(
+        made[0]["created_by_app"]
+            .as_str()
+            .is_some_and(|a| a.starts_with("sandbox-maker-run-")),
+        "{listed}"
     );
 }

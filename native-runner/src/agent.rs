@@ -7,6 +7,10 @@
 //! carries inputs in, outputs and per-input logs back, and calls the code makes to other
 //! functions (each with the container's own token, which can call functions and nothing
 //! else). Messages are JSON, one per line; their shapes are [`ToAgent`] and [`FromAgent`].
+//!
+//! With [`AgentSpec::api_socket`], `api.sock` sits beside it: HTTP for the host's API as the
+//! container's code may use it (sandboxes, image builds), which the host serves and holds to
+//! what the function was given. Only the container's root can connect to either.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -366,6 +370,9 @@ pub struct AgentSpec {
     pub token: String,
     /// How long the container may take to load the module and say it is ready.
     pub start_timeout: Duration,
+    /// Also open `api.sock` beside `host.sock`, for the host's API as the container's
+    /// code may use it (sandboxes, image builds); [`AgentContainer::api`] hands it over.
+    pub api_socket: bool,
 }
 
 /// How a function container ended.
@@ -408,8 +415,51 @@ pub struct AgentContainer {
     pub to_agent: mpsc::UnboundedSender<ToAgent>,
     /// Messages from the agent; closes when the connection does.
     pub from_agent: mpsc::Receiver<FromAgent>,
+    /// The listener on `api.sock`, when [`AgentSpec::api_socket`] asked for one.
+    pub api: Option<ApiListener>,
+    /// The container's network namespace, held open (for tunnels into it).
+    pub network: Option<std::os::fd::OwnedFd>,
     stop: Arc<AtomicBool>,
     exit: watch::Receiver<Option<Exit>>,
+}
+
+/// The listener on a container's `api.sock`: it accepts only connections from the
+/// container's root, as `host.sock` does; others are closed as they come.
+pub struct ApiListener {
+    listener: UnixListener,
+    uid: u32,
+}
+
+impl ApiListener {
+    /// The next connection from the container's root.
+    pub async fn accept(&mut self) -> std::io::Result<tokio::net::UnixStream> {
+        loop {
+            let (stream, _) = self.listener.accept().await?;
+            match stream.peer_cred().map(|c| c.uid()) {
+                Ok(uid) if uid == self.uid => return Ok(stream),
+                peer => tracing::warn!(
+                    "a process of uid {:?} connected to a container's API socket, not the \
+                     container's root ({}); closed",
+                    peer.ok(),
+                    self.uid
+                ),
+            }
+        }
+    }
+
+    /// The socket's path on the host.
+    pub fn local_addr(&self) -> std::io::Result<tokio::net::unix::SocketAddr> {
+        self.listener.local_addr()
+    }
+}
+
+/// Binds a Unix socket at `path` that only `uid` may connect to: it is owned by `uid`, mode
+/// 0600, in a directory others can pass through but not list.
+fn bind_private(path: &Path, uid: u32) -> std::io::Result<UnixListener> {
+    let listener = UnixListener::bind(path)?;
+    std::os::unix::fs::chown(path, Some(uid), Some(uid))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(listener)
 }
 
 impl AgentContainer {
@@ -458,21 +508,28 @@ pub async fn start(
     let run_dir = spec.sandbox.scratch.with_extension("agent");
     let _ = std::fs::remove_dir_all(&run_dir);
     std::fs::create_dir_all(&run_dir).map_err(StartError::Spawn)?;
-    let socket_path = run_dir.join("host.sock");
-    let listener = UnixListener::bind(&socket_path).map_err(StartError::Spawn)?;
-    // Only the container's root may connect: the socket is its, mode 0600, in a directory
-    // others can pass through but not list. The peer's uid is checked again on accept.
+    // Only the container's root may connect: the peer's uid is checked again on accept.
     let container_uid = spec
         .sandbox
         .user_namespace
         .as_ref()
         .map_or(0, |ns| ns.ids().host_base);
-    std::os::unix::fs::chown(&socket_path, Some(container_uid), Some(container_uid))
-        .and_then(|()| {
-            std::fs::set_permissions(&socket_path, std::fs::Permissions::from_mode(0o600))
+    let listener = bind_private(&run_dir.join("host.sock"), container_uid)
+        .and_then(|listener| {
+            std::fs::set_permissions(&run_dir, std::fs::Permissions::from_mode(0o711))
+                .map(|()| listener)
         })
-        .and_then(|()| std::fs::set_permissions(&run_dir, std::fs::Permissions::from_mode(0o711)))
         .map_err(StartError::Spawn)?;
+    let api = if spec.api_socket {
+        let listener =
+            bind_private(&run_dir.join("api.sock"), container_uid).map_err(StartError::Spawn)?;
+        Some(ApiListener {
+            listener,
+            uid: container_uid,
+        })
+    } else {
+        None
+    };
 
     let mut sandbox = spec.sandbox.clone();
     sandbox.argv = vec!["python3".into(), "-m".into(), "lode._agent".into()];
@@ -489,6 +546,10 @@ pub async fn start(
     ];
     for (name, value) in env {
         crate::image_spec::set_env(&mut sandbox.env, name, &value);
+    }
+    if spec.api_socket {
+        let path = format!("{RUN_MOUNT}/api.sock");
+        crate::image_spec::set_env(&mut sandbox.env, "LODE_API_SOCKET", &path);
     }
     for (source, target) in [
         (&spec.sdk_dir, SDK_MOUNT),
@@ -564,17 +625,23 @@ pub async fn start(
         StartError::Agent(message)
     };
     let exit_early = wait_exit(exit_rx.clone());
-    let stream = tokio::select! {
+    let (stream, network) = tokio::select! {
         accepted = tokio::time::timeout(spec.start_timeout, listener.accept()) => match accepted {
             Ok(Ok((stream, _))) => {
-                let peer = stream.peer_cred().map(|c| c.uid()).ok();
-                if peer != Some(container_uid) {
+                let peer = stream.peer_cred().ok();
+                if peer.map(|c| c.uid()) != Some(container_uid) {
                     return Err(fail(format!(
-                        "a process of uid {peer:?} connected to the agent socket, not the \
-                         container's root ({container_uid}); stopping"
+                        "a process of uid {:?} connected to the agent socket, not the \
+                         container's root ({container_uid}); stopping",
+                        peer.map(|c| c.uid())
                     )));
                 }
-                stream
+                // The agent's network namespace is the container's; opened while the agent
+                // is connected, so its pid is not yet anyone else's.
+                let network = peer
+                    .and_then(|c| c.pid())
+                    .and_then(|pid| own_network(&format!("/proc/{pid}/ns/net")));
+                (stream, network)
             }
             Ok(Err(e)) => return Err(fail(format!("accepting the agent's connection: {e}"))),
             Err(_) => return Err(fail(format!(
@@ -662,9 +729,20 @@ pub async fn start(
         functions,
         to_agent,
         from_agent,
+        api,
+        network,
         stop,
         exit: exit_rx,
     })
+}
+
+/// The network namespace at `path`, held open; `None` if it is the host's own.
+fn own_network(path: &str) -> Option<std::os::fd::OwnedFd> {
+    use std::os::unix::fs::MetadataExt;
+    let file = std::fs::File::open(path).ok()?;
+    let host = std::fs::metadata("/proc/self/ns/net").ok()?;
+    let inside = file.metadata().ok()?;
+    (inside.ino() != host.ino() || inside.dev() != host.dev()).then(|| file.into())
 }
 
 /// Where the agent's Python imports from: the SDK, the app's module, `/root` (where

@@ -76,6 +76,17 @@ pub(crate) async fn get_app(
     Ok(sorted_json(&summary))
 }
 
+/// A deployed app's summary (functions, web paths, URLs), without its manifest: what a
+/// function container's `App.lookup` and `Function.get_web_url` ask.
+pub(crate) async fn app_summary_only(
+    State(control): State<Arc<Control>>,
+    Path(app): Path<String>,
+) -> ApiResult<Json<serde_json::Value>> {
+    check_app_name(&app)?;
+    let live = control.app(&app).ok_or_else(|| not_deployed(&app))?;
+    Ok(sorted_json(&app_summary(&control, &live)))
+}
+
 pub(crate) async fn remove_app(
     State(control): State<Arc<Control>>,
     Path(app): Path<String>,

@@ -5,14 +5,14 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
-use axum::Router;
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::Response;
 use axum::routing::post;
+use axum::{Extension, Router};
 use futures::StreamExt;
-use lode_native_runner::builder::BuildEvent;
+use lode_native_runner::builder::{BuildEvent, StepNetwork};
 use lode_native_runner::sandbox::spawn;
 use serde::Deserialize;
 use tokio::sync::mpsc;
@@ -21,6 +21,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use crate::api::error::{ApiError, ndjson};
 use crate::native::Native;
 use crate::native::containers::PreparedContainer;
+use crate::native::grant::Caller;
 use crate::proto::containers::{
     BuildEnd, BuildLine, BuildRequest, ContainerLine, ContainerRequest,
 };
@@ -37,9 +38,18 @@ fn json_body<T: for<'de> Deserialize<'de>>(body: &[u8], what: &str) -> Result<T,
     serde_json::from_slice(body).map_err(|e| ApiError::bad(format!("the {what} is not valid: {e}")))
 }
 
-async fn build(State(native): State<Arc<Native>>, body: Bytes) -> Result<Response, ApiError> {
+/// `POST /v1/images/build`; from a function container, held to what its function was given.
+pub(crate) async fn build(
+    State(native): State<Arc<Native>>,
+    Extension(caller): Extension<Caller>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
     let request: BuildRequest = json_body(&body, "build request")?;
     request.spec.validate().map_err(ApiError::bad)?;
+    let network = match &caller {
+        Caller::Operator => StepNetwork::Allowed,
+        Caller::Container(grant) => grant.check_build(&request)?,
+    };
     if let Some(tag) = &request.tag {
         lode_registry::validate_tag_name(tag).map_err(|e| ApiError::bad(e.to_string()))?;
     }
@@ -51,7 +61,7 @@ async fn build(State(native): State<Arc<Native>>, body: Bytes) -> Result<Respons
             crate::native::send_build_line(&events_tx, BuildLine::Event(event));
         });
         let line = match native
-            .build_and_tag(&request.spec, request.tag.as_deref(), events)
+            .build_and_tag(&request.spec, request.tag.as_deref(), events, network)
             .await
         {
             Ok(end) => end,

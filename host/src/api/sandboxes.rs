@@ -9,26 +9,28 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, Path, RawQuery, State};
+use axum::extract::{DefaultBodyLimit, Path, RawQuery, Request, State};
 use axum::http::{HeaderValue, header};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
 use futures::StreamExt;
 use serde::Deserialize;
 
 use crate::api::error::{ApiError, ApiQuery, ndjson, sorted_json};
+use crate::native::grant::Caller;
 use crate::proto::sandboxes::{
     ExecRequest, FileList, SandboxList, SandboxRequest, SnapshotAnswer, SnapshotRequest,
     TerminalSize,
 };
 use crate::sandboxes::Sandboxes;
 
-/// The routes, for the token-guarded part of the API; file writes may carry up to
-/// `max_file_bytes`.
+/// The routes, for the token-guarded part of the API and a function container's
+/// `api.sock`; file writes may carry up to `max_file_bytes`. Each request must carry its
+/// [`Caller`] as an extension: a container reaches the sandboxes its app made, no others.
 pub fn router(sandboxes: Arc<Sandboxes>, max_file_bytes: u64) -> Router {
-    Router::new()
-        .route("/v1/sandboxes", post(create).get(list))
+    let one = Router::new()
         .route("/v1/sandboxes/{id}", get(get_one).delete(terminate))
         .route("/v1/sandboxes/{id}/exec", post(exec))
         .route("/v1/sandboxes/{id}/tags", axum::routing::put(set_tags))
@@ -46,10 +48,30 @@ pub fn router(sandboxes: Arc<Sandboxes>, max_file_bytes: u64) -> Router {
             "/v1/sandboxes/{id}/processes/{process}/resize",
             post(resize),
         )
+        .route_layer(middleware::from_fn_with_state(sandboxes.clone(), reach));
+    Router::new()
+        .route("/v1/sandboxes", post(create).get(list))
+        .merge(one)
         .layer(DefaultBodyLimit::max(
             usize::try_from(max_file_bytes).unwrap_or(usize::MAX),
         ))
         .with_state(sandboxes)
+}
+
+/// Answers a sandbox the caller may not reach as one that does not exist.
+async fn reach(
+    State(sandboxes): State<Arc<Sandboxes>>,
+    Extension(caller): Extension<Caller>,
+    Path(params): Path<std::collections::HashMap<String, String>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    if let Some(id) = params.get("id")
+        && let Err(refused) = sandboxes.check_reach(&caller, id)
+    {
+        return ApiError::from(refused).into_response();
+    }
+    next.run(request).await
 }
 
 fn json_body<T: for<'de> Deserialize<'de>>(body: &[u8], what: &str) -> Result<T, ApiError> {
@@ -58,11 +80,12 @@ fn json_body<T: for<'de> Deserialize<'de>>(body: &[u8], what: &str) -> Result<T,
 
 async fn create(
     State(sandboxes): State<Arc<Sandboxes>>,
+    Extension(caller): Extension<Caller>,
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let request: SandboxRequest = json_body(&body, "sandbox request")?;
     let started = std::time::Instant::now();
-    let info = sandboxes.create(request).await?;
+    let info = sandboxes.create(request, &caller).await?;
     let mut response = sorted_json(&info).into_response();
     // What the create took in the server, for clients that time the API around it.
     let timing = format!("create;dur={:.3}", started.elapsed().as_secs_f64() * 1000.0);
@@ -75,6 +98,7 @@ async fn create(
 /// `?app=NAME&tag=K=V&tag=...`: repeated tags all have to match.
 async fn list(
     State(sandboxes): State<Arc<Sandboxes>>,
+    Extension(caller): Extension<Caller>,
     RawQuery(query): RawQuery,
 ) -> Result<Response, ApiError> {
     let mut app = None;
@@ -95,7 +119,7 @@ async fn list(
             }
         }
     }
-    let sandboxes = sandboxes.list(app.as_deref(), &tags)?;
+    let sandboxes = sandboxes.list(app.as_deref(), &tags, &caller)?;
     Ok(sorted_json(&SandboxList { sandboxes }).into_response())
 }
 
@@ -227,6 +251,7 @@ async fn remove_file(
 
 async fn snapshot(
     State(sandboxes): State<Arc<Sandboxes>>,
+    Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
     body: Bytes,
 ) -> Result<Response, ApiError> {
@@ -235,6 +260,16 @@ async fn snapshot(
     } else {
         json_body(&body, "snapshot request")?
     };
+    if let (Caller::Container(_), Some(tag)) = (&caller, &request.tag) {
+        return Err(ApiError::new(
+            axum::http::StatusCode::FORBIDDEN,
+            "not_allowed_in_container",
+            format!(
+                "images cannot be tagged ({tag:?}) from inside a container; snapshot without a \
+                 tag and use the digest"
+            ),
+        ));
+    }
     let image = sandboxes.snapshot(&id, request.tag.as_deref()).await?;
     Ok(sorted_json(&SnapshotAnswer {
         image,

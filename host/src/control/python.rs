@@ -13,6 +13,7 @@ use tokio::sync::mpsc;
 use crate::control::Control;
 use crate::control::deploy::DeployError;
 use crate::function::CallLimits;
+use crate::native::grant::ContainerGrant;
 use crate::native::pool::{Pool, PoolSpec};
 use crate::proto::deploy::DeployEvent;
 use crate::proto::manifest::FunctionSpec;
@@ -172,6 +173,18 @@ impl Control {
             series: self.metrics.function_series(app, name, "python"),
             cold_starts: self.metrics.cold_starts.clone(),
             dispatch: self.dispatch(),
+            grant: Arc::new(ContainerGrant {
+                app: app.clone(),
+                function: name.clone(),
+                secrets: function.secrets.iter().cloned().collect(),
+                volumes: function.volumes.clone(),
+                network: match function.network.mode {
+                    crate::proto::manifest::NetworkMode::None => None,
+                    crate::proto::manifest::NetworkMode::Outbound => {
+                        Some(function.network.allow.clone())
+                    }
+                },
+            }),
         };
         Ok(Pool::start(spec, self.functions.pools.clone()))
     }

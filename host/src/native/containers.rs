@@ -6,7 +6,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use lode_native_runner::builder::{DEFAULT_PATH, Events, read_config};
+use lode_native_runner::builder::{DEFAULT_PATH, Events, StepNetwork, read_config};
 use lode_native_runner::cgroup::{Hierarchy, Limits};
 use lode_native_runner::image_spec::{ImageConfig, ImageSpec};
 use lode_native_runner::sandbox::{Network, SandboxSpec, Volume};
@@ -252,16 +252,17 @@ impl Native {
     }
 
     /// Builds `spec` (each line of progress to `events`) and points `tag` at it; says how it
-    /// ended, as the API streams it last.
+    /// ended, as the API streams it last. `network` says whether its steps may reach out.
     pub async fn build_and_tag(
         &self,
         spec: &ImageSpec,
         tag: Option<&str>,
         events: Events,
+        network: StepNetwork,
     ) -> Result<BuildEnd, Refused> {
         let started = std::time::Instant::now();
         let builder = self.builder.as_ref().ok_or_else(|| self.no_containers())?;
-        Ok(match builder.build(spec, events).await {
+        Ok(match builder.build_with(spec, events, network).await {
             Ok(digest) => match tag {
                 Some(tag) => match self.registry.set_tag(tag, &digest, TagUpdate::Always).await {
                     Ok(_) => BuildEnd::Done {

@@ -3,7 +3,9 @@
 //! function pools (`pool.rs`). The API's handlers for it are in `api/containers.rs`.
 
 pub mod containers;
+pub mod grant;
 pub mod pool;
+pub mod tunnel_mirror;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -210,6 +212,8 @@ pub struct Native {
     /// The filter on containers' outbound traffic, or why there is none (then nothing gets
     /// outbound network).
     egress: Result<Arc<Egress>, String>,
+    /// Sandbox tunnels, mirrored into function containers.
+    tunnels: Arc<tunnel_mirror::TunnelMirror>,
 }
 
 impl Native {
@@ -290,7 +294,13 @@ impl Native {
             bounds,
             user_namespace,
             egress,
+            tunnels: Arc::default(),
         })
+    }
+
+    /// Sandbox tunnels, as function containers see them.
+    pub fn tunnel_mirror(&self) -> &Arc<tunnel_mirror::TunnelMirror> {
+        &self.tunnels
     }
 
     /// Outbound network for a container, reaching `allow` (CIDRs, addresses or host names,

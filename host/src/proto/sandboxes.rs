@@ -131,6 +131,10 @@ pub struct SandboxInfo {
     /// Its open ports, while it runs.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub tunnels: Vec<Tunnel>,
+    /// The app whose function made it from inside a container; only that app's containers
+    /// reach it (besides the API token's holder). Absent when made through the API.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub created_by_app: Option<String>,
 }
 
 /// `GET /v1/sandboxes`.

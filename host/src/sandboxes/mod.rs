@@ -23,6 +23,7 @@ use lode_native_runner::image_spec::ImageConfig;
 use lode_native_runner::sandbox::LiveSandbox;
 
 use crate::native::containers::SandboxLayer;
+use crate::native::grant::Caller;
 use crate::native::{Native, Refused};
 use crate::proto::containers::ContainerRequest;
 use crate::proto::manifest::{dns_label_rule, is_dns_label};
@@ -156,8 +157,9 @@ pub struct Sandboxes {
     bounds: SandboxBounds,
     /// Running sandboxes.
     entries: Mutex<HashMap<String, Arc<Entry>>>,
-    /// Creates in progress, by app: they count against the bounds until they finish.
-    starting: Mutex<Vec<String>>,
+    /// Creates in progress, by app and maker: they count against the bounds until they
+    /// finish.
+    starting: Mutex<Vec<Owners>>,
     /// Where compiled WASI commands are cached.
     commands_dir: PathBuf,
     /// The engine of the Wasm tier, made with its first sandbox.
@@ -188,16 +190,32 @@ struct Started {
     memory: u64,
 }
 
+/// The app a sandbox belongs to, and the app whose container made it (if one did).
+#[derive(Debug, Clone, PartialEq)]
+struct Owners {
+    app: String,
+    maker: Option<String>,
+}
+
+impl Owners {
+    fn of(info: &SandboxInfo) -> Self {
+        Self {
+            app: info.app.clone(),
+            maker: info.created_by_app.clone(),
+        }
+    }
+}
+
 /// A create's place in the count; dropped when the create ends, however it ends.
 struct Reservation<'a> {
     sandboxes: &'a Sandboxes,
-    app: String,
+    owners: Owners,
 }
 
 impl Drop for Reservation<'_> {
     fn drop(&mut self) {
         let mut starting = self.sandboxes.starting.lock().unwrap();
-        if let Some(at) = starting.iter().position(|app| *app == self.app) {
+        if let Some(at) = starting.iter().position(|o| *o == self.owners) {
             starting.swap_remove(at);
         }
     }
@@ -276,14 +294,23 @@ impl Sandboxes {
         }
     }
 
-    /// Starts a sandbox and returns it, running.
+    /// Starts a sandbox for `caller` and returns it, running. A function container gets
+    /// no more than its function was given, and its app alone reaches the sandbox after.
     pub async fn create(
         self: &Arc<Self>,
         mut request: SandboxRequest,
+        caller: &Caller,
     ) -> Result<SandboxInfo, Refused> {
         if !is_dns_label(&request.app) {
             return Err(Refused::bad(dns_label_rule("app", &request.app)));
         }
+        let maker = match caller {
+            Caller::Operator => None,
+            Caller::Container(grant) => {
+                grant.check_sandbox(&request)?;
+                Some(grant.app.to_string())
+            }
+        };
         let timeout = request.timeout.unwrap_or(DEFAULT_TIMEOUT_SECS);
         let max = self.bounds.max_timeout.as_secs_f64();
         if !(timeout > 0.0 && timeout <= max) {
@@ -315,7 +342,10 @@ impl Sandboxes {
                 lode_native_runner::image_spec::set_env(&mut request.env, &key, &value);
             }
         }
-        let _reservation = self.reserve(&request.app)?;
+        let _reservation = self.reserve(Owners {
+            app: request.app.clone(),
+            maker: maker.clone(),
+        })?;
         let (digest, config) = self.native.image_config(&request.image).await?;
         let id = format!("sb-{:024x}", rand::random::<u128>() >> 32);
         let started = if config.is_wasm() {
@@ -327,11 +357,10 @@ impl Sandboxes {
             Live::Container { sandbox, .. } if !request.ports.is_empty() => {
                 let (bind, host) = &self.tunnel_address;
                 let network = sandbox.network().map_err(Refused::internal)?;
-                let (tunnels, opened) = tunnels::open(*bind, host, &request.ports, network)
+                let mirror = self.native.tunnel_mirror();
+                let (tunnels, opened) = tunnels::open(*bind, host, &request.ports, network, mirror)
                     .await
-                    .map_err(|e| {
-                    Refused::internal(format!("opening the sandbox's ports: {e}"))
-                })?;
+                    .map_err(|e| Refused::internal(format!("opening the sandbox's ports: {e}")))?;
                 (tunnels, Some(opened))
             }
             _ => (Vec::new(), None),
@@ -350,6 +379,7 @@ impl Sandboxes {
             timeout,
             idle_timeout: request.idle_timeout,
             tunnels,
+            created_by_app: maker,
         };
         self.record(&info);
         let entry = Arc::new(Entry {
@@ -524,9 +554,10 @@ impl Sandboxes {
         })
     }
 
-    /// Takes a place for a new sandbox of `app`, refused past the server's or the app's
-    /// count; running sandboxes and creates in progress both count.
-    fn reserve(&self, app: &str) -> Result<Reservation<'_>, Refused> {
+    /// Takes a place for a new sandbox of `owners`, refused past the server's or the app's
+    /// count; running sandboxes and creates in progress both count. The sandboxes a
+    /// container's app made count against that app too, whatever app they belong to.
+    fn reserve(&self, owners: Owners) -> Result<Reservation<'_>, Refused> {
         let entries = self.entries.lock().unwrap();
         let mut starting = self.starting.lock().unwrap();
         let running = entries.len() + starting.len();
@@ -540,25 +571,37 @@ impl Sandboxes {
                 ),
             ));
         }
-        let of_app = entries
+        let running: Vec<Owners> = entries
             .values()
-            .filter(|e| e.info.lock().unwrap().app == app)
-            .count()
-            + starting.iter().filter(|a| *a == app).count();
-        if of_app >= self.bounds.max_per_app {
-            return Err(Refused::new(
-                429,
-                "too_many_sandboxes",
-                format!(
-                    "app {app:?} runs {of_app} sandboxes already (lode serve \
-                     --max-sandboxes-per-app); terminate one first"
-                ),
-            ));
+            .map(|e| Owners::of(&e.info.lock().unwrap()))
+            .chain(starting.iter().cloned())
+            .collect();
+        let of_app = running.iter().filter(|o| o.app == owners.app).count();
+        let made = owners.maker.as_ref().map_or(0, |maker| {
+            running
+                .iter()
+                .filter(|o| o.maker.as_ref() == Some(maker))
+                .count()
+        });
+        for (count, app, what) in [
+            (of_app, &owners.app, "runs"),
+            (made, owners.maker.as_ref().unwrap_or(&owners.app), "made"),
+        ] {
+            if count >= self.bounds.max_per_app {
+                return Err(Refused::new(
+                    429,
+                    "too_many_sandboxes",
+                    format!(
+                        "app {app:?} {what} {count} sandboxes already (lode serve \
+                         --max-sandboxes-per-app); terminate one first"
+                    ),
+                ));
+            }
         }
-        starting.push(app.to_string());
+        starting.push(owners.clone());
         Ok(Reservation {
             sandboxes: self,
-            app: app.to_string(),
+            owners,
         })
     }
 
@@ -659,6 +702,15 @@ impl Sandboxes {
         Ok(entry)
     }
 
+    /// Refuses `caller` a sandbox it may not reach, as if there were no such sandbox.
+    pub fn check_reach(&self, caller: &Caller, id: &str) -> Result<(), Refused> {
+        match caller {
+            Caller::Operator => Ok(()),
+            Caller::Container(_) if caller.reaches(&self.get(id)?) => Ok(()),
+            Caller::Container(_) => Err(unknown(id)),
+        }
+    }
+
     /// A sandbox, running or ended.
     pub fn get(&self, id: &str) -> Result<SandboxInfo, Refused> {
         if let Some(entry) = self.entries.lock().unwrap().get(id) {
@@ -667,11 +719,13 @@ impl Sandboxes {
         self.ended_record(id).ok_or_else(|| unknown(id))
     }
 
-    /// Sandboxes of `app` (every app when `None`) carrying every tag in `tags`, newest first.
+    /// Sandboxes of `app` (every app when `None`) carrying every tag in `tags` that `caller`
+    /// reaches, newest first.
     pub fn list(
         &self,
         app: Option<&str>,
         tags: &BTreeMap<String, String>,
+        caller: &Caller,
     ) -> Result<Vec<SandboxInfo>, Refused> {
         let mut found: Vec<SandboxInfo> = self
             .state
@@ -684,6 +738,7 @@ impl Sandboxes {
             })
             .filter(|info: &SandboxInfo| app.is_none_or(|app| info.app == app))
             .filter(|info| tags.iter().all(|(k, v)| info.tags.get(k) == Some(v)))
+            .filter(|info| caller.reaches(info))
             .collect();
         found.sort_by_key(|info| std::cmp::Reverse(info.created_ms));
         Ok(found)

@@ -11,8 +11,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
 
+use crate::native::tunnel_mirror::{Mirrored, TunnelMirror, relay_each};
 use crate::proto::sandboxes::Tunnel;
 
 /// Ports one sandbox may open.
@@ -24,10 +24,12 @@ const MAX_CONNECTIONS: usize = 256;
 /// How long a connection into the sandbox may take to be accepted there.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// A sandbox's open tunnels; dropped, their listeners close.
-#[derive(Debug, Default)]
+/// A sandbox's open tunnels; dropped, their listeners close (and their mirrors in function
+/// containers).
+#[derive(Default)]
 pub struct Tunnels {
     tasks: Vec<tokio::task::AbortHandle>,
+    _mirrored: Vec<Mirrored>,
 }
 
 impl Drop for Tunnels {
@@ -56,12 +58,14 @@ pub fn check_ports(ports: &[u16]) -> Result<(), String> {
 }
 
 /// Opens a tunnel for each of `ports` into the sandbox whose network namespace is
-/// `network`, listening on `bind` and named by `host` in the answer.
+/// `network`, listening on `bind` and named by `host` in the answer, and mirrors each into
+/// function containers through `mirror`.
 pub async fn open(
     bind: IpAddr,
     host: &str,
     ports: &[u16],
     network: OwnedFd,
+    mirror: &Arc<TunnelMirror>,
 ) -> std::io::Result<(Vec<Tunnel>, Tunnels)> {
     let network = Arc::new(network);
     let mut opened = Tunnels::default();
@@ -76,34 +80,20 @@ pub async fn open(
         });
         let task = tokio::spawn(relay(listener, port, network.clone()));
         opened.tasks.push(task.abort_handle());
+        opened
+            ._mirrored
+            .push(mirror.add_tunnel(std::net::SocketAddr::new(bind, host_port)));
     }
     Ok((tunnels, opened))
 }
 
 /// Accepts connections on `listener` and relays each to `port` inside the sandbox.
 async fn relay(listener: TcpListener, port: u16, network: Arc<OwnedFd>) {
-    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-    loop {
-        let Ok(slot) = slots.clone().acquire_owned().await else {
-            return;
-        };
-        let Ok((mut client, _)) = listener.accept().await else {
-            continue;
-        };
+    relay_each(listener, MAX_CONNECTIONS, move || {
         let network = network.clone();
-        tokio::spawn(async move {
-            let _slot = slot;
-            let inside = match connect(&network, port).await {
-                Ok(inside) => inside,
-                Err(e) => {
-                    tracing::debug!(port, "a tunnel's connection was refused inside: {e}");
-                    return;
-                }
-            };
-            let mut inside = inside;
-            let _ = tokio::io::copy_bidirectional(&mut client, &mut inside).await;
-        });
-    }
+        async move { connect(&network, port).await }
+    })
+    .await;
 }
 
 async fn connect(network: &OwnedFd, port: u16) -> std::io::Result<TcpStream> {

@@ -226,6 +226,7 @@ pub async fn serve(options: ServeOptions) -> Result<()> {
             max_queue: options.max_queue,
             start_timeout: options.container_start_timeout,
             started: std::sync::Mutex::new(Vec::new()),
+            container_api: std::sync::OnceLock::new(),
         }),
         secrets,
         volumes_dir: options.data_dir.join("volumes"),
@@ -263,6 +264,17 @@ pub async fn serve(options: ServeOptions) -> Result<()> {
         },
         functions,
     );
+    // Before the restore, so every container started gets its API socket.
+    let _ = control
+        .functions
+        .pools
+        .container_api
+        .set(Arc::new(crate::api::ContainerRoutes {
+            control: control.clone(),
+            native: native.clone(),
+            sandboxes: sandboxes.clone(),
+            max_file_bytes: options.sandbox_bounds.max_file_bytes,
+        }));
     let restored = control.restore().await?;
     tokio::spawn(control.clone().prune_compiled());
     tokio::spawn(crate::control::schedule::run(Arc::downgrade(&control)));

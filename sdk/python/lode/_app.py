@@ -377,16 +377,22 @@ class Function:
         anywhere the server is reachable; ASGI and WSGI apps and web servers are also served
         at the root of http://<app>--<function>.lode.localhost:PORT/."""
         web = self._spec.get("web")
-        if web is None:
-            if self._fn is None:
-                raise TypeError(f"{self!r} comes from Function.from_name; Lode cannot tell its URL yet")
+        path = None if web is None else web["path"]
+        if web is None and self._fn is None:
+            # From Function.from_name: the deployed app says.
+            app = self._target_app()
+            summary = _client.api_transport().request("GET", f"/v1/apps/{urllib.parse.quote(app, safe='')}")
+            found = [f for f in summary.get("functions", []) if f.get("name") == self.name]
+            if not found:
+                raise exception.NotFoundError(f"app {app!r} has no function {self.name!r}")
+            path = found[0].get("web")
+        if path is None:
             return None
-        transport = _client.transport()
-        if isinstance(transport, _client.AgentTransport):
+        if os.environ.get("LODE_SOCKET"):
             base = os.environ.get("LODE_PUBLIC_URL", "")
         else:
-            base = transport.request("GET", "/v1/info")["http"]
-        return f"{base}/{self._target_app()}{web['path']}"
+            base = _client.transport().request("GET", "/v1/info")["http"]
+        return f"{base}/{self._target_app()}{path}"
 
     def local(self, *args: Any, **kwargs: Any) -> Any:
         """Runs the Python function here, in this process."""
@@ -561,7 +567,7 @@ class App:
         sandboxes are listed under it). Otherwise an unknown name raises RemoteError."""
         app = cls(name)
         if not create_if_missing:
-            _client.transport().request("GET", f"/v1/apps/{urllib.parse.quote(name, safe='')}")
+            _client.api_transport().request("GET", f"/v1/apps/{urllib.parse.quote(name, safe='')}")
         return app
 
     @property

@@ -26,9 +26,7 @@ def build(spec: dict[str, Any]) -> str:
     with _lock:
         if key in _built:
             return _built[key]
-    transport = _client.transport()
-    if not isinstance(transport, _client.HttpTransport):
-        raise RuntimeError("images are built from outside Lode's containers, through the API")
+    transport = _client.api_transport()
     conn = transport._connection()
     headers = {"Content-Type": "application/json"}
     if transport._token:

@@ -11,6 +11,7 @@ import json
 import os
 import pickle
 import select
+import socket
 import sys
 import threading
 import time
@@ -307,6 +308,38 @@ class HttpTransport:
         return self.request("POST", path, request, timeout=float(request.get("timeout") or 0) + 30)
 
 
+class _UnixConnection(http.client.HTTPConnection):
+    """HTTP over a Unix socket (a function container's api.sock)."""
+
+    def __init__(self, path: str):
+        super().__init__("localhost")
+        self._path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(self.timeout if isinstance(self.timeout, (int, float)) else None)
+            sock.connect(self._path)
+        except BaseException:
+            sock.close()
+            raise
+        self.sock = sock
+
+
+class ContainerApiTransport(HttpTransport):
+    """The host's API as a function container reaches it, on its api.sock: sandboxes (those
+    its app made), image builds and app lookups, each held to what the function was given.
+    The socket is the credential, so no token is sent."""
+
+    def __init__(self, path: str):
+        super().__init__("http://lode-host", None)
+        self.api_url = f"the container's API socket ({path})"
+        self._path = path
+
+    def _connection(self) -> http.client.HTTPConnection:
+        return _UnixConnection(self._path)
+
+
 class _ConnectionHolder:
     """Owns one thread's connection and closes it when the thread (and so its
     threading.local) goes away, e.g. when a map() pool shuts down."""
@@ -529,6 +562,34 @@ def forget_http_clients() -> None:
         _http.clear()
 
 
+def _cached_http(key: tuple[str, str | None], make: Callable[[], HttpTransport]) -> HttpTransport:
+    with _http_lock:
+        client = _http.get(key)
+        if client is None:
+            client = _http[key] = make()
+        return client
+
+
+def _client_api() -> HttpTransport:
+    """The HTTP API found by _config, from outside Lode's containers."""
+    key = _config.find_api()
+    return _cached_http(key, lambda: HttpTransport(*key))
+
+
+def api_transport() -> HttpTransport:
+    """The HTTP API for what calls do not carry (sandboxes, image builds, app lookups): the
+    container's api.sock inside a function container, else the API found by _config."""
+    path = os.environ.get("LODE_API_SOCKET")
+    if path and os.environ.get("LODE_SOCKET"):
+        return _cached_http(("unix:" + path, None), lambda: ContainerApiTransport(path))
+    if os.environ.get("LODE_SOCKET"):
+        raise RuntimeError(
+            "this container has no API socket: sandboxes and image builds are made from a function's "
+            "container (or from outside Lode), not from a build step or a sandbox"
+        )
+    return _client_api()
+
+
 def transport() -> HttpTransport | AgentTransport:
     """The agent's socket inside a container, else the HTTP API found by _config."""
     if _agent_transport is not None:
@@ -538,9 +599,4 @@ def transport() -> HttpTransport | AgentTransport:
             "LODE_SOCKET is set but the Lode agent is not serving calls in this process: inside a "
             "container, make remote calls from a function while it runs, not at import time or from a subprocess"
         )
-    key = _config.find_api()
-    with _http_lock:
-        client = _http.get(key)
-        if client is None:
-            client = _http[key] = HttpTransport(*key)
-        return client
+    return _client_api()

@@ -1,13 +1,17 @@
 """Values as JSON, with what JSON cannot hold tagged: bytes, tuples, exceptions returned as
-values (rebuilt by class name, never by import), and (for handles that ask for pickle) other
-Python objects. Used for call arguments and results and for Dict and
+values and dataclass instances (both rebuilt by class name, never by import), and (for
+handles that ask for pickle) other Python objects. Used for call arguments and results and for Dict and
 Queue values, so `bytes` and tuples survive a round trip with no pickle involved."""
 
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
+import os
 import pickle
+import sys
+import types
 from typing import Any
 
 TAG = "$lode"
@@ -29,6 +33,10 @@ def encode(value: Any, pickled: bool) -> Any:
         return {_TAG: "dict", "value": encoded} if _TAG in value else encoded
     if isinstance(value, BaseException) and not pickled:
         return _encode_exception(value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type) and not pickled:
+        cls = type(value)
+        fields = {f.name: encode(getattr(value, f.name), pickled) for f in dataclasses.fields(value)}
+        return {_TAG: "dataclass", "module": cls.__module__, "type": cls.__qualname__, "fields": fields}
     if pickled:
         return {_TAG: "pickle", "b64": base64.b64encode(pickle.dumps(value)).decode("ascii")}
     raise TypeError(
@@ -62,6 +70,8 @@ def decode(value: Any, pickled: bool) -> Any:
         return {k: decode(v, pickled) for k, v in value["value"].items()}
     if tag == "exception":
         return _decode_exception(value, pickled)
+    if tag == "dataclass":
+        return _decode_dataclass(value, pickled)
     if tag == "pickle":
         if not pickled:
             from ._client import RemoteError
@@ -75,6 +85,35 @@ def decode(value: Any, pickled: bool) -> Any:
     from ._client import RemoteError
 
     raise RemoteError("bad_value", f"a value has an unknown tag {tag!r}")
+
+
+class Record(types.SimpleNamespace):
+    """A dataclass value whose class this process does not have: its fields as attributes,
+    read as the dataclass's would be (`ref.url`)."""
+
+
+def _decode_dataclass(value: dict[str, Any], pickled: bool) -> Any:
+    """The instance, of its own class where a module this process has imported already holds
+    a dataclass of that name with the same fields. The writer's module may be the app's file
+    under another name (`__main__` in a script, the module's own name in its containers), so
+    those are looked in too. Its fields are set as they were; no code of the class runs.
+    Otherwise a Record with the same attributes."""
+    fields = {k: decode(v, pickled) for k, v in dict(value.get("fields") or {}).items()}
+    name = str(value.get("type", ""))
+    for module in (str(value.get("module", "")), "__main__", os.environ.get("LODE_MODULE", "")):
+        cls: Any = sys.modules.get(module)
+        for part in name.split("."):
+            cls = getattr(cls, part, None)
+        if (
+            isinstance(cls, type)
+            and dataclasses.is_dataclass(cls)
+            and {f.name for f in dataclasses.fields(cls)} == set(fields)
+        ):
+            instance = object.__new__(cls)
+            for key, field in fields.items():
+                object.__setattr__(instance, key, field)
+            return instance
+    return Record(**fields)
 
 
 def _encode_exception(error: BaseException) -> dict[str, Any]:

@@ -1,5 +1,6 @@
 """lode.Dict and lode.Queue against a recording transport: what goes on the wire, and back."""
 
+import dataclasses
 import queue
 import sys
 import unittest
@@ -107,6 +108,46 @@ class ExceptionValueTest(unittest.TestCase):
         self.assertIsInstance(back, lode.exception.Error)
         self.assertNotIn("never_imported_module_xyz", sys.modules)
         self.assertIn("_LocalError", str(back))
+
+
+class DataclassValueTest(unittest.TestCase):
+    """A dataclass (Modal code queues them) crosses as JSON, by class name, no pickle."""
+
+    def test_a_dataclass_comes_back_as_itself_or_as_a_record_of_its_fields(self):
+        from lode import _values
+
+        ref = _Reference(id="sb-1", url="http://h:1", expires_at=5, tags=("a", b"b"))
+        text = _values.dump([ref], False)
+        self.assertNotIn("pickle", text)
+        back = _values.load(text, False)[0]
+        self.assertIsInstance(back, _Reference)
+        self.assertEqual(back, ref)
+        # Written by the app's module under another name (a script's __main__, say): the
+        # class of the same name and fields here is used.
+        with mock.patch.dict(sys.modules, {"__main__": sys.modules[__name__]}):
+            moved = _values.load(text.replace(__name__, "sandbox_pool_container"), False)[0]
+        self.assertIsInstance(moved, _Reference)
+        # A class this process lacks (or whose fields differ): nothing is imported or run,
+        # and the fields read the same.
+        with mock.patch.dict(sys.modules, {"__main__": unittest}):
+            record = _values.load(text.replace(__name__, "never_imported_module_xyz"), False)[0]
+        self.assertNotIn("never_imported_module_xyz", sys.modules)
+        self.assertNotIsInstance(record, _Reference)
+        self.assertEqual((record.id, record.url, record.tags), ("sb-1", "http://h:1", ("a", b"b")))
+        # No code of the class runs on the way in.
+        self.assertEqual(_Reference.made, 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Reference:
+    id: str
+    url: str
+    expires_at: int
+    tags: tuple = ()
+    made = 0
+
+    def __post_init__(self):
+        type(self).made += 1
 
 
 class _LocalError(Exception):

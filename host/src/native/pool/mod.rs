@@ -25,6 +25,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::function::{CallLimits, CallTree, Dispatch};
 use crate::native::Native;
+use crate::native::grant::{ContainerApi, ContainerGrant};
 use crate::proto::log::Stream;
 use crate::proto::manifest::Retries;
 use crate::proto::stats::PoolStats;
@@ -55,6 +56,8 @@ pub struct PoolContext {
     pub start_timeout: Duration,
     /// Every pool started, live or draining, so a stopping server can stop them all.
     pub started: Mutex<Vec<Weak<Pool>>>,
+    /// The API each container gets on its `api.sock`, once the server has set it.
+    pub container_api: std::sync::OnceLock<Arc<dyn ContainerApi>>,
 }
 
 impl PoolContext {
@@ -111,6 +114,8 @@ pub struct PoolSpec {
     pub cold_starts: Family<FunctionLabels, Counter>,
     /// The router, for calls made from inside its containers.
     pub dispatch: Weak<dyn Dispatch>,
+    /// What its containers may ask of the API (sandboxes, builds).
+    pub grant: Arc<ContainerGrant>,
 }
 
 /// Why an input was not taken.
@@ -483,6 +488,7 @@ impl Pool {
             concurrency: spec.concurrency,
             token: token.clone(),
             start_timeout: self.ctx.start_timeout,
+            api_socket: self.ctx.container_api.get().is_some(),
         };
         let logs = self.ctx.logs.clone();
         let app = spec.app.clone();
@@ -495,12 +501,31 @@ impl Pool {
             };
             logs.push(&app, None, stream, mask(&line, &secrets));
         });
-        let container = agent::start(agent_spec, cgroups, output)
-            .await
-            .map_err(|e| match e {
-                agent::StartError::Fatal(error) => error,
-                other => ErrorInfo::lode("container_failed", other.to_string()),
-            })?;
+        let mut container =
+            agent::start(agent_spec, cgroups, output)
+                .await
+                .map_err(|e| match e {
+                    agent::StartError::Fatal(error) => error,
+                    other => ErrorInfo::lode("container_failed", other.to_string()),
+                })?;
+        let exit_watch = container.exit_watch();
+        let exited = || {
+            let exit = exit_watch.clone();
+            async move {
+                agent::wait_exit(exit).await;
+            }
+        };
+        if let Some(network) = container.network.take() {
+            let mirrored = self.ctx.native.tunnel_mirror().add_container(network);
+            let exited = exited();
+            tokio::spawn(async move {
+                exited.await;
+                drop(mirrored);
+            });
+        }
+        if let (Some(listener), Some(api)) = (container.api.take(), self.ctx.container_api.get()) {
+            api.serve(listener, spec.grant.clone(), Box::pin(exited()));
+        }
         if !container.functions.iter().any(|f| f == &spec.function) {
             container.stop();
             return Err(ErrorInfo::lode(
