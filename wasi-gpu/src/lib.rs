@@ -1,12 +1,18 @@
-//! The `lode:gpu` WIT interface and its host implementation.
+//! The `lode:gpu` WIT interface (`wit/gpu.wit`) and its host side: devices, host-owned
+//! buffers counted against a quota, and a small tensor op set (matmul, elementwise,
+//! softmax, layernorm, sum), behind one [`backend::Backend`] trait. The CPU backend is always
+//! built and gives the same results as the GPU one (the conformance suite holds them to
+//! it); the CUDA backend (feature `cuda`) loads the driver at run time, so everything builds
+//! and tests without a GPU.
 //!
-//! This crate will own the WIT package `lode:gpu` (devices, buffers, copies, a small op set)
-//! and its backends behind one trait: CUDA through `cudarc` with dynamic loading, and a CPU
-//! backend that gives the same results. It also reports the GPUs a host has, for the native
-//! pool (device nodes, driver libraries, `CUDA_VISIBLE_DEVICES`).
-//!
-//! It must build and test without a GPU present. Here now: the host's GPU [`inventory`], which
-//! the router checks a function's `gpu` request against.
+//! It also reports the GPUs a host has ([`inventory`]), for the router and the native pool.
 #![deny(missing_docs)]
 
+pub mod backend;
+pub mod context;
 pub mod inventory;
+pub mod tensor;
+
+pub use backend::{Backend, Device};
+pub use context::{Buffer, Gpu};
+pub use tensor::{DType, ErrorCode, GpuError, Layout, Op};
