@@ -122,6 +122,12 @@ run_tests() {
   if command -v systemctl >/dev/null && systemctl is-active --quiet docker-registry 2>/dev/null; then
     systemctl disable --now docker-registry >/dev/null 2>&1 || true
   fi
+  # The lode:gpu MLP sample is checked against the same computation in numpy.
+  if ! python3 -c 'import numpy' 2>/dev/null && ! /usr/bin/python3 -c 'import numpy' 2>/dev/null; then
+    log "installing Debian packages: python3-numpy"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q python3-numpy >/dev/null \
+      || { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q python3-numpy >/dev/null; }
+  fi
   # A one-off CI build gains nothing from incremental state, which is gigabytes on disk.
   if [[ -n ${CI:-} ]]; then export CARGO_INCREMENTAL=0; fi
   log "cargo fmt --check"

@@ -10,6 +10,7 @@
 
 pub mod backend;
 pub mod context;
+pub mod host;
 pub mod inventory;
 pub mod tensor;
 

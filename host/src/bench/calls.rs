@@ -71,25 +71,7 @@ pub async fn calls(args: CallsBench) -> Result<()> {
         }
     }
     let http = reqwest::Client::new();
-    let call = |target: &str, arg: Value| {
-        let (app, function) = target.split_once('/').expect("app/function");
-        let request = http
-            .post(format!(
-                "{}/v1/apps/{app}/functions/{function}/call",
-                server.api
-            ))
-            .bearer_auth(&server.token)
-            .json(&json!({ "args": [arg] }));
-        async move {
-            let response = request.send().await?;
-            let status = response.status();
-            let body: Value = response.json().await?;
-            if !status.is_success() {
-                bail!("the call failed: {body}");
-            }
-            anyhow::Ok(body["result"].clone())
-        }
-    };
+    let call = |target: &str, arg: Value| server.call(&http, target, json!({ "args": [arg] }));
     println!(
         "lode bench calls: {} API calls, main fanning out to {} calls",
         args.calls, args.fan_out

@@ -8,6 +8,7 @@ pub mod calls;
 pub mod cas;
 pub mod container;
 pub mod fs;
+pub mod gpu;
 pub mod http;
 pub mod python;
 mod python_modal;
@@ -40,6 +41,9 @@ pub enum BenchCommand {
     /// Wasm functions called by name: API latency, invoke cost, fan-out rate, cross-engine
     /// cost (needs root, run from the repository root).
     Calls(crate::bench::calls::CallsBench),
+    /// lode:gpu from a Wasm guest against the same backend from native Rust and a plain
+    /// loop in the guest (run from the repository root).
+    Gpu(crate::bench::gpu::GpuBench),
     /// Sandboxes (container tier): create and first exec, exec round trip, sandboxes alive
     /// at once and host memory per sandbox, against `lode container run` and a bare `true`
     /// (needs root and a static busybox).
@@ -64,6 +68,7 @@ pub async fn run(command: BenchCommand) -> Result<()> {
         BenchCommand::Python(args) => crate::bench::python::python(args).await,
         BenchCommand::Calls(args) => crate::bench::calls::calls(args).await,
         BenchCommand::Sandbox(args) => crate::bench::sandbox::sandbox(args).await,
+        BenchCommand::Gpu(args) => crate::bench::gpu::gpu(args).await,
         BenchCommand::HyperHello { listen } => crate::bench::http::hyper_hello(listen).await,
     }
 }

@@ -94,6 +94,32 @@ pub struct LodeServer {
 }
 
 impl LodeServer {
+    /// Calls `app/function` through the API with `body` (`{"args", "kwargs"}`); its result.
+    pub fn call(
+        &self,
+        http: &reqwest::Client,
+        target: &str,
+        body: Value,
+    ) -> impl std::future::Future<Output = Result<Value>> + use<> {
+        let (app, function) = target.split_once('/').expect("app/function");
+        let request = http
+            .post(format!(
+                "{}/v1/apps/{app}/functions/{function}/call",
+                self.api
+            ))
+            .bearer_auth(&self.token)
+            .json(&body);
+        async move {
+            let response = request.send().await?;
+            let status = response.status();
+            let body: Value = response.json().await?;
+            if !status.is_success() {
+                bail!("the call failed: {body}");
+            }
+            Ok(body["result"].clone())
+        }
+    }
+
     /// The server's resident memory now, in bytes.
     pub fn rss(&self) -> u64 {
         std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))

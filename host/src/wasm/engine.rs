@@ -37,6 +37,7 @@ const PROVIDED_PACKAGES: &[&str] = &[
     "wasi:sockets",
     "wasi:http",
     "lode:function",
+    "lode:gpu",
 ];
 
 /// The wasm stack a guest gets unless `lode serve --max-wasm-stack` says otherwise; deeper
@@ -95,7 +96,7 @@ pub enum ComponentError {
     #[error(
         "the component imports {} that Lode does not provide (it provides wasi:cli, wasi:io, \
          wasi:clocks, wasi:random, wasi:filesystem, wasi:sockets and wasi:http at 0.2.x, and \
-         lode:function@0.1.0)",
+         lode:function@0.1.0 and lode:gpu@0.1.0)",
         .0.join(", ")
     )]
     UnknownImports(Vec<String>),
@@ -436,6 +437,8 @@ impl EngineClass {
             |state: &mut GuestState| state,
         )
         .map_err(anyhow::Error::from)?;
+        lode_wasi_gpu::host::add_to_linker(&mut linker, GuestState::gpu_view)
+            .map_err(anyhow::Error::from)?;
 
         let mut hasher = std::collections::hash_map::DefaultHasher::new();
         engine.precompile_compatibility_hash().hash(&mut hasher);

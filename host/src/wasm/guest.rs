@@ -1,5 +1,6 @@
 //! What one guest run holds in its store: WASI and HTTP contexts, its resource table, its
-//! memory limiter, its outbound rules, and for a call by name, where it sits in its call tree.
+//! memory limiter, its outbound rules, its `lode:gpu` device (made on its first use), and
+//! for a call by name, where it sits in its call tree.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Weak};
@@ -23,6 +24,10 @@ pub struct GuestState {
     outbound: OutboundPolicy,
     /// Set for a call by name: where it sits in its call tree, for `invoke` and `config`.
     pub(crate) calls: Option<CallContext>,
+    /// The `lode:gpu` device, made at the first call to it; its buffers live in `table`.
+    gpu: Option<lode_wasi_gpu::Gpu>,
+    /// Bytes the guest may hold in `lode:gpu` buffers.
+    gpu_memory: u64,
 }
 
 impl GuestState {
@@ -38,6 +43,21 @@ impl GuestState {
                 .build(),
             outbound,
             calls: None,
+            gpu: None,
+            // Buffers are the guest's memory too: the same limit again, on the device.
+            gpu_memory: memory_limit,
+        }
+    }
+
+    /// `lode:gpu` as the host functions see it. A function that declares no GPU gets the
+    /// CPU backend, which gives the same results (the conformance suite holds them to it).
+    pub fn gpu_view(&mut self) -> lode_wasi_gpu::host::GpuView<'_> {
+        let quota = self.gpu_memory;
+        lode_wasi_gpu::host::GpuView {
+            gpu: self
+                .gpu
+                .get_or_insert_with(|| lode_wasi_gpu::Gpu::cpu(quota)),
+            table: &mut self.table,
         }
     }
 }

@@ -118,3 +118,57 @@ macro_rules! function {
         $crate::export!(__LodeFunction with_types_in $crate);
     };
 }
+
+/// `lode:gpu`: host-owned buffers and tensor ops. A function that declares no `gpu` runs them
+/// on the host's CPU backend, with the same results as on a GPU; either way its buffers count
+/// against its memory.
+///
+/// ```ignore
+/// use lode_guest::gpu;
+/// let a = gpu::upload(&[1.0, 2.0, 3.0, 4.0])?;
+/// let out = gpu::Buffer::create(16)?;
+/// gpu::ops::matmul(&gpu::f32(&a, &[2, 2]), &gpu::f32(&a, &[2, 2]), &gpu::f32(&out, &[2, 2]), false, false)?;
+/// let product = gpu::download(&out)?;
+/// ```
+pub mod gpu {
+    #[allow(missing_docs)]
+    mod bindings {
+        wit_bindgen::generate!({
+            path: "../../wasi-gpu/wit",
+            world: "gpu",
+        });
+    }
+
+    pub use bindings::lode::gpu::types::{Buffer, Device, Dtype, Error, ErrorCode, Tensor};
+    pub use bindings::lode::gpu::{devices, ops};
+
+    /// A buffer holding `values` as f32.
+    pub fn upload(values: &[f32]) -> Result<Buffer, Error> {
+        let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        Buffer::from_bytes(&bytes)
+    }
+
+    /// A buffer's bytes read back as f32.
+    pub fn download(buffer: &Buffer) -> Result<Vec<f32>, Error> {
+        let bytes = buffer.read(0, buffer.size())?;
+        Ok(bytes
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect())
+    }
+
+    /// The whole of `buffer` (from its start) as an f32 tensor of `shape`.
+    pub fn f32<'a>(buffer: &'a Buffer, shape: &[u32]) -> Tensor<'a> {
+        Tensor {
+            buffer,
+            dtype: Dtype::F32,
+            shape: shape.to_vec(),
+            offset: 0,
+        }
+    }
+
+    /// A guest error naming what the GPU call was and what went wrong.
+    pub fn failed(what: &str, e: Error) -> super::Error {
+        super::error("gpu", format!("{what}: {:?}: {}", e.code, e.message))
+    }
+}

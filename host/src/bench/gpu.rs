@@ -1,0 +1,314 @@
+//! `lode bench gpu`: `lode:gpu` from a Wasm guest (samples/wasm-gpu on a real `lode serve`)
+//! against the same backend called from native Rust in this process, and against a plain
+//! matmul loop in the guest.
+//!
+//! - an N x N f32 matmul, timed by the guest around the op calls alone, against the native
+//!   backend timed the same way, and against the guest's own i-k-j loop;
+//! - the MLP sample's forward pass (weights read from its volume, uploads, three layers, the
+//!   answer read back), timed by the guest, against the same steps in native Rust;
+//! - the GPU rows (CUDA matmul against cuBLAS, a 1 GiB upload, safetensors into GPU memory)
+//!   say "not measured" with the reason where this host has no GPU or no CUDA backend.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use lode_wasi_gpu::{Buffer, Gpu, Layout, Op};
+use serde_json::{Value, json};
+
+use crate::bench::support::{median, start_server};
+
+/// Settings for `lode bench gpu`.
+#[derive(Debug, Args)]
+pub struct GpuBench {
+    /// The matmul's N.
+    #[arg(long, default_value_t = 1024)]
+    size: u32,
+    /// Matmuls per timed run.
+    #[arg(long, default_value_t = 5)]
+    repeat: u32,
+    /// Timed runs of each side (the median is reported).
+    #[arg(long, default_value_t = 5)]
+    runs: usize,
+    /// Where debootstrap bases are kept (unused here; the server wants one).
+    #[arg(long, default_value = "/var/cache/lode/images/base")]
+    image_base_dir: std::path::PathBuf,
+}
+
+/// The bench MLP: batch, then the layers' widths and activations.
+const BATCH: usize = 64;
+const LAYERS: [(usize, usize, &str); 3] =
+    [(256, 512, "gelu"), (512, 512, "relu"), (512, 10, "softmax")];
+
+/// Runs `lode bench gpu`.
+pub async fn gpu(args: GpuBench) -> Result<()> {
+    let server = start_server(&args.image_base_dir)?;
+    let lode = std::env::current_exe()?;
+    let out = Command::new(&lode)
+        .args(["--api-url", &server.api, "--token", &server.token, "deploy"])
+        .arg(std::env::current_dir()?.join("samples/wasm-gpu"))
+        .output()?;
+    if !out.status.success() {
+        bail!(
+            "deploying samples/wasm-gpu failed (run from the repository root): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let weights = server
+        .client_file
+        .parent()
+        .context("the server's data dir")?
+        .join("volumes/mlp-weights");
+    std::fs::create_dir_all(&weights)?;
+    let rows = write_model(&weights)?;
+
+    let http = reqwest::Client::new();
+    let call = |body: Value| server.call(&http, "wasm-gpu/mlp", body);
+    let (n, repeat) = (args.size, args.repeat);
+    println!(
+        "lode bench gpu: {n} x {n} f32 matmul ({repeat} per run, median of {} runs), MLP \
+         {BATCH} x {LAYERS:?}",
+        args.runs
+    );
+
+    // The matmul: the guest's op calls, against the native backend's.
+    let seconds = |v: &Value| v["seconds"].as_f64().unwrap_or(f64::NAN);
+    let mut guest = Vec::new();
+    let mut native = Vec::new();
+    let native_gpu = Gpu::cpu(1 << 32);
+    let (a, b) = matrices(n);
+    let (ab, bb) = (
+        native_gpu.from_bytes(bytemuck::cast_slice(&a))?,
+        native_gpu.from_bytes(bytemuck::cast_slice(&b))?,
+    );
+    let product = native_gpu.create(u64::from(n * n) * 4)?;
+    let square = Layout::f32(&[n, n]);
+    let mut checksum = 0.0;
+    for _ in 0..args.runs + 1 {
+        let answer =
+            call(json!({"args": [], "kwargs": {"matmul": n, "on": "gpu", "repeat": repeat}}))
+                .await?;
+        guest.push(Duration::from_secs_f64(
+            seconds(&answer) / f64::from(repeat),
+        ));
+        checksum = answer["checksum"].as_f64().unwrap_or(f64::NAN);
+        let started = Instant::now();
+        for _ in 0..repeat {
+            native_gpu.run(
+                Op::Matmul {
+                    transpose_a: false,
+                    transpose_b: false,
+                },
+                &[(&ab, &square), (&bb, &square)],
+                (&product, &square),
+            )?;
+        }
+        native.push(started.elapsed() / repeat);
+    }
+    // The first run of each warms caches and threads.
+    let (guest, native) = (median(guest[1..].to_vec()), median(native[1..].to_vec()));
+    let native_sum: f64 = floats(&native_gpu, &product)?
+        .iter()
+        .map(|&v| f64::from(v))
+        .sum();
+    if (native_sum - checksum).abs() > 1e-3 * native_sum.abs().max(1.0) {
+        bail!("the guest's product sums to {checksum}, the native one to {native_sum}");
+    }
+    let looped =
+        call(json!({"args": [], "kwargs": {"matmul": n, "on": "loop", "repeat": 1}})).await?;
+    let looped = Duration::from_secs_f64(seconds(&looped));
+    let gflops = |t: Duration| 2.0 * f64::from(n).powi(3) / t.as_secs_f64() / 1e9;
+    println!(
+        "  {:<56} {:>10.2?} ({:.1} GFLOP/s)",
+        "matmul, native Rust on the CPU backend (baseline)",
+        native,
+        gflops(native)
+    );
+    println!(
+        "  {:<56} {:>10.2?} ({:.1} GFLOP/s, {:.0}% of native)",
+        "matmul, Wasm guest through lode:gpu (CPU backend)",
+        guest,
+        gflops(guest),
+        100.0 * native.as_secs_f64() / guest.as_secs_f64()
+    );
+    println!(
+        "  {:<56} {:>10.2?} ({:.1} GFLOP/s; lode:gpu is {:.0}x faster)",
+        "matmul, plain loop in the Wasm guest",
+        looped,
+        gflops(looped),
+        looped.as_secs_f64() / guest.as_secs_f64()
+    );
+
+    // The MLP: the sample's forward pass, against the same steps natively.
+    let mut guest_mlp = Vec::new();
+    let mut native_mlp = Vec::new();
+    for _ in 0..args.runs + 1 {
+        let answer = call(json!({"args": [rows], "kwargs": {"repeat": 3}})).await?;
+        guest_mlp.push(Duration::from_secs_f64(seconds(&answer)));
+        let last = &answer["output"];
+        let started = Instant::now();
+        let mut out = Vec::new();
+        for _ in 0..3 {
+            out = native_mlp_forward(&native_gpu, &weights, &rows)?;
+        }
+        native_mlp.push(started.elapsed() / 3);
+        let got: Vec<f64> = last
+            .as_array()
+            .into_iter()
+            .flatten()
+            .flat_map(|row| row.as_array().cloned().unwrap_or_default())
+            .filter_map(|v| v.as_f64())
+            .collect();
+        if got.len() != out.len()
+            || got
+                .iter()
+                .zip(&out)
+                .any(|(g, n)| (g - f64::from(*n)).abs() > 1e-5)
+        {
+            bail!("the guest's MLP output differs from the native one");
+        }
+    }
+    let (guest_mlp, native_mlp) = (
+        median(guest_mlp[1..].to_vec()),
+        median(native_mlp[1..].to_vec()),
+    );
+    println!(
+        "  {:<56} {:>10.2?}",
+        "MLP forward, native Rust on the CPU backend (baseline)", native_mlp
+    );
+    println!(
+        "  {:<56} {:>10.2?} ({:.0}% of native)",
+        "MLP forward, Wasm guest through lode:gpu (CPU backend)",
+        guest_mlp,
+        100.0 * native_mlp.as_secs_f64() / guest_mlp.as_secs_f64()
+    );
+    let inventory = lode_wasi_gpu::inventory::inventory();
+    let why = if inventory.is_empty() {
+        "no GPU on this host".to_string()
+    } else {
+        format!(
+            "the CUDA backend is not built yet ({})",
+            lode_wasi_gpu::inventory::describe(&inventory)
+        )
+    };
+    for what in [
+        "matmul through the CUDA backend, against cuBLAS",
+        "1 GiB upload into a buffer, against a pinned cudaMemcpy",
+        "5 GB of safetensors from a lazy mount into GPU memory",
+    ] {
+        println!("  {what:<56} not measured: {why}");
+    }
+    let verdict = |ok: bool| if ok { "met" } else { "missed" };
+    println!(
+        "  targets: guest matmul >= 95% of native: {}; >= 20x the plain loop: {}; MLP >= 95% \
+         of native: {}",
+        verdict(native.as_secs_f64() / guest.as_secs_f64() >= 0.95),
+        verdict(looped.as_secs_f64() / guest.as_secs_f64() >= 20.0),
+        verdict(native_mlp.as_secs_f64() / guest_mlp.as_secs_f64() >= 0.95),
+    );
+    Ok(())
+}
+
+/// Two N x N matrices with the values the sample's timing mode makes.
+fn matrices(n: u32) -> (Vec<f32>, Vec<f32>) {
+    let count = (n * n) as usize;
+    let a = (0..count).map(|i| ((i % 7) as f32) * 0.25).collect();
+    let b = (0..count).map(|i| ((i % 5) as f32) * 0.5 - 1.0).collect();
+    (a, b)
+}
+
+fn floats(gpu: &Gpu, buffer: &Buffer) -> Result<Vec<f32>> {
+    Ok(f32s(&gpu.read(buffer, 0, buffer.size())?))
+}
+
+fn f32s(bytes: &[u8]) -> Vec<f32> {
+    bytes
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
+}
+
+/// Writes the bench model's weights (fixed pseudo-random values) and `model.json` into
+/// `dir`; returns the input batch.
+fn write_model(dir: &Path) -> Result<Value> {
+    let mut seed = 0x2545_f491_4f6c_dd1du64;
+    let mut next = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        (seed >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+    };
+    let mut layers = Vec::new();
+    for (i, (inputs, outputs, activation)) in LAYERS.iter().enumerate() {
+        let weights: Vec<f32> = (0..inputs * outputs).map(|_| next() * 0.2).collect();
+        let bias: Vec<f32> = (0..*outputs).map(|_| next() * 0.1).collect();
+        std::fs::write(
+            dir.join(format!("w{i}.f32")),
+            bytemuck::cast_slice(&weights),
+        )?;
+        std::fs::write(dir.join(format!("b{i}.f32")), bytemuck::cast_slice(&bias))?;
+        layers.push(
+            json!({"weights": format!("w{i}.f32"), "bias": format!("b{i}.f32"),
+            "inputs": inputs, "outputs": outputs, "activation": activation}),
+        );
+    }
+    std::fs::write(
+        dir.join("model.json"),
+        serde_json::to_vec(&json!({ "layers": layers }))?,
+    )?;
+    let rows: Vec<Vec<f32>> = (0..BATCH)
+        .map(|_| (0..LAYERS[0].0).map(|_| next()).collect())
+        .collect();
+    Ok(json!(rows))
+}
+
+/// The sample's forward pass, step for step, on `gpu` from native Rust.
+fn native_mlp_forward(gpu: &Gpu, dir: &Path, rows: &Value) -> Result<Vec<f32>> {
+    let model: Value = serde_json::from_slice(&std::fs::read(dir.join("model.json"))?)?;
+    let input: Vec<f32> = rows
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|row| row.as_array().cloned().unwrap_or_default())
+        .filter_map(|v| v.as_f64().map(|v| v as f32))
+        .collect();
+    let batch = BATCH as u32;
+    let mut x = gpu.from_bytes(bytemuck::cast_slice(&input))?;
+    for layer in model["layers"].as_array().into_iter().flatten() {
+        let inputs = layer["inputs"].as_u64().unwrap_or(0) as u32;
+        let outputs = layer["outputs"].as_u64().unwrap_or(0) as u32;
+        let file = |key: &str| dir.join(layer[key].as_str().unwrap_or_default());
+        let weights = std::fs::read(file("weights"))?;
+        let bias: Vec<f32> = f32s(&std::fs::read(file("bias"))?);
+        let tiled: Vec<f32> = (0..batch).flat_map(|_| bias.iter().copied()).collect();
+        let w = gpu.from_bytes(&weights)?;
+        let b = gpu.from_bytes(bytemuck::cast_slice(&tiled))?;
+        let h = gpu.create(u64::from(batch * outputs) * 4)?;
+        let shape = Layout::f32(&[batch, outputs]);
+        gpu.run(
+            Op::Matmul {
+                transpose_a: false,
+                transpose_b: false,
+            },
+            &[
+                (&x, &Layout::f32(&[batch, inputs])),
+                (&w, &Layout::f32(&[inputs, outputs])),
+            ],
+            (&h, &shape),
+        )?;
+        gpu.run(Op::Add, &[(&h, &shape), (&b, &shape)], (&h, &shape))?;
+        let activation = match layer["activation"].as_str() {
+            Some("relu") => Some(Op::Relu),
+            Some("gelu") => Some(Op::Gelu),
+            Some("softmax") => Some(Op::Softmax { axis: 1 }),
+            _ => None,
+        };
+        if let Some(op) = activation {
+            gpu.run(op, &[(&h, &shape)], (&h, &shape))?;
+        }
+        x = h;
+    }
+    floats(gpu, &x)
+}

@@ -1,0 +1,232 @@
+//! `mlp(rows)`: an MLP forward pass on `lode:gpu`, with its weights read from the volume at
+//! `/weights`. `model.json` there lists the layers in order:
+//!
+//! ```json
+//! {"layers": [{"weights": "w0.f32", "bias": "b0.f32", "inputs": 16, "outputs": 32, "activation": "gelu"},
+//!             {"weights": "w1.f32", "bias": "b1.f32", "inputs": 32, "outputs": 4, "activation": "softmax"}]}
+//! ```
+//!
+//! Each `.f32` file is little-endian f32, the weights row-major [inputs, outputs]. The call
+//! takes a batch of rows and answers the last layer's rows. Activations: `relu`, `gelu`,
+//! `softmax` (over each row) or `none`.
+//!
+//! With `{"kwargs": {"repeat": R}}` it answers `{"seconds", "output"}`: the forward pass's
+//! mean time over R runs. With `{"kwargs": {"matmul": N, "on": "gpu"|"loop", "repeat": R}}`
+//! it times an N x N f32 matmul instead, through `lode:gpu` or as a plain loop in the guest.
+//! `lode bench gpu` uses both.
+
+use lode_guest::gpu::{self, Buffer};
+use lode_guest::{Error, Map, Value, error, json};
+
+struct Mlp;
+
+fn bad(message: impl Into<String>) -> Error {
+    error("invalid_input", message)
+}
+
+fn read_f32(path: &str, expected: usize) -> Result<Vec<f32>, Error> {
+    let bytes = std::fs::read(path).map_err(|e| bad(format!("reading {path}: {e}")))?;
+    if bytes.len() != expected * 4 {
+        return Err(bad(format!(
+            "{path} holds {} bytes, not the {expected} f32 values the model names",
+            bytes.len()
+        )));
+    }
+    Ok(bytes
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect())
+}
+
+fn field<'a>(layer: &'a Value, key: &str) -> Result<&'a Value, Error> {
+    layer
+        .get(key)
+        .ok_or_else(|| bad(format!("a layer in model.json has no {key:?}")))
+}
+
+fn size(layer: &Value, key: &str) -> Result<u32, Error> {
+    field(layer, key)?
+        .as_u64()
+        .and_then(|n| u32::try_from(n).ok())
+        .filter(|&n| n > 0)
+        .ok_or_else(|| bad(format!("{key:?} must be a positive integer")))
+}
+
+fn forward(rows: &[Value]) -> Result<Value, Error> {
+    let model: Value = serde_json_from(&std::fs::read("/weights/model.json").map_err(|e| {
+        bad(format!(
+            "reading /weights/model.json: {e} (put the model in the mlp-weights volume)"
+        ))
+    })?)?;
+    let layers = model
+        .get("layers")
+        .and_then(Value::as_array)
+        .ok_or_else(|| bad("model.json has no \"layers\" list"))?;
+    let batch = rows.len() as u32;
+    let mut width = layers
+        .first()
+        .map(|l| size(l, "inputs"))
+        .transpose()?
+        .ok_or_else(|| bad("model.json has no layers"))?;
+    let mut input = Vec::with_capacity((batch * width) as usize);
+    for row in rows {
+        let row = row
+            .as_array()
+            .filter(|r| r.len() == width as usize)
+            .ok_or_else(|| bad(format!("each row must be a list of {width} numbers")))?;
+        for x in row {
+            input.push(x.as_f64().ok_or_else(|| bad("rows hold numbers only"))? as f32);
+        }
+    }
+    let gpu_err = |what: &'static str| move |e| gpu::failed(what, e);
+    let mut x: Buffer = gpu::upload(&input).map_err(gpu_err("uploading the input"))?;
+    for layer in layers {
+        let (inputs, outputs) = (size(layer, "inputs")?, size(layer, "outputs")?);
+        if inputs != width {
+            return Err(bad(format!(
+                "a layer takes {inputs} inputs after one that gives {width}"
+            )));
+        }
+        let name = |key: &str| -> Result<String, Error> {
+            let file = field(layer, key)?
+                .as_str()
+                .filter(|f| !f.contains('/'))
+                .ok_or_else(|| bad(format!("{key:?} must name a file beside model.json")))?;
+            Ok(format!("/weights/{file}"))
+        };
+        let weights = read_f32(&name("weights")?, (inputs * outputs) as usize)?;
+        let bias = read_f32(&name("bias")?, outputs as usize)?;
+        // The bias once per row, so one elementwise add applies it to the whole batch.
+        let tiled: Vec<f32> = (0..batch).flat_map(|_| bias.iter().copied()).collect();
+        let w = gpu::upload(&weights).map_err(gpu_err("uploading weights"))?;
+        let b = gpu::upload(&tiled).map_err(gpu_err("uploading a bias"))?;
+        let h = Buffer::create(u64::from(batch * outputs) * 4).map_err(gpu_err("allocating"))?;
+        let shape = [batch, outputs];
+        gpu::ops::matmul(
+            &gpu::f32(&x, &[batch, inputs]),
+            &gpu::f32(&w, &[inputs, outputs]),
+            &gpu::f32(&h, &shape),
+            false,
+            false,
+        )
+        .map_err(gpu_err("matmul"))?;
+        let (hv, bv) = (gpu::f32(&h, &shape), gpu::f32(&b, &shape));
+        gpu::ops::add(&hv, &bv, &hv).map_err(gpu_err("adding the bias"))?;
+        match field(layer, "activation")?.as_str() {
+            Some("relu") => gpu::ops::relu(&hv, &hv).map_err(gpu_err("relu"))?,
+            Some("gelu") => gpu::ops::gelu(&hv, &hv).map_err(gpu_err("gelu"))?,
+            Some("softmax") => gpu::ops::softmax(&hv, 1, &hv).map_err(gpu_err("softmax"))?,
+            Some("none") => {}
+            other => {
+                return Err(bad(format!(
+                    "activation {other:?} is not one of relu, gelu, softmax, none"
+                )));
+            }
+        }
+        x = h;
+        width = outputs;
+    }
+    let out = gpu::download(&x).map_err(gpu_err("reading the output"))?;
+    Ok(Value::Array(
+        out.chunks(width as usize)
+            .map(|row| json!(row))
+            .collect::<Vec<_>>(),
+    ))
+}
+
+fn serde_json_from(bytes: &[u8]) -> Result<Value, Error> {
+    serde_json::from_slice(bytes).map_err(|e| bad(format!("model.json is not JSON: {e}")))
+}
+
+/// Two N x N matrices with known values, multiplied `repeat` times; the seconds the
+/// multiplications took (nothing else) and a checksum.
+fn time_matmul(n: u32, on: &str, repeat: u32) -> Result<Value, Error> {
+    let count = (n * n) as usize;
+    let a: Vec<f32> = (0..count).map(|i| ((i % 7) as f32) * 0.25).collect();
+    let b: Vec<f32> = (0..count).map(|i| ((i % 5) as f32) * 0.5 - 1.0).collect();
+    let mut product = vec![0.0f32; count];
+    let gpu_err = |what: &'static str| move |e| gpu::failed(what, e);
+    let seconds = match on {
+        "gpu" => {
+            let (ab, bb) = (
+                gpu::upload(&a).map_err(gpu_err("upload"))?,
+                gpu::upload(&b).map_err(gpu_err("upload"))?,
+            );
+            let out = Buffer::create(count as u64 * 4).map_err(gpu_err("allocating"))?;
+            let shape = [n, n];
+            let started = std::time::Instant::now();
+            for _ in 0..repeat {
+                gpu::ops::matmul(
+                    &gpu::f32(&ab, &shape),
+                    &gpu::f32(&bb, &shape),
+                    &gpu::f32(&out, &shape),
+                    false,
+                    false,
+                )
+                .map_err(gpu_err("matmul"))?;
+            }
+            gpu::devices::synchronize().map_err(gpu_err("synchronize"))?;
+            let seconds = started.elapsed().as_secs_f64();
+            product = gpu::download(&out).map_err(gpu_err("download"))?;
+            seconds
+        }
+        "loop" => {
+            let n = n as usize;
+            let started = std::time::Instant::now();
+            for _ in 0..repeat {
+                // i-k-j order, the fastest plain loop: rows of b stream through the cache.
+                product.fill(0.0);
+                for i in 0..n {
+                    for k in 0..n {
+                        let x = a[i * n + k];
+                        let (row, out) = (&b[k * n..][..n], &mut product[i * n..][..n]);
+                        for (o, y) in out.iter_mut().zip(row) {
+                            *o += x * y;
+                        }
+                    }
+                }
+            }
+            started.elapsed().as_secs_f64()
+        }
+        other => return Err(bad(format!("on={other:?}: use \"gpu\" or \"loop\""))),
+    };
+    let checksum: f64 = product.iter().map(|&v| f64::from(v)).sum();
+    Ok(json!({"seconds": seconds, "checksum": checksum, "device": gpu::devices::current().name}))
+}
+
+impl lode_guest::Function for Mlp {
+    fn call(args: Vec<Value>, kwargs: Map<String, Value>) -> Result<Value, Error> {
+        if let Some(n) = kwargs.get("matmul") {
+            let n = n
+                .as_u64()
+                .and_then(|n| u32::try_from(n).ok())
+                .filter(|&n| n > 0 && n <= 4096)
+                .ok_or_else(|| bad("matmul must be a size from 1 to 4096"))?;
+            let on = kwargs.get("on").and_then(Value::as_str).unwrap_or("gpu");
+            let repeat = kwargs
+                .get("repeat")
+                .and_then(Value::as_u64)
+                .unwrap_or(1)
+                .clamp(1, 1000) as u32;
+            return time_matmul(n, on, repeat);
+        }
+        let rows = args
+            .first()
+            .and_then(Value::as_array)
+            .filter(|rows| !rows.is_empty())
+            .ok_or_else(|| bad("pass a non-empty list of rows: mlp([[x0, x1, ...], ...])"))?;
+        let Some(repeat) = kwargs.get("repeat").and_then(Value::as_u64) else {
+            return forward(rows);
+        };
+        // Timed: the whole forward pass (weights read, uploads, ops, the answer read back).
+        let started = std::time::Instant::now();
+        let mut output = Value::Null;
+        for _ in 0..repeat.clamp(1, 1000) {
+            output = forward(rows)?;
+        }
+        let seconds = started.elapsed().as_secs_f64() / repeat.clamp(1, 1000) as f64;
+        Ok(json!({"seconds": seconds, "output": output}))
+    }
+}
+
+lode_guest::function!(Mlp);
