@@ -482,7 +482,7 @@ class Agent:
         with self._instances_lock:
             if self._loop is None:
                 self._loop = _new_event_loop()
-                threading.Thread(target=self._loop.run_forever, name="lode-asyncio", daemon=True).start()
+                threading.Thread(target=_run_loop, args=(self._loop,), name="lode-asyncio", daemon=True).start()
             return self._loop
 
     def _await(self, awaitable: Any, input_id: str | None) -> Any:
@@ -610,6 +610,18 @@ def _encode_value(message: dict[str, Any], value: Any) -> bytes:
         except (TypeError, ValueError):
             pass
     return encode({**message, "result": _values.encode(value, False)})
+
+
+def _run_loop(loop: asyncio.AbstractEventLoop) -> None:
+    """Runs `loop` for the container's life under one task that never ends. Libraries that
+    look for the loop's root task find it: anyio (which Starlette runs sync endpoints
+    through) otherwise takes each request's task for the root, scans every task to find it,
+    and stops the worker thread it started when that request ends."""
+
+    async def hold() -> None:
+        await loop.create_future()
+
+    loop.run_until_complete(hold())
 
 
 def _new_event_loop() -> asyncio.AbstractEventLoop:

@@ -557,3 +557,33 @@ class AgentBatchTest(unittest.TestCase):
                        "args": [word], "kwargs": {}})
         outputs = {host.recv_type("output")["result"] for _ in range(2)}
         self.assertEqual(outputs, {"AB", "CD"})
+
+
+class AgentLoopTest(unittest.TestCase):
+    """The agent's event loop runs under one task that lasts the container's life."""
+
+    def test_libraries_that_look_for_the_loops_root_task_find_one_that_lasts(self):
+        import asyncio
+        import asyncio.base_events
+        import threading
+
+        from lode import _agent
+
+        loop = asyncio.new_event_loop()
+        threading.Thread(target=_agent._run_loop, args=(loop,), daemon=True).start()
+
+        async def roots():
+            # As anyio's find_root_task looks: a task that run_until_complete waits on. Without
+            # one it takes each request's task for the root, and stops the worker thread it
+            # started for a sync endpoint when that request ends.
+            until_complete = asyncio.base_events._run_until_complete_cb
+            return [
+                task
+                for task in asyncio.all_tasks()
+                if not task.done() and any(cb is until_complete for cb, _ in task._callbacks)
+            ]
+
+        first = asyncio.run_coroutine_threadsafe(roots(), loop).result(5)
+        later = asyncio.run_coroutine_threadsafe(roots(), loop).result(5)
+        self.assertEqual(len(first), 1)
+        self.assertIs(first[0], later[0])
