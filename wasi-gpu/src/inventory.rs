@@ -9,6 +9,8 @@ use std::path::Path;
 pub struct Gpu {
     /// Its model, as the driver names it (`NVIDIA H100 80GB HBM3`).
     pub model: String,
+    /// Its device minor: its node is `/dev/nvidia<minor>`.
+    pub minor: Option<u32>,
 }
 
 /// The GPUs of this host.
@@ -25,13 +27,16 @@ pub fn inventory_in(dir: &Path) -> Vec<Gpu> {
         .filter_map(Result::ok)
         .filter_map(|entry| {
             let text = std::fs::read_to_string(entry.path().join("information")).ok()?;
-            let model = text
-                .lines()
-                .find_map(|line| line.strip_prefix("Model:"))
-                .map(|m| m.trim().to_string())?;
+            let field = |name: &str| {
+                text.lines()
+                    .find_map(|line| line.strip_prefix(name))
+                    .map(|v| v.trim().to_string())
+            };
+            let model = field("Model:")?;
+            let minor = field("Device Minor:").and_then(|m| m.parse().ok());
             Some((
                 entry.file_name().to_string_lossy().into_owned(),
-                Gpu { model },
+                Gpu { model, minor },
             ))
         })
         .collect();
@@ -91,13 +96,17 @@ mod tests {
             std::fs::create_dir(dir.path().join(bus)).unwrap();
             std::fs::write(
                 dir.path().join(bus).join("information"),
-                format!("Model: \t\t {model}\nIRQ:   42\n"),
+                format!(
+                    "Model: \t\t {model}\nIRQ:   42\nDevice Minor: \t {}\n",
+                    bus.as_bytes()[6] - b'0'
+                ),
             )
             .unwrap();
         }
         let gpus = inventory_in(dir.path());
         assert_eq!(gpus.len(), 2);
         assert_eq!(gpus[0].model, "NVIDIA H100 80GB HBM3");
+        assert_eq!((gpus[0].minor, gpus[1].minor), (Some(1), Some(2)));
         assert_eq!(satisfies(&gpus, "H100"), Ok(true));
         assert_eq!(satisfies(&gpus, "h100:1"), Ok(true));
         assert_eq!(satisfies(&gpus, "H100:2"), Ok(false));

@@ -111,13 +111,13 @@ pub async fn calls(client: &ApiClient, app: &str, limit: usize, json: bool) -> R
     Ok(())
 }
 
-/// `lode stats APP`: each function's containers, queue and cold starts.
+/// `lode stats APP`: each function's containers, queue, cold starts and the GPUs it holds.
 pub async fn stats(client: &ApiClient, app: &str) -> Result<()> {
     let answer: AppStats = client
         .json(client.request(Method::GET, &format!("/v1/apps/{app}/stats")))
         .await?;
     println!(
-        "{:<20} {:>10} {:>8} {:>7} {:>6} {:>11} {:>7} {:>8} {:>7}",
+        "{:<20} {:>10} {:>8} {:>7} {:>6} {:>11} {:>7} {:>8} {:>7} {:>4}",
         "FUNCTION",
         "CONTAINERS",
         "STARTING",
@@ -126,11 +126,12 @@ pub async fn stats(client: &ApiClient, app: &str) -> Result<()> {
         "COLD_STARTS",
         "INPUTS",
         "FAILURES",
-        "MIN/MAX"
+        "MIN/MAX",
+        "GPUS"
     );
     for f in answer.functions {
         println!(
-            "{:<20} {:>10} {:>8} {:>7} {:>6} {:>11} {:>7} {:>8} {:>7}",
+            "{:<20} {:>10} {:>8} {:>7} {:>6} {:>11} {:>7} {:>8} {:>7} {:>4}",
             f.function,
             f.containers,
             f.starting,
@@ -140,6 +141,7 @@ pub async fn stats(client: &ApiClient, app: &str) -> Result<()> {
             f.inputs,
             f.failures,
             format!("{}/{}", f.min_containers, f.max_containers),
+            f.gpus,
         );
     }
     Ok(())

@@ -56,6 +56,12 @@ pub struct ServeArgs {
     /// <cache-dir>/images/base].
     #[arg(long)]
     pub image_base_dir: Option<PathBuf>,
+    /// Where the NVIDIA driver's files are read from: its GPU listing
+    /// (proc/driver/nvidia/gpus), device nodes (dev/nvidia*), libraries
+    /// (usr/lib/x86_64-linux-gnu) and usr/bin/nvidia-smi. Tests point it at a root of their
+    /// own.
+    #[arg(long, default_value = "/")]
+    pub gpu_root: PathBuf,
     /// A host directory whose contents `lode container run -v` may mount (repeatable).
     /// None by default: a host volume can reach anything the server can.
     #[arg(long = "allow-volume", value_name = "DIR")]
@@ -222,6 +228,7 @@ pub async fn run(args: ServeArgs) -> Result<()> {
         registry_options: args.registry.options(),
         cache_size: args.cache_size,
         image_base_dir: args.image_base_dir,
+        gpu_root: args.gpu_root,
         container_bounds,
         limits: WasmBounds {
             default_memory: args.memory * MIB,

@@ -187,21 +187,24 @@ impl Control {
     pub(super) fn check_engine_fits(&self, function: &FunctionSpec) -> Result<(), DeployError> {
         let name = &function.name;
         if let Some(gpu) = &function.resources.gpu {
-            let inventory = lode_wasi_gpu::inventory::inventory();
-            let fits = lode_wasi_gpu::inventory::satisfies(&inventory, gpu)
+            let gpus = &self.functions.pools.gpus;
+            let fits = gpus
+                .satisfies(gpu)
                 .map_err(|why| DeployError::Invalid(vec![format!("function {name:?}: {why}")]))?;
             if !fits {
                 return Err(DeployError::Unsupported(format!(
                     "function {name:?}: gpu {gpu:?} was requested, but this host has {}; \
                      remove `gpu` to run on the CPU, or deploy to a host with that GPU",
-                    lode_wasi_gpu::inventory::describe(&inventory)
+                    gpus.describe()
                 )));
             }
-            return Err(DeployError::Unsupported(format!(
-                "function {name:?}: this host has the gpu {gpu:?} asks for, but attaching GPUs \
-                 to functions (lode:gpu for Wasm, device nodes for containers) is not built \
-                 yet; remove `gpu`"
-            )));
+            if function.runtime != Runtime::Python {
+                return Err(DeployError::Unsupported(format!(
+                    "function {name:?}: this host has the gpu {gpu:?} asks for, but lode:gpu's \
+                     CUDA backend is not built yet; remove `gpu` and lode:gpu runs on its CPU \
+                     backend, with the same results"
+                )));
+            }
         }
         if function.runtime == Runtime::Python {
             if let Err(why) = self.functions.pools.native.hierarchy() {

@@ -185,6 +185,16 @@ impl Control {
                     }
                 },
             }),
+            gpu: r.gpu.clone(),
+            gpus_held: self
+                .metrics
+                .gpus
+                .get_or_create(&crate::telemetry::metrics::FunctionLabels {
+                    app: app.to_string(),
+                    function: name.clone(),
+                    engine: "python",
+                })
+                .clone(),
         };
         Ok(Pool::start(spec, self.functions.pools.clone()))
     }

@@ -398,6 +398,7 @@ impl Native {
                 memory: Some(request.memory.unwrap_or(b.default_memory_mib) << 20),
                 cpu: request.cpu,
                 pids: Some(request.pids.unwrap_or(b.default_pids)),
+                devices: Vec::new(),
             },
             timeout,
             volumes,

@@ -3,6 +3,7 @@
 //! function pools (`pool.rs`). The API's handlers for it are in `api/containers.rs`.
 
 pub mod containers;
+pub mod gpus;
 pub mod grant;
 pub mod pool;
 pub mod tunnel_mirror;
@@ -143,6 +144,7 @@ impl ContainerBounds {
             memory: Some(r.memory.unwrap_or(self.default_memory_mib) << 20),
             cpu: r.cpu,
             pids: Some(self.default_pids),
+            devices: Vec::new(),
         }
     }
 }

@@ -27,6 +27,9 @@ pub struct PoolStats {
     pub min_containers: u32,
     /// Most containers.
     pub max_containers: u32,
+    /// GPUs its containers hold now.
+    #[serde(default)]
+    pub gpus: usize,
 }
 
 /// `GET /v1/apps/{app}/stats`: every Python function's pool of the live version.

@@ -45,6 +45,8 @@ pub struct ServeOptions {
     pub cache_size: u64,
     /// Where debootstrap bases are kept between builds (default `<cache-dir>/images/base`).
     pub image_base_dir: Option<PathBuf>,
+    /// Where the NVIDIA driver's files are read from (`/` but in tests).
+    pub gpu_root: PathBuf,
     /// Bounds on what one container may ask for.
     pub container_bounds: crate::native::ContainerBounds,
     /// Limits.
@@ -227,6 +229,7 @@ pub async fn serve(options: ServeOptions) -> Result<()> {
             start_timeout: options.container_start_timeout,
             started: std::sync::Mutex::new(Vec::new()),
             container_api: std::sync::OnceLock::new(),
+            gpus: crate::native::gpus::GpuAllocator::open(&options.gpu_root),
         }),
         secrets,
         volumes_dir: options.data_dir.join("volumes"),

@@ -4,6 +4,7 @@
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
@@ -71,6 +72,8 @@ pub struct Metrics {
     pub call_duration: Family<FunctionLabels, Histogram, fn() -> Histogram>,
     /// Containers started for Python functions (each is a cold start).
     pub cold_starts: Family<FunctionLabels, Counter>,
+    /// GPUs held by a function's containers now.
+    pub gpus: Family<FunctionLabels, Gauge>,
     /// Call records dropped because the history writer fell behind.
     pub call_records_dropped: Counter,
 }
@@ -88,6 +91,7 @@ impl Default for Metrics {
         let call_errors = Family::<FunctionLabels, Counter>::default();
         let call_duration = Family::new_with_constructor(latency_histogram as fn() -> Histogram);
         let cold_starts = Family::<FunctionLabels, Counter>::default();
+        let gpus = Family::<FunctionLabels, Gauge>::default();
         let call_records_dropped = Counter::default();
         registry.register(
             "call_records_dropped",
@@ -109,6 +113,11 @@ impl Default for Metrics {
             "function_cold_starts",
             "Function containers started",
             cold_starts.clone(),
+        );
+        registry.register(
+            "function_gpus",
+            "GPUs held by a function's containers",
+            gpus.clone(),
         );
         registry.register(
             "http_requests",
@@ -152,6 +161,7 @@ impl Default for Metrics {
             call_errors,
             call_duration,
             cold_starts,
+            gpus,
             call_records_dropped,
         }
     }

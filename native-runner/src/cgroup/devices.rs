@@ -64,6 +64,52 @@ pub const CONTAINER_NODES: [DeviceNode; 6] = [
     },
 ];
 
+/// A host character device given to one container (a GPU's `/dev/nvidia0`, say): it appears
+/// in the container's `/dev` under `name` and its allow-list lets it be opened.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceGrant {
+    /// Its name under `/dev` (`nvidia0`, `nvidia-uvm`).
+    pub name: String,
+    /// Major number.
+    pub major: u32,
+    /// Minor number.
+    pub minor: u32,
+}
+
+impl DeviceGrant {
+    /// The host's character device at `path`, under its file name.
+    pub fn of_host(path: &Path) -> io::Result<Self> {
+        use std::os::unix::fs::{FileTypeExt, MetadataExt};
+        let meta = std::fs::metadata(path)?;
+        if !meta.file_type().is_char_device() {
+            return Err(io::Error::other(format!(
+                "{} is not a character device",
+                path.display()
+            )));
+        }
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .filter(|n| !n.is_empty() && !n.contains('/'))
+            .ok_or_else(|| io::Error::other(format!("{} has no usable name", path.display())))?;
+        let rdev = meta.rdev();
+        Ok(Self {
+            name: name.to_string(),
+            major: libc::major(rdev),
+            minor: libc::minor(rdev),
+        })
+    }
+
+    /// Its allow-list rule.
+    pub fn rule(&self) -> DeviceRule {
+        DeviceRule {
+            kind: DeviceKind::Char,
+            major: self.major,
+            minor: Some(self.minor),
+        }
+    }
+}
+
 /// A device a container may read, write and make; the rest are refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DeviceRule {

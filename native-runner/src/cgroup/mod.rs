@@ -27,6 +27,18 @@ pub struct Limits {
     pub cpu: Option<f64>,
     /// Processes and threads.
     pub pids: Option<u64>,
+    /// Host devices it may use besides its own `/dev` nodes (the GPUs it was given); each
+    /// also appears in its `/dev`.
+    pub devices: Vec<devices::DeviceGrant>,
+}
+
+impl Limits {
+    /// The device allow-list: the container's own nodes and its grants.
+    pub fn device_rules(&self) -> Vec<devices::DeviceRule> {
+        let mut rules = devices::container_rules();
+        rules.extend(self.devices.iter().map(devices::DeviceGrant::rule));
+        rules
+    }
 }
 
 /// Which limit a container ran into, for a message that names it.
@@ -334,7 +346,7 @@ impl Hierarchy for V1 {
                 _ => {
                     // Nothing first, then exactly the container's own nodes.
                     write(fs, &dir.join("devices.deny"), "a")?;
-                    for rule in devices::container_rules() {
+                    for rule in limits.device_rules() {
                         write(fs, &dir.join("devices.allow"), &rule.v1_line())?;
                     }
                 }
@@ -420,7 +432,7 @@ impl Hierarchy for V2 {
             if let Some(pids) = limits.pids {
                 write(fs, &dir.join("pids.max"), &pids.to_string())?;
             }
-            fs.restrict_devices(&dir, &devices::container_rules())
+            fs.restrict_devices(&dir, &limits.device_rules())
         })();
         // A group made halfway is removed, not left for the next start.
         if let Err(e) = limited {

@@ -205,6 +205,7 @@ fn limits() -> Limits {
         memory: Some(256 << 20),
         cpu: Some(0.5),
         pids: Some(64),
+        devices: Vec::new(),
     }
 }
 
@@ -228,6 +229,7 @@ fn groups_go_beneath_the_process_own_memory_group() {
         memory: Some(256 << 20),
         cpu: Some(0.5),
         pids: Some(64),
+        devices: Vec::new(),
     };
     let group = v1.create("c1", &limits).unwrap();
     let memory = root.path().join("memory/process_api/abc/lode/c1");
@@ -314,6 +316,7 @@ fn v2_create_skips_swap_without_swap_accounting_and_unset_limits() {
         memory: Some(1 << 20),
         cpu: Some(0.001),
         pids: None,
+        devices: Vec::new(),
     };
     v2.create("c2", &limits).unwrap();
     let dir = PathBuf::from("/cg/lode/c2");
@@ -446,7 +449,17 @@ fn detect_picks_v1_without_cgroup_controllers() {
         fs.ops()
             .contains(&Op::Exists("/cg/cgroup.controllers".into()))
     );
-    let group = hierarchy.create("c1", &limits()).unwrap();
+    // A container given a GPU: its node joins the allow-list, after the container's own.
+    let gpu = devices::DeviceGrant {
+        name: "nvidia0".into(),
+        major: 195,
+        minor: 0,
+    };
+    let limits = Limits {
+        devices: vec![gpu],
+        ..limits()
+    };
+    let group = hierarchy.create("c1", &limits).unwrap();
     assert_eq!(
         group.procs_files(),
         [
@@ -479,6 +492,7 @@ fn detect_picks_v1_without_cgroup_controllers() {
         devices::container_rules()
             .iter()
             .map(|rule| format!("devices.allow {}", rule.v1_line()))
+            .chain(["devices.allow c 195:0 rwm".to_string()])
             .collect::<Vec<_>>()
     );
     assert!(fs.writes().contains(&(

@@ -149,14 +149,22 @@ impl Prepared {
             shm_options: cstring(format!("size={}", spec.shm_bytes.max(1 << 20)))?,
             dev_null: path_cstring(&merged.join("dev/null"))?,
             dev_dir: path_cstring(&merged.join("dev"))?,
-            // The same nodes the cgroup's device allow-list lets it open.
+            // The same nodes the cgroup's device allow-list lets it open: its own, then the
+            // host devices it was given.
             dev_nodes: CONTAINER_NODES
                 .iter()
-                .map(|node| {
+                .map(|node| (node.name, node.major, node.minor))
+                .chain(
+                    spec.limits
+                        .devices
+                        .iter()
+                        .map(|grant| (grant.name.as_str(), grant.major, grant.minor)),
+                )
+                .map(|(name, major, minor)| {
                     Ok((
-                        path_cstring(&merged.join("dev").join(node.name))?,
+                        path_cstring(&merged.join("dev").join(name))?,
                         libc::S_IFCHR | 0o666,
-                        libc::makedev(node.major, node.minor),
+                        libc::makedev(major, minor),
                     ))
                 })
                 .collect::<io::Result<_>>()?,

@@ -58,6 +58,8 @@ pub struct PoolContext {
     pub started: Mutex<Vec<Weak<Pool>>>,
     /// The API each container gets on its `api.sock`, once the server has set it.
     pub container_api: std::sync::OnceLock<Arc<dyn ContainerApi>>,
+    /// The host's GPUs, handed to containers of functions that ask for them.
+    pub gpus: Arc<crate::native::gpus::GpuAllocator>,
 }
 
 impl PoolContext {
@@ -116,6 +118,11 @@ pub struct PoolSpec {
     pub dispatch: Weak<dyn Dispatch>,
     /// What its containers may ask of the API (sandboxes, builds).
     pub grant: Arc<ContainerGrant>,
+    /// The GPUs each container gets (`any`, `H100`, `H100:2`), if any.
+    pub gpu: Option<String>,
+    /// GPUs its containers hold now, in `/metrics` and `lode stats` (shared by the
+    /// function's versions while an older one drains).
+    pub gpus_held: prometheus_client::metrics::gauge::Gauge,
 }
 
 /// Why an input was not taken.
@@ -478,6 +485,28 @@ impl Pool {
         sandbox.network = spec.network.clone();
         sandbox.hostname = spec.function.replace('_', "-").to_lowercase();
         sandbox.max_open_files = 65536;
+        // A GPU function's container waits here, its input still queued, until its devices
+        // are free; it keeps them until it stops.
+        let lease = match &spec.gpu {
+            Some(request) => {
+                let lease = self
+                    .ctx
+                    .gpus
+                    .acquire(request)
+                    .await
+                    .map_err(|why| ErrorInfo::lode("no_gpu", why))?;
+                sandbox.limits.devices = lease
+                    .devices()
+                    .map_err(|why| ErrorInfo::lode("no_gpu", why))?;
+                for (name, value) in lease.env() {
+                    lode_native_runner::image_spec::set_env(&mut sandbox.env, &name, &value);
+                }
+                sandbox.volumes.extend(lease.volumes());
+                self.spec.gpus_held.inc_by(lease.count() as i64);
+                Some(lease)
+            }
+            None => None,
+        };
         let token = format!("{:032x}", rand::random::<u128>());
         let agent_spec = AgentSpec {
             sandbox,
@@ -515,6 +544,15 @@ impl Pool {
                 agent::wait_exit(exit).await;
             }
         };
+        if let Some(lease) = lease {
+            let exited = exited();
+            let held = self.spec.gpus_held.clone();
+            tokio::spawn(async move {
+                exited.await;
+                held.dec_by(lease.count() as i64);
+                drop(lease);
+            });
+        }
         if let Some(network) = container.network.take() {
             let mirrored = self.ctx.native.tunnel_mirror().add_container(network);
             let exited = exited();
@@ -636,6 +674,7 @@ impl Pool {
             retries: self.retried.load(Ordering::Relaxed),
             min_containers: self.spec.min_containers,
             max_containers: self.spec.max_containers,
+            gpus: usize::try_from(self.spec.gpus_held.get()).unwrap_or(0),
         }
     }
 

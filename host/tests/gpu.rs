@@ -1,0 +1,176 @@
+//! GPUs for Python functions on a machine without one: `lode serve --gpu-root` points at a
+//! root the test makes, with the driver's listing, device nodes (major 195, as NVIDIA's; no
+//! driver answers behind them), a fake `nvidia-smi` and a fake `libcuda`. Checked from inside
+//! the containers: exactly their devices, openable; the driver's files read-only; the
+//! variables; devices held until a container stops, so a call waits for them.
+
+mod harness;
+
+use std::ffi::CString;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use harness::{BASE_DIR, Lode, repo_file, text};
+
+fn node(path: &Path, minor: u32) {
+    let name = CString::new(path.to_str().unwrap()).unwrap();
+    // SAFETY: a NUL-terminated path; mknod(2) takes plain integers otherwise.
+    let made = unsafe {
+        libc::mknod(
+            name.as_ptr(),
+            libc::S_IFCHR | 0o666,
+            libc::makedev(195, minor),
+        )
+    };
+    assert_eq!(
+        made,
+        0,
+        "mknod {}: {}",
+        path.display(),
+        std::io::Error::last_os_error()
+    );
+}
+
+/// Two H100s as the driver lists them, their nodes and the control nodes, `nvidia-smi` and
+/// `libcuda`.
+fn gpu_root(root: &Path) {
+    for (bus, minor) in [("0000:01:00.0", 0), ("0000:02:00.0", 1)] {
+        let dir = root.join("proc/driver/nvidia/gpus").join(bus);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(
+            dir.join("information"),
+            format!("Model: \t\t NVIDIA H100 80GB HBM3\nIRQ: \t\t 42\nDevice Minor: \t {minor}\n"),
+        )
+        .unwrap();
+    }
+    std::fs::create_dir_all(root.join("dev")).unwrap();
+    for (name, minor) in [
+        ("nvidia0", 0),
+        ("nvidia1", 1),
+        ("nvidiactl", 255),
+        ("nvidia-uvm", 250),
+    ] {
+        node(&root.join("dev").join(name), minor);
+    }
+    let bin = root.join("usr/bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    std::fs::write(
+        bin.join("nvidia-smi"),
+        "#!/bin/sh\necho \"fake nvidia-smi sees $(ls /dev | grep -c '^nvidia[0-9]') GPU(s)\"\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(
+        bin.join("nvidia-smi"),
+        std::fs::Permissions::from_mode(0o755),
+    )
+    .unwrap();
+    let lib = root.join("usr/lib/x86_64-linux-gnu");
+    std::fs::create_dir_all(&lib).unwrap();
+    std::fs::write(lib.join("libcuda.so.1"), "fake libcuda\n").unwrap();
+}
+
+fn call(lode: &Lode, target: &str, args: &[&str]) -> Value {
+    let mut all = vec!["call", target];
+    all.extend_from_slice(args);
+    serde_json::from_str(&lode.cli_ok(&all)).unwrap()
+}
+
+#[test]
+fn python_functions_get_exactly_their_gpus_and_wait_for_busy_ones() {
+    let root = tempfile::tempdir().unwrap();
+    gpu_root(root.path());
+    let lode = Lode::start(&[
+        "--image-base-dir",
+        BASE_DIR,
+        "--gpu-root",
+        root.path().to_str().unwrap(),
+    ]);
+    let deployed = lode.cli_ok(&["deploy", &repo_file("host/tests/python/gpu.py")]);
+    assert!(deployed.contains("deployed gpu-app"), "{deployed}");
+
+    let seen = call(&lode, "gpu-app/inspect", &[]);
+    assert_eq!(
+        seen["nodes"],
+        serde_json::json!(["nvidia-uvm", "nvidia0", "nvidiactl"]),
+        "{seen}"
+    );
+    for (node, answer) in seen["open"].as_object().unwrap() {
+        assert_eq!(answer, "No such device or address", "{node}: {seen}");
+    }
+    assert_eq!(seen["visible"], serde_json::json!(["0", "0"]), "{seen}");
+    assert_eq!(seen["other"], "Operation not permitted", "{seen}");
+    assert_eq!(seen["smi"], "fake nvidia-smi sees 1 GPU(s)", "{seen}");
+    assert_eq!(seen["lib"], "fake libcuda");
+    assert_eq!(seen["lib_writable"], false);
+    assert_eq!(call(&lode, "gpu-app/plain", &[]), serde_json::json!([]));
+
+    // Both GPUs held by one container: a call that needs one waits until it stops.
+    let started = Instant::now();
+    let holding = lode
+        .cli_command(&["call", "gpu-app/hold", "2"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stats = harness::wait_for(Duration::from_secs(30), || {
+        let stats = lode.cli_ok(&["stats", "gpu-app"]);
+        stats
+            .lines()
+            .any(|l| l.starts_with("hold") && l.split_whitespace().last() == Some("2"))
+            .then_some(stats)
+    });
+    assert!(
+        stats.is_some(),
+        "the holding container never showed 2 GPUs:\n{}",
+        lode.cli_ok(&["stats", "gpu-app"])
+    );
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let metrics = rt.block_on(async {
+        let response = lode
+            .api(reqwest::Method::GET, "/metrics")
+            .send()
+            .await
+            .unwrap();
+        response.text().await.unwrap()
+    });
+    assert!(
+        metrics.lines().any(|l| l.starts_with("lode_function_gpus{")
+            && l.contains("function=\"hold\"")
+            && l.ends_with(" 2")),
+        "{metrics}"
+    );
+    let waited = call(&lode, "gpu-app/inspect", &[]);
+    let held: Value =
+        serde_json::from_str(&text(&holding.wait_with_output().unwrap().stdout)).unwrap();
+    assert_eq!(
+        held["nodes"],
+        serde_json::json!(["nvidia-uvm", "nvidia0", "nvidia1", "nvidiactl"])
+    );
+    assert!(
+        waited["done"].as_f64().unwrap() > held["done"].as_f64().unwrap(),
+        "inspect ran while hold had both GPUs: {waited} {held}"
+    );
+    assert!(started.elapsed() >= Duration::from_secs(2));
+
+    // A GPU the host lacks is refused at deploy, naming what it has.
+    let work = tempfile::tempdir().unwrap();
+    let other = work.path().join("a100.py");
+    std::fs::write(
+        &other,
+        std::fs::read_to_string(repo_file("host/tests/python/gpu.py"))
+            .unwrap()
+            .replace("gpu=\"H100\",", "gpu=\"A100\","),
+    )
+    .unwrap();
+    let out = lode.cli(&["deploy", other.to_str().unwrap()]);
+    assert!(!out.status.success());
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains(
+            "gpu \"A100\" was requested, but this host has 2 GPU(s): NVIDIA H100 80GB HBM3"
+        ),
+        "{stderr}"
+    );
+}
