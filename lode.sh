@@ -134,6 +134,9 @@ run_tests() {
   cargo fmt --all -- --check
   log "cargo clippy"
   cargo clippy --workspace --all-targets --quiet -- -D warnings
+  # The CUDA backend is behind a feature (cudarc loads the driver at run time): it must build
+  # here too, though it runs only where a GPU is.
+  cargo clippy -p lode-wasi-gpu --features cuda --all-targets --quiet -- -D warnings
   log "cargo test"
   local out status=0
   out=$(mktemp)

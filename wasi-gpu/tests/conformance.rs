@@ -11,9 +11,16 @@ use rand::{Rng, SeedableRng};
 
 /// The backends to hold to the reference: the CPU always, CUDA where a GPU is found.
 fn backends() -> Vec<(&'static str, Arc<dyn Backend>)> {
-    let found: Vec<(&'static str, Arc<dyn Backend>)> =
+    #[allow(unused_mut)]
+    let mut found: Vec<(&'static str, Arc<dyn Backend>)> =
         vec![("cpu", Arc::new(lode_wasi_gpu::backend::cpu::Cpu))];
-    eprintln!("skipping the CUDA backend: not built yet (issue 18's next step)");
+    #[cfg(feature = "cuda")]
+    match lode_wasi_gpu::backend::cuda::Cuda::open(0) {
+        Ok(cuda) => found.push(("cuda", Arc::new(cuda))),
+        Err(why) => eprintln!("skipping the CUDA backend: {why}"),
+    }
+    #[cfg(not(feature = "cuda"))]
+    eprintln!("skipping the CUDA backend: built without the `cuda` feature");
     found
 }
 

@@ -1,9 +1,11 @@
 //! The backends behind `lode:gpu`, one per cargo feature (as `wasmtime-wasi-nn` lays out
-//! its own): [`cpu`] always; `cuda` (cudarc, with the `cuda` feature) is next. A backend gets only checked
+//! its own): [`cpu`] always, `cuda` with the `cuda` feature. A backend gets only checked
 //! calls: views inside their buffers, shapes that fit their op, and an output that never
 //! shares memory with an input ([`crate::Gpu`] sees to all three).
 
 pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 
 use crate::tensor::{DType, GpuError, Layout, Op, Shape};
 
@@ -24,6 +26,9 @@ pub struct Device {
 pub enum Memory {
     /// Host memory.
     Cpu(cpu::CpuMemory),
+    /// Device memory on a CUDA GPU.
+    #[cfg(feature = "cuda")]
+    Cuda(cuda::CudaMemory),
 }
 
 impl Memory {
@@ -31,6 +36,8 @@ impl Memory {
     pub fn size(&self) -> u64 {
         match self {
             Memory::Cpu(m) => m.size(),
+            #[cfg(feature = "cuda")]
+            Memory::Cuda(m) => m.size(),
         }
     }
 }
