@@ -198,7 +198,7 @@ pub async fn gpu(args: GpuBench) -> Result<()> {
         "no GPU on this host".to_string()
     } else {
         format!(
-            "the CUDA backend is not built yet ({})",
+            "this bench does not drive the CUDA backend yet ({})",
             lode_wasi_gpu::inventory::describe(&inventory)
         )
     };

@@ -200,8 +200,8 @@ impl Control {
             }
             if function.runtime != Runtime::Python {
                 return Err(DeployError::Unsupported(format!(
-                    "function {name:?}: this host has the gpu {gpu:?} asks for, but lode:gpu's \
-                     CUDA backend is not built yet; remove `gpu` and lode:gpu runs on its CPU \
+                    "function {name:?}: this host has the gpu {gpu:?} asks for, but Wasm \
+                     functions are not given GPUs yet; remove `gpu` and lode:gpu runs on its CPU \
                      backend, with the same results"
                 )));
             }
