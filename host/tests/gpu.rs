@@ -7,6 +7,7 @@
 mod harness;
 
 use std::ffi::CString;
+use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -173,4 +174,48 @@ fn python_functions_get_exactly_their_gpus_and_wait_for_busy_ones() {
         ),
         "{stderr}"
     );
+}
+
+/// On a machine with an NVIDIA GPU: a real container runs `nvidia-smi` and a CUDA matmul
+/// (CuPy, against numpy). Skipped, with the reason printed, where there is none.
+#[test]
+fn a_real_gpu_runs_nvidia_smi_and_a_cuda_matmul_in_a_container() {
+    let gpus = lode_wasi_gpu::inventory::inventory();
+    if gpus.is_empty() {
+        // Straight to stderr (eprintln! is captured by the test harness), so CI logs show the
+        // skip and why.
+        let _ = writeln!(
+            std::io::stderr(),
+            "skipped a_real_gpu_runs_nvidia_smi_and_a_cuda_matmul_in_a_container: no NVIDIA GPU \
+             on this host (/proc/driver/nvidia/gpus is empty or missing)"
+        );
+        return;
+    }
+    let lode = Lode::start(&["--image-base-dir", BASE_DIR]);
+    let work = tempfile::tempdir().unwrap();
+    let app = work.path().join("cuda.py");
+    std::fs::write(
+        &app,
+        r#"
+import subprocess
+import lode
+
+image = lode.Image.debian_slim().uv_pip_install("cupy-cuda12x", "numpy")
+app = lode.App("cuda-check", image=image)
+
+@app.function(gpu="any", timeout=600)
+def check() -> dict:
+    import cupy, numpy
+    a = numpy.random.default_rng(1).random((512, 512), dtype=numpy.float32)
+    on_gpu = float(cupy.asnumpy(cupy.asarray(a) @ cupy.asarray(a)).sum())
+    return {"smi": subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True).stdout,
+            "gpu": on_gpu, "cpu": float((a @ a).sum())}
+"#,
+    )
+    .unwrap();
+    lode.cli_ok(&["deploy", app.to_str().unwrap()]);
+    let seen = call(&lode, "cuda-check/check", &[]);
+    assert!(seen["smi"].as_str().unwrap().contains("GPU 0"), "{seen}");
+    let (gpu, cpu) = (seen["gpu"].as_f64().unwrap(), seen["cpu"].as_f64().unwrap());
+    assert!((gpu - cpu).abs() <= 1e-4 * cpu.abs(), "{seen}");
 }
