@@ -121,7 +121,7 @@ macro_rules! function {
 
 /// `lode:gpu`: host-owned buffers and tensor ops. A function that declares no `gpu` runs them
 /// on the host's CPU backend, with the same results as on a GPU; either way its buffers count
-/// against its memory.
+/// against a quota the size of its memory limit.
 ///
 /// ```ignore
 /// use lode_guest::gpu;
