@@ -502,7 +502,6 @@ impl Pool {
                     lode_native_runner::image_spec::set_env(&mut sandbox.env, &name, &value);
                 }
                 sandbox.volumes.extend(lease.volumes());
-                self.spec.gpus_held.inc_by(lease.count() as i64);
                 Some(lease)
             }
             None => None,
@@ -545,8 +544,10 @@ impl Pool {
             }
         };
         if let Some(lease) = lease {
+            // Counted once the container runs (a start that failed gave its lease back).
             let exited = exited();
             let held = self.spec.gpus_held.clone();
+            held.inc_by(lease.count() as i64);
             tokio::spawn(async move {
                 exited.await;
                 held.dec_by(lease.count() as i64);
