@@ -556,6 +556,7 @@ fn dicts_queues_and_generators_work_from_client_and_container_and_survive_a_rest
             "remote on a generator: Function(",
             "by name: True",
             "flaky: 3",
+            "scratch: 14",
             "cancelled: cancelled",
             "gather: ['first', 'third']",
             "second ran: False",
@@ -591,6 +592,8 @@ fn dicts_queues_and_generators_work_from_client_and_container_and_survive_a_rest
     assert_eq!(lode.cli_ok(&["queue", "len", "obj-jobs"]).trim(), "2");
     let listed = lode.cli_ok(&["dict", "ls"]);
     assert!(listed.contains("obj-settings"), "{listed}");
+    // The function's ephemeral Dict went at the end of its block.
+    assert!(!listed.contains("ephemeral-"), "{listed}");
 
     // Both are durable: a restart keeps them.
     lode.kill();

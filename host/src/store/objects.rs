@@ -370,6 +370,11 @@ impl Objects {
         request: Request,
     ) -> Result<Value, ObjectError> {
         check_name(kind, name)?;
+        // The object itself, from inside a function too (an ephemeral one's end).
+        if request.op.get("op").and_then(Value::as_str) == Some("delete") {
+            let existed = off_runtime(|| self.delete(kind, name))?;
+            return Ok(serde_json::json!({ "existed": existed }));
+        }
         if request.create_if_missing {
             off_runtime(|| self.create(kind, name))?;
         }
@@ -827,8 +832,11 @@ mod tests {
             dict(&objects, json!({"op": "len"})).await.unwrap(),
             json!({"len": 0})
         );
-        assert!(objects.delete(Kind::Dict, "d").unwrap());
+        // Deleted as a request too (how a function ends its ephemeral Dict), once.
+        let deleted = dict(&objects, json!({"op": "delete"})).await.unwrap();
+        assert_eq!(deleted, json!({"existed": true}));
         assert!(objects.list(Kind::Dict).unwrap().is_empty());
+        assert!(!objects.delete(Kind::Dict, "d").unwrap());
     }
 
     #[tokio::test]

@@ -19,6 +19,15 @@ def worker(key):
 
 
 @app.function()
+def scratch(n):
+    """An ephemeral Dict inside a function: there for the block, gone after it."""
+    with lode.Dict.ephemeral() as d:
+        for i in range(n):
+            d[i] = i * i
+        return sum(d[i] for i in range(n))
+
+
+@app.function()
 async def async_worker(n):
     jobs = lode.Queue.from_name("obj-jobs")
     taken = await jobs.get_many.aio(n, timeout=5)
@@ -64,6 +73,7 @@ def slow_mark(tag, seconds):
 @app.local_entrypoint()
 def main():
     print("flaky:", flaky.remote())
+    print("scratch:", scratch.remote(4))
     # One container at a time: the second call waits in the queue, where a cancel drops it.
     first = slow_mark.spawn("first", 1.0)
     second = slow_mark.spawn("second", 0)

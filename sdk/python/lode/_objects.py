@@ -87,10 +87,11 @@ class _Object:
 
     @classmethod
     def delete(cls, name: str) -> None:
-        """Deletes the named object and everything in it."""
+        """Deletes the named object and everything in it (from the client or a function)."""
         transport = _client.transport()
         if isinstance(transport, _client.AgentTransport):
-            raise RuntimeError(f"{cls.__name__}.delete() works from the client, not inside a function")
+            transport.object(cls._kind, name, {"op": "delete"})
+            return
         transport.request("DELETE", f"/v1/{cls._kind}s/{name}")
 
     def _op(self, op: str, **fields: Any) -> dict[str, Any]:
