@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 pub mod oci;
+pub mod python;
 pub mod testhost;
 
 pub const LODE: &str = env!("CARGO_BIN_EXE_lode");
