@@ -44,9 +44,9 @@ pub fn inventory_in(dir: &Path) -> Vec<Gpu> {
     gpus.into_iter().map(|(_, gpu)| gpu).collect()
 }
 
-/// Whether `gpus` can meet a request: `any`, a model (`H100`, matched within the driver's
-/// name), or either with a count (`H100:2`). An unreadable request is an error naming it.
-pub fn satisfies(gpus: &[Gpu], request: &str) -> Result<bool, String> {
+/// A request split into its model (`any` or a name matched within the driver's, as `H100`)
+/// and its count (`H100:2`; 1 without one). An unreadable request is an error naming it.
+pub fn parse_request(request: &str) -> Result<(&str, usize), String> {
     let (model, count) = match request.split_once(':') {
         Some((model, count)) => (
             model,
@@ -63,14 +63,19 @@ pub fn satisfies(gpus: &[Gpu], request: &str) -> Result<bool, String> {
             "gpu {request:?}: name a model (\"H100\") or \"any\""
         ));
     }
-    let matching = gpus
-        .iter()
-        .filter(|gpu| {
-            model.eq_ignore_ascii_case("any")
-                || gpu.model.to_lowercase().contains(&model.to_lowercase())
-        })
-        .count();
-    Ok(matching >= count)
+    Ok((model, count))
+}
+
+/// Whether `gpu` is one that `model` (from [`parse_request`]) asks for.
+pub fn matches(gpu: &Gpu, model: &str) -> bool {
+    model.eq_ignore_ascii_case("any") || gpu.model.to_lowercase().contains(&model.to_lowercase())
+}
+
+/// Whether `gpus` can meet a request: `any`, a model (`H100`, matched within the driver's
+/// name), or either with a count (`H100:2`). An unreadable request is an error naming it.
+pub fn satisfies(gpus: &[Gpu], request: &str) -> Result<bool, String> {
+    let (model, count) = parse_request(request)?;
+    Ok(gpus.iter().filter(|gpu| matches(gpu, model)).count() >= count)
 }
 
 /// The inventory in words, for errors.

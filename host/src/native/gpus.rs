@@ -63,16 +63,6 @@ impl Drop for GpuLease {
     }
 }
 
-/// A request such as `any`, `H100` or `H100:2`, split.
-fn parse(request: &str) -> Result<(String, usize), String> {
-    // The inventory's own parser checks it; this only splits what it accepted.
-    inventory::satisfies(&[], request)?;
-    Ok(match request.split_once(':') {
-        Some((model, count)) => (model.to_string(), count.parse().unwrap_or(1)),
-        None => (request.to_string(), 1),
-    })
-}
-
 impl GpuAllocator {
     /// The GPUs the driver lists under `root`.
     pub fn open(root: &Path) -> Arc<Self> {
@@ -103,17 +93,10 @@ impl GpuAllocator {
 
     /// Devices for `request` if enough are free now.
     pub fn try_acquire(self: &Arc<Self>, request: &str) -> Result<Option<GpuLease>, String> {
-        let (model, count) = parse(request)?;
+        let (model, count) = inventory::parse_request(request)?;
         let mut busy = self.busy.lock().unwrap();
         let free: Vec<usize> = (0..self.gpus.len())
-            .filter(|&i| !busy[i])
-            .filter(|&i| {
-                model.eq_ignore_ascii_case("any")
-                    || self.gpus[i]
-                        .model
-                        .to_lowercase()
-                        .contains(&model.to_lowercase())
-            })
+            .filter(|&i| !busy[i] && inventory::matches(&self.gpus[i], model))
             .take(count)
             .collect();
         if free.len() < count {
