@@ -35,10 +35,26 @@ fn node(path: &Path, minor: u32) {
     );
 }
 
-/// Two H100s as the driver lists them, their nodes and the control nodes, `nvidia-smi` and
-/// `libcuda`.
-fn gpu_root(root: &Path) {
-    for (bus, minor) in [("0000:01:00.0", 0), ("0000:02:00.0", 1)] {
+/// What `/metrics` says now.
+fn metrics(lode: &Lode) -> String {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let response = lode
+            .api(reqwest::Method::GET, "/metrics")
+            .send()
+            .await
+            .unwrap();
+        response.text().await.unwrap()
+    })
+}
+
+/// `count` H100s (at most two) as the driver lists them, their nodes and the control nodes,
+/// `nvidia-smi` and `libcuda`.
+fn gpu_root(root: &Path, count: usize) {
+    for (bus, minor) in [("0000:01:00.0", 0), ("0000:02:00.0", 1)]
+        .into_iter()
+        .take(count)
+    {
         let dir = root.join("proc/driver/nvidia/gpus").join(bus);
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(
@@ -82,7 +98,7 @@ fn call(lode: &Lode, target: &str, args: &[&str]) -> Value {
 #[test]
 fn python_functions_get_exactly_their_gpus_and_wait_for_busy_ones() {
     let root = tempfile::tempdir().unwrap();
-    gpu_root(root.path());
+    gpu_root(root.path(), 2);
     let lode = Lode::start(&[
         "--image-base-dir",
         BASE_DIR,
@@ -127,15 +143,7 @@ fn python_functions_get_exactly_their_gpus_and_wait_for_busy_ones() {
         "the holding container never showed 2 GPUs:\n{}",
         lode.cli_ok(&["stats", "gpu-app"])
     );
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let metrics = rt.block_on(async {
-        let response = lode
-            .api(reqwest::Method::GET, "/metrics")
-            .send()
-            .await
-            .unwrap();
-        response.text().await.unwrap()
-    });
+    let metrics = metrics(&lode);
     assert!(
         metrics.lines().any(|l| l.starts_with("lode_function_gpus{")
             && l.contains("function=\"hold\"")
@@ -172,6 +180,156 @@ fn python_functions_get_exactly_their_gpus_and_wait_for_busy_ones() {
         stderr.contains(
             "gpu \"A100\" was requested, but this host has 2 GPU(s): NVIDIA H100 80GB HBM3"
         ),
+        "{stderr}"
+    );
+}
+
+/// `lode.toml` for the `samples/wasm-gpu` component as functions `a` and `b`, each with
+/// `extra` lines of its own.
+fn wasm_gpu_project(dir: &Path, a: &str, b: &str) -> String {
+    let sample = repo_file("samples/wasm-gpu");
+    let function = |name: &str, extra: &str| {
+        format!(
+            "[[function]]\nname = \"{name}\"\npath = \"{sample}\"\n{extra}\nvolumes = [{{ name = \
+             \"mlp-weights\", path = \"/weights\", read_only = true, create_if_missing = true }}]\n"
+        )
+    };
+    let toml = format!(
+        "app = \"gpu-wasm\"\n{}{}",
+        function("a", a),
+        function("b", b)
+    );
+    std::fs::write(dir.join("lode.toml"), toml).unwrap();
+    dir.to_str().unwrap().to_string()
+}
+
+/// Calls `gpu-wasm/<function>` with `kwargs`: its result, or its error's text.
+fn call_kwargs(lode: &Lode, function: &str, kwargs: &str) -> Result<Value, String> {
+    let body =
+        serde_json::json!({"args": [], "kwargs": serde_json::from_str::<Value>(kwargs).unwrap()});
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let answer: Value = rt.block_on(async {
+        let path = format!("/v1/apps/gpu-wasm/functions/{function}/call");
+        let response = lode
+            .api(reqwest::Method::POST, &path)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        response.json().await.unwrap()
+    });
+    match answer.get("result") {
+        Some(result) => Ok(result.clone()),
+        None => Err(answer["error"].to_string()),
+    }
+}
+
+/// The devices a Wasm function holds, from `/metrics`.
+fn wasm_gpus_held(lode: &Lode, function: &str) -> Option<i64> {
+    let metrics = metrics(lode);
+    metrics
+        .lines()
+        .find(|l| {
+            l.starts_with("lode_function_gpus{")
+                && l.contains("engine=\"wasm\"")
+                && l.contains(&format!("function=\"{function}\""))
+        })
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+}
+
+/// A Wasm function that declares `gpu` is refused by name where nothing can drive the GPU
+/// (no CUDA here) or it asks for more than one; with the CPU standing in for the device
+/// (`--wasm-gpu-compute cpu`), it leases the fake root's one H100, shares it between its own
+/// instances, and holds it while any runs: another function waits for it until its deadline,
+/// and gets it once it is free. Kernels need `gpu_kernels`, and a CUDA device.
+#[test]
+fn wasm_functions_lease_one_gpu_and_wait_while_another_function_holds_it() {
+    let root = tempfile::tempdir().unwrap();
+    gpu_root(root.path(), 1);
+    let root_arg = root.path().to_str().unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let project = wasm_gpu_project(work.path(), "gpu = \"any\"", "gpu = \"H100:2\"");
+
+    let lode = Lode::start(&["--gpu-root", root_arg]);
+    let out = lode.cli(&["deploy", &project]);
+    assert!(!out.status.success());
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("function \"a\": this host has the gpu \"any\" asks for, but")
+            && stderr.contains("no CUDA driver (libcuda.so) on this host"),
+        "{stderr}"
+    );
+    drop(lode);
+
+    let lode = Lode::start(&["--gpu-root", root_arg, "--wasm-gpu-compute", "cpu"]);
+    let out = lode.cli(&["deploy", &project]);
+    assert!(!out.status.success());
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("gpu \"H100:2\" asks for 2 devices, but a Wasm function gets one"),
+        "{stderr}"
+    );
+    let project = wasm_gpu_project(
+        work.path(),
+        "gpu = \"any\"\ntimeout = 60",
+        "gpu = \"H100\"\ntimeout = 2\ngpu_memory = 1",
+    );
+    let deployed = lode.cli_ok(&["deploy", &project]);
+    assert!(deployed.contains("deployed gpu-wasm"), "{deployed}");
+
+    let small = call_kwargs(&lode, "a", r#"{"matmul": 8}"#).unwrap();
+    assert_eq!(
+        small["device"], "cpu (standing in for NVIDIA H100 80GB HBM3)",
+        "{small}"
+    );
+    // The device is given back when the instance ends.
+    assert_eq!(wasm_gpus_held(&lode, "a"), Some(0));
+
+    let busy = std::thread::scope(|scope| {
+        let busy = scope.spawn(|| call_kwargs(&lode, "a", r#"{"busy": 8}"#));
+        let held = harness::wait_for(Duration::from_secs(30), || {
+            (wasm_gpus_held(&lode, "a") == Some(1)).then_some(())
+        });
+        assert!(held.is_some(), "a never held its GPU");
+        // Another instance of a shares the device rather than waiting for it.
+        let shared = call_kwargs(&lode, "a", r#"{"matmul": 8}"#).unwrap();
+        assert_eq!(shared["checksum"], small["checksum"]);
+        // b waits for the only H100 until its 2 s deadline, then fails by name.
+        let waited = call_kwargs(&lode, "b", r#"{"matmul": 8}"#).unwrap_err();
+        assert!(
+            waited.contains("no_gpu")
+                && waited.contains("every matching device stayed busy until the deadline"),
+            "{waited}"
+        );
+        busy.join().unwrap()
+    });
+    let done = busy.unwrap();
+    assert!(done["matmuls"].as_u64().unwrap() > 0, "{done}");
+    assert_eq!(wasm_gpus_held(&lode, "a"), Some(0));
+    // Free again: b gets it, with its own 1 MiB of buffers.
+    let got = call_kwargs(&lode, "b", r#"{"matmul": 8}"#).unwrap();
+    assert_eq!(got["checksum"], small["checksum"]);
+    let over = call_kwargs(&lode, "b", r#"{"matmul": 512}"#).unwrap_err();
+    assert!(over.contains("QuotaExceeded"), "{over}");
+
+    // Kernels: refused without the capability, and by the CPU with it.
+    let ptx = r#"{"ptx": ".version 7.0", "entry": "fill", "n": 4}"#;
+    let refused = call_kwargs(&lode, "a", ptx).unwrap_err();
+    assert!(refused.contains("did not ask for PTX kernels"), "{refused}");
+    let project = wasm_gpu_project(work.path(), "gpu = \"any\"\ngpu_kernels = true", "");
+    lode.cli_ok(&["deploy", &project]);
+    let refused = call_kwargs(&lode, "a", ptx).unwrap_err();
+    assert!(
+        refused.contains("PTX kernels need the CUDA backend"),
+        "{refused}"
+    );
+    // Without `gpu`, the capability is refused at deploy by name.
+    let project = wasm_gpu_project(work.path(), "gpu_kernels = true", "");
+    let out = lode.cli(&["deploy", &project]);
+    let stderr = text(&out.stderr);
+    assert!(
+        !out.status.success()
+            && stderr.contains("gpu_kernels and gpu_memory are for Wasm functions that declare"),
         "{stderr}"
     );
 }

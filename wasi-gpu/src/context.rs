@@ -6,7 +6,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use crate::backend::{Backend, Device, Memory};
+use crate::backend::{Backend, Device, Kernel, KernelArg, LaunchShape, Memory};
 use crate::tensor::{ErrorCode, GpuError, Layout, Op, check_op};
 
 /// Bytes in use against a quota; shared by an instance's buffers, which give theirs back
@@ -21,6 +21,23 @@ struct Quota {
 pub struct Gpu {
     backend: Arc<dyn Backend>,
     quota: Arc<Quota>,
+    /// Whether the instance may load and launch PTX kernels, which run raw device code
+    /// unchecked: only a function that asks for them (`gpu_kernels`) may.
+    kernels: bool,
+}
+
+/// A kernel argument as the guest gives it.
+pub enum Argument<'a> {
+    /// A buffer, passed as its device address.
+    Buffer(&'a Buffer),
+    /// A signed 32-bit integer.
+    I32(i32),
+    /// An unsigned 32-bit integer.
+    U32(u32),
+    /// A 32-bit float.
+    F32(f32),
+    /// An unsigned 64-bit integer.
+    U64(u64),
 }
 
 /// Bytes on the instance's device.
@@ -66,12 +83,19 @@ impl Gpu {
                 limit: quota,
                 used: AtomicU64::new(0),
             }),
+            kernels: false,
         }
+    }
+
+    /// The same GPU, with PTX kernels allowed or not.
+    pub fn with_kernels(mut self, allowed: bool) -> Self {
+        self.kernels = allowed;
+        self
     }
 
     /// The CPU backend, with at most `quota` bytes in buffers at once.
     pub fn cpu(quota: u64) -> Self {
-        Self::new(Arc::new(crate::backend::cpu::Cpu), quota)
+        Self::new(Arc::new(crate::backend::cpu::Cpu::default()), quota)
     }
 
     /// The device, with the memory this instance may hold on it.
@@ -225,5 +249,70 @@ impl Gpu {
     /// Waits for every op issued so far.
     pub fn synchronize(&self) -> Result<(), GpuError> {
         self.backend.synchronize()
+    }
+
+    /// Compiles `function` of the PTX module `ptx`, if this instance may run kernels.
+    pub fn load_kernel(&self, ptx: &str, function: &str) -> Result<Kernel, GpuError> {
+        if !self.kernels {
+            return Err(GpuError::new(
+                ErrorCode::Unavailable,
+                "this function did not ask for PTX kernels: set `gpu_kernels = true` beside                  `gpu` for it in lode.toml (kernels run raw device code, so an app must ask)",
+            ));
+        }
+        if ptx.contains('\0') || function.contains('\0') {
+            return Err(GpuError::argument(
+                "a PTX module or function name holds a NUL byte".to_string(),
+            ));
+        }
+        self.backend.load_kernel(ptx, function)
+    }
+
+    /// Runs `kernel` with `args`. The kernel is raw device code: what it reads and writes
+    /// is its own business, which is why loading one takes the capability.
+    pub fn launch(
+        &self,
+        kernel: &Kernel,
+        shape: LaunchShape,
+        args: &[Argument<'_>],
+    ) -> Result<(), GpuError> {
+        let (g, b) = (shape.grid, shape.block);
+        if [g.0, g.1, g.2, b.0, b.1, b.2].contains(&0) {
+            return Err(GpuError::argument(format!(
+                "a launch needs at least one block and one thread in each dimension (grid \
+                 {g:?}, block {b:?})"
+            )));
+        }
+        let threads = u64::from(b.0) * u64::from(b.1) * u64::from(b.2);
+        if threads > 1024 {
+            return Err(GpuError::argument(format!(
+                "a block of {threads} threads is more than the 1024 a block may have"
+            )));
+        }
+        // Each buffer locked once, however many arguments name it.
+        let mut held: Vec<(&Buffer, MutexGuard<'_, Memory>)> = Vec::new();
+        for arg in args {
+            if let Argument::Buffer(buffer) = arg
+                && !held.iter().any(|(b, _)| std::ptr::eq(*b, *buffer))
+            {
+                held.push((*buffer, buffer.lock()));
+            }
+        }
+        let passed: Vec<KernelArg<'_>> = args
+            .iter()
+            .map(|arg| match arg {
+                Argument::Buffer(buffer) => {
+                    let (_, guard) = held
+                        .iter()
+                        .find(|(b, _)| std::ptr::eq(*b, *buffer))
+                        .expect("every buffer argument is locked");
+                    KernelArg::Buffer(guard)
+                }
+                Argument::I32(v) => KernelArg::I32(*v),
+                Argument::U32(v) => KernelArg::U32(*v),
+                Argument::F32(v) => KernelArg::F32(*v),
+                Argument::U64(v) => KernelArg::U64(*v),
+            })
+            .collect();
+        self.backend.launch(kernel, shape, &passed)
     }
 }

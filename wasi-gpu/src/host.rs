@@ -5,7 +5,8 @@
 
 use wasmtime::component::{HasData, Linker, Resource, ResourceTable};
 
-use crate::context::{Buffer, Gpu};
+use crate::backend::{Kernel, LaunchShape};
+use crate::context::{Argument, Buffer, Gpu};
 use crate::tensor::{DType, ErrorCode, GpuError, Layout, Op};
 
 /// The bindings `bindgen!` makes from the WIT (documented there).
@@ -16,19 +17,13 @@ mod generated {
         world: "gpu",
         with: {
             "lode:gpu/types.buffer": crate::context::Buffer,
-            "lode:gpu/kernels.kernel": crate::host::Kernel,
+            "lode:gpu/kernels.kernel": crate::backend::Kernel,
         },
         imports: { default: trappable },
     });
 }
 
 use generated::lode::gpu::{devices, kernels, ops, types};
-
-/// A loaded PTX kernel. None can be loaded yet: the CUDA backend is not built, and the CPU
-/// backend has no kernels.
-pub struct Kernel {
-    _never: std::convert::Infallible,
-}
 
 /// What a store hands the `lode:gpu` host functions: the instance's GPU and the store's
 /// resource table.
@@ -240,26 +235,37 @@ impl ops::Host for GpuView<'_> {
 impl kernels::Host for GpuView<'_> {}
 
 impl kernels::HostKernel for GpuView<'_> {
-    fn load(&mut self, _ptx: String, _function: String) -> Answer<Resource<Kernel>> {
-        answer(Err(GpuError::new(
-            ErrorCode::Unavailable,
-            format!(
-                "PTX kernels need the CUDA backend; this instance runs on {} (declare gpu= and \
-                 ask for the gpu-kernels capability on a host with an NVIDIA GPU)",
-                self.gpu.device().backend
-            ),
-        )))
+    fn load(&mut self, ptx: String, function: String) -> Answer<Resource<Kernel>> {
+        match self.gpu.load_kernel(&ptx, &function) {
+            Ok(kernel) => Ok(Ok(self.table.push(kernel)?)),
+            Err(e) => answer(Err(e)),
+        }
     }
 
     fn launch(
         &mut self,
         kernel: Resource<Kernel>,
-        _grid: (u32, u32, u32),
-        _block: (u32, u32, u32),
-        _shared_bytes: u32,
-        _arguments: Vec<kernels::Argument>,
+        grid: (u32, u32, u32),
+        block: (u32, u32, u32),
+        shared_bytes: u32,
+        arguments: Vec<kernels::Argument>,
     ) -> Answer<()> {
-        match self.table.get(&kernel)?._never {}
+        let mut args = Vec::with_capacity(arguments.len());
+        for argument in &arguments {
+            args.push(match argument {
+                kernels::Argument::Buffer(buffer) => Argument::Buffer(self.table.get(buffer)?),
+                kernels::Argument::I32(v) => Argument::I32(*v),
+                kernels::Argument::U32(v) => Argument::U32(*v),
+                kernels::Argument::F32(v) => Argument::F32(*v),
+                kernels::Argument::U64(v) => Argument::U64(*v),
+            });
+        }
+        let shape = LaunchShape {
+            grid,
+            block,
+            shared_bytes,
+        };
+        answer(self.gpu.launch(self.table.get(&kernel)?, shape, &args))
     }
 
     fn drop(&mut self, kernel: Resource<Kernel>) -> wasmtime::Result<()> {

@@ -11,6 +11,9 @@ pub struct Gpu {
     pub model: String,
     /// Its device minor: its node is `/dev/nvidia<minor>`.
     pub minor: Option<u32>,
+    /// Its PCI address as the driver names its directory (`0000:3b:00.0`), which is how
+    /// CUDA's own device numbers, ordered differently, are matched to it.
+    pub bus_id: String,
 }
 
 /// The GPUs of this host.
@@ -23,7 +26,7 @@ pub fn inventory_in(dir: &Path) -> Vec<Gpu> {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return Vec::new();
     };
-    let mut gpus: Vec<(String, Gpu)> = entries
+    let mut gpus: Vec<Gpu> = entries
         .filter_map(Result::ok)
         .filter_map(|entry| {
             let text = std::fs::read_to_string(entry.path().join("information")).ok()?;
@@ -34,14 +37,15 @@ pub fn inventory_in(dir: &Path) -> Vec<Gpu> {
             };
             let model = field("Model:")?;
             let minor = field("Device Minor:").and_then(|m| m.parse().ok());
-            Some((
-                entry.file_name().to_string_lossy().into_owned(),
-                Gpu { model, minor },
-            ))
+            Some(Gpu {
+                model,
+                minor,
+                bus_id: entry.file_name().to_string_lossy().into_owned(),
+            })
         })
         .collect();
-    gpus.sort_by(|a, b| a.0.cmp(&b.0));
-    gpus.into_iter().map(|(_, gpu)| gpu).collect()
+    gpus.sort_by(|a, b| a.bus_id.cmp(&b.bus_id));
+    gpus
 }
 
 /// A request split into its model (`any` or a name matched within the driver's, as `H100`)
@@ -112,6 +116,7 @@ mod tests {
         assert_eq!(gpus.len(), 2);
         assert_eq!(gpus[0].model, "NVIDIA H100 80GB HBM3");
         assert_eq!((gpus[0].minor, gpus[1].minor), (Some(1), Some(2)));
+        assert_eq!(gpus[1].bus_id, "0000:02:00.0");
         assert_eq!(satisfies(&gpus, "H100"), Ok(true));
         assert_eq!(satisfies(&gpus, "h100:1"), Ok(true));
         assert_eq!(satisfies(&gpus, "H100:2"), Ok(false));

@@ -13,7 +13,7 @@ use rand::{Rng, SeedableRng};
 fn backends() -> Vec<(&'static str, Arc<dyn Backend>)> {
     #[allow(unused_mut)]
     let mut found: Vec<(&'static str, Arc<dyn Backend>)> =
-        vec![("cpu", Arc::new(lode_wasi_gpu::backend::cpu::Cpu))];
+        vec![("cpu", Arc::new(lode_wasi_gpu::backend::cpu::Cpu::default()))];
     #[cfg(feature = "cuda")]
     match lode_wasi_gpu::backend::cuda::Cuda::open(0) {
         Ok(cuda) => found.push(("cuda", Arc::new(cuda))),
@@ -389,5 +389,68 @@ fn an_output_may_be_its_own_input_which_reads_as_before_the_op() {
             .run(Op::Relu, &[(&both, &Layout::f32(&[9]))], (&both, &out))
             .unwrap_err();
         assert_eq!(err.code, ErrorCode::BadShape, "{name}: {err}");
+    }
+}
+
+/// A kernel that adds `x` to `n` floats in place, and writes its block size past them.
+#[cfg(feature = "cuda")]
+const ADD_KERNEL: &str = r#"
+extern "C" __global__ void add_x(float* data, float x, unsigned int n) {
+    unsigned int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) data[i] += x;
+    if (i == 0) data[n] = (float)blockDim.x;
+}
+"#;
+
+#[test]
+fn kernels_take_the_capability_and_run_only_where_a_backend_has_them() {
+    for (name, backend) in backends() {
+        let gpu = Gpu::new(backend.clone(), 1 << 20);
+        let refused = gpu
+            .load_kernel(".version 7.0", "f")
+            .err()
+            .expect("no capability");
+        assert_eq!(refused.code, ErrorCode::Unavailable, "{name}");
+        assert!(refused.message.contains("gpu_kernels"), "{refused}");
+        let gpu = Gpu::new(backend, 1 << 20).with_kernels(true);
+        let nul = gpu.load_kernel("a\0b", "f").err().expect("a NUL byte");
+        assert_eq!(nul.code, ErrorCode::BadArgument, "{name}: {nul}");
+        if name == "cpu" {
+            let refused = gpu.load_kernel(".version 7.0", "f").err().expect("CPU");
+            assert_eq!(refused.code, ErrorCode::Unavailable);
+            assert!(refused.message.contains("CUDA backend"), "{refused}");
+            continue;
+        }
+        #[cfg(feature = "cuda")]
+        {
+            use lode_wasi_gpu::backend::LaunchShape;
+            use lode_wasi_gpu::context::Argument;
+            let ptx = cudarc::nvrtc::compile_ptx(ADD_KERNEL).unwrap().to_src();
+            let kernel = gpu.load_kernel(&ptx, "add_x").unwrap();
+            let missing = gpu.load_kernel(&ptx, "no_such").err().expect("missing");
+            assert_eq!(missing.code, ErrorCode::KernelFailed, "{missing}");
+            let values: Vec<f32> = (0..1000).map(|i| i as f32).chain([0.0]).collect();
+            let data = gpu.from_bytes(bytemuck::cast_slice(&values)).unwrap();
+            let shape = LaunchShape {
+                grid: (4, 1, 1),
+                block: (256, 1, 1),
+                shared_bytes: 0,
+            };
+            let args = [
+                Argument::Buffer(&data),
+                Argument::F32(0.5),
+                Argument::U32(1000),
+            ];
+            gpu.launch(&kernel, shape, &args).unwrap();
+            let got = decode(&gpu.read(&data, 0, 4004).unwrap(), DType::F32);
+            assert_eq!(got[999], 999.5);
+            assert_eq!(got[1000], 256.0);
+            let too_wide = LaunchShape {
+                block: (2048, 1, 1),
+                ..shape
+            };
+            let err = gpu.launch(&kernel, too_wide, &args).unwrap_err();
+            assert_eq!(err.code, ErrorCode::BadArgument, "{err}");
+        }
     }
 }

@@ -46,6 +46,16 @@ struct ProjectFunction {
     /// Run the function's init at deploy and snapshot it (Wizer).
     #[serde(default)]
     pre_init: bool,
+    /// A GPU for lode:gpu (`"any"` or a model such as `"H100"`); without it lode:gpu
+    /// computes on the CPU backend.
+    #[serde(default)]
+    gpu: Option<String>,
+    /// Let the guest load and launch its own PTX kernels (needs `gpu`).
+    #[serde(default)]
+    gpu_kernels: bool,
+    /// MiB an instance may hold in lode:gpu buffers on its device.
+    #[serde(default)]
+    gpu_memory: Option<u64>,
 }
 
 /// `timeout = 10` (seconds) or `timeout = "1m30s"`.
@@ -241,6 +251,9 @@ fn plan_project(dir: &Path, name: Option<&str>) -> Result<Plan> {
         p.spec.secrets = f.secrets;
         p.spec.volumes = f.volumes;
         p.spec.pre_init = f.pre_init;
+        p.spec.resources.gpu = f.gpu;
+        p.spec.gpu_kernels = f.gpu_kernels;
+        p.spec.gpu_memory = f.gpu_memory;
         if let Some(mut network) = f.network {
             if !network.allow.is_empty() {
                 network.mode = NetworkMode::Outbound;

@@ -62,6 +62,11 @@ pub struct ServeArgs {
     /// own.
     #[arg(long, default_value = "/")]
     pub gpu_root: PathBuf,
+    /// What computes the GPU a Wasm function leases: `cuda`, or `cpu`, which leases the
+    /// device as usual but computes on the CPU backend, to test GPU deploys on a machine
+    /// without CUDA (never for production).
+    #[arg(long, value_enum, default_value = "cuda", value_name = "BACKEND")]
+    pub wasm_gpu_compute: crate::wasm::gpu::GpuCompute,
     /// A host directory whose contents `lode container run -v` may mount (repeatable).
     /// None by default: a host volume can reach anything the server can.
     #[arg(long = "allow-volume", value_name = "DIR")]
@@ -229,6 +234,7 @@ pub async fn run(args: ServeArgs) -> Result<()> {
         cache_size: args.cache_size,
         image_base_dir: args.image_base_dir,
         gpu_root: args.gpu_root,
+        wasm_gpu_compute: args.wasm_gpu_compute,
         container_bounds,
         limits: WasmBounds {
             default_memory: args.memory * MIB,

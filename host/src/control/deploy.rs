@@ -20,6 +20,7 @@ use crate::store::state::AppRecord;
 use crate::telemetry::metrics::Metrics;
 use crate::wasm::engine::{ComponentError, EngineClass, LoadKind};
 use crate::wasm::function::WasmFunction;
+use crate::wasm::gpu::FunctionGpu;
 use crate::wasm::http::HttpFunction;
 use crate::wasm::outbound::OutboundPolicy;
 use crate::wasm::store::{Preopen, WasmGuest};
@@ -187,6 +188,12 @@ impl Control {
     pub(super) fn check_engine_fits(&self, function: &FunctionSpec) -> Result<(), DeployError> {
         let name = &function.name;
         if let Some(gpu) = &function.resources.gpu {
+            if function.runtime == Runtime::Wasm {
+                self.functions
+                    .wasm_gpus
+                    .check(gpu)
+                    .map_err(|why| DeployError::Unsupported(format!("function {name:?}: {why}")))?;
+            }
             let gpus = &self.functions.pools.gpus;
             let fits = gpus
                 .satisfies(gpu)
@@ -196,13 +203,6 @@ impl Control {
                     "function {name:?}: gpu {gpu:?} was requested, but this host has {}; \
                      remove `gpu` to run on the CPU, or deploy to a host with that GPU",
                     gpus.describe()
-                )));
-            }
-            if function.runtime != Runtime::Python {
-                return Err(DeployError::Unsupported(format!(
-                    "function {name:?}: this host has the gpu {gpu:?} asks for, but Wasm \
-                     functions are not given GPUs yet; remove `gpu` and lode:gpu runs on its CPU \
-                     backend, with the same results"
                 )));
             }
         }
@@ -343,6 +343,21 @@ impl Control {
             let component = self
                 .load_component(&class, &app, &function.name, &digest, progress)
                 .await?;
+            // One per function, so its HTTP route and its calls by name share a device.
+            let gpu = function.resources.gpu.as_ref().map(|request| {
+                let labels = crate::telemetry::metrics::FunctionLabels {
+                    app: app.to_string(),
+                    function: function.name.clone(),
+                    engine: "wasm",
+                };
+                FunctionGpu::new(
+                    self.functions.wasm_gpus.clone(),
+                    request.clone(),
+                    function.gpu_memory.map(|mib| mib * MIB),
+                    function.gpu_kernels,
+                    self.metrics.gpus.get_or_create(&labels).clone(),
+                )
+            });
             let guest = || WasmGuest {
                 app: app.clone(),
                 name: function.name.clone(),
@@ -351,6 +366,7 @@ impl Control {
                 fuel: manifest.limits.fuel,
                 memory,
                 outbound: OutboundPolicy::new(&function.network.allow, self.protected.clone()),
+                gpu: gpu.clone(),
             };
             // A component exporting lode:function takes calls by name; one that serves HTTP
             // needs a route. Either is enough, both are fine.
@@ -423,6 +439,8 @@ impl Control {
             fuel: None,
             memory,
             outbound: OutboundPolicy::new(&[], self.protected.clone()),
+            // The init computes lode:gpu on the CPU: a snapshot cannot hold device memory.
+            gpu: None,
         };
         let (runtime, blobs, logs) = (
             tokio::runtime::Handle::current(),

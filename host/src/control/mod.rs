@@ -98,6 +98,8 @@ impl Drop for LiveApp {
 pub struct Functions {
     /// Shared by every pool.
     pub pools: Arc<PoolContext>,
+    /// The host's GPUs as Wasm functions that declare `gpu` get them.
+    pub wasm_gpus: Arc<crate::wasm::gpu::WasmGpus>,
     /// Secrets, for their environments.
     pub secrets: Arc<Secrets>,
     /// Named volumes, one directory each.

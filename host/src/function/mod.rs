@@ -5,6 +5,8 @@
 //! hold a `Weak<dyn Dispatch>`, so neither engine names the control plane, and a call from
 //! either goes through the same router.
 
+pub mod gpus;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;

@@ -1,22 +1,18 @@
-//! GPUs for Python functions: a host-wide allocator that hands out whole devices from the
-//! driver's inventory, and what a container of a function with `gpu=` gets, as
+//! What the container of a Python function with `gpu=` gets from its lease, as
 //! nvidia-container-toolkit gives it: exactly its devices' nodes (`/dev/nvidiaN`, plus
 //! `nvidiactl`, `nvidia-uvm`, `nvidia-uvm-tools` and `nvidia-modeset` where the host has
 //! them) in its `/dev` and its device allow-list, the driver's user-space libraries and
 //! `nvidia-smi` bound read-only from the host, and `NVIDIA_VISIBLE_DEVICES` (the host's
 //! device numbers) and `CUDA_VISIBLE_DEVICES` (the container's own, from 0).
 //!
-//! Everything is read under a root (`lode serve --gpu-root`, `/` by default): the driver's
-//! listing in `proc/driver/nvidia/gpus`, the nodes in `dev`, the libraries in
+//! Everything is read under the allocator's root: the nodes in `dev`, the libraries in
 //! `usr/lib/x86_64-linux-gnu` and `usr/bin/nvidia-smi`. Tests point it at a root of their
 //! own with nodes they made, which is how a machine without a GPU checks the wiring.
 
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
-
 use lode_native_runner::cgroup::devices::DeviceGrant;
 use lode_native_runner::sandbox::Volume;
-use lode_wasi_gpu::inventory::{self, Gpu};
+
+use crate::function::gpus::GpuLease;
 
 /// The nodes every GPU container gets besides its own `nvidiaN`, where the host has them.
 const CONTROL_NODES: [&str; 4] = [
@@ -38,114 +34,22 @@ const DRIVER_LIBRARIES: [&str; 6] = [
     "libnvidia-gpucomp.so",
 ];
 
-/// The host's GPUs and which are in use.
-pub struct GpuAllocator {
-    root: PathBuf,
-    gpus: Vec<Gpu>,
-    busy: Mutex<Vec<bool>>,
-    freed: tokio::sync::Notify,
-}
-
-/// Devices held by one container; dropped, they are free again.
-pub struct GpuLease {
-    allocator: Arc<GpuAllocator>,
-    held: Vec<usize>,
-}
-
-impl Drop for GpuLease {
-    fn drop(&mut self) {
-        let mut busy = self.allocator.busy.lock().unwrap();
-        for &i in &self.held {
-            busy[i] = false;
-        }
-        drop(busy);
-        self.allocator.freed.notify_waiters();
-    }
-}
-
-impl GpuAllocator {
-    /// The GPUs the driver lists under `root`.
-    pub fn open(root: &Path) -> Arc<Self> {
-        let gpus = inventory::inventory_in(&root.join("proc/driver/nvidia/gpus"));
-        Arc::new(Self {
-            root: root.to_path_buf(),
-            busy: Mutex::new(vec![false; gpus.len()]),
-            gpus,
-            freed: tokio::sync::Notify::new(),
-        })
-    }
-
-    /// The GPUs, for messages.
-    pub fn describe(&self) -> String {
-        inventory::describe(&self.gpus)
-    }
-
-    /// Whether the host has what `request` asks for (busy or not); an unreadable request is
-    /// an error naming it.
-    pub fn satisfies(&self, request: &str) -> Result<bool, String> {
-        inventory::satisfies(&self.gpus, request)
-    }
-
-    /// Devices in use now.
-    pub fn in_use(&self) -> usize {
-        self.busy.lock().unwrap().iter().filter(|b| **b).count()
-    }
-
-    /// Devices for `request` if enough are free now.
-    pub fn try_acquire(self: &Arc<Self>, request: &str) -> Result<Option<GpuLease>, String> {
-        let (model, count) = inventory::parse_request(request)?;
-        let mut busy = self.busy.lock().unwrap();
-        let free: Vec<usize> = (0..self.gpus.len())
-            .filter(|&i| !busy[i] && inventory::matches(&self.gpus[i], model))
-            .take(count)
-            .collect();
-        if free.len() < count {
-            return Ok(None);
-        }
-        for &i in &free {
-            busy[i] = true;
-        }
-        Ok(Some(GpuLease {
-            allocator: self.clone(),
-            held: free,
-        }))
-    }
-
-    /// Devices for `request`, waiting until enough are free (another container stops).
-    pub async fn acquire(self: &Arc<Self>, request: &str) -> Result<GpuLease, String> {
-        if !self.satisfies(request)? {
-            return Err(format!(
-                "gpu {request:?} was requested, but this host has {}",
-                self.describe()
-            ));
-        }
-        loop {
-            let freed = self.freed.notified();
-            if let Some(lease) = self.try_acquire(request)? {
-                return Ok(lease);
-            }
-            freed.await;
-        }
-    }
-}
-
-impl GpuLease {
-    /// How many GPUs it holds.
-    pub fn count(&self) -> usize {
-        self.held.len()
-    }
-
-    /// The GPUs held, in order.
-    fn held(&self) -> impl Iterator<Item = &Gpu> {
-        self.held.iter().map(|&i| &self.allocator.gpus[i])
-    }
-
+/// A lease as a container's devices, variables and driver files.
+pub trait ContainerGpus {
     /// The device nodes the container gets: each GPU's own, then the control nodes the host
     /// has. A GPU whose node is missing is an error naming it.
-    pub fn devices(&self) -> Result<Vec<DeviceGrant>, String> {
-        let dev = self.allocator.root.join("dev");
+    fn devices(&self) -> Result<Vec<DeviceGrant>, String>;
+    /// The variables that say which GPUs the container has.
+    fn env(&self) -> Vec<(String, String)>;
+    /// The driver's libraries and `nvidia-smi`, read-only at the paths they have on the host.
+    fn volumes(&self) -> Vec<Volume>;
+}
+
+impl ContainerGpus for GpuLease {
+    fn devices(&self) -> Result<Vec<DeviceGrant>, String> {
+        let dev = self.root().join("dev");
         let mut grants = Vec::new();
-        for gpu in self.held() {
+        for gpu in self.gpus() {
             let minor = gpu
                 .minor
                 .ok_or_else(|| format!("the driver lists {} without a device minor", gpu.model))?;
@@ -163,23 +67,21 @@ impl GpuLease {
         Ok(grants)
     }
 
-    /// The variables that say which GPUs the container has.
-    pub fn env(&self) -> Vec<(String, String)> {
+    fn env(&self) -> Vec<(String, String)> {
         let host: Vec<String> = self
-            .held()
+            .gpus()
             .filter_map(|gpu| gpu.minor)
             .map(|m| m.to_string())
             .collect();
-        let own: Vec<String> = (0..self.held.len()).map(|i| i.to_string()).collect();
+        let own: Vec<String> = (0..self.count()).map(|i| i.to_string()).collect();
         vec![
             ("NVIDIA_VISIBLE_DEVICES".into(), host.join(",")),
             ("CUDA_VISIBLE_DEVICES".into(), own.join(",")),
         ]
     }
 
-    /// The driver's libraries and `nvidia-smi`, read-only at the paths they have on the host.
-    pub fn volumes(&self) -> Vec<Volume> {
-        let root = &self.allocator.root;
+    fn volumes(&self) -> Vec<Volume> {
+        let root = self.root();
         let lib = "usr/lib/x86_64-linux-gnu";
         let mut files: Vec<String> = std::fs::read_dir(root.join(lib))
             .map(|entries| {

@@ -170,6 +170,14 @@ pub struct FunctionSpec {
     /// with its start-up work done.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub pre_init: bool,
+    /// Wasm with `gpu`: the guest may load and launch its own PTX kernels, raw device code
+    /// that Lode cannot check, so an app must ask.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub gpu_kernels: bool,
+    /// Wasm with `gpu`: MiB an instance may hold in `lode:gpu` buffers (the device's memory
+    /// without it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpu_memory: Option<u64>,
 }
 
 /// A class handle's own options (`Cls.with_options`, `with_concurrency`), sent with each call
@@ -666,6 +674,20 @@ impl FunctionSpec {
                 }
             },
         }
+        let has_gpu = self.resources.gpu.is_some();
+        if (self.gpu_kernels || self.gpu_memory.is_some())
+            && (self.runtime != Runtime::Wasm || !has_gpu)
+        {
+            problems.push(format!(
+                "function {name:?}: gpu_kernels and gpu_memory are for Wasm functions that \
+                 declare `gpu` (a Python function's container gets its whole devices)"
+            ));
+        }
+        if self.gpu_memory == Some(0) {
+            problems.push(format!(
+                "function {name:?}: gpu_memory must be at least 1 MiB"
+            ));
+        }
         if self.pre_init && self.runtime != Runtime::Wasm {
             problems.push(format!(
                 "function {name:?}: pre_init is for Wasm functions (lode:function components)"
@@ -792,6 +814,8 @@ impl FunctionSpec {
             network: Network::default(),
             retries: None,
             pre_init: false,
+            gpu_kernels: false,
+            gpu_memory: None,
         }
     }
 

@@ -47,6 +47,8 @@ pub struct ServeOptions {
     pub image_base_dir: Option<PathBuf>,
     /// Where the NVIDIA driver's files are read from (`/` but in tests).
     pub gpu_root: PathBuf,
+    /// What computes a Wasm function's leased GPU (CUDA but in tests).
+    pub wasm_gpu_compute: crate::wasm::gpu::GpuCompute,
     /// Bounds on what one container may ask for.
     pub container_bounds: crate::native::ContainerBounds,
     /// Limits.
@@ -220,6 +222,7 @@ pub async fn serve(options: ServeOptions) -> Result<()> {
         },
     );
     let logs = LogStore::new(options.log_lines);
+    let gpus = crate::function::gpus::GpuAllocator::open(&options.gpu_root);
     let functions = crate::control::Functions {
         pools: Arc::new(crate::native::pool::PoolContext {
             native: native.clone(),
@@ -229,8 +232,9 @@ pub async fn serve(options: ServeOptions) -> Result<()> {
             start_timeout: options.container_start_timeout,
             started: std::sync::Mutex::new(Vec::new()),
             container_api: std::sync::OnceLock::new(),
-            gpus: crate::native::gpus::GpuAllocator::open(&options.gpu_root),
+            gpus: gpus.clone(),
         }),
+        wasm_gpus: crate::wasm::gpu::WasmGpus::new(gpus, options.wasm_gpu_compute),
         secrets,
         volumes_dir: options.data_dir.join("volumes"),
         apps_dir: {

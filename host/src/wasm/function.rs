@@ -192,9 +192,12 @@ pub async fn run(
     let guest = &function.guest;
     let request_id: Arc<str> = Arc::from(format!("{}-{:08x}", guest.name, rand::random::<u32>()));
     let deadline = Instant::now() + guest.timeout;
-    let mut store = match guest.store(logs, request_id, &function.preopens, deadline) {
+    let mut store = match guest
+        .store(logs, request_id, &function.preopens, deadline)
+        .await
+    {
         Ok(store) => store,
-        Err(why) => return Outcome::failed(ErrorInfo::lode("volume_failed", why)),
+        Err(why) => return Outcome::failed(ErrorInfo::lode(why.kind(), why.to_string())),
     };
     store.data_mut().calls = Some(CallContext {
         dispatch,

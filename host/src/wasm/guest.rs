@@ -26,6 +26,9 @@ pub struct GuestState {
     pub(crate) calls: Option<CallContext>,
     /// The `lode:gpu` device, made at the first call to it; its buffers live in `table`.
     gpu: Option<lode_wasi_gpu::Gpu>,
+    /// The leased device of a function that declares `gpu`, held while this store lives;
+    /// without one, `lode:gpu` computes on the CPU backend.
+    pub(crate) held_gpu: Option<Arc<crate::wasm::gpu::HeldGpu>>,
     /// Bytes the guest may hold in `lode:gpu` buffers.
     gpu_memory: u64,
 }
@@ -44,19 +47,22 @@ impl GuestState {
             outbound,
             calls: None,
             gpu: None,
+            held_gpu: None,
             // Buffers are the guest's memory too: the same limit again, on the device.
             gpu_memory: memory_limit,
         }
     }
 
-    /// `lode:gpu` as the host functions see it. A function that declares no GPU gets the
-    /// CPU backend, which gives the same results (the conformance suite holds them to it).
+    /// `lode:gpu` as the host functions see it: the leased device of a function that
+    /// declares `gpu`; for one that declares none, the CPU backend, which gives the same
+    /// results (the conformance suite holds them to it).
     pub fn gpu_view(&mut self) -> lode_wasi_gpu::host::GpuView<'_> {
-        let quota = self.gpu_memory;
+        let (quota, held) = (self.gpu_memory, &self.held_gpu);
         lode_wasi_gpu::host::GpuView {
-            gpu: self
-                .gpu
-                .get_or_insert_with(|| lode_wasi_gpu::Gpu::cpu(quota)),
+            gpu: self.gpu.get_or_insert_with(|| match held {
+                Some(held) => held.instance_gpu(),
+                None => lode_wasi_gpu::Gpu::cpu(quota),
+            }),
             table: &mut self.table,
         }
     }

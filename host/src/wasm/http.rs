@@ -23,7 +23,7 @@ use crate::proto::log::Stream;
 use crate::telemetry::logs::LogStore;
 use crate::telemetry::metrics::{ErrorLabels, Metrics};
 use crate::wasm::guest::GuestState;
-use crate::wasm::store::WasmGuest;
+use crate::wasm::store::{StoreError, WasmGuest};
 use crate::wasm::trap::{Stop, classify, describe};
 
 /// Body of every public response.
@@ -155,9 +155,24 @@ pub async fn run(
     let deadline = Instant::now() + guest.timeout;
     let request_id: Arc<str> = Arc::from(id);
     let instantiate_started = Instant::now();
-    let mut store = match guest.store(logs, request_id.clone(), &[], deadline) {
+    let mut store = match guest.store(logs, request_id.clone(), &[], deadline).await {
         Ok(store) => store,
-        Err(why) => return error_response(StatusCode::INTERNAL_SERVER_ERROR, "internal", &why, id),
+        Err(why @ StoreError::Gpu(_)) => {
+            return error_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                why.kind(),
+                &why.to_string(),
+                id,
+            );
+        }
+        Err(why) => {
+            return error_response(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                &why.to_string(),
+                id,
+            );
+        }
     };
     let (sender, receiver) = tokio::sync::oneshot::channel();
     let prepared = (|| -> wasmtime::Result<_> {

@@ -6,6 +6,7 @@ pub mod bindings;
 pub mod command;
 pub mod engine;
 pub mod function;
+pub mod gpu;
 pub mod guest;
 pub mod http;
 pub mod outbound;

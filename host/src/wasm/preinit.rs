@@ -56,7 +56,8 @@ async fn run(guest: &WasmGuest, logs: &Arc<LogStore>, wasm: &[u8]) -> Result<Vec
     let request_id = Arc::from(format!("{}-init", guest.name));
     let mut store = guest
         .store(logs, request_id, &[], deadline)
-        .map_err(|e| anyhow!(e))?;
+        .await
+        .map_err(|e| anyhow!("{e}"))?;
     let init = async {
         let instance = pre
             .instantiate_async(&mut store)

@@ -16,6 +16,7 @@ use wasmtime_wasi::p2::{OutputStream, Pollable, StreamError, StreamResult};
 use crate::proto::log::Stream;
 use crate::telemetry::logs::{LogStore, RequestOutput};
 use crate::wasm::engine::EngineClass;
+use crate::wasm::gpu::FunctionGpu;
 use crate::wasm::guest::GuestState;
 use crate::wasm::outbound::OutboundPolicy;
 
@@ -36,6 +37,35 @@ pub struct WasmGuest {
     pub memory: u64,
     /// Outbound HTTP rules.
     pub outbound: OutboundPolicy,
+    /// The GPU it declared (`gpu`); `None` computes `lode:gpu` on the CPU backend.
+    pub gpu: Option<Arc<FunctionGpu>>,
+}
+
+/// Why a run's store could not be made.
+#[derive(Debug)]
+pub enum StoreError {
+    /// A preopened directory could not be opened.
+    Volume(String),
+    /// The function's GPU could not be had by the deadline, or opened.
+    Gpu(String),
+}
+
+impl StoreError {
+    /// The error's kind, as a call's outcome names it.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            StoreError::Volume(_) => "volume_failed",
+            StoreError::Gpu(_) => "no_gpu",
+        }
+    }
+}
+
+impl std::fmt::Display for StoreError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StoreError::Volume(why) | StoreError::Gpu(why) => f.write_str(why),
+        }
+    }
 }
 
 /// A directory a guest sees: the host directory, where the guest finds it, and whether it is
@@ -52,15 +82,20 @@ pub struct Preopen {
 
 impl WasmGuest {
     /// The store for one run, `request_id` naming its output in the app's log, with
-    /// `preopens` as its only files, its memory limit, fuel and a deadline `timeout` from now.
-    /// Fails only when a preopened directory cannot be opened; the error says which.
-    pub fn store(
+    /// `preopens` as its only files, its memory limit, fuel, its GPU if it declared one, and
+    /// `deadline`. Fails when a preopened directory cannot be opened, or the GPU cannot be
+    /// had by the deadline; the error says which.
+    pub async fn store(
         &self,
         logs: &Arc<LogStore>,
         request_id: Arc<str>,
         preopens: &[Preopen],
         deadline: Instant,
-    ) -> Result<Store<GuestState>, String> {
+    ) -> Result<Store<GuestState>, StoreError> {
+        let held_gpu = match &self.gpu {
+            Some(gpu) => Some(gpu.hold(deadline).await.map_err(StoreError::Gpu)?),
+            None => None,
+        };
         let mut wasi = guest_wasi(logs, self.app.clone(), request_id);
         for preopen in preopens {
             let perms = if preopen.read_only {
@@ -69,14 +104,15 @@ impl WasmGuest {
                 wasmtime_wasi::FsPerms::ReadWrite
             };
             if let Err(e) = wasi.preopened_dir(&preopen.host, &preopen.guest, perms) {
-                return Err(format!(
+                return Err(StoreError::Volume(format!(
                     "opening volume {} for {}: {e}",
                     preopen.host.display(),
                     preopen.guest
-                ));
+                )));
             }
         }
-        let state = GuestState::new(wasi.build(), self.memory, self.outbound.clone());
+        let mut state = GuestState::new(wasi.build(), self.memory, self.outbound.clone());
+        state.held_gpu = held_gpu;
         Ok(self.engine.new_store(state, deadline, self.fuel))
     }
 }

@@ -140,7 +140,7 @@ pub mod gpu {
     }
 
     pub use bindings::lode::gpu::types::{Buffer, Device, Dtype, Error, ErrorCode, Tensor};
-    pub use bindings::lode::gpu::{devices, ops};
+    pub use bindings::lode::gpu::{devices, kernels, ops};
 
     /// A buffer holding `values` as f32.
     pub fn upload(values: &[f32]) -> Result<Buffer, Error> {

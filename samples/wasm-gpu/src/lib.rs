@@ -14,6 +14,13 @@
 //! once, then the forward pass's mean time over R runs. With `{"kwargs": {"matmul": N, "on": "gpu"|"loop", "repeat": R}}`
 //! it times an N x N f32 matmul instead, through `lode:gpu` or as a plain loop in the guest.
 //! `lode bench gpu` uses both.
+//!
+//! Two more show how a device is shared and what kernels need:
+//! `{"kwargs": {"busy": S}}` keeps the device busy with small matmuls for S seconds (at most
+//! 60) and answers how many ran; `{"kwargs": {"ptx": TEXT, "entry": NAME, "n": N}}` loads a
+//! PTX kernel (the function needs `gpu_kernels = true`), launches it on N zeroed f32 and the
+//! count N, and answers the values (a CUDA device only); `{"kwargs": {"upload": MIB}}` writes
+//! MIB MiB into a buffer from guest memory, 64 MiB at a time, and answers the seconds it took.
 
 use lode_guest::gpu::{self, Buffer};
 use lode_guest::{Error, Map, Value, error, json};
@@ -235,8 +242,88 @@ fn time_matmul(n: u32, on: &str, repeat: u32) -> Result<Value, Error> {
     Ok(json!({"seconds": seconds, "checksum": checksum, "device": gpu::devices::current().name}))
 }
 
+/// Small matmuls on the device until `seconds` have passed.
+fn keep_busy(seconds: f64) -> Result<Value, Error> {
+    let values = vec![1.0f32; 64 * 64];
+    let (a, out) = (
+        gpu::upload(&values).map_err(gpu_err("upload"))?,
+        Buffer::create(64 * 64 * 4).map_err(gpu_err("allocating"))?,
+    );
+    let started = std::time::Instant::now();
+    let mut matmuls = 0u64;
+    while started.elapsed().as_secs_f64() < seconds {
+        let t = gpu::f32(&a, &[64, 64]);
+        gpu::ops::matmul(&t, &t, &gpu::f32(&out, &[64, 64]), false, false)
+            .map_err(gpu_err("matmul"))?;
+        matmuls += 1;
+    }
+    gpu::devices::synchronize().map_err(gpu_err("synchronize"))?;
+    Ok(json!({"matmuls": matmuls, "device": gpu::devices::current().name}))
+}
+
+/// `entry` of the PTX module `ptx`, run over `n` zeroed floats with `n` as its second
+/// argument, one thread per value.
+fn run_ptx(ptx: &str, entry: &str, n: u32) -> Result<Value, Error> {
+    use gpu::kernels::{Argument, Kernel};
+    let kernel = Kernel::load(ptx, entry).map_err(gpu_err("loading the kernel"))?;
+    let data = Buffer::create(u64::from(n) * 4).map_err(gpu_err("allocating"))?;
+    kernel
+        .launch(
+            (n.div_ceil(256), 1, 1),
+            (256, 1, 1),
+            0,
+            &[Argument::Buffer(&data), Argument::U32(n)],
+        )
+        .map_err(gpu_err("launching the kernel"))?;
+    Ok(json!(gpu::download(&data).map_err(gpu_err("download"))?))
+}
+
+/// `mib` MiB written into a new buffer from guest memory, 64 MiB (or less) at a time; the
+/// seconds the writes took, synchronized.
+fn time_upload(mib: u64) -> Result<Value, Error> {
+    let total = mib << 20;
+    let chunk: Vec<u8> = (0..total.min(64 << 20)).map(|i| i as u8).collect();
+    let buffer = Buffer::create(total).map_err(gpu_err("allocating"))?;
+    let started = std::time::Instant::now();
+    let mut at = 0;
+    while at < total {
+        let len = chunk.len().min((total - at) as usize);
+        buffer
+            .write(at, &chunk[..len])
+            .map_err(gpu_err("writing"))?;
+        at += len as u64;
+    }
+    gpu::devices::synchronize().map_err(gpu_err("synchronize"))?;
+    let seconds = started.elapsed().as_secs_f64();
+    Ok(json!({"seconds": seconds, "bytes": total, "device": gpu::devices::current().name}))
+}
+
 impl lode_guest::Function for Mlp {
     fn call(args: Vec<Value>, kwargs: Map<String, Value>) -> Result<Value, Error> {
+        if let Some(mib) = kwargs.get("upload") {
+            let mib = mib
+                .as_u64()
+                .filter(|&m| m > 0 && m <= 16 << 10)
+                .ok_or_else(|| bad("upload must be MiB from 1 to 16384"))?;
+            return time_upload(mib);
+        }
+        if let Some(seconds) = kwargs.get("busy") {
+            let seconds = seconds
+                .as_f64()
+                .filter(|s| (0.0..=60.0).contains(s))
+                .ok_or_else(|| bad("busy must be seconds from 0 to 60"))?;
+            return keep_busy(seconds);
+        }
+        if let Some(ptx) = kwargs.get("ptx").and_then(Value::as_str) {
+            let entry = kwargs.get("entry").and_then(Value::as_str).unwrap_or("main");
+            let n = kwargs
+                .get("n")
+                .and_then(Value::as_u64)
+                .and_then(|n| u32::try_from(n).ok())
+                .filter(|&n| n > 0 && n <= 1 << 20)
+                .ok_or_else(|| bad("n must be a count from 1 to 1048576"))?;
+            return run_ptx(ptx, entry, n);
+        }
         if let Some(n) = kwargs.get("matmul") {
             let n = n
                 .as_u64()

@@ -31,8 +31,27 @@ impl CpuMemory {
 }
 
 /// The CPU backend.
-#[derive(Debug, Default)]
-pub struct Cpu;
+#[derive(Debug)]
+pub struct Cpu {
+    name: String,
+}
+
+impl Default for Cpu {
+    fn default() -> Self {
+        Self { name: "cpu".into() }
+    }
+}
+
+impl Cpu {
+    /// The CPU, computing the work of a GPU the host leased but cannot drive (no CUDA), so
+    /// the lease and everything around it can be tested on any machine; its device name says
+    /// so.
+    pub fn standing_in_for(model: &str) -> Self {
+        Self {
+            name: format!("cpu (standing in for {model})"),
+        }
+    }
+}
 
 fn cpu(memory: &Memory) -> Result<&CpuMemory, GpuError> {
     match memory {
@@ -105,7 +124,7 @@ fn store(memory: &mut CpuMemory, layout: &Layout, values: &[f32]) {
 impl Backend for Cpu {
     fn device(&self) -> Device {
         Device {
-            name: "cpu".into(),
+            name: self.name.clone(),
             backend: "cpu",
             memory_bytes: host_memory(),
             dtypes: vec![DType::F32, DType::F16, DType::Bf16],

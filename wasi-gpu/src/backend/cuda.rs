@@ -11,10 +11,11 @@ use std::sync::Arc;
 use cudarc::cublas::sys::cublasOperation_t;
 use cudarc::cublas::{CudaBlas, Gemm, GemmConfig};
 use cudarc::driver::{
-    CudaContext, CudaFunction, CudaSlice, CudaStream, CudaView, LaunchConfig, PushKernelArg,
+    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, CudaView, LaunchConfig,
+    PushKernelArg,
 };
 
-use super::{Backend, Device, Memory, Operand, foreign};
+use super::{Backend, Device, Kernel, KernelArg, LaunchShape, Memory, Operand, foreign};
 use crate::tensor::{DType, ErrorCode, GpuError, Layout, Op, Shape};
 
 /// Device memory.
@@ -93,6 +94,8 @@ pub struct Cuda {
     stream: Arc<CudaStream>,
     blas: CudaBlas,
     kernels: Kernels,
+    /// Set when a guest's kernel faulted, which poisons a CUDA context for good.
+    broken: std::sync::atomic::AtomicBool,
 }
 
 fn unavailable(what: impl std::fmt::Display) -> String {
@@ -103,23 +106,63 @@ fn failed(e: impl std::fmt::Debug) -> GpuError {
     GpuError::new(ErrorCode::KernelFailed, format!("CUDA: {e:?}"))
 }
 
+/// Whether the CUDA libraries this backend loads are on this host: the driver, cuBLAS and
+/// NVRTC. Safe to call anywhere; nothing else in cudarc is touched before it says yes.
+pub fn probe() -> Result<(), String> {
+    // SAFETY: these only try to load the libraries.
+    let present = unsafe {
+        (
+            cudarc::driver::sys::is_culib_present(),
+            cudarc::cublas::sys::is_culib_present(),
+            cudarc::nvrtc::sys::is_culib_present(),
+        )
+    };
+    match present {
+        (false, _, _) => Err(unavailable("no CUDA driver (libcuda.so) on this host")),
+        (_, false, _) => Err(unavailable("no cuBLAS (libcublas.so) on this host")),
+        (_, _, false) => Err(unavailable("no NVRTC (libnvrtc.so) on this host")),
+        _ => Ok(()),
+    }
+}
+
+/// A kernel loaded from a guest's PTX: the module stays loaded while it lives.
+pub struct CudaKernel {
+    function: CudaFunction,
+    _module: Arc<CudaModule>,
+}
+
 impl Cuda {
-    /// Device `ordinal`, or why it cannot be used here.
-    pub fn open(ordinal: usize) -> Result<Self, String> {
-        // SAFETY: these only try to load the libraries.
-        let present = unsafe {
-            (
-                cudarc::driver::sys::is_culib_present(),
-                cudarc::cublas::sys::is_culib_present(),
-                cudarc::nvrtc::sys::is_culib_present(),
-            )
-        };
-        match present {
-            (false, _, _) => return Err(unavailable("no CUDA driver (libcuda.so) on this host")),
-            (_, false, _) => return Err(unavailable("no cuBLAS (libcublas.so) on this host")),
-            (_, _, false) => return Err(unavailable("no NVRTC (libnvrtc.so) on this host")),
-            _ => {}
+    /// The device at PCI address `bus_id` (`0000:3b:00.0`, as the driver's listing names
+    /// it): CUDA numbers its devices in an order of its own, so the address is what ties
+    /// the device the allocator leased to CUDA's.
+    pub fn open_bus(bus_id: &str) -> Result<Self, String> {
+        probe()?;
+        let count = CudaContext::device_count().map_err(unavailable)?;
+        for ordinal in 0..count.max(0) {
+            let device = cudarc::driver::result::device::get(ordinal).map_err(unavailable)?;
+            let mut name = [0 as std::ffi::c_char; 32];
+            // SAFETY: a buffer of the length passed; the driver writes a NUL-terminated id.
+            let got =
+                unsafe { cudarc::driver::sys::cuDeviceGetPCIBusId(name.as_mut_ptr(), 32, device) };
+            if got != cudarc::driver::sys::CUresult::CUDA_SUCCESS {
+                return Err(unavailable(format!(
+                    "the PCI address of device {ordinal}: {got:?}"
+                )));
+            }
+            // SAFETY: NUL-terminated within the buffer, as above.
+            let id = unsafe { std::ffi::CStr::from_ptr(name.as_ptr()) }.to_string_lossy();
+            if id.eq_ignore_ascii_case(bus_id) {
+                return Self::open(ordinal as usize);
+            }
         }
+        Err(unavailable(format!(
+            "CUDA lists no device at PCI address {bus_id} ({count} device(s) seen)"
+        )))
+    }
+
+    /// Device `ordinal` in CUDA's numbering, or why it cannot be used here.
+    pub fn open(ordinal: usize) -> Result<Self, String> {
+        probe()?;
         let count = CudaContext::device_count().map_err(unavailable)?;
         if ordinal >= count.max(0) as usize {
             return Err(unavailable(format!(
@@ -147,7 +190,26 @@ impl Cuda {
             stream,
             blas,
             kernels,
+            broken: Default::default(),
         })
+    }
+}
+
+impl Cuda {
+    /// The seconds a copy of `bytes` from pinned host memory into device memory takes: the
+    /// baseline `lode bench gpu` holds a buffer upload to.
+    pub fn time_pinned_upload(&self, bytes: usize) -> Result<std::time::Duration, GpuError> {
+        // SAFETY: the pinned memory is written in full before it is read.
+        let mut pinned = unsafe { self.ctx.alloc_pinned::<u8>(bytes) }.map_err(failed)?;
+        pinned.as_mut_slice().map_err(failed)?.fill(7);
+        let mut device = self.stream.alloc_zeros::<u8>(bytes).map_err(failed)?;
+        self.stream.synchronize().map_err(failed)?;
+        let started = std::time::Instant::now();
+        self.stream
+            .memcpy_htod(&pinned, &mut device)
+            .map_err(failed)?;
+        self.stream.synchronize().map_err(failed)?;
+        Ok(started.elapsed())
     }
 }
 
@@ -353,5 +415,81 @@ impl Backend for Cuda {
 
     fn synchronize(&self) -> Result<(), GpuError> {
         self.stream.synchronize().map_err(failed)
+    }
+
+    fn load_kernel(&self, ptx: &str, function: &str) -> Result<Kernel, GpuError> {
+        let compile = |e: &dyn std::fmt::Debug| {
+            GpuError::new(
+                ErrorCode::KernelFailed,
+                format!("loading {function:?} from the PTX: {e:?}"),
+            )
+        };
+        let module = self
+            .ctx
+            .load_module(cudarc::nvrtc::Ptx::from_src(ptx))
+            .map_err(|e| compile(&e))?;
+        let loaded = module.load_function(function).map_err(|e| compile(&e))?;
+        Ok(Kernel::Cuda(CudaKernel {
+            function: loaded,
+            _module: module,
+        }))
+    }
+
+    fn launch(
+        &self,
+        kernel: &Kernel,
+        shape: LaunchShape,
+        args: &[KernelArg<'_>],
+    ) -> Result<(), GpuError> {
+        let Kernel::Cuda(kernel) = kernel;
+        let mut slices = Vec::new();
+        for arg in args {
+            if let KernelArg::Buffer(memory) = arg {
+                slices.push(&cuda(memory)?.slice);
+            }
+        }
+        let mut launch = self.stream.launch_builder(&kernel.function);
+        let mut next_slice = slices.iter();
+        for arg in args {
+            match arg {
+                KernelArg::Buffer(_) => {
+                    launch.arg(*next_slice.next().expect("one slice per buffer argument"));
+                }
+                KernelArg::I32(v) => {
+                    launch.arg(v);
+                }
+                KernelArg::U32(v) => {
+                    launch.arg(v);
+                }
+                KernelArg::F32(v) => {
+                    launch.arg(v);
+                }
+                KernelArg::U64(v) => {
+                    launch.arg(v);
+                }
+            }
+        }
+        let config = LaunchConfig {
+            grid_dim: shape.grid,
+            block_dim: shape.block,
+            shared_mem_bytes: shape.shared_bytes,
+        };
+        // SAFETY: none that Rust can give: the kernel is the guest's own device code, which
+        // is why an app must ask for kernels. The driver checks the argument count against
+        // the kernel's, and a fault is reported at the next synchronize, as a kernel failure.
+        let ran = unsafe { launch.launch(config) }
+            .map(|_| ())
+            .and_then(|()| self.stream.synchronize());
+        // A kernel's faults surface here rather than in a later, innocent op; they leave the
+        // context unusable, so the backend says it is broken and its holder opens another.
+        ran.map_err(|e| {
+            self.broken
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+            failed(e)
+        })
+    }
+
+    fn broken(&self) -> bool {
+        self.broken.load(std::sync::atomic::Ordering::Relaxed)
     }
 }

@@ -7,7 +7,7 @@ pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 
-use crate::tensor::{DType, GpuError, Layout, Op, Shape};
+use crate::tensor::{DType, ErrorCode, GpuError, Layout, Op, Shape};
 
 /// A device a backend computes on.
 #[derive(Debug, Clone, PartialEq)]
@@ -42,6 +42,39 @@ impl Memory {
     }
 }
 
+/// A kernel a backend compiled from PTX. Only the CUDA backend has them; without it this
+/// type has no values.
+pub enum Kernel {
+    /// A CUDA module's entry point.
+    #[cfg(feature = "cuda")]
+    Cuda(cuda::CudaKernel),
+}
+
+/// A kernel argument, passed by value; a buffer is passed as its device address.
+pub enum KernelArg<'a> {
+    /// A buffer's memory.
+    Buffer(&'a Memory),
+    /// A signed 32-bit integer.
+    I32(i32),
+    /// An unsigned 32-bit integer.
+    U32(u32),
+    /// A 32-bit float.
+    F32(f32),
+    /// An unsigned 64-bit integer.
+    U64(u64),
+}
+
+/// Where and how wide a kernel runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LaunchShape {
+    /// Blocks in the grid, per dimension.
+    pub grid: (u32, u32, u32),
+    /// Threads in a block, per dimension.
+    pub block: (u32, u32, u32),
+    /// Dynamic shared memory per block, in bytes.
+    pub shared_bytes: u32,
+}
+
 /// One input or the output of an op: memory and the view of it.
 pub type Operand<'a> = (&'a Memory, &'a Layout);
 
@@ -74,6 +107,41 @@ pub trait Backend: Send + Sync {
     ) -> Result<(), GpuError>;
     /// Waits for every op issued so far.
     fn synchronize(&self) -> Result<(), GpuError>;
+    /// Compiles `function` of the PTX module `ptx`. Backends without kernels say so.
+    fn load_kernel(&self, ptx: &str, function: &str) -> Result<Kernel, GpuError> {
+        let _ = (ptx, function);
+        Err(GpuError::new(
+            ErrorCode::Unavailable,
+            format!(
+                "PTX kernels need the CUDA backend; this instance runs on {}",
+                self.device().backend
+            ),
+        ))
+    }
+    /// Whether the device can no longer be used (a guest's kernel faulted): whoever keeps
+    /// this backend for later instances opens a new one instead.
+    fn broken(&self) -> bool {
+        false
+    }
+    /// Runs `kernel` (one this backend loaded) with `args`.
+    fn launch(
+        &self,
+        kernel: &Kernel,
+        shape: LaunchShape,
+        args: &[KernelArg<'_>],
+    ) -> Result<(), GpuError> {
+        let _ = (shape, args);
+        match *kernel {
+            #[cfg(feature = "cuda")]
+            Kernel::Cuda(_) => Err(foreign_kernel()),
+        }
+    }
+}
+
+/// A kernel of another backend's kind.
+#[cfg(feature = "cuda")]
+pub(crate) fn foreign_kernel() -> GpuError {
+    GpuError::argument("a kernel of another backend was passed".to_string())
 }
 
 /// A memory of another backend's kind, which a backend cannot use.

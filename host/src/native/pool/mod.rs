@@ -25,6 +25,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::function::{CallLimits, CallTree, Dispatch};
 use crate::native::Native;
+use crate::native::gpus::ContainerGpus;
 use crate::native::grant::{ContainerApi, ContainerGrant};
 use crate::proto::log::Stream;
 use crate::proto::manifest::Retries;
@@ -59,7 +60,7 @@ pub struct PoolContext {
     /// The API each container gets on its `api.sock`, once the server has set it.
     pub container_api: std::sync::OnceLock<Arc<dyn ContainerApi>>,
     /// The host's GPUs, handed to containers of functions that ask for them.
-    pub gpus: Arc<crate::native::gpus::GpuAllocator>,
+    pub gpus: Arc<crate::function::gpus::GpuAllocator>,
 }
 
 impl PoolContext {
