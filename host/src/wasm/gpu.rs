@@ -5,8 +5,9 @@
 //! A function's instances share the device they hold: the first instance to need it leases
 //! it (waiting, within its deadline, while another function holds every matching one), the
 //! others of that function use it too, and the last to end gives it back. Buffers are zeroed
-//! when made and freed with their instance, so what one holder left on a device never reaches
-//! the next. Each device's backend (a CUDA context, with its kernels compiled once) is kept
+//! when made, freed with their instance, and zeroed again before the device's pool takes them
+//! back, so what one holder left on a device never reaches the next, even through a PTX
+//! kernel that reads memory it was not given. Each device's backend (a CUDA context, with its kernels compiled once) is kept
 //! for later holders, unless a guest's PTX kernel broke it, when the next holder opens a new
 //! one.
 

@@ -20,8 +20,22 @@ use crate::tensor::{DType, ErrorCode, GpuError, Layout, Op, Shape};
 
 /// Device memory.
 pub struct CudaMemory {
-    slice: CudaSlice<u8>,
+    slice: std::mem::ManuallyDrop<CudaSlice<u8>>,
     size: u64,
+}
+
+impl Drop for CudaMemory {
+    /// Zeroed before it goes back to the device's memory pool, where freed memory stays
+    /// mapped: a later holder's PTX kernel could otherwise read what this one left there.
+    /// Where zeroing fails (a broken context), the memory is leaked rather than freed
+    /// unzeroed; the broken context is replaced anyway.
+    fn drop(&mut self) {
+        let stream = self.slice.stream().clone();
+        if stream.memset_zeros(&mut *self.slice).is_ok() {
+            // SAFETY: dropped once, here, and never used again.
+            unsafe { std::mem::ManuallyDrop::drop(&mut self.slice) };
+        }
+    }
 }
 
 impl CudaMemory {
@@ -258,7 +272,10 @@ impl Backend for Cuda {
                 format!("the device has no room for {bytes} more bytes ({e:?})"),
             )
         })?;
-        Ok(Memory::Cuda(CudaMemory { slice, size: bytes }))
+        Ok(Memory::Cuda(CudaMemory {
+            slice: std::mem::ManuallyDrop::new(slice),
+            size: bytes,
+        }))
     }
 
     fn write(&self, memory: &mut Memory, offset: u64, bytes: &[u8]) -> Result<(), GpuError> {
@@ -445,7 +462,7 @@ impl Backend for Cuda {
         let mut slices = Vec::new();
         for arg in args {
             if let KernelArg::Buffer(memory) = arg {
-                slices.push(&cuda(memory)?.slice);
+                slices.push(&*cuda(memory)?.slice);
             }
         }
         let mut launch = self.stream.launch_builder(&kernel.function);
