@@ -54,14 +54,14 @@ pub struct FsBench {
     skip_cold_start: bool,
 }
 
-fn drop_caches() -> Result<()> {
+pub(super) fn drop_caches() -> Result<()> {
     rustix::fs::sync();
     std::fs::write("/proc/sys/vm/drop_caches", "3\n")
         .context("dropping the page cache needs root (/proc/sys/vm/drop_caches)")
 }
 
 /// Reads a whole file in 1 MiB requests; returns bytes and time.
-fn read_file(path: &Path) -> Result<(u64, Duration)> {
+pub(super) fn read_file(path: &Path) -> Result<(u64, Duration)> {
     let started = Instant::now();
     let mut file = std::fs::File::open(path).with_context(|| format!("open {}", path.display()))?;
     let mut buffer = vec![0u8; 1 << 20];
@@ -104,14 +104,14 @@ fn ensure_file(path: &Path, size: u64) -> Result<()> {
     Ok(())
 }
 
-async fn ingest(registry: &Registry, tree: &Path) -> Result<(Index, lode_fs::IngestReport)> {
+pub(super) async fn ingest(registry: &Registry, tree: &Path) -> Result<(Index, lode_fs::IngestReport)> {
     let report = lode_fs::ingest(tree, registry.client.clone(), IngestOptions::default()).await?;
     let digest = report.digest.clone().expect("ingest names its index");
     let index = Index::parse(registry.client.get_index(&digest).await?)?;
     Ok((index, report))
 }
 
-fn fresh_dir(path: &Path) -> Result<()> {
+pub(super) fn fresh_dir(path: &Path) -> Result<()> {
     if path.exists() {
         std::fs::remove_dir_all(path).with_context(|| format!("clearing {}", path.display()))?;
     }
@@ -119,7 +119,7 @@ fn fresh_dir(path: &Path) -> Result<()> {
     Ok(())
 }
 
-fn mount(
+pub(super) fn mount(
     registry: &Registry,
     index: &Index,
     cache_dir: &Path,

@@ -38,6 +38,16 @@ pub struct GpuBench {
     /// Where debootstrap bases are kept (unused here; the server wants one).
     #[arg(long, default_value = "/var/cache/lode/images/base")]
     image_base_dir: std::path::PathBuf,
+    /// Size of the safetensors model loaded from a lazy mount into GPU memory.
+    #[arg(long, default_value = "5G", value_parser = crate::cli::parse::parse_size)]
+    model_size: u64,
+    /// Work directory on the disk under test: the model, the chunk cache, the mount.
+    #[arg(long, default_value = "/var/cache/lode/bench/gpu")]
+    work: std::path::PathBuf,
+    /// Where there is no GPU, load the model into the CPU backend instead: this times the
+    /// lazy mount's side of the load (the disk limit), not PCIe.
+    #[arg(long)]
+    load_on_cpu: bool,
 }
 
 /// The bench MLP: batch, then the layers' widths and activations.
@@ -198,28 +208,27 @@ pub async fn gpu(args: GpuBench) -> Result<()> {
     #[cfg(feature = "cuda")]
     let on_gpu = cuda_rows(&server, &http, n, repeat, args.runs).await;
     #[cfg(not(feature = "cuda"))]
-    let on_gpu: Result<(), String> = Err("this lode was built without the `cuda` feature".into());
-    let mut unmeasured = vec![(
-        "5 GB of safetensors from a lazy mount into GPU memory",
-        "the bench does not drive this path yet".to_string(),
-    )];
-    if let Err(why) = on_gpu {
-        unmeasured.splice(
-            0..0,
-            [
-                (
-                    "matmul through the CUDA backend, against cuBLAS",
-                    why.clone(),
-                ),
-                (
-                    "1 GiB upload into a buffer, against a pinned cudaMemcpy",
-                    why,
-                ),
-            ],
-        );
-    }
-    for (what, why) in unmeasured {
-        println!("  {what:<56} not measured: {why}");
+    let on_gpu: Result<(Gpu, Duration), String> =
+        Err("this lode was built without the `cuda` feature".into());
+    let size = indicatif::HumanBytes(args.model_size);
+    let model = format!("{size} safetensors, lazy mount -> GPU memory");
+    match on_gpu {
+        Ok((device, pinned)) => {
+            load_row(&model, device, &args, Some(pinned)).await?;
+        }
+        Err(why) => {
+            for what in [
+                "matmul through the CUDA backend, against cuBLAS",
+                "1 GiB upload into a buffer, against a pinned cudaMemcpy",
+                &model,
+            ] {
+                println!("  {what:<56} not measured: {why}");
+            }
+            if args.load_on_cpu {
+                let what = format!("{size} safetensors, lazy mount -> CPU backend");
+                load_row(&what, Gpu::cpu(u64::MAX), &args, None).await?;
+            }
+        }
     }
     let verdict = |ok: bool| if ok { "met" } else { "missed" };
     println!(
@@ -360,7 +369,7 @@ async fn cuda_rows(
     n: u32,
     repeat: u32,
     runs: usize,
-) -> Result<(), String> {
+) -> Result<(Gpu, Duration), String> {
     use lode_wasi_gpu::backend::cuda::Cuda;
     let inventory = lode_wasi_gpu::inventory::inventory();
     let first = inventory.first().ok_or("no GPU on this host")?;
@@ -393,7 +402,7 @@ async fn cuda_rows(
         ));
     }
     let cuda: std::sync::Arc<Cuda> = std::sync::Arc::new(Cuda::open_bus(&first.bus_id)?);
-    let native_gpu = Gpu::new(cuda.clone(), 1 << 34);
+    let native_gpu = Gpu::new(cuda.clone(), 1 << 40);
     let card = &first.model;
     let call = |body: Value| server.call(http, "wasm-gpu-cuda/mlp", body);
     let seconds = |v: &Value| v["seconds"].as_f64().unwrap_or(f64::NAN);
@@ -486,6 +495,29 @@ async fn cuda_rows(
         guest_up,
         rate(guest_up),
         100.0 * pinned.as_secs_f64() / guest_up.as_secs_f64()
+    );
+    drop((ab, bb, product));
+    Ok((native_gpu, pinned))
+}
+
+/// The model-load row: through the lazy mount into `gpu`, against the disk limit and, where
+/// `pinned` (a pinned 1 GiB copy) was measured, the PCIe limit.
+async fn load_row(what: &str, gpu: Gpu, args: &GpuBench, pinned: Option<Duration>) -> Result<()> {
+    let device = gpu.device().name;
+    let times =
+        crate::bench::gpu_load::load_through_mount(gpu, &args.work, args.model_size).await?;
+    let rate = |t: Duration| times.bytes as f64 / t.as_secs_f64() / 1e9;
+    let disk = rate(times.disk);
+    let pcie = pinned.map(|t| f64::from(1u32 << 30) / t.as_secs_f64() / 1e9);
+    let limit = pcie.map_or(disk, |p| p.min(disk));
+    println!(
+        "  {what:<56} {:>10.2?} ({:.2} GB/s into {device}; disk {disk:.2} GB/s{}; {:.0}% of \
+         the lower limit)",
+        times.into_buffers,
+        rate(times.into_buffers),
+        pcie.map(|p| format!(", PCIe {p:.1} GB/s"))
+            .unwrap_or_default(),
+        100.0 * rate(times.into_buffers) / limit
     );
     Ok(())
 }

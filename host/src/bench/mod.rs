@@ -9,6 +9,7 @@ pub mod cas;
 pub mod container;
 pub mod fs;
 pub mod gpu;
+mod gpu_load;
 pub mod http;
 pub mod python;
 mod python_modal;
