@@ -25,11 +25,14 @@ setup() {
   # Each argument is a command, or COMMAND=PACKAGE when the package is named differently.
   local missing=()
   for tool in "$@"; do command -v "${tool%%=*}" >/dev/null || missing+=("${tool#*=}"); done
-  if ((${#missing[@]})); then
-    log "installing Debian packages: ${missing[*]}"
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}" >/dev/null \
-      || { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}" >/dev/null; }
-  fi
+  if ((${#missing[@]})); then apt_install "${missing[@]}"; fi
+}
+
+# Installs Debian packages, refreshing the package lists once if they are stale.
+apt_install() {
+  log "installing Debian packages: $*"
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q "$@" >/dev/null \
+    || { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q "$@" >/dev/null; }
 }
 
 server_running() {
@@ -124,9 +127,13 @@ run_tests() {
   fi
   # The lode:gpu MLP sample is checked against the same computation in numpy.
   if ! python3 -c 'import numpy' 2>/dev/null && ! /usr/bin/python3 -c 'import numpy' 2>/dev/null; then
-    log "installing Debian packages: python3-numpy"
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -q python3-numpy >/dev/null \
-      || { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q python3-numpy >/dev/null; }
+    apt_install python3-numpy
+  fi
+  # The shared-state tests start their own PostgreSQL from Debian's package (initdb, pg_ctl);
+  # the packaged service is not needed.
+  if ! compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null; then
+    apt_install postgresql
+    if command -v systemctl >/dev/null; then systemctl disable --now postgresql >/dev/null 2>&1 || true; fi
   fi
   # A one-off CI build gains nothing from incremental state, which is gigabytes on disk.
   if [[ -n ${CI:-} ]]; then export CARGO_INCREMENTAL=0; fi

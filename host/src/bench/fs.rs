@@ -104,7 +104,10 @@ fn ensure_file(path: &Path, size: u64) -> Result<()> {
     Ok(())
 }
 
-pub(super) async fn ingest(registry: &Registry, tree: &Path) -> Result<(Index, lode_fs::IngestReport)> {
+pub(super) async fn ingest(
+    registry: &Registry,
+    tree: &Path,
+) -> Result<(Index, lode_fs::IngestReport)> {
     let report = lode_fs::ingest(tree, registry.client.clone(), IngestOptions::default()).await?;
     let digest = report.digest.clone().expect("ingest names its index");
     let index = Index::parse(registry.client.get_index(&digest).await?)?;

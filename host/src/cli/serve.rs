@@ -62,6 +62,16 @@ pub struct ServeArgs {
     /// own.
     #[arg(long, default_value = "/")]
     pub gpu_root: PathBuf,
+    /// Keep apps, secrets, schedules, calls, sandboxes, Dicts and Queues in this PostgreSQL
+    /// database (`postgres://user[:password]@host[:port]/db`) rather than in the data dir, so
+    /// several hosts share them. Needs --secrets-key-file. TLS is not spoken: reach the
+    /// database over a private network or a socket (`?host=/run/postgresql`).
+    #[arg(long = "state", value_name = "URL")]
+    pub state_url: Option<String>,
+    /// The 32-byte key secrets are sealed with [default: <data-dir>/secret.key, made if
+    /// missing]. Hosts that share --state must all have the same file; it is never made.
+    #[arg(long, value_name = "FILE")]
+    pub secrets_key_file: Option<PathBuf>,
     /// What computes the GPU a Wasm function leases: `cuda`, or `cpu`, which leases the
     /// device as usual but computes on the CPU backend, to test GPU deploys on a machine
     /// without CUDA (never for production).
@@ -223,6 +233,21 @@ pub async fn run(args: ServeArgs) -> Result<()> {
             args.max_memory
         );
     }
+    if let Some(url) = &args.state_url {
+        if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+            anyhow::bail!(
+                "--state {url:?}: give a postgres:// URL (without --state, the state lives in \
+                 the data dir)"
+            );
+        }
+        if args.secrets_key_file.is_none() {
+            anyhow::bail!(
+                "--state is shared with other hosts, so secrets must be sealed with a key they \
+                 all have: pass --secrets-key-file (make one with `head -c 32 /dev/urandom > \
+                 FILE`, mode 0600, and give every host the same file)"
+            );
+        }
+    }
     let container_bounds = container_bounds(&args)?;
     crate::serve::serve(ServeOptions {
         data_dir: args.data_dir,
@@ -234,6 +259,8 @@ pub async fn run(args: ServeArgs) -> Result<()> {
         cache_size: args.cache_size,
         image_base_dir: args.image_base_dir,
         gpu_root: args.gpu_root,
+        state_url: args.state_url,
+        secrets_key_file: args.secrets_key_file,
         wasm_gpu_compute: args.wasm_gpu_compute,
         container_bounds,
         limits: WasmBounds {

@@ -47,6 +47,11 @@ pub struct ServeOptions {
     pub image_base_dir: Option<PathBuf>,
     /// Where the NVIDIA driver's files are read from (`/` but in tests).
     pub gpu_root: PathBuf,
+    /// A PostgreSQL URL to keep the state in, shared with other hosts (`None`: redb under the
+    /// data dir).
+    pub state_url: Option<String>,
+    /// The key secrets are sealed with, when not `<data-dir>/secret.key`.
+    pub secrets_key_file: Option<PathBuf>,
     /// What computes a Wasm function's leased GPU (CUDA but in tests).
     pub wasm_gpu_compute: crate::wasm::gpu::GpuCompute,
     /// Bounds on what one container may ask for.
@@ -195,12 +200,14 @@ pub async fn serve(options: ServeOptions) -> Result<()> {
         )
         .context("preparing the image mounts")?,
     );
-    let state: Arc<dyn crate::store::state::StateStore> =
-        Arc::new(RedbStore::open(&options.data_dir.join("state"))?);
-    let secrets = Arc::new(crate::store::secrets::Secrets::open(
-        &options.data_dir,
-        state.clone(),
-    )?);
+    let state: Arc<dyn crate::store::state::StateStore> = match &options.state_url {
+        Some(url) => Arc::new(crate::store::postgres::PgStore::open(url)?),
+        None => Arc::new(RedbStore::open(&options.data_dir.join("state"))?),
+    };
+    let secrets = Arc::new(match &options.secrets_key_file {
+        Some(path) => crate::store::secrets::Secrets::open_key_file(path, state.clone())?,
+        None => crate::store::secrets::Secrets::open(&options.data_dir, state.clone())?,
+    });
     let build_secrets = secrets.clone();
     let sdk_dir = crate::sdk::extract(&options.cache_dir.join("sdk"))
         .context("writing the Python SDK into the cache dir")?;

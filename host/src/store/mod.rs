@@ -1,7 +1,9 @@
 //! What the server keeps: app records and tables, sealed secrets, named volumes, Dicts and
 //! Queues.
 
+pub mod local_postgres;
 pub mod objects;
+pub mod postgres;
 pub mod secrets;
 pub mod state;
 pub mod volumes;

@@ -69,6 +69,24 @@ impl Secrets {
             }
             Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
         };
+        Self::with_key(&path, key, state)
+    }
+
+    /// Opens the store with the key in `path`, which must exist: hosts that share a state
+    /// store must seal with one key, so none of them makes its own.
+    pub fn open_key_file(path: &Path, state: Arc<dyn StateStore>) -> Result<Self> {
+        let key = std::fs::read(path).with_context(|| {
+            format!(
+                "reading the secrets key {} (make one with `head -c 32 /dev/urandom > {}` and \
+                 give every host the same file)",
+                path.display(),
+                path.display()
+            )
+        })?;
+        Self::with_key(path, key, state)
+    }
+
+    fn with_key(path: &Path, key: Vec<u8>, state: Arc<dyn StateStore>) -> Result<Self> {
         if key.len() != 32 {
             bail!(
                 "{} is not a 32-byte key; restore it from a backup (secrets sealed with the old \
