@@ -1,8 +1,8 @@
 //! The embedded state store: which apps are deployed, at which version, plus secrets and
 //! schedule marks.
 //!
-//! [`StateStore`] is the seam for scale-out (PostgreSQL later); [`RedbStore`] is the embedded
-//! default under `<data-dir>/state/`. redb commits are durable (fsync) before they return.
+//! [`StateStore`] is the seam for scale-out ([`crate::store::postgres::PgStore`], whose tests
+//! hold both to one behaviour); [`RedbStore`] is the embedded default under `<data-dir>/state/`. redb commits are durable (fsync) before they return.
 
 use std::path::Path;
 
@@ -358,31 +358,6 @@ mod tests {
         }
         let store = RedbStore::open(dir.path()).unwrap();
         assert_eq!(store.list_apps().unwrap(), vec![record("a", 2)]);
-    }
-
-    #[test]
-    fn appended_entries_are_trimmed_by_age_and_count_and_read_newest_first() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = RedbStore::open(dir.path()).unwrap();
-        let batch = |keys: &[&str]| -> Vec<(String, Vec<u8>)> {
-            keys.iter()
-                .map(|k| (k.to_string(), k.as_bytes().to_vec()))
-                .collect()
-        };
-        store
-            .append_entries(Table::History, &batch(&["01", "02", "03"]), "02", 10, false)
-            .unwrap();
-        store
-            .append_entries(Table::History, &batch(&["04", "05", "06"]), "00", 4, true)
-            .unwrap();
-        let all = store
-            .newest_entries(Table::History, 10, &mut |_| true)
-            .unwrap();
-        assert_eq!(all, [b"06", b"05", b"04", b"03"]);
-        let odd = store
-            .newest_entries(Table::History, 1, &mut |v| v[1] % 2 == 1)
-            .unwrap();
-        assert_eq!(odd, [b"05"]);
     }
 
     #[test]
