@@ -2,7 +2,8 @@
 //! schedule marks.
 //!
 //! [`StateStore`] is the seam for scale-out ([`crate::store::postgres::PgStore`], whose tests
-//! hold both to one behaviour); [`RedbStore`] is the embedded default under `<data-dir>/state/`. redb commits are durable (fsync) before they return.
+//! hold both to one behaviour); [`RedbStore`] is the embedded default under
+//! `<data-dir>/state/`. redb commits are durable (fsync) before they return.
 
 use std::path::Path;
 
