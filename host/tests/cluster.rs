@@ -1,12 +1,14 @@
 //! Lode on shared engines: the state in a real PostgreSQL (Debian's, started by the test in a
-//! temporary directory), which outlives any one `lode serve`.
+//! temporary directory), which outlives any one `lode serve`, and blobs in a real S3 store
+//! (SeaweedFS), so several hosts serve the same apps.
 
 mod harness;
 
 use std::process::Command;
+use std::time::{Duration, Instant};
 
 use harness::{LODE, Lode, sample, text};
-use lode::store::local_postgres::LocalPostgres;
+use lode::store::local::{LocalPostgres, LocalS3};
 
 /// A secrets key every host of a test shares.
 fn key_file(dir: &std::path::Path) -> String {
@@ -54,4 +56,76 @@ async fn state_in_postgres_outlives_the_server_and_needs_a_shared_secrets_key() 
         secrets.contains("api") && secrets.contains("TOKEN"),
         "{secrets}"
     );
+}
+
+/// A host on the shared PostgreSQL and S3 of a test.
+fn host(postgres: &LocalPostgres, s3: &LocalS3, key: &str) -> Lode {
+    let env = s3.env();
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let (state, blobs) = (postgres.url(), s3.url());
+    Lode::start_with_env(
+        &[
+            "--state",
+            &state,
+            "--blobs",
+            &blobs,
+            "--secrets-key-file",
+            key,
+            "--state-poll",
+            "30s",
+        ],
+        &env,
+    )
+}
+
+/// Waits (at most 20 s) until `path` on `lode` answers `status`; the body then.
+async fn answers(lode: &Lode, path: &str, status: u16) -> String {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (got, body) = lode.get(path).await;
+        if got == status {
+            return body;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{path} still answers {got} ({body}), not {status}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Two hosts on one PostgreSQL and one S3 store: a deploy, a redeploy and a removal on one are
+/// live on the other through PostgreSQL's notifications (its poll is set to 30 s, so the test
+/// would time out waiting for it); a host that joins later serves every app at once, its
+/// component read from S3 into its own empty data dir.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn any_host_serves_what_another_deployed() {
+    let dir = tempfile::tempdir().unwrap();
+    let postgres = LocalPostgres::start(&dir.path().join("pg")).unwrap();
+    let s3 = LocalS3::start(&dir.path().join("s3")).unwrap();
+    let key = key_file(dir.path());
+    let a = host(&postgres, &s3, &key);
+    let b = host(&postgres, &s3, &key);
+
+    a.deploy(&sample("hello_http"), "site");
+    assert_eq!(answers(&b, "/site/", 200).await, "hello\n");
+    let logs = b.cli_ok(&["logs", "site"]);
+    assert!(
+        logs.contains("deployed on another host, is live here"),
+        "{logs}"
+    );
+
+    b.deploy(&sample("stream_echo"), "site");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while a.get("/site/").await.1 == "hello\n" {
+        assert!(Instant::now() < deadline, "a kept the old version");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let c = host(&postgres, &s3, &key);
+    assert_eq!(c.get("/site/").await, a.get("/site/").await);
+
+    a.cli_ok(&["rm", "site"]);
+    answers(&b, "/site/", 404).await;
+    answers(&c, "/site/", 404).await;
 }

@@ -7,8 +7,8 @@
 use std::sync::Arc;
 
 use lode::proto::manifest::Manifest;
-use lode::store::local_postgres::LocalPostgres;
-use lode::store::postgres::{MIGRATIONS, PgStore};
+use lode::store::local::LocalPostgres;
+use lode::store::postgres::{MIGRATIONS, PgStore, PgTagStore};
 use lode::store::state::{AppRecord, RedbStore, StateStore, Table};
 
 fn record(app: &str, version: u64) -> AppRecord {
@@ -216,4 +216,54 @@ fn a_database_that_goes_away_fails_writes_by_name_and_works_again_when_back() {
         .map(|(k, _)| k)
         .collect();
     assert_eq!(keys, ["after", "kept"]);
+}
+
+#[test]
+fn registry_tags_in_postgres_move_only_by_compare_and_swap() {
+    use lode_registry::{Digest, Error, TagStore, TagUpdate};
+    let pg_dir = tempfile::tempdir().unwrap();
+    let postgres = LocalPostgres::start(pg_dir.path()).unwrap();
+    // Two hosts' views of the same tags.
+    let one = PgTagStore::new(Arc::new(PgStore::open(&postgres.url()).unwrap()));
+    let two = PgTagStore::new(Arc::new(PgStore::open(&postgres.url()).unwrap()));
+    let (x, y) = (Digest::of(b"x"), Digest::of(b"y"));
+
+    assert!(matches!(one.get("img/app"), Err(Error::TagNotFound(_))));
+    assert_eq!(one.set("img/app", &x, &TagUpdate::IfAbsent).unwrap(), None);
+    match two.set("img/app", &y, &TagUpdate::IfAbsent) {
+        Err(Error::TagConflict { actual, .. }) => assert_eq!(actual, Some(x.clone())),
+        other => panic!("the second IfAbsent must lose: {other:?}"),
+    }
+    assert_eq!(
+        two.set("img/app", &y, &TagUpdate::IfEquals(x.clone()))
+            .unwrap(),
+        Some(x.clone())
+    );
+    assert!(matches!(
+        one.set("img/app", &x, &TagUpdate::IfEquals(x.clone())),
+        Err(Error::TagConflict { .. })
+    ));
+    assert_eq!(one.get("img/app").unwrap(), y);
+    one.set("img/other", &x, &TagUpdate::Always).unwrap();
+    one.set("profile/p", &x, &TagUpdate::Always).unwrap();
+    let listed: Vec<String> = two
+        .list("img/")
+        .unwrap()
+        .into_iter()
+        .map(|(n, _)| n)
+        .collect();
+    assert_eq!(listed, ["img/app", "img/other"]);
+    assert!(matches!(
+        one.set("../escape", &x, &TagUpdate::Always),
+        Err(Error::InvalidTag { .. })
+    ));
+    assert!(matches!(
+        two.delete("img/app", &TagUpdate::IfEquals(x.clone())),
+        Err(Error::TagConflict { .. })
+    ));
+    two.delete("img/app", &TagUpdate::IfEquals(y)).unwrap();
+    assert!(matches!(
+        one.delete("img/app", &TagUpdate::Always),
+        Err(Error::TagNotFound(_))
+    ));
 }

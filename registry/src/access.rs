@@ -79,6 +79,23 @@ impl RegistryStore {
         })
     }
 
+    /// A store of the given parts; `location` names it in messages.
+    pub fn from_parts(
+        blobs: Arc<dyn BlobStore>,
+        indexes: Arc<dyn BlobStore>,
+        tags: Arc<dyn TagStore>,
+        validator: Option<IndexValidator>,
+        location: String,
+    ) -> Self {
+        Self {
+            blobs,
+            indexes,
+            tags,
+            validator,
+            location,
+        }
+    }
+
     /// A blob's size, without reading it.
     pub async fn blob_size(&self, digest: &Digest) -> Result<u64> {
         let (blobs, digest) = (self.blobs.clone(), digest.clone());

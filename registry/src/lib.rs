@@ -28,6 +28,7 @@ mod access;
 mod client;
 mod digest;
 mod local;
+mod s3;
 mod server;
 mod tags;
 
@@ -41,8 +42,9 @@ pub use access::{BlobAccess, IndexValidator, RegistryStore};
 pub use client::{ClientOptions, RegistryClient};
 pub use digest::Digest;
 pub use local::LocalDirStore;
+pub use s3::{S3BlobStore, S3Bucket};
 pub use server::{RegistryService, ServiceOptions};
-pub use tags::{LocalTagStore, TagStore, TagUpdate, validate_tag_name};
+pub use tags::{LocalTagStore, TagStore, TagUpdate, check_update, validate_tag_name};
 
 use std::io;
 use std::path::PathBuf;
@@ -132,6 +134,14 @@ pub enum Error {
         path: PathBuf,
         /// The underlying error.
         source: io::Error,
+    },
+    /// A shared store (S3, PostgreSQL) failed or cannot be reached, or its URL is not usable.
+    #[error("{location}: {message}")]
+    Unavailable {
+        /// The store's URL.
+        location: String,
+        /// What failed.
+        message: String,
     },
     /// A call to a remote registry failed.
     #[error("registry {url}: {op} failed: {message}")]

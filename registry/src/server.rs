@@ -177,6 +177,7 @@ pub(crate) fn status_of(error: Error) -> Status {
         | Error::InvalidIndex { .. } => Status::invalid_argument(message),
         Error::TooLarge { .. } => Status::out_of_range(message),
         Error::Io { .. } | Error::Remote { .. } => Status::internal(message),
+        Error::Unavailable { .. } => Status::unavailable(message),
     }
 }
 

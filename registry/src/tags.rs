@@ -31,6 +31,24 @@ pub trait TagStore: Send + Sync + 'static {
     fn list(&self, prefix: &str) -> Result<Vec<(String, Digest)>>;
 }
 
+/// Whether `condition` lets a tag now at `current` change; the conflict names both sides.
+pub fn check_update(name: &str, current: &Option<Digest>, condition: &TagUpdate) -> Result<()> {
+    let expected = match condition {
+        TagUpdate::Always => return Ok(()),
+        TagUpdate::IfAbsent => None,
+        TagUpdate::IfEquals(digest) => Some(digest.clone()),
+    };
+    if *current == expected {
+        Ok(())
+    } else {
+        Err(Error::TagConflict {
+            name: name.to_string(),
+            expected,
+            actual: current.clone(),
+        })
+    }
+}
+
 /// Longest tag name, in bytes.
 const MAX_TAG_LEN: usize = 255;
 
@@ -132,27 +150,6 @@ impl LocalTagStore {
         }
         Ok(())
     }
-
-    fn check(
-        name: &str,
-        current: &Option<Digest>,
-        condition: &TagUpdate,
-    ) -> Result<(), Box<Error>> {
-        let expected = match condition {
-            TagUpdate::Always => return Ok(()),
-            TagUpdate::IfAbsent => None,
-            TagUpdate::IfEquals(digest) => Some(digest.clone()),
-        };
-        if *current == expected {
-            Ok(())
-        } else {
-            Err(Box::new(Error::TagConflict {
-                name: name.to_string(),
-                expected,
-                actual: current.clone(),
-            }))
-        }
-    }
 }
 
 impl TagStore for LocalTagStore {
@@ -165,7 +162,7 @@ impl TagStore for LocalTagStore {
         let path = self.path(name)?;
         let _guard = self.update.lock().unwrap_or_else(|e| e.into_inner());
         let current = Self::read(&path)?;
-        Self::check(name, &current, condition).map_err(|e| *e)?;
+        check_update(name, &current, condition)?;
         let dir = path.parent().expect("tag paths live under the root");
         self.create_dirs_durably(dir)?;
         let tmp = dir.join(format!(".tmp-{:016x}", rand::random::<u64>()));
@@ -192,7 +189,7 @@ impl TagStore for LocalTagStore {
         if current.is_none() {
             return Err(Error::TagNotFound(name.to_string()));
         }
-        Self::check(name, &current, condition).map_err(|e| *e)?;
+        check_update(name, &current, condition)?;
         fs::remove_file(&path).map_err(io_err("remove tag", &path))?;
         let dir = path.parent().expect("tag paths live under the root");
         fs::File::open(dir)

@@ -68,6 +68,17 @@ pub struct ServeArgs {
     /// database over a private network or a socket (`?host=/run/postgresql`).
     #[arg(long = "state", value_name = "URL")]
     pub state_url: Option<String>,
+    /// With --state: how often to look for apps other hosts deployed or removed, besides
+    /// PostgreSQL's notifications (which make a deploy live here within a second).
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    pub state_poll: std::time::Duration,
+    /// Keep blobs (components, image chunks, indexes) in this S3-compatible bucket,
+    /// `s3://bucket[/prefix]?endpoint=http://host:port[&region=R][&retry_timeout=SECONDS]`,
+    /// shared with other hosts; this host keeps read-through copies in its data dir. The
+    /// credentials come from AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY. With --state, the
+    /// registry's tags live in PostgreSQL too.
+    #[arg(long = "blobs", value_name = "URL")]
+    pub blobs_url: Option<String>,
     /// The 32-byte key secrets are sealed with [default: <data-dir>/secret.key, made if
     /// missing]. Hosts that share --state must all have the same file; it is never made.
     #[arg(long, value_name = "FILE")]
@@ -260,6 +271,8 @@ pub async fn run(args: ServeArgs) -> Result<()> {
         image_base_dir: args.image_base_dir,
         gpu_root: args.gpu_root,
         state_url: args.state_url,
+        blobs_url: args.blobs_url,
+        state_poll: args.state_poll,
         secrets_key_file: args.secrets_key_file,
         wasm_gpu_compute: args.wasm_gpu_compute,
         container_bounds,

@@ -115,6 +115,17 @@ impl Drop for Built {
 }
 
 impl Control {
+    /// Builds a recorded app as it was deployed (no progress to report), with its secrets'
+    /// digest.
+    async fn load_record(
+        self: &Arc<Self>,
+        record: &AppRecord,
+    ) -> Result<(Built, String), DeployError> {
+        let digest = self.secrets_digest(&record.manifest)?;
+        let built = self.build_live(&record.manifest, None).await?;
+        Ok((built, digest))
+    }
+
     /// Loads every recorded app, from the compiled cache where possible. An app that cannot
     /// be loaded is logged and skipped; its record stays so a fix (or redeploy) can recover it.
     pub async fn restore(self: &Arc<Self>) -> anyhow::Result<usize> {
@@ -122,14 +133,7 @@ impl Control {
         let mut loaded = 0;
         for record in records {
             let app = record.manifest.app.clone();
-            let built = match self.secrets_digest(&record.manifest) {
-                Ok(digest) => self
-                    .build_live(&record.manifest, None)
-                    .await
-                    .map(|built| (built, digest)),
-                Err(e) => Err(e),
-            };
-            match built {
+            match self.load_record(&record).await {
                 Ok((built, digest)) => {
                     let live = Arc::new(built.into_live(record, digest));
                     self.publish(&app, live);
@@ -143,6 +147,95 @@ impl Control {
             }
         }
         Ok(loaded)
+    }
+
+    /// Follows the apps other hosts deploy and remove in a shared state: at each change the
+    /// store reports (PostgreSQL's notifications) and every `poll` besides, in case one was
+    /// missed. Runs until the server is dropped.
+    pub async fn follow(self: Arc<Self>, poll: Duration) {
+        let changed = Arc::new(tokio::sync::Notify::new());
+        let notify = changed.clone();
+        self.state.watch_apps(Arc::new(move || notify.notify_one()));
+        let control = Arc::downgrade(&self);
+        drop(self);
+        // Versions that failed to load here, so a poll does not try them again and again.
+        let mut failed = HashMap::new();
+        loop {
+            tokio::select! {
+                _ = changed.notified() => {}
+                _ = tokio::time::sleep(poll) => {}
+            }
+            let Some(control) = control.upgrade() else {
+                return;
+            };
+            if let Err(e) = control.sync_apps(&mut failed).await {
+                tracing::warn!(error = %e, "could not read the apps other hosts deployed");
+            }
+        }
+    }
+
+    /// Makes the apps live here what the shared state records: a newer version of an app is
+    /// built and published, an app no longer recorded is taken down. `failed` holds the
+    /// versions that could not be built here, which are not tried again.
+    async fn sync_apps(self: &Arc<Self>, failed: &mut HashMap<String, u64>) -> anyhow::Result<()> {
+        let records = self.state.list_apps()?;
+        let _guard = self.commit_lock.lock().await;
+        for record in &records {
+            let app = record.manifest.app.clone();
+            let live = self.app(&app).map_or(0, |live| live.record.version);
+            if live >= record.version || failed.get(&app) == Some(&record.version) {
+                continue;
+            }
+            match self.load_record(record).await {
+                Ok((built, digest)) => {
+                    let version = record.version;
+                    self.publish(&app, Arc::new(built.into_live(record.clone(), digest)));
+                    failed.remove(&app);
+                    self.logs.push(
+                        &app,
+                        None,
+                        Stream::System,
+                        format!("version {version}, deployed on another host, is live here"),
+                    );
+                    tracing::info!(app, version, "followed a deploy on another host");
+                }
+                Err(e) => {
+                    failed.insert(app.clone(), record.version);
+                    tracing::error!(app, error = %e, "could not load a version deployed on another host");
+                    self.logs.push(
+                        &app,
+                        None,
+                        Stream::System,
+                        format!(
+                            "version {} could not be loaded on this host: {e}",
+                            record.version
+                        ),
+                    );
+                }
+            }
+        }
+        let recorded: std::collections::HashSet<&str> =
+            records.iter().map(|r| r.manifest.app.as_str()).collect();
+        let gone: Vec<String> = self
+            .apps()
+            .iter()
+            .map(|live| live.record.manifest.app.clone())
+            .filter(|app| !recorded.contains(app.as_str()))
+            .collect();
+        if !gone.is_empty() {
+            self.apps.rcu(|apps| {
+                let mut apps = HashMap::clone(apps);
+                for app in &gone {
+                    apps.remove(app);
+                }
+                apps
+            });
+            for app in &gone {
+                self.logs.remove(app);
+                tracing::info!(app, "removed on another host");
+            }
+        }
+        Ok(())
     }
 
     /// Checks what can be checked without compiling; on success the deploy may start

@@ -27,7 +27,7 @@ fn time_text(ms: u64) -> String {
 }
 
 /// What a slot that is due should do.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Due {
     /// Nothing yet.
     Wait,
@@ -70,15 +70,39 @@ fn tick(control: &Arc<Control>) {
         let manifest = &live.record.manifest;
         for (name, schedule) in &live.schedules {
             let key = format!("{}/{name}", manifest.app);
-            let last = match control.state.get_entry(Table::Schedules, &key) {
-                Ok(Some(bytes)) => String::from_utf8_lossy(&bytes).parse().unwrap_or(0),
-                Ok(None) => live.record.deployed_at_ms,
+            let deployed = live.record.deployed_at_ms;
+            let last_of = |bytes: &Option<Vec<u8>>| {
+                bytes.as_ref().map_or(deployed, |b| {
+                    String::from_utf8_lossy(b).parse().unwrap_or(0)
+                })
+            };
+            // A cheap look first: most ticks find nothing due.
+            match control.state.get_entry(Table::Schedules, &key) {
+                Ok(bytes) if decide(schedule, last_of(&bytes), now) == Due::Wait => continue,
+                Ok(_) => {}
                 Err(e) => {
                     tracing::warn!(%key, error = %e, "reading the schedule mark failed");
                     continue;
                 }
-            };
-            let (slot, run) = match decide(schedule, last, now) {
+            }
+            // The slot is claimed by moving the mark in one transaction: of several hosts
+            // sharing the state, exactly one finds it unmarked. Marked before it runs: a crash
+            // during the run does not run it again.
+            let mut due = Due::Wait;
+            let claimed = control.state.update_table(Table::Schedules, &mut |edit| {
+                due = decide(schedule, last_of(&edit.get(&key)?), now);
+                match due {
+                    Due::Wait => Ok(()),
+                    Due::Run(slot) | Due::Missed(_, slot) => {
+                        edit.put(&key, slot.to_string().as_bytes())
+                    }
+                }
+            });
+            if let Err(e) = claimed {
+                tracing::warn!(%key, error = %e, "recording the schedule mark failed; not running");
+                continue;
+            }
+            let (slot, run) = match due {
                 Due::Wait => continue,
                 Due::Run(slot) => (slot, true),
                 Due::Missed(first, latest) => (latest, {
@@ -97,15 +121,6 @@ fn tick(control: &Arc<Control>) {
                     false
                 }),
             };
-            // Marked before it runs: a crash during the run does not run it again.
-            if let Err(e) =
-                control
-                    .state
-                    .put_entry(Table::Schedules, &key, slot.to_string().as_bytes())
-            {
-                tracing::warn!(%key, error = %e, "recording the schedule mark failed; not running");
-                continue;
-            }
             if !run {
                 continue;
             }

@@ -50,6 +50,11 @@ pub struct ServeOptions {
     /// A PostgreSQL URL to keep the state in, shared with other hosts (`None`: redb under the
     /// data dir).
     pub state_url: Option<String>,
+    /// How often a host with shared state looks for apps other hosts deployed, besides the
+    /// database's notifications.
+    pub state_poll: Duration,
+    /// An S3 bucket to keep blobs in, shared with other hosts (`None`: the data dir).
+    pub blobs_url: Option<String>,
     /// The key secrets are sealed with, when not `<data-dir>/secret.key`.
     pub secrets_key_file: Option<PathBuf>,
     /// What computes a Wasm function's leased GPU (CUDA but in tests).
@@ -103,6 +108,31 @@ fn open_registry(data_dir: &Path) -> Result<RegistryStore> {
     let validator: lode_registry::IndexValidator = Arc::new(lode_fs::validate_index);
     RegistryStore::open_dir(data_dir, Some(validator))
         .with_context(|| format!("opening the registry in {}", data_dir.display()))
+}
+
+/// The registry's blobs and indexes in the S3 bucket at `url`, with this host's read-through
+/// copies under `data_dir`; its tags in PostgreSQL where the state is (else in `data_dir`).
+fn open_shared_registry(
+    url: &str,
+    data_dir: &Path,
+    postgres: Option<Arc<crate::store::postgres::PgStore>>,
+) -> Result<RegistryStore> {
+    let bucket = lode_registry::S3Bucket::open(url)?;
+    bucket
+        .ensure_bucket()
+        .context("the blob store must be reachable when lode serve starts")?;
+    let tags: Arc<dyn lode_registry::TagStore> = match postgres {
+        Some(postgres) => Arc::new(crate::store::postgres::PgTagStore::new(postgres)),
+        None => Arc::new(lode_registry::LocalTagStore::open(data_dir.join("tags"))?),
+    };
+    let validator: lode_registry::IndexValidator = Arc::new(lode_fs::validate_index);
+    Ok(RegistryStore::from_parts(
+        Arc::new(bucket.blobs("blobs", data_dir.join("blobs"))?),
+        Arc::new(bucket.blobs("indexes", data_dir.join("indexes"))?),
+        tags,
+        Some(validator),
+        format!("{bucket:?}"),
+    ))
 }
 
 /// Settings for `lode registry serve`.
@@ -187,7 +217,15 @@ pub async fn serve(options: ServeOptions) -> Result<()> {
         wasm_stack: options.wasm_stack,
         compiled_ttl: options.compiled_cache_ttl,
     })?;
-    let registry = open_registry(&options.data_dir)?;
+    // With PostgreSQL, the registry's tags live there too.
+    let postgres = match &options.state_url {
+        Some(url) => Some(Arc::new(crate::store::postgres::PgStore::open(url)?)),
+        None => None,
+    };
+    let registry = match &options.blobs_url {
+        Some(url) => open_shared_registry(url, &options.data_dir, postgres.clone())?,
+        None => open_registry(&options.data_dir)?,
+    };
     // The chunk cache and the image mounts belong to this process (the native runner mounts
     // images through this table); mounts a killed predecessor left behind are cleared.
     let chunks = lode_fs::ChunkCache::open(&options.cache_dir.join("chunks"), options.cache_size)?;
@@ -200,8 +238,8 @@ pub async fn serve(options: ServeOptions) -> Result<()> {
         )
         .context("preparing the image mounts")?,
     );
-    let state: Arc<dyn crate::store::state::StateStore> = match &options.state_url {
-        Some(url) => Arc::new(crate::store::postgres::PgStore::open(url)?),
+    let state: Arc<dyn crate::store::state::StateStore> = match postgres {
+        Some(postgres) => postgres,
         None => Arc::new(RedbStore::open(&options.data_dir.join("state"))?),
     };
     let secrets = Arc::new(match &options.secrets_key_file {
@@ -290,6 +328,9 @@ pub async fn serve(options: ServeOptions) -> Result<()> {
             max_file_bytes: options.sandbox_bounds.max_file_bytes,
         }));
     let restored = control.restore().await?;
+    if options.state_url.is_some() {
+        tokio::spawn(control.clone().follow(options.state_poll));
+    }
     tokio::spawn(control.clone().prune_compiled());
     tokio::spawn(crate::control::schedule::run(Arc::downgrade(&control)));
 

@@ -1,7 +1,7 @@
 //! What the server keeps: app records and tables, sealed secrets, named volumes, Dicts and
 //! Queues.
 
-pub mod local_postgres;
+pub mod local;
 pub mod objects;
 pub mod postgres;
 pub mod secrets;

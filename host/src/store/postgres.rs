@@ -20,6 +20,7 @@ use std::sync::mpsc::{Receiver, Sender, SyncSender};
 use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, Result, anyhow, bail};
+use postgres::fallible_iterator::FallibleIterator;
 use postgres::{Client, NoTls, Transaction};
 
 use crate::store::state::{AppRecord, StateStore, Table, TableEdit, TableView};
@@ -39,6 +40,13 @@ pub const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (tbl, key)
     );
     "#,
+    // 2: the registry's tags, shared by hosts whose blobs are in S3.
+    r#"
+    CREATE TABLE lode_tags (
+        name text COLLATE "C" PRIMARY KEY,
+        digest text NOT NULL
+    );
+    "#,
 ];
 
 /// Connections open at once.
@@ -47,6 +55,10 @@ const WORKERS: usize = 4;
 const PAGE: i64 = 256;
 /// The advisory lock taken while migrating.
 const MIGRATION_LOCK: i64 = 0x10de_0001;
+/// Where a host says it changed an app.
+const APPS_CHANNEL: &str = "lode_apps";
+/// The advisory lock a tag update holds.
+const TAGS_LOCK: i64 = 0x10de_0002;
 
 type Job = Box<dyn FnOnce(&mut Connection) + Send>;
 
@@ -98,6 +110,7 @@ fn connection_closed(e: &anyhow::Error) -> bool {
 pub struct PgStore {
     /// The URL without its password, for messages.
     shown: String,
+    config: postgres::Config,
     jobs: Sender<Job>,
 }
 
@@ -163,6 +176,7 @@ impl PgStore {
         }
         let store = Self {
             shown,
+            config,
             jobs: sender,
         };
         store.run(migrate)?;
@@ -233,6 +247,39 @@ impl PgStore {
             Ok(()) => Ok(()),
             // Dropping the requests ends the transaction uncommitted.
             Err(e) => Err(e),
+        }
+    }
+}
+
+/// Listens on [`APPS_CHANNEL`] for good, calling `changed` for each notification and after
+/// each (re)connection, when what was missed meanwhile is unknown.
+fn listen_for_apps(config: postgres::Config, shown: &str, changed: &(dyn Fn() + Send + Sync)) {
+    loop {
+        let listening = config.connect(NoTls).and_then(|mut client| {
+            client.batch_execute(&format!("LISTEN {APPS_CHANNEL}"))?;
+            Ok(client)
+        });
+        let mut client = match listening {
+            Ok(client) => client,
+            Err(e) => {
+                tracing::debug!(error = %e, "PostgreSQL state at {shown}: cannot listen yet");
+                std::thread::sleep(std::time::Duration::from_secs(1));
+                continue;
+            }
+        };
+        changed();
+        while !client.is_closed() {
+            {
+                let mut notifications = client.notifications();
+                let mut waiting = notifications.timeout_iter(std::time::Duration::from_secs(5));
+                while let Ok(Some(_)) = waiting.next() {
+                    changed();
+                }
+            }
+            // A quiet spell: check the connection is still there.
+            if client.batch_execute("").is_err() {
+                break;
+            }
         }
     }
 }
@@ -433,11 +480,15 @@ impl StateStore for PgStore {
     fn put_app(&self, record: &AppRecord) -> Result<()> {
         let (app, bytes) = (record.manifest.app.clone(), serde_json::to_vec(record)?);
         self.run(move |client| {
-            client.execute(
+            let mut txn = client.transaction()?;
+            txn.execute(
                 "INSERT INTO lode_apps (app, record) VALUES ($1, $2) \
                  ON CONFLICT (app) DO UPDATE SET record = EXCLUDED.record",
                 &[&app, &bytes],
             )?;
+            // Delivered to the other hosts' listeners when (and only if) this commits.
+            txn.execute("SELECT pg_notify($1, $2)", &[&APPS_CHANNEL, &app])?;
+            txn.commit()?;
             Ok(())
         })
     }
@@ -591,6 +642,16 @@ impl StateStore for PgStore {
         Ok(found)
     }
 
+    fn watch_apps(&self, changed: Arc<dyn Fn() + Send + Sync>) {
+        let (config, shown) = (self.config.clone(), self.shown.clone());
+        let spawned = std::thread::Builder::new()
+            .name("lode-postgres-listen".into())
+            .spawn(move || listen_for_apps(config, &shown, changed.as_ref()));
+        if let Err(e) = spawned {
+            tracing::warn!(error = %e, "could not listen for deploys on other hosts; polling");
+        }
+    }
+
     fn read_table(
         &self,
         table: Table,
@@ -605,6 +666,112 @@ impl StateStore for PgStore {
         work: &mut dyn FnMut(&mut dyn TableEdit) -> Result<()>,
     ) -> Result<()> {
         self.transact(table, true, &mut |edit| work(edit))
+    }
+}
+
+/// The registry's tags in PostgreSQL, for hosts that share blobs: a compare-and-swap holds
+/// a lock for its transaction, so two hosts moving one tag cannot both win.
+pub struct PgTagStore {
+    store: Arc<PgStore>,
+}
+
+impl PgTagStore {
+    /// Tags in `store`'s database.
+    pub fn new(store: Arc<PgStore>) -> Self {
+        Self { store }
+    }
+}
+
+/// A registry error as it was, or the database's failure as the registry names one.
+fn tag_result<T>(result: Result<T>) -> lode_registry::Result<T> {
+    result.map_err(|e| match e.downcast::<lode_registry::Error>() {
+        Ok(inner) => inner,
+        Err(e) => lode_registry::Error::Unavailable {
+            location: "tags".into(),
+            message: format!("{e:#}"),
+        },
+    })
+}
+
+fn parse_digest(text: String) -> Result<lode_registry::Digest> {
+    Ok(text.parse()?)
+}
+
+/// Where `name` points, read after taking the tags' lock for the rest of `txn`.
+fn locked_tag(txn: &mut Transaction<'_>, name: &str) -> Result<Option<lode_registry::Digest>> {
+    txn.execute("SELECT pg_advisory_xact_lock($1)", &[&TAGS_LOCK])?;
+    txn.query_opt("SELECT digest FROM lode_tags WHERE name = $1", &[&name])?
+        .map(|row| parse_digest(row.get(0)))
+        .transpose()
+}
+
+impl lode_registry::TagStore for PgTagStore {
+    fn get(&self, name: &str) -> lode_registry::Result<lode_registry::Digest> {
+        lode_registry::validate_tag_name(name)?;
+        let name = name.to_string();
+        tag_result(self.store.run(move |client| {
+            let row = client.query_opt("SELECT digest FROM lode_tags WHERE name = $1", &[&name])?;
+            match row {
+                Some(row) => parse_digest(row.get(0)),
+                None => Err(lode_registry::Error::TagNotFound(name.clone()).into()),
+            }
+        }))
+    }
+
+    fn set(
+        &self,
+        name: &str,
+        digest: &lode_registry::Digest,
+        condition: &lode_registry::TagUpdate,
+    ) -> lode_registry::Result<Option<lode_registry::Digest>> {
+        lode_registry::validate_tag_name(name)?;
+        let (name, digest, condition) = (name.to_string(), digest.to_string(), condition.clone());
+        tag_result(self.store.run(move |client| {
+            let mut txn = client.transaction()?;
+            let current = locked_tag(&mut txn, &name)?;
+            lode_registry::check_update(&name, &current, &condition)?;
+            txn.execute(
+                "INSERT INTO lode_tags (name, digest) VALUES ($1, $2) \
+                 ON CONFLICT (name) DO UPDATE SET digest = EXCLUDED.digest",
+                &[&name, &digest],
+            )?;
+            txn.commit()?;
+            Ok(current)
+        }))
+    }
+
+    fn delete(
+        &self,
+        name: &str,
+        condition: &lode_registry::TagUpdate,
+    ) -> lode_registry::Result<()> {
+        lode_registry::validate_tag_name(name)?;
+        let (name, condition) = (name.to_string(), condition.clone());
+        tag_result(self.store.run(move |client| {
+            let mut txn = client.transaction()?;
+            let current = locked_tag(&mut txn, &name)?;
+            if current.is_none() {
+                return Err(lode_registry::Error::TagNotFound(name.clone()).into());
+            }
+            lode_registry::check_update(&name, &current, &condition)?;
+            txn.execute("DELETE FROM lode_tags WHERE name = $1", &[&name])?;
+            txn.commit()?;
+            Ok(())
+        }))
+    }
+
+    fn list(&self, prefix: &str) -> lode_registry::Result<Vec<(String, lode_registry::Digest)>> {
+        let prefix = prefix.to_string();
+        tag_result(self.store.run(move |client| {
+            let rows = client.query(
+                "SELECT name, digest FROM lode_tags WHERE left(name, length($1)) = $1 \
+                 ORDER BY name",
+                &[&prefix],
+            )?;
+            rows.iter()
+                .map(|row| Ok((row.get(0), parse_digest(row.get(1))?)))
+                .collect()
+        }))
     }
 }
 

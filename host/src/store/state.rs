@@ -6,6 +6,7 @@
 //! `<data-dir>/state/`. redb commits are durable (fsync) before they return.
 
 use std::path::Path;
+use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
@@ -58,6 +59,12 @@ pub trait StateStore: Send + Sync + 'static {
         limit: usize,
         accept: &mut dyn FnMut(&[u8]) -> bool,
     ) -> Result<Vec<Vec<u8>>>;
+    /// Calls `changed` whenever another host may have changed the apps (deployed or removed
+    /// one), and again after the store reconnects. A store no other host writes to never
+    /// calls it.
+    fn watch_apps(&self, changed: Arc<dyn Fn() + Send + Sync>) {
+        let _ = changed;
+    }
     /// Runs `work` on a consistent snapshot of `table`.
     fn read_table(
         &self,

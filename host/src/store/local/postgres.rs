@@ -8,6 +8,8 @@ use std::process::Command;
 
 use anyhow::{Context, Result, bail};
 
+use super::free_port;
+
 /// A running PostgreSQL; stopped when dropped.
 pub struct LocalPostgres {
     bin: PathBuf,
@@ -34,12 +36,6 @@ fn bin_dir() -> Result<PathBuf> {
         "PostgreSQL is not installed (no /usr/lib/postgresql/*/bin/initdb): apt-get install \
          postgresql (./lode.sh test does)",
     )
-}
-
-fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
 }
 
 impl LocalPostgres {
