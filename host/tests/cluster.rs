@@ -59,7 +59,7 @@ async fn state_in_postgres_outlives_the_server_and_needs_a_shared_secrets_key() 
 }
 
 /// A host on the shared PostgreSQL and S3 of a test.
-fn host(postgres: &LocalPostgres, s3: &LocalS3, key: &str) -> Lode {
+fn host(id: &str, postgres: &LocalPostgres, s3: &LocalS3, key: &str) -> Lode {
     let env = s3.env();
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let (state, blobs) = (postgres.url(), s3.url());
@@ -73,6 +73,10 @@ fn host(postgres: &LocalPostgres, s3: &LocalS3, key: &str) -> Lode {
             key,
             "--state-poll",
             "30s",
+            "--host-id",
+            id,
+            "--heartbeat",
+            "200ms",
         ],
         &env,
     )
@@ -94,6 +98,31 @@ async fn answers(lode: &Lode, path: &str, status: u16) -> String {
     }
 }
 
+/// Waits (at most 20 s) until `lode hosts` on `lode` lists `want` ("ID STATE" rows); the
+/// listing it last saw, if it never did.
+fn hosts_become(lode: &Lode, want: &[&str]) -> Result<(), String> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let hosts = lode.cli_ok(&["hosts"]);
+        let rows: Vec<String> = hosts
+            .lines()
+            .skip(1)
+            .map(|line| {
+                let id = line.split_whitespace().next().unwrap_or("");
+                let state = line.rsplit("  ").next().unwrap_or("").trim();
+                format!("{id} {state}")
+            })
+            .collect();
+        if rows == want {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(hosts);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// Two hosts on one PostgreSQL and one S3 store: a deploy, a redeploy and a removal on one are
 /// live on the other through PostgreSQL's notifications (its poll is set to 30 s, so the test
 /// would time out waiting for it); a host that joins later serves every app at once, its
@@ -104,8 +133,8 @@ async fn any_host_serves_what_another_deployed() {
     let postgres = LocalPostgres::start(&dir.path().join("pg")).unwrap();
     let s3 = LocalS3::start(&dir.path().join("s3")).unwrap();
     let key = key_file(dir.path());
-    let a = host(&postgres, &s3, &key);
-    let b = host(&postgres, &s3, &key);
+    let a = host("a", &postgres, &s3, &key);
+    let mut b = host("b", &postgres, &s3, &key);
 
     a.deploy(&sample("hello_http"), "site");
     assert_eq!(answers(&b, "/site/", 200).await, "hello\n");
@@ -122,10 +151,22 @@ async fn any_host_serves_what_another_deployed() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 
-    let c = host(&postgres, &s3, &key);
+    let mut c = host("c", &postgres, &s3, &key);
     assert_eq!(c.get("/site/").await, a.get("/site/").await);
 
     a.cli_ok(&["rm", "site"]);
     answers(&b, "/site/", 404).await;
     answers(&c, "/site/", 404).await;
+
+    // Every host lists the others; one killed goes silent, one stopped cleanly goes away.
+    let listed = hosts_become(&a, &["a alive (this host)", "b alive", "c alive"]);
+    assert!(
+        listed.is_ok(),
+        "{listed:?}; b ended: {:?}, c ended: {:?}",
+        b.exited(),
+        c.exited()
+    );
+    b.kill();
+    c.stop();
+    hosts_become(&a, &["a alive (this host)", "b silent"]).unwrap();
 }

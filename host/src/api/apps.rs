@@ -53,6 +53,24 @@ pub(crate) async fn list_apps(State(control): State<Arc<Control>>) -> Json<serde
     sorted_json(&AppList { apps })
 }
 
+/// `GET /v1/hosts`: the hosts sharing this state, this one first.
+pub(crate) async fn list_hosts(
+    State(control): State<Arc<Control>>,
+) -> ApiResult<Json<serde_json::Value>> {
+    let listing = control.clone();
+    let hosts = tokio::task::spawn_blocking(move || listing.host.list(&listing))
+        .await
+        .map_err(ApiError::internal)?
+        .map_err(|e| {
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "state_unavailable",
+                format!("reading the hosts' records: {e:#}"),
+            )
+        })?;
+    Ok(sorted_json(&hosts))
+}
+
 fn check_app_name(app: &str) -> ApiResult<()> {
     if is_dns_label(app) {
         Ok(())

@@ -22,7 +22,7 @@ use axum::{Extension, Router};
 use crate::api::error::ApiError;
 use crate::control::Control;
 use crate::native::grant::{Caller, ContainerApi, ContainerGrant};
-use apps::{deploy, get_app, info, list_apps, logs, metrics, remove_app};
+use apps::{deploy, get_app, info, list_apps, list_hosts, logs, metrics, remove_app};
 
 /// The API router; `token` guards every route but `/healthz`.
 pub fn router(
@@ -35,6 +35,7 @@ pub fn router(
     let guarded = Router::new()
         .route("/v1/info", get(info))
         .route("/v1/apps", get(list_apps))
+        .route("/v1/hosts", get(list_hosts))
         .route(
             "/v1/apps/{app}",
             put(deploy).get(get_app).delete(remove_app),

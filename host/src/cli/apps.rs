@@ -1,4 +1,4 @@
-//! App commands: `lode ls`, `lode rm`, `lode logs`.
+//! App commands: `lode ls`, `lode rm`, `lode logs`, and `lode hosts`.
 
 use std::time::Duration;
 
@@ -27,6 +27,38 @@ pub async fn list(client: &ApiClient) -> Result<()> {
             app.app,
             app.version,
             functions.join(",")
+        );
+    }
+    Ok(())
+}
+
+/// `lode hosts`.
+pub async fn hosts(client: &ApiClient) -> Result<()> {
+    let answer: crate::proto::hosts::HostList = client
+        .json(client.request(Method::GET, "/v1/hosts"))
+        .await?;
+    let now = crate::util::now_ms();
+    println!(
+        "{:<20} {:<28} {:>9} {:>10} {:>5} {:>6} {:>5}  STATE",
+        "HOST", "API", "HEARTBEAT", "CONTAINERS", "WASM", "GPUS", "LOAD"
+    );
+    for host in answer.hosts {
+        let r = &host.record;
+        let age = Duration::from_millis(now.saturating_sub(r.heartbeat_ms));
+        let state = match (host.alive, host.this_host) {
+            (_, true) => "alive (this host)",
+            (true, false) => "alive",
+            (false, false) => "silent",
+        };
+        println!(
+            "{:<20} {:<28} {:>8.1}s {:>10} {:>5} {:>6} {:>5.2}  {state}",
+            r.id,
+            r.api_url,
+            age.as_secs_f64(),
+            r.containers,
+            r.wasm_instances,
+            format!("{}/{}", r.gpus_in_use, r.gpus),
+            r.load
         );
     }
     Ok(())

@@ -115,6 +115,9 @@ pub enum Command {
     Queue(QueueCommand),
     /// List deployed apps.
     Ls,
+    /// The hosts sharing this server's state (`lode serve --state`): id, API address, last
+    /// heartbeat, containers, Wasm instances, GPUs, load, and which are alive.
+    Hosts,
     /// Remove an app.
     Rm {
         /// App name.

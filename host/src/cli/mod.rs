@@ -131,6 +131,7 @@ pub async fn run(client_args: ClientArgs, command: Command) -> Result<()> {
             std::process::exit(code);
         }
         Command::Ls => crate::cli::apps::list(&client(&client_args)?).await,
+        Command::Hosts => crate::cli::apps::hosts(&client(&client_args)?).await,
         Command::Rm { app } => crate::cli::apps::remove(&client(&client_args)?, &app).await,
         Command::Logs { app, follow, tail } => {
             crate::cli::apps::logs(&client(&client_args)?, &app, follow, tail).await

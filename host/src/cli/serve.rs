@@ -72,6 +72,17 @@ pub struct ServeArgs {
     /// PostgreSQL's notifications (which make a deploy live here within a second).
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration, value_name = "DURATION")]
     pub state_poll: std::time::Duration,
+    /// This host's id among the hosts sharing --state [default: the machine's name].
+    #[arg(long, value_name = "ID")]
+    pub host_id: Option<String>,
+    /// The API URL the other hosts sharing --state reach this one at [default: the API
+    /// listener's address, which must then be one they can reach].
+    #[arg(long, value_name = "URL")]
+    pub advertise: Option<String>,
+    /// With --state: how often this host writes its heartbeat (`lode hosts` shows a host
+    /// silent for three of these as not alive).
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    pub heartbeat: std::time::Duration,
     /// Keep blobs (components, image chunks, indexes) in this S3-compatible bucket,
     /// `s3://bucket[/prefix]?endpoint=http://host:port[&region=R][&retry_timeout=SECONDS]`,
     /// shared with other hosts; this host keeps read-through copies in its data dir. The
@@ -273,6 +284,9 @@ pub async fn run(args: ServeArgs) -> Result<()> {
         state_url: args.state_url,
         blobs_url: args.blobs_url,
         state_poll: args.state_poll,
+        host_id: args.host_id,
+        advertise: args.advertise,
+        heartbeat: args.heartbeat,
         secrets_key_file: args.secrets_key_file,
         wasm_gpu_compute: args.wasm_gpu_compute,
         container_bounds,

@@ -178,7 +178,9 @@ impl Control {
     /// built and published, an app no longer recorded is taken down. `failed` holds the
     /// versions that could not be built here, which are not tried again.
     async fn sync_apps(self: &Arc<Self>, failed: &mut HashMap<String, u64>) -> anyhow::Result<()> {
-        let records = self.state.list_apps()?;
+        // A round trip to the database: off the async threads.
+        let state = self.state.clone();
+        let records = tokio::task::spawn_blocking(move || state.list_apps()).await??;
         let _guard = self.commit_lock.lock().await;
         for record in &records {
             let app = record.manifest.app.clone();

@@ -9,6 +9,7 @@
 pub mod calls;
 pub mod deploy;
 pub mod history;
+pub mod hosts;
 pub mod python;
 pub mod resolve;
 pub mod router;
@@ -164,6 +165,8 @@ pub struct Control {
     pub history: CallHistory,
     /// Dicts and Queues.
     pub objects: Arc<crate::store::objects::Objects>,
+    /// This host, as the others sharing its state see it.
+    pub host: Arc<hosts::ThisHost>,
     apps: ArcSwap<HashMap<String, Arc<LiveApp>>>,
     /// Serializes the record-and-swap step of deploys and removals (not compilation).
     commit_lock: tokio::sync::Mutex<()>,
@@ -184,6 +187,7 @@ impl Control {
         protected: Vec<SocketAddr>,
         urls: Urls,
         functions: Functions,
+        host: Arc<hosts::ThisHost>,
     ) -> Arc<Self> {
         let calls = Calls::persistent(state.clone());
         let metrics = Arc::new(Metrics::default());
@@ -202,6 +206,7 @@ impl Control {
             urls,
             functions,
             calls,
+            host,
             apps: ArcSwap::from_pointee(HashMap::new()),
             commit_lock: tokio::sync::Mutex::new(()),
             this: this.clone(),

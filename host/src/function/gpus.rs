@@ -57,6 +57,11 @@ impl GpuAllocator {
         inventory::satisfies(&self.gpus, request)
     }
 
+    /// Devices this host has.
+    pub fn count(&self) -> usize {
+        self.gpus.len()
+    }
+
     /// Devices in use now.
     pub fn in_use(&self) -> usize {
         self.busy.lock().unwrap().iter().filter(|b| **b).count()

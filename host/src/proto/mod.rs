@@ -7,6 +7,7 @@ pub mod client_file;
 pub mod containers;
 pub mod deploy;
 pub mod host_pattern;
+pub mod hosts;
 pub mod log;
 pub mod manifest;
 pub mod objects;

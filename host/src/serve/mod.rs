@@ -53,6 +53,12 @@ pub struct ServeOptions {
     /// How often a host with shared state looks for apps other hosts deployed, besides the
     /// database's notifications.
     pub state_poll: Duration,
+    /// This host's id among those sharing the state (`None`: the machine's name).
+    pub host_id: Option<String>,
+    /// The API URL other hosts reach this one at (`None`: the API listener's).
+    pub advertise: Option<String>,
+    /// How often this host writes its heartbeat into a shared state.
+    pub heartbeat: Duration,
     /// An S3 bucket to keep blobs in, shared with other hosts (`None`: the data dir).
     pub blobs_url: Option<String>,
     /// The key secrets are sealed with, when not `<data-dir>/secret.key`.
@@ -315,6 +321,15 @@ pub async fn serve(options: ServeOptions) -> Result<()> {
             registry: registry_url.clone(),
         },
         functions,
+        crate::control::hosts::ThisHost::new(
+            options.host_id.clone().unwrap_or_else(|| {
+                std::fs::read_to_string("/proc/sys/kernel/hostname")
+                    .map(|name| name.trim().to_string())
+                    .unwrap_or_else(|_| "lode".into())
+            }),
+            options.advertise.clone().unwrap_or_else(|| api_url.clone()),
+            options.heartbeat,
+        ),
     );
     // Before the restore, so every container started gets its API socket.
     let _ = control
@@ -330,6 +345,7 @@ pub async fn serve(options: ServeOptions) -> Result<()> {
     let restored = control.restore().await?;
     if options.state_url.is_some() {
         tokio::spawn(control.clone().follow(options.state_poll));
+        tokio::spawn(crate::control::hosts::run(Arc::downgrade(&control)));
     }
     tokio::spawn(control.clone().prune_compiled());
     tokio::spawn(crate::control::schedule::run(Arc::downgrade(&control)));
@@ -382,6 +398,10 @@ pub async fn serve(options: ServeOptions) -> Result<()> {
     let _ = tokio::time::timeout(Duration::from_secs(5), api_task).await;
     let _ = tokio::time::timeout(Duration::from_secs(5), registry_task).await;
     // Containers run on the image mounts: they go first.
+    if options.state_url.is_some() {
+        let leaving = control.clone();
+        let _ = tokio::task::spawn_blocking(move || leaving.host.leave(&leaving)).await;
+    }
     control.shut_down().await;
     sandboxes.shut_down().await;
     image_mounts.close().await;

@@ -137,6 +137,7 @@ fn table_name(table: Table) -> &'static str {
         Table::History => "history",
         Table::Sandboxes => "sandboxes",
         Table::Objects => "objects",
+        Table::Hosts => "hosts",
     }
 }
 
@@ -285,9 +286,10 @@ fn listen_for_apps(config: postgres::Config, shown: &str, changed: &(dyn Fn() + 
 }
 
 fn migrate(client: &mut Client) -> Result<()> {
-    client.batch_execute("CREATE TABLE IF NOT EXISTS lode_schema (version integer PRIMARY KEY)")?;
     let mut txn = client.transaction()?;
+    // Before anything else: hosts starting together would race even on IF NOT EXISTS.
     txn.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])?;
+    txn.batch_execute("CREATE TABLE IF NOT EXISTS lode_schema (version integer PRIMARY KEY)")?;
     let at: i32 = txn
         .query_one("SELECT coalesce(max(version), 0) FROM lode_schema", &[])?
         .get(0);
@@ -800,6 +802,7 @@ mod tests {
             Table::History,
             Table::Sandboxes,
             Table::Objects,
+            Table::Hosts,
         ];
         let names: std::collections::BTreeSet<_> = tables.iter().map(|t| table_name(*t)).collect();
         let locks: std::collections::BTreeSet<_> = tables.iter().map(|t| lock_key(*t)).collect();

@@ -151,6 +151,8 @@ pub enum Table {
     Sandboxes,
     /// Dicts and Queues: their records and entries (see [`crate::store::objects`]).
     Objects,
+    /// The hosts sharing this state, each as its last heartbeat left it.
+    Hosts,
 }
 
 const APPS: TableDefinition<&str, &[u8]> = TableDefinition::new("apps");
@@ -160,6 +162,7 @@ const CALLS: TableDefinition<&str, &[u8]> = TableDefinition::new("calls");
 const HISTORY: TableDefinition<&str, &[u8]> = TableDefinition::new("history");
 const SANDBOXES: TableDefinition<&str, &[u8]> = TableDefinition::new("sandboxes");
 const OBJECTS: TableDefinition<&str, &[u8]> = TableDefinition::new("objects");
+const HOSTS: TableDefinition<&str, &[u8]> = TableDefinition::new("hosts");
 
 fn definition(table: Table) -> TableDefinition<'static, &'static str, &'static [u8]> {
     match table {
@@ -169,6 +172,7 @@ fn definition(table: Table) -> TableDefinition<'static, &'static str, &'static [
         Table::History => HISTORY,
         Table::Sandboxes => SANDBOXES,
         Table::Objects => OBJECTS,
+        Table::Hosts => HOSTS,
     }
 }
 
@@ -190,7 +194,9 @@ impl RedbStore {
             )
         })?;
         let txn = db.begin_write()?;
-        for table in [APPS, SECRETS, SCHEDULES, CALLS, HISTORY, SANDBOXES, OBJECTS] {
+        for table in [
+            APPS, SECRETS, SCHEDULES, CALLS, HISTORY, SANDBOXES, OBJECTS, HOSTS,
+        ] {
             txn.open_table(table)?;
         }
         txn.commit()?;

@@ -33,9 +33,24 @@ pub struct GuestState {
     gpu_memory: u64,
 }
 
+/// Guest stores alive now, across every engine class.
+static LIVE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Wasm instances (their stores) alive now on this host.
+pub fn live_instances() -> u64 {
+    LIVE.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+impl Drop for GuestState {
+    fn drop(&mut self) {
+        LIVE.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 impl GuestState {
     /// Fresh state for one request.
     pub fn new(wasi: WasiCtx, memory_limit: u64, outbound: OutboundPolicy) -> Self {
+        LIVE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Self {
             wasi,
             http: WasiHttpCtx::new(),

@@ -271,6 +271,11 @@ impl Lode {
         }
     }
 
+    /// How the server ended, if it has.
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.as_mut()?.try_wait().ok()?
+    }
+
     /// Kills the server with SIGKILL, as a crash would, and reaps it.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {

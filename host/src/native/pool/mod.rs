@@ -657,6 +657,16 @@ impl Pool {
         &self.spec.series
     }
 
+    /// `app/function`, as the hosts' records name a warm function.
+    pub fn target(&self) -> String {
+        format!("{}/{}", self.spec.app, self.spec.function)
+    }
+
+    /// Whether the pool was closed (a newer version replaced it, or the app went).
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Relaxed)
+    }
+
     /// Figures for `lode stats`.
     pub fn stats(&self) -> PoolStats {
         let state = self.state.lock().unwrap();

@@ -8,9 +8,13 @@ mod s3;
 pub use postgres::LocalPostgres;
 pub use s3::LocalS3;
 
-/// A loopback port nothing listens on now.
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
+/// `count` distinct loopback ports nothing listens on now (each held until all are chosen,
+/// so none is handed out twice).
+fn free_ports(count: usize) -> anyhow::Result<Vec<u16>> {
+    let held = (0..count)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
+        .collect::<Result<Vec<_>, _>>()?;
+    held.iter()
+        .map(|listener| Ok(listener.local_addr()?.port()))
+        .collect()
 }

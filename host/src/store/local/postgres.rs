@@ -8,7 +8,7 @@ use std::process::Command;
 
 use anyhow::{Context, Result, bail};
 
-use super::free_port;
+use super::free_ports;
 
 /// A running PostgreSQL; stopped when dropped.
 pub struct LocalPostgres {
@@ -49,7 +49,7 @@ impl LocalPostgres {
             bin,
             data,
             dir,
-            port: free_port()?,
+            port: free_ports(1)?[0],
             running: false,
         };
         if rustix::process::geteuid().is_root() {

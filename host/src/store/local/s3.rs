@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
-use super::free_port;
+use super::free_ports;
 
 /// Where `./lode.sh test` puts the SeaweedFS binary.
 const CACHED_WEED: &str = "/var/cache/lode/bin/weed";
@@ -47,7 +47,7 @@ impl LocalS3 {
         let mut s3 = Self {
             weed: weed_binary()?,
             dir: dir.canonicalize()?,
-            ports: (0..9).map(|_| free_port()).collect::<Result<_>>()?,
+            ports: free_ports(9)?,
             secret: format!("{:032x}", rand::random::<u128>()),
             child: None,
         };

@@ -1,0 +1,136 @@
+//! The hosts that share one state: each writes a heartbeat record every interval (what it
+//! runs, its load), and any of them lists them all. A host whose heartbeat is older than
+//! three intervals is shown as not alive; one that stops cleanly takes its record away.
+
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use anyhow::Result;
+
+use crate::control::Control;
+use crate::proto::hosts::{HostList, HostRecord, HostStatus};
+use crate::store::state::Table;
+
+/// This host, as the others see it.
+pub struct ThisHost {
+    /// Its id.
+    pub id: String,
+    /// Where its API is reached.
+    pub api_url: String,
+    started_at_ms: u64,
+    /// How often it beats.
+    pub interval: Duration,
+    /// Set once it left: held while a beat writes, so no beat lands after the record went.
+    left: std::sync::Mutex<bool>,
+}
+
+/// The one-minute load average.
+fn load() -> f64 {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|text| text.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0.0)
+}
+
+impl ThisHost {
+    /// A host named `id` whose API is at `api_url`, beating every `interval`.
+    pub fn new(id: String, api_url: String, interval: Duration) -> Arc<Self> {
+        Arc::new(Self {
+            id,
+            api_url,
+            started_at_ms: crate::util::now_ms(),
+            interval,
+            left: std::sync::Mutex::new(false),
+        })
+    }
+
+    /// What this host says of itself now.
+    pub fn record(&self, control: &Control) -> HostRecord {
+        let pools = control.functions.pools.pools();
+        let mut warm: Vec<String> = pools
+            .iter()
+            .filter(|pool| !pool.is_closed() && pool.stats().containers > 0)
+            .map(|pool| pool.target())
+            .collect();
+        warm.sort();
+        warm.dedup();
+        let gpus = &control.functions.pools.gpus;
+        HostRecord {
+            id: self.id.clone(),
+            api_url: self.api_url.clone(),
+            started_at_ms: self.started_at_ms,
+            heartbeat_ms: crate::util::now_ms(),
+            containers: pools.iter().map(|p| p.stats().containers as u64).sum(),
+            wasm_instances: crate::wasm::guest::live_instances(),
+            gpus_in_use: gpus.in_use() as u64,
+            gpus: gpus.count() as u64,
+            load: load(),
+            warm,
+        }
+    }
+
+    /// Every host with a record, this one first (from its own figures), then by id.
+    pub fn list(&self, control: &Control) -> Result<HostList> {
+        let now = crate::util::now_ms();
+        let stale = 3 * self.interval.as_millis() as u64;
+        let mut hosts = vec![HostStatus {
+            record: self.record(control),
+            alive: true,
+            this_host: true,
+        }];
+        for (id, bytes) in control.state.list_entries(Table::Hosts)? {
+            if id == self.id {
+                continue;
+            }
+            let Ok(record) = serde_json::from_slice::<HostRecord>(&bytes) else {
+                tracing::warn!(host = %id, "a host record does not parse; skipped");
+                continue;
+            };
+            hosts.push(HostStatus {
+                alive: now.saturating_sub(record.heartbeat_ms) <= stale,
+                this_host: false,
+                record,
+            });
+        }
+        Ok(HostList { hosts })
+    }
+
+    /// Writes this host's record now, unless it left.
+    pub fn beat(&self, control: &Control) -> Result<()> {
+        let record = serde_json::to_vec(&self.record(control))?;
+        let left = self.left.lock().unwrap_or_else(|e| e.into_inner());
+        if *left {
+            return Ok(());
+        }
+        control.state.put_entry(Table::Hosts, &self.id, &record)
+    }
+
+    /// Takes this host's record away (a clean stop); no beat writes it again.
+    pub fn leave(&self, control: &Control) {
+        let mut left = self.left.lock().unwrap_or_else(|e| e.into_inner());
+        *left = true;
+        if let Err(e) = control.state.delete_entry(Table::Hosts, &self.id) {
+            tracing::warn!(error = %e, "could not remove this host's record");
+        }
+    }
+}
+
+/// Beats until the control plane is dropped. A missed beat is logged, not fatal: the host
+/// keeps serving while the state is away.
+pub async fn run(control: Weak<Control>) {
+    loop {
+        let Some(strong) = control.upgrade() else {
+            return;
+        };
+        let host = strong.host.clone();
+        let beat = tokio::task::spawn_blocking(move || host.beat(&strong)).await;
+        if let Ok(Err(e)) = beat {
+            tracing::warn!(error = %e, "the heartbeat could not be written");
+        }
+        let interval = match control.upgrade() {
+            Some(control) => control.host.interval,
+            None => return,
+        };
+        tokio::time::sleep(interval).await;
+    }
+}
