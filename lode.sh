@@ -5,6 +5,8 @@
 #   ./lode.sh test    fmt, clippy and the whole test suite (what CI runs)
 #   ./lode.sh fuzz [TARGET...] [-- SECONDS]   each fuzz target under libFuzzer (nightly, cargo-fuzz), 180 s each
 #   ./lode.sh bench [http|cas|fs|container|python|calls|build|sandbox]   all benchmarks, or one (installs wrk, b3sum, debootstrap, slirp4netns)
+#   ./lode.sh cluster PostgreSQL, SeaweedFS (S3) and three hosts on loopback sharing them, with
+#                     samples/hello-http deployed; runs until Ctrl-C
 #   ./lode.sh stop    stop the demo server
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -130,6 +132,24 @@ stop() {
   fi
 }
 
+# The shared engines the cluster runs on: Debian's PostgreSQL (initdb, pg_ctl) and SeaweedFS.
+cluster_engines() {
+  if ! compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null; then
+    apt_install postgresql
+    if command -v systemctl >/dev/null; then systemctl disable --now postgresql >/dev/null 2>&1 || true; fi
+  fi
+  install_weed
+}
+
+cluster() {
+  setup curl python3
+  cluster_engines
+  log "building lode (release)"
+  cargo build --release --quiet --bin lode
+  ./target/release/lode cluster --dir "${LODE_CLUSTER_DIR:-/var/lib/lode-cluster}" \
+    --deploy samples/hello-http "$@"
+}
+
 run_tests() {
   # The sandbox tests build a root filesystem from a static busybox; image builds need
   # debootstrap (the base is kept in $CACHE_DIR/images/base, so reruns skip it) and
@@ -146,13 +166,8 @@ run_tests() {
   if ! python3 -c 'import numpy' 2>/dev/null && ! /usr/bin/python3 -c 'import numpy' 2>/dev/null; then
     apt_install python3-numpy
   fi
-  # The shared-state tests start their own PostgreSQL from Debian's package (initdb, pg_ctl);
-  # the packaged service is not needed.
-  if ! compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null; then
-    apt_install postgresql
-    if command -v systemctl >/dev/null; then systemctl disable --now postgresql >/dev/null 2>&1 || true; fi
-  fi
-  install_weed
+  # The tests of several hosts start their own PostgreSQL and SeaweedFS.
+  cluster_engines
   # A one-off CI build gains nothing from incremental state, which is gigabytes on disk.
   if [[ -n ${CI:-} ]]; then export CARGO_INCREMENTAL=0; fi
   log "cargo fmt --check"
@@ -248,5 +263,6 @@ case "${1:-}" in
   fuzz) shift; fuzz "$@" ;;
   bench) shift; bench "$@" ;;
   stop) stop ;;
-  *) sed -n '2,8p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
+  cluster) shift; cluster "$@" ;;
+  *) sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
 esac

@@ -32,6 +32,10 @@ pub struct ClientArgs {
 pub enum Command {
     /// Run the server: API, public HTTP, the Wasm engine and the Python function pools.
     Serve(Box<ServeArgs>),
+    /// Lode on several hosts, all on this machine: PostgreSQL and SeaweedFS (S3) started in
+    /// --dir, and --hosts `lode serve` processes on loopback sharing them; runs until Ctrl-C
+    /// (`./lode.sh cluster` deploys a sample too).
+    Cluster(crate::cli::cluster::ClusterArgs),
     /// Deploy a .wasm component, a Cargo crate directory, a directory with lode.toml, or a
     /// Python file (its lode.App: images are built, functions get container pools).
     Deploy {

@@ -5,6 +5,7 @@ pub mod apps;
 pub mod args;
 pub mod calls;
 pub mod client;
+pub mod cluster;
 pub mod container;
 pub mod deploy;
 pub mod dev;
@@ -31,6 +32,7 @@ use crate::cli::client::{client, deploy_registry, registry};
 pub async fn run(client_args: ClientArgs, command: Command) -> Result<()> {
     match command {
         Command::Serve(args) => serve::run(*args).await,
+        Command::Cluster(args) => cluster::run(args).await,
         Command::Deploy {
             path,
             name,
