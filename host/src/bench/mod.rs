@@ -6,6 +6,7 @@
 pub mod build;
 pub mod calls;
 pub mod cas;
+pub mod cluster;
 pub mod container;
 pub mod fs;
 pub mod gpu;
@@ -49,6 +50,10 @@ pub enum BenchCommand {
     /// at once and host memory per sandbox, against `lode container run` and a bare `true`
     /// (needs root and a static busybox).
     Sandbox(crate::bench::sandbox::SandboxBench),
+    /// Lode on PostgreSQL and SeaweedFS with several hosts, against one embedded host: warm
+    /// call latency, deploy on one host to first answer on another (run from the repository
+    /// root, as root).
+    Cluster(crate::bench::cluster::ClusterBench),
     /// A plain hyper server answering `hello`: the ceiling `lode bench http` compares to.
     #[command(hide = true)]
     HyperHello {
@@ -70,6 +75,7 @@ pub async fn run(command: BenchCommand) -> Result<()> {
         BenchCommand::Calls(args) => crate::bench::calls::calls(args).await,
         BenchCommand::Sandbox(args) => crate::bench::sandbox::sandbox(args).await,
         BenchCommand::Gpu(args) => crate::bench::gpu::gpu(args).await,
+        BenchCommand::Cluster(args) => crate::bench::cluster::cluster(args).await,
         BenchCommand::HyperHello { listen } => crate::bench::http::hyper_hello(listen).await,
     }
 }

@@ -192,8 +192,8 @@ pub async fn run(args: ClusterArgs) -> Result<()> {
         "starting PostgreSQL, SeaweedFS and {count} hosts under {}",
         dir.display()
     );
-    let cluster = tokio::task::spawn_blocking(move || LocalCluster::start(&dir, count, &[]))
-        .await??;
+    let cluster =
+        tokio::task::spawn_blocking(move || LocalCluster::start(&dir, count, &[])).await??;
     for path in &args.deploy {
         let out = cluster.hosts[0].cli()?.arg("deploy").arg(path).output()?;
         if !out.status.success() {
