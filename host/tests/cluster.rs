@@ -170,3 +170,80 @@ async fn any_host_serves_what_another_deployed() {
     c.stop();
     hosts_become(&a, &["a alive (this host)", "b silent"]).unwrap();
 }
+
+/// A call spawned on one host is seen from another while it runs; when its host is killed,
+/// the others mark it lost, naming the host, rather than leave it running for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_hosts_running_calls_end_as_lost() {
+    let dir = tempfile::tempdir().unwrap();
+    let postgres = LocalPostgres::start(&dir.path().join("pg")).unwrap();
+    let s3 = LocalS3::start(&dir.path().join("s3")).unwrap();
+    let key = key_file(dir.path());
+    let a = host("a", &postgres, &s3, &key);
+    let mut b = host("b", &postgres, &s3, &key);
+    let project = dir.path().join("busy");
+    std::fs::create_dir_all(&project).unwrap();
+    std::fs::write(
+        project.join("lode.toml"),
+        format!(
+            "app = \"busy\"\n[[function]]\nname = \"work\"\npath = \"{}\"\ntimeout = 60\n\
+             volumes = [{{ name = \"mlp-weights\", path = \"/weights\", read_only = true, \
+             create_if_missing = true }}]\n",
+            harness::repo_file("samples/wasm-gpu")
+        ),
+    )
+    .unwrap();
+    a.cli_ok(&["deploy", project.to_str().unwrap()]);
+    answers_call(&b).await;
+
+    let spawned: serde_json::Value = b
+        .api(reqwest::Method::POST, "/v1/apps/busy/functions/work/spawn")
+        .json(&serde_json::json!({"args": [], "kwargs": {"busy": 30}}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = spawned["call_id"].as_str().expect("a call id").to_string();
+    let poll = |lode: &Lode| {
+        lode.api(reqwest::Method::GET, &format!("/v1/calls/{id}?wait=0"))
+            .send()
+    };
+    let seen: serde_json::Value = poll(&a).await.unwrap().json().await.unwrap();
+    assert_eq!(seen["status"], "running", "{seen}");
+    assert_eq!(seen["host"], "b", "{seen}");
+
+    b.kill();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let lost = loop {
+        let seen: serde_json::Value = poll(&a).await.unwrap().json().await.unwrap();
+        if seen["status"] != "running" {
+            break seen;
+        }
+        assert!(Instant::now() < deadline, "still running: {seen}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(lost["status"], "failed", "{lost}");
+    assert_eq!(lost["error"]["kind"], "lost", "{lost}");
+    assert!(
+        lost["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("host b stopped answering"),
+        "{lost}"
+    );
+}
+
+/// Waits until `busy/work` answers on `lode` (its deploy followed there).
+async fn answers_call(lode: &Lode) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let out = lode.cli(&["call", "busy/work", "--", "[[1, 2]]"]);
+        if !text(&out.stderr).contains("not deployed") && !text(&out.stderr).contains("no app") {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{}", text(&out.stderr));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

@@ -75,18 +75,75 @@ pub struct Calls {
     inner: Mutex<Records>,
     /// Where records outlive the process; `None` keeps them in memory only.
     store: Option<Arc<dyn StateStore>>,
+    /// This host's id, stamped on the calls it runs, where hosts share the store.
+    host: Option<String>,
 }
 
 impl Calls {
     /// Records kept in `store` too. Records older than [`RETENTION`] go now, and calls that
-    /// were running when the last server stopped are marked failed.
-    pub fn persistent(store: Arc<dyn StateStore>) -> Self {
+    /// were running here when this host last stopped are marked failed. `host` is this
+    /// host's id where several share the store: the calls other hosts run are theirs.
+    pub fn persistent(store: Arc<dyn StateStore>, host: Option<String>) -> Self {
         let calls = Self {
             inner: Mutex::default(),
             store: Some(store),
+            host,
         };
         calls.sweep(true);
         calls
+    }
+
+    /// Marks failed, as lost, the running calls of hosts that are gone: those `alive`
+    /// does not name (this host's own are left to it).
+    pub fn fail_orphans(&self, alive: &dyn Fn(&str) -> bool) {
+        let Some(store) = &self.store else { return };
+        let entries = match store.list_entries(Table::Calls) {
+            Ok(entries) => entries,
+            Err(e) => {
+                tracing::warn!(error = %e, "reading call records failed");
+                return;
+            }
+        };
+        for (_, bytes) in entries {
+            let Ok(record) = serde_json::from_slice::<CallRecord>(&bytes) else {
+                continue;
+            };
+            let Some(host) = record.host.clone() else {
+                continue;
+            };
+            if record.status != CallStatus::Running
+                || Some(&host) == self.host.as_ref()
+                || alive(&host)
+            {
+                continue;
+            }
+            let id = record.call_id.clone();
+            // Marked only if still running: the host may have finished it meanwhile.
+            let marked = store.update_table(Table::Calls, &mut |edit| {
+                let Some(now) = edit.get(&id)? else {
+                    return Ok(());
+                };
+                let Ok(mut now) = serde_json::from_slice::<CallRecord>(&now) else {
+                    return Ok(());
+                };
+                if now.status != CallStatus::Running {
+                    return Ok(());
+                }
+                now.status = CallStatus::Failed;
+                now.duration_ms = Some(crate::util::now_ms().saturating_sub(now.created_ms));
+                now.error = Some(ErrorInfo::lode(
+                    "lost",
+                    format!(
+                        "host {host} stopped answering while this call ran there; call it again"
+                    ),
+                ));
+                edit.put(&id, &serde_json::to_vec(&now)?)
+            });
+            match marked {
+                Ok(()) => tracing::warn!(call = %id, host, "a call of a host that is gone is lost"),
+                Err(e) => tracing::warn!(call = %id, error = %e, "marking a lost call failed"),
+            }
+        }
     }
 
     /// Drops expired records from the store; with `after_restart`, fails the ones left
@@ -104,7 +161,8 @@ impl Calls {
         for (id, bytes) in entries {
             match serde_json::from_slice::<CallRecord>(&bytes) {
                 Ok(record) if record.created_ms >= oldest => {
-                    if after_restart && record.status == CallStatus::Running {
+                    let ours = record.host.is_none() || record.host == self.host;
+                    if after_restart && ours && record.status == CallStatus::Running {
                         let mut lost = record;
                         lost.status = CallStatus::Failed;
                         lost.error = Some(ErrorInfo::lode(
@@ -144,6 +202,7 @@ impl Calls {
             error: None,
             created_ms: crate::util::now_ms(),
             duration_ms: None,
+            host: self.host.clone(),
         };
         self.persist(&record);
         let created = {
@@ -246,9 +305,18 @@ impl Calls {
             records.map.get(id).map(|e| e.done.subscribe())
         };
         let Some(mut done) = subscribed else {
-            // Not in memory: a record from before a restart, or evicted.
-            let bytes = self.store.as_ref()?.get_entry(Table::Calls, id).ok()??;
-            return serde_json::from_slice(&bytes).ok();
+            // Not in memory: a record from before a restart, evicted, or a call another host
+            // runs, whose end shows in the store.
+            let store = self.store.as_ref()?;
+            let deadline = tokio::time::Instant::now() + wait.min(MAX_WAIT);
+            loop {
+                let bytes = store.get_entry(Table::Calls, id).ok()??;
+                let record: CallRecord = serde_json::from_slice(&bytes).ok()?;
+                if record.status != CallStatus::Running || tokio::time::Instant::now() >= deadline {
+                    return Some(record);
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
         };
         let _ = tokio::time::timeout(wait.min(MAX_WAIT), done.wait_for(|d| *d)).await;
         let records = self.inner.lock().unwrap();
@@ -266,14 +334,14 @@ mod tests {
         let (done, running) = {
             let store: Arc<dyn StateStore> =
                 Arc::new(crate::store::state::RedbStore::open(dir.path()).unwrap());
-            let calls = Calls::persistent(store);
+            let calls = Calls::persistent(store, None);
             let done = calls.create("demo", "square", "wasm");
             calls.finish(&done, Outcome::value(serde_json::json!(9)));
             (done, calls.create("demo", "square", "python"))
         };
         let store: Arc<dyn StateStore> =
             Arc::new(crate::store::state::RedbStore::open(dir.path()).unwrap());
-        let calls = Calls::persistent(store);
+        let calls = Calls::persistent(store, None);
         let record = calls.wait(&done, Duration::ZERO).await.unwrap();
         assert_eq!(
             (record.status, record.result, record.engine.as_str()),

@@ -20,6 +20,8 @@ pub struct ThisHost {
     started_at_ms: u64,
     /// How often it beats.
     pub interval: Duration,
+    /// Whether other hosts share its state (else it keeps no record and stamps no calls).
+    pub shared: bool,
     /// Set once it left: held while a beat writes, so no beat lands after the record went.
     left: std::sync::Mutex<bool>,
 }
@@ -33,13 +35,15 @@ fn load() -> f64 {
 }
 
 impl ThisHost {
-    /// A host named `id` whose API is at `api_url`, beating every `interval`.
-    pub fn new(id: String, api_url: String, interval: Duration) -> Arc<Self> {
+    /// A host named `id` whose API is at `api_url`, beating every `interval` where its
+    /// state is `shared`.
+    pub fn new(id: String, api_url: String, interval: Duration, shared: bool) -> Arc<Self> {
         Arc::new(Self {
             id,
             api_url,
             started_at_ms: crate::util::now_ms(),
             interval,
+            shared,
             left: std::sync::Mutex::new(false),
         })
     }
@@ -116,14 +120,29 @@ impl ThisHost {
 }
 
 /// Beats until the control plane is dropped. A missed beat is logged, not fatal: the host
-/// keeps serving while the state is away.
+/// keeps serving while the state is away. Every few beats it also marks lost the running
+/// calls of hosts that went silent.
 pub async fn run(control: Weak<Control>) {
-    loop {
+    for n in 0u64.. {
         let Some(strong) = control.upgrade() else {
             return;
         };
         let host = strong.host.clone();
-        let beat = tokio::task::spawn_blocking(move || host.beat(&strong)).await;
+        let beat = tokio::task::spawn_blocking(move || {
+            host.beat(&strong)?;
+            if n % 5 == 4 {
+                let alive: std::collections::HashSet<String> = host
+                    .list(&strong)?
+                    .hosts
+                    .into_iter()
+                    .filter(|h| h.alive)
+                    .map(|h| h.record.id)
+                    .collect();
+                strong.calls.fail_orphans(&|id| alive.contains(id));
+            }
+            anyhow::Ok(())
+        })
+        .await;
         if let Ok(Err(e)) = beat {
             tracing::warn!(error = %e, "the heartbeat could not be written");
         }

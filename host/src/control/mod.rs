@@ -189,7 +189,7 @@ impl Control {
         functions: Functions,
         host: Arc<hosts::ThisHost>,
     ) -> Arc<Self> {
-        let calls = Calls::persistent(state.clone());
+        let calls = Calls::persistent(state.clone(), host.shared.then(|| host.id.clone()));
         let metrics = Arc::new(Metrics::default());
         let history = CallHistory::start(state.clone(), metrics.call_records_dropped.clone());
         let objects = Arc::new(crate::store::objects::Objects::new(state.clone()));

@@ -52,6 +52,9 @@ pub struct CallRecord {
     /// How long it ran, once finished.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub duration_ms: Option<u64>,
+    /// The host that runs it, where hosts share the state.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
 }
 
 /// Error messages are cut to this many bytes in the record.

@@ -329,6 +329,7 @@ pub async fn serve(options: ServeOptions) -> Result<()> {
             }),
             options.advertise.clone().unwrap_or_else(|| api_url.clone()),
             options.heartbeat,
+            options.state_url.is_some(),
         ),
     );
     // Before the restore, so every container started gets its API socket.
