@@ -58,6 +58,31 @@ async fn state_in_postgres_outlives_the_server_and_needs_a_shared_secrets_key() 
     );
 }
 
+/// The shared PostgreSQL and S3 of a test, and the secrets key its hosts share.
+struct Engines {
+    postgres: LocalPostgres,
+    s3: LocalS3,
+    key: String,
+    dir: tempfile::TempDir,
+}
+
+impl Engines {
+    fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        Engines {
+            postgres: LocalPostgres::start(&dir.path().join("pg")).unwrap(),
+            s3: LocalS3::start(&dir.path().join("s3")).unwrap(),
+            key: key_file(dir.path()),
+            dir,
+        }
+    }
+
+    /// A host `id` on them.
+    fn host(&self, id: &str) -> Lode {
+        host(id, &self.postgres, &self.s3, &self.key)
+    }
+}
+
 /// A host on the shared PostgreSQL and S3 of a test.
 fn host(id: &str, postgres: &LocalPostgres, s3: &LocalS3, key: &str) -> Lode {
     let env = s3.env();
@@ -129,12 +154,9 @@ fn hosts_become(lode: &Lode, want: &[&str]) -> Result<(), String> {
 /// component read from S3 into its own empty data dir.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn any_host_serves_what_another_deployed() {
-    let dir = tempfile::tempdir().unwrap();
-    let postgres = LocalPostgres::start(&dir.path().join("pg")).unwrap();
-    let s3 = LocalS3::start(&dir.path().join("s3")).unwrap();
-    let key = key_file(dir.path());
-    let a = host("a", &postgres, &s3, &key);
-    let mut b = host("b", &postgres, &s3, &key);
+    let engines = Engines::start();
+    let a = engines.host("a");
+    let mut b = engines.host("b");
 
     a.deploy(&sample("hello_http"), "site");
     assert_eq!(answers(&b, "/site/", 200).await, "hello\n");
@@ -151,7 +173,7 @@ async fn any_host_serves_what_another_deployed() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 
-    let mut c = host("c", &postgres, &s3, &key);
+    let mut c = engines.host("c");
     assert_eq!(c.get("/site/").await, a.get("/site/").await);
 
     a.cli_ok(&["rm", "site"]);
@@ -175,13 +197,10 @@ async fn any_host_serves_what_another_deployed() {
 /// the others mark it lost, naming the host, rather than leave it running for ever.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_hosts_running_calls_end_as_lost() {
-    let dir = tempfile::tempdir().unwrap();
-    let postgres = LocalPostgres::start(&dir.path().join("pg")).unwrap();
-    let s3 = LocalS3::start(&dir.path().join("s3")).unwrap();
-    let key = key_file(dir.path());
-    let a = host("a", &postgres, &s3, &key);
-    let mut b = host("b", &postgres, &s3, &key);
-    let project = dir.path().join("busy");
+    let engines = Engines::start();
+    let a = engines.host("a");
+    let mut b = engines.host("b");
+    let project = engines.dir.path().join("busy");
     std::fs::create_dir_all(&project).unwrap();
     std::fs::write(
         project.join("lode.toml"),

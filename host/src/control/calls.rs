@@ -69,6 +69,9 @@ impl Records {
     }
 }
 
+/// A record as the store keeps it: its id and its JSON.
+type StoredRecord = (String, Vec<u8>);
+
 /// Records of spawned calls.
 #[derive(Default)]
 pub struct Calls {
@@ -93,16 +96,23 @@ impl Calls {
         calls
     }
 
+    /// The store and every record in it; `None` (logged) where there is none to read.
+    fn stored(&self) -> Option<(&Arc<dyn StateStore>, Vec<StoredRecord>)> {
+        let store = self.store.as_ref()?;
+        match store.list_entries(Table::Calls) {
+            Ok(entries) => Some((store, entries)),
+            Err(e) => {
+                tracing::warn!(error = %e, "reading call records failed");
+                None
+            }
+        }
+    }
+
     /// Marks failed, as lost, the running calls of hosts that are gone: those `alive`
     /// does not name (this host's own are left to it).
     pub fn fail_orphans(&self, alive: &dyn Fn(&str) -> bool) {
-        let Some(store) = &self.store else { return };
-        let entries = match store.list_entries(Table::Calls) {
-            Ok(entries) => entries,
-            Err(e) => {
-                tracing::warn!(error = %e, "reading call records failed");
-                return;
-            }
+        let Some((store, entries)) = self.stored() else {
+            return;
         };
         for (_, bytes) in entries {
             let Ok(record) = serde_json::from_slice::<CallRecord>(&bytes) else {
@@ -149,13 +159,8 @@ impl Calls {
     /// Drops expired records from the store; with `after_restart`, fails the ones left
     /// running.
     fn sweep(&self, after_restart: bool) {
-        let Some(store) = &self.store else { return };
-        let entries = match store.list_entries(Table::Calls) {
-            Ok(entries) => entries,
-            Err(e) => {
-                tracing::warn!(error = %e, "reading call records failed");
-                return;
-            }
+        let Some((store, entries)) = self.stored() else {
+            return;
         };
         let oldest = crate::util::now_ms().saturating_sub(RETENTION.as_millis() as u64);
         for (id, bytes) in entries {
