@@ -158,6 +158,22 @@ async fn any_host_serves_what_another_deployed() {
     let a = engines.host("a");
     let mut b = engines.host("b");
 
+    // A second host with a live host's id is refused: it would take that host's calls.
+    let out = Command::new(LODE)
+        .args(["serve", "--data-dir"])
+        .arg(engines.dir.path().join("twin"))
+        .args(["--api", "127.0.0.1:0", "--http", "127.0.0.1:0"])
+        .args(["--registry-listen", "127.0.0.1:0", "--no-client-config"])
+        .args(["--state", &engines.postgres.url(), "--host-id", "a"])
+        .args(["--secrets-key-file", &engines.key])
+        .output()
+        .unwrap();
+    assert!(
+        text(&out.stderr).contains("host id \"a\" is in use by a live host"),
+        "{}",
+        text(&out.stderr)
+    );
+
     a.deploy(&sample("hello_http"), "site");
     assert_eq!(answers(&b, "/site/", 200).await, "hello\n");
     let logs = b.cli_ok(&["logs", "site"]);

@@ -99,6 +99,26 @@ impl ThisHost {
         Ok(HostList { hosts })
     }
 
+    /// Refuses to start as a host whose id a live host uses: two hosts with one id would
+    /// overwrite each other's record, and each would fail the other's calls as its own.
+    /// Checked before anything of the state is touched.
+    pub fn check_id(&self, state: &dyn crate::store::state::StateStore) -> Result<()> {
+        if let Some(bytes) = state.get_entry(Table::Hosts, &self.id)?
+            && let Ok(record) = serde_json::from_slice::<HostRecord>(&bytes)
+        {
+            let age = crate::util::now_ms().saturating_sub(record.heartbeat_ms);
+            if age <= 3 * self.interval.as_millis() as u64 && record.api_url != self.api_url {
+                anyhow::bail!(
+                    "host id {:?} is in use by a live host at {} (its heartbeat is {age} ms \
+                     old); give this one another --host-id",
+                    self.id,
+                    record.api_url
+                );
+            }
+        }
+        Ok(())
+    }
+
     /// Writes this host's record now, unless it left.
     pub fn beat(&self, control: &Control) -> Result<()> {
         let record = serde_json::to_vec(&self.record(control))?;

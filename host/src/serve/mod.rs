@@ -309,6 +309,19 @@ pub async fn serve(options: ServeOptions) -> Result<()> {
         (http_addr.ip(), http_addr.ip().to_string()),
     )
     .context("reading the sandboxes' records")?;
+    let this_host = crate::control::hosts::ThisHost::new(
+        options.host_id.clone().unwrap_or_else(|| {
+            std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|name| name.trim().to_string())
+                .unwrap_or_else(|_| "lode".into())
+        }),
+        options.advertise.clone().unwrap_or_else(|| api_url.clone()),
+        options.heartbeat,
+        options.state_url.is_some(),
+    );
+    if this_host.shared {
+        this_host.check_id(state.as_ref())?;
+    }
     let control = Control::new(
         engine,
         registry.blobs.clone(),
@@ -321,16 +334,7 @@ pub async fn serve(options: ServeOptions) -> Result<()> {
             registry: registry_url.clone(),
         },
         functions,
-        crate::control::hosts::ThisHost::new(
-            options.host_id.clone().unwrap_or_else(|| {
-                std::fs::read_to_string("/proc/sys/kernel/hostname")
-                    .map(|name| name.trim().to_string())
-                    .unwrap_or_else(|_| "lode".into())
-            }),
-            options.advertise.clone().unwrap_or_else(|| api_url.clone()),
-            options.heartbeat,
-            options.state_url.is_some(),
-        ),
+        this_host,
     );
     // Before the restore, so every container started gets its API socket.
     let _ = control
