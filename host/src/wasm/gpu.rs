@@ -178,7 +178,16 @@ impl FunctionGpu {
     /// The device for one more instance: the one this function's instances hold now, or a
     /// new lease, waited for until `deadline`.
     pub async fn hold(&self, deadline: Instant) -> Result<Arc<HeldGpu>, String> {
-        let mut held = self.held.lock().await;
+        // Another instance of this function may be waiting for the device: wait behind it,
+        // within this one's own deadline.
+        let mut held = tokio::time::timeout_at(deadline.into(), self.held.lock())
+            .await
+            .map_err(|_| {
+                format!(
+                    "gpu {:?}: every matching device stayed busy until the deadline",
+                    self.request
+                )
+            })?;
         if let Some(gpu) = held.upgrade() {
             return Ok(gpu);
         }
