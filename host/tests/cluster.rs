@@ -248,6 +248,10 @@ async fn a_killed_hosts_running_calls_end_as_lost() {
     let seen: serde_json::Value = poll(&a).await.unwrap().json().await.unwrap();
     assert_eq!(seen["status"], "running", "{seen}");
     assert_eq!(seen["host"], "b", "{seen}");
+    // A host starting meanwhile leaves b's running call alone.
+    let _c = engines.host("c");
+    let seen: serde_json::Value = poll(&a).await.unwrap().json().await.unwrap();
+    assert_eq!(seen["status"], "running", "{seen}");
 
     b.kill();
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -281,4 +285,48 @@ async fn answers_call(lode: &Lode) {
         assert!(Instant::now() < deadline, "{}", text(&out.stderr));
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// A sandbox runs on the host that made it: a host that starts later leaves its record as it
+/// is (before hosts were named, a starting host marked every running sandbox ended).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_starting_host_leaves_other_hosts_sandboxes_running() {
+    let engines = Engines::start();
+    let a = engines.host("a");
+    let work = tempfile::tempdir().unwrap();
+    std::fs::copy(sample("wasi-tools"), work.path().join("wasi-tools.wasm")).unwrap();
+    let spec = harness::write_spec(
+        work.path(),
+        "image.json",
+        r#"{"base": {"wasm": {}}, "steps": [
+            {"add_local_file": {"local": "wasi-tools.wasm", "remote": "/usr/local/bin/wasi-tools.wasm"}}
+        ]}"#,
+    );
+    a.build_image(&spec, &["--tag", "test/wasm"]);
+    let id = a
+        .cli_ok(&["sandbox", "create", "test/wasm"])
+        .trim()
+        .to_string();
+    let info = |lode: &Lode| {
+        lode.api(reqwest::Method::GET, &format!("/v1/sandboxes/{id}"))
+            .send()
+    };
+    let before: serde_json::Value = info(&a).await.unwrap().json().await.unwrap();
+    assert_eq!(before["host"], "a", "{before}");
+
+    // The record as every host reads it (b holds no sandbox of its own to answer from).
+    let b = engines.host("b");
+    let after: serde_json::Value = info(&b).await.unwrap().json().await.unwrap();
+    assert_eq!(after["status"], "running", "{after}");
+    assert_eq!(after["host"], "a", "{after}");
+    let out = a.cli(&[
+        "sandbox",
+        "exec",
+        &id,
+        "--",
+        "wasi-tools",
+        "echo",
+        "still here",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
 }

@@ -135,6 +135,9 @@ pub struct SandboxInfo {
     /// reach it (besides the API token's holder). Absent when made through the API.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub created_by_app: Option<String>,
+    /// The host it runs on, where hosts share the state.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
 }
 
 /// `GET /v1/sandboxes`.

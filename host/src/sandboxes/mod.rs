@@ -172,6 +172,8 @@ pub struct Sandboxes {
     queued: Arc<std::sync::atomic::AtomicU64>,
     /// Where Lode volumes live, which sandboxes mount by name.
     volumes_dir: PathBuf,
+    /// This host's id, stamped on its sandboxes, where hosts share the state.
+    host: Option<String>,
     /// Secrets, whose variables sandboxes may ask for by name.
     secrets: Arc<crate::store::secrets::Secrets>,
     /// Where tunnels listen (the public HTTP listener's address), and the host their
@@ -222,8 +224,10 @@ impl Drop for Reservation<'_> {
 }
 
 impl Sandboxes {
-    /// The sandboxes of a server that just started: records of ones that were running are
-    /// marked ended by the restart, and records older than a day go.
+    /// The sandboxes of a server that just started: records of ones that were running here
+    /// are marked ended by the restart, and records older than a day go. `host` is this
+    /// host's id where several share the state: the sandboxes other hosts run are theirs.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         native: Arc<Native>,
         state: Arc<dyn StateStore>,
@@ -232,12 +236,14 @@ impl Sandboxes {
         volumes_dir: PathBuf,
         secrets: Arc<crate::store::secrets::Secrets>,
         tunnel_address: (std::net::IpAddr, String),
+        host: Option<String>,
     ) -> anyhow::Result<Arc<Self>> {
         let oldest = crate::util::now_ms().saturating_sub(RETENTION.as_millis() as u64);
         for (id, bytes) in state.list_entries(Table::Sandboxes)? {
             match serde_json::from_slice::<SandboxInfo>(&bytes) {
                 Ok(mut info) if info.ended_ms.unwrap_or(info.created_ms) >= oldest => {
-                    if info.status == SandboxStatus::Running {
+                    let ours = info.host.is_none() || info.host == host;
+                    if ours && info.status == SandboxStatus::Running {
                         info.status = SandboxStatus::Ended;
                         info.ended_by = Some("restart".into());
                         info.ended_ms = Some(crate::util::now_ms());
@@ -261,6 +267,7 @@ impl Sandboxes {
             image_roots: Mutex::new(HashMap::new()),
             queued: Arc::default(),
             volumes_dir,
+            host,
             secrets,
             tunnel_address,
         }))
@@ -380,6 +387,7 @@ impl Sandboxes {
             idle_timeout: request.idle_timeout,
             tunnels,
             created_by_app: maker,
+            host: self.host.clone(),
         };
         self.record(&info);
         let entry = Arc::new(Entry {

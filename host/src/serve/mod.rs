@@ -296,19 +296,6 @@ pub async fn serve(options: ServeOptions) -> Result<()> {
             apps
         },
     };
-    let sandboxes = crate::sandboxes::Sandboxes::new(
-        native.clone(),
-        state.clone(),
-        options.sandbox_bounds.clone(),
-        options
-            .command_cache
-            .clone()
-            .unwrap_or_else(|| options.cache_dir.join("compiled-commands")),
-        functions.volumes_dir.clone(),
-        functions.secrets.clone(),
-        (http_addr.ip(), http_addr.ip().to_string()),
-    )
-    .context("reading the sandboxes' records")?;
     let this_host = crate::control::hosts::ThisHost::new(
         options.host_id.clone().unwrap_or_else(|| {
             std::fs::read_to_string("/proc/sys/kernel/hostname")
@@ -322,6 +309,20 @@ pub async fn serve(options: ServeOptions) -> Result<()> {
     if this_host.shared {
         this_host.check_id(state.as_ref())?;
     }
+    let sandboxes = crate::sandboxes::Sandboxes::new(
+        native.clone(),
+        state.clone(),
+        options.sandbox_bounds.clone(),
+        options
+            .command_cache
+            .clone()
+            .unwrap_or_else(|| options.cache_dir.join("compiled-commands")),
+        functions.volumes_dir.clone(),
+        functions.secrets.clone(),
+        (http_addr.ip(), http_addr.ip().to_string()),
+        this_host.shared.then(|| this_host.id.clone()),
+    )
+    .context("reading the sandboxes' records")?;
     let control = Control::new(
         engine,
         registry.blobs.clone(),
