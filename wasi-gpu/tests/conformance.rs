@@ -451,6 +451,17 @@ fn kernels_take_the_capability_and_run_only_where_a_backend_has_them() {
             };
             let err = gpu.launch(&kernel, too_wide, &args).unwrap_err();
             assert_eq!(err.code, ErrorCode::BadArgument, "{err}");
+            // The driver would read past arguments it was not given: counts and sizes are
+            // checked against the kernel's own parameters.
+            let err = gpu.launch(&kernel, shape, &args[..2]).unwrap_err();
+            assert_eq!(err.code, ErrorCode::BadArgument, "{err}");
+            let wrong = [
+                Argument::Buffer(&data),
+                Argument::F32(0.5),
+                Argument::U64(1000),
+            ];
+            let err = gpu.launch(&kernel, shape, &wrong).unwrap_err();
+            assert_eq!(err.code, ErrorCode::BadArgument, "{err}");
         }
     }
 }

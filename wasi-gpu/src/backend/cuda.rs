@@ -142,7 +142,52 @@ pub fn probe() -> Result<(), String> {
 /// A kernel loaded from a guest's PTX: the module stays loaded while it lives.
 pub struct CudaKernel {
     function: CudaFunction,
+    /// Each parameter's size in bytes, as the driver reads them: a launch must pass exactly
+    /// these, or the driver would read past the arguments it was given.
+    params: Vec<usize>,
     _module: Arc<CudaModule>,
+}
+
+/// The sizes of `function`'s parameters, from the driver (`cuFuncGetParamInfo`, CUDA 12.4).
+/// An older driver lacks the call, and cudarc panics on a missing symbol: that is caught and
+/// answered as a refusal, since a launch whose arguments cannot be checked is not safe.
+fn parameter_sizes(function: &CudaFunction) -> Result<Vec<usize>, GpuError> {
+    use cudarc::driver::sys::{CUresult, cuFuncGetParamInfo};
+    let raw = function.cu_function();
+    let described = std::panic::catch_unwind(|| {
+        let mut sizes = Vec::new();
+        loop {
+            let (mut offset, mut size) = (0usize, 0usize);
+            // SAFETY: a function the driver loaded; two out-parameters of the right type.
+            let got = unsafe { cuFuncGetParamInfo(raw, sizes.len(), &mut offset, &mut size) };
+            match got {
+                CUresult::CUDA_SUCCESS => sizes.push(size),
+                CUresult::CUDA_ERROR_INVALID_VALUE => return Ok(sizes),
+                other => return Err(other),
+            }
+            if sizes.len() > 4096 {
+                return Ok(sizes);
+            }
+        }
+    });
+    match described {
+        Ok(Ok(sizes)) => Ok(sizes),
+        Ok(Err(e)) => Err(failed(e)),
+        Err(_) => Err(GpuError::new(
+            ErrorCode::Unavailable,
+            "this NVIDIA driver is older than CUDA 12.4 and cannot describe a kernel's \
+             parameters, so a launch's arguments cannot be checked; PTX kernels need a newer \
+             driver",
+        )),
+    }
+}
+
+/// The bytes an argument takes.
+fn argument_size(arg: &KernelArg<'_>) -> usize {
+    match arg {
+        KernelArg::Buffer(_) | KernelArg::U64(_) => 8,
+        KernelArg::I32(_) | KernelArg::U32(_) | KernelArg::F32(_) => 4,
+    }
 }
 
 impl Cuda {
@@ -446,8 +491,10 @@ impl Backend for Cuda {
             .load_module(cudarc::nvrtc::Ptx::from_src(ptx))
             .map_err(|e| compile(&e))?;
         let loaded = module.load_function(function).map_err(|e| compile(&e))?;
+        let params = parameter_sizes(&loaded)?;
         Ok(Kernel::Cuda(CudaKernel {
             function: loaded,
+            params,
             _module: module,
         }))
     }
@@ -459,6 +506,21 @@ impl Backend for Cuda {
         args: &[KernelArg<'_>],
     ) -> Result<(), GpuError> {
         let Kernel::Cuda(kernel) = kernel;
+        if args.len() != kernel.params.len() {
+            return Err(GpuError::argument(format!(
+                "the kernel takes {} arguments and {} were given",
+                kernel.params.len(),
+                args.len()
+            )));
+        }
+        for (i, (arg, want)) in args.iter().zip(&kernel.params).enumerate() {
+            if argument_size(arg) != *want {
+                return Err(GpuError::argument(format!(
+                    "argument {i} is {} bytes, and the kernel's parameter {i} takes {want}",
+                    argument_size(arg)
+                )));
+            }
+        }
         let mut slices = Vec::new();
         for arg in args {
             if let KernelArg::Buffer(memory) = arg {
@@ -491,9 +553,10 @@ impl Backend for Cuda {
             block_dim: shape.block,
             shared_mem_bytes: shape.shared_bytes,
         };
-        // SAFETY: none that Rust can give: the kernel is the guest's own device code, which
-        // is why an app must ask for kernels. The driver checks the argument count against
-        // the kernel's, and a fault is reported at the next synchronize, as a kernel failure.
+        // SAFETY: the arguments match the kernel's parameters in number and size (checked
+        // above against the driver's description), so the driver reads only what was given.
+        // What the kernel does on the device is the guest's own code, which is why an app must
+        // ask for kernels; a fault is reported at the synchronize below, as a kernel failure.
         let ran = unsafe { launch.launch(config) }
             .map(|_| ())
             .and_then(|()| self.stream.synchronize());
