@@ -88,19 +88,28 @@ fn ensure_file(path: &Path, size: u64) -> Result<()> {
         return Ok(());
     }
     std::fs::create_dir_all(path.parent().expect("a file in a directory"))?;
-    let mut stream = blake3::Hasher::new()
-        .update(b"lode bench fs")
-        .finalize_xof();
     let mut out = std::io::BufWriter::new(std::fs::File::create(path)?);
+    write_pseudo_random(&mut out, b"lode bench fs", size)?;
+    std::io::Write::flush(&mut out)?;
+    Ok(())
+}
+
+/// Writes `len` bytes of the blake3 stream of `seed`: data that neither compresses nor
+/// dedups, the same for the same seed.
+pub(super) fn write_pseudo_random(
+    out: &mut impl std::io::Write,
+    seed: &[u8],
+    len: u64,
+) -> std::io::Result<()> {
+    let mut stream = blake3::Hasher::new().update(seed).finalize_xof();
     let mut block = vec![0u8; 4 << 20];
-    let mut left = size;
+    let mut left = len;
     while left > 0 {
         let n = left.min(block.len() as u64) as usize;
         stream.fill(&mut block[..n]);
-        std::io::Write::write_all(&mut out, &block[..n])?;
+        out.write_all(&block[..n])?;
         left -= n as u64;
     }
-    std::io::Write::flush(&mut out)?;
     Ok(())
 }
 

@@ -12,7 +12,7 @@ use anyhow::{Context, Result, bail};
 use lode_wasi_gpu::Gpu;
 use serde_json::{Map, Value, json};
 
-use crate::bench::fs::{drop_caches, fresh_dir, ingest, mount, read_file};
+use crate::bench::fs::{drop_caches, fresh_dir, ingest, mount, read_file, write_pseudo_random};
 use crate::bench::support::start_registry;
 
 /// One tensor: 16384 x 4096 f32, 256 MiB.
@@ -53,17 +53,11 @@ fn ensure_model(path: &Path, size: u64) -> Result<u64> {
     let mut out = std::io::BufWriter::new(std::fs::File::create(path)?);
     std::io::Write::write_all(&mut out, &(header.len() as u64).to_le_bytes())?;
     std::io::Write::write_all(&mut out, &header)?;
-    let mut stream = blake3::Hasher::new()
-        .update(b"lode bench gpu safetensors")
-        .finalize_xof();
-    let mut block = vec![0u8; 4 << 20];
-    let mut left = count * TENSOR_BYTES;
-    while left > 0 {
-        let n = left.min(block.len() as u64) as usize;
-        stream.fill(&mut block[..n]);
-        std::io::Write::write_all(&mut out, &block[..n])?;
-        left -= n as u64;
-    }
+    write_pseudo_random(
+        &mut out,
+        b"lode bench gpu safetensors",
+        count * TENSOR_BYTES,
+    )?;
     std::io::Write::flush(&mut out)?;
     Ok(total)
 }

@@ -284,21 +284,23 @@ impl Control {
         let name = &function.name;
         if let Some(gpu) = &function.resources.gpu {
             if function.runtime == Runtime::Wasm {
+                // Its own check: one device, on this host, and something to drive it.
                 self.functions
                     .wasm_gpus
                     .check(gpu)
                     .map_err(|why| DeployError::Unsupported(format!("function {name:?}: {why}")))?;
-            }
-            let gpus = &self.functions.pools.gpus;
-            let fits = gpus
-                .satisfies(gpu)
-                .map_err(|why| DeployError::Invalid(vec![format!("function {name:?}: {why}")]))?;
-            if !fits {
-                return Err(DeployError::Unsupported(format!(
-                    "function {name:?}: gpu {gpu:?} was requested, but this host has {}; \
-                     remove `gpu` to run on the CPU, or deploy to a host with that GPU",
-                    gpus.describe()
-                )));
+            } else {
+                let gpus = &self.functions.pools.gpus;
+                let fits = gpus.satisfies(gpu).map_err(|why| {
+                    DeployError::Invalid(vec![format!("function {name:?}: {why}")])
+                })?;
+                if !fits {
+                    return Err(DeployError::Unsupported(format!(
+                        "function {name:?}: gpu {gpu:?} was requested, but this host has {}; \
+                         remove `gpu` to run on the CPU, or deploy to a host with that GPU",
+                        gpus.describe()
+                    )));
+                }
             }
         }
         if function.runtime == Runtime::Python {

@@ -50,12 +50,14 @@ impl ThisHost {
 
     /// What this host says of itself now.
     pub fn record(&self, control: &Control) -> HostRecord {
-        let pools = control.functions.pools.pools();
-        let mut warm: Vec<String> = pools
-            .iter()
-            .filter(|pool| !pool.is_closed() && pool.stats().containers > 0)
-            .map(|pool| pool.target())
-            .collect();
+        let (mut containers, mut warm) = (0, Vec::new());
+        for pool in control.functions.pools.pools() {
+            let serving = pool.stats().containers as u64;
+            containers += serving;
+            if serving > 0 && !pool.is_closed() {
+                warm.push(pool.target());
+            }
+        }
         warm.sort();
         warm.dedup();
         let gpus = &control.functions.pools.gpus;
@@ -64,7 +66,7 @@ impl ThisHost {
             api_url: self.api_url.clone(),
             started_at_ms: self.started_at_ms,
             heartbeat_ms: crate::util::now_ms(),
-            containers: pools.iter().map(|p| p.stats().containers as u64).sum(),
+            containers,
             wasm_instances: crate::wasm::guest::live_instances(),
             gpus_in_use: gpus.in_use() as u64,
             gpus: gpus.count() as u64,
