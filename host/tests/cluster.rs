@@ -79,17 +79,21 @@ impl Engines {
 
     /// A host `id` on them.
     fn host(&self, id: &str) -> Lode {
-        host(id, &self.postgres, &self.s3, &self.key)
+        self.host_with(id, &[])
+    }
+
+    /// A host `id` on them, with more flags.
+    fn host_with(&self, id: &str, flags: &[&str]) -> Lode {
+        host(id, &self.postgres, &self.s3, &self.key, flags)
     }
 }
 
 /// A host on the shared PostgreSQL and S3 of a test.
-fn host(id: &str, postgres: &LocalPostgres, s3: &LocalS3, key: &str) -> Lode {
+fn host(id: &str, postgres: &LocalPostgres, s3: &LocalS3, key: &str, flags: &[&str]) -> Lode {
     let env = s3.env();
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let (state, blobs) = (postgres.url(), s3.url());
-    Lode::start_with_env(
-        &[
+    let mut args = vec![
             "--state",
             &state,
             "--blobs",
@@ -102,9 +106,9 @@ fn host(id: &str, postgres: &LocalPostgres, s3: &LocalS3, key: &str) -> Lode {
             id,
             "--heartbeat",
             "200ms",
-        ],
-        &env,
-    )
+        ];
+    args.extend_from_slice(flags);
+    Lode::start_with_env(&args, &env)
 }
 
 /// Waits (at most 20 s) until `path` on `lode` answers `status`; the body then.
@@ -209,76 +213,134 @@ async fn any_host_serves_what_another_deployed() {
     hosts_become(&a, &["a alive (this host)", "b silent"]).unwrap();
 }
 
-/// A call spawned on one host is seen from another while it runs; when its host is killed,
-/// the others mark it lost, naming the host, rather than leave it running for ever.
+/// Spawned calls go through the queue in PostgreSQL, which every host takes from (here one
+/// call at a time each, so three calls land on three hosts). When the hosts running two of
+/// them are killed, the third takes both once their leases run out: the one whose function
+/// allows a retry runs again there and succeeds; the one without ends as lost, naming the
+/// host it was on. A call cancelled through one host is stopped on the host running it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_killed_hosts_running_calls_end_as_lost() {
+async fn spawned_calls_are_shared_and_a_killed_hosts_calls_run_again_or_end_lost() {
     let engines = Engines::start();
-    let a = engines.host("a");
-    let mut b = engines.host("b");
-    let project = engines.dir.path().join("busy");
-    std::fs::create_dir_all(&project).unwrap();
-    std::fs::write(
-        project.join("lode.toml"),
-        format!(
-            "app = \"busy\"\n[[function]]\nname = \"work\"\npath = \"{}\"\ntimeout = 60\n\
-             volumes = [{{ name = \"mlp-weights\", path = \"/weights\", read_only = true, \
-             create_if_missing = true }}]\n",
-            harness::repo_file("samples/wasm-gpu")
-        ),
-    )
-    .unwrap();
-    a.cli_ok(&["deploy", project.to_str().unwrap()]);
-    answers_call(&b).await;
+    let slots = ["--spawn-slots", "1", "--spawn-lease", "2s"];
+    let mut hosts = vec![
+        engines.host_with("a", &slots),
+        engines.host_with("b", &slots),
+        engines.host_with("c", &slots),
+    ];
+    let project = |name: &str, retries: &str| {
+        let dir = engines.dir.path().join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(
+            dir.join("lode.toml"),
+            format!(
+                "app = \"{name}\"\n[[function]]\nname = \"work\"\npath = \"{}\"\ntimeout = 60\n\
+                 {retries}volumes = [{{ name = \"mlp-weights\", path = \"/weights\", \
+                 read_only = true, create_if_missing = true }}]\n",
+                harness::repo_file("samples/wasm-gpu")
+            ),
+        )
+        .unwrap();
+        dir
+    };
+    let once = project("once", "");
+    let again = project("again", "retries = { max_retries = 1, initial_delay = 0.0 }\n");
+    hosts[0].cli_ok(&["deploy", once.to_str().unwrap()]);
+    hosts[0].cli_ok(&["deploy", again.to_str().unwrap()]);
+    for lode in &hosts {
+        answers_call(lode, "once").await;
+        answers_call(lode, "again").await;
+    }
 
-    let spawned: serde_json::Value = b
-        .api(reqwest::Method::POST, "/v1/apps/busy/functions/work/spawn")
-        .json(&serde_json::json!({"args": [], "kwargs": {"busy": 30}}))
+    let spawn = async |lode: &Lode, app: &str, seconds: u32| -> String {
+        let spawned: serde_json::Value = lode
+            .api(reqwest::Method::POST, &format!("/v1/apps/{app}/functions/work/spawn"))
+            .json(&serde_json::json!({"args": [], "kwargs": {"busy": seconds}}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        spawned["call_id"].as_str().expect("a call id").to_string()
+    };
+    let poll = async |lode: &Lode, id: &str| -> serde_json::Value {
+        lode.api(reqwest::Method::GET, &format!("/v1/calls/{id}?wait=0"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    };
+    // All three spawned through one host; each host has room for one.
+    let once_id = spawn(&hosts[0], "once", 40).await;
+    let again_id = spawn(&hosts[0], "again", 3).await;
+    let idle_id = spawn(&hosts[0], "once", 40).await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let placed = loop {
+        let mut placed = Vec::new();
+        for id in [&once_id, &again_id, &idle_id] {
+            let seen = poll(&hosts[1], id).await;
+            assert_eq!(seen["status"], "running", "{seen}");
+            placed.push(seen["host"].as_str().unwrap_or("").to_string());
+        }
+        if placed.iter().all(|h| !h.is_empty()) {
+            break placed;
+        }
+        assert!(Instant::now() < deadline, "not all taken: {placed:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let mut distinct = placed.clone();
+    distinct.sort();
+    distinct.dedup();
+    assert_eq!(distinct, ["a", "b", "c"], "one call per host: {placed:?}");
+
+    // The third call is cancelled through a host that does not run it; its own host stops
+    // it at its next renewal, which frees its slot for the calls of the hosts killed next.
+    let index = |id: &str| ["a", "b", "c"].iter().position(|h| *h == id).unwrap();
+    let idle_host = index(&placed[2]);
+    let other = (idle_host + 1) % 3;
+    let cancelled: serde_json::Value = hosts[other]
+        .api(reqwest::Method::POST, &format!("/v1/calls/{idle_id}/cancel"))
         .send()
         .await
         .unwrap()
         .json()
         .await
         .unwrap();
-    let id = spawned["call_id"].as_str().expect("a call id").to_string();
-    let poll = |lode: &Lode| {
-        lode.api(reqwest::Method::GET, &format!("/v1/calls/{id}?wait=0"))
-            .send()
-    };
-    let seen: serde_json::Value = poll(&a).await.unwrap().json().await.unwrap();
-    assert_eq!(seen["status"], "running", "{seen}");
-    assert_eq!(seen["host"], "b", "{seen}");
-    // A host starting meanwhile leaves b's running call alone.
-    let _c = engines.host("c");
-    let seen: serde_json::Value = poll(&a).await.unwrap().json().await.unwrap();
-    assert_eq!(seen["status"], "running", "{seen}");
+    assert_eq!(cancelled["status"], "cancelled", "{cancelled}");
 
-    b.kill();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let lost = loop {
-        let seen: serde_json::Value = poll(&a).await.unwrap().json().await.unwrap();
-        if seen["status"] != "running" {
-            break seen;
+    hosts[index(&placed[0])].kill();
+    hosts[index(&placed[1])].kill();
+    let survivor = &hosts[idle_host];
+    let deadline = Instant::now() + Duration::from_secs(40);
+    let (lost, rerun) = loop {
+        let (lost, rerun) = (poll(survivor, &once_id).await, poll(survivor, &again_id).await);
+        if lost["status"] != "running" && rerun["status"] != "running" {
+            break (lost, rerun);
         }
-        assert!(Instant::now() < deadline, "still running: {seen}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(Instant::now() < deadline, "still running: {lost} {rerun}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
     };
     assert_eq!(lost["status"], "failed", "{lost}");
     assert_eq!(lost["error"]["kind"], "lost", "{lost}");
+    let message = lost["error"]["message"].as_str().unwrap();
     assert!(
-        lost["error"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("host b stopped answering"),
+        message.contains(&format!("host {} stopped answering", placed[0]))
+            && message.contains("no retries"),
         "{lost}"
     );
+    assert_eq!(rerun["status"], "succeeded", "{rerun}");
+    assert_eq!(rerun["host"], placed[2].as_str(), "{rerun}");
+    let cancelled = poll(survivor, &idle_id).await;
+    assert_eq!(cancelled["status"], "cancelled", "{cancelled}");
 }
 
-/// Waits until `busy/work` answers on `lode` (its deploy followed there).
-async fn answers_call(lode: &Lode) {
+/// Waits until `app/work` answers on `lode` (its deploy followed there).
+async fn answers_call(lode: &Lode, app: &str) {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let out = lode.cli(&["call", "busy/work", "--", "[[1, 2]]"]);
+        let out = lode.cli(&["call", &format!("{app}/work"), "--", "[[1, 2]]"]);
         if !text(&out.stderr).contains("not deployed") && !text(&out.stderr).contains("no app") {
             return;
         }

@@ -186,7 +186,14 @@ async fn cancel(
     State(control): State<Arc<Control>>,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    match control.calls.cancel(&id) {
+    let cancelled = control.calls.cancel(&id).map_err(|e| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            format!("cancelling call {id} failed: {e:#}; retry"),
+        )
+    })?;
+    match cancelled {
         Some(record) => Ok(Json(record).into_response()),
         None => Err(ApiError::not_found(format!(
             "no call {id:?}: spawned calls are kept while the server runs"

@@ -56,6 +56,10 @@ struct ProjectFunction {
     /// MiB an instance may hold in lode:gpu buffers on its device.
     #[serde(default)]
     gpu_memory: Option<u64>,
+    /// With hosts sharing a state: how often a spawned call whose host died is run again
+    /// on another (`{ max_retries = N }`).
+    #[serde(default)]
+    retries: Option<crate::proto::manifest::Retries>,
 }
 
 /// `timeout = 10` (seconds) or `timeout = "1m30s"`.
@@ -254,6 +258,7 @@ fn plan_project(dir: &Path, name: Option<&str>) -> Result<Plan> {
         p.spec.resources.gpu = f.gpu;
         p.spec.gpu_kernels = f.gpu_kernels;
         p.spec.gpu_memory = f.gpu_memory;
+        p.spec.retries = f.retries;
         if let Some(mut network) = f.network {
             if !network.allow.is_empty() {
                 network.mode = NetworkMode::Outbound;

@@ -83,6 +83,15 @@ pub struct ServeArgs {
     /// silent for three of these as not alive).
     #[arg(long, default_value = "2s", value_parser = humantime::parse_duration, value_name = "DURATION")]
     pub heartbeat: std::time::Duration,
+    /// With --state: how long a spawned call this host took stays its own without a renewal
+    /// (renewed every third of it). When this host dies, other hosts take its calls after
+    /// this long and run them again as the function's retries allow.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    pub spawn_lease: std::time::Duration,
+    /// With --state: spawned calls this host takes from the shared queue and runs at once;
+    /// the rest wait there for this host or another.
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..=100_000), value_name = "N")]
+    pub spawn_slots: u32,
     /// Keep blobs (components, image chunks, indexes) in this S3-compatible bucket,
     /// `s3://bucket[/prefix]?endpoint=http://host:port[&region=R][&retry_timeout=SECONDS]`,
     /// shared with other hosts; this host keeps read-through copies in its data dir. The
@@ -287,6 +296,8 @@ pub async fn run(args: ServeArgs) -> Result<()> {
         host_id: args.host_id,
         advertise: args.advertise,
         heartbeat: args.heartbeat,
+        spawn_lease: args.spawn_lease,
+        spawn_slots: args.spawn_slots as usize,
         secrets_key_file: args.secrets_key_file,
         wasm_gpu_compute: args.wasm_gpu_compute,
         container_bounds,

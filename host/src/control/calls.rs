@@ -4,6 +4,10 @@
 //! [`RETENTION`] (status, engine, duration, result or error), so `call.get()` works across a
 //! restart. A call that was running when the server stopped reads as failed, by name. Calls'
 //! summaries also go to the call history ([`super::history`]).
+//!
+//! Where hosts share a PostgreSQL state, calls spawned from outside go through its queue
+//! instead ([`SharedQueue`], run by [`super::spawned`]): any host takes them, and their
+//! records live in the store only.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -14,6 +18,7 @@ use serde_json::Value;
 use tokio::sync::watch;
 
 use crate::proto::calls::{CallRecord, CallStatus, MAX_WAIT};
+use crate::store::postgres::queue::{PgQueue, SpawnedInput};
 use crate::store::state::{StateStore, Table};
 
 /// Spawned calls remembered at once; the oldest finished ones go first.
@@ -72,6 +77,18 @@ impl Records {
 /// A record as the store keeps it: its id and its JSON.
 type StoredRecord = (String, Vec<u8>);
 
+/// The spawned-call queue hosts share, and how this host uses it.
+pub struct SharedQueue {
+    /// The queue in PostgreSQL.
+    pub queue: Arc<PgQueue>,
+    /// How long a taken input stays this host's without a renewal.
+    pub lease: Duration,
+    /// Inputs this host runs from the queue at once.
+    pub slots: usize,
+    /// Woken when inputs may be ready.
+    pub ready: Arc<tokio::sync::Notify>,
+}
+
 /// Records of spawned calls.
 #[derive(Default)]
 pub struct Calls {
@@ -80,20 +97,109 @@ pub struct Calls {
     store: Option<Arc<dyn StateStore>>,
     /// This host's id, stamped on the calls it runs, where hosts share the store.
     host: Option<String>,
+    /// The queue calls spawned from outside go through, where hosts share one.
+    pub shared: Option<SharedQueue>,
+}
+
+/// `record` as `outcome` ends it.
+pub fn settle(record: &mut CallRecord, outcome: Outcome) {
+    record.duration_ms = Some(crate::util::now_ms().saturating_sub(record.created_ms));
+    if let Some(error) = outcome.error {
+        record.status = CallStatus::Failed;
+        record.error = Some(error);
+    } else {
+        record.status = CallStatus::Succeeded;
+        record.result_pickled = outcome.result_pickled;
+        if record.result_pickled.is_none() {
+            record.result = Some(outcome.result.unwrap_or(Value::Null));
+        }
+    }
+}
+
+/// `record` (JSON) marked cancelled, if it is still running.
+fn cancelled(record: &[u8]) -> Option<Vec<u8>> {
+    let mut record: CallRecord = serde_json::from_slice(record).ok()?;
+    if record.status != CallStatus::Running {
+        return None;
+    }
+    mark_cancelled(&mut record);
+    serde_json::to_vec(&record).ok()
+}
+
+fn mark_cancelled(record: &mut CallRecord) {
+    record.status = CallStatus::Cancelled;
+    record.duration_ms = Some(crate::util::now_ms().saturating_sub(record.created_ms));
+    record.error = Some(ErrorInfo::lode(
+        "cancelled",
+        format!("call {} was cancelled", record.call_id),
+    ));
+}
+
+/// A new call's id.
+fn new_call_id() -> String {
+    format!("ca-{:024x}", rand::random::<u128>() >> 32)
 }
 
 impl Calls {
     /// Records kept in `store` too. Records older than [`RETENTION`] go now, and calls that
     /// were running here when this host last stopped are marked failed. `host` is this
     /// host's id where several share the store: the calls other hosts run are theirs.
-    pub fn persistent(store: Arc<dyn StateStore>, host: Option<String>) -> Self {
+    pub fn persistent(
+        store: Arc<dyn StateStore>,
+        host: Option<String>,
+        shared: Option<SharedQueue>,
+    ) -> Self {
         let calls = Self {
             inner: Mutex::default(),
             store: Some(store),
             host,
+            shared,
         };
         calls.sweep(true);
         calls
+    }
+
+    /// The calls in the shared queue, which its leases look after rather than this host's
+    /// sweeps; `None` (logged) where the queue cannot be read, so nothing is swept.
+    fn queued(&self) -> Option<std::collections::HashSet<String>> {
+        let Some(shared) = &self.shared else {
+            return Some(Default::default());
+        };
+        match shared.queue.queued() {
+            Ok(ids) => Some(ids),
+            Err(e) => {
+                tracing::warn!(error = %e, "reading the spawned-call queue failed");
+                None
+            }
+        }
+    }
+
+    /// Queues a call any host may take, with its running record; returns its id once both
+    /// are stored. Its waiters read the record from the store.
+    pub fn enqueue(&self, input: SpawnedInput) -> anyhow::Result<String> {
+        let shared = self
+            .shared
+            .as_ref()
+            .ok_or_else(|| anyhow::anyhow!("no shared queue"))?;
+        let id = new_call_id();
+        let record = CallRecord {
+            call_id: id.clone(),
+            app: input.app.clone(),
+            function: input.function.clone(),
+            engine: input.engine.clone(),
+            status: CallStatus::Running,
+            result: None,
+            result_pickled: None,
+            error: None,
+            created_ms: input.created_ms,
+            duration_ms: None,
+            host: None,
+        };
+        shared
+            .queue
+            .push(&id, &serde_json::to_vec(&record)?, &input)?;
+        shared.ready.notify_one();
+        Ok(id)
     }
 
     /// The store and every record in it; `None` (logged) where there is none to read.
@@ -111,10 +217,16 @@ impl Calls {
     /// Marks failed, as lost, the running calls of hosts that are gone: those `alive`
     /// does not name (this host's own are left to it).
     pub fn fail_orphans(&self, alive: &dyn Fn(&str) -> bool) {
+        let Some(queued) = self.queued() else {
+            return;
+        };
         let Some((store, entries)) = self.stored() else {
             return;
         };
-        for (_, bytes) in entries {
+        for (id, bytes) in entries {
+            if queued.contains(&id) {
+                continue;
+            }
             let Ok(record) = serde_json::from_slice::<CallRecord>(&bytes) else {
                 continue;
             };
@@ -159,11 +271,17 @@ impl Calls {
     /// Drops expired records from the store; with `after_restart`, fails the ones left
     /// running.
     fn sweep(&self, after_restart: bool) {
+        let Some(queued) = self.queued() else {
+            return;
+        };
         let Some((store, entries)) = self.stored() else {
             return;
         };
         let oldest = crate::util::now_ms().saturating_sub(RETENTION.as_millis() as u64);
         for (id, bytes) in entries {
+            if queued.contains(&id) {
+                continue;
+            }
             match serde_json::from_slice::<CallRecord>(&bytes) {
                 Ok(record) if record.created_ms >= oldest => {
                     let ours = record.host.is_none() || record.host == self.host;
@@ -195,7 +313,7 @@ impl Calls {
 
     /// Records a new running call on `engine` and returns its id.
     pub fn create(&self, app: &str, function: &str, engine: &str) -> String {
-        let id = format!("ca-{:024x}", rand::random::<u128>() >> 32);
+        let id = new_call_id();
         let record = CallRecord {
             call_id: id.clone(),
             app: app.into(),
@@ -247,19 +365,8 @@ impl Calls {
         {
             entry.bytes = weight;
             added = weight;
-            let record = &mut entry.record;
-            record.duration_ms = Some(crate::util::now_ms().saturating_sub(record.created_ms));
-            if let Some(error) = outcome.error {
-                record.status = CallStatus::Failed;
-                record.error = Some(error);
-            } else {
-                record.status = CallStatus::Succeeded;
-                record.result_pickled = outcome.result_pickled;
-                if record.result_pickled.is_none() {
-                    record.result = Some(outcome.result.unwrap_or(Value::Null));
-                }
-            }
-            finished = Some(record.clone());
+            settle(&mut entry.record, outcome);
+            finished = Some(entry.record.clone());
             // send_replace: the value must change even when no one is waiting yet.
             entry.done.send_replace(true);
         }
@@ -273,18 +380,22 @@ impl Calls {
 
     /// Marks a running call cancelled (its waiters wake to that) and stops its task, so an
     /// input still queued is dropped. An input a container runs already runs to its end;
-    /// its result is not kept. Returns the record, `None` if unknown.
-    pub fn cancel(&self, id: &str) -> Option<CallRecord> {
+    /// its result is not kept. A call in the shared queue is taken off it; the host that
+    /// runs it stops it at its next lease renewal. Returns the record, `None` if unknown.
+    pub fn cancel(&self, id: &str) -> anyhow::Result<Option<CallRecord>> {
         let mut records = self.inner.lock().unwrap();
-        let entry = records.map.get_mut(id)?;
+        let Some(entry) = records.map.get_mut(id) else {
+            drop(records);
+            let Some(shared) = &self.shared else {
+                return Ok(None);
+            };
+            return match shared.queue.cancel(id, cancelled)? {
+                Some(bytes) => Ok(Some(serde_json::from_slice(&bytes)?)),
+                None => Ok(None),
+            };
+        };
         if entry.record.status == CallStatus::Running {
-            let record = &mut entry.record;
-            record.status = CallStatus::Cancelled;
-            record.duration_ms = Some(crate::util::now_ms().saturating_sub(record.created_ms));
-            record.error = Some(ErrorInfo::lode(
-                "cancelled",
-                format!("call {id} was cancelled"),
-            ));
+            mark_cancelled(&mut entry.record);
             if let Some(task) = entry.task.take() {
                 task.abort();
             }
@@ -293,7 +404,7 @@ impl Calls {
         let record = entry.record.clone();
         drop(records);
         self.persist(&record);
-        Some(record)
+        Ok(Some(record))
     }
 
     /// Keeps the task that runs the call, for [`Calls::cancel`].
@@ -339,14 +450,14 @@ mod tests {
         let (done, running) = {
             let store: Arc<dyn StateStore> =
                 Arc::new(crate::store::state::RedbStore::open(dir.path()).unwrap());
-            let calls = Calls::persistent(store, None);
+            let calls = Calls::persistent(store, None, None);
             let done = calls.create("demo", "square", "wasm");
             calls.finish(&done, Outcome::value(serde_json::json!(9)));
             (done, calls.create("demo", "square", "python"))
         };
         let store: Arc<dyn StateStore> =
             Arc::new(crate::store::state::RedbStore::open(dir.path()).unwrap());
-        let calls = Calls::persistent(store, None);
+        let calls = Calls::persistent(store, None, None);
         let record = calls.wait(&done, Duration::ZERO).await.unwrap();
         assert_eq!(
             (record.status, record.result, record.engine.as_str()),

@@ -491,6 +491,7 @@ impl Control {
                             preopens,
                             limits: CallLimits::of(&manifest.limits),
                             series: self.metrics.function_series(&app, &function.name, "wasm"),
+                            retries: function.retries,
                         }),
                     );
                 }

@@ -14,6 +14,7 @@ pub mod python;
 pub mod resolve;
 pub mod router;
 pub mod schedule;
+pub mod spawned;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -188,8 +189,9 @@ impl Control {
         urls: Urls,
         functions: Functions,
         host: Arc<hosts::ThisHost>,
+        queue: Option<calls::SharedQueue>,
     ) -> Arc<Self> {
-        let calls = Calls::persistent(state.clone(), host.shared.then(|| host.id.clone()));
+        let calls = Calls::persistent(state.clone(), host.shared.then(|| host.id.clone()), queue);
         let metrics = Arc::new(Metrics::default());
         let history = CallHistory::start(state.clone(), metrics.call_records_dropped.clone());
         let objects = Arc::new(crate::store::objects::Objects::new(state.clone()));

@@ -92,37 +92,7 @@ impl Dispatch for Control {
         tree: Option<CallTree>,
         caller: Option<&str>,
     ) -> Result<Outcome, CallError> {
-        let started = std::time::Instant::now();
-        let depth = tree.as_ref().map_or(0, CallTree::depth);
-        let from_wasm = tree.as_ref().is_some_and(CallTree::from_wasm);
-        let (engine, result) = self.run_on_engine(app, function, body, tree, caller).await;
-        if let Some((engine, series)) = engine {
-            let failed = !matches!(&result, Ok(outcome) if !outcome.is_error());
-            let elapsed = started.elapsed();
-            series.observe(elapsed, failed);
-            // In-process Wasm-to-Wasm calls are counted, not recorded one by one.
-            if !(from_wasm && engine == "wasm") {
-                let error = match &result {
-                    Ok(outcome) => outcome.error.as_ref(),
-                    Err(e) => Some(&e.error),
-                };
-                self.history.record(HistoryRecord {
-                    created_ms: crate::util::now_ms().saturating_sub(elapsed.as_millis() as u64),
-                    app: app.to_string(),
-                    function: function.to_string(),
-                    engine: engine.to_string(),
-                    status: if failed {
-                        CallStatus::Failed
-                    } else {
-                        CallStatus::Succeeded
-                    },
-                    duration_ms: elapsed.as_secs_f64() * 1000.0,
-                    depth,
-                    error: error.map(HistoryRecord::summarize),
-                });
-            }
-        }
-        result
+        self.call_at(app, function, body, tree, caller, 0).await
     }
 
     /// Starts the call in the background; returns its id. What a call would refuse at once
@@ -138,10 +108,34 @@ impl Dispatch for Control {
         tree: Option<CallTree>,
         caller: Option<&str>,
     ) -> Result<String, CallError> {
-        let engine = match self.target(app, function, &body, caller)? {
+        let target = self.target(app, function, &body, caller)?;
+        let engine = match &target {
             Target::Python(..) | Target::Variant(..) => "python",
             Target::Wasm(..) => "wasm",
         };
+        // From outside, into the queue hosts share: any host may run it, and another runs
+        // it again if this one dies (as its Retries allow). A call spawned inside a call tree
+        // stays on this host, where the tree's fan-out is counted.
+        if tree.is_none()
+            && self.calls.shared.is_some()
+        {
+            let input = crate::store::postgres::queue::SpawnedInput {
+                app: app.to_string(),
+                function: function.to_string(),
+                engine: engine.to_string(),
+                max_retries: target.max_retries(),
+                body,
+                caller: caller.map(str::to_string),
+                created_ms: crate::util::now_ms(),
+            };
+            return self.calls.enqueue(input).map_err(|e| {
+                CallError::new(
+                    503,
+                    "unavailable",
+                    format!("{app}/{function} could not be queued: {e:#}; retry once the state is back"),
+                )
+            });
+        }
         let Some(control) = self.this.upgrade() else {
             return Err(CallError::new(
                 503,
@@ -276,6 +270,19 @@ impl Dispatch for Control {
     }
 }
 
+impl Target {
+    /// Runs of an input allowed after its first: the function's `Retries`, or those of the
+    /// options the call asks for.
+    fn max_retries(&self) -> u32 {
+        let retries = match self {
+            Target::Python(pool, ..) => pool.retries(),
+            Target::Variant(variant, ..) => variant.options.retries.or(variant.function.retries),
+            Target::Wasm(wasm, _) => wasm.retries,
+        };
+        retries.map_or(0, |r| r.max_retries)
+    }
+}
+
 /// A deployed function and the options a call asks it to run with.
 struct Variant {
     live: Arc<crate::control::LiveApp>,
@@ -284,6 +291,53 @@ struct Variant {
 }
 
 impl Control {
+    /// [`Dispatch::call`], with `attempts` runs of the input already spent (a spawned call
+    /// that another host ran before it died), which count against the function's `Retries`.
+    pub(crate) async fn call_at(
+        &self,
+        app: &str,
+        function: &str,
+        body: &Value,
+        tree: Option<CallTree>,
+        caller: Option<&str>,
+        attempts: u32,
+    ) -> Result<Outcome, CallError> {
+        let started = std::time::Instant::now();
+        let depth = tree.as_ref().map_or(0, CallTree::depth);
+        let from_wasm = tree.as_ref().is_some_and(CallTree::from_wasm);
+        let (engine, result) = self
+            .run_on_engine(app, function, body, tree, caller, attempts)
+            .await;
+        if let Some((engine, series)) = engine {
+            let failed = !matches!(&result, Ok(outcome) if !outcome.is_error());
+            let elapsed = started.elapsed();
+            series.observe(elapsed, failed);
+            // In-process Wasm-to-Wasm calls are counted, not recorded one by one.
+            if !(from_wasm && engine == "wasm") {
+                let error = match &result {
+                    Ok(outcome) => outcome.error.as_ref(),
+                    Err(e) => Some(&e.error),
+                };
+                self.history.record(HistoryRecord {
+                    created_ms: crate::util::now_ms().saturating_sub(elapsed.as_millis() as u64),
+                    app: app.to_string(),
+                    function: function.to_string(),
+                    engine: engine.to_string(),
+                    status: if failed {
+                        CallStatus::Failed
+                    } else {
+                        CallStatus::Succeeded
+                    },
+                    duration_ms: elapsed.as_secs_f64() * 1000.0,
+                    depth,
+                    error: error.map(HistoryRecord::summarize),
+                });
+            }
+        }
+        result
+    }
+
+
     /// The pool that serves `target`'s calls: a Python function's own, or the one its
     /// options ask for, started now if this version has none yet. `None` for Wasm.
     async fn python_target(
@@ -371,6 +425,7 @@ impl Control {
         body: &Value,
         tree: Option<CallTree>,
         caller: Option<&str>,
+        attempts: u32,
     ) -> (
         Option<(&'static str, FunctionSeries)>,
         Result<Outcome, CallError>,
@@ -397,7 +452,7 @@ impl Control {
                 },
             };
             let served = Some(("python", pool.series().clone()));
-            match pool.submit(payload, tree.clone()).await {
+            match pool.submit_retry(payload, tree.clone(), attempts).await {
                 Ok(outcome) => return (served, Ok(only_declared_pickle(outcome, pickle))),
                 Err(Rejected::QueueFull(after)) => {
                     return (

@@ -59,6 +59,10 @@ pub struct ServeOptions {
     pub advertise: Option<String>,
     /// How often this host writes its heartbeat into a shared state.
     pub heartbeat: Duration,
+    /// How long a spawned call taken from the shared queue stays this host's unrenewed.
+    pub spawn_lease: Duration,
+    /// Spawned calls taken from the shared queue and run at once.
+    pub spawn_slots: usize,
     /// An S3 bucket to keep blobs in, shared with other hosts (`None`: the data dir).
     pub blobs_url: Option<String>,
     /// The key secrets are sealed with, when not `<data-dir>/secret.key`.
@@ -323,6 +327,16 @@ pub async fn serve(options: ServeOptions) -> Result<()> {
         this_host.shared.then(|| this_host.id.clone()),
     )
     .context("reading the sandboxes' records")?;
+    // Spawned calls go through a queue every host shares, where the state is shared.
+    let queue = match &options.state_url {
+        Some(url) => Some(crate::control::calls::SharedQueue {
+            queue: Arc::new(crate::store::postgres::queue::PgQueue::open(url)?),
+            lease: options.spawn_lease,
+            slots: options.spawn_slots,
+            ready: Arc::new(tokio::sync::Notify::new()),
+        }),
+        None => None,
+    };
     let control = Control::new(
         engine,
         registry.blobs.clone(),
@@ -336,6 +350,7 @@ pub async fn serve(options: ServeOptions) -> Result<()> {
         },
         functions,
         this_host,
+        queue,
     );
     // Before the restore, so every container started gets its API socket.
     let _ = control
@@ -352,6 +367,11 @@ pub async fn serve(options: ServeOptions) -> Result<()> {
     if options.state_url.is_some() {
         tokio::spawn(control.clone().follow(options.state_poll));
         tokio::spawn(crate::control::hosts::run(Arc::downgrade(&control)));
+        if let Some(shared) = &control.calls.shared {
+            let ready = shared.ready.clone();
+            shared.queue.watch(Arc::new(move || ready.notify_one()));
+            tokio::spawn(crate::control::spawned::run(Arc::downgrade(&control)));
+        }
     }
     tokio::spawn(control.clone().prune_compiled());
     tokio::spawn(crate::control::schedule::run(Arc::downgrade(&control)));

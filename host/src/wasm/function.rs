@@ -39,6 +39,8 @@ pub struct WasmFunction {
     pub limits: CallLimits,
     /// Its call series in `/metrics`.
     pub series: crate::telemetry::metrics::FunctionSeries,
+    /// Runs of a spawned call again after its host died.
+    pub retries: Option<crate::proto::manifest::Retries>,
 }
 
 fn guest_error(kind: &str, message: impl Into<String>) -> GuestError {

@@ -219,7 +219,23 @@ impl Pool {
         payload: serde_json::Map<String, serde_json::Value>,
         tree: Option<CallTree>,
     ) -> Result<Outcome, Rejected> {
-        self.submit_job(payload, tree, None).await
+        self.submit_job(payload, tree, None, 0).await
+    }
+
+    /// [`Pool::submit`] for an input `attempts` runs of which were spent elsewhere: they
+    /// count against the function's `Retries`.
+    pub async fn submit_retry(
+        self: &Arc<Self>,
+        payload: serde_json::Map<String, serde_json::Value>,
+        tree: Option<CallTree>,
+        attempts: u32,
+    ) -> Result<Outcome, Rejected> {
+        self.submit_job(payload, tree, None, attempts).await
+    }
+
+    /// How the function's inputs are retried.
+    pub fn retries(&self) -> Option<Retries> {
+        self.spec.retries
     }
 
     /// Runs one web input (the payload holds `http` or `websocket`): the agent's messages
@@ -229,7 +245,7 @@ impl Pool {
         payload: serde_json::Map<String, serde_json::Value>,
         web: WebExchange,
     ) -> Result<Outcome, Rejected> {
-        self.submit_job(payload, None, Some(web)).await
+        self.submit_job(payload, None, Some(web), 0).await
     }
 
     /// Runs one generator input (`"stream": true`) at its place in a call tree: the values
@@ -240,7 +256,7 @@ impl Pool {
         tree: Option<CallTree>,
         values: WebExchange,
     ) -> Result<Outcome, Rejected> {
-        self.submit_job(payload, tree, Some(values)).await
+        self.submit_job(payload, tree, Some(values), 0).await
     }
 
     async fn submit_job(
@@ -248,6 +264,7 @@ impl Pool {
         payload: serde_json::Map<String, serde_json::Value>,
         tree: Option<CallTree>,
         web: Option<WebExchange>,
+        attempts: u32,
     ) -> Result<Outcome, Rejected> {
         if self.closed.load(Ordering::Relaxed) {
             return Err(Rejected::Closed);
@@ -262,6 +279,7 @@ impl Pool {
             let tree = CallTree::enter(tree, self.spec.call_limits);
             let mut job = Job::new(payload, tree, reply);
             job.web = web;
+            job.attempt = attempts;
             state.queue.push_back(job);
         }
         self.pump();

@@ -25,6 +25,8 @@ use postgres::{Client, NoTls, Transaction};
 
 use crate::store::state::{AppRecord, StateStore, Table, TableEdit, TableView};
 
+pub mod queue;
+
 /// The schema, one step per version; a step never changes once released.
 pub const MIGRATIONS: &[&str] = &[
     // 1: apps, and every keyed table.
@@ -46,6 +48,18 @@ pub const MIGRATIONS: &[&str] = &[
         name text COLLATE "C" PRIMARY KEY,
         digest text NOT NULL
     );
+    "#,
+    // 3: the spawned-call queue ([`queue`]).
+    r#"
+    CREATE TABLE lode_spawned (
+        call_id text COLLATE "C" PRIMARY KEY,
+        input bytea NOT NULL,
+        takes integer NOT NULL DEFAULT 0,
+        lease_host text,
+        lease_until timestamptz,
+        queued_at timestamptz NOT NULL DEFAULT clock_timestamp()
+    );
+    CREATE INDEX lode_spawned_queued_at ON lode_spawned (queued_at);
     "#,
 ];
 
@@ -252,12 +266,17 @@ impl PgStore {
     }
 }
 
-/// Listens on [`APPS_CHANNEL`] for good, calling `changed` for each notification and after
-/// each (re)connection, when what was missed meanwhile is unknown.
-fn listen_for_apps(config: postgres::Config, shown: &str, changed: &(dyn Fn() + Send + Sync)) {
+/// Listens on `channel` for good, calling `changed` for each notification and after each
+/// (re)connection, when what was missed meanwhile is unknown.
+fn listen(
+    config: postgres::Config,
+    shown: &str,
+    channel: &str,
+    changed: &(dyn Fn() + Send + Sync),
+) {
     loop {
         let listening = config.connect(NoTls).and_then(|mut client| {
-            client.batch_execute(&format!("LISTEN {APPS_CHANNEL}"))?;
+            client.batch_execute(&format!("LISTEN {channel}"))?;
             Ok(client)
         });
         let mut client = match listening {
@@ -648,7 +667,7 @@ impl StateStore for PgStore {
         let (config, shown) = (self.config.clone(), self.shown.clone());
         let spawned = std::thread::Builder::new()
             .name("lode-postgres-listen".into())
-            .spawn(move || listen_for_apps(config, &shown, changed.as_ref()));
+            .spawn(move || listen(config, &shown, APPS_CHANNEL, changed.as_ref()));
         if let Err(e) = spawned {
             tracing::warn!(error = %e, "could not listen for deploys on other hosts; polling");
         }
