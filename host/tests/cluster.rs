@@ -94,19 +94,19 @@ fn host(id: &str, postgres: &LocalPostgres, s3: &LocalS3, key: &str, flags: &[&s
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let (state, blobs) = (postgres.url(), s3.url());
     let mut args = vec![
-            "--state",
-            &state,
-            "--blobs",
-            &blobs,
-            "--secrets-key-file",
-            key,
-            "--state-poll",
-            "30s",
-            "--host-id",
-            id,
-            "--heartbeat",
-            "200ms",
-        ];
+        "--state",
+        &state,
+        "--blobs",
+        &blobs,
+        "--secrets-key-file",
+        key,
+        "--state-poll",
+        "30s",
+        "--host-id",
+        id,
+        "--heartbeat",
+        "200ms",
+    ];
     args.extend_from_slice(flags);
     Lode::start_with_env(&args, &env)
 }
@@ -243,7 +243,10 @@ async fn spawned_calls_are_shared_and_a_killed_hosts_calls_run_again_or_end_lost
         dir
     };
     let once = project("once", "");
-    let again = project("again", "retries = { max_retries = 1, initial_delay = 0.0 }\n");
+    let again = project(
+        "again",
+        "retries = { max_retries = 1, initial_delay = 0.0 }\n",
+    );
     hosts[0].cli_ok(&["deploy", once.to_str().unwrap()]);
     hosts[0].cli_ok(&["deploy", again.to_str().unwrap()]);
     for lode in &hosts {
@@ -253,7 +256,10 @@ async fn spawned_calls_are_shared_and_a_killed_hosts_calls_run_again_or_end_lost
 
     let spawn = async |lode: &Lode, app: &str, seconds: u32| -> String {
         let spawned: serde_json::Value = lode
-            .api(reqwest::Method::POST, &format!("/v1/apps/{app}/functions/work/spawn"))
+            .api(
+                reqwest::Method::POST,
+                &format!("/v1/apps/{app}/functions/work/spawn"),
+            )
             .json(&serde_json::json!({"args": [], "kwargs": {"busy": seconds}}))
             .send()
             .await
@@ -301,7 +307,10 @@ async fn spawned_calls_are_shared_and_a_killed_hosts_calls_run_again_or_end_lost
     let idle_host = index(&placed[2]);
     let other = (idle_host + 1) % 3;
     let cancelled: serde_json::Value = hosts[other]
-        .api(reqwest::Method::POST, &format!("/v1/calls/{idle_id}/cancel"))
+        .api(
+            reqwest::Method::POST,
+            &format!("/v1/calls/{idle_id}/cancel"),
+        )
         .send()
         .await
         .unwrap()
@@ -315,7 +324,10 @@ async fn spawned_calls_are_shared_and_a_killed_hosts_calls_run_again_or_end_lost
     let survivor = &hosts[idle_host];
     let deadline = Instant::now() + Duration::from_secs(40);
     let (lost, rerun) = loop {
-        let (lost, rerun) = (poll(survivor, &once_id).await, poll(survivor, &again_id).await);
+        let (lost, rerun) = (
+            poll(survivor, &once_id).await,
+            poll(survivor, &again_id).await,
+        );
         if lost["status"] != "running" && rerun["status"] != "running" {
             break (lost, rerun);
         }
@@ -391,4 +403,61 @@ async fn a_starting_host_leaves_other_hosts_sandboxes_running() {
         "still here",
     ]);
     assert!(out.status.success(), "{}", text(&out.stderr));
+}
+
+/// A volume two hosts share, on Modal's model: a function's write on one host reaches the
+/// other after `commit()` there and `reload()` here (not before); two hosts that commit
+/// different files both keep theirs; where both commit one file, the later commit wins.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn volumes_reach_other_hosts_through_commit_and_reload() {
+    let engines = Engines::start();
+    let python = ["--image-base-dir", harness::BASE_DIR];
+    let a = engines.host_with("a", &python);
+    let b = engines.host_with("b", &python);
+    a.cli_ok(&["deploy", &harness::repo_file("host/tests/python/notes.py")]);
+    let call = async |lode: &Lode, function: &str, args: serde_json::Value| {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let response = lode
+                .api(
+                    reqwest::Method::POST,
+                    &format!("/v1/apps/notes/functions/{function}/call"),
+                )
+                .json(&serde_json::json!({"args": args}))
+                .send()
+                .await
+                .unwrap();
+            let status = response.status();
+            let answer: serde_json::Value = response.json().await.unwrap();
+            // Until the deploy is followed on this host.
+            if status == 404 && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+            assert!(status.is_success(), "{function}{args}: {status} {answer}");
+            return answer["result"].clone();
+        }
+    };
+    use serde_json::json;
+    // b's copy was synced when b mounted it, before the write: only a reload brings it in.
+    assert_eq!(call(&b, "peek", json!(["x.txt"])).await, json!(null));
+    call(&a, "write", json!(["x.txt", "from a"])).await;
+    assert_eq!(call(&b, "peek", json!(["x.txt"])).await, json!(null));
+    assert_eq!(call(&b, "read", json!(["x.txt"])).await, json!("from a"));
+
+    // Different files: both kept. One file: the later commit wins, on both hosts.
+    call(&a, "write", json!(["p.txt", "a's"])).await;
+    call(&b, "write", json!(["q.txt", "b's"])).await;
+    call(&a, "write", json!(["same.txt", "a first"])).await;
+    call(&b, "write", json!(["same.txt", "b last"])).await;
+    for lode in [&a, &b] {
+        assert_eq!(call(lode, "read", json!(["p.txt"])).await, json!("a's"));
+        assert_eq!(call(lode, "read", json!(["q.txt"])).await, json!("b's"));
+        assert_eq!(
+            call(lode, "read", json!(["same.txt"])).await,
+            json!("b last")
+        );
+    }
+    // Every host lists the volume, whichever made it.
+    assert!(b.cli_ok(&["volume", "ls"]).contains("notes-vol"));
 }

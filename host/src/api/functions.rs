@@ -169,10 +169,12 @@ async fn spawn(
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let body = body_json(&body)?;
-    Ok(match control.spawn(&app, &function, body, None, None) {
-        Ok(id) => Json(serde_json::json!({ "call_id": id })).into_response(),
-        Err(e) => call_error_response(e),
-    })
+    Ok(
+        match control.spawn(&app, &function, body, None, None).await {
+            Ok(id) => Json(serde_json::json!({ "call_id": id })).into_response(),
+            Err(e) => call_error_response(e),
+        },
+    )
 }
 
 #[derive(Deserialize)]
@@ -326,8 +328,14 @@ async fn delete_secret(
 }
 
 async fn list_volumes(State(control): State<Arc<Control>>) -> Result<Json<Value>, ApiError> {
-    let names =
+    let mut names =
         crate::store::volumes::list(&control.functions.volumes_dir).map_err(ApiError::internal)?;
+    // Where hosts share volumes, those other hosts made too.
+    if let Some(sync) = &control.functions.volume_sync {
+        names.extend(sync.names().map_err(ApiError::internal)?);
+        names.sort();
+        names.dedup();
+    }
     Ok(sorted_json(&VolumeList { volumes: names }))
 }
 
@@ -335,12 +343,9 @@ async fn create_volume(
     State(control): State<Arc<Control>>,
     Path(name): Path<String>,
 ) -> Result<StatusCode, ApiError> {
-    crate::store::volumes::open(
-        &control.functions.volumes_dir,
-        &name,
-        true,
-        control.functions.pools.native.container_root(),
-    )
-    .map_err(|e| ApiError::bad(e.to_string()))?;
+    tokio::task::spawn_blocking(move || control.open_volume(&name, true))
+        .await
+        .map_err(ApiError::internal)?
+        .map_err(|e| ApiError::bad(format!("{e:#}")))?;
     Ok(StatusCode::NO_CONTENT)
 }

@@ -176,7 +176,7 @@ impl Calls {
 
     /// Queues a call any host may take, with its running record; returns its id once both
     /// are stored. Its waiters read the record from the store.
-    pub fn enqueue(&self, input: SpawnedInput) -> anyhow::Result<String> {
+    pub async fn enqueue(&self, input: SpawnedInput) -> anyhow::Result<String> {
         let shared = self
             .shared
             .as_ref()
@@ -197,7 +197,8 @@ impl Calls {
         };
         shared
             .queue
-            .push(&id, &serde_json::to_vec(&record)?, &input)?;
+            .push(&id, serde_json::to_vec(&record)?, &input)
+            .await?;
         shared.ready.notify_one();
         Ok(id)
     }

@@ -106,6 +106,8 @@ pub struct Functions {
     pub secrets: Arc<Secrets>,
     /// Named volumes, one directory each.
     pub volumes_dir: PathBuf,
+    /// Where hosts share a state: volumes' committed versions, synced through it.
+    pub volume_sync: Option<Arc<crate::store::volume_sync::VolumeSync>>,
     /// Users' module files, by source digest.
     pub apps_dir: PathBuf,
 }

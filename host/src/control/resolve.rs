@@ -3,6 +3,8 @@
 
 use std::path::PathBuf;
 
+use anyhow::Context as _;
+
 use crate::control::Control;
 use crate::control::deploy::DeployError;
 use crate::proto::manifest::{FunctionSpec, Manifest};
@@ -14,13 +16,43 @@ impl Control {
         function: &FunctionSpec,
         volume: &crate::proto::manifest::VolumeMount,
     ) -> Result<PathBuf, DeployError> {
-        crate::store::volumes::open(
+        let invalid = |e: anyhow::Error| {
+            DeployError::Invalid(vec![format!("function {:?}: {e:#}", function.name)])
+        };
+        let (dir, _) = self
+            .open_volume(&volume.name, volume.create_if_missing)
+            .map_err(invalid)?;
+        Ok(dir)
+    }
+
+    /// This host's copy of volume `name`, made when it may be (`create`, or another host
+    /// made it), and brought up to the newest committed version where hosts share volumes.
+    pub fn open_volume(
+        &self,
+        name: &str,
+        create: bool,
+    ) -> anyhow::Result<(PathBuf, Option<crate::store::volume_sync::Synced>)> {
+        let sync = self.functions.volume_sync.as_ref();
+        let known = match sync {
+            Some(sync) => sync.head(name)?.is_some(),
+            None => false,
+        };
+        let dir = crate::store::volumes::open(
             &self.functions.volumes_dir,
-            &volume.name,
-            volume.create_if_missing,
+            name,
+            create || known,
             self.functions.pools.native.container_root(),
-        )
-        .map_err(|e| DeployError::Invalid(vec![format!("function {:?}: {e}", function.name)]))
+        )?;
+        let Some(sync) = sync else {
+            return Ok((dir, None));
+        };
+        if !known {
+            sync.create(name)?;
+        }
+        let synced = sync
+            .reload(name, &dir)
+            .with_context(|| format!("bringing volume {name:?} up to date on this host"))?;
+        Ok((dir, Some(synced)))
     }
 
     /// The variables of a secret `function` declares; a missing one fails the deploy by name.

@@ -100,7 +100,7 @@ impl Dispatch for Control {
     /// recorded as a failed call. From inside a call tree, the spawned call counts against
     /// the same depth and fan-out, so a function that spawns itself is stopped like one that
     /// invokes itself.
-    fn spawn(
+    async fn spawn(
         &self,
         app: &str,
         function: &str,
@@ -116,9 +116,7 @@ impl Dispatch for Control {
         // From outside, into the queue hosts share: any host may run it, and another runs
         // it again if this one dies (as its Retries allow). A call spawned inside a call tree
         // stays on this host, where the tree's fan-out is counted.
-        if tree.is_none()
-            && self.calls.shared.is_some()
-        {
+        if tree.is_none() && self.calls.shared.is_some() {
             let input = crate::store::postgres::queue::SpawnedInput {
                 app: app.to_string(),
                 function: function.to_string(),
@@ -128,11 +126,13 @@ impl Dispatch for Control {
                 caller: caller.map(str::to_string),
                 created_ms: crate::util::now_ms(),
             };
-            return self.calls.enqueue(input).map_err(|e| {
+            return self.calls.enqueue(input).await.map_err(|e| {
                 CallError::new(
                     503,
                     "unavailable",
-                    format!("{app}/{function} could not be queued: {e:#}; retry once the state is back"),
+                    format!(
+                        "{app}/{function} could not be queued: {e:#}; retry once the state is back"
+                    ),
                 )
             });
         }
@@ -186,6 +186,44 @@ impl Dispatch for Control {
             return Ok(record);
         }
         self.calls.wait(id, wait).await.ok_or_else(unknown)
+    }
+
+    async fn volume(&self, name: &str, action: &str) -> Result<Value, ErrorInfo> {
+        let Some(sync) = self.functions.volume_sync.clone() else {
+            // One host: every container mounts the one copy, so there is nothing to sync.
+            return Ok(serde_json::json!({"shared": false}));
+        };
+        let commit = match action {
+            "commit" => true,
+            "reload" => false,
+            other => {
+                return Err(ErrorInfo::lode(
+                    "invalid_request",
+                    format!("volume {name:?}: unknown action {other:?} (commit or reload)"),
+                ));
+            }
+        };
+        let dir = self.functions.volumes_dir.join(name);
+        let name = name.to_string();
+        let synced = tokio::task::spawn_blocking(move || {
+            if commit {
+                sync.commit(&name, &dir)
+            } else {
+                sync.reload(&name, &dir)
+            }
+            .map_err(|e| {
+                ErrorInfo::lode(
+                    "volume_sync_failed",
+                    format!(
+                        "volume {name:?}: {} failed: {e:#}; nothing was half-written, retry",
+                        if commit { "commit" } else { "reload" }
+                    ),
+                )
+            })
+        })
+        .await
+        .map_err(|e| ErrorInfo::lode("internal", e.to_string()))??;
+        Ok(serde_json::to_value(synced).unwrap_or_default())
     }
 
     async fn object(
@@ -336,7 +374,6 @@ impl Control {
         }
         result
     }
-
 
     /// The pool that serves `target`'s calls: a Python function's own, or the one its
     /// options ask for, started now if this version has none yet. `None` for Wasm.

@@ -40,9 +40,7 @@ pub async fn run(control: Weak<Control>) {
         };
         let (ready, lease) = (shared.ready.clone(), shared.lease);
         let host = strong.host.id.clone();
-        let free = shared
-            .slots
-            .saturating_sub(running.lock().unwrap().len());
+        let free = shared.slots.saturating_sub(running.lock().unwrap().len());
         if free > 0 {
             match shared.queue.take(&host, free, lease).await {
                 Ok(taken) => {
@@ -95,7 +93,9 @@ async fn renew(control: &Control, running: &Running) {
                 }
             }
         }
-        Err(e) => tracing::warn!(error = %format!("{e:#}"), "renewing spawned calls' leases failed"),
+        Err(e) => {
+            tracing::warn!(error = %format!("{e:#}"), "renewing spawned calls' leases failed")
+        }
     }
 }
 
@@ -187,7 +187,11 @@ fn start(control: &Arc<Control>, taken: Taken, running: &Running, saturated: &Ar
             // state that is briefly away loses nothing.
             let mut warned = false;
             loop {
-                match shared.queue.finish(&record.call_id, &host, bytes.clone()).await {
+                match shared
+                    .queue
+                    .finish(&record.call_id, &host, bytes.clone())
+                    .await
+                {
                     Ok(true) => break,
                     Ok(false) => {
                         tracing::info!(

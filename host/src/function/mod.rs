@@ -34,7 +34,7 @@ pub trait Dispatch: Send + Sync {
 
     /// Starts `app/function` on `body` in the background and returns the call's id; what the
     /// call would refuse at once is refused here.
-    fn spawn(
+    async fn spawn(
         &self,
         app: &str,
         function: &str,
@@ -56,6 +56,11 @@ pub trait Dispatch: Send + Sync {
         tree: Option<CallTree>,
         caller: Option<&str>,
     ) -> Result<Generated, CallError>;
+
+    /// `commit` or `reload` of volume `name`, from a container that mounts it (read-write,
+    /// for a commit): where hosts share volumes, publishes this host's copy's changes or
+    /// brings in other hosts' commits; on one host, there is nothing to sync.
+    async fn volume(&self, name: &str, action: &str) -> Result<Value, ErrorInfo>;
 
     /// One operation on a Dict or Queue, from code in a container.
     async fn object(
@@ -345,7 +350,10 @@ pub async fn container_call(
                     Err(e) => Outcome::failed(e.error),
                 }
             } else {
-                match dispatch.spawn(&app, &function, body, tree, Some(caller_app)) {
+                match dispatch
+                    .spawn(&app, &function, body, tree, Some(caller_app))
+                    .await
+                {
                     Ok(id) => Outcome::value(serde_json::json!({"call_id": id})),
                     Err(e) => Outcome::failed(e.error),
                 }
@@ -379,6 +387,23 @@ pub async fn container_call(
                 },
                 (None, _) => Outcome::failed(ErrorInfo::lode("invalid_request", "no name")),
                 (_, Err(e)) => Outcome::failed(ErrorInfo::lode("invalid_request", e)),
+            }
+        }
+        "volume" => {
+            let action = call
+                .request
+                .as_ref()
+                .and_then(|r| r.get("action"))
+                .and_then(Value::as_str);
+            match (call.name, action) {
+                (Some(name), Some(action)) => match dispatch.volume(&name, action).await {
+                    Ok(answer) => Outcome::value(answer),
+                    Err(error) => Outcome::failed(error),
+                },
+                _ => Outcome::failed(ErrorInfo::lode(
+                    "invalid_request",
+                    "a volume request names the volume and its action",
+                )),
             }
         }
         other => Outcome::failed(ErrorInfo::lode(

@@ -276,6 +276,20 @@ pub async fn serve(options: ServeOptions) -> Result<()> {
             sdk_dir: sdk_dir.clone(),
         },
     );
+    let host_id = options.host_id.clone().unwrap_or_else(|| {
+        std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|name| name.trim().to_string())
+            .unwrap_or_else(|_| "lode".into())
+    });
+    let volume_sync = options.state_url.is_some().then(|| {
+        Arc::new(crate::store::volume_sync::VolumeSync::new(
+            state.clone(),
+            registry.blobs.clone(),
+            &options.data_dir.join("volumes"),
+            host_id.clone(),
+            native.container_root(),
+        ))
+    });
     let logs = LogStore::new(options.log_lines);
     let gpus = crate::function::gpus::GpuAllocator::open(&options.gpu_root);
     let functions = crate::control::Functions {
@@ -292,6 +306,7 @@ pub async fn serve(options: ServeOptions) -> Result<()> {
         wasm_gpus: crate::wasm::gpu::WasmGpus::new(gpus, options.wasm_gpu_compute),
         secrets,
         volumes_dir: options.data_dir.join("volumes"),
+        volume_sync,
         apps_dir: {
             // App sources are the tenants' code: theirs and Lode's alone.
             let apps = options.cache_dir.join("apps");
@@ -301,11 +316,7 @@ pub async fn serve(options: ServeOptions) -> Result<()> {
         },
     };
     let this_host = crate::control::hosts::ThisHost::new(
-        options.host_id.clone().unwrap_or_else(|| {
-            std::fs::read_to_string("/proc/sys/kernel/hostname")
-                .map(|name| name.trim().to_string())
-                .unwrap_or_else(|_| "lode".into())
-        }),
+        host_id,
         options.advertise.clone().unwrap_or_else(|| api_url.clone()),
         options.heartbeat,
         options.state_url.is_some(),

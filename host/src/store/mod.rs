@@ -6,4 +6,5 @@ pub mod objects;
 pub mod postgres;
 pub mod secrets;
 pub mod state;
+pub mod volume_sync;
 pub mod volumes;

@@ -153,6 +153,9 @@ pub enum Table {
     Objects,
     /// The hosts sharing this state, each as its last heartbeat left it.
     Hosts,
+    /// Named volumes' committed versions, where hosts share them (see
+    /// [`crate::store::volume_sync`]).
+    Volumes,
 }
 
 const APPS: TableDefinition<&str, &[u8]> = TableDefinition::new("apps");
@@ -163,6 +166,7 @@ const HISTORY: TableDefinition<&str, &[u8]> = TableDefinition::new("history");
 const SANDBOXES: TableDefinition<&str, &[u8]> = TableDefinition::new("sandboxes");
 const OBJECTS: TableDefinition<&str, &[u8]> = TableDefinition::new("objects");
 const HOSTS: TableDefinition<&str, &[u8]> = TableDefinition::new("hosts");
+const VOLUMES: TableDefinition<&str, &[u8]> = TableDefinition::new("volumes");
 
 fn definition(table: Table) -> TableDefinition<'static, &'static str, &'static [u8]> {
     match table {
@@ -173,6 +177,7 @@ fn definition(table: Table) -> TableDefinition<'static, &'static str, &'static [
         Table::Sandboxes => SANDBOXES,
         Table::Objects => OBJECTS,
         Table::Hosts => HOSTS,
+        Table::Volumes => VOLUMES,
     }
 }
 
@@ -195,7 +200,7 @@ impl RedbStore {
         })?;
         let txn = db.begin_write()?;
         for table in [
-            APPS, SECRETS, SCHEDULES, CALLS, HISTORY, SANDBOXES, OBJECTS, HOSTS,
+            APPS, SECRETS, SCHEDULES, CALLS, HISTORY, SANDBOXES, OBJECTS, HOSTS, VOLUMES,
         ] {
             txn.open_table(table)?;
         }

@@ -132,6 +132,7 @@ impl lode::function::invoke::Host for GuestState {
         let app = ctx.target_app(app);
         dispatch
             .spawn(&app, &function, body, Some(tree), Some(&ctx.app))
+            .await
             .map_err(|e| guest_error(&e.error.kind, e.error.message))
     }
 

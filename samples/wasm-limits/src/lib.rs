@@ -10,6 +10,8 @@
 //! - `config`: returns the app's `greeting` config value;
 //! - `deep N`: recurses N frames in plain Wasm, past a small `wasm_stack_kib`;
 //! - `fan N`: invokes itself (`config`) N times, past a small `fan_out`;
+//! - `nap N`: sleeps N milliseconds, holding an instance but no CPU (a call that waits on
+//!   I/O, for `lode bench cluster`);
 //! - `bounce`: calls the Python function `feat/bounce`, which calls back here: a loop across
 //!   engines that the call-depth limit stops all the same.
 //!
@@ -94,11 +96,15 @@ impl lode_guest::Function for Probe {
                 Ok(json!("done"))
             }
             "bounce" => lode_guest::invoke("feat", "bounce", &[]),
+            "nap" => {
+                std::thread::sleep(std::time::Duration::from_millis(count(&args)?));
+                Ok(json!("rested"))
+            }
             other => Err(lode_guest::error(
                 "invalid_input",
                 format!(
                     "unknown mode {other:?}: recurse, spawn-recurse, spin, grow, read, volume, \
-                     escape, connect, config, deep, fan, bounce"
+                     escape, connect, config, deep, fan, bounce, nap"
                 ),
             )),
         }

@@ -207,7 +207,10 @@ class Volume:
                 "create_if_missing": self.create_if_missing}
 
     def commit(self) -> None:
-        """Makes writes durable: fsyncs every file under the mount and the directories."""
+        """Makes writes durable (fsyncs every file under the mount and the directories) and,
+        where several hosts share Lode's state, publishes what this host's copy changed as the
+        volume's next version, bringing in other hosts' commits too (last commit wins, per
+        file)."""
         if is_local():
             raise RuntimeError(
                 f"Volume {self.name!r}: commit() works only inside a Lode container, where the volume is mounted"
@@ -222,9 +225,26 @@ class Volume:
             )
         for mount in mounts:
             _fsync_tree(mount)
+        self._sync("commit")
 
     def reload(self) -> None:
-        """Kept for API compatibility: mounts always see the latest committed data."""
+        """Brings in what other hosts committed since this host's copy last synced; files
+        this copy changed and did not commit are kept. On one host every container mounts
+        the same copy, so there is nothing to bring in."""
+        if is_local():
+            raise RuntimeError(
+                f"Volume {self.name!r}: reload() works only inside a Lode container, where the volume is mounted"
+            )
+        self._sync("reload")
+
+    def _sync(self, action: str) -> None:
+        from lode import _client
+
+        if _client._agent_transport is None:
+            raise RuntimeError(
+                f"Volume {self.name!r}: {action}() works from a function while it runs, not at import time"
+            )
+        _client._agent_transport.volume(self.name, action)
 
 
 def _fsync_tree(root: str) -> None:

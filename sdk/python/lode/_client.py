@@ -538,6 +538,11 @@ class AgentTransport:
             raise RemoteError("bad_response", f"a {kind} request answered {result!r}, not an object")
         return result
 
+    def volume(self, name: str, action: str) -> dict[str, Any]:
+        """Commits or reloads a volume this container mounts, through its host."""
+        result = self._request("volume", {"name": name, "request": {"action": action}}).get("result")
+        return result if isinstance(result, dict) else {}
+
     def poll(self, call_id: str, wait: int) -> dict[str, Any]:
         result = self._request("get", {"id": call_id, "wait": wait}).get("result")
         if not isinstance(result, dict):

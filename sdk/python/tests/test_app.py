@@ -170,19 +170,28 @@ class VolumeTest(unittest.TestCase):
                 synced.append(os.path.relpath(path, tmp))
                 return real_open(path, flags, *args)
 
+            # The host syncs the volume after the fsyncs (across hosts, where they share it).
+            sent = []
+            host = mock.Mock()
+            host.volume.side_effect = lambda name, action: sent.append((name, action)) or {}
             with (
                 mock.patch.dict(os.environ, {"LODE_SOCKET": "/tmp/x.sock"}),
                 mock.patch.object(_app.os, "open", recording_open),
+                mock.patch("lode._client._agent_transport", host),
             ):
                 vol.commit()
+                vol.reload()
             self.assertEqual(sorted(synced), sorted([".", "a.txt", "sub", os.path.join("sub", "b.txt")]))
+            self.assertEqual(sent, [(vol.name, "commit"), (vol.name, "reload")])
 
             with mock.patch.dict(os.environ, {"LODE_SOCKET": "/tmp/x.sock"}):
                 with self.assertRaisesRegex(RuntimeError, "read-only"):
                     vol.read_only().commit()
                 with self.assertRaisesRegex(RuntimeError, "not mounted"):
                     lode.Volume.from_name("never-mounted").commit()
-                lode.Volume.from_name("never-mounted").reload()
+                # Outside a running function there is no host to sync through.
+                with self.assertRaisesRegex(RuntimeError, "while it runs"):
+                    vol.reload()
 
 
 if __name__ == "__main__":

@@ -16,6 +16,37 @@ use crate::proto::log::Stream;
 use lode_native_runner::redact::mask;
 
 impl Pool {
+    /// Why this pool's containers may not `commit`/`reload` the volume `request` names, if
+    /// they may not: it is not mounted here, or mounted read-only for a commit.
+    fn volume_refused(
+        &self,
+        request: &lode_native_runner::agent::CallRequest,
+    ) -> Option<ErrorInfo> {
+        let name = request.name.as_deref().unwrap_or("");
+        let commit = request
+            .request
+            .as_ref()
+            .and_then(|r| r.get("action"))
+            .and_then(serde_json::Value::as_str)
+            == Some("commit");
+        let mount = self
+            .spec
+            .volumes
+            .iter()
+            .find(|v| v.source.file_name().is_some_and(|n| n == name));
+        match mount {
+            None => Some(ErrorInfo::lode(
+                "forbidden",
+                format!("volume {name:?} is not mounted in this function's containers"),
+            )),
+            Some(mount) if commit && mount.read_only => Some(ErrorInfo::lode(
+                "forbidden",
+                format!("volume {name:?} is mounted read-only here; there is nothing to commit"),
+            )),
+            Some(_) => None,
+        }
+    }
+
     /// Queues `job` again after its `Retries` delay, saying why in the input's log.
     fn retry(self: &Arc<Self>, id: &str, mut job: Job, why: &str) {
         let max_retries = self.spec.retries.map_or(0, |r| r.max_retries);
@@ -172,6 +203,11 @@ impl Pool {
                         in_flight.get(input).map(|job| job.tree.clone())
                     });
                     let fan_out = self.spec.call_limits.fan_out;
+                    // A volume is synced only by a container that mounts it, and committed
+                    // only by one that may write it.
+                    let volume_refused = (request.op == "volume")
+                        .then(|| self.volume_refused(&request))
+                        .flatten();
                     tokio::spawn(async move {
                         let _permit = permit;
                         let outcome = match dispatch {
@@ -179,6 +215,9 @@ impl Pool {
                                 "unavailable",
                                 "the server is shutting down",
                             )),
+                            Some(_) if volume_refused.is_some() => {
+                                Outcome::failed(volume_refused.expect("checked"))
+                            }
                             Some(dispatch) if request.op == "call_gen" => {
                                 // One more step of the input's tree, bounded as other calls.
                                 match tree.map(|t| t.admit(fan_out, false)).transpose() {

@@ -152,6 +152,7 @@ fn table_name(table: Table) -> &'static str {
         Table::Sandboxes => "sandboxes",
         Table::Objects => "objects",
         Table::Hosts => "hosts",
+        Table::Volumes => "volumes",
     }
 }
 
@@ -822,6 +823,7 @@ mod tests {
             Table::Sandboxes,
             Table::Objects,
             Table::Hosts,
+            Table::Volumes,
         ];
         let names: std::collections::BTreeSet<_> = tables.iter().map(|t| table_name(*t)).collect();
         let locks: std::collections::BTreeSet<_> = tables.iter().map(|t| lock_key(*t)).collect();

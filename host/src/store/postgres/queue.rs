@@ -169,14 +169,15 @@ impl PgQueue {
     }
 
     /// Queues an input and its running call's record; returns once both are committed.
-    pub fn push(&self, id: &str, record: &[u8], input: &SpawnedInput) -> Result<()> {
+    pub async fn push(&self, id: &str, record: Vec<u8>, input: &SpawnedInput) -> Result<()> {
         let input = serde_json::to_vec(input)?;
-        ask(&self.front, |answer| Op::Push {
+        ask_async(&self.front, |answer| Op::Push {
             id: id.to_string(),
-            record: record.to_vec(),
+            record,
             input,
             answer,
         })
+        .await
         .with_context(|| format!("queueing a spawned call in {}", self.shown))
     }
 
@@ -194,7 +195,12 @@ impl PgQueue {
 
     /// Extends `host`'s leases on `ids`; returns the ids it still holds (a call cancelled
     /// meanwhile, or one whose lease ran out and another host took, is not among them).
-    pub async fn renew(&self, host: &str, ids: Vec<String>, lease: Duration) -> Result<Vec<String>> {
+    pub async fn renew(
+        &self,
+        host: &str,
+        ids: Vec<String>,
+        lease: Duration,
+    ) -> Result<Vec<String>> {
         ask_async(&self.back, |answer| Op::Renew {
             host: host.to_string(),
             ids,
@@ -287,7 +293,10 @@ fn serve(mut connection: Connection, ops: Receiver<Op>, shown: &str) {
                     ids,
                     lease,
                     answer,
-                } => answer(named(shown, connection.run(|c| renew(c, &host, &ids, lease)))),
+                } => answer(named(
+                    shown,
+                    connection.run(|c| renew(c, &host, &ids, lease)),
+                )),
                 Op::Cancel {
                     id,
                     cancelled,
@@ -307,7 +316,11 @@ fn serve(mut connection: Connection, ops: Receiver<Op>, shown: &str) {
             let done = connection.run(|client| finish_all(client, &finishes));
             let done = named(shown, done).map_err(|e| format!("{e:#}"));
             for (id, _, _, answer) in finishes {
-                answer(done.clone().map(|done| done.contains(&id)).map_err(|e| anyhow!(e)));
+                answer(
+                    done.clone()
+                        .map(|done| done.contains(&id))
+                        .map_err(|e| anyhow!(e)),
+                );
             }
         }
         connection.forget_if_closed();
