@@ -416,27 +416,9 @@ async fn volumes_reach_other_hosts_through_commit_and_reload() {
     let b = engines.host_with("b", &python);
     a.cli_ok(&["deploy", &harness::repo_file("host/tests/python/notes.py")]);
     let call = async |lode: &Lode, function: &str, args: serde_json::Value| {
-        let deadline = Instant::now() + Duration::from_secs(120);
-        loop {
-            let response = lode
-                .api(
-                    reqwest::Method::POST,
-                    &format!("/v1/apps/notes/functions/{function}/call"),
-                )
-                .json(&serde_json::json!({"args": args}))
-                .send()
-                .await
-                .unwrap();
-            let status = response.status();
-            let answer: serde_json::Value = response.json().await.unwrap();
-            // Until the deploy is followed on this host.
-            if status == 404 && Instant::now() < deadline {
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-            assert!(status.is_success(), "{function}{args}: {status} {answer}");
-            return answer["result"].clone();
-        }
+        let (status, answer) = call_notes(lode, function, args.clone()).await;
+        assert_eq!(status, 200, "{function}{args}: {answer}");
+        answer["result"].clone()
     };
     use serde_json::json;
     // b's copy was synced when b mounted it, before the write: only a reload brings it in.
@@ -460,4 +442,107 @@ async fn volumes_reach_other_hosts_through_commit_and_reload() {
     }
     // Every host lists the volume, whichever made it.
     assert!(b.cli_ok(&["volume", "ls"]).contains("notes-vol"));
+}
+
+/// Calls `notes/function` on `lode` with `args`, waiting (at most 2 minutes) for the deploy
+/// to be followed there; the status and the answer.
+async fn call_notes(
+    lode: &Lode,
+    function: &str,
+    args: serde_json::Value,
+) -> (u16, serde_json::Value) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let response = lode
+            .api(
+                reqwest::Method::POST,
+                &format!("/v1/apps/notes/functions/{function}/call"),
+            )
+            .json(&serde_json::json!({ "args": args }))
+            .send()
+            .await
+            .unwrap();
+        let status = response.status().as_u16();
+        let answer: serde_json::Value = response.json().await.unwrap();
+        if status == 404 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        }
+        return (status, answer);
+    }
+}
+
+/// A Python call that lands on a host with no warm container for its function goes to the
+/// host that has one (no cold start where it landed); when that host is killed while it
+/// runs a call sent to it, the call fails with an error that names the host.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_calls_go_to_a_warm_host_and_fail_by_name_when_it_dies() {
+    let engines = Engines::start();
+    let python = ["--image-base-dir", harness::BASE_DIR];
+    let mut a = engines.host_with("a", &python);
+    let b = engines.host_with("b", &python);
+    a.cli_ok(&["deploy", &harness::repo_file("host/tests/python/notes.py")]);
+    assert_eq!(call_notes(&a, "nap", serde_json::json!([0])).await.0, 200);
+    // b learns from a's heartbeat that a has a warm container for nap.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let hosts: serde_json::Value = b
+            .api(reqwest::Method::GET, "/v1/hosts")
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let warm_on_a =
+            hosts["hosts"].as_array().unwrap().iter().any(|h| {
+                h["id"] == "a" && h["warm"].as_array().unwrap().contains(&"notes/nap".into())
+            });
+        if warm_on_a {
+            break;
+        }
+        assert!(Instant::now() < deadline, "a never showed warm: {hosts}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (status, answer) = call_notes(&b, "nap", serde_json::json!([0])).await;
+    assert_eq!(
+        (status, &answer["result"]),
+        (200, &"rested".into()),
+        "{answer}"
+    );
+    let on_b = harness::python::stats_row(&b, "notes", "nap");
+    assert_eq!(
+        (on_b[1].as_str(), on_b[5].as_str()),
+        ("0", "0"),
+        "no container, no cold start on b: {on_b:?}"
+    );
+
+    // a dies while it runs a call b sent it.
+    let slow = tokio::spawn({
+        let b_api = b.api(reqwest::Method::POST, "/v1/apps/notes/functions/nap/call");
+        async move {
+            let response = b_api
+                .json(&serde_json::json!({"args": [30]}))
+                .send()
+                .await
+                .unwrap();
+            let status = response.status().as_u16();
+            (status, response.json::<serde_json::Value>().await.unwrap())
+        }
+    });
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    a.kill();
+    let (status, answer) = tokio::time::timeout(Duration::from_secs(20), slow)
+        .await
+        .expect("the call ends when its host dies")
+        .unwrap();
+    assert_eq!(status, 502, "{answer}");
+    assert_eq!(answer["error"]["kind"], "host_lost", "{answer}");
+    assert!(
+        answer["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("host a stopped answering"),
+        "{answer}"
+    );
 }

@@ -19,6 +19,7 @@ use serde_json::Value;
 
 use crate::api::error::{ApiError, ApiQuery, not_deployed, sorted_json};
 use crate::control::Control;
+use crate::control::forward::Forward;
 use crate::function::{CallError, Dispatch};
 use crate::proto::apps::{SecretList, VolumeList};
 use crate::proto::calls::{CallAnswer, HistoryPage};
@@ -107,6 +108,32 @@ async fn call(
             Err(e) => call_error_response(e),
         },
     )
+}
+
+/// The route another host sharing the state forwards a call to (`POST
+/// /v1/peer/apps/{app}/functions/{function}/call`): it runs here, never forwarded again.
+pub fn peer_router(control: Arc<Control>) -> Router {
+    Router::new()
+        .route(
+            "/v1/peer/apps/{app}/functions/{function}/call",
+            post(peer_call),
+        )
+        .with_state(control)
+}
+
+async fn peer_call(
+    State(control): State<Arc<Control>>,
+    Path((app, function)): Path<(String, String)>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let body = body_json(&body)?;
+    let called = control
+        .call_at(&app, &function, &body, None, None, 0, Forward::Never)
+        .await;
+    Ok(match called {
+        Ok(outcome) => outcome_response(outcome),
+        Err(e) => call_error_response(e),
+    })
 }
 
 /// A generator's values as they come, one NDJSON line each (`{"result": ...}` or

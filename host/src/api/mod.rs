@@ -44,14 +44,21 @@ pub fn router(
         .route("/metrics", get(metrics))
         .with_state(control.clone())
         .merge(objects::router(control.objects.clone()))
-        .merge(functions::router(control))
+        .merge(functions::router(control.clone()))
         .merge(containers::router(native))
         .merge(sandboxes::router(sandboxes, max_file_bytes))
         .layer(Extension(Caller::Operator))
         .layer(middleware::from_fn_with_state(token, require_token));
-    Router::new()
+    let mut api = Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
-        .merge(guarded)
+        .merge(guarded);
+    // Hosts sharing a state run each other's calls, presenting the token they all derive.
+    if let Some(peer_token) = control.host.peer_token.clone() {
+        api = api.merge(functions::peer_router(control.clone()).layer(
+            middleware::from_fn_with_state(Arc::from(peer_token), require_token),
+        ));
+    }
+    api
 }
 
 /// The API a function container gets on its `api.sock`: sandboxes (those its app made),

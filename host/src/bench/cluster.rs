@@ -35,9 +35,12 @@ pub struct ClusterBench {
     /// Spawned calls pushed through the queue.
     #[arg(long, default_value_t = 5000)]
     spawns: usize,
-    /// Where debootstrap bases are kept (unused here; the server wants one).
+    /// Where debootstrap bases are kept.
     #[arg(long, default_value = "/var/cache/lode/images/base")]
     image_base_dir: std::path::PathBuf,
+    /// Cold starts timed on each side.
+    #[arg(long, default_value_t = 3)]
+    cold: usize,
 }
 
 fn deploy(lode: &Path, config: &Path, path: &str, name: Option<&str>) -> Result<()> {
@@ -56,14 +59,17 @@ fn deploy(lode: &Path, config: &Path, path: &str, name: Option<&str>) -> Result<
     Ok(())
 }
 
-/// The median and 99th percentile of `calls` warm calls of `fan/square` at `api`.
+/// The median and 99th percentile of `calls` warm calls of `target` (`app/function`) with
+/// `7` at `api`.
 async fn time_calls(
     http: &reqwest::Client,
     api: &str,
     token: &str,
+    target: &str,
     calls: usize,
 ) -> Result<(Duration, Duration)> {
-    let url = format!("{api}/v1/apps/fan/functions/square/call");
+    let (app, function) = target.split_once('/').context("app/function")?;
+    let url = format!("{api}/v1/apps/{app}/functions/{function}/call");
     let body = json!({"args": [7], "kwargs": {}});
     let mut times = Vec::with_capacity(calls);
     for i in 0..calls + 50 {
@@ -298,6 +304,65 @@ async fn kill_under_load(
     Ok(row)
 }
 
+/// The flags of the cluster's hosts.
+fn host_flags(base: &str) -> [&str; 4] {
+    ["--spawn-lease", "2s", "--image-base-dir", base]
+}
+
+/// A cold call of a new Python app's function, each on a host that never ran it and has
+/// nothing cached: the embedded host restarted with an empty cache (its registry local),
+/// and a new host of the cluster (its registry reading through to S3). The durations of
+/// each side's first calls.
+async fn cold_starts(
+    lode: &Path,
+    http: &reqwest::Client,
+    cluster: &mut LocalCluster,
+    single: &mut crate::bench::support::LodeServer,
+    args: &ClusterBench,
+) -> Result<(Vec<Duration>, Vec<Duration>)> {
+    let (mut local, mut s3) = (Vec::new(), Vec::new());
+    let base = args.image_base_dir.display().to_string();
+    let dir = tempfile::tempdir()?;
+    for i in 0..args.cold.max(1) {
+        let name = format!("cold{i}");
+        let path = dir.path().join(format!("{name}.py"));
+        std::fs::write(
+            &path,
+            format!(
+                "import lode\napp = lode.App({name:?})\n\n\n@app.function()\n\
+                 def square(x: int) -> int:\n    return x * x\n"
+            ),
+        )?;
+        let path = path.to_str().context("a UTF-8 path")?;
+        deploy(lode, &single.client_file, path, None)?;
+        single.restart_with_empty_cache()?;
+        let started = Instant::now();
+        single
+            .call(http, &format!("{name}/square"), json!({"args": [7]}))
+            .await?;
+        local.push(started.elapsed());
+
+        let h1 = cluster.hosts[0].data.join("client.json");
+        deploy(lode, &h1, path, None)?;
+        let flags = host_flags(&base);
+        let id = format!("new{i}");
+        let host = tokio::task::block_in_place(|| cluster.add_host(&id, &flags))?;
+        let url = format!("{}/v1/apps/{name}/functions/square/call", host.api);
+        let started = Instant::now();
+        let answer = http
+            .post(&url)
+            .bearer_auth(&host.token)
+            .json(&json!({"args": [7]}))
+            .send()
+            .await?;
+        if !answer.status().is_success() {
+            bail!("the cold call on {id} failed: {}", answer.text().await?);
+        }
+        s3.push(started.elapsed());
+    }
+    Ok((local, s3))
+}
+
 /// Runs `lode bench cluster`.
 pub async fn cluster(args: ClusterBench) -> Result<()> {
     let lode = std::env::current_exe()?;
@@ -309,10 +374,10 @@ pub async fn cluster(args: ClusterBench) -> Result<()> {
         "lode bench cluster: {hosts} hosts on PostgreSQL and SeaweedFS, against one embedded host"
     );
     let dir = work.path().to_path_buf();
-    let cluster = tokio::task::spawn_blocking(move || {
-        LocalCluster::start(&dir, hosts, &["--spawn-lease", "2s"])
-    })
-    .await??;
+    let base = args.image_base_dir.display().to_string();
+    let cluster =
+        tokio::task::spawn_blocking(move || LocalCluster::start(&dir, hosts, &host_flags(&base)))
+            .await??;
     let single = start_server(&args.image_base_dir)?;
     let (a, b): (&ClusterHost, &ClusterHost) = (&cluster.hosts[0], &cluster.hosts[1]);
     let a_config = a.data.join("client.json");
@@ -320,21 +385,32 @@ pub async fn cluster(args: ClusterBench) -> Result<()> {
     deploy(&lode, &single.client_file, "samples/wasm-fanout", None)?;
 
     let http = reqwest::Client::new();
-    let (embedded, embedded_p99) =
-        time_calls(&http, &single.api, &single.token, args.calls).await?;
-    let (shared, shared_p99) = time_calls(&http, &a.api, &a.token, args.calls).await?;
-    println!(
-        "  {:<58} p50 {:>9.2?}  p99 {:>9.2?}",
-        "warm Wasm call via the API, embedded state (baseline)", embedded, embedded_p99
-    );
-    let delta = shared.as_secs_f64() - embedded.as_secs_f64();
-    println!(
-        "  {:<58} p50 {:>9.2?}  p99 {:>9.2?}  ({:+.2} ms; target within +0.5 ms)",
-        "warm Wasm call via the API, PostgreSQL state",
-        shared,
-        shared_p99,
-        delta * 1e3
-    );
+    deploy(&lode, &a_config, "samples/python-hello/app.py", None)?;
+    deploy(
+        &lode,
+        &single.client_file,
+        "samples/python-hello/app.py",
+        None,
+    )?;
+    for (engine, target) in [("Wasm", "fan/square"), ("Python", "hello-py/square")] {
+        let (embedded, embedded_p99) =
+            time_calls(&http, &single.api, &single.token, target, args.calls).await?;
+        let (shared, shared_p99) = time_calls(&http, &a.api, &a.token, target, args.calls).await?;
+        println!(
+            "  {:<58} p50 {:>9.2?}  p99 {:>9.2?}",
+            format!("warm {engine} call via the API, embedded state (baseline)"),
+            embedded,
+            embedded_p99
+        );
+        let delta = shared.as_secs_f64() - embedded.as_secs_f64();
+        println!(
+            "  {:<58} p50 {:>9.2?}  p99 {:>9.2?}  ({:+.2} ms; target within +0.5 ms)",
+            format!("warm {engine} call via the API, PostgreSQL state"),
+            shared,
+            shared_p99,
+            delta * 1e3
+        );
+    }
 
     // Deploys alternate between two components under one app; each is a new version.
     let sides = ["samples/hello-http", "samples/stream-echo"];
@@ -413,12 +489,20 @@ pub async fn cluster(args: ClusterBench) -> Result<()> {
         "  {}",
         kill_under_load(&lode, &http, &mut cluster, work.path()).await?
     );
-    for row in [
-        "Python warm call, PostgreSQL state",
-        "cold start on a host that never saw the image, chunks from S3",
-    ] {
-        println!("  {row:<58} not measured: not built yet (issue 19 continues)");
-    }
+
+    let mut single = single;
+    let (local, s3) = cold_starts(&lode, &http, &mut cluster, &mut single, &args).await?;
+    let (local, s3) = (median(local), median(s3));
+    println!(
+        "  {:<58} p50 {:>9.2?}",
+        "cold Python call, empty cache, registry local (baseline)", local
+    );
+    println!(
+        "  {:<58} p50 {:>9.2?}  ({:.2}x; target within 1.5x)",
+        "cold Python call on a new host, chunks from S3",
+        s3,
+        s3.as_secs_f64() / local.as_secs_f64()
+    );
     drop(single);
     tokio::task::spawn_blocking(move || drop(cluster)).await?;
     Ok(())

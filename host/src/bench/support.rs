@@ -90,10 +90,34 @@ pub struct LodeServer {
     pub token: String,
     /// The client file it wrote, for the CLI (`LODE_CONFIG`).
     pub client_file: PathBuf,
+    base_dir: PathBuf,
+    extra: Vec<String>,
+    /// Cache dirs used so far.
+    caches: usize,
     _dirs: tempfile::TempDir,
 }
 
 impl LodeServer {
+    /// Stops the server (SIGTERM) and starts it again on the same data with an empty cache
+    /// dir: its registry and state as they were, no chunk or compiled code cached.
+    pub fn restart_with_empty_cache(&mut self) -> Result<()> {
+        self.stop();
+        self.caches += 1;
+        let home = self._dirs.path();
+        let cache = home.join(format!("cache-{}", self.caches));
+        let extra: Vec<&str> = self.extra.iter().map(String::as_str).collect();
+        let (child, api, token, client_file) = spawn_server(home, &cache, &self.base_dir, &extra)?;
+        (self.child, self.api, self.token, self.client_file) = (child, api, token, client_file);
+        Ok(())
+    }
+
+    fn stop(&mut self) {
+        // SIGTERM, so it unmounts its images and stops its containers.
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let _ = self.child.wait();
+    }
+
     /// Calls `app/function` through the API with `body` (`{"args", "kwargs"}`); its result.
     pub fn call(
         &self,
@@ -133,10 +157,7 @@ impl LodeServer {
 
 impl Drop for LodeServer {
     fn drop(&mut self) {
-        // SIGTERM, so it unmounts its images and stops its containers.
-        // SAFETY: kill(2) on our own child's pid.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let _ = self.child.wait();
+        self.stop();
     }
 }
 
@@ -148,13 +169,36 @@ pub fn start_server(base_dir: &Path) -> Result<LodeServer> {
 /// [`start_server`] with more `lode serve` flags.
 pub fn start_server_with(base_dir: &Path, extra: &[&str]) -> Result<LodeServer> {
     let dirs = tempfile::tempdir()?;
-    let data = dirs.path().join("data");
+    let (child, api, token, client_file) =
+        spawn_server(dirs.path(), &dirs.path().join("cache"), base_dir, extra)?;
+    Ok(LodeServer {
+        child,
+        api,
+        token,
+        client_file,
+        base_dir: base_dir.to_path_buf(),
+        extra: extra.iter().map(|s| s.to_string()).collect(),
+        caches: 0,
+        _dirs: dirs,
+    })
+}
+
+/// Spawns `lode serve` with its data in `home/data` and its cache in `cache`; waits until it
+/// wrote its client file.
+fn spawn_server(
+    home: &Path,
+    cache: &Path,
+    base_dir: &Path,
+    extra: &[&str],
+) -> Result<(Child, String, String, PathBuf)> {
+    let data = home.join("data");
+    let _ = std::fs::remove_file(data.join("client.json"));
     let mut child = Command::new(std::env::current_exe()?)
         .arg("serve")
         .arg("--data-dir")
         .arg(&data)
         .arg("--cache-dir")
-        .arg(dirs.path().join("cache"))
+        .arg(cache)
         .arg("--image-base-dir")
         .arg(base_dir)
         .args(["--api", "127.0.0.1:0", "--http", "127.0.0.1:0"])
@@ -176,13 +220,12 @@ pub fn start_server_with(base_dir: &Path, extra: &[&str]) -> Result<LodeServer> 
         }
         std::thread::sleep(Duration::from_millis(20));
     };
-    Ok(LodeServer {
+    Ok((
         child,
-        api: client["api_url"].as_str().unwrap_or_default().to_string(),
-        token: client["token"].as_str().unwrap_or_default().to_string(),
-        client_file: data.join("client.json"),
-        _dirs: dirs,
-    })
+        client["api_url"].as_str().unwrap_or_default().to_string(),
+        client["token"].as_str().unwrap_or_default().to_string(),
+        data.join("client.json"),
+    ))
 }
 
 /// A Python virtual environment under `/var/cache/lode/bench/NAME` with `packages`, for a

@@ -24,6 +24,11 @@ pub struct ThisHost {
     pub shared: bool,
     /// Set once it left: held while a beat writes, so no beat lands after the record went.
     left: std::sync::Mutex<bool>,
+    /// Every host as the last beat listed them, for calls that go to a warm host.
+    peers: arc_swap::ArcSwap<Vec<HostStatus>>,
+    /// What hosts sharing the state present to each other's peer routes (derived from the
+    /// secrets key they share); `None` on a host of its own.
+    pub peer_token: Option<String>,
 }
 
 /// The one-minute load average.
@@ -37,15 +42,27 @@ fn load() -> f64 {
 impl ThisHost {
     /// A host named `id` whose API is at `api_url`, beating every `interval` where its
     /// state is `shared`.
-    pub fn new(id: String, api_url: String, interval: Duration, shared: bool) -> Arc<Self> {
+    pub fn new(
+        id: String,
+        api_url: String,
+        interval: Duration,
+        peer_token: Option<String>,
+    ) -> Arc<Self> {
         Arc::new(Self {
             id,
             api_url,
             started_at_ms: crate::util::now_ms(),
             interval,
-            shared,
+            shared: peer_token.is_some(),
             left: std::sync::Mutex::new(false),
+            peers: Default::default(),
+            peer_token,
         })
+    }
+
+    /// Every host as the last beat listed them.
+    pub fn peers(&self) -> Arc<Vec<HostStatus>> {
+        self.peers.load_full()
     }
 
     /// What this host says of itself now.
@@ -152,16 +169,16 @@ pub async fn run(control: Weak<Control>) {
         let host = strong.host.clone();
         let beat = tokio::task::spawn_blocking(move || {
             host.beat(&strong)?;
+            let hosts = host.list(&strong)?.hosts;
             if n % 5 == 4 {
-                let alive: std::collections::HashSet<String> = host
-                    .list(&strong)?
-                    .hosts
-                    .into_iter()
+                let alive: std::collections::HashSet<String> = hosts
+                    .iter()
                     .filter(|h| h.alive)
-                    .map(|h| h.record.id)
+                    .map(|h| h.record.id.clone())
                     .collect();
                 strong.calls.fail_orphans(&|id| alive.contains(id));
             }
+            host.peers.store(Arc::new(hosts));
             anyhow::Ok(())
         })
         .await;

@@ -8,6 +8,7 @@
 
 pub mod calls;
 pub mod deploy;
+pub mod forward;
 pub mod history;
 pub mod hosts;
 pub mod python;
@@ -173,6 +174,8 @@ pub struct Control {
     apps: ArcSwap<HashMap<String, Arc<LiveApp>>>,
     /// Serializes the record-and-swap step of deploys and removals (not compilation).
     commit_lock: tokio::sync::Mutex<()>,
+    /// The client calls forwarded to other hosts go through.
+    peer_http: std::sync::OnceLock<reqwest::Client>,
     /// Itself, for the `Weak<dyn Dispatch>` that runs and pools call back through, and for
     /// tasks that outlive a request.
     this: Weak<Control>,
@@ -213,6 +216,7 @@ impl Control {
             host,
             apps: ArcSwap::from_pointee(HashMap::new()),
             commit_lock: tokio::sync::Mutex::new(()),
+            peer_http: std::sync::OnceLock::new(),
             this: this.clone(),
         })
     }

@@ -11,6 +11,7 @@ use serde_json::{Map, Value};
 use tokio::sync::mpsc;
 
 use crate::control::Control;
+use crate::control::forward::Forward;
 use crate::function::{CallError, CallTree, Dispatch, Generated, check_payload};
 use crate::native::pool::Rejected;
 use crate::proto::calls::{CallRecord, CallStatus, HistoryRecord};
@@ -92,7 +93,8 @@ impl Dispatch for Control {
         tree: Option<CallTree>,
         caller: Option<&str>,
     ) -> Result<Outcome, CallError> {
-        self.call_at(app, function, body, tree, caller, 0).await
+        self.call_at(app, function, body, tree, caller, 0, Forward::Allowed)
+            .await
     }
 
     /// Starts the call in the background; returns its id. What a call would refuse at once
@@ -339,12 +341,13 @@ impl Control {
         tree: Option<CallTree>,
         caller: Option<&str>,
         attempts: u32,
+        forward: Forward,
     ) -> Result<Outcome, CallError> {
         let started = std::time::Instant::now();
         let depth = tree.as_ref().map_or(0, CallTree::depth);
         let from_wasm = tree.as_ref().is_some_and(CallTree::from_wasm);
         let (engine, result) = self
-            .run_on_engine(app, function, body, tree, caller, attempts)
+            .run_on_engine(app, function, body, tree, caller, attempts, forward)
             .await;
         if let Some((engine, series)) = engine {
             let failed = !matches!(&result, Ok(outcome) if !outcome.is_error());
@@ -463,6 +466,7 @@ impl Control {
         tree: Option<CallTree>,
         caller: Option<&str>,
         attempts: u32,
+        forward: Forward,
     ) -> (
         Option<(&'static str, FunctionSeries)>,
         Result<Outcome, CallError>,
@@ -489,8 +493,25 @@ impl Control {
                 },
             };
             let served = Some(("python", pool.series().clone()));
+            // A call from outside that would wait here for a cold start goes to a host with
+            // a warm container for it, where there is one.
+            let may_forward = forward == Forward::Allowed && tree.is_none() && self.host.shared;
+            if may_forward
+                && pool.stats().containers == 0
+                && let Some(result) = self.forward_to_warm(&pool, app, function, body).await
+            {
+                return (served, result.map(|o| only_declared_pickle(o, pickle)));
+            }
             match pool.submit_retry(payload, tree.clone(), attempts).await {
                 Ok(outcome) => return (served, Ok(only_declared_pickle(outcome, pickle))),
+                // Full here: another host with warm containers takes it, where there is one.
+                Err(Rejected::QueueFull(_))
+                    if may_forward
+                        && let Some(result) =
+                            self.forward_to_warm(&pool, app, function, body).await =>
+                {
+                    return (served, result.map(|o| only_declared_pickle(o, pickle)));
+                }
                 Err(Rejected::QueueFull(after)) => {
                     return (
                         served,

@@ -168,6 +168,7 @@ fn start(control: &Arc<Control>, taken: Taken, running: &Running, saturated: &Ar
                     None,
                     input.caller.as_deref(),
                     spent,
+                    crate::control::forward::Forward::Never,
                 )
                 .await;
             settle(

@@ -319,7 +319,10 @@ pub async fn serve(options: ServeOptions) -> Result<()> {
         host_id,
         options.advertise.clone().unwrap_or_else(|| api_url.clone()),
         options.heartbeat,
-        options.state_url.is_some(),
+        options
+            .state_url
+            .is_some()
+            .then(|| functions.secrets.peer_token().to_string()),
     );
     if this_host.shared {
         this_host.check_id(state.as_ref())?;

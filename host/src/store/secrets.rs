@@ -45,6 +45,8 @@ fn format_1() -> u32 {
 pub struct Secrets {
     cipher: XChaCha20Poly1305,
     state: Arc<dyn StateStore>,
+    /// Derived from the key, so hosts that share it share this too.
+    peer_token: String,
 }
 
 impl Secrets {
@@ -94,9 +96,14 @@ impl Secrets {
                 path.display()
             );
         }
+        let key: [u8; 32] = key.try_into().expect("checked above");
         let secrets = Self {
             cipher: XChaCha20Poly1305::new_from_slice(&key).expect("32 bytes"),
             state,
+            peer_token: hex::encode(blake3::derive_key(
+                "lode 2026-12 hosts' peer API token",
+                &key,
+            )),
         };
         secrets.migrate()?;
         Ok(secrets)
@@ -120,6 +127,12 @@ impl Secrets {
             }
         }
         Ok(())
+    }
+
+    /// The token hosts that share this key present to each other's peer routes: derived
+    /// one way from the key, so it reveals nothing of it.
+    pub fn peer_token(&self) -> &str {
+        &self.peer_token
     }
 
     /// Stores (or replaces) a secret.

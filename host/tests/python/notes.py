@@ -28,3 +28,11 @@ def peek(name: str) -> str | None:
             return f.read()
     except FileNotFoundError:
         return None
+
+
+@app.function()
+def nap(seconds: float) -> str:
+    import time
+
+    time.sleep(seconds)
+    return "rested"

@@ -233,6 +233,11 @@ impl Pool {
         self.submit_job(payload, tree, None, attempts).await
     }
 
+    /// The wall-clock limit of one input.
+    pub fn timeout(&self) -> Duration {
+        self.spec.timeout
+    }
+
     /// How the function's inputs are retried.
     pub fn retries(&self) -> Option<Retries> {
         self.spec.retries
