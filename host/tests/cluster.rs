@@ -546,3 +546,75 @@ async fn python_calls_go_to_a_warm_host_and_fail_by_name_when_it_dies() {
         "{answer}"
     );
 }
+
+/// PostgreSQL briefly down under a running host: public Wasm requests keep being served; a
+/// spawn is refused with an error that names the database; a spawned call that finishes
+/// meanwhile keeps its result and stores it once the database is back; then spawns work again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_brief_postgres_outage_loses_nothing() {
+    let mut engines = Engines::start();
+    let a = engines.host("a");
+    a.deploy(&sample("hello_http"), "site");
+    let project = engines.dir.path().join("busy");
+    std::fs::create_dir_all(&project).unwrap();
+    std::fs::write(
+        project.join("lode.toml"),
+        format!(
+            "app = \"busy\"\n[[function]]\nname = \"work\"\npath = \"{}\"\ntimeout = 60\n\
+             volumes = [{{ name = \"mlp-weights\", path = \"/weights\", read_only = true, \
+             create_if_missing = true }}]\n",
+            harness::repo_file("samples/wasm-gpu")
+        ),
+    )
+    .unwrap();
+    a.cli_ok(&["deploy", project.to_str().unwrap()]);
+    let spawn = async |seconds: u32| {
+        let response = a
+            .api(reqwest::Method::POST, "/v1/apps/busy/functions/work/spawn")
+            .json(&serde_json::json!({"args": [], "kwargs": {"busy": seconds}}))
+            .send()
+            .await
+            .unwrap();
+        let status = response.status().as_u16();
+        (status, response.json::<serde_json::Value>().await.unwrap())
+    };
+    let (status, spawned) = spawn(3).await;
+    assert_eq!(status, 200, "{spawned}");
+    let id = spawned["call_id"].as_str().unwrap().to_string();
+    let poll = async || -> serde_json::Value {
+        a.api(reqwest::Method::GET, &format!("/v1/calls/{id}?wait=0"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while poll().await["host"] != "a" {
+        assert!(Instant::now() < deadline, "never taken");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    engines.postgres.stop_now().unwrap();
+    assert_eq!(a.get("/site/").await, (200, "hello\n".into()));
+    let (status, refused) = spawn(0).await;
+    assert_eq!(status, 503, "{refused}");
+    let message = refused["error"]["message"].as_str().unwrap();
+    assert!(message.contains("PostgreSQL") && message.contains("retry"), "{message}");
+    // The running call finishes while the database is away.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    engines.postgres.resume().unwrap();
+
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let done = loop {
+        let seen = poll().await;
+        if seen["status"] != "running" {
+            break seen;
+        }
+        assert!(Instant::now() < deadline, "still running: {seen}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(done["status"], "succeeded", "{done}");
+    assert_eq!(spawn(0).await.0, 200);
+}

@@ -26,6 +26,10 @@ pub struct ClusterArgs {
     /// Paths to deploy through the first host once all are up (repeatable).
     #[arg(long, value_name = "PATH")]
     pub deploy: Vec<PathBuf>,
+    /// Where the hosts keep debootstrap bases for Python image builds, shared so the base is
+    /// made once.
+    #[arg(long, default_value = "/var/cache/lode/images/base")]
+    pub image_base_dir: PathBuf,
 }
 
 /// One `lode serve` of a local cluster.
@@ -192,8 +196,11 @@ pub async fn run(args: ClusterArgs) -> Result<()> {
         "starting PostgreSQL, SeaweedFS and {count} hosts under {}",
         dir.display()
     );
-    let cluster =
-        tokio::task::spawn_blocking(move || LocalCluster::start(&dir, count, &[])).await??;
+    let base = args.image_base_dir.display().to_string();
+    let cluster = tokio::task::spawn_blocking(move || {
+        LocalCluster::start(&dir, count, &["--image-base-dir", &base])
+    })
+    .await??;
     for path in &args.deploy {
         let out = cluster.hosts[0].cli()?.arg("deploy").arg(path).output()?;
         if !out.status.success() {

@@ -6,8 +6,8 @@
 //! summaries also go to the call history ([`super::history`]).
 //!
 //! Where hosts share a PostgreSQL state, calls spawned from outside go through its queue
-//! instead ([`SharedQueue`], run by [`super::spawned`]): any host takes them, and their
-//! records live in the store only.
+//! instead ([`SharedQueue`], run by [`super::spawned`]): any host takes them, and they are
+//! read from there (and their records from the store) only.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -18,7 +18,7 @@ use serde_json::Value;
 use tokio::sync::watch;
 
 use crate::proto::calls::{CallRecord, CallStatus, MAX_WAIT};
-use crate::store::postgres::queue::{PgQueue, SpawnedInput};
+use crate::store::postgres::queue::{Found, PgQueue, SpawnedInput};
 use crate::store::state::{StateStore, Table};
 
 /// Spawned calls remembered at once; the oldest finished ones go first.
@@ -116,14 +116,21 @@ pub fn settle(record: &mut CallRecord, outcome: Outcome) {
     }
 }
 
-/// `record` (JSON) marked cancelled, if it is still running.
-fn cancelled(record: &[u8]) -> Option<Vec<u8>> {
-    let mut record: CallRecord = serde_json::from_slice(record).ok()?;
-    if record.status != CallStatus::Running {
-        return None;
+/// The record of a queued call, running on `host` if one holds its lease.
+pub(crate) fn queued_record(id: &str, input: &SpawnedInput, host: Option<String>) -> CallRecord {
+    CallRecord {
+        call_id: id.to_string(),
+        app: input.app.clone(),
+        function: input.function.clone(),
+        engine: input.engine.clone(),
+        status: CallStatus::Running,
+        result: None,
+        result_pickled: None,
+        error: None,
+        created_ms: input.created_ms,
+        duration_ms: None,
+        host,
     }
-    mark_cancelled(&mut record);
-    serde_json::to_vec(&record).ok()
 }
 
 fn mark_cancelled(record: &mut CallRecord) {
@@ -159,46 +166,15 @@ impl Calls {
         calls
     }
 
-    /// The calls in the shared queue, which its leases look after rather than this host's
-    /// sweeps; `None` (logged) where the queue cannot be read, so nothing is swept.
-    fn queued(&self) -> Option<std::collections::HashSet<String>> {
-        let Some(shared) = &self.shared else {
-            return Some(Default::default());
-        };
-        match shared.queue.queued() {
-            Ok(ids) => Some(ids),
-            Err(e) => {
-                tracing::warn!(error = %e, "reading the spawned-call queue failed");
-                None
-            }
-        }
-    }
-
-    /// Queues a call any host may take, with its running record; returns its id once both
-    /// are stored. Its waiters read the record from the store.
+    /// Queues a call any host may take; returns its id once it is stored. Its waiters read
+    /// it from the queue, then its record from the store.
     pub async fn enqueue(&self, input: SpawnedInput) -> anyhow::Result<String> {
         let shared = self
             .shared
             .as_ref()
             .ok_or_else(|| anyhow::anyhow!("no shared queue"))?;
         let id = new_call_id();
-        let record = CallRecord {
-            call_id: id.clone(),
-            app: input.app.clone(),
-            function: input.function.clone(),
-            engine: input.engine.clone(),
-            status: CallStatus::Running,
-            result: None,
-            result_pickled: None,
-            error: None,
-            created_ms: input.created_ms,
-            duration_ms: None,
-            host: None,
-        };
-        shared
-            .queue
-            .push(&id, serde_json::to_vec(&record)?, &input)
-            .await?;
+        shared.queue.push(&id, &input).await?;
         shared.ready.notify_one();
         Ok(id)
     }
@@ -218,16 +194,10 @@ impl Calls {
     /// Marks failed, as lost, the running calls of hosts that are gone: those `alive`
     /// does not name (this host's own are left to it).
     pub fn fail_orphans(&self, alive: &dyn Fn(&str) -> bool) {
-        let Some(queued) = self.queued() else {
-            return;
-        };
         let Some((store, entries)) = self.stored() else {
             return;
         };
-        for (id, bytes) in entries {
-            if queued.contains(&id) {
-                continue;
-            }
+        for (_, bytes) in entries {
             let Ok(record) = serde_json::from_slice::<CallRecord>(&bytes) else {
                 continue;
             };
@@ -272,17 +242,11 @@ impl Calls {
     /// Drops expired records from the store; with `after_restart`, fails the ones left
     /// running.
     fn sweep(&self, after_restart: bool) {
-        let Some(queued) = self.queued() else {
-            return;
-        };
         let Some((store, entries)) = self.stored() else {
             return;
         };
         let oldest = crate::util::now_ms().saturating_sub(RETENTION.as_millis() as u64);
         for (id, bytes) in entries {
-            if queued.contains(&id) {
-                continue;
-            }
             match serde_json::from_slice::<CallRecord>(&bytes) {
                 Ok(record) if record.created_ms >= oldest => {
                     let ours = record.host.is_none() || record.host == self.host;
@@ -351,6 +315,34 @@ impl Calls {
         id
     }
 
+    /// A call of the shared queue (or one this host ran itself, in memory no more), read
+    /// from the queue and the store every 50 ms until it ended or `wait` is up.
+    async fn wait_queued(
+        &self,
+        shared: &SharedQueue,
+        id: &str,
+        wait: Duration,
+    ) -> Option<CallRecord> {
+        let deadline = tokio::time::Instant::now() + wait.min(MAX_WAIT);
+        loop {
+            let found = match shared.queue.lookup(id).await {
+                Ok(found) => found,
+                Err(e) => {
+                    tracing::warn!(call = %id, error = %format!("{e:#}"), "reading a spawned call failed");
+                    return None;
+                }
+            };
+            match found {
+                Found::Ended(bytes) => return serde_json::from_slice(&bytes).ok(),
+                Found::Unknown => return None,
+                Found::Queued(input, host) if tokio::time::Instant::now() >= deadline => {
+                    return Some(queued_record(id, &input, host));
+                }
+                Found::Queued(..) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+    }
+
     /// Stores how the call ended and wakes its waiters.
     pub fn finish(&self, id: &str, outcome: Outcome) {
         let mut records = self.inner.lock().unwrap();
@@ -390,9 +382,14 @@ impl Calls {
             let Some(shared) = &self.shared else {
                 return Ok(None);
             };
-            return match shared.queue.cancel(id, cancelled)? {
-                Some(bytes) => Ok(Some(serde_json::from_slice(&bytes)?)),
-                None => Ok(None),
+            let found = shared.queue.cancel(id, |id, input| {
+                let mut record = queued_record(id, input, None);
+                mark_cancelled(&mut record);
+                serde_json::to_vec(&record).expect("records encode")
+            })?;
+            return match found {
+                Found::Ended(bytes) => Ok(Some(serde_json::from_slice(&bytes)?)),
+                Found::Queued(..) | Found::Unknown => Ok(None),
             };
         };
         if entry.record.status == CallStatus::Running {
@@ -422,8 +419,10 @@ impl Calls {
             records.map.get(id).map(|e| e.done.subscribe())
         };
         let Some(mut done) = subscribed else {
-            // Not in memory: a record from before a restart, evicted, or a call another host
-            // runs, whose end shows in the store.
+            if let Some(shared) = &self.shared {
+                return self.wait_queued(shared, id, wait).await;
+            }
+            // Not in memory: a record from before a restart, or evicted.
             let store = self.store.as_ref()?;
             let deadline = tokio::time::Instant::now() + wait.min(MAX_WAIT);
             loop {

@@ -15,8 +15,8 @@ use std::time::Duration;
 use lode_native_runner::agent::{ErrorInfo, Outcome};
 
 use crate::control::Control;
-use crate::control::calls::settle;
-use crate::proto::calls::{CallRecord, CallStatus};
+use crate::control::calls::{queued_record, settle};
+use crate::proto::calls::CallStatus;
 use crate::store::postgres::queue::Taken;
 
 /// How often the queue is read when no notification came.
@@ -99,28 +99,11 @@ async fn renew(control: &Control, running: &Running) {
     }
 }
 
-/// The running record of a taken input.
-fn record_of(taken: &Taken, host: &str) -> CallRecord {
-    CallRecord {
-        call_id: taken.call_id.clone(),
-        app: taken.input.app.clone(),
-        function: taken.input.function.clone(),
-        engine: taken.input.engine.clone(),
-        status: CallStatus::Running,
-        result: None,
-        result_pickled: None,
-        error: None,
-        created_ms: taken.input.created_ms,
-        duration_ms: None,
-        host: Some(host.to_string()),
-    }
-}
-
 /// Runs a taken input in a task of its own (or ends it as lost, where its retries are spent),
 /// then stores its record.
 fn start(control: &Arc<Control>, taken: Taken, running: &Running, saturated: &Arc<AtomicBool>) {
     let host = control.host.id.clone();
-    let mut record = record_of(&taken, &host);
+    let mut record = queued_record(&taken.call_id, &taken.input, Some(host.clone()));
     let spent = taken.takes.saturating_sub(1);
     let previous = taken.previous_host.as_deref().unwrap_or("another host");
     let max_retries = taken.input.max_retries;

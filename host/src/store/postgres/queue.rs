@@ -5,10 +5,11 @@
 //! so the taker can tell a rerun from a first run and hold it to the function's `Retries`.
 //! The lease clock is the database's, so hosts' clocks may differ.
 //!
-//! The call's record (`GET /v1/calls/{id}`) lives beside it in the `calls` table: written
-//! with the row, stamped with the taking host, and replaced by the result in the same
-//! transaction that deletes the row, and only by the host that still holds the lease, so a
-//! host whose lease was lost cannot overwrite what another run wrote.
+//! While the row is there, the call reads as running (on the host that holds its lease, if
+//! any). Its record (`GET /v1/calls/{id}`) is written to the `calls` table when it ends, in the
+//! same transaction that deletes the row, and only by the host that still holds the lease, so
+//! a host whose lease was lost cannot overwrite what another run wrote; a cancel likewise
+//! deletes the row and writes the record at once.
 //!
 //! Many hosts push and finish at once, so requests are batched: a worker thread takes every
 //! request waiting, runs each kind as one statement in one transaction, and answers them all
@@ -70,7 +71,6 @@ type Answer<T> = Box<dyn FnOnce(Result<T>) + Send>;
 enum Op {
     Push {
         id: String,
-        record: Vec<u8>,
         input: Vec<u8>,
         answer: Answer<()>,
     },
@@ -94,12 +94,24 @@ enum Op {
     },
     Cancel {
         id: String,
-        cancelled: Box<dyn Fn(&[u8]) -> Option<Vec<u8>> + Send>,
-        answer: Answer<Option<Vec<u8>>>,
+        cancelled: Box<dyn Fn(&str, &SpawnedInput) -> Vec<u8> + Send>,
+        answer: Answer<Found>,
     },
-    Queued {
-        answer: Answer<HashSet<String>>,
+    Lookup {
+        id: String,
+        answer: Answer<Found>,
     },
+}
+
+/// A call as the queue and the `calls` table have it.
+#[derive(Debug)]
+pub enum Found {
+    /// Still queued or running: its input, and the host that holds its lease.
+    Queued(SpawnedInput, Option<String>),
+    /// Ended: its record.
+    Ended(Vec<u8>),
+    /// Neither.
+    Unknown,
 }
 
 /// The queue of spawned inputs in a PostgreSQL database.
@@ -168,12 +180,11 @@ impl PgQueue {
         })
     }
 
-    /// Queues an input and its running call's record; returns once both are committed.
-    pub async fn push(&self, id: &str, record: Vec<u8>, input: &SpawnedInput) -> Result<()> {
+    /// Queues an input; returns once it is committed.
+    pub async fn push(&self, id: &str, input: &SpawnedInput) -> Result<()> {
         let input = serde_json::to_vec(input)?;
         ask_async(&self.front, |answer| Op::Push {
             id: id.to_string(),
-            record,
             input,
             answer,
         })
@@ -181,8 +192,7 @@ impl PgQueue {
         .with_context(|| format!("queueing a spawned call in {}", self.shown))
     }
 
-    /// Takes up to `max` ready inputs for `host`, each leased for `lease`; stamps their
-    /// records with the host.
+    /// Takes up to `max` ready inputs for `host`, each leased for `lease`.
     pub async fn take(&self, host: &str, max: usize, lease: Duration) -> Result<Vec<Taken>> {
         ask_async(&self.back, |answer| Op::Take {
             host: host.to_string(),
@@ -222,14 +232,14 @@ impl PgQueue {
         .await
     }
 
-    /// Takes a queued input off the queue and rewrites its record with `cancelled` (which
-    /// returns `None` for a record that already ended). The record as it is after; `None` if
-    /// there is none.
+    /// Takes a queued or running input off the queue and writes its record, made by
+    /// `cancelled`, in one transaction. What there was: the input, now cancelled, or the
+    /// record of a call that already ended.
     pub fn cancel(
         &self,
         id: &str,
-        cancelled: impl Fn(&[u8]) -> Option<Vec<u8>> + Send + 'static,
-    ) -> Result<Option<Vec<u8>>> {
+        cancelled: impl Fn(&str, &SpawnedInput) -> Vec<u8> + Send + 'static,
+    ) -> Result<Found> {
         ask(&self.front, |answer| Op::Cancel {
             id: id.to_string(),
             cancelled: Box::new(cancelled),
@@ -238,9 +248,15 @@ impl PgQueue {
         .with_context(|| format!("cancelling a spawned call in {}", self.shown))
     }
 
-    /// The ids of every input still queued or running.
-    pub fn queued(&self) -> Result<HashSet<String>> {
-        ask(&self.front, |answer| Op::Queued { answer })
+    /// Where call `id` is: queued or running, ended, or unknown (read in one snapshot, so a
+    /// call that ends meanwhile is seen one way or the other).
+    pub async fn lookup(&self, id: &str) -> Result<Found> {
+        ask_async(&self.front, |answer| Op::Lookup {
+            id: id.to_string(),
+            answer,
+        })
+        .await
+        .with_context(|| format!("reading a spawned call in {}", self.shown))
     }
 
     /// Calls `ready` whenever some host pushes, and after each (re)connection of the
@@ -270,12 +286,7 @@ fn serve(mut connection: Connection, ops: Receiver<Op>, shown: &str) {
         let mut finishes = Vec::new();
         for op in batch {
             match op {
-                Op::Push {
-                    id,
-                    record,
-                    input,
-                    answer,
-                } => pushes.push((id, record, input, answer)),
+                Op::Push { id, input, answer } => pushes.push((id, input, answer)),
                 Op::Finish {
                     id,
                     host,
@@ -302,13 +313,13 @@ fn serve(mut connection: Connection, ops: Receiver<Op>, shown: &str) {
                     cancelled,
                     answer,
                 } => answer(named(shown, connection.run(|c| cancel(c, &id, &cancelled)))),
-                Op::Queued { answer } => answer(named(shown, connection.run(queued))),
+                Op::Lookup { id, answer } => answer(named(shown, connection.run(|c| lookup(c, &id)))),
             }
         }
         if !pushes.is_empty() {
             let pushed = connection.run(|client| push_all(client, &pushes));
             let pushed = named(shown, pushed).map_err(|e| format!("{e:#}"));
-            for (_, _, _, answer) in pushes {
+            for (_, _, answer) in pushes {
                 answer(pushed.clone().map_err(|e| anyhow!(e)));
             }
         }
@@ -331,25 +342,18 @@ fn named<T>(shown: &str, result: Result<T>) -> Result<T> {
     result.with_context(|| format!("the spawned-call queue in PostgreSQL at {shown}"))
 }
 
-type Pushed = (String, Vec<u8>, Vec<u8>, Answer<()>);
+type Pushed = (String, Vec<u8>, Answer<()>);
 type Finished = (String, String, Vec<u8>, Answer<bool>);
 
 fn push_all(client: &mut Client, pushes: &[Pushed]) -> Result<()> {
     let ids: Vec<&str> = pushes.iter().map(|p| p.0.as_str()).collect();
-    let records: Vec<&[u8]> = pushes.iter().map(|p| p.1.as_slice()).collect();
-    let inputs: Vec<&[u8]> = pushes.iter().map(|p| p.2.as_slice()).collect();
+    let inputs: Vec<&[u8]> = pushes.iter().map(|p| p.1.as_slice()).collect();
     let mut txn = client.transaction()?;
     // Idempotent, as a batch cut off with its connection runs again.
     txn.execute(
         "INSERT INTO lode_spawned (call_id, input) \
          SELECT * FROM unnest($1::text[], $2::bytea[]) ON CONFLICT DO NOTHING",
         &[&ids, &inputs],
-    )?;
-    txn.execute(
-        "INSERT INTO lode_entries (tbl, key, value) \
-         SELECT 'calls', k, v FROM unnest($1::text[], $2::bytea[]) AS t(k, v) \
-         ON CONFLICT (tbl, key) DO NOTHING",
-        &[&ids, &records],
     )?;
     txn.execute("SELECT pg_notify($1, '')", &[&SPAWNED_CHANNEL])?;
     txn.commit()?;
@@ -366,20 +370,14 @@ fn take(client: &mut Client, host: &str, max: i64, lease: Duration) -> Result<Ve
            UPDATE lode_spawned s SET lease_host = $1, takes = s.takes + 1, \
              lease_until = clock_timestamp() + make_interval(secs => $3) \
            FROM ready WHERE s.call_id = ready.call_id \
-           RETURNING s.call_id, s.input, s.takes, ready.lease_host AS previous), \
-         stamped AS ( \
-           UPDATE lode_entries e SET value = convert_to(jsonb_set( \
-             convert_from(e.value, 'UTF8')::jsonb, '{host}', to_jsonb($1::text))::text, 'UTF8') \
-           FROM taken WHERE e.tbl = 'calls' AND e.key = taken.call_id) \
+           RETURNING s.call_id, s.input, s.takes, ready.lease_host AS previous) \
          SELECT call_id, input, takes, previous FROM taken",
         &[&host, &max, &lease.as_secs_f64()],
     )?;
     let mut taken = Vec::with_capacity(rows.len());
     for row in rows {
         let call_id: String = row.get(0);
-        let input: Vec<u8> = row.get(1);
-        let input = serde_json::from_slice(&input)
-            .with_context(|| format!("the queued input of call {call_id} is corrupt"))?;
+        let input = parse_input(&call_id, row.get(1))?;
         taken.push(Taken {
             call_id,
             input,
@@ -419,30 +417,52 @@ fn finish_all(client: &mut Client, finishes: &[Finished]) -> Result<HashSet<Stri
 fn cancel(
     client: &mut Client,
     id: &str,
-    cancelled: &(dyn Fn(&[u8]) -> Option<Vec<u8>> + Send),
-) -> Result<Option<Vec<u8>>> {
+    cancelled: &(dyn Fn(&str, &SpawnedInput) -> Vec<u8> + Send),
+) -> Result<Found> {
     let mut txn = client.transaction()?;
-    let Some(row) = txn.query_opt(
-        "SELECT value FROM lode_entries WHERE tbl = 'calls' AND key = $1 FOR UPDATE",
+    let removed = txn.query_opt(
+        "DELETE FROM lode_spawned WHERE call_id = $1 RETURNING input, lease_host",
         &[&id],
-    )?
-    else {
-        return Ok(None);
+    )?;
+    let Some(row) = removed else {
+        return ended(&mut txn, id);
     };
-    let now: Vec<u8> = row.get(0);
-    let Some(record) = cancelled(&now) else {
-        return Ok(Some(now));
-    };
-    txn.execute("DELETE FROM lode_spawned WHERE call_id = $1", &[&id])?;
+    let input = parse_input(id, row.get(0))?;
+    let record = cancelled(id, &input);
     txn.execute(
-        "UPDATE lode_entries SET value = $2 WHERE tbl = 'calls' AND key = $1",
+        "INSERT INTO lode_entries (tbl, key, value) VALUES ('calls', $1, $2) \
+         ON CONFLICT (tbl, key) DO UPDATE SET value = EXCLUDED.value",
         &[&id, &record],
     )?;
     txn.commit()?;
-    Ok(Some(record))
+    Ok(Found::Ended(record))
 }
 
-fn queued(client: &mut Client) -> Result<HashSet<String>> {
-    let rows = client.query("SELECT call_id FROM lode_spawned", &[])?;
-    Ok(rows.iter().map(|row| row.get(0)).collect())
+/// The ended call's record, if any.
+fn ended(txn: &mut postgres::Transaction<'_>, id: &str) -> Result<Found> {
+    let row = txn.query_opt(
+        "SELECT value FROM lode_entries WHERE tbl = 'calls' AND key = $1",
+        &[&id],
+    )?;
+    Ok(row.map_or(Found::Unknown, |row| Found::Ended(row.get(0))))
+}
+
+fn lookup(client: &mut Client, id: &str) -> Result<Found> {
+    // One transaction, one snapshot: an end committed meanwhile shows in both or neither.
+    let mut txn = client
+        .build_transaction()
+        .isolation_level(postgres::IsolationLevel::RepeatableRead)
+        .read_only(true)
+        .start()?;
+    if let Some(row) = txn.query_opt(
+        "SELECT input, lease_host FROM lode_spawned WHERE call_id = $1",
+        &[&id],
+    )? {
+        return Ok(Found::Queued(parse_input(id, row.get(0))?, row.get(1)));
+    }
+    ended(&mut txn, id)
+}
+
+fn parse_input(id: &str, bytes: Vec<u8>) -> Result<SpawnedInput> {
+    serde_json::from_slice(&bytes).with_context(|| format!("the queued input of call {id} is corrupt"))
 }
