@@ -601,7 +601,10 @@ async fn a_brief_postgres_outage_loses_nothing() {
     let (status, refused) = spawn(0).await;
     assert_eq!(status, 503, "{refused}");
     let message = refused["error"]["message"].as_str().unwrap();
-    assert!(message.contains("PostgreSQL") && message.contains("retry"), "{message}");
+    assert!(
+        message.contains("PostgreSQL") && message.contains("retry"),
+        "{message}"
+    );
     // The running call finishes while the database is away.
     tokio::time::sleep(Duration::from_secs(5)).await;
     engines.postgres.resume().unwrap();

@@ -63,15 +63,35 @@ impl LocalDirStore {
         }
     }
 
-    fn write_atomically(&self, dest: &Path, bytes: &[u8]) -> Result<()> {
+    /// Keeps a copy of bytes already checked against `digest` whose original lives
+    /// elsewhere: written whole (a rename), but not flushed, as a crash can only cost a copy
+    /// that is fetched again (a torn one fails its digest check and is replaced).
+    pub fn keep_copy(&self, digest: &Digest, bytes: &[u8]) -> Result<()> {
+        let dest = self.blob_path(digest);
+        if dest.exists() {
+            return Ok(());
+        }
+        self.write_atomically(&dest, bytes, false)
+    }
+
+    /// Forgets a copy (one that failed its digest check).
+    pub fn forget(&self, digest: &Digest) {
+        let _ = fs::remove_file(self.blob_path(digest));
+    }
+
+    /// Writes `bytes` to `dest` through a temporary file and a rename; `durable` also
+    /// flushes the file and the directory entries, so the blob survives a crash.
+    fn write_atomically(&self, dest: &Path, bytes: &[u8], durable: bool) -> Result<()> {
         let shard = dest.parent().expect("blob paths have a shard directory");
         if !shard.exists() {
             fs::create_dir_all(shard).map_err(io_err("create directory", shard))?;
             // The new shard's entry must be durable before blobs in it are.
             let top = shard.parent().expect("shards live under blake3/");
-            File::open(top)
-                .and_then(|dir| dir.sync_all())
-                .map_err(io_err("fsync directory", top))?;
+            if durable {
+                File::open(top)
+                    .and_then(|dir| dir.sync_all())
+                    .map_err(io_err("fsync directory", top))?;
+            }
         }
         let tmp = self
             .root
@@ -80,8 +100,13 @@ impl LocalDirStore {
         let result = (|| {
             let mut file = File::create(&tmp).map_err(io_err("create", &tmp))?;
             file.write_all(bytes).map_err(io_err("write", &tmp))?;
-            file.sync_all().map_err(io_err("fsync", &tmp))?;
+            if durable {
+                file.sync_all().map_err(io_err("fsync", &tmp))?;
+            }
             fs::rename(&tmp, dest).map_err(io_err("rename into place", dest))?;
+            if !durable {
+                return Ok(());
+            }
             // The rename is durable only once the directory entry is.
             File::open(shard)
                 .and_then(|dir| dir.sync_all())
@@ -99,7 +124,7 @@ impl BlobStore for LocalDirStore {
         let digest = Digest::of(bytes);
         let dest = self.blob_path(&digest);
         if !dest.exists() {
-            self.write_atomically(&dest, bytes)?;
+            self.write_atomically(&dest, bytes, true)?;
         }
         Ok(digest)
     }
@@ -111,7 +136,7 @@ impl BlobStore for LocalDirStore {
         if dest.exists() {
             return Ok(true);
         }
-        self.write_atomically(&dest, bytes)?;
+        self.write_atomically(&dest, bytes, true)?;
         Ok(false)
     }
 

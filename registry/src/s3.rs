@@ -205,6 +205,8 @@ impl BlobStore for S3BlobStore {
     fn get(&self, digest: &Digest) -> Result<Vec<u8>> {
         match self.cache.get(digest) {
             Err(Error::NotFound(_)) => {}
+            // A copy torn by a crash: fetched again below.
+            Err(Error::Corrupt { .. }) => self.cache.forget(digest),
             kept => return kept,
         }
         let (store, path) = (self.bucket.store.clone(), self.path(digest));
@@ -224,7 +226,7 @@ impl BlobStore for S3BlobStore {
                 actual,
             });
         }
-        self.cache.put(&bytes)?;
+        self.cache.keep_copy(digest, &bytes)?;
         Ok(bytes.to_vec())
     }
 
@@ -251,11 +253,9 @@ impl BlobStore for S3BlobStore {
     }
 
     fn local_path(&self, digest: &Digest) -> Option<PathBuf> {
-        // Only what this host holds a verified copy of; the caller reads the rest with get.
-        self.cache
-            .has(digest)
-            .unwrap_or(false)
-            .then(|| self.cache.local_path(digest))
-            .flatten()
+        // Only a copy that checks out now (read-through copies are not flushed, so a crash
+        // may have torn one); the caller reads the rest with get.
+        self.cache.get(digest).ok()?;
+        self.cache.local_path(digest)
     }
 }

@@ -33,8 +33,6 @@ const TTL: Duration = Duration::from_secs(24 * 3600);
 /// Chunks worked ahead of a sequential reader: fetched if missing, read ahead from disk if
 /// cached. Eight average chunks are 2 MiB, two FUSE requests.
 const READ_AHEAD_CHUNKS: usize = 8;
-/// Concurrent prefetch fetches: few, so prefetch never starves the foreground.
-const PREFETCH_PARALLELISM: usize = 4;
 thread_local! {
     static READ_BUFFER: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
@@ -51,6 +49,13 @@ pub struct MountOptions {
     pub threads: usize,
     /// Prefetch the image's recorded access profile, when there is one.
     pub prefetch: bool,
+    /// Concurrent prefetch fetches: few where chunks come from a disk nearby, so prefetch
+    /// never starves the foreground; more where each fetch waits on a network store.
+    pub prefetch_parallelism: usize,
+    /// How long after mounting an image with no recorded profile a [`MountTable`] records
+    /// the one its first users made (their start-up reads), so mounts elsewhere prefetch it
+    /// (`None`: only at close).
+    pub profile_after: Option<Duration>,
 }
 
 impl Default for MountOptions {
@@ -59,6 +64,8 @@ impl Default for MountOptions {
             fetch_timeout: Duration::from_secs(10),
             threads: 8,
             prefetch: true,
+            prefetch_parallelism: 4,
+            profile_after: Some(Duration::from_secs(5)),
         }
     }
 }
@@ -208,22 +215,31 @@ impl Mount {
 
     /// Stores the access profile as a blob tagged `profile/<index digest>`, so the next
     /// mount on an empty cache can prefetch in that order. Returns how many files it holds.
+    /// A profile no longer than the one recorded already (from this host or another) is not
+    /// stored: a mount that read little (or nothing) must not replace what a full start-up
+    /// taught.
     pub async fn save_profile(&self) -> lode_registry::Result<usize> {
         let order = self.profile();
+        let tag = profile_tag(self.image.index.digest());
+        let registry = &self.image.registry;
+        if let Ok(kept) = registry.get_tag(&tag).await {
+            let files = match registry.get_blob(&kept).await {
+                Ok(bytes) => bytes.len().saturating_sub(PROFILE_MAGIC.len()) / 4,
+                Err(_) => 0,
+            };
+            if files >= order.len() {
+                return Ok(files);
+            }
+        } else if order.is_empty() {
+            return Ok(0);
+        }
         let mut bytes = PROFILE_MAGIC.to_vec();
         for id in &order {
             bytes.extend_from_slice(&id.to_le_bytes());
         }
         let digest = Digest::of(&bytes);
-        let registry = &self.image.registry;
         registry.put_blob(&digest, Bytes::from(bytes)).await?;
-        registry
-            .set_tag(
-                &profile_tag(self.image.index.digest()),
-                &digest,
-                TagUpdate::Always,
-            )
-            .await?;
+        registry.set_tag(&tag, &digest, TagUpdate::Always).await?;
         Ok(order.len())
     }
 
@@ -440,7 +456,7 @@ impl Image {
             let count = chunks.len();
             use futures::StreamExt;
             futures::stream::iter(chunks)
-                .for_each_concurrent(PREFETCH_PARALLELISM, |digest| {
+                .for_each_concurrent(self.options.prefetch_parallelism.max(1), |digest| {
                     let image = self.clone();
                     async move {
                         if !image.cache.contains(&digest) {

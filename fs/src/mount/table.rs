@@ -67,6 +67,9 @@ impl MountTable {
         .map_err(crate::Error::io("mount", &point))?;
         let mount = Arc::new(mount);
         mounts.insert(digest.clone(), mount.clone());
+        if let Some(after) = self.options.profile_after {
+            record_profile_later(&mount, digest, after);
+        }
         Ok(mount)
     }
 
@@ -86,4 +89,22 @@ impl MountTable {
             drop(mount);
         }
     }
+}
+
+/// Saves `mount`'s access profile `after` it was mounted (unless the image has a longer one
+/// already, from this host or another, or the mount is gone): the first start-up on any host
+/// teaches every later mount what to prefetch.
+fn record_profile_later(mount: &Arc<Mount>, index: &Digest, after: std::time::Duration) {
+    let weak = Arc::downgrade(mount);
+    let tag = profile_tag(index);
+    tokio::spawn(async move {
+        tokio::time::sleep(after).await;
+        let Some(mount) = weak.upgrade() else {
+            return;
+        };
+        match mount.save_profile().await {
+            Ok(files) => tracing::debug!(%tag, files, "access profile recorded"),
+            Err(error) => tracing::warn!(%tag, %error, "could not save the access profile"),
+        }
+    });
 }

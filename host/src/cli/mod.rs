@@ -200,6 +200,7 @@ pub async fn run(client_args: ClientArgs, command: Command) -> Result<()> {
                     fetch_timeout,
                     threads,
                     prefetch: !no_prefetch,
+                    ..lode_fs::MountOptions::default()
                 },
             };
             crate::cli::fs::mount(registry(&client_args, &flag.registry)?, args).await

@@ -244,7 +244,11 @@ pub async fn serve(options: ServeOptions) -> Result<()> {
             &options.cache_dir.join("mounts"),
             chunks,
             Arc::new(registry.clone()),
-            lode_fs::MountOptions::default(),
+            lode_fs::MountOptions {
+                // Each chunk not yet here is a round trip to S3.
+                prefetch_parallelism: if options.blobs_url.is_some() { 32 } else { 4 },
+                ..lode_fs::MountOptions::default()
+            },
         )
         .context("preparing the image mounts")?,
     );

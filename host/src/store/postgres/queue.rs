@@ -313,7 +313,9 @@ fn serve(mut connection: Connection, ops: Receiver<Op>, shown: &str) {
                     cancelled,
                     answer,
                 } => answer(named(shown, connection.run(|c| cancel(c, &id, &cancelled)))),
-                Op::Lookup { id, answer } => answer(named(shown, connection.run(|c| lookup(c, &id)))),
+                Op::Lookup { id, answer } => {
+                    answer(named(shown, connection.run(|c| lookup(c, &id))))
+                }
             }
         }
         if !pushes.is_empty() {
@@ -464,5 +466,6 @@ fn lookup(client: &mut Client, id: &str) -> Result<Found> {
 }
 
 fn parse_input(id: &str, bytes: Vec<u8>) -> Result<SpawnedInput> {
-    serde_json::from_slice(&bytes).with_context(|| format!("the queued input of call {id} is corrupt"))
+    serde_json::from_slice(&bytes)
+        .with_context(|| format!("the queued input of call {id} is corrupt"))
 }
