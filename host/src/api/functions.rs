@@ -19,7 +19,7 @@ use serde_json::Value;
 
 use crate::api::error::{ApiError, ApiQuery, not_deployed, sorted_json};
 use crate::control::Control;
-use crate::control::forward::Forward;
+use crate::control::forward::{Delivery, Forward};
 use crate::function::{CallError, Dispatch};
 use crate::proto::apps::{SecretList, VolumeList};
 use crate::proto::calls::{CallAnswer, HistoryPage};
@@ -128,7 +128,17 @@ async fn peer_call(
 ) -> Result<Response, ApiError> {
     let body = body_json(&body)?;
     let called = control
-        .call_at(&app, &function, &body, None, None, 0, Forward::Never)
+        .call_at(
+            &app,
+            &function,
+            &body,
+            None,
+            None,
+            Delivery {
+                attempts: 0,
+                forward: Forward::Never,
+            },
+        )
         .await;
     Ok(match called {
         Ok(outcome) => outcome_response(outcome),

@@ -26,6 +26,24 @@ pub enum Forward {
     Never,
 }
 
+/// How a call reaches its engine.
+#[derive(Debug, Clone, Copy)]
+pub struct Delivery {
+    /// Runs of the input already spent (a spawned call another host ran before it died),
+    /// which count against the function's `Retries`.
+    pub attempts: u32,
+    /// Whether it may go to another host.
+    pub forward: Forward,
+}
+
+impl Delivery {
+    /// A call from outside, to this host.
+    pub const FROM_OUTSIDE: Self = Self {
+        attempts: 0,
+        forward: Forward::Allowed,
+    };
+}
+
 /// The path of the peer route for a call of `app/function`.
 pub fn peer_path(app: &str, function: &str) -> String {
     format!("/v1/peer/apps/{app}/functions/{function}/call")

@@ -11,7 +11,7 @@ use serde_json::{Map, Value};
 use tokio::sync::mpsc;
 
 use crate::control::Control;
-use crate::control::forward::Forward;
+use crate::control::forward::{Delivery, Forward};
 use crate::function::{CallError, CallTree, Dispatch, Generated, check_payload};
 use crate::native::pool::Rejected;
 use crate::proto::calls::{CallRecord, CallStatus, HistoryRecord};
@@ -93,7 +93,7 @@ impl Dispatch for Control {
         tree: Option<CallTree>,
         caller: Option<&str>,
     ) -> Result<Outcome, CallError> {
-        self.call_at(app, function, body, tree, caller, 0, Forward::Allowed)
+        self.call_at(app, function, body, tree, caller, Delivery::FROM_OUTSIDE)
             .await
     }
 
@@ -331,8 +331,8 @@ struct Variant {
 }
 
 impl Control {
-    /// [`Dispatch::call`], with `attempts` runs of the input already spent (a spawned call
-    /// that another host ran before it died), which count against the function's `Retries`.
+    /// [`Dispatch::call`], delivered as `delivery` says: with runs of the input already spent
+    /// elsewhere, and whether it may go to another host.
     pub(crate) async fn call_at(
         &self,
         app: &str,
@@ -340,14 +340,13 @@ impl Control {
         body: &Value,
         tree: Option<CallTree>,
         caller: Option<&str>,
-        attempts: u32,
-        forward: Forward,
+        delivery: Delivery,
     ) -> Result<Outcome, CallError> {
         let started = std::time::Instant::now();
         let depth = tree.as_ref().map_or(0, CallTree::depth);
         let from_wasm = tree.as_ref().is_some_and(CallTree::from_wasm);
         let (engine, result) = self
-            .run_on_engine(app, function, body, tree, caller, attempts, forward)
+            .run_on_engine(app, function, body, tree, caller, delivery)
             .await;
         if let Some((engine, series)) = engine {
             let failed = !matches!(&result, Ok(outcome) if !outcome.is_error());
@@ -465,8 +464,7 @@ impl Control {
         body: &Value,
         tree: Option<CallTree>,
         caller: Option<&str>,
-        attempts: u32,
-        forward: Forward,
+        delivery: Delivery,
     ) -> (
         Option<(&'static str, FunctionSeries)>,
         Result<Outcome, CallError>,
@@ -495,14 +493,18 @@ impl Control {
             let served = Some(("python", pool.series().clone()));
             // A call from outside that would wait here for a cold start goes to a host with
             // a warm container for it, where there is one.
-            let may_forward = forward == Forward::Allowed && tree.is_none() && self.host.shared;
+            let may_forward =
+                delivery.forward == Forward::Allowed && tree.is_none() && self.host.shared;
             if may_forward
                 && pool.stats().containers == 0
                 && let Some(result) = self.forward_to_warm(&pool, app, function, body).await
             {
                 return (served, result.map(|o| only_declared_pickle(o, pickle)));
             }
-            match pool.submit_retry(payload, tree.clone(), attempts).await {
+            match pool
+                .submit_retry(payload, tree.clone(), delivery.attempts)
+                .await
+            {
                 Ok(outcome) => return (served, Ok(only_declared_pickle(outcome, pickle))),
                 // Full here: another host with warm containers takes it, where there is one.
                 Err(Rejected::QueueFull(_))

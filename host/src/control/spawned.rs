@@ -150,8 +150,10 @@ fn start(control: &Arc<Control>, taken: Taken, running: &Running, saturated: &Ar
                     &input.body,
                     None,
                     input.caller.as_deref(),
-                    spent,
-                    crate::control::forward::Forward::Never,
+                    crate::control::forward::Delivery {
+                        attempts: spent,
+                        forward: crate::control::forward::Forward::Never,
+                    },
                 )
                 .await;
             settle(

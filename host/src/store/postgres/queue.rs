@@ -68,6 +68,9 @@ pub struct Taken {
 
 type Answer<T> = Box<dyn FnOnce(Result<T>) + Send>;
 
+/// Makes the record of a call cancelled while queued or running.
+type MakeCancelled = Box<dyn Fn(&str, &SpawnedInput) -> Vec<u8> + Send>;
+
 enum Op {
     Push {
         id: String,
@@ -94,7 +97,7 @@ enum Op {
     },
     Cancel {
         id: String,
-        cancelled: Box<dyn Fn(&str, &SpawnedInput) -> Vec<u8> + Send>,
+        cancelled: MakeCancelled,
         answer: Answer<Found>,
     },
     Lookup {
