@@ -549,9 +549,11 @@ async fn python_calls_go_to_a_warm_host_and_fail_by_name_when_it_dies() {
 
 /// PostgreSQL briefly down under a running host: public Wasm requests keep being served; a
 /// spawn is refused with an error that names the database; a spawned call that finishes
-/// meanwhile keeps its result and stores it once the database is back; then spawns work again.
+/// meanwhile keeps its result and stores it once the database is back; then spawns work
+/// again. Then S3 briefly down: served apps keep serving, a deploy fails by name and
+/// works once S3 is back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_brief_postgres_outage_loses_nothing() {
+async fn a_brief_postgres_or_s3_outage_loses_nothing() {
     let mut engines = Engines::start();
     let a = engines.host("a");
     a.deploy(&sample("hello_http"), "site");
@@ -620,4 +622,25 @@ async fn a_brief_postgres_outage_loses_nothing() {
     };
     assert_eq!(done["status"], "succeeded", "{done}");
     assert_eq!(spawn(0).await.0, 200);
+
+    // S3 away: what is served keeps being served from this host's copies; a deploy of new
+    // code fails by name, stores nothing, and works once S3 is back.
+    engines.s3.stop_now();
+    assert_eq!(a.get("/site/").await, (200, "hello\n".into()));
+    let out = a.cli(&[
+        "deploy",
+        sample("stream_echo").to_str().unwrap(),
+        "--name",
+        "late",
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("object store s3://"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert!(!a.cli_ok(&["ls"]).contains("late"));
+    engines.s3.resume().unwrap();
+    a.deploy(&sample("stream_echo"), "late");
+    assert!(!answers(&a, "/late/lines?n=1", 200).await.is_empty());
 }

@@ -58,7 +58,8 @@ pub(crate) async fn list_hosts(
     State(control): State<Arc<Control>>,
 ) -> ApiResult<Json<serde_json::Value>> {
     let listing = control.clone();
-    let hosts = tokio::task::spawn_blocking(move || listing.host.list(&listing))
+    // What routing sees: `lode hosts` shows where calls would go now.
+    let hosts = tokio::task::spawn_blocking(move || listing.host.routed(&listing))
         .await
         .map_err(ApiError::internal)?
         .map_err(|e| {

@@ -1,6 +1,8 @@
 //! Python calls across hosts: a call from outside for a function with no warm container here
-//! (or whose queue here is full) goes to a host whose heartbeat says it has warm containers
-//! for it, rather than waiting for a cold start; where no host has, it runs here.
+//! goes to a host whose heartbeat says it has warm containers for it, rather than waiting for
+//! a cold start; where no host has, it runs here. A call this host's queue has no room for
+//! goes to a warm host, else to the least loaded, and is refused (429, with when to retry)
+//! only where that host has no room either.
 //!
 //! Hosts reach each other's APIs with a token every host derives from the secrets key they
 //! share (`POST /v1/peer/...`, which runs the call where it lands and never forwards it
@@ -50,13 +52,14 @@ pub fn peer_path(app: &str, function: &str) -> String {
 }
 
 impl Control {
-    /// A live host other than this one with warm containers for `target` (`app/function`),
-    /// the least loaded first.
-    pub(crate) fn warm_peer(&self, target: &str) -> Option<HostStatus> {
+    /// A live host other than this one, the least loaded: one with warm containers for
+    /// `target` (`app/function`), or any where `any_host`.
+    pub(crate) fn peer_for(&self, target: &str, any_host: bool) -> Option<HostStatus> {
         let peers = self.host.peers();
         peers
             .iter()
-            .filter(|h| h.alive && !h.this_host && h.record.warm.iter().any(|w| w == target))
+            .filter(|h| h.alive && !h.this_host)
+            .filter(|h| any_host || h.record.warm.iter().any(|w| w == target))
             .min_by(|a, b| a.record.load.total_cmp(&b.record.load))
             .cloned()
     }
@@ -149,16 +152,20 @@ impl Control {
         }))
     }
 
-    /// The call run on a host with warm containers for `pool`'s function, if one is alive
-    /// and answers.
-    pub(crate) async fn forward_to_warm(
+    /// The call run on another host, if one is alive and answers: one with warm containers
+    /// for `pool`'s function, or (`full`: this host's queue for it is full) the least loaded.
+    pub(crate) async fn forward_to_peer(
         &self,
         pool: &crate::native::pool::Pool,
         app: &str,
         function: &str,
         body: &Value,
+        full: bool,
     ) -> Option<Result<Outcome, CallError>> {
-        let peer = self.warm_peer(&pool.target())?;
+        let target = pool.target();
+        let peer = self
+            .peer_for(&target, false)
+            .or_else(|| full.then(|| self.peer_for(&target, true)).flatten())?;
         // The function's own timeout, and time for a queue there.
         let timeout = pool.timeout() + Duration::from_secs(60);
         self.forward(&peer, app, function, body, timeout).await

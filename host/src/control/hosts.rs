@@ -65,6 +65,22 @@ impl ThisHost {
         self.peers.load_full()
     }
 
+    /// Every host as calls are routed now: this one from its own figures, the others as the
+    /// last beat read them (read now, before the first beat).
+    pub fn routed(&self, control: &Control) -> Result<HostList> {
+        let peers = self.peers();
+        if peers.is_empty() {
+            return self.list(control);
+        }
+        let mut hosts = vec![HostStatus {
+            record: self.record(control),
+            alive: true,
+            this_host: true,
+        }];
+        hosts.extend(peers.iter().filter(|h| !h.this_host).cloned());
+        Ok(HostList { hosts })
+    }
+
     /// What this host says of itself now.
     pub fn record(&self, control: &Control) -> HostRecord {
         let (mut containers, mut warm) = (0, Vec::new());

@@ -497,7 +497,9 @@ impl Control {
                 delivery.forward == Forward::Allowed && tree.is_none() && self.host.shared;
             if may_forward
                 && pool.stats().containers == 0
-                && let Some(result) = self.forward_to_warm(&pool, app, function, body).await
+                && let Some(result) = self
+                    .forward_to_peer(&pool, app, function, body, false)
+                    .await
             {
                 return (served, result.map(|o| only_declared_pickle(o, pickle)));
             }
@@ -506,11 +508,11 @@ impl Control {
                 .await
             {
                 Ok(outcome) => return (served, Ok(only_declared_pickle(outcome, pickle))),
-                // Full here: another host with warm containers takes it, where there is one.
+                // Full here: another host takes it, a warm one first.
                 Err(Rejected::QueueFull(_))
                     if may_forward
                         && let Some(result) =
-                            self.forward_to_warm(&pool, app, function, body).await =>
+                            self.forward_to_peer(&pool, app, function, body, true).await =>
                 {
                     return (served, result.map(|o| only_declared_pickle(o, pickle)));
                 }
