@@ -191,6 +191,12 @@ impl Dispatch for Control {
     }
 
     async fn volume(&self, name: &str, action: &str) -> Result<Value, ErrorInfo> {
+        if !crate::proto::manifest::is_dns_label(name) {
+            return Err(ErrorInfo::lode(
+                "invalid_request",
+                crate::proto::manifest::dns_label_rule("volume", name),
+            ));
+        }
         let Some(sync) = self.functions.volume_sync.clone() else {
             // One host: every container mounts the one copy, so there is nothing to sync.
             return Ok(serde_json::json!({"shared": false}));
