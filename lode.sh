@@ -54,6 +54,29 @@ install_weed() {
   rm -rf "$tmp"
 }
 
+# componentize-py, for the test that deploys a Python wasi:http component built by it: the
+# wheel unpacked into the cache, run through a small wrapper.
+COMPONENTIZE_PY_VERSION=0.25.1
+install_componentize_py() {
+  export LODE_COMPONENTIZE_PY=$CACHE_DIR/bin/componentize-py
+  local target=$CACHE_DIR/componentize-py-$COMPONENTIZE_PY_VERSION
+  if [[ ! -d $target/componentize_py ]]; then
+    python3 -m pip --version >/dev/null 2>&1 || apt_install python3-pip
+    log "installing componentize-py $COMPONENTIZE_PY_VERSION (PyPI) into $target"
+    rm -rf "$target.tmp"
+    python3 -m pip install -q --root-user-action=ignore --no-deps --only-binary=:all: \
+      --target "$target.tmp" \
+      "componentize-py==$COMPONENTIZE_PY_VERSION"
+    mv "$target.tmp" "$target"
+  fi
+  mkdir -p "$(dirname "$LODE_COMPONENTIZE_PY")"
+  cat > "$LODE_COMPONENTIZE_PY" <<SCRIPT
+#!/bin/sh
+PYTHONPATH=$target exec python3 -c 'import sys, componentize_py; sys.argv[0] = "componentize-py"; sys.exit(componentize_py.script())' "\$@"
+SCRIPT
+  chmod 0755 "$LODE_COMPONENTIZE_PY"
+}
+
 server_running() {
   [[ -f $DATA_DIR/lode.pid ]] && kill -0 "$(cat "$DATA_DIR/lode.pid")" 2>/dev/null
 }
@@ -168,6 +191,7 @@ run_tests() {
   fi
   # The tests of several hosts start their own PostgreSQL and SeaweedFS.
   cluster_engines
+  install_componentize_py
   # A one-off CI build gains nothing from incremental state, which is gigabytes on disk.
   if [[ -n ${CI:-} ]]; then export CARGO_INCREMENTAL=0; fi
   log "cargo fmt --check"
