@@ -82,6 +82,24 @@ impl Engines {
         self.host_with(id, &[])
     }
 
+    /// Writes the project of app `name`: `samples/wasm-gpu`'s `work` (which keeps busy for
+    /// `{"busy": S}` seconds), with `retries` (a lode.toml line, or empty). Its directory.
+    fn busy_app(&self, name: &str, retries: &str) -> std::path::PathBuf {
+        let dir = self.dir.path().join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(
+            dir.join("lode.toml"),
+            format!(
+                "app = \"{name}\"\n[[function]]\nname = \"work\"\npath = \"{}\"\ntimeout = 60\n\
+                 {retries}volumes = [{{ name = \"mlp-weights\", path = \"/weights\", \
+                 read_only = true, create_if_missing = true }}]\n",
+                harness::repo_file("samples/wasm-gpu")
+            ),
+        )
+        .unwrap();
+        dir
+    }
+
     /// A host `id` on them, with more flags.
     fn host_with(&self, id: &str, flags: &[&str]) -> Lode {
         host(id, &self.postgres, &self.s3, &self.key, flags)
@@ -227,23 +245,8 @@ async fn spawned_calls_are_shared_and_a_killed_hosts_calls_run_again_or_end_lost
         engines.host_with("b", &slots),
         engines.host_with("c", &slots),
     ];
-    let project = |name: &str, retries: &str| {
-        let dir = engines.dir.path().join(name);
-        std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(
-            dir.join("lode.toml"),
-            format!(
-                "app = \"{name}\"\n[[function]]\nname = \"work\"\npath = \"{}\"\ntimeout = 60\n\
-                 {retries}volumes = [{{ name = \"mlp-weights\", path = \"/weights\", \
-                 read_only = true, create_if_missing = true }}]\n",
-                harness::repo_file("samples/wasm-gpu")
-            ),
-        )
-        .unwrap();
-        dir
-    };
-    let once = project("once", "");
-    let again = project(
+    let once = engines.busy_app("once", "");
+    let again = engines.busy_app(
         "again",
         "retries = { max_retries = 1, initial_delay = 0.0 }\n",
     );
@@ -255,28 +258,8 @@ async fn spawned_calls_are_shared_and_a_killed_hosts_calls_run_again_or_end_lost
     }
 
     let spawn = async |lode: &Lode, app: &str, seconds: u32| -> String {
-        let spawned: serde_json::Value = lode
-            .api(
-                reqwest::Method::POST,
-                &format!("/v1/apps/{app}/functions/work/spawn"),
-            )
-            .json(&serde_json::json!({"args": [], "kwargs": {"busy": seconds}}))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let (_, spawned) = spawn_busy(lode, app, seconds).await;
         spawned["call_id"].as_str().expect("a call id").to_string()
-    };
-    let poll = async |lode: &Lode, id: &str| -> serde_json::Value {
-        lode.api(reqwest::Method::GET, &format!("/v1/calls/{id}?wait=0"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap()
     };
     // All three spawned through one host; each host has room for one.
     let once_id = spawn(&hosts[0], "once", 40).await;
@@ -286,7 +269,7 @@ async fn spawned_calls_are_shared_and_a_killed_hosts_calls_run_again_or_end_lost
     let placed = loop {
         let mut placed = Vec::new();
         for id in [&once_id, &again_id, &idle_id] {
-            let seen = poll(&hosts[1], id).await;
+            let seen = call_record(&hosts[1], id).await;
             assert_eq!(seen["status"], "running", "{seen}");
             placed.push(seen["host"].as_str().unwrap_or("").to_string());
         }
@@ -306,17 +289,13 @@ async fn spawned_calls_are_shared_and_a_killed_hosts_calls_run_again_or_end_lost
     let index = |id: &str| ["a", "b", "c"].iter().position(|h| *h == id).unwrap();
     let idle_host = index(&placed[2]);
     let other = (idle_host + 1) % 3;
-    let cancelled: serde_json::Value = hosts[other]
-        .api(
+    let (_, cancelled) = hosts[other]
+        .api_json(
             reqwest::Method::POST,
             &format!("/v1/calls/{idle_id}/cancel"),
+            None,
         )
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+        .await;
     assert_eq!(cancelled["status"], "cancelled", "{cancelled}");
 
     hosts[index(&placed[0])].kill();
@@ -325,8 +304,8 @@ async fn spawned_calls_are_shared_and_a_killed_hosts_calls_run_again_or_end_lost
     let deadline = Instant::now() + Duration::from_secs(40);
     let (lost, rerun) = loop {
         let (lost, rerun) = (
-            poll(survivor, &once_id).await,
-            poll(survivor, &again_id).await,
+            call_record(survivor, &once_id).await,
+            call_record(survivor, &again_id).await,
         );
         if lost["status"] != "running" && rerun["status"] != "running" {
             break (lost, rerun);
@@ -344,8 +323,25 @@ async fn spawned_calls_are_shared_and_a_killed_hosts_calls_run_again_or_end_lost
     );
     assert_eq!(rerun["status"], "succeeded", "{rerun}");
     assert_eq!(rerun["host"], placed[2].as_str(), "{rerun}");
-    let cancelled = poll(survivor, &idle_id).await;
+    let cancelled = call_record(survivor, &idle_id).await;
     assert_eq!(cancelled["status"], "cancelled", "{cancelled}");
+}
+
+/// Spawns `app/work` on `lode`, busy for `seconds`: the status and the answer.
+async fn spawn_busy(lode: &Lode, app: &str, seconds: u32) -> (u16, serde_json::Value) {
+    let body = serde_json::json!({"args": [], "kwargs": {"busy": seconds}});
+    lode.api_json(
+        reqwest::Method::POST,
+        &format!("/v1/apps/{app}/functions/work/spawn"),
+        Some(body),
+    )
+    .await
+}
+
+/// Spawned call `id`'s record as `lode` reads it now.
+async fn call_record(lode: &Lode, id: &str) -> serde_json::Value {
+    let path = format!("/v1/calls/{id}?wait=0");
+    lode.api_json(reqwest::Method::GET, &path, None).await.1
 }
 
 /// Waits until `app/work` answers on `lode` (its deploy followed there).
@@ -453,17 +449,13 @@ async fn call_notes(
 ) -> (u16, serde_json::Value) {
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
-        let response = lode
-            .api(
+        let (status, answer) = lode
+            .api_json(
                 reqwest::Method::POST,
                 &format!("/v1/apps/notes/functions/{function}/call"),
+                Some(serde_json::json!({ "args": args })),
             )
-            .json(&serde_json::json!({ "args": args }))
-            .send()
-            .await
-            .unwrap();
-        let status = response.status().as_u16();
-        let answer: serde_json::Value = response.json().await.unwrap();
+            .await;
         if status == 404 && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(100)).await;
             continue;
@@ -486,14 +478,7 @@ async fn python_calls_go_to_a_warm_host_and_fail_by_name_when_it_dies() {
     // b learns from a's heartbeat that a has a warm container for nap.
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let hosts: serde_json::Value = b
-            .api(reqwest::Method::GET, "/v1/hosts")
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let (_, hosts) = b.api_json(reqwest::Method::GET, "/v1/hosts", None).await;
         let warm_on_a =
             hosts["hosts"].as_array().unwrap().iter().any(|h| {
                 h["id"] == "a" && h["warm"].as_array().unwrap().contains(&"notes/nap".into())
@@ -557,41 +542,13 @@ async fn a_brief_postgres_or_s3_outage_loses_nothing() {
     let mut engines = Engines::start();
     let a = engines.host("a");
     a.deploy(&sample("hello_http"), "site");
-    let project = engines.dir.path().join("busy");
-    std::fs::create_dir_all(&project).unwrap();
-    std::fs::write(
-        project.join("lode.toml"),
-        format!(
-            "app = \"busy\"\n[[function]]\nname = \"work\"\npath = \"{}\"\ntimeout = 60\n\
-             volumes = [{{ name = \"mlp-weights\", path = \"/weights\", read_only = true, \
-             create_if_missing = true }}]\n",
-            harness::repo_file("samples/wasm-gpu")
-        ),
-    )
-    .unwrap();
+    let project = engines.busy_app("busy", "");
     a.cli_ok(&["deploy", project.to_str().unwrap()]);
-    let spawn = async |seconds: u32| {
-        let response = a
-            .api(reqwest::Method::POST, "/v1/apps/busy/functions/work/spawn")
-            .json(&serde_json::json!({"args": [], "kwargs": {"busy": seconds}}))
-            .send()
-            .await
-            .unwrap();
-        let status = response.status().as_u16();
-        (status, response.json::<serde_json::Value>().await.unwrap())
-    };
+    let spawn = async |seconds: u32| spawn_busy(&a, "busy", seconds).await;
     let (status, spawned) = spawn(3).await;
     assert_eq!(status, 200, "{spawned}");
     let id = spawned["call_id"].as_str().unwrap().to_string();
-    let poll = async || -> serde_json::Value {
-        a.api(reqwest::Method::GET, &format!("/v1/calls/{id}?wait=0"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap()
-    };
+    let poll = async || call_record(&a, &id).await;
     let deadline = Instant::now() + Duration::from_secs(20);
     while poll().await["host"] != "a" {
         assert!(Instant::now() < deadline, "never taken");

@@ -115,7 +115,7 @@ async fn call(
 pub fn peer_router(control: Arc<Control>) -> Router {
     Router::new()
         .route(
-            "/v1/peer/apps/{app}/functions/{function}/call",
+            &crate::control::forward::peer_path("{app}", "{function}"),
             post(peer_call),
         )
         .with_state(control)

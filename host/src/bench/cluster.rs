@@ -17,7 +17,7 @@ use anyhow::{Context, Result, bail};
 use clap::Args;
 use serde_json::json;
 
-use crate::bench::support::{median, start_server};
+use crate::bench::support::{call_api, median, start_server};
 use crate::cli::cluster::{ClusterHost, LocalCluster};
 
 /// Settings for `lode bench cluster`.
@@ -68,22 +68,10 @@ async fn time_calls(
     target: &str,
     calls: usize,
 ) -> Result<(Duration, Duration)> {
-    let (app, function) = target.split_once('/').context("app/function")?;
-    let url = format!("{api}/v1/apps/{app}/functions/{function}/call");
-    let body = json!({"args": [7], "kwargs": {}});
     let mut times = Vec::with_capacity(calls);
     for i in 0..calls + 50 {
         let started = Instant::now();
-        let response = http
-            .post(&url)
-            .bearer_auth(token)
-            .json(&body)
-            .send()
-            .await?;
-        if !response.status().is_success() {
-            bail!("the call failed: {}", response.text().await?);
-        }
-        response.bytes().await?;
+        call_api(http, api, token, target, json!({"args": [7], "kwargs": {}})).await?;
         // The first 50 warm the connection and the instance pool.
         if i >= 50 {
             times.push(started.elapsed());
@@ -234,13 +222,11 @@ async fn kill_under_load(
     for host in &cluster.hosts {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            let answer = http
-                .post(format!("{}/v1/apps/naps/functions/probe/call", host.api))
-                .bearer_auth(&host.token)
-                .json(&json!({"args": ["nap", 1], "kwargs": {}}))
-                .send()
-                .await?;
-            if answer.status().is_success() {
+            let body = json!({"args": ["nap", 1], "kwargs": {}});
+            if call_api(http, &host.api, &host.token, "naps/probe", body)
+                .await
+                .is_ok()
+            {
                 break;
             }
             if Instant::now() > deadline {
@@ -347,17 +333,11 @@ async fn cold_starts(
         let flags = host_flags(&base);
         let id = format!("new{i}");
         let host = tokio::task::block_in_place(|| cluster.add_host(&id, &flags))?;
-        let url = format!("{}/v1/apps/{name}/functions/square/call", host.api);
         let started = Instant::now();
-        let answer = http
-            .post(&url)
-            .bearer_auth(&host.token)
-            .json(&json!({"args": [7]}))
-            .send()
-            .await?;
-        if !answer.status().is_success() {
-            bail!("the cold call on {id} failed: {}", answer.text().await?);
-        }
+        let target = format!("{name}/square");
+        call_api(http, &host.api, &host.token, &target, json!({"args": [7]}))
+            .await
+            .with_context(|| format!("the cold call on {id}"))?;
         s3.push(started.elapsed());
     }
     Ok((local, s3))

@@ -81,6 +81,31 @@ pub fn median(mut values: Vec<Duration>) -> Duration {
     values[values.len() / 2]
 }
 
+/// Calls `target` (`app/function`) through the API at `api` with `body` (`{"args",
+/// "kwargs"}`); its result, or an error with the answer when it failed.
+pub fn call_api(
+    http: &reqwest::Client,
+    api: &str,
+    token: &str,
+    target: &str,
+    body: Value,
+) -> impl std::future::Future<Output = Result<Value>> + use<> {
+    let (app, function) = target.split_once('/').expect("app/function");
+    let request = http
+        .post(format!("{api}/v1/apps/{app}/functions/{function}/call"))
+        .bearer_auth(token)
+        .json(&body);
+    async move {
+        let response = request.send().await?;
+        let status = response.status();
+        let body: Value = response.json().await?;
+        if !status.is_success() {
+            bail!("the call failed: {body}");
+        }
+        Ok(body["result"].clone())
+    }
+}
+
 /// A `lode serve` the bench started, stopped with SIGTERM when dropped.
 pub struct LodeServer {
     child: Child,
@@ -125,23 +150,7 @@ impl LodeServer {
         target: &str,
         body: Value,
     ) -> impl std::future::Future<Output = Result<Value>> + use<> {
-        let (app, function) = target.split_once('/').expect("app/function");
-        let request = http
-            .post(format!(
-                "{}/v1/apps/{app}/functions/{function}/call",
-                self.api
-            ))
-            .bearer_auth(&self.token)
-            .json(&body);
-        async move {
-            let response = request.send().await?;
-            let status = response.status();
-            let body: Value = response.json().await?;
-            if !status.is_success() {
-                bail!("the call failed: {body}");
-            }
-            Ok(body["result"].clone())
-        }
+        call_api(http, &self.api, &self.token, target, body)
     }
 
     /// The server's resident memory now, in bytes.

@@ -58,7 +58,7 @@ impl Control {
         let peers = self.host.peers();
         peers
             .iter()
-            .filter(|h| h.alive && !h.this_host)
+            .filter(|h| h.alive)
             .filter(|h| any_host || h.record.warm.iter().any(|w| w == target))
             .min_by(|a, b| a.record.load.total_cmp(&b.record.load))
             .cloned()

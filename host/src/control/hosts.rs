@@ -24,7 +24,7 @@ pub struct ThisHost {
     pub shared: bool,
     /// Set once it left: held while a beat writes, so no beat lands after the record went.
     left: std::sync::Mutex<bool>,
-    /// Every host as the last beat listed them, for calls that go to a warm host.
+    /// The other hosts as the last beat listed them, for calls that go to a warm host.
     peers: arc_swap::ArcSwap<Vec<HostStatus>>,
     /// What hosts sharing the state present to each other's peer routes (derived from the
     /// secrets key they share); `None` on a host of its own.
@@ -60,7 +60,7 @@ impl ThisHost {
         })
     }
 
-    /// Every host as the last beat listed them.
+    /// The other hosts as the last beat listed them.
     pub fn peers(&self) -> Arc<Vec<HostStatus>> {
         self.peers.load_full()
     }
@@ -69,23 +69,19 @@ impl ThisHost {
     /// last beat read them (read now, before the first beat).
     pub fn routed(&self, control: &Control) -> Result<HostList> {
         let peers = self.peers();
-        if peers.is_empty() {
-            return self.list(control);
-        }
-        let mut hosts = vec![HostStatus {
-            record: self.record(control),
-            alive: true,
-            this_host: true,
-        }];
-        hosts.extend(peers.iter().filter(|h| !h.this_host).cloned());
-        Ok(HostList { hosts })
+        let others = if peers.is_empty() {
+            self.others(control)?
+        } else {
+            peers.to_vec()
+        };
+        Ok(self.with_this(control, others))
     }
 
     /// What this host says of itself now.
     pub fn record(&self, control: &Control) -> HostRecord {
         let (mut containers, mut warm) = (0, Vec::new());
         for pool in control.functions.pools.pools() {
-            let serving = pool.stats().containers as u64;
+            let serving = pool.containers() as u64;
             containers += serving;
             if serving > 0 && !pool.is_closed() {
                 warm.push(pool.target());
@@ -110,13 +106,25 @@ impl ThisHost {
 
     /// Every host with a record, this one first (from its own figures), then by id.
     pub fn list(&self, control: &Control) -> Result<HostList> {
-        let now = crate::util::now_ms();
-        let stale = 3 * self.interval.as_millis() as u64;
+        Ok(self.with_this(control, self.others(control)?))
+    }
+
+    /// This host, from its own figures, then `others`.
+    fn with_this(&self, control: &Control, others: Vec<HostStatus>) -> HostList {
         let mut hosts = vec![HostStatus {
             record: self.record(control),
             alive: true,
             this_host: true,
         }];
+        hosts.extend(others);
+        HostList { hosts }
+    }
+
+    /// The other hosts' records in the state, by id.
+    fn others(&self, control: &Control) -> Result<Vec<HostStatus>> {
+        let now = crate::util::now_ms();
+        let stale = 3 * self.interval.as_millis() as u64;
+        let mut hosts = Vec::new();
         for (id, bytes) in control.state.list_entries(Table::Hosts)? {
             if id == self.id {
                 continue;
@@ -131,7 +139,7 @@ impl ThisHost {
                 record,
             });
         }
-        Ok(HostList { hosts })
+        Ok(hosts)
     }
 
     /// Refuses to start as a host whose id a live host uses: two hosts with one id would
@@ -185,7 +193,7 @@ pub async fn run(control: Weak<Control>) {
         let host = strong.host.clone();
         let beat = tokio::task::spawn_blocking(move || {
             host.beat(&strong)?;
-            let hosts = host.list(&strong)?.hosts;
+            let hosts = host.others(&strong)?;
             if n % 5 == 4 {
                 let alive: std::collections::HashSet<String> = hosts
                     .iter()

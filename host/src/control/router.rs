@@ -502,7 +502,7 @@ impl Control {
             let may_forward =
                 delivery.forward == Forward::Allowed && tree.is_none() && self.host.shared;
             if may_forward
-                && pool.stats().containers == 0
+                && pool.containers() == 0
                 && let Some(result) = self
                     .forward_to_peer(&pool, app, function, body, false)
                     .await

@@ -214,27 +214,48 @@ impl VolumeSync {
     /// Brings the newest version into this host's copy of `name` (at `dir`), keeping the
     /// paths changed here and not committed.
     pub fn reload(&self, name: &str, dir: &Path) -> Result<Synced> {
+        self.with_copy(name, dir, |volume, base, changed| {
+            let head = self.head(name)?.unwrap_or_default();
+            self.bring_in(name, volume, base, &head, &changed)
+        })
+    }
+
+    /// Runs `work` on this host's copy of `name` (at `dir`), with no other sync of it under
+    /// way here: the copy, its base, and the paths changed since.
+    fn with_copy(
+        &self,
+        name: &str,
+        dir: &Path,
+        work: impl FnOnce(&Dir, Base, BTreeMap<String, Option<Found>>) -> Result<Synced>,
+    ) -> Result<Synced> {
         let lock = self.lock(name);
         let _held = lock.lock().unwrap();
         let volume = open_dir(dir)?;
         let base = self.read_base(name)?;
         let changed = changed_paths(&volume, &base)?;
-        let head = self.head(name)?.unwrap_or_default();
-        self.bring_in(name, &volume, base, &head, &changed)
+        work(&volume, base, changed)
     }
 
     /// Publishes what this host's copy of `name` (at `dir`) changed since it last synced as
     /// the volume's next version, then brings in what other hosts committed.
     pub fn commit(&self, name: &str, dir: &Path) -> Result<Synced> {
-        let lock = self.lock(name);
-        let _held = lock.lock().unwrap();
-        let volume = open_dir(dir)?;
-        let base = self.read_base(name)?;
-        let changed = changed_paths(&volume, &base)?;
+        self.with_copy(name, dir, |volume, base, changed| {
+            self.publish(name, volume, base, &changed)
+        })
+    }
+
+    /// [`VolumeSync::commit`] on a copy held by [`VolumeSync::with_copy`].
+    fn publish(
+        &self,
+        name: &str,
+        volume: &Dir,
+        base: Base,
+        changed: &BTreeMap<String, Option<Found>>,
+    ) -> Result<Synced> {
         // The bytes first, outside the state's lock: blobs are content-addressed, so bytes
         // stored by a commit that then fails are harmless.
         let mut published = BTreeMap::new();
-        for (path, found) in &changed {
+        for (path, found) in changed {
             let node = match found {
                 None => None,
                 Some(found) => Some(match &found.kind {
@@ -289,7 +310,7 @@ impl VolumeSync {
         })?;
         let published = published.len();
         // What this copy published is in the new version as it has it: nothing to keep.
-        let mut synced = self.bring_in(name, &volume, base, &head, &BTreeMap::new())?;
+        let mut synced = self.bring_in(name, volume, base, &head, &BTreeMap::new())?;
         synced.published = published;
         Ok(synced)
     }

@@ -437,6 +437,22 @@ impl Lode {
             .bearer_auth(&self.token)
     }
 
+    /// An authorized API request with an optional JSON body: its status and JSON answer.
+    pub async fn api_json(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> (u16, serde_json::Value) {
+        let mut request = self.api(method, path);
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let response = request.send().await.unwrap();
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap())
+    }
+
     /// The cgroup directories and scratch dirs this server's containers would leave.
     pub fn leftovers(&self) -> Vec<String> {
         let cache = std::fs::canonicalize(self.dirs.path().join("cache")).unwrap();

@@ -148,6 +148,15 @@ struct PoolState {
 }
 
 impl PoolState {
+    fn live_containers(&self) -> usize {
+        self.workers
+            .iter()
+            .filter(|w| w.alive.load(Ordering::Relaxed))
+            .count()
+    }
+}
+
+impl PoolState {
     /// Whether a start may be tried now: after failures, wait 0.5 s doubling up to 30 s.
     fn may_start(&self) -> bool {
         match self.last_failure {
@@ -690,16 +699,17 @@ impl Pool {
         self.closed.load(Ordering::Relaxed)
     }
 
+    /// Containers serving now: a cheap [`Pool::stats`]`.containers`, for routing.
+    pub fn containers(&self) -> usize {
+        self.state.lock().unwrap().live_containers()
+    }
+
     /// Figures for `lode stats`.
     pub fn stats(&self) -> PoolStats {
         let state = self.state.lock().unwrap();
         PoolStats {
             function: self.spec.function.clone(),
-            containers: state
-                .workers
-                .iter()
-                .filter(|w| w.alive.load(Ordering::Relaxed))
-                .count(),
+            containers: state.live_containers(),
             starting: state.starting,
             running: state.workers.iter().map(|w| w.load()).sum(),
             queued: state.queue.len(),
