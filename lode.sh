@@ -77,6 +77,29 @@ SCRIPT
   chmod 0755 "$LODE_COMPONENTIZE_PY"
 }
 
+# componentize-js, for the test that deploys a JavaScript wasi:http component built by it
+# (StarlingMonkey inside): samples/js-http/package.json and its lock installed by `npm ci`
+# into the cache (never into the repo); npm's own bin link runs the CLI. Needs Node >= 20.19
+# (a dependency, rolldown, says so; Debian bookworm's own nodejs is 18).
+COMPONENTIZE_JS_VERSION=0.23.0
+install_componentize_js() {
+  local target=$CACHE_DIR/componentize-js-$COMPONENTIZE_JS_VERSION
+  export LODE_COMPONENTIZE_JS=$target/node_modules/.bin/componentize-js
+  [[ -x $LODE_COMPONENTIZE_JS ]] && return
+  command -v npm >/dev/null || { echo "error: npm not found; install Node.js 20.19 or newer" >&2; exit 1; }
+  node -e 'const [a, b] = process.versions.node.split(".").map(Number); process.exit(a > 20 || (a == 20 && b >= 19) ? 0 : 1)' \
+    || { echo "error: componentize-js needs Node.js 20.19 or newer, not $(node --version)" >&2; exit 1; }
+  grep -q "\"@bytecodealliance/componentize-js\": \"$COMPONENTIZE_JS_VERSION\"" samples/js-http/package.json \
+    || { echo "error: samples/js-http/package.json does not pin componentize-js $COMPONENTIZE_JS_VERSION" >&2; exit 1; }
+  log "installing componentize-js $COMPONENTIZE_JS_VERSION (npm) into $target"
+  rm -rf "$target.tmp"
+  mkdir -p "$target.tmp"
+  cp samples/js-http/package.json samples/js-http/package-lock.json "$target.tmp/"
+  npm ci --prefix "$target.tmp" --no-audit --no-fund --loglevel=error >/dev/null
+  rm -rf "$target"
+  mv "$target.tmp" "$target"
+}
+
 server_running() {
   [[ -f $DATA_DIR/lode.pid ]] && kill -0 "$(cat "$DATA_DIR/lode.pid")" 2>/dev/null
 }
@@ -192,6 +215,7 @@ run_tests() {
   # The tests of several hosts start their own PostgreSQL and SeaweedFS.
   cluster_engines
   install_componentize_py
+  install_componentize_js
   # A one-off CI build gains nothing from incremental state, which is gigabytes on disk.
   if [[ -n ${CI:-} ]]; then export CARGO_INCREMENTAL=0; fi
   log "cargo fmt --check"
@@ -226,6 +250,9 @@ bench() {
   mkdir -p "$CACHE_DIR"
   cargo build --release --quiet --bin lode
   if [[ $which == all || $which == http ]]; then
+    # The heavy rows build samples/python-http and samples/js-http with these.
+    install_componentize_py
+    install_componentize_js
     if [[ ! -x $WASMTIME_ROOT/bin/wasmtime ]]; then
       log "wasmtime serve 48.0.8 is not cached; the baseline is skipped. To add it (about 18 min on 2 cores):"
       log "  cargo install wasmtime-cli --version 48.0.8 --locked --root $WASMTIME_ROOT"

@@ -1,6 +1,8 @@
 //! `lode bench http`: instantiate latency in process, then end-to-end HTTP throughput of the
 //! same `hello` component under `lode serve` and `wasmtime serve`, with a plain hyper server as
-//! the ceiling, all measured in one run with one load generator (`wrk`).
+//! the ceiling, all measured in one run with one load generator (`wrk`). Then the same for
+//! two components with large memory images built by other people's tools (componentize-py's
+//! CPython, componentize-js's StarlingMonkey), fresh per request and reusing instances.
 //!
 //! Servers run pinned to one core and `wrk` to another (`taskset`), so the figures compare
 //! servers, not schedulers.
@@ -52,6 +54,21 @@ pub struct HttpBench {
     /// Skip the in-process instantiate measurement.
     #[arg(long)]
     skip_instantiate: bool,
+    /// A componentize-py build of samples/python-http; default: built here when
+    /// componentize-py is found (`LODE_COMPONENTIZE_PY`, else where `./lode.sh` puts it).
+    #[arg(long)]
+    python_component: Option<PathBuf>,
+    /// A componentize-js build of samples/js-http; default: built here when componentize-js
+    /// is found (`LODE_COMPONENTIZE_JS`, else where `./lode.sh` puts it).
+    #[arg(long)]
+    js_component: Option<PathBuf>,
+    /// Requests per instance for the `instance_reuse` rows (and wasmtime serve's
+    /// `--max-instance-reuse-count` beside them).
+    #[arg(long, default_value_t = 1000)]
+    reuse: u32,
+    /// Only the small component's rows.
+    #[arg(long)]
+    skip_heavy: bool,
 }
 
 /// A plain hyper server answering `hello`, the ceiling the bench compares to.
@@ -89,7 +106,11 @@ async fn measure_instantiate(component: &Path, iterations: usize) -> Result<(Dur
     let engine = engine.default_class();
     let digest = lode_registry::Digest::of(&std::fs::read(component)?);
     let (compiled, _) = engine
-        .load(&digest, || Ok(std::fs::read(component)?))
+        .load(
+            &digest,
+            || Ok(std::fs::read(component)?),
+            &Default::default(),
+        )
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     let pre = engine
         .prepare_proxy(&compiled)
@@ -248,9 +269,12 @@ fn find_wasmtime(explicit: Option<PathBuf>) -> Option<PathBuf> {
         })
 }
 
+/// `lode serve` on the server CPU with `component` deployed as app `hello`, with
+/// `instance_reuse` if `reuse` is given; returns the server and the app's URL.
 async fn lode_serve_url(
     args: &HttpBench,
     component: &Path,
+    reuse: Option<u32>,
     dirs: &Path,
 ) -> Result<(Pinned, String)> {
     let exe = std::env::current_exe()?;
@@ -293,7 +317,22 @@ async fn lode_serve_url(
         .context("client.json has no HTTP URL")?;
     let client = crate::cli::client::ApiClient::new(resolved)?;
     let registry = std::sync::Arc::new(crate::cli::client::connect(&client.registry().await?)?);
-    crate::cli::deploy::deploy(&client, registry, component, Some("hello")).await?;
+    let deployed = match reuse {
+        None => component.to_path_buf(),
+        Some(reuse) => {
+            let project = dirs.join("project");
+            std::fs::create_dir_all(&project)?;
+            std::fs::copy(component, project.join("app.wasm"))?;
+            std::fs::write(
+                project.join("lode.toml"),
+                format!(
+                    "[[function]]\nname = \"web\"\npath = \"app.wasm\"\ninstance_reuse = {reuse}\n"
+                ),
+            )?;
+            project
+        }
+    };
+    crate::cli::deploy::deploy(&client, registry, &deployed, Some("hello")).await?;
     Ok((server, format!("{http_url}/hello/")))
 }
 
@@ -337,52 +376,21 @@ pub async fn http(args: HttpBench) -> Result<()> {
     let hyper_load = run_wrk(&args, &hyper_url)?;
     drop(hyper_server);
 
-    let dirs = tempfile::tempdir()?;
-    let (lode_server, lode_url) = lode_serve_url(&args, &component, dirs.path()).await?;
-    wait_for(&lode_url).await?;
-    let lode_load = run_wrk(&args, &lode_url)?;
-    drop(lode_server);
-
-    let wasmtime_load = match find_wasmtime(args.wasmtime.clone()) {
-        Some(wasmtime) => {
-            let port = free_port()?;
-            let addr = format!("127.0.0.1:{port}");
-            let component_arg = component.to_string_lossy().into_owned();
-            let server = pinned(
-                args.server_cpu,
-                &wasmtime,
-                &["serve", "-Scli", "--addr", &addr, &component_arg],
-            )?;
-            let url = format!("http://{addr}/");
-            wait_for(&url).await?;
-            let load = run_wrk(&args, &url)?;
-            drop(server);
-            let version = Command::new(&wasmtime).arg("--version").output().ok();
-            let version = version
-                .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-                .unwrap_or_default();
-            Some((version, load))
-        }
-        None => {
-            println!(
-                "wasmtime serve: skipped, no wasmtime binary found (cargo install wasmtime-cli \
-                 --version 48.0.8 --locked --root /var/cache/lode/tools/wasmtime-48.0.8, or pass --wasmtime)"
-            );
-            None
-        }
+    let wasmtime = find_wasmtime(args.wasmtime.clone());
+    if wasmtime.is_none() {
+        println!(
+            "wasmtime serve: skipped, no wasmtime binary found (cargo install wasmtime-cli \
+             --version 48.0.8 --locked --root /var/cache/lode/tools/wasmtime-48.0.8, or pass --wasmtime)"
+        );
+    }
+    let lode_load = serve_lode(&args, &component, None).await?;
+    let wasmtime_load = match &wasmtime {
+        Some(wasmtime) => Some(serve_wasmtime(&args, wasmtime, &component, None).await?),
+        None => None,
     };
 
     println!();
-    println!(
-        "{:<34} {:>12} {:>10} {:>10}  notes",
-        "server (fresh instance per request)", "req/s", "p50", "p99"
-    );
-    let row = |name: &str, load: &Load| {
-        println!(
-            "{name:<34} {:>12.0} {:>10} {:>10}  {}",
-            load.requests_per_sec, load.p50, load.p99, load.errors
-        );
-    };
+    print_header("server (fresh instance per request)");
     row("plain hyper hello (ceiling)", &hyper_load);
     row("lode serve", &lode_load);
     if let Some((version, load)) = &wasmtime_load {
@@ -399,5 +407,196 @@ pub async fn http(args: HttpBench) -> Result<()> {
             lode_load.requests_per_sec / load.requests_per_sec
         );
     }
+    if args.skip_heavy {
+        return Ok(());
+    }
+    let built = tempfile::tempdir()?;
+    let heavy = [
+        (
+            "python-http (componentize-py)",
+            args.python_component.clone(),
+            build_python_http as fn(&Path) -> Result<PathBuf>,
+        ),
+        (
+            "js-http (componentize-js)",
+            args.js_component.clone(),
+            build_js_http,
+        ),
+    ];
+    for (name, given, build) in heavy {
+        let component = match given {
+            Some(path) => path,
+            None => match build(built.path()) {
+                Ok(path) => path,
+                Err(e) => {
+                    println!("\n{name}: skipped: {e:#}");
+                    continue;
+                }
+            },
+        };
+        heavy_rows(&args, name, &component, wasmtime.as_deref()).await?;
+    }
     Ok(())
+}
+
+/// The rows for a component with a large memory image: lode and wasmtime serve with a fresh
+/// instance per request, then each reusing instances.
+async fn heavy_rows(
+    args: &HttpBench,
+    name: &str,
+    component: &Path,
+    wasmtime: Option<&Path>,
+) -> Result<()> {
+    let size = std::fs::metadata(component)?.len();
+    let reuse = args.reuse;
+    let lode_fresh = serve_lode(args, component, None).await?;
+    let lode_reused = serve_lode(args, component, Some(reuse)).await?;
+    let (wasmtime_fresh, wasmtime_reused) = match wasmtime {
+        Some(wasmtime) => (
+            Some(serve_wasmtime(args, wasmtime, component, None).await?),
+            Some(serve_wasmtime(args, wasmtime, component, Some(reuse)).await?),
+        ),
+        None => (None, None),
+    };
+    println!();
+    print_header(&format!("{name}, {:.1} MB", size as f64 / 1e6));
+    row("lode serve, fresh instance", &lode_fresh);
+    row(
+        &format!("lode serve, instance_reuse = {reuse}"),
+        &lode_reused,
+    );
+    if let (Some((version, fresh)), Some((_, reused))) = (&wasmtime_fresh, &wasmtime_reused) {
+        row(&format!("wasmtime serve ({version})"), fresh);
+        row(
+            &format!("wasmtime serve --max-instance-reuse-count {reuse}"),
+            reused,
+        );
+        println!();
+        println!(
+            "lode fresh / wasmtime serve          = {:.2} (target >= 3)",
+            lode_fresh.requests_per_sec / fresh.requests_per_sec
+        );
+        println!(
+            "lode instance_reuse / wasmtime serve = {:.2} (target >= 10)",
+            lode_reused.requests_per_sec / fresh.requests_per_sec
+        );
+        println!(
+            "lode instance_reuse / wasmtime serve reusing too = {:.2}",
+            lode_reused.requests_per_sec / reused.requests_per_sec
+        );
+    }
+    Ok(())
+}
+
+/// Serves `component` with `lode serve` (reusing instances if `reuse`) and loads it.
+async fn serve_lode(args: &HttpBench, component: &Path, reuse: Option<u32>) -> Result<Load> {
+    let dirs = tempfile::tempdir()?;
+    let (server, url) = lode_serve_url(args, component, reuse, dirs.path()).await?;
+    wait_for(&url).await?;
+    let load = run_wrk(args, &url)?;
+    drop(server);
+    Ok(load)
+}
+
+/// Serves `component` with `wasmtime serve` (reusing instances if `reuse`) and loads it;
+/// returns its version beside the figures.
+async fn serve_wasmtime(
+    args: &HttpBench,
+    wasmtime: &Path,
+    component: &Path,
+    reuse: Option<u32>,
+) -> Result<(String, Load)> {
+    let port = free_port()?;
+    let addr = format!("127.0.0.1:{port}");
+    let component_arg = component.to_string_lossy().into_owned();
+    let reuse_arg = reuse.map(|n| n.to_string());
+    let mut serve_args = vec!["serve", "-Scli", "--addr", &addr];
+    if let Some(reuse) = &reuse_arg {
+        serve_args.extend(["--max-instance-reuse-count", reuse]);
+    }
+    serve_args.push(&component_arg);
+    let server = pinned(args.server_cpu, wasmtime, &serve_args)?;
+    let url = format!("http://{addr}/");
+    wait_for(&url).await?;
+    let load = run_wrk(args, &url)?;
+    drop(server);
+    let version = Command::new(wasmtime).arg("--version").output().ok();
+    let version = version
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default();
+    Ok((version, load))
+}
+
+fn print_header(first: &str) {
+    println!(
+        "{first:<48} {:>10} {:>10} {:>10}  notes",
+        "req/s", "p50", "p99"
+    );
+}
+
+fn row(name: &str, load: &Load) {
+    println!(
+        "{name:<48} {:>10.0} {:>10} {:>10}  {}",
+        load.requests_per_sec, load.p50, load.p99, load.errors
+    );
+}
+
+/// A tool `./lode.sh` installs: `variable` if set, else its place in the cache.
+fn installed_tool(variable: &str, default: &str) -> Result<PathBuf> {
+    let tool = std::env::var_os(variable).map_or_else(|| PathBuf::from(default), PathBuf::from);
+    if !tool.exists() {
+        bail!(
+            "{} is missing (set {variable}, or run ./lode.sh bench http, which installs it)",
+            tool.display()
+        );
+    }
+    Ok(tool)
+}
+
+/// Builds samples/python-http with componentize-py into `dir`.
+fn build_python_http(dir: &Path) -> Result<PathBuf> {
+    let tool = installed_tool(
+        "LODE_COMPONENTIZE_PY",
+        "/var/cache/lode/bin/componentize-py",
+    )?;
+    let sample = Path::new(env!("CARGO_MANIFEST_DIR")).join("../samples/python-http");
+    let out = dir.join("python-http.wasm");
+    let status = Command::new(tool)
+        .arg("-d")
+        .arg(sample.join("wit"))
+        .args(["-w", "wasi:http/proxy@0.2.12", "componentize", "-p"])
+        .arg(&sample)
+        .arg("app")
+        .arg("-o")
+        .arg(&out)
+        .stdout(Stdio::null())
+        .status()
+        .context("running componentize-py")?;
+    if !status.success() {
+        bail!("componentize-py failed building {}", sample.display());
+    }
+    Ok(out)
+}
+
+/// Builds samples/js-http with componentize-js into `dir`.
+fn build_js_http(dir: &Path) -> Result<PathBuf> {
+    let tool = installed_tool(
+        "LODE_COMPONENTIZE_JS",
+        "/var/cache/lode/componentize-js-0.23.0/node_modules/.bin/componentize-js",
+    )?;
+    let samples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../samples");
+    let out = dir.join("js-http.wasm");
+    let status = Command::new(tool)
+        .arg(samples.join("js-http/app.js"))
+        .arg("-w")
+        .arg(samples.join("python-http/wit"))
+        .args(["-n", "wasi:http/proxy@0.2.12", "-o"])
+        .arg(&out)
+        .stdout(Stdio::null())
+        .status()
+        .context("running componentize-js")?;
+    if !status.success() {
+        bail!("componentize-js failed building samples/js-http");
+    }
+    Ok(out)
 }

@@ -60,6 +60,10 @@ struct ProjectFunction {
     /// on another (`{ max_retries = N }`).
     #[serde(default)]
     retries: Option<crate::proto::manifest::Retries>,
+    /// Serve up to this many requests with one instance (the author declares the component
+    /// safe to reuse); without it every request gets a fresh instance.
+    #[serde(default)]
+    instance_reuse: Option<u32>,
 }
 
 /// `timeout = 10` (seconds) or `timeout = "1m30s"`.
@@ -259,6 +263,7 @@ fn plan_project(dir: &Path, name: Option<&str>) -> Result<Plan> {
         p.spec.gpu_kernels = f.gpu_kernels;
         p.spec.gpu_memory = f.gpu_memory;
         p.spec.retries = f.retries;
+        p.spec.instance_reuse = f.instance_reuse;
         if let Some(mut network) = f.network {
             if !network.allow.is_empty() {
                 network.mode = NetworkMode::Outbound;
@@ -411,6 +416,7 @@ pub async fn follow_deploy(client: &ApiClient, manifest: &Manifest, quiet: bool)
     };
     let mut events = ndjson_lines::<DeployEvent>(response);
     let mut outcome = None;
+    let mut reported_quarter = 0;
     while let Some(event) = events.next().await {
         match event? {
             DeployEvent::Compiling { function, bytes } => {
@@ -418,6 +424,25 @@ pub async fn follow_deploy(client: &ApiClient, manifest: &Manifest, quiet: bool)
             }
             DeployEvent::PreInitializing { function } => {
                 spinner.set_message(format!("pre-initializing {function} (running its init)"))
+            }
+            DeployEvent::Progress {
+                function,
+                compiled: Some(done),
+                functions: Some(total),
+                ..
+            } => {
+                let percent = done * 100 / total.max(1);
+                let line =
+                    format!("compiling {function}: {done} of {total} functions ({percent}%)");
+                // Off a terminal, a line at each quarter shows it moving.
+                if spinner.is_hidden() {
+                    if percent / 25 > reported_quarter {
+                        reported_quarter = percent / 25;
+                        eprintln!("{line}");
+                    }
+                } else {
+                    spinner.set_message(line);
+                }
             }
             DeployEvent::Progress { .. } => {}
             DeployEvent::Image { function, line } => note(format!("{function}: {line}")),

@@ -18,11 +18,12 @@ use crate::proto::manifest::{FunctionSpec, Manifest, Runtime};
 use crate::proto::schedule::Schedule;
 use crate::store::state::AppRecord;
 use crate::telemetry::metrics::Metrics;
-use crate::wasm::engine::{ComponentError, EngineClass, LoadKind};
+use crate::wasm::engine::{CompileProgress, ComponentError, EngineClass, LoadKind};
 use crate::wasm::function::WasmFunction;
 use crate::wasm::gpu::FunctionGpu;
 use crate::wasm::http::HttpFunction;
 use crate::wasm::outbound::OutboundPolicy;
+use crate::wasm::reuse::InstancePool;
 use crate::wasm::store::{Preopen, WasmGuest};
 
 const MIB: u64 = 1024 * 1024;
@@ -35,6 +36,7 @@ async fn with_heartbeat<T>(
     function: &str,
     started: Instant,
     progress: Option<&mpsc::Sender<DeployEvent>>,
+    compiled: impl Fn() -> Option<(u64, u64)>,
 ) -> Result<T, tokio::task::JoinError> {
     let mut heartbeat = tokio::time::interval(Duration::from_millis(500));
     heartbeat.tick().await;
@@ -43,9 +45,12 @@ async fn with_heartbeat<T>(
             result = &mut job => return result,
             _ = heartbeat.tick() => {
                 if let Some(tx) = progress {
+                    let so_far = compiled();
                     let _ = tx.send(DeployEvent::Progress {
                         function: function.to_string(),
                         elapsed_ms: started.elapsed().as_millis() as u64,
+                        compiled: so_far.map(|(done, _)| done),
+                        functions: so_far.map(|(_, total)| total),
                     }).await;
                 }
             }
@@ -507,6 +512,12 @@ impl Control {
                 path: web.path.clone(),
                 pre,
                 series: self.metrics.app_series(&app),
+                reuse: function.instance_reuse.map(|limit| {
+                    // Enough idle instances for every core to find one; more would only hold
+                    // pool slots and memory.
+                    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+                    InstancePool::new(limit, cores * 2)
+                }),
             }));
         }
         built
@@ -580,7 +591,7 @@ impl Control {
             let bytes = blobs.size(&snapshot).unwrap_or(0);
             Ok((snapshot, bytes))
         });
-        let made = with_heartbeat(job, &function.name, started, progress)
+        let made = with_heartbeat(job, &function.name, started, progress, || None)
             .await
             .map_err(|e| DeployError::Internal(anyhow::anyhow!("pre-init task failed: {e}")))?;
         let (snapshot, bytes) = made.map_err(|source| DeployError::Component {
@@ -617,12 +628,19 @@ impl Control {
                 })
                 .await;
         }
-        let (class, blobs) = (class.clone(), self.blobs.clone());
+        let (job_class, blobs) = (class.clone(), self.blobs.clone());
         let blob = digest.clone();
+        let compile = Arc::new(CompileProgress::default());
+        let job_compile = compile.clone();
         let job = tokio::task::spawn_blocking(move || {
-            class.load(&blob, || blobs.get(&blob).map_err(anyhow::Error::from))
+            job_class.load(
+                &blob,
+                || blobs.get(&blob).map_err(anyhow::Error::from),
+                &job_compile,
+            )
         });
-        let (component, kind) = with_heartbeat(job, function, started, progress)
+        let so_far = || class.compiled_so_far(&compile);
+        let (component, kind) = with_heartbeat(job, function, started, progress, so_far)
             .await
             .map_err(|e| DeployError::Internal(anyhow::anyhow!("compile task failed: {e}")))?
             .map_err(|source| DeployError::Component {

@@ -19,6 +19,13 @@ pub enum DeployEvent {
         function: String,
         /// Time since that step started.
         elapsed_ms: u64,
+        /// While compiling: the component's functions compiled (or found in the function
+        /// cache) so far.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        compiled: Option<u64>,
+        /// While compiling: the functions it defines.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        functions: Option<u64>,
     },
     /// A function's `pre_init` step started: its init runs now, unless an earlier deploy's
     /// snapshot of the same component is found.

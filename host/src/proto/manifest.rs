@@ -49,6 +49,9 @@ pub const MAX_CALL_DEPTH_LIMIT: u32 = 64;
 /// The most calls an app may let one outside call lead to.
 pub const MAX_FAN_OUT_LIMIT: u32 = 1_000_000;
 
+/// Requests one kept instance may serve (`instance_reuse`).
+pub const INSTANCE_REUSE: RangeInclusive<u32> = 1..=1_000_000;
+
 /// Fuel one call may be given. The low end only refuses budgets too small to be meant (a Rust
 /// guest's start-up alone takes more); the high end is hours of work.
 pub const FUEL_LIMIT: RangeInclusive<u64> = 1_000..=1_000_000_000_000_000;
@@ -178,6 +181,11 @@ pub struct FunctionSpec {
     /// without it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gpu_memory: Option<u64>,
+    /// Wasm with `web`: serve up to this many requests with one instance before a fresh one,
+    /// for components whose authors declared them safe to reuse (state left in memory by one
+    /// request is seen by the next). Absent: a fresh instance per request.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance_reuse: Option<u32>,
 }
 
 /// A class handle's own options (`Cls.with_options`, `with_concurrency`), sent with each call
@@ -688,6 +696,27 @@ impl FunctionSpec {
                 "function {name:?}: gpu_memory must be at least 1 MiB"
             ));
         }
+        if let Some(reuse) = self.instance_reuse {
+            if self.runtime != Runtime::Wasm || self.web.is_none() {
+                problems.push(format!(
+                    "function {name:?}: instance_reuse is for Wasm functions that serve HTTP \
+                     (a `web` route)"
+                ));
+            } else if has_gpu {
+                problems.push(format!(
+                    "function {name:?}: instance_reuse cannot be used with `gpu`: a kept \
+                     instance would hold its device while idle"
+                ));
+            }
+            if !INSTANCE_REUSE.contains(&reuse) {
+                problems.push(format!(
+                    "function {name:?}: instance_reuse {reuse} must be from {} to {} requests \
+                     per instance",
+                    INSTANCE_REUSE.start(),
+                    INSTANCE_REUSE.end()
+                ));
+            }
+        }
         if self.pre_init && self.runtime != Runtime::Wasm {
             problems.push(format!(
                 "function {name:?}: pre_init is for Wasm functions (lode:function components)"
@@ -816,6 +845,7 @@ impl FunctionSpec {
             pre_init: false,
             gpu_kernels: false,
             gpu_memory: None,
+            instance_reuse: None,
         }
     }
 

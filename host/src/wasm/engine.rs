@@ -9,7 +9,7 @@
 use std::collections::{BTreeMap, HashSet};
 use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -21,6 +21,7 @@ use wasmtime::component::{Component, Linker};
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store};
 use wasmtime_wasi_http::p2::bindings::ProxyPre;
 
+use crate::wasm::function_cache::{FunctionCache, count_functions};
 use crate::wasm::guest::GuestState;
 
 /// How often the epoch advances; the granularity of request timeouts and of yields that keep
@@ -66,6 +67,22 @@ pub struct EngineSettings {
     pub wasm_stack: usize,
     /// How long a compiled component or snapshot note no recorded app uses stays cached.
     pub compiled_ttl: Duration,
+}
+
+/// How far one compile has got: set when it begins, read while it runs.
+#[derive(Debug, Default)]
+pub struct CompileProgress {
+    /// Functions the component defines.
+    total: AtomicU64,
+    /// The engine's lookup count when it began.
+    start: AtomicU64,
+}
+
+impl CompileProgress {
+    fn begin(&self, total: u64, start: u64) {
+        self.start.store(start, Ordering::Relaxed);
+        self.total.store(total, Ordering::Relaxed);
+    }
 }
 
 /// Whether a component came from the compiler or the cache.
@@ -371,6 +388,8 @@ impl WasmEngine {
 /// cache. Every component it runs gets the same wasm stack, and is metered with fuel or not.
 pub struct EngineClass {
     engine: Engine,
+    /// Cranelift's results per function, shared by every compile on this engine.
+    functions: Arc<FunctionCache>,
     linker: Linker<GuestState>,
     compiled_dir: PathBuf,
     fingerprint: String,
@@ -397,22 +416,44 @@ pub(crate) fn component_pool(slots: u32, max_memory: u64) -> PoolingAllocationCo
     pool
 }
 
+/// Memory a slot keeps resident between instances, reset by copying back only the pages the
+/// last instance dirtied.
+const KEEP_RESIDENT: usize = 8 << 20;
+
+/// How a slot's memory is reset for its next instance. `madvise` costs a syscall, a TLB
+/// flush on every core (an IPI each) and a copy-on-write fault per page the next instance
+/// writes. With PAGEMAP_SCAN (Linux >= 6.7) only the pages an instance dirtied are found and
+/// copied back from the image, up to [`KEEP_RESIDENT`], so a slot's working set stays mapped;
+/// without it, wasmtime would memset the whole resident range every time, so keep it small.
+/// (Our copy of wasmtime finishes the scan past its 32-region buffer: third_party/README.md.)
+pub(crate) fn reset_in_place(pool: &mut PoolingAllocationConfig) {
+    if kernel_has_pagemap_scan() {
+        pool.pagemap_scan(wasmtime::Enabled::Auto)
+            .linear_memory_keep_resident(KEEP_RESIDENT);
+    } else {
+        pool.linear_memory_keep_resident(64 << 10);
+    }
+}
+
 impl EngineClass {
     /// Builds an engine of `kind`, with `slots` instances in its pool.
     fn new(settings: &EngineSettings, kind: EngineKind, slots: u32) -> Result<Self> {
         let stack = kind.stack;
         let mut pool = component_pool(slots, settings.max_memory);
-        // Resetting a slot with madvise costs a syscall, a TLB flush and page faults on the
-        // next request. With PAGEMAP_SCAN (Linux >= 6.7) only the pages a request dirtied are
-        // copied back instead, so keeping a few MiB resident is cheap; without it, wasmtime
-        // would memset the whole resident range every time, so keep it small.
-        if kernel_has_pagemap_scan() {
-            pool.pagemap_scan(wasmtime::Enabled::Auto)
-                .linear_memory_keep_resident(8 << 20);
-        } else {
-            pool.linear_memory_keep_resident(64 << 10);
-        }
+        reset_in_place(&mut pool);
+        std::fs::create_dir_all(&settings.compiled_dir).with_context(|| {
+            format!(
+                "creating cache directory {}",
+                settings.compiled_dir.display()
+            )
+        })?;
+        let functions = Arc::new(FunctionCache::open(
+            &settings.compiled_dir.join("functions.redb"),
+        ));
         let mut config = Config::new();
+        config
+            .enable_incremental_compilation(functions.clone())
+            .map_err(anyhow::Error::from)?;
         config
             .allocation_strategy(InstanceAllocationStrategy::Pooling(pool))
             .epoch_interruption(true)
@@ -444,14 +485,9 @@ impl EngineClass {
         engine.precompile_compatibility_hash().hash(&mut hasher);
         let fingerprint = format!("{:016x}", hasher.finish());
 
-        std::fs::create_dir_all(&settings.compiled_dir).with_context(|| {
-            format!(
-                "creating cache directory {}",
-                settings.compiled_dir.display()
-            )
-        })?;
         Ok(Self {
             engine,
+            functions,
             linker,
             compiled_dir: settings.compiled_dir.clone(),
             fingerprint,
@@ -482,6 +518,13 @@ impl EngineClass {
     ) -> Store<GuestState> {
         let mut store = Store::new(&self.engine, state);
         store.limiter(|state| &mut state.limits);
+        self.arm(&mut store, deadline, fuel);
+        store
+    }
+
+    /// Gives `store` a new run's fuel and deadline: for a new store, and for a kept instance
+    /// before each request it serves.
+    pub fn arm(&self, store: &mut Store<GuestState>, deadline: Instant, fuel: Option<u64>) {
         if self.kind.fuel {
             store
                 .set_fuel(fuel.unwrap_or(u64::MAX))
@@ -495,7 +538,6 @@ impl EngineClass {
                 Ok(UpdateDeadline::Yield(1))
             }
         });
-        store
     }
 
     /// Where the digest of `digest`'s pre-initialized snapshot is noted, for an instance of
@@ -517,11 +559,13 @@ impl EngineClass {
     }
 
     /// Loads a component from the compiled cache if present; otherwise compiles `source()`
-    /// and caches it. Blocking: run it off the async threads.
+    /// and caches it, counting its functions into `progress` as they are compiled.
+    /// Blocking: run it off the async threads.
     pub fn load(
         &self,
         digest: &Digest,
         source: impl FnOnce() -> Result<Vec<u8>>,
+        progress: &CompileProgress,
     ) -> Result<(Component, LoadKind), ComponentError> {
         let path = self.cache_path(digest);
         if path.exists() {
@@ -538,10 +582,10 @@ impl EngineClass {
         }
         let bytes = source().map_err(ComponentError::Invalid)?;
         check_component_header(&bytes)?;
-        let compiled = self
-            .engine
-            .precompile_component(&bytes)
-            .map_err(|e| ComponentError::Invalid(anyhow!(e)))?;
+        progress.begin(count_functions(&bytes), self.functions.looked_up());
+        let compiled = self.engine.precompile_component(&bytes);
+        self.functions.flush();
+        let compiled = compiled.map_err(|e| ComponentError::Invalid(anyhow!(e)))?;
         crate::util::write_atomic(&path, &compiled, 0o644)
             .with_context(|| format!("writing compiled cache {}", path.display()))
             .map_err(ComponentError::Invalid)?;
@@ -558,6 +602,20 @@ impl EngineClass {
         unsafe { Component::deserialize_file(&self.engine, path) }
             .map_err(|e| anyhow!(e))
             .with_context(|| format!("loading compiled component {}", path.display()))
+    }
+
+    /// Functions of `progress`'s compile done so far, and its total; `None` before the
+    /// compile began (or when the component came from the cache).
+    pub fn compiled_so_far(&self, progress: &CompileProgress) -> Option<(u64, u64)> {
+        let total = progress.total.load(Ordering::Relaxed);
+        if total == 0 {
+            return None;
+        }
+        let start = progress.start.load(Ordering::Relaxed);
+        // Other compiles on this engine at the same time count too; never claim the end
+        // before it came.
+        let done = self.functions.looked_up().saturating_sub(start);
+        Some((done.min(total.saturating_sub(1)), total))
     }
 
     /// Links a component as a `wasi:http/proxy`, naming whatever is missing.
@@ -703,6 +761,7 @@ mod tests {
                 format!("{used}-m64-s512-wizer48.preinit"),
                 format!("{snapshot}-f1.cwasm"),
                 format!("{recent}-f1.cwasm"),
+                "functions.redb".into(),
                 "notes.txt".into(),
             ]
         );
@@ -717,6 +776,66 @@ mod tests {
             0,
             "just let go of"
         );
+    }
+
+    /// A slot's memory after an instance that dirtied thousands of scattered pages, past the
+    /// scan's region buffer and past the resident budget, reads as the pristine image to the
+    /// next instance in that slot: nothing one request wrote reaches the next.
+    #[test]
+    fn a_reused_slot_starts_from_the_pristine_image() {
+        const PAGE: usize = 4096;
+        const MEMORY: usize = 32 << 20;
+        const IMAGE: usize = 256 << 10;
+        let mut pool = component_pool(1, MEMORY as u64);
+        reset_in_place(&mut pool);
+        let mut config = Config::new();
+        config
+            .allocation_strategy(InstanceAllocationStrategy::Pooling(pool))
+            .memory_init_cow(true);
+        let engine = Engine::new(&config).unwrap();
+        let wat = format!(
+            r#"(module
+                (memory (export "memory") {pages})
+                (data (i32.const 0) "{image}")
+                (func (export "scribble") (param $from i32) (param $stride i32) (param $end i32)
+                  (loop $next
+                    (i32.store (local.get $from) (i32.const 0x5ec2e75))
+                    (local.set $from (i32.add (local.get $from) (local.get $stride)))
+                    (br_if $next (i32.lt_u (local.get $from) (local.get $end))))))"#,
+            pages = MEMORY >> 16,
+            image = "\\2a".repeat(IMAGE),
+        );
+        let module = wasmtime::Module::new(&engine, wat::parse_str(&wat).unwrap()).unwrap();
+        let pristine = |byte: usize| if byte < IMAGE { 0x2a } else { 0 };
+        // Every other page of the whole memory (4,096 runs, 16 MiB dirty), then every third
+        // page of the first MiB, then one contiguous stretch across the image's end; the last
+        // round only checks.
+        let rounds = [
+            (0, 2 * PAGE, MEMORY),
+            (100, 3 * PAGE, 1 << 20),
+            (IMAGE - 8 * PAGE, 4, IMAGE + 8 * PAGE),
+            (0, 4, 4),
+        ];
+        for (round, (from, stride, end)) in rounds.into_iter().enumerate() {
+            let mut store = Store::new(&engine, ());
+            let instance = wasmtime::Instance::new(&mut store, &module, &[]).unwrap();
+            let memory = instance.get_memory(&mut store, "memory").unwrap();
+            let stale = memory
+                .data(&store)
+                .iter()
+                .enumerate()
+                .position(|(at, &byte)| byte != pristine(at));
+            assert_eq!(stale, None, "round {round}: a byte the last instance wrote");
+            instance
+                .get_typed_func::<(i32, i32, i32), ()>(&mut store, "scribble")
+                .unwrap()
+                .call(&mut store, (from as i32, stride as i32, end as i32))
+                .unwrap();
+            assert_eq!(
+                memory.data(&store)[from..from + 4],
+                0x5ec2e75_u32.to_le_bytes()
+            );
+        }
     }
 
     #[test]

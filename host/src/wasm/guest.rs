@@ -31,6 +31,8 @@ pub struct GuestState {
     pub(crate) held_gpu: Option<Arc<crate::wasm::gpu::HeldGpu>>,
     /// Bytes the guest may hold in `lode:gpu` buffers.
     gpu_memory: u64,
+    /// Where its stdout and stderr go, for runs whose store made them.
+    pub(crate) output: Option<crate::wasm::store::RunOutput>,
 }
 
 /// Guest stores alive now, across every engine class.
@@ -65,6 +67,7 @@ impl GuestState {
             held_gpu: None,
             // Buffers are the guest's memory too: the same limit again, on the device.
             gpu_memory: memory_limit,
+            output: None,
         }
     }
 
@@ -80,6 +83,35 @@ impl GuestState {
             }),
             table: &mut self.table,
         }
+    }
+}
+
+impl GuestState {
+    /// After a request on an instance that may serve another: releases the body of any
+    /// request handle the guest still holds (a garbage-collected guest drops its handles
+    /// late; the body would hold the client's connection), and returns how many resources
+    /// the host holds for the guest and whether one is a response, a body or an outgoing
+    /// request still open, which would leave a client or a call waiting.
+    pub fn settle_after_request(&mut self) -> (usize, bool) {
+        use wasmtime_wasi_http::p2::{body, types};
+        let (mut count, mut open) = (0, false);
+        for entry in self.table.iter_mut() {
+            count += 1;
+            if let Some(request) = entry.downcast_mut::<types::HostIncomingRequest>() {
+                request.body = None;
+                continue;
+            }
+            let entry: &dyn std::any::Any = entry;
+            open |= entry.is::<types::HostResponseOutparam>()
+                || entry.is::<types::HostOutgoingResponse>()
+                || entry.is::<types::HostOutgoingRequest>()
+                || entry.is::<types::HostIncomingResponse>()
+                || entry.is::<types::HostFutureIncomingResponse>()
+                || entry.is::<body::HostIncomingBody>()
+                || entry.is::<body::HostOutgoingBody>()
+                || entry.is::<body::HostFutureTrailers>();
+        }
+        (count, open)
     }
 }
 

@@ -1,6 +1,7 @@
 //! `wasi:http` requests: run one in a fresh instance of the app's component and answer with
 //! what it wrote, or with a named error when it trapped, timed out or passed a limit.
-//! Every request gets its own store and instance; nothing is reused across requests. Which
+//! Every request gets its own store and instance, unless its function opted in to reusing
+//! them (`instance_reuse`, see [`crate::wasm::reuse`]). Which
 //! function a request reaches is the public listener's business (`serve::public`).
 
 use std::sync::Arc;
@@ -23,6 +24,7 @@ use crate::proto::log::Stream;
 use crate::telemetry::logs::LogStore;
 use crate::telemetry::metrics::{ErrorLabels, Metrics};
 use crate::wasm::guest::GuestState;
+use crate::wasm::reuse::{GuestInstance, InstancePool};
 use crate::wasm::store::{StoreError, WasmGuest};
 use crate::wasm::trap::{Stop, classify, describe};
 
@@ -39,6 +41,9 @@ pub struct HttpFunction {
     pub pre: ProxyPre<GuestState>,
     /// Metric series this function's requests update.
     pub series: crate::telemetry::metrics::AppSeries,
+    /// Idle instances kept for the next requests, when the function opted in
+    /// (`instance_reuse`); `None`: a fresh instance per request.
+    pub reuse: Option<InstancePool>,
 }
 
 pub(crate) fn full(body: impl Into<Bytes>) -> ResponseBody {
@@ -155,27 +160,33 @@ pub async fn run(
     let deadline = Instant::now() + guest.timeout;
     let request_id: Arc<str> = Arc::from(id);
     let instantiate_started = Instant::now();
-    let mut store = match guest.store(logs, request_id.clone(), &[], deadline).await {
-        Ok(store) => store,
-        Err(why @ StoreError::Gpu(_)) => {
-            return error_response(
-                StatusCode::SERVICE_UNAVAILABLE,
-                why.kind(),
-                &why.to_string(),
-                id,
-            );
-        }
-        Err(why) => {
-            return error_response(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "internal",
-                &why.to_string(),
-                id,
-            );
-        }
+    let kept =
+        (function.reuse.as_ref()).and_then(|pool| pool.take(guest, request_id.clone(), deadline));
+    let mut instance = match kept {
+        Some(kept) => kept,
+        None => match guest.store(logs, request_id.clone(), &[], deadline).await {
+            Ok(store) => GuestInstance::fresh(store),
+            Err(why @ StoreError::Gpu(_)) => {
+                return error_response(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    why.kind(),
+                    &why.to_string(),
+                    id,
+                );
+            }
+            Err(why) => {
+                return error_response(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "internal",
+                    &why.to_string(),
+                    id,
+                );
+            }
+        },
     };
     let (sender, receiver) = tokio::sync::oneshot::channel();
     let prepared = (|| -> wasmtime::Result<_> {
+        let store = &mut instance.store;
         let incoming = store
             .data_mut()
             .http()
@@ -196,15 +207,26 @@ pub async fn run(
     let task_over_limit = over_limit.clone();
     let task = tokio::spawn(async move {
         let run = async {
-            let proxy = task_function.pre.instantiate_async(&mut store).await?;
-            task_function
-                .series
-                .instantiate
-                .observe(instantiate_started.elapsed().as_secs_f64());
-            proxy
+            let proxy = match instance.proxy.take() {
+                Some(proxy) => proxy,
+                None => {
+                    let proxy = task_function
+                        .pre
+                        .instantiate_async(&mut instance.store)
+                        .await?;
+                    task_function
+                        .series
+                        .instantiate
+                        .observe(instantiate_started.elapsed().as_secs_f64());
+                    proxy
+                }
+            };
+            let handled = proxy
                 .wasi_http_incoming_handler()
-                .call_handle(&mut store, incoming, outparam)
-                .await
+                .call_handle(&mut instance.store, incoming, outparam)
+                .await;
+            instance.proxy = Some(proxy);
+            handled
         };
         let outcome = match tokio::time::timeout_at(deadline.into(), run).await {
             Ok(Ok(())) => Outcome::Finished,
@@ -218,7 +240,17 @@ pub async fn run(
             },
             Err(_) => Outcome::TimedOut,
         };
-        if task_over_limit.load(Ordering::Relaxed) {
+        let over_limit = task_over_limit.load(Ordering::Relaxed);
+        // Only a clean finish leaves an instance fit for another request; a trap, a timeout
+        // (mid-run) or a body cut off at the limit drops it with its store.
+        let kept = (task_function.reuse.as_ref())
+            .filter(|_| matches!(outcome, Outcome::Finished) && !over_limit);
+        if let Some(pool) = kept
+            && let Err(why) = pool.give_back(instance)
+        {
+            tracing::debug!(app = %task_function.guest.app, reason = ?why, "instance not kept");
+        }
+        if over_limit {
             // The client gets a 413; whatever the guest did after its body read failed (often
             // a trap writing to a response nobody reads) is a consequence, not a fault.
             task_logs.push(

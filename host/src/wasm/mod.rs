@@ -6,11 +6,13 @@ pub mod bindings;
 pub mod command;
 pub mod engine;
 pub mod function;
+pub mod function_cache;
 pub mod gpu;
 pub mod guest;
 pub mod http;
 pub mod outbound;
 pub mod preinit;
+pub mod reuse;
 pub mod store;
 pub mod trap;
 

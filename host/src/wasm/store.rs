@@ -96,7 +96,8 @@ impl WasmGuest {
             Some(gpu) => Some(gpu.hold(deadline).await.map_err(StoreError::Gpu)?),
             None => None,
         };
-        let mut wasi = guest_wasi(logs, self.app.clone(), request_id);
+        let output = RunOutput::new(logs, self.app.clone(), request_id);
+        let mut wasi = guest_wasi(&output);
         for preopen in preopens {
             let perms = if preopen.read_only {
                 wasmtime_wasi::FsPerms::ReadOnly
@@ -113,23 +114,53 @@ impl WasmGuest {
         }
         let mut state = GuestState::new(wasi.build(), self.memory, self.outbound.clone());
         state.held_gpu = held_gpu;
+        state.output = Some(output);
         Ok(self.engine.new_store(state, deadline, self.fuel))
     }
 }
 
-/// The WASI context every guest run starts from: stdout and stderr into `app`'s log under
-/// `request_id`, and no sockets or name lookups.
-fn guest_wasi(
-    logs: &Arc<LogStore>,
+/// A run's stdout and stderr, into the app's log under its request id. A kept instance
+/// (`instance_reuse`) is pointed at each new request's id before it serves it.
+pub struct RunOutput {
+    logs: Arc<LogStore>,
     app: Arc<str>,
-    request_id: Arc<str>,
-) -> wasmtime_wasi::WasiCtxBuilder {
-    let output =
-        |stream| GuestOutput::new(logs.request_output(app.clone(), request_id.clone(), stream));
+    stdout: GuestOutput,
+    stderr: GuestOutput,
+}
+
+impl RunOutput {
+    fn new(logs: &Arc<LogStore>, app: Arc<str>, request_id: Arc<str>) -> Self {
+        let output =
+            |stream| GuestOutput::new(logs.request_output(app.clone(), request_id.clone(), stream));
+        Self {
+            stdout: output(Stream::Stdout),
+            stderr: output(Stream::Stderr),
+            logs: logs.clone(),
+            app,
+        }
+    }
+
+    /// Sends what the guest writes from now on under `request_id`; a partial line of the
+    /// last request is logged under that request's id first.
+    pub fn retarget(&self, request_id: Arc<str>) {
+        for (sink, stream) in [
+            (&self.stdout, Stream::Stdout),
+            (&self.stderr, Stream::Stderr),
+        ] {
+            *sink.inner.lock().unwrap() =
+                self.logs
+                    .request_output(self.app.clone(), request_id.clone(), stream);
+        }
+    }
+}
+
+/// The WASI context every guest run starts from: stdout and stderr into `output`, and no
+/// sockets or name lookups.
+fn guest_wasi(output: &RunOutput) -> wasmtime_wasi::WasiCtxBuilder {
     let mut builder = wasmtime_wasi::WasiCtxBuilder::new();
     builder
-        .stdout(output(Stream::Stdout))
-        .stderr(output(Stream::Stderr))
+        .stdout(output.stdout.clone())
+        .stderr(output.stderr.clone())
         .allow_tcp(false)
         .allow_udp(false)
         .allow_ip_name_lookup(false);
