@@ -898,6 +898,30 @@ mod tests {
         FunctionSpec::wasm_http(name, &lode_registry::Digest::of(b"x"))
     }
 
+    /// `instance_reuse` is for Wasm functions that serve HTTP without a GPU, within bounds.
+    #[test]
+    fn instance_reuse_is_checked() {
+        let problems = |spec: FunctionSpec| {
+            let mut problems = Vec::new();
+            spec.validate(&mut problems);
+            problems.join("\n")
+        };
+        let mut ok = wasm_fn("web");
+        ok.instance_reuse = Some(100);
+        assert_eq!(problems(ok.clone()), "");
+        let mut zero = ok.clone();
+        zero.instance_reuse = Some(0);
+        assert!(problems(zero).contains("instance_reuse 0 must be from 1 to 1000000"));
+        let mut no_route = ok.clone();
+        no_route.web = None;
+        assert!(
+            problems(no_route).contains("instance_reuse is for Wasm functions that serve HTTP")
+        );
+        let mut gpu = ok;
+        gpu.resources.gpu = Some("any".into());
+        assert!(problems(gpu).contains("cannot be used with `gpu`"));
+    }
+
     #[test]
     fn dns_labels() {
         for good in ["a", "hello", "a-b", "x1", &"a".repeat(63)] {
