@@ -187,6 +187,39 @@ async fn manifest_limits_override_server_defaults() {
     );
 }
 
+/// The attack on a kept instance: a request that sends its response but never finishes or
+/// drops the body. Kept, the instance would hold that client waiting for the body's end;
+/// Lode drops it instead, so the client's response ends and the next request starts fresh.
+/// A trap drops a kept instance too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kept_instance_is_dropped_when_it_leaves_a_body_open_or_traps() {
+    let lode = Lode::start(&[]);
+    let dir = misbehave_project(
+        "app = \"kept\"\n[[function]]\nname = \"web\"\npath = \"m.wasm\"\ninstance_reuse = 10\n",
+    );
+    lode.cli_ok(&["deploy", dir.path().to_str().unwrap()]);
+    let served = |expected: u32| (200, format!("served {expected}\n"));
+    assert_eq!(lode.get("/kept/served").await, served(1));
+    assert_eq!(lode.get("/kept/served").await, served(2));
+
+    let response = lode
+        .public(reqwest::Method::GET, "/kept/leave-open")
+        .timeout(std::time::Duration::from_secs(10))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    // The body ends (cut short or not) instead of waiting on the instance.
+    if let Err(e) = response.text().await {
+        assert!(!e.is_timeout(), "{e}");
+    }
+    assert_eq!(lode.get("/kept/served").await, served(1));
+    assert_eq!(lode.get("/kept/served").await, served(2));
+
+    assert_eq!(lode.get("/kept/trap").await.0, 500);
+    assert_eq!(lode.get("/kept/served").await, served(1));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_deploys_get_clear_errors_and_leave_nothing() {
     let lode = Lode::start(&["--max-blob", "1000000"]);

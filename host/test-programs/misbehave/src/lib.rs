@@ -14,6 +14,9 @@ wasip2::http::proxy::export!(Misbehave);
 
 struct Misbehave;
 
+/// Requests this instance has served: 1 on every request with a fresh instance per request.
+static SERVED: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
 fn param<'a>(query: &'a str, key: &str) -> Option<&'a str> {
     query
         .split('&')
@@ -99,6 +102,7 @@ fn body_len(request: &IncomingRequest) -> Result<usize, String> {
 
 impl wasip2::exports::http::incoming_handler::Guest for Misbehave {
     fn handle(request: IncomingRequest, out: ResponseOutparam) {
+        let served = SERVED.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
         let path_with_query = request.path_with_query().unwrap_or_default();
         let (path, query) = path_with_query.split_once('?').unwrap_or((path_with_query.as_str(), ""));
         match path {
@@ -151,6 +155,18 @@ impl wasip2::exports::http::incoming_handler::Guest for Misbehave {
                 println!("to stdout from misbehave");
                 eprintln!("to stderr from misbehave");
                 respond(out, 200, "printed\n");
+            }
+            "/served" => respond(out, 200, &format!("served {served}\n")),
+            // Sends a complete response but never finishes or drops its body: on a kept
+            // instance the client would wait for the body's end as long as the instance lives.
+            "/leave-open" => {
+                let body = start(out, 200);
+                {
+                    let mut stream = body.write().expect("body stream");
+                    writeln!(stream, "left open").expect("write");
+                    stream.flush().expect("flush");
+                }
+                std::mem::forget(body);
             }
             "/body" => match body_len(&request) {
                 Ok(n) => respond(out, 200, &format!("{n} bytes\n")),
