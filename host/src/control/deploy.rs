@@ -507,7 +507,7 @@ impl Control {
                 continue;
             };
             let pre = class.prepare_proxy(&component).map_err(refused)?;
-            built.routes.push(Arc::new(HttpFunction {
+            let route = Arc::new(HttpFunction {
                 guest: guest(),
                 path: web.path.clone(),
                 pre,
@@ -518,7 +518,11 @@ impl Control {
                     let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
                     InstancePool::new(limit, cores * 2)
                 }),
-            }));
+            });
+            if route.reuse.is_some() {
+                crate::wasm::reuse::sweep_idle(Arc::downgrade(&route));
+            }
+            built.routes.push(route);
         }
         built
             .routes

@@ -7,7 +7,7 @@
 //! An instance goes back to the pool only after a request that finished cleanly, left no
 //! response, body or outgoing request open, and was not its `N`th; a trap, a timeout, fuel
 //! running out, a body over the limit, or holding more than [`MAX_RESOURCES`] host resources
-//! discards it, as does idling past [`IDLE_TTL`].
+//! discards it, as does idling past [`IDLE_TTL`] ([`sweep_idle`] checks every few seconds).
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -46,11 +46,6 @@ impl GuestInstance {
             idle_since: Instant::now(),
         }
     }
-
-    /// Whether it served requests before this one.
-    pub fn is_kept(&self) -> bool {
-        self.served > 0
-    }
 }
 
 /// Why an instance was not kept after a request.
@@ -83,6 +78,21 @@ impl InstancePool {
             max_idle,
             idle: Mutex::new(Vec::new()),
         }
+    }
+
+    /// Drops instances idle past [`IDLE_TTL`], so a function with no traffic lets go of its
+    /// memory.
+    pub fn sweep(&self) {
+        let expired: Vec<GuestInstance> = {
+            let mut idle = self.idle.lock().unwrap();
+            let (expired, kept) = std::mem::take(&mut *idle)
+                .into_iter()
+                .partition(|kept| kept.idle_since.elapsed() >= IDLE_TTL);
+            *idle = kept;
+            expired
+        };
+        // Stores are dropped outside the lock: resetting their memory takes a while.
+        drop(expired);
     }
 
     /// The most recently used idle instance (its pages are likeliest still in cache),
@@ -128,9 +138,21 @@ impl InstancePool {
         idle.push(instance);
         Ok(())
     }
+}
 
-    /// Idle instances now.
-    pub fn idle(&self) -> usize {
-        self.idle.lock().unwrap().len()
-    }
+/// Sweeps `function`'s idle instances every tenth of [`IDLE_TTL`] while the function is
+/// deployed (someone holds it).
+pub fn sweep_idle(function: std::sync::Weak<crate::wasm::http::HttpFunction>) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(IDLE_TTL / 10);
+        loop {
+            tick.tick().await;
+            let Some(function) = function.upgrade() else {
+                return;
+            };
+            if let Some(pool) = &function.reuse {
+                pool.sweep();
+            }
+        }
+    });
 }
