@@ -249,6 +249,8 @@ impl Drop for EpochTicker {
 /// default one.
 pub struct WasmEngine {
     settings: EngineSettings,
+    /// Cranelift's results per function, shared by every engine kind.
+    functions: Arc<FunctionCache>,
     default: Arc<EngineClass>,
     others: OtherEngines,
     _ticker: EpochTicker,
@@ -261,10 +263,26 @@ impl WasmEngine {
             stack: settings.wasm_stack,
             fuel: false,
         };
-        let default = Arc::new(EngineClass::new(settings, kind, settings.max_instances)?);
+        std::fs::create_dir_all(&settings.compiled_dir).with_context(|| {
+            format!(
+                "creating cache directory {}",
+                settings.compiled_dir.display()
+            )
+        })?;
+        // One file for every engine kind: redb holds it open exclusively.
+        let functions = Arc::new(FunctionCache::open(
+            &settings.compiled_dir.join("functions.redb"),
+        ));
+        let default = Arc::new(EngineClass::new(
+            settings,
+            kind,
+            settings.max_instances,
+            functions.clone(),
+        )?);
         let others = OtherEngines::default();
         Ok(Self {
             settings: settings.clone(),
+            functions,
             _ticker: EpochTicker::start(default.engine.clone(), others.clone()),
             default,
             others,
@@ -377,8 +395,10 @@ impl WasmEngine {
             return Ok(None);
         }
         let slots = (self.settings.max_instances / 4).max(8);
-        let class =
-            Arc::new(EngineClass::new(&self.settings, kind, slots).map_err(|e| format!("{e:#}"))?);
+        let class = Arc::new(
+            EngineClass::new(&self.settings, kind, slots, self.functions.clone())
+                .map_err(|e| format!("{e:#}"))?,
+        );
         others.insert(kind, Arc::downgrade(&class));
         Ok(Some(class))
     }
@@ -436,20 +456,17 @@ pub(crate) fn reset_in_place(pool: &mut PoolingAllocationConfig) {
 }
 
 impl EngineClass {
-    /// Builds an engine of `kind`, with `slots` instances in its pool.
-    fn new(settings: &EngineSettings, kind: EngineKind, slots: u32) -> Result<Self> {
+    /// Builds an engine of `kind`, with `slots` instances in its pool, compiling through
+    /// `functions`.
+    fn new(
+        settings: &EngineSettings,
+        kind: EngineKind,
+        slots: u32,
+        functions: Arc<FunctionCache>,
+    ) -> Result<Self> {
         let stack = kind.stack;
         let mut pool = component_pool(slots, settings.max_memory);
         reset_in_place(&mut pool);
-        std::fs::create_dir_all(&settings.compiled_dir).with_context(|| {
-            format!(
-                "creating cache directory {}",
-                settings.compiled_dir.display()
-            )
-        })?;
-        let functions = Arc::new(FunctionCache::open(
-            &settings.compiled_dir.join("functions.redb"),
-        ));
         let mut config = Config::new();
         config
             .enable_incremental_compilation(functions.clone())

@@ -33,11 +33,15 @@ pub struct FunctionCache {
 }
 
 impl FunctionCache {
-    /// Opens (or creates) the cache at `path`; a file that cannot be used is logged and
-    /// replaced, or left out.
+    /// Opens (or creates) the cache at `path`; a file that cannot be read is logged and
+    /// replaced. One held open elsewhere (another server on the same cache dir) is left
+    /// alone, and compiles here run uncached.
     pub fn open(path: &Path) -> Self {
         let db = Database::create(path)
             .or_else(|e| {
+                if matches!(e, redb::DatabaseError::DatabaseAlreadyOpen) {
+                    return Err(e);
+                }
                 tracing::warn!(path = %path.display(), error = %e, "function cache unusable; starting it over");
                 let _ = std::fs::remove_file(path);
                 Database::create(path)
@@ -171,6 +175,12 @@ mod tests {
         let cache = Arc::new(FunctionCache::open(&path));
         compile(&cache, &module("i32.const 4"));
         assert_eq!((cache.looked_up(), cache.entries()), (looked_up, kept + 1));
+        // A second opener while this one holds the file compiles uncached and leaves the
+        // file as it is.
+        let other = Arc::new(FunctionCache::open(&path));
+        compile(&other, &first);
+        assert_eq!((other.entries(), cache.entries()), (0, kept + 1));
+        drop(other);
         // A file that is not a cache is replaced, and compiles still work.
         drop(cache);
         std::fs::write(&path, b"not a database").unwrap();
