@@ -57,8 +57,25 @@ impl LocalS3 {
             "actions": ["Admin", "Read", "Write", "List", "Tagging"],
         }]});
         std::fs::write(s3.dir.join("s3.json"), identities.to_string())?;
-        s3.resume()?;
-        Ok(s3)
+        // Ports are free when picked but not held, so a process starting beside this one
+        // (another test's SeaweedFS) can take one first; SeaweedFS then exits at once. Pick
+        // new ones and try again.
+        let mut attempt = 1;
+        loop {
+            match s3.resume() {
+                Ok(()) => return Ok(s3),
+                Err(e) if attempt < 3 && s3.child.is_none() => {
+                    tracing::warn!(error = %e, attempt, "SeaweedFS did not start; trying new ports");
+                    s3.ports = free_ports(9)?;
+                    // Nothing was stored yet; what the failed start wrote names the old ports.
+                    let data = s3.dir.join("data");
+                    std::fs::remove_dir_all(&data)?;
+                    std::fs::create_dir_all(&data)?;
+                    attempt += 1;
+                }
+                Err(e) => return Err(e),
+            }
+        }
     }
 
     /// The URL Lode's `--blobs` takes (a failing request is retried for one second, so a
@@ -133,6 +150,7 @@ impl LocalS3 {
             if let Some(child) = &mut self.child
                 && let Ok(Some(status)) = child.try_wait()
             {
+                self.child = None;
                 bail!(
                     "SeaweedFS exited ({status}); its log is {}",
                     self.dir.join("weed.log").display()
