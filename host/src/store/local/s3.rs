@@ -114,10 +114,31 @@ impl LocalS3 {
         }
     }
 
-    /// Starts it (again) on the same ports and data.
+    /// Starts it (again) on the same ports and data. SeaweedFS that exits at once (a port
+    /// still held by a connection of the process that had it, say) is started again, up to
+    /// five times, a second apart.
     pub fn resume(&mut self) -> Result<()> {
+        let mut attempt = 1;
+        loop {
+            match self.spawn() {
+                Err(e) if attempt < 5 && self.child.is_none() => {
+                    tracing::warn!(error = %e, attempt, "SeaweedFS exited at start; starting it again");
+                    std::thread::sleep(Duration::from_secs(1));
+                    attempt += 1;
+                }
+                done => return done,
+            }
+        }
+    }
+
+    /// Starts SeaweedFS and waits until its S3 gateway answers; `child` is `None` after an
+    /// error if it exited.
+    fn spawn(&mut self) -> Result<()> {
         let p = &self.ports;
-        let log = std::fs::File::create(self.dir.join("weed.log"))?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("weed.log"))?;
         let child = Command::new(&self.weed)
             .arg("server")
             .arg(format!("-dir={}", self.dir.join("data").display()))
