@@ -507,7 +507,7 @@ impl Control {
                 continue;
             };
             let pre = class.prepare_proxy(&component).map_err(refused)?;
-            let route = Arc::new(HttpFunction {
+            built.routes.push(Arc::new(HttpFunction {
                 guest: guest(),
                 path: web.path.clone(),
                 pre,
@@ -516,13 +516,11 @@ impl Control {
                     // Enough idle instances for every core to find one; more would only hold
                     // pool slots and memory.
                     let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
-                    InstancePool::new(limit, cores * 2)
+                    let pool = InstancePool::new(limit, cores * 2);
+                    pool.sweep_idle();
+                    pool
                 }),
-            });
-            if route.reuse.is_some() {
-                crate::wasm::reuse::sweep_idle(Arc::downgrade(&route));
-            }
-            built.routes.push(route);
+            }));
         }
         built
             .routes

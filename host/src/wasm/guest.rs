@@ -31,8 +31,6 @@ pub struct GuestState {
     pub(crate) held_gpu: Option<Arc<crate::wasm::gpu::HeldGpu>>,
     /// Bytes the guest may hold in `lode:gpu` buffers.
     gpu_memory: u64,
-    /// Where its stdout and stderr go, for runs whose store made them.
-    pub(crate) output: Option<crate::wasm::store::RunOutput>,
 }
 
 /// Guest stores alive now, across every engine class.
@@ -67,7 +65,6 @@ impl GuestState {
             held_gpu: None,
             // Buffers are the guest's memory too: the same limit again, on the device.
             gpu_memory: memory_limit,
-            output: None,
         }
     }
 

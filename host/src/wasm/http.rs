@@ -164,8 +164,8 @@ pub async fn run(
         (function.reuse.as_ref()).and_then(|pool| pool.take(guest, request_id.clone(), deadline));
     let mut instance = match kept {
         Some(kept) => kept,
-        None => match guest.store(logs, request_id.clone(), &[], deadline).await {
-            Ok(store) => GuestInstance::fresh(store),
+        None => match (guest.store_with_output(logs, request_id.clone(), &[], deadline)).await {
+            Ok((store, output)) => GuestInstance::fresh(store, output),
             Err(why @ StoreError::Gpu(_)) => {
                 return error_response(
                     StatusCode::SERVICE_UNAVAILABLE,

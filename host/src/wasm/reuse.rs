@@ -7,7 +7,8 @@
 //! An instance goes back to the pool only after a request that finished cleanly, left no
 //! response, body or outgoing request open, and was not its `N`th; a trap, a timeout, fuel
 //! running out, a body over the limit, or holding more than [`MAX_RESOURCES`] host resources
-//! discards it, as does idling past [`IDLE_TTL`] ([`sweep_idle`] checks every few seconds).
+//! discards it, as does idling past [`IDLE_TTL`] ([`InstancePool::sweep_idle`] checks every
+//! few seconds).
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -16,7 +17,7 @@ use wasmtime::Store;
 use wasmtime_wasi_http::p2::bindings::Proxy;
 
 use crate::wasm::guest::GuestState;
-use crate::wasm::store::WasmGuest;
+use crate::wasm::store::{RunOutput, WasmGuest};
 
 /// How long an idle instance is kept; older ones are dropped at the next take or return.
 pub const IDLE_TTL: Duration = Duration::from_secs(60);
@@ -31,17 +32,20 @@ pub struct GuestInstance {
     pub store: Store<GuestState>,
     /// Its `wasi:http` export; `None` until instantiated.
     pub proxy: Option<Proxy>,
+    /// Where its stdout and stderr go.
+    output: RunOutput,
     /// Requests it has served.
     served: u32,
     idle_since: Instant,
 }
 
 impl GuestInstance {
-    /// A store no instance has run in yet.
-    pub fn fresh(store: Store<GuestState>) -> Self {
+    /// A store no instance has run in yet, logging through `output`.
+    pub fn fresh(store: Store<GuestState>, output: RunOutput) -> Self {
         Self {
             store,
             proxy: None,
+            output,
             served: 0,
             idle_since: Instant::now(),
         }
@@ -67,7 +71,8 @@ pub struct InstancePool {
     limit: u32,
     /// Idle instances kept at most: more would hold pool slots others need.
     max_idle: usize,
-    idle: Mutex<Vec<GuestInstance>>,
+    /// Shared with the sweeper, which holds it weakly.
+    idle: Arc<Mutex<Vec<GuestInstance>>>,
 }
 
 impl InstancePool {
@@ -76,23 +81,33 @@ impl InstancePool {
         Self {
             limit,
             max_idle,
-            idle: Mutex::new(Vec::new()),
+            idle: Arc::default(),
         }
     }
 
-    /// Drops instances idle past [`IDLE_TTL`], so a function with no traffic lets go of its
-    /// memory.
-    pub fn sweep(&self) {
-        let expired: Vec<GuestInstance> = {
-            let mut idle = self.idle.lock().unwrap();
-            let (expired, kept) = std::mem::take(&mut *idle)
-                .into_iter()
-                .partition(|kept| kept.idle_since.elapsed() >= IDLE_TTL);
-            *idle = kept;
-            expired
-        };
-        // Stores are dropped outside the lock: resetting their memory takes a while.
-        drop(expired);
+    /// Drops instances idle past [`IDLE_TTL`], checking every tenth of it while the pool
+    /// lives, so a function with no traffic lets go of their memory.
+    pub fn sweep_idle(&self) {
+        let idle = Arc::downgrade(&self.idle);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(IDLE_TTL / 10);
+            loop {
+                tick.tick().await;
+                let Some(idle) = idle.upgrade() else {
+                    return;
+                };
+                let expired: Vec<GuestInstance> = {
+                    let mut idle = idle.lock().unwrap();
+                    let (expired, kept) = std::mem::take(&mut *idle)
+                        .into_iter()
+                        .partition(|kept| kept.idle_since.elapsed() >= IDLE_TTL);
+                    *idle = kept;
+                    expired
+                };
+                // Stores are dropped outside the lock: resetting their memory takes a while.
+                drop(expired);
+            }
+        });
     }
 
     /// The most recently used idle instance (its pages are likeliest still in cache),
@@ -109,9 +124,7 @@ impl InstancePool {
             idle.pop()?
         };
         guest.engine.arm(&mut kept.store, deadline, guest.fuel);
-        if let Some(output) = &kept.store.data().output {
-            output.retarget(request_id);
-        }
+        kept.output.retarget(request_id);
         Some(kept)
     }
 
@@ -138,21 +151,4 @@ impl InstancePool {
         idle.push(instance);
         Ok(())
     }
-}
-
-/// Sweeps `function`'s idle instances every tenth of [`IDLE_TTL`] while the function is
-/// deployed (someone holds it).
-pub fn sweep_idle(function: std::sync::Weak<crate::wasm::http::HttpFunction>) {
-    tokio::spawn(async move {
-        let mut tick = tokio::time::interval(IDLE_TTL / 10);
-        loop {
-            tick.tick().await;
-            let Some(function) = function.upgrade() else {
-                return;
-            };
-            if let Some(pool) = &function.reuse {
-                pool.sweep();
-            }
-        }
-    });
 }

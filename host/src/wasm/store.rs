@@ -92,6 +92,20 @@ impl WasmGuest {
         preopens: &[Preopen],
         deadline: Instant,
     ) -> Result<Store<GuestState>, StoreError> {
+        let (store, _) = self
+            .store_with_output(logs, request_id, preopens, deadline)
+            .await?;
+        Ok(store)
+    }
+
+    /// [`Self::store`], with the handle that points its output at another request's id.
+    pub async fn store_with_output(
+        &self,
+        logs: &Arc<LogStore>,
+        request_id: Arc<str>,
+        preopens: &[Preopen],
+        deadline: Instant,
+    ) -> Result<(Store<GuestState>, RunOutput), StoreError> {
         let held_gpu = match &self.gpu {
             Some(gpu) => Some(gpu.hold(deadline).await.map_err(StoreError::Gpu)?),
             None => None,
@@ -114,8 +128,7 @@ impl WasmGuest {
         }
         let mut state = GuestState::new(wasi.build(), self.memory, self.outbound.clone());
         state.held_gpu = held_gpu;
-        state.output = Some(output);
-        Ok(self.engine.new_store(state, deadline, self.fuel))
+        Ok((self.engine.new_store(state, deadline, self.fuel), output))
     }
 }
 
