@@ -22,7 +22,9 @@ mod layer;
 mod mount;
 
 pub use build::{Body, FileContent, Meta, Node, encode};
-pub use cache::{CacheStats, ChunkCache, FetchError, Pinned, Priority};
+pub use cache::{
+    CacheStats, ChunkCache, CompleteFile, FetchError, FileLayout, Pinned, Placement, Priority,
+};
 pub use chunk::Chunking;
 pub use compare::tree_differences;
 pub use copy::{CopyReport, copy_image};

@@ -342,9 +342,9 @@ async fn a_corrupt_chunk_from_the_network_is_refused_and_fetched_again() {
     );
     // Only verified bytes were kept.
     for digest in &chunks {
-        let hex = digest.hex();
-        let kept =
-            std::fs::read(dirs.path().join("chunks/blake3").join(&hex[..2]).join(&hex)).unwrap();
+        let pinned = cache.pin(digest).expect("cached");
+        let mut kept = vec![0; pinned.size() as usize];
+        assert_eq!(pinned.read_at(0, &mut kept).unwrap(), kept.len());
         assert_eq!(&lode_registry::Digest::of(&kept), digest);
     }
     mount.unmount().unwrap();
@@ -380,4 +380,125 @@ async fn the_mount_table_mounts_each_image_once() {
     table.close().await;
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
     assert!(!mounts.contains(point.to_str().unwrap()), "still mounted");
+}
+
+/// A tree of `files`, ingested and mounted on an empty cache without prefetch.
+async fn mount_files(registry: &Registry, files: &[(&str, &[u8])]) -> Mounted {
+    let tree = tempfile::tempdir().unwrap();
+    for (name, bytes) in files {
+        std::fs::write(tree.path().join(name), bytes).unwrap();
+    }
+    let index = ingest(registry, tree.path()).await;
+    let options = MountOptions {
+        prefetch: false,
+        ..Default::default()
+    };
+    mount(registry, &index, 1 << 30, options)
+}
+
+/// Bytes that neither repeat nor compress, different per `seed`.
+fn noise(seed: u32, len: usize) -> Vec<u8> {
+    let mut out = vec![0; len];
+    blake3::Hasher::new()
+        .update(&seed.to_le_bytes())
+        .finalize_xof()
+        .fill(&mut out);
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fully_cached_large_file_is_read_by_the_kernel_from_its_extent() {
+    let registry = registry().await;
+    let large = noise(1, 5 << 20);
+    let small = noise(2, 300_000);
+    let mounted = mount_files(&registry, &[("model.bin", &large), ("small.py", &small)]).await;
+    let mount = mounted.mount.as_ref().unwrap();
+    let model = mounted.path().join("model.bin");
+    // The first open finds nothing cached: reads come through the mount and fill the extent.
+    let first = read_in_thread(model.clone(), Duration::from_secs(30)).await;
+    assert!(first.unwrap() == large);
+    assert_eq!(mount.passthrough_opens(), 0);
+    if !mount.passthrough() {
+        println!("SKIPPED passthrough checks: this kernel did not agree to FUSE_PASSTHROUGH");
+        return;
+    }
+    // Mmap and read through a passthrough open, with a second open of the same inode alive.
+    let reads_before = mount.reads();
+    let held = std::fs::File::open(&model).unwrap();
+    let second = read_in_thread(model.clone(), Duration::from_secs(30)).await;
+    assert!(second.unwrap() == large);
+    let mapped = memmap_read(&held, large.len());
+    assert!(mapped == large, "mmap through passthrough differs");
+    assert_eq!(mount.passthrough_opens(), 2);
+    assert_eq!(
+        mount.reads(),
+        reads_before,
+        "a passthrough read reached the server"
+    );
+    // The extent is exactly the file: reading past its end gives nothing more.
+    let mut tail = Vec::new();
+    let mut file = std::fs::File::open(&model).unwrap();
+    std::io::Seek::seek(&mut file, std::io::SeekFrom::Start(large.len() as u64 - 10)).unwrap();
+    std::io::Read::read_to_end(&mut file, &mut tail).unwrap();
+    assert_eq!(tail, large[large.len() - 10..]);
+    drop((held, file));
+    // A small file is served by the mount as before, from a packed extent.
+    let read = read_in_thread(mounted.path().join("small.py"), Duration::from_secs(30)).await;
+    assert!(read.unwrap() == small);
+    assert!(mount.reads() > reads_before);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_that_began_uncached_keeps_the_inode_served_by_the_mount() {
+    let registry = registry().await;
+    let large = noise(3, 3 << 20);
+    let mounted = mount_files(&registry, &[("weights", &large)]).await;
+    let mount = mounted.mount.as_ref().unwrap();
+    let path = mounted.path().join("weights");
+    // Held open while the file becomes fully cached: the kernel would refuse a passthrough
+    // open of the same inode now (EIO), so later opens must follow this one.
+    let held = std::fs::File::open(&path).unwrap();
+    let mut whole = Vec::new();
+    std::io::Read::read_to_end(&mut &held, &mut whole).unwrap();
+    assert!(whole == large);
+    let again = read_in_thread(path.clone(), Duration::from_secs(30)).await;
+    assert!(again.unwrap() == large);
+    assert_eq!(mount.passthrough_opens(), 0);
+    drop(held);
+    // With every open released, the next one may pass through.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let read = read_in_thread(path.clone(), Duration::from_secs(30)).await;
+        assert!(read.unwrap() == large);
+        if !mount.passthrough() || mount.passthrough_opens() > 0 {
+            break;
+        }
+        // The kernel sends RELEASE after close returns.
+        assert!(
+            Instant::now() < deadline,
+            "never passed through after release"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Copies `len` bytes out of a shared read-only mapping of `file`.
+fn memmap_read(file: &std::fs::File, len: usize) -> Vec<u8> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: a fresh read-only mapping of `len` bytes of a file at least that long, read
+    // once and unmapped before returning; nothing else refers to it.
+    unsafe {
+        let ptr = libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ,
+            libc::MAP_SHARED,
+            file.as_raw_fd(),
+            0,
+        );
+        assert_ne!(ptr, libc::MAP_FAILED, "mmap failed");
+        let out = std::slice::from_raw_parts(ptr as *const u8, len).to_vec();
+        libc::munmap(ptr, len);
+        out
+    }
 }

@@ -18,7 +18,7 @@ use fuser::{
 };
 use lode_registry::{BlobAccess, Digest, TagUpdate};
 
-use crate::cache::{ChunkCache, FetchError, Priority};
+use crate::cache::{ChunkCache, CompleteFile, FetchError, FileLayout, Placement, Priority};
 use crate::index::{Content, Entry, Index, Kind, RawChunk};
 
 mod kernel;
@@ -33,6 +33,10 @@ const TTL: Duration = Duration::from_secs(24 * 3600);
 /// Chunks worked ahead of a sequential reader: fetched if missing, read ahead from disk if
 /// cached. Eight average chunks are 2 MiB, two FUSE requests.
 const READ_AHEAD_CHUNKS: usize = 8;
+/// Files at least this large get an extent of their own in the chunk cache, laid out as the
+/// file, so that once fully cached the kernel reads them directly (FUSE passthrough). Smaller
+/// files' chunks are packed together.
+const FILE_EXTENT_MIN: u64 = 1 << 20;
 thread_local! {
     static READ_BUFFER: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
@@ -56,6 +60,9 @@ pub struct MountOptions {
     /// the one its first users made (their start-up reads), so mounts elsewhere prefetch it
     /// (`None`: only at close).
     pub profile_after: Option<Duration>,
+    /// Let the kernel read fully cached large files from their extents (FUSE passthrough),
+    /// where it offers that.
+    pub passthrough: bool,
 }
 
 impl Default for MountOptions {
@@ -66,6 +73,7 @@ impl Default for MountOptions {
             prefetch: true,
             prefetch_parallelism: 4,
             profile_after: Some(Duration::from_secs(5)),
+            passthrough: true,
         }
     }
 }
@@ -97,8 +105,25 @@ struct Image {
     /// Per file: where the last read ended, to spot sequential readers.
     last_end: Mutex<HashMap<u32, u64>>,
     reads: AtomicU64,
+    /// Large files' layouts in the chunk cache, by entry id.
+    layouts: Mutex<HashMap<u32, Arc<FileLayout>>>,
+    /// Open large files by inode. The kernel serves an inode either through this server or
+    /// from one backing file, never both at once (a mismatch fails the open with EIO), so
+    /// every open of an inode follows the first one until all are released.
+    opens: Mutex<HashMap<INodeNo, InodeOpens>>,
+    /// Opens served by passthrough so far.
+    passthrough_opens: AtomicU64,
+    /// Whether the kernel agreed to FUSE passthrough.
+    passthrough: AtomicBool,
     /// Whether the kernel lets this mount be cloned idmapped (`FUSE_ALLOW_IDMAP`, Linux 6.12+).
     idmappable: AtomicBool,
+}
+
+/// The opens of one large file.
+struct InodeOpens {
+    count: u32,
+    /// The backing file the kernel reads, and the hold that keeps it whole in the cache.
+    passthrough: Option<(fuser::BackingId, CompleteFile)>,
 }
 
 /// A mounted image. Dropping it unmounts.
@@ -150,6 +175,10 @@ impl Mount {
             }),
             last_end: Mutex::new(HashMap::new()),
             reads: AtomicU64::new(0),
+            layouts: Mutex::new(HashMap::new()),
+            opens: Mutex::new(HashMap::new()),
+            passthrough_opens: AtomicU64::new(0),
+            passthrough: AtomicBool::new(false),
             idmappable: AtomicBool::new(false),
             options: options.clone(),
             index,
@@ -201,6 +230,16 @@ impl Mount {
     /// File reads served so far.
     pub fn reads(&self) -> u64 {
         self.image.reads.load(Ordering::Relaxed)
+    }
+
+    /// Opens the kernel served from a backing file (FUSE passthrough) so far.
+    pub fn passthrough_opens(&self) -> u64 {
+        self.image.passthrough_opens.load(Ordering::Relaxed)
+    }
+
+    /// Whether the kernel agreed to FUSE passthrough for this mount.
+    pub fn passthrough(&self) -> bool {
+        self.image.passthrough.load(Ordering::Relaxed)
     }
 
     /// The entry ids in the order files were first read.
@@ -326,6 +365,24 @@ impl Image {
         Ok(listing)
     }
 
+    /// A large file's layout in the chunk cache; `None` for files whose chunks are packed.
+    fn layout(&self, entry: &Entry<'_>) -> Option<Arc<FileLayout>> {
+        if entry.size() < FILE_EXTENT_MIN {
+            return None;
+        }
+        let Some(Content::Chunks(chunks)) = entry.content() else {
+            return None;
+        };
+        let mut layouts = self.layouts.lock().expect("not poisoned");
+        let layout = layouts.entry(entry.id()).or_insert_with(|| {
+            Arc::new(FileLayout::new(
+                entry.size(),
+                chunks.iter().map(|c| (c.offset(), c.digest())),
+            ))
+        });
+        Some(layout.clone())
+    }
+
     fn record_first_read(&self, id: u32) {
         let mut profile = self.profile.lock().expect("not poisoned");
         if let Some(seen) = profile.seen.get_mut(id as usize)
@@ -341,6 +398,7 @@ impl Image {
         &self,
         path: &dyn Fn() -> PathBuf,
         chunks: &[RawChunk],
+        layout: Option<&FileLayout>,
         offset: u64,
         size: u64,
         out: &mut Vec<u8>,
@@ -353,16 +411,18 @@ impl Image {
                 break;
             }
             let digest = chunk.digest();
+            let placement = placement(layout, chunk);
             // A cached chunk is pinned right here; only a miss goes through the runtime.
-            let pinned = match self.cache.pin(&digest) {
+            let pinned = match self.cache.pin_placed(&digest, placement) {
                 Some(pinned) => pinned,
                 None => self
                     .runtime
-                    .block_on(self.cache.get(
+                    .block_on(self.cache.get_placed(
                         self.registry.as_ref(),
                         &digest,
                         self.options.fetch_timeout,
                         Priority::Foreground,
+                        placement,
                     ))
                     .map_err(|e| {
                         let kind = match &e {
@@ -392,7 +452,13 @@ impl Image {
     }
 
     /// After a sequential read, fetches the next chunks in the background.
-    fn read_ahead(self: &Arc<Self>, id: u32, chunks: &[RawChunk], end: u64) {
+    fn read_ahead(
+        self: &Arc<Self>,
+        id: u32,
+        chunks: &[RawChunk],
+        layout: Option<&Arc<FileLayout>>,
+        end: u64,
+    ) {
         let sequential = {
             let mut last = self.last_end.lock().expect("not poisoned");
             let previous = last.insert(id, end);
@@ -405,23 +471,17 @@ impl Image {
         let mut ahead = Vec::new();
         for chunk in chunks[next..].iter().take(READ_AHEAD_CHUNKS) {
             let digest = chunk.digest();
-            match self.cache.pin(&digest) {
+            let placement = placement(layout.map(|l| &**l), chunk);
+            match self.cache.pin_placed(&digest, placement) {
                 Some(cached) => cached.will_need(),
-                None => ahead.push(digest),
+                None => ahead.push((digest, chunk.offset())),
             }
         }
-        for digest in ahead {
+        for (digest, offset) in ahead {
             let image = self.clone();
+            let layout = layout.cloned();
             self.runtime.spawn(async move {
-                let _ = image
-                    .cache
-                    .get(
-                        image.registry.as_ref(),
-                        &digest,
-                        image.options.fetch_timeout,
-                        Priority::Background,
-                    )
-                    .await;
+                image.fetch_placed(digest, layout, offset).await;
             });
         }
     }
@@ -449,32 +509,102 @@ impl Image {
                 if (id as usize) >= self.index.len() {
                     continue;
                 }
-                if let Some(Content::Chunks(list)) = self.index.entry(id).content() {
-                    chunks.extend(list.iter().map(RawChunk::digest));
+                let entry = self.index.entry(id);
+                if let Some(Content::Chunks(list)) = entry.content() {
+                    let layout = self.layout(&entry);
+                    chunks.extend(
+                        list.iter()
+                            .map(|c| (c.digest(), layout.clone(), c.offset())),
+                    );
                 }
             }
             let count = chunks.len();
             use futures::StreamExt;
             futures::stream::iter(chunks)
-                .for_each_concurrent(self.options.prefetch_parallelism.max(1), |digest| {
-                    let image = self.clone();
-                    async move {
-                        if !image.cache.contains(&digest) {
-                            let _ = image
-                                .cache
-                                .get(
-                                    image.registry.as_ref(),
-                                    &digest,
-                                    image.options.fetch_timeout,
-                                    Priority::Background,
-                                )
-                                .await;
-                        }
-                    }
-                })
+                .for_each_concurrent(
+                    self.options.prefetch_parallelism.max(1),
+                    |(digest, layout, offset)| self.clone().fetch_placed(digest, layout, offset),
+                )
                 .await;
             tracing::debug!(%tag, count, "prefetch done");
         });
+    }
+
+    /// Works ahead of a reader: the chunk into the cache where its file wants it.
+    async fn fetch_placed(
+        self: Arc<Self>,
+        digest: Digest,
+        layout: Option<Arc<FileLayout>>,
+        offset: u64,
+    ) {
+        let placement = match &layout {
+            Some(layout) => Placement::File { layout, offset },
+            None => Placement::Packed,
+        };
+        if self.cache.pin_placed(&digest, placement).is_some() {
+            return;
+        }
+        let _ = self
+            .cache
+            .get_placed(
+                self.registry.as_ref(),
+                &digest,
+                self.options.fetch_timeout,
+                Priority::Background,
+                placement,
+            )
+            .await;
+    }
+
+    /// Opens a large file. The first open of an inode whose chunks are all cached hands the
+    /// kernel the file's extent (passthrough); later opens follow the first until all close.
+    fn open_large(&self, entry: &Entry<'_>, layout: &FileLayout, reply: ReplyOpen) {
+        let ino = Self::ino(entry);
+        let mut opens = self.opens.lock().expect("not poisoned");
+        if let Some(open) = opens.get_mut(&ino) {
+            open.count += 1;
+            match &open.passthrough {
+                Some((backing, _)) => {
+                    self.passthrough_opens.fetch_add(1, Ordering::Relaxed);
+                    reply.opened_passthrough(FileHandle(0), FopenFlags::empty(), backing);
+                }
+                None => reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE),
+            }
+            return;
+        }
+        let passthrough = self
+            .passthrough
+            .load(Ordering::Relaxed)
+            .then(|| self.cache.complete_file(layout))
+            .flatten()
+            .and_then(|complete| {
+                let backing = complete
+                    .open()
+                    .map_err(std::io::Error::other)
+                    .and_then(|file| reply.open_backing(&file));
+                match backing {
+                    Ok(backing) => Some((backing, complete)),
+                    Err(e) => {
+                        tracing::debug!(path = %self.path_of(entry.id()).display(), error = %e, "no passthrough; serving reads");
+                        None
+                    }
+                }
+            });
+        match &passthrough {
+            Some((backing, _)) => {
+                self.record_first_read(entry.id());
+                self.passthrough_opens.fetch_add(1, Ordering::Relaxed);
+                reply.opened_passthrough(FileHandle(0), FopenFlags::empty(), backing);
+            }
+            None => reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE),
+        }
+        opens.insert(
+            ino,
+            InodeOpens {
+                count: 1,
+                passthrough,
+            },
+        );
     }
 
     fn path_of(&self, id: u32) -> PathBuf {
@@ -500,6 +630,12 @@ impl Filesystem for Fs {
         // mount; the kernel needs the server's consent (and default_permissions).
         let idmap = config.add_capabilities(InitFlags::FUSE_ALLOW_IDMAP).is_ok();
         self.0.idmappable.store(idmap, Ordering::Relaxed);
+        // Fully cached large files are read by the kernel from their extents. Depth 1: the
+        // extents are on a plain filesystem, and containers stack overlayfs on this mount.
+        let passthrough = self.0.options.passthrough
+            && config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()
+            && config.set_max_stack_depth(1).is_ok();
+        self.0.passthrough.store(passthrough, Ordering::Relaxed);
         Ok(())
     }
 
@@ -538,7 +674,31 @@ impl Filesystem for Fs {
         if entry.kind() != Kind::File {
             return reply.error(Errno::EINVAL);
         }
-        reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE);
+        match self.0.layout(&entry) {
+            Some(layout) => self.0.open_large(&entry, &layout, reply),
+            None => reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE),
+        }
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: fuser::ReplyEmpty,
+    ) {
+        let mut opens = self.0.opens.lock().expect("not poisoned");
+        if let Some(open) = opens.get_mut(&ino) {
+            open.count -= 1;
+            if open.count == 0 {
+                opens.remove(&ino);
+            }
+        }
+        drop(opens);
+        reply.ok();
     }
 
     fn read(
@@ -570,13 +730,14 @@ impl Filesystem for Fs {
             Some(Content::Chunks(chunks)) => {
                 let id = entry.id();
                 let path = || image.path_of(id);
+                let layout = image.layout(&entry);
                 // One buffer per FUSE thread: a fresh 1 MiB Vec per request is an mmap,
                 // 256 page faults and an munmap each time.
                 READ_BUFFER.with_borrow_mut(|buffer| {
-                    match image.read_chunks(&path, chunks, offset, len, buffer) {
+                    match image.read_chunks(&path, chunks, layout.as_deref(), offset, len, buffer) {
                         Ok(()) => {
                             reply.data(buffer);
-                            image.read_ahead(id, chunks, offset + len);
+                            image.read_ahead(id, chunks, layout.as_ref(), offset + len);
                         }
                         Err(errno) => reply.error(errno),
                     }
@@ -694,6 +855,17 @@ impl Filesystem for Fs {
             names.push(0);
         }
         reply_sized(reply, size, &names);
+    }
+}
+
+/// Where a chunk of a file goes in the cache: in the file's own extent for a large file.
+fn placement<'a>(layout: Option<&'a FileLayout>, chunk: &RawChunk) -> Placement<'a> {
+    match layout {
+        Some(layout) => Placement::File {
+            layout,
+            offset: chunk.offset(),
+        },
+        None => Placement::Packed,
     }
 }
 

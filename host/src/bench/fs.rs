@@ -3,7 +3,7 @@
 //!
 //! 1. Sequential read of a large file whose chunks are already in the chunk cache, against
 //!    reading the same file natively from the same disk; then a second pass each, served from
-//!    the page cache (`FOPEN_KEEP_CACHE` on the mount).
+//!    the page cache. Five runs by default; the target must hold in each.
 //! 2. Cold start: `python3 -c "import ..."` chrooted into a real Debian Python image mounted
 //!    lazily on an empty cache, against a full pull (fetch every chunk with the same client and
 //!    parallelism, write the tree out, then run).
@@ -46,6 +46,12 @@ pub struct FsBench {
     /// Cold starts per mode; the median is reported.
     #[arg(long, default_value_t = 3)]
     runs: usize,
+    /// Sequential passes; the target holds only if every one meets it.
+    #[arg(long, default_value_t = 5)]
+    sequential_runs: usize,
+    /// Serve every read through the mount, without FUSE passthrough (to compare).
+    #[arg(long)]
+    no_passthrough: bool,
     /// Skip the sequential read.
     #[arg(long)]
     skip_sequential: bool,
@@ -137,10 +143,12 @@ pub(super) fn mount(
     cache_dir: &Path,
     point: &Path,
     prefetch: bool,
+    passthrough: bool,
 ) -> Result<Mount> {
     let cache = ChunkCache::open(cache_dir, 16 << 30)?;
     let options = MountOptions {
         prefetch,
+        passthrough,
         ..MountOptions::default()
     };
     Mount::new(
@@ -176,7 +184,14 @@ async fn sequential(args: &FsBench) -> Result<()> {
     let run = args.work.join("run");
     let point = run.join("seq-mnt");
     std::fs::create_dir_all(&point)?;
-    let mount = mount(&registry, &index, &run.join("seq-cache"), &point, false)?;
+    let mount = mount(
+        &registry,
+        &index,
+        &run.join("seq-cache"),
+        &point,
+        false,
+        !args.no_passthrough,
+    )?;
     let through_mount = point.join("big.bin");
     // Fill the chunk cache.
     read_blocking(through_mount.clone()).await?;
@@ -186,34 +201,56 @@ async fn sequential(args: &FsBench) -> Result<()> {
         report.chunks,
         args.work.display()
     );
-    drop_caches()?;
-    tracing::info!("timed pass through the mount starts");
-    let (bytes, lode_cold) = read_blocking(through_mount.clone()).await?;
-    tracing::info!("timed pass through the mount ends");
-    let (_, lode_warm) = read_blocking(through_mount.clone()).await?;
-    drop_caches()?;
-    let (_, native_cold) = read_blocking(file.clone()).await?;
-    let (_, native_warm) = read_blocking(file.clone()).await?;
     println!(
-        "  page cache dropped:  lode {:7.0} MB/s, native {:7.0} MB/s, ratio {:.2} (target >= 0.80)",
-        mb_per_s(bytes, lode_cold),
-        mb_per_s(bytes, native_cold),
-        native_cold.as_secs_f64() / lode_cold.as_secs_f64()
+        "  FUSE passthrough: {}",
+        if mount.passthrough() {
+            "agreed by the kernel"
+        } else {
+            "off (not offered by this kernel, or --no-passthrough); every read comes through the mount"
+        }
     );
-    println!(
-        "  second pass (page cache, KEEP_CACHE): lode {:7.0} MB/s, native {:7.0} MB/s, ratio {:.2}",
-        mb_per_s(bytes, lode_warm),
-        mb_per_s(bytes, native_warm),
-        native_warm.as_secs_f64() / lode_warm.as_secs_f64()
-    );
+    let mut cold = Vec::new();
+    let mut warm = Vec::new();
+    for run in 1..=args.sequential_runs.max(1) {
+        drop_caches()?;
+        tracing::info!("timed pass through the mount starts");
+        let (bytes, lode_cold) = read_blocking(through_mount.clone()).await?;
+        tracing::info!("timed pass through the mount ends");
+        let (_, lode_warm) = read_blocking(through_mount.clone()).await?;
+        drop_caches()?;
+        let (_, native_cold) = read_blocking(file.clone()).await?;
+        let (_, native_warm) = read_blocking(file.clone()).await?;
+        let cold_ratio = native_cold.as_secs_f64() / lode_cold.as_secs_f64();
+        let warm_ratio = native_warm.as_secs_f64() / lode_warm.as_secs_f64();
+        println!(
+            "  run {run}: page cache dropped: lode {:6.0} MB/s, native {:6.0} MB/s, ratio {cold_ratio:.2}; second pass: lode {:6.0} MB/s, native {:6.0} MB/s, ratio {warm_ratio:.2}",
+            mb_per_s(bytes, lode_cold),
+            mb_per_s(bytes, native_cold),
+            mb_per_s(bytes, lode_warm),
+            mb_per_s(bytes, native_warm),
+        );
+        cold.push(cold_ratio);
+        warm.push(warm_ratio);
+    }
+    let summary = |name: &str, ratios: &mut Vec<f64>| {
+        ratios.sort_by(f64::total_cmp);
+        let lowest = ratios[0];
+        println!(
+            "  {name}: ratio median {:.2}, lowest {lowest:.2} over {} runs (target >= 0.80 in every run: {})",
+            ratios[ratios.len() / 2],
+            ratios.len(),
+            if lowest >= 0.8 { "met" } else { "missed" }
+        );
+    };
+    summary("page cache dropped", &mut cold);
+    summary("second pass (page cache)", &mut warm);
     let reads = mount.reads();
+    let passthrough = mount.passthrough_opens();
     tokio::task::spawn_blocking(move || mount.unmount())
         .await
         .expect("unmounting does not panic")?;
-    // Two passes reached the mount: the one that filled the cache and the cold one.
     println!(
-        "  ({reads} FUSE reads, {} KiB each on average)",
-        2 * bytes / reads.max(1) / 1024
+        "  ({reads} FUSE reads in all, the filling pass included; {passthrough} opens served by passthrough)"
     );
     Ok(())
 }
@@ -300,7 +337,7 @@ async fn lazy_run(
     let index_bytes = registry.client.get_index(digest).await?;
     let index_len = index_bytes.len() as u64;
     let index = Index::parse(index_bytes)?;
-    let mount = mount(registry, &index, &cache_dir, &point, prefetch)?;
+    let mount = mount(registry, &index, &cache_dir, &point, prefetch, true)?;
     let root = point.clone();
     let python = python.to_string();
     tokio::task::spawn_blocking(move || run_python(&root, &python))

@@ -151,7 +151,7 @@ pub async fn load_through_mount(gpu: Gpu, work: &Path, size: u64) -> Result<Load
     fresh_dir(&run)?;
     let point = run.join("mnt");
     std::fs::create_dir_all(&point)?;
-    let mount = mount(&registry, &index, &run.join("cache"), &point, false)?;
+    let mount = mount(&registry, &index, &run.join("cache"), &point, false, true)?;
     let through_mount: PathBuf = point.join("model.safetensors");
     let timed = tokio::task::spawn_blocking(move || -> Result<(Duration, Duration)> {
         // Every chunk into the chunk cache, then nothing in the page cache.
