@@ -100,6 +100,35 @@ install_componentize_js() {
   mv "$target.tmp" "$target"
 }
 
+# CRIU, for memory snapshots of containers: Debian bookworm's criu 3.17 fails its own check on
+# this kernel ("vdso: Unexpected rt vDSO area bounds") and trixie's package needs a newer libc,
+# so the upstream release (Debian's orig tarball, checked by its sha256) is built once into the
+# cache, about a minute on 2 cores. iptables and iproute2 are what it runs to save and restore
+# a network namespace.
+CRIU_VERSION=4.1.1
+CRIU_SHA256=f80a66cb3726bb2116266d4759ce3bcbfab7abdb6b6d430bf20dd41911717afe
+install_criu() {
+  local target=$CACHE_DIR/criu-$CRIU_VERSION
+  export LODE_CRIU=$target/sbin/criu
+  if "$LODE_CRIU" --version 2>/dev/null | grep -qx "Version: $CRIU_VERSION"; then return; fi
+  apt_install build-essential pkg-config curl ca-certificates xz-utils iptables iproute2 \
+    protobuf-c-compiler protobuf-compiler libprotobuf-c-dev libprotobuf-dev libnl-3-dev \
+    libnet1-dev libcap-dev uuid-dev libnftables-dev libbsd-dev libgnutls28-dev
+  local tarball=criu_$CRIU_VERSION.orig.tar.xz work
+  work=$(mktemp -d)
+  log "building CRIU $CRIU_VERSION (deb.debian.org's $tarball) into $target"
+  curl -fsSL --retry 3 -o "$work/$tarball" "http://deb.debian.org/debian/pool/main/c/criu/$tarball"
+  echo "$CRIU_SHA256  $work/$tarball" | sha256sum -c --quiet -
+  tar -C "$work" -xJf "$work/$tarball"
+  if ! make -C "$work/criu-$CRIU_VERSION" -j"$(nproc)" PREFIX="$target" criu >"$work/build.log" 2>&1 \
+    || ! make -C "$work/criu-$CRIU_VERSION" PREFIX="$target" install-criu >>"$work/build.log" 2>&1; then
+    tail -n 30 "$work/build.log" >&2
+    echo "error: building CRIU failed (log above)" >&2
+    exit 1
+  fi
+  rm -rf "$work"
+}
+
 server_running() {
   [[ -f $DATA_DIR/lode.pid ]] && kill -0 "$(cat "$DATA_DIR/lode.pid")" 2>/dev/null
 }
@@ -216,6 +245,7 @@ run_tests() {
   cluster_engines
   install_componentize_py
   install_componentize_js
+  install_criu
   # A one-off CI build gains nothing from incremental state, which is gigabytes on disk.
   if [[ -n ${CI:-} ]]; then export CARGO_INCREMENTAL=0; fi
   log "cargo fmt --check"

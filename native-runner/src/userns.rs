@@ -9,6 +9,11 @@
 //! while the child is still the host's root; only then does it join this namespace and become
 //! its uid 0 (see [`crate::sandbox`]). The container's root therefore holds no capability
 //! over its own mounts, hostname or network, only over files whose owners are mapped.
+//! A checkpointable container ([`crate::sandbox::SandboxSpec::checkpointable`]) is the
+//! exception: CRIU can only save and restore namespaces owned by the process's user
+//! namespace, so it joins this namespace first and makes the others from inside it. Its
+//! root's rights over them end when every capability is dropped (the bounding set too,
+//! under `no_new_privs` and seccomp) before the command runs.
 //!
 //! The image's files (owned by uid 0 and friends on the shared FUSE mount) reach the
 //! container through an idmapped clone of the lower layer, so they show as the container's

@@ -516,3 +516,36 @@ fn outbound_network_has_a_route_out_but_not_to_the_host() {
     assert!(accepted.join().unwrap());
     egress.remove_if_unused();
 }
+
+#[test]
+fn descriptors_the_host_left_open_do_not_reach_the_container() {
+    let dirs = tempfile::tempdir().unwrap();
+    let root = dirs.path().join("image");
+    busybox_root(&root);
+    // A host descriptor without close-on-exec, as a library or a parent (make's jobserver)
+    // may leave one: a secret file here.
+    let secret = dirs.path().join("host-secret");
+    std::fs::write(&secret, b"host only\n").unwrap();
+    let path = std::ffi::CString::new(secret.to_str().unwrap()).unwrap();
+    // SAFETY: open(2) of a NUL-terminated path; the descriptor is closed below.
+    let leaked = unsafe { libc::open(path.as_ptr(), libc::O_RDONLY) };
+    assert!(leaked > 2);
+    let scratch = common::scratch(dirs.path(), "fds");
+    let (code, out, err) = sh(
+        &root,
+        &scratch,
+        &format!("ls /proc/self/fd | tr '\\n' ' '; cat /proc/self/fd/{leaked} 2>/dev/null"),
+    );
+    // SAFETY: closing the descriptor opened above.
+    unsafe { libc::close(leaked) };
+    assert!(!out.contains("host only"), "read a host file: {out}");
+    let fds: Vec<u32> = out
+        .split_whitespace()
+        .filter_map(|f| f.parse().ok())
+        .collect();
+    // stdio, and the directory ls itself is reading.
+    assert!(
+        fds.iter().all(|fd| *fd <= 3),
+        "fds {fds:?} (code {code}, {err})"
+    );
+}

@@ -81,6 +81,12 @@ pub(super) struct Prepared {
     user_namespace: Option<Arc<UserNamespace>>,
     lower_source: CString,
     idmapped_lower: CString,
+    /// For a checkpointable container: the user namespace its namespaces are made in.
+    pub(super) checkpointable: Option<Arc<UserNamespace>>,
+    /// Its tmpfs mounts over the read-only image: where, and the options.
+    writable_dirs: Vec<(CString, CString)>,
+    /// Its `/dev` nodes: the host's, bind-mounted (no `mknod` inside a user namespace).
+    dev_binds: Vec<(CString, CString)>,
 }
 
 impl Prepared {
@@ -209,6 +215,33 @@ impl Prepared {
             user_namespace: spec.user_namespace.clone(),
             lower_source: path_cstring(&spec.lower)?,
             idmapped_lower: path_cstring(&idmapped_lower)?,
+            checkpointable: spec
+                .checkpointable
+                .then(|| spec.user_namespace.clone())
+                .flatten(),
+            writable_dirs: CHECKPOINTABLE_WRITABLE
+                .iter()
+                .filter(|(dir, _)| spec.checkpointable && spec.lower.join(dir).is_dir())
+                .map(|(dir, mode)| {
+                    Ok((
+                        path_cstring(&merged.join(dir))?,
+                        cstring(format!(
+                            "size={},mode={mode:o}",
+                            spec.writable_bytes.max(1 << 20)
+                        ))?,
+                    ))
+                })
+                .collect::<io::Result<_>>()?,
+            dev_binds: CONTAINER_NODES
+                .iter()
+                .filter(|_| spec.checkpointable)
+                .map(|node| {
+                    Ok((
+                        path_cstring(&Path::new("/dev").join(node.name))?,
+                        path_cstring(&merged.join("dev").join(node.name))?,
+                    ))
+                })
+                .collect::<io::Result<_>>()?,
         })
     }
 }
@@ -397,6 +430,106 @@ pub(super) fn enter(prepared: &Prepared) -> io::Result<()> {
     stage(prepared, Stage::LockDown, lock_down(prepared))
 }
 
+/// [`enter`] for a checkpointable container: the image is cloned idmapped while this is still
+/// the host's root; then the user namespace is joined first, so the namespaces made next are
+/// its own (CRIU makes them again from inside it on restore). Capabilities, `no_new_privs`
+/// and seccomp are set as for any container, so the rights its root holds over its own
+/// namespaces are gone before the command runs.
+pub(super) fn enter_checkpointable(p: &Prepared, userns: &UserNamespace) -> io::Result<()> {
+    // SAFETY: setsid(2) takes no arguments; std's child is not a process group leader.
+    stage(p, Stage::Session, check(unsafe { libc::setsid() }))?;
+    stage(p, Stage::Cgroups, join_cgroups(p))?;
+    let image = stage(p, Stage::Root, clone_idmapped(&p.lower_source, userns))?;
+    stage(p, Stage::User, become_container_root(userns))?;
+    let flags = libc::CLONE_NEWNS
+        | libc::CLONE_NEWUTS
+        | libc::CLONE_NEWIPC
+        | libc::CLONE_NEWCGROUP
+        | libc::CLONE_NEWPID
+        | libc::CLONE_NEWNET;
+    // SAFETY: unshare(2) takes flags only.
+    let unshared = check(unsafe { libc::unshare(flags) });
+    stage(p, Stage::Namespaces, unshared)?;
+    fork_waiting()?;
+    // CRIU dumps a tree whose session leader is inside its pid namespace: pid 1 leads.
+    // SAFETY: as above; a fresh child is not a process group leader.
+    stage(p, Stage::Session, check(unsafe { libc::setsid() }))?;
+    stage(p, Stage::Root, build_checkpointable_root(p, image))?;
+    stage(p, Stage::Root, reopen_null_stdio())?;
+    for volume in &p.volumes {
+        stage(p, Stage::Volume(volume.index), attach_volume(volume, None))?;
+    }
+    stage(p, Stage::Workdir, chdir_inside_root(&p.cwd))?;
+    stage(p, Stage::Root, finish_root(p))?;
+    stage(p, Stage::LockDown, lock_down(p))
+}
+
+/// The root of a checkpointable container: the idmapped image, read-only, with a tmpfs on
+/// each writable directory, `/proc` and `/dev` as in [`build_overlay`] (the host's nodes
+/// bound in), then the pivot.
+pub(super) fn build_checkpointable_root(p: &Prepared, image: libc::c_int) -> io::Result<()> {
+    // SAFETY: umask(2) takes and returns plain integers.
+    unsafe { libc::umask(0) };
+    let built = checkpointable_mounts(p, image);
+    // SAFETY: as above.
+    unsafe { libc::umask(0o022) };
+    built?;
+    // SAFETY: NUL-terminated paths; pivot_root(".", ".") stacks the old root under the new
+    // one, and the lazy unmount then detaches it with everything under it.
+    unsafe {
+        check(libc::chdir(p.merged.as_ptr()))?;
+        check(libc::syscall(libc::SYS_pivot_root, c".".as_ptr(), c".".as_ptr()) as libc::c_int)?;
+        check(libc::umount2(c".".as_ptr(), libc::MNT_DETACH))?;
+        check(libc::chdir(c"/".as_ptr()))
+    }
+}
+
+/// Points stdio that is the host's `/dev/null` at the container's own: CRIU can only save a
+/// file whose mount is in the container.
+fn reopen_null_stdio() -> io::Result<()> {
+    // SAFETY: open(2) of a NUL-terminated literal; fstat(2) and dup2(2) on descriptors this
+    // process holds, into a stat buffer it owns; then close(2) of the one it opened.
+    unsafe {
+        let null = libc::open(c"/dev/null".as_ptr(), libc::O_RDWR | libc::O_CLOEXEC);
+        if null == -1 {
+            return Err(io::Error::last_os_error());
+        }
+        let mut result = Ok(());
+        for fd in 0..=2 {
+            let mut stat: libc::stat = std::mem::zeroed();
+            if libc::fstat(fd, &mut stat) == 0
+                && stat.st_mode & libc::S_IFMT == libc::S_IFCHR
+                && libc::dup2(null, fd) == -1
+            {
+                result = Err(io::Error::last_os_error());
+            }
+        }
+        libc::close(null);
+        result
+    }
+}
+
+fn checkpointable_mounts(p: &Prepared, image: libc::c_int) -> io::Result<()> {
+    let tmpfs = &p.names[0];
+    let staged = private_scratch(p, c"/", c"none").and_then(|()| mkdir(&p.merged, 0o755));
+    if let Err(e) = staged {
+        // SAFETY: closing the descriptor clone_idmapped opened.
+        unsafe { libc::close(image) };
+        return Err(e);
+    }
+    move_detached(image, &p.merged)?;
+    for (dir, options) in &p.writable_dirs {
+        mount(
+            tmpfs,
+            dir,
+            Some(tmpfs),
+            libc::MS_NOSUID | libc::MS_NODEV,
+            Some(options),
+        )?;
+    }
+    proc_and_dev(p)
+}
+
 /// Forks once more, so what follows runs as a child in the pid namespace just made or
 /// joined; this process stays outside it as the waiter ([`wait_and_exit`]) and never
 /// returns. Returns in the child.
@@ -442,6 +575,11 @@ pub(super) fn wait_and_exit(pid: libc::pid_t) -> ! {
             break;
         }
     }
+    exit_as(status)
+}
+
+/// Exits as a child that ended with wait `status` did (128 + signal when killed).
+pub(super) fn exit_as(status: libc::c_int) -> ! {
     let code = if libc::WIFEXITED(status) {
         libc::WEXITSTATUS(status)
     } else if libc::WIFSIGNALED(status) {
@@ -467,12 +605,9 @@ pub(super) fn build_overlay(p: &Prepared) -> io::Result<()> {
     built
 }
 
-pub(super) fn build_overlay_mounts(
-    p: &Prepared,
-    root: &std::ffi::CStr,
-    none: &std::ffi::CStr,
-) -> io::Result<()> {
-    // Nothing mounted from here on propagates back to the host.
+/// Makes every mount private, so nothing mounted from here on propagates back to the host,
+/// and puts the scratch tmpfs up.
+fn private_scratch(p: &Prepared, root: &std::ffi::CStr, none: &std::ffi::CStr) -> io::Result<()> {
     // SAFETY: static NUL-terminated strings; null fstype and data are allowed here.
     check(unsafe {
         libc::mount(
@@ -483,14 +618,23 @@ pub(super) fn build_overlay_mounts(
             std::ptr::null(),
         )
     })?;
-    let [tmpfs, overlay, proc_fs, devpts, devpts_options, _] = &p.names;
+    let tmpfs = &p.names[0];
     mount(
         tmpfs,
         &p.scratch,
         Some(tmpfs),
         libc::MS_NOSUID | libc::MS_NODEV,
         Some(&p.tmpfs_options),
-    )?;
+    )
+}
+
+pub(super) fn build_overlay_mounts(
+    p: &Prepared,
+    root: &std::ffi::CStr,
+    none: &std::ffi::CStr,
+) -> io::Result<()> {
+    private_scratch(p, root, none)?;
+    let overlay = &p.names[1];
     mkdir(&p.upper, 0o755)?;
     mkdir(&p.work, 0o755)?;
     mkdir(&p.merged, 0o755)?;
@@ -511,6 +655,13 @@ pub(super) fn build_overlay_mounts(
         libc::MS_NOSUID | libc::MS_NODEV,
         Some(&p.overlay_options),
     )?;
+    proc_and_dev(p)
+}
+
+/// `/proc` (hardened) and a minimal `/dev` inside the new root: its device nodes made, or in
+/// a checkpointable container (no `mknod` inside a user namespace) the host's bound in.
+fn proc_and_dev(p: &Prepared) -> io::Result<()> {
+    let [tmpfs, _, proc_fs, devpts, devpts_options, _] = &p.names;
     mkdir(&p.proc_dir, 0o555)?;
     mount(
         proc_fs,
@@ -527,9 +678,27 @@ pub(super) fn build_overlay_mounts(
         libc::MS_NOSUID | libc::MS_NOEXEC,
         Some(&p.dev_options),
     )?;
-    for (path, mode, dev) in &p.dev_nodes {
-        // SAFETY: a NUL-terminated path; mknod(2) takes plain integers otherwise.
-        check(unsafe { libc::mknod(path.as_ptr(), *mode, *dev) })?;
+    if p.checkpointable.is_none() {
+        for (path, mode, dev) in &p.dev_nodes {
+            // SAFETY: a NUL-terminated path; mknod(2) takes plain integers otherwise.
+            check(unsafe { libc::mknod(path.as_ptr(), *mode, *dev) })?;
+        }
+    }
+    for (host, node) in &p.dev_binds {
+        // SAFETY: open(2) of a NUL-terminated path, closed at once: the mount point.
+        let fd = unsafe {
+            libc::open(
+                node.as_ptr(),
+                libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_CLOEXEC,
+                0o666,
+            )
+        };
+        if fd == -1 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: closing the descriptor just opened.
+        unsafe { libc::close(fd) };
+        mount(host, node, None, libc::MS_BIND, None)?;
     }
     mkdir(&p.dev_shm, 0o1777)?;
     mount(
@@ -636,12 +805,26 @@ pub(super) fn build_root(p: &Prepared) -> io::Result<()> {
 /// namespace (host uid 0 shows as the namespace's 0, which is `host_base` on the host), and
 /// attaches it read-only as the overlay's lower layer.
 pub(super) fn attach_idmapped_lower(p: &Prepared, userns: &UserNamespace) -> io::Result<()> {
+    let tree = clone_idmapped(&p.lower_source, userns)?;
+    match mkdir(&p.idmapped_lower, 0o755) {
+        Ok(()) => move_detached(tree, &p.idmapped_lower),
+        Err(e) => {
+            // SAFETY: closing the descriptor clone_idmapped opened.
+            unsafe { libc::close(tree) };
+            Err(e)
+        }
+    }
+}
+
+/// A detached, read-only clone of the tree at `source` whose owners are seen through
+/// `userns`. Making it takes the host's root, so it is made before joining the namespace.
+pub(super) fn clone_idmapped(source: &CString, userns: &UserNamespace) -> io::Result<libc::c_int> {
     // SAFETY: open_tree(2) with a NUL-terminated path and flags.
     let fd = unsafe {
         libc::syscall(
             libc::SYS_open_tree,
             libc::AT_FDCWD,
-            p.lower_source.as_ptr(),
+            source.as_ptr(),
             libc::OPEN_TREE_CLONE | libc::OPEN_TREE_CLOEXEC,
         )
     } as libc::c_int;
@@ -656,31 +839,41 @@ pub(super) fn attach_idmapped_lower(p: &Prepared, userns: &UserNamespace) -> io:
         | libc::MOUNT_ATTR_NOSUID;
     attr.userns_fd = userns.fd().as_raw_fd() as u64;
     // SAFETY: mount_setattr(2) on the descriptor just made, with an empty path, a valid
-    // mount_attr and its size; then move_mount(2) from it to a NUL-terminated path.
-    let attached = unsafe {
-        check(libc::syscall(
+    // mount_attr and its size.
+    let set = check(unsafe {
+        libc::syscall(
             libc::SYS_mount_setattr,
             fd,
             c"".as_ptr(),
             libc::AT_EMPTY_PATH,
             &attr,
             std::mem::size_of::<libc::mount_attr>(),
-        ) as libc::c_int)
-        .and_then(|()| mkdir(&p.idmapped_lower, 0o755))
-        .and_then(|()| {
-            check(libc::syscall(
-                libc::SYS_move_mount,
-                fd,
-                c"".as_ptr(),
-                libc::AT_FDCWD,
-                p.idmapped_lower.as_ptr(),
-                libc::MOVE_MOUNT_F_EMPTY_PATH,
-            ) as libc::c_int)
-        })
-    };
-    // SAFETY: closing the descriptor opened above.
+        ) as libc::c_int
+    });
+    if let Err(e) = set {
+        // SAFETY: closing the descriptor opened above.
+        unsafe { libc::close(fd) };
+        return Err(e);
+    }
+    Ok(fd)
+}
+
+/// Attaches the detached tree `fd` at `target`, and closes `fd`.
+pub(super) fn move_detached(fd: libc::c_int, target: &CString) -> io::Result<()> {
+    // SAFETY: move_mount(2) from a detached tree's descriptor to a NUL-terminated path.
+    let moved = check(unsafe {
+        libc::syscall(
+            libc::SYS_move_mount,
+            fd,
+            c"".as_ptr(),
+            libc::AT_FDCWD,
+            target.as_ptr(),
+            libc::MOVE_MOUNT_F_EMPTY_PATH,
+        ) as libc::c_int
+    });
+    // SAFETY: closing the descriptor we were given.
     unsafe { libc::close(fd) };
-    attached
+    moved
 }
 
 /// Joins the user namespace and takes its uid and gid 0. Everything the container needed
@@ -776,6 +969,17 @@ pub(super) fn restrict(
     capabilities: u64,
     programs: &[seccompiler::BpfProgram],
 ) -> io::Result<()> {
+    // Whatever the host process holds open without close-on-exec (a library's descriptor,
+    // a parent's jobserver pipe) closes at exec, so it never reaches the command.
+    // SAFETY: close_range(2) with plain integers, on this process's own descriptors.
+    check(unsafe {
+        libc::syscall(
+            libc::SYS_close_range,
+            3u32,
+            u32::MAX,
+            libc::CLOSE_RANGE_CLOEXEC,
+        ) as libc::c_int
+    })?;
     let files = libc::rlimit {
         rlim_cur: max_open_files,
         rlim_max: max_open_files,

@@ -50,11 +50,13 @@ use crate::userns::UserNamespace;
 mod child;
 mod live;
 mod network;
+mod snapshot;
 mod volume;
 
 use child::*;
 pub use live::{ExecSpec, LiveSandbox, Process, Terminal, connect_inside, listen_inside};
 use network::*;
+pub use snapshot::{Criu, DumpReport, RESTORE_FAILED, RestoreSpec};
 use volume::*;
 pub use volume::{MAX_VOLUMES, Volume};
 
@@ -99,7 +101,22 @@ pub struct SandboxSpec {
     /// mounted idmapped, so its filesystem must allow that (FUSE with `FUSE_ALLOW_IDMAP`,
     /// ext4, xfs, btrfs, tmpfs).
     pub user_namespace: Option<Arc<UserNamespace>>,
+    /// Built so CRIU can checkpoint and restore it ([`crate::snapshot`]): its namespaces are
+    /// made inside the user namespace (CRIU restores them from there), pid 1 leads its own
+    /// session, and the root is the image itself, idmapped and read-only, with a tmpfs on
+    /// each of `/tmp`, `/var/tmp`, `/root` and `/run` that the image has (overlayfs hides
+    /// the mounts that mapped files sit on, which CRIU must find). Needs a user namespace,
+    /// no network and no devices.
+    pub checkpointable: bool,
 }
+
+/// Directories that get a tmpfs of their own in a checkpointable container, with its mode.
+pub const CHECKPOINTABLE_WRITABLE: [(&str, u32); 4] = [
+    ("tmp", 0o1777),
+    ("var/tmp", 0o1777),
+    ("root", 0o700),
+    ("run", 0o755),
+];
 
 /// What a build step keeps: Docker's default set, less `NET_RAW` and `MKNOD`. It holds only
 /// inside the container's namespaces, under `no_new_privs` and the seccomp profile.
@@ -159,6 +176,7 @@ impl Default for SandboxSpec {
             keep_upper: None,
             capabilities: 0,
             user_namespace: None,
+            checkpointable: false,
         }
     }
 }
@@ -172,6 +190,10 @@ pub struct Sandbox {
     timeout: Option<Duration>,
     /// The user-mode network stack, when the container has one.
     slirp: Option<Slirp>,
+    /// Mounts made on the host for it (a restore's root), detached when it ends.
+    host_mounts: Vec<PathBuf>,
+    /// Its pid 1's host pid, when known from the start (a restore's).
+    init: Option<u32>,
     /// Set once [`Sandbox::finish`] has cleaned up; until then, dropping kills and cleans.
     finished: bool,
 }
@@ -187,6 +209,7 @@ impl Drop for Sandbox {
         let _ = self.child.wait();
         self.group.remove();
         drop(self.slirp.take());
+        snapshot::detach_all(&self.host_mounts);
         let _ = std::fs::remove_dir_all(&self.scratch);
     }
 }
@@ -226,6 +249,20 @@ impl Sandbox {
     /// The host pid of the process that waits for the container (not the container's pid 1).
     pub fn id(&self) -> u32 {
         self.child.id()
+    }
+
+    /// The host pid of the container's pid 1 (the waiter's only child), once it runs.
+    pub fn init_pid(&self) -> Option<u32> {
+        if self.init.is_some() {
+            return self.init;
+        }
+        let waiter = self.child.id();
+        std::fs::read_to_string(format!("/proc/{waiter}/task/{waiter}/children"))
+            .ok()?
+            .split_whitespace()
+            .next()?
+            .parse()
+            .ok()
     }
 
     /// Takes the piped stdout and stderr, to stream them; [`Sandbox::finish`] then returns
@@ -275,6 +312,7 @@ impl Sandbox {
         let limit_hit = self.group.limit_hit();
         self.group.remove();
         drop(self.slirp.take());
+        snapshot::detach_all(&self.host_mounts);
         let _ = std::fs::remove_dir_all(&self.scratch);
         self.finished = true;
         Ok(Finished {
@@ -306,6 +344,9 @@ pub fn spawn(
             io::ErrorKind::InvalidInput,
             format!("at most {MAX_VOLUMES} volumes per container"),
         ));
+    }
+    if spec.checkpointable {
+        check_checkpointable(spec)?;
     }
     let name = spec
         .scratch
@@ -341,21 +382,46 @@ pub fn spawn(
     // SAFETY: `enter` only makes raw syscalls on memory prepared before the fork, which is
     // what pre_exec requires.
     unsafe {
-        command.pre_exec(move || enter(&prepared));
+        command.pre_exec(move || match &prepared.checkpointable {
+            Some(userns) => enter_checkpointable(&prepared, userns),
+            None => enter(&prepared),
+        });
     }
     let spawned = command.spawn();
     // The parent's copy of the write end goes with the command, so this read ends.
     drop(command);
     let child = spawned.map_err(|e| named_failure(e, &mut stage_read, spec))?;
-    let (group, slirp) = partial.disarm();
-    Ok(Sandbox {
-        child,
-        scratch: spec.scratch.clone(),
-        group,
-        timeout: spec.timeout,
-        slirp,
-        finished: false,
-    })
+    Ok(partial.into_sandbox(child, spec.timeout, Vec::new(), None))
+}
+
+/// Refuses, by name, what a checkpointable container cannot have.
+fn check_checkpointable(spec: &SandboxSpec) -> io::Result<()> {
+    let refuse = |why: &str| {
+        Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            format!("a container that can be snapshotted {why}"),
+        ))
+    };
+    if spec.user_namespace.is_none() {
+        return refuse("needs a user namespace, which this host did not give Lode");
+    }
+    if !matches!(spec.network, Network::None) {
+        return refuse("has no network yet: CRIU cannot restore the user-mode stack's link");
+    }
+    if spec.keep_upper.is_some() {
+        return refuse("has no kept writable layer (its root is the image, read-only)");
+    }
+    if !spec.limits.devices.is_empty() {
+        return refuse("has no devices: CRIU cannot save a GPU's state");
+    }
+    for dir in ["proc", "dev"] {
+        if !spec.lower.join(dir).is_dir() {
+            return refuse(&format!(
+                "needs /{dir} in its image (its root is read-only, so it cannot be made)"
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// What a start has made so far; dropped before [`Partial::disarm`], it removes it all.
@@ -366,12 +432,25 @@ struct Partial {
 }
 
 impl Partial {
-    /// The start succeeded: the sandbox owns the group and the network from here.
-    fn disarm(mut self) -> (Group, Option<Slirp>) {
-        let group = self.group.take().expect("made before the spawn");
-        let slirp = self.slirp.take();
-        self.scratch = PathBuf::new();
-        (group, slirp)
+    /// The start succeeded: the sandbox owns the group, the network and the scratch
+    /// directory from here.
+    fn into_sandbox(
+        mut self,
+        child: Child,
+        timeout: Option<Duration>,
+        host_mounts: Vec<PathBuf>,
+        init: Option<u32>,
+    ) -> Sandbox {
+        Sandbox {
+            child,
+            scratch: std::mem::take(&mut self.scratch),
+            group: self.group.take().expect("made before the start"),
+            timeout,
+            slirp: self.slirp.take(),
+            host_mounts,
+            init,
+            finished: false,
+        }
     }
 }
 
