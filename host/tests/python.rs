@@ -433,3 +433,91 @@ fn a_module_that_fails_to_import_fails_every_request_with_the_reason() {
         assert!(body.contains("ModuleNotFoundError"), "{body}");
     }
 }
+
+/// The number of containers up or starting for `function` of app `snap`.
+fn snap_containers(lode: &Lode, rt: &tokio::runtime::Runtime, function: &str) -> u64 {
+    let (_, stats) = rt.block_on(lode.api_json(reqwest::Method::GET, "/v1/apps/snap/stats", None));
+    stats["functions"]
+        .as_array()
+        .and_then(|rows| rows.iter().find(|r| r["function"] == function))
+        .map_or(0, |row| {
+            row["containers"].as_u64().unwrap_or(0) + row["starting"].as_u64().unwrap_or(0)
+        })
+}
+
+/// A cold call: waits until no container of `function` is up, then calls it.
+fn cold_call(lode: &Lode, rt: &tokio::runtime::Runtime, function: &str) -> serde_json::Value {
+    let gone = harness::wait_for(Duration::from_secs(30), || {
+        (snap_containers(lode, rt, function) == 0).then_some(())
+    });
+    assert!(gone.is_some(), "the last container of {function} stayed up");
+    let out = lode.cli_ok(&["call", &format!("snap/{function}"), "0"]);
+    serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{e}: {out}"))
+}
+
+#[test]
+fn a_memory_snapshot_restores_the_loaded_module_with_fresh_randomness_and_its_own_token() {
+    if lode_native_runner::sandbox::Criu::locate().is_err() {
+        println!("SKIPPED: no CRIU 4 here (./lode.sh test builds it)");
+        return;
+    }
+    let lode = start(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    let app = dir.path().join("snap.py");
+    std::fs::write(
+        &app,
+        r#"
+import os, random, lode
+
+app = lode.App("snap")
+# Drawn once per import: a restored container shows the snapshot's value.
+LOADED = random.random()
+
+@app.function(enable_memory_snapshot=True, scaledown_window=0, secrets=[lode.Secret.from_name("snap")])
+def probe(_: int = 0) -> dict:
+    return {
+        "loaded": LOADED,
+        "drawn": random.random(),
+        "secret": os.environ.get("SNAP_VALUE"),
+        "double": double.remote(21),
+    }
+
+@app.function()
+def double(x: int) -> int:
+    return 2 * x
+"#,
+    )
+    .unwrap();
+    lode.cli_ok(&["secret", "create", "snap", "SNAP_VALUE=one"]);
+    let deployed = lode.cli_ok(&["deploy", app.to_str().unwrap()]);
+    assert!(deployed.contains("deployed snap"), "{deployed}");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    // The first cold start imports, is saved, and serves.
+    let first = cold_call(&lode, &rt, "probe");
+    // Later cold starts come from the snapshot: the module as it was loaded, but random
+    // generators reseeded, and calls out made with the new container's own token.
+    let second = cold_call(&lode, &rt, "probe");
+    let third = cold_call(&lode, &rt, "probe");
+    for restored in [&second, &third] {
+        assert_eq!(restored["loaded"], first["loaded"], "{first} {restored}");
+        assert_eq!(restored["double"], 42);
+        assert_eq!(restored["secret"], "one");
+    }
+    assert_ne!(second["drawn"], third["drawn"], "{second} {third}");
+    let metrics = rt.block_on(lode.metric("lode_memory_snapshots_restored_total"));
+    assert_eq!(metrics, Some(2.0));
+    // A new secret value makes a new snapshot: the old one is never restored with it.
+    lode.cli_ok(&["secret", "create", "snap", "SNAP_VALUE=two"]);
+    lode.cli_ok(&["deploy", app.to_str().unwrap()]);
+    let changed = cold_call(&lode, &rt, "probe");
+    assert_eq!(changed["secret"], "two");
+    assert_ne!(changed["loaded"], first["loaded"], "{changed}");
+    // Restored containers leave nothing either: cgroups, scratch, CRIU's staged mounts.
+    let mut lode = lode;
+    lode.stop();
+    assert_eq!(lode.leftovers(), Vec::<String>::new());
+    let staged = std::fs::read_dir("/run/lode-restore")
+        .map(|dir| dir.count())
+        .unwrap_or(0);
+    assert_eq!(staged, 0, "restores left staging directories");
+}

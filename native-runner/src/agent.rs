@@ -26,7 +26,7 @@ use tokio::net::UnixListener;
 use tokio::sync::{mpsc, watch};
 
 use crate::cgroup::Hierarchy;
-use crate::sandbox::{SandboxSpec, Volume, spawn};
+use crate::sandbox::{Criu, RestoreSpec, SandboxSpec, Volume, spawn};
 
 /// Where the SDK (and the agent in it) appears in a function container.
 pub const SDK_MOUNT: &str = "/lode/sdk";
@@ -176,6 +176,9 @@ pub enum ToAgent {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum FromAgent {
+    /// The module loaded and the agent is about to hang up and wait to be saved
+    /// ([`SnapshotMode::Take`]); it connects again once saved, or once restored.
+    SnapshotReady,
     /// The module loaded; these are its functions.
     Ready {
         /// Function names.
@@ -373,6 +376,70 @@ pub struct AgentSpec {
     /// Also open `api.sock` beside `host.sock`, for the host's API as the container's
     /// code may use it (sandboxes, image builds); [`AgentContainer::api`] hands it over.
     pub api_socket: bool,
+    /// Whether it starts from, or leaves, a memory snapshot.
+    pub snapshot: SnapshotMode,
+}
+
+/// A function container's memory snapshot ([`crate::sandbox::Criu`]).
+#[derive(Debug, Clone, Default)]
+pub enum SnapshotMode {
+    /// Start as usual.
+    #[default]
+    Off,
+    /// Start checkpointable; once the module has loaded, save the container into `images`
+    /// (an empty directory), and let it go on serving.
+    Take {
+        /// CRIU.
+        criu: Criu,
+        /// Where the images go.
+        images: PathBuf,
+    },
+    /// Start from the images a [`SnapshotMode::Take`] saved, with the same image, SDK, app
+    /// and settings.
+    Restore {
+        /// CRIU.
+        criu: Criu,
+        /// The images.
+        images: PathBuf,
+    },
+}
+
+/// Where a container sees the SDK, the app and the host's socket. A checkpointable one has
+/// a read-only root, so they go under its `/run` tmpfs.
+struct Mounts {
+    sdk: &'static str,
+    app: &'static str,
+    run: &'static str,
+}
+
+impl Mounts {
+    fn new(checkpointable: bool) -> Self {
+        if checkpointable {
+            Self {
+                sdk: "/run/lode/sdk",
+                app: "/run/lode/app",
+                run: "/run/lode/run",
+            }
+        } else {
+            Self {
+                sdk: SDK_MOUNT,
+                app: APP_MOUNT,
+                run: RUN_MOUNT,
+            }
+        }
+    }
+}
+
+/// The file a waiting agent polls for after its snapshot: what this container has that the
+/// snapshot's cannot (its token).
+const RESUME_FILE: &str = "resume.json";
+
+/// Writes the resume file whole (a temporary, then a rename): the agent reads it once seen.
+fn write_resume(run_dir: &Path, token: &str) -> std::io::Result<()> {
+    let temp = run_dir.join(".resume.tmp");
+    std::fs::write(&temp, serde_json::json!({ "token": token }).to_string())?;
+    std::fs::set_permissions(&temp, std::fs::Permissions::from_mode(0o644))?;
+    std::fs::rename(&temp, run_dir.join(RESUME_FILE))
 }
 
 /// How a function container ended.
@@ -419,6 +486,8 @@ pub struct AgentContainer {
     pub api: Option<ApiListener>,
     /// The container's network namespace, held open (for tunnels into it).
     pub network: Option<std::os::fd::OwnedFd>,
+    /// What became of the snapshot [`SnapshotMode::Take`] asked for.
+    pub snapshot: Option<Result<crate::sandbox::DumpReport, String>>,
     stop: Arc<AtomicBool>,
     exit: watch::Receiver<Option<Exit>>,
 }
@@ -533,14 +602,19 @@ pub async fn start(
 
     let mut sandbox = spec.sandbox.clone();
     sandbox.argv = vec!["python3".into(), "-m".into(), "lode._agent".into()];
+    sandbox.checkpointable = !matches!(spec.snapshot, SnapshotMode::Off);
+    let mounts = Mounts::new(sandbox.checkpointable);
+    if matches!(spec.snapshot, SnapshotMode::Take { .. }) {
+        crate::image_spec::set_env(&mut sandbox.env, "LODE_SNAPSHOT", "take");
+    }
     let env = [
-        ("LODE_SOCKET", format!("{RUN_MOUNT}/host.sock")),
-        ("LODE_APP_DIR", APP_MOUNT.into()),
+        ("LODE_SOCKET", format!("{}/host.sock", mounts.run)),
+        ("LODE_APP_DIR", mounts.app.into()),
         ("LODE_MODULE", spec.module.clone()),
         ("LODE_APP", spec.app.clone()),
         ("LODE_CONCURRENCY", spec.concurrency.max(1).to_string()),
         ("LODE_CONTAINER_TOKEN", spec.token.clone()),
-        ("PYTHONPATH", python_path(&sandbox.env)),
+        ("PYTHONPATH", python_path(&mounts, &sandbox.env)),
         ("PYTHONUNBUFFERED", "1".into()),
         ("PYTHONDONTWRITEBYTECODE", "1".into()),
     ];
@@ -548,13 +622,13 @@ pub async fn start(
         crate::image_spec::set_env(&mut sandbox.env, name, &value);
     }
     if spec.api_socket {
-        let path = format!("{RUN_MOUNT}/api.sock");
+        let path = format!("{}/api.sock", mounts.run);
         crate::image_spec::set_env(&mut sandbox.env, "LODE_API_SOCKET", &path);
     }
     for (source, target) in [
-        (&spec.sdk_dir, SDK_MOUNT),
-        (&spec.app_dir, APP_MOUNT),
-        (&run_dir, RUN_MOUNT),
+        (&spec.sdk_dir, mounts.sdk),
+        (&spec.app_dir, mounts.app),
+        (&run_dir, mounts.run),
     ] {
         let volume = Volume::open(source, target, true).map_err(|e| {
             let _ = std::fs::remove_dir_all(&run_dir);
@@ -567,8 +641,41 @@ pub async fn start(
     let spawned = {
         let cgroups = cgroups.clone();
         let sandbox = sandbox.clone();
+        let restore = match &spec.snapshot {
+            SnapshotMode::Restore { criu, images } => {
+                write_resume(&run_dir, &spec.token).map_err(StartError::Spawn)?;
+                let user_namespace = sandbox.user_namespace.clone().ok_or_else(|| {
+                    StartError::Agent("a memory snapshot needs a user namespace".into())
+                })?;
+                let externals = [
+                    ("sdk", &spec.sdk_dir),
+                    ("app", &spec.app_dir),
+                    ("run", &run_dir),
+                ];
+                let restore = RestoreSpec {
+                    images: images.clone(),
+                    lower: sandbox.lower.clone(),
+                    scratch: sandbox.scratch.clone(),
+                    user_namespace,
+                    externals: externals
+                        .into_iter()
+                        .map(|(key, path)| (key.to_string(), path.clone()))
+                        .collect(),
+                    limits: sandbox.limits.clone(),
+                    timeout: sandbox.timeout,
+                };
+                Some((criu.clone(), restore))
+            }
+            _ => None,
+        };
         tokio::task::spawn_blocking(move || {
-            spawn(&sandbox, cgroups.as_ref(), Stdio::null(), Stdio::piped()).map(|mut s| {
+            let started = match restore {
+                Some((criu, restore)) => {
+                    criu.restore(&restore, cgroups.as_ref(), Stdio::null(), Stdio::piped())
+                }
+                None => spawn(&sandbox, cgroups.as_ref(), Stdio::null(), Stdio::piped()),
+            };
+            started.map(|mut s| {
                 let streams = s.take_output();
                 (s, streams)
             })
@@ -624,66 +731,74 @@ pub async fn start(
         stop.store(true, Ordering::Relaxed);
         StartError::Agent(message)
     };
-    let exit_early = wait_exit(exit_rx.clone());
-    let (stream, network) = tokio::select! {
-        accepted = tokio::time::timeout(spec.start_timeout, listener.accept()) => match accepted {
-            Ok(Ok((stream, _))) => {
-                let peer = stream.peer_cred().ok();
-                if peer.map(|c| c.uid()) != Some(container_uid) {
-                    return Err(fail(format!(
-                        "a process of uid {:?} connected to the agent socket, not the \
-                         container's root ({container_uid}); stopping",
-                        peer.map(|c| c.uid())
-                    )));
-                }
-                // The agent's network namespace is the container's; opened while the agent
-                // is connected, so its pid is not yet anyone else's.
-                let network = peer
-                    .and_then(|c| c.pid())
-                    .and_then(|pid| own_network(&format!("/proc/{pid}/ns/net")));
-                (stream, network)
-            }
-            Ok(Err(e)) => return Err(fail(format!("accepting the agent's connection: {e}"))),
-            Err(_) => return Err(fail(format!(
-                "the container's agent did not connect within {:?}", spec.start_timeout
-            ))),
-        },
-        exit = exit_early => {
-            return Err(StartError::Agent(format!(
-                "{exit} before its agent connected (does the image have python3? see `lode logs`)"
-            )));
+    let accept = Accept {
+        listener: &listener,
+        container_uid,
+        start_timeout: spec.start_timeout,
+        exit: &exit_rx,
+    };
+    let (stream, network, pid) = accept.next().await.map_err(&fail)?;
+    let (read_half, write_half) = stream.into_split();
+    let mut reader = BufReader::new(read_half);
+    let first = accept.first_message(&mut reader, &stop).await?;
+    let (mut reader, mut write_half, functions, snapshot) = match (first, &spec.snapshot) {
+        (FromAgent::Ready { functions }, SnapshotMode::Take { .. }) => {
+            // An agent without snapshot support (an older SDK): no snapshot, served as is.
+            let refused = "the agent does not take snapshots (an older SDK?)".to_string();
+            (reader, write_half, functions, Some(Err(refused)))
         }
+        (FromAgent::Ready { functions }, _) => (reader, write_half, functions, None),
+        (FromAgent::SnapshotReady, SnapshotMode::Take { criu, images }) => {
+            // Whatever it logs on the way out, then its hang-up.
+            loop {
+                match tokio::time::timeout(spec.start_timeout, read_message(&mut reader)).await {
+                    Ok(Ok(Some(FromAgent::Log { stream, data, .. }))) => output(&stream, data),
+                    Ok(Ok(None)) => break,
+                    Ok(Ok(Some(other))) => {
+                        return Err(fail(format!(
+                            "the agent sent {other:?} before its snapshot"
+                        )));
+                    }
+                    Ok(Err(e)) => return Err(fail(format!("reading the agent: {e}"))),
+                    Err(_) => {
+                        return Err(fail("the agent did not hang up for its snapshot".into()));
+                    }
+                }
+            }
+            drop((reader, write_half));
+            let taken = match pid {
+                Some(pid) => {
+                    let (criu, images) = (criu.clone(), images.clone());
+                    let externals = [
+                        (mounts.sdk, "sdk"),
+                        (mounts.app, "app"),
+                        (mounts.run, "run"),
+                    ];
+                    tokio::task::spawn_blocking(move || {
+                        criu.dump(pid, &images, &externals, true)
+                            .map_err(|e| e.to_string())
+                    })
+                    .await
+                    .map_err(|e| fail(format!("the snapshot task failed: {e}")))?
+                }
+                None => Err("the agent's pid is unknown".to_string()),
+            };
+            if let Err(why) = &taken {
+                tracing::warn!(error = %why, "memory snapshot failed; the container goes on without one");
+            }
+            write_resume(&run_dir, &spec.token)
+                .map_err(|e| fail(format!("writing the container's resume file: {e}")))?;
+            let (stream, _, _) = accept.next().await.map_err(&fail)?;
+            let (read_half, write_half) = stream.into_split();
+            let mut reader = BufReader::new(read_half);
+            match accept.first_message(&mut reader, &stop).await? {
+                FromAgent::Ready { functions } => (reader, write_half, functions, Some(taken)),
+                other => return Err(fail(format!("the agent resumed with {other:?}"))),
+            }
+        }
+        (other, _) => return Err(fail(format!("the agent began with {other:?}"))),
     };
     drop(listener);
-    let (read_half, mut write_half) = stream.into_split();
-    let mut reader = BufReader::new(read_half);
-    let first = tokio::time::timeout(spec.start_timeout, read_message(&mut reader))
-        .await
-        .map_err(|_| {
-            fail(format!(
-                "the agent did not load the module within {:?}",
-                spec.start_timeout
-            ))
-        })?;
-    let functions = match first {
-        Ok(Some(FromAgent::Ready { functions })) => functions,
-        Ok(Some(FromAgent::Fatal { error })) => {
-            stop.store(true, Ordering::Relaxed);
-            return Err(StartError::Fatal(error));
-        }
-        Ok(Some(other)) => return Err(fail(format!("the agent began with {other:?}"))),
-        Ok(None) => {
-            // The agent hung up before it was ready; the container goes too.
-            stop.store(true, Ordering::Relaxed);
-            let exit = tokio::time::timeout(spec.start_timeout, wait_exit(exit_rx.clone()))
-                .await
-                .map_or_else(|_| "the container hung up".to_string(), |e| e.to_string());
-            return Err(StartError::Agent(format!(
-                "{exit} while loading the module (see `lode logs`)"
-            )));
-        }
-        Err(e) => return Err(fail(format!("reading the agent's first message: {e}"))),
-    };
 
     let (to_agent, mut outgoing) = mpsc::unbounded_channel::<ToAgent>();
     // Bounded: a container that writes faster than the host handles its messages waits on
@@ -731,9 +846,99 @@ pub async fn start(
         from_agent,
         api,
         network,
+        snapshot,
         stop,
         exit: exit_rx,
     })
+}
+
+/// Takes the agent's connections on `host.sock`.
+struct Accept<'a> {
+    listener: &'a UnixListener,
+    container_uid: u32,
+    start_timeout: Duration,
+    exit: &'a watch::Receiver<Option<Exit>>,
+}
+
+impl Accept<'_> {
+    /// The next connection from the container's root, its network namespace, and its pid.
+    async fn next(
+        &self,
+    ) -> Result<
+        (
+            tokio::net::UnixStream,
+            Option<std::os::fd::OwnedFd>,
+            Option<u32>,
+        ),
+        String,
+    > {
+        let container_uid = self.container_uid;
+        tokio::select! {
+            accepted = tokio::time::timeout(self.start_timeout, self.listener.accept()) => match accepted {
+                Ok(Ok((stream, _))) => {
+                    let peer = stream.peer_cred().ok();
+                    if peer.map(|c| c.uid()) != Some(container_uid) {
+                        return Err(format!(
+                            "a process of uid {:?} connected to the agent socket, not the \
+                             container's root ({container_uid}); stopping",
+                            peer.map(|c| c.uid())
+                        ));
+                    }
+                    // The agent's network namespace is the container's; opened while the
+                    // agent is connected, so its pid is not yet anyone else's.
+                    let pid = peer.and_then(|c| c.pid()).and_then(|p| u32::try_from(p).ok());
+                    let network = pid.and_then(|pid| own_network(&format!("/proc/{pid}/ns/net")));
+                    Ok((stream, network, pid))
+                }
+                Ok(Err(e)) => Err(format!("accepting the agent's connection: {e}")),
+                Err(_) => Err(format!(
+                    "the container's agent did not connect within {:?}", self.start_timeout
+                )),
+            },
+            exit = wait_exit(self.exit.clone()) => Err(format!(
+                "{exit} before its agent connected (does the image have python3? see `lode logs`)"
+            )),
+        }
+    }
+
+    /// The agent's first message: `Ready` or `SnapshotReady`; a fatal load error, a hang-up
+    /// or silence past the start timeout stop the container.
+    async fn first_message(
+        &self,
+        reader: &mut BufReader<tokio::net::unix::OwnedReadHalf>,
+        stop: &AtomicBool,
+    ) -> Result<FromAgent, StartError> {
+        let fail = |message: String| {
+            stop.store(true, Ordering::Relaxed);
+            StartError::Agent(message)
+        };
+        let first = tokio::time::timeout(self.start_timeout, read_message(reader))
+            .await
+            .map_err(|_| {
+                fail(format!(
+                    "the agent did not load the module within {:?}",
+                    self.start_timeout
+                ))
+            })?;
+        match first {
+            Ok(Some(FromAgent::Fatal { error })) => {
+                stop.store(true, Ordering::Relaxed);
+                Err(StartError::Fatal(error))
+            }
+            Ok(Some(message)) => Ok(message),
+            Ok(None) => {
+                // The agent hung up before it was ready; the container goes too.
+                stop.store(true, Ordering::Relaxed);
+                let exit = tokio::time::timeout(self.start_timeout, wait_exit(self.exit.clone()))
+                    .await
+                    .map_or_else(|_| "the container hung up".to_string(), |e| e.to_string());
+                Err(StartError::Agent(format!(
+                    "{exit} while loading the module (see `lode logs`)"
+                )))
+            }
+            Err(e) => Err(fail(format!("reading the agent's first message: {e}"))),
+        }
+    }
 }
 
 /// The network namespace at `path`, held open; `None` if it is the host's own.
@@ -748,8 +953,8 @@ fn own_network(path: &str) -> Option<std::os::fd::OwnedFd> {
 /// Where the agent's Python imports from: the SDK, the app's module, `/root` (where
 /// `add_local_python_source` puts modules, as on Modal), then what the image's own
 /// `PYTHONPATH` names.
-fn python_path(env: &[(String, String)]) -> String {
-    let mut path = format!("{SDK_MOUNT}:{APP_MOUNT}:/root");
+fn python_path(mounts: &Mounts, env: &[(String, String)]) -> String {
+    let mut path = format!("{}:{}:/root", mounts.sdk, mounts.app);
     if let Some((_, image)) = env.iter().find(|(name, _)| name == "PYTHONPATH")
         && !image.is_empty()
     {

@@ -4,6 +4,7 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::io::Read;
+use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -77,6 +78,8 @@ done
 fn a_checkpointable_container_is_restored_with_its_memory_and_its_isolation() {
     let Some(criu) = criu() else { return };
     let dirs = tempfile::tempdir().unwrap();
+    // Private, as the server's container directory is: the container's uid cannot pass it.
+    std::fs::set_permissions(dirs.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
     let root = dirs.path().join("image");
     image(&root);
     let cgroups = V1::detect().unwrap();

@@ -212,6 +212,11 @@ impl Mount {
         })
     }
 
+    /// The digest of the image's index.
+    pub fn index_digest(&self) -> &Digest {
+        self.image.index.digest()
+    }
+
     /// Where it is mounted.
     pub fn mountpoint(&self) -> &Path {
         &self.mountpoint

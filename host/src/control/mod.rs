@@ -197,7 +197,9 @@ impl Control {
         queue: Option<calls::SharedQueue>,
     ) -> Arc<Self> {
         let calls = Calls::persistent(state.clone(), host.shared.then(|| host.id.clone()), queue);
-        let metrics = Arc::new(Metrics::default());
+        let mut metrics = Metrics::default();
+        metrics.register_snapshots(&functions.pools.snapshots.stats);
+        let metrics = Arc::new(metrics);
         let history = CallHistory::start(state.clone(), metrics.call_records_dropped.clone());
         let objects = Arc::new(crate::store::objects::Objects::new(state.clone()));
         Arc::new_cyclic(|this| Self {

@@ -195,6 +195,7 @@ impl Control {
                     engine: "python",
                 })
                 .clone(),
+            memory_snapshot: function.memory_snapshot,
         };
         Ok(Pool::start(spec, self.functions.pools.clone()))
     }

@@ -6,6 +6,7 @@ pub mod containers;
 pub mod gpus;
 pub mod grant;
 pub mod pool;
+pub mod snapshots;
 pub mod tunnel_mirror;
 
 use std::path::{Path, PathBuf};

@@ -186,6 +186,10 @@ pub struct FunctionSpec {
     /// request is seen by the next). Absent: a fresh instance per request.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub instance_reuse: Option<u32>,
+    /// Python: save the first container once its module has loaded (CRIU), and start later
+    /// containers from that instead of importing again (`enable_memory_snapshot`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub memory_snapshot: bool,
 }
 
 /// A class handle's own options (`Cls.with_options`, `with_concurrency`), sent with each call
@@ -717,6 +721,25 @@ impl FunctionSpec {
                 ));
             }
         }
+        if self.memory_snapshot {
+            // What CRIU cannot save or restore in a Lode container yet, by name.
+            let refused = if self.runtime != Runtime::Python {
+                Some("is for Python functions (a Wasm instance starts in microseconds anyway)")
+            } else if has_gpu {
+                Some("cannot be used with `gpu`: CRIU cannot save a GPU's state")
+            } else if !self.volumes.is_empty() {
+                Some("cannot be used with volumes yet")
+            } else if self.network.mode != NetworkMode::None {
+                Some(
+                    "cannot be used with outbound network yet: the user-mode stack's link is not restored",
+                )
+            } else {
+                None
+            };
+            if let Some(why) = refused {
+                problems.push(format!("function {name:?}: enable_memory_snapshot {why}"));
+            }
+        }
         if self.pre_init && self.runtime != Runtime::Wasm {
             problems.push(format!(
                 "function {name:?}: pre_init is for Wasm functions (lode:function components)"
@@ -846,6 +869,7 @@ impl FunctionSpec {
             gpu_kernels: false,
             gpu_memory: None,
             instance_reuse: None,
+            memory_snapshot: false,
         }
     }
 

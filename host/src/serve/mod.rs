@@ -306,6 +306,10 @@ pub async fn serve(options: ServeOptions) -> Result<()> {
             started: std::sync::Mutex::new(Vec::new()),
             container_api: std::sync::OnceLock::new(),
             gpus: gpus.clone(),
+            snapshots: Arc::new(crate::native::snapshots::Snapshots::new(
+                options.cache_dir.join("snapshots"),
+                Arc::new(registry.clone()),
+            )),
         }),
         wasm_gpus: crate::wasm::gpu::WasmGpus::new(gpus, options.wasm_gpu_compute),
         secrets,

@@ -167,6 +167,27 @@ impl Default for Metrics {
     }
 }
 
+impl Metrics {
+    /// Adds the memory snapshots' counters.
+    pub fn register_snapshots(&mut self, stats: &crate::native::snapshots::SnapshotStats) {
+        self.registry.register(
+            "memory_snapshots_taken",
+            "Function containers saved after their module loaded",
+            stats.taken.clone(),
+        );
+        self.registry.register(
+            "memory_snapshots_restored",
+            "Function containers started from a memory snapshot",
+            stats.restored.clone(),
+        );
+        self.registry.register(
+            "memory_snapshot_failures",
+            "Snapshots that could not be saved or restored (the container started without)",
+            stats.failed.clone(),
+        );
+    }
+}
+
 /// One app's hot-path series, looked up once at deploy rather than on every request.
 #[derive(Clone)]
 pub struct AppSeries {

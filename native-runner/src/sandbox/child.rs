@@ -87,6 +87,10 @@ pub(super) struct Prepared {
     writable_dirs: Vec<(CString, CString)>,
     /// Its `/dev` nodes: the host's, bind-mounted (no `mknod` inside a user namespace).
     dev_binds: Vec<(CString, CString)>,
+    /// Its scratch directory, opened while this is the host's root: the child works from
+    /// there with relative paths, since the container's uid cannot pass the private
+    /// directories above it.
+    scratch_dir: Option<OwnedFd>,
 }
 
 impl Prepared {
@@ -96,7 +100,23 @@ impl Prepared {
         netns: Option<OwnedFd>,
         stage_report: OwnedFd,
     ) -> io::Result<Self> {
-        let join = |rel: &str| path_cstring(&spec.scratch.join(rel));
+        // A checkpointable container is built from inside its scratch directory.
+        let scratch_dir = if spec.checkpointable {
+            let stage = spec.scratch.join("stage");
+            std::fs::create_dir_all(&stage)?;
+            let dir = std::fs::File::options()
+                .read(true)
+                .custom_flags(libc::O_PATH | libc::O_DIRECTORY)
+                .open(&spec.scratch)?;
+            Some(OwnedFd::from(dir))
+        } else {
+            None
+        };
+        let base = match scratch_dir {
+            Some(_) => PathBuf::from("stage"),
+            None => spec.scratch.clone(),
+        };
+        let join = |rel: &str| path_cstring(&base.join(rel));
         let layer = spec.keep_upper.as_deref().unwrap_or(&spec.scratch);
         let lower = spec.lower.as_os_str().as_bytes();
         if lower.contains(&b',') || lower.contains(&b':') {
@@ -105,14 +125,14 @@ impl Prepared {
                 "the image path may not hold ',' or ':' (overlayfs options)",
             ));
         }
-        let merged = spec.scratch.join("merged");
+        let merged = base.join("merged");
         let idmapped_lower = spec.scratch.join("lower");
         let lowerdir = match spec.user_namespace {
             Some(_) => &idmapped_lower,
             None => &spec.lower,
         };
         Ok(Self {
-            scratch: path_cstring(&spec.scratch)?,
+            scratch: path_cstring(&base)?,
             tmpfs_options: cstring(format!(
                 "size={},mode=0755",
                 spec.writable_bytes.max(1 << 20)
@@ -242,6 +262,7 @@ impl Prepared {
                     ))
                 })
                 .collect::<io::Result<_>>()?,
+            scratch_dir,
         })
     }
 }
@@ -440,6 +461,11 @@ pub(super) fn enter_checkpointable(p: &Prepared, userns: &UserNamespace) -> io::
     stage(p, Stage::Session, check(unsafe { libc::setsid() }))?;
     stage(p, Stage::Cgroups, join_cgroups(p))?;
     let image = stage(p, Stage::Root, clone_idmapped(&p.lower_source, userns))?;
+    if let Some(dir) = &p.scratch_dir {
+        // SAFETY: fchdir(2) on a descriptor we hold.
+        let moved = check(unsafe { libc::fchdir(dir.as_raw_fd()) });
+        stage(p, Stage::Root, moved)?;
+    }
     stage(p, Stage::User, become_container_root(userns))?;
     let flags = libc::CLONE_NEWNS
         | libc::CLONE_NEWUTS

@@ -13,6 +13,7 @@
 //! directory; CRIU makes it the root of the new mount namespace.
 
 use std::collections::BTreeMap;
+use std::os::unix::fs::PermissionsExt;
 
 use super::*;
 
@@ -24,6 +25,8 @@ const STDIO: [i32; 3] = [0, 1, 2];
 const STDIO_FILE: &str = "lode-stdio";
 /// The waiter's exit code when CRIU itself failed (its log says why).
 pub const RESTORE_FAILED: i32 = 125;
+/// Where a restore's root and external mounts are bound for CRIU (see [`Criu::restore`]).
+const RESTORE_STAGE: &str = "/run/lode-restore";
 /// Longest a restore may take before it is given up.
 const RESTORE_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -191,11 +194,34 @@ impl Criu {
             slirp: None,
         };
         std::fs::create_dir_all(&spec.scratch)?;
-        let root = spec.scratch.join("root");
+        // CRIU mounts the root and the external mounts from inside the container's user
+        // namespace, whose root cannot pass Lode's private directories: they are bound
+        // under a directory it can pass, and nothing else is there.
+        let stage = Path::new(RESTORE_STAGE).join(name);
+        let mut host_mounts = HostMounts(vec![stage.clone()]);
+        for dir in [Path::new(RESTORE_STAGE), &stage] {
+            std::fs::create_dir_all(dir)?;
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o711))?;
+        }
+        let root = stage.join("root");
         std::fs::create_dir(&root)?;
         let image = clone_idmapped(&path_cstring(&spec.lower)?, &spec.user_namespace)?;
         move_detached(image, &path_cstring(&root)?)?;
-        let mut host_mounts = HostMounts(vec![root.clone()]);
+        host_mounts.0.insert(0, root.clone());
+        let mut externals = Vec::new();
+        for (key, source) in &spec.externals {
+            let target = stage.join(key);
+            std::fs::create_dir(&target)?;
+            mount(
+                &path_cstring(source)?,
+                &path_cstring(&target)?,
+                None,
+                libc::MS_BIND | libc::MS_REC,
+                None,
+            )?;
+            host_mounts.0.insert(0, target.clone());
+            externals.push((key, target));
+        }
         let group = partial.group.insert(cgroups.create(name, &spec.limits)?);
         let procs = group
             .procs_files()
@@ -219,7 +245,7 @@ impl Criu {
             .args(["--restore-detached", "--restore-sibling"])
             .arg("--manage-cgroups=ignore")
             .args(["--ext-mount-map", "auto"]);
-        for (key, path) in &spec.externals {
+        for (key, path) in &externals {
             command
                 .arg("--external")
                 .arg(format!("mnt[{key}]:{}", path.display()));
@@ -289,13 +315,15 @@ impl Drop for HostMounts {
     }
 }
 
-/// Lazily unmounts each path (what is still using it keeps it until done).
+/// Lazily unmounts each path (what is still using it keeps it until done) and removes its
+/// directory, in order: mount points first, then the directories holding them.
 pub(super) fn detach_all(paths: &[PathBuf]) {
     for path in paths {
-        if let Ok(path) = path_cstring(path) {
+        if let Ok(c_path) = path_cstring(path) {
             // SAFETY: a NUL-terminated path.
-            unsafe { libc::umount2(path.as_ptr(), libc::MNT_DETACH) };
+            unsafe { libc::umount2(c_path.as_ptr(), libc::MNT_DETACH) };
         }
+        let _ = std::fs::remove_dir(path);
     }
 }
 
@@ -337,12 +365,15 @@ fn fork_restoring() -> io::Result<()> {
     }
 }
 
+/// Error lines CRIU logs on every run here that are not why it failed.
+const NOISE: [&str; 3] = ["RLIMIT_NOFILE", "Unable to create tun", "already assigned"];
+
 /// Why a CRIU run failed: the error lines of its log, or where the log is.
 fn failure(what: &str, log: &Path) -> io::Error {
     let errors: Vec<String> = std::fs::read_to_string(log)
         .unwrap_or_default()
         .lines()
-        .filter(|l| l.contains("Error") && !l.contains("RLIMIT_NOFILE"))
+        .filter(|l| l.contains("Error") && !NOISE.iter().any(|n| l.contains(n)))
         .take(5)
         .map(str::to_string)
         .collect();

@@ -3,8 +3,14 @@
 It connects to the host's Unix socket (LODE_SOCKET), imports the user's module, and then
 serves inputs on a thread pool, speaking newline-delimited JSON:
 
-    agent -> host   ready, fatal, output, log, call
+    agent -> host   ready, fatal, output, log, call, snapshot_ready
     host -> agent   input, call_result, shutdown
+
+With LODE_SNAPSHOT=take (a function with enable_memory_snapshot), the agent loads the module,
+says snapshot_ready and hangs up; the host saves the container with CRIU, then writes
+resume.json beside its socket. The agent waits for that file, and so does every container
+restored from the snapshot later, each with its own: it carries what must differ per
+container (the token), and the agent reseeds its random generators before it connects again.
 
 A class declared with @app.cls is one function here: an input names its method and the
 instance's parameters; the agent keeps one instance per parameter set, made (and its enter
@@ -25,6 +31,7 @@ import io
 import json
 import os
 import pickle
+import random
 import signal
 import socket
 import sys
@@ -67,6 +74,10 @@ class Connection:
     def send_line(self, line: bytes) -> None:
         with self._lock:
             self.sock.sendall(line)
+
+    def close(self) -> None:
+        with self._lock:
+            self.sock.close()
 
 
 def encode(msg: dict[str, Any]) -> bytes:
@@ -675,6 +686,27 @@ def connect(path: str) -> socket.socket:
     raise AssertionError("unreachable")
 
 
+def _snapshot(agent: Agent, path: str) -> None:
+    """Hangs up to be saved, waits for resume.json (once saved, or once restored), takes this
+    container's own settings from it, and connects again."""
+    agent.flush_logs()
+    agent.conn.send({"type": "snapshot_ready"})
+    agent.conn.close()
+    resume = os.path.join(os.path.dirname(path), "resume.json")
+    while not os.path.exists(resume):
+        time.sleep(0.0005)
+    with open(resume, encoding="utf-8") as f:
+        state = json.load(f)
+    os.environ["LODE_CONTAINER_TOKEN"] = state["token"]
+    # Restored copies share the snapshot's generator states; each gets fresh ones.
+    random.seed()
+    numpy = sys.modules.get("numpy")
+    if numpy is not None:
+        numpy.random.seed()
+    agent.conn = Connection(connect(path))
+    agent.web = WebApps(agent.conn.send, agent._event_loop)
+
+
 def _exit(agent: Agent | None, code: int) -> None:
     if agent is not None:
         try:
@@ -723,6 +755,13 @@ def main() -> None:
         except OSError:
             pass
         _exit(agent, 1)
+
+    if os.environ.get("LODE_SNAPSHOT") == "take":
+        try:
+            _snapshot(agent, path)
+        except OSError as e:
+            _diag(f"cannot reach the host after the snapshot: {e}")
+            _exit(agent, 1)
 
     agent.transport = _client.AgentTransport(
         agent.conn.send, os.environ.get("LODE_CONTAINER_TOKEN", ""), pump=agent.pump

@@ -48,6 +48,7 @@ FUNCTION_OPTIONS = (
     "network",
     "serialization",
     "name",
+    "enable_memory_snapshot",
 )
 
 # map/starmap: threads issuing calls, and inputs taken from the iterable ahead of the output.
@@ -550,6 +551,8 @@ class Function:
             entry["retries"] = spec["retries"].to_manifest()
         if spec.get("network") is not None:
             entry["network"] = {"mode": spec["network"]}
+        if spec.get("memory_snapshot"):
+            entry["memory_snapshot"] = True
         return entry
 
 
@@ -619,8 +622,11 @@ class App:
         network: str | None = None,
         serialization: str = "json",
         name: str | None = None,
+        enable_memory_snapshot: bool = False,
     ) -> Any:
-        """Declares a function that runs in a container: @app.function or @app.function(...)."""
+        """Declares a function that runs in a container: @app.function or @app.function(...).
+        With enable_memory_snapshot, the first container is saved once the module has
+        loaded, and later cold starts restore it instead of importing again."""
         options = dict(
             image=image,
             cpu=cpu,
@@ -638,6 +644,7 @@ class App:
             network=network,
             serialization=serialization,
             name=name,
+            enable_memory_snapshot=enable_memory_snapshot,
         )
         return self._decorate(fn, options, None)
 
@@ -708,6 +715,9 @@ class App:
         schedule = o.get("schedule")
         if schedule is not None and not isinstance(schedule, (Period, Cron)):
             raise TypeError(f'{where}: schedule= takes lode.Period(...) or lode.Cron("..."), not {schedule!r}')
+        snapshot = o.get("enable_memory_snapshot", False)
+        if not isinstance(snapshot, bool):
+            raise TypeError(f"{where}: enable_memory_snapshot={snapshot!r}; use True or False")
         retries = o.get("retries")
         if isinstance(retries, int) and not isinstance(retries, bool):
             retries = Retries(max_retries=retries)
@@ -787,6 +797,7 @@ class App:
             "volumes": volumes,
             "retries": retries,
             "network": network,
+            "memory_snapshot": snapshot,
         }
         function = Function(fn, name, app=self, serialization=serialization, spec=spec)
         if mark is not None:

@@ -17,7 +17,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
-use lode_native_runner::agent::{self, AgentSpec, ErrorInfo, FromAgent, Outcome, ToAgent};
+use lode_native_runner::agent::{
+    self, AgentSpec, ErrorInfo, FromAgent, Outcome, SnapshotMode, ToAgent,
+};
 use lode_native_runner::cgroup::Limits;
 use lode_native_runner::redact::mask;
 use lode_native_runner::sandbox::{Network, Volume};
@@ -61,6 +63,8 @@ pub struct PoolContext {
     pub container_api: std::sync::OnceLock<Arc<dyn ContainerApi>>,
     /// The host's GPUs, handed to containers of functions that ask for them.
     pub gpus: Arc<crate::function::gpus::GpuAllocator>,
+    /// Memory snapshots of functions that enable them.
+    pub snapshots: Arc<crate::native::snapshots::Snapshots>,
 }
 
 impl PoolContext {
@@ -124,6 +128,8 @@ pub struct PoolSpec {
     /// GPUs its containers hold now, in `/metrics` and `lode stats` (shared by the
     /// function's versions while an older one drains).
     pub gpus_held: prometheus_client::metrics::gauge::Gauge,
+    /// Start containers from a memory snapshot, taking one at the first start.
+    pub memory_snapshot: bool,
 }
 
 /// Why an input was not taken.
@@ -540,17 +546,6 @@ impl Pool {
             None => None,
         };
         let token = format!("{:032x}", rand::random::<u128>());
-        let agent_spec = AgentSpec {
-            sandbox,
-            sdk_dir: self.ctx.sdk_dir.clone(),
-            app_dir: spec.app_dir.clone(),
-            module: spec.module.clone(),
-            app: spec.app.to_string(),
-            concurrency: spec.concurrency,
-            token: token.clone(),
-            start_timeout: self.ctx.start_timeout,
-            api_socket: self.ctx.container_api.get().is_some(),
-        };
         let logs = self.ctx.logs.clone();
         let app = spec.app.clone();
         let secrets = spec.secret_values.clone();
@@ -562,13 +557,58 @@ impl Pool {
             };
             logs.push(&app, None, stream, mask(&line, &secrets));
         });
-        let mut container =
-            agent::start(agent_spec, cgroups, output)
-                .await
-                .map_err(|e| match e {
-                    agent::StartError::Fatal(error) => error,
-                    other => ErrorInfo::lode("container_failed", other.to_string()),
-                })?;
+        let snapshots = &self.ctx.snapshots;
+        let snapshot_key = spec.memory_snapshot.then(|| {
+            snapshots.key(&crate::native::snapshots::KeyParts {
+                app: &spec.app,
+                function: &spec.function,
+                module: &spec.module,
+                image: spec.mount.index_digest(),
+                app_dir: &spec.app_dir,
+                sdk_dir: &self.ctx.sdk_dir,
+                env: &spec.env,
+                concurrency: spec.concurrency,
+            })
+        });
+        let mut snapshot = match &snapshot_key {
+            Some(key) => snapshots.mode(key).await.unwrap_or_else(|why| {
+                tracing::warn!(function = %spec.function, %why, "starting without a memory snapshot");
+                SnapshotMode::Off
+            }),
+            None => SnapshotMode::Off,
+        };
+        let mut container = loop {
+            let agent_spec = AgentSpec {
+                sandbox: sandbox.clone(),
+                sdk_dir: self.ctx.sdk_dir.clone(),
+                app_dir: spec.app_dir.clone(),
+                module: spec.module.clone(),
+                app: spec.app.to_string(),
+                concurrency: spec.concurrency,
+                token: token.clone(),
+                start_timeout: self.ctx.start_timeout,
+                api_socket: self.ctx.container_api.get().is_some(),
+                snapshot: snapshot.clone(),
+            };
+            match agent::start(agent_spec, cgroups.clone(), output.clone()).await {
+                Ok(mut container) => {
+                    if let Some(key) = &snapshot_key {
+                        snapshots.started(key, &snapshot, container.snapshot.take());
+                    }
+                    break container;
+                }
+                // A snapshot that does not restore is dropped, and this start takes one.
+                Err(e) if matches!(snapshot, SnapshotMode::Restore { .. }) => {
+                    let key = snapshot_key.as_deref().unwrap_or_default();
+                    snapshots.failed_restore(key, &e.to_string());
+                    snapshot = snapshots.mode(key).await.unwrap_or(SnapshotMode::Off);
+                }
+                Err(agent::StartError::Fatal(error)) => return Err(error),
+                Err(other) => {
+                    return Err(ErrorInfo::lode("container_failed", other.to_string()));
+                }
+            }
+        };
         let exit_watch = container.exit_watch();
         let exited = || {
             let exit = exit_watch.clone();

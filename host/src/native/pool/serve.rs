@@ -253,7 +253,7 @@ impl Pool {
                         });
                     });
                 }
-                FromAgent::Fatal { .. } | FromAgent::Ready { .. } => {}
+                FromAgent::Fatal { .. } | FromAgent::Ready { .. } | FromAgent::SnapshotReady => {}
             }
         }
         // The agent is gone: the container is (being) killed; its exit names why.

@@ -1,0 +1,226 @@
+//! Memory snapshots of Python function containers (`enable_memory_snapshot`).
+//!
+//! The first cold start of such a function saves its container with CRIU once the module has
+//! loaded, and goes on serving; later cold starts restore that container instead of starting
+//! Python and importing again. A snapshot is keyed by everything its memory was made from:
+//! the image, the app's code, the SDK, the function and its settings, the environment with
+//! its secret values, and CRIU, the kernel and Lode themselves. So a snapshot taken with one
+//! image, code or secret set is never restored with another.
+//!
+//! Snapshots live under `<cache-dir>/snapshots/<key>` and, once taken, are stored in the
+//! registry (tag `snapshot/<key>`), so another host sharing it restores them without taking
+//! its own. A snapshot that fails to restore is dropped here and taken again.
+
+use prometheus_client::metrics::counter::Counter;
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use lode_native_runner::agent::SnapshotMode;
+use lode_native_runner::sandbox::{Criu, DumpReport};
+use lode_registry::{BlobAccess, TagUpdate};
+
+/// Counts in `/metrics`.
+#[derive(Debug, Default)]
+pub struct SnapshotStats {
+    /// Snapshots saved.
+    pub taken: Counter,
+    /// Containers started from a snapshot.
+    pub restored: Counter,
+    /// Saves or restores that failed (the container started without).
+    pub failed: Counter,
+}
+
+/// The server's snapshots.
+pub struct Snapshots {
+    dir: PathBuf,
+    criu: Result<Criu, String>,
+    registry: Arc<dyn BlobAccess>,
+    /// What every key includes besides the function: CRIU's version, the kernel, Lode's.
+    environment: String,
+    /// Keys whose snapshot failed to restore here: taken again rather than fetched again.
+    broken: Mutex<HashSet<String>>,
+    /// Counters.
+    pub stats: SnapshotStats,
+}
+
+/// What a function's snapshot is made from.
+pub struct KeyParts<'a> {
+    /// The app and the function.
+    pub app: &'a str,
+    /// The function.
+    pub function: &'a str,
+    /// The module the agent imports.
+    pub module: &'a str,
+    /// The image's index digest.
+    pub image: &'a lode_registry::Digest,
+    /// The app's code directory (named by the code's digest).
+    pub app_dir: &'a Path,
+    /// The SDK directory (named by its digest).
+    pub sdk_dir: &'a Path,
+    /// The container's environment, secret values included.
+    pub env: &'a [(String, String)],
+    /// Inputs served at once (the agent reads it at start).
+    pub concurrency: u32,
+}
+
+impl Snapshots {
+    /// Snapshots under `dir`; CRIU is looked for once, and its absence is kept as the reason
+    /// functions start without.
+    pub fn new(dir: PathBuf, registry: Arc<dyn BlobAccess>) -> Self {
+        let criu = Criu::locate().map_err(|e| e.to_string());
+        let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+        let environment = format!(
+            "criu {}; kernel {}; lode {}",
+            criu.as_ref().map_or("-", |c| c.version()),
+            kernel.trim(),
+            env!("CARGO_PKG_VERSION")
+        );
+        Self {
+            dir,
+            criu,
+            registry,
+            environment,
+            broken: Mutex::new(HashSet::new()),
+            stats: SnapshotStats::default(),
+        }
+    }
+
+    /// The key of a function's snapshot: a blake3 over every part, hex.
+    pub fn key(&self, parts: &KeyParts<'_>) -> String {
+        let mut hasher = blake3::Hasher::new();
+        let mut field = |bytes: &[u8]| {
+            hasher.update(&(bytes.len() as u64).to_le_bytes());
+            hasher.update(bytes);
+        };
+        field(b"lode memory snapshot 1");
+        field(self.environment.as_bytes());
+        field(parts.app.as_bytes());
+        field(parts.function.as_bytes());
+        field(parts.module.as_bytes());
+        field(parts.image.as_bytes());
+        for dir in [parts.app_dir, parts.sdk_dir] {
+            field(dir.file_name().unwrap_or_default().as_encoded_bytes());
+        }
+        let mut env: Vec<_> = parts.env.iter().collect();
+        env.sort();
+        for (name, value) in env {
+            field(name.as_bytes());
+            field(value.as_bytes());
+        }
+        field(&parts.concurrency.to_le_bytes());
+        hasher.finalize().to_hex().to_string()
+    }
+
+    fn tag(key: &str) -> String {
+        format!("snapshot/{key}")
+    }
+
+    /// How a container of the function keyed `key` starts: from its snapshot (here, or
+    /// fetched from the registry), or taking one. `Err` says why it cannot have one (no
+    /// CRIU); it then starts as usual.
+    pub async fn mode(&self, key: &str) -> Result<SnapshotMode, String> {
+        let criu = self.criu.clone()?;
+        let images = self.dir.join(key);
+        let broken = self.broken.lock().unwrap().contains(key);
+        if !broken {
+            if images.is_dir() {
+                return Ok(SnapshotMode::Restore { criu, images });
+            }
+            if let Ok(digest) = self.registry.get_tag(&Self::tag(key)).await {
+                match self.fetch(&digest, &images).await {
+                    Ok(()) => return Ok(SnapshotMode::Restore { criu, images }),
+                    Err(e) => {
+                        tracing::warn!(%key, error = %e, "snapshot in the registry unusable; taking one")
+                    }
+                }
+            }
+        }
+        let taking = self
+            .dir
+            .join(format!("{key}.taking-{:016x}", rand::random::<u64>()));
+        Ok(SnapshotMode::Take {
+            criu,
+            images: taking,
+        })
+    }
+
+    /// Writes the snapshot indexed `digest` out to `images`.
+    async fn fetch(&self, digest: &lode_registry::Digest, images: &Path) -> anyhow::Result<()> {
+        let index = lode_fs::Index::parse(self.registry.get_index(digest).await?)?;
+        let partial = images.with_extension(format!("fetching-{:016x}", rand::random::<u64>()));
+        let fetched = lode_fs::export(&index, self.registry.clone(), &partial).await;
+        if let Err(e) = fetched {
+            let _ = std::fs::remove_dir_all(&partial);
+            return Err(e.into());
+        }
+        if std::fs::rename(&partial, images).is_err() {
+            // Another start fetched it first.
+            let _ = std::fs::remove_dir_all(&partial);
+        }
+        Ok(())
+    }
+
+    /// After a start in `mode`: keeps a snapshot just taken (and stores it in the registry
+    /// in the background), or drops one that failed.
+    pub fn started(
+        self: &Arc<Self>,
+        key: &str,
+        mode: &SnapshotMode,
+        taken: Option<Result<DumpReport, String>>,
+    ) {
+        match (mode, taken) {
+            (SnapshotMode::Restore { .. }, _) => {
+                self.stats.restored.inc();
+            }
+            (SnapshotMode::Take { images, .. }, Some(Ok(report))) => {
+                self.stats.taken.inc();
+                let kept = self.dir.join(key);
+                self.broken.lock().unwrap().remove(key);
+                let _ = std::fs::remove_dir_all(&kept);
+                if let Err(e) = std::fs::rename(images, &kept) {
+                    tracing::warn!(%key, error = %e, "could not keep the snapshot");
+                    let _ = std::fs::remove_dir_all(images);
+                    return;
+                }
+                tracing::info!(%key, bytes = report.bytes, took = ?report.took, "memory snapshot taken");
+                let this = self.clone();
+                let key = key.to_string();
+                tokio::spawn(async move {
+                    if let Err(e) = this.store(&key, &kept).await {
+                        tracing::warn!(%key, error = %e, "snapshot not stored in the registry; this host keeps it");
+                    }
+                });
+            }
+            (SnapshotMode::Take { images, .. }, _) => {
+                self.stats.failed.inc();
+                let _ = std::fs::remove_dir_all(images);
+            }
+            (SnapshotMode::Off, _) => {}
+        }
+    }
+
+    /// A restore from `key`'s snapshot failed: it is dropped, and the next start takes one.
+    pub fn failed_restore(&self, key: &str, why: &str) {
+        self.stats.failed.inc();
+        tracing::warn!(%key, error = %why, "restoring the memory snapshot failed; starting without it, and taking a new one");
+        self.broken.lock().unwrap().insert(key.to_string());
+        let _ = std::fs::remove_dir_all(self.dir.join(key));
+    }
+
+    async fn store(&self, key: &str, images: &Path) -> anyhow::Result<()> {
+        let report = lode_fs::ingest(
+            images,
+            self.registry.clone(),
+            lode_fs::IngestOptions::default(),
+        )
+        .await?;
+        let digest = report
+            .digest
+            .ok_or_else(|| anyhow::anyhow!("ingest named no index"))?;
+        self.registry
+            .set_tag(&Self::tag(key), &digest, TagUpdate::Always)
+            .await?;
+        Ok(())
+    }
+}
