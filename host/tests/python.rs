@@ -512,6 +512,14 @@ def double(x: int) -> int:
     let changed = cold_call(&lode, &rt, "probe");
     assert_eq!(changed["secret"], "two");
     assert_ne!(changed["loaded"], first["loaded"], "{changed}");
+    // The snapshot made with the old secret is gone from the cache; the new one is there.
+    let snapshots = lode.data_dir().parent().unwrap().join("cache/snapshots");
+    let kept: Vec<_> = std::fs::read_dir(&snapshots)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(kept.len(), 1, "{kept:?}");
     // Restored containers leave nothing either: cgroups, scratch, CRIU's staged mounts.
     let mut lode = lode;
     lode.stop();

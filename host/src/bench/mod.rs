@@ -14,6 +14,7 @@ mod gpu_load;
 pub mod http;
 pub mod python;
 mod python_modal;
+mod python_snapshot;
 pub mod sandbox;
 mod sandbox_api;
 mod sandbox_wasm;

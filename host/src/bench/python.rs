@@ -34,6 +34,12 @@ pub struct PythonBench {
     /// Leave out the cold uv and pip builds of numpy (they download it twice).
     #[arg(long)]
     skip_builds: bool,
+    /// Cold calls per memory-snapshot row (0 leaves the rows out).
+    #[arg(long, default_value_t = 5)]
+    snapshot_cold: usize,
+    /// Only the memory-snapshot rows.
+    #[arg(long)]
+    only_snapshot: bool,
 }
 
 const APP: &str = r#"
@@ -119,6 +125,14 @@ pub async fn python(args: PythonBench) -> Result<()> {
             "deploying the bench app failed: {}",
             String::from_utf8_lossy(&deploy.stderr)
         );
+    }
+    if args.only_snapshot {
+        return crate::bench::python_snapshot::snapshot_rows(
+            &server,
+            work.path(),
+            args.snapshot_cold.max(1),
+        )
+        .await;
     }
     println!(
         "lode bench python: {} cold and {} warm calls, map over {} inputs (max_containers=4)",
@@ -269,5 +283,10 @@ pub async fn python(args: PythonBench) -> Result<()> {
         warm_p50,
         !args.skip_builds,
     )
-    .await
+    .await?;
+    if args.snapshot_cold > 0 {
+        crate::bench::python_snapshot::snapshot_rows(&server, work.path(), args.snapshot_cold)
+            .await?;
+    }
+    Ok(())
 }

@@ -241,6 +241,7 @@ impl Native {
         }
         let images = cache_dir.join("images");
         let run_dir = cache_dir.join("containers");
+        lode_native_runner::sandbox::clean_restore_leftovers(&format!("{scope}-"));
         for leftover in [run_dir.clone(), images.join("layers"), images.join("run")] {
             // A killed server's build step can leave its layer disk mounted there.
             for mount in lode_fs::mounts_under(&leftover) {

@@ -20,6 +20,9 @@ use lode_native_runner::agent::SnapshotMode;
 use lode_native_runner::sandbox::{Criu, DumpReport};
 use lode_registry::{BlobAccess, TagUpdate};
 
+/// Names the function a snapshot directory belongs to (`app/function`).
+const OWNER_FILE: &str = "lode-owner";
+
 /// Counts in `/metrics`.
 #[derive(Debug, Default)]
 pub struct SnapshotStats {
@@ -68,6 +71,10 @@ impl Snapshots {
     /// Snapshots under `dir`; CRIU is looked for once, and its absence is kept as the reason
     /// functions start without.
     pub fn new(dir: PathBuf, registry: Arc<dyn BlobAccess>) -> Self {
+        // A snapshot holds a process's memory, secrets included: Lode's alone.
+        if let Err(e) = lode_fs::create_private_dir(&dir) {
+            tracing::warn!(dir = %dir.display(), "making the snapshot directory private: {e}");
+        }
         let criu = Criu::locate().map_err(|e| e.to_string());
         let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
         let environment = format!(
@@ -166,6 +173,7 @@ impl Snapshots {
     pub fn started(
         self: &Arc<Self>,
         key: &str,
+        owner: &str,
         mode: &SnapshotMode,
         taken: Option<Result<DumpReport, String>>,
     ) {
@@ -177,6 +185,8 @@ impl Snapshots {
                 self.stats.taken.inc();
                 let kept = self.dir.join(key);
                 self.broken.lock().unwrap().remove(key);
+                let _ = std::fs::write(images.join(OWNER_FILE), owner);
+                self.drop_older(key, owner);
                 let _ = std::fs::remove_dir_all(&kept);
                 if let Err(e) = std::fs::rename(images, &kept) {
                     tracing::warn!(%key, error = %e, "could not keep the snapshot");
@@ -197,6 +207,23 @@ impl Snapshots {
                 let _ = std::fs::remove_dir_all(images);
             }
             (SnapshotMode::Off, _) => {}
+        }
+    }
+
+    /// Removes the function's snapshots other than `key`'s: made from an older image, code
+    /// or secret, they are never restored again.
+    fn drop_older(&self, key: &str, owner: &str) {
+        let Ok(entries) = std::fs::read_dir(&self.dir) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let name = entry.file_name();
+            let stale = name.to_str().is_some_and(|n| n != key && !n.contains('.'))
+                && std::fs::read_to_string(path.join(OWNER_FILE)).is_ok_and(|o| o == owner);
+            if stale {
+                let _ = std::fs::remove_dir_all(&path);
+            }
         }
     }
 

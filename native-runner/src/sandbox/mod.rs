@@ -56,7 +56,7 @@ mod volume;
 use child::*;
 pub use live::{ExecSpec, LiveSandbox, Process, Terminal, connect_inside, listen_inside};
 use network::*;
-pub use snapshot::{Criu, DumpReport, RESTORE_FAILED, RestoreSpec};
+pub use snapshot::{Criu, DumpReport, RESTORE_FAILED, RestoreSpec, clean_restore_leftovers};
 use volume::*;
 pub use volume::{MAX_VOLUMES, Volume};
 
@@ -190,8 +190,6 @@ pub struct Sandbox {
     timeout: Option<Duration>,
     /// The user-mode network stack, when the container has one.
     slirp: Option<Slirp>,
-    /// Mounts made on the host for it (a restore's root), detached when it ends.
-    host_mounts: Vec<PathBuf>,
     /// Its pid 1's host pid, when known from the start (a restore's).
     init: Option<u32>,
     /// Set once [`Sandbox::finish`] has cleaned up; until then, dropping kills and cleans.
@@ -209,7 +207,6 @@ impl Drop for Sandbox {
         let _ = self.child.wait();
         self.group.remove();
         drop(self.slirp.take());
-        snapshot::detach_all(&self.host_mounts);
         let _ = std::fs::remove_dir_all(&self.scratch);
     }
 }
@@ -312,7 +309,6 @@ impl Sandbox {
         let limit_hit = self.group.limit_hit();
         self.group.remove();
         drop(self.slirp.take());
-        snapshot::detach_all(&self.host_mounts);
         let _ = std::fs::remove_dir_all(&self.scratch);
         self.finished = true;
         Ok(Finished {
@@ -391,7 +387,7 @@ pub fn spawn(
     // The parent's copy of the write end goes with the command, so this read ends.
     drop(command);
     let child = spawned.map_err(|e| named_failure(e, &mut stage_read, spec))?;
-    Ok(partial.into_sandbox(child, spec.timeout, Vec::new(), None))
+    Ok(partial.into_sandbox(child, spec.timeout, None))
 }
 
 /// Refuses, by name, what a checkpointable container cannot have.
@@ -438,7 +434,6 @@ impl Partial {
         mut self,
         child: Child,
         timeout: Option<Duration>,
-        host_mounts: Vec<PathBuf>,
         init: Option<u32>,
     ) -> Sandbox {
         Sandbox {
@@ -447,7 +442,6 @@ impl Partial {
             group: self.group.take().expect("made before the start"),
             timeout,
             slirp: self.slirp.take(),
-            host_mounts,
             init,
             finished: false,
         }

@@ -301,8 +301,10 @@ impl Criu {
             }
             std::thread::sleep(Duration::from_micros(500));
         };
-        let mounts = std::mem::take(&mut host_mounts.0);
-        Ok(partial.into_sandbox(child, spec.timeout, mounts, Some(init)))
+        // The container has its own copies of those mounts now; the staged ones go at once,
+        // so the app's code is reachable through them only while CRIU runs.
+        drop(host_mounts);
+        Ok(partial.into_sandbox(child, spec.timeout, Some(init)))
     }
 }
 
@@ -312,6 +314,25 @@ struct HostMounts(Vec<PathBuf>);
 impl Drop for HostMounts {
     fn drop(&mut self) {
         detach_all(&self.0);
+    }
+}
+
+/// Removes what restores left staged under [`RESTORE_STAGE`] for containers whose scratch
+/// name starts with `prefix` (a server that was killed during a restore).
+pub fn clean_restore_leftovers(prefix: &str) {
+    let Ok(entries) = std::fs::read_dir(RESTORE_STAGE) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        if !entry.file_name().to_string_lossy().starts_with(prefix) {
+            continue;
+        }
+        let stage = entry.path();
+        let mut paths: Vec<PathBuf> = std::fs::read_dir(&stage)
+            .map(|inner| inner.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default();
+        paths.push(stage);
+        detach_all(&paths);
     }
 }
 

@@ -104,6 +104,7 @@ class AppTest(unittest.TestCase):
             ({"volumes": {"data": lode.Volume.from_name("d")}}, ValueError, "absolute"),
             ({"schedule": "every 5s"}, TypeError, "Period"),
             ({"image": "debian"}, TypeError, "Image"),
+            ({"enable_memory_snapshot": "yes"}, TypeError, "enable_memory_snapshot"),
         ]
         for kwargs, exc, text in cases:
             with self.subTest(kwargs=kwargs), self.assertRaisesRegex(exc, text):
@@ -112,6 +113,28 @@ class AppTest(unittest.TestCase):
             app.web_endpoint(cpus=1)
         with self.assertRaisesRegex(ValueError, "start with '/'"):
             app.web_endpoint(path="echo")
+
+    def test_memory_snapshot_reaches_the_manifest_of_functions_and_classes(self):
+        app = lode.App("demo")
+
+        @app.function(enable_memory_snapshot=True)
+        def snapped():
+            pass
+
+        @app.function()
+        def plain():
+            pass
+
+        @app.cls(enable_memory_snapshot=True)
+        class Model:
+            @lode.method()
+            def predict(self):
+                pass
+
+        functions = app.registered_functions
+        self.assertIs(functions["snapped"]._manifest("m")["memory_snapshot"], True)
+        self.assertNotIn("memory_snapshot", functions["plain"]._manifest("m"))
+        self.assertIs(functions["Model"]._manifest("m")["memory_snapshot"], True)
 
     def test_from_name_handles_have_no_local_code(self):
         handle = lode.Function.from_name("demo", "square")

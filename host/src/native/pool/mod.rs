@@ -593,7 +593,8 @@ impl Pool {
             match agent::start(agent_spec, cgroups.clone(), output.clone()).await {
                 Ok(mut container) => {
                     if let Some(key) = &snapshot_key {
-                        snapshots.started(key, &snapshot, container.snapshot.take());
+                        let owner = format!("{}/{}", spec.app, spec.function);
+                        snapshots.started(key, &owner, &snapshot, container.snapshot.take());
                     }
                     break container;
                 }

@@ -1,0 +1,130 @@
+//! `lode bench python`'s memory-snapshot rows: cold calls of an app that imports numpy,
+//! pandas and scikit-learn, started fresh against started from its snapshot, in one run.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{Result, bail};
+use serde_json::Value;
+
+use crate::bench::support::{LodeServer, row};
+
+const APP: &str = r#"
+import lode
+
+image = lode.Image.debian_slim().pip_install("numpy", "pandas", "scikit-learn")
+app = lode.App("snapbench", image=image)
+
+with image.imports():
+    import numpy
+    import pandas
+    import sklearn.linear_model
+
+
+@app.function(scaledown_window=0)
+def fresh(x):
+    return x * x
+
+
+@app.function(scaledown_window=0, enable_memory_snapshot=True)
+def restored(x):
+    return x * x
+"#;
+
+/// Deploys the app and times `runs` cold calls of each function (one before, not timed,
+/// builds the image and takes the snapshot).
+pub async fn snapshot_rows(server: &LodeServer, work: &Path, runs: usize) -> Result<()> {
+    if let Err(e) = lode_native_runner::sandbox::Criu::locate() {
+        println!("\n  memory snapshots: SKIPPED ({e})");
+        return Ok(());
+    }
+    let file = work.join("snapbench.py");
+    std::fs::write(&file, APP)?;
+    println!(
+        "\nmemory snapshots: an app importing numpy, pandas and scikit-learn; cold calls, each \
+         after the last container stopped"
+    );
+    let deploy = Command::new(std::env::current_exe()?)
+        .args(["--api-url", &server.api, "--token", &server.token, "deploy"])
+        .arg(&file)
+        .output()?;
+    if !deploy.status.success() {
+        bail!(
+            "deploying the snapshot bench app failed: {}",
+            String::from_utf8_lossy(&deploy.stderr)
+        );
+    }
+    let http = reqwest::Client::new();
+    let call = |function: &str, x: i64| {
+        let request = http
+            .post(format!(
+                "{}/v1/apps/snapbench/functions/{function}/call",
+                server.api
+            ))
+            .bearer_auth(&server.token)
+            .json(&serde_json::json!({"args": [x]}));
+        async move {
+            let response = request.send().await?;
+            let body: Value = response.json().await?;
+            if body["result"] != serde_json::json!(x * x) {
+                bail!("the call failed: {body}");
+            }
+            anyhow::Ok(())
+        }
+    };
+    let up = |function: &str| {
+        let request = http
+            .get(format!("{}/v1/apps/snapbench/stats", server.api))
+            .bearer_auth(&server.token);
+        let function = function.to_string();
+        async move {
+            let stats: Value = request.send().await?.json().await?;
+            let row = stats["functions"]
+                .as_array()
+                .and_then(|rows| rows.iter().find(|r| r["function"] == function.as_str()))
+                .cloned()
+                .unwrap_or_default();
+            anyhow::Ok(
+                row["containers"].as_u64().unwrap_or(0) + row["starting"].as_u64().unwrap_or(0),
+            )
+        }
+    };
+    let cold = |function: &'static str| {
+        let (call, up) = (&call, &up);
+        async move {
+            let mut times = Vec::new();
+            for i in 0..=runs {
+                let deadline = Instant::now() + Duration::from_secs(60);
+                while up(function).await? > 0 {
+                    if Instant::now() > deadline {
+                        bail!("the {function} function's container did not stop");
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                let started = Instant::now();
+                call(function, i as i64).await?;
+                // The first mounts the image (and for `restored` takes the snapshot).
+                if i > 0 {
+                    times.push(started.elapsed());
+                }
+            }
+            anyhow::Ok(times)
+        }
+    };
+    // Alternating would leave one function's pages warm for the other; each runs whole.
+    let fresh = cold("fresh").await?;
+    let restored = cold("restored").await?;
+    let fresh_p50 = row("cold call, imports at start (baseline)", fresh, None);
+    let restored_p50 = row(
+        "cold call, restored from its memory snapshot",
+        restored,
+        Some(fresh_p50),
+    );
+    let speedup = fresh_p50.as_secs_f64() / restored_p50.as_secs_f64();
+    println!(
+        "  speedup {speedup:.1}x (target >= 3x: {})",
+        if speedup >= 3.0 { "met" } else { "missed" }
+    );
+    Ok(())
+}
