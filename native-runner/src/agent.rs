@@ -638,6 +638,7 @@ pub async fn start(
     }
     let stop = Arc::new(AtomicBool::new(false));
     let (exit_tx, exit_rx) = watch::channel(None);
+    let begun = std::time::Instant::now();
     let spawned = {
         let cgroups = cgroups.clone();
         let sandbox = sandbox.clone();
@@ -683,6 +684,7 @@ pub async fn start(
         .await
         .map_err(|e| StartError::Agent(format!("the start task failed: {e}")))?
     };
+    let spawn_took = begun.elapsed();
     let (sandbox_handle, (stdout, stderr)) = match spawned {
         Ok(started) => started,
         Err(e) => {
@@ -799,6 +801,13 @@ pub async fn start(
         (other, _) => return Err(fail(format!("the agent began with {other:?}"))),
     };
     drop(listener);
+    if matches!(spec.snapshot, SnapshotMode::Restore { .. }) {
+        tracing::info!(
+            restore = ?spawn_took,
+            ready = ?begun.elapsed(),
+            "function container restored from its memory snapshot"
+        );
+    }
 
     let (to_agent, mut outgoing) = mpsc::unbounded_channel::<ToAgent>();
     // Bounded: a container that writes faster than the host handles its messages waits on

@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use crate::bench::support::{row, start_server};
+use crate::bench::support::{LodeServer, row, start_server};
 use anyhow::{Result, bail};
 use clap::Args;
 use serde_json::Value;
@@ -106,6 +106,53 @@ elif mode == "remote-map":
     print(time.perf_counter() - t)
 "#;
 
+/// Calls `app`'s `function` with `x` through the API; fails unless it answers `x * x`.
+pub(super) async fn call_square(
+    http: &reqwest::Client,
+    server: &LodeServer,
+    app: &str,
+    function: &str,
+    x: i64,
+) -> Result<()> {
+    let response = http
+        .post(format!(
+            "{}/v1/apps/{app}/functions/{function}/call",
+            server.api
+        ))
+        .bearer_auth(&server.token)
+        .json(&serde_json::json!({"args": [x]}))
+        .send()
+        .await?;
+    let status = response.status();
+    let body: Value = response.json().await?;
+    if !status.is_success() || body["result"] != serde_json::json!(x * x) {
+        bail!("the call failed: {body}");
+    }
+    Ok(())
+}
+
+/// Containers of `app`'s `function` up or starting, from the API's stats.
+pub(super) async fn live_containers(
+    http: &reqwest::Client,
+    server: &LodeServer,
+    app: &str,
+    function: &str,
+) -> Result<u64> {
+    let stats: Value = http
+        .get(format!("{}/v1/apps/{app}/stats", server.api))
+        .bearer_auth(&server.token)
+        .send()
+        .await?
+        .json()
+        .await?;
+    let row = stats["functions"]
+        .as_array()
+        .and_then(|rows| rows.iter().find(|r| r["function"] == function))
+        .cloned()
+        .unwrap_or_default();
+    Ok(row["containers"].as_u64().unwrap_or(0) + row["starting"].as_u64().unwrap_or(0))
+}
+
 /// Runs `lode bench python`.
 pub async fn python(args: PythonBench) -> Result<()> {
     let server = start_server(&args.image_base_dir)?;
@@ -167,44 +214,8 @@ pub async fn python(args: PythonBench) -> Result<()> {
         None,
     );
     let http = reqwest::Client::new();
-    let call = |function: &str, x: i64| {
-        let request = http
-            .post(format!(
-                "{}/v1/apps/bench/functions/{function}/call",
-                server.api
-            ))
-            .bearer_auth(&server.token)
-            .json(&serde_json::json!({"args": [x]}));
-        async move {
-            let response = request.send().await?;
-            let status = response.status();
-            let body: Value = response.json().await?;
-            if !status.is_success() || body["result"] != serde_json::json!(x * x) {
-                bail!("the call failed: {body}");
-            }
-            anyhow::Ok(())
-        }
-    };
-    let containers = |function: &str| {
-        let request = http
-            .get(format!("{}/v1/apps/bench/stats", server.api))
-            .bearer_auth(&server.token);
-        let function = function.to_string();
-        async move {
-            let stats: Value = request.send().await?.json().await?;
-            let row = stats["functions"]
-                .as_array()
-                .and_then(|f| {
-                    f.iter()
-                        .find(|r| r["function"] == function.as_str())
-                        .cloned()
-                })
-                .unwrap_or_default();
-            anyhow::Ok(
-                row["containers"].as_u64().unwrap_or(0) + row["starting"].as_u64().unwrap_or(0),
-            )
-        }
-    };
+    let call = |function: &'static str, x: i64| call_square(&http, &server, "bench", function, x);
+    let containers = |function: &'static str| live_containers(&http, &server, "bench", function);
     // The first start mounts the image and warms the page cache; it is not counted.
     call("cold", 1).await?;
     let mut cold = Vec::new();

@@ -6,8 +6,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Result, bail};
-use serde_json::Value;
 
+use crate::bench::python::{call_square, live_containers};
 use crate::bench::support::{LodeServer, row};
 
 const APP: &str = r#"
@@ -56,40 +56,9 @@ pub async fn snapshot_rows(server: &LodeServer, work: &Path, runs: usize) -> Res
         );
     }
     let http = reqwest::Client::new();
-    let call = |function: &str, x: i64| {
-        let request = http
-            .post(format!(
-                "{}/v1/apps/snapbench/functions/{function}/call",
-                server.api
-            ))
-            .bearer_auth(&server.token)
-            .json(&serde_json::json!({"args": [x]}));
-        async move {
-            let response = request.send().await?;
-            let body: Value = response.json().await?;
-            if body["result"] != serde_json::json!(x * x) {
-                bail!("the call failed: {body}");
-            }
-            anyhow::Ok(())
-        }
-    };
-    let up = |function: &str| {
-        let request = http
-            .get(format!("{}/v1/apps/snapbench/stats", server.api))
-            .bearer_auth(&server.token);
-        let function = function.to_string();
-        async move {
-            let stats: Value = request.send().await?.json().await?;
-            let row = stats["functions"]
-                .as_array()
-                .and_then(|rows| rows.iter().find(|r| r["function"] == function.as_str()))
-                .cloned()
-                .unwrap_or_default();
-            anyhow::Ok(
-                row["containers"].as_u64().unwrap_or(0) + row["starting"].as_u64().unwrap_or(0),
-            )
-        }
-    };
+    let call =
+        |function: &'static str, x: i64| call_square(&http, server, "snapbench", function, x);
+    let up = |function: &'static str| live_containers(&http, server, "snapbench", function);
     let cold = |function: &'static str| {
         let (call, up) = (&call, &up);
         async move {
