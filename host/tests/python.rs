@@ -506,6 +506,47 @@ def double(x: int) -> int:
     assert_ne!(second["drawn"], third["drawn"], "{second} {third}");
     let metrics = rt.block_on(lode.metric("lode_memory_snapshots_restored_total"));
     assert_eq!(metrics, Some(2.0));
+    // A host without its own copy restores the registry's, mounted lazily...
+    let snapshots = lode.data_dir().parent().unwrap().join("cache/snapshots");
+    let only = |dir: &Path| -> String {
+        let names: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(names.len(), 1, "{names:?}");
+        names[0].clone()
+    };
+    let key = only(&snapshots);
+    use lode_registry::BlobAccess;
+    // Made inside the runtime: its channel needs the reactor.
+    let registry = rt.block_on(async { lode.registry_client() });
+    let stored = harness::wait_for(Duration::from_secs(30), || {
+        rt.block_on(registry.get_tag(&format!("snapshot/{key}")))
+            .ok()
+    });
+    assert!(stored.is_some(), "the snapshot never reached the registry");
+    std::fs::remove_dir_all(snapshots.join(&key)).unwrap();
+    let from_registry = cold_call(&lode, &rt, "probe");
+    assert_eq!(from_registry["loaded"], first["loaded"], "{from_registry}");
+    // ...but only one sealed with this server's secrets key: CRIU restores whatever a
+    // snapshot says, so a forged one (anyone who can write to the registry could make it)
+    // is refused, and the start imports afresh.
+    let forged = bytes::Bytes::from_static(&[7; 32]);
+    let forged_digest = lode_registry::Digest::of(&forged);
+    rt.block_on(registry.put_blob(&forged_digest, forged))
+        .unwrap();
+    rt.block_on(registry.set_tag(
+        &format!("snapshot-seal/{key}"),
+        &forged_digest,
+        lode_registry::TagUpdate::Always,
+    ))
+    .unwrap();
+    let refused = cold_call(&lode, &rt, "probe");
+    assert_ne!(
+        refused["loaded"], first["loaded"],
+        "a forged seal was restored"
+    );
     // A new secret value makes a new snapshot: the old one is never restored with it.
     lode.cli_ok(&["secret", "create", "snap", "SNAP_VALUE=two"]);
     lode.cli_ok(&["deploy", app.to_str().unwrap()]);
@@ -513,13 +554,7 @@ def double(x: int) -> int:
     assert_eq!(changed["secret"], "two");
     assert_ne!(changed["loaded"], first["loaded"], "{changed}");
     // The snapshot made with the old secret is gone from the cache; the new one is there.
-    let snapshots = lode.data_dir().parent().unwrap().join("cache/snapshots");
-    let kept: Vec<_> = std::fs::read_dir(&snapshots)
-        .unwrap()
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .collect();
-    assert_eq!(kept.len(), 1, "{kept:?}");
+    assert_ne!(only(&snapshots), key);
     // Restored containers leave nothing either: cgroups, scratch, CRIU's staged mounts.
     let mut lode = lode;
     lode.stop();

@@ -24,6 +24,28 @@ fn criu() -> Option<Criu> {
     }
 }
 
+/// Binds `source` at `target`, read-only.
+fn mount_read_only(source: &Path, target: &Path) {
+    for args in [
+        vec!["--bind", source.to_str().unwrap(), target.to_str().unwrap()],
+        vec!["-o", "remount,bind,ro", target.to_str().unwrap()],
+    ] {
+        let status = std::process::Command::new("mount")
+            .args(&args)
+            .status()
+            .unwrap();
+        assert!(status.success(), "mount {args:?}");
+    }
+}
+
+fn unmount(target: &Path) {
+    let status = std::process::Command::new("umount")
+        .arg(target)
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
 /// A busybox image with the directories a checkpointable container needs.
 fn image(root: &Path) {
     busybox_root(root);
@@ -103,8 +125,13 @@ fn a_checkpointable_container_is_restored_with_its_memory_and_its_isolation() {
         .max()
         .unwrap();
 
+    // Restored from a read-only view of the images, as from a lazy mount of the registry's
+    // copy on another host.
+    let read_only = dirs.path().join("images-ro");
+    std::fs::create_dir(&read_only).unwrap();
+    mount_read_only(&images, &read_only);
     let restore = RestoreSpec {
-        images: images.clone(),
+        images: read_only.clone(),
         lower: root.clone(),
         scratch: common::scratch(dirs.path(), "second"),
         user_namespace: user_namespace(),
@@ -171,6 +198,7 @@ fn a_checkpointable_container_is_restored_with_its_memory_and_its_isolation() {
     );
     drop(stdout);
     let scratch = restore.scratch.clone();
+    unmount(&read_only);
     // Stopped at once: the whole restored tree goes, with its cgroup and root mount.
     let stop = std::sync::atomic::AtomicBool::new(true);
     second.finish_unless(&stop).unwrap();

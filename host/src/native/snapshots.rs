@@ -9,7 +9,10 @@
 //!
 //! Snapshots live under `<cache-dir>/snapshots/<key>` and, once taken, are stored in the
 //! registry (tag `snapshot/<key>`), so another host sharing it restores them without taking
-//! its own. A snapshot that fails to restore is dropped here and taken again.
+//! its own, through a lazy mount (CRIU reads only what it restores). CRIU restores as root
+//! whatever a snapshot says, credentials included, so a registry copy is restored only with
+//! a seal (`snapshot-seal/<key>`) made with the secrets key. A snapshot that fails to restore
+//! is dropped here and taken again.
 
 use prometheus_client::metrics::counter::Counter;
 use std::collections::HashSet;
@@ -43,6 +46,10 @@ pub struct Snapshots {
     environment: String,
     /// Keys whose snapshot failed to restore here: taken again rather than fetched again.
     broken: Mutex<HashSet<String>>,
+    /// Seals snapshots stored in the registry (see [`Snapshots::seal`]).
+    seal_key: [u8; 32],
+    /// Where a snapshot only the registry has is mounted lazily from.
+    mounts: Arc<lode_fs::MountTable>,
     /// Counters.
     pub stats: SnapshotStats,
 }
@@ -70,7 +77,12 @@ pub struct KeyParts<'a> {
 impl Snapshots {
     /// Snapshots under `dir`; CRIU is looked for once, and its absence is kept as the reason
     /// functions start without.
-    pub fn new(dir: PathBuf, registry: Arc<dyn BlobAccess>) -> Self {
+    pub fn new(
+        dir: PathBuf,
+        registry: Arc<dyn BlobAccess>,
+        seal_key: [u8; 32],
+        mounts: Arc<lode_fs::MountTable>,
+    ) -> Self {
         // A snapshot holds a process's memory, secrets included: Lode's alone.
         if let Err(e) = lode_fs::create_private_dir(&dir) {
             tracing::warn!(dir = %dir.display(), "making the snapshot directory private: {e}");
@@ -89,6 +101,8 @@ impl Snapshots {
             registry,
             environment,
             broken: Mutex::new(HashSet::new()),
+            seal_key,
+            mounts,
             stats: SnapshotStats::default(),
         }
     }
@@ -123,6 +137,20 @@ impl Snapshots {
         format!("snapshot/{key}")
     }
 
+    fn seal_tag(key: &str) -> String {
+        format!("snapshot-seal/{key}")
+    }
+
+    /// What proves a snapshot in the registry was stored by a host holding the secrets key:
+    /// CRIU restores, as root, whatever a snapshot says (credentials included), so one that
+    /// anyone who can write to the registry made must never be restored.
+    fn seal(&self, key: &str, index: &lode_registry::Digest) -> blake3::Hash {
+        let mut hasher = blake3::Hasher::new_keyed(&self.seal_key);
+        hasher.update(key.as_bytes());
+        hasher.update(index.as_bytes());
+        hasher.finalize()
+    }
+
     /// How a container of the function keyed `key` starts: from its snapshot (here, or
     /// fetched from the registry), or taking one. `Err` says why it cannot have one (no
     /// CRIU); it then starts as usual.
@@ -135,8 +163,8 @@ impl Snapshots {
                 return Ok(SnapshotMode::Restore { criu, images });
             }
             if let Ok(digest) = self.registry.get_tag(&Self::tag(key)).await {
-                match self.fetch(&digest, &images).await {
-                    Ok(()) => return Ok(SnapshotMode::Restore { criu, images }),
+                match self.mount(key, &digest).await {
+                    Ok(images) => return Ok(SnapshotMode::Restore { criu, images }),
                     Err(e) => {
                         tracing::warn!(%key, error = %e, "snapshot in the registry unusable; taking one")
                     }
@@ -152,20 +180,18 @@ impl Snapshots {
         })
     }
 
-    /// Writes the snapshot indexed `digest` out to `images`.
-    async fn fetch(&self, digest: &lode_registry::Digest, images: &Path) -> anyhow::Result<()> {
-        let index = lode_fs::Index::parse(self.registry.get_index(digest).await?)?;
-        let partial = images.with_extension(format!("fetching-{:016x}", rand::random::<u64>()));
-        let fetched = lode_fs::export(&index, self.registry.clone(), &partial).await;
-        if let Err(e) = fetched {
-            let _ = std::fs::remove_dir_all(&partial);
-            return Err(e.into());
+    /// Mounts the snapshot indexed `digest` lazily (CRIU reads only the pages it restores
+    /// from the registry), once its seal checks; returns where.
+    async fn mount(&self, key: &str, digest: &lode_registry::Digest) -> anyhow::Result<PathBuf> {
+        let sealed = self.registry.get_tag(&Self::seal_tag(key)).await?;
+        let seal = self.registry.get_blob(&sealed).await?;
+        // blake3's Hash compares in constant time.
+        let stored = <[u8; 32]>::try_from(&seal[..]).ok().map(blake3::Hash::from);
+        if stored != Some(self.seal(key, digest)) {
+            anyhow::bail!("its seal does not match this server's secrets key; not restored");
         }
-        if std::fs::rename(&partial, images).is_err() {
-            // Another start fetched it first.
-            let _ = std::fs::remove_dir_all(&partial);
-        }
-        Ok(())
+        let mount = self.mounts.mount(digest).await?;
+        Ok(mount.mountpoint().to_path_buf())
     }
 
     /// After a start in `mode`: keeps a snapshot just taken (and stores it in the registry
@@ -245,6 +271,12 @@ impl Snapshots {
         let digest = report
             .digest
             .ok_or_else(|| anyhow::anyhow!("ingest named no index"))?;
+        let seal = bytes::Bytes::copy_from_slice(self.seal(key, &digest).as_bytes());
+        let sealed = lode_registry::Digest::of(&seal);
+        self.registry.put_blob(&sealed, seal).await?;
+        self.registry
+            .set_tag(&Self::seal_tag(key), &sealed, TagUpdate::Always)
+            .await?;
         self.registry
             .set_tag(&Self::tag(key), &digest, TagUpdate::Always)
             .await?;

@@ -309,6 +309,8 @@ pub async fn serve(options: ServeOptions) -> Result<()> {
             snapshots: Arc::new(crate::native::snapshots::Snapshots::new(
                 options.cache_dir.join("snapshots"),
                 Arc::new(registry.clone()),
+                secrets.snapshot_seal_key(),
+                image_mounts.clone(),
             )),
         }),
         wasm_gpus: crate::wasm::gpu::WasmGpus::new(gpus, options.wasm_gpu_compute),

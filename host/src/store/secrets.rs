@@ -47,6 +47,8 @@ pub struct Secrets {
     state: Arc<dyn StateStore>,
     /// Derived from the key, so hosts that share it share this too.
     peer_token: String,
+    /// Derived from the key: seals memory snapshots stored in the registry.
+    snapshot_seal: [u8; 32],
 }
 
 impl Secrets {
@@ -104,6 +106,7 @@ impl Secrets {
                 "lode 2026-12 hosts' peer API token",
                 &key,
             )),
+            snapshot_seal: blake3::derive_key("lode 2026-12 memory snapshot seal", &key),
         };
         secrets.migrate()?;
         Ok(secrets)
@@ -127,6 +130,13 @@ impl Secrets {
             }
         }
         Ok(())
+    }
+
+    /// The key that seals memory snapshots in the registry: CRIU restores whatever state a
+    /// snapshot names (credentials included), so only one sealed by a host holding this key
+    /// is ever restored.
+    pub fn snapshot_seal_key(&self) -> [u8; 32] {
+        self.snapshot_seal
     }
 
     /// The token hosts that share this key present to each other's peer routes: derived
