@@ -445,14 +445,28 @@ fn snap_containers(lode: &Lode, rt: &tokio::runtime::Runtime, function: &str) ->
         })
 }
 
-/// A cold call: waits until no container of `function` is up, then calls it.
-fn cold_call(lode: &Lode, rt: &tokio::runtime::Runtime, function: &str) -> serde_json::Value {
+/// A cold call: waits until no container of `function` is up, then calls `target` (the
+/// function, or `Class.method`) with `args`.
+fn cold_call_of(
+    lode: &Lode,
+    rt: &tokio::runtime::Runtime,
+    function: &str,
+    target: &str,
+    args: &[&str],
+) -> serde_json::Value {
     let gone = harness::wait_for(Duration::from_secs(30), || {
         (snap_containers(lode, rt, function) == 0).then_some(())
     });
     assert!(gone.is_some(), "the last container of {function} stayed up");
-    let out = lode.cli_ok(&["call", &format!("snap/{function}"), "0"]);
+    let mut command = vec!["call".to_string(), format!("snap/{target}")];
+    command.extend(args.iter().map(|a| a.to_string()));
+    let command: Vec<&str> = command.iter().map(String::as_str).collect();
+    let out = lode.cli_ok(&command);
     serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{e}: {out}"))
+}
+
+fn cold_call(lode: &Lode, rt: &tokio::runtime::Runtime, function: &str) -> serde_json::Value {
+    cold_call_of(lode, rt, function, function, &["0"])
 }
 
 #[test]
@@ -485,6 +499,22 @@ def probe(_: int = 0) -> dict:
 @app.function()
 def double(x: int) -> int:
     return 2 * x
+
+@app.cls(enable_memory_snapshot=True, scaledown_window=0)
+class Model:
+    @lode.enter(snap=True)
+    def load(self):
+        # The slow part (a model's weights): done once, before the snapshot.
+        self.weights = random.random()
+
+    @lode.enter()
+    def warm(self):
+        # Per container: after each restore.
+        self.warmed = random.random()
+
+    @lode.method()
+    def info(self) -> dict:
+        return {"weights": self.weights, "warmed": self.warmed}
 "#,
     )
     .unwrap();
@@ -504,20 +534,32 @@ def double(x: int) -> int:
         assert_eq!(restored["secret"], "one");
     }
     assert_ne!(second["drawn"], third["drawn"], "{second} {third}");
+    // A class's enter(snap=True) hooks ran before its snapshot; its other hooks run after
+    // each restore.
+    let model: Vec<_> = (0..3)
+        .map(|_| cold_call_of(&lode, &rt, "Model", "Model.info", &[]))
+        .collect();
+    assert_eq!(model[1]["weights"], model[0]["weights"], "{model:?}");
+    assert_eq!(model[2]["weights"], model[0]["weights"], "{model:?}");
+    assert_ne!(model[1]["warmed"], model[2]["warmed"], "{model:?}");
     let metrics = rt.block_on(lode.metric("lode_memory_snapshots_restored_total"));
-    assert_eq!(metrics, Some(2.0));
+    assert_eq!(metrics, Some(4.0));
     // A host without its own copy restores the registry's, mounted lazily...
     let snapshots = lode.data_dir().parent().unwrap().join("cache/snapshots");
-    let only = |dir: &Path| -> String {
-        let names: Vec<String> = std::fs::read_dir(dir)
+    // Each snapshot names its function; the probe's is the one these steps use.
+    let owned_by = |name: &str| {
+        std::fs::read_dir(&snapshots)
             .unwrap()
             .flatten()
-            .map(|e| e.file_name().to_string_lossy().into_owned())
-            .collect();
-        assert_eq!(names.len(), 1, "{names:?}");
-        names[0].clone()
+            .filter(|e| {
+                std::fs::read_to_string(e.path().join("lode-owner")).is_ok_and(|o| o == name)
+            })
+            .map(|e| e.path())
+            .collect::<Vec<_>>()
     };
-    let key = only(&snapshots);
+    let probe = owned_by("snap/probe");
+    assert_eq!(probe.len(), 1, "{probe:?}");
+    let key = probe[0].file_name().unwrap().to_string_lossy().into_owned();
     use lode_registry::BlobAccess;
     // Made inside the runtime: its channel needs the reactor.
     let registry = rt.block_on(async { lode.registry_client() });
@@ -554,7 +596,9 @@ def double(x: int) -> int:
     assert_eq!(changed["secret"], "two");
     assert_ne!(changed["loaded"], first["loaded"], "{changed}");
     // The snapshot made with the old secret is gone from the cache; the new one is there.
-    assert_ne!(only(&snapshots), key);
+    let probe = owned_by("snap/probe");
+    assert_eq!(probe.len(), 1, "{probe:?}");
+    assert!(!probe[0].ends_with(&key), "{probe:?}");
     // Restored containers leave nothing either: cgroups, scratch, CRIU's staged mounts.
     let mut lode = lode;
     lode.stop();

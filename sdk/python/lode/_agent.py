@@ -488,6 +488,42 @@ class Agent:
                 self._instances[key] = (cls, instance)
             return self._instances[key][1]
 
+    def prepare_instances(self) -> list[tuple[str, str]]:
+        """Before a snapshot: the instance without parameters of each class that has
+        `enter(snap=True)` hooks, made with only those run. One whose hook raises is left to
+        its first input, which reports the error."""
+        from lode._cls import params_key
+
+        prepared = []
+        for function in self.functions.values():
+            cls = function._cls
+            if cls is None or not cls._snap_hooks():
+                continue
+            try:
+                values = cls._bind({})
+            except TypeError:
+                continue  # parameters without defaults: made per call, after the restore
+            key = (cls.__name__, params_key(values))
+            try:
+                instance = cls._new_instance(values, lambda r: self._await(r, None), snap=True)
+            except Exception as e:
+                _diag(f"{cls.__name__}: an enter(snap=True) hook raised ({type(e).__name__}: {e}); it runs at the first input instead")
+                continue
+            self._instances[key] = (cls, instance)
+            prepared.append(key)
+        return prepared
+
+    def finish_instances(self, prepared: list[tuple[str, str]]) -> None:
+        """After the snapshot or a restore: the other enter hooks of the prepared instances.
+        One that raises drops its instance, so the first input makes it again and reports."""
+        for key in prepared:
+            cls, instance = self._instances[key]
+            try:
+                cls._finish_enter(instance, lambda r: self._await(r, None))
+            except Exception as e:
+                _diag(f"{cls.__name__}: an enter hook raised after the restore ({type(e).__name__}: {e})")
+                del self._instances[key]
+
     def _event_loop(self) -> asyncio.AbstractEventLoop:
         """The agent's event loop, on a thread of its own, started at first use."""
         with self._instances_lock:
@@ -687,8 +723,10 @@ def connect(path: str) -> socket.socket:
 
 
 def _snapshot(agent: Agent, path: str) -> None:
-    """Hangs up to be saved, waits for resume.json (once saved, or once restored), takes this
-    container's own settings from it, and connects again."""
+    """Runs the `enter(snap=True)` hooks of each class's instance without parameters, hangs
+    up to be saved, waits for resume.json (once saved, or once restored), takes this
+    container's own settings from it, connects again, and runs the other enter hooks."""
+    prepared = agent.prepare_instances()
     agent.flush_logs()
     agent.conn.send({"type": "snapshot_ready"})
     agent.conn.close()
@@ -705,6 +743,7 @@ def _snapshot(agent: Agent, path: str) -> None:
         numpy.random.seed()
     agent.conn = Connection(connect(path))
     agent.web = WebApps(agent.conn.send, agent._event_loop)
+    agent.finish_instances(prepared)
 
 
 def _exit(agent: Agent | None, code: int) -> None:

@@ -21,6 +21,8 @@ from ._app import FUNCTION_NAME, App, Function
 PARAMETER_TYPES = (str, int, bool, float)
 
 _HOOK = "_lode_hook"
+# Set on an enter hook marked snap=True.
+_SNAP = "_lode_snap"
 
 
 class _Unset:
@@ -56,6 +58,8 @@ def _hook(kind: str, snap: bool = False) -> Callable[[Callable[..., Any]], Calla
         if not callable(fn):
             raise TypeError(f"@lode.{kind}() decorates a method, not {fn!r}")
         setattr(fn, _HOOK, kind)
+        if snap:
+            setattr(fn, _SNAP, True)
         return fn
 
     return mark
@@ -63,8 +67,9 @@ def _hook(kind: str, snap: bool = False) -> Callable[[Callable[..., Any]], Calla
 
 def enter(*, snap: bool = False) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Runs once per instance in a container, before its first input (load a model here).
-    `snap=True` is accepted for Modal code and runs the same way: Lode has no memory
-    snapshots yet."""
+    With `enable_memory_snapshot`, `snap=True` hooks of the instance without parameters run
+    before the container is saved, so restored containers start with their work done; the
+    others run after each restore. Without snapshots, every hook runs at the first input."""
     return _hook("enter", snap)
 
 
@@ -271,10 +276,15 @@ class Cls:
                 raise TypeError(f"{self.__name__}() needs the parameter {name!r}, which has no default")
         return values
 
-    def _new_instance(self, values: dict[str, Any], settle: Callable[[Any], Any] = None) -> Any:  # type: ignore[assignment]
+    def _new_instance(
+        self,
+        values: dict[str, Any],
+        settle: Callable[[Any], Any] = None,  # type: ignore[assignment]
+        snap: bool | None = None,
+    ) -> Any:
         """An instance of the user's class with its parameters set and its enter hooks run;
-        `settle` waits for what an `async def` hook returns."""
-        settle = settle or _settle
+        `settle` waits for what an `async def` hook returns. `snap=True` runs only the hooks
+        marked `snap=True` (before a memory snapshot); [`_finish_enter`] runs the rest."""
         assert self._user_cls is not None
         instance = self._user_cls.__new__(self._user_cls)
         for name, value in values.items():
@@ -282,11 +292,24 @@ class Cls:
         init = self._user_cls.__init__
         if init is not object.__init__:
             init(instance)
+        self._run_enter(instance, settle, snap)
+        return instance
+
+    def _finish_enter(self, instance: Any, settle: Callable[[Any], Any] = None) -> None:  # type: ignore[assignment]
+        """The enter hooks not marked `snap=True`, after a restore."""
+        self._run_enter(instance, settle, False)
+
+    def _snap_hooks(self) -> bool:
+        return any(getattr(getattr(self._user_cls, hook), _SNAP, False) for hook in self._enter)
+
+    def _run_enter(self, instance: Any, settle: Callable[[Any], Any] | None, snap: bool | None) -> None:
+        settle = settle or _settle
         for hook in self._enter:
+            if snap is not None and bool(getattr(getattr(type(instance), hook), _SNAP, False)) != snap:
+                continue
             result = getattr(instance, hook)()
             if inspect.isawaitable(result):
                 settle(result)
-        return instance
 
     def _run_exit_hooks(self, instance: Any, settle: Callable[[Any], Any] = None) -> None:  # type: ignore[assignment]
         settle = settle or _settle
