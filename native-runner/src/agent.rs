@@ -604,6 +604,14 @@ pub async fn start(
     sandbox.argv = vec!["python3".into(), "-m".into(), "lode._agent".into()];
     sandbox.checkpointable = !matches!(spec.snapshot, SnapshotMode::Off);
     let mounts = Mounts::new(sandbox.checkpointable);
+    if sandbox.checkpointable && !sandbox.lower.join("run").is_dir() {
+        let _ = std::fs::remove_dir_all(&run_dir);
+        return Err(StartError::Agent(
+            "a memory snapshot needs /run in the image (the SDK and the socket go under it, \
+             since the root is read-only)"
+                .into(),
+        ));
+    }
     if matches!(spec.snapshot, SnapshotMode::Take { .. }) {
         crate::image_spec::set_env(&mut sandbox.env, "LODE_SNAPSHOT", "take");
     }

@@ -253,6 +253,15 @@ impl Snapshots {
         }
     }
 
+    /// A container that was to be saved did not start; it starts again without.
+    pub fn failed_take(&self, function: &str, mode: &SnapshotMode, why: &str) {
+        self.stats.failed.inc();
+        if let SnapshotMode::Take { images, .. } = mode {
+            let _ = std::fs::remove_dir_all(images);
+        }
+        tracing::warn!(%function, error = %why, "could not start a container to snapshot; starting without a memory snapshot");
+    }
+
     /// A restore from `key`'s snapshot failed: it is dropped, and the next start takes one.
     pub fn failed_restore(&self, key: &str, why: &str) {
         self.stats.failed.inc();

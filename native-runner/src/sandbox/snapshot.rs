@@ -172,8 +172,9 @@ impl Criu {
     }
 
     /// Starts a container from `spec.images`, with the restored pid 1's pipes at stdio
-    /// replaced by `stdout` and `stderr`. Returns once CRIU is running; the restored pid
-    /// 1's host pid is in [`Sandbox::init_pid`] once the restore is done.
+    /// replaced by `stdout` and `stderr`. Returns once the restore is done, with the
+    /// restored pid 1's host pid in [`Sandbox::init_pid`], or with the error lines of
+    /// CRIU's log.
     pub fn restore(
         &self,
         spec: &RestoreSpec,

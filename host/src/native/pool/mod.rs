@@ -598,13 +598,18 @@ impl Pool {
                     }
                     break container;
                 }
+                Err(agent::StartError::Fatal(error)) => return Err(error),
                 // A snapshot that does not restore is dropped, and this start takes one.
                 Err(e) if matches!(snapshot, SnapshotMode::Restore { .. }) => {
                     let key = snapshot_key.as_deref().unwrap_or_default();
                     snapshots.failed_restore(key, &e.to_string());
                     snapshot = snapshots.mode(key).await.unwrap_or(SnapshotMode::Off);
                 }
-                Err(agent::StartError::Fatal(error)) => return Err(error),
+                // A container that cannot be made checkpointable starts as usual.
+                Err(e) if matches!(snapshot, SnapshotMode::Take { .. }) => {
+                    snapshots.failed_take(&spec.function, &snapshot, &e.to_string());
+                    snapshot = SnapshotMode::Off;
+                }
                 Err(other) => {
                     return Err(ErrorInfo::lode("container_failed", other.to_string()));
                 }
