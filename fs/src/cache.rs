@@ -467,6 +467,21 @@ impl ChunkCache {
                 },
             );
         }
+        // Extents left with no chunk (all evicted, or never written) take no more: they go.
+        let empty: Vec<ExtentId> = state
+            .extents
+            .iter()
+            .filter(|(_, extent)| extent.live == 0)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in empty {
+            if let Some(extent) = state.extents.remove(&id)
+                && let Some(layout) = extent.file
+            {
+                state.files.remove(&layout.key);
+            }
+            stale_extents.push(id);
+        }
         if !stale_chunks.is_empty() || !stale_extents.is_empty() {
             let txn = db
                 .begin_write()

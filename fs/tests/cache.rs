@@ -118,6 +118,8 @@ async fn bytes_a_crash_left_without_a_record_are_dropped_at_open() {
     let cache = ChunkCache::open(dir.path(), 1 << 30).unwrap();
     assert_eq!(std::fs::metadata(&extent).unwrap().len(), 30_000);
     assert!(!dir.path().join("extents/999").exists());
+    // Only the extent holding the chunks is left: none empty.
+    assert_eq!(extent_files(dir.path()), vec![extent.clone()]);
     for (digest, bytes) in &stored {
         assert!(read_back(&cache, digest) == *bytes);
     }
