@@ -299,6 +299,8 @@ bench() {
     ./target/release/lode bench container "$@"
   fi
   if [[ $which == all || $which == python ]]; then
+    # The memory-snapshot rows need CRIU 4.
+    install_criu
     ./target/release/lode bench python "$@"
   fi
   if [[ $which == all || $which == calls ]]; then

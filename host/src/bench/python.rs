@@ -11,10 +11,9 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use crate::bench::support::{LodeServer, row, start_server};
+use crate::bench::support::{call_square, live_containers, row, start_server};
 use anyhow::{Result, bail};
 use clap::Args;
-use serde_json::Value;
 
 /// Settings for `lode bench python`.
 #[derive(Debug, Args)]
@@ -105,53 +104,6 @@ elif mode == "remote-map":
     assert out == [i * i for i in range(n)], "wrong results"
     print(time.perf_counter() - t)
 "#;
-
-/// Calls `app`'s `function` with `x` through the API; fails unless it answers `x * x`.
-pub(super) async fn call_square(
-    http: &reqwest::Client,
-    server: &LodeServer,
-    app: &str,
-    function: &str,
-    x: i64,
-) -> Result<()> {
-    let response = http
-        .post(format!(
-            "{}/v1/apps/{app}/functions/{function}/call",
-            server.api
-        ))
-        .bearer_auth(&server.token)
-        .json(&serde_json::json!({"args": [x]}))
-        .send()
-        .await?;
-    let status = response.status();
-    let body: Value = response.json().await?;
-    if !status.is_success() || body["result"] != serde_json::json!(x * x) {
-        bail!("the call failed: {body}");
-    }
-    Ok(())
-}
-
-/// Containers of `app`'s `function` up or starting, from the API's stats.
-pub(super) async fn live_containers(
-    http: &reqwest::Client,
-    server: &LodeServer,
-    app: &str,
-    function: &str,
-) -> Result<u64> {
-    let stats: Value = http
-        .get(format!("{}/v1/apps/{app}/stats", server.api))
-        .bearer_auth(&server.token)
-        .send()
-        .await?
-        .json()
-        .await?;
-    let row = stats["functions"]
-        .as_array()
-        .and_then(|rows| rows.iter().find(|r| r["function"] == function))
-        .cloned()
-        .unwrap_or_default();
-    Ok(row["containers"].as_u64().unwrap_or(0) + row["starting"].as_u64().unwrap_or(0))
-}
 
 /// Runs `lode bench python`.
 pub async fn python(args: PythonBench) -> Result<()> {

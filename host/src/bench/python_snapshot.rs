@@ -7,8 +7,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Result, bail};
 
-use crate::bench::python::{call_square, live_containers};
-use crate::bench::support::{LodeServer, row};
+use crate::bench::support::{LodeServer, call_square, live_containers, row};
 
 const APP: &str = r#"
 import lode

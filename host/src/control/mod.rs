@@ -198,7 +198,8 @@ impl Control {
     ) -> Arc<Self> {
         let calls = Calls::persistent(state.clone(), host.shared.then(|| host.id.clone()), queue);
         let mut metrics = Metrics::default();
-        metrics.register_snapshots(&functions.pools.snapshots.stats);
+        let snapshots = &functions.pools.snapshots.stats;
+        metrics.register_snapshots(&snapshots.taken, &snapshots.restored, &snapshots.failed);
         let metrics = Arc::new(metrics);
         let history = CallHistory::start(state.clone(), metrics.call_records_dropped.clone());
         let objects = Arc::new(crate::store::objects::Objects::new(state.clone()));

@@ -168,22 +168,22 @@ impl Default for Metrics {
 }
 
 impl Metrics {
-    /// Adds the memory snapshots' counters.
-    pub fn register_snapshots(&mut self, stats: &crate::native::snapshots::SnapshotStats) {
+    /// Adds the memory snapshots' counters: saved, restored from, and failed.
+    pub fn register_snapshots(&mut self, taken: &Counter, restored: &Counter, failed: &Counter) {
         self.registry.register(
             "memory_snapshots_taken",
             "Function containers saved after their module loaded",
-            stats.taken.clone(),
+            taken.clone(),
         );
         self.registry.register(
             "memory_snapshots_restored",
             "Function containers started from a memory snapshot",
-            stats.restored.clone(),
+            restored.clone(),
         );
         self.registry.register(
             "memory_snapshot_failures",
             "Snapshots that could not be saved or restored (the container started without)",
-            stats.failed.clone(),
+            failed.clone(),
         );
     }
 }
