@@ -678,24 +678,41 @@ impl ChunkCache {
         if state.used <= self.capacity {
             return;
         }
-        let mut candidates: Vec<(u64, At, u64)> = state
-            .units
-            .iter()
-            .filter_map(|(at, unit)| {
-                let extent = state.extents.get(&at.extent).filter(|e| e.pins == 0)?;
-                let last_use = unit.last_use.max(extent.last_use);
-                Some((last_use, *at, u64::from(unit.len)))
-            })
-            .collect();
-        candidates.sort_unstable_by_key(|(last_use, at, _)| (*last_use, at.extent, at.offset));
+        // A packed extent gives up chunks one by one; a large file's extent goes whole, by
+        // unlinking it: the kernel may still map it (passthrough `mmap` holds the extent, not
+        // the FUSE file, so its RELEASE comes at `close`), and a punched hole would read
+        // back as zeros there, while an unlinked file keeps its bytes until unmapped.
+        let mut candidates: Vec<(u64, Vec<At>, u64)> = Vec::new();
+        let mut whole: HashMap<ExtentId, (u64, Vec<At>, u64)> = HashMap::new();
+        for (at, unit) in &state.units {
+            let Some(extent) = state.extents.get(&at.extent).filter(|e| e.pins == 0) else {
+                continue;
+            };
+            let last_use = unit.last_use.max(extent.last_use);
+            let len = u64::from(unit.len);
+            if extent.file.is_some() {
+                let file = whole.entry(at.extent).or_insert((0, Vec::new(), 0));
+                file.0 = file.0.max(last_use);
+                file.1.push(*at);
+                file.2 += len;
+            } else {
+                candidates.push((last_use, vec![*at], len));
+            }
+        }
+        candidates.extend(whole.into_values());
+        candidates
+            .sort_unstable_by_key(|(last_use, ats, _)| (*last_use, ats[0].extent, ats[0].offset));
         let mut victims = Vec::new();
         let mut used = state.used;
-        for (_, at, len) in candidates {
+        for (_, ats, len) in candidates {
             if used <= self.capacity {
                 break;
             }
             used -= len;
-            victims.push(at);
+            victims.extend(ats);
+        }
+        if victims.is_empty() {
+            return;
         }
         let mut emptied = Vec::new();
         {
@@ -884,17 +901,23 @@ impl ChunkCache {
             return Err(e);
         }
         let clock = state.tick();
-        state.used += len;
-        state.by_digest.entry(digest.clone()).or_default().push(at);
-        state.units.insert(
-            at,
-            Unit {
-                digest: digest.clone(),
-                len: len as u32,
-                last_use: clock,
-            },
-        );
-        state.extents.get_mut(&at.extent).expect("pinned").live += len;
+        match state.units.get_mut(&at) {
+            // Kept already (its pin failed to open the extent, say): counted once.
+            Some(unit) if unit.digest == *digest => unit.last_use = clock,
+            _ => {
+                state.used += len;
+                state.by_digest.entry(digest.clone()).or_default().push(at);
+                state.units.insert(
+                    at,
+                    Unit {
+                        digest: digest.clone(),
+                        len: len as u32,
+                        last_use: clock,
+                    },
+                );
+                state.extents.get_mut(&at.extent).expect("pinned").live += len;
+            }
+        }
         let pinned = Pinned {
             cache: self.clone(),
             extent: at.extent,

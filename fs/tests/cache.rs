@@ -222,6 +222,9 @@ async fn eviction_frees_disk_and_never_touches_a_file_held_whole() {
         "{} bytes allocated",
         blocks * 512
     );
+    // What the kernel holds of a passthrough file (an `mmap` outlives the FUSE file's
+    // release): the extent itself, opened.
+    let mapped = std::fs::File::open(&path).unwrap();
     drop(held);
     // Released, its chunks are the oldest: the next chunks push the file out entirely.
     let more = chunks(&registry, 7, 4, 100_000).await;
@@ -230,5 +233,12 @@ async fn eviction_frees_disk_and_never_touches_a_file_held_whole() {
     }
     assert!(cache.complete_file(&layout).is_none());
     assert!(!path.exists(), "an emptied file extent was left on disk");
+    // Evicted whole, by unlinking: what still holds it reads the file, never a hole.
+    let mut still = Vec::new();
+    std::io::Read::read_to_end(&mut &mapped, &mut still).unwrap();
+    assert!(
+        still == expected,
+        "an evicted file read back differently through a held descriptor"
+    );
     assert!(cache.used() <= bound);
 }

@@ -475,7 +475,8 @@ fn a_memory_snapshot_restores_the_loaded_module_with_fresh_randomness_and_its_ow
         println!("SKIPPED: no CRIU 4 here (./lode.sh test builds it)");
         return;
     }
-    let lode = start(&[]);
+    // Snapshots go to the registry too, as hosts sharing one would have them.
+    let lode = start(&["--share-memory-snapshots"]);
     let dir = tempfile::tempdir().unwrap();
     let app = dir.path().join("snap.py");
     std::fs::write(

@@ -700,6 +700,8 @@ pub async fn start(
             return Err(StartError::Spawn(e));
         }
     };
+    // What a snapshot saves: the container's own pid 1, never a pid a socket names.
+    let init_pid = sandbox_handle.init_pid();
     for (name, pipe) in [
         (
             "stdout",
@@ -776,8 +778,8 @@ pub async fn start(
                 }
             }
             drop((reader, write_half));
-            let taken = match pid {
-                Some(pid) => {
+            let taken = match (pid, init_pid) {
+                (Some(peer), Some(pid)) if peer == pid => {
                     let (criu, images) = (criu.clone(), images.clone());
                     let externals = [
                         (mounts.sdk, "sdk"),
@@ -791,7 +793,9 @@ pub async fn start(
                     .await
                     .map_err(|e| fail(format!("the snapshot task failed: {e}")))?
                 }
-                None => Err("the agent's pid is unknown".to_string()),
+                _ => Err(
+                    "the agent's connection does not come from the container's pid 1".to_string(),
+                ),
             };
             if let Err(why) = &taken {
                 tracing::warn!(error = %why, "memory snapshot failed; the container goes on without one");

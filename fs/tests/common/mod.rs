@@ -20,13 +20,18 @@ pub struct Registry {
     pub client: Arc<RegistryClient>,
     _dir: tempfile::TempDir,
     stop: std::sync::Mutex<Option<tokio::sync::oneshot::Sender<()>>>,
+    thread: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
 impl Registry {
-    /// Kills the server: its runtime goes, with the listener and every connection.
+    /// Kills the server: its runtime goes, with the listener and every connection, before
+    /// this returns.
     pub fn kill(&self) {
         if let Some(stop) = self.stop.lock().unwrap().take() {
             let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.lock().unwrap().take() {
+            let _ = thread.join();
         }
     }
 }
@@ -53,7 +58,7 @@ pub async fn registry() -> Registry {
     );
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let (bound, address) = tokio::sync::oneshot::channel();
-    std::thread::spawn(move || {
+    let thread = std::thread::spawn(move || {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .enable_all()
@@ -73,6 +78,7 @@ pub async fn registry() -> Registry {
         client: Arc::new(client),
         _dir: dir,
         stop: std::sync::Mutex::new(Some(stop)),
+        thread: std::sync::Mutex::new(Some(thread)),
     }
 }
 

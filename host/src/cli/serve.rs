@@ -99,6 +99,12 @@ pub struct ServeArgs {
     /// registry's tags live in PostgreSQL too.
     #[arg(long = "blobs", value_name = "URL")]
     pub blobs_url: Option<String>,
+    /// Store functions' memory snapshots in the registry too, so hosts sharing it restore
+    /// them (lazily) instead of taking their own. A snapshot holds the process's memory,
+    /// secret values included, in plain text: turn this on only where the registry's
+    /// storage is as private as this host's cache dir.
+    #[arg(long)]
+    pub share_memory_snapshots: bool,
     /// The 32-byte key secrets are sealed with [default: <data-dir>/secret.key, made if
     /// missing]. Hosts that share --state must all have the same file; it is never made.
     #[arg(long, value_name = "FILE")]
@@ -292,6 +298,7 @@ pub async fn run(args: ServeArgs) -> Result<()> {
         gpu_root: args.gpu_root,
         state_url: args.state_url,
         blobs_url: args.blobs_url,
+        share_memory_snapshots: args.share_memory_snapshots,
         state_poll: args.state_poll,
         host_id: args.host_id,
         advertise: args.advertise,

@@ -50,6 +50,8 @@ pub struct Snapshots {
     seal_key: [u8; 32],
     /// Where a snapshot only the registry has is mounted lazily from.
     mounts: Arc<lode_fs::MountTable>,
+    /// Whether snapshots go to the registry (`lode serve --share-memory-snapshots`).
+    share: bool,
     /// Counters.
     pub stats: SnapshotStats,
 }
@@ -82,12 +84,24 @@ impl Snapshots {
         registry: Arc<dyn BlobAccess>,
         seal_key: [u8; 32],
         mounts: Arc<lode_fs::MountTable>,
+        share: bool,
     ) -> Self {
-        // A snapshot holds a process's memory, secrets included: Lode's alone.
-        if let Err(e) = lode_fs::create_private_dir(&dir) {
-            tracing::warn!(dir = %dir.display(), "making the snapshot directory private: {e}");
+        // A snapshot holds a process's memory, secrets included: Lode's alone, or none.
+        let private = lode_fs::create_private_dir(&dir).map_err(|e| {
+            format!(
+                "the snapshot directory {} cannot be made private: {e}",
+                dir.display()
+            )
+        });
+        // Partial snapshots a killed server left.
+        if let Ok(entries) = std::fs::read_dir(&dir) {
+            for entry in entries.flatten() {
+                if entry.file_name().to_string_lossy().contains('.') {
+                    let _ = std::fs::remove_dir_all(entry.path());
+                }
+            }
         }
-        let criu = Criu::locate().map_err(|e| e.to_string());
+        let criu = private.and_then(|()| Criu::locate().map_err(|e| e.to_string()));
         let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
         let environment = format!(
             "criu {}; kernel {}; lode {}",
@@ -103,6 +117,7 @@ impl Snapshots {
             broken: Mutex::new(HashSet::new()),
             seal_key,
             mounts,
+            share,
             stats: SnapshotStats::default(),
         }
     }
@@ -162,7 +177,9 @@ impl Snapshots {
             if images.is_dir() {
                 return Ok(SnapshotMode::Restore { criu, images });
             }
-            if let Ok(digest) = self.registry.get_tag(&Self::tag(key)).await {
+            if self.share
+                && let Ok(digest) = self.registry.get_tag(&Self::tag(key)).await
+            {
                 match self.mount(key, &digest).await {
                     Ok(images) => return Ok(SnapshotMode::Restore { criu, images }),
                     Err(e) => {
@@ -213,13 +230,20 @@ impl Snapshots {
                 self.broken.lock().unwrap().remove(key);
                 let _ = std::fs::write(images.join(OWNER_FILE), owner);
                 self.drop_older(key, owner);
-                let _ = std::fs::remove_dir_all(&kept);
+                if kept.exists() {
+                    // Another start saved one first; others may be restoring from it.
+                    let _ = std::fs::remove_dir_all(images);
+                    return;
+                }
                 if let Err(e) = std::fs::rename(images, &kept) {
                     tracing::warn!(%key, error = %e, "could not keep the snapshot");
                     let _ = std::fs::remove_dir_all(images);
                     return;
                 }
                 tracing::info!(%key, bytes = report.bytes, took = ?report.took, "memory snapshot taken");
+                if !self.share {
+                    return;
+                }
                 let this = self.clone();
                 let key = key.to_string();
                 tokio::spawn(async move {

@@ -65,6 +65,8 @@ pub struct ServeOptions {
     pub spawn_slots: usize,
     /// An S3 bucket to keep blobs in, shared with other hosts (`None`: the data dir).
     pub blobs_url: Option<String>,
+    /// Store memory snapshots in the registry (they hold secrets in plain text).
+    pub share_memory_snapshots: bool,
     /// The key secrets are sealed with, when not `<data-dir>/secret.key`.
     pub secrets_key_file: Option<PathBuf>,
     /// What computes a Wasm function's leased GPU (CUDA but in tests).
@@ -311,6 +313,7 @@ pub async fn serve(options: ServeOptions) -> Result<()> {
                 Arc::new(registry.clone()),
                 secrets.snapshot_seal_key(),
                 image_mounts.clone(),
+                options.share_memory_snapshots,
             )),
         }),
         wasm_gpus: crate::wasm::gpu::WasmGpus::new(gpus, options.wasm_gpu_compute),

@@ -998,14 +998,30 @@ pub(super) fn restrict(
     // Whatever the host process holds open without close-on-exec (a library's descriptor,
     // a parent's jobserver pipe) closes at exec, so it never reaches the command.
     // SAFETY: close_range(2) with plain integers, on this process's own descriptors.
-    check(unsafe {
+    let marked = check(unsafe {
         libc::syscall(
             libc::SYS_close_range,
             3u32,
             u32::MAX,
             libc::CLOSE_RANGE_CLOEXEC,
         ) as libc::c_int
-    })?;
+    });
+    if marked.is_err() {
+        // Before Linux 5.11 (or under a filter that does not know close_range): one by one,
+        // up to the open-files limit in force now.
+        let mut limit = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit(2) writes into the struct we own; fcntl(2) with F_SETFD on
+        // descriptor numbers, which fails harmlessly on ones not open.
+        unsafe {
+            libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit);
+            for fd in 3..limit.rlim_cur.min(1 << 20) as libc::c_int {
+                libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC);
+            }
+        }
+    }
     let files = libc::rlimit {
         rlim_cur: max_open_files,
         rlim_max: max_open_files,

@@ -200,27 +200,29 @@ impl Criu {
         // under a directory it can pass, and nothing else is there.
         let stage = Path::new(RESTORE_STAGE).join(name);
         let mut host_mounts = HostMounts(vec![stage.clone()]);
-        for dir in [Path::new(RESTORE_STAGE), &stage] {
-            std::fs::create_dir_all(dir)?;
-            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o711))?;
-        }
+        std::fs::create_dir_all(RESTORE_STAGE)?;
+        std::fs::set_permissions(RESTORE_STAGE, std::fs::Permissions::from_mode(0o711))?;
+        std::fs::create_dir(&stage)?;
+        // Only the container's root (CRIU, inside its user namespace) and the host's root
+        // may pass it: the app's code and its socket are below.
+        let owner = spec.user_namespace.ids().host_base;
+        std::os::unix::fs::chown(&stage, Some(owner), Some(owner))?;
+        std::fs::set_permissions(&stage, std::fs::Permissions::from_mode(0o700))?;
         let root = stage.join("root");
         std::fs::create_dir(&root)?;
+        host_mounts.0.insert(0, root.clone());
         let image = clone_idmapped(&path_cstring(&spec.lower)?, &spec.user_namespace)?;
         move_detached(image, &path_cstring(&root)?)?;
-        host_mounts.0.insert(0, root.clone());
         let mut externals = Vec::new();
         for (key, source) in &spec.externals {
             let target = stage.join(key);
             std::fs::create_dir(&target)?;
-            mount(
-                &path_cstring(source)?,
-                &path_cstring(&target)?,
-                None,
-                libc::MS_BIND | libc::MS_REC,
-                None,
-            )?;
             host_mounts.0.insert(0, target.clone());
+            let (source, c_target) = (path_cstring(source)?, path_cstring(&target)?);
+            mount(&source, &c_target, None, libc::MS_BIND | libc::MS_REC, None)?;
+            // Read-only here too, whatever CRIU makes of the dumped flags.
+            let read_only = libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY;
+            mount(&source, &c_target, None, read_only, None)?;
             externals.push((key, target));
         }
         let group = partial.group.insert(cgroups.create(name, &spec.limits)?);

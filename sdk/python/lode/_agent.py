@@ -741,6 +741,9 @@ def _snapshot(agent: Agent, path: str) -> None:
     numpy = sys.modules.get("numpy")
     if numpy is not None:
         numpy.random.seed()
+    ssl = sys.modules.get("ssl")
+    if ssl is not None:
+        ssl.RAND_add(os.urandom(32), 32.0)
     agent.conn = Connection(connect(path))
     agent.web = WebApps(agent.conn.send, agent._event_loop)
     agent.finish_instances(prepared)

@@ -577,9 +577,23 @@ impl Pool {
             }),
             None => SnapshotMode::Off,
         };
+        let mut attempt = 0;
         let mut container = loop {
+            let mut sandbox = sandbox.clone();
+            if attempt > 0 {
+                // A failed attempt is torn down in the background: nothing of the next one
+                // (scratch, run dir, cgroups) may share its names.
+                let name = sandbox
+                    .scratch
+                    .file_name()
+                    .unwrap_or_default()
+                    .to_string_lossy();
+                let fresh = format!("{name}-{attempt}");
+                sandbox.scratch.set_file_name(fresh);
+            }
+            attempt += 1;
             let agent_spec = AgentSpec {
-                sandbox: sandbox.clone(),
+                sandbox,
                 sdk_dir: self.ctx.sdk_dir.clone(),
                 app_dir: spec.app_dir.clone(),
                 module: spec.module.clone(),
@@ -599,11 +613,19 @@ impl Pool {
                     break container;
                 }
                 Err(agent::StartError::Fatal(error)) => return Err(error),
-                // A snapshot that does not restore is dropped, and this start takes one.
-                Err(e) if matches!(snapshot, SnapshotMode::Restore { .. }) => {
+                // A snapshot CRIU cannot restore is dropped, and this start takes one.
+                Err(agent::StartError::Spawn(e))
+                    if matches!(snapshot, SnapshotMode::Restore { .. }) =>
+                {
                     let key = snapshot_key.as_deref().unwrap_or_default();
                     snapshots.failed_restore(key, &e.to_string());
                     snapshot = snapshots.mode(key).await.unwrap_or(SnapshotMode::Off);
+                }
+                // A restored container that failed later (its agent, say): the snapshot
+                // stays, and this start goes without it.
+                Err(e) if matches!(snapshot, SnapshotMode::Restore { .. }) => {
+                    tracing::warn!(function = %spec.function, error = %e, "a restored container did not start; starting without its snapshot");
+                    snapshot = SnapshotMode::Off;
                 }
                 // A container that cannot be made checkpointable starts as usual.
                 Err(e) if matches!(snapshot, SnapshotMode::Take { .. }) => {
