@@ -28,6 +28,9 @@ use tokio::sync::{mpsc, watch};
 use crate::cgroup::Hierarchy;
 use crate::sandbox::{Criu, RestoreSpec, SandboxSpec, Volume, spawn};
 
+mod accept;
+use accept::Accept;
+
 /// Where the SDK (and the agent in it) appears in a function container.
 pub const SDK_MOUNT: &str = "/lode/sdk";
 /// Where the user's code appears.
@@ -873,95 +876,6 @@ pub async fn start(
     })
 }
 
-/// Takes the agent's connections on `host.sock`.
-struct Accept<'a> {
-    listener: &'a UnixListener,
-    container_uid: u32,
-    start_timeout: Duration,
-    exit: &'a watch::Receiver<Option<Exit>>,
-}
-
-impl Accept<'_> {
-    /// The next connection from the container's root, its network namespace, and its pid.
-    async fn next(
-        &self,
-    ) -> Result<
-        (
-            tokio::net::UnixStream,
-            Option<std::os::fd::OwnedFd>,
-            Option<u32>,
-        ),
-        String,
-    > {
-        let container_uid = self.container_uid;
-        tokio::select! {
-            accepted = tokio::time::timeout(self.start_timeout, self.listener.accept()) => match accepted {
-                Ok(Ok((stream, _))) => {
-                    let peer = stream.peer_cred().ok();
-                    if peer.map(|c| c.uid()) != Some(container_uid) {
-                        return Err(format!(
-                            "a process of uid {:?} connected to the agent socket, not the \
-                             container's root ({container_uid}); stopping",
-                            peer.map(|c| c.uid())
-                        ));
-                    }
-                    // The agent's network namespace is the container's; opened while the
-                    // agent is connected, so its pid is not yet anyone else's.
-                    let pid = peer.and_then(|c| c.pid()).and_then(|p| u32::try_from(p).ok());
-                    let network = pid.and_then(|pid| own_network(&format!("/proc/{pid}/ns/net")));
-                    Ok((stream, network, pid))
-                }
-                Ok(Err(e)) => Err(format!("accepting the agent's connection: {e}")),
-                Err(_) => Err(format!(
-                    "the container's agent did not connect within {:?}", self.start_timeout
-                )),
-            },
-            exit = wait_exit(self.exit.clone()) => Err(format!(
-                "{exit} before its agent connected (does the image have python3? see `lode logs`)"
-            )),
-        }
-    }
-
-    /// The agent's first message: `Ready` or `SnapshotReady`; a fatal load error, a hang-up
-    /// or silence past the start timeout stop the container.
-    async fn first_message(
-        &self,
-        reader: &mut BufReader<tokio::net::unix::OwnedReadHalf>,
-        stop: &AtomicBool,
-    ) -> Result<FromAgent, StartError> {
-        let fail = |message: String| {
-            stop.store(true, Ordering::Relaxed);
-            StartError::Agent(message)
-        };
-        let first = tokio::time::timeout(self.start_timeout, read_message(reader))
-            .await
-            .map_err(|_| {
-                fail(format!(
-                    "the agent did not load the module within {:?}",
-                    self.start_timeout
-                ))
-            })?;
-        match first {
-            Ok(Some(FromAgent::Fatal { error })) => {
-                stop.store(true, Ordering::Relaxed);
-                Err(StartError::Fatal(error))
-            }
-            Ok(Some(message)) => Ok(message),
-            Ok(None) => {
-                // The agent hung up before it was ready; the container goes too.
-                stop.store(true, Ordering::Relaxed);
-                let exit = tokio::time::timeout(self.start_timeout, wait_exit(self.exit.clone()))
-                    .await
-                    .map_or_else(|_| "the container hung up".to_string(), |e| e.to_string());
-                Err(StartError::Agent(format!(
-                    "{exit} while loading the module (see `lode logs`)"
-                )))
-            }
-            Err(e) => Err(fail(format!("reading the agent's first message: {e}"))),
-        }
-    }
-}
-
 /// The network namespace at `path`, held open; `None` if it is the host's own.
 fn own_network(path: &str) -> Option<std::os::fd::OwnedFd> {
     use std::os::unix::fs::MetadataExt;
@@ -1029,43 +943,4 @@ pub fn app_dir(
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn messages_keep_the_agents_wire_shape() {
-        let input = ToAgent::Input {
-            id: "in-1".into(),
-            function: "square".into(),
-            payload: serde_json::from_str(r#"{"args": [4], "kwargs": {}}"#).unwrap(),
-        };
-        assert_eq!(
-            serde_json::to_value(&input).unwrap(),
-            serde_json::json!({"type": "input", "id": "in-1", "function": "square", "args": [4], "kwargs": {}})
-        );
-        let output: FromAgent =
-            serde_json::from_str(r#"{"type": "output", "id": "in-1", "result": null}"#).unwrap();
-        // serde reads `null` as no result: callers treat an outcome with neither a result
-        // nor an error as `None` returned.
-        assert_eq!(
-            output,
-            FromAgent::Output {
-                id: "in-1".into(),
-                outcome: Outcome::default(),
-            }
-        );
-        let failed: FromAgent = serde_json::from_str(
-            r#"{"type": "output", "id": "in-2", "error": {"kind": "ValueError", "module": "builtins", "message": "no"}}"#,
-        )
-        .unwrap();
-        let FromAgent::Output { outcome, .. } = failed else {
-            panic!("{failed:?}")
-        };
-        assert_eq!(outcome.error.unwrap().kind, "ValueError");
-        let call: FromAgent = serde_json::from_str(
-            r#"{"type": "call", "call_id": "c-1", "token": "t", "op": "call", "app": "a", "function": "f", "args": [1], "kwargs": {}}"#,
-        )
-        .unwrap();
-        assert!(matches!(call, FromAgent::Call { ref request, .. } if request.op == "call"));
-    }
-}
+mod tests;

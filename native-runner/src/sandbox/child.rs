@@ -19,6 +19,11 @@
 
 use super::*;
 
+mod checkpointable;
+mod lock_down;
+pub(super) use checkpointable::enter_checkpointable;
+pub(super) use lock_down::{lock_down, restrict};
+
 pub(super) fn cstring(text: impl AsRef<[u8]>) -> io::Result<CString> {
     CString::new(text.as_ref()).map_err(|_| {
         io::Error::new(
@@ -451,111 +456,6 @@ pub(super) fn enter(prepared: &Prepared) -> io::Result<()> {
     stage(prepared, Stage::LockDown, lock_down(prepared))
 }
 
-/// [`enter`] for a checkpointable container: the image is cloned idmapped while this is still
-/// the host's root; then the user namespace is joined first, so the namespaces made next are
-/// its own (CRIU makes them again from inside it on restore). Capabilities, `no_new_privs`
-/// and seccomp are set as for any container, so the rights its root holds over its own
-/// namespaces are gone before the command runs.
-pub(super) fn enter_checkpointable(p: &Prepared, userns: &UserNamespace) -> io::Result<()> {
-    // SAFETY: setsid(2) takes no arguments; std's child is not a process group leader.
-    stage(p, Stage::Session, check(unsafe { libc::setsid() }))?;
-    stage(p, Stage::Cgroups, join_cgroups(p))?;
-    let image = stage(p, Stage::Root, clone_idmapped(&p.lower_source, userns))?;
-    if let Some(dir) = &p.scratch_dir {
-        // SAFETY: fchdir(2) on a descriptor we hold.
-        let moved = check(unsafe { libc::fchdir(dir.as_raw_fd()) });
-        stage(p, Stage::Root, moved)?;
-    }
-    stage(p, Stage::User, become_container_root(userns))?;
-    let flags = libc::CLONE_NEWNS
-        | libc::CLONE_NEWUTS
-        | libc::CLONE_NEWIPC
-        | libc::CLONE_NEWCGROUP
-        | libc::CLONE_NEWPID
-        | libc::CLONE_NEWNET;
-    // SAFETY: unshare(2) takes flags only.
-    let unshared = check(unsafe { libc::unshare(flags) });
-    stage(p, Stage::Namespaces, unshared)?;
-    fork_waiting()?;
-    // CRIU dumps a tree whose session leader is inside its pid namespace: pid 1 leads.
-    // SAFETY: as above; a fresh child is not a process group leader.
-    stage(p, Stage::Session, check(unsafe { libc::setsid() }))?;
-    stage(p, Stage::Root, build_checkpointable_root(p, image))?;
-    stage(p, Stage::Root, reopen_null_stdio())?;
-    for volume in &p.volumes {
-        stage(p, Stage::Volume(volume.index), attach_volume(volume, None))?;
-    }
-    stage(p, Stage::Workdir, chdir_inside_root(&p.cwd))?;
-    stage(p, Stage::Root, finish_root(p))?;
-    stage(p, Stage::LockDown, lock_down(p))
-}
-
-/// The root of a checkpointable container: the idmapped image, read-only, with a tmpfs on
-/// each writable directory, `/proc` and `/dev` as in [`build_overlay`] (the host's nodes
-/// bound in), then the pivot.
-pub(super) fn build_checkpointable_root(p: &Prepared, image: libc::c_int) -> io::Result<()> {
-    // SAFETY: umask(2) takes and returns plain integers.
-    unsafe { libc::umask(0) };
-    let built = checkpointable_mounts(p, image);
-    // SAFETY: as above.
-    unsafe { libc::umask(0o022) };
-    built?;
-    // SAFETY: NUL-terminated paths; pivot_root(".", ".") stacks the old root under the new
-    // one, and the lazy unmount then detaches it with everything under it.
-    unsafe {
-        check(libc::chdir(p.merged.as_ptr()))?;
-        check(libc::syscall(libc::SYS_pivot_root, c".".as_ptr(), c".".as_ptr()) as libc::c_int)?;
-        check(libc::umount2(c".".as_ptr(), libc::MNT_DETACH))?;
-        check(libc::chdir(c"/".as_ptr()))
-    }
-}
-
-/// Points stdio that is the host's `/dev/null` at the container's own: CRIU can only save a
-/// file whose mount is in the container.
-fn reopen_null_stdio() -> io::Result<()> {
-    // SAFETY: open(2) of a NUL-terminated literal; fstat(2) and dup2(2) on descriptors this
-    // process holds, into a stat buffer it owns; then close(2) of the one it opened.
-    unsafe {
-        let null = libc::open(c"/dev/null".as_ptr(), libc::O_RDWR | libc::O_CLOEXEC);
-        if null == -1 {
-            return Err(io::Error::last_os_error());
-        }
-        let mut result = Ok(());
-        for fd in 0..=2 {
-            let mut stat: libc::stat = std::mem::zeroed();
-            if libc::fstat(fd, &mut stat) == 0
-                && stat.st_mode & libc::S_IFMT == libc::S_IFCHR
-                && libc::dup2(null, fd) == -1
-            {
-                result = Err(io::Error::last_os_error());
-            }
-        }
-        libc::close(null);
-        result
-    }
-}
-
-fn checkpointable_mounts(p: &Prepared, image: libc::c_int) -> io::Result<()> {
-    let tmpfs = &p.names[0];
-    let staged = private_scratch(p, c"/", c"none").and_then(|()| mkdir(&p.merged, 0o755));
-    if let Err(e) = staged {
-        // SAFETY: closing the descriptor clone_idmapped opened.
-        unsafe { libc::close(image) };
-        return Err(e);
-    }
-    move_detached(image, &p.merged)?;
-    for (dir, options) in &p.writable_dirs {
-        mount(
-            tmpfs,
-            dir,
-            Some(tmpfs),
-            libc::MS_NOSUID | libc::MS_NODEV,
-            Some(options),
-        )?;
-    }
-    proc_and_dev(p)
-}
-
 /// Forks once more, so what follows runs as a child in the pid namespace just made or
 /// joined; this process stays outside it as the waiter ([`wait_and_exit`]) and never
 /// returns. Returns in the child.
@@ -980,99 +880,6 @@ pub(super) fn chdir_inside_root(cwd: &CString) -> io::Result<()> {
     // SAFETY: as above.
     unsafe { libc::close(dir) };
     moved
-}
-
-/// Limits, then no way back to privilege: every capability not asked for dropped (from the
-/// bounding set too, so exec cannot give them back) and `no_new_privs`.
-pub(super) fn lock_down(p: &Prepared) -> io::Result<()> {
-    restrict(p.max_open_files, p.capabilities, p.seccomp)
-}
-
-/// The open-files limit, then every capability but `capabilities` (the bounding set too),
-/// `no_new_privs`, and the seccomp `programs` last.
-pub(super) fn restrict(
-    max_open_files: u64,
-    capabilities: u64,
-    programs: &[seccompiler::BpfProgram],
-) -> io::Result<()> {
-    // Whatever the host process holds open without close-on-exec (a library's descriptor,
-    // a parent's jobserver pipe) closes at exec, so it never reaches the command.
-    // SAFETY: close_range(2) with plain integers, on this process's own descriptors.
-    let marked = check(unsafe {
-        libc::syscall(
-            libc::SYS_close_range,
-            3u32,
-            u32::MAX,
-            libc::CLOSE_RANGE_CLOEXEC,
-        ) as libc::c_int
-    });
-    if marked.is_err() {
-        // Before Linux 5.11 (or under a filter that does not know close_range): one by one,
-        // up to the open-files limit in force now.
-        let mut limit = libc::rlimit {
-            rlim_cur: 0,
-            rlim_max: 0,
-        };
-        // SAFETY: getrlimit(2) writes into the struct we own; fcntl(2) with F_SETFD on
-        // descriptor numbers, which fails harmlessly on ones not open.
-        unsafe {
-            libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit);
-            for fd in 3..limit.rlim_cur.min(1 << 20) as libc::c_int {
-                libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC);
-            }
-        }
-    }
-    let files = libc::rlimit {
-        rlim_cur: max_open_files,
-        rlim_max: max_open_files,
-    };
-    // SAFETY: a valid rlimit pointer.
-    check(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &files) })?;
-    for capability in (0..=63).filter(|bit| capabilities & (1 << bit) == 0) {
-        // SAFETY: prctl(2) with integer arguments; EINVAL past the last capability is fine.
-        unsafe { libc::prctl(libc::PR_CAPBSET_DROP, capability, 0, 0, 0) };
-    }
-    // SAFETY: prctl(2) with integer arguments.
-    unsafe {
-        libc::prctl(
-            libc::PR_CAP_AMBIENT,
-            libc::PR_CAP_AMBIENT_CLEAR_ALL,
-            0,
-            0,
-            0,
-        );
-    }
-    #[repr(C)]
-    struct Header {
-        version: u32,
-        pid: i32,
-    }
-    #[repr(C)]
-    #[derive(Clone, Copy)]
-    struct Data {
-        effective: u32,
-        permitted: u32,
-        inheritable: u32,
-    }
-    let header = Header {
-        version: 0x2008_0522, // _LINUX_CAPABILITY_VERSION_3
-        pid: 0,
-    };
-    let word = |shift: u32| {
-        let bits = (capabilities >> shift) as u32;
-        Data {
-            effective: bits,
-            permitted: bits,
-            inheritable: bits,
-        }
-    };
-    let kept = [word(0), word(32)];
-    // SAFETY: capset(2) with a v3 header and two data words, all ours.
-    check(unsafe { libc::syscall(libc::SYS_capset, &header, kept.as_ptr()) as libc::c_int })?;
-    // SAFETY: prctl(2) with integer arguments.
-    check(unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) })?;
-    // Last, so nothing above is filtered: from here on the profile applies.
-    crate::seccomp::install(programs)
 }
 
 /// Points the container's resolver at the user-mode stack's DNS forwarder. It runs after the
