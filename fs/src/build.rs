@@ -199,6 +199,11 @@ impl Encoder {
 /// exactly what a reader would: names that are empty, `.`, `..`, or hold `/` or NUL, two
 /// children with one name, bad symlink targets or xattr names, and so on.
 pub fn encode(root: &Node) -> Result<Index, IndexError> {
+    encode_flagged(root, 0)
+}
+
+/// [`encode`], with header flags (`HEADER_ENCRYPTED` for a tree of sealed chunks).
+pub(crate) fn encode_flagged(root: &Node, flags: u32) -> Result<Index, IndexError> {
     if !matches!(root.body, Body::Dir(_)) {
         return Err(IndexError(
             "the root of an index must be a directory".into(),
@@ -243,7 +248,7 @@ pub fn encode(root: &Node) -> Result<Index, IndexError> {
     let header = RawHeader {
         magic: MAGIC,
         version: VERSION.into(),
-        flags: 0.into(),
+        flags: flags.into(),
         entry_count: (encoder.entries.len() as u32).into(),
         chunk_count: u32::try_from(encoder.chunks.len())
             .map_err(|_| too_big("the chunk table"))?

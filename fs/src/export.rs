@@ -39,6 +39,9 @@ pub async fn export(
     registry: Arc<dyn BlobAccess>,
     target: &Path,
 ) -> Result<ExportReport> {
+    if index.encrypted() {
+        return Err(Error::Encrypted(index.digest().clone()));
+    }
     prepare_target(target)?;
     let walk = index.walk();
     let mut report = ExportReport::default();

@@ -117,6 +117,8 @@ pub(crate) struct RawXattr {
 
 /// Entry flag: the file's bytes are in the heap, not in chunks.
 pub(crate) const FLAG_INLINE: u8 = 1;
+/// Header flag: every chunk is sealed ([`crate::ChunkCipher`]), and no file bytes are inline.
+pub(crate) const HEADER_ENCRYPTED: u32 = 1;
 
 /// What an entry is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -171,6 +173,7 @@ pub struct Index {
     chunks: Range<usize>,
     xattrs: Range<usize>,
     heap: Range<usize>,
+    encrypted: bool,
 }
 
 impl std::fmt::Debug for Index {
@@ -218,7 +221,7 @@ impl Index {
                 header.version.get()
             ));
         }
-        if header.flags.get() != 0 || header.reserved.get() != 0 {
+        if header.flags.get() & !HEADER_ENCRYPTED != 0 || header.reserved.get() != 0 {
             return invalid(
                 "header flags are set that this lode does not know; it needs a newer lode",
             );
@@ -256,6 +259,7 @@ impl Index {
             chunks,
             xattrs,
             heap,
+            encrypted: header.flags.get() & HEADER_ENCRYPTED != 0,
         };
         index.validate()?;
         Ok(index)
@@ -331,6 +335,9 @@ impl Index {
             let inline = entry.flags & FLAG_INLINE != 0;
             if entry.flags & !FLAG_INLINE != 0 || (inline && kind != Kind::File) {
                 return Err(at("unknown flags are set"));
+            }
+            if inline && self.encrypted && entry.size.get() > 0 {
+                return Err(at("file bytes are inline in an encrypted index"));
             }
             let (a, b, size) = (
                 u64::from(entry.a.get()),
@@ -451,6 +458,12 @@ impl Index {
     /// The digest of the index bytes: the image's identity.
     pub fn digest(&self) -> &Digest {
         &self.digest
+    }
+
+    /// Whether its chunks are sealed: its files read only with the key
+    /// ([`crate::ChunkCipher`]).
+    pub fn encrypted(&self) -> bool {
+        self.encrypted
     }
 
     /// The encoded index.

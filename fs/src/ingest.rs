@@ -14,17 +14,22 @@ use futures::StreamExt;
 use lode_registry::{BlobAccess, Digest};
 use tokio::sync::mpsc;
 
-use crate::build::{Body, FileContent, Meta, Node, encode};
+use crate::build::{Body, FileContent, Meta, Node, encode_flagged};
 use crate::chunk::Chunking;
+use crate::cipher::ChunkCipher;
+use crate::index::HEADER_ENCRYPTED;
 use crate::{Error, Result};
 
 /// How to ingest.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct IngestOptions {
     /// How files are cut into chunks.
     pub chunking: Chunking,
-    /// Files up to this size live in the index instead of in chunks.
+    /// Files up to this size live in the index instead of in chunks (none when encrypting).
     pub inline_max: u32,
+    /// Seal every chunk with this cipher: the registry, and the chunk cache of any mount,
+    /// then hold no file bytes in the clear. The index is marked encrypted.
+    pub cipher: Option<Arc<ChunkCipher>>,
 }
 
 impl Default for IngestOptions {
@@ -32,6 +37,7 @@ impl Default for IngestOptions {
         Self {
             chunking: Chunking::default(),
             inline_max: DEFAULT_INLINE_MAX,
+            cipher: None,
         }
     }
 }
@@ -64,7 +70,7 @@ pub struct IngestReport {
     pub chunks: u64,
     /// Chunks the registry lacked and received.
     pub new_chunks: u64,
-    /// Bytes uploaded in those chunks.
+    /// File bytes uploaded in those chunks.
     pub new_bytes: u64,
     /// Chunked bytes that needed no upload: already in the registry or repeated in the tree.
     pub deduped_bytes: u64,
@@ -75,6 +81,8 @@ pub struct IngestReport {
 struct ChunkOut {
     digest: Digest,
     data: Bytes,
+    /// The file bytes it holds (fewer than `data` when sealed).
+    length: u64,
 }
 
 /// Where chunks go while the walk goes on; bounded so a fast disk cannot outrun the upload.
@@ -90,18 +98,21 @@ pub async fn ingest(
     registry: Arc<dyn BlobAccess>,
     options: IngestOptions,
 ) -> Result<IngestReport> {
+    let encrypted = options.cipher.is_some();
     let (tree, report) = upload_tree(root, registry.clone(), options).await?;
-    store_index(&tree, report, registry.as_ref()).await
+    store_index(&tree, report, registry.as_ref(), encrypted).await
 }
 
-/// Encodes `tree`, stores its index (after every chunk it names, which the caller uploaded)
-/// and completes `report` with it.
+/// Encodes `tree` (its chunks sealed if `encrypted`), stores its index (after every chunk it
+/// names, which the caller uploaded) and completes `report` with it.
 pub(crate) async fn store_index(
     tree: &Node,
     mut report: IngestReport,
     registry: &dyn BlobAccess,
+    encrypted: bool,
 ) -> Result<IngestReport> {
-    let index = encode(tree)?;
+    let flags = if encrypted { HEADER_ENCRYPTED } else { 0 };
+    let index = encode_flagged(tree, flags)?;
     let digest = index.digest().clone();
     report.index_bytes = index.bytes().len() as u64;
     // Chunks first, index last: an index in the registry always has all its chunks.
@@ -125,6 +136,8 @@ pub(crate) async fn upload_tree(
     let uploader = tokio::spawn(upload(rx, registry.clone()));
     let root_path = root.to_path_buf();
     let walk = tokio::task::spawn_blocking(move || {
+        let chunking = options.chunking;
+        let cipher = options.cipher.clone();
         let mut walker = Walker {
             options,
             report: IngestReport::default(),
@@ -133,8 +146,13 @@ pub(crate) async fn upload_tree(
             beneath,
         };
         let mut tree = walker.node(&root_path, Vec::new())?;
-        let (contents, distinct) =
-            hash_files(&walker.jobs, &walker.beneath, options.chunking, &tx)?;
+        let (contents, distinct) = hash_files(
+            &walker.jobs,
+            &walker.beneath,
+            chunking,
+            cipher.as_deref(),
+            &tx,
+        )?;
         drop(tx);
         walker.report.chunks = distinct;
         fill(&mut tree, &mut contents.into_iter(), &mut HashMap::new());
@@ -172,10 +190,7 @@ async fn upload(
             .filter(|c| missing.contains(&c.digest))
             .map(|c| {
                 let registry = registry.clone();
-                async move {
-                    let len = c.data.len() as u64;
-                    registry.put_blob(&c.digest, c.data).await.map(|_| len)
-                }
+                async move { registry.put_blob(&c.digest, c.data).await.map(|_| c.length) }
             });
         let mut results = futures::stream::iter(uploads).buffer_unordered(registry.parallelism());
         while let Some(result) = results.next().await {
@@ -331,7 +346,12 @@ impl Walker {
         }
         self.report.files += 1;
         let size = meta.len();
-        let content = if size <= u64::from(self.options.inline_max) {
+        // Sealed trees keep no file bytes in the index, empty files aside.
+        let inline_max = match self.options.cipher {
+            Some(_) => 0,
+            None => self.options.inline_max,
+        };
+        let content = if size <= u64::from(inline_max) {
             self.report.inline_bytes += size;
             FileContent::Inline(read_small(&self.beneath, path, size)?)
         } else {
@@ -391,6 +411,7 @@ fn hash_files(
     jobs: &[Job],
     beneath: &Beneath,
     chunking: Chunking,
+    cipher: Option<&ChunkCipher>,
     tx: &mpsc::Sender<ChunkOut>,
 ) -> Result<(Vec<FileContent>, u64)> {
     let next = AtomicUsize::new(0);
@@ -406,7 +427,7 @@ fn hash_files(
                         let Some(job) = jobs.get(at) else {
                             return Ok(());
                         };
-                        let content = chunk_file(job, beneath, chunking, tx, &seen);
+                        let content = chunk_file(job, beneath, chunking, cipher, tx, &seen);
                         if content.is_err() {
                             // Stop the other workers early.
                             next.store(jobs.len(), Ordering::Relaxed);
@@ -436,6 +457,7 @@ fn chunk_file(
     job: &Job,
     beneath: &Beneath,
     chunking: Chunking,
+    cipher: Option<&ChunkCipher>,
     tx: &mpsc::Sender<ChunkOut>,
     seen: &Mutex<HashSet<Digest>>,
 ) -> Result<FileContent> {
@@ -445,13 +467,20 @@ fn chunk_file(
     let mut closed = false;
     chunking
         .split(file, |data| {
-            let digest = Digest::of(&data);
             total += data.len() as u64;
-            chunks.push((digest.clone(), data.len() as u32));
+            // The index keeps the plain length; the blob is the sealed bytes.
+            let length = data.len() as u32;
+            let data = match cipher {
+                Some(cipher) => cipher.seal(&data),
+                None => data,
+            };
+            let digest = Digest::of(&data);
+            chunks.push((digest.clone(), length));
             if seen.lock().expect("not poisoned").insert(digest.clone()) {
                 let out = ChunkOut {
                     digest,
                     data: Bytes::from(data),
+                    length: length.into(),
                 };
                 if tx.blocking_send(out).is_err() {
                     closed = true;

@@ -12,10 +12,10 @@ use std::sync::Arc;
 
 use lode_registry::BlobAccess;
 
-use crate::Result;
 use crate::build::{Body, FileContent, Meta, Node};
 use crate::index::{Content, Entry, Index, Kind};
 use crate::ingest::{IngestOptions, IngestReport, store_index, upload_tree};
+use crate::{Error, Result};
 
 const OVERLAY_XATTR_PREFIX: &[u8] = b"trusted.overlay.";
 const OPAQUE_XATTR: &[u8] = b"trusted.overlay.opaque";
@@ -117,6 +117,10 @@ pub async fn ingest_layer(
     registry: Arc<dyn BlobAccess>,
     options: IngestOptions,
 ) -> Result<IngestReport> {
+    if base.encrypted() || options.cipher.is_some() {
+        // Sealed and plain chunks would meet in one tree.
+        return Err(Error::Encrypted(base.digest().clone()));
+    }
     let (mut layer, report) = upload_tree(upper, registry.clone(), options).await?;
     if let Some(ids) = host_ids {
         ids.unshift(&mut layer);
@@ -134,7 +138,7 @@ pub async fn ingest_layer(
     let mut path = Vec::new();
     merge_dir(&mut tree, layer, &mut path, &ignore);
     drop_lonely_link_groups(&mut tree);
-    store_index(&tree, report, registry.as_ref()).await
+    store_index(&tree, report, registry.as_ref(), false).await
 }
 
 fn is_whiteout(node: &Node) -> bool {

@@ -5,7 +5,9 @@
 //! and chunk list (format in `fs/FORMAT.md`). [`ingest`] turns a directory into chunks plus
 //! an index, uploading only what the registry lacks; [`export`] turns an index back into an
 //! identical tree. [`Mount`] serves an index read-only through FUSE, fetching chunks into a
-//! bounded, verified [`ChunkCache`] on first read.
+//! bounded, verified [`ChunkCache`] on first read. A tree that must stay private where its
+//! chunks are kept is ingested with a [`ChunkCipher`]: its chunks are sealed, and only a
+//! mount given the key reads them.
 //!
 //! It must not run processes.
 #![deny(missing_docs)]
@@ -13,6 +15,7 @@
 mod build;
 mod cache;
 mod chunk;
+mod cipher;
 mod compare;
 mod copy;
 mod export;
@@ -26,6 +29,7 @@ pub use cache::{
     CacheStats, ChunkCache, CompleteFile, FetchError, FileLayout, Pinned, Placement, Priority,
 };
 pub use chunk::Chunking;
+pub use cipher::{ChunkCipher, OpenError, SEAL_OVERHEAD};
 pub use compare::tree_differences;
 pub use copy::{CopyReport, copy_image};
 pub use export::{ExportReport, export};
@@ -90,6 +94,12 @@ pub enum Error {
          it or pass a different --cache-dir"
     )]
     CacheBusy(PathBuf),
+    /// The index's chunks are sealed, and this does not take a key.
+    #[error(
+        "image {0} is encrypted (a memory snapshot, say): its files are read only through a \
+         mount given its key, never exported or built upon"
+    )]
+    Encrypted(lode_registry::Digest),
     /// The upload side of an ingest stopped; its own error says why.
     #[error("the upload stopped")]
     UploadStopped,

@@ -357,14 +357,7 @@ async fn the_mount_table_mounts_each_image_once() {
     std::fs::write(tree.path().join("app.py"), b"print('hi')\n").unwrap();
     let index = ingest(&registry, tree.path()).await;
     let dirs = tempfile::tempdir().unwrap();
-    let cache = ChunkCache::open(&dirs.path().join("chunks"), 1 << 30).unwrap();
-    let table = lode_fs::MountTable::new(
-        &dirs.path().join("mounts"),
-        cache,
-        registry.client.clone(),
-        MountOptions::default(),
-    )
-    .unwrap();
+    let table = mount_table(&registry, dirs.path());
     let first = table.mount(index.digest()).await.unwrap();
     let second = table.mount(index.digest()).await.unwrap();
     assert!(Arc::ptr_eq(&first, &second));
@@ -380,6 +373,18 @@ async fn the_mount_table_mounts_each_image_once() {
     table.close().await;
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
     assert!(!mounts.contains(point.to_str().unwrap()), "still mounted");
+}
+
+/// A mount table under `dir` (`mounts/`), its chunk cache in `chunks/`.
+fn mount_table(registry: &Registry, dir: &Path) -> lode_fs::MountTable {
+    let cache = ChunkCache::open(&dir.join("chunks"), 1 << 30).unwrap();
+    lode_fs::MountTable::new(
+        &dir.join("mounts"),
+        cache,
+        registry.client.clone(),
+        MountOptions::default(),
+    )
+    .unwrap()
 }
 
 /// A tree of `files`, ingested and mounted on an empty cache without prefetch.
@@ -501,4 +506,107 @@ fn memmap_read(file: &std::fs::File, len: usize) -> Vec<u8> {
         libc::munmap(ptr, len);
         out
     }
+}
+
+/// What a memory snapshot might hold: a secret value, in files small, medium and large.
+const SECRET: &[u8] = b"hunter2-c0ffee-secret-value";
+
+fn secret_tree(root: &Path) {
+    let mut small = b"TOKEN=".to_vec();
+    small.extend_from_slice(SECRET);
+    std::fs::write(root.join("small"), &small).unwrap();
+    for (name, len) in [("medium", 300_000), ("large", 3 << 20)] {
+        let mut bytes = noise(len as u32, len);
+        for at in [100, len / 2, len - 100] {
+            bytes[at..at + SECRET.len()].copy_from_slice(SECRET);
+        }
+        std::fs::write(root.join(name), bytes).unwrap();
+    }
+    std::fs::write(root.join("empty"), b"").unwrap();
+    std::os::unix::fs::symlink("large", root.join("link")).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_encrypted_tree_reads_back_only_through_a_mount_with_its_key() {
+    let tree = tempfile::tempdir().unwrap();
+    secret_tree(tree.path());
+    // Plain, the secret is in the registry's files (so the scan below can see it)...
+    let plain = registry().await;
+    ingest(&plain, tree.path()).await;
+    assert!(!common::files_containing(plain.dir(), SECRET).is_empty());
+    // ...sealed, it is nowhere in them: not in a chunk, not inline in the index.
+    let registry = registry().await;
+    let cipher = Arc::new(lode_fs::ChunkCipher::new(&[9; 32]));
+    let options = IngestOptions {
+        cipher: Some(cipher.clone()),
+        ..Default::default()
+    };
+    let report = lode_fs::ingest(tree.path(), registry.client.clone(), options)
+        .await
+        .unwrap();
+    assert_eq!(report.inline_bytes, 0);
+    let digest = report.digest.unwrap();
+    let index = Index::parse(registry.client.get_index(&digest).await.unwrap()).unwrap();
+    assert!(index.encrypted());
+    assert_eq!(
+        common::files_containing(registry.dir(), SECRET),
+        Vec::<PathBuf>::new()
+    );
+    // A mount with the key reads the tree as it was, twice; the chunk cache keeps the
+    // chunks sealed, and no large file is handed to the kernel as it is cached.
+    let dirs = tempfile::tempdir().unwrap();
+    let table = mount_table(&registry, dirs.path());
+    let opened = table.mount_encrypted(&digest, cipher).await.unwrap();
+    for _ in 0..2 {
+        let (source, point) = (tree.path().to_path_buf(), opened.mountpoint().to_path_buf());
+        let differences =
+            tokio::task::spawn_blocking(move || lode_fs::tree_differences(&source, &point))
+                .await
+                .unwrap()
+                .unwrap();
+        assert!(differences.is_empty(), "{}", differences.join("\n"));
+    }
+    assert_eq!(opened.passthrough_opens(), 0);
+    assert_eq!(
+        common::files_containing(&dirs.path().join("chunks"), SECRET),
+        Vec::<PathBuf>::new()
+    );
+    // Without the key: refused, by name. The keyed mount is never handed out for it.
+    let refused = table.mount(&digest).await.unwrap_err().to_string();
+    assert!(refused.contains("encrypted"), "{refused}");
+    let target = tempfile::tempdir().unwrap();
+    let export = lode_fs::export(&index, registry.client.clone(), &target.path().join("out"))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(export.contains("encrypted"), "{export}");
+    // With another key: the mount comes up, and reads fail.
+    let wrong = MountOptions {
+        cipher: Some(Arc::new(lode_fs::ChunkCipher::new(&[8; 32]))),
+        prefetch: false,
+        ..Default::default()
+    };
+    let mounted = mount(&registry, &index, 1 << 30, wrong);
+    let read = read_in_thread(mounted.path().join("medium"), Duration::from_secs(10)).await;
+    assert_eq!(read.unwrap_err().raw_os_error(), Some(libc::EIO));
+    // And a key given for a plain index is refused: the caller expected secrecy it lacks.
+    let plain_index = ingest(&registry, tree.path()).await;
+    let dirs = tempfile::tempdir().unwrap();
+    let cache = ChunkCache::open(&dirs.path().join("chunks"), 1 << 30).unwrap();
+    let keyed = MountOptions {
+        cipher: Some(Arc::new(lode_fs::ChunkCipher::new(&[9; 32]))),
+        ..Default::default()
+    };
+    let error = Mount::new(
+        plain_index,
+        cache,
+        registry.client.clone(),
+        dirs.path(),
+        keyed,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(error.contains("not encrypted"), "{error}");
+    drop(opened);
+    table.close().await;
 }

@@ -147,6 +147,26 @@ async fn traversal_and_duplicates_are_refused_at_ingest_load_and_upload() {
 }
 
 #[test]
+fn an_encrypted_index_with_file_bytes_in_the_clear_is_refused() {
+    let bytes = encode(&dir(b"", vec![leaf(b"secret")]))
+        .unwrap()
+        .bytes()
+        .to_vec();
+    // Header flag bit 0 (at offset 12): the index claims its file bytes are all sealed.
+    let mut flagged = bytes.clone();
+    flagged[12] = 1;
+    let err = lode_fs::Index::parse(Bytes::from(flagged)).unwrap_err();
+    assert!(
+        err.to_string().contains("inline in an encrypted index"),
+        "{err}"
+    );
+    let mut unknown = bytes;
+    unknown[12] = 2;
+    let err = lode_fs::Index::parse(Bytes::from(unknown)).unwrap_err();
+    assert!(err.to_string().contains("needs a newer lode"), "{err}");
+}
+
+#[test]
 fn lookups_find_paths_without_decoding_the_tree() {
     let index = encode(&dir(
         b"",

@@ -1,6 +1,6 @@
 //! Small helpers every layer uses: the wall clock in milliseconds, directory locks, crash-safe
-//! file writes (temporary file, fsync, rename, fsync of the directory), and marking cache
-//! files as used.
+//! file writes (temporary file, fsync, rename, fsync of the directory), copying a tree, and
+//! marking cache files as used.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
@@ -42,6 +42,25 @@ pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
         let _ = fs::remove_file(&tmp);
     }
     result
+}
+
+/// Copies `from` (a file, a symlink as itself, or a directory and all it holds) to `to`.
+pub fn copy_tree(from: &Path, to: &Path) -> io::Result<()> {
+    let kind = std::fs::symlink_metadata(from)?.file_type();
+    if kind.is_symlink() {
+        std::os::unix::fs::symlink(std::fs::read_link(from)?, to)
+    } else if kind.is_dir() {
+        std::fs::create_dir(to)?;
+        for entry in std::fs::read_dir(from)? {
+            let entry = entry?;
+            copy_tree(&entry.path(), &to.join(entry.file_name()))?;
+        }
+        Ok(())
+    } else if kind.is_file() {
+        std::fs::copy(from, to).map(drop)
+    } else {
+        Ok(())
+    }
 }
 
 /// Sets `path`'s modification time to now, so cache pruning sees it was just used. Best

@@ -469,14 +469,17 @@ fn cold_call(lode: &Lode, rt: &tokio::runtime::Runtime, function: &str) -> serde
     cold_call_of(lode, rt, function, function, &["0"])
 }
 
+/// A secret's value, looked for in the snapshot's stored bytes.
+const SNAPSHOT_SECRET: &str = "hunter2c0ffee5ecret";
+
 #[test]
 fn a_memory_snapshot_restores_the_loaded_module_with_fresh_randomness_and_its_own_token() {
     if lode_native_runner::sandbox::Criu::locate().is_err() {
         println!("SKIPPED: no CRIU 4 here (./lode.sh test builds it)");
         return;
     }
-    // Snapshots go to the registry too, as hosts sharing one would have them.
-    let lode = start(&["--share-memory-snapshots"]);
+    // Snapshots go to the registry too (the default), as hosts sharing one would have them.
+    let lode = start(&[]);
     let dir = tempfile::tempdir().unwrap();
     let app = dir.path().join("snap.py");
     std::fs::write(
@@ -493,7 +496,8 @@ def probe(_: int = 0) -> dict:
     return {
         "loaded": LOADED,
         "drawn": random.random(),
-        "secret": os.environ.get("SNAP_VALUE"),
+        # Not the whole value: the part after "-" must be found only in the snapshot.
+        "secret": os.environ.get("SNAP_VALUE").split("-")[0],
         "double": double.remote(21),
     }
 
@@ -519,7 +523,12 @@ class Model:
 "#,
     )
     .unwrap();
-    lode.cli_ok(&["secret", "create", "snap", "SNAP_VALUE=one"]);
+    lode.cli_ok(&[
+        "secret",
+        "create",
+        "snap",
+        &format!("SNAP_VALUE=one-{SNAPSHOT_SECRET}"),
+    ]);
     let deployed = lode.cli_ok(&["deploy", app.to_str().unwrap()]);
     assert!(deployed.contains("deployed snap"), "{deployed}");
     let rt = tokio::runtime::Runtime::new().unwrap();
@@ -564,14 +573,50 @@ class Model:
     use lode_registry::BlobAccess;
     // Made inside the runtime: its channel needs the reactor.
     let registry = rt.block_on(async { lode.registry_client() });
+    // Its tags are named by a keyed hash of its key (which hashes the secret's value).
+    let secrets_key = std::fs::read(lode.data_dir().join("secret.key")).unwrap();
+    let keys = lode::store::secrets::SnapshotKeys::derive(&secrets_key.try_into().unwrap());
+    let name = lode::native::snapshots::registry_name(&keys.seal, &key);
     let stored = harness::wait_for(Duration::from_secs(30), || {
-        rt.block_on(registry.get_tag(&format!("snapshot/{key}")))
+        rt.block_on(registry.get_tag(&format!("snapshot/{name}")))
             .ok()
     });
     assert!(stored.is_some(), "the snapshot never reached the registry");
+    // The memory saved holds the secret's value; the registry's copy holds it nowhere, nor
+    // does the chunk cache the restore below fills: both are encrypted.
+    let secret = SNAPSHOT_SECRET.as_bytes();
+    assert!(!harness::files_containing(&snapshots.join(&key), secret).is_empty());
+    let stored_in_clear = |dir: &std::path::Path| {
+        ["blobs", "indexes"]
+            .iter()
+            .flat_map(|sub| harness::files_containing(&dir.join(sub), secret))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        stored_in_clear(&lode.data_dir()),
+        Vec::<std::path::PathBuf>::new()
+    );
     std::fs::remove_dir_all(snapshots.join(&key)).unwrap();
     let from_registry = cold_call(&lode, &rt, "probe");
     assert_eq!(from_registry["loaded"], first["loaded"], "{from_registry}");
+    let chunks = lode.data_dir().parent().unwrap().join("cache/chunks");
+    assert_eq!(
+        harness::files_containing(&chunks, secret),
+        Vec::<std::path::PathBuf>::new()
+    );
+    // The host keeps a copy of what it restored, for its next starts.
+    let copied = harness::wait_for(Duration::from_secs(30), || {
+        snapshots
+            .join(&key)
+            .join("lode-owner")
+            .exists()
+            .then_some(())
+    });
+    assert!(
+        copied.is_some(),
+        "the registry's snapshot was not copied here"
+    );
+    std::fs::remove_dir_all(snapshots.join(&key)).unwrap();
     // ...but only one sealed with this server's secrets key: CRIU restores whatever a
     // snapshot says, so a forged one (anyone who can write to the registry could make it)
     // is refused, and the start imports afresh.
@@ -580,7 +625,7 @@ class Model:
     rt.block_on(registry.put_blob(&forged_digest, forged))
         .unwrap();
     rt.block_on(registry.set_tag(
-        &format!("snapshot-seal/{key}"),
+        &format!("snapshot-seal/{name}"),
         &forged_digest,
         lode_registry::TagUpdate::Always,
     ))

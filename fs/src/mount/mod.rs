@@ -18,7 +18,8 @@ use fuser::{
 };
 use lode_registry::{BlobAccess, Digest, TagUpdate};
 
-use crate::cache::{ChunkCache, CompleteFile, FetchError, FileLayout, Placement, Priority};
+use crate::cache::{ChunkCache, CompleteFile, FetchError, FileLayout, Pinned, Placement, Priority};
+use crate::cipher::ChunkCipher;
 use crate::index::{Content, Entry, Index, Kind, RawChunk};
 
 mod kernel;
@@ -40,6 +41,10 @@ const FILE_EXTENT_MIN: u64 = 1 << 20;
 thread_local! {
     static READ_BUFFER: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
+
+/// Opened chunks of an encrypted image kept for the next reads: a sequential reader's 1 MiB
+/// requests would otherwise open the same chunk again and again.
+const OPENED_CHUNKS: usize = 8;
 
 /// Blocks reported by `stat`; the unit of `st_blocks` is 512 bytes.
 const BLOCK: u64 = 512;
@@ -63,6 +68,9 @@ pub struct MountOptions {
     /// Let the kernel read fully cached large files from their extents (FUSE passthrough),
     /// where it offers that.
     pub passthrough: bool,
+    /// Opens the chunks of an encrypted index (and only such an index is mounted with one).
+    /// The cache keeps them sealed; reads open each chunk they touch.
+    pub cipher: Option<Arc<ChunkCipher>>,
 }
 
 impl Default for MountOptions {
@@ -74,6 +82,7 @@ impl Default for MountOptions {
             prefetch_parallelism: 4,
             profile_after: Some(Duration::from_secs(5)),
             passthrough: true,
+            cipher: None,
         }
     }
 }
@@ -117,6 +126,8 @@ struct Image {
     passthrough: AtomicBool,
     /// Whether the kernel lets this mount be cloned idmapped (`FUSE_ALLOW_IDMAP`, Linux 6.12+).
     idmappable: AtomicBool,
+    /// An encrypted image's chunks opened last, newest first.
+    opened: Mutex<std::collections::VecDeque<(Digest, Arc<[u8]>)>>,
 }
 
 /// The opens of one large file.
@@ -153,6 +164,25 @@ impl Mount {
         mountpoint: &Path,
         options: MountOptions,
     ) -> std::io::Result<Self> {
+        match (index.encrypted(), &options.cipher) {
+            (true, None) => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    crate::Error::Encrypted(index.digest().clone()).to_string(),
+                ));
+            }
+            (false, Some(_)) => {
+                // A key given for a plain index means the caller expected secrecy it lacks.
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    format!(
+                        "image {} is not encrypted, but was to be mounted with a key",
+                        index.digest()
+                    ),
+                ));
+            }
+            _ => {}
+        }
         if is_stale_mount(mountpoint) {
             tracing::warn!(mountpoint = %mountpoint.display(), "clearing a stale mount");
             unmount(mountpoint)?;
@@ -180,6 +210,7 @@ impl Mount {
             passthrough_opens: AtomicU64::new(0),
             passthrough: AtomicBool::new(false),
             idmappable: AtomicBool::new(false),
+            opened: Mutex::new(Default::default()),
             options: options.clone(),
             index,
         });
@@ -287,6 +318,18 @@ impl Mount {
         Ok(order.len())
     }
 
+    /// Fetches every file's chunks not cached yet, in the background: for an image whose
+    /// reader reads nearly all of it (CRIU restoring a memory snapshot), so its reads find the
+    /// chunks fetched, or in flight, instead of fetching one after another.
+    pub fn prefetch_all(&self) {
+        let image = self.image.clone();
+        let ids = 0..image.index.len() as u32;
+        self.image.runtime.spawn(async move {
+            let count = image.clone().prefetch_files(ids).await;
+            tracing::debug!(index = %image.index.digest(), count, "whole-image prefetch done");
+        });
+    }
+
     /// Whether the mount has gone away (unmounted from outside, or its session ended).
     pub fn is_finished(&self) -> bool {
         self.session
@@ -371,8 +414,9 @@ impl Image {
     }
 
     /// A large file's layout in the chunk cache; `None` for files whose chunks are packed.
+    /// Sealed chunks are never laid out as the file: their bytes are not the file's.
     fn layout(&self, entry: &Entry<'_>) -> Option<Arc<FileLayout>> {
-        if entry.size() < FILE_EXTENT_MIN {
+        if entry.size() < FILE_EXTENT_MIN || self.index.encrypted() {
             return None;
         }
         let Some(Content::Chunks(chunks)) = entry.content() else {
@@ -416,6 +460,16 @@ impl Image {
                 break;
             }
             let digest = chunk.digest();
+            let from = offset.max(chunk.offset());
+            let to = end.min(chunk.offset() + u64::from(chunk.length()));
+            if self.options.cipher.is_some()
+                && let Some(plain) = self.opened_chunk(&digest)
+            {
+                out.extend_from_slice(
+                    &plain[(from - chunk.offset()) as usize..(to - chunk.offset()) as usize],
+                );
+                continue;
+            }
             let placement = placement(layout, chunk);
             // A cached chunk is pinned right here; only a miss goes through the runtime.
             let pinned = match self.cache.pin_placed(&digest, placement) {
@@ -438,8 +492,16 @@ impl Image {
                         Errno::EIO
                     })?,
             };
-            let from = offset.max(chunk.offset());
-            let to = end.min(chunk.offset() + u64::from(chunk.length()));
+            if let Some(cipher) = &self.options.cipher {
+                let plain = self.open_chunk(cipher, &digest, &pinned, chunk.length()).map_err(|e| {
+                    tracing::error!(path = %path().display(), %digest, error = %e, "sealed chunk unreadable: EIO");
+                    Errno::EIO
+                })?;
+                out.extend_from_slice(
+                    &plain[(from - chunk.offset()) as usize..(to - chunk.offset()) as usize],
+                );
+                continue;
+            }
             let start = out.len();
             out.resize(start + (to - from) as usize, 0);
             let n = pinned
@@ -454,6 +516,42 @@ impl Image {
             }
         }
         Ok(())
+    }
+
+    /// A sealed chunk opened lately, if it was.
+    fn opened_chunk(&self, digest: &Digest) -> Option<Arc<[u8]>> {
+        let opened = self.opened.lock().expect("not poisoned");
+        opened
+            .iter()
+            .find(|(d, _)| d == digest)
+            .map(|(_, plain)| plain.clone())
+    }
+
+    /// Opens the sealed chunk `pinned` and keeps it for the next reads.
+    fn open_chunk(
+        &self,
+        cipher: &ChunkCipher,
+        digest: &Digest,
+        pinned: &Pinned,
+        length: u32,
+    ) -> Result<Arc<[u8]>, String> {
+        let mut sealed = vec![0; pinned.size() as usize];
+        let read = pinned.read_at(0, &mut sealed).map_err(|e| e.to_string())?;
+        if read != sealed.len() {
+            return Err("the cached chunk is short".into());
+        }
+        let plain = cipher.open(&sealed).map_err(|e| e.to_string())?;
+        if plain.len() != length as usize {
+            return Err(format!(
+                "it opens to {} bytes, but the index says {length}",
+                plain.len()
+            ));
+        }
+        let plain: Arc<[u8]> = plain.into();
+        let mut opened = self.opened.lock().expect("not poisoned");
+        opened.push_front((digest.clone(), plain.clone()));
+        opened.truncate(OPENED_CHUNKS);
+        Ok(plain)
     }
 
     /// After a sequential read, fetches the next chunks in the background.
@@ -508,31 +606,40 @@ impl Image {
                 tracing::warn!(%tag, "access profile has an unknown format; no prefetch");
                 return;
             };
-            let mut chunks = Vec::new();
-            for id in ids.chunks_exact(4) {
-                let id = u32::from_le_bytes(id.try_into().expect("4 bytes"));
-                if (id as usize) >= self.index.len() {
-                    continue;
-                }
-                let entry = self.index.entry(id);
-                if let Some(Content::Chunks(list)) = entry.content() {
-                    let layout = self.layout(&entry);
-                    chunks.extend(
-                        list.iter()
-                            .map(|c| (c.digest(), layout.clone(), c.offset())),
-                    );
-                }
-            }
-            let count = chunks.len();
-            use futures::StreamExt;
-            futures::stream::iter(chunks)
-                .for_each_concurrent(
-                    self.options.prefetch_parallelism.max(1),
-                    |(digest, layout, offset)| self.clone().fetch_placed(digest, layout, offset),
-                )
-                .await;
+            let ids = ids
+                .chunks_exact(4)
+                .map(|id| u32::from_le_bytes(id.try_into().expect("4 bytes")));
+            let count = self.clone().prefetch_files(ids).await;
             tracing::debug!(%tag, count, "prefetch done");
         });
+    }
+
+    /// Fetches the chunks of the files `ids` names (in that order, a few at a time) that are
+    /// not cached yet; returns how many chunks it went through.
+    async fn prefetch_files(self: Arc<Self>, ids: impl Iterator<Item = u32>) -> usize {
+        let mut chunks = Vec::new();
+        for id in ids {
+            if (id as usize) >= self.index.len() {
+                continue;
+            }
+            let entry = self.index.entry(id);
+            if let Some(Content::Chunks(list)) = entry.content() {
+                let layout = self.layout(&entry);
+                chunks.extend(
+                    list.iter()
+                        .map(|c| (c.digest(), layout.clone(), c.offset())),
+                );
+            }
+        }
+        let count = chunks.len();
+        use futures::StreamExt;
+        futures::stream::iter(chunks)
+            .for_each_concurrent(
+                self.options.prefetch_parallelism.max(1),
+                |(digest, layout, offset)| self.clone().fetch_placed(digest, layout, offset),
+            )
+            .await;
+        count
     }
 
     /// Works ahead of a reader: the chunk into the cache where its file wants it.

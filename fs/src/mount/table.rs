@@ -11,8 +11,13 @@ pub struct MountTable {
     cache: Arc<ChunkCache>,
     registry: Arc<dyn BlobAccess>,
     options: MountOptions,
-    mounts: tokio::sync::Mutex<HashMap<Digest, Arc<Mount>>>,
+    /// By index and, for an encrypted one, the id of the key it was mounted with: a plain
+    /// [`MountTable::mount`] never gets a mount that opens sealed chunks.
+    mounts: tokio::sync::Mutex<HashMap<MountKey, Arc<Mount>>>,
 }
+
+/// An index, and the id of the key its chunks are opened with (none for a plain index).
+type MountKey = (Digest, Option<[u8; 32]>);
 
 impl std::fmt::Debug for MountTable {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -48,25 +53,58 @@ impl MountTable {
         })
     }
 
-    /// The image's mount, mounting it on first use.
+    /// The image's mount, mounting it on first use. An encrypted image is refused: see
+    /// [`MountTable::mount_encrypted`].
     pub async fn mount(&self, digest: &Digest) -> crate::Result<Arc<Mount>> {
+        self.mount_with(digest, None).await
+    }
+
+    /// The mount of an encrypted image, whose chunks `cipher` opens.
+    pub async fn mount_encrypted(
+        &self,
+        digest: &Digest,
+        cipher: Arc<ChunkCipher>,
+    ) -> crate::Result<Arc<Mount>> {
+        self.mount_with(digest, Some(cipher)).await
+    }
+
+    async fn mount_with(
+        &self,
+        digest: &Digest,
+        cipher: Option<Arc<ChunkCipher>>,
+    ) -> crate::Result<Arc<Mount>> {
+        let key = (digest.clone(), cipher.as_ref().map(|c| c.id()));
         let mut mounts = self.mounts.lock().await;
-        if let Some(mount) = mounts.get(digest) {
+        if let Some(mount) = mounts.get(&key) {
             return Ok(mount.clone());
         }
         let index = Index::parse(self.registry.get_index(digest).await?)?;
-        let point = self.root.join(digest.hex());
+        if index.encrypted() && cipher.is_none() {
+            return Err(crate::Error::Encrypted(digest.clone()));
+        }
+        let point = match &key.1 {
+            // Apart from the image's plain mount, should it have both.
+            Some(id) => self.root.join(format!(
+                "{}-{}",
+                digest.hex(),
+                &blake3::Hash::from(*id).to_hex()[..16]
+            )),
+            None => self.root.join(digest.hex()),
+        };
         std::fs::create_dir_all(&point).map_err(crate::Error::io("create directory", &point))?;
         let mount = Mount::new(
             index,
             self.cache.clone(),
             self.registry.clone(),
             &point,
-            self.options.clone(),
+            MountOptions {
+                cipher,
+                ..self.options.clone()
+            },
         )
         .map_err(crate::Error::io("mount", &point))?;
         let mount = Arc::new(mount);
-        mounts.insert(digest.clone(), mount.clone());
+        mounts.insert(key, mount.clone());
         if let Some(after) = self.options.profile_after {
             record_profile_later(&mount, digest, after);
         }
@@ -75,13 +113,18 @@ impl MountTable {
 
     /// Digests mounted now.
     pub async fn mounted(&self) -> Vec<Digest> {
-        self.mounts.lock().await.keys().cloned().collect()
+        self.mounts
+            .lock()
+            .await
+            .keys()
+            .map(|(digest, _)| digest.clone())
+            .collect()
     }
 
     /// Saves every mount's access profile and unmounts them all (at shutdown).
     pub async fn close(&self) {
         let mounts: Vec<_> = self.mounts.lock().await.drain().collect();
-        for (digest, mount) in mounts {
+        for ((digest, _), mount) in mounts {
             if let Err(error) = mount.save_profile().await {
                 tracing::warn!(%digest, %error, "could not save the access profile");
             }

@@ -24,6 +24,11 @@ pub struct Registry {
 }
 
 impl Registry {
+    /// Where the server keeps its blobs, indexes and tags.
+    pub fn dir(&self) -> &Path {
+        self._dir.path()
+    }
+
     /// Kills the server: its runtime goes, with the listener and every connection, before
     /// this returns.
     pub fn kill(&self) {
@@ -80,6 +85,27 @@ pub async fn registry() -> Registry {
         stop: std::sync::Mutex::new(Some(stop)),
         thread: std::sync::Mutex::new(Some(thread)),
     }
+}
+
+/// Files under `root` whose bytes hold `needle`.
+pub fn files_containing(root: &Path, needle: &[u8]) -> Vec<std::path::PathBuf> {
+    let mut found = Vec::new();
+    let mut queue = vec![root.to_path_buf()];
+    while let Some(dir) = queue.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap().flatten() {
+            let path = entry.path();
+            let kind = entry.file_type().unwrap();
+            if kind.is_dir() {
+                queue.push(path);
+            } else if kind.is_file()
+                && let Ok(bytes) = std::fs::read(&path)
+                && bytes.windows(needle.len()).any(|w| w == needle)
+            {
+                found.push(path);
+            }
+        }
+    }
+    found
 }
 
 pub fn run(command: &str, args: &[&str]) {

@@ -366,9 +366,10 @@ async fn dedup(trees: &PythonTrees, schemes: &[Chunking]) -> Result<()> {
         };
         let registry = start_registry()?;
         let started = Instant::now();
-        let base = lode_fs::ingest(&trees.base, registry.client.clone(), options).await?;
+        let base = lode_fs::ingest(&trees.base, registry.client.clone(), options.clone()).await?;
         let rate = mb_per_s(base.file_bytes, started.elapsed());
-        let plus = lode_fs::ingest(&trees.plus_one, registry.client.clone(), options).await?;
+        let plus =
+            lode_fs::ingest(&trees.plus_one, registry.client.clone(), options.clone()).await?;
         let bumped = lode_fs::ingest(&trees.bumped, registry.client.clone(), options).await?;
         let figure = |r: &lode_fs::IngestReport| {
             format!(

@@ -107,7 +107,7 @@ elif mode == "remote-map":
 
 /// Runs `lode bench python`.
 pub async fn python(args: PythonBench) -> Result<()> {
-    let server = start_server(&args.image_base_dir)?;
+    let mut server = start_server(&args.image_base_dir)?;
     let work = tempfile::tempdir()?;
     let app_file = work.path().join("bench_app.py");
     std::fs::write(&app_file, APP)?;
@@ -127,7 +127,7 @@ pub async fn python(args: PythonBench) -> Result<()> {
     }
     if args.only_snapshot {
         return crate::bench::python_snapshot::snapshot_rows(
-            &server,
+            &mut server,
             work.path(),
             args.snapshot_cold.max(1),
         )
@@ -248,7 +248,7 @@ pub async fn python(args: PythonBench) -> Result<()> {
     )
     .await?;
     if args.snapshot_cold > 0 {
-        crate::bench::python_snapshot::snapshot_rows(&server, work.path(), args.snapshot_cold)
+        crate::bench::python_snapshot::snapshot_rows(&mut server, work.path(), args.snapshot_cold)
             .await?;
     }
     Ok(())

@@ -136,6 +136,14 @@ impl LodeServer {
         Ok(())
     }
 
+    /// The cache dir it runs with now.
+    pub fn cache_dir(&self) -> PathBuf {
+        match self.caches {
+            0 => self._dirs.path().join("cache"),
+            n => self._dirs.path().join(format!("cache-{n}")),
+        }
+    }
+
     fn stop(&mut self) {
         // SIGTERM, so it unmounts its images and stops its containers.
         // SAFETY: kill(2) on our own child's pid.

@@ -44,6 +44,7 @@ pub async fn ingest(
     }
     let started = Instant::now();
     let progress = spinner(format!("ingesting {}", path.display()));
+    let chunking = options.chunking;
     let result = lode_fs::ingest(path, registry.clone(), options).await;
     progress.finish_and_clear();
     let report = result
@@ -62,7 +63,7 @@ pub async fn ingest(
     let rate = report.file_bytes as f64 / elapsed.as_secs_f64() / 1e6;
     if json {
         let value = serde_json::json!({
-            "digest": digest.to_string(), "tag": tag, "chunking": options.chunking.to_string(),
+            "digest": digest.to_string(), "tag": tag, "chunking": chunking.to_string(),
             "files": report.files, "dirs": report.dirs, "symlinks": report.symlinks,
             "special": report.special, "hardlinks": report.hardlinks,
             "file_bytes": report.file_bytes, "inline_bytes": report.inline_bytes,
@@ -87,7 +88,7 @@ pub async fn ingest(
     eprintln!(
         "  chunks   {} ({}), {} new: {} uploaded",
         report.chunks,
-        options.chunking,
+        chunking,
         report.new_chunks,
         HumanBytes(report.new_bytes)
     );
@@ -252,6 +253,7 @@ pub async fn run(client: &ClientArgs, command: ImageCommand) -> Result<()> {
             let options = lode_fs::IngestOptions {
                 chunking,
                 inline_max,
+                cipher: None,
             };
             let target = crate::cli::client::registry(client, &flag.registry)?;
             ingest(target, &path, tag.as_deref(), options, json).await

@@ -99,11 +99,18 @@ pub struct ServeArgs {
     /// registry's tags live in PostgreSQL too.
     #[arg(long = "blobs", value_name = "URL")]
     pub blobs_url: Option<String>,
-    /// Store functions' memory snapshots in the registry too, so hosts sharing it restore
-    /// them (lazily) instead of taking their own. A snapshot holds the process's memory,
-    /// secret values included, in plain text: turn this on only where the registry's
-    /// storage is as private as this host's cache dir.
-    #[arg(long)]
+    /// Store functions' memory snapshots in the registry too, so hosts sharing it (and the
+    /// secrets key) restore them lazily instead of taking their own. They are stored
+    /// encrypted and sealed with keys derived from the secrets key; `=false` keeps them on
+    /// this host.
+    #[arg(
+        long,
+        value_name = "BOOL",
+        default_value_t = true,
+        num_args = 0..=1,
+        default_missing_value = "true",
+        action = clap::ArgAction::Set
+    )]
     pub share_memory_snapshots: bool,
     /// The 32-byte key secrets are sealed with [default: <data-dir>/secret.key, made if
     /// missing]. Hosts that share --state must all have the same file; it is never made.

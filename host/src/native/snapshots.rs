@@ -8,11 +8,18 @@
 //! image, code or secret set is never restored with another.
 //!
 //! Snapshots live under `<cache-dir>/snapshots/<key>` and, once taken, are stored in the
-//! registry (tag `snapshot/<key>`), so another host sharing it restores them without taking
-//! its own, through a lazy mount (CRIU reads only what it restores). CRIU restores as root
-//! whatever a snapshot says, credentials included, so a registry copy is restored only with
-//! a seal (`snapshot-seal/<key>`) made with the secrets key. A snapshot that fails to restore
-//! is dropped here and taken again.
+//! registry, so another host sharing it restores them without taking its own, through a lazy
+//! mount (CRIU reads only what it restores). What the registry holds is made with keys
+//! derived from the secrets key ([`SnapshotKeys`]), so only hosts that share that key can use
+//! it:
+//! - its chunks are encrypted, and so are the chunk cache's copies: a snapshot holds the
+//!   process's memory, secret values included;
+//! - its tags (`snapshot/<name>`, `snapshot-seal/<name>`) are named by a keyed hash of the
+//!   key, which itself hashes secret values;
+//! - it is restored only with a seal over its index: CRIU restores as root whatever a
+//!   snapshot says, credentials included.
+//!
+//! A snapshot that fails to restore is dropped here and taken again.
 
 use prometheus_client::metrics::counter::Counter;
 use std::collections::HashSet;
@@ -22,6 +29,8 @@ use std::sync::{Arc, Mutex};
 use lode_native_runner::agent::SnapshotMode;
 use lode_native_runner::sandbox::{Criu, DumpReport};
 use lode_registry::{BlobAccess, TagUpdate};
+
+use crate::store::secrets::SnapshotKeys;
 
 /// Names the function a snapshot directory belongs to (`app/function`).
 const OWNER_FILE: &str = "lode-owner";
@@ -46,11 +55,14 @@ pub struct Snapshots {
     environment: String,
     /// Keys whose snapshot failed to restore here: taken again rather than fetched again.
     broken: Mutex<HashSet<String>>,
-    /// Seals snapshots stored in the registry (see [`Snapshots::seal`]).
+    /// Seals snapshots stored in the registry and names their tags (see [`Snapshots::seal`]).
     seal_key: [u8; 32],
+    /// Encrypts their chunks.
+    cipher: Arc<lode_fs::ChunkCipher>,
     /// Where a snapshot only the registry has is mounted lazily from.
     mounts: Arc<lode_fs::MountTable>,
-    /// Whether snapshots go to the registry (`lode serve --share-memory-snapshots`).
+    /// Whether snapshots go to the registry (`lode serve --share-memory-snapshots=false`
+    /// keeps them on this host).
     share: bool,
     /// Counters.
     pub stats: SnapshotStats,
@@ -82,7 +94,7 @@ impl Snapshots {
     pub fn new(
         dir: PathBuf,
         registry: Arc<dyn BlobAccess>,
-        seal_key: [u8; 32],
+        keys: SnapshotKeys,
         mounts: Arc<lode_fs::MountTable>,
         share: bool,
     ) -> Self {
@@ -115,7 +127,8 @@ impl Snapshots {
             registry,
             environment,
             broken: Mutex::new(HashSet::new()),
-            seal_key,
+            seal_key: keys.seal,
+            cipher: Arc::new(lode_fs::ChunkCipher::new(&keys.cipher)),
             mounts,
             share,
             stats: SnapshotStats::default(),
@@ -148,12 +161,12 @@ impl Snapshots {
         hasher.finalize().to_hex().to_string()
     }
 
-    fn tag(key: &str) -> String {
-        format!("snapshot/{key}")
+    fn tag(&self, key: &str) -> String {
+        format!("snapshot/{}", registry_name(&self.seal_key, key))
     }
 
-    fn seal_tag(key: &str) -> String {
-        format!("snapshot-seal/{key}")
+    fn seal_tag(&self, key: &str) -> String {
+        format!("snapshot-seal/{}", registry_name(&self.seal_key, key))
     }
 
     /// What proves a snapshot in the registry was stored by a host holding the secrets key:
@@ -178,7 +191,7 @@ impl Snapshots {
                 return Ok(SnapshotMode::Restore { criu, images });
             }
             if self.share
-                && let Ok(digest) = self.registry.get_tag(&Self::tag(key)).await
+                && let Ok(digest) = self.registry.get_tag(&self.tag(key)).await
             {
                 match self.mount(key, &digest).await {
                     Ok(images) => return Ok(SnapshotMode::Restore { criu, images }),
@@ -198,16 +211,22 @@ impl Snapshots {
     }
 
     /// Mounts the snapshot indexed `digest` lazily (CRIU reads only the pages it restores
-    /// from the registry), once its seal checks; returns where.
+    /// from the registry, opening each chunk as it goes), once its seal checks; returns
+    /// where.
     async fn mount(&self, key: &str, digest: &lode_registry::Digest) -> anyhow::Result<PathBuf> {
-        let sealed = self.registry.get_tag(&Self::seal_tag(key)).await?;
+        let sealed = self.registry.get_tag(&self.seal_tag(key)).await?;
         let seal = self.registry.get_blob(&sealed).await?;
         // blake3's Hash compares in constant time.
         let stored = <[u8; 32]>::try_from(&seal[..]).ok().map(blake3::Hash::from);
         if stored != Some(self.seal(key, digest)) {
             anyhow::bail!("its seal does not match this server's secrets key; not restored");
         }
-        let mount = self.mounts.mount(digest).await?;
+        let mount = self
+            .mounts
+            .mount_encrypted(digest, self.cipher.clone())
+            .await?;
+        // CRIU reads nearly all of it.
+        mount.prefetch_all();
         Ok(mount.mountpoint().to_path_buf())
     }
 
@@ -221,8 +240,11 @@ impl Snapshots {
         taken: Option<Result<DumpReport, String>>,
     ) {
         match (mode, taken) {
-            (SnapshotMode::Restore { .. }, _) => {
+            (SnapshotMode::Restore { images, .. }, _) => {
                 self.stats.restored.inc();
+                if !images.starts_with(&self.dir) {
+                    self.keep_copy(key, owner, images);
+                }
             }
             (SnapshotMode::Take { images, .. }, Some(Ok(report))) => {
                 self.stats.taken.inc();
@@ -260,6 +282,40 @@ impl Snapshots {
         }
     }
 
+    /// After a restore from the registry's copy (mounted at `mounted`), copies it here in
+    /// the background, so this host's later starts restore from its own disk instead of
+    /// through the mount. Made private like a snapshot taken here; synced before it is named.
+    fn keep_copy(self: &Arc<Self>, key: &str, owner: &str, mounted: &Path) {
+        let (this, key, owner) = (self.clone(), key.to_string(), owner.to_string());
+        let mounted = mounted.to_path_buf();
+        tokio::task::spawn_blocking(move || {
+            let kept = this.dir.join(&key);
+            if kept.exists() {
+                return;
+            }
+            let copying = this
+                .dir
+                .join(format!("{key}.copying-{:016x}", rand::random::<u64>()));
+            let copied = crate::util::copy_tree(&mounted, &copying)
+                .and_then(|()| std::fs::write(copying.join(OWNER_FILE), &owner))
+                .and_then(|()| {
+                    let dir = std::fs::File::open(&copying)?;
+                    rustix::fs::syncfs(&dir).map_err(std::io::Error::from)
+                })
+                .and_then(|()| std::fs::rename(&copying, &kept));
+            match copied {
+                Ok(()) => {
+                    this.drop_older(&key, &owner);
+                    tracing::info!(%key, "the registry's memory snapshot is kept on this host too");
+                }
+                Err(e) => {
+                    let _ = std::fs::remove_dir_all(&copying);
+                    tracing::warn!(%key, error = %e, "could not keep a copy of the registry's snapshot; restores go on through the mount");
+                }
+            }
+        });
+    }
+
     /// Removes the function's snapshots other than `key`'s: made from an older image, code
     /// or secret, they are never restored again.
     fn drop_older(&self, key: &str, owner: &str) {
@@ -295,12 +351,11 @@ impl Snapshots {
     }
 
     async fn store(&self, key: &str, images: &Path) -> anyhow::Result<()> {
-        let report = lode_fs::ingest(
-            images,
-            self.registry.clone(),
-            lode_fs::IngestOptions::default(),
-        )
-        .await?;
+        let options = lode_fs::IngestOptions {
+            cipher: Some(self.cipher.clone()),
+            ..Default::default()
+        };
+        let report = lode_fs::ingest(images, self.registry.clone(), options).await?;
         let digest = report
             .digest
             .ok_or_else(|| anyhow::anyhow!("ingest named no index"))?;
@@ -308,11 +363,19 @@ impl Snapshots {
         let sealed = lode_registry::Digest::of(&seal);
         self.registry.put_blob(&sealed, seal).await?;
         self.registry
-            .set_tag(&Self::seal_tag(key), &sealed, TagUpdate::Always)
+            .set_tag(&self.seal_tag(key), &sealed, TagUpdate::Always)
             .await?;
         self.registry
-            .set_tag(&Self::tag(key), &digest, TagUpdate::Always)
+            .set_tag(&self.tag(key), &digest, TagUpdate::Always)
             .await?;
         Ok(())
     }
+}
+
+/// The name a snapshot's tags have in the registry: a keyed hash of its key, which hashes
+/// secret values (a guessable one could be found from the key by trying).
+pub fn registry_name(seal_key: &[u8; 32], key: &str) -> String {
+    blake3::keyed_hash(seal_key, key.as_bytes())
+        .to_hex()
+        .to_string()
 }

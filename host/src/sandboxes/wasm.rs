@@ -84,7 +84,7 @@ impl WasmRoom {
                 std::fs::create_dir(layer.join(name))?;
             }
             for name in &root.copied {
-                copy_tree(&image.mountpoint().join(name), &layer.join(name))?;
+                crate::util::copy_tree(&image.mountpoint().join(name), &layer.join(name))?;
             }
             for dir in WASM_WRITABLE {
                 std::fs::create_dir_all(layer.join(&dir[1..]))?;
@@ -288,25 +288,6 @@ impl Drop for WasmRoom {
     /// goes with it.
     fn drop(&mut self) {
         self.terminate();
-    }
-}
-
-/// Copies `from` (a file, a symlink as itself, or a directory and all it holds) to `to`.
-fn copy_tree(from: &Path, to: &Path) -> std::io::Result<()> {
-    let kind = std::fs::symlink_metadata(from)?.file_type();
-    if kind.is_symlink() {
-        std::os::unix::fs::symlink(std::fs::read_link(from)?, to)
-    } else if kind.is_dir() {
-        std::fs::create_dir(to)?;
-        for entry in std::fs::read_dir(from)? {
-            let entry = entry?;
-            copy_tree(&entry.path(), &to.join(entry.file_name()))?;
-        }
-        Ok(())
-    } else if kind.is_file() {
-        std::fs::copy(from, to).map(drop)
-    } else {
-        Ok(())
     }
 }
 

@@ -65,7 +65,7 @@ pub struct ServeOptions {
     pub spawn_slots: usize,
     /// An S3 bucket to keep blobs in, shared with other hosts (`None`: the data dir).
     pub blobs_url: Option<String>,
-    /// Store memory snapshots in the registry (they hold secrets in plain text).
+    /// Store memory snapshots in the registry too (encrypted), for hosts sharing it.
     pub share_memory_snapshots: bool,
     /// The key secrets are sealed with, when not `<data-dir>/secret.key`.
     pub secrets_key_file: Option<PathBuf>,
@@ -311,7 +311,7 @@ pub async fn serve(options: ServeOptions) -> Result<()> {
             snapshots: Arc::new(crate::native::snapshots::Snapshots::new(
                 options.cache_dir.join("snapshots"),
                 Arc::new(registry.clone()),
-                secrets.snapshot_seal_key(),
+                secrets.snapshot_keys(),
                 image_mounts.clone(),
                 options.share_memory_snapshots,
             )),

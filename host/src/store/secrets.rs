@@ -47,8 +47,30 @@ pub struct Secrets {
     state: Arc<dyn StateStore>,
     /// Derived from the key, so hosts that share it share this too.
     peer_token: String,
-    /// Derived from the key: seals memory snapshots stored in the registry.
-    snapshot_seal: [u8; 32],
+    /// Derived from the key: seal and encrypt memory snapshots stored in the registry.
+    snapshot_keys: SnapshotKeys,
+}
+
+/// The keys of memory snapshots in the registry, derived one way from the secrets key: hosts
+/// that share the key restore each other's snapshots, and nobody else reads or forges them.
+#[derive(Clone)]
+pub struct SnapshotKeys {
+    /// Seals a snapshot's index (CRIU restores whatever state a snapshot names, credentials
+    /// included, so only one sealed by a host holding the key is ever restored) and names
+    /// its tags (a snapshot's key hashes secret values, so it is not shown as it is).
+    pub seal: [u8; 32],
+    /// Encrypts its chunks: a snapshot holds a process's memory, secret values included.
+    pub cipher: [u8; 32],
+}
+
+impl SnapshotKeys {
+    /// The keys derived from the secrets key `key`.
+    pub fn derive(key: &[u8; 32]) -> Self {
+        Self {
+            seal: blake3::derive_key("lode 2026-12 memory snapshot seal", key),
+            cipher: blake3::derive_key("lode 2026-12 memory snapshot encryption", key),
+        }
+    }
 }
 
 impl Secrets {
@@ -106,7 +128,7 @@ impl Secrets {
                 "lode 2026-12 hosts' peer API token",
                 &key,
             )),
-            snapshot_seal: blake3::derive_key("lode 2026-12 memory snapshot seal", &key),
+            snapshot_keys: SnapshotKeys::derive(&key),
         };
         secrets.migrate()?;
         Ok(secrets)
@@ -132,11 +154,9 @@ impl Secrets {
         Ok(())
     }
 
-    /// The key that seals memory snapshots in the registry: CRIU restores whatever state a
-    /// snapshot names (credentials included), so only one sealed by a host holding this key
-    /// is ever restored.
-    pub fn snapshot_seal_key(&self) -> [u8; 32] {
-        self.snapshot_seal
+    /// The keys of memory snapshots in the registry.
+    pub fn snapshot_keys(&self) -> SnapshotKeys {
+        self.snapshot_keys.clone()
     }
 
     /// The token hosts that share this key present to each other's peer routes: derived
