@@ -428,8 +428,15 @@ impl<'a> ModuleWithCode<'a> {
         self.module
     }
 
+    /// The store's text section, which [`Self::function`] slices.
+    pub fn store_code_text(&self) -> &'a [u8] {
+        self.store_code.text()
+    }
+
     /// Returns the slice in the text section of the function that
     /// `key` points to.
+    // Lode's change: funcrefs no longer call this (see `third_party/README.md`).
+    #[allow(dead_code)]
     #[inline]
     pub fn function(&self, key: FuncKey) -> &[u8] {
         let range = self.module.compiled_module().function_range(key);

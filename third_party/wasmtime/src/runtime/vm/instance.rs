@@ -144,6 +144,12 @@ pub struct Instance {
     /// cross-thread stuff used in `InstancePre`)
     store: Option<VMStoreRawPtr>,
 
+    /// The text of this instance's code in its store, found by the first funcref made and
+    /// reused by the rest (Lode's change, see `third_party/README.md`). The lookup walks the
+    /// store's code registry, and an instance made fresh per request makes thousands of
+    /// funcrefs. The text is mapped for as long as the store, and so this instance, lives.
+    store_text: Option<SendSyncPtr<[u8]>>,
+
     /// Additional context used by compiled wasm code. This field is last, and
     /// represents a dynamically-sized array that extends beyond the nominal
     /// end of the struct (similar to a flexible array member).
@@ -209,6 +215,7 @@ impl Instance {
             #[cfg(feature = "wmemcheck")]
             wmemcheck_state,
             store: None,
+            store_text: None,
             vmctx: OwnedVMContext::new(),
         })?;
 
@@ -932,7 +939,7 @@ impl Instance {
     /// functions here. Effectively all the arguments here must be "logically
     /// correct" for the `VMFuncRef` being initialized.
     unsafe fn initialize_and_return_funcref(
-        self: Pin<&mut Self>,
+        mut self: Pin<&mut Self>,
         registry: &ModuleRegistry,
         type_index: VMSharedTypeIndex,
         vmctx_offset: u32,
@@ -960,20 +967,35 @@ impl Instance {
         // it's better for instantiation performance if we don't have to track
         // "is-initialized" state at all!
 
-        let module_with_code = ModuleWithCode::in_store(
-            registry,
-            self.runtime_module()
-                .expect("funcref impossible in fake module"),
-        )
-        .expect("module not in store");
+        let text = match self.store_text {
+            Some(text) => text,
+            None => {
+                let module_with_code = ModuleWithCode::in_store(
+                    registry,
+                    self.runtime_module()
+                        .expect("funcref impossible in fake module"),
+                )
+                .expect("module not in store");
+                let text = SendSyncPtr::from(module_with_code.store_code_text());
+                // SAFETY: not moving data out of `self`.
+                unsafe { self.as_mut().get_unchecked_mut() }.store_text = Some(text);
+                text
+            }
+        };
+        // SAFETY: the text stays mapped while the store, and so this instance, lives.
+        let text = unsafe { text.as_non_null().as_ref() };
+        let compiled = self
+            .runtime_module()
+            .expect("funcref impossible in fake module")
+            .compiled_module();
 
-        let array_call =
-            VmPtr::from(NonNull::from(module_with_code.function(array_to_wasm_key)).cast());
+        let array_call = VmPtr::from(
+            NonNull::from(&text[compiled.function_range(array_to_wasm_key)]).cast(),
+        );
 
         let wasm_call = Some(VmPtr::from(
             NonNull::new(
-                module_with_code
-                    .function(wasm_key)
+                text[compiled.function_range(wasm_key)]
                     .as_ptr()
                     .cast::<VMWasmCallFunction>()
                     .cast_mut(),
