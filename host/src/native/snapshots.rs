@@ -310,7 +310,10 @@ impl Snapshots {
                 }
                 Err(e) => {
                     let _ = std::fs::remove_dir_all(&copying);
-                    tracing::warn!(%key, error = %e, "could not keep a copy of the registry's snapshot; restores go on through the mount");
+                    // A start restoring at the same time may have kept it first.
+                    if !kept.exists() {
+                        tracing::warn!(%key, error = %e, "could not keep a copy of the registry's snapshot; restores go on through the mount");
+                    }
                 }
             }
         });
