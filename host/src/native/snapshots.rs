@@ -9,7 +9,7 @@
 //!
 //! Snapshots live under `<cache-dir>/snapshots/<key>` and, once taken, are stored in the
 //! registry, so another host sharing it restores them without taking its own, through a lazy
-//! mount (CRIU reads only what it restores). What the registry holds is made with keys
+//! mount, and keeps a copy for its next starts. What the registry holds is made with keys
 //! derived from the secrets key ([`SnapshotKeys`]), so only hosts that share that key can use
 //! it:
 //! - its chunks are encrypted, and so are the chunk cache's copies: a snapshot holds the
@@ -210,9 +210,8 @@ impl Snapshots {
         })
     }
 
-    /// Mounts the snapshot indexed `digest` lazily (CRIU reads only the pages it restores
-    /// from the registry, opening each chunk as it goes), once its seal checks; returns
-    /// where.
+    /// Mounts the snapshot indexed `digest` (its chunks fetched from the registry and opened
+    /// as CRIU reads them, and all prefetched), once its seal checks; returns where.
     async fn mount(&self, key: &str, digest: &lode_registry::Digest) -> anyhow::Result<PathBuf> {
         let sealed = self.registry.get_tag(&self.seal_tag(key)).await?;
         let seal = self.registry.get_blob(&sealed).await?;
