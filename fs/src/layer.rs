@@ -117,9 +117,14 @@ pub async fn ingest_layer(
     registry: Arc<dyn BlobAccess>,
     options: IngestOptions,
 ) -> Result<IngestReport> {
-    if base.encrypted() || options.cipher.is_some() {
-        // Sealed and plain chunks would meet in one tree.
+    // Sealed and plain chunks would meet in one tree.
+    if base.encrypted() {
         return Err(Error::Encrypted(base.digest().clone()));
+    }
+    if options.cipher.is_some() {
+        return Err(Error::Index(crate::IndexError(
+            "a layer is never encrypted: ingest the whole tree with the cipher instead".into(),
+        )));
     }
     let (mut layer, report) = upload_tree(upper, registry.clone(), options).await?;
     if let Some(ids) = host_ids {
