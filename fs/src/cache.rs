@@ -325,6 +325,27 @@ pub enum Priority {
     Background,
 }
 
+/// Removes the records of `chunks` and `extents` from the index, in one transaction.
+fn remove_records(
+    db: &redb::Database,
+    chunks: &[At],
+    extents: &[ExtentId],
+) -> Result<(), redb::Error> {
+    let txn = db.begin_write()?;
+    {
+        let mut chunk_table = txn.open_table(CHUNKS)?;
+        for at in chunks {
+            chunk_table.remove((at.extent, at.offset))?;
+        }
+        let mut extent_table = txn.open_table(EXTENTS)?;
+        for id in extents {
+            extent_table.remove(id)?;
+        }
+    }
+    txn.commit()?;
+    Ok(())
+}
+
 fn index_error(path: &Path) -> impl FnOnce(redb::Error) -> Error + '_ {
     move |e| Error::Io {
         op: "update chunk cache index",
@@ -560,21 +581,7 @@ impl ChunkCache {
             }
         }
         let db_path = self.db_path();
-        let committed = (|| -> Result<(), redb::Error> {
-            let txn = self.db.begin_write()?;
-            {
-                let mut chunks = txn.open_table(CHUNKS)?;
-                for at in &victims {
-                    chunks.remove((at.extent, at.offset))?;
-                }
-                let mut extents = txn.open_table(EXTENTS)?;
-                for id in &emptied {
-                    extents.remove(id)?;
-                }
-            }
-            txn.commit()?;
-            Ok(())
-        })();
+        let committed = remove_records(&self.db, &victims, &emptied);
         if let Err(e) = committed {
             // The bytes stay, so the records on disk stay true; the next start counts them.
             tracing::warn!(error = %index_error(&db_path)(e), "chunk cache eviction not recorded; keeping the chunks on disk");

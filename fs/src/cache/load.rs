@@ -107,28 +107,7 @@ impl ChunkCache {
             stale_extents.push(id);
         }
         if !stale_chunks.is_empty() || !stale_extents.is_empty() {
-            let txn = db
-                .begin_write()
-                .map_err(|e| index_error(db_path)(e.into()))?;
-            {
-                let mut chunks = txn
-                    .open_table(CHUNKS)
-                    .map_err(|e| index_error(db_path)(e.into()))?;
-                for at in &stale_chunks {
-                    chunks
-                        .remove((at.extent, at.offset))
-                        .map_err(|e| index_error(db_path)(e.into()))?;
-                }
-                let mut extents = txn
-                    .open_table(EXTENTS)
-                    .map_err(|e| index_error(db_path)(e.into()))?;
-                for id in &stale_extents {
-                    extents
-                        .remove(id)
-                        .map_err(|e| index_error(db_path)(e.into()))?;
-                }
-            }
-            txn.commit().map_err(|e| index_error(db_path)(e.into()))?;
+            remove_records(db, &stale_chunks, &stale_extents).map_err(index_error(db_path))?;
         }
         // Extent files without a record, and the uncovered bytes of those with one.
         if let Ok(listing) = fs::read_dir(extents_dir) {

@@ -22,18 +22,18 @@ use crate::cache::{ChunkCache, CompleteFile, FetchError, FileLayout, Pinned, Pla
 use crate::cipher::ChunkCipher;
 use crate::index::{Content, Entry, Index, Kind, RawChunk};
 
+mod ahead;
 mod kernel;
 mod table;
 
+use ahead::Profile;
+pub use ahead::profile_tag;
 use kernel::*;
 pub use kernel::{MountEntry, is_stale_mount, mounts_under, unmount};
 pub use table::MountTable;
 
 /// The content never changes, so the kernel may keep names and attributes for a long time.
 const TTL: Duration = Duration::from_secs(24 * 3600);
-/// Chunks worked ahead of a sequential reader: fetched if missing, read ahead from disk if
-/// cached. Eight average chunks are 2 MiB, two FUSE requests.
-const READ_AHEAD_CHUNKS: usize = 8;
 /// Files at least this large get an extent of their own in the chunk cache, laid out as the
 /// file, so that once fully cached the kernel reads them directly (FUSE passthrough). Smaller
 /// files' chunks are packed together.
@@ -85,20 +85,6 @@ impl Default for MountOptions {
             cipher: None,
         }
     }
-}
-
-/// The tag under which an image's access profile is stored.
-pub fn profile_tag(index: &Digest) -> String {
-    format!("profile/{}", index.hex())
-}
-
-const PROFILE_MAGIC: &[u8; 8] = b"LODEPRF1";
-
-/// The order in which files were first read during a mount.
-#[derive(Debug, Default)]
-struct Profile {
-    seen: Vec<bool>,
-    order: Vec<u32>,
 }
 
 /// Shared by the FUSE threads and the mount's owner.
@@ -278,58 +264,6 @@ impl Mount {
         self.image.passthrough.load(Ordering::Relaxed)
     }
 
-    /// The entry ids in the order files were first read.
-    pub fn profile(&self) -> Vec<u32> {
-        self.image
-            .profile
-            .lock()
-            .expect("not poisoned")
-            .order
-            .clone()
-    }
-
-    /// Stores the access profile as a blob tagged `profile/<index digest>`, so the next
-    /// mount on an empty cache can prefetch in that order. Returns how many files it holds.
-    /// A profile no longer than the one recorded already (from this host or another) is not
-    /// stored: a mount that read little (or nothing) must not replace what a full start-up
-    /// taught.
-    pub async fn save_profile(&self) -> lode_registry::Result<usize> {
-        let order = self.profile();
-        let tag = profile_tag(self.image.index.digest());
-        let registry = &self.image.registry;
-        if let Ok(kept) = registry.get_tag(&tag).await {
-            let files = match registry.get_blob(&kept).await {
-                Ok(bytes) => bytes.len().saturating_sub(PROFILE_MAGIC.len()) / 4,
-                Err(_) => 0,
-            };
-            if files >= order.len() {
-                return Ok(files);
-            }
-        } else if order.is_empty() {
-            return Ok(0);
-        }
-        let mut bytes = PROFILE_MAGIC.to_vec();
-        for id in &order {
-            bytes.extend_from_slice(&id.to_le_bytes());
-        }
-        let digest = Digest::of(&bytes);
-        registry.put_blob(&digest, Bytes::from(bytes)).await?;
-        registry.set_tag(&tag, &digest, TagUpdate::Always).await?;
-        Ok(order.len())
-    }
-
-    /// Fetches every file's chunks not cached yet, in the background: for an image whose
-    /// reader reads nearly all of it (CRIU restoring a memory snapshot), so its reads find the
-    /// chunks fetched, or in flight, instead of fetching one after another.
-    pub fn prefetch_all(&self) {
-        let image = self.image.clone();
-        let ids = 0..image.index.len() as u32;
-        self.image.runtime.spawn(async move {
-            let count = image.clone().prefetch_files(ids).await;
-            tracing::debug!(index = %image.index.digest(), count, "whole-image prefetch done");
-        });
-    }
-
     /// Whether the mount has gone away (unmounted from outside, or its session ended).
     pub fn is_finished(&self) -> bool {
         self.session
@@ -432,16 +366,6 @@ impl Image {
         Some(layout.clone())
     }
 
-    fn record_first_read(&self, id: u32) {
-        let mut profile = self.profile.lock().expect("not poisoned");
-        if let Some(seen) = profile.seen.get_mut(id as usize)
-            && !*seen
-        {
-            *seen = true;
-            profile.order.push(id);
-        }
-    }
-
     /// Reads `size` bytes at `offset` of a chunked file, fetching missing chunks.
     fn read_chunks(
         &self,
@@ -462,46 +386,23 @@ impl Image {
             let digest = chunk.digest();
             let from = offset.max(chunk.offset());
             let to = end.min(chunk.offset() + u64::from(chunk.length()));
-            if self.options.cipher.is_some()
-                && let Some(plain) = self.opened_chunk(&digest)
-            {
-                out.extend_from_slice(
-                    &plain[(from - chunk.offset()) as usize..(to - chunk.offset()) as usize],
-                );
-                continue;
-            }
-            let placement = placement(layout, chunk);
-            // A cached chunk is pinned right here; only a miss goes through the runtime.
-            let pinned = match self.cache.pin_placed(&digest, placement) {
-                Some(pinned) => pinned,
-                None => self
-                    .runtime
-                    .block_on(self.cache.get_placed(
-                        self.registry.as_ref(),
-                        &digest,
-                        self.options.fetch_timeout,
-                        Priority::Foreground,
-                        placement,
-                    ))
-                    .map_err(|e| {
-                        let kind = match &e {
-                            FetchError::TimedOut { .. } => "timed out",
-                            _ => "failed",
-                        };
-                        tracing::error!(path = %path().display(), %digest, error = %e, "read {kind}: EIO");
-                        Errno::EIO
-                    })?,
-            };
             if let Some(cipher) = &self.options.cipher {
-                let plain = self.open_chunk(cipher, &digest, &pinned, chunk.length()).map_err(|e| {
-                    tracing::error!(path = %path().display(), %digest, error = %e, "sealed chunk unreadable: EIO");
-                    Errno::EIO
-                })?;
-                out.extend_from_slice(
-                    &plain[(from - chunk.offset()) as usize..(to - chunk.offset()) as usize],
-                );
+                let plain = match self.opened_chunk(&digest) {
+                    Some(plain) => plain,
+                    None => {
+                        let pinned = self.pin_or_fetch(path, &digest, placement(layout, chunk))?;
+                        self.open_chunk(cipher, &digest, &pinned, chunk.length())
+                            .map_err(|e| {
+                                tracing::error!(path = %path().display(), %digest, error = %e, "sealed chunk unreadable: EIO");
+                                Errno::EIO
+                            })?
+                    }
+                };
+                let within = (from - chunk.offset()) as usize..(to - chunk.offset()) as usize;
+                out.extend_from_slice(&plain[within]);
                 continue;
             }
+            let pinned = self.pin_or_fetch(path, &digest, placement(layout, chunk))?;
             let start = out.len();
             out.resize(start + (to - from) as usize, 0);
             let n = pinned
@@ -516,6 +417,35 @@ impl Image {
             }
         }
         Ok(())
+    }
+
+    /// The chunk, pinned where `placement` wants it: a cached one right here, and only a miss
+    /// through the runtime (a fetch within the mount's timeout, or EIO).
+    fn pin_or_fetch(
+        &self,
+        path: &dyn Fn() -> PathBuf,
+        digest: &Digest,
+        placement: Placement<'_>,
+    ) -> Result<Pinned, Errno> {
+        if let Some(pinned) = self.cache.pin_placed(digest, placement) {
+            return Ok(pinned);
+        }
+        self.runtime
+            .block_on(self.cache.get_placed(
+                self.registry.as_ref(),
+                digest,
+                self.options.fetch_timeout,
+                Priority::Foreground,
+                placement,
+            ))
+            .map_err(|e| {
+                let kind = match &e {
+                    FetchError::TimedOut { .. } => "timed out",
+                    _ => "failed",
+                };
+                tracing::error!(path = %path().display(), %digest, error = %e, "read {kind}: EIO");
+                Errno::EIO
+            })
     }
 
     /// A sealed chunk opened lately, if it was.
@@ -552,120 +482,6 @@ impl Image {
         opened.push_front((digest.clone(), plain.clone()));
         opened.truncate(OPENED_CHUNKS);
         Ok(plain)
-    }
-
-    /// After a sequential read, fetches the next chunks in the background.
-    fn read_ahead(
-        self: &Arc<Self>,
-        id: u32,
-        chunks: &[RawChunk],
-        layout: Option<&Arc<FileLayout>>,
-        end: u64,
-    ) {
-        let sequential = {
-            let mut last = self.last_end.lock().expect("not poisoned");
-            let previous = last.insert(id, end);
-            previous.is_some()
-        };
-        if !sequential {
-            return;
-        }
-        let next = chunks.partition_point(|c| c.offset() < end);
-        let mut ahead = Vec::new();
-        for chunk in chunks[next..].iter().take(READ_AHEAD_CHUNKS) {
-            let digest = chunk.digest();
-            let placement = placement(layout.map(|l| &**l), chunk);
-            match self.cache.pin_placed(&digest, placement) {
-                Some(cached) => cached.will_need(),
-                None => ahead.push((digest, chunk.offset())),
-            }
-        }
-        for (digest, offset) in ahead {
-            let image = self.clone();
-            let layout = layout.cloned();
-            self.runtime.spawn(async move {
-                image.fetch_placed(digest, layout, offset).await;
-            });
-        }
-    }
-
-    /// Fetches, in the background, the chunks of the files a recorded profile lists, in
-    /// order and a few at a time. Foreground reads do not wait behind it.
-    fn start_prefetch(self: Arc<Self>) {
-        let runtime = self.runtime.clone();
-        runtime.spawn(async move {
-            let tag = profile_tag(self.index.digest());
-            let Ok(digest) = self.registry.get_tag(&tag).await else {
-                return;
-            };
-            let Ok(bytes) = self.registry.get_blob(&digest).await else {
-                tracing::warn!(%tag, "access profile unreadable; no prefetch");
-                return;
-            };
-            let Some(ids) = bytes.strip_prefix(PROFILE_MAGIC) else {
-                tracing::warn!(%tag, "access profile has an unknown format; no prefetch");
-                return;
-            };
-            let ids = ids
-                .chunks_exact(4)
-                .map(|id| u32::from_le_bytes(id.try_into().expect("4 bytes")));
-            let count = self.clone().prefetch_files(ids).await;
-            tracing::debug!(%tag, count, "prefetch done");
-        });
-    }
-
-    /// Fetches the chunks of the files `ids` names (in that order, a few at a time) that are
-    /// not cached yet; returns how many chunks it went through.
-    async fn prefetch_files(self: Arc<Self>, ids: impl Iterator<Item = u32>) -> usize {
-        let mut chunks = Vec::new();
-        for id in ids {
-            if (id as usize) >= self.index.len() {
-                continue;
-            }
-            let entry = self.index.entry(id);
-            if let Some(Content::Chunks(list)) = entry.content() {
-                let layout = self.layout(&entry);
-                chunks.extend(
-                    list.iter()
-                        .map(|c| (c.digest(), layout.clone(), c.offset())),
-                );
-            }
-        }
-        let count = chunks.len();
-        use futures::StreamExt;
-        futures::stream::iter(chunks)
-            .for_each_concurrent(
-                self.options.prefetch_parallelism.max(1),
-                |(digest, layout, offset)| self.clone().fetch_placed(digest, layout, offset),
-            )
-            .await;
-        count
-    }
-
-    /// Works ahead of a reader: the chunk into the cache where its file wants it.
-    async fn fetch_placed(
-        self: Arc<Self>,
-        digest: Digest,
-        layout: Option<Arc<FileLayout>>,
-        offset: u64,
-    ) {
-        let placement = match &layout {
-            Some(layout) => Placement::File { layout, offset },
-            None => Placement::Packed,
-        };
-        if self.cache.pin_placed(&digest, placement).is_some() {
-            return;
-        }
-        let _ = self
-            .cache
-            .get_placed(
-                self.registry.as_ref(),
-                &digest,
-                self.options.fetch_timeout,
-                Priority::Background,
-                placement,
-            )
-            .await;
     }
 
     /// Opens a large file. The first open of an inode whose chunks are all cached hands the

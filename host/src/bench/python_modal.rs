@@ -366,9 +366,8 @@ fn deploy(server: &LodeServer, app: &Path, sdk: &Path, extra: &[&str]) -> Result
 }
 
 async fn public_url(server: &LodeServer) -> Result<String> {
-    let info: Value = reqwest::Client::new()
-        .get(format!("{}/v1/info", server.api))
-        .bearer_auth(&server.token)
+    let info: Value = server
+        .get(&reqwest::Client::new(), "/v1/info")
         .send()
         .await?
         .json()

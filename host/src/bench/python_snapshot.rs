@@ -166,9 +166,8 @@ fn kept_snapshot(snapshots: &Path) -> bool {
 
 /// The server's `lode_memory_snapshots_restored_total`.
 async fn restores(http: &reqwest::Client, server: &LodeServer) -> Result<f64> {
-    let metrics = http
-        .get(format!("{}/metrics", server.api))
-        .bearer_auth(&server.token)
+    let metrics = server
+        .get(http, "/metrics")
         .send()
         .await?
         .error_for_status()?

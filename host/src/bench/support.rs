@@ -136,6 +136,12 @@ impl LodeServer {
         Ok(())
     }
 
+    /// A GET of `path` (`/v1/...`) on its API, with its token.
+    pub fn get(&self, http: &reqwest::Client, path: &str) -> reqwest::RequestBuilder {
+        http.get(format!("{}{path}", self.api))
+            .bearer_auth(&self.token)
+    }
+
     /// The cache dir it runs with now.
     pub fn cache_dir(&self) -> PathBuf {
         match self.caches {
@@ -303,9 +309,8 @@ pub(super) async fn live_containers(
     app: &str,
     function: &str,
 ) -> Result<u64> {
-    let stats: Value = http
-        .get(format!("{}/v1/apps/{app}/stats", server.api))
-        .bearer_auth(&server.token)
+    let stats: Value = server
+        .get(http, &format!("/v1/apps/{app}/stats"))
         .send()
         .await?
         .json()
